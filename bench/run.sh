@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# bench/run.sh — the Parlor benchmark suite (see BENCHMARKS.md, "Method").
+#
+# Builds the release binaries, then for each scenario starts a fresh server
+# pinned to CPU 0 (Parlor, then the Node.js `ws` baseline) and runs
+# parlor-bench pinned to CPU 1 against it:
+#
+#   idle     19,000 joined idle connections over 190 rooms → server RSS/conn
+#   fanout   1,000 subscribers × 1,000 messages, burst      → deliveries/s, latency, CPU
+#   fanout   1,000 subscribers, paced                        → latency under steady load
+#   persist  100 senders × 200 messages, window 1 (Parlor only: Node keeps nothing)
+#
+# and prints a Markdown table of the figures with Parlor ÷ Node ratios.
+#
+# Usage:  bash bench/run.sh            (full run, ~5 minutes plus the build)
+#         QUICK=1 bash bench/run.sh    (small sizes, a smoke test)
+# Tunables (environment): IDLE_CONNS IDLE_ROOMS IDLE_PROCS FANOUT_SUBS FANOUT_MSGS
+#   PACED_RATE PACED_MSGS PERSIST_SENDERS PERSIST_MSGS PERSIST_WINDOW
+#   PARLOR_PORT NODE_PORT PARLOR_BIN SKIP_BUILD=1 SKIP_NODE=1 BENCH_OUT=DIR MACHINE="..."
+#   CARGO_TARGET_DIR (where the binaries are built and looked up).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+PARLOR_BIN=${PARLOR_BIN:-$TARGET_DIR/release/parlor}
+BENCH_BIN=$TARGET_DIR/release/parlor-bench
+NODE_DIR=$ROOT/bench/node
+
+PARLOR_PORT=${PARLOR_PORT:-18080}
+NODE_PORT=${NODE_PORT:-18081}
+DB_FILE=${DB_FILE:-/tmp/parlor-bench.db}
+MACHINE=${MACHINE:-2-core rust-svc VM}
+OUT=${BENCH_OUT:-/tmp/parlor-bench-$(date -u +%Y%m%dT%H%M%SZ)}
+
+if [[ -n "${QUICK:-}" ]]; then
+  : "${IDLE_CONNS:=2000}" "${IDLE_ROOMS:=20}" "${FANOUT_SUBS:=200}" "${FANOUT_MSGS:=200}"
+  : "${PACED_RATE:=20}" "${PACED_MSGS:=60}" "${PERSIST_SENDERS:=20}" "${PERSIST_MSGS:=50}"
+fi
+IDLE_CONNS=${IDLE_CONNS:-19000}
+IDLE_ROOMS=${IDLE_ROOMS:-190}
+IDLE_PROCS=${IDLE_PROCS:-2}
+FANOUT_SUBS=${FANOUT_SUBS:-1000}
+FANOUT_MSGS=${FANOUT_MSGS:-1000}
+PACED_RATE=${PACED_RATE:-20}
+PACED_MSGS=${PACED_MSGS:-300}
+PERSIST_SENDERS=${PERSIST_SENDERS:-100}
+PERSIST_MSGS=${PERSIST_MSGS:-200}
+PERSIST_WINDOW=${PERSIST_WINDOW:-1}
+
+log() { printf '\n== %s\n' "$*" >&2; }
+die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
+
+for tool in taskset timeout cargo; do
+  command -v "$tool" >/dev/null || die "$tool is required"
+done
+if [[ -z "${SKIP_NODE:-}" ]]; then
+  command -v node >/dev/null || die "node is required for the baseline (or set SKIP_NODE=1)"
+  command -v npm >/dev/null || die "npm is required for the baseline (or set SKIP_NODE=1)"
+fi
+[[ $(nproc) -ge 2 ]] || die "needs at least 2 CPUs (server on CPU 0, load on CPU 1)"
+
+mkdir -p "$OUT"
+RESULTS=$OUT/results.jsonl
+: >"$RESULTS"
+
+# --- build -----------------------------------------------------------------
+if [[ -z "${SKIP_BUILD:-}" ]]; then
+  log "building release binaries into $TARGET_DIR"
+  (cd "$ROOT" && cargo build --release -p parlor -p parlor-bench)
+fi
+[[ -x "$PARLOR_BIN" ]] || die "no server binary at $PARLOR_BIN"
+[[ -x "$BENCH_BIN" ]] || die "no benchmark binary at $BENCH_BIN"
+if [[ -z "${SKIP_NODE:-}" && ! -d "$NODE_DIR/node_modules/ws" ]]; then
+  log "installing the Node baseline's dependencies"
+  (cd "$NODE_DIR" && npm install --no-audit --no-fund)
+fi
+
+# Up to ~19,000 sockets per process: raise the soft descriptor limit.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [[ $(ulimit -n) != unlimited && $(ulimit -n) -lt $((IDLE_CONNS / IDLE_PROCS + 200)) ]]; then
+  printf 'warning: ulimit -n is %s; %s connections per process may not fit\n' \
+    "$(ulimit -n)" "$((IDLE_CONNS / IDLE_PROCS))" >&2
+fi
+
+# Figures from a busy machine are not comparable: say so.
+read -r load1 _ </proc/loadavg
+if awk -v l="$load1" 'BEGIN { exit !(l > 0.5) }'; then
+  printf 'warning: load average is %s; other processes will skew the figures\n' "$load1" >&2
+fi
+
+# --- server lifecycle ------------------------------------------------------
+SERVER_PID=
+
+wait_for_port() { # port pid name
+  local port=$1 pid=$2 name=$3
+  for _ in $(seq 1 300); do
+    kill -0 "$pid" 2>/dev/null || die "$name exited during start-up (see $OUT/$name.log)"
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  die "$name did not listen on 127.0.0.1:$port within 30 s (see $OUT/$name.log)"
+}
+
+stop_server() {
+  [[ -n "$SERVER_PID" ]] || return 0
+  if kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+      kill -0 "$SERVER_PID" 2>/dev/null || break
+      sleep 0.1
+    done
+    if kill -0 "$SERVER_PID" 2>/dev/null; then
+      echo "server $SERVER_PID ignored SIGTERM for 10 s; killing it" >&2
+      kill -KILL "$SERVER_PID" 2>/dev/null || true
+    fi
+  fi
+  wait "$SERVER_PID" 2>/dev/null || true
+  SERVER_PID=
+}
+trap stop_server EXIT
+trap 'exit 130' INT TERM
+
+start_parlor() {
+  stop_server
+  rm -f "$DB_FILE" "$DB_FILE-wal" "$DB_FILE-shm"
+  PARLOR_LIMITS__MESSAGES_PER_SECOND=1000000 \
+  PARLOR_LIMITS__MESSAGES_BURST=1000000 \
+  PARLOR_LIMITS__MAX_CONNECTIONS=50000 \
+    taskset -c 0 "$PARLOR_BIN" serve --listen "127.0.0.1:$PARLOR_PORT" \
+      --database "sqlite://$DB_FILE" >>"$OUT/parlor.log" 2>&1 &
+  SERVER_PID=$!
+  wait_for_port "$PARLOR_PORT" "$SERVER_PID" parlor
+  URL=ws://127.0.0.1:$PARLOR_PORT/ws
+  LABEL=parlor
+}
+
+start_node() {
+  stop_server
+  PORT=$NODE_PORT HOST=127.0.0.1 taskset -c 0 node "$NODE_DIR/broadcast.js" >>"$OUT/node.log" 2>&1 &
+  SERVER_PID=$!
+  wait_for_port "$NODE_PORT" "$SERVER_PID" node
+  URL=ws://127.0.0.1:$NODE_PORT/ws
+  LABEL=node
+}
+
+# bench LIMIT_SECS SCENARIO ARGS... — one run against the current server,
+# bounded in time; a failure is reported and the suite goes on.
+FAILED=()
+bench() {
+  local limit=$1
+  shift
+  log "$LABEL: parlor-bench $*"
+  if ! timeout --kill-after=15 "$limit" taskset -c 1 "$BENCH_BIN" "$@" \
+      --url "$URL" --label "$LABEL" --json >>"$RESULTS" 2> >(tee -a "$OUT/bench.log" >&2); then
+    echo "run.sh: '$LABEL $1' failed or timed out (limit ${limit}s)" >&2
+    FAILED+=("$LABEL $*")
+  fi
+  kill -0 "$SERVER_PID" 2>/dev/null || echo "run.sh: the $LABEL server died during '$1'" >&2
+}
+
+# Each scenario gets a fresh server so that none measures another's leftovers.
+SERVERS=(parlor)
+[[ -z "${SKIP_NODE:-}" ]] && SERVERS+=(node)
+
+for server in "${SERVERS[@]}"; do
+  "start_$server"
+  bench 900 idle --pid "$SERVER_PID" --conns "$IDLE_CONNS" --rooms "$IDLE_ROOMS" --procs "$IDLE_PROCS"
+done
+for server in "${SERVERS[@]}"; do
+  "start_$server"
+  bench 600 fanout --pid "$SERVER_PID" --subs "$FANOUT_SUBS" --messages "$FANOUT_MSGS" --mode burst
+done
+for server in "${SERVERS[@]}"; do
+  "start_$server"
+  bench 600 fanout --pid "$SERVER_PID" --subs "$FANOUT_SUBS" --messages "$PACED_MSGS" \
+    --mode paced --rate "$PACED_RATE"
+done
+start_parlor
+bench 600 persist --pid "$SERVER_PID" --senders "$PERSIST_SENDERS" --messages "$PERSIST_MSGS" \
+  --window "$PERSIST_WINDOW"
+stop_server
+
+# --- summary ---------------------------------------------------------------
+log "summary ($(date -u '+%Y-%m-%d %H:%M UTC'), $MACHINE); raw lines in $RESULTS"
+"$BENCH_BIN" summarize --date "$(date -u +%Y-%m-%d)" --machine "$MACHINE" "$RESULTS" \
+  | tee "$OUT/summary.md"
+if ((${#FAILED[@]})); then
+  printf '\nfailed runs:\n' >&2
+  printf '  %s\n' "${FAILED[@]}" >&2
+  exit 1
+fi

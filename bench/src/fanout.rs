@@ -1,0 +1,1026 @@
+//! `fanout`: broadcast throughput and latency in one room.
+//!
+//! `--subs` subscriber connections join one fresh room; one more connection
+//! (the sender) joins it too and sends `--messages` messages, either as fast
+//! as it can (`burst`) or at `--rate` messages per second (`paced`). Each
+//! message's text is `t:<send time, ns since the Unix epoch>:<index>:<pad>`,
+//! so every subscriber can time each delivery against the shared wall clock
+//! (which also works across worker processes) and check that it sees every
+//! index exactly once, with `seq` strictly increasing.
+//!
+//! Figures: deliveries/s = deliveries ÷ (last receipt − first send); latency
+//! percentiles over all deliveries; server CPU-seconds (utime + stime) spent
+//! between just before the first send and the last receipt, per million
+//! deliveries.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until, timeout, timeout_at};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::net::{self, ServerFrame, Target, Ws};
+use crate::procfs::Proc;
+use crate::stats::{Latencies, LatencySummary, epoch_nanos, rate};
+use crate::worker::{self, ErrorTally, Worker};
+use crate::{CommonArgs, Report};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Send every message as fast as the connection accepts them.
+    Burst,
+    /// Send at `--rate` messages per second.
+    Paced,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Burst => "burst",
+            Mode::Paced => "paced",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct FanoutArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// PID of the server process, for its CPU time and RSS. Without it those
+    /// figures are left out.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// Number of subscriber connections in the room.
+    #[arg(long, default_value_t = 1000)]
+    pub subs: usize,
+    /// Number of messages the sender sends.
+    #[arg(long, default_value_t = 1000)]
+    pub messages: usize,
+    #[arg(long, value_enum, default_value_t = Mode::Burst)]
+    pub mode: Mode,
+    /// Messages per second in paced mode.
+    #[arg(long, default_value_t = 200.0)]
+    pub rate: f64,
+    /// Worker processes for the subscribers; 1 keeps them in this process
+    /// (fine up to a few thousand subscribers).
+    #[arg(long, default_value_t = 1)]
+    pub procs: usize,
+    /// Connection attempts in flight at once.
+    #[arg(long, default_value_t = 200)]
+    pub concurrency: usize,
+    /// Filler bytes appended to each message text.
+    #[arg(long, default_value_t = 32)]
+    pub payload_bytes: usize,
+    /// Pause between the last join and the first send, in milliseconds, so
+    /// that join-time traffic (presence etc.) is not measured.
+    #[arg(long, default_value_t = 1000)]
+    pub settle_ms: u64,
+    /// How long to wait for deliveries after the last send, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub drain_timeout_secs: u64,
+    /// Upper bound, in seconds, for connecting and joining all subscribers.
+    #[arg(long, default_value_t = 300)]
+    pub join_timeout_secs: u64,
+    /// Room to use; by default a fresh, unique room name.
+    #[arg(long)]
+    pub room: Option<String>,
+}
+
+/// Arguments of the hidden `worker fanout-subs` subcommand.
+#[derive(Debug, Args)]
+pub struct FanoutWorkerArgs {
+    #[arg(long)]
+    pub url: String,
+    #[arg(long)]
+    pub room: String,
+    #[arg(long)]
+    pub count: usize,
+    #[arg(long)]
+    pub offset: usize,
+    #[arg(long)]
+    pub messages: usize,
+    #[arg(long)]
+    pub source_addrs: u8,
+    #[arg(long)]
+    pub concurrency: usize,
+    #[arg(long)]
+    pub connect_timeout_secs: u64,
+    #[arg(long)]
+    pub index: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum FanoutEvent {
+    Ready { joined: u64, failed: ErrorTally },
+    Result(SubsSummary),
+}
+
+/// What a group of subscribers saw. Mergeable across processes.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct SubsSummary {
+    pub subscribers: u64,
+    pub joined: u64,
+    pub join_failures: ErrorTally,
+    /// Subscribers that received every message.
+    pub complete: u64,
+    /// Distinct messages received, summed over subscribers.
+    pub received: u64,
+    pub duplicates: u64,
+    pub out_of_order: u64,
+    /// `message-received` frames (or other text frames) that could not be
+    /// decoded.
+    pub malformed: u64,
+    /// Subscribers whose connection ended early, by reason.
+    pub disconnected: ErrorTally,
+    /// Epoch nanoseconds of the first and last receipt (0 = none).
+    pub first_recv_nanos: u64,
+    pub last_recv_nanos: u64,
+    /// Delivery latency histogram as `[micros, count]` pairs.
+    pub latency: Vec<[u64; 2]>,
+}
+
+impl SubsSummary {
+    fn merge(&mut self, other: &SubsSummary) -> Result<()> {
+        self.subscribers += other.subscribers;
+        self.joined += other.joined;
+        self.join_failures.merge(&other.join_failures);
+        self.complete += other.complete;
+        self.received += other.received;
+        self.duplicates += other.duplicates;
+        self.out_of_order += other.out_of_order;
+        self.malformed += other.malformed;
+        self.disconnected.merge(&other.disconnected);
+        if other.first_recv_nanos != 0
+            && (self.first_recv_nanos == 0 || other.first_recv_nanos < self.first_recv_nanos)
+        {
+            self.first_recv_nanos = other.first_recv_nanos;
+        }
+        self.last_recv_nanos = self.last_recv_nanos.max(other.last_recv_nanos);
+        let mut lat = Latencies::from_pairs(&self.latency)?;
+        lat.merge(&Latencies::from_pairs(&other.latency)?);
+        self.latency = lat.to_pairs();
+        Ok(())
+    }
+}
+
+/// What one subscriber saw.
+#[derive(Debug)]
+struct SubResult {
+    ws: Option<Ws>,
+    /// Received every message exactly once.
+    complete: bool,
+    received: u64,
+    duplicates: u64,
+    out_of_order: u64,
+    malformed: u64,
+    disconnect: Option<String>,
+    first_recv: u64,
+    last_recv: u64,
+    latency: Latencies,
+}
+
+/// Where and how to run a group of subscribers.
+#[derive(Debug, Clone)]
+struct GroupSpec {
+    target: Arc<Target>,
+    room: Arc<str>,
+    messages: usize,
+    offset: usize,
+    count: usize,
+    concurrency: usize,
+    connect_timeout: Duration,
+}
+
+/// A group of subscribers that have finished joining (or failing to).
+#[derive(Debug)]
+struct Group {
+    subscribers: u64,
+    joined: u64,
+    failed: ErrorTally,
+    tasks: Vec<JoinHandle<SubResult>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Group {
+    /// Spawns the subscribers and returns once each has joined or failed.
+    async fn start(spec: GroupSpec) -> Self {
+        let permits = Arc::new(Semaphore::new(spec.concurrency.max(1)));
+        let (stop, stop_rx) = watch::channel(false);
+        let (joined_tx, mut joined_rx) = mpsc::unbounded_channel::<Result<(), String>>();
+        let mut tasks = Vec::with_capacity(spec.count);
+        for i in 0..spec.count {
+            let spec = spec.clone();
+            let permits = Arc::clone(&permits);
+            let joined_tx = joined_tx.clone();
+            let stop_rx = stop_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                let global = spec.offset + i;
+                let connected = async {
+                    let _permit = permits.acquire().await?;
+                    let mut ws = spec
+                        .target
+                        .connect(spec.target.source_for(global), spec.connect_timeout)
+                        .await?;
+                    net::join_room(
+                        &mut ws,
+                        &spec.room,
+                        &format!("j{global}"),
+                        spec.connect_timeout,
+                    )
+                    .await?;
+                    Ok::<_, anyhow::Error>(ws)
+                }
+                .await;
+                match connected {
+                    Ok(ws) => {
+                        let _ = joined_tx.send(Ok(()));
+                        drop(joined_tx);
+                        subscribe(ws, &spec.room, spec.messages, stop_rx).await
+                    }
+                    Err(e) => {
+                        let _ = joined_tx.send(Err(format!("{e:#}")));
+                        SubResult::failed()
+                    }
+                }
+            }));
+        }
+        drop(joined_tx);
+        let mut joined = 0;
+        let mut failed = ErrorTally::default();
+        while let Some(r) = joined_rx.recv().await {
+            match r {
+                Ok(()) => joined += 1,
+                Err(e) => failed.add(e),
+            }
+        }
+        Self {
+            subscribers: spec.count as u64,
+            joined,
+            failed,
+            tasks,
+            stop,
+        }
+    }
+
+    /// Waits until every subscriber has all messages or `stop_when`
+    /// completes (then tells them to stop), and sums up. The connections are
+    /// returned still open so that closing them is not measured.
+    async fn finish(self, stop_when: impl Future<Output = ()>) -> Result<(SubsSummary, Vec<Ws>)> {
+        let all = futures_util::future::join_all(self.tasks);
+        tokio::pin!(all);
+        let results = tokio::select! {
+            results = &mut all => results,
+            () = stop_when => {
+                let _ = self.stop.send(true);
+                timeout(Duration::from_secs(30), &mut all)
+                    .await
+                    .context("subscribers did not stop within 30 s")?
+            }
+        };
+        let mut summary = SubsSummary {
+            subscribers: self.subscribers,
+            joined: self.joined,
+            join_failures: self.failed,
+            ..SubsSummary::default()
+        };
+        let mut latency = Latencies::new();
+        let mut sockets = Vec::new();
+        for r in results {
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    summary
+                        .disconnected
+                        .add(format!("subscriber task failed: {e}"));
+                    continue;
+                }
+            };
+            summary.received += r.received;
+            summary.duplicates += r.duplicates;
+            summary.out_of_order += r.out_of_order;
+            summary.malformed += r.malformed;
+            summary.complete += u64::from(r.complete);
+            if let Some(reason) = r.disconnect {
+                summary.disconnected.add(reason);
+            }
+            if r.first_recv != 0
+                && (summary.first_recv_nanos == 0 || r.first_recv < summary.first_recv_nanos)
+            {
+                summary.first_recv_nanos = r.first_recv;
+            }
+            summary.last_recv_nanos = summary.last_recv_nanos.max(r.last_recv);
+            latency.merge(&r.latency);
+            if let Some(ws) = r.ws {
+                sockets.push(ws);
+            }
+        }
+        summary.latency = latency.to_pairs();
+        Ok((summary, sockets))
+    }
+}
+
+impl SubResult {
+    fn failed() -> Self {
+        Self {
+            ws: None,
+            complete: false,
+            received: 0,
+            duplicates: 0,
+            out_of_order: 0,
+            malformed: 0,
+            disconnect: None,
+            first_recv: 0,
+            last_recv: 0,
+            latency: Latencies::new(),
+        }
+    }
+}
+
+/// Encodes a message text: send time, index, filler.
+fn payload(sent_nanos: u64, index: usize, pad: &str) -> String {
+    format!("t:{sent_nanos}:{index}:{pad}")
+}
+
+/// Decodes `payload`'s output into (send time, index).
+fn parse_payload(text: &str) -> Option<(u64, usize)> {
+    let mut parts = text.strip_prefix("t:")?.splitn(3, ':');
+    let sent = parts.next()?.parse().ok()?;
+    let index = parts.next()?.parse().ok()?;
+    Some((sent, index))
+}
+
+/// One subscriber's receive loop: until it has every message, the
+/// connection ends, or `stop` fires.
+async fn subscribe(
+    mut ws: Ws,
+    room: &str,
+    messages: usize,
+    mut stop: watch::Receiver<bool>,
+) -> SubResult {
+    let mut r = SubResult::failed();
+    let mut seen = vec![false; messages];
+    let mut last_seq: Option<u64> = None;
+    while (r.received as usize) < messages {
+        let msg = tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            msg = ws.next() => msg,
+        };
+        let msg = match msg {
+            Some(Ok(msg)) => msg,
+            Some(Err(e)) => {
+                r.disconnect = Some(format!("connection error: {e}"));
+                return r;
+            }
+            None => {
+                r.disconnect = Some("connection ended without close frame".to_owned());
+                return r;
+            }
+        };
+        let text = match &msg {
+            Message::Text(text) => text.as_str(),
+            Message::Close(_) => {
+                r.disconnect = Some(net::describe_close(&msg));
+                return r;
+            }
+            _ => continue,
+        };
+        let now = epoch_nanos();
+        let Some(frame) = ServerFrame::parse(text) else {
+            r.malformed += 1;
+            continue;
+        };
+        if frame.kind != "message-received" || frame.room_id.as_deref() != Some(room) {
+            continue;
+        }
+        let Some((sent, index)) = frame.message.as_deref().and_then(parse_payload) else {
+            r.malformed += 1;
+            continue;
+        };
+        let Some(slot) = seen.get_mut(index) else {
+            r.malformed += 1;
+            continue;
+        };
+        if *slot {
+            r.duplicates += 1;
+            continue;
+        }
+        *slot = true;
+        r.received += 1;
+        if let Some(seq) = frame.seq {
+            if last_seq.is_some_and(|last| seq <= last) {
+                r.out_of_order += 1;
+            }
+            last_seq = Some(seq);
+        }
+        r.latency.record_nanos(now.saturating_sub(sent));
+        if r.first_recv == 0 {
+            r.first_recv = now;
+        }
+        r.last_recv = now;
+    }
+    r.complete = r.received as usize == messages;
+    r.ws = Some(ws);
+    r
+}
+
+/// Closes connections concurrently, bounded in time.
+async fn close_all(sockets: Vec<Ws>) {
+    let closing = futures_util::future::join_all(sockets.into_iter().map(net::close_quietly));
+    let _ = timeout(Duration::from_secs(15), closing).await;
+}
+
+/// What the sender saw.
+#[derive(Debug, Default, Serialize)]
+pub struct SenderOutcome {
+    pub sent: u64,
+    pub acks: u64,
+    pub errors: ErrorTally,
+    pub first_send_nanos: u64,
+    pub last_send_nanos: u64,
+    pub send_seconds: f64,
+}
+
+/// Subscribers, either here or in worker processes.
+enum Subscribers {
+    Local(Group),
+    Workers(Vec<Worker<FanoutEvent>>),
+}
+
+#[derive(Debug, Serialize)]
+pub struct FanoutReport {
+    pub scenario: &'static str,
+    pub label: String,
+    pub url: String,
+    pub mode: Mode,
+    pub rate: Option<f64>,
+    pub subs: usize,
+    pub messages: usize,
+    pub payload_bytes: usize,
+    pub procs: usize,
+    pub room: String,
+    pub joined: u64,
+    pub join_failures: ErrorTally,
+    pub sender: SenderOutcome,
+    pub expected_deliveries: u64,
+    pub deliveries: u64,
+    pub missing: u64,
+    pub duplicates: u64,
+    pub out_of_order: u64,
+    pub malformed: u64,
+    pub complete_subscribers: u64,
+    pub disconnected: ErrorTally,
+    pub duration_seconds: f64,
+    pub deliveries_per_second: f64,
+    pub latency: LatencySummary,
+    pub server_cpu_seconds: Option<f64>,
+    pub server_cpu_seconds_per_million: Option<f64>,
+    pub server_cpu_utilisation: Option<f64>,
+    pub server_rss_before_kib: Option<u64>,
+    pub server_rss_after_kib: Option<u64>,
+    pub client_cpu_seconds: Option<f64>,
+    /// True when the load generator (this process, subscribers in-process)
+    /// was busy for ≥ 90% of the measured interval: the figures then bound
+    /// the client, not the server.
+    pub client_saturated: bool,
+    pub figures: BTreeMap<String, f64>,
+}
+
+pub async fn run(args: FanoutArgs) -> Result<()> {
+    if args.subs == 0 || args.messages == 0 {
+        bail!("--subs and --messages must be at least 1");
+    }
+    if args.mode == Mode::Paced && !(args.rate.is_finite() && args.rate > 0.0) {
+        bail!("--rate must be a positive number of messages per second");
+    }
+    let target = Arc::new(Target::resolve(&args.common.url, args.common.source_addrs).await?);
+    let server = args.pid.map(Proc::Pid);
+    if let Some(server) = server {
+        server.rss_kib()?;
+    }
+    let room: Arc<str> = match &args.room {
+        Some(room) => room.as_str().into(),
+        None => format!(
+            "fanout-{}-{}",
+            epoch_nanos() / 1_000_000,
+            std::process::id()
+        )
+        .into(),
+    };
+    let connect_timeout = Duration::from_secs(args.common.connect_timeout_secs);
+    let label = args.common.label();
+    eprintln!(
+        "fanout [{label}]: {} subscribers, {} messages ({}), room {room}",
+        args.subs,
+        args.messages,
+        match args.mode {
+            Mode::Burst => "burst".to_owned(),
+            Mode::Paced => format!("paced at {}/s", args.rate),
+        }
+    );
+
+    // 1. Subscribers connect and join.
+    let join_started = Instant::now();
+    let join_deadline = join_started + Duration::from_secs(args.join_timeout_secs);
+    let (subscribers, joined, join_failures) = if args.procs <= 1 {
+        let spec = GroupSpec {
+            target: Arc::clone(&target),
+            room: Arc::clone(&room),
+            messages: args.messages,
+            offset: 0,
+            count: args.subs,
+            concurrency: args.concurrency,
+            connect_timeout,
+        };
+        let group = timeout_at(join_deadline, Group::start(spec))
+            .await
+            .context("subscribers did not finish joining within --join-timeout-secs")?;
+        let (joined, failed) = (group.joined, group.failed.clone());
+        (Subscribers::Local(group), joined, failed)
+    } else {
+        let mut workers = Vec::new();
+        let mut offset = 0;
+        let per_worker_concurrency = args.concurrency.div_ceil(args.procs).max(1);
+        for (index, count) in worker::split_evenly(args.subs, args.procs)
+            .into_iter()
+            .enumerate()
+        {
+            if count == 0 {
+                continue;
+            }
+            let worker_args = vec![
+                "fanout-subs".to_owned(),
+                format!("--url={}", target.url),
+                format!("--room={room}"),
+                format!("--count={count}"),
+                format!("--offset={offset}"),
+                format!("--messages={}", args.messages),
+                format!("--source-addrs={}", args.common.source_addrs),
+                format!("--concurrency={per_worker_concurrency}"),
+                format!(
+                    "--connect-timeout-secs={}",
+                    args.common.connect_timeout_secs
+                ),
+                format!("--index={index}"),
+            ];
+            workers.push(Worker::spawn(index, &worker_args)?);
+            offset += count;
+        }
+        let mut joined = 0;
+        let mut failed = ErrorTally::default();
+        for w in &mut workers {
+            match w
+                .next_event(join_deadline, "its joined subscribers")
+                .await?
+            {
+                FanoutEvent::Ready {
+                    joined: j,
+                    failed: f,
+                } => {
+                    joined += j;
+                    failed.merge(&f);
+                }
+                FanoutEvent::Result(_) => bail!("worker {} reported results before ready", w.index),
+            }
+        }
+        (Subscribers::Workers(workers), joined, failed)
+    };
+    eprintln!(
+        "fanout: {joined}/{} subscribers joined in {:.1} s; failures: {join_failures}",
+        args.subs,
+        join_started.elapsed().as_secs_f64()
+    );
+    if joined == 0 {
+        bail!("no subscriber could join: {join_failures}");
+    }
+
+    // 2. The sender joins too (it receives its own broadcasts, which it
+    // drains but does not count).
+    let mut sender_ws = target
+        .connect(target.source_for(args.subs), connect_timeout)
+        .await
+        .context("sender connection failed")?;
+    net::join_room(&mut sender_ws, &room, "sender-join", connect_timeout)
+        .await
+        .context("sender could not join")?;
+    tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
+
+    // 3. Send, with the server's CPU clock read around it.
+    let cpu_before = server.map(|s| s.cpu_time()).transpose()?;
+    let rss_before = server.map(|s| s.rss_kib()).transpose()?;
+    let client_cpu_before = Proc::SelfProc.cpu_time().ok();
+    let (sink, stream) = sender_ws.split();
+    let expected_acks = args.messages as u64;
+    let (stop_acks_tx, stop_acks_rx) = watch::channel(false);
+    let ack_reader = tokio::spawn(count_acks(stream, expected_acks, stop_acks_rx));
+    let (sink, mut sender) = send_messages(sink, &room, &args).await;
+    let drain_deadline = Instant::now() + Duration::from_secs(args.drain_timeout_secs);
+
+    // 4. Wait for the deliveries.
+    let (summary, local_sockets, workers) = match subscribers {
+        Subscribers::Local(group) => {
+            let (summary, sockets) = group.finish(sleep_until(drain_deadline)).await?;
+            (summary, sockets, Vec::new())
+        }
+        Subscribers::Workers(mut workers) => {
+            let summary = collect_worker_results(&mut workers, drain_deadline).await?;
+            (summary, Vec::new(), workers)
+        }
+    };
+    let cpu_after = server.map(|s| s.cpu_time()).transpose()?;
+    let rss_after = server.map(|s| s.rss_kib()).transpose()?;
+    let client_cpu_after = Proc::SelfProc.cpu_time().ok();
+
+    // 5. Collect the sender's acks (bounded), then close everything.
+    let ack_wait = drain_deadline.max(Instant::now() + Duration::from_secs(2));
+    let mut ack_reader = ack_reader;
+    let ack_outcome = match timeout_at(ack_wait, &mut ack_reader).await {
+        Ok(outcome) => Some(outcome),
+        Err(_) => {
+            let _ = stop_acks_tx.send(true);
+            timeout(Duration::from_secs(5), &mut ack_reader).await.ok()
+        }
+    };
+    let (acks, ack_errors, stream) = match ack_outcome {
+        Some(Ok(outcome)) => outcome,
+        Some(Err(e)) => {
+            let mut errors = ErrorTally::default();
+            errors.add(format!("ack reader failed: {e}"));
+            (0, errors, None)
+        }
+        None => {
+            ack_reader.abort();
+            let mut errors = ErrorTally::default();
+            errors.add("ack reader did not stop".to_owned());
+            (0, errors, None)
+        }
+    };
+    let _ = stop_acks_tx.send(true);
+    sender.acks = acks;
+    sender.errors = ack_errors;
+    if let Some(stream) = stream
+        && let Ok(ws) = sink.reunite(stream)
+    {
+        net::close_quietly(ws).await;
+    }
+    close_all(local_sockets).await;
+    for w in workers {
+        w.finish(Duration::from_secs(20)).await;
+    }
+
+    // 6. Figures.
+    let expected = joined * args.messages as u64;
+    let duration_ns = summary
+        .last_recv_nanos
+        .saturating_sub(sender.first_send_nanos);
+    let duration_seconds = duration_ns as f64 / 1e9;
+    let deliveries = summary.received;
+    let deliveries_per_second = rate(deliveries, duration_seconds);
+    let latency = Latencies::from_pairs(&summary.latency)?.summary();
+    let server_cpu = match (cpu_before, cpu_after) {
+        (Some(b), Some(a)) => Some(a.saturating_sub(b).as_secs_f64()),
+        _ => None,
+    };
+    let per_million = server_cpu
+        .filter(|_| deliveries > 0)
+        .map(|cpu| cpu / deliveries as f64 * 1e6);
+    let utilisation = server_cpu
+        .filter(|_| duration_seconds > 0.0)
+        .map(|c| c / duration_seconds);
+    let client_cpu = match (client_cpu_before, client_cpu_after) {
+        (Some(b), Some(a)) => Some(a.saturating_sub(b).as_secs_f64()),
+        _ => None,
+    };
+
+    let variant = match args.mode {
+        Mode::Burst => format!("fanout burst, {} subs × {} msgs", args.subs, args.messages),
+        Mode::Paced => format!(
+            "fanout paced {}/s, {} subs × {} msgs",
+            args.rate, args.subs, args.messages
+        ),
+    };
+    let mut figures = BTreeMap::new();
+    figures.insert(format!("{variant}: deliveries/s"), deliveries_per_second);
+    figures.insert(format!("{variant}: latency p50 (ms)"), latency.p50_ms);
+    figures.insert(format!("{variant}: latency p99 (ms)"), latency.p99_ms);
+    figures.insert(format!("{variant}: latency max (ms)"), latency.max_ms);
+    if let Some(v) = per_million {
+        figures.insert(format!("{variant}: server CPU-s per 1M deliveries"), v);
+    }
+
+    let report = FanoutReport {
+        scenario: "fanout",
+        label,
+        url: target.url.clone(),
+        mode: args.mode,
+        rate: (args.mode == Mode::Paced).then_some(args.rate),
+        subs: args.subs,
+        messages: args.messages,
+        payload_bytes: args.payload_bytes,
+        procs: args.procs,
+        room: room.to_string(),
+        joined,
+        join_failures,
+        sender,
+        expected_deliveries: expected,
+        deliveries,
+        missing: expected.saturating_sub(deliveries),
+        duplicates: summary.duplicates,
+        out_of_order: summary.out_of_order,
+        malformed: summary.malformed,
+        complete_subscribers: summary.complete,
+        disconnected: summary.disconnected,
+        duration_seconds,
+        deliveries_per_second,
+        latency,
+        server_cpu_seconds: server_cpu,
+        server_cpu_seconds_per_million: per_million,
+        server_cpu_utilisation: utilisation,
+        server_rss_before_kib: rss_before,
+        server_rss_after_kib: rss_after,
+        client_cpu_seconds: client_cpu,
+        client_saturated: args.procs <= 1
+            && client_cpu.is_some_and(|c| duration_seconds > 0.0 && c / duration_seconds >= 0.9),
+        figures,
+    };
+    let human = human_summary(&report);
+    Report::new(&report, human).print(args.common.json)
+}
+
+fn human_summary(r: &FanoutReport) -> String {
+    let mut out = format!(
+        "fanout [{}] {} — {}{}, {} subscribers × {} messages\n",
+        r.label,
+        r.url,
+        r.mode.name(),
+        r.rate.map(|v| format!(" at {v}/s")).unwrap_or_default(),
+        r.joined,
+        r.messages
+    );
+    out += &format!(
+        "  sender: {} sent in {:.3} s, {} acked, errors: {}\n",
+        r.sender.sent, r.sender.send_seconds, r.sender.acks, r.sender.errors
+    );
+    out += &format!(
+        "  deliveries: {}/{} (missing {}, duplicate {}, out of order {}, malformed {}); \
+         {}/{} subscribers complete; disconnected: {}\n",
+        r.deliveries,
+        r.expected_deliveries,
+        r.missing,
+        r.duplicates,
+        r.out_of_order,
+        r.malformed,
+        r.complete_subscribers,
+        r.joined,
+        r.disconnected
+    );
+    out += &format!(
+        "  throughput: {:.0} deliveries/s over {:.3} s (first send → last receipt)\n",
+        r.deliveries_per_second, r.duration_seconds
+    );
+    out += &format!("  latency: {}\n", r.latency);
+    match (r.server_cpu_seconds, r.server_cpu_seconds_per_million) {
+        (Some(cpu), Some(per)) => {
+            out += &format!(
+                "  server CPU: {cpu:.2} s ({:.0}% of one core) → {per:.2} CPU-s per million deliveries; \
+                 RSS {} → {} KiB\n",
+                r.server_cpu_utilisation.unwrap_or(0.0) * 100.0,
+                r.server_rss_before_kib.unwrap_or(0),
+                r.server_rss_after_kib.unwrap_or(0),
+            );
+        }
+        _ => out += "  server CPU: not measured (no --pid)\n",
+    }
+    if let Some(c) = r.client_cpu_seconds {
+        out += &format!(
+            "  load generator CPU (this process): {c:.2} s{}",
+            if r.procs > 1 {
+                " (workers not included)"
+            } else {
+                ""
+            }
+        );
+        if r.client_saturated {
+            out += "\n  WARNING: the load generator was CPU-bound; throughput is a lower bound \
+                    for the server";
+        }
+    }
+    out
+}
+
+/// Sends the messages; returns the sink (to close later) and what was sent.
+async fn send_messages(
+    mut sink: futures_util::stream::SplitSink<Ws, Message>,
+    room: &str,
+    args: &FanoutArgs,
+) -> (futures_util::stream::SplitSink<Ws, Message>, SenderOutcome) {
+    let pad = "x".repeat(args.payload_bytes);
+    let mut outcome = SenderOutcome::default();
+    let started = Instant::now();
+    let interval = match args.mode {
+        Mode::Burst => None,
+        Mode::Paced => Some(Duration::from_secs_f64(1.0 / args.rate)),
+    };
+    for index in 0..args.messages {
+        if let Some(interval) = interval {
+            sleep_until(started + interval.mul_f64(index as f64)).await;
+        }
+        let now = epoch_nanos();
+        let frame = net::send_request(
+            &format!("s{index}"),
+            room,
+            &payload(now, index, &pad),
+            &format!("{room}-c{index}"),
+        );
+        match timeout(Duration::from_secs(10), sink.send(Message::text(frame))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                outcome.errors.add(format!("send failed: {e}"));
+                break;
+            }
+            Err(_) => {
+                outcome.errors.add("send blocked for 10 s".to_owned());
+                break;
+            }
+        }
+        if index == 0 {
+            outcome.first_send_nanos = now;
+        }
+        outcome.last_send_nanos = now;
+        outcome.sent += 1;
+    }
+    outcome.send_seconds = started.elapsed().as_secs_f64();
+    (sink, outcome)
+}
+
+/// Reads the sender's connection: counts `message-ack`s and `error`s that
+/// answer a send, drains everything else.
+async fn count_acks(
+    mut stream: futures_util::stream::SplitStream<Ws>,
+    expected: u64,
+    mut stop: watch::Receiver<bool>,
+) -> (
+    u64,
+    ErrorTally,
+    Option<futures_util::stream::SplitStream<Ws>>,
+) {
+    let mut acks = 0;
+    let mut errors = ErrorTally::default();
+    while acks + errors.total < expected {
+        let msg = tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            msg = stream.next() => msg,
+        };
+        let msg = match msg {
+            Some(Ok(msg)) => msg,
+            Some(Err(e)) => {
+                errors.add(format!("sender connection error: {e}"));
+                return (acks, errors, None);
+            }
+            None => {
+                errors.add("sender connection ended".to_owned());
+                return (acks, errors, None);
+            }
+        };
+        match &msg {
+            Message::Text(text) => {
+                let Some(frame) = ServerFrame::parse(text.as_str()) else {
+                    continue;
+                };
+                let answers_send = frame
+                    .reply_to
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with('s'));
+                match frame.kind.as_ref() {
+                    "message-ack" if answers_send => acks += 1,
+                    "error" if answers_send => errors.add(frame.describe_error()),
+                    _ => {}
+                }
+            }
+            Message::Close(_) => {
+                errors.add(format!("sender {}", net::describe_close(&msg)));
+                return (acks, errors, None);
+            }
+            _ => {}
+        }
+    }
+    (acks, errors, Some(stream))
+}
+
+/// Waits for every worker's result until `deadline`, then asks the
+/// stragglers to stop and report what they have.
+async fn collect_worker_results(
+    workers: &mut [Worker<FanoutEvent>],
+    deadline: Instant,
+) -> Result<SubsSummary> {
+    let mut summary = SubsSummary::default();
+    for w in workers.iter_mut() {
+        let event = match w.next_event(deadline, "its results").await {
+            Ok(event) => event,
+            Err(_) => {
+                w.command("stop").await;
+                w.next_event(
+                    Instant::now() + Duration::from_secs(30),
+                    "its results after stop",
+                )
+                .await?
+            }
+        };
+        match event {
+            FanoutEvent::Result(s) => summary.merge(&s)?,
+            FanoutEvent::Ready { .. } => bail!("worker {} reported ready twice", w.index),
+        }
+    }
+    Ok(summary)
+}
+
+/// Body of the hidden `worker fanout-subs` subcommand.
+pub async fn worker_main(args: FanoutWorkerArgs) -> Result<()> {
+    let target = Arc::new(Target::resolve(&args.url, args.source_addrs).await?);
+    let spec = GroupSpec {
+        target,
+        room: args.room.as_str().into(),
+        messages: args.messages,
+        offset: args.offset,
+        count: args.count,
+        concurrency: args.concurrency,
+        connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+    };
+    let group = Group::start(spec).await;
+    worker::emit(&FanoutEvent::Ready {
+        joined: group.joined,
+        failed: group.failed.clone(),
+    })?;
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let (summary, sockets) = group
+        .finish(async {
+            let _ = worker::next_command(&mut stdin).await;
+        })
+        .await?;
+    worker::emit(&FanoutEvent::Result(summary))?;
+    // Keep the connections open until the parent has read the server's CPU
+    // clock; it closes our stdin when done.
+    while worker::next_command(&mut stdin).await.is_some() {}
+    close_all(sockets).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_round_trip() {
+        let text = payload(1_700_000_000_123_456_789, 42, "xxxx");
+        assert_eq!(parse_payload(&text), Some((1_700_000_000_123_456_789, 42)));
+        assert_eq!(parse_payload("t:5:7:"), Some((5, 7)));
+        assert_eq!(parse_payload("hello"), None);
+        assert_eq!(parse_payload("t:abc:1:"), None);
+    }
+
+    #[test]
+    fn summaries_merge() -> Result<()> {
+        let mut lat = Latencies::new();
+        lat.record(Duration::from_millis(3));
+        let a = SubsSummary {
+            subscribers: 2,
+            joined: 2,
+            received: 10,
+            first_recv_nanos: 50,
+            last_recv_nanos: 90,
+            latency: lat.to_pairs(),
+            ..SubsSummary::default()
+        };
+        let b = SubsSummary {
+            subscribers: 1,
+            joined: 1,
+            received: 5,
+            duplicates: 1,
+            first_recv_nanos: 40,
+            last_recv_nanos: 80,
+            latency: lat.to_pairs(),
+            ..SubsSummary::default()
+        };
+        let mut total = SubsSummary::default();
+        total.merge(&a)?;
+        total.merge(&b)?;
+        assert_eq!(total.received, 15);
+        assert_eq!(total.duplicates, 1);
+        assert_eq!(total.first_recv_nanos, 40);
+        assert_eq!(total.last_recv_nanos, 90);
+        assert_eq!(Latencies::from_pairs(&total.latency)?.count(), 2);
+        Ok(())
+    }
+}

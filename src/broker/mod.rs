@@ -1,0 +1,25 @@
+//! The broker carries stored messages from the node that stored them to every node's hub.
+//!
+//! **Delivery guarantee:** live delivery is *at most once* and, per room, in the order
+//! published. A lost or reordered message is never lost to clients: the hub checks every
+//! message's `seq` and fetches any gap from the store before delivering what follows it, and
+//! a reconnecting client recovers from its last `seq`. The store, not the broker, is the
+//! source of truth.
+//!
+//! [`memory::MemoryBroker`] (the default) hands messages straight to this process's hub. A
+//! Redis broker for several nodes implements the same trait.
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use crate::model::Message;
+
+/// Publishes stored messages to every node.
+pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
+    /// Publishes a message that the store has committed. Never blocks.
+    fn publish(&self, message: Arc<Message>);
+
+    /// Short name for health output (`memory`).
+    fn kind(&self) -> &'static str;
+}

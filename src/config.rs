@@ -1,0 +1,425 @@
+//! Typed configuration.
+//!
+//! One [`Config`] value is built at start-up from, in increasing priority: built-in defaults,
+//! a TOML file (`parlor.toml` when present, or `--config FILE`), `PARLOR_*` environment
+//! variables (`PARLOR_SECTION__KEY`, e.g. `PARLOR_LIMITS__MESSAGES_PER_SECOND=50`) and
+//! command-line flags. It is validated once ([`Config::validate`]) and then passed down
+//! through state; nothing reads configuration from a global.
+//!
+//! Every key is documented in `parlor.example.toml`; a test keeps that file and these
+//! defaults in step. Secrets are wrapped in [`Secret`] so `Debug` never prints them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The whole server configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP and WebSocket listener binds to.
+    pub listen: SocketAddr,
+    /// Storage location: `sqlite://PATH` (created if missing). PostgreSQL comes with scale-out.
+    pub database: String,
+    /// Log output format: `text` for people, `json` for log collectors.
+    pub log_format: LogFormat,
+    /// Log filter in `tracing_subscriber::EnvFilter` syntax; `RUST_LOG` overrides it.
+    pub log_level: String,
+    /// How long a graceful shutdown may take before the process exits anyway.
+    #[serde(with = "duration_ms")]
+    pub shutdown_timeout_ms: Duration,
+    /// Per-connection and per-message limits.
+    pub limits: Limits,
+    /// Storage tuning.
+    pub store: StoreConfig,
+    /// Authentication settings.
+    pub auth: AuthConfig,
+    /// Tenants. A `demo` domain is always present (see [`Config::validate`]).
+    pub domains: Vec<DomainConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            database: "sqlite://parlor.db".to_owned(),
+            log_format: LogFormat::Text,
+            log_level: "info".to_owned(),
+            shutdown_timeout_ms: Duration::from_secs(10),
+            limits: Limits::default(),
+            store: StoreConfig::default(),
+            auth: AuthConfig::default(),
+            domains: vec![DomainConfig::demo()],
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Limits on what one client may do. Every violation is answered with an `error` frame (or an
+/// HTTP 4xx) and changes nothing else.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Maximum simultaneous WebSocket connections on this node; further upgrades get 503.
+    pub max_connections: usize,
+    /// Largest WebSocket frame (and message) accepted, in bytes. A larger frame is answered
+    /// with `frame_too_large` and the connection is closed with code 1009.
+    pub max_frame_bytes: usize,
+    /// Largest chat message text, in bytes of UTF-8. Larger ones get `message_too_long`.
+    pub max_message_bytes: usize,
+    /// Sustained client frames per second per connection (token bucket refill rate).
+    pub messages_per_second: u32,
+    /// Burst of client frames allowed above the sustained rate.
+    pub messages_burst: u32,
+    /// Rooms one connection may be joined to at once.
+    pub rooms_per_connection: usize,
+    /// Outbound frames queued per connection before it is treated as a slow consumer and
+    /// closed with code 4008.
+    pub outbound_queue: usize,
+    /// Bytes of the per-connection read buffer. Small keeps idle connections cheap; frames
+    /// larger than this still work (the buffer grows for them).
+    pub read_buffer_bytes: usize,
+    /// Messages sent in `message-history` when a client joins without `since`.
+    pub history_on_join: usize,
+    /// Most messages replayed in one `message-history` frame when recovering with `since`;
+    /// a longer gap is sent as several consecutive frames.
+    pub replay_chunk: usize,
+    /// Most messages a rejoin with `since` replays. A client further behind gets the newest
+    /// `max_replay` with `truncated: true` and pages back with `history`.
+    pub max_replay: usize,
+    /// Largest page a `history` request or HTTP listing returns.
+    pub max_page: usize,
+    /// Largest HTTP request body, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 19_500,
+            max_frame_bytes: 1024 * 1024,
+            max_message_bytes: 16 * 1024,
+            messages_per_second: 20,
+            messages_burst: 40,
+            rooms_per_connection: 64,
+            outbound_queue: 1024,
+            read_buffer_bytes: 1024,
+            history_on_join: 50,
+            replay_chunk: 500,
+            max_replay: 10_000,
+            max_page: 200,
+            max_body_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Storage tuning.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// SQLite `synchronous` level: `normal` survives a crash or `kill -9` of Parlor (WAL);
+    /// `full` also survives power loss, at the price of an fsync per group commit.
+    pub sqlite_synchronous: SqliteSync,
+    /// Most write operations committed in one transaction (group commit).
+    pub max_batch: usize,
+    /// Recent messages kept in memory per active room, serving recovery without the store.
+    pub room_cache: usize,
+    /// Read connections kept open to the database.
+    pub read_pool: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            sqlite_synchronous: SqliteSync::Normal,
+            max_batch: 1024,
+            room_cache: 128,
+            read_pool: 4,
+        }
+    }
+}
+
+/// SQLite durability level.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SqliteSync {
+    /// Durable across process crashes (WAL is written before commit returns).
+    Normal,
+    /// Durable across power loss (fsync on every commit).
+    Full,
+}
+
+/// Authentication settings. Full per-domain JWT settings arrive with the auth work; today a
+/// single HS256 secret verifies `?token=` JWTs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 secret for connection tokens. Unset: tokens are refused and every connection is
+    /// an anonymous visitor of the `demo` domain.
+    pub jwt_secret: Option<Secret>,
+}
+
+/// One tenant.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DomainConfig {
+    /// Stable identifier (`domainId` on the wire).
+    pub id: String,
+    /// Display name.
+    #[serde(default)]
+    pub name: String,
+}
+
+impl DomainConfig {
+    /// The built-in domain anonymous visitors land in.
+    pub fn demo() -> Self {
+        Self {
+            id: DEMO_DOMAIN.to_owned(),
+            name: "Parlor demo".to_owned(),
+        }
+    }
+}
+
+/// Identifier of the built-in demo domain.
+pub const DEMO_DOMAIN: &str = "demo";
+
+/// A configuration value that must never be printed.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself; call only where it is used, never to log.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or environment could not be parsed into [`Config`].
+    #[error("invalid configuration: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    /// A value parsed but makes no sense.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Command-line values that override the file and environment.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen`
+    pub listen: Option<SocketAddr>,
+    /// `--database`
+    pub database: Option<String>,
+    /// `--log-format`
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    /// Loads defaults, then `file` (or `./parlor.toml` when `file` is `None` and it exists),
+    /// then `PARLOR_*` variables, then `overrides`, and validates the result.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(ConfigError::Invalid(format!(
+                        "config file {} does not exist",
+                        path.display()
+                    )));
+                }
+                figment = figment.merge(Toml::file_exact(path));
+            }
+            None => {
+                let default = PathBuf::from("parlor.toml");
+                if default.exists() {
+                    figment = figment.merge(Toml::file_exact(default));
+                }
+            }
+        }
+        // `PARLOR_TEST_*` variables configure the test suite and `PARLOR_CONFIG` names the
+        // file; neither is a configuration key.
+        let env = Env::prefixed("PARLOR_")
+            .filter(|key| {
+                let key = key.as_str().to_ascii_lowercase();
+                !key.starts_with("test_") && key != "config"
+            })
+            .split("__");
+        figment = figment.merge(env);
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        if let Some(listen) = overrides.listen {
+            config.listen = listen;
+        }
+        if let Some(database) = &overrides.database {
+            config.database.clone_from(database);
+        }
+        if let Some(format) = overrides.log_format {
+            config.log_format = format;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work, and adds the `demo` domain when missing.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let positive = [
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_frame_bytes", l.max_frame_bytes),
+            ("limits.max_message_bytes", l.max_message_bytes),
+            ("limits.messages_per_second", l.messages_per_second as usize),
+            ("limits.messages_burst", l.messages_burst as usize),
+            ("limits.rooms_per_connection", l.rooms_per_connection),
+            ("limits.outbound_queue", l.outbound_queue),
+            ("limits.read_buffer_bytes", l.read_buffer_bytes),
+            ("limits.replay_chunk", l.replay_chunk),
+            ("limits.max_replay", l.max_replay),
+            ("limits.max_page", l.max_page),
+            ("limits.max_body_bytes", l.max_body_bytes),
+            ("store.max_batch", self.store.max_batch),
+            ("store.room_cache", self.store.room_cache),
+            ("store.read_pool", self.store.read_pool),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be greater than 0"
+                )));
+            }
+        }
+        if l.max_message_bytes > l.max_frame_bytes {
+            return Err(ConfigError::Invalid(
+                "limits.max_message_bytes cannot exceed limits.max_frame_bytes".to_owned(),
+            ));
+        }
+        if self.database_path().is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "database must be sqlite://PATH (got {:?}); PostgreSQL support comes with scale-out",
+                self.database
+            )));
+        }
+        if let Some(secret) = &self.auth.jwt_secret
+            && secret.expose().len() < 16
+        {
+            return Err(ConfigError::Invalid(
+                "auth.jwt_secret must be at least 16 bytes".to_owned(),
+            ));
+        }
+        for d in &self.domains {
+            if !crate::model::valid_id(&d.id) {
+                return Err(ConfigError::Invalid(format!(
+                    "invalid domain id {:?}",
+                    d.id
+                )));
+            }
+        }
+        if !self.domains.iter().any(|d| d.id == DEMO_DOMAIN) {
+            self.domains.push(DomainConfig::demo());
+        }
+        Ok(())
+    }
+
+    /// The SQLite file path of `database`, if it is a `sqlite://` URL.
+    pub fn database_path(&self) -> Option<PathBuf> {
+        let rest = self
+            .database
+            .strip_prefix("sqlite://")
+            .or_else(|| self.database.strip_prefix("sqlite:"))?;
+        (!rest.is_empty()).then(|| PathBuf::from(rest))
+    }
+}
+
+/// Durations are written as whole milliseconds in the file and environment.
+mod duration_ms {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_file_matches_defaults() {
+        let text = include_str!("../parlor.example.toml");
+        let mut from_example: Config = toml_from(text);
+        from_example.validate().ok();
+        let mut defaults = Config::default();
+        defaults.validate().ok();
+        assert_eq!(
+            from_example, defaults,
+            "parlor.example.toml drifted from the defaults"
+        );
+    }
+
+    fn toml_from(text: &str) -> Config {
+        match Figment::from(Toml::string(text)).extract() {
+            Ok(c) => c,
+            Err(e) => panic!("example config does not parse: {e}"),
+        }
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let mut c = Config::default();
+        c.limits.outbound_queue = 0;
+        assert!(c.validate().is_err());
+        let mut c = Config {
+            database: "postgres://x".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.auth.jwt_secret = Some(Secret::new("short"));
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let mut c = Config::default();
+        c.auth.jwt_secret = Some(Secret::new("a-very-secret-value"));
+        assert!(!format!("{c:?}").contains("a-very-secret-value"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let r: Result<Config, _> = Figment::from(Toml::string("[limits]\nnope = 1\n")).extract();
+        assert!(r.is_err());
+    }
+}

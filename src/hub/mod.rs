@@ -1,0 +1,492 @@
+//! The hub: which connections are in which room, presence, and fan-out of room events.
+//!
+//! Rooms live here only while someone is in them. An active room keeps its last `seq`, a
+//! small cache of its most recent messages (recovery without the store) and its members'
+//! queues. Stored messages arrive through [`Hub::deliver`] from the broker, already in `seq`
+//! order on a single node; the hub still checks: a message that would skip a `seq` is held
+//! back and the gap is fetched from the store first, and one already delivered is dropped.
+//! That keeps invariant 2 (every member sees every message once, in order) even when a
+//! broker delivers out of order or loses messages.
+//!
+//! Joining is race-free: the catch-up a joiner needs is read from the store *before* it is
+//! added to the room and from the cache *while* it is added, under the room lock that every
+//! delivery also takes, so nothing published during the join can be missed or doubled.
+//!
+//! Depends on the model and the store; never on a transport or a wire format.
+
+pub mod conn;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use tokio::sync::OnceCell;
+
+pub use conn::{CLOSE_SLOW_CONSUMER, ConnHandle, Envelope};
+
+use crate::metrics::Metrics;
+use crate::model::{Message, Role, RoomKey};
+use crate::store::{Store, StoreError};
+
+/// Something that happened in a room, on its way to the room's members.
+#[derive(Debug)]
+pub enum Event {
+    /// A stored message (`message-received`).
+    Message(Arc<Message>),
+    /// A member came or went (first connection of a user in, last one out).
+    Presence {
+        /// The room.
+        room: RoomKey,
+        /// Who.
+        user: PresentUser,
+        /// True when joined, false when left.
+        joined: bool,
+    },
+    /// A member started or stopped typing.
+    Typing {
+        /// The room.
+        room: RoomKey,
+        /// Who.
+        user: PresentUser,
+        /// Typing or not.
+        typing: bool,
+    },
+    /// A member read the room up to `seq`.
+    ReadReceipt {
+        /// The room.
+        room: RoomKey,
+        /// Reader's user id.
+        user_id: String,
+        /// Highest read `seq`.
+        seq: u64,
+    },
+}
+
+/// A user present in a room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresentUser {
+    /// User id.
+    pub user_id: String,
+    /// Display name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+}
+
+/// What a joiner receives: where the room stands and the messages it missed.
+#[derive(Debug)]
+pub struct Joined {
+    /// The room's last `seq` when the join completed.
+    pub last_seq: u64,
+    /// Messages after the requested position, ascending, at most `max_replay`.
+    pub history: Vec<Arc<Message>>,
+    /// True when more messages were missed than `max_replay`: the oldest were left out and
+    /// the client should page back with `history`.
+    pub truncated: bool,
+    /// Users present, including the joiner.
+    pub members: Vec<PresentUser>,
+}
+
+/// How far back a join should replay.
+#[derive(Debug, Clone, Copy)]
+pub enum Replay {
+    /// Everything after this `seq` (recovery).
+    Since(u64),
+    /// The most recent `n` messages (a fresh join).
+    Last(usize),
+}
+
+/// Why a hub operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The store could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// All active rooms of this node.
+#[derive(Debug)]
+pub struct Hub {
+    rooms: DashMap<RoomKey, Arc<RoomSlot>>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    /// Recent messages kept per active room.
+    cache_size: usize,
+}
+
+/// One active room: its state behind a lock, plus a once-cell for the initial load.
+#[derive(Debug)]
+struct RoomSlot {
+    key: RoomKey,
+    loaded: OnceCell<()>,
+    state: Mutex<RoomState>,
+}
+
+#[derive(Debug, Default)]
+struct RoomState {
+    /// Connections in the room.
+    members: HashMap<u64, ConnHandle>,
+    /// Connections per present user, for presence (tabs of one user count once).
+    users: HashMap<String, (PresentUser, usize)>,
+    /// Highest `seq` delivered to members (and in the cache).
+    last_seq: u64,
+    /// The most recent messages, ascending and contiguous, ending at `last_seq`.
+    cache: VecDeque<Arc<Message>>,
+    /// Messages that arrived ahead of a gap, waiting for it to be filled.
+    pending: BTreeMap<u64, Arc<Message>>,
+    /// A gap fill is running.
+    filling: bool,
+    /// The initial load has completed.
+    ready: bool,
+}
+
+impl Hub {
+    /// Creates an empty hub reading catch-up from `store`.
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, cache_size: usize) -> Arc<Self> {
+        Arc::new(Self {
+            rooms: DashMap::new(),
+            store,
+            metrics,
+            cache_size,
+        })
+    }
+
+    /// Number of active rooms.
+    pub fn active_rooms(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// Adds `conn` to the room and returns what it missed: messages after `replay` (at most
+    /// `max_replay`). The caller must send `Joined::history` to the client before anything
+    /// from the connection's queue; every later message arrives through the queue.
+    pub async fn join(
+        self: &Arc<Self>,
+        key: &RoomKey,
+        conn: &ConnHandle,
+        replay: Replay,
+        max_replay: usize,
+    ) -> Result<Joined, HubError> {
+        'restart: loop {
+            let slot = self.slot(key);
+            self.ensure_loaded(&slot).await?;
+
+            let (mut cursor, mut truncated) = {
+                let st = slot.state.lock();
+                let last = st.last_seq;
+                let from = match replay {
+                    Replay::Since(s) => s.min(last),
+                    Replay::Last(n) => last.saturating_sub(n as u64),
+                };
+                let max = max_replay as u64;
+                if last - from > max {
+                    (last - max, true)
+                } else {
+                    (from, false)
+                }
+            };
+            let mut history: Vec<Arc<Message>> = Vec::new();
+            loop {
+                // Fast path: the cache covers everything after `cursor`.
+                let target = {
+                    let Some(live) = self.rooms.get(key) else {
+                        continue 'restart;
+                    };
+                    if !Arc::ptr_eq(live.value(), &slot) {
+                        continue 'restart;
+                    }
+                    let mut st = slot.state.lock();
+                    let first_cached = st.cache.front().map_or(st.last_seq + 1, |m| m.seq);
+                    if cursor + 1 >= first_cached || cursor >= st.last_seq {
+                        history.extend(st.cache.iter().filter(|m| m.seq > cursor).cloned());
+                        let joined = self.add_member(&mut st, &slot.key, conn);
+                        let members = st.users.values().map(|(u, _)| u.clone()).collect();
+                        if joined {
+                            let user = present_user(conn);
+                            self.broadcast_locked(
+                                &st,
+                                &Envelope::new(Event::Presence {
+                                    room: key.clone(),
+                                    user,
+                                    joined: true,
+                                }),
+                                Some(conn.id()),
+                            );
+                        }
+                        return Ok(Joined {
+                            last_seq: st.last_seq,
+                            history,
+                            truncated,
+                            members,
+                        });
+                    }
+                    st.last_seq
+                };
+                // Slow path: read the part older than the cache from the store, unlocked.
+                let want = usize::try_from(target - cursor)
+                    .unwrap_or(usize::MAX)
+                    .min(max_replay);
+                let started = std::time::Instant::now();
+                let page = self.store.messages_after(key, cursor, want).await?;
+                self.metrics.observe_store("replay", started.elapsed());
+                match page.last() {
+                    Some(m) => cursor = m.seq,
+                    None => {
+                        // The store has nothing the room state says exists: trust the store.
+                        cursor = target;
+                        truncated = true;
+                    }
+                }
+                history.extend(page.into_iter().map(Arc::new));
+            }
+        }
+    }
+
+    /// Removes `conn` from the room. Returns false if it was not a member.
+    pub fn leave(&self, key: &RoomKey, conn: &ConnHandle) -> bool {
+        let Some(slot) = self.rooms.get(key).map(|s| Arc::clone(s.value())) else {
+            return false;
+        };
+        let (was_member, now_empty) = {
+            let mut st = slot.state.lock();
+            let Some(member) = st.members.remove(&conn.id()) else {
+                return false;
+            };
+            let user_id = &member.identity().user_id;
+            let mut gone = None;
+            if let Some((user, count)) = st.users.get_mut(user_id) {
+                *count -= 1;
+                if *count == 0 {
+                    gone = Some(user.clone());
+                }
+            }
+            if let Some(user) = gone {
+                st.users.remove(&user.user_id);
+                let ev = Envelope::new(Event::Presence {
+                    room: key.clone(),
+                    user,
+                    joined: false,
+                });
+                self.broadcast_locked(&st, &ev, None);
+            }
+            (true, st.members.is_empty())
+        };
+        if now_empty {
+            // Drop the room's cache once nobody is in it; a concurrent joiner re-checks the map
+            // under the same shard lock, so it never joins an orphaned slot.
+            self.rooms.remove_if(key, |_, s| {
+                Arc::ptr_eq(s, &slot) && s.state.lock().members.is_empty()
+            });
+        }
+        was_member
+    }
+
+    /// True if `conn` is in the room.
+    pub fn is_member(&self, key: &RoomKey, conn: &ConnHandle) -> bool {
+        self.rooms
+            .get(key)
+            .is_some_and(|s| s.state.lock().members.contains_key(&conn.id()))
+    }
+
+    /// Users present in the room (empty if the room is not active).
+    pub fn presence(&self, key: &RoomKey) -> Vec<PresentUser> {
+        self.rooms
+            .get(key)
+            .map(|s| {
+                s.state
+                    .lock()
+                    .users
+                    .values()
+                    .map(|(u, _)| u.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Sends an ephemeral event (typing, read receipt) to the room's members, except `skip`.
+    pub fn broadcast(&self, key: &RoomKey, event: Event, skip: Option<u64>) {
+        if let Some(slot) = self.rooms.get(key) {
+            let st = slot.state.lock();
+            self.broadcast_locked(&st, &Envelope::new(event), skip);
+        }
+    }
+
+    /// Delivers a stored message to the room's members in `seq` order. Called by the broker.
+    pub fn deliver(self: &Arc<Self>, message: Arc<Message>) {
+        let Some(slot) = self.rooms.get(&message.room).map(|s| Arc::clone(s.value())) else {
+            return;
+        };
+        let mut st = slot.state.lock();
+        if !st.ready || st.filling {
+            if message.seq > st.last_seq {
+                st.pending.insert(message.seq, message);
+            }
+            return;
+        }
+        if message.seq <= st.last_seq {
+            return;
+        }
+        if message.seq == st.last_seq + 1 {
+            self.apply_locked(&mut st, message);
+            self.drain_pending_locked(&mut st);
+            return;
+        }
+        st.pending.insert(message.seq, message);
+        st.filling = true;
+        drop(st);
+        self.spawn_fill(slot);
+    }
+
+    fn slot(&self, key: &RoomKey) -> Arc<RoomSlot> {
+        Arc::clone(
+            self.rooms
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    Arc::new(RoomSlot {
+                        key: key.clone(),
+                        loaded: OnceCell::new(),
+                        state: Mutex::new(RoomState::default()),
+                    })
+                })
+                .value(),
+        )
+    }
+
+    /// Loads the room's tail from the store the first time the slot is used.
+    async fn ensure_loaded(self: &Arc<Self>, slot: &Arc<RoomSlot>) -> Result<(), HubError> {
+        slot.loaded
+            .get_or_try_init(|| async {
+                let started = std::time::Instant::now();
+                let tail = self
+                    .store
+                    .messages_before(&slot.key, u64::MAX, self.cache_size)
+                    .await?;
+                self.metrics.observe_store("load_room", started.elapsed());
+                let mut st = slot.state.lock();
+                st.last_seq = tail.last().map_or(0, |m| m.seq);
+                st.cache = tail.into_iter().map(Arc::new).collect();
+                st.ready = true;
+                let last = st.last_seq;
+                st.pending.retain(|seq, _| *seq > last);
+                if st.pending.keys().next().is_some_and(|s| *s != last + 1) {
+                    st.filling = true;
+                    drop(st);
+                    self.spawn_fill(Arc::clone(slot));
+                } else {
+                    self.drain_pending_locked(&mut st);
+                }
+                Ok::<(), HubError>(())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Fetches a gap from the store, then delivers it and whatever waited behind it.
+    fn spawn_fill(self: &Arc<Self>, slot: Arc<RoomSlot>) {
+        let hub = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                let (from, to) = {
+                    let st = slot.state.lock();
+                    let to = st.pending.keys().next().copied().unwrap_or(st.last_seq + 1);
+                    (st.last_seq, to)
+                };
+                let want = usize::try_from(to.saturating_sub(from + 1))
+                    .unwrap_or(usize::MAX)
+                    .max(1);
+                let fetched = match hub.store.messages_after(&slot.key, from, want).await {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::warn!(room = %slot.key, error = %e, "cannot fill gap from store; retrying");
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                let mut st = slot.state.lock();
+                let progressed = !fetched.is_empty();
+                for m in fetched {
+                    if m.seq == st.last_seq + 1 {
+                        hub.apply_locked(&mut st, Arc::new(m));
+                    }
+                }
+                hub.drain_pending_locked(&mut st);
+                let gap = st
+                    .pending
+                    .keys()
+                    .next()
+                    .is_some_and(|s| *s != st.last_seq + 1);
+                if !gap || !progressed {
+                    // Done, or the store does not have the gap (yet): deliver what we hold in
+                    // order and let the next delivery retry.
+                    if gap {
+                        tracing::warn!(room = %slot.key, last = st.last_seq, "gap not in store; skipping ahead");
+                        let pending = std::mem::take(&mut st.pending);
+                        for (_, m) in pending {
+                            if m.seq > st.last_seq {
+                                hub.apply_locked(&mut st, m);
+                            }
+                        }
+                    }
+                    st.filling = false;
+                    return;
+                }
+            }
+        });
+    }
+
+    fn drain_pending_locked(&self, st: &mut RoomState) {
+        while let Some(entry) = st.pending.first_entry() {
+            let seq = *entry.key();
+            if seq <= st.last_seq {
+                entry.remove();
+            } else if seq == st.last_seq + 1 {
+                let m = entry.remove();
+                self.apply_locked(st, m);
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Appends to the cache and fans out. The caller holds the room lock and has checked that
+    /// `message.seq == last_seq + 1`.
+    fn apply_locked(&self, st: &mut RoomState, message: Arc<Message>) {
+        st.last_seq = message.seq;
+        st.cache.push_back(Arc::clone(&message));
+        while st.cache.len() > self.cache_size {
+            st.cache.pop_front();
+        }
+        self.broadcast_locked(st, &Envelope::new(Event::Message(message)), None);
+    }
+
+    fn broadcast_locked(&self, st: &RoomState, envelope: &Arc<Envelope>, skip: Option<u64>) {
+        for (id, member) in &st.members {
+            if Some(*id) == skip {
+                continue;
+            }
+            if !member.push(Arc::clone(envelope)) {
+                self.metrics.fanout_dropped.inc();
+            }
+        }
+    }
+
+    /// Adds a member; returns true when it is the user's first connection in the room.
+    fn add_member(&self, st: &mut RoomState, _key: &RoomKey, conn: &ConnHandle) -> bool {
+        if st.members.insert(conn.id(), conn.clone()).is_some() {
+            return false;
+        }
+        let user = present_user(conn);
+        let entry = st.users.entry(user.user_id.clone()).or_insert((user, 0));
+        entry.1 += 1;
+        entry.1 == 1
+    }
+}
+
+fn present_user(conn: &ConnHandle) -> PresentUser {
+    let id = conn.identity();
+    PresentUser {
+        user_id: id.user_id.clone(),
+        name: id.name.clone(),
+        role: id.role,
+    }
+}

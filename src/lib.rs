@@ -1,0 +1,194 @@
+//! Parlor: a self-hosted real-time conversation server.
+//!
+//! The parts, in the order a message flows through them (see `ARCHITECTURE.md`):
+//!
+//! - [`transport`] — wire formats: the native WebSocket protocol (`/ws`) and the HTTP API.
+//!   Transports call services and never touch the store or the hub's internals.
+//! - [`service`] — what Parlor does (chat today), independent of any wire format.
+//! - [`auth`] — who is calling ([`auth::Authenticator`]) and what they may do
+//!   ([`auth::policy`]).
+//! - [`hub`] — active rooms, their members and presence; fans stored messages out to every
+//!   member's bounded queue in `seq` order.
+//! - [`broker`] — carries stored messages to every node's hub (in-process by default).
+//! - [`store`] — durable storage behind a trait; SQLite with group commit.
+//! - [`model`], [`config`], [`metrics`] — shared vocabulary, typed configuration, counters.
+//!
+//! [`run`] is the entry point: it takes a validated [`Config`], a bound listener and a
+//! cancellation token, serves until the token is cancelled, then shuts down in order: stop
+//! accepting, tell clients to reconnect, let connections finish, flush writes, close the store.
+
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod model;
+pub mod service;
+pub mod store;
+pub mod transport;
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+use crate::auth::Authenticator;
+use crate::broker::Broker;
+use crate::broker::memory::MemoryBroker;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::service::chat::ChatService;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Store, StoreError};
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The store could not be opened or initialised.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The configuration cannot be served.
+    #[error("{0}")]
+    Config(String),
+    /// The listener failed.
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Shared server state, cheap to clone into every handler and connection task.
+#[derive(Debug, Clone)]
+pub struct AppState(Arc<AppInner>);
+
+/// What [`AppState`] holds.
+#[derive(Debug)]
+pub struct AppInner {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// Chat operations.
+    pub chat: Arc<ChatService>,
+    /// Token verification.
+    pub auth: Authenticator,
+    /// Message distribution between nodes.
+    pub broker: Arc<dyn Broker>,
+    /// Counters and histograms.
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the server starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Tracks connection tasks so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// One permit per open WebSocket (`limits.max_connections`).
+    pub connection_permits: Arc<Semaphore>,
+    /// Start time, for uptime.
+    pub started: Instant,
+    next_connection_id: AtomicU64,
+}
+
+impl AppState {
+    /// A process-unique connection id.
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+impl Deref for AppState {
+    type Target = AppInner;
+
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+/// Serves Parlor on `listener` until `shutdown` is cancelled, then shuts down gracefully
+/// within `config.shutdown_timeout_ms`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let path = config
+        .database_path()
+        .ok_or_else(|| RunError::Config(format!("unsupported database {:?}", config.database)))?;
+
+    let (committed_tx, committed_rx) = mpsc::unbounded_channel();
+    let store_config = config.store.clone();
+    let store: Arc<dyn Store> = Arc::new(
+        tokio::task::spawn_blocking(move || SqliteStore::open(&path, &store_config, committed_tx))
+            .await
+            .map_err(|e| RunError::Config(format!("store start-up failed: {e}")))??,
+    );
+    for domain in &config.domains {
+        store.upsert_domain(&domain.id, &domain.name).await?;
+    }
+
+    let hub = Hub::new(
+        Arc::clone(&store),
+        Arc::clone(&metrics),
+        config.store.room_cache,
+    );
+    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(Arc::clone(&hub)));
+    let dispatcher = ChatService::spawn_dispatcher(committed_rx, Arc::clone(&broker));
+    let chat = Arc::new(ChatService::new(
+        Arc::clone(&store),
+        hub,
+        Arc::clone(&metrics),
+        config.limits.clone(),
+    ));
+    let state = AppState(Arc::new(AppInner {
+        auth: Authenticator::new(&config),
+        connection_permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+        config: Arc::clone(&config),
+        chat,
+        broker,
+        metrics,
+        shutdown: shutdown.clone(),
+        tracker: TaskTracker::new(),
+        started: Instant::now(),
+        next_connection_id: AtomicU64::new(1),
+    }));
+
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, database = %config.database, "parlor listening");
+    let app = transport::router(state.clone());
+    let server =
+        axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let mut server = tokio::spawn(async move { server.await });
+
+    let served = tokio::select! {
+        () = shutdown.cancelled() => None,
+        result = &mut server => Some(result),
+    };
+    shutdown.cancel();
+    tracing::info!("shutting down");
+    let deadline = config.shutdown_timeout_ms;
+    let drained = tokio::time::timeout(deadline, async {
+        state.tracker.close();
+        state.tracker.wait().await;
+        if served.is_none() {
+            let _ = (&mut server).await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            ?deadline,
+            "connections did not finish in time; closing anyway"
+        );
+        server.abort();
+    }
+    store.close().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), dispatcher).await;
+    tracing::info!("stopped");
+    match served {
+        Some(Ok(Err(e))) => Err(RunError::Io(e)),
+        _ => Ok(()),
+    }
+}

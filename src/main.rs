@@ -1,0 +1,151 @@
+//! The `parlor` binary: parses the command line and configuration, sets up logging, binds
+//! the listener and hands over to [`parlor::run`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use parlor::config::{Config, LogFormat, Overrides};
+use tokio_util::sync::CancellationToken;
+
+/// Self-hosted real-time conversation server.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (the default).
+    Serve(ServeArgs),
+    /// Print a connection token signed with `auth.jwt_secret` (for development).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct ServeArgs {
+    /// Address to listen on [default: 0.0.0.0:8080].
+    #[arg(long, global = true)]
+    listen: Option<SocketAddr>,
+    /// Database URL, e.g. sqlite://parlor.db [default: sqlite://parlor.db].
+    #[arg(long, global = true)]
+    database: Option<String>,
+    /// Configuration file [default: ./parlor.toml when present].
+    #[arg(long, global = true, env = "PARLOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, global = true)]
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct TokenArgs {
+    /// User id (`sub`).
+    #[arg(long)]
+    user: String,
+    /// Role: visitor, agent, admin or service.
+    #[arg(long, default_value = "visitor")]
+    role: String,
+    /// Domain id.
+    #[arg(long, default_value = "demo")]
+    domain: String,
+    /// Display name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let (args, token) = match cli.command {
+        Some(Command::Serve(args)) => (args, None),
+        Some(Command::Token(t)) => (cli.serve, Some(t)),
+        None => (cli.serve, None),
+    };
+    let overrides = Overrides {
+        listen: args.listen,
+        database: args.database.clone(),
+        log_format: args.log_format,
+    };
+    let config = Config::load(args.config.as_deref(), &overrides)?;
+    if let Some(t) = token {
+        return print_token(&config, &t);
+    }
+    init_tracing(&config);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+    parlor::run(config, listener, shutdown).await?;
+    Ok(())
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+async fn signal_shutdown(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("signal received");
+    shutdown.cancel();
+}
+
+fn init_tracing(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn print_token(config: &Config, args: &TokenArgs) -> anyhow::Result<()> {
+    let secret = config
+        .auth
+        .jwt_secret
+        .as_ref()
+        .context("auth.jwt_secret is not set (PARLOR_AUTH__JWT_SECRET or parlor.toml)")?;
+    let token = parlor::auth::issue_token(
+        secret,
+        &args.user,
+        args.name.as_deref(),
+        &args.role,
+        &args.domain,
+        args.ttl,
+    )?;
+    println!("{token}");
+    Ok(())
+}

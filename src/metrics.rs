@@ -1,0 +1,160 @@
+//! Prometheus metrics, exposed as text at `GET /metrics`.
+//!
+//! One [`Metrics`] value lives in the server state; every layer that counts something gets an
+//! `Arc` of it. Names follow Prometheus conventions (`_total` counters, `_seconds` histograms).
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label set for store operations.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    /// Operation name (`append`, `history`, …).
+    pub op: &'static str,
+}
+
+/// Label set for closed connections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why the connection ended.
+    pub reason: &'static str,
+}
+
+/// Every metric the server exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// WebSocket connections open now.
+    pub connections: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// WebSocket connections accepted since start.
+    pub connections_total: Counter<u64, AtomicU64>,
+    /// Connections closed, by reason.
+    pub disconnects: Family<ReasonLabel, Counter>,
+    /// Client frames received.
+    pub frames_in: Counter,
+    /// Frames written to clients.
+    pub frames_out: Counter,
+    /// Messages stored (sent over any transport).
+    pub messages_stored: Counter,
+    /// Events dropped because a connection's outbound queue was full (the connection is then
+    /// closed as a slow consumer).
+    pub fanout_dropped: Counter,
+    /// Client errors answered with an `error` frame or 4xx, by code.
+    pub client_errors: Family<OpLabel, Counter>,
+    /// Store operation latency.
+    pub store_latency: Family<OpLabel, Histogram>,
+}
+
+impl Metrics {
+    /// Creates and registers all metrics.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("parlor");
+        let connections = Gauge::default();
+        let connections_total = Counter::default();
+        let disconnects = Family::<ReasonLabel, Counter>::default();
+        let frames_in = Counter::default();
+        let frames_out = Counter::default();
+        let messages_stored = Counter::default();
+        let fanout_dropped = Counter::default();
+        let client_errors = Family::<OpLabel, Counter>::default();
+        let store_latency = Family::<OpLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+        });
+        registry.register(
+            "connections",
+            "WebSocket connections open now",
+            connections.clone(),
+        );
+        registry.register(
+            "connections_accepted",
+            "WebSocket connections accepted",
+            connections_total.clone(),
+        );
+        registry.register(
+            "disconnects",
+            "WebSocket connections closed, by reason",
+            disconnects.clone(),
+        );
+        registry.register("frames_in", "Client frames received", frames_in.clone());
+        registry.register(
+            "frames_out",
+            "Frames written to clients",
+            frames_out.clone(),
+        );
+        registry.register(
+            "messages_stored",
+            "Messages stored",
+            messages_stored.clone(),
+        );
+        registry.register(
+            "fanout_dropped",
+            "Events dropped because a connection's outbound queue was full",
+            fanout_dropped.clone(),
+        );
+        registry.register(
+            "client_errors",
+            "Requests refused, by error code",
+            client_errors.clone(),
+        );
+        registry.register(
+            "store_latency_seconds",
+            "Store operation latency",
+            store_latency.clone(),
+        );
+        Self {
+            registry,
+            connections,
+            connections_total,
+            disconnects,
+            frames_in,
+            frames_out,
+            messages_stored,
+            fanout_dropped,
+            client_errors,
+            store_latency,
+        }
+    }
+
+    /// Records one store operation's duration.
+    pub fn observe_store(&self, op: &'static str, took: Duration) {
+        self.store_latency
+            .get_or_create(&OpLabel { op })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts one refused request.
+    pub fn client_error(&self, code: &'static str) {
+        self.client_errors
+            .get_or_create(&OpLabel { op: code })
+            .inc();
+    }
+
+    /// Counts one closed connection.
+    pub fn disconnect(&self, reason: &'static str) {
+        self.disconnects
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

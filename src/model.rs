@@ -1,0 +1,216 @@
+//! The internal data model shared by every layer: identities, rooms, messages.
+//!
+//! These types carry no wire format. Transports translate them to and from JSON frames; the
+//! store maps them to rows. Depends on nothing else in the crate.
+
+use std::fmt;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Who is on a connection or behind an HTTP request. Set once from a verified token (or as an
+/// anonymous visitor) and never changed by anything a client sends afterwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Stable user id within the domain.
+    pub user_id: String,
+    /// Display name.
+    pub name: String,
+    /// What the user may do (see `auth::policy`).
+    pub role: Role,
+    /// The tenant the user belongs to.
+    pub domain_id: Arc<str>,
+    /// True when no token was presented and the server generated this identity.
+    pub anonymous: bool,
+}
+
+/// Roles an identity can hold. A client never gets a role by claiming it in a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Anonymous website visitor or signed-in customer.
+    Visitor,
+    /// Human support agent of a domain.
+    Agent,
+    /// Operator of the whole server.
+    Admin,
+    /// A back end calling the server API.
+    Service,
+}
+
+impl Role {
+    /// The lowercase wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Visitor => "visitor",
+            Role::Agent => "agent",
+            Role::Admin => "admin",
+            Role::Service => "service",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "visitor" => Role::Visitor,
+            "agent" => Role::Agent,
+            "admin" => Role::Admin,
+            "service" => Role::Service,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A room is addressed by its domain and its id: the same id in two domains names two rooms,
+/// so no lookup can cross a tenant boundary by guessing an id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomKey {
+    /// Owning domain.
+    pub domain_id: Arc<str>,
+    /// Room id, unique within the domain.
+    pub room_id: Arc<str>,
+}
+
+impl RoomKey {
+    /// Builds a key.
+    pub fn new(domain_id: impl Into<Arc<str>>, room_id: impl Into<Arc<str>>) -> Self {
+        Self {
+            domain_id: domain_id.into(),
+            room_id: room_id.into(),
+        }
+    }
+}
+
+impl fmt::Display for RoomKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.domain_id, self.room_id)
+    }
+}
+
+/// The author of a stored message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Author {
+    /// User id of the author (or `ai-assistant`, `system`).
+    pub user_id: String,
+    /// Display name at the time of writing.
+    pub name: String,
+    /// Role label shown with the message: an identity role, or `user`, `assistant`,
+    /// `system` for messages stored through the server API.
+    pub role: String,
+}
+
+/// Role labels a message may carry.
+pub const MESSAGE_ROLES: &[&str] = &[
+    "visitor",
+    "user",
+    "customer",
+    "agent",
+    "assistant",
+    "system",
+    "admin",
+    "service",
+];
+
+/// A stored message. `seq` is the room's offset: 1, 2, 3… with no gaps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// Globally unique id.
+    pub id: String,
+    /// Room the message belongs to.
+    pub room: RoomKey,
+    /// Position in the room, assigned by the store.
+    pub seq: u64,
+    /// Who wrote it.
+    pub author: Author,
+    /// Message type: `text` for chat; other types come with later features.
+    pub kind: String,
+    /// The text.
+    pub content: String,
+    /// Structured extras (actions, attachments…), if any.
+    pub data: Option<serde_json::Value>,
+    /// Client-chosen id making a send idempotent.
+    pub client_message_id: Option<String>,
+    /// When the store accepted it.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A message about to be stored (no id, `seq` or time yet).
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// Target room; created on first use.
+    pub room: RoomKey,
+    /// Who writes it.
+    pub author: Author,
+    /// Message type.
+    pub kind: String,
+    /// The text.
+    pub content: String,
+    /// Structured extras.
+    pub data: Option<serde_json::Value>,
+    /// Idempotency key.
+    pub client_message_id: Option<String>,
+}
+
+/// A room's stored description.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Room {
+    /// Its key.
+    pub key: RoomKey,
+    /// `support`, `session`, `feed` or `channel`.
+    pub kind: String,
+    /// User id of whoever created it.
+    pub created_by: Option<String>,
+    /// Highest stored `seq` (0 when empty).
+    pub last_seq: u64,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Ids (rooms, domains, client message ids, user ids) are 1–128 printable ASCII characters
+/// from a conservative set, so they are safe in URLs, logs and Redis channel names.
+pub fn valid_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'@'))
+}
+
+/// Current time truncated to milliseconds, the precision the store keeps.
+pub fn now_ms() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now)
+}
+
+/// ISO-8601 with milliseconds and `Z`, as the seeds write timestamps.
+pub fn iso(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(valid_id("room-123"));
+        assert!(valid_id("a.b:c@d_e"));
+        assert!(!valid_id(""));
+        assert!(!valid_id("has space"));
+        assert!(!valid_id("slash/no"));
+        assert!(!valid_id(&"x".repeat(129)));
+        assert!(!valid_id("ünï"));
+    }
+
+    #[test]
+    fn iso_format() {
+        let t = DateTime::from_timestamp_millis(1_704_067_200_000).unwrap_or_default();
+        assert_eq!(iso(t), "2024-01-01T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,320 @@
+//! Chat: joining rooms, sending, history, read state, typing.
+//!
+//! The path of one message: a transport calls [`ChatService::send`]; the message is checked
+//! against the limits and the policy, stored (the store assigns `seq` and commits, grouped
+//! with concurrent writes), and the caller gets the stored message back to acknowledge. The
+//! store hands each committed message, in commit order, to the dispatcher task started by
+//! [`ChatService::spawn_dispatcher`], which publishes it to the broker; the broker delivers it
+//! to every node's hub, and the hub to every member's queue.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::ServiceError;
+use crate::auth::policy;
+use crate::broker::Broker;
+use crate::config::Limits;
+use crate::hub::{ConnHandle, Event, Hub, Joined, PresentUser, Replay};
+use crate::metrics::Metrics;
+use crate::model::{Author, Identity, Message, NewMessage, RoomKey, valid_id};
+use crate::store::{Appended, CustomerProfile, Store, StoreError};
+
+/// Chat operations shared by every transport.
+#[derive(Debug)]
+pub struct ChatService {
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+}
+
+/// A message to send.
+#[derive(Debug, Default)]
+pub struct Outgoing<'a> {
+    /// Target room id (in the sender's domain).
+    pub room_id: &'a str,
+    /// Text.
+    pub text: String,
+    /// Idempotency key.
+    pub client_message_id: Option<String>,
+    /// Requested role label (honoured only for services and admins).
+    pub role: Option<&'a str>,
+    /// Display name an anonymous visitor gave in `join-room`.
+    pub display_name: Option<&'a str>,
+    /// Structured extras.
+    pub data: Option<serde_json::Value>,
+}
+
+impl ChatService {
+    /// Creates the service.
+    pub fn new(
+        store: Arc<dyn Store>,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            store,
+            hub,
+            metrics,
+            limits,
+        }
+    }
+
+    /// The store behind the service (health checks).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The hub (connection bookkeeping for transports).
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// The configured limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Publishes committed messages to the broker, in commit order, until the store's sink
+    /// closes (at shutdown).
+    pub fn spawn_dispatcher(
+        mut committed: mpsc::UnboundedReceiver<Arc<Message>>,
+        broker: Arc<dyn Broker>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            while let Some(message) = committed.recv().await {
+                broker.publish(message);
+            }
+        })
+    }
+
+    /// Validates a room id and places it in the caller's domain.
+    pub fn room_key(&self, identity: &Identity, room_id: &str) -> Result<RoomKey, ServiceError> {
+        if !valid_id(room_id) {
+            return Err(ServiceError::invalid(
+                "invalid_room_id",
+                "roomId must be 1-128 characters of A-Z a-z 0-9 - _ . : @",
+            ));
+        }
+        Ok(policy::room_key(identity, room_id))
+    }
+
+    /// Joins `conn` to a room (creating the room on first use) and returns the catch-up.
+    pub async fn join(
+        &self,
+        conn: &ConnHandle,
+        room_id: &str,
+        replay: Replay,
+        profile: Option<CustomerProfile>,
+    ) -> Result<Joined, ServiceError> {
+        let identity = conn.identity();
+        let key = self.room_key(identity, room_id)?;
+        if let Some(profile) = profile {
+            self.timed(
+                "upsert_customer",
+                self.store
+                    .upsert_customer(&identity.domain_id, &identity.user_id, profile),
+            )
+            .await?;
+        }
+        self.timed(
+            "ensure_room",
+            self.store.ensure_room(&key, Some(&identity.user_id)),
+        )
+        .await?;
+        Ok(self
+            .hub
+            .join(&key, conn, replay, self.limits.max_replay)
+            .await?)
+    }
+
+    /// Removes `conn` from a room. Returns false if it was not in it.
+    pub fn leave(&self, conn: &ConnHandle, key: &RoomKey) -> bool {
+        self.hub.leave(key, conn)
+    }
+
+    /// Stores a message and returns it (or the original, for a repeated `client_message_id`).
+    /// Members receive it through the hub once it is committed.
+    pub async fn send(
+        &self,
+        identity: &Identity,
+        out: Outgoing<'_>,
+    ) -> Result<Appended, ServiceError> {
+        let key = self.room_key(identity, out.room_id)?;
+        if out.text.trim().is_empty() {
+            return Err(ServiceError::invalid(
+                "empty_message",
+                "message must not be empty",
+            ));
+        }
+        if out.text.len() > self.limits.max_message_bytes {
+            return Err(ServiceError::TooLarge {
+                code: "message_too_long",
+                message: format!(
+                    "message is {} bytes; the limit is {}",
+                    out.text.len(),
+                    self.limits.max_message_bytes
+                ),
+            });
+        }
+        if let Some(cmid) = &out.client_message_id
+            && !valid_id(cmid)
+        {
+            return Err(ServiceError::invalid(
+                "invalid_client_message_id",
+                "clientMessageId must be 1-128 characters of A-Z a-z 0-9 - _ . : @",
+            ));
+        }
+        let role = policy::message_role(identity, out.role)
+            .map_err(|m| ServiceError::Forbidden(m.to_owned()))?;
+        let name = match out.display_name {
+            Some(n) if identity.anonymous && !n.trim().is_empty() => n.chars().take(100).collect(),
+            _ => identity.name.clone(),
+        };
+        let message = NewMessage {
+            room: key,
+            author: Author {
+                user_id: identity.user_id.clone(),
+                name,
+                role,
+            },
+            kind: "text".to_owned(),
+            content: out.text,
+            data: out.data,
+            client_message_id: out.client_message_id,
+        };
+        let appended = self.timed("append", self.store.append(message)).await?;
+        if !appended.duplicate {
+            self.metrics.messages_stored.inc();
+        }
+        Ok(appended)
+    }
+
+    /// Up to `limit` messages before `before` (all the latest when `None`), ascending, and
+    /// whether older ones exist.
+    pub async fn history(
+        &self,
+        identity: &Identity,
+        room_id: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<Message>, bool), ServiceError> {
+        let key = self.room_key(identity, room_id)?;
+        let limit = limit.clamp(1, self.limits.max_page);
+        let page = self
+            .timed(
+                "history",
+                self.store
+                    .messages_before(&key, before.unwrap_or(u64::MAX), limit),
+            )
+            .await?;
+        let has_more = page.first().is_some_and(|m| m.seq > 1);
+        Ok((page, has_more))
+    }
+
+    /// Up to `limit` messages after `after`, ascending, and whether newer ones exist.
+    pub async fn after(
+        &self,
+        identity: &Identity,
+        room_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<Message>, bool), ServiceError> {
+        let key = self.room_key(identity, room_id)?;
+        let limit = limit.clamp(1, self.limits.max_page);
+        let mut page = self
+            .timed("history", self.store.messages_after(&key, after, limit + 1))
+            .await?;
+        let has_more = page.len() > limit;
+        page.truncate(limit);
+        Ok((page, has_more))
+    }
+
+    /// The room, or `RoomNotFound`.
+    pub async fn room(
+        &self,
+        identity: &Identity,
+        room_id: &str,
+    ) -> Result<crate::model::Room, ServiceError> {
+        let key = self.room_key(identity, room_id)?;
+        self.timed("room", self.store.room(&key))
+            .await?
+            .ok_or(ServiceError::RoomNotFound)
+    }
+
+    /// Records that the caller read the room up to `seq` and tells the room's members.
+    pub async fn mark_read(
+        &self,
+        identity: &Identity,
+        room_id: &str,
+        seq: u64,
+    ) -> Result<u64, ServiceError> {
+        let key = self.room_key(identity, room_id)?;
+        let stored = self
+            .timed(
+                "mark_read",
+                self.store.mark_read(&key, &identity.user_id, seq),
+            )
+            .await?;
+        self.hub.broadcast(
+            &key,
+            Event::ReadReceipt {
+                room: key.clone(),
+                user_id: identity.user_id.clone(),
+                seq: stored,
+            },
+            None,
+        );
+        Ok(stored)
+    }
+
+    /// Tells the room's other members that `conn` is (or stopped) typing. Requires membership.
+    pub fn typing(
+        &self,
+        conn: &ConnHandle,
+        key: &RoomKey,
+        typing: bool,
+    ) -> Result<(), ServiceError> {
+        if !self.hub.is_member(key, conn) {
+            return Err(not_joined());
+        }
+        let id = conn.identity();
+        let user = PresentUser {
+            user_id: id.user_id.clone(),
+            name: id.name.clone(),
+            role: id.role,
+        };
+        self.hub.broadcast(
+            key,
+            Event::Typing {
+                room: key.clone(),
+                user,
+                typing,
+            },
+            Some(conn.id()),
+        );
+        Ok(())
+    }
+
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        f: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let result = f.await;
+        self.metrics.observe_store(op, started.elapsed());
+        result
+    }
+}
+
+/// The error for acting in a room one has not joined.
+pub fn not_joined() -> ServiceError {
+    ServiceError::Conflict {
+        code: "not_joined",
+        message: "join the room first".to_owned(),
+    }
+}

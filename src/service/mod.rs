@@ -1,0 +1,83 @@
+//! Services: what Parlor does, independent of how a client talks to it.
+//!
+//! Transports call services with an [`Identity`](crate::model::Identity) and plain values;
+//! services ask [`auth::policy`](crate::auth::policy), use the store and the hub, and return
+//! typed results or a [`ServiceError`] with a stable code. Services never see a wire format.
+
+pub mod chat;
+
+use crate::store::StoreError;
+
+/// Why a service refused or failed a request. Each variant has a stable snake_case code that
+/// clients may rely on; the HTTP status and the `error` frame are derived from it.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The request is malformed in a way the code names (`invalid_room_id`, `empty_message`…).
+    #[error("{message}")]
+    Invalid {
+        /// Stable code.
+        code: &'static str,
+        /// Human-readable explanation.
+        message: String,
+    },
+    /// A size limit was exceeded (`message_too_long`).
+    #[error("{message}")]
+    TooLarge {
+        /// Stable code.
+        code: &'static str,
+        /// Human-readable explanation.
+        message: String,
+    },
+    /// The caller may not do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The room does not exist (in the caller's domain).
+    #[error("room not found")]
+    RoomNotFound,
+    /// A per-connection limit was reached (`too_many_rooms`, `not_joined`).
+    #[error("{message}")]
+    Conflict {
+        /// Stable code.
+        code: &'static str,
+        /// Human-readable explanation.
+        message: String,
+    },
+    /// Storage failed; nothing was stored or acknowledged.
+    #[error("storage unavailable, try again")]
+    Unavailable(#[source] StoreError),
+}
+
+impl ServiceError {
+    /// The stable code sent to clients.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ServiceError::Invalid { code, .. }
+            | ServiceError::TooLarge { code, .. }
+            | ServiceError::Conflict { code, .. } => code,
+            ServiceError::Forbidden(_) => "forbidden",
+            ServiceError::RoomNotFound => "room_not_found",
+            ServiceError::Unavailable(_) => "store_unavailable",
+        }
+    }
+
+    pub(crate) fn invalid(code: &'static str, message: impl Into<String>) -> Self {
+        ServiceError::Invalid {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> Self {
+        ServiceError::Unavailable(e)
+    }
+}
+
+impl From<crate::hub::HubError> for ServiceError {
+    fn from(e: crate::hub::HubError) -> Self {
+        match e {
+            crate::hub::HubError::Store(s) => ServiceError::Unavailable(s),
+        }
+    }
+}

@@ -1,0 +1,789 @@
+//! SQLite implementation of [`Store`]: one file, WAL journal, one writer thread doing group
+//! commit, a small pool of read connections.
+//!
+//! Writes travel as [`WriteOp`]s over a channel to a dedicated OS thread that owns the only
+//! write connection. It takes every operation waiting in the channel (up to
+//! `store.max_batch`), runs them in one `BEGIN IMMEDIATE … COMMIT`, and only then answers
+//! each caller and hands the new messages to the [`CommitSink`]. Because one thread assigns
+//! every `seq` and commits in order, room sequences are gapless and the sink sees them in
+//! order. The thread keeps each room's last `seq` in memory so an append costs one insert.
+//!
+//! If an operation fails inside a batch, the batch is rolled back and each of its operations
+//! is retried in a transaction of its own, so one bad write cannot fail its neighbours.
+//!
+//! With `synchronous = NORMAL` (the default) a committed transaction is in the WAL file
+//! before `COMMIT` returns, so it survives `kill -9` of Parlor; `full` adds an fsync per
+//! commit for power-loss durability.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Appended, CommitSink, CustomerProfile, Store, StoreError};
+use crate::config::{SqliteSync, StoreConfig};
+use crate::model::{Author, Message, NewMessage, Room, RoomKey, now_ms};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[include_str!("migrations/sqlite/0001_init.sql")];
+
+/// Column list matching [`row_to_message`].
+const MESSAGE_COLUMNS: &str = "domain_id, room_id, seq, id, author_id, author_name, author_role, \
+                               kind, content, data, client_message_id, created_at";
+
+/// The SQLite store.
+pub struct SqliteStore {
+    /// Queue to the writer thread; `None` once closed.
+    writer: Mutex<Option<mpsc::UnboundedSender<WriteOp>>>,
+    /// The writer thread, joined on close.
+    writer_thread: Mutex<Option<JoinHandle<()>>>,
+    /// Idle read connections.
+    readers: Arc<Mutex<Vec<Connection>>>,
+    /// Database file.
+    path: PathBuf,
+    /// Most idle read connections kept.
+    read_pool: usize,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One write for the writer thread, with where to send its result.
+enum WriteOp {
+    Append(NewMessage, oneshot::Sender<Result<Appended, StoreError>>),
+    EnsureRoom(
+        RoomKey,
+        Option<String>,
+        oneshot::Sender<Result<Room, StoreError>>,
+    ),
+    MarkRead(
+        RoomKey,
+        String,
+        u64,
+        oneshot::Sender<Result<u64, StoreError>>,
+    ),
+    UpsertCustomer(
+        String,
+        String,
+        CustomerProfile,
+        oneshot::Sender<Result<(), StoreError>>,
+    ),
+    UpsertDomain(String, String, oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// A finished operation's result, held until the batch commits.
+enum Done {
+    Append(Appended, oneshot::Sender<Result<Appended, StoreError>>),
+    EnsureRoom(Room, oneshot::Sender<Result<Room, StoreError>>),
+    MarkRead(u64, oneshot::Sender<Result<u64, StoreError>>),
+    Unit(oneshot::Sender<Result<(), StoreError>>),
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, applies migrations and starts the
+    /// writer thread. New messages are reported to `sink` after they commit.
+    pub fn open(path: &Path, config: &StoreConfig, sink: CommitSink) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let mut conn = Connection::open(path).map_err(unavailable)?;
+        configure(&conn, config.sqlite_synchronous).map_err(unavailable)?;
+        migrate(&mut conn)?;
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let max_batch = config.max_batch;
+        let thread = std::thread::Builder::new()
+            .name("parlor-sqlite-writer".into())
+            .spawn(move || Writer::new(conn, sink).run(rx, max_batch))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
+
+        Ok(Self {
+            writer: Mutex::new(Some(tx)),
+            writer_thread: Mutex::new(Some(thread)),
+            readers: Arc::new(Mutex::new(Vec::new())),
+            path: path.to_owned(),
+            read_pool: config.read_pool,
+        })
+    }
+
+    async fn write<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteOp,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let guard = self.writer.lock();
+            let Some(writer) = guard.as_ref() else {
+                return Err(StoreError::Closed);
+            };
+            writer.send(make(tx)).map_err(|_| StoreError::Closed)?;
+        }
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = Arc::clone(&self.readers);
+        let path = self.path.clone();
+        let keep = self.read_pool;
+        tokio::task::spawn_blocking(move || {
+            let pooled = readers.lock().pop();
+            let conn = match pooled {
+                Some(c) => c,
+                None => {
+                    let c = Connection::open_with_flags(
+                        &path,
+                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    )
+                    .map_err(unavailable)?;
+                    c.busy_timeout(std::time::Duration::from_secs(5))
+                        .map_err(unavailable)?;
+                    c
+                }
+            };
+            let result = f(&conn).map_err(unavailable);
+            let mut pool = readers.lock();
+            if pool.len() < keep {
+                pool.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn configure(conn: &Connection, sync: SqliteSync) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match sync {
+            SqliteSync::Normal => "NORMAL",
+            SqliteSync::Full => "FULL",
+        },
+    )?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(())
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let applied: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(unavailable)?;
+    let applied = usize::try_from(applied).unwrap_or(0);
+    if applied > MIGRATIONS.len() {
+        return Err(StoreError::Unavailable(format!(
+            "database schema version {applied} is newer than this Parlor ({}); upgrade Parlor",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = conn.transaction().map_err(unavailable)?;
+        tx.execute_batch(sql)
+            .map_err(|e| unavailable(format!("migration {}: {e}", i + 1)))?;
+        tx.pragma_update(
+            None,
+            "user_version",
+            i64::try_from(i + 1).unwrap_or(i64::MAX),
+        )
+        .map_err(unavailable)?;
+        tx.commit().map_err(unavailable)?;
+        tracing::info!(version = i + 1, "applied database migration");
+    }
+    Ok(())
+}
+
+fn to_ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_ms(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+fn seq_param(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+fn row_to_message(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
+    let domain: String = row.get(0)?;
+    let room: String = row.get(1)?;
+    let seq: i64 = row.get(2)?;
+    let data: Option<String> = row.get(9)?;
+    let data = match data {
+        Some(text) => Some(serde_json::from_str(&text).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(9, rusqlite::types::Type::Text, Box::new(e))
+        })?),
+        None => None,
+    };
+    Ok(Message {
+        room: RoomKey::new(domain, room),
+        seq: u64::try_from(seq).unwrap_or(0),
+        id: row.get(3)?,
+        author: Author {
+            user_id: row.get(4)?,
+            name: row.get(5)?,
+            role: row.get(6)?,
+        },
+        kind: row.get(7)?,
+        content: row.get(8)?,
+        data,
+        client_message_id: row.get(10)?,
+        created_at: from_ms(row.get(11)?),
+    })
+}
+
+fn row_to_room(row: &rusqlite::Row<'_>) -> rusqlite::Result<Room> {
+    let domain: String = row.get(0)?;
+    let id: String = row.get(1)?;
+    let last: i64 = row.get(4)?;
+    Ok(Room {
+        key: RoomKey::new(domain, id),
+        kind: row.get(2)?,
+        created_by: row.get(3)?,
+        last_seq: u64::try_from(last).unwrap_or(0),
+        created_at: from_ms(row.get(5)?),
+    })
+}
+
+const ROOM_COLUMNS: &str = "domain_id, id, kind, created_by, last_seq, created_at";
+
+fn select_room(conn: &Connection, key: &RoomKey) -> rusqlite::Result<Option<Room>> {
+    conn.prepare_cached(&format!(
+        "SELECT {ROOM_COLUMNS} FROM rooms WHERE domain_id = ?1 AND id = ?2"
+    ))?
+    .query_row(params![&*key.domain_id, &*key.room_id], row_to_room)
+    .optional()
+}
+
+/// The writer thread's state.
+struct Writer {
+    conn: Connection,
+    sink: CommitSink,
+    /// Last `seq` per room as of the last commit (or inside the open batch).
+    last_seq: HashMap<RoomKey, u64>,
+    /// Rooms whose `last_seq` changed in the open batch.
+    dirty: Vec<RoomKey>,
+}
+
+/// Entries kept in the writer's `seq` cache before it is cleared.
+const SEQ_CACHE_MAX: usize = 100_000;
+
+impl Writer {
+    fn new(conn: Connection, sink: CommitSink) -> Self {
+        Self {
+            conn,
+            sink,
+            last_seq: HashMap::new(),
+            dirty: Vec::new(),
+        }
+    }
+
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<WriteOp>, max_batch: usize) {
+        let mut batch = Vec::with_capacity(64);
+        while let Some(op) = rx.blocking_recv() {
+            batch.push(op);
+            while batch.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(&mut batch);
+        }
+        tracing::debug!("sqlite writer stopped");
+    }
+
+    /// Runs `batch` in one transaction; on failure, retries each operation alone.
+    fn commit_batch(&mut self, batch: &mut Vec<WriteOp>) {
+        if self.last_seq.len() > SEQ_CACHE_MAX {
+            self.last_seq.clear();
+        }
+        match self.try_transaction(batch) {
+            Ok(done) => {
+                batch.clear();
+                self.finish(done);
+            }
+            Err(e) if batch.len() == 1 => {
+                tracing::warn!(error = %e, "store write failed");
+                for op in batch.drain(..) {
+                    fail(op, &e);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, size = batch.len(), "batch failed; retrying one by one");
+                for op in std::mem::take(batch) {
+                    let mut single = vec![op];
+                    match self.try_transaction(&mut single) {
+                        Ok(done) => self.finish(done),
+                        Err(e) => {
+                            for op in single {
+                                fail(op, &e);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Executes all of `batch` and commits. On error everything is rolled back, the in-memory
+    /// `seq` cache forgets what the batch did, and `batch` is left intact for a retry.
+    fn try_transaction(&mut self, batch: &mut Vec<WriteOp>) -> Result<Vec<Done>, StoreError> {
+        self.dirty.clear();
+        let result = (|| {
+            self.conn
+                .execute_batch("BEGIN IMMEDIATE")
+                .map_err(unavailable)?;
+            let mut results = Vec::with_capacity(batch.len());
+            for op in batch.iter() {
+                results.push(self.apply(op)?);
+            }
+            let now = to_ms(now_ms());
+            for key in &self.dirty {
+                let seq = self.last_seq.get(key).copied().unwrap_or(0);
+                self.conn
+                    .prepare_cached(
+                        "UPDATE rooms SET last_seq = ?1, updated_at = ?2 WHERE domain_id = ?3 AND id = ?4",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![seq_param(seq), now, &*key.domain_id, &*key.room_id])
+                    })
+                    .map_err(unavailable)?;
+            }
+            self.conn.execute_batch("COMMIT").map_err(unavailable)?;
+            Ok(results)
+        })();
+        match result {
+            Ok(results) => {
+                let done = batch
+                    .drain(..)
+                    .zip(results)
+                    .map(|(op, r)| r.into_done(op))
+                    .collect();
+                Ok(done)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                // Rooms created or advanced by the failed batch no longer exist as cached;
+                // forget everything rather than track which entries the batch touched.
+                self.last_seq.clear();
+                self.dirty.clear();
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies one operation inside the open transaction.
+    fn apply(&mut self, op: &WriteOp) -> Result<Applied, StoreError> {
+        match op {
+            WriteOp::Append(m, _) => self.append(m).map(Applied::Append),
+            WriteOp::EnsureRoom(key, by, _) => {
+                self.ensure_room(key, by.as_deref()).map(Applied::Room)
+            }
+            WriteOp::MarkRead(key, user, seq, _) => {
+                self.mark_read(key, user, *seq).map(Applied::Read)
+            }
+            WriteOp::UpsertCustomer(domain, user, profile, _) => {
+                let data = profile.data.as_ref().map(serde_json::Value::to_string);
+                let now = to_ms(now_ms());
+                self.conn
+                    .prepare_cached(
+                        "INSERT INTO customers (domain_id, user_id, name, data, created_at, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+                         ON CONFLICT (domain_id, user_id) DO UPDATE SET
+                           name = COALESCE(excluded.name, customers.name),
+                           data = COALESCE(excluded.data, customers.data),
+                           updated_at = excluded.updated_at",
+                    )
+                    .and_then(|mut s| s.execute(params![domain, user, profile.name, data, now]))
+                    .map_err(unavailable)?;
+                Ok(Applied::Unit)
+            }
+            WriteOp::UpsertDomain(id, name, _) => {
+                self.conn
+                    .prepare_cached(
+                        "INSERT INTO domains (id, name, created_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (id) DO UPDATE SET name = excluded.name",
+                    )
+                    .and_then(|mut s| s.execute(params![id, name, to_ms(now_ms())]))
+                    .map_err(unavailable)?;
+                Ok(Applied::Unit)
+            }
+        }
+    }
+
+    fn ensure_room(&mut self, key: &RoomKey, created_by: Option<&str>) -> Result<Room, StoreError> {
+        if let Some(room) = select_room(&self.conn, key).map_err(unavailable)? {
+            let last = self.last_seq.get(key).copied().unwrap_or(room.last_seq);
+            return Ok(Room {
+                last_seq: last,
+                ..room
+            });
+        }
+        let now = now_ms();
+        self.conn
+            .prepare_cached(
+                "INSERT INTO rooms (domain_id, id, kind, created_by, last_seq, created_at, updated_at)
+                 VALUES (?1, ?2, 'support', ?3, 0, ?4, ?4)",
+            )
+            .and_then(|mut s| s.execute(params![&*key.domain_id, &*key.room_id, created_by, to_ms(now)]))
+            .map_err(unavailable)?;
+        self.last_seq.insert(key.clone(), 0);
+        Ok(Room {
+            key: key.clone(),
+            kind: "support".to_owned(),
+            created_by: created_by.map(str::to_owned),
+            last_seq: 0,
+            created_at: now,
+        })
+    }
+
+    fn current_seq(&mut self, key: &RoomKey, created_by: &str) -> Result<u64, StoreError> {
+        if let Some(seq) = self.last_seq.get(key) {
+            return Ok(*seq);
+        }
+        let room = self.ensure_room(key, Some(created_by))?;
+        self.last_seq.insert(key.clone(), room.last_seq);
+        Ok(room.last_seq)
+    }
+
+    fn append(&mut self, m: &NewMessage) -> Result<Appended, StoreError> {
+        if let Some(cmid) = &m.client_message_id {
+            let existing = self
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM messages
+                     WHERE domain_id = ?1 AND room_id = ?2 AND client_message_id = ?3"
+                ))
+                .and_then(|mut s| {
+                    s.query_row(
+                        params![&*m.room.domain_id, &*m.room.room_id, cmid],
+                        row_to_message,
+                    )
+                    .optional()
+                })
+                .map_err(unavailable)?;
+            if let Some(message) = existing {
+                return Ok(Appended {
+                    message: Arc::new(message),
+                    duplicate: true,
+                });
+            }
+        }
+        let seq = self.current_seq(&m.room, &m.author.user_id)? + 1;
+        let message = Message {
+            id: uuid::Uuid::now_v7().to_string(),
+            room: m.room.clone(),
+            seq,
+            author: m.author.clone(),
+            kind: m.kind.clone(),
+            content: m.content.clone(),
+            data: m.data.clone(),
+            client_message_id: m.client_message_id.clone(),
+            created_at: now_ms(),
+        };
+        let data = message.data.as_ref().map(serde_json::Value::to_string);
+        self.conn
+            .prepare_cached(&format!(
+                "INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+            ))
+            .and_then(|mut s| {
+                s.execute(params![
+                    &*message.room.domain_id,
+                    &*message.room.room_id,
+                    seq_param(seq),
+                    message.id,
+                    message.author.user_id,
+                    message.author.name,
+                    message.author.role,
+                    message.kind,
+                    message.content,
+                    data,
+                    message.client_message_id,
+                    to_ms(message.created_at),
+                ])
+            })
+            .map_err(unavailable)?;
+        if let Some(entry) = self.last_seq.get_mut(&m.room) {
+            *entry = seq;
+        }
+        if !self.dirty.contains(&m.room) {
+            self.dirty.push(m.room.clone());
+        }
+        Ok(Appended {
+            message: Arc::new(message),
+            duplicate: false,
+        })
+    }
+
+    fn mark_read(&mut self, key: &RoomKey, user: &str, seq: u64) -> Result<u64, StoreError> {
+        let last = match self.last_seq.get(key) {
+            Some(s) => *s,
+            None => select_room(&self.conn, key)
+                .map_err(unavailable)?
+                .map_or(0, |r| r.last_seq),
+        };
+        let seq = seq.min(last);
+        let now = to_ms(now_ms());
+        let stored: i64 = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO read_states (domain_id, room_id, user_id, seq, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (domain_id, room_id, user_id) DO UPDATE SET
+                   seq = MAX(read_states.seq, excluded.seq), updated_at = excluded.updated_at
+                 RETURNING seq",
+            )
+            .and_then(|mut s| {
+                s.query_row(
+                    params![&*key.domain_id, &*key.room_id, user, seq_param(seq), now],
+                    |r| r.get(0),
+                )
+            })
+            .map_err(unavailable)?;
+        Ok(u64::try_from(stored).unwrap_or(0))
+    }
+
+    /// Hands committed messages to the sink, then answers the callers.
+    fn finish(&mut self, done: Vec<Done>) {
+        for d in &done {
+            if let Done::Append(a, _) = d
+                && !a.duplicate
+            {
+                // The receiver lives as long as the server; if it is gone we are shutting down.
+                let _ = self.sink.send(Arc::clone(&a.message));
+            }
+        }
+        for d in done {
+            match d {
+                Done::Append(a, tx) => {
+                    let _ = tx.send(Ok(a));
+                }
+                Done::EnsureRoom(r, tx) => {
+                    let _ = tx.send(Ok(r));
+                }
+                Done::MarkRead(s, tx) => {
+                    let _ = tx.send(Ok(s));
+                }
+                Done::Unit(tx) => {
+                    let _ = tx.send(Ok(()));
+                }
+            }
+        }
+    }
+}
+
+/// What [`Writer::apply`] produced, before it is paired with its reply channel.
+enum Applied {
+    Append(Appended),
+    Room(Room),
+    Read(u64),
+    Unit,
+}
+
+impl Applied {
+    fn into_done(self, op: WriteOp) -> Done {
+        match (self, op) {
+            (Applied::Append(a), WriteOp::Append(_, tx)) => Done::Append(a, tx),
+            (Applied::Room(r), WriteOp::EnsureRoom(_, _, tx)) => Done::EnsureRoom(r, tx),
+            (Applied::Read(s), WriteOp::MarkRead(_, _, _, tx)) => Done::MarkRead(s, tx),
+            (
+                Applied::Unit,
+                WriteOp::UpsertCustomer(_, _, _, tx) | WriteOp::UpsertDomain(_, _, tx),
+            ) => Done::Unit(tx),
+            // `apply` maps each operation to its own result kind, so this cannot happen; if it
+            // ever did, the caller gets an error rather than a wrong answer.
+            (_, op) => {
+                fail(op, &StoreError::Corrupt("internal result mismatch".into()));
+                Done::Unit(oneshot::channel().0)
+            }
+        }
+    }
+}
+
+fn fail(op: WriteOp, e: &StoreError) {
+    let err = || StoreError::Unavailable(e.to_string());
+    match op {
+        WriteOp::Append(_, tx) => {
+            let _ = tx.send(Err(err()));
+        }
+        WriteOp::EnsureRoom(_, _, tx) => {
+            let _ = tx.send(Err(err()));
+        }
+        WriteOp::MarkRead(_, _, _, tx) => {
+            let _ = tx.send(Err(err()));
+        }
+        WriteOp::UpsertCustomer(_, _, _, tx) | WriteOp::UpsertDomain(_, _, tx) => {
+            let _ = tx.send(Err(err()));
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
+        self.write(|tx| WriteOp::Append(message, tx)).await
+    }
+
+    async fn ensure_room(
+        &self,
+        key: &RoomKey,
+        created_by: Option<&str>,
+    ) -> Result<Room, StoreError> {
+        let by = created_by.map(str::to_owned);
+        self.write(|tx| WriteOp::EnsureRoom(key.clone(), by, tx))
+            .await
+    }
+
+    async fn room(&self, key: &RoomKey) -> Result<Option<Room>, StoreError> {
+        let key = key.clone();
+        self.read(move |c| select_room(c, &key)).await
+    }
+
+    async fn messages_after(
+        &self,
+        key: &RoomKey,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let key = key.clone();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages
+                 WHERE domain_id = ?1 AND room_id = ?2 AND seq > ?3 ORDER BY seq ASC LIMIT ?4"
+            ))?;
+            let rows = stmt.query_map(
+                params![
+                    &*key.domain_id,
+                    &*key.room_id,
+                    seq_param(after),
+                    limit_param(limit)
+                ],
+                row_to_message,
+            )?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn messages_before(
+        &self,
+        key: &RoomKey,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let key = key.clone();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages
+                 WHERE domain_id = ?1 AND room_id = ?2 AND seq < ?3 ORDER BY seq DESC LIMIT ?4"
+            ))?;
+            let rows = stmt.query_map(
+                params![
+                    &*key.domain_id,
+                    &*key.room_id,
+                    seq_param(before),
+                    limit_param(limit)
+                ],
+                row_to_message,
+            )?;
+            let mut messages: Vec<Message> = rows.collect::<rusqlite::Result<_>>()?;
+            messages.reverse();
+            Ok(messages)
+        })
+        .await
+    }
+
+    async fn mark_read(&self, key: &RoomKey, user_id: &str, seq: u64) -> Result<u64, StoreError> {
+        let user = user_id.to_owned();
+        self.write(|tx| WriteOp::MarkRead(key.clone(), user, seq, tx))
+            .await
+    }
+
+    async fn read_position(&self, key: &RoomKey, user_id: &str) -> Result<u64, StoreError> {
+        let key = key.clone();
+        let user = user_id.to_owned();
+        self.read(move |c| {
+            let seq: Option<i64> = c
+                .prepare_cached(
+                    "SELECT seq FROM read_states WHERE domain_id = ?1 AND room_id = ?2 AND user_id = ?3",
+                )?
+                .query_row(params![&*key.domain_id, &*key.room_id, user], |r| r.get(0))
+                .optional()?;
+            Ok(seq.and_then(|s| u64::try_from(s).ok()).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn upsert_customer(
+        &self,
+        domain_id: &str,
+        user_id: &str,
+        profile: CustomerProfile,
+    ) -> Result<(), StoreError> {
+        let (d, u) = (domain_id.to_owned(), user_id.to_owned());
+        self.write(|tx| WriteOp::UpsertCustomer(d, u, profile, tx))
+            .await
+    }
+
+    async fn upsert_domain(&self, id: &str, name: &str) -> Result<(), StoreError> {
+        let (i, n) = (id.to_owned(), name.to_owned());
+        self.write(|tx| WriteOp::UpsertDomain(i, n, tx)).await
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        if self
+            .writer
+            .lock()
+            .as_ref()
+            .is_none_or(mpsc::UnboundedSender::is_closed)
+        {
+            return Err(StoreError::Closed);
+        }
+        self.read(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)))
+            .await
+            .map(|_| ())
+    }
+
+    async fn close(&self) {
+        drop(self.writer.lock().take());
+        let thread = self.writer_thread.lock().take();
+        if let Some(thread) = thread {
+            // The writer drains its queue, then exits; join it off the async runtime.
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        self.readers.lock().clear();
+    }
+
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+}
+
+fn limit_param(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}

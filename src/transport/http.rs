@@ -1,0 +1,334 @@
+//! The HTTP API: the seeds' message endpoints, room history, health and metrics.
+//!
+//! Every error leaves as `{"error":{"code","message"}}` with a stable snake_case code; the
+//! cause of a server-side failure is logged, never returned.
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::wire::{ErrorBody, ErrorDetail, WireMessage};
+use crate::AppState;
+use crate::model::{Identity, iso, now_ms};
+use crate::service::ServiceError;
+use crate::service::chat::Outgoing;
+
+/// An HTTP error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    /// Any status and code.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 401.
+    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, code, message)
+    }
+
+    /// 503.
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+    }
+
+    /// 400.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: &self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        let status = match &e {
+            ServiceError::Invalid { .. } => StatusCode::BAD_REQUEST,
+            ServiceError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ServiceError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ServiceError::RoomNotFound => StatusCode::NOT_FOUND,
+            ServiceError::Conflict { .. } => StatusCode::CONFLICT,
+            ServiceError::Unavailable(cause) => {
+                tracing::warn!(error = %cause, "store unavailable");
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        };
+        Self::new(status, e.code(), e.to_string())
+    }
+}
+
+/// The bearer token of a request, if any.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// The caller of an HTTP request: from `Authorization: Bearer`, else an anonymous visitor.
+#[derive(Debug)]
+pub struct Caller(pub Identity);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
+        app.auth
+            .identify(bearer_token(&parts.headers))
+            .map(Caller)
+            .map_err(|e| {
+                app.metrics.client_error(e.code());
+                ApiError::unauthorized(e.code(), e.to_string())
+            })
+    }
+}
+
+/// `Json<T>` whose rejections use the API's error shape.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Self(v)),
+            Err(rejection) => Err(json_rejection(&rejection)),
+        }
+    }
+}
+
+fn json_rejection(r: &JsonRejection) -> ApiError {
+    match r {
+        JsonRejection::JsonDataError(e) => ApiError::bad_request("invalid_body", e.body_text()),
+        JsonRejection::JsonSyntaxError(_) => {
+            ApiError::bad_request("invalid_json", "body is not valid JSON")
+        }
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send Content-Type: application/json",
+        ),
+        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "request body is too large",
+        ),
+        other => ApiError::bad_request("invalid_body", other.body_text()),
+    }
+}
+
+/// `Query<T>` whose rejections use the API's error shape.
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(Self(v)),
+            Err(QueryRejection::FailedToDeserializeQueryString(e)) => {
+                Err(ApiError::bad_request("invalid_query", e.body_text()))
+            }
+            Err(e) => Err(ApiError::bad_request("invalid_query", e.body_text())),
+        }
+    }
+}
+
+/// `GET /` and `GET /health`.
+pub async fn health(State(app): State<AppState>) -> Response {
+    let store = match app.chat.store().health().await {
+        Ok(()) => "ok",
+        Err(e) => {
+            tracing::warn!(error = %e, "store health check failed");
+            "unavailable"
+        }
+    };
+    let total = app.metrics.connections_total.get();
+    let active = app.metrics.connections.get();
+    let healthy = store == "ok" && !app.shutdown.is_cancelled();
+    let body = json!({
+        "status": if healthy { "healthy" } else { "unhealthy" },
+        "service": "parlor",
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime": app.started.elapsed().as_secs(),
+        "connections": { "total": total, "active": active },
+        "store": { "kind": app.chat.store().kind(), "status": store },
+        "broker": { "kind": app.broker.kind(), "status": "ok" },
+        "rooms": { "active": app.chat.hub().active_rooms() },
+        "timestamp": iso(now_ms()),
+    });
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+/// `GET /metrics`: Prometheus text.
+pub async fn metrics(State(app): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// Body of `POST /api/messages` (the seed's shape).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PostMessage {
+    message: String,
+    chat_room_id: String,
+    role: Option<String>,
+    client_message_id: Option<String>,
+    data: Option<Value>,
+}
+
+/// `POST /api/messages`: stores a message and broadcasts it to the room.
+pub async fn post_message(
+    State(app): State<AppState>,
+    Caller(identity): Caller,
+    ApiJson(body): ApiJson<PostMessage>,
+) -> Result<Response, ApiError> {
+    let out = Outgoing {
+        room_id: &body.chat_room_id,
+        text: body.message,
+        client_message_id: body.client_message_id,
+        role: body.role.as_deref(),
+        display_name: None,
+        data: body.data,
+    };
+    let appended = app
+        .chat
+        .send(&identity, out)
+        .await
+        .map_err(|e| error(&app, e))?;
+    let status = if appended.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(WireMessage::of(&appended.message))).into_response())
+}
+
+/// Query of `GET /api/messages`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListQuery {
+    chat_room_id: String,
+    limit: Option<usize>,
+}
+
+/// `GET /api/messages?chatRoomId=`: the room's latest messages, oldest first.
+pub async fn list_messages(
+    State(app): State<AppState>,
+    Caller(identity): Caller,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Response, ApiError> {
+    let limit = q.limit.unwrap_or(app.config.limits.max_page);
+    let (page, has_more) = app
+        .chat
+        .history(&identity, &q.chat_room_id, None, limit)
+        .await
+        .map_err(|e| error(&app, e))?;
+    let messages: Vec<WireMessage<'_>> = page.iter().map(WireMessage::of).collect();
+    Ok(
+        Json(json!({ "chatRoomId": q.chat_room_id, "messages": messages, "hasMore": has_more }))
+            .into_response(),
+    )
+}
+
+/// Query of `GET /api/rooms/{id}/messages`.
+#[derive(Debug, Deserialize)]
+pub struct RoomPageQuery {
+    after: Option<u64>,
+    before: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// `GET /api/rooms/{id}/messages?after=&before=&limit=`: a page of a room's messages,
+/// ascending. `after` pages forwards, `before` backwards; neither gives the latest page.
+pub async fn room_messages(
+    State(app): State<AppState>,
+    Caller(identity): Caller,
+    Path(room_id): Path<String>,
+    ApiQuery(q): ApiQuery<RoomPageQuery>,
+) -> Result<Response, ApiError> {
+    let limit = q.limit.unwrap_or(50);
+    let room = app
+        .chat
+        .room(&identity, &room_id)
+        .await
+        .map_err(|e| error(&app, e))?;
+    let result = match (q.after, q.before) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "give `after` or `before`, not both",
+            ));
+        }
+        (Some(after), None) => app.chat.after(&identity, &room_id, after, limit).await,
+        (None, before) => app.chat.history(&identity, &room_id, before, limit).await,
+    };
+    let (page, has_more) = result.map_err(|e| error(&app, e))?;
+    let messages: Vec<WireMessage<'_>> = page.iter().map(WireMessage::of).collect();
+    Ok(Json(json!({
+        "roomId": room_id,
+        "lastSeq": room.last_seq,
+        "messages": messages,
+        "hasMore": has_more,
+    }))
+    .into_response())
+}
+
+/// Unknown paths.
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+/// Known paths with the wrong method.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this endpoint",
+    )
+}
+
+fn error(app: &AppState, e: ServiceError) -> ApiError {
+    app.metrics.client_error(e.code());
+    ApiError::from(e)
+}

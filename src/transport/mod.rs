@@ -1,0 +1,52 @@
+//! Transports translate wire formats to and from service calls; nothing else does.
+//!
+//! - [`ws`]: the native WebSocket protocol at `/ws` (WeeziQ-compatible).
+//! - [`http`]: the JSON HTTP API, health and metrics.
+//! - [`wire`]: JSON shapes both share.
+//!
+//! [`router`] assembles them into one axum app, apart from serving it, so tests can drive it
+//! with `oneshot` or a real listener.
+
+pub mod http;
+pub mod wire;
+pub mod ws;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::AppState;
+
+/// The whole HTTP and WebSocket surface.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.limits.max_body_bytes;
+    let trace = TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+        let id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned();
+        // The query string may hold a token: log the path only.
+        tracing::debug_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
+    });
+    Router::new()
+        .route("/", get(http::health))
+        .route("/health", get(http::health))
+        .route("/metrics", get(http::metrics))
+        .route("/ws", get(ws::upgrade))
+        .route(
+            "/api/messages",
+            get(http::list_messages).post(http::post_message),
+        )
+        .route("/api/rooms/{id}/messages", get(http::room_messages))
+        .fallback(http::not_found)
+        .method_not_allowed_fallback(http::method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(trace)
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}

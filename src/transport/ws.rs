@@ -1,0 +1,760 @@
+//! The native WebSocket transport at `/ws` (the WeeziQ protocol; see `docs/protocol.md`).
+//!
+//! One task per connection owns the socket. It waits on four things at once: shutdown, being
+//! kicked as a slow consumer, events in its bounded queue (written in batches with one flush),
+//! and frames from the client (parsed, rate-limited, handed to the chat service, answered).
+//! A client frame never makes the server wait for anyone else; an invalid one gets an `error`
+//! frame and nothing else happens.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::SinkExt;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+
+use super::http::{ApiError, bearer_token};
+use super::wire::{WireMessage, WireUser, encode_event, to_bytes};
+use crate::AppState;
+use crate::auth::policy;
+use crate::hub::{CLOSE_SLOW_CONSUMER, ConnHandle, Envelope, Joined, Replay};
+use crate::model::{RoomKey, iso, now_ms};
+use crate::service::ServiceError;
+use crate::service::chat::{Outgoing, not_joined};
+use crate::store::CustomerProfile;
+
+/// Close code sent on graceful shutdown ("service restart"): reconnect, possibly elsewhere.
+pub const CLOSE_RESTART: u16 = 1012;
+/// Close code for a frame above `limits.max_frame_bytes`.
+pub const CLOSE_TOO_BIG: u16 = 1009;
+/// Bytes of outgoing frames collected before a write; a batch of queued events is flushed
+/// with one write.
+const WRITE_COALESCE_BYTES: usize = 16 * 1024;
+/// Most queued events written per flush.
+const WRITE_BATCH: usize = 64;
+/// A client that accepts no data for this long is disconnected as a slow consumer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Query parameters of the upgrade request.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WsQuery {
+    /// Join this room right away (the seed's `/ws?roomId=`).
+    room_id: Option<String>,
+    /// Connection token.
+    token: Option<String>,
+}
+
+/// `GET /ws`: authenticates, checks capacity, and upgrades.
+pub async fn upgrade(
+    State(app): State<AppState>,
+    Query(query): Query<WsQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let token = query.token.as_deref().or_else(|| bearer_token(&headers));
+    let identity = match app.auth.identify(token) {
+        Ok(identity) => identity,
+        Err(e) => {
+            app.metrics.client_error(e.code());
+            return ApiError::unauthorized(e.code(), e.to_string()).into_response();
+        }
+    };
+    if app.shutdown.is_cancelled() {
+        return ApiError::unavailable("shutting_down", "server is shutting down").into_response();
+    }
+    let Ok(permit) = Arc::clone(&app.connection_permits).try_acquire_owned() else {
+        app.metrics.client_error("too_many_connections");
+        return ApiError::unavailable("too_many_connections", "connection limit reached")
+            .into_response();
+    };
+    let limits = &app.config.limits;
+    let id = app.next_connection_id();
+    let (handle, rx) = ConnHandle::new(id, Arc::new(identity), limits.outbound_queue);
+    let per_second = NonZeroU32::new(limits.messages_per_second).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(limits.messages_burst).unwrap_or(NonZeroU32::MIN);
+    let connection = Connection {
+        limiter: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
+        app: app.clone(),
+        handle,
+        rx,
+        rooms: HashSet::new(),
+        current_room: None,
+        display_name: None,
+        _permit: permit,
+    };
+    let auto_join = query.room_id;
+    let tracker = app.tracker.clone();
+    ws.read_buffer_size(limits.read_buffer_bytes)
+        .write_buffer_size(WRITE_COALESCE_BYTES)
+        .max_message_size(limits.max_frame_bytes)
+        .max_frame_size(limits.max_frame_bytes)
+        .on_upgrade(move |socket| tracker.track_future(connection.run(socket, auto_join)))
+}
+
+/// Why the connection loop ended.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    ClientClosed,
+    Shutdown,
+    SlowConsumer,
+    FrameTooLarge,
+    TransportError,
+}
+
+impl End {
+    fn label(self) -> &'static str {
+        match self {
+            End::ClientClosed => "client_closed",
+            End::Shutdown => "shutdown",
+            End::SlowConsumer => "slow_consumer",
+            End::FrameTooLarge => "frame_too_large",
+            End::TransportError => "transport_error",
+        }
+    }
+}
+
+/// State of one connection, owned by its task.
+struct Connection {
+    app: AppState,
+    handle: ConnHandle,
+    rx: mpsc::Receiver<Arc<Envelope>>,
+    /// Rooms joined, to leave them when the connection ends.
+    rooms: HashSet<RoomKey>,
+    /// The room `send-message` without `roomId` goes to (last joined).
+    current_room: Option<Arc<str>>,
+    /// Name an anonymous visitor gave in `join-room`.
+    display_name: Option<String>,
+    limiter: DefaultDirectRateLimiter,
+    /// Held for the life of the connection (connection limit).
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The socket failed or the client is too slow; the loop must end.
+struct Gone(End);
+
+type Sent = Result<(), Gone>;
+
+/// `id` of a request, echoed as `replyTo`.
+type ReplyTo = Option<Value>;
+
+impl Connection {
+    async fn run(mut self, mut socket: WebSocket, auto_join: Option<String>) {
+        let metrics = Arc::clone(&self.app.metrics);
+        metrics.connections.inc();
+        metrics.connections_total.inc();
+        tracing::debug!(conn = self.handle.id(), user = %self.handle.identity().user_id, "connected");
+
+        let mut end = None;
+        if let Some(room) = auto_join {
+            let frame = JoinRoom {
+                room_id: Some(room),
+                ..JoinRoom::default()
+            };
+            if let Err(Gone(e)) = self.join(&mut socket, frame, None).await {
+                end = Some(e);
+            }
+        }
+        let end = match end {
+            Some(e) => e,
+            None => self.serve(&mut socket).await,
+        };
+
+        for key in std::mem::take(&mut self.rooms) {
+            self.app.chat.leave(&self.handle, &key);
+        }
+        self.close(&mut socket, end).await;
+        metrics.connections.dec();
+        metrics.disconnect(end.label());
+        tracing::debug!(
+            conn = self.handle.id(),
+            reason = end.label(),
+            "disconnected"
+        );
+    }
+
+    async fn serve(&mut self, socket: &mut WebSocket) -> End {
+        let shutdown = self.app.shutdown.clone();
+        let kicked = self.handle.clone();
+        loop {
+            let step = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return End::Shutdown,
+                () = kicked.kicked() => return End::SlowConsumer,
+                event = self.rx.recv() => match event {
+                    Some(envelope) => self.write_events(socket, envelope).await,
+                    None => return End::TransportError,
+                },
+                frame = socket.recv() => match frame {
+                    None | Some(Ok(WsMessage::Close(_))) => return End::ClientClosed,
+                    Some(Ok(WsMessage::Text(text))) => self.on_text(socket, text).await,
+                    Some(Ok(WsMessage::Binary(_))) => {
+                        self.error(socket, None, "unsupported_frame", "binary frames are not supported; send JSON text").await
+                    }
+                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => Ok(()),
+                    Some(Err(e)) => return self.read_failed(socket, e).await,
+                },
+            };
+            if let Err(Gone(end)) = step {
+                return end;
+            }
+        }
+    }
+
+    /// Writes `first` and whatever else is queued, then flushes once.
+    async fn write_events(&mut self, socket: &mut WebSocket, first: Arc<Envelope>) -> Sent {
+        let mut next = Some(first);
+        let mut written = 0u64;
+        while let Some(envelope) = next.take() {
+            let bytes = envelope
+                .native
+                .get_or_init(|| encode_event(&envelope.event))
+                .clone();
+            self.bounded(socket.feed(text(bytes))).await?;
+            written += 1;
+            if written < WRITE_BATCH as u64 {
+                next = self.rx.try_recv().ok();
+            }
+        }
+        self.bounded(socket.flush()).await?;
+        self.app.metrics.frames_out.inc_by(written);
+        Ok(())
+    }
+
+    /// Sends one frame now.
+    async fn send(&self, socket: &mut WebSocket, bytes: Bytes) -> Sent {
+        self.bounded(socket.send(text(bytes))).await?;
+        self.app.metrics.frames_out.inc();
+        Ok(())
+    }
+
+    /// Runs a socket write unless the client is kicked or stalls for [`WRITE_TIMEOUT`].
+    async fn bounded(&self, write: impl Future<Output = Result<(), axum::Error>>) -> Sent {
+        tokio::select! {
+            result = tokio::time::timeout(WRITE_TIMEOUT, write) => match result {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(Gone(End::TransportError)),
+                Err(_) => Err(Gone(End::SlowConsumer)),
+            },
+            () = self.handle.kicked() => Err(Gone(End::SlowConsumer)),
+        }
+    }
+
+    async fn error(
+        &self,
+        socket: &mut WebSocket,
+        reply_to: ReplyTo,
+        code: &'static str,
+        message: &str,
+    ) -> Sent {
+        self.app.metrics.client_error(code);
+        let frame =
+            json!({ "type": "error", "code": code, "message": message, "replyTo": reply_to });
+        self.send(socket, to_bytes(&frame)).await
+    }
+
+    async fn service_error(
+        &self,
+        socket: &mut WebSocket,
+        reply_to: ReplyTo,
+        e: &ServiceError,
+    ) -> Sent {
+        if let ServiceError::Unavailable(cause) = e {
+            tracing::warn!(error = %cause, "store unavailable");
+        }
+        self.error(socket, reply_to, e.code(), &e.to_string()).await
+    }
+
+    /// A read error: oversized frames are answered and closed with 1009; anything else is a
+    /// broken connection.
+    async fn read_failed(&self, socket: &mut WebSocket, e: axum::Error) -> End {
+        let too_big = e
+            .into_inner()
+            .downcast::<tungstenite::Error>()
+            .is_ok_and(|e| matches!(*e, tungstenite::Error::Capacity(_)));
+        if too_big {
+            let limit = self.app.config.limits.max_frame_bytes;
+            let _ = self
+                .error(
+                    socket,
+                    None,
+                    "frame_too_large",
+                    &format!("frames are limited to {limit} bytes"),
+                )
+                .await;
+            End::FrameTooLarge
+        } else {
+            End::TransportError
+        }
+    }
+
+    async fn close(&mut self, socket: &mut WebSocket, end: End) {
+        let (code, reason) = match end {
+            End::Shutdown => {
+                let frame = json!({ "type": "reconnect", "reason": "server shutting down", "timestamp": iso(now_ms()) });
+                let _ = self.send(socket, to_bytes(&frame)).await;
+                (CLOSE_RESTART, "server restarting")
+            }
+            End::SlowConsumer => (CLOSE_SLOW_CONSUMER, "slow consumer: outbound queue full"),
+            End::FrameTooLarge => (CLOSE_TOO_BIG, "frame too large"),
+            End::ClientClosed => (1000, ""),
+            End::TransportError => return,
+        };
+        let frame = CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        };
+        // A kicked client is not reading; do not wait long for it.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            socket.send(WsMessage::Close(Some(frame))),
+        )
+        .await;
+    }
+
+    async fn on_text(&mut self, socket: &mut WebSocket, raw: Utf8Bytes) -> Sent {
+        self.app.metrics.frames_in.inc();
+        let raw = raw.as_str();
+        let head: Head<'_> = match serde_json::from_str(raw) {
+            Ok(h) => h,
+            Err(e) if e.is_data() => {
+                return self
+                    .error(
+                        socket,
+                        None,
+                        "invalid_frame",
+                        "a frame must be a JSON object with a string `type`",
+                    )
+                    .await;
+            }
+            Err(_) => {
+                return self
+                    .error(socket, None, "invalid_json", "frame is not valid JSON")
+                    .await;
+            }
+        };
+        let reply_to = match head.id {
+            None | Some(Value::String(_) | Value::Number(_)) => head.id,
+            Some(_) => {
+                return self
+                    .error(
+                        socket,
+                        None,
+                        "invalid_frame",
+                        "`id` must be a string or a number",
+                    )
+                    .await;
+            }
+        };
+        if self.limiter.check().is_err() {
+            let rate = self.app.config.limits.messages_per_second;
+            return self
+                .error(
+                    socket,
+                    reply_to,
+                    "rate_limited",
+                    &format!("more than {rate} frames per second; slow down"),
+                )
+                .await;
+        }
+        let Some(kind) = head.kind else {
+            return self
+                .error(socket, reply_to, "invalid_frame", "missing `type`")
+                .await;
+        };
+        match kind.as_ref() {
+            "join-room" => match parse::<JoinRoom>(raw) {
+                Ok(f) => self.join(socket, f, reply_to).await,
+                Err(m) => self.error(socket, reply_to, "invalid_frame", &m).await,
+            },
+            "send-message" => match parse::<SendMessage>(raw) {
+                Ok(f) => self.send_message(socket, f, reply_to).await,
+                Err(m) => self.error(socket, reply_to, "invalid_frame", &m).await,
+            },
+            "leave-room" => match parse::<RoomRef>(raw) {
+                Ok(f) => self.leave(socket, f, reply_to).await,
+                Err(m) => self.error(socket, reply_to, "invalid_frame", &m).await,
+            },
+            "history" => match parse::<History>(raw) {
+                Ok(f) => self.history(socket, f, reply_to).await,
+                Err(m) => self.error(socket, reply_to, "invalid_frame", &m).await,
+            },
+            "typing" => match parse::<Typing>(raw) {
+                Ok(f) => self.typing(socket, f, reply_to).await,
+                Err(m) => self.error(socket, reply_to, "invalid_frame", &m).await,
+            },
+            "read" => match parse::<Read>(raw) {
+                Ok(f) => self.read(socket, f, reply_to).await,
+                Err(m) => self.error(socket, reply_to, "invalid_frame", &m).await,
+            },
+            "presence" => match parse::<RoomRef>(raw) {
+                Ok(f) => self.presence(socket, f, reply_to).await,
+                Err(m) => self.error(socket, reply_to, "invalid_frame", &m).await,
+            },
+            "ping" => {
+                let frame =
+                    json!({ "type": "pong", "timestamp": iso(now_ms()), "replyTo": reply_to });
+                self.send(socket, to_bytes(&frame)).await
+            }
+            other => {
+                let message = format!("unknown frame type {:?}", truncate(other, 64));
+                self.error(socket, reply_to, "unknown_type", &message).await
+            }
+        }
+    }
+
+    /// The room a frame refers to: its `roomId`, else the current room.
+    fn target_room(&self, room_id: Option<&str>) -> Result<String, ServiceError> {
+        match room_id {
+            Some(r) => Ok(r.to_owned()),
+            None => self
+                .current_room
+                .as_deref()
+                .map(str::to_owned)
+                .ok_or_else(not_joined),
+        }
+    }
+
+    async fn join(&mut self, socket: &mut WebSocket, f: JoinRoom, reply_to: ReplyTo) -> Sent {
+        let identity = Arc::clone(self.handle.identity());
+        if let Some(role) = f.role.as_deref()
+            && let Err(m) = policy::message_role(&identity, Some(role))
+        {
+            return self
+                .error(
+                    socket,
+                    reply_to,
+                    "forbidden",
+                    &format!("{m}; roles come from the token"),
+                )
+                .await;
+        }
+        let Ok(room_id) = self.target_room(f.room_id.as_deref()) else {
+            return self
+                .error(socket, reply_to, "invalid_frame", "missing `roomId`")
+                .await;
+        };
+        let key = match self.app.chat.room_key(&identity, &room_id) {
+            Ok(k) => k,
+            Err(e) => return self.service_error(socket, reply_to, &e).await,
+        };
+        let max_rooms = self.app.config.limits.rooms_per_connection;
+        if !self.rooms.contains(&key) && self.rooms.len() >= max_rooms {
+            let message = format!("a connection may join at most {max_rooms} rooms");
+            return self
+                .error(socket, reply_to, "too_many_rooms", &message)
+                .await;
+        }
+        if identity.anonymous
+            && let Some(name) = f.user_name.as_deref().filter(|n| !n.trim().is_empty())
+        {
+            self.display_name = Some(name.chars().take(100).collect());
+        }
+        let profile =
+            (f.user_name.is_some() || f.customer_data.is_some()).then(|| CustomerProfile {
+                name: f.user_name.clone(),
+                data: f.customer_data.clone().filter(Value::is_object),
+            });
+        let replay = match f.since {
+            Some(s) => Replay::Since(s),
+            None => Replay::Last(self.app.config.limits.history_on_join),
+        };
+        let joined = match self
+            .app
+            .chat
+            .join(&self.handle, &room_id, replay, profile)
+            .await
+        {
+            Ok(j) => j,
+            Err(e) => return self.service_error(socket, reply_to, &e).await,
+        };
+        self.rooms.insert(key.clone());
+        self.current_room = Some(key.room_id.clone());
+        self.send_joined(socket, &key, &joined, reply_to).await
+    }
+
+    /// `room-joined`, then the catch-up as one or more `message-history` frames, written
+    /// before anything from the queue so the client sees the room in `seq` order.
+    async fn send_joined(
+        &self,
+        socket: &mut WebSocket,
+        key: &RoomKey,
+        joined: &Joined,
+        reply_to: ReplyTo,
+    ) -> Sent {
+        let members: Vec<WireUser<'_>> = joined.members.iter().map(WireUser::from).collect();
+        let frame = json!({
+            "type": "room-joined",
+            "roomId": &*key.room_id,
+            "replyTo": reply_to,
+            "lastSeq": joined.last_seq,
+            "members": members,
+            "timestamp": iso(now_ms()),
+        });
+        self.bounded(socket.feed(text(to_bytes(&frame)))).await?;
+        let chunk = self.app.config.limits.replay_chunk;
+        let mut chunks = joined.history.chunks(chunk).peekable();
+        if chunks.peek().is_none() {
+            let frame = json!({ "type": "message-history", "roomId": &*key.room_id, "messages": [], "truncated": joined.truncated });
+            self.bounded(socket.feed(text(to_bytes(&frame)))).await?;
+        }
+        while let Some(part) = chunks.next() {
+            let messages: Vec<WireMessage<'_>> = part.iter().map(|m| WireMessage::of(m)).collect();
+            let frame = json!({
+                "type": "message-history",
+                "roomId": &*key.room_id,
+                "messages": messages,
+                "truncated": joined.truncated,
+                "more": chunks.peek().is_some(),
+            });
+            self.bounded(socket.feed(text(to_bytes(&frame)))).await?;
+        }
+        self.bounded(socket.flush()).await
+    }
+
+    async fn send_message(
+        &mut self,
+        socket: &mut WebSocket,
+        f: SendMessage,
+        reply_to: ReplyTo,
+    ) -> Sent {
+        let room_id = match self.target_room(f.room_id.as_deref()) {
+            Ok(r) => r,
+            Err(e) => return self.service_error(socket, reply_to, &e).await,
+        };
+        let identity = Arc::clone(self.handle.identity());
+        let key = match self.app.chat.room_key(&identity, &room_id) {
+            Ok(k) => k,
+            Err(e) => return self.service_error(socket, reply_to, &e).await,
+        };
+        if !self.rooms.contains(&key) {
+            return self.service_error(socket, reply_to, &not_joined()).await;
+        }
+        let out = Outgoing {
+            room_id: &room_id,
+            text: f.message,
+            client_message_id: f.client_message_id,
+            role: f.role.as_deref(),
+            display_name: self.display_name.as_deref(),
+            data: f.data,
+        };
+        match self.app.chat.send(&identity, out).await {
+            Ok(appended) => {
+                let m = &appended.message;
+                let frame = json!({
+                    "type": "message-ack",
+                    "replyTo": reply_to,
+                    "id": m.id,
+                    "roomId": &*m.room.room_id,
+                    "seq": m.seq,
+                    "clientMessageId": m.client_message_id,
+                    "duplicate": appended.duplicate,
+                    "timestamp": iso(m.created_at),
+                });
+                self.send(socket, to_bytes(&frame)).await
+            }
+            Err(e) => self.service_error(socket, reply_to, &e).await,
+        }
+    }
+
+    async fn leave(&mut self, socket: &mut WebSocket, f: RoomRef, reply_to: ReplyTo) -> Sent {
+        let room_id = match self.target_room(f.room_id.as_deref()) {
+            Ok(r) => r,
+            Err(e) => return self.service_error(socket, reply_to, &e).await,
+        };
+        let key = match self.app.chat.room_key(self.handle.identity(), &room_id) {
+            Ok(k) => k,
+            Err(e) => return self.service_error(socket, reply_to, &e).await,
+        };
+        if !self.rooms.remove(&key) {
+            return self.service_error(socket, reply_to, &not_joined()).await;
+        }
+        self.app.chat.leave(&self.handle, &key);
+        if self.current_room.as_deref() == Some(&*key.room_id) {
+            self.current_room = None;
+        }
+        let frame = json!({ "type": "room-left", "roomId": &*key.room_id, "replyTo": reply_to });
+        self.send(socket, to_bytes(&frame)).await
+    }
+
+    async fn history(&mut self, socket: &mut WebSocket, f: History, reply_to: ReplyTo) -> Sent {
+        let room_id = match self.target_room(f.room_id.as_deref()) {
+            Ok(r) => r,
+            Err(e) => return self.service_error(socket, reply_to, &e).await,
+        };
+        let identity = Arc::clone(self.handle.identity());
+        let limit = f.limit.unwrap_or(50);
+        match self
+            .app
+            .chat
+            .history(&identity, &room_id, f.before, limit)
+            .await
+        {
+            Ok((page, has_more)) => {
+                let messages: Vec<WireMessage<'_>> = page.iter().map(WireMessage::of).collect();
+                let frame = json!({
+                    "type": "history",
+                    "replyTo": reply_to,
+                    "roomId": room_id,
+                    "messages": messages,
+                    "hasMore": has_more,
+                });
+                self.send(socket, to_bytes(&frame)).await
+            }
+            Err(e) => self.service_error(socket, reply_to, &e).await,
+        }
+    }
+
+    async fn typing(&mut self, socket: &mut WebSocket, f: Typing, reply_to: ReplyTo) -> Sent {
+        let room_id = match self.target_room(f.room_id.as_deref()) {
+            Ok(r) => r,
+            Err(e) => return self.service_error(socket, reply_to, &e).await,
+        };
+        let result = self
+            .app
+            .chat
+            .room_key(self.handle.identity(), &room_id)
+            .and_then(|key| {
+                self.app
+                    .chat
+                    .typing(&self.handle, &key, f.is_typing.unwrap_or(true))
+            });
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) => self.service_error(socket, reply_to, &e).await,
+        }
+    }
+
+    async fn read(&mut self, socket: &mut WebSocket, f: Read, reply_to: ReplyTo) -> Sent {
+        let room_id = match self.target_room(f.room_id.as_deref()) {
+            Ok(r) => r,
+            Err(e) => return self.service_error(socket, reply_to, &e).await,
+        };
+        let identity = Arc::clone(self.handle.identity());
+        match self.app.chat.mark_read(&identity, &room_id, f.seq).await {
+            Ok(seq) => {
+                let frame = json!({
+                    "type": "read-receipt",
+                    "replyTo": reply_to,
+                    "roomId": room_id,
+                    "userId": identity.user_id,
+                    "seq": seq,
+                });
+                self.send(socket, to_bytes(&frame)).await
+            }
+            Err(e) => self.service_error(socket, reply_to, &e).await,
+        }
+    }
+
+    async fn presence(&mut self, socket: &mut WebSocket, f: RoomRef, reply_to: ReplyTo) -> Sent {
+        let room_id = match self.target_room(f.room_id.as_deref()) {
+            Ok(r) => r,
+            Err(e) => return self.service_error(socket, reply_to, &e).await,
+        };
+        let key = match self.app.chat.room_key(self.handle.identity(), &room_id) {
+            Ok(k) => k,
+            Err(e) => return self.service_error(socket, reply_to, &e).await,
+        };
+        if !self.rooms.contains(&key) {
+            return self.service_error(socket, reply_to, &not_joined()).await;
+        }
+        let users = self.app.chat.hub().presence(&key);
+        let members: Vec<WireUser<'_>> = users.iter().map(WireUser::from).collect();
+        let frame = json!({ "type": "presence", "replyTo": reply_to, "roomId": room_id, "members": members });
+        self.send(socket, to_bytes(&frame)).await
+    }
+}
+
+fn text(bytes: Bytes) -> WsMessage {
+    // Every frame we send is produced by serde_json, hence UTF-8.
+    match Utf8Bytes::try_from(bytes) {
+        Ok(t) => WsMessage::Text(t),
+        Err(_) => WsMessage::Text(Utf8Bytes::from_static(
+            r#"{"type":"error","code":"internal"}"#,
+        )),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Parses a frame body; the error says which field is wrong, without echoing the input.
+fn parse<'a, T: Deserialize<'a>>(raw: &'a str) -> Result<T, String> {
+    serde_json::from_str(raw).map_err(|e| {
+        let text = e.to_string();
+        let text = text.split(" at line").next().unwrap_or("invalid frame");
+        format!("invalid frame: {}", truncate(text, 200))
+    })
+}
+
+/// The fields every frame may have.
+#[derive(Debug, Deserialize)]
+struct Head<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default)]
+    id: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JoinRoom {
+    room_id: Option<String>,
+    since: Option<u64>,
+    user_name: Option<String>,
+    customer_data: Option<Value>,
+    /// Checked, never granted.
+    role: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SendMessage {
+    room_id: Option<String>,
+    message: String,
+    client_message_id: Option<String>,
+    role: Option<String>,
+    data: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RoomRef {
+    room_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct History {
+    room_id: Option<String>,
+    before: Option<u64>,
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Typing {
+    room_id: Option<String>,
+    is_typing: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Read {
+    room_id: Option<String>,
+    seq: u64,
+}
