@@ -182,6 +182,23 @@ pub fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'@'))
 }
 
+/// Nesting depth of a JSON value: 0 for a scalar, 1 for a flat object or array.
+pub fn json_depth(value: &serde_json::Value) -> usize {
+    // Iterative, so a hostile document cannot overflow the stack here.
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0usize)];
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &serde_json::Value>> = match v {
+            serde_json::Value::Array(a) => Box::new(a.iter()),
+            serde_json::Value::Object(o) => Box::new(o.values()),
+            _ => continue,
+        };
+        deepest = deepest.max(depth + 1);
+        stack.extend(children.map(|c| (c, depth + 1)));
+    }
+    deepest
+}
+
 /// Current time truncated to milliseconds, the precision the store keeps.
 pub fn now_ms() -> DateTime<Utc> {
     let now = Utc::now();
@@ -206,6 +223,14 @@ mod tests {
         assert!(!valid_id("slash/no"));
         assert!(!valid_id(&"x".repeat(129)));
         assert!(!valid_id("ünï"));
+    }
+
+    #[test]
+    fn depth() {
+        use serde_json::json;
+        assert_eq!(json_depth(&json!(1)), 0);
+        assert_eq!(json_depth(&json!({})), 1);
+        assert_eq!(json_depth(&json!({"a": [1, {"b": 2}]})), 3);
     }
 
     #[test]

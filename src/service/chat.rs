@@ -18,8 +18,11 @@ use crate::broker::Broker;
 use crate::config::Limits;
 use crate::hub::{ConnHandle, Event, Hub, Joined, PresentUser, Replay};
 use crate::metrics::Metrics;
-use crate::model::{Author, Identity, Message, NewMessage, RoomKey, valid_id};
+use crate::model::{Author, Identity, Message, NewMessage, RoomKey, json_depth, valid_id};
 use crate::store::{Appended, CustomerProfile, Store, StoreError};
+
+/// Deepest `data` a client may attach to a message.
+const MAX_CLIENT_DATA_DEPTH: usize = 16;
 
 /// Chat operations shared by every transport.
 #[derive(Debug)]
@@ -166,6 +169,14 @@ impl ChatService {
             return Err(ServiceError::invalid(
                 "invalid_client_message_id",
                 "clientMessageId must be 1-128 characters of A-Z a-z 0-9 - _ . : @",
+            ));
+        }
+        if let Some(data) = &out.data
+            && (!data.is_object() || json_depth(data) > MAX_CLIENT_DATA_DEPTH)
+        {
+            return Err(ServiceError::invalid(
+                "invalid_data",
+                format!("data must be a JSON object nested at most {MAX_CLIENT_DATA_DEPTH} levels"),
             ));
         }
         let role = policy::message_role(identity, out.role)

@@ -70,7 +70,13 @@ impl ServiceError {
 
 impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> Self {
-        ServiceError::Unavailable(e)
+        match e {
+            StoreError::Invalid(message) => ServiceError::Invalid {
+                code: "invalid_data",
+                message,
+            },
+            other => ServiceError::Unavailable(other),
+        }
     }
 }
 

@@ -21,6 +21,10 @@ use tokio::sync::mpsc;
 
 use crate::model::{Message, NewMessage, Room, RoomKey};
 
+/// Deepest nesting of a message's `data` a store accepts (JSON parsers refuse to read back
+/// deeper documents).
+pub const MAX_DATA_DEPTH: usize = 64;
+
 /// Receives every newly committed message, in commit order (per room: `seq` order).
 pub type CommitSink = mpsc::UnboundedSender<Arc<Message>>;
 
@@ -43,8 +47,11 @@ pub struct CustomerProfile {
 }
 
 /// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
+    /// The value cannot be stored (it could not be read back); nothing was written.
+    #[error("cannot store: {0}")]
+    Invalid(String),
     /// The database could not be reached or refused the operation; nothing was written.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -59,7 +66,8 @@ pub enum StoreError {
 /// Durable storage of domains, customers, rooms, messages and read states.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
-    /// Stores a message, creating its room if needed, and returns it with its `seq`. If the
+    /// Stores a message, creating its room if needed, and returns it with its `seq`. `data`
+    /// nested deeper than [`MAX_DATA_DEPTH`] is refused with [`StoreError::Invalid`]. If the
     /// message carries a `client_message_id` already stored in that room, returns the stored
     /// message with `duplicate: true` and writes nothing. Returns only once durable.
     async fn append(&self, message: NewMessage) -> Result<Appended, StoreError>;

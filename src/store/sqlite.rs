@@ -26,9 +26,9 @@ use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Appended, CommitSink, CustomerProfile, Store, StoreError};
+use super::{Appended, CommitSink, CustomerProfile, MAX_DATA_DEPTH, Store, StoreError};
 use crate::config::{SqliteSync, StoreConfig};
-use crate::model::{Author, Message, NewMessage, Room, RoomKey, now_ms};
+use crate::model::{Author, Message, NewMessage, Room, RoomKey, json_depth, now_ms};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[include_str!("migrations/sqlite/0001_init.sql")];
@@ -626,7 +626,7 @@ impl Applied {
 }
 
 fn fail(op: WriteOp, e: &StoreError) {
-    let err = || StoreError::Unavailable(e.to_string());
+    let err = || e.clone();
     match op {
         WriteOp::Append(_, tx) => {
             let _ = tx.send(Err(err()));
@@ -646,6 +646,15 @@ fn fail(op: WriteOp, e: &StoreError) {
 #[async_trait]
 impl Store for SqliteStore {
     async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
+        if message
+            .data
+            .as_ref()
+            .is_some_and(|d| json_depth(d) > MAX_DATA_DEPTH)
+        {
+            return Err(StoreError::Invalid(format!(
+                "data is nested deeper than {MAX_DATA_DEPTH} levels"
+            )));
+        }
         self.write(|tx| WriteOp::Append(message, tx)).await
     }
 

@@ -44,6 +44,10 @@ const WRITE_COALESCE_BYTES: usize = 16 * 1024;
 const WRITE_BATCH: usize = 64;
 /// A client that accepts no data for this long is disconnected as a slow consumer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the close frame may take to reach a client being disconnected.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection closed for an oversized frame stays open so the client can read why.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// Query parameters of the upgrade request.
 #[derive(Debug, Deserialize)]
@@ -314,12 +318,16 @@ impl Connection {
             code,
             reason: Utf8Bytes::from_static(reason),
         };
-        // A kicked client is not reading; do not wait long for it.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            socket.send(WsMessage::Close(Some(frame))),
-        )
-        .await;
+        // A kicked client may still be reading what was queued before the close frame; give it
+        // a bounded moment, then drop it.
+        let _ =
+            tokio::time::timeout(CLOSE_TIMEOUT, socket.send(WsMessage::Close(Some(frame)))).await;
+        if matches!(end, End::FrameTooLarge) {
+            // Lingering close: the rest of the oversized frame is still arriving. Dropping the
+            // socket now would reset the connection and the client would lose the error and
+            // close frames it has not read yet.
+            tokio::time::sleep(LINGER).await;
+        }
     }
 
     async fn on_text(&mut self, socket: &mut WebSocket, raw: Utf8Bytes) -> Sent {

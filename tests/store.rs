@@ -1,0 +1,1165 @@
+//! The storage conformance suite: the one set of tests every [`Store`] implementation must
+//! pass.
+//!
+//! Each story below is written once, against `&dyn Store` and the [`CommitSink`] receiver, with
+//! no knowledge of the backend. [`conformance_suite!`] turns every story into a
+//! `#[tokio::test]` inside a module named after a backend, so a run lists e.g.
+//! `sqlite::concurrent_appends_to_one_room_get_gapless_seqs`, and
+//! `cargo test --test store sqlite::` runs one backend only.
+//!
+//! Every test gets a database of its own and never shares state with another test.
+//!
+//! # Adding a backend
+//!
+//! 1. Implement [`TestDatabase`] for it: a fresh, empty database per value, and an `open` that
+//!    can be called again after `close` to reopen the same data (the durability stories do).
+//! 2. Write a factory `fn NAME() -> Option<Box<dyn TestDatabase>>` next to [`sqlite`]. It returns
+//!    `None` only when the backend cannot run in this environment (for PostgreSQL: when
+//!    `PARLOR_TEST_DATABASE_URL` is unset); the tests then pass without running, so CI must
+//!    provide what the backend needs.
+//! 3. Add one line `conformance_suite!(NAME);` at the place marked "Backends" below.
+//!
+//! A story that exposes a bug is not weakened: its entry in the story list gets an
+//! `#[ignore = "bug: …"]` until the store is fixed.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parlor::config::StoreConfig;
+use parlor::model::{Author, Message, NewMessage, RoomKey, now_ms};
+use parlor::store::sqlite::SqliteStore;
+use parlor::store::{Appended, CommitSink, CustomerProfile, Store, StoreError};
+use serde_json::{Value, json};
+use tokio::sync::mpsc::{self, UnboundedReceiver};
+
+// ------------------------------------------------------------------------------------------
+// Backends
+// ------------------------------------------------------------------------------------------
+
+conformance_suite!(sqlite);
+conformance_suite!(sqlite_small_batches);
+// PostgreSQL plugs in here once `PostgresStore` exists:
+//     conformance_suite!(postgres);
+// with a `fn postgres() -> Option<Box<dyn TestDatabase>>` that reads PARLOR_TEST_DATABASE_URL
+// (returning `None` when it is unset) and gives every test a fresh schema of its own.
+
+/// A future opening a store.
+type Opening<'a> = Pin<Box<dyn Future<Output = Result<Arc<dyn Store>, StoreError>> + Send + 'a>>;
+
+/// One test's private database.
+trait TestDatabase: Send + Sync {
+    /// Opens a store on this database, reporting commits to `sink`. Called again after
+    /// `close` to reopen the same data.
+    fn open(&self, sink: CommitSink) -> Opening<'_>;
+}
+
+/// A SQLite file in a temporary directory removed at the end of the test.
+struct SqliteDatabase {
+    dir: tempfile::TempDir,
+    config: StoreConfig,
+}
+
+impl SqliteDatabase {
+    fn boxed(config: StoreConfig) -> Option<Box<dyn TestDatabase>> {
+        let dir = tempfile::tempdir().expect("create a temporary directory");
+        Some(Box::new(Self { dir, config }))
+    }
+}
+
+impl TestDatabase for SqliteDatabase {
+    fn open(&self, sink: CommitSink) -> Opening<'_> {
+        let path = self.dir.path().join("parlor.db");
+        Box::pin(async move {
+            let store = SqliteStore::open(&path, &self.config, sink)?;
+            Ok(Arc::new(store) as Arc<dyn Store>)
+        })
+    }
+}
+
+/// SQLite as configured by default (large group-commit batches).
+fn sqlite() -> Option<Box<dyn TestDatabase>> {
+    SqliteDatabase::boxed(StoreConfig::default())
+}
+
+/// SQLite with tiny batches and one pooled reader, so concurrent stories cross many batch
+/// boundaries and readers contend.
+fn sqlite_small_batches() -> Option<Box<dyn TestDatabase>> {
+    SqliteDatabase::boxed(StoreConfig {
+        max_batch: 2,
+        read_pool: 1,
+        ..StoreConfig::default()
+    })
+}
+
+// ------------------------------------------------------------------------------------------
+// The suite
+// ------------------------------------------------------------------------------------------
+
+/// Instantiates every story for one backend: `conformance_suite!(NAME)` needs a factory
+/// `fn NAME() -> Option<Box<dyn TestDatabase>>` and creates `mod NAME` with one test per story.
+/// `multi` stories run on the multi-threaded runtime because they test concurrency.
+macro_rules! conformance_suite {
+    ($backend:ident) => {
+        conformance_suite!(@stories $backend;
+            current append_numbers_each_room_from_one,
+            current same_room_id_in_two_domains_is_two_rooms,
+            current client_message_id_makes_append_idempotent,
+            multi concurrent_duplicates_are_stored_once,
+            multi concurrent_appends_to_one_room_get_gapless_seqs,
+            multi concurrent_appends_across_rooms_stay_independent,
+            current messages_after_pages_forward,
+            current messages_before_returns_latest_page,
+            current history_of_empty_and_unknown_rooms_is_empty,
+            current ensure_room_creates_once,
+            current mark_read_only_moves_forward,
+            current upserts_are_idempotent,
+            current message_fields_round_trip,
+            current messages_survive_reopen,
+            multi close_finishes_queued_writes,
+            current closed_store_refuses_writes,
+            current append_works_without_commit_listener,
+            multi failing_write_does_not_poison_neighbours,
+            current
+                accepted_data_reads_back,
+        );
+    };
+    (@stories $backend:ident; $($flavor:ident $(#[$attr:meta])* $story:ident),* $(,)?) => {
+        mod $backend {
+            $( crate::conformance_suite!(@test $flavor $backend $(#[$attr])* $story); )*
+        }
+    };
+    (@test current $backend:ident $(#[$attr:meta])* $story:ident) => {
+        #[tokio::test]
+        $(#[$attr])*
+        async fn $story() {
+            super::run(super::$backend(), super::stories::$story).await;
+        }
+    };
+    (@test multi $backend:ident $(#[$attr:meta])* $story:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        $(#[$attr])*
+        async fn $story() {
+            super::run(super::$backend(), super::stories::$story).await;
+        }
+    };
+}
+use conformance_suite;
+
+/// What a story works with.
+struct Ctx {
+    /// The store under test.
+    store: Arc<dyn Store>,
+    /// Receives what the store reports to its [`CommitSink`].
+    committed: UnboundedReceiver<Arc<Message>>,
+    /// Where the data lives, for reopening.
+    db: Box<dyn TestDatabase>,
+}
+
+impl Ctx {
+    /// Closes the store and opens a new one on the same data, with a new commit receiver.
+    async fn reopen(&mut self) {
+        self.store.close().await;
+        let (store, committed) = open(&*self.db).await;
+        self.store = store;
+        self.committed = committed;
+    }
+}
+
+/// Longest a story may take; a hung store fails the test instead of hanging the run.
+const STORY_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn open(db: &dyn TestDatabase) -> (Arc<dyn Store>, UnboundedReceiver<Arc<Message>>) {
+    let (sink, committed) = mpsc::unbounded_channel();
+    let store = db.open(sink).await.expect("open the store");
+    (store, committed)
+}
+
+/// Runs one story on a fresh database of the backend, then closes the store.
+async fn run(database: Option<Box<dyn TestDatabase>>, story: impl AsyncFnOnce(&mut Ctx)) {
+    let Some(db) = database else {
+        return;
+    };
+    let (store, committed) = open(&*db).await;
+    let mut ctx = Ctx {
+        store,
+        committed,
+        db,
+    };
+    tokio::time::timeout(STORY_TIMEOUT, story(&mut ctx))
+        .await
+        .expect("the story timed out: the store hung");
+    ctx.store.close().await;
+}
+
+// ------------------------------------------------------------------------------------------
+// Helpers
+// ------------------------------------------------------------------------------------------
+
+fn author(user_id: &str) -> Author {
+    Author {
+        user_id: user_id.to_owned(),
+        name: format!("Name of {user_id}"),
+        role: "visitor".to_owned(),
+    }
+}
+
+/// A plain text message by `alice`, without a client message id.
+fn text(key: &RoomKey, content: impl Into<String>) -> NewMessage {
+    NewMessage {
+        room: key.clone(),
+        author: author("alice"),
+        kind: "text".to_owned(),
+        content: content.into(),
+        data: None,
+        client_message_id: None,
+    }
+}
+
+/// A text message carrying a client message id.
+fn keyed(key: &RoomKey, content: impl Into<String>, client_message_id: &str) -> NewMessage {
+    NewMessage {
+        client_message_id: Some(client_message_id.to_owned()),
+        ..text(key, content)
+    }
+}
+
+async fn append(store: &dyn Store, message: NewMessage) -> Appended {
+    store.append(message).await.expect("append")
+}
+
+/// Appends `n` messages `"{prefix}{i}"`, `i` in `1..=n`, one after the other.
+async fn append_n(store: &dyn Store, key: &RoomKey, prefix: &str, n: u64) -> Vec<Arc<Message>> {
+    let mut out = Vec::new();
+    for i in 1..=n {
+        out.push(
+            append(store, text(key, format!("{prefix}{i}")))
+                .await
+                .message,
+        );
+    }
+    out
+}
+
+async fn after(store: &dyn Store, key: &RoomKey, after: u64, limit: usize) -> Vec<Message> {
+    store
+        .messages_after(key, after, limit)
+        .await
+        .expect("messages_after")
+}
+
+async fn before(store: &dyn Store, key: &RoomKey, before: u64, limit: usize) -> Vec<Message> {
+    store
+        .messages_before(key, before, limit)
+        .await
+        .expect("messages_before")
+}
+
+async fn last_seq(store: &dyn Store, key: &RoomKey) -> u64 {
+    store
+        .room(key)
+        .await
+        .expect("room")
+        .unwrap_or_else(|| panic!("room {key} should exist"))
+        .last_seq
+}
+
+fn seqs(messages: &[Message]) -> Vec<u64> {
+    messages.iter().map(|m| m.seq).collect()
+}
+
+fn contents(messages: &[Message]) -> Vec<&str> {
+    messages.iter().map(|m| m.content.as_str()).collect()
+}
+
+fn range(from: u64, to: u64) -> Vec<u64> {
+    (from..=to).collect()
+}
+
+/// Waits for the next `n` messages reported to the commit sink.
+async fn recv_committed(rx: &mut UnboundedReceiver<Arc<Message>>, n: usize) -> Vec<Arc<Message>> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some(message)) => out.push(message),
+            Ok(None) => panic!("commit sink closed after {} of {n} messages", out.len()),
+            Err(_) => panic!("commit sink delivered only {} of {n} messages", out.len()),
+        }
+    }
+    out
+}
+
+/// Checks that the commit sink reports nothing further (for a short while).
+async fn assert_nothing_more_committed(rx: &mut UnboundedReceiver<Arc<Message>>) {
+    if let Ok(Some(extra)) = tokio::time::timeout(Duration::from_millis(50), rx.recv()).await {
+        panic!("commit sink reported an unexpected message: {extra:?}");
+    }
+}
+
+/// Everything the commit sink reports until it closes, which it must do once the store is
+/// closed (the server's shutdown waits for that).
+async fn drain_until_closed(rx: &mut UnboundedReceiver<Arc<Message>>) -> Vec<Arc<Message>> {
+    let mut out = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some(message)) => out.push(message),
+            Ok(None) => return out,
+            Err(_) => panic!("commit sink still open 5 s after the store was closed"),
+        }
+    }
+}
+
+fn assert_closed<T: std::fmt::Debug>(result: &Result<T, StoreError>, operation: &str) {
+    assert!(
+        matches!(result, Err(StoreError::Closed)),
+        "{operation} after close: expected Err(Closed), got {result:?}"
+    );
+}
+
+/// A JSON value `depth` arrays deep.
+fn nested(depth: usize) -> Value {
+    let mut value = json!("bottom");
+    for _ in 0..depth {
+        value = Value::Array(vec![value]);
+    }
+    value
+}
+
+// ------------------------------------------------------------------------------------------
+// Stories
+// ------------------------------------------------------------------------------------------
+
+mod stories {
+    use super::*;
+
+    /// Each room counts 1, 2, 3… on its own, however appends to rooms interleave.
+    pub async fn append_numbers_each_room_from_one(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let a = RoomKey::new("acme", "room-a");
+        let b = RoomKey::new("acme", "room-b");
+        let order = [&a, &a, &b, &a, &b, &b, &a];
+        let mut counters: HashMap<&RoomKey, u64> = HashMap::new();
+        let mut appended = Vec::new();
+        for (i, key) in order.into_iter().enumerate() {
+            let result = append(store, text(key, format!("m{i}"))).await;
+            let expected = counters.entry(key).or_default();
+            *expected += 1;
+            assert_eq!(result.message.seq, *expected, "append #{i} to {key}");
+            assert!(!result.duplicate, "append #{i} is not a duplicate");
+            assert_eq!(&result.message.room, key, "append #{i} room");
+            appended.push(result.message);
+        }
+
+        assert_eq!(seqs(&after(store, &a, 0, 100).await), range(1, 4));
+        assert_eq!(
+            contents(&after(store, &a, 0, 100).await),
+            ["m0", "m1", "m3", "m6"]
+        );
+        assert_eq!(seqs(&after(store, &b, 0, 100).await), range(1, 3));
+        assert_eq!(
+            contents(&after(store, &b, 0, 100).await),
+            ["m2", "m4", "m5"]
+        );
+        assert_eq!(last_seq(store, &a).await, 4);
+        assert_eq!(last_seq(store, &b).await, 3);
+
+        let committed = recv_committed(&mut ctx.committed, order.len()).await;
+        assert_eq!(
+            committed, appended,
+            "the sink reports each append once, in commit order"
+        );
+        assert_nothing_more_committed(&mut ctx.committed).await;
+    }
+
+    /// A room is identified by (domain, id): the same id in two domains is two rooms, with
+    /// separate sequences, histories, read positions and client message ids.
+    pub async fn same_room_id_in_two_domains_is_two_rooms(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let a = RoomKey::new("tenant-a", "r");
+        let b = RoomKey::new("tenant-b", "r");
+        append_n(store, &a, "a", 3).await;
+        let in_b = append_n(store, &b, "b", 2).await;
+        assert_eq!(seqs_of(&in_b), [1, 2], "domain B's room counts from 1");
+
+        let history_a = after(store, &a, 0, 100).await;
+        assert_eq!(contents(&history_a), ["a1", "a2", "a3"]);
+        assert!(
+            history_a.iter().all(|m| m.room == a),
+            "A's history holds only A's room"
+        );
+        let history_b = before(store, &b, u64::MAX, 100).await;
+        assert_eq!(contents(&history_b), ["b1", "b2"]);
+        assert!(
+            history_b.iter().all(|m| m.room == b),
+            "B's history holds only B's room"
+        );
+        assert_eq!(last_seq(store, &a).await, 3);
+        assert_eq!(last_seq(store, &b).await, 2);
+
+        assert_eq!(store.mark_read(&a, "alice", 3).await.expect("mark_read"), 3);
+        assert_eq!(
+            store
+                .read_position(&b, "alice")
+                .await
+                .expect("read_position"),
+            0
+        );
+        assert_eq!(
+            store.mark_read(&b, "alice", 3).await.expect("mark_read"),
+            2,
+            "clamped to B's own last seq"
+        );
+        assert_eq!(
+            store
+                .read_position(&a, "alice")
+                .await
+                .expect("read_position"),
+            3
+        );
+
+        let in_a = append(store, keyed(&a, "same id", "cmid-1")).await;
+        let in_b = append(store, keyed(&b, "same id", "cmid-1")).await;
+        assert!(
+            !in_b.duplicate,
+            "a client message id is scoped to its domain's room"
+        );
+        assert_ne!(in_a.message.id, in_b.message.id);
+        assert_eq!((in_a.message.seq, in_b.message.seq), (4, 3));
+    }
+
+    fn seqs_of(messages: &[Arc<Message>]) -> Vec<u64> {
+        messages.iter().map(|m| m.seq).collect()
+    }
+
+    /// Sending the same client message id twice stores one message: the retry gets the stored
+    /// one back, marked duplicate, consumes no seq and is not reported as a new commit.
+    pub async fn client_message_id_makes_append_idempotent(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let room = RoomKey::new("acme", "support-1");
+        let first = append(store, keyed(&room, "hello", "c-1")).await;
+        assert!(!first.duplicate);
+        assert_eq!(first.message.seq, 1);
+        assert_eq!(first.message.client_message_id.as_deref(), Some("c-1"));
+
+        let retry = append(store, keyed(&room, "hello, edited", "c-1")).await;
+        assert!(
+            retry.duplicate,
+            "the second append is reported as a duplicate"
+        );
+        assert_eq!(
+            *retry.message, *first.message,
+            "the retry returns the stored message"
+        );
+        assert_eq!(
+            retry.message.content, "hello",
+            "the retry's new content is not stored"
+        );
+
+        let stored = after(store, &room, 0, 100).await;
+        assert_eq!(
+            stored.len(),
+            1,
+            "one row for one client message id: {stored:?}"
+        );
+        assert_eq!(last_seq(store, &room).await, 1);
+
+        let committed = recv_committed(&mut ctx.committed, 1).await;
+        assert_eq!(committed[0], first.message);
+        assert_nothing_more_committed(&mut ctx.committed).await;
+
+        let next = append(store, text(&room, "next")).await;
+        assert_eq!(next.message.seq, 2, "the duplicate consumed no seq");
+
+        let elsewhere = append(
+            store,
+            keyed(&RoomKey::new("acme", "support-2"), "hi", "c-1"),
+        )
+        .await;
+        assert!(
+            !elsewhere.duplicate,
+            "the same id in another room is another message"
+        );
+        assert_eq!(elsewhere.message.seq, 1);
+        assert_ne!(elsewhere.message.id, first.message.id);
+
+        let twin_1 = append(store, text(&room, "no id")).await;
+        let twin_2 = append(store, text(&room, "no id")).await;
+        assert!(
+            !twin_1.duplicate && !twin_2.duplicate,
+            "messages without an id never dedupe"
+        );
+        assert_eq!((twin_1.message.seq, twin_2.message.seq), (3, 4));
+        assert_eq!(after(store, &room, 0, 100).await.len(), 4);
+    }
+
+    /// Many simultaneous sends of one client message id store it exactly once.
+    pub async fn concurrent_duplicates_are_stored_once(ctx: &mut Ctx) {
+        let room = RoomKey::new("acme", "dup-race");
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let store = Arc::clone(&ctx.store);
+                let message = keyed(&room, format!("attempt {i}"), "same-id");
+                tokio::spawn(async move { store.append(message).await })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for task in tasks {
+            results.push(task.await.expect("task").expect("append"));
+        }
+        let originals: Vec<_> = results.iter().filter(|r| !r.duplicate).collect();
+        assert_eq!(originals.len(), 1, "exactly one append is not a duplicate");
+        let original = &originals[0].message;
+        assert_eq!(original.seq, 1);
+        for r in &results {
+            assert_eq!(
+                *r.message, **original,
+                "every attempt returns the stored message"
+            );
+        }
+        let stored = after(&*ctx.store, &room, 0, 100).await;
+        assert_eq!(stored, [(**original).clone()]);
+        let committed = recv_committed(&mut ctx.committed, 1).await;
+        assert_eq!(committed[0], *original);
+        assert_nothing_more_committed(&mut ctx.committed).await;
+    }
+
+    /// 200 simultaneous appends to one room get seqs 1..=200, each once, and the sink reports
+    /// them in seq order.
+    pub async fn concurrent_appends_to_one_room_get_gapless_seqs(ctx: &mut Ctx) {
+        const N: u64 = 200;
+        let room = RoomKey::new("acme", "busy");
+        let tasks: Vec<_> = (0..N)
+            .map(|i| {
+                let store = Arc::clone(&ctx.store);
+                let message = text(&room, format!("c{i}"));
+                tokio::spawn(async move { store.append(message).await })
+            })
+            .collect();
+        let mut by_seq = BTreeMap::new();
+        for task in tasks {
+            let appended = task.await.expect("task").expect("append");
+            assert!(!appended.duplicate);
+            let seq = appended.message.seq;
+            if let Some(previous) = by_seq.insert(seq, appended.message) {
+                panic!("seq {seq} assigned twice (also to {previous:?})");
+            }
+        }
+        assert_eq!(by_seq.keys().copied().collect::<Vec<_>>(), range(1, N));
+        let ids: HashSet<&str> = by_seq.values().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids.len(), by_seq.len(), "message ids are unique");
+
+        let stored = after(&*ctx.store, &room, 0, 1000).await;
+        assert_eq!(stored.len(), by_seq.len());
+        for (stored, returned) in stored.iter().zip(by_seq.values()) {
+            assert_eq!(
+                stored, &**returned,
+                "stored message equals the acknowledged one"
+            );
+        }
+        assert_eq!(last_seq(&*ctx.store, &room).await, N);
+
+        let committed = recv_committed(&mut ctx.committed, by_seq.len()).await;
+        let committed_seqs: Vec<u64> = committed.iter().map(|m| m.seq).collect();
+        assert_eq!(
+            committed_seqs,
+            range(1, N),
+            "the sink reports in strictly increasing seq"
+        );
+        for m in &committed {
+            assert_eq!(m, &by_seq[&m.seq]);
+        }
+        assert_nothing_more_committed(&mut ctx.committed).await;
+    }
+
+    /// Simultaneous appends spread over 10 rooms: each room's seqs are 1..=n on their own,
+    /// histories do not mix, and the sink reports each room's messages in seq order.
+    pub async fn concurrent_appends_across_rooms_stay_independent(ctx: &mut Ctx) {
+        const ROOMS: usize = 10;
+        const PER_ROOM: u64 = 25;
+        let rooms: Vec<RoomKey> = (0..ROOMS)
+            .map(|r| RoomKey::new("acme", format!("room-{r}")))
+            .collect();
+        let mut tasks = Vec::new();
+        for i in 0..PER_ROOM {
+            for (r, room) in rooms.iter().enumerate() {
+                let store = Arc::clone(&ctx.store);
+                let message = text(room, format!("room-{r} #{i}"));
+                tasks.push(tokio::spawn(async move { store.append(message).await }));
+            }
+        }
+        let mut seqs_by_room: HashMap<RoomKey, Vec<u64>> = HashMap::new();
+        for task in tasks {
+            let appended = task.await.expect("task").expect("append");
+            seqs_by_room
+                .entry(appended.message.room.clone())
+                .or_default()
+                .push(appended.message.seq);
+        }
+        for (r, room) in rooms.iter().enumerate() {
+            let mut got = seqs_by_room.remove(room).unwrap_or_default();
+            got.sort_unstable();
+            assert_eq!(got, range(1, PER_ROOM), "acknowledged seqs of {room}");
+            let stored = after(&*ctx.store, room, 0, 1000).await;
+            assert_eq!(seqs(&stored), range(1, PER_ROOM), "stored seqs of {room}");
+            let prefix = format!("room-{r} #");
+            assert!(
+                stored
+                    .iter()
+                    .all(|m| m.room == *room && m.content.starts_with(&prefix)),
+                "{room} holds only its own messages"
+            );
+            assert_eq!(last_seq(&*ctx.store, room).await, PER_ROOM);
+        }
+
+        let committed = recv_committed(&mut ctx.committed, ROOMS * PER_ROOM as usize).await;
+        let mut last: HashMap<&RoomKey, u64> = HashMap::new();
+        for m in &committed {
+            let previous = last.insert(&m.room, m.seq).unwrap_or(0);
+            assert_eq!(m.seq, previous + 1, "sink order within {}", m.room);
+        }
+        assert_nothing_more_committed(&mut ctx.committed).await;
+    }
+
+    /// `messages_after` pages forward in ascending order.
+    pub async fn messages_after_pages_forward(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let room = RoomKey::new("acme", "pages");
+        append_n(store, &room, "m", 10).await;
+
+        assert_eq!(seqs(&after(store, &room, 0, 3).await), [1, 2, 3]);
+        assert_eq!(
+            contents(&after(store, &room, 0, 3).await),
+            ["m1", "m2", "m3"]
+        );
+        assert_eq!(seqs(&after(store, &room, 3, 3).await), [4, 5, 6]);
+        assert_eq!(seqs(&after(store, &room, 9, 5).await), [10]);
+        assert_eq!(seqs(&after(store, &room, 10, 5).await), Vec::<u64>::new());
+        assert_eq!(seqs(&after(store, &room, 0, 100).await), range(1, 10));
+        assert_eq!(
+            seqs(&after(store, &room, 0, usize::MAX).await),
+            range(1, 10)
+        );
+        assert_eq!(seqs(&after(store, &room, 4, 0).await), Vec::<u64>::new());
+        assert_eq!(
+            seqs(&after(store, &room, u64::MAX, 10).await),
+            Vec::<u64>::new()
+        );
+    }
+
+    /// `messages_before` returns the last `limit` messages below `before`, ascending.
+    pub async fn messages_before_returns_latest_page(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let room = RoomKey::new("acme", "pages");
+        append_n(store, &room, "m", 10).await;
+
+        assert_eq!(seqs(&before(store, &room, u64::MAX, 3).await), [8, 9, 10]);
+        assert_eq!(
+            contents(&before(store, &room, u64::MAX, 3).await),
+            ["m8", "m9", "m10"]
+        );
+        assert_eq!(seqs(&before(store, &room, 8, 3).await), [5, 6, 7]);
+        assert_eq!(seqs(&before(store, &room, 3, 10).await), [1, 2]);
+        assert_eq!(seqs(&before(store, &room, 11, 100).await), range(1, 10));
+        assert_eq!(seqs(&before(store, &room, 500, 4).await), [7, 8, 9, 10]);
+        assert_eq!(
+            seqs(&before(store, &room, u64::MAX, usize::MAX).await),
+            range(1, 10)
+        );
+        assert_eq!(seqs(&before(store, &room, 1, 10).await), Vec::<u64>::new());
+        assert_eq!(seqs(&before(store, &room, 0, 10).await), Vec::<u64>::new());
+        assert_eq!(seqs(&before(store, &room, 6, 0).await), Vec::<u64>::new());
+    }
+
+    /// Reading an empty or unknown room returns nothing, and reading does not create a room.
+    pub async fn history_of_empty_and_unknown_rooms_is_empty(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let empty = RoomKey::new("acme", "empty");
+        store.ensure_room(&empty, None).await.expect("ensure_room");
+        let unknown = RoomKey::new("acme", "never-created");
+        // A non-empty neighbour, so a query ignoring the room key would return something.
+        append_n(store, &RoomKey::new("acme", "other"), "x", 3).await;
+        for key in [&empty, &unknown] {
+            assert_eq!(
+                after(store, key, 0, 100).await,
+                [],
+                "messages_after of {key}"
+            );
+            assert_eq!(
+                before(store, key, u64::MAX, 100).await,
+                [],
+                "messages_before of {key}"
+            );
+        }
+        assert_eq!(last_seq(store, &empty).await, 0);
+        assert_eq!(
+            store.room(&unknown).await.expect("room"),
+            None,
+            "reads create no room"
+        );
+    }
+
+    /// `ensure_room` creates a support room once; later calls return it unchanged except for
+    /// its current `last_seq`. `room` reads it.
+    pub async fn ensure_room_creates_once(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let key = RoomKey::new("acme", "made");
+        assert_eq!(store.room(&key).await.expect("room"), None);
+
+        let created = store
+            .ensure_room(&key, Some("agent-7"))
+            .await
+            .expect("ensure_room");
+        assert_eq!(created.key, key);
+        assert_eq!(created.kind, "support");
+        assert_eq!(created.created_by.as_deref(), Some("agent-7"));
+        assert_eq!(created.last_seq, 0);
+        assert_eq!(
+            store.room(&key).await.expect("room").as_ref(),
+            Some(&created)
+        );
+
+        let again = store
+            .ensure_room(&key, Some("somebody-else"))
+            .await
+            .expect("ensure_room");
+        assert_eq!(again, created, "a second ensure_room changes nothing");
+
+        append_n(store, &key, "m", 3).await;
+        let after_appends = store.ensure_room(&key, None).await.expect("ensure_room");
+        assert_eq!(after_appends.last_seq, 3);
+        assert_eq!(after_appends.created_by.as_deref(), Some("agent-7"));
+        assert_eq!(after_appends.created_at, created.created_at);
+        assert_eq!(after_appends.kind, "support");
+        let read = store.room(&key).await.expect("room").expect("room exists");
+        assert_eq!(read, after_appends);
+
+        let anonymous = RoomKey::new("acme", "anonymous");
+        let room = store
+            .ensure_room(&anonymous, None)
+            .await
+            .expect("ensure_room");
+        assert_eq!(room.created_by, None);
+        assert_eq!(room.last_seq, 0);
+
+        let implicit = RoomKey::new("acme", "implicit");
+        append_n(store, &implicit, "m", 2).await;
+        let room = store
+            .room(&implicit)
+            .await
+            .expect("room")
+            .expect("append creates the room");
+        assert_eq!((room.kind.as_str(), room.last_seq), ("support", 2));
+    }
+
+    /// A read position only moves forward, never past the room's last message.
+    pub async fn mark_read_only_moves_forward(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let room = RoomKey::new("acme", "reads");
+        append_n(store, &room, "m", 5).await;
+        let position = async |user: &str| store.read_position(&room, user).await.expect("read");
+        let mark =
+            async |user: &str, seq: u64| store.mark_read(&room, user, seq).await.expect("mark");
+
+        assert_eq!(position("alice").await, 0, "nothing read yet");
+        assert_eq!(mark("alice", 3).await, 3);
+        assert_eq!(position("alice").await, 3);
+        assert_eq!(mark("alice", 2).await, 3, "never lowered");
+        assert_eq!(position("alice").await, 3);
+        assert_eq!(mark("alice", 100).await, 5, "clamped to the last seq");
+        assert_eq!(position("alice").await, 5);
+
+        append_n(store, &room, "n", 2).await;
+        assert_eq!(mark("alice", 6).await, 6);
+        assert_eq!(mark("alice", u64::MAX).await, 7);
+        assert_eq!(position("alice").await, 7);
+        assert_eq!(position("bob").await, 0, "positions are per user");
+        assert_eq!(mark("bob", 1).await, 1);
+        assert_eq!(position("alice").await, 7);
+
+        let unknown = RoomKey::new("acme", "no-such-room");
+        assert_eq!(
+            store.mark_read(&unknown, "alice", 4).await.expect("mark"),
+            0
+        );
+        assert_eq!(
+            store.read_position(&unknown, "alice").await.expect("read"),
+            0
+        );
+        let empty = RoomKey::new("acme", "empty");
+        store.ensure_room(&empty, None).await.expect("ensure_room");
+        assert_eq!(store.mark_read(&empty, "alice", 1).await.expect("mark"), 0);
+    }
+
+    /// Domains and customers can be written and rewritten.
+    pub async fn upserts_are_idempotent(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        store
+            .upsert_domain("acme", "Acme")
+            .await
+            .expect("create domain");
+        store
+            .upsert_domain("acme", "Acme")
+            .await
+            .expect("repeat domain");
+        store
+            .upsert_domain("acme", "Acme Inc.")
+            .await
+            .expect("rename domain");
+
+        let profile = CustomerProfile {
+            name: Some("Zoë".to_owned()),
+            data: Some(json!({"plan": "pro", "seats": 3})),
+        };
+        store
+            .upsert_customer("acme", "cust-1", profile.clone())
+            .await
+            .expect("create customer");
+        store
+            .upsert_customer("acme", "cust-1", profile.clone())
+            .await
+            .expect("repeat customer");
+        store
+            .upsert_customer("acme", "cust-1", CustomerProfile::default())
+            .await
+            .expect("update customer with nothing");
+        store
+            .upsert_customer("other", "cust-1", profile)
+            .await
+            .expect("same user id in another domain");
+        store.health().await.expect("the store still works");
+    }
+
+    /// Everything a message carries comes back as stored, and as acknowledged.
+    pub async fn message_fields_round_trip(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let room = RoomKey::new("acme", "fields");
+        let data = json!({
+            "actions": [{"type": "button", "label": "Oui ✓", "value": null}],
+            "count": 42,
+            "negative": -7,
+            "ratio": 1.5,
+            "beyond_f64": 9_007_199_254_740_993_u64,
+            "max": u64::MAX,
+            "nested": {"ok": true, "list": [1, "two", 3.25, false]},
+            "text": "quote \" backslash \\ newline \n tab \t",
+        });
+        let content = "Hello 👋 世界! «ça va ?» — 👩‍👩‍👧 \"quoted\" \\ line\nbreak";
+        let sent = NewMessage {
+            room: room.clone(),
+            author: Author {
+                user_id: "user-42".to_owned(),
+                name: "Zoë 张伟".to_owned(),
+                role: "agent".to_owned(),
+            },
+            kind: "action".to_owned(),
+            content: content.to_owned(),
+            data: Some(data.clone()),
+            client_message_id: Some("cm-round-trip".to_owned()),
+        };
+        let plain = text(&room, "no data");
+        let t0 = now_ms();
+        let appended = append(store, sent.clone()).await.message;
+        let plain = append(store, plain).await.message;
+        let t1 = chrono::Utc::now();
+
+        assert!(!appended.id.is_empty());
+        assert_eq!(appended.room, room);
+        assert_eq!(appended.author, sent.author);
+        assert_eq!(appended.kind, "action");
+        assert_eq!(appended.content, content);
+        assert_eq!(appended.data.as_ref(), Some(&data));
+        assert_eq!(appended.client_message_id.as_deref(), Some("cm-round-trip"));
+        assert_eq!(
+            appended.created_at.timestamp_subsec_nanos() % 1_000_000,
+            0,
+            "whole ms"
+        );
+        assert!(
+            t0 <= appended.created_at && appended.created_at <= t1,
+            "created_at {} is the time of the append ({t0} ..= {t1})",
+            appended.created_at
+        );
+        assert_eq!(plain.data, None);
+        assert_eq!(plain.client_message_id, None);
+
+        let expected = [(*appended).clone(), (*plain).clone()];
+        assert_eq!(after(store, &room, 0, 10).await, expected, "messages_after");
+        assert_eq!(
+            before(store, &room, u64::MAX, 10).await,
+            expected,
+            "messages_before"
+        );
+        let duplicate = append(store, sent).await;
+        assert!(duplicate.duplicate);
+        assert_eq!(
+            *duplicate.message, *appended,
+            "the duplicate lookup reads it back whole"
+        );
+        let committed = recv_committed(&mut ctx.committed, 2).await;
+        assert_eq!(committed, [appended, plain]);
+        assert_nothing_more_committed(&mut ctx.committed).await;
+    }
+
+    /// Everything committed is there after closing and reopening, and the store carries on
+    /// where it stopped: the next seq, read positions, client message ids.
+    pub async fn messages_survive_reopen(ctx: &mut Ctx) {
+        let a = RoomKey::new("acme", "durable-a");
+        let b = RoomKey::new("acme", "durable-b");
+        let mut written = Vec::new();
+        for i in 1..=5 {
+            let m = keyed(&a, format!("a{i}"), &format!("a-{i}"));
+            written.push((*append(&*ctx.store, m).await.message).clone());
+        }
+        append_n(&*ctx.store, &b, "b", 2).await;
+        ctx.store
+            .mark_read(&a, "alice", 4)
+            .await
+            .expect("mark_read");
+        recv_committed(&mut ctx.committed, 7).await;
+
+        ctx.reopen().await;
+        let store = &*ctx.store;
+        assert_eq!(
+            after(store, &a, 0, 100).await,
+            written,
+            "messages are intact"
+        );
+        assert_eq!(seqs(&after(store, &b, 0, 100).await), [1, 2]);
+        assert_eq!(last_seq(store, &a).await, 5);
+        assert_eq!(store.read_position(&a, "alice").await.expect("read"), 4);
+
+        let next = append(store, text(&a, "a6")).await;
+        assert_eq!(next.message.seq, 6, "the sequence continues after reopen");
+        let next_b = append(store, text(&b, "b3")).await;
+        assert_eq!(next_b.message.seq, 3);
+        let retry = append(store, keyed(&a, "a2 again", "a-2")).await;
+        assert!(retry.duplicate, "idempotency holds across reopen");
+        assert_eq!(*retry.message, written[1]);
+        assert_eq!(
+            store
+                .ensure_room(&a, None)
+                .await
+                .expect("ensure_room")
+                .last_seq,
+            6
+        );
+
+        let committed = recv_committed(&mut ctx.committed, 2).await;
+        assert_eq!(
+            committed,
+            [next.message, next_b.message],
+            "old messages are not replayed"
+        );
+        assert_nothing_more_committed(&mut ctx.committed).await;
+    }
+
+    /// Appends queued when `close` is called are finished: every acknowledged append is
+    /// durable and reported, seqs stay gapless, and the others fail with `Closed`.
+    pub async fn close_finishes_queued_writes(ctx: &mut Ctx) {
+        let room = RoomKey::new("acme", "closing");
+        let tasks: Vec<_> = (0..100)
+            .map(|i| {
+                let store = Arc::clone(&ctx.store);
+                let message = text(&room, format!("q{i}"));
+                tokio::spawn(async move { store.append(message).await })
+            })
+            .collect();
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        ctx.store.close().await;
+
+        let mut acknowledged = HashMap::new();
+        for task in tasks {
+            match task.await.expect("task") {
+                Ok(appended) => {
+                    acknowledged.insert(appended.message.id.clone(), appended.message);
+                }
+                Err(e) => assert!(
+                    matches!(e, StoreError::Closed),
+                    "expected Closed, got {e:?}"
+                ),
+            }
+        }
+        let reported = drain_until_closed(&mut ctx.committed).await;
+        for m in acknowledged.values() {
+            assert!(
+                reported.contains(m),
+                "acknowledged {m:?} was reported to the sink"
+            );
+        }
+
+        ctx.reopen().await;
+        let stored = after(&*ctx.store, &room, 0, 1000).await;
+        let count = u64::try_from(stored.len()).expect("count");
+        assert_eq!(seqs(&stored), range(1, count), "stored seqs are gapless");
+        for m in acknowledged.values() {
+            assert!(
+                stored.iter().any(|s| s == &**m),
+                "acknowledged {m:?} is durable"
+            );
+        }
+        let next = append(&*ctx.store, text(&room, "after")).await;
+        assert_eq!(next.message.seq, count + 1);
+    }
+
+    /// After `close`, writes fail with `Closed` (no panic), `health` fails, a second `close`
+    /// is harmless, and the commit sink ends.
+    pub async fn closed_store_refuses_writes(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let room = RoomKey::new("acme", "closed");
+        store.health().await.expect("healthy while open");
+        let before_close = append(store, text(&room, "before")).await;
+        store.close().await;
+
+        assert!(store.health().await.is_err(), "health fails after close");
+        assert_closed(&store.append(text(&room, "after")).await, "append");
+        assert_closed(&store.ensure_room(&room, None).await, "ensure_room");
+        assert_closed(&store.mark_read(&room, "alice", 1).await, "mark_read");
+        assert_closed(&store.upsert_domain("acme", "Acme").await, "upsert_domain");
+        assert_closed(
+            &store
+                .upsert_customer("acme", "alice", CustomerProfile::default())
+                .await,
+            "upsert_customer",
+        );
+        store.close().await;
+        let reported = drain_until_closed(&mut ctx.committed).await;
+        assert_eq!(
+            reported,
+            [before_close.message],
+            "the sink ends after close"
+        );
+    }
+
+    /// Nobody listening to the commit sink (e.g. during shutdown) does not stop writes.
+    pub async fn append_works_without_commit_listener(ctx: &mut Ctx) {
+        let (_, closed) = mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut ctx.committed, closed));
+        let room = RoomKey::new("acme", "unheard");
+        let written = append_n(&*ctx.store, &room, "m", 3).await;
+        assert_eq!(seqs_of(&written), [1, 2, 3]);
+        assert_eq!(after(&*ctx.store, &room, 0, 10).await.len(), 3);
+    }
+
+    /// Appends whose only problem is that another append in the same moment fails are not
+    /// failed with it: they are stored with correct, gapless seqs and reported.
+    ///
+    /// The failing operation is a retry of a message whose `data` is nested deeper than the
+    /// SQLite store can read back (see `accepted_data_reads_back`): its duplicate lookup fails.
+    /// A backend that handles such data correctly (or refuses it up front) makes that operation
+    /// succeed (or fail alone); the neighbours' assertions hold either way.
+    pub async fn failing_write_does_not_poison_neighbours(ctx: &mut Ctx) {
+        let deep_room = RoomKey::new("acme", "deep");
+        let deep = NewMessage {
+            data: Some(nested(200)),
+            ..keyed(&deep_room, "deep", "deep-1")
+        };
+        let deep_stored = ctx.store.append(deep.clone()).await.is_ok();
+        let n1 = RoomKey::new("acme", "neighbour-1");
+        let n2 = RoomKey::new("acme", "neighbour-2");
+        append_n(&*ctx.store, &n1, "warm", 3).await;
+        append_n(&*ctx.store, &n2, "warm", 3).await;
+        recv_committed(&mut ctx.committed, if deep_stored { 7 } else { 6 }).await;
+
+        let mut neighbours = Vec::new();
+        let mut poisoned = Vec::new();
+        for i in 0..60 {
+            if i % 20 == 10 {
+                let store = Arc::clone(&ctx.store);
+                let retry = deep.clone();
+                poisoned.push(tokio::spawn(async move { store.append(retry).await }));
+            }
+            let store = Arc::clone(&ctx.store);
+            let key = if i % 2 == 0 { &n1 } else { &n2 };
+            let message = text(key, format!("n{i}"));
+            neighbours.push(tokio::spawn(async move { store.append(message).await }));
+        }
+        let mut acknowledged: HashMap<RoomKey, Vec<u64>> = HashMap::new();
+        for task in neighbours {
+            let appended = task
+                .await
+                .expect("task")
+                .expect("a neighbour of a failing write succeeds");
+            assert!(!appended.duplicate);
+            acknowledged
+                .entry(appended.message.room.clone())
+                .or_default()
+                .push(appended.message.seq);
+        }
+        for task in poisoned {
+            match task.await.expect("task") {
+                Ok(a) => assert!(
+                    a.duplicate && a.message.seq == 1,
+                    "a retry is the stored message: {a:?}"
+                ),
+                Err(e) => assert!(
+                    matches!(
+                        e,
+                        StoreError::Invalid(_)
+                            | StoreError::Unavailable(_)
+                            | StoreError::Corrupt(_)
+                    ),
+                    "the failing write fails as a storage error, not {e:?}"
+                ),
+            }
+        }
+        for key in [&n1, &n2] {
+            let mut got = acknowledged.remove(key).unwrap_or_default();
+            got.sort_unstable();
+            assert_eq!(got, range(4, 33), "acknowledged seqs of {key}");
+            let stored = after(&*ctx.store, key, 0, 100).await;
+            assert_eq!(seqs(&stored), range(1, 33), "stored seqs of {key}");
+        }
+        let committed = recv_committed(&mut ctx.committed, 60).await;
+        let mut last: HashMap<&RoomKey, u64> = HashMap::from([(&n1, 3), (&n2, 3)]);
+        for m in &committed {
+            let previous = last.get_mut(&m.room).expect("only neighbours are reported");
+            assert_eq!(m.seq, *previous + 1, "sink order within {}", m.room);
+            *previous = m.seq;
+        }
+        assert_nothing_more_committed(&mut ctx.committed).await;
+
+        let next = append(&*ctx.store, text(&n1, "afterwards")).await;
+        assert_eq!(
+            next.message.seq, 34,
+            "the room's seq continues after the failure"
+        );
+        ctx.store.health().await.expect("the store is healthy");
+    }
+
+    /// A store either refuses a message or can give it back: an accepted append never leaves
+    /// data behind that breaks reading the room.
+    pub async fn accepted_data_reads_back(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let room = RoomKey::new("acme", "deep-data");
+        append(store, text(&room, "before")).await;
+        let deep = NewMessage {
+            data: Some(nested(200)),
+            ..keyed(&room, "deep", "deep-1")
+        };
+        let Ok(stored) = store.append(deep.clone()).await else {
+            // Refusing it is fine, as long as the room stays readable.
+            assert_eq!(seqs(&after(store, &room, 0, 10).await), [1]);
+            return;
+        };
+        let history = store
+            .messages_after(&room, 0, 10)
+            .await
+            .expect("the room's history is readable");
+        assert_eq!(history.len(), 2);
+        assert_eq!(history[1], *stored.message);
+        let page = store
+            .messages_before(&room, u64::MAX, 10)
+            .await
+            .expect("the room's latest page is readable");
+        assert_eq!(page, history);
+        let retry = store.append(deep).await.expect("a retry is answered");
+        assert!(retry.duplicate);
+        assert_eq!(*retry.message, *stored.message);
+    }
+}

@@ -1,0 +1,668 @@
+//! The native WebSocket protocol over real sockets: the WeeziQ seed flow, recovery with
+//! `since`, idempotent sends, presence/typing/read receipts, slow consumers, bad input and
+//! graceful shutdown.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, TestServer};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+fn seqs(messages: &[Value]) -> Vec<u64> {
+    messages
+        .iter()
+        .map(|m| m["seq"].as_u64().expect("seq"))
+        .collect()
+}
+
+#[tokio::test]
+async fn seed_flow_join_send_broadcast_ping_and_http() {
+    let server = TestServer::start().await;
+
+    // Seed 000: connect with ?roomId=, the server joins and sends room-joined + history.
+    let mut a = Client::connect(&server.ws("/ws?roomId=room-123")).await;
+    let joined = a.recv_type("room-joined").await;
+    assert_eq!(joined["roomId"], "room-123");
+    assert!(joined["timestamp"].as_str().unwrap().ends_with('Z'));
+    let history = a.recv_type("message-history").await;
+    assert_eq!(history["messages"], json!([]));
+
+    // A second client joins with the seed's join-room frame (profile fields, role "customer").
+    let mut b = server.connect().await;
+    b.send(json!({
+        "type": "join-room", "roomId": "room-123", "userId": "user-123", "userName": "John Doe",
+        "role": "customer", "domainId": "domain-123",
+        "customerData": { "name": "John Doe", "email": "john@example.com" }
+    }))
+    .await;
+    assert_eq!(b.recv_type("room-joined").await["roomId"], "room-123");
+    b.recv_type("message-history").await;
+
+    // Seed's send-message without roomId goes to the joined room; everyone gets it.
+    b.send(json!({ "type": "send-message", "message": "Hello, how can you help me?" }))
+        .await;
+    let ack = b.recv_type("message-ack").await;
+    assert_eq!(ack["seq"], 1);
+    for client in [&mut a, &mut b] {
+        let m = client.recv_type("message-received").await;
+        assert_eq!(m["message"], "Hello, how can you help me?");
+        assert_eq!(m["chatRoomId"], "room-123");
+        assert_eq!(m["roomId"], "room-123");
+        assert_eq!(m["seq"], 1);
+        assert_eq!(m["id"], ack["id"]);
+        assert_eq!(
+            m["userName"], "John Doe",
+            "anonymous visitor's display name from join-room"
+        );
+        assert_eq!(m["role"], "visitor", "a role in a frame grants nothing");
+        assert!(m["userId"].as_str().unwrap().starts_with("v_"));
+    }
+
+    b.send(json!({ "type": "ping" })).await;
+    let pong = b.recv_type("pong").await;
+    assert!(pong["timestamp"].is_string());
+
+    // POST /api/messages stores and broadcasts; GET returns both, in order.
+    let http = reqwest::Client::new();
+    let posted = http
+        .post(server.http("/api/messages"))
+        .json(&json!({ "message": "Hello", "role": "user", "chatRoomId": "room-123" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 201);
+    let posted: Value = posted.json().await.unwrap();
+    assert_eq!(posted["seq"], 2);
+    for client in [&mut a, &mut b] {
+        let m = client.recv_type("message-received").await;
+        assert_eq!(m["message"], "Hello");
+        assert_eq!(m["seq"], 2);
+    }
+    let listed: Value = http
+        .get(server.http("/api/messages?chatRoomId=room-123"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let texts: Vec<&str> = listed["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["Hello, how can you help me?", "Hello"]);
+
+    // A later joiner gets the history.
+    let mut c = server.connect().await;
+    let (_, history) = c.join("room-123", None).await;
+    assert_eq!(seqs(&history), [1, 2]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn reconnect_with_since_replays_exactly_the_missed_messages() {
+    let server = TestServer::start_with(|c| c.store.room_cache = 16).await;
+    let mut a = server.connect().await;
+    let mut b = server.connect().await;
+    a.join("r", None).await;
+    b.join("r", None).await;
+    b.say("r", "before", None).await;
+    let last_seen = a.recv_type("message-received").await["seq"]
+        .as_u64()
+        .unwrap();
+    drop(a);
+
+    // 50 messages while A is away: more than the room cache, so part comes from the store.
+    for i in 0..50 {
+        b.say("r", &format!("m{i}"), None).await;
+    }
+    let mut a = server.connect().await;
+    let (joined, history) = a.join("r", Some(last_seen)).await;
+    assert_eq!(joined["lastSeq"], 51);
+    assert_eq!(seqs(&history), (2..=51).collect::<Vec<_>>());
+    let texts: Vec<String> = history
+        .iter()
+        .map(|m| m["message"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(texts, (0..50).map(|i| format!("m{i}")).collect::<Vec<_>>());
+
+    // Live messages continue right after, with no duplicate.
+    b.say("r", "after", None).await;
+    let next = a.recv_type("message-received").await;
+    assert_eq!(next["seq"], 52);
+
+    // Up to date: nothing to replay.
+    let mut c = server.connect().await;
+    let (_, history) = c.join("r", Some(52)).await;
+    assert!(history.is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn recovery_across_server_restart_reads_sqlite() {
+    let server = TestServer::start().await;
+    let mut b = server.connect().await;
+    b.join("persist", None).await;
+    for i in 0..50 {
+        b.say("persist", &format!("m{i}"), Some(&format!("c{i}")))
+            .await;
+    }
+    drop(b);
+    let server = server.restart().await;
+    let mut a = server.connect().await;
+    let (joined, history) = a.join("persist", Some(10)).await;
+    assert_eq!(joined["lastSeq"], 50);
+    assert_eq!(seqs(&history), (11..=50).collect::<Vec<_>>());
+    // The sequence continues after the restart and idempotency keys survive it.
+    let ack = a.say("persist", "new", None).await;
+    assert_eq!(ack["seq"], 51);
+    let dup = a.say("persist", "m0 again", Some("c0")).await;
+    assert_eq!(dup["seq"], 1);
+    assert_eq!(dup["duplicate"], true);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn same_client_message_id_is_stored_once_even_after_reconnect() {
+    let server = TestServer::start().await;
+    let mut a = server.connect().await;
+    let mut watcher = server.connect().await;
+    a.join("idem", None).await;
+    watcher.join("idem", None).await;
+    let first = a.say("idem", "hello", Some("msg-1")).await;
+    let again = a.say("idem", "hello", Some("msg-1")).await;
+    assert_eq!(first["id"], again["id"]);
+    assert_eq!(first["seq"], again["seq"]);
+    assert_eq!(first["duplicate"], false);
+    assert_eq!(again["duplicate"], true);
+    drop(a);
+    let mut a = server.connect().await;
+    a.join("idem", None).await;
+    let third = a.say("idem", "hello", Some("msg-1")).await;
+    assert_eq!(third["id"], first["id"]);
+
+    // The watcher saw it once; the next message is seq 2.
+    a.say("idem", "next", Some("msg-2")).await;
+    let m1 = watcher.recv_type("message-received").await;
+    let m2 = watcher.recv_type("message-received").await;
+    assert_eq!((m1["seq"].as_u64(), m2["seq"].as_u64()), (Some(1), Some(2)));
+    let listed: Value = reqwest::get(server.http("/api/messages?chatRoomId=idem"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["messages"].as_array().unwrap().len(), 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn presence_typing_read_receipts_and_leave() {
+    let server = TestServer::start_with(|c| {
+        c.auth.jwt_secret = Some(parlor::config::Secret::new("test-secret-0123456789"));
+    })
+    .await;
+    let token = |user: &str, name: &str| {
+        parlor::auth::issue_token(
+            server.config.auth.jwt_secret.as_ref().unwrap(),
+            user,
+            Some(name),
+            "visitor",
+            "demo",
+            600,
+        )
+        .unwrap()
+    };
+    let mut a =
+        Client::connect(&server.ws(&format!("/ws?token={}", token("alice", "Alice")))).await;
+    let mut b = Client::connect(&server.ws(&format!("/ws?token={}", token("bob", "Bob")))).await;
+    a.join("p", None).await;
+    let (joined, _) = b.join("p", None).await;
+    let members: Vec<&str> = joined["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["userId"].as_str().unwrap())
+        .collect();
+    assert!(
+        members.contains(&"alice") && members.contains(&"bob"),
+        "{joined}"
+    );
+
+    let presence = a.recv_type("presence").await;
+    assert_eq!(presence["event"], "join");
+    assert_eq!(presence["user"]["userId"], "bob");
+    assert_eq!(presence["user"]["name"], "Bob");
+
+    b.send(json!({ "type": "typing", "roomId": "p", "isTyping": true }))
+        .await;
+    let typing = a.recv_type("typing").await;
+    assert_eq!(
+        (typing["userId"].as_str(), typing["isTyping"].as_bool()),
+        (Some("bob"), Some(true))
+    );
+
+    a.say("p", "one", None).await;
+    a.say("p", "two", None).await;
+    let id = b
+        .request(json!({ "type": "read", "roomId": "p", "seq": 99 }))
+        .await;
+    let receipt = b.reply(&id).await;
+    assert_eq!(receipt["type"], "read-receipt");
+    assert_eq!(receipt["seq"], 2, "clamped to the last message");
+    let seen = a.recv_type("read-receipt").await;
+    assert_eq!(
+        (seen["userId"].as_str(), seen["seq"].as_u64()),
+        (Some("bob"), Some(2))
+    );
+
+    let id = a
+        .request(json!({ "type": "presence", "roomId": "p" }))
+        .await;
+    assert_eq!(a.reply(&id).await["members"].as_array().unwrap().len(), 2);
+
+    // A second tab of Bob does not announce him again; closing one tab keeps him present.
+    let mut b2 = Client::connect(&server.ws(&format!("/ws?token={}", token("bob", "Bob")))).await;
+    b2.join("p", None).await;
+    drop(b2);
+    let id = b
+        .request(json!({ "type": "leave-room", "roomId": "p" }))
+        .await;
+    assert_eq!(b.reply(&id).await["type"], "room-left");
+    let left = a.recv_type("presence").await;
+    assert_eq!(
+        (left["event"].as_str(), left["user"]["userId"].as_str()),
+        (Some("leave"), Some("bob"))
+    );
+
+    // After leaving, sending there is refused.
+    let id = b
+        .request(json!({ "type": "send-message", "roomId": "p", "message": "x" }))
+        .await;
+    assert_eq!(b.reply(&id).await["code"], "not_joined");
+
+    // history pages backwards.
+    let id = a
+        .request(json!({ "type": "history", "roomId": "p", "before": 2, "limit": 10 }))
+        .await;
+    let page = a.reply(&id).await;
+    assert_eq!(seqs(page["messages"].as_array().unwrap()), [1]);
+    assert_eq!(page["hasMore"], false);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_set_identity_and_bad_tokens_are_refused() {
+    let secret = parlor::config::Secret::new("test-secret-0123456789");
+    let server = TestServer::start_with(|c| c.auth.jwt_secret = Some(secret.clone())).await;
+    let good =
+        parlor::auth::issue_token(&secret, "agent-7", Some("Ada"), "agent", "demo", 600).unwrap();
+    let mut a = Client::connect(&server.ws(&format!("/ws?token={good}"))).await;
+    a.join("t", None).await;
+    a.say("t", "hi", None).await;
+    let m = a.recv_type("message-received").await;
+    assert_eq!(
+        (
+            m["userId"].as_str(),
+            m["userName"].as_str(),
+            m["role"].as_str()
+        ),
+        (Some("agent-7"), Some("Ada"), Some("agent"))
+    );
+
+    let wrong_key = parlor::auth::issue_token(
+        &parlor::config::Secret::new("another-secret-0123456789"),
+        "x",
+        None,
+        "admin",
+        "demo",
+        600,
+    )
+    .unwrap();
+    let expired = parlor::auth::issue_token(&secret, "x", None, "visitor", "demo", 0).unwrap();
+    let unknown_domain =
+        parlor::auth::issue_token(&secret, "x", None, "visitor", "nope", 600).unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    for (token, code) in [
+        (wrong_key.as_str(), "invalid_token"),
+        ("not.a.jwt", "invalid_token"),
+        (unknown_domain.as_str(), "unknown_domain"),
+    ] {
+        assert!(
+            Client::try_connect(&server.ws(&format!("/ws?token={token}")))
+                .await
+                .is_err()
+        );
+        let r = reqwest::Client::new()
+            .get(server.http("/api/messages?chatRoomId=t"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code);
+    }
+    // Expired beyond the leeway is refused too (issue with a past exp by hand).
+    let _ = expired;
+    let past = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({ "sub": "x", "exp": chrono::Utc::now().timestamp() - 3600 }),
+        &jsonwebtoken::EncodingKey::from_secret(secret.expose().as_bytes()),
+    )
+    .unwrap();
+    assert!(
+        Client::try_connect(&server.ws(&format!("/ws?token={past}")))
+            .await
+            .is_err()
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_frames_get_documented_errors_and_change_nothing() {
+    let server = TestServer::start().await;
+    let mut bystander = server.connect().await;
+    bystander.join("bad", None).await;
+    let mut c = server.connect().await;
+    c.join("bad", None).await;
+    c.say("bad", "baseline", None).await;
+    bystander.recv_type("message-received").await;
+
+    let cases: Vec<(Message, &str)> = vec![
+        (Message::Text("{not json".into()), "invalid_json"),
+        (Message::Text("[1,2,3]".into()), "invalid_frame"),
+        (Message::Text(r#"{"id":"x"}"#.into()), "invalid_frame"),
+        (Message::Binary(vec![1, 2, 3].into()), "unsupported_frame"),
+        (
+            Message::Text(r#"{"type":"launch-missiles"}"#.into()),
+            "unknown_type",
+        ),
+        (
+            Message::Text(r#"{"type":"send-message","roomId":"bad"}"#.into()),
+            "invalid_frame",
+        ),
+        (
+            Message::Text(r#"{"type":"send-message","roomId":"bad","message":42}"#.into()),
+            "invalid_frame",
+        ),
+        (
+            Message::Text(r#"{"type":"join-room","roomId":"bad","since":"yesterday"}"#.into()),
+            "invalid_frame",
+        ),
+        (
+            Message::Text(r#"{"type":"join-room","roomId":"../etc/passwd"}"#.into()),
+            "invalid_room_id",
+        ),
+        (
+            Message::Text(r#"{"type":"join-room","roomId":"bad","role":"admin"}"#.into()),
+            "forbidden",
+        ),
+        (
+            Message::Text(
+                r#"{"type":"send-message","roomId":"bad","message":"x","role":"admin"}"#.into(),
+            ),
+            "forbidden",
+        ),
+        (
+            Message::Text(r#"{"type":"send-message","roomId":"bad","message":"   "}"#.into()),
+            "empty_message",
+        ),
+        (
+            Message::Text(r#"{"type":"send-message","roomId":"other","message":"x"}"#.into()),
+            "not_joined",
+        ),
+        (
+            Message::Text(r#"{"type":"read","roomId":"bad","seq":-1}"#.into()),
+            "invalid_frame",
+        ),
+    ];
+    for (frame, code) in cases {
+        c.send_raw(frame.clone()).await;
+        let err = c.recv_type("error").await;
+        assert_eq!(err["code"], code, "for {frame:?}: {err}");
+        assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    // A 1 MB message (inside the 1 MiB frame limit) is refused, the connection lives on.
+    let big = "x".repeat(1_000_000);
+    let id = c
+        .request(json!({ "type": "send-message", "roomId": "bad", "message": big }))
+        .await;
+    let err = c.reply(&id).await;
+    assert_eq!(err["code"], "message_too_long");
+
+    // Still alive, still able to send; the bystander saw nothing but the good messages.
+    let ack = c.say("bad", "still here", None).await;
+    assert_eq!(ack["seq"], 2, "no bad frame stored anything");
+    assert_eq!(
+        bystander.recv_type("message-received").await["message"],
+        "still here"
+    );
+
+    // A 10 MB frame: frame_too_large, then close 1009. The server stops reading after the
+    // frame header, so a raw client writes the frame from one half of the socket while the
+    // other half reads the answer. Others carry on.
+    drop(c);
+    let (error, close_code) = oversized_frame(&server, 10 * 1024 * 1024).await;
+    assert_eq!(error["code"], "frame_too_large");
+    assert_eq!(close_code, 1009);
+    let mut d = server.connect().await;
+    d.join("bad", None).await;
+    d.say("bad", "after the storm", None).await;
+    assert_eq!(bystander.recv_type("message-received").await["seq"], 3);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn flood_above_the_rate_limit_is_refused() {
+    let server = TestServer::start_with(|c| {
+        c.limits.messages_per_second = 5;
+        c.limits.messages_burst = 5;
+    })
+    .await;
+    let mut c = server.connect().await;
+    c.join("flood", None).await; // uses one token
+    for i in 0..30 {
+        c.send(json!({ "type": "send-message", "roomId": "flood", "message": format!("f{i}"), "id": i })).await;
+    }
+    let (mut acks, mut limited) = (0, 0);
+    for _ in 0..100 {
+        let f = c.recv().await;
+        match (f["type"].as_str(), f["code"].as_str()) {
+            (Some("message-ack"), _) => acks += 1,
+            (Some("error"), Some("rate_limited")) => limited += 1,
+            _ => {}
+        }
+        if acks + limited == 30 {
+            break;
+        }
+    }
+    assert!(acks <= 5, "at most the burst got through, got {acks}");
+    assert!(limited >= 25);
+    let listed: Value = reqwest::get(server.http("/api/messages?chatRoomId=flood"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["messages"].as_array().unwrap().len(), acks);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn too_many_rooms_is_refused() {
+    let server = TestServer::start_with(|c| c.limits.rooms_per_connection = 2).await;
+    let mut c = server.connect().await;
+    c.join("r1", None).await;
+    c.join("r2", None).await;
+    let id = c
+        .request(json!({ "type": "join-room", "roomId": "r3" }))
+        .await;
+    assert_eq!(c.reply(&id).await["code"], "too_many_rooms");
+    // Rejoining a room already joined is fine.
+    c.join("r1", None).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_is_disconnected_while_others_keep_up() {
+    let server = TestServer::start_with(|c| c.limits.outbound_queue = 8).await;
+    let mut slow = server.connect().await;
+    slow.join("busy", None).await;
+    let mut fast = server.connect().await;
+    fast.join("busy", None).await;
+    let mut sender = server.connect().await;
+    sender.join("busy", None).await;
+
+    // The slow client stops reading. Large messages fill the socket buffers quickly.
+    let payload = "z".repeat(15_000);
+    let total = 600u64;
+    let fast_task = tokio::spawn(async move {
+        let mut next = 1;
+        while next <= total {
+            let m = fast.recv_type("message-received").await;
+            assert_eq!(m["seq"], next, "fast client sees every message in order");
+            next += 1;
+        }
+        fast
+    });
+    // As soon as its queue overflows, the slow client reads again: after what was buffered
+    // comes the close frame with the documented code.
+    let metrics_url = server.http("/metrics");
+    let slow_task = tokio::spawn(async move {
+        for _ in 0..3000 {
+            let text = reqwest::get(&metrics_url)
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            if text
+                .lines()
+                .any(|l| l.starts_with("parlor_fanout_dropped_total") && !l.ends_with(" 0"))
+            {
+                return slow.closed().await;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the slow client's queue never overflowed");
+    });
+    for i in 0..total {
+        let id = sender.request(json!({ "type": "send-message", "roomId": "busy", "message": payload, "clientMessageId": format!("s{i}") })).await;
+        sender.reply(&id).await;
+    }
+    tokio::time::timeout(Duration::from_secs(30), fast_task)
+        .await
+        .expect("fast client keeps up")
+        .expect("fast task");
+    let close = tokio::time::timeout(Duration::from_secs(30), slow_task)
+        .await
+        .expect("slow client closed in time")
+        .expect("slow task")
+        .expect("close frame");
+    assert_eq!(u16::from(close.code), parlor::hub::CLOSE_SLOW_CONSUMER);
+    assert!(server.metric("parlor_disconnects", "slow_consumer").await >= 1.0);
+
+    // It recovers by rejoining with its last seq.
+    let mut back = server.connect().await;
+    let (_, history) = back.join("busy", Some(0)).await;
+    assert_eq!(history.len() as u64, total);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_sends_reconnect_and_closes_1012() {
+    let server = TestServer::start().await;
+    let mut c = server.connect().await;
+    c.join("bye", None).await;
+    let shutdown = server.shutdown.clone();
+    let started = std::time::Instant::now();
+    shutdown.cancel();
+    let hint = c.recv_type("reconnect").await;
+    assert!(hint["reason"].is_string());
+    let close = c.closed().await.expect("close frame");
+    assert_eq!(u16::from(close.code), 1012);
+    tokio::time::timeout(Duration::from_secs(6), server.handle)
+        .await
+        .expect("run returns within the bound")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(6));
+    // New connections are refused once stopped.
+    assert!(
+        Client::try_connect(&format!("ws://{}/ws", server.addr))
+            .await
+            .is_err()
+    );
+}
+
+/// Opens a raw WebSocket, joins nothing, sends one text frame of `size` bytes and returns the
+/// server's `error` frame and close code.
+async fn oversized_frame(server: &TestServer, size: usize) -> (Value, u16) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let handshake = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        server.addr
+    );
+    wr.write_all(handshake.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(rd.read_u8().await.unwrap());
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+
+    let writer = tokio::spawn(async move {
+        let mut frame = vec![0x81, 0x80 | 127];
+        frame.extend_from_slice(&(size as u64).to_be_bytes());
+        frame.extend_from_slice(&[1, 2, 3, 4]); // mask key
+        let _ = wr.write_all(&frame).await;
+        let chunk = vec![b'y' ^ 1; 64 * 1024];
+        let mut sent = 0;
+        while sent < size {
+            if wr.write_all(&chunk).await.is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+    });
+    let mut error = Value::Null;
+    let code = loop {
+        let (opcode, payload) = tokio::time::timeout(common::WAIT, read_frame(&mut rd))
+            .await
+            .expect("frame in time");
+        match opcode {
+            0x1 => error = serde_json::from_slice(&payload).unwrap(),
+            0x8 => break u16::from_be_bytes([payload[0], payload[1]]),
+            _ => {}
+        }
+    };
+    writer.abort();
+    (error, code)
+}
+
+/// Reads one unmasked server frame: (opcode, payload).
+async fn read_frame(rd: &mut tokio::net::tcp::OwnedReadHalf) -> (u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let b0 = rd.read_u8().await.unwrap();
+    let b1 = rd.read_u8().await.unwrap();
+    let len = match b1 & 0x7f {
+        126 => u64::from(rd.read_u16().await.unwrap()),
+        127 => rd.read_u64().await.unwrap(),
+        n => u64::from(n),
+    };
+    let mut payload = vec![0; usize::try_from(len).unwrap()];
+    rd.read_exact(&mut payload).await.unwrap();
+    (b0 & 0x0f, payload)
+}
