@@ -105,61 +105,103 @@ impl Deref for AppState {
     }
 }
 
+/// A built server: state, router and the background pieces shutdown must stop.
+#[derive(Debug)]
+pub struct App {
+    /// Shared state (also inside the router).
+    pub state: AppState,
+    store: Arc<dyn Store>,
+    dispatcher: tokio::task::JoinHandle<()>,
+}
+
+impl App {
+    /// Opens the store, creates the configured domains and wires hub, broker and services.
+    /// Nothing listens yet: [`App::router`] gives the HTTP app, [`run`] serves it.
+    pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, RunError> {
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::new());
+        let path = config.database_path().ok_or_else(|| {
+            RunError::Config(format!("unsupported database {:?}", config.database))
+        })?;
+
+        let (committed_tx, committed_rx) = mpsc::unbounded_channel();
+        let store_config = config.store.clone();
+        let store: Arc<dyn Store> = Arc::new(
+            tokio::task::spawn_blocking(move || {
+                SqliteStore::open(&path, &store_config, committed_tx)
+            })
+            .await
+            .map_err(|e| RunError::Config(format!("store start-up failed: {e}")))??,
+        );
+        for domain in &config.domains {
+            store.upsert_domain(&domain.id, &domain.name).await?;
+        }
+
+        let hub = Hub::new(
+            Arc::clone(&store),
+            Arc::clone(&metrics),
+            config.store.room_cache,
+        );
+        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(Arc::clone(&hub)));
+        let dispatcher = ChatService::spawn_dispatcher(committed_rx, Arc::clone(&broker));
+        let chat = Arc::new(ChatService::new(
+            Arc::clone(&store),
+            hub,
+            Arc::clone(&metrics),
+            config.limits.clone(),
+        ));
+        let state = AppState(Arc::new(AppInner {
+            auth: Authenticator::new(&config),
+            connection_permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+            config,
+            chat,
+            broker,
+            metrics,
+            shutdown,
+            tracker: TaskTracker::new(),
+            started: Instant::now(),
+            next_connection_id: AtomicU64::new(1),
+        }));
+        Ok(Self {
+            state,
+            store,
+            dispatcher,
+        })
+    }
+
+    /// The HTTP and WebSocket app.
+    pub fn router(&self) -> axum::Router {
+        transport::router(self.state.clone())
+    }
+
+    /// Waits until `until` at most for connections to finish, then flushes and closes the
+    /// store. Call after the shutdown token is cancelled.
+    pub async fn shutdown(self, until: tokio::time::Instant) {
+        self.state.tracker.close();
+        if tokio::time::timeout_at(until, self.state.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections did not finish in time; closing anyway");
+        }
+        self.store.close().await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.dispatcher).await;
+    }
+}
+
 /// Serves Parlor on `listener` until `shutdown` is cancelled, then shuts down gracefully
-/// within `config.shutdown_timeout_ms`.
+/// within `config.shutdown_timeout_ms`: stop accepting, send `reconnect` and close frames,
+/// let connections finish, flush writes, close the store.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let config = Arc::new(config);
-    let metrics = Arc::new(Metrics::new());
-    let path = config
-        .database_path()
-        .ok_or_else(|| RunError::Config(format!("unsupported database {:?}", config.database)))?;
-
-    let (committed_tx, committed_rx) = mpsc::unbounded_channel();
-    let store_config = config.store.clone();
-    let store: Arc<dyn Store> = Arc::new(
-        tokio::task::spawn_blocking(move || SqliteStore::open(&path, &store_config, committed_tx))
-            .await
-            .map_err(|e| RunError::Config(format!("store start-up failed: {e}")))??,
-    );
-    for domain in &config.domains {
-        store.upsert_domain(&domain.id, &domain.name).await?;
-    }
-
-    let hub = Hub::new(
-        Arc::clone(&store),
-        Arc::clone(&metrics),
-        config.store.room_cache,
-    );
-    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(Arc::clone(&hub)));
-    let dispatcher = ChatService::spawn_dispatcher(committed_rx, Arc::clone(&broker));
-    let chat = Arc::new(ChatService::new(
-        Arc::clone(&store),
-        hub,
-        Arc::clone(&metrics),
-        config.limits.clone(),
-    ));
-    let state = AppState(Arc::new(AppInner {
-        auth: Authenticator::new(&config),
-        connection_permits: Arc::new(Semaphore::new(config.limits.max_connections)),
-        config: Arc::clone(&config),
-        chat,
-        broker,
-        metrics,
-        shutdown: shutdown.clone(),
-        tracker: TaskTracker::new(),
-        started: Instant::now(),
-        next_connection_id: AtomicU64::new(1),
-    }));
-
+    let app = App::build(config, shutdown.clone()).await?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, database = %config.database, "parlor listening");
-    let app = transport::router(state.clone());
-    let server =
-        axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    tracing::info!(%addr, database = %app.state.config.database, "parlor listening");
+    let server = axum::serve(listener, app.router())
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let mut server = tokio::spawn(async move { server.await });
 
     let served = tokio::select! {
@@ -168,24 +210,13 @@ pub async fn run(
     };
     shutdown.cancel();
     tracing::info!("shutting down");
-    let deadline = config.shutdown_timeout_ms;
-    let drained = tokio::time::timeout(deadline, async {
-        state.tracker.close();
-        state.tracker.wait().await;
-        if served.is_none() {
-            let _ = (&mut server).await;
-        }
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            ?deadline,
-            "connections did not finish in time; closing anyway"
-        );
+    // One deadline for the whole shutdown: HTTP requests and WebSocket connections finish
+    // concurrently (both saw the token), then the store is flushed and closed.
+    let until = tokio::time::Instant::now() + app.state.config.shutdown_timeout_ms;
+    if served.is_none() && tokio::time::timeout_at(until, &mut server).await.is_err() {
         server.abort();
     }
-    store.close().await;
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), dispatcher).await;
+    app.shutdown(until).await;
     tracing::info!("stopped");
     match served {
         Some(Ok(Err(e))) => Err(RunError::Io(e)),
