@@ -17,8 +17,10 @@ struct Harness {
 
 async fn harness() -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.database = format!("sqlite://{}", dir.path().join("p.db").display());
+    let mut config = Config {
+        database: format!("sqlite://{}", dir.path().join("p.db").display()),
+        ..Config::default()
+    };
     config.limits.max_body_bytes = 64 * 1024;
     config.limits.max_message_bytes = 1000;
     config.validate().unwrap();
@@ -323,8 +325,10 @@ async fn bad_requests_get_json_errors_and_store_nothing() {
 #[tokio::test]
 async fn tenants_are_isolated_by_domain() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.database = format!("sqlite://{}", dir.path().join("p.db").display());
+    let mut config = Config {
+        database: format!("sqlite://{}", dir.path().join("p.db").display()),
+        ..Config::default()
+    };
     config.auth.jwt_secret = Some(parlor::config::Secret::new("tenant-secret-0123456789"));
     config.domains.push(parlor::config::DomainConfig {
         id: "acme".into(),
