@@ -6,23 +6,25 @@
 //! A client frame never makes the server wait for anyone else; an invalid one gets an `error`
 //! frame and nothing else happens.
 
+pub mod frame;
+pub mod socket;
+
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures_util::SinkExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
+use self::socket::{Incoming, RecvError, WsSocket};
 use super::http::{ApiError, bearer_token};
 use super::wire::{WireMessage, WireUser, encode_event, to_bytes};
 use crate::AppState;
@@ -35,13 +37,16 @@ use crate::store::CustomerProfile;
 
 /// Close code sent on graceful shutdown ("service restart"): reconnect, possibly elsewhere.
 pub const CLOSE_RESTART: u16 = 1012;
-/// Close code for a frame above `limits.max_frame_bytes`.
+/// Close code for a frame or message above `limits.max_frame_bytes`.
 pub const CLOSE_TOO_BIG: u16 = 1009;
-/// Bytes of outgoing frames collected before a write; a batch of queued events is flushed
-/// with one write.
-const WRITE_COALESCE_BYTES: usize = 16 * 1024;
+/// Close code for a protocol violation.
+pub const CLOSE_PROTOCOL: u16 = 1002;
+/// Close code for a text message that is not UTF-8.
+pub const CLOSE_INVALID_DATA: u16 = 1007;
 /// Most queued events written per flush.
 const WRITE_BATCH: usize = 64;
+/// Stop adding events to a write once this many bytes are pending.
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
 /// A client that accepts no data for this long is disconnected as a slow consumer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the close frame may take to reach a client being disconnected.
@@ -59,14 +64,31 @@ pub struct WsQuery {
     token: Option<String>,
 }
 
-/// `GET /ws`: authenticates, checks capacity, and upgrades.
+/// `GET /ws`: checks the handshake, authenticates, checks capacity, and upgrades.
 pub async fn upgrade(
     State(app): State<AppState>,
     Query(query): Query<WsQuery>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    mut req: Request,
 ) -> Response {
-    let token = query.token.as_deref().or_else(|| bearer_token(&headers));
+    let key = match handshake_key(req.headers()) {
+        Ok(key) => key,
+        Err(message) => {
+            app.metrics.client_error("upgrade_required");
+            let mut res = ApiError::new(StatusCode::UPGRADE_REQUIRED, "upgrade_required", message)
+                .into_response();
+            res.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            res.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+            return res;
+        }
+    };
+    let token = query
+        .token
+        .as_deref()
+        .or_else(|| bearer_token(req.headers()));
     let identity = match app.auth.identify(token) {
         Ok(identity) => identity,
         Err(e) => {
@@ -98,12 +120,58 @@ pub async fn upgrade(
         _permit: permit,
     };
     let auto_join = query.room_id;
-    let tracker = app.tracker.clone();
-    ws.read_buffer_size(limits.read_buffer_bytes)
-        .write_buffer_size(WRITE_COALESCE_BYTES)
-        .max_message_size(limits.max_frame_bytes)
-        .max_frame_size(limits.max_frame_bytes)
-        .on_upgrade(move |socket| tracker.track_future(connection.run(socket, auto_join)))
+    let max_message = limits.max_frame_bytes;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    app.tracker.spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                connection
+                    .run(WsSocket::new(upgraded, max_message), auto_join)
+                    .await;
+            }
+            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        }
+    });
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let mut res = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let headers = res.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    res
+}
+
+/// Checks an RFC 6455 opening handshake and returns its `Sec-WebSocket-Key`.
+fn handshake_key(headers: &HeaderMap) -> Result<String, &'static str> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
+        return Err(
+            "this endpoint speaks WebSocket: send Connection: Upgrade and Upgrade: websocket",
+        );
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .and_then(|v| v.to_str().ok())
+        != Some("13")
+    {
+        return Err("Sec-WebSocket-Version must be 13");
+    }
+    match headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(key) if key.len() == 24 && key.ends_with("==") => Ok(key.to_owned()),
+        _ => Err("missing or malformed Sec-WebSocket-Key"),
+    }
 }
 
 /// Why the connection loop ended.
@@ -113,6 +181,8 @@ enum End {
     Shutdown,
     SlowConsumer,
     FrameTooLarge,
+    ProtocolError,
+    InvalidUtf8,
     TransportError,
 }
 
@@ -123,6 +193,8 @@ impl End {
             End::Shutdown => "shutdown",
             End::SlowConsumer => "slow_consumer",
             End::FrameTooLarge => "frame_too_large",
+            End::ProtocolError => "protocol_error",
+            End::InvalidUtf8 => "invalid_utf8",
             End::TransportError => "transport_error",
         }
     }
@@ -153,7 +225,7 @@ type Sent = Result<(), Gone>;
 type ReplyTo = Option<Value>;
 
 impl Connection {
-    async fn run(mut self, mut socket: WebSocket, auto_join: Option<String>) {
+    async fn run(mut self, mut socket: WsSocket, auto_join: Option<String>) {
         let metrics = Arc::clone(&self.app.metrics);
         metrics.connections.inc();
         metrics.connections_total.inc();
@@ -165,7 +237,7 @@ impl Connection {
                 room_id: Some(room),
                 ..JoinRoom::default()
             };
-            if let Err(Gone(e)) = self.join(&mut socket, frame, None).await {
+            if let Err(Gone(e)) = Box::pin(self.join(&mut socket, frame, None)).await {
                 end = Some(e);
             }
         }
@@ -177,7 +249,7 @@ impl Connection {
         for key in std::mem::take(&mut self.rooms) {
             self.app.chat.leave(&self.handle, &key);
         }
-        self.close(&mut socket, end).await;
+        Box::pin(self.close(&mut socket, end)).await;
         metrics.connections.dec();
         metrics.disconnect(end.label());
         tracing::debug!(
@@ -187,7 +259,10 @@ impl Connection {
         );
     }
 
-    async fn serve(&mut self, socket: &mut WebSocket) -> End {
+    /// The connection's main loop. Everything but the wait itself is boxed so that the state
+    /// an idle connection keeps is only this loop's few hundred bytes; the request paths
+    /// (join, store calls) are large and short-lived.
+    async fn serve(&mut self, socket: &mut WsSocket) -> End {
         let shutdown = self.app.shutdown.clone();
         let kicked = self.handle.clone();
         loop {
@@ -196,17 +271,28 @@ impl Connection {
                 () = shutdown.cancelled() => return End::Shutdown,
                 () = kicked.kicked() => return End::SlowConsumer,
                 event = self.rx.recv() => match event {
-                    Some(envelope) => self.write_events(socket, envelope).await,
+                    Some(envelope) => Box::pin(self.write_events(socket, envelope)).await,
                     None => return End::TransportError,
                 },
-                frame = socket.recv() => match frame {
-                    None | Some(Ok(WsMessage::Close(_))) => return End::ClientClosed,
-                    Some(Ok(WsMessage::Text(text))) => self.on_text(socket, text).await,
-                    Some(Ok(WsMessage::Binary(_))) => {
-                        self.error(socket, None, "unsupported_frame", "binary frames are not supported; send JSON text").await
+                incoming = socket.recv() => match incoming {
+                    Ok(Incoming::Text(text)) => Box::pin(self.on_text(socket, text)).await,
+                    Ok(Incoming::Binary) => {
+                        Box::pin(self.error(socket, None, "unsupported_frame", "binary frames are not supported; send JSON text")).await
                     }
-                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => Ok(()),
-                    Some(Err(e)) => return self.read_failed(socket, e).await,
+                    Ok(Incoming::Ping(payload)) => {
+                        socket.queue_pong(&payload);
+                        Box::pin(self.bounded(socket.flush())).await
+                    }
+                    Ok(Incoming::Close) => return End::ClientClosed,
+                    Err(RecvError::TooLarge) => {
+                        let limit = self.app.config.limits.max_frame_bytes;
+                        let message = format!("frames are limited to {limit} bytes");
+                        let _ = Box::pin(self.error(socket, None, "frame_too_large", &message)).await;
+                        return End::FrameTooLarge;
+                    }
+                    Err(RecvError::Protocol(_)) => return End::ProtocolError,
+                    Err(RecvError::InvalidUtf8) => return End::InvalidUtf8,
+                    Err(RecvError::Gone) => return End::TransportError,
                 },
             };
             if let Err(Gone(end)) = step {
@@ -216,17 +302,16 @@ impl Connection {
     }
 
     /// Writes `first` and whatever else is queued, then flushes once.
-    async fn write_events(&mut self, socket: &mut WebSocket, first: Arc<Envelope>) -> Sent {
+    async fn write_events(&mut self, socket: &mut WsSocket, first: Arc<Envelope>) -> Sent {
         let mut next = Some(first);
         let mut written = 0u64;
         while let Some(envelope) = next.take() {
             let bytes = envelope
                 .native
-                .get_or_init(|| encode_event(&envelope.event))
-                .clone();
-            self.bounded(socket.feed(text(bytes))).await?;
+                .get_or_init(|| encode_event(&envelope.event));
+            socket.queue_text(bytes);
             written += 1;
-            if written < WRITE_BATCH as u64 {
+            if written < WRITE_BATCH as u64 && socket.pending() < WRITE_BATCH_BYTES {
                 next = self.rx.try_recv().ok();
             }
         }
@@ -236,14 +321,15 @@ impl Connection {
     }
 
     /// Sends one frame now.
-    async fn send(&self, socket: &mut WebSocket, bytes: Bytes) -> Sent {
-        self.bounded(socket.send(text(bytes))).await?;
+    async fn send(&self, socket: &mut WsSocket, bytes: Bytes) -> Sent {
+        socket.queue_text(&bytes);
+        self.bounded(socket.flush()).await?;
         self.app.metrics.frames_out.inc();
         Ok(())
     }
 
     /// Runs a socket write unless the client is kicked or stalls for [`WRITE_TIMEOUT`].
-    async fn bounded(&self, write: impl Future<Output = Result<(), axum::Error>>) -> Sent {
+    async fn bounded(&self, write: impl Future<Output = std::io::Result<()>>) -> Sent {
         tokio::select! {
             result = tokio::time::timeout(WRITE_TIMEOUT, write) => match result {
                 Ok(Ok(())) => Ok(()),
@@ -256,7 +342,7 @@ impl Connection {
 
     async fn error(
         &self,
-        socket: &mut WebSocket,
+        socket: &mut WsSocket,
         reply_to: ReplyTo,
         code: &'static str,
         message: &str,
@@ -269,7 +355,7 @@ impl Connection {
 
     async fn service_error(
         &self,
-        socket: &mut WebSocket,
+        socket: &mut WsSocket,
         reply_to: ReplyTo,
         e: &ServiceError,
     ) -> Sent {
@@ -279,49 +365,31 @@ impl Connection {
         self.error(socket, reply_to, e.code(), &e.to_string()).await
     }
 
-    /// A read error: oversized frames are answered and closed with 1009; anything else is a
-    /// broken connection.
-    async fn read_failed(&self, socket: &mut WebSocket, e: axum::Error) -> End {
-        let too_big = e
-            .into_inner()
-            .downcast::<tungstenite::Error>()
-            .is_ok_and(|e| matches!(*e, tungstenite::Error::Capacity(_)));
-        if too_big {
-            let limit = self.app.config.limits.max_frame_bytes;
-            let _ = self
-                .error(
-                    socket,
-                    None,
-                    "frame_too_large",
-                    &format!("frames are limited to {limit} bytes"),
-                )
-                .await;
-            End::FrameTooLarge
-        } else {
-            End::TransportError
-        }
-    }
-
-    async fn close(&mut self, socket: &mut WebSocket, end: End) {
+    /// Ends the WebSocket: a `reconnect` hint on shutdown, then the close frame with the
+    /// documented code, then the TCP half-close.
+    async fn close(&mut self, socket: &mut WsSocket, end: End) {
         let (code, reason) = match end {
             End::Shutdown => {
                 let frame = json!({ "type": "reconnect", "reason": "server shutting down", "timestamp": iso(now_ms()) });
-                let _ = self.send(socket, to_bytes(&frame)).await;
+                socket.queue_text(&to_bytes(&frame));
                 (CLOSE_RESTART, "server restarting")
             }
             End::SlowConsumer => (CLOSE_SLOW_CONSUMER, "slow consumer: outbound queue full"),
             End::FrameTooLarge => (CLOSE_TOO_BIG, "frame too large"),
+            End::ProtocolError => (CLOSE_PROTOCOL, "protocol error"),
+            End::InvalidUtf8 => (CLOSE_INVALID_DATA, "text frame is not UTF-8"),
             End::ClientClosed => (1000, ""),
             End::TransportError => return,
         };
-        let frame = CloseFrame {
-            code,
-            reason: Utf8Bytes::from_static(reason),
-        };
-        // A kicked client may still be reading what was queued before the close frame; give it
-        // a bounded moment, then drop it.
-        let _ =
-            tokio::time::timeout(CLOSE_TIMEOUT, socket.send(WsMessage::Close(Some(frame)))).await;
+        socket.queue_close(code, reason);
+        // A kicked client may still be reading what was queued before the close frame; give
+        // it a bounded moment, then drop it.
+        if tokio::time::timeout(CLOSE_TIMEOUT, socket.flush())
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            socket.shutdown().await;
+        }
         if matches!(end, End::FrameTooLarge) {
             // Lingering close: the rest of the oversized frame is still arriving. Dropping the
             // socket now would reset the connection and the client would lose the error and
@@ -330,7 +398,7 @@ impl Connection {
         }
     }
 
-    async fn on_text(&mut self, socket: &mut WebSocket, raw: Utf8Bytes) -> Sent {
+    async fn on_text(&mut self, socket: &mut WsSocket, raw: String) -> Sent {
         self.app.metrics.frames_in.inc();
         let raw = raw.as_str();
         let head: Head<'_> = match serde_json::from_str(raw) {
@@ -433,7 +501,7 @@ impl Connection {
         }
     }
 
-    async fn join(&mut self, socket: &mut WebSocket, f: JoinRoom, reply_to: ReplyTo) -> Sent {
+    async fn join(&mut self, socket: &mut WsSocket, f: JoinRoom, reply_to: ReplyTo) -> Sent {
         let identity = Arc::clone(self.handle.identity());
         if let Some(role) = f.role.as_deref()
             && let Err(m) = policy::message_role(&identity, Some(role))
@@ -495,7 +563,7 @@ impl Connection {
     /// before anything from the queue so the client sees the room in `seq` order.
     async fn send_joined(
         &self,
-        socket: &mut WebSocket,
+        socket: &mut WsSocket,
         key: &RoomKey,
         joined: &Joined,
         reply_to: ReplyTo,
@@ -509,12 +577,12 @@ impl Connection {
             "members": members,
             "timestamp": iso(now_ms()),
         });
-        self.bounded(socket.feed(text(to_bytes(&frame)))).await?;
+        socket.queue_text(&to_bytes(&frame));
         let chunk = self.app.config.limits.replay_chunk;
         let mut chunks = joined.history.chunks(chunk).peekable();
         if chunks.peek().is_none() {
             let frame = json!({ "type": "message-history", "roomId": &*key.room_id, "messages": [], "truncated": joined.truncated });
-            self.bounded(socket.feed(text(to_bytes(&frame)))).await?;
+            socket.queue_text(&to_bytes(&frame));
         }
         while let Some(part) = chunks.next() {
             let messages: Vec<WireMessage<'_>> = part.iter().map(|m| WireMessage::of(m)).collect();
@@ -525,14 +593,14 @@ impl Connection {
                 "truncated": joined.truncated,
                 "more": chunks.peek().is_some(),
             });
-            self.bounded(socket.feed(text(to_bytes(&frame)))).await?;
+            socket.queue_text(&to_bytes(&frame));
         }
         self.bounded(socket.flush()).await
     }
 
     async fn send_message(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut WsSocket,
         f: SendMessage,
         reply_to: ReplyTo,
     ) -> Sent {
@@ -575,7 +643,7 @@ impl Connection {
         }
     }
 
-    async fn leave(&mut self, socket: &mut WebSocket, f: RoomRef, reply_to: ReplyTo) -> Sent {
+    async fn leave(&mut self, socket: &mut WsSocket, f: RoomRef, reply_to: ReplyTo) -> Sent {
         let room_id = match self.target_room(f.room_id.as_deref()) {
             Ok(r) => r,
             Err(e) => return self.service_error(socket, reply_to, &e).await,
@@ -595,7 +663,7 @@ impl Connection {
         self.send(socket, to_bytes(&frame)).await
     }
 
-    async fn history(&mut self, socket: &mut WebSocket, f: History, reply_to: ReplyTo) -> Sent {
+    async fn history(&mut self, socket: &mut WsSocket, f: History, reply_to: ReplyTo) -> Sent {
         let room_id = match self.target_room(f.room_id.as_deref()) {
             Ok(r) => r,
             Err(e) => return self.service_error(socket, reply_to, &e).await,
@@ -623,7 +691,7 @@ impl Connection {
         }
     }
 
-    async fn typing(&mut self, socket: &mut WebSocket, f: Typing, reply_to: ReplyTo) -> Sent {
+    async fn typing(&mut self, socket: &mut WsSocket, f: Typing, reply_to: ReplyTo) -> Sent {
         let room_id = match self.target_room(f.room_id.as_deref()) {
             Ok(r) => r,
             Err(e) => return self.service_error(socket, reply_to, &e).await,
@@ -643,7 +711,7 @@ impl Connection {
         }
     }
 
-    async fn read(&mut self, socket: &mut WebSocket, f: Read, reply_to: ReplyTo) -> Sent {
+    async fn read(&mut self, socket: &mut WsSocket, f: Read, reply_to: ReplyTo) -> Sent {
         let room_id = match self.target_room(f.room_id.as_deref()) {
             Ok(r) => r,
             Err(e) => return self.service_error(socket, reply_to, &e).await,
@@ -664,7 +732,7 @@ impl Connection {
         }
     }
 
-    async fn presence(&mut self, socket: &mut WebSocket, f: RoomRef, reply_to: ReplyTo) -> Sent {
+    async fn presence(&mut self, socket: &mut WsSocket, f: RoomRef, reply_to: ReplyTo) -> Sent {
         let room_id = match self.target_room(f.room_id.as_deref()) {
             Ok(r) => r,
             Err(e) => return self.service_error(socket, reply_to, &e).await,
@@ -680,16 +748,6 @@ impl Connection {
         let members: Vec<WireUser<'_>> = users.iter().map(WireUser::from).collect();
         let frame = json!({ "type": "presence", "replyTo": reply_to, "roomId": room_id, "members": members });
         self.send(socket, to_bytes(&frame)).await
-    }
-}
-
-fn text(bytes: Bytes) -> WsMessage {
-    // Every frame we send is produced by serde_json, hence UTF-8.
-    match Utf8Bytes::try_from(bytes) {
-        Ok(t) => WsMessage::Text(t),
-        Err(_) => WsMessage::Text(Utf8Bytes::from_static(
-            r#"{"type":"error","code":"internal"}"#,
-        )),
     }
 }
 

@@ -1,0 +1,234 @@
+//! WebSocket connection I/O whose buffers exist only while bytes are in flight.
+//!
+//! An idle connection is most connections, so what it keeps decides the server's memory per
+//! connection. [`WsSocket`] reads by polling into a stack buffer: bytes are copied to the
+//! heap only when a frame is incomplete, and the read buffer is freed as soon as it is empty.
+//! Writes are collected in a buffer that is freed after each flush. Nothing keeps its
+//! largest size after a burst, unlike a general-purpose WebSocket stream.
+//!
+//! All methods are cancel-safe: every byte read or written is accounted for in `self` before
+//! a poll returns, so the connection task can race them against shutdown and kicks.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::frame::{self, FrameError, Opcode};
+
+/// Bytes read from the socket per poll (on the stack, not kept).
+const READ_CHUNK: usize = 4096;
+
+/// A complete message or control frame from the client.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A UTF-8 text message (reassembled if fragmented).
+    Text(String),
+    /// A binary message (Parlor has no use for them).
+    Binary,
+    /// A ping; its payload goes back in a pong.
+    Ping(Vec<u8>),
+    /// The client started the closing handshake.
+    Close,
+}
+
+/// Why reading failed. Every variant ends the connection.
+#[derive(Debug)]
+pub enum RecvError {
+    /// A frame or message above the size limit (close 1009).
+    TooLarge,
+    /// A protocol violation (close 1002).
+    Protocol(&'static str),
+    /// A text message that is not UTF-8 (close 1007).
+    InvalidUtf8,
+    /// The connection broke or the peer closed the TCP stream.
+    Gone,
+}
+
+/// The server end of an upgraded WebSocket connection.
+pub struct WsSocket {
+    io: TokioIo<Upgraded>,
+    /// Received bytes not yet forming a whole frame. Unallocated when empty.
+    rbuf: Vec<u8>,
+    /// Encoded frames waiting to be written, and how much of them is written.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    /// A fragmented message being reassembled: (is text, bytes so far).
+    partial: Option<(bool, Vec<u8>)>,
+    /// Largest frame or reassembled message accepted.
+    max_message: usize,
+    /// A close frame has been queued; nothing may follow it.
+    close_queued: bool,
+}
+
+impl std::fmt::Debug for WsSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WsSocket")
+            .field("pending_write", &self.pending())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WsSocket {
+    /// Wraps an upgraded connection.
+    pub fn new(io: Upgraded, max_message: usize) -> Self {
+        Self {
+            io: TokioIo::new(io),
+            rbuf: Vec::new(),
+            wbuf: Vec::new(),
+            wpos: 0,
+            partial: None,
+            max_message,
+            close_queued: false,
+        }
+    }
+
+    /// The next message or control frame.
+    pub async fn recv(&mut self) -> Result<Incoming, RecvError> {
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Incoming, RecvError>> {
+        loop {
+            if let Some(incoming) = self.take_message()? {
+                return Poll::Ready(Ok(incoming));
+            }
+            let mut stack = [0u8; READ_CHUNK];
+            let mut buf = ReadBuf::new(&mut stack);
+            match ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf)) {
+                Ok(()) if buf.filled().is_empty() => return Poll::Ready(Err(RecvError::Gone)),
+                Ok(()) => self.rbuf.extend_from_slice(buf.filled()),
+                Err(_) => return Poll::Ready(Err(RecvError::Gone)),
+            }
+        }
+    }
+
+    /// Takes whole frames out of `rbuf` until one completes a message or is a control frame.
+    fn take_message(&mut self) -> Result<Option<Incoming>, RecvError> {
+        loop {
+            let header = match frame::parse_header(&self.rbuf, self.max_message) {
+                Ok(Some(h)) => h,
+                Ok(None) => return Ok(None),
+                Err(FrameError::TooLarge { .. }) => return Err(RecvError::TooLarge),
+                Err(FrameError::Protocol(m)) => return Err(RecvError::Protocol(m)),
+            };
+            let total = header.header_len + header.payload_len;
+            if self.rbuf.len() < total {
+                return Ok(None);
+            }
+            let mut payload = if total == self.rbuf.len() {
+                // The usual case: the buffer holds exactly one frame; reuse its allocation.
+                let mut whole = std::mem::take(&mut self.rbuf);
+                whole.drain(..header.header_len);
+                whole
+            } else {
+                let payload = self.rbuf[header.header_len..total].to_vec();
+                self.rbuf.drain(..total);
+                payload
+            };
+            frame::unmask(&mut payload, header.mask, 0);
+
+            match header.opcode {
+                Opcode::Ping => return Ok(Some(Incoming::Ping(payload))),
+                Opcode::Pong => {}
+                Opcode::Close => {
+                    if payload.len() == 1
+                        || std::str::from_utf8(payload.get(2..).unwrap_or_default()).is_err()
+                    {
+                        return Err(RecvError::Protocol("malformed close frame"));
+                    }
+                    return Ok(Some(Incoming::Close));
+                }
+                Opcode::Text | Opcode::Binary => {
+                    if self.partial.is_some() {
+                        return Err(RecvError::Protocol(
+                            "a new message started inside a fragmented one",
+                        ));
+                    }
+                    let text = header.opcode == Opcode::Text;
+                    if header.fin {
+                        return finish(text, payload).map(Some);
+                    }
+                    self.partial = Some((text, payload));
+                }
+                Opcode::Continuation => {
+                    let Some((text, mut message)) = self.partial.take() else {
+                        return Err(RecvError::Protocol("continuation frame without a message"));
+                    };
+                    if message.len() + payload.len() > self.max_message {
+                        return Err(RecvError::TooLarge);
+                    }
+                    message.extend_from_slice(&payload);
+                    if header.fin {
+                        return finish(text, message).map(Some);
+                    }
+                    self.partial = Some((text, message));
+                }
+            }
+        }
+    }
+
+    /// Queues a text frame; [`WsSocket::flush`] writes it.
+    pub fn queue_text(&mut self, payload: &[u8]) {
+        if !self.close_queued {
+            frame::encode(&mut self.wbuf, Opcode::Text, payload);
+        }
+    }
+
+    /// Queues a pong answering a ping.
+    pub fn queue_pong(&mut self, payload: &[u8]) {
+        if !self.close_queued {
+            frame::encode(&mut self.wbuf, Opcode::Pong, payload);
+        }
+    }
+
+    /// Queues the close frame; nothing can be queued after it.
+    pub fn queue_close(&mut self, code: u16, reason: &str) {
+        if !self.close_queued {
+            frame::encode_close(&mut self.wbuf, code, reason);
+            self.close_queued = true;
+        }
+    }
+
+    /// Bytes queued but not yet written.
+    pub fn pending(&self) -> usize {
+        self.wbuf.len() - self.wpos
+    }
+
+    /// Writes everything queued, then frees the write buffer.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        poll_fn(|cx| self.poll_flush(cx)).await
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.wpos < self.wbuf.len() {
+            match ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..])) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => self.wpos += n,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        self.wbuf = Vec::new();
+        self.wpos = 0;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    /// Half-closes the TCP stream after the close frame, so the client sees the end.
+    pub async fn shutdown(&mut self) {
+        let _ = poll_fn(|cx| Pin::new(&mut self.io).poll_shutdown(cx)).await;
+    }
+}
+
+fn finish(text: bool, payload: Vec<u8>) -> Result<Incoming, RecvError> {
+    if text {
+        String::from_utf8(payload)
+            .map(Incoming::Text)
+            .map_err(|_| RecvError::InvalidUtf8)
+    } else {
+        Ok(Incoming::Binary)
+    }
+}
