@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -200,6 +201,13 @@ pub async fn run(
     let app = App::build(config, shutdown.clone()).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, database = %app.state.config.database, "parlor listening");
+    // Chat frames are small and latency-bound: send them at once instead of letting Nagle's
+    // algorithm hold them for the peer's delayed ACK (tens of milliseconds).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, app.router())
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let mut server = tokio::spawn(async move { server.await });

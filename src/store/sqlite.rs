@@ -102,14 +102,36 @@ impl SqliteStore {
             })?;
         }
         let mut conn = Connection::open(path).map_err(unavailable)?;
+        // A new database gets small pages: each commit writes every page it dirtied to the
+        // WAL, and a chat batch dirties one page per active room, so page size sets the
+        // bytes written per message. (It can only be chosen before the first table exists.)
+        conn.pragma_update(None, "page_size", PAGE_SIZE)
+            .map_err(unavailable)?;
         configure(&conn, config.sqlite_synchronous).map_err(unavailable)?;
         migrate(&mut conn)?;
+
+        // Commits must never wait for a checkpoint's fsync: the writer does not checkpoint;
+        // a thread of its own does, every CHECKPOINT_EVERY.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(unavailable)?;
+        let checkpoint_conn = Connection::open(path).map_err(unavailable)?;
+        configure(&checkpoint_conn, config.sqlite_synchronous).map_err(unavailable)?;
+        let (stop_checkpoints, stopped) = std::sync::mpsc::channel::<()>();
+        let checkpointer = std::thread::Builder::new()
+            .name("parlor-sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(&checkpoint_conn, &stopped))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start checkpoint thread: {e}")))?;
 
         let (tx, rx) = mpsc::unbounded_channel();
         let max_batch = config.max_batch;
         let thread = std::thread::Builder::new()
             .name("parlor-sqlite-writer".into())
-            .spawn(move || Writer::new(conn, sink).run(rx, max_batch))
+            .spawn(move || {
+                Writer::new(conn, sink).run(rx, max_batch);
+                // Writes are finished: stop the checkpointer, which truncates the WAL.
+                drop(stop_checkpoints);
+                let _ = checkpointer.join();
+            })
             .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
 
         Ok(Self {
@@ -187,6 +209,27 @@ fn configure(conn: &Connection, sync: SqliteSync) -> rusqlite::Result<()> {
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(())
+}
+
+/// Page size of new databases, in bytes.
+const PAGE_SIZE: i64 = 1024;
+
+/// How often the checkpoint thread copies the WAL back into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Checkpoints the WAL until `stop` is dropped, then truncates it. `PASSIVE` never blocks the
+/// writer or readers; it copies what it can and the next round takes the rest.
+fn checkpoint_loop(conn: &Connection, stop: &std::sync::mpsc::Receiver<()>) {
+    let checkpoint = |mode: &str| {
+        if let Err(e) = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(())) {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+    };
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY)
+    {
+        checkpoint("PASSIVE");
+    }
+    checkpoint("TRUNCATE");
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -269,11 +312,15 @@ fn row_to_room(row: &rusqlite::Row<'_>) -> rusqlite::Result<Room> {
     })
 }
 
-const ROOM_COLUMNS: &str = "domain_id, id, kind, created_by, last_seq, created_at";
+/// A room's last `seq` is not stored apart: it is the largest key of its messages, one seek
+/// into the primary key, so appends never rewrite the `rooms` row.
+const ROOM_COLUMNS: &str = "r.domain_id, r.id, r.kind, r.created_by, \
+    (SELECT COALESCE(MAX(m.seq), 0) FROM messages m WHERE m.domain_id = r.domain_id AND m.room_id = r.id), \
+    r.created_at";
 
 fn select_room(conn: &Connection, key: &RoomKey) -> rusqlite::Result<Option<Room>> {
     conn.prepare_cached(&format!(
-        "SELECT {ROOM_COLUMNS} FROM rooms WHERE domain_id = ?1 AND id = ?2"
+        "SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.domain_id = ?1 AND r.id = ?2"
     ))?
     .query_row(params![&*key.domain_id, &*key.room_id], row_to_room)
     .optional()
@@ -285,8 +332,8 @@ struct Writer {
     sink: CommitSink,
     /// Last `seq` per room as of the last commit (or inside the open batch).
     last_seq: HashMap<RoomKey, u64>,
-    /// Rooms whose `last_seq` changed in the open batch.
-    dirty: Vec<RoomKey>,
+    /// The open batch changed the `seq` cache: forget the cache if it rolls back.
+    dirty: bool,
 }
 
 /// Entries kept in the writer's `seq` cache before it is cleared.
@@ -298,7 +345,7 @@ impl Writer {
             conn,
             sink,
             last_seq: HashMap::new(),
-            dirty: Vec::new(),
+            dirty: false,
         }
     }
 
@@ -353,7 +400,7 @@ impl Writer {
     /// Executes all of `batch` and commits. On error everything is rolled back, the in-memory
     /// `seq` cache forgets what the batch did, and `batch` is left intact for a retry.
     fn try_transaction(&mut self, batch: &mut Vec<WriteOp>) -> Result<Vec<Done>, StoreError> {
-        self.dirty.clear();
+        self.dirty = false;
         let result = (|| {
             self.conn
                 .execute_batch("BEGIN IMMEDIATE")
@@ -361,18 +408,6 @@ impl Writer {
             let mut results = Vec::with_capacity(batch.len());
             for op in batch.iter() {
                 results.push(self.apply(op)?);
-            }
-            let now = to_ms(now_ms());
-            for key in &self.dirty {
-                let seq = self.last_seq.get(key).copied().unwrap_or(0);
-                self.conn
-                    .prepare_cached(
-                        "UPDATE rooms SET last_seq = ?1, updated_at = ?2 WHERE domain_id = ?3 AND id = ?4",
-                    )
-                    .and_then(|mut s| {
-                        s.execute(params![seq_param(seq), now, &*key.domain_id, &*key.room_id])
-                    })
-                    .map_err(unavailable)?;
             }
             self.conn.execute_batch("COMMIT").map_err(unavailable)?;
             Ok(results)
@@ -390,8 +425,9 @@ impl Writer {
                 let _ = self.conn.execute_batch("ROLLBACK");
                 // Rooms created or advanced by the failed batch no longer exist as cached;
                 // forget everything rather than track which entries the batch touched.
-                self.last_seq.clear();
-                self.dirty.clear();
+                if self.dirty {
+                    self.last_seq.clear();
+                }
                 Err(e)
             }
         }
@@ -447,12 +483,20 @@ impl Writer {
         let now = now_ms();
         self.conn
             .prepare_cached(
-                "INSERT INTO rooms (domain_id, id, kind, created_by, last_seq, created_at, updated_at)
-                 VALUES (?1, ?2, 'support', ?3, 0, ?4, ?4)",
+                "INSERT INTO rooms (domain_id, id, kind, created_by, created_at, updated_at)
+                 VALUES (?1, ?2, 'support', ?3, ?4, ?4)",
             )
-            .and_then(|mut s| s.execute(params![&*key.domain_id, &*key.room_id, created_by, to_ms(now)]))
+            .and_then(|mut s| {
+                s.execute(params![
+                    &*key.domain_id,
+                    &*key.room_id,
+                    created_by,
+                    to_ms(now)
+                ])
+            })
             .map_err(unavailable)?;
         self.last_seq.insert(key.clone(), 0);
+        self.dirty = true;
         Ok(Room {
             key: key.clone(),
             kind: "support".to_owned(),
@@ -472,28 +516,6 @@ impl Writer {
     }
 
     fn append(&mut self, m: &NewMessage) -> Result<Appended, StoreError> {
-        if let Some(cmid) = &m.client_message_id {
-            let existing = self
-                .conn
-                .prepare_cached(&format!(
-                    "SELECT {MESSAGE_COLUMNS} FROM messages
-                     WHERE domain_id = ?1 AND room_id = ?2 AND client_message_id = ?3"
-                ))
-                .and_then(|mut s| {
-                    s.query_row(
-                        params![&*m.room.domain_id, &*m.room.room_id, cmid],
-                        row_to_message,
-                    )
-                    .optional()
-                })
-                .map_err(unavailable)?;
-            if let Some(message) = existing {
-                return Ok(Appended {
-                    message: Arc::new(message),
-                    duplicate: true,
-                });
-            }
-        }
         let seq = self.current_seq(&m.room, &m.author.user_id)? + 1;
         let message = Message {
             id: uuid::Uuid::now_v7().to_string(),
@@ -507,9 +529,14 @@ impl Writer {
             created_at: now_ms(),
         };
         let data = message.data.as_ref().map(serde_json::Value::to_string);
-        self.conn
+        // A repeated client_message_id inserts nothing; only then is the original looked up,
+        // so the usual append is a single statement.
+        let inserted = self
+            .conn
             .prepare_cached(&format!(
-                "INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+                "INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                 ON CONFLICT (domain_id, room_id, client_message_id) WHERE client_message_id IS NOT NULL
+                 DO NOTHING"
             ))
             .and_then(|mut s| {
                 s.execute(params![
@@ -528,12 +555,29 @@ impl Writer {
                 ])
             })
             .map_err(unavailable)?;
+        if inserted == 0 {
+            let existing = self
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM messages
+                     WHERE domain_id = ?1 AND room_id = ?2 AND client_message_id = ?3"
+                ))
+                .and_then(|mut s| {
+                    s.query_row(
+                        params![&*m.room.domain_id, &*m.room.room_id, &m.client_message_id],
+                        row_to_message,
+                    )
+                })
+                .map_err(unavailable)?;
+            return Ok(Appended {
+                message: Arc::new(existing),
+                duplicate: true,
+            });
+        }
         if let Some(entry) = self.last_seq.get_mut(&m.room) {
             *entry = seq;
         }
-        if !self.dirty.contains(&m.room) {
-            self.dirty.push(m.room.clone());
-        }
+        self.dirty = true;
         Ok(Appended {
             message: Arc::new(message),
             duplicate: false,

@@ -1,6 +1,7 @@
 -- Parlor schema, version 1 (SQLite).
 -- Rooms are keyed by (domain_id, id): the same room id in two domains is two rooms, so no
 -- query can cross a tenant boundary by guessing an id.
+-- A room's last seq is MAX(messages.seq), one seek into the messages primary key.
 
 CREATE TABLE domains (
     id          TEXT PRIMARY KEY NOT NULL,
@@ -23,7 +24,6 @@ CREATE TABLE rooms (
     id          TEXT NOT NULL,
     kind        TEXT NOT NULL DEFAULT 'support',
     created_by  TEXT,
-    last_seq    INTEGER NOT NULL DEFAULT 0,   -- highest stored message seq
     created_at  INTEGER NOT NULL,
     updated_at  INTEGER NOT NULL,
     PRIMARY KEY (domain_id, id)
