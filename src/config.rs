@@ -90,9 +90,6 @@ pub struct Limits {
     /// Outbound frames queued per connection before it is treated as a slow consumer and
     /// closed with code 4008.
     pub outbound_queue: usize,
-    /// Bytes of the per-connection read buffer. Small keeps idle connections cheap; frames
-    /// larger than this still work (the buffer grows for them).
-    pub read_buffer_bytes: usize,
     /// Messages sent in `message-history` when a client joins without `since`.
     pub history_on_join: usize,
     /// Most messages replayed in one `message-history` frame when recovering with `since`;
@@ -117,7 +114,6 @@ impl Default for Limits {
             messages_burst: 40,
             rooms_per_connection: 64,
             outbound_queue: 1024,
-            read_buffer_bytes: 1024,
             history_on_join: 50,
             replay_chunk: 500,
             max_replay: 10_000,
@@ -298,7 +294,6 @@ impl Config {
             ("limits.messages_burst", l.messages_burst as usize),
             ("limits.rooms_per_connection", l.rooms_per_connection),
             ("limits.outbound_queue", l.outbound_queue),
-            ("limits.read_buffer_bytes", l.read_buffer_bytes),
             ("limits.replay_chunk", l.replay_chunk),
             ("limits.max_replay", l.max_replay),
             ("limits.max_page", l.max_page),

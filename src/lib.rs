@@ -3,7 +3,8 @@
 //! The parts, in the order a message flows through them (see `ARCHITECTURE.md`):
 //!
 //! - [`transport`] — wire formats: the native WebSocket protocol (`/ws`) and the HTTP API.
-//!   Transports call services and never touch the store or the hub's internals.
+//!   Transports call services; they reach the store and hub only through a service's
+//!   accessors (health checks, presence lists), never their internals.
 //! - [`service`] — what Parlor does (chat today), independent of any wire format.
 //! - [`auth`] — who is calling ([`auth::Authenticator`]) and what they may do
 //!   ([`auth::policy`]).

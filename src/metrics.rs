@@ -20,6 +20,13 @@ pub struct OpLabel {
     pub op: &'static str,
 }
 
+/// Label set for refused requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// The stable error code.
+    pub code: &'static str,
+}
+
 /// Label set for closed connections.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -47,7 +54,7 @@ pub struct Metrics {
     /// closed as a slow consumer).
     pub fanout_dropped: Counter,
     /// Client errors answered with an `error` frame or 4xx, by code.
-    pub client_errors: Family<OpLabel, Counter>,
+    pub client_errors: Family<CodeLabel, Counter>,
     /// Store operation latency.
     pub store_latency: Family<OpLabel, Histogram>,
 }
@@ -63,7 +70,7 @@ impl Metrics {
         let frames_out = Counter::default();
         let messages_stored = Counter::default();
         let fanout_dropped = Counter::default();
-        let client_errors = Family::<OpLabel, Counter>::default();
+        let client_errors = Family::<CodeLabel, Counter>::default();
         let store_latency = Family::<OpLabel, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
         });
@@ -131,9 +138,7 @@ impl Metrics {
 
     /// Counts one refused request.
     pub fn client_error(&self, code: &'static str) {
-        self.client_errors
-            .get_or_create(&OpLabel { op: code })
-            .inc();
+        self.client_errors.get_or_create(&CodeLabel { code }).inc();
     }
 
     /// Counts one closed connection.

@@ -9,6 +9,8 @@ use parlor::config::Config;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
+const SECRET: &str = "http-test-secret-0123456789";
+
 struct Harness {
     router: axum::Router,
     _app: parlor::App,
@@ -23,6 +25,7 @@ async fn harness() -> Harness {
     };
     config.limits.max_body_bytes = 64 * 1024;
     config.limits.max_message_bytes = 1000;
+    config.auth.jwt_secret = Some(parlor::config::Secret::new(SECRET));
     config.validate().unwrap();
     let app = parlor::App::build(config, tokio_util::sync::CancellationToken::new())
         .await
@@ -117,12 +120,33 @@ async fn seed_message_endpoints_and_room_paging() {
         .collect();
     assert_eq!(seqs, [4, 5], "no cursor gives the latest page");
 
-    // Idempotent POST: same clientMessageId → 200 with the original.
+    // Idempotent POST: the same author's clientMessageId again → 200 with the original.
+    // (Idempotency keys are per author, so it takes a stable identity: a token.)
+    let token = parlor::auth::issue_token(
+        &parlor::config::Secret::new(SECRET),
+        "backend",
+        None,
+        "service",
+        "demo",
+        600,
+    )
+    .unwrap();
     let body = json!({ "message": "once", "chatRoomId": "room-1", "clientMessageId": "k-1" });
-    let (s1, first) = h.post("/api/messages", &body).await;
-    let (s2, second) = h.post("/api/messages", &body).await;
+    let post = || {
+        Request::post("/api/messages")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let (s1, first) = h.call(post()).await;
+    let (s2, second) = h.call(post()).await;
     assert_eq!((s1, s2), (StatusCode::CREATED, StatusCode::OK));
     assert_eq!(first["id"], second["id"]);
+    // An anonymous caller using the same key is someone else: a new message.
+    let (s3, third) = h.post("/api/messages", &body).await;
+    assert_eq!(s3, StatusCode::CREATED);
+    assert_ne!(third["id"], first["id"]);
 }
 
 #[tokio::test]

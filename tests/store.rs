@@ -474,6 +474,22 @@ mod stories {
         let next = append(store, text(&room, "next")).await;
         assert_eq!(next.message.seq, 2, "the duplicate consumed no seq");
 
+        let other_author = append(
+            store,
+            NewMessage {
+                author: author("bob"),
+                ..keyed(&room, "bob's own first message", "c-1")
+            },
+        )
+        .await;
+        assert!(
+            !other_author.duplicate,
+            "another author's message with the same id is another message"
+        );
+        assert_eq!(other_author.message.seq, 3);
+        assert_eq!(other_author.message.content, "bob's own first message");
+        recv_committed(&mut ctx.committed, 2).await;
+
         let elsewhere = append(
             store,
             keyed(&RoomKey::new("acme", "support-2"), "hi", "c-1"),
@@ -492,8 +508,8 @@ mod stories {
             !twin_1.duplicate && !twin_2.duplicate,
             "messages without an id never dedupe"
         );
-        assert_eq!((twin_1.message.seq, twin_2.message.seq), (3, 4));
-        assert_eq!(after(store, &room, 0, 100).await.len(), 4);
+        assert_eq!((twin_1.message.seq, twin_2.message.seq), (4, 5));
+        assert_eq!(after(store, &room, 0, 100).await.len(), 5);
     }
 
     /// Many simultaneous sends of one client message id store it exactly once.

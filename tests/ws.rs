@@ -146,7 +146,7 @@ async fn reconnect_with_since_replays_exactly_the_missed_messages() {
 #[tokio::test]
 async fn recovery_across_server_restart_reads_sqlite() {
     let server = TestServer::start().await;
-    let mut b = server.connect().await;
+    let mut b = server.connect_as("ann").await;
     b.join("persist", None).await;
     for i in 0..50 {
         b.say("persist", &format!("m{i}"), Some(&format!("c{i}")))
@@ -154,7 +154,7 @@ async fn recovery_across_server_restart_reads_sqlite() {
     }
     drop(b);
     let server = server.restart().await;
-    let mut a = server.connect().await;
+    let mut a = server.connect_as("ann").await;
     let (joined, history) = a.join("persist", Some(10)).await;
     assert_eq!(joined["lastSeq"], 50);
     assert_eq!(seqs(&history), (11..=50).collect::<Vec<_>>());
@@ -170,8 +170,8 @@ async fn recovery_across_server_restart_reads_sqlite() {
 #[tokio::test]
 async fn same_client_message_id_is_stored_once_even_after_reconnect() {
     let server = TestServer::start().await;
-    let mut a = server.connect().await;
-    let mut watcher = server.connect().await;
+    let mut a = server.connect_as("ann").await;
+    let mut watcher = server.connect_as("watcher").await;
     a.join("idem", None).await;
     watcher.join("idem", None).await;
     let first = a.say("idem", "hello", Some("msg-1")).await;
@@ -181,7 +181,7 @@ async fn same_client_message_id_is_stored_once_even_after_reconnect() {
     assert_eq!(first["duplicate"], false);
     assert_eq!(again["duplicate"], true);
     drop(a);
-    let mut a = server.connect().await;
+    let mut a = server.connect_as("ann").await;
     a.join("idem", None).await;
     let third = a.say("idem", "hello", Some("msg-1")).await;
     assert_eq!(third["id"], first["id"]);
@@ -665,4 +665,99 @@ async fn read_frame(rd: &mut tokio::net::tcp::OwnedReadHalf) -> (u8, Vec<u8>) {
     let mut payload = vec![0; usize::try_from(len).unwrap()];
     rd.read_exact(&mut payload).await.unwrap();
     (b0 & 0x0f, payload)
+}
+
+#[tokio::test]
+async fn token_edge_cases() {
+    let server = TestServer::start().await;
+    let secret = parlor::config::Secret::new(common::TEST_SECRET);
+    // Identity providers put `aud` in their tokens; it must not make them invalid.
+    let with_aud = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({ "sub": "aud-user", "aud": "my-app", "exp": chrono::Utc::now().timestamp() + 600 }),
+        &jsonwebtoken::EncodingKey::from_secret(secret.expose().as_bytes()),
+    )
+    .unwrap();
+    let mut c = Client::connect(&server.ws(&format!("/ws?token={with_aud}"))).await;
+    c.join("aud", None).await;
+    assert_eq!(c.say("aud", "hi", None).await["type"], "message-ack");
+    assert_eq!(c.recv_type("message-received").await["userId"], "aud-user");
+
+    // An empty ?token= does not hide the Authorization header.
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            server.ws("/ws?token="),
+        )
+        .unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", server.token("header-user"))
+            .parse()
+            .unwrap(),
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut h = Client { ws, next_id: 0 };
+    h.join("aud", None).await;
+    h.say("aud", "from the header", None).await;
+    assert_eq!(
+        h.recv_type("message-received").await["userId"],
+        "header-user"
+    );
+
+    // Plain HTTP on /ws is told to upgrade.
+    let r = reqwest::get(server.http("/ws")).await.unwrap();
+    assert_eq!(r.status(), 426);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upgrade_required");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_frames_count_against_the_rate_limit() {
+    let server = TestServer::start_with(|c| {
+        c.limits.messages_per_second = 3;
+        c.limits.messages_burst = 3;
+    })
+    .await;
+    let mut c = server.connect().await;
+    for _ in 0..10 {
+        c.send_raw(Message::Text("{garbage".into())).await;
+    }
+    let mut codes = Vec::new();
+    for _ in 0..10 {
+        codes.push(
+            c.recv_type("error").await["code"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(
+        codes.iter().filter(|c| *c == "invalid_json").count(),
+        3,
+        "{codes:?}"
+    );
+    assert_eq!(
+        codes.iter().filter(|c| *c == "rate_limited").count(),
+        7,
+        "{codes:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn read_and_history_need_membership() {
+    let server = TestServer::start().await;
+    let mut owner = server.connect().await;
+    owner.join("private", None).await;
+    owner.say("private", "secret", None).await;
+    let mut other = server.connect().await;
+    for frame in [
+        json!({ "type": "history", "roomId": "private" }),
+        json!({ "type": "read", "roomId": "private", "seq": 1 }),
+    ] {
+        let id = other.request(frame).await;
+        assert_eq!(other.reply(&id).await["code"], "not_joined");
+    }
+    server.stop().await;
 }

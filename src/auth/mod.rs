@@ -73,6 +73,14 @@ impl Authenticator {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 30;
         validation.validate_nbf = true;
+        // No audience is configured yet, so an `aud` claim (which many identity providers
+        // always set) must not make every token invalid. Audience checks arrive with
+        // per-domain JWT settings.
+        validation.validate_aud = false;
+        // No audience is configured yet, so an `aud` claim (which many identity providers
+        // always set) must not make every token invalid. Audience checks arrive with
+        // per-domain JWT settings.
+        validation.validate_aud = false;
         Self {
             key,
             validation,

@@ -167,6 +167,22 @@ impl Hub {
         replay: Replay,
         max_replay: usize,
     ) -> Result<Joined, HubError> {
+        let result = self.try_join(key, conn, replay, max_replay).await;
+        if result.is_err() {
+            // Do not keep an empty room (and what it buffers) for a join that failed.
+            self.rooms
+                .remove_if(key, |_, s| s.state.lock().members.is_empty());
+        }
+        result
+    }
+
+    async fn try_join(
+        self: &Arc<Self>,
+        key: &RoomKey,
+        conn: &ConnHandle,
+        replay: Replay,
+        max_replay: usize,
+    ) -> Result<Joined, HubError> {
         'restart: loop {
             let slot = self.slot(key);
             self.ensure_loaded(&slot).await?;
@@ -396,6 +412,10 @@ impl Hub {
                     .max(1);
                 let fetched = match hub.store.messages_after(&slot.key, from, want).await {
                     Ok(page) => page,
+                    Err(StoreError::Closed) => {
+                        slot.state.lock().filling = false;
+                        return;
+                    }
                     Err(e) => {
                         tracing::warn!(room = %slot.key, error = %e, "cannot fill gap from store; retrying");
                         tokio::time::sleep(std::time::Duration::from_millis(200)).await;

@@ -68,8 +68,8 @@ pub enum StoreError {
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Stores a message, creating its room if needed, and returns it with its `seq`. `data`
     /// nested deeper than [`MAX_DATA_DEPTH`] is refused with [`StoreError::Invalid`]. If the
-    /// message carries a `client_message_id` already stored in that room, returns the stored
-    /// message with `duplicate: true` and writes nothing. Returns only once durable.
+    /// message carries a `client_message_id` its author already used in that room, returns the
+    /// stored message with `duplicate: true` and writes nothing. Returns only once durable.
     async fn append(&self, message: NewMessage) -> Result<Appended, StoreError>;
 
     /// Returns the room, creating it (kind `support`) if it does not exist.

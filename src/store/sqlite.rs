@@ -535,7 +535,8 @@ impl Writer {
             .conn
             .prepare_cached(&format!(
                 "INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-                 ON CONFLICT (domain_id, room_id, client_message_id) WHERE client_message_id IS NOT NULL
+                 ON CONFLICT (domain_id, room_id, author_id, client_message_id)
+                 WHERE client_message_id IS NOT NULL
                  DO NOTHING"
             ))
             .and_then(|mut s| {
@@ -560,11 +561,11 @@ impl Writer {
                 .conn
                 .prepare_cached(&format!(
                     "SELECT {MESSAGE_COLUMNS} FROM messages
-                     WHERE domain_id = ?1 AND room_id = ?2 AND client_message_id = ?3"
+                     WHERE domain_id = ?1 AND room_id = ?2 AND author_id = ?3 AND client_message_id = ?4"
                 ))
                 .and_then(|mut s| {
                     s.query_row(
-                        params![&*m.room.domain_id, &*m.room.room_id, &m.client_message_id],
+                        params![&*m.room.domain_id, &*m.room.room_id, &m.author.user_id, &m.client_message_id],
                         row_to_message,
                     )
                 })

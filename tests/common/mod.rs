@@ -17,6 +17,9 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
+/// The JWT secret test servers use unless a test sets another.
+pub const TEST_SECRET: &str = "parlor-test-secret-0123456789";
+
 /// How long any single wait in a test may take.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -43,6 +46,7 @@ impl TestServer {
         config.limits.messages_burst = 10_000;
         config.shutdown_timeout_ms = Duration::from_secs(5);
         config.database = format!("sqlite://{}", dir.path().join("parlor.db").display());
+        config.auth.jwt_secret = Some(parlor::config::Secret::new(TEST_SECRET));
         configure(&mut config);
         config.validate().expect("valid test config");
         Self::launch(config, dir).await
@@ -112,6 +116,22 @@ impl TestServer {
         Client::connect(&self.ws("/ws")).await
     }
 
+    /// A visitor token for `user` (a stable identity across reconnects).
+    pub fn token(&self, user: &str) -> String {
+        let secret = self
+            .config
+            .auth
+            .jwt_secret
+            .as_ref()
+            .expect("test servers have a secret");
+        parlor::auth::issue_token(secret, user, Some(user), "visitor", "demo", 600).expect("token")
+    }
+
+    /// Connects as `user`.
+    pub async fn connect_as(&self, user: &str) -> Client {
+        Client::connect(&self.ws(&format!("/ws?token={}", self.token(user)))).await
+    }
+
     /// A counter or gauge value from `/metrics` (sum over labels matching `filter`).
     pub async fn metric(&self, name: &str, filter: &str) -> f64 {
         let text = reqwest::get(self.http("/metrics"))
@@ -130,7 +150,7 @@ impl TestServer {
 /// A WebSocket client speaking JSON frames.
 pub struct Client {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    next_id: u64,
+    pub next_id: u64,
 }
 
 impl Client {

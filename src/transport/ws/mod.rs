@@ -10,7 +10,7 @@ pub mod frame;
 pub mod socket;
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +29,7 @@ use super::http::{ApiError, bearer_token};
 use super::wire::{WireMessage, WireUser, encode_event, to_bytes};
 use crate::AppState;
 use crate::auth::policy;
-use crate::hub::{CLOSE_SLOW_CONSUMER, ConnHandle, Envelope, Joined, Replay};
+use crate::hub::{CLOSE_SLOW_CONSUMER, ConnHandle, Envelope, Event, Joined, Replay};
 use crate::model::{RoomKey, iso, now_ms};
 use crate::service::ServiceError;
 use crate::service::chat::{Outgoing, not_joined};
@@ -85,9 +85,11 @@ pub async fn upgrade(
             return res;
         }
     };
+    // An empty `?token=` is no token: it must not hide an `Authorization` header.
     let token = query
         .token
         .as_deref()
+        .filter(|t| !t.is_empty())
         .or_else(|| bearer_token(req.headers()));
     let identity = match app.auth.identify(token) {
         Ok(identity) => identity,
@@ -114,7 +116,7 @@ pub async fn upgrade(
         app: app.clone(),
         handle,
         rx,
-        rooms: HashSet::new(),
+        rooms: HashMap::new(),
         current_room: None,
         display_name: None,
         _permit: permit,
@@ -205,8 +207,9 @@ struct Connection {
     app: AppState,
     handle: ConnHandle,
     rx: mpsc::Receiver<Arc<Envelope>>,
-    /// Rooms joined, to leave them when the connection ends.
-    rooms: HashSet<RoomKey>,
+    /// Rooms joined, each with the highest `seq` written to the client there: a message at or
+    /// below it is never written again (a rejoin's catch-up may overlap queued messages).
+    rooms: HashMap<RoomKey, u64>,
     /// The room `send-message` without `roomId` goes to (last joined).
     current_room: Option<Arc<str>>,
     /// Name an anonymous visitor gave in `join-room`.
@@ -246,7 +249,7 @@ impl Connection {
             None => self.serve(&mut socket).await,
         };
 
-        for key in std::mem::take(&mut self.rooms) {
+        for key in std::mem::take(&mut self.rooms).into_keys() {
             self.app.chat.leave(&self.handle, &key);
         }
         Box::pin(self.close(&mut socket, end)).await;
@@ -306,11 +309,13 @@ impl Connection {
         let mut next = Some(first);
         let mut written = 0u64;
         while let Some(envelope) = next.take() {
-            let bytes = envelope
-                .native
-                .get_or_init(|| encode_event(&envelope.event));
-            socket.queue_text(bytes);
-            written += 1;
+            if self.is_new(&envelope) {
+                let bytes = envelope
+                    .native
+                    .get_or_init(|| encode_event(&envelope.event));
+                socket.queue_text(bytes);
+                written += 1;
+            }
             if written < WRITE_BATCH as u64 && socket.pending() < WRITE_BATCH_BYTES {
                 next = self.rx.try_recv().ok();
             }
@@ -318,6 +323,21 @@ impl Connection {
         self.bounded(socket.flush()).await?;
         self.app.metrics.frames_out.inc_by(written);
         Ok(())
+    }
+
+    /// False for a message this client already has (or of a room it left); advances the
+    /// room's watermark otherwise.
+    fn is_new(&mut self, envelope: &Envelope) -> bool {
+        let Event::Message(message) = &envelope.event else {
+            return true;
+        };
+        match self.rooms.get_mut(&message.room) {
+            Some(sent) if message.seq > *sent => {
+                *sent = message.seq;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Sends one frame now.
@@ -401,6 +421,22 @@ impl Connection {
     async fn on_text(&mut self, socket: &mut WsSocket, raw: String) -> Sent {
         self.app.metrics.frames_in.inc();
         let raw = raw.as_str();
+        // Every frame counts against the rate, garbage included.
+        if self.limiter.check().is_err() {
+            let rate = self.app.config.limits.messages_per_second;
+            let reply_to = serde_json::from_str::<Head<'_>>(raw)
+                .ok()
+                .and_then(|h| h.id)
+                .filter(|id| id.is_string() || id.is_number());
+            return self
+                .error(
+                    socket,
+                    reply_to,
+                    "rate_limited",
+                    &format!("more than {rate} frames per second; slow down"),
+                )
+                .await;
+        }
         let head: Head<'_> = match serde_json::from_str(raw) {
             Ok(h) => h,
             Err(e) if e.is_data() => {
@@ -432,17 +468,6 @@ impl Connection {
                     .await;
             }
         };
-        if self.limiter.check().is_err() {
-            let rate = self.app.config.limits.messages_per_second;
-            return self
-                .error(
-                    socket,
-                    reply_to,
-                    "rate_limited",
-                    &format!("more than {rate} frames per second; slow down"),
-                )
-                .await;
-        }
         let Some(kind) = head.kind else {
             return self
                 .error(socket, reply_to, "invalid_frame", "missing `type`")
@@ -489,6 +514,16 @@ impl Connection {
         }
     }
 
+    /// Ok if this connection is in the room.
+    fn joined(&self, room_id: &str) -> Result<RoomKey, ServiceError> {
+        let key = self.app.chat.room_key(self.handle.identity(), room_id)?;
+        if self.rooms.contains_key(&key) {
+            Ok(key)
+        } else {
+            Err(not_joined())
+        }
+    }
+
     /// The room a frame refers to: its `roomId`, else the current room.
     fn target_room(&self, room_id: Option<&str>) -> Result<String, ServiceError> {
         match room_id {
@@ -525,7 +560,7 @@ impl Connection {
             Err(e) => return self.service_error(socket, reply_to, &e).await,
         };
         let max_rooms = self.app.config.limits.rooms_per_connection;
-        if !self.rooms.contains(&key) && self.rooms.len() >= max_rooms {
+        if !self.rooms.contains_key(&key) && self.rooms.len() >= max_rooms {
             let message = format!("a connection may join at most {max_rooms} rooms");
             return self
                 .error(socket, reply_to, "too_many_rooms", &message)
@@ -554,9 +589,10 @@ impl Connection {
             Ok(j) => j,
             Err(e) => return self.service_error(socket, reply_to, &e).await,
         };
-        self.rooms.insert(key.clone());
         self.current_room = Some(key.room_id.clone());
-        self.send_joined(socket, &key, &joined, reply_to).await
+        let sent = self.send_joined(socket, &key, &joined, reply_to).await;
+        self.rooms.insert(key, joined.last_seq);
+        sent
     }
 
     /// `room-joined`, then the catch-up as one or more `message-history` frames, written
@@ -581,7 +617,7 @@ impl Connection {
         let chunk = self.app.config.limits.replay_chunk;
         let mut chunks = joined.history.chunks(chunk).peekable();
         if chunks.peek().is_none() {
-            let frame = json!({ "type": "message-history", "roomId": &*key.room_id, "messages": [], "truncated": joined.truncated });
+            let frame = json!({ "type": "message-history", "roomId": &*key.room_id, "messages": [], "truncated": joined.truncated, "more": false });
             socket.queue_text(&to_bytes(&frame));
         }
         while let Some(part) = chunks.next() {
@@ -613,7 +649,7 @@ impl Connection {
             Ok(k) => k,
             Err(e) => return self.service_error(socket, reply_to, &e).await,
         };
-        if !self.rooms.contains(&key) {
+        if !self.rooms.contains_key(&key) {
             return self.service_error(socket, reply_to, &not_joined()).await;
         }
         let out = Outgoing {
@@ -652,7 +688,7 @@ impl Connection {
             Ok(k) => k,
             Err(e) => return self.service_error(socket, reply_to, &e).await,
         };
-        if !self.rooms.remove(&key) {
+        if self.rooms.remove(&key).is_none() {
             return self.service_error(socket, reply_to, &not_joined()).await;
         }
         self.app.chat.leave(&self.handle, &key);
@@ -668,6 +704,9 @@ impl Connection {
             Ok(r) => r,
             Err(e) => return self.service_error(socket, reply_to, &e).await,
         };
+        if let Err(e) = self.joined(&room_id) {
+            return self.service_error(socket, reply_to, &e).await;
+        }
         let identity = Arc::clone(self.handle.identity());
         let limit = f.limit.unwrap_or(50);
         match self
@@ -716,6 +755,9 @@ impl Connection {
             Ok(r) => r,
             Err(e) => return self.service_error(socket, reply_to, &e).await,
         };
+        if let Err(e) = self.joined(&room_id) {
+            return self.service_error(socket, reply_to, &e).await;
+        }
         let identity = Arc::clone(self.handle.identity());
         match self.app.chat.mark_read(&identity, &room_id, f.seq).await {
             Ok(seq) => {
@@ -741,7 +783,7 @@ impl Connection {
             Ok(k) => k,
             Err(e) => return self.service_error(socket, reply_to, &e).await,
         };
-        if !self.rooms.contains(&key) {
+        if !self.rooms.contains_key(&key) {
             return self.service_error(socket, reply_to, &not_joined()).await;
         }
         let users = self.app.chat.hub().presence(&key);

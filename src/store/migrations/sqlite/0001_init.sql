@@ -45,8 +45,10 @@ CREATE TABLE messages (
     PRIMARY KEY (domain_id, room_id, seq)
 ) WITHOUT ROWID;
 
+-- Idempotency keys are per author: two users who both number their messages "msg-1" must
+-- not swallow each other's.
 CREATE UNIQUE INDEX messages_client_message_id
-    ON messages (domain_id, room_id, client_message_id)
+    ON messages (domain_id, room_id, author_id, client_message_id)
     WHERE client_message_id IS NOT NULL;
 
 CREATE TABLE read_states (
