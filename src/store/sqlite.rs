@@ -34,8 +34,12 @@ use crate::model::{Author, Message, NewMessage, Room, RoomKey, json_depth, now_m
 const MIGRATIONS: &[&str] = &[include_str!("migrations/sqlite/0001_init.sql")];
 
 /// Column list matching [`row_to_message`].
-const MESSAGE_COLUMNS: &str = "domain_id, room_id, seq, id, author_id, author_name, author_role, \
-                               kind, content, data, client_message_id, created_at";
+macro_rules! message_columns {
+    () => {
+        "domain_id, room_id, seq, id, author_id, author_name, author_role, \
+         kind, content, data, client_message_id, created_at"
+    };
+}
 
 /// The SQLite store.
 pub struct SqliteStore {
@@ -314,13 +318,20 @@ fn row_to_room(row: &rusqlite::Row<'_>) -> rusqlite::Result<Room> {
 
 /// A room's last `seq` is not stored apart: it is the largest key of its messages, one seek
 /// into the primary key, so appends never rewrite the `rooms` row.
-const ROOM_COLUMNS: &str = "r.domain_id, r.id, r.kind, r.created_by, \
-    (SELECT COALESCE(MAX(m.seq), 0) FROM messages m WHERE m.domain_id = r.domain_id AND m.room_id = r.id), \
-    r.created_at";
+macro_rules! room_columns {
+    () => {
+        "r.domain_id, r.id, r.kind, r.created_by, \
+         (SELECT COALESCE(MAX(m.seq), 0) FROM messages m \
+          WHERE m.domain_id = r.domain_id AND m.room_id = r.id), \
+         r.created_at"
+    };
+}
 
 fn select_room(conn: &Connection, key: &RoomKey) -> rusqlite::Result<Option<Room>> {
-    conn.prepare_cached(&format!(
-        "SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.domain_id = ?1 AND r.id = ?2"
+    conn.prepare_cached(concat!(
+        "SELECT ",
+        room_columns!(),
+        " FROM rooms r WHERE r.domain_id = ?1 AND r.id = ?2"
     ))?
     .query_row(params![&*key.domain_id, &*key.room_id], row_to_room)
     .optional()
@@ -533,8 +544,10 @@ impl Writer {
         // so the usual append is a single statement.
         let inserted = self
             .conn
-            .prepare_cached(&format!(
-                "INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+            .prepare_cached(concat!(
+                "INSERT INTO messages (",
+                message_columns!(),
+                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                  ON CONFLICT (domain_id, room_id, author_id, client_message_id)
                  WHERE client_message_id IS NOT NULL
                  DO NOTHING"
@@ -559,10 +572,8 @@ impl Writer {
         if inserted == 0 {
             let existing = self
                 .conn
-                .prepare_cached(&format!(
-                    "SELECT {MESSAGE_COLUMNS} FROM messages
-                     WHERE domain_id = ?1 AND room_id = ?2 AND author_id = ?3 AND client_message_id = ?4"
-                ))
+                .prepare_cached(concat!("SELECT ", message_columns!(), " FROM messages
+                     WHERE domain_id = ?1 AND room_id = ?2 AND author_id = ?3 AND client_message_id = ?4"))
                 .and_then(|mut s| {
                     s.query_row(
                         params![&*m.room.domain_id, &*m.room.room_id, &m.author.user_id, &m.client_message_id],
@@ -726,8 +737,10 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Message>, StoreError> {
         let key = key.clone();
         self.read(move |c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages
+            let mut stmt = c.prepare_cached(concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages
                  WHERE domain_id = ?1 AND room_id = ?2 AND seq > ?3 ORDER BY seq ASC LIMIT ?4"
             ))?;
             let rows = stmt.query_map(
@@ -752,8 +765,10 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Message>, StoreError> {
         let key = key.clone();
         self.read(move |c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages
+            let mut stmt = c.prepare_cached(concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages
                  WHERE domain_id = ?1 AND room_id = ?2 AND seq < ?3 ORDER BY seq DESC LIMIT ?4"
             ))?;
             let rows = stmt.query_map(

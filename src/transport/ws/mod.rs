@@ -663,16 +663,16 @@ impl Connection {
         match self.app.chat.send(&identity, out).await {
             Ok(appended) => {
                 let m = &appended.message;
-                let frame = json!({
-                    "type": "message-ack",
-                    "replyTo": reply_to,
-                    "id": m.id,
-                    "roomId": &*m.room.room_id,
-                    "seq": m.seq,
-                    "clientMessageId": m.client_message_id,
-                    "duplicate": appended.duplicate,
-                    "timestamp": iso(m.created_at),
-                });
+                let frame = Ack {
+                    kind: "message-ack",
+                    reply_to: reply_to.as_ref(),
+                    id: &m.id,
+                    room_id: &m.room.room_id,
+                    seq: m.seq,
+                    client_message_id: m.client_message_id.as_deref(),
+                    duplicate: appended.duplicate,
+                    timestamp: iso(m.created_at),
+                };
                 self.send(socket, to_bytes(&frame)).await
             }
             Err(e) => self.service_error(socket, reply_to, &e).await,
@@ -807,6 +807,21 @@ fn parse<'a, T: Deserialize<'a>>(raw: &'a str) -> Result<T, String> {
         let text = text.split(" at line").next().unwrap_or("invalid frame");
         format!("invalid frame: {}", truncate(text, 200))
     })
+}
+
+/// `message-ack`, the hottest reply: a typed struct rather than a JSON map.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Ack<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    reply_to: Option<&'a Value>,
+    id: &'a str,
+    room_id: &'a str,
+    seq: u64,
+    client_message_id: Option<&'a str>,
+    duplicate: bool,
+    timestamp: String,
 }
 
 /// The fields every frame may have.
