@@ -219,7 +219,7 @@ fn configure(conn: &Connection, sync: SqliteSync) -> rusqlite::Result<()> {
 const PAGE_SIZE: i64 = 1024;
 
 /// How often the checkpoint thread copies the WAL back into the database file.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Checkpoints the WAL until `stop` is dropped, then truncates it. `PASSIVE` never blocks the
 /// writer or readers; it copies what it can and the next round takes the rest.

@@ -673,7 +673,19 @@ impl Connection {
                     duplicate: appended.duplicate,
                     timestamp: iso(m.created_at),
                 };
-                self.send(socket, to_bytes(&frame)).await
+                socket.queue_text(&to_bytes(&frame));
+                self.app.metrics.frames_out.inc();
+                if appended.duplicate {
+                    return self.bounded(socket.flush()).await;
+                }
+                // The sender is in the room, so its own `message-received` is on the way: the
+                // dispatcher publishes it as soon as it runs. Yield once so it can, then write
+                // the ack and whatever arrived in one syscall instead of two.
+                tokio::task::yield_now().await;
+                match self.rx.try_recv() {
+                    Ok(envelope) => self.write_events(socket, envelope).await,
+                    Err(_) => self.bounded(socket.flush()).await,
+                }
             }
             Err(e) => self.service_error(socket, reply_to, &e).await,
         }

@@ -33,7 +33,7 @@ CREATE TABLE messages (
     domain_id          TEXT NOT NULL,
     room_id            TEXT NOT NULL,
     seq                INTEGER NOT NULL,        -- 1, 2, 3… per room, no gaps
-    id                 TEXT NOT NULL UNIQUE,
+    id                 TEXT NOT NULL,           -- UUID v7: unique by construction
     author_id          TEXT NOT NULL,
     author_name        TEXT NOT NULL,
     author_role        TEXT NOT NULL,
