@@ -98,6 +98,10 @@ pub struct Limits {
     /// Most messages a rejoin with `since` replays. A client further behind gets the newest
     /// `max_replay` with `truncated: true` and pages back with `history`.
     pub max_replay: usize,
+    /// Rooms with more users than this do not announce joins and leaves (`presence`), and
+    /// `room-joined` lists only this many members (with `memberCount`): presence costs O(N)
+    /// per join, so it is kept to rooms small enough to afford it.
+    pub presence_max_members: usize,
     /// Largest page a `history` request or HTTP listing returns.
     pub max_page: usize,
     /// Largest HTTP request body, in bytes.
@@ -117,6 +121,7 @@ impl Default for Limits {
             history_on_join: 50,
             replay_chunk: 500,
             max_replay: 10_000,
+            presence_max_members: 100,
             max_page: 200,
             max_body_bytes: 256 * 1024,
         }
@@ -260,13 +265,12 @@ impl Config {
                 }
             }
         }
-        // `PARLOR_TEST_*` variables configure the test suite and `PARLOR_CONFIG` names the
-        // file; neither is a configuration key.
+        // Only variables naming a configuration key are read: `PARLOR_TEST_*` configures the
+        // test suite, `PARLOR_CONFIG` names the file, and a deployment may have other
+        // `PARLOR_*` variables of its own (see [`ignored_env_vars`]). A typo inside a known
+        // section (`PARLOR_LIMITS__TYPO`) is still refused.
         let env = Env::prefixed("PARLOR_")
-            .filter(|key| {
-                let key = key.as_str().to_ascii_lowercase();
-                !key.starts_with("test_") && key != "config"
-            })
+            .filter(|key| is_config_key(key.as_str()))
             .split("__");
         figment = figment.merge(env);
         let mut config: Config = figment.extract().map_err(Box::new)?;
@@ -296,6 +300,7 @@ impl Config {
             ("limits.outbound_queue", l.outbound_queue),
             ("limits.replay_chunk", l.replay_chunk),
             ("limits.max_replay", l.max_replay),
+            ("limits.presence_max_members", l.presence_max_members),
             ("limits.max_page", l.max_page),
             ("limits.max_body_bytes", l.max_body_bytes),
             ("store.max_batch", self.store.max_batch),
@@ -349,6 +354,38 @@ impl Config {
             .or_else(|| self.database.strip_prefix("sqlite:"))?;
         (!rest.is_empty()).then(|| PathBuf::from(rest))
     }
+}
+
+/// Top-level keys of [`Config`], as environment variables spell them (lowercased).
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "listen",
+    "database",
+    "log_format",
+    "log_level",
+    "shutdown_timeout_ms",
+    "limits",
+    "store",
+    "auth",
+    "domains",
+];
+
+/// True when `key` (a `PARLOR_` variable without its prefix) sets a configuration key.
+fn is_config_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    let top = key.split("__").next().unwrap_or_default();
+    TOP_LEVEL_KEYS.contains(&top)
+}
+
+/// `PARLOR_*` variables that are not configuration and were ignored (for a start-up warning).
+pub fn ignored_env_vars() -> Vec<String> {
+    std::env::vars()
+        .filter_map(|(name, _)| {
+            let key = name.strip_prefix("PARLOR_")?;
+            let lower = key.to_ascii_lowercase();
+            (!is_config_key(key) && !lower.starts_with("test_") && lower != "config")
+                .then_some(name)
+        })
+        .collect()
 }
 
 /// Durations are written as whole milliseconds in the file and environment.
@@ -410,6 +447,15 @@ mod tests {
         let mut c = Config::default();
         c.auth.jwt_secret = Some(Secret::new("a-very-secret-value"));
         assert!(!format!("{c:?}").contains("a-very-secret-value"));
+    }
+
+    #[test]
+    fn only_configuration_variables_are_read() {
+        assert!(is_config_key("LIMITS__MESSAGES_PER_SECOND"));
+        assert!(is_config_key("listen"));
+        assert!(!is_config_key("BIN"));
+        assert!(!is_config_key("TEST_DATABASE_URL"));
+        assert!(!is_config_key("CONFIG"));
     }
 
     #[test]

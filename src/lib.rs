@@ -143,6 +143,7 @@ impl App {
             Arc::clone(&store),
             Arc::clone(&metrics),
             config.store.room_cache,
+            config.limits.presence_max_members,
         );
         let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(Arc::clone(&hub)));
         let dispatcher = ChatService::spawn_dispatcher(committed_rx, Arc::clone(&broker));

@@ -79,6 +79,9 @@ fn main() -> anyhow::Result<()> {
         return print_token(&config, &t);
     }
     init_tracing(&config);
+    for name in parlor::config::ignored_env_vars() {
+        tracing::warn!(variable = %name, "ignoring environment variable: it names no configuration key");
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -87,13 +90,30 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener =
+        bind(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
     parlor::run(config, listener, shutdown).await?;
     Ok(())
+}
+
+/// Connections waiting to be accepted. The kernel caps it at `net.core.somaxconn`; a short
+/// queue makes a burst of reconnecting clients (after a restart, say) wait a second per
+/// overflow for their SYN to be retried.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the listener with [`LISTEN_BACKLOG`] and `SO_REUSEADDR`, so a restart does not wait
+/// for the old sockets' `TIME_WAIT`.
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.

@@ -761,3 +761,33 @@ async fn read_and_history_need_membership() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn presence_is_limited_to_small_rooms() {
+    let server = TestServer::start_with(|c| c.limits.presence_max_members = 2).await;
+    let mut a = server.connect_as("a").await;
+    let mut b = server.connect_as("b").await;
+    let mut c = server.connect_as("c").await;
+    a.join("big", None).await;
+    b.join("big", None).await;
+    assert_eq!(
+        a.recv_type("presence").await["user"]["userId"],
+        "b",
+        "small rooms announce joins"
+    );
+    let (joined, _) = c.join("big", None).await;
+    assert_eq!(joined["memberCount"], 3);
+    assert_eq!(
+        joined["members"].as_array().unwrap().len(),
+        2,
+        "the list is cut to the limit"
+    );
+    // The third join was not announced: the next thing A sees is B's message.
+    b.say("big", "hello", None).await;
+    let next = a.recv().await;
+    assert_eq!(
+        next["type"], "message-received",
+        "no presence event for c: {next}"
+    );
+    server.stop().await;
+}

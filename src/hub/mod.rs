@@ -84,8 +84,10 @@ pub struct Joined {
     /// True when more messages were missed than `max_replay`: the oldest were left out and
     /// the client should page back with `history`.
     pub truncated: bool,
-    /// Users present, including the joiner.
+    /// Users present, including the joiner; at most `presence_max_members` of them.
     pub members: Vec<PresentUser>,
+    /// How many users are present in all.
+    pub member_count: usize,
 }
 
 /// How far back a join should replay.
@@ -113,6 +115,10 @@ pub struct Hub {
     metrics: Arc<Metrics>,
     /// Recent messages kept per active room.
     cache_size: usize,
+    /// Rooms with more users than this do not announce joins and leaves, and joiners get a
+    /// member list cut to this size: presence in a room of N costs O(N) per join, so O(N²)
+    /// to fill it, which only small rooms can afford.
+    presence_max_members: usize,
 }
 
 /// One active room: its state behind a lock, plus a once-cell for the initial load.
@@ -143,13 +149,24 @@ struct RoomState {
 
 impl Hub {
     /// Creates an empty hub reading catch-up from `store`.
-    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, cache_size: usize) -> Arc<Self> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        cache_size: usize,
+        presence_max_members: usize,
+    ) -> Arc<Self> {
         Arc::new(Self {
             rooms: DashMap::new(),
             store,
             metrics,
             cache_size,
+            presence_max_members,
         })
+    }
+
+    /// True while anyone on this node is in (or joining) the room.
+    pub fn is_active(&self, key: &RoomKey) -> bool {
+        self.rooms.contains_key(key)
     }
 
     /// Number of active rooms.
@@ -216,8 +233,14 @@ impl Hub {
                     if cursor + 1 >= first_cached || cursor >= st.last_seq {
                         history.extend(st.cache.iter().filter(|m| m.seq > cursor).cloned());
                         let joined = self.add_member(&mut st, &slot.key, conn);
-                        let members = st.users.values().map(|(u, _)| u.clone()).collect();
-                        if joined {
+                        let member_count = st.users.len();
+                        let members = st
+                            .users
+                            .values()
+                            .take(self.presence_max_members)
+                            .map(|(u, _)| u.clone())
+                            .collect();
+                        if joined && member_count <= self.presence_max_members {
                             let user = present_user(conn);
                             self.broadcast_locked(
                                 &st,
@@ -234,6 +257,7 @@ impl Hub {
                             history,
                             truncated,
                             members,
+                            member_count,
                         });
                     }
                     st.last_seq
@@ -277,13 +301,16 @@ impl Hub {
                 }
             }
             if let Some(user) = gone {
+                let announce = st.users.len() <= self.presence_max_members;
                 st.users.remove(&user.user_id);
                 let ev = Envelope::new(Event::Presence {
                     room: key.clone(),
                     user,
                     joined: false,
                 });
-                self.broadcast_locked(&st, &ev, None);
+                if announce {
+                    self.broadcast_locked(&st, &ev, None);
+                }
             }
             (true, st.members.is_empty())
         };

@@ -123,11 +123,14 @@ impl ChatService {
             )
             .await?;
         }
-        self.timed(
-            "ensure_room",
-            self.store.ensure_room(&key, Some(&identity.user_id)),
-        )
-        .await?;
+        // A room active on this node exists already: skip the write.
+        if !self.hub.is_active(&key) {
+            self.timed(
+                "ensure_room",
+                self.store.ensure_room(&key, Some(&identity.user_id)),
+            )
+            .await?;
+        }
         Ok(self
             .hub
             .join(&key, conn, replay, self.limits.max_replay)

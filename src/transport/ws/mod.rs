@@ -611,6 +611,7 @@ impl Connection {
             "replyTo": reply_to,
             "lastSeq": joined.last_seq,
             "members": members,
+            "memberCount": joined.member_count,
             "timestamp": iso(now_ms()),
         });
         socket.queue_text(&to_bytes(&frame));
