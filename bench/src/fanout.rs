@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -29,7 +29,7 @@ use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::net::{self, ServerFrame, Target, Ws};
-use crate::procfs::Proc;
+use crate::procfs::{CpuWatch, Proc};
 use crate::stats::{Latencies, LatencySummary, epoch_nanos, rate};
 use crate::worker::{self, ErrorTally, Worker};
 use crate::{CommonArgs, Report};
@@ -187,7 +187,6 @@ struct SubResult {
     disconnect: Option<String>,
     first_recv: u64,
     last_recv: u64,
-    latency: Latencies,
 }
 
 /// Where and how to run a group of subscribers.
@@ -210,6 +209,7 @@ struct Group {
     failed: ErrorTally,
     tasks: Vec<JoinHandle<SubResult>>,
     stop: watch::Sender<bool>,
+    latency: Arc<Mutex<Latencies>>,
 }
 
 impl Group {
@@ -217,6 +217,7 @@ impl Group {
     async fn start(spec: GroupSpec) -> Self {
         let permits = Arc::new(Semaphore::new(spec.concurrency.max(1)));
         let (stop, stop_rx) = watch::channel(false);
+        let latency = Arc::new(Mutex::new(Latencies::new()));
         let (joined_tx, mut joined_rx) = mpsc::unbounded_channel::<Result<(), String>>();
         let mut tasks = Vec::with_capacity(spec.count);
         for i in 0..spec.count {
@@ -224,6 +225,7 @@ impl Group {
             let permits = Arc::clone(&permits);
             let joined_tx = joined_tx.clone();
             let stop_rx = stop_rx.clone();
+            let latency = Arc::clone(&latency);
             tasks.push(tokio::spawn(async move {
                 let global = spec.offset + i;
                 let connected = async {
@@ -246,7 +248,7 @@ impl Group {
                     Ok(ws) => {
                         let _ = joined_tx.send(Ok(()));
                         drop(joined_tx);
-                        subscribe(ws, &spec.room, spec.messages, stop_rx).await
+                        subscribe(ws, &spec.room, spec.messages, &latency, stop_rx).await
                     }
                     Err(e) => {
                         let _ = joined_tx.send(Err(format!("{e:#}")));
@@ -270,6 +272,7 @@ impl Group {
             failed,
             tasks,
             stop,
+            latency,
         }
     }
 
@@ -294,7 +297,6 @@ impl Group {
             join_failures: self.failed,
             ..SubsSummary::default()
         };
-        let mut latency = Latencies::new();
         let mut sockets = Vec::new();
         for r in results {
             let r = match r {
@@ -320,12 +322,15 @@ impl Group {
                 summary.first_recv_nanos = r.first_recv;
             }
             summary.last_recv_nanos = summary.last_recv_nanos.max(r.last_recv);
-            latency.merge(&r.latency);
             if let Some(ws) = r.ws {
                 sockets.push(ws);
             }
         }
-        summary.latency = latency.to_pairs();
+        summary.latency = self
+            .latency
+            .lock()
+            .map(|hist| hist.to_pairs())
+            .unwrap_or_default();
         Ok((summary, sockets))
     }
 }
@@ -342,7 +347,6 @@ impl SubResult {
             disconnect: None,
             first_recv: 0,
             last_recv: 0,
-            latency: Latencies::new(),
         }
     }
 }
@@ -361,39 +365,52 @@ fn parse_payload(text: &str) -> Option<(u64, usize)> {
 }
 
 /// One subscriber's receive loop: until it has every message, the
-/// connection ends, or `stop` fires.
+/// connection ends, or `stop` fires. Latencies go into the group's shared
+/// histogram (one per process keeps memory flat however many subscribers).
 async fn subscribe(
     mut ws: Ws,
     room: &str,
     messages: usize,
+    latency: &Mutex<Latencies>,
     mut stop: watch::Receiver<bool>,
 ) -> SubResult {
     let mut r = SubResult::failed();
+    // One select around the whole loop rather than one per frame: re-arming
+    // the stop watch for every frame costs more than the frame itself.
+    let ended = tokio::select! {
+        biased;
+        _ = stop.changed() => None,
+        ended = receive(&mut ws, room, messages, latency, &mut r) => Some(ended),
+    };
+    match ended {
+        Some(Err(reason)) => r.disconnect = Some(reason),
+        Some(Ok(())) | None => {
+            r.complete = r.received as usize == messages;
+            r.ws = Some(ws);
+        }
+    }
+    r
+}
+
+/// The body of `subscribe`; returns `Err(reason)` if the connection ends.
+async fn receive(
+    ws: &mut Ws,
+    room: &str,
+    messages: usize,
+    latency: &Mutex<Latencies>,
+    r: &mut SubResult,
+) -> Result<(), String> {
     let mut seen = vec![false; messages];
     let mut last_seq: Option<u64> = None;
     while (r.received as usize) < messages {
-        let msg = tokio::select! {
-            biased;
-            _ = stop.changed() => break,
-            msg = ws.next() => msg,
-        };
-        let msg = match msg {
+        let msg = match ws.next().await {
             Some(Ok(msg)) => msg,
-            Some(Err(e)) => {
-                r.disconnect = Some(format!("connection error: {e}"));
-                return r;
-            }
-            None => {
-                r.disconnect = Some("connection ended without close frame".to_owned());
-                return r;
-            }
+            Some(Err(e)) => return Err(format!("connection error: {e}")),
+            None => return Err("connection ended without close frame".to_owned()),
         };
         let text = match &msg {
             Message::Text(text) => text.as_str(),
-            Message::Close(_) => {
-                r.disconnect = Some(net::describe_close(&msg));
-                return r;
-            }
+            Message::Close(_) => return Err(net::describe_close(&msg)),
             _ => continue,
         };
         let now = epoch_nanos();
@@ -424,15 +441,15 @@ async fn subscribe(
             }
             last_seq = Some(seq);
         }
-        r.latency.record_nanos(now.saturating_sub(sent));
+        if let Ok(mut hist) = latency.lock() {
+            hist.record_nanos(now.saturating_sub(sent));
+        }
         if r.first_recv == 0 {
             r.first_recv = now;
         }
         r.last_recv = now;
     }
-    r.complete = r.received as usize == messages;
-    r.ws = Some(ws);
-    r
+    Ok(())
 }
 
 /// Closes connections concurrently, bounded in time.
@@ -484,16 +501,27 @@ pub struct FanoutReport {
     pub duration_seconds: f64,
     pub deliveries_per_second: f64,
     pub latency: LatencySummary,
+    /// Wall time between the two CPU readings (just before the first send,
+    /// and once every subscriber is done).
+    pub cpu_interval_seconds: f64,
     pub server_cpu_seconds: Option<f64>,
     pub server_cpu_seconds_per_million: Option<f64>,
+    /// Server CPU ÷ interval, in cores.
     pub server_cpu_utilisation: Option<f64>,
     pub server_rss_before_kib: Option<u64>,
     pub server_rss_after_kib: Option<u64>,
-    pub client_cpu_seconds: Option<f64>,
-    /// True when the load generator (this process, subscribers in-process)
-    /// was busy for ≥ 90% of the measured interval: the figures then bound
-    /// the client, not the server.
+    /// CPU of the load generator: this process and its workers.
+    pub client_cpu_seconds: f64,
+    /// True when the load generator was busy for ≥ 90 % of the interval
+    /// (it is pinned to one core): the figures then bound the client, not
+    /// the server.
     pub client_saturated: bool,
+    /// Machine CPU time (user + system) used by neither the server nor the
+    /// load generator during the interval.
+    pub other_cpu_seconds: Option<f64>,
+    /// False when other processes used more than 10 % of a core during the
+    /// interval: the figures are then skewed by them.
+    pub machine_quiet: bool,
     pub figures: BTreeMap<String, f64>,
 }
 
@@ -616,16 +644,28 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
         .context("sender could not join")?;
     tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
 
-    // 3. Send, with the server's CPU clock read around it.
-    let cpu_before = server.map(|s| s.cpu_time()).transpose()?;
+    // 3. Send, with the CPU clocks read around it.
+    let mut clients = vec![Proc::SelfProc];
+    if let Subscribers::Workers(workers) = &subscribers {
+        clients.extend(workers.iter().filter_map(|w| w.pid()).map(Proc::Pid));
+    }
+    let cpu_watch = CpuWatch::new(server, clients);
+    let cpu_before = cpu_watch.sample()?;
+    let cpu_started = Instant::now();
     let rss_before = server.map(|s| s.rss_kib()).transpose()?;
-    let client_cpu_before = Proc::SelfProc.cpu_time().ok();
     let (sink, stream) = sender_ws.split();
     let expected_acks = args.messages as u64;
     let (stop_acks_tx, stop_acks_rx) = watch::channel(false);
     let ack_reader = tokio::spawn(count_acks(stream, expected_acks, stop_acks_rx));
     let (sink, mut sender) = send_messages(sink, &room, &args).await;
-    let drain_deadline = Instant::now() + Duration::from_secs(args.drain_timeout_secs);
+    // If sending broke off, the missing messages will never arrive: do not
+    // wait the full drain time for them.
+    let drain = if sender.sent < expected_acks {
+        Duration::from_secs(args.drain_timeout_secs.min(5))
+    } else {
+        Duration::from_secs(args.drain_timeout_secs)
+    };
+    let drain_deadline = Instant::now() + drain;
 
     // 4. Wait for the deliveries.
     let (summary, local_sockets, workers) = match subscribers {
@@ -638,9 +678,9 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
             (summary, Vec::new(), workers)
         }
     };
-    let cpu_after = server.map(|s| s.cpu_time()).transpose()?;
+    let cpu_after = cpu_watch.sample()?;
+    let cpu_interval = cpu_started.elapsed().as_secs_f64();
     let rss_after = server.map(|s| s.rss_kib()).transpose()?;
-    let client_cpu_after = Proc::SelfProc.cpu_time().ok();
 
     // 5. Collect the sender's acks (bounded), then close everything.
     let ack_wait = drain_deadline.max(Instant::now() + Duration::from_secs(2));
@@ -668,7 +708,7 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
     };
     let _ = stop_acks_tx.send(true);
     sender.acks = acks;
-    sender.errors = ack_errors;
+    sender.errors.merge(&ack_errors);
     if let Some(stream) = stream
         && let Ok(ws) = sink.reunite(stream)
     {
@@ -688,19 +728,17 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
     let deliveries = summary.received;
     let deliveries_per_second = rate(deliveries, duration_seconds);
     let latency = Latencies::from_pairs(&summary.latency)?.summary();
-    let server_cpu = match (cpu_before, cpu_after) {
-        (Some(b), Some(a)) => Some(a.saturating_sub(b).as_secs_f64()),
-        _ => None,
-    };
-    let per_million = server_cpu
+    let cpu = cpu_before.until(&cpu_after);
+    let per_million = cpu
+        .server
         .filter(|_| deliveries > 0)
-        .map(|cpu| cpu / deliveries as f64 * 1e6);
-    let utilisation = server_cpu
-        .filter(|_| duration_seconds > 0.0)
-        .map(|c| c / duration_seconds);
-    let client_cpu = match (client_cpu_before, client_cpu_after) {
-        (Some(b), Some(a)) => Some(a.saturating_sub(b).as_secs_f64()),
-        _ => None,
+        .map(|c| c / deliveries as f64 * 1e6);
+    let share = |c: f64| {
+        if cpu_interval > 0.0 {
+            c / cpu_interval
+        } else {
+            0.0
+        }
     };
 
     let variant = match args.mode {
@@ -744,14 +782,16 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
         duration_seconds,
         deliveries_per_second,
         latency,
-        server_cpu_seconds: server_cpu,
+        cpu_interval_seconds: cpu_interval,
+        server_cpu_seconds: cpu.server,
         server_cpu_seconds_per_million: per_million,
-        server_cpu_utilisation: utilisation,
+        server_cpu_utilisation: cpu.server.map(share),
         server_rss_before_kib: rss_before,
         server_rss_after_kib: rss_after,
-        client_cpu_seconds: client_cpu,
-        client_saturated: args.procs <= 1
-            && client_cpu.is_some_and(|c| duration_seconds > 0.0 && c / duration_seconds >= 0.9),
+        client_cpu_seconds: cpu.clients,
+        client_saturated: share(cpu.clients) >= 0.9,
+        other_cpu_seconds: cpu.other,
+        machine_quiet: cpu.other.is_none_or(|o| share(o) <= 0.1),
         figures,
     };
     let human = human_summary(&report);
@@ -802,19 +842,20 @@ fn human_summary(r: &FanoutReport) -> String {
         }
         _ => out += "  server CPU: not measured (no --pid)\n",
     }
-    if let Some(c) = r.client_cpu_seconds {
-        out += &format!(
-            "  load generator CPU (this process): {c:.2} s{}",
-            if r.procs > 1 {
-                " (workers not included)"
-            } else {
-                ""
-            }
-        );
-        if r.client_saturated {
-            out += "\n  WARNING: the load generator was CPU-bound; throughput is a lower bound \
-                    for the server";
-        }
+    out += &format!(
+        "  load generator CPU: {:.2} s; other processes: {} (over {:.2} s)",
+        r.client_cpu_seconds,
+        r.other_cpu_seconds
+            .map_or_else(|| "n/a".to_owned(), |o| format!("{o:.2} s")),
+        r.cpu_interval_seconds
+    );
+    if r.client_saturated {
+        out += "\n  WARNING: the load generator was CPU-bound; throughput is a lower bound \
+                for the server";
+    }
+    if !r.machine_quiet {
+        out += "\n  WARNING: other processes used more than 10% of a core meanwhile; \
+                figures are skewed";
     }
     out
 }

@@ -225,16 +225,18 @@ pub async fn join_room(
         let Some(frame) = ServerFrame::parse(text) else {
             continue;
         };
-        if frame.reply_to.as_deref() != Some(request_id) {
-            continue;
-        }
+        let answers_us = frame.reply_to.as_deref() == Some(request_id);
         match frame.kind.as_ref() {
-            "room-joined" => {
+            "room-joined" if answers_us => {
                 return Ok(Joined {
                     last_seq: frame.last_seq.unwrap_or(0),
                 });
             }
-            "error" => bail!("join-room {room:?} refused: {}", frame.describe_error()),
+            // An error that answers nothing in particular is taken as the
+            // answer too: nothing else is outstanding on this connection.
+            "error" if answers_us || frame.reply_to.is_none() => {
+                bail!("join-room {room:?} refused: {}", frame.describe_error())
+            }
             _ => continue,
         }
     }

@@ -23,7 +23,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::net::{self, ServerFrame, Target, Ws};
-use crate::procfs::Proc;
+use crate::procfs::{CpuWatch, Proc};
 use crate::stats::{Latencies, LatencySummary, epoch_nanos, rate};
 use crate::worker::ErrorTally;
 use crate::{CommonArgs, Report};
@@ -108,6 +108,12 @@ pub struct PersistReport {
     pub ack_latency: LatencySummary,
     pub server_cpu_seconds: Option<f64>,
     pub server_cpu_ms_per_message: Option<f64>,
+    pub client_cpu_seconds: f64,
+    /// Machine CPU (user + system) used by neither the server nor this
+    /// process while sending.
+    pub other_cpu_seconds: Option<f64>,
+    /// False when other processes used more than 10 % of a core meanwhile.
+    pub machine_quiet: bool,
     pub verification: Option<Verification>,
     pub figures: BTreeMap<String, f64>,
 }
@@ -174,7 +180,8 @@ pub async fn run(args: PersistArgs) -> Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // 2. Send.
-    let cpu_before = server.map(|s| s.cpu_time()).transpose()?;
+    let cpu_watch = CpuWatch::new(server, vec![Proc::SelfProc]);
+    let cpu_before = cpu_watch.sample()?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.timeout_secs);
     let pad: Arc<str> = "x".repeat(args.payload_bytes).into();
@@ -206,7 +213,8 @@ pub async fn run(args: PersistArgs) -> Result<()> {
             Err(e) => errors.add(format!("sender task failed: {e}")),
         }
     }
-    let cpu_after = server.map(|s| s.cpu_time()).transpose()?;
+    let cpu_after = cpu_watch.sample()?;
+    let cpu_interval = started.elapsed().as_secs_f64();
 
     let mut latency = Latencies::new();
     let mut sent = 0;
@@ -226,10 +234,8 @@ pub async fn run(args: PersistArgs) -> Result<()> {
     let duration_seconds = last_ack.duration_since(started).as_secs_f64();
     let acked_per_second = rate(acked, duration_seconds);
     let ack_latency = latency.summary();
-    let server_cpu = match (cpu_before, cpu_after) {
-        (Some(b), Some(a)) => Some(a.saturating_sub(b).as_secs_f64()),
-        _ => None,
-    };
+    let cpu = cpu_before.until(&cpu_after);
+    let server_cpu = cpu.server;
     let server_cpu_ms_per_message = server_cpu
         .filter(|_| acked > 0)
         .map(|cpu| cpu * 1000.0 / acked as f64);
@@ -282,6 +288,11 @@ pub async fn run(args: PersistArgs) -> Result<()> {
         ack_latency,
         server_cpu_seconds: server_cpu,
         server_cpu_ms_per_message,
+        client_cpu_seconds: cpu.clients,
+        other_cpu_seconds: cpu.other,
+        machine_quiet: cpu
+            .other
+            .is_none_or(|o| cpu_interval <= 0.0 || o / cpu_interval <= 0.1),
         verification,
         figures,
     };
@@ -307,6 +318,17 @@ pub async fn run(args: PersistArgs) -> Result<()> {
     );
     if let (Some(cpu), Some(per)) = (report.server_cpu_seconds, report.server_cpu_ms_per_message) {
         human += &format!("\n  server CPU: {cpu:.2} s → {per:.3} CPU-ms per message");
+    }
+    human += &format!(
+        "\n  load generator CPU: {:.2} s; other processes: {}",
+        report.client_cpu_seconds,
+        report
+            .other_cpu_seconds
+            .map_or_else(|| "n/a".to_owned(), |o| format!("{o:.2} s"))
+    );
+    if !report.machine_quiet {
+        human += "\n  WARNING: other processes used more than 10% of a core meanwhile; \
+                  figures are skewed";
     }
     if let Some(v) = &report.verification {
         human += &format!(

@@ -69,6 +69,91 @@ impl Proc {
     }
 }
 
+/// CPU time the whole machine has spent in user, nice and system mode
+/// (the first three fields of the `cpu` line of `/proc/stat`; idle, I/O
+/// wait, interrupts and steal are left out, as they are for a process's
+/// utime + stime). Compared with the server's and the load generator's own
+/// CPU time it shows how much other processes ran during a measurement.
+pub fn machine_busy() -> Result<Duration> {
+    let text = std::fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
+    let ticks = parse_machine_busy(&text).context("malformed /proc/stat")?;
+    Ok(ticks_to_duration(ticks, clock_ticks_per_second()))
+}
+
+fn parse_machine_busy(stat: &str) -> Result<u64> {
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .ok_or_else(|| anyhow!("no aggregate cpu line"))?;
+    line.split_whitespace()
+        .skip(1)
+        .take(3)
+        .map(|f| f.parse::<u64>().context("cpu field is not a number"))
+        .sum()
+}
+
+/// CPU accounting around a measurement: the server (if known), the load
+/// generator's processes, and the machine as a whole.
+#[derive(Debug, Clone)]
+pub struct CpuWatch {
+    server: Option<Proc>,
+    clients: Vec<Proc>,
+}
+
+/// One reading of a [`CpuWatch`].
+#[derive(Debug, Clone, Copy)]
+pub struct CpuSample {
+    server: Option<Duration>,
+    clients: Duration,
+    machine: Option<Duration>,
+}
+
+/// CPU seconds used between two samples.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuUse {
+    pub server: Option<f64>,
+    pub clients: f64,
+    /// Machine busy time not accounted to the server or the load generator:
+    /// other processes (and kernel threads).
+    pub other: Option<f64>,
+}
+
+impl CpuWatch {
+    pub fn new(server: Option<Proc>, clients: Vec<Proc>) -> Self {
+        Self { server, clients }
+    }
+
+    /// Reads all clocks; the server's must be readable, a client process
+    /// that has gone counts as zero.
+    pub fn sample(&self) -> Result<CpuSample> {
+        Ok(CpuSample {
+            server: self.server.map(Proc::cpu_time).transpose()?,
+            clients: self.clients.iter().filter_map(|p| p.cpu_time().ok()).sum(),
+            machine: machine_busy().ok(),
+        })
+    }
+}
+
+impl CpuSample {
+    pub fn until(&self, later: &CpuSample) -> CpuUse {
+        let secs = |a: Duration, b: Duration| b.saturating_sub(a).as_secs_f64();
+        let server = match (self.server, later.server) {
+            (Some(a), Some(b)) => Some(secs(a, b)),
+            _ => None,
+        };
+        let clients = secs(self.clients, later.clients);
+        let other = match (self.machine, later.machine) {
+            (Some(a), Some(b)) => Some((secs(a, b) - server.unwrap_or(0.0) - clients).max(0.0)),
+            _ => None,
+        };
+        CpuUse {
+            server,
+            clients,
+            other,
+        }
+    }
+}
+
 /// Extracts `VmRSS` (KiB) from the text of `/proc/PID/status`.
 fn parse_vm_rss(status: &str) -> Result<u64> {
     let line = status
@@ -151,6 +236,14 @@ mod tests {
             "4242 (we ird) name)) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1 2 3";
         assert_eq!(parse_cpu_ticks(stat)?, 300);
         assert!(parse_cpu_ticks("4242 (x) S 1").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn parses_machine_busy() -> Result<()> {
+        let stat = "cpu  100 5 20 900 3 0 7 1 0 0\ncpu0 50 5 10 450 1 0 3 0 0 0\n";
+        assert_eq!(parse_machine_busy(stat)?, 125);
+        assert!(parse_machine_busy("intr 1 2 3\n").is_err());
         Ok(())
     }
 

@@ -31,7 +31,17 @@ pub struct SummarizeArgs {
 #[derive(Debug, Deserialize)]
 struct Line {
     label: String,
+    #[serde(default)]
+    scenario: String,
+    #[serde(default)]
+    mode: Option<String>,
     figures: BTreeMap<String, f64>,
+    #[serde(default)]
+    machine_quiet: Option<bool>,
+    #[serde(default)]
+    other_cpu_seconds: Option<f64>,
+    #[serde(default)]
+    client_saturated: Option<bool>,
 }
 
 pub fn run(args: &SummarizeArgs) -> Result<()> {
@@ -57,10 +67,26 @@ fn table(text: &str, args: &SummarizeArgs) -> String {
     // figure -> (primary, baseline), in first-seen order.
     let mut order: Vec<String> = Vec::new();
     let mut values: BTreeMap<String, (Option<f64>, Option<f64>)> = BTreeMap::new();
+    let mut notes = Vec::new();
     for line in text.lines() {
         let Ok(line) = serde_json::from_str::<Line>(line.trim()) else {
             continue;
         };
+        let run = match &line.mode {
+            Some(mode) => format!("{} {} {mode}", line.label, line.scenario),
+            None => format!("{} {}", line.label, line.scenario),
+        };
+        if line.machine_quiet == Some(false) {
+            notes.push(format!(
+                "- {run}: other processes used {:.2} CPU-s meanwhile; figures skewed.",
+                line.other_cpu_seconds.unwrap_or(0.0)
+            ));
+        }
+        if line.client_saturated == Some(true) {
+            notes.push(format!(
+                "- {run}: the load generator was CPU-bound; throughput is a lower bound."
+            ));
+        }
         let primary = line.label == args.primary;
         if !primary && line.label != args.baseline {
             continue;
@@ -97,6 +123,13 @@ fn table(text: &str, args: &SummarizeArgs) -> String {
             ratio
         );
     }
+    if !notes.is_empty() {
+        out += "\n";
+        for note in notes {
+            out += &note;
+            out.push('\n');
+        }
+    }
     out
 }
 
@@ -125,7 +158,7 @@ mod tests {
         let text = r#"
 progress noise
 {"scenario":"fanout","label":"parlor","figures":{"a: deliveries/s":200000.0,"only parlor":1.5}}
-{"scenario":"fanout","label":"node","figures":{"a: deliveries/s":100000.0}}
+{"scenario":"fanout","label":"node","mode":"burst","figures":{"a: deliveries/s":100000.0},"machine_quiet":false,"other_cpu_seconds":1.5}
 {"scenario":"fanout","label":"other","figures":{"a: deliveries/s":1.0}}
 "#;
         let t = table(text, &args);
@@ -134,6 +167,10 @@ progress noise
             "{t}"
         );
         assert!(t.contains("| d | m | only parlor | 1.50 | – | – |"), "{t}");
-        assert_eq!(t.lines().count(), 4, "{t}");
+        assert!(
+            t.contains("- node fanout burst: other processes used 1.50 CPU-s"),
+            "{t}"
+        );
+        assert_eq!(t.lines().count(), 6, "{t}");
     }
 }

@@ -80,6 +80,11 @@ impl<E: DeserializeOwned + Send + 'static> Worker<E> {
         })
     }
 
+    /// The worker's process id (None once it has been reaped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// The next event, or an error if the worker exits, misbehaves or says
     /// nothing before `deadline`.
     pub async fn next_event(&mut self, deadline: Instant, what: &str) -> Result<E> {
