@@ -18,8 +18,7 @@
 #   PACED_RATE PACED_MSGS PERSIST_SENDERS PERSIST_MSGS PERSIST_WINDOW RETRIES (3)
 #   SERVER_PORT NODE_PORT SERVER_BIN SKIP_BUILD=1 SKIP_NODE=1 BENCH_OUT=DIR MACHINE="..."
 #   CARGO_TARGET_DIR (where the binaries are built and looked up).
-# None of these starts with PARLOR_, which is the server's configuration prefix
-# as configuration and refuses to start on one it does not know.
+# None of these starts with PARLOR_, which is the server's configuration prefix.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
