@@ -679,10 +679,10 @@ impl Connection {
                 if appended.duplicate {
                     return self.bounded(socket.flush()).await;
                 }
-                // The sender is in the room, so its own `message-received` is on the way: the
-                // dispatcher publishes it as soon as it runs. Yield once so it can, then write
-                // the ack and whatever arrived in one syscall instead of two.
-                tokio::task::yield_now().await;
+                // If events are already queued (the sender's own `message-received`, say),
+                // write them with the ack in one syscall. Do not yield to wait for them: a
+                // sender that waits lets every subscriber write each message on its own, and
+                // measured, that tripled the CPU per fan-out delivery.
                 match self.rx.try_recv() {
                     Ok(envelope) => self.write_events(socket, envelope).await,
                     Err(_) => self.bounded(socket.flush()).await,
