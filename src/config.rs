@@ -428,6 +428,40 @@ mod tests {
     }
 
     #[test]
+    fn loads_a_file_and_flags_win() {
+        let dir = std::env::temp_dir().join(format!("parlor-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("parlor.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9999\"\n[limits]\nmessages_per_second = 7\n[[domains]]\nid = \"acme\"\n",
+        )
+        .unwrap();
+        let flags = Overrides {
+            database: Some("sqlite:///tmp/x.db".into()),
+            ..Overrides::default()
+        };
+        let c = Config::load(Some(&path), &flags).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9999".parse().unwrap());
+        assert_eq!(c.limits.messages_per_second, 7);
+        assert_eq!(
+            c.limits.messages_burst,
+            Limits::default().messages_burst,
+            "unset keys keep defaults"
+        );
+        assert_eq!(c.database, "sqlite:///tmp/x.db", "flags win over the file");
+        let ids: Vec<&str> = c.domains.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["acme", "demo"], "the demo domain is always there");
+        assert!(Config::load(Some(&dir.join("missing.toml")), &Overrides::default()).is_err());
+        std::fs::write(&path, "[limits]\nmessages_per_second = \"fast\"\n").unwrap();
+        assert!(
+            Config::load(Some(&path), &Overrides::default()).is_err(),
+            "wrong types are refused"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
     fn rejects_bad_values() {
         let mut c = Config::default();
         c.limits.outbound_queue = 0;
