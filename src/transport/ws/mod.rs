@@ -473,35 +473,24 @@ impl Connection {
                 .error(socket, reply_to, "invalid_frame", "missing `type`")
                 .await;
         };
+        // Each frame type: parse its fields, then hand it to its handler; a frame whose
+        // fields do not parse gets `invalid_frame` naming the field.
+        macro_rules! handle {
+            ($frame:ty, $handler:ident) => {
+                match parse::<$frame>(raw) {
+                    Ok(f) => self.$handler(socket, f, reply_to).await,
+                    Err(m) => self.error(socket, reply_to, "invalid_frame", &m).await,
+                }
+            };
+        }
         match kind.as_ref() {
-            "join-room" => match parse::<JoinRoom>(raw) {
-                Ok(f) => self.join(socket, f, reply_to).await,
-                Err(m) => self.error(socket, reply_to, "invalid_frame", &m).await,
-            },
-            "send-message" => match parse::<SendMessage>(raw) {
-                Ok(f) => self.send_message(socket, f, reply_to).await,
-                Err(m) => self.error(socket, reply_to, "invalid_frame", &m).await,
-            },
-            "leave-room" => match parse::<RoomRef>(raw) {
-                Ok(f) => self.leave(socket, f, reply_to).await,
-                Err(m) => self.error(socket, reply_to, "invalid_frame", &m).await,
-            },
-            "history" => match parse::<History>(raw) {
-                Ok(f) => self.history(socket, f, reply_to).await,
-                Err(m) => self.error(socket, reply_to, "invalid_frame", &m).await,
-            },
-            "typing" => match parse::<Typing>(raw) {
-                Ok(f) => self.typing(socket, f, reply_to).await,
-                Err(m) => self.error(socket, reply_to, "invalid_frame", &m).await,
-            },
-            "read" => match parse::<Read>(raw) {
-                Ok(f) => self.read(socket, f, reply_to).await,
-                Err(m) => self.error(socket, reply_to, "invalid_frame", &m).await,
-            },
-            "presence" => match parse::<RoomRef>(raw) {
-                Ok(f) => self.presence(socket, f, reply_to).await,
-                Err(m) => self.error(socket, reply_to, "invalid_frame", &m).await,
-            },
+            "join-room" => handle!(JoinRoom, join),
+            "send-message" => handle!(SendMessage, send_message),
+            "leave-room" => handle!(RoomRef, leave),
+            "history" => handle!(History, history),
+            "typing" => handle!(Typing, typing),
+            "read" => handle!(Read, read),
+            "presence" => handle!(RoomRef, presence),
             "ping" => {
                 let frame =
                     json!({ "type": "pong", "timestamp": iso(now_ms()), "replyTo": reply_to });
@@ -514,9 +503,15 @@ impl Connection {
         }
     }
 
-    /// Ok if this connection is in the room.
-    fn joined(&self, room_id: &str) -> Result<RoomKey, ServiceError> {
-        let key = self.app.chat.room_key(self.handle.identity(), room_id)?;
+    /// The key of the room a frame refers to: its `roomId`, else the current room.
+    fn room_of(&self, room_id: Option<&str>) -> Result<RoomKey, ServiceError> {
+        let id = self.target_room(room_id)?;
+        self.app.chat.room_key(self.handle.identity(), &id)
+    }
+
+    /// Like [`Self::room_of`], for a room this connection has joined.
+    fn joined_room(&self, room_id: Option<&str>) -> Result<RoomKey, ServiceError> {
+        let key = self.room_of(room_id)?;
         if self.rooms.contains_key(&key) {
             Ok(key)
         } else {
@@ -641,20 +636,13 @@ impl Connection {
         f: SendMessage,
         reply_to: ReplyTo,
     ) -> Sent {
-        let room_id = match self.target_room(f.room_id.as_deref()) {
-            Ok(r) => r,
-            Err(e) => return self.service_error(socket, reply_to, &e).await,
-        };
-        let identity = Arc::clone(self.handle.identity());
-        let key = match self.app.chat.room_key(&identity, &room_id) {
+        let key = match self.joined_room(f.room_id.as_deref()) {
             Ok(k) => k,
             Err(e) => return self.service_error(socket, reply_to, &e).await,
         };
-        if !self.rooms.contains_key(&key) {
-            return self.service_error(socket, reply_to, &not_joined()).await;
-        }
+        let identity = Arc::clone(self.handle.identity());
         let out = Outgoing {
-            room_id: &room_id,
+            room_id: &key.room_id,
             text: f.message,
             client_message_id: f.client_message_id,
             role: f.role.as_deref(),
@@ -693,11 +681,7 @@ impl Connection {
     }
 
     async fn leave(&mut self, socket: &mut WsSocket, f: RoomRef, reply_to: ReplyTo) -> Sent {
-        let room_id = match self.target_room(f.room_id.as_deref()) {
-            Ok(r) => r,
-            Err(e) => return self.service_error(socket, reply_to, &e).await,
-        };
-        let key = match self.app.chat.room_key(self.handle.identity(), &room_id) {
+        let key = match self.room_of(f.room_id.as_deref()) {
             Ok(k) => k,
             Err(e) => return self.service_error(socket, reply_to, &e).await,
         };
@@ -713,19 +697,17 @@ impl Connection {
     }
 
     async fn history(&mut self, socket: &mut WsSocket, f: History, reply_to: ReplyTo) -> Sent {
-        let room_id = match self.target_room(f.room_id.as_deref()) {
-            Ok(r) => r,
+        let key = match self.joined_room(f.room_id.as_deref()) {
+            Ok(k) => k,
             Err(e) => return self.service_error(socket, reply_to, &e).await,
         };
-        if let Err(e) = self.joined(&room_id) {
-            return self.service_error(socket, reply_to, &e).await;
-        }
+        let room_id = &*key.room_id;
         let identity = Arc::clone(self.handle.identity());
         let limit = f.limit.unwrap_or(50);
         match self
             .app
             .chat
-            .history(&identity, &room_id, f.before, limit)
+            .history(&identity, room_id, f.before, limit)
             .await
         {
             Ok((page, has_more)) => {
@@ -744,19 +726,11 @@ impl Connection {
     }
 
     async fn typing(&mut self, socket: &mut WsSocket, f: Typing, reply_to: ReplyTo) -> Sent {
-        let room_id = match self.target_room(f.room_id.as_deref()) {
-            Ok(r) => r,
-            Err(e) => return self.service_error(socket, reply_to, &e).await,
-        };
-        let result = self
-            .app
-            .chat
-            .room_key(self.handle.identity(), &room_id)
-            .and_then(|key| {
-                self.app
-                    .chat
-                    .typing(&self.handle, &key, f.is_typing.unwrap_or(true))
-            });
+        let result = self.room_of(f.room_id.as_deref()).and_then(|key| {
+            self.app
+                .chat
+                .typing(&self.handle, &key, f.is_typing.unwrap_or(true))
+        });
         match result {
             Ok(()) => Ok(()),
             Err(e) => self.service_error(socket, reply_to, &e).await,
@@ -764,15 +738,13 @@ impl Connection {
     }
 
     async fn read(&mut self, socket: &mut WsSocket, f: Read, reply_to: ReplyTo) -> Sent {
-        let room_id = match self.target_room(f.room_id.as_deref()) {
-            Ok(r) => r,
+        let key = match self.joined_room(f.room_id.as_deref()) {
+            Ok(k) => k,
             Err(e) => return self.service_error(socket, reply_to, &e).await,
         };
-        if let Err(e) = self.joined(&room_id) {
-            return self.service_error(socket, reply_to, &e).await;
-        }
+        let room_id = &*key.room_id;
         let identity = Arc::clone(self.handle.identity());
-        match self.app.chat.mark_read(&identity, &room_id, f.seq).await {
+        match self.app.chat.mark_read(&identity, room_id, f.seq).await {
             Ok(seq) => {
                 let frame = json!({
                     "type": "read-receipt",
@@ -788,17 +760,11 @@ impl Connection {
     }
 
     async fn presence(&mut self, socket: &mut WsSocket, f: RoomRef, reply_to: ReplyTo) -> Sent {
-        let room_id = match self.target_room(f.room_id.as_deref()) {
-            Ok(r) => r,
-            Err(e) => return self.service_error(socket, reply_to, &e).await,
-        };
-        let key = match self.app.chat.room_key(self.handle.identity(), &room_id) {
+        let key = match self.joined_room(f.room_id.as_deref()) {
             Ok(k) => k,
             Err(e) => return self.service_error(socket, reply_to, &e).await,
         };
-        if !self.rooms.contains_key(&key) {
-            return self.service_error(socket, reply_to, &not_joined()).await;
-        }
+        let room_id = &*key.room_id;
         let users = self.app.chat.hub().presence(&key);
         let members: Vec<WireUser<'_>> = users.iter().map(WireUser::from).collect();
         let frame = json!({ "type": "presence", "replyTo": reply_to, "roomId": room_id, "members": members });
