@@ -63,6 +63,16 @@ impl Harness {
     }
 }
 
+/// The `seq`s of a page's messages.
+fn seqs(page: &Value) -> Vec<u64> {
+    page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect()
+}
+
 fn assert_error(status: StatusCode, body: &Value, want_status: u16, code: &str) {
     assert_eq!(status.as_u16(), want_status, "{body}");
     assert_eq!(body["error"]["code"], code, "{body}");
@@ -93,32 +103,21 @@ async fn seed_message_endpoints_and_room_paging() {
     assert_eq!(list["messages"].as_array().unwrap().len(), 5);
 
     let (_, page) = h.get("/api/rooms/room-1/messages?after=1&limit=2").await;
-    let seqs: Vec<u64> = page["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["seq"].as_u64().unwrap())
-        .collect();
     assert_eq!(
-        (seqs, page["hasMore"].as_bool(), page["lastSeq"].as_u64()),
+        (
+            seqs(&page),
+            page["hasMore"].as_bool(),
+            page["lastSeq"].as_u64()
+        ),
         (vec![2, 3], Some(true), Some(5))
     );
     let (_, page) = h.get("/api/rooms/room-1/messages?before=3&limit=10").await;
-    let seqs: Vec<u64> = page["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["seq"].as_u64().unwrap())
-        .collect();
-    assert_eq!((seqs, page["hasMore"].as_bool()), (vec![1, 2], Some(false)));
+    assert_eq!(
+        (seqs(&page), page["hasMore"].as_bool()),
+        (vec![1, 2], Some(false))
+    );
     let (_, page) = h.get("/api/rooms/room-1/messages?limit=2").await;
-    let seqs: Vec<u64> = page["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["seq"].as_u64().unwrap())
-        .collect();
-    assert_eq!(seqs, [4, 5], "no cursor gives the latest page");
+    assert_eq!(seqs(&page), [4, 5], "no cursor gives the latest page");
 
     // Idempotent POST: the same author's clientMessageId again → 200 with the original.
     // (Idempotency keys are per author, so it takes a stable identity: a token.)
