@@ -428,6 +428,12 @@ async fn bad_frames_get_documented_errors_and_change_nothing() {
         assert_eq!(err["code"], code, "for {frame:?}: {err}");
         assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
+    // Profile data is bounded like a message: 100 KB of customerData is refused.
+    let id = c
+        .request(json!({ "type": "join-room", "roomId": "bad", "customerData": { "blob": "z".repeat(100_000) } }))
+        .await;
+    assert_eq!(c.reply(&id).await["code"], "invalid_data");
+
     // A 1 MB message (inside the 1 MiB frame limit) is refused, the connection lives on.
     let big = "x".repeat(1_000_000);
     let id = c

@@ -21,6 +21,9 @@ use crate::metrics::Metrics;
 use crate::model::{Author, Identity, Message, NewMessage, RoomKey, json_depth, valid_id};
 use crate::store::{Appended, CustomerProfile, Store, StoreError};
 
+/// Longest display name kept, in characters.
+pub const MAX_NAME_CHARS: usize = 100;
+
 /// Deepest `data` a client may attach to a message.
 const MAX_CLIENT_DATA_DEPTH: usize = 16;
 
@@ -115,7 +118,24 @@ impl ChatService {
     ) -> Result<Joined, ServiceError> {
         let identity = conn.identity();
         let key = self.room_key(identity, room_id)?;
-        if let Some(profile) = profile {
+        if let Some(mut profile) = profile {
+            // Profile data is stored as given, so it is bounded like a message.
+            if let Some(data) = &profile.data {
+                let size = data.to_string().len();
+                if size > self.limits.max_message_bytes || json_depth(data) > MAX_CLIENT_DATA_DEPTH
+                {
+                    return Err(ServiceError::invalid(
+                        "invalid_data",
+                        format!(
+                            "customerData must be a JSON object of at most {} bytes, nested at most {MAX_CLIENT_DATA_DEPTH} levels",
+                            self.limits.max_message_bytes
+                        ),
+                    ));
+                }
+            }
+            profile.name = profile
+                .name
+                .map(|n| n.chars().take(MAX_NAME_CHARS).collect());
             self.timed(
                 "upsert_customer",
                 self.store
@@ -185,7 +205,9 @@ impl ChatService {
         let role = policy::message_role(identity, out.role)
             .map_err(|m| ServiceError::Forbidden(m.to_owned()))?;
         let name = match out.display_name {
-            Some(n) if identity.anonymous && !n.trim().is_empty() => n.chars().take(100).collect(),
+            Some(n) if identity.anonymous && !n.trim().is_empty() => {
+                n.chars().take(MAX_NAME_CHARS).collect()
+            }
             _ => identity.name.clone(),
         };
         let message = NewMessage {

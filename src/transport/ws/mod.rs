@@ -32,7 +32,7 @@ use crate::auth::policy;
 use crate::hub::{CLOSE_SLOW_CONSUMER, ConnHandle, Envelope, Event, Joined, Replay};
 use crate::model::{RoomKey, iso, now_ms};
 use crate::service::ServiceError;
-use crate::service::chat::{Outgoing, not_joined};
+use crate::service::chat::{MAX_NAME_CHARS, Outgoing, not_joined};
 use crate::store::CustomerProfile;
 
 /// Close code sent on graceful shutdown ("service restart"): reconnect, possibly elsewhere.
@@ -564,7 +564,7 @@ impl Connection {
         if identity.anonymous
             && let Some(name) = f.user_name.as_deref().filter(|n| !n.trim().is_empty())
         {
-            self.display_name = Some(name.chars().take(100).collect());
+            self.display_name = Some(name.chars().take(MAX_NAME_CHARS).collect());
         }
         let profile =
             (f.user_name.is_some() || f.customer_data.is_some()).then(|| CustomerProfile {
