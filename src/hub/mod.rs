@@ -232,7 +232,7 @@ impl Hub {
                     let first_cached = st.cache.front().map_or(st.last_seq + 1, |m| m.seq);
                     if cursor + 1 >= first_cached || cursor >= st.last_seq {
                         history.extend(st.cache.iter().filter(|m| m.seq > cursor).cloned());
-                        let joined = self.add_member(&mut st, &slot.key, conn);
+                        let joined = self.add_member(&mut st, conn);
                         let member_count = st.users.len();
                         let members = st
                             .users
@@ -518,7 +518,7 @@ impl Hub {
     }
 
     /// Adds a member; returns true when it is the user's first connection in the room.
-    fn add_member(&self, st: &mut RoomState, _key: &RoomKey, conn: &ConnHandle) -> bool {
+    fn add_member(&self, st: &mut RoomState, conn: &ConnHandle) -> bool {
         if st.members.insert(conn.id(), conn.clone()).is_some() {
             return false;
         }
