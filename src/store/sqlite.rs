@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
@@ -31,13 +32,24 @@ use crate::config::{SqliteSync, StoreConfig};
 use crate::model::{Author, Message, NewMessage, Room, RoomKey, json_depth, now_ms};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/sqlite/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/sqlite/0001_init.sql"),
+    include_str!("migrations/sqlite/0002_compact_room_keys.sql"),
+];
 
-/// Column list matching [`row_to_message`].
+/// Column list matching [`row_to_message`], for `FROM messages m JOIN rooms r`
+/// ([`messages_join`]).
 macro_rules! message_columns {
     () => {
-        "domain_id, room_id, seq, id, author_id, author_name, author_role, \
-         kind, content, data, client_message_id, created_at"
+        "r.domain_id, r.id, m.seq, m.id, m.author_id, m.author_name, m.author_role, \
+         m.kind, m.content, m.data, m.client_message_id, m.created_at"
+    };
+}
+
+/// Messages with their room's public key.
+macro_rules! messages_join {
+    () => {
+        " FROM messages m JOIN rooms r ON r.rid = m.room "
     };
 }
 
@@ -114,16 +126,19 @@ impl SqliteStore {
         configure(&conn, config.sqlite_synchronous).map_err(unavailable)?;
         migrate(&mut conn)?;
 
-        // Commits must never wait for a checkpoint's fsync: the writer does not checkpoint;
-        // a thread of its own does, every CHECKPOINT_EVERY.
+        // Commits should not wait for a checkpoint: a thread of its own copies the WAL into
+        // the database, and the writer only finishes the job when the WAL must restart (see
+        // `checkpoint_loop`).
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(unavailable)?;
         let checkpoint_conn = Connection::open(path).map_err(unavailable)?;
         configure(&checkpoint_conn, config.sqlite_synchronous).map_err(unavailable)?;
         let (stop_checkpoints, stopped) = std::sync::mpsc::channel::<()>();
+        let restart_wal = Arc::new(AtomicBool::new(false));
+        let restart_request = Arc::clone(&restart_wal);
         let checkpointer = std::thread::Builder::new()
             .name("parlor-sqlite-checkpoint".into())
-            .spawn(move || checkpoint_loop(&checkpoint_conn, &stopped))
+            .spawn(move || checkpoint_loop(&checkpoint_conn, &stopped, &restart_request))
             .map_err(|e| StoreError::Unavailable(format!("cannot start checkpoint thread: {e}")))?;
 
         let (tx, rx) = mpsc::unbounded_channel();
@@ -131,7 +146,7 @@ impl SqliteStore {
         let thread = std::thread::Builder::new()
             .name("parlor-sqlite-writer".into())
             .spawn(move || {
-                Writer::new(conn, sink).run(rx, max_batch);
+                Writer::new(conn, sink, restart_wal).run(rx, max_batch);
                 // Writes are finished: stop the checkpointer, which truncates the WAL.
                 drop(stop_checkpoints);
                 let _ = checkpointer.join();
@@ -221,19 +236,42 @@ const PAGE_SIZE: i64 = 1024;
 /// How often the checkpoint thread copies the WAL back into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Checkpoints the WAL until `stop` is dropped, then truncates it. `PASSIVE` never blocks the
-/// writer or readers; it copies what it can and the next round takes the rest.
-fn checkpoint_loop(conn: &Connection, stop: &std::sync::mpsc::Receiver<()>) {
-    let checkpoint = |mode: &str| {
-        if let Err(e) = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(())) {
-            tracing::warn!(error = %e, "WAL checkpoint failed");
-        }
-    };
+/// WAL frames (pages) after which the log is restarted from its beginning.
+const WAL_RESTART_FRAMES: i64 = 16_384;
+
+/// Checkpoints the WAL until `stop` is dropped, then truncates it.
+///
+/// `PASSIVE` never blocks the writer or readers; it copies what it can and the next round
+/// takes the rest. But SQLite only starts the WAL file over when a write transaction begins
+/// with every frame already copied, which never happens while the writer keeps appending
+/// behind this thread: under steady load the file would grow without end (measured: 637 MB
+/// after 100,000 messages), and every page lookup walks its index. So when the log is longer
+/// than `WAL_RESTART_FRAMES`, this thread raises `restart`; the writer then runs a `PASSIVE`
+/// checkpoint itself between two batches, which copies only the frames written since this
+/// thread's, and its next transaction rewinds the log.
+fn checkpoint_loop(conn: &Connection, stop: &std::sync::mpsc::Receiver<()>, restart: &AtomicBool) {
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY)
     {
-        checkpoint("PASSIVE");
+        if let Some((log, _)) = checkpoint(conn, "PASSIVE")
+            && log > WAL_RESTART_FRAMES
+        {
+            restart.store(true, Ordering::Relaxed);
+        }
     }
-    checkpoint("TRUNCATE");
+    checkpoint(conn, "TRUNCATE");
+}
+
+/// Runs a checkpoint; returns the WAL's frames and how many of them are in the database.
+fn checkpoint(conn: &Connection, mode: &str) -> Option<(i64, i64)> {
+    match conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+        Ok((r.get(1)?, r.get(2)?))
+    }) {
+        Ok(frames) => Some(frames),
+        Err(e) => {
+            tracing::warn!(error = %e, mode, "WAL checkpoint failed");
+            None
+        }
+    }
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -303,37 +341,27 @@ fn row_to_message(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
     })
 }
 
-fn row_to_room(row: &rusqlite::Row<'_>) -> rusqlite::Result<Room> {
-    let domain: String = row.get(0)?;
-    let id: String = row.get(1)?;
-    let last: i64 = row.get(4)?;
-    Ok(Room {
-        key: RoomKey::new(domain, id),
-        kind: row.get(2)?,
-        created_by: row.get(3)?,
-        last_seq: u64::try_from(last).unwrap_or(0),
-        created_at: from_ms(row.get(5)?),
+/// A room's last `seq` is not stored apart: it is the largest entry of the room in the
+/// `(room, seq)` index, one seek, so appends never rewrite the `rooms` row.
+fn select_room(conn: &Connection, key: &RoomKey) -> rusqlite::Result<Option<(i64, Room)>> {
+    conn.prepare_cached(
+        "SELECT r.rid, r.kind, r.created_by, r.created_at, \
+           (SELECT COALESCE(MAX(m.seq), 0) FROM messages m WHERE m.room = r.rid) \
+         FROM rooms r WHERE r.domain_id = ?1 AND r.id = ?2",
+    )?
+    .query_row(params![&*key.domain_id, &*key.room_id], |row| {
+        let last: i64 = row.get(4)?;
+        Ok((
+            row.get(0)?,
+            Room {
+                key: key.clone(),
+                kind: row.get(1)?,
+                created_by: row.get(2)?,
+                created_at: from_ms(row.get(3)?),
+                last_seq: u64::try_from(last).unwrap_or(0),
+            },
+        ))
     })
-}
-
-/// A room's last `seq` is not stored apart: it is the largest key of its messages, one seek
-/// into the primary key, so appends never rewrite the `rooms` row.
-macro_rules! room_columns {
-    () => {
-        "r.domain_id, r.id, r.kind, r.created_by, \
-         (SELECT COALESCE(MAX(m.seq), 0) FROM messages m \
-          WHERE m.domain_id = r.domain_id AND m.room_id = r.id), \
-         r.created_at"
-    };
-}
-
-fn select_room(conn: &Connection, key: &RoomKey) -> rusqlite::Result<Option<Room>> {
-    conn.prepare_cached(concat!(
-        "SELECT ",
-        room_columns!(),
-        " FROM rooms r WHERE r.domain_id = ?1 AND r.id = ?2"
-    ))?
-    .query_row(params![&*key.domain_id, &*key.room_id], row_to_room)
     .optional()
 }
 
@@ -341,22 +369,33 @@ fn select_room(conn: &Connection, key: &RoomKey) -> rusqlite::Result<Option<Room
 struct Writer {
     conn: Connection,
     sink: CommitSink,
-    /// Last `seq` per room as of the last commit (or inside the open batch).
-    last_seq: HashMap<RoomKey, u64>,
+    /// Per room: its store key and last `seq` as of the last commit (or inside the open
+    /// batch).
+    rooms: HashMap<RoomKey, RoomSlot>,
     /// The open batch changed the `seq` cache: forget the cache if it rolls back.
     dirty: bool,
+    /// Raised by the checkpoint thread when the WAL should start over.
+    restart_wal: Arc<AtomicBool>,
 }
 
-/// Entries kept in the writer's `seq` cache before it is cleared.
-const SEQ_CACHE_MAX: usize = 100_000;
+/// What the writer remembers of a room.
+#[derive(Debug, Clone, Copy)]
+struct RoomSlot {
+    rid: i64,
+    last_seq: u64,
+}
+
+/// Entries kept in the writer's room cache before it is cleared.
+const ROOM_CACHE_MAX: usize = 100_000;
 
 impl Writer {
-    fn new(conn: Connection, sink: CommitSink) -> Self {
+    fn new(conn: Connection, sink: CommitSink, restart_wal: Arc<AtomicBool>) -> Self {
         Self {
             conn,
             sink,
-            last_seq: HashMap::new(),
+            rooms: HashMap::new(),
             dirty: false,
+            restart_wal,
         }
     }
 
@@ -371,14 +410,27 @@ impl Writer {
                 }
             }
             self.commit_batch(&mut batch);
+            if self.restart_wal.load(Ordering::Relaxed) {
+                self.finish_checkpoint();
+            }
         }
         tracing::debug!("sqlite writer stopped");
     }
 
+    /// Copies what is left of the WAL into the database, so that the next transaction starts
+    /// the log over. If a reader still holds an old snapshot, the next batch tries again.
+    fn finish_checkpoint(&mut self) {
+        if let Some((log, copied)) = checkpoint(&self.conn, "PASSIVE")
+            && log == copied
+        {
+            self.restart_wal.store(false, Ordering::Relaxed);
+        }
+    }
+
     /// Runs `batch` in one transaction; on failure, retries each operation alone.
     fn commit_batch(&mut self, batch: &mut Vec<WriteOp>) {
-        if self.last_seq.len() > SEQ_CACHE_MAX {
-            self.last_seq.clear();
+        if self.rooms.len() > ROOM_CACHE_MAX {
+            self.rooms.clear();
         }
         match self.try_transaction(batch) {
             Ok(done) => {
@@ -437,7 +489,7 @@ impl Writer {
                 // Rooms created or advanced by the failed batch no longer exist as cached;
                 // forget everything rather than track which entries the batch touched.
                 if self.dirty {
-                    self.last_seq.clear();
+                    self.rooms.clear();
                 }
                 Err(e)
             }
@@ -448,9 +500,9 @@ impl Writer {
     fn apply(&mut self, op: &WriteOp) -> Result<Applied, StoreError> {
         match op {
             WriteOp::Append(m, _) => self.append(m).map(Applied::Append),
-            WriteOp::EnsureRoom(key, by, _) => {
-                self.ensure_room(key, by.as_deref()).map(Applied::Room)
-            }
+            WriteOp::EnsureRoom(key, by, _) => self
+                .ensure_room(key, by.as_deref())
+                .map(|(_, room)| Applied::Room(room)),
             WriteOp::MarkRead(key, user, seq, _) => {
                 self.mark_read(key, user, *seq).map(Applied::Read)
             }
@@ -483,51 +535,63 @@ impl Writer {
         }
     }
 
-    fn ensure_room(&mut self, key: &RoomKey, created_by: Option<&str>) -> Result<Room, StoreError> {
-        if let Some(room) = select_room(&self.conn, key).map_err(unavailable)? {
-            let last = self.last_seq.get(key).copied().unwrap_or(room.last_seq);
-            return Ok(Room {
-                last_seq: last,
-                ..room
+    /// The room's row, created if missing, with its last `seq` as of the open batch.
+    fn ensure_room(
+        &mut self,
+        key: &RoomKey,
+        created_by: Option<&str>,
+    ) -> Result<(RoomSlot, Room), StoreError> {
+        if let Some((rid, room)) = select_room(&self.conn, key).map_err(unavailable)? {
+            let slot = self.rooms.get(key).copied().unwrap_or(RoomSlot {
+                rid,
+                last_seq: room.last_seq,
             });
+            let room = Room {
+                last_seq: slot.last_seq,
+                ..room
+            };
+            return Ok((slot, room));
         }
         let now = now_ms();
-        self.conn
+        let rid = self
+            .conn
             .prepare_cached(
                 "INSERT INTO rooms (domain_id, id, kind, created_by, created_at, updated_at)
-                 VALUES (?1, ?2, 'support', ?3, ?4, ?4)",
+                 VALUES (?1, ?2, 'support', ?3, ?4, ?4) RETURNING rid",
             )
             .and_then(|mut s| {
-                s.execute(params![
-                    &*key.domain_id,
-                    &*key.room_id,
-                    created_by,
-                    to_ms(now)
-                ])
+                s.query_row(
+                    params![&*key.domain_id, &*key.room_id, created_by, to_ms(now)],
+                    |r| r.get(0),
+                )
             })
             .map_err(unavailable)?;
-        self.last_seq.insert(key.clone(), 0);
+        let slot = RoomSlot { rid, last_seq: 0 };
+        self.rooms.insert(key.clone(), slot);
         self.dirty = true;
-        Ok(Room {
+        let room = Room {
             key: key.clone(),
             kind: "support".to_owned(),
             created_by: created_by.map(str::to_owned),
             last_seq: 0,
             created_at: now,
-        })
+        };
+        Ok((slot, room))
     }
 
-    fn current_seq(&mut self, key: &RoomKey, created_by: &str) -> Result<u64, StoreError> {
-        if let Some(seq) = self.last_seq.get(key) {
-            return Ok(*seq);
+    /// The room's key and last `seq`, from the cache or the database (creating the room).
+    fn room_slot(&mut self, key: &RoomKey, created_by: &str) -> Result<RoomSlot, StoreError> {
+        if let Some(slot) = self.rooms.get(key) {
+            return Ok(*slot);
         }
-        let room = self.ensure_room(key, Some(created_by))?;
-        self.last_seq.insert(key.clone(), room.last_seq);
-        Ok(room.last_seq)
+        let (slot, _) = self.ensure_room(key, Some(created_by))?;
+        self.rooms.insert(key.clone(), slot);
+        Ok(slot)
     }
 
     fn append(&mut self, m: &NewMessage) -> Result<Appended, StoreError> {
-        let seq = self.current_seq(&m.room, &m.author.user_id)? + 1;
+        let slot = self.room_slot(&m.room, &m.author.user_id)?;
+        let seq = slot.last_seq + 1;
         let message = Message {
             id: uuid::Uuid::now_v7().to_string(),
             room: m.room.clone(),
@@ -544,18 +608,17 @@ impl Writer {
         // so the usual append is a single statement.
         let inserted = self
             .conn
-            .prepare_cached(concat!(
-                "INSERT INTO messages (",
-                message_columns!(),
-                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-                 ON CONFLICT (domain_id, room_id, author_id, client_message_id)
+            .prepare_cached(
+                "INSERT INTO messages (room, seq, id, author_id, author_name, author_role, kind,
+                   content, data, client_message_id, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                 ON CONFLICT (room, author_id, client_message_id)
                  WHERE client_message_id IS NOT NULL
-                 DO NOTHING"
-            ))
+                 DO NOTHING",
+            )
             .and_then(|mut s| {
                 s.execute(params![
-                    &*message.room.domain_id,
-                    &*message.room.room_id,
+                    slot.rid,
                     seq_param(seq),
                     message.id,
                     message.author.user_id,
@@ -572,11 +635,15 @@ impl Writer {
         if inserted == 0 {
             let existing = self
                 .conn
-                .prepare_cached(concat!("SELECT ", message_columns!(), " FROM messages
-                     WHERE domain_id = ?1 AND room_id = ?2 AND author_id = ?3 AND client_message_id = ?4"))
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    message_columns!(),
+                    messages_join!(),
+                    "WHERE m.room = ?1 AND m.author_id = ?2 AND m.client_message_id = ?3"
+                ))
                 .and_then(|mut s| {
                     s.query_row(
-                        params![&*m.room.domain_id, &*m.room.room_id, &m.author.user_id, &m.client_message_id],
+                        params![slot.rid, &m.author.user_id, &m.client_message_id],
                         row_to_message,
                     )
                 })
@@ -586,8 +653,8 @@ impl Writer {
                 duplicate: true,
             });
         }
-        if let Some(entry) = self.last_seq.get_mut(&m.room) {
-            *entry = seq;
+        if let Some(entry) = self.rooms.get_mut(&m.room) {
+            entry.last_seq = seq;
         }
         self.dirty = true;
         Ok(Appended {
@@ -597,11 +664,11 @@ impl Writer {
     }
 
     fn mark_read(&mut self, key: &RoomKey, user: &str, seq: u64) -> Result<u64, StoreError> {
-        let last = match self.last_seq.get(key) {
-            Some(s) => *s,
+        let last = match self.rooms.get(key) {
+            Some(slot) => slot.last_seq,
             None => select_room(&self.conn, key)
                 .map_err(unavailable)?
-                .map_or(0, |r| r.last_seq),
+                .map_or(0, |(_, r)| r.last_seq),
         };
         let seq = seq.min(last);
         let now = to_ms(now_ms());
@@ -726,7 +793,8 @@ impl Store for SqliteStore {
 
     async fn room(&self, key: &RoomKey) -> Result<Option<Room>, StoreError> {
         let key = key.clone();
-        self.read(move |c| select_room(c, &key)).await
+        self.read(move |c| Ok(select_room(c, &key)?.map(|(_, room)| room)))
+            .await
     }
 
     async fn messages_after(
@@ -740,8 +808,8 @@ impl Store for SqliteStore {
             let mut stmt = c.prepare_cached(concat!(
                 "SELECT ",
                 message_columns!(),
-                " FROM messages
-                 WHERE domain_id = ?1 AND room_id = ?2 AND seq > ?3 ORDER BY seq ASC LIMIT ?4"
+                messages_join!(),
+                "WHERE r.domain_id = ?1 AND r.id = ?2 AND m.seq > ?3 ORDER BY m.seq ASC LIMIT ?4"
             ))?;
             let rows = stmt.query_map(
                 params![
@@ -768,8 +836,8 @@ impl Store for SqliteStore {
             let mut stmt = c.prepare_cached(concat!(
                 "SELECT ",
                 message_columns!(),
-                " FROM messages
-                 WHERE domain_id = ?1 AND room_id = ?2 AND seq < ?3 ORDER BY seq DESC LIMIT ?4"
+                messages_join!(),
+                "WHERE r.domain_id = ?1 AND r.id = ?2 AND m.seq < ?3 ORDER BY m.seq DESC LIMIT ?4"
             ))?;
             let rows = stmt.query_map(
                 params![

@@ -1,0 +1,153 @@
+//! SQLite schema upgrades: a database written by an older Parlor opens in this one with every
+//! message, `seq` and idempotency key intact.
+
+use std::sync::Arc;
+
+use parlor::config::StoreConfig;
+use parlor::model::{Author, NewMessage, RoomKey};
+use parlor::store::Store;
+use parlor::store::sqlite::SqliteStore;
+use rusqlite::{Connection, params};
+use tokio::sync::mpsc;
+
+/// The schema of the first Parlor release, exactly as it shipped.
+const V1: &str = include_str!("../src/store/migrations/sqlite/0001_init.sql");
+
+/// Writes a version-1 database: room `a` with three messages (the second one keyed), room
+/// `a` of another domain with one, and a message whose room row is missing.
+fn write_v1(path: &std::path::Path) {
+    let conn = Connection::open(path).expect("open");
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .expect("wal");
+    conn.execute_batch(V1).expect("schema v1");
+    conn.pragma_update(None, "user_version", 1)
+        .expect("version");
+    for (domain, room) in [("demo", "a"), ("other", "a")] {
+        conn.execute(
+            "INSERT INTO rooms (domain_id, id, kind, created_by, created_at, updated_at)
+             VALUES (?1, ?2, 'support', 'u1', 1000, 1000)",
+            params![domain, room],
+        )
+        .expect("room");
+    }
+    let rows = [
+        ("demo", "a", 1, None, "one"),
+        ("demo", "a", 2, Some("k-2"), "two"),
+        ("demo", "a", 3, None, "three"),
+        ("other", "a", 1, None, "elsewhere"),
+        ("demo", "orphan", 1, Some("k-o"), "no room row"),
+    ];
+    for (domain, room, seq, cmid, content) in rows {
+        conn.execute(
+            "INSERT INTO messages (domain_id, room_id, seq, id, author_id, author_name,
+               author_role, kind, content, data, client_message_id, created_at)
+             VALUES (?1, ?2, ?3, ?4, 'u1', 'User One', 'visitor', 'text', ?5, ?6, ?7, ?8)",
+            params![
+                domain,
+                room,
+                seq,
+                format!("{domain}-{room}-{seq}"),
+                content,
+                (seq == 2).then_some(r#"{"x":1}"#),
+                cmid,
+                1000 + seq
+            ],
+        )
+        .expect("message");
+    }
+}
+
+fn keyed(key: &RoomKey, content: &str, cmid: &str) -> NewMessage {
+    NewMessage {
+        room: key.clone(),
+        author: Author {
+            user_id: "u1".into(),
+            name: "User One".into(),
+            role: "visitor".into(),
+        },
+        kind: "text".into(),
+        content: content.into(),
+        data: None,
+        client_message_id: Some(cmid.into()),
+    }
+}
+
+#[tokio::test]
+async fn version_1_database_upgrades_without_losing_anything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("old.db");
+    write_v1(&path);
+
+    let (sink, _committed) = mpsc::unbounded_channel();
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&path, &StoreConfig::default(), sink).expect("open v1 db"));
+
+    let demo = RoomKey::new("demo", "a");
+    let page = store.messages_after(&demo, 0, 10).await.expect("after");
+    let got: Vec<(u64, &str)> = page.iter().map(|m| (m.seq, m.content.as_str())).collect();
+    assert_eq!(got, [(1, "one"), (2, "two"), (3, "three")]);
+    assert_eq!(page[1].id, "demo-a-2");
+    assert_eq!(page[1].client_message_id.as_deref(), Some("k-2"));
+    assert_eq!(page[1].data, Some(serde_json::json!({"x": 1})));
+    assert_eq!(page[1].author.name, "User One");
+    assert_eq!(page[0].room, demo);
+
+    let other = RoomKey::new("other", "a");
+    let page = store.messages_after(&other, 0, 10).await.expect("after");
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].content, "elsewhere");
+
+    // A message whose room row was missing keeps its room, which now exists.
+    let orphan = RoomKey::new("demo", "orphan");
+    let room = store
+        .room(&orphan)
+        .await
+        .expect("room")
+        .expect("room created");
+    assert_eq!(room.last_seq, 1);
+
+    // Sequences continue where they stopped, and old idempotency keys still hold.
+    let next = store
+        .append(keyed(&demo, "four", "k-4"))
+        .await
+        .expect("append");
+    assert_eq!((next.message.seq, next.duplicate), (4, false));
+    let again = store
+        .append(keyed(&demo, "two again", "k-2"))
+        .await
+        .expect("append");
+    assert!(again.duplicate, "a version-1 key must still deduplicate");
+    assert_eq!(
+        (again.message.seq, again.message.content.as_str()),
+        (2, "two")
+    );
+    let again = store
+        .append(keyed(&orphan, "x", "k-o"))
+        .await
+        .expect("append");
+    assert!(again.duplicate);
+    assert_eq!(again.message.content, "no room row");
+
+    let page = store.messages_before(&demo, 100, 2).await.expect("before");
+    let seqs: Vec<u64> = page.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, [3, 4]);
+    store.close().await;
+
+    // The upgrade ran once: reopening finds version 2 and changes nothing.
+    let (sink, _committed) = mpsc::unbounded_channel();
+    let store = SqliteStore::open(&path, &StoreConfig::default(), sink).expect("reopen");
+    assert_eq!(
+        store
+            .messages_after(&demo, 0, 10)
+            .await
+            .expect("after")
+            .len(),
+        4
+    );
+    store.close().await;
+    let conn = Connection::open(&path).expect("open");
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .expect("version");
+    assert_eq!(version, 2);
+}
