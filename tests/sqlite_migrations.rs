@@ -1,5 +1,6 @@
 //! SQLite schema upgrades: a database written by an older Parlor opens in this one with every
 //! message, `seq` and idempotency key intact.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::sync::Arc;
 
