@@ -146,7 +146,6 @@ impl SqliteStore {
         let thread = std::thread::Builder::new()
             .name("parlor-sqlite-writer".into())
             .spawn(move || {
-                prefer_batches();
                 Writer::new(conn, sink, restart_wal).run(rx, max_batch);
                 // Writes are finished: stop the checkpointer, which truncates the WAL.
                 drop(stop_checkpoints);
@@ -229,29 +228,6 @@ fn configure(conn: &Connection, sync: SqliteSync) -> rusqlite::Result<()> {
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(())
-}
-
-/// Asks the kernel to treat the calling (writer) thread as a batch job (`SCHED_BATCH`, nice
-/// 0): it keeps its fair share of the CPU but does not preempt the network threads when an
-/// operation wakes it. On a busy core the writer then runs once they have queued everything
-/// that was ready, so it commits fewer, larger batches (measured on one core with 100
-/// senders: about 16 % more acknowledged messages per second, lower ack latency). With a
-/// core to itself nothing changes. Where the policy cannot be set, nothing else changes.
-fn prefer_batches() {
-    #[cfg(target_os = "linux")]
-    {
-        use thread_priority::{
-            NormalThreadSchedulePolicy, ThreadPriority, ThreadPriorityOsValue,
-            ThreadSchedulePolicy, set_thread_priority_and_policy, thread_native_id,
-        };
-        if let Err(e) = set_thread_priority_and_policy(
-            thread_native_id(),
-            ThreadPriority::Os(ThreadPriorityOsValue::default()),
-            ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch),
-        ) {
-            tracing::debug!(error = ?e, "cannot make the SQLite writer a batch thread");
-        }
-    }
 }
 
 /// Page size of new databases, in bytes.
