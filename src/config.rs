@@ -183,6 +183,9 @@ pub struct DomainConfig {
     /// Display name.
     #[serde(default)]
     pub name: String,
+    /// Tokens from the domain's own identity provider (see `docs/auth.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtConfig>,
 }
 
 impl DomainConfig {
@@ -191,6 +194,84 @@ impl DomainConfig {
         Self {
             id: DEMO_DOMAIN.to_owned(),
             name: "Parlor demo".to_owned(),
+            jwt: None,
+        }
+    }
+}
+
+/// How a domain's own JWTs are verified and read. A token belongs to the domain whose
+/// `issuer` list holds its `iss` claim; its signature must then verify with this domain's
+/// keys: one of `secret` (HS256/384/512), `public_keys` (PEM) or `jwks_url`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Shared secret for HS256/384/512 tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<Secret>,
+    /// Public keys, each PEM text or the path of a PEM file (RSA, EC P-256/P-384, Ed25519).
+    pub public_keys: Vec<String>,
+    /// A JWKS document (e.g. `https://PROJECT.supabase.co/auth/v1/.well-known/jwks.json`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    /// Accepted `alg` values. Empty: HS256 with a secret, else RS256 and ES256.
+    pub algorithms: Vec<String>,
+    /// Accepted `iss` values; at least one. They also say which domain a token is for.
+    pub issuer: Vec<String>,
+    /// Accepted `aud` values. Empty: `aud` is not checked.
+    pub audience: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    pub leeway_secs: u64,
+    /// How long a fetched JWKS is used before it is fetched again, in seconds. A token with
+    /// an unknown `kid` fetches it sooner, at most once per `jwks_min_refresh_secs`.
+    pub jwks_cache_secs: u64,
+    /// Shortest time between two JWKS fetches, in seconds.
+    pub jwks_min_refresh_secs: u64,
+    /// Timeout of one JWKS fetch, in milliseconds. On failure the cached keys stay in use.
+    pub jwks_timeout_ms: u64,
+    /// Where the identity is in the claims.
+    pub claims: ClaimPaths,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            public_keys: Vec::new(),
+            jwks_url: None,
+            algorithms: Vec::new(),
+            issuer: Vec::new(),
+            audience: Vec::new(),
+            leeway_secs: 30,
+            jwks_cache_secs: 300,
+            jwks_min_refresh_secs: 10,
+            jwks_timeout_ms: 3000,
+            claims: ClaimPaths::default(),
+        }
+    }
+}
+
+/// Dotted paths to the identity in a token's claims (`app_metadata.role` reads
+/// `{"app_metadata": {"role": …}}`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClaimPaths {
+    /// User id; required in every token.
+    pub user_id: String,
+    /// Display name; the user id when absent.
+    pub name: String,
+    /// Role: `visitor`, `agent`, `admin` or `service`.
+    pub role: String,
+    /// Role of a token without the role claim.
+    pub default_role: String,
+}
+
+impl Default for ClaimPaths {
+    fn default() -> Self {
+        Self {
+            user_id: "sub".to_owned(),
+            name: "name".to_owned(),
+            role: "role".to_owned(),
+            default_role: "visitor".to_owned(),
         }
     }
 }

@@ -121,6 +121,9 @@ impl App {
     /// Nothing listens yet: [`App::router`] gives the HTTP app, [`run`] serves it.
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, RunError> {
         let config = Arc::new(config);
+        // Unusable token settings stop the start before anything is opened.
+        let auth = Authenticator::new(&config)
+            .map_err(|e| RunError::Config(format!("invalid configuration: {e}")))?;
         let metrics = Arc::new(Metrics::new());
         let path = config.database_path().ok_or_else(|| {
             RunError::Config(format!("unsupported database {:?}", config.database))
@@ -154,7 +157,7 @@ impl App {
             config.limits.clone(),
         ));
         let state = AppState(Arc::new(AppInner {
-            auth: Authenticator::new(&config),
+            auth,
             connection_permits: Arc::new(Semaphore::new(config.limits.max_connections)),
             config,
             chat,

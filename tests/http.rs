@@ -356,6 +356,7 @@ async fn tenants_are_isolated_by_domain() {
     config.domains.push(parlor::config::DomainConfig {
         id: "acme".into(),
         name: "Acme".into(),
+        jwt: None,
     });
     config.validate().unwrap();
     let secret = config.auth.jwt_secret.clone().unwrap();

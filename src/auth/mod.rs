@@ -1,15 +1,21 @@
 //! Authentication: who is behind a connection or request.
 //!
-//! Today an identity comes from an HS256 JWT (`?token=` or `Authorization: Bearer`) signed
-//! with `auth.jwt_secret`, with claims `sub`, `name`, `role` and `domain`; without a token the
-//! caller is an anonymous `visitor` of the `demo` domain with a server-generated id. A token
-//! that is present but invalid is refused — it never falls back to anonymous.
+//! A token (`?token=` or `Authorization: Bearer`) is either:
+//! - a domain's own JWT, recognised by its `iss` being in that domain's `jwt.issuer` list
+//!   and verified with that domain's keys ([`jwt`]: secret, PEM keys or JWKS); or
+//! - a Parlor token: HS256 signed with `auth.jwt_secret`, claims `sub`, `name`, `role`,
+//!   `domain`.
+//!
+//! Without a token the caller is an anonymous `visitor` of the `demo` domain with a
+//! server-generated id. A token that is present but invalid is refused — it never falls
+//! back to anonymous.
 //!
 //! [`policy`] decides what an identity may do. Depends on the model and config only.
 
+pub mod jwt;
 pub mod policy;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -60,11 +66,30 @@ pub struct Authenticator {
     key: Option<DecodingKey>,
     validation: Validation,
     domains: HashSet<String>,
+    /// Domains with their own tokens, by the `iss` values they accept.
+    by_issuer: HashMap<String, Arc<jwt::DomainVerifier>>,
 }
 
 impl Authenticator {
-    /// Builds the verifier from configuration.
-    pub fn new(config: &Config) -> Self {
+    /// Builds the verifiers from configuration; refuses unusable per-domain JWT settings.
+    pub fn new(config: &Config) -> Result<Self, jwt::JwtConfigError> {
+        let mut by_issuer = HashMap::new();
+        for domain in &config.domains {
+            if let Some(settings) = &domain.jwt {
+                let verifier = Arc::new(jwt::DomainVerifier::new(&domain.id, settings)?);
+                for iss in verifier.issuers() {
+                    if by_issuer
+                        .insert(iss.clone(), Arc::clone(&verifier))
+                        .is_some()
+                    {
+                        return Err(jwt::JwtConfigError::new(
+                            &domain.id,
+                            format!("issuer {iss:?} is claimed by two domains"),
+                        ));
+                    }
+                }
+            }
+        }
         let key = config
             .auth
             .jwt_secret
@@ -81,22 +106,42 @@ impl Authenticator {
         // always set) must not make every token invalid. Audience checks arrive with
         // per-domain JWT settings.
         validation.validate_aud = false;
-        Self {
+        Ok(Self {
             key,
             validation,
             domains: config.domains.iter().map(|d| d.id.clone()).collect(),
-        }
+            by_issuer,
+        })
     }
 
     /// The identity for a request: from `token` when given, else a fresh anonymous visitor.
-    pub fn identify(&self, token: Option<&str>) -> Result<Identity, AuthError> {
+    pub async fn identify(&self, token: Option<&str>) -> Result<Identity, AuthError> {
         match token.filter(|t| !t.is_empty()) {
-            Some(token) => self.verify(token),
+            Some(token) => match self.domain_of(token) {
+                Some(verifier) => verifier.verify(token).await,
+                None => self.verify_own(token),
+            },
             None => Ok(anonymous()),
         }
     }
 
-    fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+    /// The domain whose issuer the token names, read before any verification: it only
+    /// chooses the keys that must then verify the token.
+    fn domain_of(&self, token: &str) -> Option<&jwt::DomainVerifier> {
+        if self.by_issuer.is_empty() {
+            return None;
+        }
+        let payload = token.split('.').nth(1)?;
+        let bytes =
+            base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
+                .ok()?;
+        let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        let iss = claims.get("iss")?.as_str()?;
+        self.by_issuer.get(iss).map(|v| &**v)
+    }
+
+    /// A Parlor token: HS256 with `auth.jwt_secret`.
+    fn verify_own(&self, token: &str) -> Result<Identity, AuthError> {
         let key = self.key.as_ref().ok_or(AuthError::TokensDisabled)?;
         let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
             .map_err(|e| AuthError::InvalidToken(e.to_string()))?;

@@ -102,6 +102,7 @@ impl FromRequestParts<AppState> for Caller {
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
         app.auth
             .identify(bearer_token(&parts.headers))
+            .await
             .map(Caller)
             .map_err(|e| {
                 app.metrics.client_error(e.code());

@@ -91,7 +91,7 @@ pub async fn upgrade(
         .as_deref()
         .filter(|t| !t.is_empty())
         .or_else(|| bearer_token(req.headers()));
-    let identity = match app.auth.identify(token) {
+    let identity = match app.auth.identify(token).await {
         Ok(identity) => identity,
         Err(e) => {
             app.metrics.client_error(e.code());
