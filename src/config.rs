@@ -183,17 +183,43 @@ pub struct DomainConfig {
     /// Display name.
     #[serde(default)]
     pub name: String,
+    /// Which rooms a visitor may use: only the ones it created (`owned`), or any room of
+    /// the domain whose id it knows (`open`, the demo playground).
+    #[serde(default)]
+    pub visitor_rooms: VisitorRooms,
     /// Tokens from the domain's own identity provider (see `docs/auth.md`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt: Option<JwtConfig>,
 }
 
+/// Which rooms of a domain a visitor may join, read and write.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VisitorRooms {
+    /// Only rooms the visitor created.
+    #[default]
+    Owned,
+    /// Any room whose id the visitor knows.
+    Open,
+}
+
 impl DomainConfig {
+    /// A domain with the defaults: visitors use their own rooms, Parlor tokens only.
+    pub fn new(id: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            name: name.into(),
+            visitor_rooms: VisitorRooms::Owned,
+            jwt: None,
+        }
+    }
+
     /// The built-in domain anonymous visitors land in.
     pub fn demo() -> Self {
         Self {
             id: DEMO_DOMAIN.to_owned(),
             name: "Parlor demo".to_owned(),
+            visitor_rooms: VisitorRooms::Open,
             jwt: None,
         }
     }

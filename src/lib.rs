@@ -155,6 +155,11 @@ impl App {
             hub,
             Arc::clone(&metrics),
             config.limits.clone(),
+            config
+                .domains
+                .iter()
+                .map(|d| (d.id.clone(), d.visitor_rooms))
+                .collect(),
         ));
         let state = AppState(Arc::new(AppInner {
             auth,

@@ -107,18 +107,15 @@ async fn server(jwks_url: Option<&str>) -> TestServer {
     let jwks_url = jwks_url.map(str::to_owned);
     TestServer::start_with(move |c| {
         c.domains.push(DomainConfig {
-            id: "hs".into(),
-            name: "HS256 back end".into(),
             jwt: Some(JwtConfig {
                 secret: Some(Secret::new(HS_SECRET)),
                 issuer: vec![HS_ISSUER.into()],
                 claims: nested_claims(),
                 ..JwtConfig::default()
             }),
+            ..DomainConfig::new("hs", "HS256 back end")
         });
         c.domains.push(DomainConfig {
-            id: "pem".into(),
-            name: "PEM keys".into(),
             jwt: Some(JwtConfig {
                 public_keys: vec![format!("{FIXTURES}/rsa1.pub.pem")],
                 issuer: vec![PEM_ISSUER.into()],
@@ -127,11 +124,10 @@ async fn server(jwks_url: Option<&str>) -> TestServer {
                 claims: nested_claims(),
                 ..JwtConfig::default()
             }),
+            ..DomainConfig::new("pem", "PEM keys")
         });
         if let Some(url) = jwks_url {
             c.domains.push(DomainConfig {
-                id: "jwks".into(),
-                name: "JWKS".into(),
                 jwt: Some(JwtConfig {
                     jwks_url: Some(url),
                     issuer: vec![JWKS_ISSUER.into()],
@@ -141,6 +137,7 @@ async fn server(jwks_url: Option<&str>) -> TestServer {
                     claims: nested_claims(),
                     ..JwtConfig::default()
                 }),
+                ..DomainConfig::new("jwks", "JWKS")
             });
         }
     })
@@ -470,9 +467,8 @@ async fn unusable_domain_jwt_settings_stop_the_server_from_starting() {
             ..parlor::config::Config::default()
         };
         config.domains.push(DomainConfig {
-            id: "bad".into(),
-            name: String::new(),
             jwt: Some(jwt),
+            ..DomainConfig::new("bad", "")
         });
         let err = match parlor::App::build(config, tokio_util::sync::CancellationToken::new()).await
         {

@@ -353,11 +353,9 @@ async fn tenants_are_isolated_by_domain() {
         ..Config::default()
     };
     config.auth.jwt_secret = Some(parlor::config::Secret::new("tenant-secret-0123456789"));
-    config.domains.push(parlor::config::DomainConfig {
-        id: "acme".into(),
-        name: "Acme".into(),
-        jwt: None,
-    });
+    config
+        .domains
+        .push(parlor::config::DomainConfig::new("acme", "Acme"));
     config.validate().unwrap();
     let secret = config.auth.jwt_secret.clone().unwrap();
     let app = parlor::App::build(config, tokio_util::sync::CancellationToken::new())

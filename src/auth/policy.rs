@@ -1,14 +1,35 @@
 //! Who may do what. Every transport and handler asks here; none decides on its own.
 //!
 //! Rooms are addressed within the caller's own domain ([`room_key`]), so no request can name
-//! a room of another tenant. Finer rules (visitors limited to rooms they own, agents,
-//! services) belong here as they arrive.
+//! a room of another tenant. Inside it, agents, admins and services use every room, and
+//! visitors the rooms they created unless the domain is `open` ([`may_use_room`]).
 
-use crate::model::{Identity, MESSAGE_ROLES, Role, RoomKey};
+use crate::config::VisitorRooms;
+use crate::model::{Identity, MESSAGE_ROLES, Role, Room, RoomKey};
 
 /// The key of room `room_id` as seen by `identity`: always inside the identity's domain.
 pub fn room_key(identity: &Identity, room_id: &str) -> RoomKey {
     RoomKey::new(identity.domain_id.clone(), room_id)
+}
+
+/// Whether `identity` may join, read and write `room` (`None`: it does not exist yet, and
+/// using it creates it as the caller's).
+pub fn may_use_room(identity: &Identity, visitor_rooms: VisitorRooms, room: Option<&Room>) -> bool {
+    match identity.role {
+        Role::Agent | Role::Admin | Role::Service => true,
+        Role::Visitor => match (visitor_rooms, room) {
+            (VisitorRooms::Open, _) | (VisitorRooms::Owned, None) => true,
+            (VisitorRooms::Owned, Some(room)) => {
+                room.created_by.as_deref() == Some(identity.user_id.as_str())
+            }
+        },
+    }
+}
+
+/// Whether using a room of this domain needs [`may_use_room`] at all: saves the store a
+/// lookup for everyone it would let in anyway.
+pub fn room_check_needed(identity: &Identity, visitor_rooms: VisitorRooms) -> bool {
+    identity.role == Role::Visitor && visitor_rooms == VisitorRooms::Owned
 }
 
 /// The role label a message written by `identity` carries. Only a service or an admin may
@@ -45,6 +66,32 @@ mod tests {
             message_role(&s, Some("assistant")).as_deref(),
             Ok("assistant")
         );
+    }
+
+    #[test]
+    fn visitors_use_only_their_own_rooms_unless_the_domain_is_open() {
+        let me = anonymous();
+        let room = |by: Option<&str>| Room {
+            key: RoomKey::new("demo", "r"),
+            kind: "support".into(),
+            created_by: by.map(str::to_owned),
+            last_seq: 0,
+            created_at: chrono::Utc::now(),
+        };
+        let mine = room(Some(&me.user_id));
+        let theirs = room(Some("someone-else"));
+        let nobodys = room(None);
+        assert!(may_use_room(&me, VisitorRooms::Owned, None));
+        assert!(may_use_room(&me, VisitorRooms::Owned, Some(&mine)));
+        assert!(!may_use_room(&me, VisitorRooms::Owned, Some(&theirs)));
+        assert!(!may_use_room(&me, VisitorRooms::Owned, Some(&nobodys)));
+        assert!(may_use_room(&me, VisitorRooms::Open, Some(&theirs)));
+        let mut agent = anonymous();
+        agent.role = Role::Agent;
+        assert!(may_use_room(&agent, VisitorRooms::Owned, Some(&theirs)));
+        assert!(!room_check_needed(&agent, VisitorRooms::Owned));
+        assert!(room_check_needed(&me, VisitorRooms::Owned));
+        assert!(!room_check_needed(&me, VisitorRooms::Open));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! [`ChatService::spawn_dispatcher`], which publishes it to the broker; the broker delivers it
 //! to every node's hub, and the hub to every member's queue.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,7 +16,7 @@ use tokio::sync::mpsc;
 use super::ServiceError;
 use crate::auth::policy;
 use crate::broker::Broker;
-use crate::config::Limits;
+use crate::config::{Limits, VisitorRooms};
 use crate::hub::{ConnHandle, Event, Hub, Joined, PresentUser, Replay};
 use crate::metrics::Metrics;
 use crate::model::{Author, Identity, Message, NewMessage, RoomKey, json_depth, valid_id};
@@ -34,6 +35,8 @@ pub struct ChatService {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     limits: Limits,
+    /// Each domain's rule for visitors' rooms.
+    visitor_rooms: HashMap<String, VisitorRooms>,
 }
 
 /// A message to send.
@@ -60,12 +63,52 @@ impl ChatService {
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         limits: Limits,
+        visitor_rooms: HashMap<String, VisitorRooms>,
     ) -> Self {
         Self {
             store,
             hub,
             metrics,
             limits,
+            visitor_rooms,
+        }
+    }
+
+    /// Asks the policy whether `identity` may use the room, looking the room up only when
+    /// the answer depends on it. With `create`, a missing room is created as the caller's
+    /// (joining, posting); without, a missing room is simply allowed (reading finds nothing).
+    /// Returns whether the room is known to exist now.
+    async fn authorize(
+        &self,
+        identity: &Identity,
+        key: &RoomKey,
+        create: bool,
+    ) -> Result<bool, ServiceError> {
+        let rule = self
+            .visitor_rooms
+            .get(&*identity.domain_id)
+            .copied()
+            .unwrap_or_default();
+        if !policy::room_check_needed(identity, rule) {
+            return Ok(false);
+        }
+        let room = if create {
+            Some(
+                self.timed(
+                    "ensure_room",
+                    self.store.ensure_room(key, Some(&identity.user_id)),
+                )
+                .await?,
+            )
+        } else {
+            self.timed("room", self.store.room(key)).await?
+        };
+        if policy::may_use_room(identity, rule, room.as_ref()) {
+            Ok(room.is_some())
+        } else {
+            Err(ServiceError::Forbidden(
+                "this room belongs to someone else".to_owned(),
+            ))
         }
     }
 
@@ -118,6 +161,7 @@ impl ChatService {
     ) -> Result<Joined, ServiceError> {
         let identity = conn.identity();
         let key = self.room_key(identity, room_id)?;
+        let exists = self.authorize(identity, &key, true).await?;
         if let Some(mut profile) = profile {
             // Profile data is stored as given, so it is bounded like a message.
             if let Some(data) = &profile.data {
@@ -144,7 +188,7 @@ impl ChatService {
             .await?;
         }
         // A room active on this node exists already: skip the write.
-        if !self.hub.is_active(&key) {
+        if !exists && !self.hub.is_active(&key) {
             self.timed(
                 "ensure_room",
                 self.store.ensure_room(&key, Some(&identity.user_id)),
@@ -160,6 +204,18 @@ impl ChatService {
     /// Removes `conn` from a room. Returns false if it was not in it.
     pub fn leave(&self, conn: &ConnHandle, key: &RoomKey) -> bool {
         self.hub.leave(key, conn)
+    }
+
+    /// [`Self::send`] for a caller that has not joined the room (the HTTP API): asks the
+    /// policy first. Over a socket, joining the room already did.
+    pub async fn post(
+        &self,
+        identity: &Identity,
+        out: Outgoing<'_>,
+    ) -> Result<Appended, ServiceError> {
+        let key = self.room_key(identity, out.room_id)?;
+        self.authorize(identity, &key, true).await?;
+        self.send(identity, out).await
     }
 
     /// Stores a message and returns it (or the original, for a repeated `client_message_id`).
@@ -239,6 +295,7 @@ impl ChatService {
         limit: usize,
     ) -> Result<(Vec<Message>, bool), ServiceError> {
         let key = self.room_key(identity, room_id)?;
+        self.authorize(identity, &key, false).await?;
         let limit = limit.clamp(1, self.limits.max_page);
         let page = self
             .timed(
@@ -260,6 +317,7 @@ impl ChatService {
         limit: usize,
     ) -> Result<(Vec<Message>, bool), ServiceError> {
         let key = self.room_key(identity, room_id)?;
+        self.authorize(identity, &key, false).await?;
         let limit = limit.clamp(1, self.limits.max_page);
         let mut page = self
             .timed("history", self.store.messages_after(&key, after, limit + 1))
@@ -276,6 +334,7 @@ impl ChatService {
         room_id: &str,
     ) -> Result<crate::model::Room, ServiceError> {
         let key = self.room_key(identity, room_id)?;
+        self.authorize(identity, &key, false).await?;
         self.timed("room", self.store.room(&key))
             .await?
             .ok_or(ServiceError::RoomNotFound)

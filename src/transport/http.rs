@@ -234,7 +234,7 @@ pub async fn post_message(
     };
     let appended = app
         .chat
-        .send(&identity, out)
+        .post(&identity, out)
         .await
         .map_err(|e| error(&app, e))?;
     let status = if appended.duplicate {
