@@ -187,6 +187,10 @@ pub struct DomainConfig {
     /// the domain whose id it knows (`open`, the demo playground).
     #[serde(default)]
     pub visitor_rooms: VisitorRooms,
+    /// Hashes (`sha256:HEX`) of the server API keys the domain's back end may present;
+    /// `parlor key --domain ID` makes one. Several while a key rotates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub server_keys: Vec<String>,
     /// Tokens from the domain's own identity provider (see `docs/auth.md`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt: Option<JwtConfig>,
@@ -210,6 +214,7 @@ impl DomainConfig {
             id: id.into(),
             name: name.into(),
             visitor_rooms: VisitorRooms::Owned,
+            server_keys: Vec::new(),
             jwt: None,
         }
     }
@@ -220,6 +225,7 @@ impl DomainConfig {
             id: DEMO_DOMAIN.to_owned(),
             name: "Parlor demo".to_owned(),
             visitor_rooms: VisitorRooms::Open,
+            server_keys: Vec::new(),
             jwt: None,
         }
     }

@@ -25,6 +25,16 @@ enum Command {
     Serve(ServeArgs),
     /// Print a connection token signed with `auth.jwt_secret` (for development).
     Token(TokenArgs),
+    /// Make a new server API key for a domain's back end, and the configuration entry
+    /// (its hash) that accepts it.
+    Key(KeyArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct KeyArgs {
+    /// Domain id the key is for.
+    #[arg(long)]
+    domain: String,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -67,6 +77,10 @@ fn main() -> anyhow::Result<()> {
     let (args, token) = match cli.command {
         Some(Command::Serve(args)) => (args, None),
         Some(Command::Token(t)) => (cli.serve, Some(t)),
+        Some(Command::Key(k)) => {
+            print_key(&k);
+            return Ok(());
+        }
         None => (cli.serve, None),
     };
     let overrides = Overrides {
@@ -150,6 +164,16 @@ fn init_tracing(config: &Config) {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+}
+
+fn print_key(args: &KeyArgs) {
+    let (key, entry) = parlor::auth::keys::generate();
+    println!("key (give it to the back end; it is shown only now):\n  {key}\n");
+    println!("configuration (Parlor keeps only this hash):");
+    println!(
+        "  [[domains]]\n  id = \"{}\"\n  server_keys = [\"{entry}\"]",
+        args.domain
+    );
 }
 
 fn print_token(config: &Config, args: &TokenArgs) -> anyhow::Result<()> {

@@ -13,6 +13,7 @@
 //! [`policy`] decides what an identity may do. Depends on the model and config only.
 
 pub mod jwt;
+pub mod keys;
 pub mod policy;
 
 use std::collections::{HashMap, HashSet};
@@ -68,13 +69,23 @@ pub struct Authenticator {
     domains: HashSet<String>,
     /// Domains with their own tokens, by the `iss` values they accept.
     by_issuer: HashMap<String, Arc<jwt::DomainVerifier>>,
+    /// Server API keys (their hashes) and the domain each belongs to.
+    server_keys: HashMap<keys::KeyHash, Arc<str>>,
+    /// Signs the connection tokens Parlor issues.
+    signing_secret: Option<crate::config::Secret>,
 }
 
 impl Authenticator {
     /// Builds the verifiers from configuration; refuses unusable per-domain JWT settings.
     pub fn new(config: &Config) -> Result<Self, jwt::JwtConfigError> {
         let mut by_issuer = HashMap::new();
+        let mut server_keys = HashMap::new();
         for domain in &config.domains {
+            for entry in &domain.server_keys {
+                let hash = keys::parse_entry(entry)
+                    .map_err(|m| jwt::JwtConfigError::new(&domain.id, m))?;
+                server_keys.insert(hash, Arc::from(domain.id.as_str()));
+            }
             if let Some(settings) = &domain.jwt {
                 let verifier = Arc::new(jwt::DomainVerifier::new(&domain.id, settings)?);
                 for iss in verifier.issuers() {
@@ -111,18 +122,53 @@ impl Authenticator {
             validation,
             domains: config.domains.iter().map(|d| d.id.clone()).collect(),
             by_issuer,
+            server_keys,
+            signing_secret: config.auth.jwt_secret.clone(),
         })
     }
 
     /// The identity for a request: from `token` when given, else a fresh anonymous visitor.
     pub async fn identify(&self, token: Option<&str>) -> Result<Identity, AuthError> {
         match token.filter(|t| !t.is_empty()) {
+            Some(key) if key.starts_with(keys::KEY_PREFIX) => self.server(key),
             Some(token) => match self.domain_of(token) {
                 Some(verifier) => verifier.verify(token).await,
                 None => self.verify_own(token),
             },
             None => Ok(anonymous()),
         }
+    }
+
+    /// The back end of the domain a server API key belongs to.
+    fn server(&self, key: &str) -> Result<Identity, AuthError> {
+        let domain = self
+            .server_keys
+            .get(&keys::hash(key))
+            .ok_or_else(|| AuthError::InvalidToken("unknown server key".into()))?;
+        Ok(Identity {
+            user_id: "service".to_owned(),
+            name: format!("{domain} back end"),
+            role: Role::Service,
+            domain_id: Arc::clone(domain),
+            anonymous: false,
+        })
+    }
+
+    /// Signs a Parlor connection token for `user` in `domain`, valid `ttl_secs`.
+    pub fn issue(
+        &self,
+        user: &str,
+        name: Option<&str>,
+        role: Role,
+        domain: &str,
+        ttl_secs: u64,
+    ) -> Result<String, AuthError> {
+        let secret = self
+            .signing_secret
+            .as_ref()
+            .ok_or(AuthError::TokensDisabled)?;
+        issue_token(secret, user, name, role.as_str(), domain, ttl_secs)
+            .map_err(|e| AuthError::InvalidToken(format!("cannot sign: {e}")))
     }
 
     /// The domain whose issuer the token names, read before any verification: it only

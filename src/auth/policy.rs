@@ -32,6 +32,22 @@ pub fn room_check_needed(identity: &Identity, visitor_rooms: VisitorRooms) -> bo
     identity.role == Role::Visitor && visitor_rooms == VisitorRooms::Owned
 }
 
+/// Whether `identity` may publish into its domain's rooms through the server API.
+pub fn may_publish(identity: &Identity) -> bool {
+    matches!(identity.role, Role::Service | Role::Admin)
+}
+
+/// Whether `identity` may ask for connection tokens for its domain's users.
+pub fn may_issue_tokens(identity: &Identity) -> bool {
+    matches!(identity.role, Role::Service | Role::Admin)
+}
+
+/// Whether a token may be issued with `role`: visitors and agents only, so a leaked server
+/// key cannot mint administrators.
+pub fn may_issue_role(role: Role) -> bool {
+    matches!(role, Role::Visitor | Role::Agent)
+}
+
 /// The role label a message written by `identity` carries. Only a service or an admin may
 /// store a message under another label (the server API's `role` field, e.g. `assistant`);
 /// anyone else writes as themselves, whatever the request says.

@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 
 use super::wire::{ErrorBody, ErrorDetail, WireMessage};
 use crate::AppState;
-use crate::model::{Identity, iso, now_ms};
+use crate::auth::policy;
+use crate::model::{Identity, Role, iso, now_ms, valid_id};
 use crate::service::ServiceError;
 use crate::service::chat::Outgoing;
 
@@ -243,6 +244,140 @@ pub async fn post_message(
         StatusCode::CREATED
     };
     Ok((status, Json(WireMessage::of(&appended.message))).into_response())
+}
+
+/// Body of `POST /api/publish`: a back end's message into one of its domain's rooms.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Publish {
+    message: String,
+    #[serde(alias = "chatRoomId")]
+    room_id: String,
+    role: Option<String>,
+    client_message_id: Option<String>,
+    data: Option<Value>,
+    /// Optional; when given it must be the key's own domain.
+    domain_id: Option<String>,
+}
+
+/// `POST /api/publish`: stores a message from a back end (server API key) and broadcasts
+/// it. The back end may label it (`assistant`, `system`…).
+pub async fn publish(
+    State(app): State<AppState>,
+    Caller(identity): Caller,
+    ApiJson(body): ApiJson<Publish>,
+) -> Result<Response, ApiError> {
+    if !policy::may_publish(&identity) {
+        return Err(error(
+            &app,
+            ServiceError::Forbidden("publishing needs a server key".into()),
+        ));
+    }
+    if body
+        .domain_id
+        .as_deref()
+        .is_some_and(|d| d != &*identity.domain_id)
+    {
+        return Err(error(
+            &app,
+            ServiceError::Forbidden("a server key publishes only into its own domain".into()),
+        ));
+    }
+    let out = Outgoing {
+        room_id: &body.room_id,
+        text: body.message,
+        client_message_id: body.client_message_id,
+        role: body.role.as_deref(),
+        display_name: None,
+        data: body.data,
+    };
+    let appended = app
+        .chat
+        .post(&identity, out)
+        .await
+        .map_err(|e| error(&app, e))?;
+    let status = if appended.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(WireMessage::of(&appended.message))).into_response())
+}
+
+/// Body of `POST /api/ws/token`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenRequest {
+    user_id: String,
+    name: Option<String>,
+    role: Option<String>,
+    ttl_secs: Option<u64>,
+}
+
+/// Longest lifetime of a token from `POST /api/ws/token`, in seconds.
+const MAX_TOKEN_TTL_SECS: u64 = 86_400;
+
+/// `POST /api/ws/token`: a back end (server API key) gets a connection token for one of
+/// its users, as a visitor or an agent.
+pub async fn ws_token(
+    State(app): State<AppState>,
+    Caller(identity): Caller,
+    ApiJson(body): ApiJson<TokenRequest>,
+) -> Result<Response, ApiError> {
+    if !policy::may_issue_tokens(&identity) {
+        return Err(error(
+            &app,
+            ServiceError::Forbidden("issuing tokens needs a server key".into()),
+        ));
+    }
+    if !valid_id(&body.user_id) {
+        return Err(ApiError::bad_request(
+            "invalid_user_id",
+            "userId must be 1-128 characters of A-Z a-z 0-9 - _ . : @",
+        ));
+    }
+    let role = match body.role.as_deref() {
+        None => Role::Visitor,
+        Some(r) => Role::parse(r)
+            .ok_or_else(|| ApiError::bad_request("invalid_role", format!("unknown role {r:?}")))?,
+    };
+    if !policy::may_issue_role(role) {
+        return Err(error(
+            &app,
+            ServiceError::Forbidden(format!(
+                "tokens are issued for visitors and agents, not {}",
+                role.as_str()
+            )),
+        ));
+    }
+    let ttl = body.ttl_secs.unwrap_or(3600);
+    if ttl == 0 || ttl > MAX_TOKEN_TTL_SECS {
+        return Err(ApiError::bad_request(
+            "invalid_ttl",
+            format!("ttlSecs must be between 1 and {MAX_TOKEN_TTL_SECS}"),
+        ));
+    }
+    let name: Option<String> = body.name.map(|n| n.chars().take(100).collect());
+    let token = app
+        .auth
+        .issue(
+            &body.user_id,
+            name.as_deref(),
+            role,
+            &identity.domain_id,
+            ttl,
+        )
+        .map_err(|e| ApiError::unavailable("tokens_disabled", e.to_string()))?;
+    let expires =
+        chrono::Utc::now() + chrono::Duration::seconds(i64::try_from(ttl).unwrap_or(i64::MAX));
+    Ok(Json(json!({
+        "token": token,
+        "expiresAt": iso(expires),
+        "userId": body.user_id,
+        "role": role.as_str(),
+        "domainId": &*identity.domain_id,
+    }))
+    .into_response())
 }
 
 /// Query of `GET /api/messages`.

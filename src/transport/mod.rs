@@ -13,7 +13,7 @@ pub mod ws;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::get;
+use axum::routing::{get, post};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -42,6 +42,8 @@ pub fn router(state: AppState) -> Router {
             get(http::list_messages).post(http::post_message),
         )
         .route("/api/rooms/{id}/messages", get(http::room_messages))
+        .route("/api/publish", post(http::publish))
+        .route("/api/ws/token", post(http::ws_token))
         .fallback(http::not_found)
         .method_not_allowed_fallback(http::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
