@@ -106,6 +106,16 @@ pub struct Limits {
     pub max_page: usize,
     /// Largest HTTP request body, in bytes.
     pub max_body_bytes: usize,
+    /// WebSocket connections per second from one IP address (sustained), and the burst
+    /// allowed above it. Beyond: HTTP 429 `rate_limited` with `Retry-After`.
+    pub ip_connects_per_second: u32,
+    pub ip_connects_burst: u32,
+    /// HTTP API requests per second from one IP address, and the burst above it
+    /// (`/health` and `/metrics` are not counted).
+    pub ip_requests_per_second: u32,
+    pub ip_requests_burst: u32,
+    /// Visitor tokens (`POST /api/visitor-token`) one IP address may get per minute.
+    pub ip_visitor_tokens_per_minute: u32,
 }
 
 impl Default for Limits {
@@ -124,6 +134,11 @@ impl Default for Limits {
             presence_max_members: 100,
             max_page: 200,
             max_body_bytes: 256 * 1024,
+            ip_connects_per_second: 50,
+            ip_connects_burst: 500,
+            ip_requests_per_second: 100,
+            ip_requests_burst: 500,
+            ip_visitor_tokens_per_minute: 10,
         }
     }
 }
@@ -166,12 +181,24 @@ pub enum SqliteSync {
 
 /// Authentication settings. Full per-domain JWT settings arrive with the auth work; today a
 /// single HS256 secret verifies `?token=` JWTs.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// HS256 secret for connection tokens. Unset: tokens are refused and every connection is
     /// an anonymous visitor of the `demo` domain.
     pub jwt_secret: Option<Secret>,
+    /// Lifetime of a visitor token from `POST /api/visitor-token`, in seconds: how long a
+    /// browser keeps the same anonymous identity.
+    pub visitor_token_ttl_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_secret: None,
+            visitor_token_ttl_secs: 30 * 24 * 3600,
+        }
+    }
 }
 
 /// One tenant.
@@ -187,6 +214,11 @@ pub struct DomainConfig {
     /// the domain whose id it knows (`open`, the demo playground).
     #[serde(default)]
     pub visitor_rooms: VisitorRooms,
+    /// Web origins (`https://shop.example`) whose pages may use this domain: CORS, the
+    /// WebSocket `Origin` check and visitor tokens. `"*"` allows any origin; empty allows
+    /// none (server-to-server use only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_origins: Vec<String>,
     /// Hashes (`sha256:HEX`) of the server API keys the domain's back end may present;
     /// `parlor key --domain ID` makes one. Several while a key rotates.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -214,6 +246,7 @@ impl DomainConfig {
             id: id.into(),
             name: name.into(),
             visitor_rooms: VisitorRooms::Owned,
+            allowed_origins: Vec::new(),
             server_keys: Vec::new(),
             jwt: None,
         }
@@ -225,6 +258,7 @@ impl DomainConfig {
             id: DEMO_DOMAIN.to_owned(),
             name: "Parlor demo".to_owned(),
             visitor_rooms: VisitorRooms::Open,
+            allowed_origins: vec!["*".to_owned()],
             server_keys: Vec::new(),
             jwt: None,
         }
@@ -416,6 +450,20 @@ impl Config {
             ("limits.presence_max_members", l.presence_max_members),
             ("limits.max_page", l.max_page),
             ("limits.max_body_bytes", l.max_body_bytes),
+            (
+                "limits.ip_connects_per_second",
+                l.ip_connects_per_second as usize,
+            ),
+            ("limits.ip_connects_burst", l.ip_connects_burst as usize),
+            (
+                "limits.ip_requests_per_second",
+                l.ip_requests_per_second as usize,
+            ),
+            ("limits.ip_requests_burst", l.ip_requests_burst as usize),
+            (
+                "limits.ip_visitor_tokens_per_minute",
+                l.ip_visitor_tokens_per_minute as usize,
+            ),
             ("store.max_batch", self.store.max_batch),
             ("store.room_cache", self.store.room_cache),
             ("store.read_pool", self.store.read_pool),

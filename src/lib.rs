@@ -77,6 +77,8 @@ pub struct AppInner {
     pub chat: Arc<ChatService>,
     /// Token verification.
     pub auth: Authenticator,
+    /// Per-IP rate limits and allowed origins.
+    pub edge: transport::edge::Edge,
     /// Message distribution between nodes.
     pub broker: Arc<dyn Broker>,
     /// Counters and histograms.
@@ -163,6 +165,7 @@ impl App {
         ));
         let state = AppState(Arc::new(AppInner {
             auth,
+            edge: transport::edge::Edge::new(&config),
             connection_permits: Arc::new(Semaphore::new(config.limits.max_connections)),
             config,
             chat,
@@ -218,8 +221,24 @@ pub async fn run(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    let server = axum::serve(listener, app.router())
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server = axum::serve(
+        listener,
+        app.router()
+            .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    // Rate-limit state of addresses that went quiet is dropped every minute.
+    let edge_state = app.state.clone();
+    let edge_stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                () = edge_stop.cancelled() => break,
+                _ = tick.tick() => edge_state.edge.forget_idle(),
+            }
+        }
+    });
     let mut server = tokio::spawn(async move { server.await });
 
     let served = tokio::select! {

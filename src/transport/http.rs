@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use super::edge::{self, ClientIp};
 use super::wire::{ErrorBody, ErrorDetail, WireMessage};
 use crate::AppState;
 use crate::auth::policy;
@@ -376,6 +377,70 @@ pub async fn ws_token(
         "userId": body.user_id,
         "role": role.as_str(),
         "domainId": &*identity.domain_id,
+    }))
+    .into_response())
+}
+
+/// Body of `POST /api/visitor-token`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VisitorTokenRequest {
+    domain_id: String,
+}
+
+/// `POST /api/visitor-token`: a new anonymous visitor identity of a domain, for a browser
+/// page of one of the domain's allowed origins. The page keeps the token, and with it the
+/// same visitor id, for `auth.visitor_token_ttl_secs`.
+pub async fn visitor_token(
+    State(app): State<AppState>,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<VisitorTokenRequest>,
+) -> Result<Response, ApiError> {
+    // Every attempt counts, refused ones too, so the endpoint cannot be used to probe.
+    if let Some(ip) = ip
+        && let Err(wait) = app.edge.check(edge::Budget::VisitorToken, ip)
+    {
+        app.metrics.client_error("rate_limited");
+        return Ok(edge::rate_limited(wait, "visitor tokens"));
+    }
+    if !app.config.domains.iter().any(|d| d.id == body.domain_id) {
+        app.metrics.client_error("unknown_domain");
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_domain",
+            format!("unknown domain {:?}", body.domain_id),
+        ));
+    }
+    // A page must come from an allowed origin; a caller without `Origin` (not a browser)
+    // only where the domain accepts any origin.
+    let origin = edge::origin(&headers);
+    let allowed = match origin {
+        Some(_) => app.edge.origin_allowed(&body.domain_id, origin),
+        None => app.edge.any_origin(&body.domain_id),
+    };
+    if !allowed {
+        app.metrics.client_error("origin_not_allowed");
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this origin may not use the domain (allowed_origins)",
+        ));
+    }
+    let visitor = crate::auth::anonymous();
+    let ttl = app.config.auth.visitor_token_ttl_secs;
+    let token = app
+        .auth
+        .issue(&visitor.user_id, None, Role::Visitor, &body.domain_id, ttl)
+        .map_err(|e| ApiError::unavailable("tokens_disabled", e.to_string()))?;
+    let expires =
+        chrono::Utc::now() + chrono::Duration::seconds(i64::try_from(ttl).unwrap_or(i64::MAX));
+    Ok(Json(json!({
+        "token": token,
+        "expiresAt": iso(expires),
+        "userId": visitor.user_id,
+        "role": "visitor",
+        "domainId": body.domain_id,
     }))
     .into_response())
 }

@@ -3,10 +3,12 @@
 //! - [`ws`]: the native WebSocket protocol at `/ws` (WeeziQ-compatible).
 //! - [`http`]: the JSON HTTP API, health and metrics.
 //! - [`wire`]: JSON shapes both share.
+//! - [`edge`]: per-IP rate limits, CORS and each domain's allowed origins.
 //!
 //! [`router`] assembles them into one axum app, apart from serving it, so tests can drive it
 //! with `oneshot` or a real listener.
 
+pub mod edge;
 pub mod http;
 pub mod wire;
 pub mod ws;
@@ -44,8 +46,14 @@ pub fn router(state: AppState) -> Router {
         .route("/api/rooms/{id}/messages", get(http::room_messages))
         .route("/api/publish", post(http::publish))
         .route("/api/ws/token", post(http::ws_token))
+        .route("/api/visitor-token", post(http::visitor_token))
         .fallback(http::not_found)
         .method_not_allowed_fallback(http::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            edge::limit_by_ip,
+        ))
+        .layer(edge::Edge::cors(&state.config))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(trace)
         .layer(PropagateRequestIdLayer::x_request_id())

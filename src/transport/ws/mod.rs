@@ -98,6 +98,19 @@ pub async fn upgrade(
             return ApiError::unauthorized(e.code(), e.to_string()).into_response();
         }
     };
+    // A browser page may open sockets only for domains that list its origin.
+    if !app
+        .edge
+        .origin_allowed(&identity.domain_id, super::edge::origin(req.headers()))
+    {
+        app.metrics.client_error("origin_not_allowed");
+        return ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this origin may not use the domain (allowed_origins)",
+        )
+        .into_response();
+    }
     if app.shutdown.is_cancelled() {
         return ApiError::unavailable("shutting_down", "server is shutting down").into_response();
     }

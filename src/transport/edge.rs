@@ -1,0 +1,228 @@
+//! The HTTP edge: per-IP rate limits, CORS and the `Origin` rules of each domain.
+//!
+//! - **Rate limits** are kept per client IP address (the TCP peer; behind a proxy, that is
+//!   the proxy) in three `governor` keyed limiters: WebSocket connects, HTTP API requests
+//!   and visitor tokens. A refusal is HTTP 429 `rate_limited` with `Retry-After`. `/`,
+//!   `/health` and `/metrics` are never limited, so monitoring keeps working during a
+//!   flood. Idle entries are dropped every minute, so the limiters' memory follows the
+//!   number of recently active addresses.
+//! - **Origins**: each domain lists the web origins whose pages may use it
+//!   (`allowed_origins`, `"*"` for any). CORS answers for the union of all domains' lists;
+//!   the WebSocket upgrade and `POST /api/visitor-token` check the caller's own domain.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use super::http::ApiError;
+use crate::AppState;
+use crate::config::{Config, Limits};
+
+/// Which per-IP budget a request draws on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// A WebSocket upgrade.
+    Connect,
+    /// An HTTP API request.
+    Request,
+    /// A visitor token.
+    VisitorToken,
+}
+
+/// Per-IP limiters and each domain's origins.
+#[derive(Debug)]
+pub struct Edge {
+    connects: DefaultKeyedRateLimiter<IpAddr>,
+    requests: DefaultKeyedRateLimiter<IpAddr>,
+    visitor_tokens: DefaultKeyedRateLimiter<IpAddr>,
+    origins: HashMap<String, Origins>,
+}
+
+/// The web origins a domain accepts.
+#[derive(Debug, Clone)]
+enum Origins {
+    Any,
+    Listed(HashSet<String>),
+}
+
+fn quota_per_second(rate: u32, burst: u32) -> Quota {
+    let rate = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
+    Quota::per_second(rate).allow_burst(NonZeroU32::new(burst.max(1)).unwrap_or(rate))
+}
+
+impl Edge {
+    /// Builds the limiters and origin rules from configuration.
+    pub fn new(config: &Config) -> Self {
+        let l: &Limits = &config.limits;
+        let per_minute = NonZeroU32::new(l.ip_visitor_tokens_per_minute).unwrap_or(NonZeroU32::MIN);
+        let origins = config
+            .domains
+            .iter()
+            .map(|d| {
+                let rule = if d.allowed_origins.iter().any(|o| o == "*") {
+                    Origins::Any
+                } else {
+                    Origins::Listed(d.allowed_origins.iter().map(|o| normalise(o)).collect())
+                };
+                (d.id.clone(), rule)
+            })
+            .collect();
+        Self {
+            connects: RateLimiter::keyed(quota_per_second(
+                l.ip_connects_per_second,
+                l.ip_connects_burst,
+            )),
+            requests: RateLimiter::keyed(quota_per_second(
+                l.ip_requests_per_second,
+                l.ip_requests_burst,
+            )),
+            visitor_tokens: RateLimiter::keyed(Quota::per_minute(per_minute)),
+            origins,
+        }
+    }
+
+    /// Takes one unit of `budget` for `ip`; on refusal, how long to wait.
+    pub fn check(&self, budget: Budget, ip: IpAddr) -> Result<(), Duration> {
+        let limiter = match budget {
+            Budget::Connect => &self.connects,
+            Budget::Request => &self.requests,
+            Budget::VisitorToken => &self.visitor_tokens,
+        };
+        limiter
+            .check_key(&ip)
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+
+    /// Whether a page of `origin` may use `domain`. Requests without an `Origin` header
+    /// (not from a browser page) pass when `origin` is `None`.
+    pub fn origin_allowed(&self, domain: &str, origin: Option<&str>) -> bool {
+        let Some(origin) = origin else {
+            return true;
+        };
+        match self.origins.get(domain) {
+            Some(Origins::Any) => true,
+            Some(Origins::Listed(list)) => list.contains(&normalise(origin)),
+            None => false,
+        }
+    }
+
+    /// Whether `domain` accepts any origin at all ("*").
+    pub fn any_origin(&self, domain: &str) -> bool {
+        matches!(self.origins.get(domain), Some(Origins::Any))
+    }
+
+    /// The CORS layer: preflights and responses allow the union of every domain's origins.
+    pub fn cors(config: &Config) -> CorsLayer {
+        let any = config
+            .domains
+            .iter()
+            .any(|d| d.allowed_origins.iter().any(|o| o == "*"));
+        let listed: HashSet<String> = config
+            .domains
+            .iter()
+            .flat_map(|d| d.allowed_origins.iter().map(|o| normalise(o)))
+            .collect();
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::predicate(move |origin: &HeaderValue, _| {
+                any || origin
+                    .to_str()
+                    .is_ok_and(|o| listed.contains(&normalise(o)))
+            }))
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .expose_headers([
+                header::RETRY_AFTER,
+                header::HeaderName::from_static("x-request-id"),
+            ])
+            .max_age(Duration::from_secs(600))
+    }
+
+    /// Forgets addresses that have not been limited recently.
+    pub fn forget_idle(&self) {
+        for limiter in [&self.connects, &self.requests, &self.visitor_tokens] {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+}
+
+/// Origins compare without a trailing slash and case-insensitively.
+fn normalise(origin: &str) -> String {
+    origin.trim_end_matches('/').to_ascii_lowercase()
+}
+
+/// The `Origin` header, if any.
+pub fn origin(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())
+}
+
+/// The client's IP address, when the server knows it (not in in-process tests).
+pub fn client_ip(req: &Request) -> Option<IpAddr> {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+/// The client's IP address as an extractor (`None` in in-process tests).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIp(pub Option<IpAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip()),
+        ))
+    }
+}
+
+/// The 429 answer, with `Retry-After` in whole seconds (at least 1).
+pub fn rate_limited(wait: Duration, what: &str) -> Response {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let mut res = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!(
+            "too many {what} from this address; retry in {} s",
+            secs.max(1)
+        ),
+    )
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+        res.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    res
+}
+
+/// Middleware: charges each request to its IP's connect or request budget.
+pub async fn limit_by_ip(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let budget = match path {
+        "/" | "/health" | "/metrics" => None,
+        "/ws" => Some((Budget::Connect, "connections")),
+        _ => Some((Budget::Request, "requests")),
+    };
+    if let (Some((budget, what)), Some(ip)) = (budget, client_ip(&req))
+        && let Err(wait) = app.edge.check(budget, ip)
+    {
+        app.metrics.client_error("rate_limited");
+        return rate_limited(wait, what);
+    }
+    next.run(req).await
+}
