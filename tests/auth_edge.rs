@@ -195,3 +195,59 @@ async fn sockets_and_cors_follow_each_domains_origins() {
     let evil = preflight("https://evil.example").await.unwrap();
     assert!(evil.headers().get("access-control-allow-origin").is_none());
 }
+
+#[tokio::test]
+async fn tokens_also_come_as_a_subprotocol_or_a_first_auth_frame() {
+    let s = server(|_| {}).await;
+    let secret = parlor::config::Secret::new(common::TEST_SECRET);
+    let token = parlor::auth::issue_token(&secret, "sub-user", None, "agent", "demo", 60).unwrap();
+
+    // Browsers cannot set headers on a WebSocket: `parlor, bearer.<token>` as subprotocols.
+    let mut req = s.ws("/ws").into_client_request().unwrap();
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        format!("parlor, bearer.{token}").parse().unwrap(),
+    );
+    let (ws, res) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(
+        res.headers()["sec-websocket-protocol"],
+        "parlor",
+        "never the token"
+    );
+    let mut c = common::Client { ws, next_id: 0 };
+    c.join("sp-room", None).await;
+    c.say("sp-room", "hi", None).await;
+    let m = c.recv_type("message-received").await;
+    assert_eq!(
+        (m["userId"].as_str(), m["role"].as_str()),
+        (Some("sub-user"), Some("agent"))
+    );
+
+    // An anonymous connection authenticates with its first frame.
+    let mut c = common::Client::connect(&s.ws("/ws")).await;
+    let id = c
+        .request(json!({ "type": "auth", "token": "not-a-token" }))
+        .await;
+    let refused = c.reply(&id).await;
+    assert_eq!(refused["code"], "invalid_token", "{refused}");
+    let id = c.request(json!({ "type": "auth", "token": token })).await;
+    let ok = c.reply(&id).await;
+    assert_eq!(ok["type"], "authenticated", "{ok}");
+    assert_eq!(
+        (ok["userId"].as_str(), ok["domainId"].as_str()),
+        (Some("sub-user"), Some("demo"))
+    );
+    c.join("af-room", None).await;
+    c.say("af-room", "hello", None).await;
+    let m = c.recv_type("message-received").await;
+    assert_eq!(m["userId"], "sub-user");
+    // Once only, and never after joining a room.
+    let id = c.request(json!({ "type": "auth", "token": token })).await;
+    assert_eq!(c.reply(&id).await["code"], "auth_not_allowed");
+    let mut late = common::Client::connect(&s.ws("/ws")).await;
+    late.join("late-room", None).await;
+    let id = late
+        .request(json!({ "type": "auth", "token": token }))
+        .await;
+    assert_eq!(late.reply(&id).await["code"], "auth_not_allowed");
+}

@@ -13,7 +13,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -51,6 +51,8 @@ const WRITE_BATCH_BYTES: usize = 64 * 1024;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the close frame may take to reach a client being disconnected.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long after connecting an anonymous connection may authenticate with an `auth` frame.
+const AUTH_FRAME_WINDOW: Duration = Duration::from_secs(10);
 /// How long a connection closed for an oversized frame stays open so the client can read why.
 const LINGER: Duration = Duration::from_secs(1);
 
@@ -85,12 +87,21 @@ pub async fn upgrade(
             return res;
         }
     };
-    // An empty `?token=` is no token: it must not hide an `Authorization` header.
+    // An empty `?token=` is no token: it must not hide an `Authorization` header. Browsers
+    // cannot set headers on a WebSocket, so the token may also come as a subprotocol.
+    let offered = subprotocols(req.headers());
     let token = query
         .token
         .as_deref()
         .filter(|t| !t.is_empty())
-        .or_else(|| bearer_token(req.headers()));
+        .or_else(|| bearer_token(req.headers()))
+        .or_else(|| {
+            offered
+                .iter()
+                .find_map(|p| p.strip_prefix(TOKEN_SUBPROTOCOL_PREFIX))
+        })
+        .map(str::to_owned);
+    let token = token.as_deref();
     let identity = match app.auth.identify(token).await {
         Ok(identity) => identity,
         Err(e) => {
@@ -132,6 +143,8 @@ pub async fn upgrade(
         rooms: HashMap::new(),
         current_room: None,
         display_name: None,
+        origin: super::edge::origin(req.headers()).map(Box::from),
+        auth_until: Instant::now() + AUTH_FRAME_WINDOW,
         _permit: permit,
     };
     let auto_join = query.room_id;
@@ -155,7 +168,31 @@ pub async fn upgrade(
     if let Ok(accept) = HeaderValue::from_str(&accept) {
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
+    // A client that offers subprotocols must get one back; never echo the token.
+    if offered.iter().any(|p| p == SUBPROTOCOL) {
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(SUBPROTOCOL),
+        );
+    }
     res
+}
+
+/// The subprotocol Parlor answers with when a client offers it.
+pub const SUBPROTOCOL: &str = "parlor";
+/// A client may carry its token as the subprotocol `bearer.<token>` (next to `parlor`).
+pub const TOKEN_SUBPROTOCOL_PREFIX: &str = "bearer.";
+
+/// The subprotocols a client offered, in order.
+fn subprotocols(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect()
 }
 
 /// Checks an RFC 6455 opening handshake and returns its `Sec-WebSocket-Key`.
@@ -228,6 +265,10 @@ struct Connection {
     /// Name an anonymous visitor gave in `join-room`.
     display_name: Option<String>,
     limiter: DefaultDirectRateLimiter,
+    /// The upgrade's `Origin`, for checking the domain an `auth` frame moves to.
+    origin: Option<Box<str>>,
+    /// Until when an anonymous connection may still authenticate with an `auth` frame.
+    auth_until: Instant,
     /// Held for the life of the connection (connection limit).
     _permit: OwnedSemaphorePermit,
 }
@@ -280,8 +321,9 @@ impl Connection {
     /// (join, store calls) are large and short-lived.
     async fn serve(&mut self, socket: &mut WsSocket) -> End {
         let shutdown = self.app.shutdown.clone();
-        let kicked = self.handle.clone();
         loop {
+            // Re-read each turn: an `auth` frame replaces the handle.
+            let kicked = self.handle.clone();
             let step = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return End::Shutdown,
@@ -504,6 +546,7 @@ impl Connection {
             "typing" => handle!(Typing, typing),
             "read" => handle!(Read, read),
             "presence" => handle!(RoomRef, presence),
+            "auth" => handle!(Auth, auth),
             "ping" => {
                 let frame =
                     json!({ "type": "pong", "timestamp": iso(now_ms()), "replyTo": reply_to });
@@ -514,6 +557,74 @@ impl Connection {
                 self.error(socket, reply_to, "unknown_type", &message).await
             }
         }
+    }
+
+    /// `auth`: an anonymous connection becomes the token's identity. Allowed once, within
+    /// [`AUTH_FRAME_WINDOW`] of connecting and before joining any room, so no room ever saw
+    /// the connection under another identity.
+    async fn auth(&mut self, socket: &mut WsSocket, f: Auth, reply_to: ReplyTo) -> Sent {
+        if !self.handle.identity().anonymous
+            || !self.rooms.is_empty()
+            || Instant::now() > self.auth_until
+        {
+            return self
+                .error(
+                    socket,
+                    reply_to,
+                    "auth_not_allowed",
+                    "send `auth` once, first, within 10 s of connecting, before joining a room",
+                )
+                .await;
+        }
+        if f.token.is_empty() {
+            return self
+                .error(
+                    socket,
+                    reply_to,
+                    "invalid_frame",
+                    "`token` must not be empty",
+                )
+                .await;
+        }
+        let identity = match self.app.auth.identify(Some(&f.token)).await {
+            Ok(identity) => identity,
+            Err(e) => {
+                let message = e.to_string();
+                return self.error(socket, reply_to, e.code(), &message).await;
+            }
+        };
+        if !self
+            .app
+            .edge
+            .origin_allowed(&identity.domain_id, self.origin.as_deref())
+        {
+            return self
+                .error(
+                    socket,
+                    reply_to,
+                    "origin_not_allowed",
+                    "this origin may not use the domain (allowed_origins)",
+                )
+                .await;
+        }
+        let frame = json!({
+            "type": "authenticated",
+            "replyTo": reply_to,
+            "userId": identity.user_id,
+            "userName": identity.name,
+            "role": identity.role.as_str(),
+            "domainId": &*identity.domain_id,
+        });
+        let (handle, rx) = ConnHandle::new(
+            self.handle.id(),
+            Arc::new(identity),
+            self.app.config.limits.outbound_queue,
+        );
+        self.handle = handle;
+        self.rx = rx;
+        self.display_name = None;
+        self.current_room = None;
+        self.send(socket, to_bytes(&frame)).await
     }
 
     /// The key of the room a frame refers to: its `roomId`, else the current room.
@@ -834,6 +945,11 @@ struct JoinRoom {
     customer_data: Option<Value>,
     /// Checked, never granted.
     role: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Auth {
+    token: String,
 }
 
 #[derive(Debug, Deserialize)]
