@@ -116,6 +116,11 @@ pub struct Limits {
     pub ip_requests_burst: u32,
     /// Visitor tokens (`POST /api/visitor-token`) one IP address may get per minute.
     pub ip_visitor_tokens_per_minute: u32,
+    /// WebSocket connections plus HTTP API requests per second by one authenticated
+    /// identity (a token's user, or a server key), from any address, and the burst above
+    /// it. Anonymous callers are limited by address only.
+    pub identity_requests_per_second: u32,
+    pub identity_requests_burst: u32,
 }
 
 impl Default for Limits {
@@ -139,6 +144,8 @@ impl Default for Limits {
             ip_requests_per_second: 100,
             ip_requests_burst: 500,
             ip_visitor_tokens_per_minute: 10,
+            identity_requests_per_second: 50,
+            identity_requests_burst: 200,
         }
     }
 }

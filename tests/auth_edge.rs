@@ -251,3 +251,31 @@ async fn tokens_also_come_as_a_subprotocol_or_a_first_auth_frame() {
         .await;
     assert_eq!(late.reply(&id).await["code"], "auth_not_allowed");
 }
+
+#[tokio::test]
+async fn one_identity_has_one_budget_across_sockets_and_requests() {
+    let s = server(|c| {
+        c.limits.identity_requests_per_second = 1;
+        c.limits.identity_requests_burst = 3;
+    })
+    .await;
+    let token = s.token("busy");
+    assert_eq!(ws_status(&s, &format!("?token={token}"), None).await, 101);
+    let http = reqwest::Client::new();
+    let get = |t: Option<String>| {
+        let mut r = http.get(s.http("/api/messages?chatRoomId=r"));
+        if let Some(t) = t {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    assert_eq!(get(Some(token.clone())).await.unwrap().status(), 200);
+    assert_eq!(get(Some(token.clone())).await.unwrap().status(), 200);
+    let refused = get(Some(token.clone())).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(ws_status(&s, &format!("?token={token}"), None).await, 429);
+    // Others are not affected: another user, and anonymous callers.
+    assert_eq!(get(Some(s.token("calm"))).await.unwrap().status(), 200);
+    assert_eq!(get(None).await.unwrap().status(), 200);
+}

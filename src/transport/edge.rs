@@ -4,7 +4,8 @@
 //!   the proxy) in three `governor` keyed limiters: WebSocket connects, HTTP API requests
 //!   and visitor tokens. A refusal is HTTP 429 `rate_limited` with `Retry-After`. `/`,
 //!   `/health` and `/metrics` are never limited, so monitoring keeps working during a
-//!   flood. Idle entries are dropped every minute, so the limiters' memory follows the
+//!   flood. Authenticated callers also have a budget per identity, across addresses
+//!   (connects plus API requests). Idle entries are dropped every minute, so the limiters' memory follows the
 //!   number of recently active addresses.
 //! - **Origins**: each domain lists the web origins whose pages may use it
 //!   (`allowed_origins`, `"*"` for any). CORS answers for the union of all domains' lists;
@@ -16,7 +17,7 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
@@ -44,6 +45,8 @@ pub struct Edge {
     connects: DefaultKeyedRateLimiter<IpAddr>,
     requests: DefaultKeyedRateLimiter<IpAddr>,
     visitor_tokens: DefaultKeyedRateLimiter<IpAddr>,
+    /// Connects plus requests per authenticated identity, keyed `domain/user`.
+    identities: DefaultKeyedRateLimiter<String>,
     origins: HashMap<String, Origins>,
 }
 
@@ -86,6 +89,10 @@ impl Edge {
                 l.ip_requests_burst,
             )),
             visitor_tokens: RateLimiter::keyed(Quota::per_minute(per_minute)),
+            identities: RateLimiter::keyed(quota_per_second(
+                l.identity_requests_per_second,
+                l.identity_requests_burst,
+            )),
             origins,
         }
     }
@@ -99,6 +106,18 @@ impl Edge {
         };
         limiter
             .check_key(&ip)
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+
+    /// Takes one unit of the identity's budget (connects plus requests); anonymous callers
+    /// have none, their address budget covers them.
+    pub fn check_identity(&self, identity: &crate::model::Identity) -> Result<(), Duration> {
+        if identity.anonymous {
+            return Ok(());
+        }
+        let key = format!("{}/{}", identity.domain_id, identity.user_id);
+        self.identities
+            .check_key(&key)
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
 
@@ -152,6 +171,8 @@ impl Edge {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
+        self.identities.retain_recent();
+        self.identities.shrink_to_fit();
     }
 }
 
@@ -192,37 +213,19 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ClientIp {
     }
 }
 
-/// The 429 answer, with `Retry-After` in whole seconds (at least 1).
-pub fn rate_limited(wait: Duration, what: &str) -> Response {
-    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    let mut res = ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "rate_limited",
-        format!(
-            "too many {what} from this address; retry in {} s",
-            secs.max(1)
-        ),
-    )
-    .into_response();
-    if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
-        res.headers_mut().insert(header::RETRY_AFTER, v);
-    }
-    res
-}
-
 /// Middleware: charges each request to its IP's connect or request budget.
 pub async fn limit_by_ip(State(app): State<AppState>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let budget = match path {
         "/" | "/health" | "/metrics" => None,
-        "/ws" => Some((Budget::Connect, "connections")),
-        _ => Some((Budget::Request, "requests")),
+        "/ws" => Some((Budget::Connect, "connections from this address")),
+        _ => Some((Budget::Request, "requests from this address")),
     };
     if let (Some((budget, what)), Some(ip)) = (budget, client_ip(&req))
         && let Err(wait) = app.edge.check(budget, ip)
     {
         app.metrics.client_error("rate_limited");
-        return rate_limited(wait, what);
+        return ApiError::rate_limited(wait, what).into_response();
     }
     next.run(req).await
 }

@@ -27,6 +27,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Seconds for `Retry-After` (429).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -36,6 +38,20 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 429 `rate_limited` with `Retry-After` in whole seconds (at least 1).
+    pub fn rate_limited(wait: std::time::Duration, what: &str) -> Self {
+        let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+        Self {
+            retry_after: Some(secs),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("too many {what}; retry in {secs} s"),
+            )
         }
     }
 
@@ -63,7 +79,12 @@ impl IntoResponse for ApiError {
                 message: &self.message,
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut res = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        }
+        res
     }
 }
 
@@ -102,14 +123,19 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
-        app.auth
+        let identity = app
+            .auth
             .identify(bearer_token(&parts.headers))
             .await
-            .map(Caller)
             .map_err(|e| {
                 app.metrics.client_error(e.code());
                 ApiError::unauthorized(e.code(), e.to_string())
-            })
+            })?;
+        if let Err(wait) = app.edge.check_identity(&identity) {
+            app.metrics.client_error("rate_limited");
+            return Err(ApiError::rate_limited(wait, "requests by this identity"));
+        }
+        Ok(Caller(identity))
     }
 }
 
@@ -402,7 +428,10 @@ pub async fn visitor_token(
         && let Err(wait) = app.edge.check(edge::Budget::VisitorToken, ip)
     {
         app.metrics.client_error("rate_limited");
-        return Ok(edge::rate_limited(wait, "visitor tokens"));
+        return Err(ApiError::rate_limited(
+            wait,
+            "visitor tokens from this address",
+        ));
     }
     if !app.config.domains.iter().any(|d| d.id == body.domain_id) {
         app.metrics.client_error("unknown_domain");

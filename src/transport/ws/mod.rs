@@ -109,6 +109,10 @@ pub async fn upgrade(
             return ApiError::unauthorized(e.code(), e.to_string()).into_response();
         }
     };
+    if let Err(wait) = app.edge.check_identity(&identity) {
+        app.metrics.client_error("rate_limited");
+        return ApiError::rate_limited(wait, "connections by this identity").into_response();
+    }
     // A browser page may open sockets only for domains that list its origin.
     if !app
         .edge
