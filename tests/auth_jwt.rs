@@ -482,3 +482,77 @@ async fn unusable_domain_jwt_settings_stop_the_server_from_starting() {
         );
     }
 }
+
+#[tokio::test]
+async fn every_configured_algorithm_verifies_and_only_those() {
+    const ISS: &str = "https://algs.example";
+    let s = TestServer::start_with(|c| {
+        let domain = |id: &str, iss: &str, jwt: JwtConfig| DomainConfig {
+            jwt: Some(JwtConfig {
+                issuer: vec![iss.into()],
+                ..jwt
+            }),
+            ..DomainConfig::new(id, id)
+        };
+        c.domains.push(domain(
+            "ed",
+            &format!("{ISS}/ed"),
+            JwtConfig {
+                public_keys: vec![format!("{FIXTURES}/ed1.pub.pem")],
+                algorithms: vec!["EdDSA".into()],
+                ..JwtConfig::default()
+            },
+        ));
+        c.domains.push(domain(
+            "ps",
+            &format!("{ISS}/ps"),
+            JwtConfig {
+                public_keys: vec![fixture("rsa1.pub.pem")],
+                algorithms: vec!["PS256".into(), "RS512".into()],
+                ..JwtConfig::default()
+            },
+        ));
+        c.domains.push(domain(
+            "hs512",
+            &format!("{ISS}/hs512"),
+            JwtConfig {
+                secret: Some(Secret::new(HS_SECRET)),
+                algorithms: vec!["HS512".into()],
+                ..JwtConfig::default()
+            },
+        ));
+    })
+    .await;
+    let claims_for =
+        |d: &str| json!({ "iss": format!("{ISS}/{d}"), "sub": "a-1", "exp": now() + 60 });
+    let ed = {
+        let key = EncodingKey::from_ed_pem(fixture("ed1.key.pem").as_bytes()).unwrap();
+        jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims_for("ed"), &key).unwrap()
+    };
+    let accepted = [
+        ed,
+        sign(Algorithm::PS256, "rsa1", None, &claims_for("ps")),
+        sign(Algorithm::RS512, "rsa1", None, &claims_for("ps")),
+        sign(Algorithm::HS512, HS_SECRET, None, &claims_for("hs512")),
+    ];
+    for token in &accepted {
+        let (status, body) = http_status(&s, token).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let refused = [
+        sign(Algorithm::RS256, "rsa1", None, &claims_for("ps")),
+        sign(Algorithm::HS256, HS_SECRET, None, &claims_for("hs512")),
+        sign(Algorithm::ES256, "ec1", None, &claims_for("ed")),
+    ];
+    for token in &refused {
+        let (status, body) = http_status(&s, token).await;
+        assert_eq!(status, 401, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("not accepted"),
+            "{body}"
+        );
+    }
+}
