@@ -278,7 +278,11 @@ struct Jwks {
     client: reqwest::Client,
     max_age: Duration,
     min_refresh: Duration,
-    state: tokio::sync::Mutex<JwksState>,
+    /// The keys held; never locked across an await.
+    state: parking_lot::Mutex<JwksState>,
+    /// Held while fetching, so that one fetch runs at a time; tokens with known keys do
+    /// not wait for it.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -303,7 +307,8 @@ impl Jwks {
             client,
             max_age: Duration::from_secs(config.jwks_cache_secs),
             min_refresh: Duration::from_secs(config.jwks_min_refresh_secs),
-            state: tokio::sync::Mutex::new(JwksState::default()),
+            state: parking_lot::Mutex::new(JwksState::default()),
+            fetching: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -312,17 +317,29 @@ impl Jwks {
         &self,
         kid: Option<&str>,
     ) -> Result<Vec<(Option<String>, DecodingKey)>, AuthError> {
-        let mut state = self.state.lock().await;
-        let stale = state.fetched.is_none_or(|t| t.elapsed() >= self.max_age);
-        let unknown =
-            kid.is_some_and(|k| !state.keys.iter().any(|(id, _)| id.as_deref() == Some(k)));
-        let may_fetch = state
-            .attempted
-            .is_none_or(|t| t.elapsed() >= self.min_refresh);
-        if (stale || unknown) && may_fetch {
-            state.attempted = Some(Instant::now());
+        if let Some(keys) = self.usable(kid) {
+            return Ok(keys);
+        }
+        // Stale, or a key we do not hold: fetch, one caller at a time. Whoever waited
+        // checks again first, since the fetch it waited for may have brought the key.
+        let _fetching = self.fetching.lock().await;
+        if let Some(keys) = self.usable(kid) {
+            return Ok(keys);
+        }
+        let may_fetch = {
+            let mut state = self.state.lock();
+            let may = state
+                .attempted
+                .is_none_or(|t| t.elapsed() >= self.min_refresh);
+            if may {
+                state.attempted = Some(Instant::now());
+            }
+            may
+        };
+        if may_fetch {
             match self.fetch().await {
                 Ok(keys) => {
+                    let mut state = self.state.lock();
                     state.keys = Arc::new(keys);
                     state.fetched = Some(Instant::now());
                 }
@@ -331,12 +348,7 @@ impl Jwks {
                 }
             }
         }
-        let keys: Vec<_> = state
-            .keys
-            .iter()
-            .filter(|(id, _)| kid.is_none() || id.as_deref() == kid)
-            .cloned()
-            .collect();
+        let keys = self.matching(kid);
         if keys.is_empty() {
             return Err(AuthError::InvalidToken(match kid {
                 Some(k) => format!("unknown key id {k:?}"),
@@ -344,6 +356,28 @@ impl Jwks {
             }));
         }
         Ok(keys)
+    }
+
+    /// The matching keys, if the cache is fresh and holds them.
+    fn usable(&self, kid: Option<&str>) -> Option<Vec<(Option<String>, DecodingKey)>> {
+        let fresh = self
+            .state
+            .lock()
+            .fetched
+            .is_some_and(|t| t.elapsed() < self.max_age);
+        let keys = self.matching(kid);
+        (fresh && !keys.is_empty()).then_some(keys)
+    }
+
+    /// The held keys for `kid` (all of them without one).
+    fn matching(&self, kid: Option<&str>) -> Vec<(Option<String>, DecodingKey)> {
+        self.state
+            .lock()
+            .keys
+            .iter()
+            .filter(|(id, _)| kid.is_none() || id.as_deref() == kid)
+            .cloned()
+            .collect()
     }
 
     async fn fetch(&self) -> Result<Vec<(Option<String>, DecodingKey)>, String> {
