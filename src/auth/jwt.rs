@@ -271,6 +271,9 @@ fn read_pem(source: &str) -> Result<DecodingKey, String> {
         .map_err(|_| format!("{source:?} holds no RSA, EC or Ed25519 public key in PEM form"))
 }
 
+/// Largest JWKS document read.
+const MAX_JWKS_BYTES: usize = 256 * 1024;
+
 /// A JWKS document's keys, cached.
 #[derive(Debug)]
 struct Jwks {
@@ -381,7 +384,7 @@ impl Jwks {
     }
 
     async fn fetch(&self) -> Result<Vec<(Option<String>, DecodingKey)>, String> {
-        let response = self
+        let mut response = self
             .client
             .get(&self.url)
             .send()
@@ -390,7 +393,15 @@ impl Jwks {
         if !response.status().is_success() {
             return Err(format!("HTTP {}", response.status()));
         }
-        let set: JwkSet = response.json().await.map_err(|e| e.to_string())?;
+        // A key set is a few KiB; a larger answer is not one, and is not read into memory.
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+            if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                return Err(format!("the JWKS is larger than {MAX_JWKS_BYTES} bytes"));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let set: JwkSet = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
         let keys: Vec<_> = set
             .keys
             .iter()
