@@ -45,11 +45,7 @@ async fn visitor_token(s: &TestServer, domain: &str, origin: Option<&str>) -> (u
     if let Some(o) = origin {
         req = req.header("Origin", o);
     }
-    let res = req.send().await.unwrap();
-    (
-        res.status().as_u16(),
-        res.json().await.unwrap_or(Value::Null),
-    )
+    common::status_and_body(req.send().await.unwrap()).await
 }
 
 #[tokio::test]

@@ -75,6 +75,8 @@ fn nested_claims() -> ClaimPaths {
 struct JwksServer {
     keys: Arc<parking_lot::Mutex<Vec<Value>>>,
     down: Arc<AtomicBool>,
+    /// Answer with a document far larger than any key set.
+    huge: Arc<AtomicBool>,
     fetches: Arc<AtomicUsize>,
 }
 
@@ -99,6 +101,11 @@ async fn serve_jwks(State(s): State<JwksServer>) -> axum::response::Response {
     s.fetches.fetch_add(1, Ordering::SeqCst);
     if s.down.load(Ordering::SeqCst) {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    if s.huge.load(Ordering::SeqCst) {
+        let mut keys = s.keys.lock().clone();
+        keys.push(json!({ "kty": "oct", "k": "x".repeat(400 * 1024) }));
+        return Json(json!({ "keys": keys })).into_response();
     }
     Json(json!({ "keys": *s.keys.lock() })).into_response()
 }
@@ -146,14 +153,7 @@ async fn server(jwks_url: Option<&str>) -> TestServer {
 
 /// `GET /api/messages` with `token`: the status and the error code, if any.
 async fn http_status(s: &TestServer, token: &str) -> (u16, Value) {
-    let res = reqwest::Client::new()
-        .get(s.http("/api/messages?chatRoomId=probe"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .expect("request");
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
+    s.get_with("/api/messages?chatRoomId=probe", token).await
 }
 
 /// Connects with `token`, sends a message in `room`, and returns it as broadcast.
@@ -555,4 +555,23 @@ async fn every_configured_algorithm_verifies_and_only_those() {
             "{body}"
         );
     }
+}
+
+#[tokio::test]
+async fn an_oversized_jwks_is_not_read_and_its_keys_are_not_trusted() {
+    let (jwks, url) = JwksServer::start(vec![jwk("rsa1")]).await;
+    jwks.huge.store(true, Ordering::SeqCst);
+    let s = server(Some(&url)).await;
+    let token = sign(
+        Algorithm::RS256,
+        "rsa1",
+        Some("rsa1"),
+        &claims(JWKS_ISSUER, "j-1"),
+    );
+    let (status, body) = http_status(&s, &token).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(jwks.fetches.load(Ordering::SeqCst), 1);
+    // Once the provider answers sensibly, the same token works.
+    jwks.huge.store(false, Ordering::SeqCst);
+    assert_eq!(http_status(&s, &token).await.0, 200);
 }

@@ -31,30 +31,12 @@ async fn connect(s: &TestServer, user: &str, role: &str, domain: &str) -> Client
 }
 
 async fn get(s: &TestServer, path: &str, token: &str) -> (u16, Value) {
-    let res = reqwest::Client::new()
-        .get(s.http(path))
-        .bearer_auth(token)
-        .send()
-        .await
-        .expect("request");
-    (
-        res.status().as_u16(),
-        res.json().await.unwrap_or(Value::Null),
-    )
+    s.get_with(path, token).await
 }
 
 async fn post(s: &TestServer, room: &str, text: &str, token: &str) -> (u16, Value) {
-    let res = reqwest::Client::new()
-        .post(s.http("/api/messages"))
-        .bearer_auth(token)
-        .json(&json!({ "chatRoomId": room, "message": text }))
-        .send()
-        .await
-        .expect("request");
-    (
-        res.status().as_u16(),
-        res.json().await.unwrap_or(Value::Null),
-    )
+    let body = json!({ "chatRoomId": room, "message": text });
+    s.post_with("/api/messages", token, &body).await
 }
 
 #[tokio::test]

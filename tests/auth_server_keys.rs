@@ -42,17 +42,7 @@ async fn server() -> (TestServer, Keys) {
 }
 
 async fn call(s: &TestServer, path: &str, key: &str, body: Value) -> (u16, Value) {
-    let res = reqwest::Client::new()
-        .post(s.http(path))
-        .bearer_auth(key)
-        .json(&body)
-        .send()
-        .await
-        .expect("request");
-    (
-        res.status().as_u16(),
-        res.json().await.unwrap_or(Value::Null),
-    )
+    s.post_with(path, key, &body).await
 }
 
 #[tokio::test]

@@ -19,7 +19,7 @@ use crate::broker::Broker;
 use crate::config::{Limits, VisitorRooms};
 use crate::hub::{ConnHandle, Event, Hub, Joined, PresentUser, Replay};
 use crate::metrics::Metrics;
-use crate::model::{Author, Identity, Message, NewMessage, RoomKey, json_depth, valid_id};
+use crate::model::{Author, Identity, Message, NewMessage, Room, RoomKey, json_depth, valid_id};
 use crate::store::{Appended, CustomerProfile, Store, StoreError};
 
 /// Longest display name kept, in characters.
@@ -77,20 +77,20 @@ impl ChatService {
     /// Asks the policy whether `identity` may use the room, looking the room up only when
     /// the answer depends on it. With `create`, a missing room is created as the caller's
     /// (joining, posting); without, a missing room is simply allowed (reading finds nothing).
-    /// Returns whether the room is known to exist now.
+    /// Returns the room when the check had to look it up (so callers need not read it again).
     async fn authorize(
         &self,
         identity: &Identity,
         key: &RoomKey,
         create: bool,
-    ) -> Result<bool, ServiceError> {
+    ) -> Result<Option<Room>, ServiceError> {
         let rule = self
             .visitor_rooms
             .get(&*identity.domain_id)
             .copied()
             .unwrap_or_default();
         if !policy::room_check_needed(identity, rule) {
-            return Ok(false);
+            return Ok(None);
         }
         let room = if create {
             Some(
@@ -104,7 +104,7 @@ impl ChatService {
             self.timed("room", self.store.room(key)).await?
         };
         if policy::may_use_room(identity, rule, room.as_ref()) {
-            Ok(room.is_some())
+            Ok(room)
         } else {
             Err(ServiceError::Forbidden(
                 "this room belongs to someone else".to_owned(),
@@ -161,7 +161,7 @@ impl ChatService {
     ) -> Result<Joined, ServiceError> {
         let identity = conn.identity();
         let key = self.room_key(identity, room_id)?;
-        let exists = self.authorize(identity, &key, true).await?;
+        let exists = self.authorize(identity, &key, true).await?.is_some();
         if let Some(mut profile) = profile {
             // Profile data is stored as given, so it is bounded like a message.
             if let Some(data) = &profile.data {
@@ -296,48 +296,79 @@ impl ChatService {
     ) -> Result<(Vec<Message>, bool), ServiceError> {
         let key = self.room_key(identity, room_id)?;
         self.authorize(identity, &key, false).await?;
+        self.page_before(&key, before, limit).await
+    }
+
+    /// The room and one page of it (after `after`, or before `before`, or the latest; not
+    /// both), with whether more lie in that direction; one policy check for both.
+    pub async fn room_page(
+        &self,
+        identity: &Identity,
+        room_id: &str,
+        after: Option<u64>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<(Room, Vec<Message>, bool), ServiceError> {
+        let key = self.room_key(identity, room_id)?;
+        let looked_up = self.authorize(identity, &key, false).await?;
+        let room = self.existing_room(&key, looked_up).await?;
+        let (page, more) = match (after, before) {
+            (Some(_), Some(_)) => {
+                return Err(ServiceError::invalid(
+                    "invalid_query",
+                    "give `after` or `before`, not both",
+                ));
+            }
+            (Some(after), None) => self.page_after(&key, after, limit).await?,
+            (None, before) => self.page_before(&key, before, limit).await?,
+        };
+        Ok((room, page, more))
+    }
+
+    /// The room the policy check already read, or a read of it.
+    async fn existing_room(
+        &self,
+        key: &RoomKey,
+        looked_up: Option<Room>,
+    ) -> Result<Room, ServiceError> {
+        let room = match looked_up {
+            Some(room) => Some(room),
+            None => self.timed("room", self.store.room(key)).await?,
+        };
+        room.ok_or(ServiceError::RoomNotFound)
+    }
+
+    async fn page_before(
+        &self,
+        key: &RoomKey,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<Message>, bool), ServiceError> {
         let limit = limit.clamp(1, self.limits.max_page);
         let page = self
             .timed(
                 "history",
                 self.store
-                    .messages_before(&key, before.unwrap_or(u64::MAX), limit),
+                    .messages_before(key, before.unwrap_or(u64::MAX), limit),
             )
             .await?;
         let has_more = page.first().is_some_and(|m| m.seq > 1);
         Ok((page, has_more))
     }
 
-    /// Up to `limit` messages after `after`, ascending, and whether newer ones exist.
-    pub async fn after(
+    async fn page_after(
         &self,
-        identity: &Identity,
-        room_id: &str,
+        key: &RoomKey,
         after: u64,
         limit: usize,
     ) -> Result<(Vec<Message>, bool), ServiceError> {
-        let key = self.room_key(identity, room_id)?;
-        self.authorize(identity, &key, false).await?;
         let limit = limit.clamp(1, self.limits.max_page);
         let mut page = self
-            .timed("history", self.store.messages_after(&key, after, limit + 1))
+            .timed("history", self.store.messages_after(key, after, limit + 1))
             .await?;
         let has_more = page.len() > limit;
         page.truncate(limit);
         Ok((page, has_more))
-    }
-
-    /// The room, or `RoomNotFound`.
-    pub async fn room(
-        &self,
-        identity: &Identity,
-        room_id: &str,
-    ) -> Result<crate::model::Room, ServiceError> {
-        let key = self.room_key(identity, room_id)?;
-        self.authorize(identity, &key, false).await?;
-        self.timed("room", self.store.room(&key))
-            .await?
-            .ok_or(ServiceError::RoomNotFound)
     }
 
     /// Records that the caller read the room up to `seq` and tells the room's members.

@@ -260,11 +260,21 @@ pub async fn post_message(
         display_name: None,
         data: body.data,
     };
+    store_message(&app, &identity, out).await
+}
+
+/// Stores an HTTP caller's message (asking the policy first) and answers with it: 201 when
+/// new, 200 with the original for a repeated `clientMessageId`.
+async fn store_message(
+    app: &AppState,
+    identity: &Identity,
+    out: Outgoing<'_>,
+) -> Result<Response, ApiError> {
     let appended = app
         .chat
-        .post(&identity, out)
+        .post(identity, out)
         .await
-        .map_err(|e| error(&app, e))?;
+        .map_err(|e| error(app, e))?;
     let status = if appended.duplicate {
         StatusCode::OK
     } else {
@@ -318,17 +328,7 @@ pub async fn publish(
         display_name: None,
         data: body.data,
     };
-    let appended = app
-        .chat
-        .post(&identity, out)
-        .await
-        .map_err(|e| error(&app, e))?;
-    let status = if appended.duplicate {
-        StatusCode::OK
-    } else {
-        StatusCode::CREATED
-    };
-    Ok((status, Json(WireMessage::of(&appended.message))).into_response())
+    store_message(&app, &identity, out).await
 }
 
 /// Body of `POST /api/ws/token`.
@@ -385,24 +385,37 @@ pub async fn ws_token(
         ));
     }
     let name: Option<String> = body.name.map(|n| n.chars().take(100).collect());
+    issue_token(
+        &app,
+        &body.user_id,
+        name.as_deref(),
+        role,
+        &identity.domain_id,
+        ttl,
+    )
+}
+
+/// Signs a connection token and answers `{token, expiresAt, userId, role, domainId}`.
+fn issue_token(
+    app: &AppState,
+    user_id: &str,
+    name: Option<&str>,
+    role: Role,
+    domain_id: &str,
+    ttl: u64,
+) -> Result<Response, ApiError> {
     let token = app
         .auth
-        .issue(
-            &body.user_id,
-            name.as_deref(),
-            role,
-            &identity.domain_id,
-            ttl,
-        )
+        .issue(user_id, name, role, domain_id, ttl)
         .map_err(|e| ApiError::unavailable("tokens_disabled", e.to_string()))?;
     let expires =
         chrono::Utc::now() + chrono::Duration::seconds(i64::try_from(ttl).unwrap_or(i64::MAX));
     Ok(Json(json!({
         "token": token,
         "expiresAt": iso(expires),
-        "userId": body.user_id,
+        "userId": user_id,
         "role": role.as_str(),
-        "domainId": &*identity.domain_id,
+        "domainId": domain_id,
     }))
     .into_response())
 }
@@ -457,21 +470,14 @@ pub async fn visitor_token(
         ));
     }
     let visitor = crate::auth::anonymous();
-    let ttl = app.config.auth.visitor_token_ttl_secs;
-    let token = app
-        .auth
-        .issue(&visitor.user_id, None, Role::Visitor, &body.domain_id, ttl)
-        .map_err(|e| ApiError::unavailable("tokens_disabled", e.to_string()))?;
-    let expires =
-        chrono::Utc::now() + chrono::Duration::seconds(i64::try_from(ttl).unwrap_or(i64::MAX));
-    Ok(Json(json!({
-        "token": token,
-        "expiresAt": iso(expires),
-        "userId": visitor.user_id,
-        "role": "visitor",
-        "domainId": body.domain_id,
-    }))
-    .into_response())
+    issue_token(
+        &app,
+        &visitor.user_id,
+        None,
+        Role::Visitor,
+        &body.domain_id,
+        app.config.auth.visitor_token_ttl_secs,
+    )
 }
 
 /// Query of `GET /api/messages`.
@@ -518,22 +524,11 @@ pub async fn room_messages(
     ApiQuery(q): ApiQuery<RoomPageQuery>,
 ) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(50);
-    let room = app
+    let (room, page, has_more) = app
         .chat
-        .room(&identity, &room_id)
+        .room_page(&identity, &room_id, q.after, q.before, limit)
         .await
         .map_err(|e| error(&app, e))?;
-    let result = match (q.after, q.before) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                "give `after` or `before`, not both",
-            ));
-        }
-        (Some(after), None) => app.chat.after(&identity, &room_id, after, limit).await,
-        (None, before) => app.chat.history(&identity, &room_id, before, limit).await,
-    };
-    let (page, has_more) = result.map_err(|e| error(&app, e))?;
     let messages: Vec<WireMessage<'_>> = page.iter().map(WireMessage::of).collect();
     Ok(Json(json!({
         "roomId": room_id,

@@ -133,6 +133,29 @@ impl TestServer {
     }
 
     /// A counter or gauge value from `/metrics` (sum over labels matching `filter`).
+    /// `GET path` with a bearer token: the status and the JSON body (`null` if none).
+    pub async fn get_with(&self, path: &str, token: &str) -> (u16, Value) {
+        let res = reqwest::Client::new()
+            .get(self.http(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request");
+        status_and_body(res).await
+    }
+
+    /// `POST path` with a bearer token and a JSON body: the status and the JSON answer.
+    pub async fn post_with(&self, path: &str, token: &str, body: &Value) -> (u16, Value) {
+        let res = reqwest::Client::new()
+            .post(self.http(path))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        status_and_body(res).await
+    }
+
     pub async fn metric(&self, name: &str, filter: &str) -> f64 {
         let text = reqwest::get(self.http("/metrics"))
             .await
@@ -268,4 +291,10 @@ impl Client {
             }
         }
     }
+}
+
+/// A response's status and JSON body (`null` when the body is not JSON).
+pub async fn status_and_body(res: reqwest::Response) -> (u16, Value) {
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
 }
