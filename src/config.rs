@@ -197,6 +197,9 @@ pub struct AuthConfig {
     /// Lifetime of a visitor token from `POST /api/visitor-token`, in seconds: how long a
     /// browser keeps the same anonymous identity.
     pub visitor_token_ttl_secs: u64,
+    /// Hashes (`sha256:HEX`) of the admin keys that may use `/api/admin`;
+    /// `parlor key --admin` makes one. Empty: the admin API is closed.
+    pub admin_keys: Vec<String>,
 }
 
 impl Default for AuthConfig {
@@ -204,6 +207,7 @@ impl Default for AuthConfig {
         Self {
             jwt_secret: None,
             visitor_token_ttl_secs: 30 * 24 * 3600,
+            admin_keys: Vec::new(),
         }
     }
 }
@@ -230,9 +234,49 @@ pub struct DomainConfig {
     /// `parlor key --domain ID` makes one. Several while a key rotates.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub server_keys: Vec<String>,
+    /// Pusher-style app key and secret pairs (the Pusher-compatible endpoint signs and
+    /// verifies with the secret, so it is kept as given).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pusher_keys: Vec<PusherKeyConfig>,
     /// Tokens from the domain's own identity provider (see `docs/auth.md`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt: Option<JwtConfig>,
+    /// Limits of this domain, tighter than the server's.
+    #[serde(default, skip_serializing_if = "DomainLimits::is_unset")]
+    pub limits: DomainLimits,
+}
+
+/// A Pusher-style app key and its secret.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PusherKeyConfig {
+    /// The public app key (what `pusher-js` is given).
+    pub key: String,
+    /// The secret that signs channel authorisations and HTTP API calls.
+    pub secret: Secret,
+}
+
+/// Per-domain limits; unset values fall back to `[limits]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DomainLimits {
+    /// Simultaneous WebSocket connections of this domain on this node; further upgrades get
+    /// 503 `too_many_connections`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Client frames per second per connection (sustained).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub messages_per_second: Option<u32>,
+    /// Burst of client frames above the sustained rate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub messages_burst: Option<u32>,
+}
+
+impl DomainLimits {
+    /// True when nothing is set.
+    pub fn is_unset(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Which rooms of a domain a visitor may join, read and write.
@@ -255,19 +299,18 @@ impl DomainConfig {
             visitor_rooms: VisitorRooms::Owned,
             allowed_origins: Vec::new(),
             server_keys: Vec::new(),
+            pusher_keys: Vec::new(),
             jwt: None,
+            limits: DomainLimits::default(),
         }
     }
 
     /// The built-in domain anonymous visitors land in.
     pub fn demo() -> Self {
         Self {
-            id: DEMO_DOMAIN.to_owned(),
-            name: "Parlor demo".to_owned(),
             visitor_rooms: VisitorRooms::Open,
             allowed_origins: vec!["*".to_owned()],
-            server_keys: Vec::new(),
-            jwt: None,
+            ..Self::new(DEMO_DOMAIN, "Parlor demo")
         }
     }
 }

@@ -41,14 +41,20 @@ use tokio_util::task::TaskTracker;
 
 pub use config::Config;
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, Domains};
 use crate::broker::Broker;
 use crate::broker::memory::MemoryBroker;
+use crate::config::Secret;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::service::chat::ChatService;
+use crate::service::domains::DomainService;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
+
+/// Name of the stored setting holding the generated token-signing secret (used when
+/// `auth.jwt_secret` is not configured).
+pub const SIGNING_SECRET_SETTING: &str = "jwt_secret";
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +85,8 @@ pub struct AppInner {
     pub auth: Authenticator,
     /// Per-IP rate limits and allowed origins.
     pub edge: transport::edge::Edge,
+    /// Domain administration (the admin API).
+    pub domain_admin: Arc<DomainService>,
     /// Message distribution between nodes.
     pub broker: Arc<dyn Broker>,
     /// Counters and histograms.
@@ -123,26 +131,23 @@ impl App {
     /// Nothing listens yet: [`App::router`] gives the HTTP app, [`run`] serves it.
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, RunError> {
         let config = Arc::new(config);
-        // Unusable token settings stop the start before anything is opened.
-        let auth = Authenticator::new(&config)
-            .map_err(|e| RunError::Config(format!("invalid configuration: {e}")))?;
+        let invalid = |e: String| RunError::Config(format!("invalid configuration: {e}"));
+        // Unusable domain settings stop the start before anything is opened.
+        let domains = Arc::new(Domains::new(&config.domains).map_err(|e| invalid(e.to_string()))?);
         let metrics = Arc::new(Metrics::new());
-        let path = config.database_path().ok_or_else(|| {
-            RunError::Config(format!("unsupported database {:?}", config.database))
-        })?;
-
         let (committed_tx, committed_rx) = mpsc::unbounded_channel();
-        let store_config = config.store.clone();
-        let store: Arc<dyn Store> = Arc::new(
-            tokio::task::spawn_blocking(move || {
-                SqliteStore::open(&path, &store_config, committed_tx)
-            })
-            .await
-            .map_err(|e| RunError::Config(format!("store start-up failed: {e}")))??,
-        );
+        let store = open_store(&config, committed_tx).await?;
         for domain in &config.domains {
             store.upsert_domain(&domain.id, &domain.name).await?;
         }
+        let domain_admin = Arc::new(DomainService::new(Arc::clone(&store), Arc::clone(&domains)));
+        domain_admin
+            .reload()
+            .await
+            .map_err(|e| invalid(e.to_string()))?;
+        let signing_secret = signing_secret(&config, &*store).await?;
+        let auth =
+            Authenticator::new(&config, Arc::clone(&domains), signing_secret).map_err(invalid)?;
 
         let hub = Hub::new(
             Arc::clone(&store),
@@ -157,15 +162,12 @@ impl App {
             hub,
             Arc::clone(&metrics),
             config.limits.clone(),
-            config
-                .domains
-                .iter()
-                .map(|d| (d.id.clone(), d.visitor_rooms))
-                .collect(),
+            Arc::clone(&domains),
         ));
         let state = AppState(Arc::new(AppInner {
             auth,
-            edge: transport::edge::Edge::new(&config),
+            edge: transport::edge::Edge::new(&config, domains),
+            domain_admin,
             connection_permits: Arc::new(Semaphore::new(config.limits.max_connections)),
             config,
             chat,
@@ -201,6 +203,41 @@ impl App {
         self.store.close().await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.dispatcher).await;
     }
+}
+
+/// Opens the configured store; committed messages go to `sink`.
+async fn open_store(config: &Config, sink: store::CommitSink) -> Result<Arc<dyn Store>, RunError> {
+    let path = config
+        .database_path()
+        .ok_or_else(|| RunError::Config(format!("unsupported database {:?}", config.database)))?;
+    let store_config = config.store.clone();
+    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path, &store_config, sink))
+        .await
+        .map_err(|e| RunError::Config(format!("store start-up failed: {e}")))??;
+    Ok(Arc::new(store))
+}
+
+/// The secret signing Parlor's own tokens: `auth.jwt_secret`, or else the one generated on
+/// first start and kept in the store.
+async fn signing_secret(config: &Config, store: &dyn Store) -> Result<Secret, StoreError> {
+    match &config.auth.jwt_secret {
+        Some(secret) => Ok(secret.clone()),
+        None => store::generated_setting(store, SIGNING_SECRET_SETTING, auth::keys::random_hex)
+            .await
+            .map(Secret::new),
+    }
+}
+
+/// The token-signing secret a server with `config` uses, opening its store when the secret
+/// is not configured (for `parlor token`).
+pub async fn token_secret(config: &Config) -> Result<Secret, RunError> {
+    if let Some(secret) = &config.auth.jwt_secret {
+        return Ok(secret.clone());
+    }
+    let store = open_store(config, mpsc::unbounded_channel().0).await?;
+    let secret = signing_secret(config, &*store).await;
+    store.close().await;
+    Ok(secret?)
 }
 
 /// Serves Parlor on `listener` until `shutdown` is cancelled, then shuts down gracefully

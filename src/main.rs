@@ -23,18 +23,23 @@ struct Cli {
 enum Command {
     /// Run the server (the default).
     Serve(ServeArgs),
-    /// Print a connection token signed with `auth.jwt_secret` (for development).
+    /// Print a connection token signed with `auth.jwt_secret`, or with the secret the
+    /// server generated in its database when that is unset (for development).
     Token(TokenArgs),
-    /// Make a new server API key for a domain's back end, and the configuration entry
-    /// (its hash) that accepts it.
+    /// Make a new server API key for a domain's back end (`--domain`) or an admin key
+    /// (`--admin`), and the configuration entry (its hash) that accepts it.
     Key(KeyArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
+#[group(required = true, multiple = false)]
 struct KeyArgs {
-    /// Domain id the key is for.
+    /// Domain id the server key is for.
     #[arg(long)]
-    domain: String,
+    domain: Option<String>,
+    /// Make an admin key for `/api/admin` instead.
+    #[arg(long)]
+    admin: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -89,18 +94,19 @@ fn main() -> anyhow::Result<()> {
         log_format: args.log_format,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     if let Some(t) = token {
-        return print_token(&config, &t);
+        let secret = runtime.block_on(parlor::token_secret(&config))?;
+        return print_token(&secret, &t);
     }
     init_tracing(&config);
     for name in parlor::config::ignored_env_vars() {
         tracing::warn!(variable = %name, "ignoring environment variable: it names no configuration key");
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?
-        .block_on(serve(config))
+    runtime.block_on(serve(config))
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
@@ -167,21 +173,22 @@ fn init_tracing(config: &Config) {
 }
 
 fn print_key(args: &KeyArgs) {
-    let (key, entry) = parlor::auth::keys::generate();
-    println!("key (give it to the back end; it is shown only now):\n  {key}\n");
-    println!("configuration (Parlor keeps only this hash):");
-    println!(
-        "  [[domains]]\n  id = \"{}\"\n  server_keys = [\"{entry}\"]",
-        args.domain
-    );
+    use parlor::auth::keys;
+    let (key, entry) = match &args.domain {
+        Some(_) => keys::generate(),
+        None => keys::generate_with(keys::ADMIN_KEY_PREFIX),
+    };
+    println!("key (it is shown only now; Parlor keeps only its hash):\n  {key}\n");
+    println!("configuration:");
+    match &args.domain {
+        Some(domain) => {
+            println!("  [[domains]]\n  id = \"{domain}\"\n  server_keys = [\"{entry}\"]")
+        }
+        None => println!("  [auth]\n  admin_keys = [\"{entry}\"]"),
+    }
 }
 
-fn print_token(config: &Config, args: &TokenArgs) -> anyhow::Result<()> {
-    let secret = config
-        .auth
-        .jwt_secret
-        .as_ref()
-        .context("auth.jwt_secret is not set (PARLOR_AUTH__JWT_SECRET or parlor.toml)")?;
+fn print_token(secret: &parlor::config::Secret, args: &TokenArgs) -> anyhow::Result<()> {
     let token = parlor::auth::issue_token(
         secret,
         &args.user,

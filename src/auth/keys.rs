@@ -1,5 +1,5 @@
 //! Server API keys: what a domain's back end presents (`Authorization: Bearer pk_…`) to
-//! mint connection tokens and publish into rooms.
+//! mint connection tokens and publish into rooms; admin keys (`ak_…`) for the admin API.
 //!
 //! Parlor stores only a key's SHA-256 (`sha256:HEX` in `domains.server_keys`), so the
 //! configuration never holds a usable key. A domain lists several while keys rotate: add
@@ -10,19 +10,31 @@ use sha2::{Digest, Sha256};
 
 /// Every server key starts with this.
 pub const KEY_PREFIX: &str = "pk_";
+/// Every admin key starts with this.
+pub const ADMIN_KEY_PREFIX: &str = "ak_";
 
 /// A key's hash, as looked up.
 pub type KeyHash = [u8; 32];
 
-/// A new random key and the `domains.server_keys` entry that accepts it.
+/// A new random server key and the `domains.server_keys` entry that accepts it.
 pub fn generate() -> (String, String) {
-    let key = format!(
-        "{KEY_PREFIX}{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    );
+    generate_with(KEY_PREFIX)
+}
+
+/// A new random key starting with `prefix` and the `sha256:HEX` entry that accepts it.
+pub fn generate_with(prefix: &str) -> (String, String) {
+    let key = format!("{prefix}{}", random_hex());
     let entry = entry_for(&key);
     (key, entry)
+}
+
+/// 64 random hex digits (244 random bits: two v4 UUIDs).
+pub fn random_hex() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
 }
 
 /// The configuration entry (`sha256:HEX`) that accepts `key`.

@@ -1,36 +1,42 @@
 //! Authentication: who is behind a connection or request.
 //!
 //! A token (`?token=` or `Authorization: Bearer`) is either:
+//! - a server API key (`pk_…`) of a domain's back end ([`keys`]);
 //! - a domain's own JWT, recognised by its `iss` being in that domain's `jwt.issuer` list
 //!   and verified with that domain's keys ([`jwt`]: secret, PEM keys or JWKS); or
-//! - a Parlor token: HS256 signed with `auth.jwt_secret`, claims `sub`, `name`, `role`,
+//! - a Parlor token: HS256 signed with `auth.jwt_secret` (or, when that is unset, a secret
+//!   the server generated once and keeps in its database), claims `sub`, `name`, `role`,
 //!   `domain`.
+//!
+//! Admin keys (`ak_…`) are accepted only by the admin API ([`Authenticator::identify_admin`]).
+//! Domains and their secrets are read from the live [`domains`] table, which the admin API
+//! may change at run time.
 //!
 //! Without a token the caller is an anonymous `visitor` of the `demo` domain with a
 //! server-generated id. A token that is present but invalid is refused — it never falls
 //! back to anonymous.
 //!
-//! [`policy`] decides what an identity may do. Depends on the model and config only.
+//! [`policy`] decides what an identity may do. Depends on the model, config and the store's
+//! domain records.
 
+pub mod domains;
 pub mod jwt;
 pub mod keys;
 pub mod policy;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::config::{Config, DEMO_DOMAIN};
+use crate::config::{Config, DEMO_DOMAIN, Secret};
 use crate::model::{Identity, Role, valid_id};
+pub use domains::Domains;
 
 /// Why a token was refused. The message is safe to show the client.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    /// No secret is configured, so no token can be verified.
-    #[error("this server does not accept tokens (auth.jwt_secret is not set)")]
-    TokensDisabled,
     /// Signature, expiry, algorithm or format is wrong.
     #[error("invalid token: {0}")]
     InvalidToken(String),
@@ -43,7 +49,7 @@ impl AuthError {
     /// Stable error code.
     pub fn code(&self) -> &'static str {
         match self {
-            AuthError::TokensDisabled | AuthError::InvalidToken(_) => "invalid_token",
+            AuthError::InvalidToken(_) => "invalid_token",
             AuthError::UnknownDomain(_) => "unknown_domain",
         }
     }
@@ -64,87 +70,87 @@ struct Claims {
 /// Verifies tokens and creates anonymous identities.
 #[derive(Debug)]
 pub struct Authenticator {
-    key: Option<DecodingKey>,
+    key: DecodingKey,
     validation: Validation,
-    domains: HashSet<String>,
-    /// Domains with their own tokens, by the `iss` values they accept.
-    by_issuer: HashMap<String, Arc<jwt::DomainVerifier>>,
-    /// Server API keys (their hashes) and the domain each belongs to.
-    server_keys: HashMap<keys::KeyHash, Arc<str>>,
+    /// Every domain's settings and secrets, as they are now.
+    domains: Arc<Domains>,
+    /// Hashes of the admin keys.
+    admin_keys: HashSet<keys::KeyHash>,
     /// Signs the connection tokens Parlor issues.
-    signing_secret: Option<crate::config::Secret>,
+    signing_secret: Secret,
 }
 
 impl Authenticator {
-    /// Builds the verifiers from configuration; refuses unusable per-domain JWT settings.
-    pub fn new(config: &Config) -> Result<Self, jwt::JwtConfigError> {
-        let mut by_issuer = HashMap::new();
-        let mut server_keys = HashMap::new();
-        for domain in &config.domains {
-            for entry in &domain.server_keys {
-                let hash = keys::parse_entry(entry)
-                    .map_err(|m| jwt::JwtConfigError::new(&domain.id, m))?;
-                server_keys.insert(hash, Arc::from(domain.id.as_str()));
-            }
-            if let Some(settings) = &domain.jwt {
-                let verifier = Arc::new(jwt::DomainVerifier::new(&domain.id, settings)?);
-                for iss in verifier.issuers() {
-                    if by_issuer
-                        .insert(iss.clone(), Arc::clone(&verifier))
-                        .is_some()
-                    {
-                        return Err(jwt::JwtConfigError::new(
-                            &domain.id,
-                            format!("issuer {iss:?} is claimed by two domains"),
-                        ));
-                    }
-                }
-            }
+    /// Verifies Parlor tokens with `signing_secret` (`auth.jwt_secret`, or the one the
+    /// server generated) and everything else with the domains' settings.
+    pub fn new(
+        config: &Config,
+        domains: Arc<Domains>,
+        signing_secret: Secret,
+    ) -> Result<Self, String> {
+        let mut admin_keys = HashSet::new();
+        for entry in &config.auth.admin_keys {
+            admin_keys
+                .insert(keys::parse_entry(entry).map_err(|m| format!("auth.admin_keys: {m}"))?);
         }
-        let key = config
-            .auth
-            .jwt_secret
-            .as_ref()
-            .map(|s| DecodingKey::from_secret(s.expose().as_bytes()));
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 30;
         validation.validate_nbf = true;
-        // No audience is configured yet, so an `aud` claim (which many identity providers
-        // always set) must not make every token invalid. Audience checks arrive with
-        // per-domain JWT settings.
-        validation.validate_aud = false;
-        // No audience is configured yet, so an `aud` claim (which many identity providers
-        // always set) must not make every token invalid. Audience checks arrive with
-        // per-domain JWT settings.
+        // Parlor's own tokens carry no audience; an `aud` claim must not make them invalid.
         validation.validate_aud = false;
         Ok(Self {
-            key,
+            key: DecodingKey::from_secret(signing_secret.expose().as_bytes()),
             validation,
-            domains: config.domains.iter().map(|d| d.id.clone()).collect(),
-            by_issuer,
-            server_keys,
-            signing_secret: config.auth.jwt_secret.clone(),
+            domains,
+            admin_keys,
+            signing_secret,
         })
+    }
+
+    /// The live domain table this authenticator reads.
+    pub fn domains(&self) -> &Arc<Domains> {
+        &self.domains
     }
 
     /// The identity for a request: from `token` when given, else a fresh anonymous visitor.
     pub async fn identify(&self, token: Option<&str>) -> Result<Identity, AuthError> {
         match token.filter(|t| !t.is_empty()) {
             Some(key) if key.starts_with(keys::KEY_PREFIX) => self.server(key),
-            Some(token) => match self.domain_of(token) {
-                Some(verifier) => verifier.verify(token).await,
-                None => self.verify_own(token),
-            },
+            Some(key) if key.starts_with(keys::ADMIN_KEY_PREFIX) => Err(AuthError::InvalidToken(
+                "an admin key works only on /api/admin".into(),
+            )),
+            Some(token) => {
+                let verifier = self.domain_of(token);
+                match verifier {
+                    Some(verifier) => verifier.verify(token).await,
+                    None => self.verify_own(token),
+                }
+            }
             None => Ok(anonymous()),
         }
     }
 
+    /// The server-wide administrator holding admin key `key`.
+    pub fn identify_admin(&self, key: Option<&str>) -> Result<Identity, AuthError> {
+        let key = key.ok_or_else(|| AuthError::InvalidToken("an admin key is required".into()))?;
+        if !key.starts_with(keys::ADMIN_KEY_PREFIX) || !self.admin_keys.contains(&keys::hash(key)) {
+            return Err(AuthError::InvalidToken("unknown admin key".into()));
+        }
+        Ok(Identity {
+            user_id: "admin".to_owned(),
+            name: "administrator".to_owned(),
+            role: Role::Admin,
+            domain_id: Arc::from(policy::ALL_DOMAINS),
+            anonymous: false,
+        })
+    }
+
     /// The back end of the domain a server API key belongs to.
     fn server(&self, key: &str) -> Result<Identity, AuthError> {
-        let domain = self
-            .server_keys
-            .get(&keys::hash(key))
-            .ok_or_else(|| AuthError::InvalidToken("unknown server key".into()))?;
+        let table = self.domains.load();
+        let domain = table
+            .server_key_domain(key, chrono::Utc::now())
+            .ok_or_else(|| AuthError::InvalidToken("unknown or expired server key".into()))?;
         Ok(Identity {
             user_id: "service".to_owned(),
             name: format!("{domain} back end"),
@@ -163,18 +169,22 @@ impl Authenticator {
         domain: &str,
         ttl_secs: u64,
     ) -> Result<String, AuthError> {
-        let secret = self
-            .signing_secret
-            .as_ref()
-            .ok_or(AuthError::TokensDisabled)?;
-        issue_token(secret, user, name, role.as_str(), domain, ttl_secs)
-            .map_err(|e| AuthError::InvalidToken(format!("cannot sign: {e}")))
+        issue_token(
+            &self.signing_secret,
+            user,
+            name,
+            role.as_str(),
+            domain,
+            ttl_secs,
+        )
+        .map_err(|e| AuthError::InvalidToken(format!("cannot sign: {e}")))
     }
 
     /// The domain whose issuer the token names, read before any verification: it only
     /// chooses the keys that must then verify the token.
-    fn domain_of(&self, token: &str) -> Option<&jwt::DomainVerifier> {
-        if self.by_issuer.is_empty() {
+    fn domain_of(&self, token: &str) -> Option<Arc<jwt::DomainVerifier>> {
+        let table = self.domains.load();
+        if !table.has_issuers() {
             return None;
         }
         let payload = token.split('.').nth(1)?;
@@ -183,13 +193,12 @@ impl Authenticator {
                 .ok()?;
         let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
         let iss = claims.get("iss")?.as_str()?;
-        self.by_issuer.get(iss).map(|v| &**v)
+        table.verifier_for(iss).cloned()
     }
 
-    /// A Parlor token: HS256 with `auth.jwt_secret`.
+    /// A Parlor token: HS256 with the signing secret.
     fn verify_own(&self, token: &str) -> Result<Identity, AuthError> {
-        let key = self.key.as_ref().ok_or(AuthError::TokensDisabled)?;
-        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
         let claims = data.claims;
         if !valid_id(&claims.sub) {
@@ -204,7 +213,7 @@ impl Authenticator {
             })?,
         };
         let domain = claims.domain.unwrap_or_else(|| DEMO_DOMAIN.to_owned());
-        if !self.domains.contains(&domain) {
+        if self.domains.load().get(&domain).is_none() {
             return Err(AuthError::UnknownDomain(domain));
         }
         let name = claims.name.unwrap_or_else(|| claims.sub.clone());
@@ -232,7 +241,7 @@ pub fn anonymous() -> Identity {
 
 /// Signs an HS256 connection token (development tooling and tests).
 pub fn issue_token(
-    secret: &crate::config::Secret,
+    secret: &Secret,
     user: &str,
     name: Option<&str>,
     role: &str,

@@ -7,6 +7,16 @@
 use crate::config::VisitorRooms;
 use crate::model::{Identity, MESSAGE_ROLES, Role, Room, RoomKey};
 
+/// The domain of the server-wide administrator (an admin key): no tenant has this id.
+pub const ALL_DOMAINS: &str = "*";
+
+/// Whether `identity` may create, change and delete domains and their keys: only the
+/// server-wide administrator, never an `admin` of one domain (whose token its own identity
+/// provider may have issued).
+pub fn may_manage_domains(identity: &Identity) -> bool {
+    identity.role == Role::Admin && &*identity.domain_id == ALL_DOMAINS
+}
+
 /// The key of room `room_id` as seen by `identity`: always inside the identity's domain.
 pub fn room_key(identity: &Identity, room_id: &str) -> RoomKey {
     RoomKey::new(identity.domain_id.clone(), room_id)

@@ -7,16 +7,16 @@
 //! [`ChatService::spawn_dispatcher`], which publishes it to the broker; the broker delivers it
 //! to every node's hub, and the hub to every member's queue.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
 
 use super::ServiceError;
+use crate::auth::Domains;
 use crate::auth::policy;
 use crate::broker::Broker;
-use crate::config::{Limits, VisitorRooms};
+use crate::config::Limits;
 use crate::hub::{ConnHandle, Event, Hub, Joined, PresentUser, Replay};
 use crate::metrics::Metrics;
 use crate::model::{Author, Identity, Message, NewMessage, Room, RoomKey, json_depth, valid_id};
@@ -35,8 +35,8 @@ pub struct ChatService {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     limits: Limits,
-    /// Each domain's rule for visitors' rooms.
-    visitor_rooms: HashMap<String, VisitorRooms>,
+    /// Each domain's rule for visitors' rooms (the live table).
+    domains: Arc<Domains>,
 }
 
 /// A message to send.
@@ -63,14 +63,14 @@ impl ChatService {
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         limits: Limits,
-        visitor_rooms: HashMap<String, VisitorRooms>,
+        domains: Arc<Domains>,
     ) -> Self {
         Self {
             store,
             hub,
             metrics,
             limits,
-            visitor_rooms,
+            domains,
         }
     }
 
@@ -84,11 +84,7 @@ impl ChatService {
         key: &RoomKey,
         create: bool,
     ) -> Result<Option<Room>, ServiceError> {
-        let rule = self
-            .visitor_rooms
-            .get(&*identity.domain_id)
-            .copied()
-            .unwrap_or_default();
+        let rule = self.domains.load().visitor_rooms(&identity.domain_id);
         if !policy::room_check_needed(identity, rule) {
             return Ok(None);
         }

@@ -5,6 +5,7 @@
 //! typed results or a [`ServiceError`] with a stable code. Services never see a wire format.
 
 pub mod chat;
+pub mod domains;
 
 use crate::store::StoreError;
 
@@ -34,6 +35,14 @@ pub enum ServiceError {
     /// The room does not exist (in the caller's domain).
     #[error("room not found")]
     RoomNotFound,
+    /// Something else the request names does not exist (`domain_not_found`, `key_not_found`).
+    #[error("{message}")]
+    NotFound {
+        /// Stable code.
+        code: &'static str,
+        /// Human-readable explanation.
+        message: String,
+    },
     /// A per-connection limit was reached (`too_many_rooms`, `not_joined`).
     #[error("{message}")]
     Conflict {
@@ -53,7 +62,8 @@ impl ServiceError {
         match self {
             ServiceError::Invalid { code, .. }
             | ServiceError::TooLarge { code, .. }
-            | ServiceError::Conflict { code, .. } => code,
+            | ServiceError::Conflict { code, .. }
+            | ServiceError::NotFound { code, .. } => code,
             ServiceError::Forbidden(_) => "forbidden",
             ServiceError::RoomNotFound => "room_not_found",
             ServiceError::Unavailable(_) => "store_unavailable",

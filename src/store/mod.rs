@@ -17,6 +17,7 @@ pub mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 
 use crate::model::{Message, NewMessage, Room, RoomKey};
@@ -44,6 +45,126 @@ pub struct CustomerProfile {
     pub name: Option<String>,
     /// Free-form JSON object.
     pub data: Option<serde_json::Value>,
+}
+
+/// A domain as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredDomain {
+    /// Identifier.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// The settings of a domain created through the admin API, as JSON in the config file's
+    /// shape; `None` for a domain declared in the config file.
+    pub settings: Option<String>,
+}
+
+/// What a run-time key is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    /// A server API key (`pk_…`); only its hash is stored.
+    Server,
+    /// A Pusher-style app key and secret pair; the secret is stored, since it signs.
+    Pusher,
+}
+
+impl KeyKind {
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyKind::Server => "server",
+            KeyKind::Pusher => "pusher",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "server" => Some(KeyKind::Server),
+            "pusher" => Some(KeyKind::Pusher),
+            _ => None,
+        }
+    }
+}
+
+/// A domain's secret added at run time (admin API).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DomainKey {
+    /// Identifier shown to administrators (never the secret).
+    pub id: String,
+    /// The domain it belongs to.
+    pub domain_id: String,
+    /// What it is.
+    pub kind: KeyKind,
+    /// Public part (a Pusher app key), if any.
+    pub public_id: Option<String>,
+    /// `sha256:HEX` of a server key, or a Pusher secret.
+    pub secret: crate::config::Secret,
+    /// When it was added.
+    pub created_at: DateTime<Utc>,
+    /// When it stops working, if ever.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl DomainKey {
+    /// Whether the key works at `now`.
+    pub fn live_at(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at.is_none_or(|at| at > now)
+    }
+}
+
+/// A change to the stored domains.
+#[derive(Debug, Clone)]
+pub enum DomainChange {
+    /// A domain of the config file: create it or update its name (its settings stay in the file).
+    Declare {
+        /// Identifier.
+        id: String,
+        /// Display name.
+        name: String,
+    },
+    /// Create or replace a run-time domain.
+    Save {
+        /// Identifier.
+        id: String,
+        /// Display name.
+        name: String,
+        /// Settings as JSON.
+        settings: String,
+    },
+    /// Remove a run-time domain and its keys; its rooms and messages stay stored.
+    Remove {
+        /// Identifier.
+        id: String,
+    },
+    /// Add a key.
+    AddKey(DomainKey),
+    /// Make a domain's keys of one kind expire at `expires_at` (unless they expire sooner),
+    /// except `keep`.
+    ExpireKeys {
+        /// The domain.
+        domain_id: String,
+        /// Which keys.
+        kind: KeyKind,
+        /// When they stop working.
+        expires_at: DateTime<Utc>,
+        /// A key left alone (the one just added).
+        keep: Option<String>,
+    },
+    /// Delete a key at once.
+    RemoveKey {
+        /// The domain.
+        domain_id: String,
+        /// The key.
+        id: String,
+    },
+    /// Store a generated value under `name` unless one is already stored.
+    InstallSetting {
+        /// Name.
+        name: String,
+        /// Value.
+        value: String,
+    },
 }
 
 /// Why a store operation failed.
@@ -113,8 +234,28 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         profile: CustomerProfile,
     ) -> Result<(), StoreError>;
 
-    /// Creates or renames a domain.
-    async fn upsert_domain(&self, id: &str, name: &str) -> Result<(), StoreError>;
+    /// Creates or renames a domain declared in the config file.
+    async fn upsert_domain(&self, id: &str, name: &str) -> Result<(), StoreError> {
+        self.change_domains(DomainChange::Declare {
+            id: id.to_owned(),
+            name: name.to_owned(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Applies one change to the stored domains, their keys or the server settings, and
+    /// returns how many rows it touched (0: nothing matched).
+    async fn change_domains(&self, change: DomainChange) -> Result<u64, StoreError>;
+
+    /// Every stored domain, including those declared in the config file (`settings: None`).
+    async fn domains(&self) -> Result<Vec<StoredDomain>, StoreError>;
+
+    /// Every key added at run time, expired ones included.
+    async fn domain_keys(&self) -> Result<Vec<DomainKey>, StoreError>;
+
+    /// A value the server generated and keeps (see [`DomainChange::InstallSetting`]).
+    async fn setting(&self, name: &str) -> Result<Option<String>, StoreError>;
 
     /// Checks that reads and writes work.
     async fn health(&self) -> Result<(), StoreError>;
@@ -124,4 +265,26 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Short name for health output and metrics (`sqlite`).
     fn kind(&self) -> &'static str;
+}
+
+/// The value the server keeps under `name`, generated by `generate` and stored on first
+/// use. Two nodes racing on first use both end up with the value stored first.
+pub async fn generated_setting(
+    store: &dyn Store,
+    name: &str,
+    generate: impl FnOnce() -> String,
+) -> Result<String, StoreError> {
+    if let Some(value) = store.setting(name).await? {
+        return Ok(value);
+    }
+    store
+        .change_domains(DomainChange::InstallSetting {
+            name: name.to_owned(),
+            value: generate(),
+        })
+        .await?;
+    store
+        .setting(name)
+        .await?
+        .ok_or_else(|| StoreError::Corrupt(format!("setting {name:?} vanished")))
 }

@@ -27,7 +27,10 @@ use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Appended, CommitSink, CustomerProfile, MAX_DATA_DEPTH, Store, StoreError};
+use super::{
+    Appended, CommitSink, CustomerProfile, DomainChange, DomainKey, KeyKind, MAX_DATA_DEPTH, Store,
+    StoreError, StoredDomain,
+};
 use crate::config::{SqliteSync, StoreConfig};
 use crate::model::{Author, Message, NewMessage, Room, RoomKey, json_depth, now_ms};
 
@@ -35,6 +38,7 @@ use crate::model::{Author, Message, NewMessage, Room, RoomKey, json_depth, now_m
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0001_init.sql"),
     include_str!("migrations/sqlite/0002_compact_room_keys.sql"),
+    include_str!("migrations/sqlite/0003_domain_admin.sql"),
 ];
 
 /// Column list matching [`row_to_message`], for `FROM messages m JOIN rooms r`
@@ -95,7 +99,7 @@ enum WriteOp {
         CustomerProfile,
         oneshot::Sender<Result<(), StoreError>>,
     ),
-    UpsertDomain(String, String, oneshot::Sender<Result<(), StoreError>>),
+    Domain(DomainChange, oneshot::Sender<Result<u64, StoreError>>),
 }
 
 /// A finished operation's result, held until the batch commits.
@@ -104,6 +108,7 @@ enum Done {
     EnsureRoom(Room, oneshot::Sender<Result<Room, StoreError>>),
     MarkRead(u64, oneshot::Sender<Result<u64, StoreError>>),
     Unit(oneshot::Sender<Result<(), StoreError>>),
+    Count(u64, oneshot::Sender<Result<u64, StoreError>>),
 }
 
 impl SqliteStore {
@@ -522,17 +527,67 @@ impl Writer {
                     .map_err(unavailable)?;
                 Ok(Applied::Unit)
             }
-            WriteOp::UpsertDomain(id, name, _) => {
-                self.conn
-                    .prepare_cached(
-                        "INSERT INTO domains (id, name, created_at) VALUES (?1, ?2, ?3)
-                         ON CONFLICT (id) DO UPDATE SET name = excluded.name",
-                    )
-                    .and_then(|mut s| s.execute(params![id, name, to_ms(now_ms())]))
-                    .map_err(unavailable)?;
-                Ok(Applied::Unit)
-            }
+            WriteOp::Domain(change, _) => self.change_domains(change).map(Applied::Count),
         }
+    }
+
+    /// Applies a [`DomainChange`] inside the open transaction.
+    fn change_domains(&self, change: &DomainChange) -> Result<u64, StoreError> {
+        let now = to_ms(now_ms());
+        let changed = (|| {
+            match change {
+            DomainChange::Declare { id, name } => self.conn.prepare_cached(
+                "INSERT INTO domains (id, name, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)
+                 ON CONFLICT (id) DO UPDATE SET name = excluded.name",
+            )?.execute(params![id, name, now]),
+            DomainChange::Save { id, name, settings } => self.conn.prepare_cached(
+                "INSERT INTO domains (id, name, settings, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?4)
+                 ON CONFLICT (id) DO UPDATE SET name = excluded.name,
+                   settings = excluded.settings, updated_at = excluded.updated_at",
+            )?.execute(params![id, name, settings, now]),
+            DomainChange::Remove { id } => {
+                self.conn
+                    .prepare_cached("DELETE FROM domain_keys WHERE domain_id = ?1")?
+                    .execute(params![id])?;
+                self.conn.prepare_cached(
+                    "UPDATE domains SET settings = NULL, updated_at = ?2
+                     WHERE id = ?1 AND settings IS NOT NULL",
+                )?.execute(params![id, now])
+            }
+            DomainChange::AddKey(key) => self.conn.prepare_cached(
+                "INSERT INTO domain_keys (id, domain_id, kind, public_id, secret, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?.execute(params![
+                key.id,
+                key.domain_id,
+                key.kind.as_str(),
+                key.public_id,
+                key.secret.expose(),
+                to_ms(key.created_at),
+                key.expires_at.map(to_ms),
+            ]),
+            DomainChange::ExpireKeys { domain_id, kind, expires_at, keep } => self.conn.prepare_cached(
+                "UPDATE domain_keys SET expires_at = ?3
+                 WHERE domain_id = ?1 AND kind = ?2 AND id IS NOT ?4
+                   AND (expires_at IS NULL OR expires_at > ?3)",
+            )?.execute(params![domain_id, kind.as_str(), to_ms(*expires_at), keep]),
+            DomainChange::RemoveKey { domain_id, id } => self.conn
+                .prepare_cached("DELETE FROM domain_keys WHERE domain_id = ?1 AND id = ?2")?
+                .execute(params![domain_id, id]),
+            DomainChange::InstallSetting { name, value } => self.conn
+                .prepare_cached("INSERT OR IGNORE INTO server_settings (name, value) VALUES (?1, ?2)")?
+                .execute(params![name, value]),
+        }
+        })();
+        changed.map(|n| n as u64).map_err(|e| match e {
+            rusqlite::Error::SqliteFailure(f, _)
+                if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                StoreError::Invalid(format!("conflicts with a stored value: {e}"))
+            }
+            e => unavailable(e),
+        })
     }
 
     /// The room's row, created if missing, with its last `seq` as of the open batch.
@@ -715,6 +770,9 @@ impl Writer {
                 Done::Unit(tx) => {
                     let _ = tx.send(Ok(()));
                 }
+                Done::Count(n, tx) => {
+                    let _ = tx.send(Ok(n));
+                }
             }
         }
     }
@@ -726,6 +784,7 @@ enum Applied {
     Room(Room),
     Read(u64),
     Unit,
+    Count(u64),
 }
 
 impl Applied {
@@ -734,10 +793,8 @@ impl Applied {
             (Applied::Append(a), WriteOp::Append(_, tx)) => Done::Append(a, tx),
             (Applied::Room(r), WriteOp::EnsureRoom(_, _, tx)) => Done::EnsureRoom(r, tx),
             (Applied::Read(s), WriteOp::MarkRead(_, _, _, tx)) => Done::MarkRead(s, tx),
-            (
-                Applied::Unit,
-                WriteOp::UpsertCustomer(_, _, _, tx) | WriteOp::UpsertDomain(_, _, tx),
-            ) => Done::Unit(tx),
+            (Applied::Unit, WriteOp::UpsertCustomer(_, _, _, tx)) => Done::Unit(tx),
+            (Applied::Count(n), WriteOp::Domain(_, tx)) => Done::Count(n, tx),
             // `apply` maps each operation to its own result kind, so this cannot happen; if it
             // ever did, the caller gets an error rather than a wrong answer.
             (_, op) => {
@@ -760,7 +817,10 @@ fn fail(op: WriteOp, e: &StoreError) {
         WriteOp::MarkRead(_, _, _, tx) => {
             let _ = tx.send(Err(err()));
         }
-        WriteOp::UpsertCustomer(_, _, _, tx) | WriteOp::UpsertDomain(_, _, tx) => {
+        WriteOp::UpsertCustomer(_, _, _, tx) => {
+            let _ = tx.send(Err(err()));
+        }
+        WriteOp::Domain(_, tx) => {
             let _ = tx.send(Err(err()));
         }
     }
@@ -887,9 +947,82 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn upsert_domain(&self, id: &str, name: &str) -> Result<(), StoreError> {
-        let (i, n) = (id.to_owned(), name.to_owned());
-        self.write(|tx| WriteOp::UpsertDomain(i, n, tx)).await
+    async fn change_domains(&self, change: DomainChange) -> Result<u64, StoreError> {
+        self.write(|tx| WriteOp::Domain(change, tx)).await
+    }
+
+    async fn domains(&self) -> Result<Vec<StoredDomain>, StoreError> {
+        self.read(|c| {
+            let mut stmt =
+                c.prepare_cached("SELECT id, name, settings FROM domains ORDER BY id")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(StoredDomain {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    settings: r.get(2)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn domain_keys(&self) -> Result<Vec<DomainKey>, StoreError> {
+        let rows: Vec<(
+            String,
+            String,
+            String,
+            Option<String>,
+            String,
+            i64,
+            Option<i64>,
+        )> = self
+            .read(|c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT id, domain_id, kind, public_id, secret, created_at, expires_at
+                     FROM domain_keys ORDER BY created_at, id",
+                )?;
+                let rows = stmt.query_map([], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
+                })?;
+                rows.collect()
+            })
+            .await?;
+        rows.into_iter()
+            .map(
+                |(id, domain_id, kind, public_id, secret, created, expires)| {
+                    Ok(DomainKey {
+                        kind: KeyKind::parse(&kind).ok_or_else(|| {
+                            StoreError::Corrupt(format!("unknown key kind {kind:?}"))
+                        })?,
+                        id,
+                        domain_id,
+                        public_id,
+                        secret: crate::config::Secret::new(secret),
+                        created_at: from_ms(created),
+                        expires_at: expires.map(from_ms),
+                    })
+                },
+            )
+            .collect()
+    }
+
+    async fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let name = name.to_owned();
+        self.read(move |c| {
+            c.prepare_cached("SELECT value FROM server_settings WHERE name = ?1")?
+                .query_row(params![name], |r| r.get(0))
+                .optional()
+        })
+        .await
     }
 
     async fn health(&self) -> Result<(), StoreError> {

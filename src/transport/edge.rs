@@ -11,9 +11,9 @@
 //!   (`allowed_origins`, `"*"` for any). CORS answers for the union of all domains' lists;
 //!   the WebSocket upgrade and `POST /api/visitor-token` check the caller's own domain.
 
-use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request, State};
@@ -26,6 +26,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::http::ApiError;
 use crate::AppState;
+use crate::auth::Domains;
 use crate::config::{Config, Limits};
 
 /// Which per-IP budget a request draws on.
@@ -47,14 +48,8 @@ pub struct Edge {
     visitor_tokens: DefaultKeyedRateLimiter<IpAddr>,
     /// Connects plus requests per authenticated identity, keyed `domain/user`.
     identities: DefaultKeyedRateLimiter<String>,
-    origins: HashMap<String, Origins>,
-}
-
-/// The web origins a domain accepts.
-#[derive(Debug, Clone)]
-enum Origins {
-    Any,
-    Listed(HashSet<String>),
+    /// The live domain table: each domain's origins.
+    domains: Arc<Domains>,
 }
 
 fn quota_per_second(rate: u32, burst: u32) -> Quota {
@@ -64,21 +59,9 @@ fn quota_per_second(rate: u32, burst: u32) -> Quota {
 
 impl Edge {
     /// Builds the limiters and origin rules from configuration.
-    pub fn new(config: &Config) -> Self {
+    pub fn new(config: &Config, domains: Arc<Domains>) -> Self {
         let l: &Limits = &config.limits;
         let per_minute = NonZeroU32::new(l.ip_visitor_tokens_per_minute).unwrap_or(NonZeroU32::MIN);
-        let origins = config
-            .domains
-            .iter()
-            .map(|d| {
-                let rule = if d.allowed_origins.iter().any(|o| o == "*") {
-                    Origins::Any
-                } else {
-                    Origins::Listed(d.allowed_origins.iter().map(|o| normalise(o)).collect())
-                };
-                (d.id.clone(), rule)
-            })
-            .collect();
         Self {
             connects: RateLimiter::keyed(quota_per_second(
                 l.ip_connects_per_second,
@@ -93,7 +76,7 @@ impl Edge {
                 l.identity_requests_per_second,
                 l.identity_requests_burst,
             )),
-            origins,
+            domains,
         }
     }
 
@@ -124,39 +107,23 @@ impl Edge {
     /// Whether a page of `origin` may use `domain`. Requests without an `Origin` header
     /// (not from a browser page) pass when `origin` is `None`.
     pub fn origin_allowed(&self, domain: &str, origin: Option<&str>) -> bool {
-        let Some(origin) = origin else {
-            return true;
-        };
-        match self.origins.get(domain) {
-            Some(Origins::Any) => true,
-            Some(Origins::Listed(list)) => list.contains(&normalise(origin)),
-            None => false,
-        }
+        self.domains.load().origin_allowed(domain, origin)
     }
 
     /// Whether `domain` accepts any origin at all ("*").
     pub fn any_origin(&self, domain: &str) -> bool {
-        matches!(self.origins.get(domain), Some(Origins::Any))
+        self.domains.load().any_origin(domain)
     }
 
-    /// The CORS layer: preflights and responses allow the union of every domain's origins.
-    pub fn cors(config: &Config) -> CorsLayer {
-        let any = config
-            .domains
-            .iter()
-            .any(|d| d.allowed_origins.iter().any(|o| o == "*"));
-        let listed: HashSet<String> = config
-            .domains
-            .iter()
-            .flat_map(|d| d.allowed_origins.iter().map(|o| normalise(o)))
-            .collect();
+    /// The CORS layer: preflights and responses allow the union of every domain's origins,
+    /// as the live table has them.
+    pub fn cors(&self) -> CorsLayer {
+        let domains = Arc::clone(&self.domains);
         CorsLayer::new()
             .allow_origin(AllowOrigin::predicate(move |origin: &HeaderValue, _| {
-                any || origin
-                    .to_str()
-                    .is_ok_and(|o| listed.contains(&normalise(o)))
+                origin.to_str().is_ok_and(|o| domains.load().cors_allows(o))
             }))
-            .allow_methods([Method::GET, Method::POST])
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
             .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
             .expose_headers([
                 header::RETRY_AFTER,
@@ -174,11 +141,6 @@ impl Edge {
         self.identities.retain_recent();
         self.identities.shrink_to_fit();
     }
-}
-
-/// Origins compare without a trailing slash and case-insensitively.
-fn normalise(origin: &str) -> String {
-    origin.trim_end_matches('/').to_ascii_lowercase()
 }
 
 /// The `Origin` header, if any.

@@ -94,7 +94,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ServiceError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ServiceError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ServiceError::RoomNotFound => StatusCode::NOT_FOUND,
+            ServiceError::RoomNotFound | ServiceError::NotFound { .. } => StatusCode::NOT_FOUND,
             ServiceError::Conflict { .. } => StatusCode::CONFLICT,
             ServiceError::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "store unavailable");
@@ -407,7 +407,14 @@ fn issue_token(
     let token = app
         .auth
         .issue(user_id, name, role, domain_id, ttl)
-        .map_err(|e| ApiError::unavailable("tokens_disabled", e.to_string()))?;
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot sign a token");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "cannot sign a token",
+            )
+        })?;
     let expires =
         chrono::Utc::now() + chrono::Duration::seconds(i64::try_from(ttl).unwrap_or(i64::MAX));
     Ok(Json(json!({

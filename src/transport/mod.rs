@@ -3,11 +3,13 @@
 //! - [`ws`]: the native WebSocket protocol at `/ws` (WeeziQ-compatible).
 //! - [`http`]: the JSON HTTP API, health and metrics.
 //! - [`wire`]: JSON shapes both share.
+//! - [`admin`]: the admin API (`/api/admin/domains`).
 //! - [`edge`]: per-IP rate limits, CORS and each domain's allowed origins.
 //!
 //! [`router`] assembles them into one axum app, apart from serving it, so tests can drive it
 //! with `oneshot` or a real listener.
 
+pub mod admin;
 pub mod edge;
 pub mod http;
 pub mod wire;
@@ -47,13 +49,25 @@ pub fn router(state: AppState) -> Router {
         .route("/api/publish", post(http::publish))
         .route("/api/ws/token", post(http::ws_token))
         .route("/api/visitor-token", post(http::visitor_token))
+        .route("/api/admin/domains", get(admin::list_domains))
+        .route(
+            "/api/admin/domains/{id}",
+            get(admin::get_domain)
+                .put(admin::put_domain)
+                .delete(admin::delete_domain),
+        )
+        .route("/api/admin/domains/{id}/keys", post(admin::add_key))
+        .route(
+            "/api/admin/domains/{id}/keys/{key_id}",
+            axum::routing::delete(admin::delete_key),
+        )
         .fallback(http::not_found)
         .method_not_allowed_fallback(http::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             edge::limit_by_ip,
         ))
-        .layer(edge::Edge::cors(&state.config))
+        .layer(state.edge.cors())
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(trace)
         .layer(PropagateRequestIdLayer::x_request_id())

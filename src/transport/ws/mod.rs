@@ -28,9 +28,10 @@ use self::socket::{Incoming, RecvError, WsSocket};
 use super::http::{ApiError, bearer_token};
 use super::wire::{WireMessage, WireUser, encode_event, to_bytes};
 use crate::AppState;
+use crate::auth::domains::DomainPermit;
 use crate::auth::policy;
 use crate::hub::{CLOSE_SLOW_CONSUMER, ConnHandle, Envelope, Event, Joined, Replay};
-use crate::model::{RoomKey, iso, now_ms};
+use crate::model::{Identity, RoomKey, iso, now_ms};
 use crate::service::ServiceError;
 use crate::service::chat::{MAX_NAME_CHARS, Outgoing, not_joined};
 use crate::store::CustomerProfile;
@@ -134,13 +135,16 @@ pub async fn upgrade(
         return ApiError::unavailable("too_many_connections", "connection limit reached")
             .into_response();
     };
+    let Some(admitted) = admit_to_domain(&app, &identity) else {
+        app.metrics.client_error("too_many_connections");
+        return ApiError::unavailable("too_many_connections", DOMAIN_FULL).into_response();
+    };
     let limits = &app.config.limits;
     let id = app.next_connection_id();
     let (handle, rx) = ConnHandle::new(id, Arc::new(identity), limits.outbound_queue);
-    let per_second = NonZeroU32::new(limits.messages_per_second).unwrap_or(NonZeroU32::MIN);
-    let burst = NonZeroU32::new(limits.messages_burst).unwrap_or(NonZeroU32::MIN);
     let connection = Connection {
-        limiter: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
+        limiter: admitted.limiter,
+        frame_rate: admitted.frame_rate,
         app: app.clone(),
         handle,
         rx,
@@ -149,7 +153,7 @@ pub async fn upgrade(
         display_name: None,
         origin: super::edge::origin(req.headers()).map(Box::from),
         auth_until: Instant::now() + AUTH_FRAME_WINDOW,
-        _permit: permit,
+        permits: (permit, admitted.permit),
     };
     let auto_join = query.room_id;
     let max_message = limits.max_frame_bytes;
@@ -180,6 +184,43 @@ pub async fn upgrade(
         );
     }
     res
+}
+
+const DOMAIN_FULL: &str = "this domain's connection limit is reached";
+
+/// A connection's place among its domain's connections, and its frame limiter.
+struct Admitted {
+    permit: DomainPermit,
+    limiter: DefaultDirectRateLimiter,
+    frame_rate: u32,
+}
+
+/// Admits a connection of `identity` under its domain's limits (`None`: the domain is at
+/// its connection limit); the domain's frame rate, else the server's, sets the limiter.
+fn admit_to_domain(app: &AppState, identity: &Identity) -> Option<Admitted> {
+    let domains = app.auth.domains();
+    let domain_limits = domains
+        .load()
+        .get(&identity.domain_id)
+        .map(|d| d.settings.limits.clone())
+        .unwrap_or_default();
+    let permit = domains.admit(&identity.domain_id, domain_limits.max_connections)?;
+    let limits = &app.config.limits;
+    let frame_rate = domain_limits
+        .messages_per_second
+        .unwrap_or(limits.messages_per_second);
+    let per_second = NonZeroU32::new(frame_rate).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(
+        domain_limits
+            .messages_burst
+            .unwrap_or(limits.messages_burst),
+    )
+    .unwrap_or(NonZeroU32::MIN);
+    Some(Admitted {
+        permit,
+        limiter: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
+        frame_rate,
+    })
 }
 
 /// The subprotocol Parlor answers with when a client offers it.
@@ -269,12 +310,15 @@ struct Connection {
     /// Name an anonymous visitor gave in `join-room`.
     display_name: Option<String>,
     limiter: DefaultDirectRateLimiter,
+    /// Sustained frames per second `limiter` allows (for its error message).
+    frame_rate: u32,
     /// The upgrade's `Origin`, for checking the domain an `auth` frame moves to.
     origin: Option<Box<str>>,
     /// Until when an anonymous connection may still authenticate with an `auth` frame.
     auth_until: Instant,
     /// Held for the life of the connection (connection limit).
-    _permit: OwnedSemaphorePermit,
+    /// This connection's places in the server's and its domain's connection limits.
+    permits: (OwnedSemaphorePermit, DomainPermit),
 }
 
 /// The socket failed or the client is too slow; the loop must end.
@@ -482,7 +526,7 @@ impl Connection {
         let raw = raw.as_str();
         // Every frame counts against the rate, garbage included.
         if self.limiter.check().is_err() {
-            let rate = self.app.config.limits.messages_per_second;
+            let rate = self.frame_rate;
             let reply_to = serde_json::from_str::<Head<'_>>(raw)
                 .ok()
                 .and_then(|h| h.id)
@@ -611,6 +655,15 @@ impl Connection {
                 )
                 .await;
         }
+        // The connection now counts against the new domain's limits.
+        let Some(admitted) = admit_to_domain(&self.app, &identity) else {
+            return self
+                .error(socket, reply_to, "too_many_connections", DOMAIN_FULL)
+                .await;
+        };
+        self.permits.1 = admitted.permit;
+        self.limiter = admitted.limiter;
+        self.frame_rate = admitted.frame_rate;
         let frame = json!({
             "type": "authenticated",
             "replyTo": reply_to,

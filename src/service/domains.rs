@@ -1,0 +1,226 @@
+//! Managing domains at run time (the admin API): create, replace and remove domains, add,
+//! rotate and revoke their keys.
+//!
+//! Every change is written to the store first and then the live table
+//! ([`Domains`](crate::auth::Domains)) is rebuilt from the store, so what the server uses is
+//! always what a restart would load. Changes are serialised by one lock: two administrators
+//! cannot interleave a write and a rebuild. Domains of the config file can be read and get
+//! keys, but their settings belong to the file.
+//!
+//! Settings are validated by building them into a table beside the current domains
+//! (unique issuers and keys, usable JWT keys) before anything is stored.
+//!
+//! Several nodes (scale-out) will need the broker to tell the others to rebuild; today a
+//! change reaches the node that made it and every node at its next start.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::Mutex;
+
+use super::ServiceError;
+use crate::auth::domains::{DomainTable, Source};
+use crate::auth::{Domains, keys, policy};
+use crate::config::{DomainConfig, Secret};
+use crate::model::Identity;
+use crate::store::{DomainChange, DomainKey, KeyKind, Store};
+
+/// A key just made: the only time its secret is shown.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    /// The stored record (for a server key, its secret is the hash).
+    pub record: DomainKey,
+    /// What the holder presents: the server key, or the Pusher app key.
+    pub key: String,
+    /// The Pusher secret, for a Pusher pair.
+    pub secret: Option<String>,
+}
+
+/// Domain administration.
+#[derive(Debug)]
+pub struct DomainService {
+    store: Arc<dyn Store>,
+    domains: Arc<Domains>,
+    changes: Mutex<()>,
+}
+
+impl DomainService {
+    /// A service writing to `store` and publishing into `domains`.
+    pub fn new(store: Arc<dyn Store>, domains: Arc<Domains>) -> Self {
+        Self {
+            store,
+            domains,
+            changes: Mutex::new(()),
+        }
+    }
+
+    /// Rebuilds the live table from the store.
+    pub async fn reload(&self) -> Result<(), ServiceError> {
+        let stored = self.store.domains().await?;
+        let keys = self.store.domain_keys().await?;
+        self.domains
+            .replace(&stored, &keys)
+            .map_err(|e| ServiceError::invalid("invalid_domain", e.to_string()))
+    }
+
+    /// The current table, for listing.
+    pub fn table(&self, caller: &Identity) -> Result<Arc<DomainTable>, ServiceError> {
+        allowed(caller)?;
+        Ok(self.domains.load())
+    }
+
+    /// Creates or replaces run-time domain `settings.id`; true when it was created.
+    pub async fn put(
+        &self,
+        caller: &Identity,
+        settings: DomainConfig,
+    ) -> Result<bool, ServiceError> {
+        allowed(caller)?;
+        let _guard = self.changes.lock().await;
+        let existing = self.domains.load().get(&settings.id).map(|d| d.source);
+        if existing == Some(Source::Config) {
+            return Err(in_config_file(&settings.id));
+        }
+        self.domains
+            .check_candidate(&settings)
+            .map_err(|e| ServiceError::invalid("invalid_domain", e.to_string()))?;
+        let json = serde_json::to_string(&settings)
+            .map_err(|e| ServiceError::invalid("invalid_domain", e.to_string()))?;
+        self.store
+            .change_domains(DomainChange::Save {
+                id: settings.id.clone(),
+                name: settings.name.clone(),
+                settings: json,
+            })
+            .await?;
+        self.reload().await?;
+        Ok(existing.is_none())
+    }
+
+    /// Removes run-time domain `id` and its keys. Its rooms and messages stay stored; a
+    /// domain created again with the same id reaches them.
+    pub async fn remove(&self, caller: &Identity, id: &str) -> Result<(), ServiceError> {
+        allowed(caller)?;
+        let _guard = self.changes.lock().await;
+        match self.domains.load().get(id).map(|d| d.source) {
+            None => return Err(domain_not_found(id)),
+            Some(Source::Config) => return Err(in_config_file(id)),
+            Some(Source::Admin) => {}
+        }
+        self.store
+            .change_domains(DomainChange::Remove { id: id.to_owned() })
+            .await?;
+        self.reload().await
+    }
+
+    /// Adds a key of `kind` to domain `id`. With `retire_others_after`, the domain's other
+    /// run-time keys of that kind stop working after that grace period (a rotation).
+    pub async fn add_key(
+        &self,
+        caller: &Identity,
+        id: &str,
+        kind: KeyKind,
+        retire_others_after: Option<Duration>,
+    ) -> Result<NewKey, ServiceError> {
+        allowed(caller)?;
+        let _guard = self.changes.lock().await;
+        if self.domains.load().get(id).is_none() {
+            return Err(domain_not_found(id));
+        }
+        let now = Utc::now();
+        let (key, stored_secret, public_id, secret) = match kind {
+            KeyKind::Server => {
+                let (key, entry) = keys::generate();
+                (key, entry, None, None)
+            }
+            KeyKind::Pusher => {
+                let random = keys::random_hex();
+                let app_key = random[..20].to_owned();
+                let secret = random[20..52].to_owned();
+                (app_key.clone(), secret.clone(), Some(app_key), Some(secret))
+            }
+        };
+        let record = DomainKey {
+            id: format!("key_{}", &keys::random_hex()[..16]),
+            domain_id: id.to_owned(),
+            kind,
+            public_id,
+            secret: Secret::new(stored_secret),
+            created_at: now,
+            expires_at: None,
+        };
+        self.store
+            .change_domains(DomainChange::AddKey(record.clone()))
+            .await?;
+        if let Some(grace) = retire_others_after {
+            let grace = chrono::Duration::from_std(grace)
+                .map_err(|_| ServiceError::invalid("invalid_grace", "grace period too long"))?;
+            self.store
+                .change_domains(DomainChange::ExpireKeys {
+                    domain_id: id.to_owned(),
+                    kind,
+                    expires_at: now + grace,
+                    keep: Some(record.id.clone()),
+                })
+                .await?;
+        }
+        self.reload().await?;
+        Ok(NewKey {
+            record,
+            key,
+            secret,
+        })
+    }
+
+    /// Revokes key `key_id` of domain `id` at once.
+    pub async fn remove_key(
+        &self,
+        caller: &Identity,
+        id: &str,
+        key_id: &str,
+    ) -> Result<(), ServiceError> {
+        allowed(caller)?;
+        let _guard = self.changes.lock().await;
+        let removed = self
+            .store
+            .change_domains(DomainChange::RemoveKey {
+                domain_id: id.to_owned(),
+                id: key_id.to_owned(),
+            })
+            .await?;
+        if removed == 0 {
+            return Err(ServiceError::NotFound {
+                code: "key_not_found",
+                message: format!("domain {id:?} has no key {key_id:?}"),
+            });
+        }
+        self.reload().await
+    }
+}
+
+fn allowed(caller: &Identity) -> Result<(), ServiceError> {
+    if policy::may_manage_domains(caller) {
+        Ok(())
+    } else {
+        Err(ServiceError::Forbidden(
+            "managing domains needs an admin key".into(),
+        ))
+    }
+}
+
+fn domain_not_found(id: &str) -> ServiceError {
+    ServiceError::NotFound {
+        code: "domain_not_found",
+        message: format!("no domain {id:?}"),
+    }
+}
+
+fn in_config_file(id: &str) -> ServiceError {
+    ServiceError::Conflict {
+        code: "domain_in_config_file",
+        message: format!(
+            "domain {id:?} is declared in the config file; change it there (keys can be added here)"
+        ),
+    }
+}
