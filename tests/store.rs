@@ -126,6 +126,7 @@ macro_rules! conformance_suite {
             multi failing_write_does_not_poison_neighbours,
             current
                 accepted_data_reads_back,
+            current domains_and_keys_round_trip,
         );
     };
     (@stories $backend:ident; $($flavor:ident $(#[$attr:meta])* $story:ident),* $(,)?) => {
@@ -1177,5 +1178,141 @@ mod stories {
         let retry = store.append(deep).await.expect("a retry is answered");
         assert!(retry.duplicate);
         assert_eq!(*retry.message, *stored.message);
+    }
+
+    /// Run-time domains, their keys (with expiry) and generated settings are stored, changed,
+    /// removed and survive a reopen; a config-file domain keeps no settings.
+    pub async fn domains_and_keys_round_trip(ctx: &mut Ctx) {
+        use parlor::config::Secret;
+        use parlor::store::{DomainChange, DomainKey, KeyKind, StoredDomain};
+        let store = &*ctx.store;
+        store.upsert_domain("acme", "Acme").await.expect("declare");
+        let save = |name: &str, settings: &str| DomainChange::Save {
+            id: "globex".into(),
+            name: name.into(),
+            settings: settings.into(),
+        };
+        assert_eq!(
+            store
+                .change_domains(save("Globex", "{\"a\":1}"))
+                .await
+                .expect("save"),
+            1
+        );
+        store
+            .change_domains(save("Globex Corp", "{\"a\":2}"))
+            .await
+            .expect("replace");
+        let now = chrono::DateTime::from_timestamp_millis(now_ms().timestamp_millis()).unwrap();
+        let key = |id: &str, kind, public: Option<&str>| DomainKey {
+            id: id.into(),
+            domain_id: "globex".into(),
+            kind,
+            public_id: public.map(str::to_owned),
+            secret: Secret::new(format!("secret-of-{id}")),
+            created_at: now,
+            expires_at: None,
+        };
+        for k in [
+            key("k1", KeyKind::Server, None),
+            key("k2", KeyKind::Server, None),
+            key("p1", KeyKind::Pusher, Some("app-key")),
+        ] {
+            store
+                .change_domains(DomainChange::AddKey(k))
+                .await
+                .expect("add key");
+        }
+        // A Pusher app key is unique across domains.
+        let clash = store
+            .change_domains(DomainChange::AddKey(key(
+                "p2",
+                KeyKind::Pusher,
+                Some("app-key"),
+            )))
+            .await;
+        assert!(matches!(clash, Err(StoreError::Invalid(_))), "{clash:?}");
+        let later = now + chrono::Duration::seconds(60);
+        let expired = store
+            .change_domains(DomainChange::ExpireKeys {
+                domain_id: "globex".into(),
+                kind: KeyKind::Server,
+                expires_at: later,
+                keep: Some("k2".into()),
+            })
+            .await
+            .expect("expire");
+        assert_eq!(expired, 1, "only k1 expires");
+        let removed = store
+            .change_domains(DomainChange::RemoveKey {
+                domain_id: "acme".into(),
+                id: "k2".into(),
+            })
+            .await
+            .expect("remove key");
+        assert_eq!(removed, 0, "a key is removed only from its own domain");
+        for (value, expect) in [("first", "first"), ("second", "first")] {
+            store
+                .change_domains(DomainChange::InstallSetting {
+                    name: "jwt_secret".into(),
+                    value: value.into(),
+                })
+                .await
+                .expect("install");
+            assert_eq!(
+                store
+                    .setting("jwt_secret")
+                    .await
+                    .expect("setting")
+                    .as_deref(),
+                Some(expect),
+                "a setting is generated once"
+            );
+        }
+        assert_eq!(store.setting("nothing").await.expect("setting"), None);
+
+        ctx.reopen().await;
+        let store = &*ctx.store;
+        let domains = store.domains().await.expect("domains");
+        let globex = domains.iter().find(|d| d.id == "globex").expect("globex");
+        assert_eq!(
+            *globex,
+            StoredDomain {
+                id: "globex".into(),
+                name: "Globex Corp".into(),
+                settings: Some("{\"a\":2}".into()),
+            }
+        );
+        let acme = domains.iter().find(|d| d.id == "acme").expect("acme");
+        assert_eq!(acme.settings, None);
+        let keys = store.domain_keys().await.expect("keys");
+        let ids: Vec<&str> = keys.iter().map(|k| k.id.as_str()).collect();
+        assert_eq!(ids, ["k1", "k2", "p1"]);
+        assert_eq!(keys[0].expires_at, Some(later));
+        assert_eq!(keys[0].secret.expose(), "secret-of-k1");
+        assert_eq!(keys[1].expires_at, None);
+        assert_eq!(keys[2].kind, KeyKind::Pusher);
+        assert_eq!(keys[2].public_id.as_deref(), Some("app-key"));
+        assert!(keys[0].live_at(now) && !keys[0].live_at(later));
+
+        let removed = store
+            .change_domains(DomainChange::Remove {
+                id: "globex".into(),
+            })
+            .await
+            .expect("remove");
+        assert_eq!(removed, 1);
+        let domains = store.domains().await.expect("domains");
+        let globex = domains
+            .iter()
+            .find(|d| d.id == "globex")
+            .expect("row stays for its rooms");
+        assert_eq!(globex.settings, None);
+        assert!(store.domain_keys().await.expect("keys").is_empty());
+        let again = store
+            .change_domains(DomainChange::Remove { id: "acme".into() })
+            .await
+            .expect("remove");
+        assert_eq!(again, 0, "a config-file domain is not removed");
     }
 }

@@ -230,34 +230,42 @@ impl DomainTable {
         }
         let mut pusher = Vec::new();
         for p in &settings.pusher_keys {
-            pusher.push((p.key.clone(), p.secret.clone(), None));
+            pusher.push((p.key.clone(), p.secret.clone(), None, None));
         }
+        // A bad run-time key is left out with an error in the log: it must not take its
+        // domain (or, for a config-file domain, the server's start) down with it.
         for k in &run_time_keys {
             match k.kind {
                 KeyKind::Server => {
-                    let hash = keys::parse_entry(k.secret.expose())
-                        .map_err(|m| DomainError::new(&id, m))?;
-                    add_server_key(hash, k.expires_at)?;
+                    let added = keys::parse_entry(k.secret.expose())
+                        .map_err(|m| DomainError::new(&id, m))
+                        .and_then(|hash| add_server_key(hash, k.expires_at));
+                    if let Err(e) = added {
+                        tracing::error!(key = %k.id, error = %e, "run-time key left out");
+                    }
                 }
                 KeyKind::Pusher => {
                     if let Some(public) = &k.public_id {
-                        pusher.push((public.clone(), k.secret.clone(), k.expires_at));
+                        pusher.push((public.clone(), k.secret.clone(), k.expires_at, Some(&k.id)));
                     }
                 }
             }
         }
-        for (key, secret, expires_at) in pusher {
+        for (key, secret, expires_at, run_time) in pusher {
             let entry = PusherKey {
                 domain: Arc::clone(&owner),
                 secret,
                 expires_at,
             };
-            if self.pusher_keys.insert(key.clone(), entry).is_some() {
-                return Err(DomainError::new(
-                    &id,
-                    format!("Pusher key {key:?} is used twice"),
-                ));
+            if self.pusher_keys.contains_key(&key) {
+                let e = DomainError::new(&id, format!("Pusher key {key:?} is used twice"));
+                match run_time {
+                    None => return Err(e),
+                    Some(k) => tracing::error!(key = %k, error = %e, "run-time key left out"),
+                }
+                continue;
             }
+            self.pusher_keys.insert(key, entry);
         }
         let origins = if settings.allowed_origins.iter().any(|o| o == "*") {
             self.any_origin = true;

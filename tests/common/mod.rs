@@ -132,30 +132,36 @@ impl TestServer {
         Client::connect(&self.ws(&format!("/ws?token={}", self.token(user)))).await
     }
 
-    /// A counter or gauge value from `/metrics` (sum over labels matching `filter`).
+    /// `method path` with a bearer token and an optional JSON body: the status and the
+    /// JSON answer (`null` if none).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let mut req = reqwest::Client::new()
+            .request(method, self.http(path))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        status_and_body(req.send().await.expect("request")).await
+    }
+
     /// `GET path` with a bearer token: the status and the JSON body (`null` if none).
     pub async fn get_with(&self, path: &str, token: &str) -> (u16, Value) {
-        let res = reqwest::Client::new()
-            .get(self.http(path))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("request");
-        status_and_body(res).await
+        self.call(reqwest::Method::GET, path, token, None).await
     }
 
     /// `POST path` with a bearer token and a JSON body: the status and the JSON answer.
     pub async fn post_with(&self, path: &str, token: &str, body: &Value) -> (u16, Value) {
-        let res = reqwest::Client::new()
-            .post(self.http(path))
-            .bearer_auth(token)
-            .json(body)
-            .send()
+        self.call(reqwest::Method::POST, path, token, Some(body))
             .await
-            .expect("request");
-        status_and_body(res).await
     }
 
+    /// A counter or gauge value from `/metrics` (sum over labels matching `filter`).
     pub async fn metric(&self, name: &str, filter: &str) -> f64 {
         let text = reqwest::get(self.http("/metrics"))
             .await
