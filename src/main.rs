@@ -182,7 +182,7 @@ fn print_key(args: &KeyArgs) {
     println!("configuration:");
     match &args.domain {
         Some(domain) => {
-            println!("  [[domains]]\n  id = \"{domain}\"\n  server_keys = [\"{entry}\"]")
+            println!("  [[domains]]\n  id = \"{domain}\"\n  server_keys = [\"{entry}\"]");
         }
         None => println!("  [auth]\n  admin_keys = [\"{entry}\"]"),
     }

@@ -150,10 +150,10 @@ impl DomainTable {
             match serde_json::from_str::<DomainConfig>(json) {
                 Ok(d) if d.id == row.id => settings.push((d, Source::Admin)),
                 Ok(_) => {
-                    tracing::error!(domain = %row.id, "stored domain names another id; skipped")
+                    tracing::error!(domain = %row.id, "stored domain names another id; skipped");
                 }
                 Err(e) => {
-                    tracing::error!(domain = %row.id, error = %e, "stored domain settings unreadable; skipped")
+                    tracing::error!(domain = %row.id, error = %e, "stored domain settings unreadable; skipped");
                 }
             }
         }
