@@ -39,6 +39,10 @@ pub struct Config {
     pub store: StoreConfig,
     /// Authentication settings.
     pub auth: AuthConfig,
+    /// Reverse proxies (addresses or CIDR ranges, e.g. `10.0.0.0/8`) whose
+    /// `X-Forwarded-For` header is believed: a request from one of them is limited by the
+    /// client address it forwarded. Empty: the TCP peer is the client.
+    pub trusted_proxies: Vec<String>,
     /// Tenants. A `demo` domain is always present (see [`Config::validate`]).
     pub domains: Vec<DomainConfig>,
 }
@@ -54,6 +58,7 @@ impl Default for Config {
             limits: Limits::default(),
             store: StoreConfig::default(),
             auth: AuthConfig::default(),
+            trusted_proxies: Vec::new(),
             domains: vec![DomainConfig::demo()],
         }
     }
@@ -551,10 +556,27 @@ impl Config {
                 )));
             }
         }
+        self.trusted_proxy_ranges()?;
         if !self.domains.iter().any(|d| d.id == DEMO_DOMAIN) {
             self.domains.push(DomainConfig::demo());
         }
         Ok(())
+    }
+
+    /// `trusted_proxies` parsed; a bare address is a range of one.
+    pub fn trusted_proxy_ranges(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        self.trusted_proxies
+            .iter()
+            .map(|p| {
+                p.parse::<ipnet::IpNet>()
+                    .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        ConfigError::Invalid(format!(
+                            "trusted_proxies: {p:?} is not an IP address or CIDR range"
+                        ))
+                    })
+            })
+            .collect()
     }
 
     /// The SQLite file path of `database`, if it is a `sqlite://` URL.
@@ -577,6 +599,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "limits",
     "store",
     "auth",
+    "trusted_proxies",
     "domains",
 ];
 

@@ -275,3 +275,56 @@ async fn one_identity_has_one_budget_across_sockets_and_requests() {
     assert_eq!(get(Some(s.token("calm"))).await.unwrap().status(), 200);
     assert_eq!(get(None).await.unwrap().status(), 200);
 }
+
+/// Requests `GET /api/messages` as anonymous with an `X-Forwarded-For`; the status.
+async fn forwarded_request(s: &TestServer, forwarded_for: &str) -> u16 {
+    reqwest::Client::new()
+        .get(s.http("/api/messages?chatRoomId=lobby"))
+        .header("X-Forwarded-For", forwarded_for)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
+    let limits = |c: &mut parlor::config::Config| {
+        c.limits.ip_requests_per_second = 1;
+        c.limits.ip_requests_burst = 2;
+    };
+    // Not trusted: the header is ignored, so writing a new address each time escapes nothing.
+    let s = server(move |c| limits(c)).await;
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        statuses.push(forwarded_request(&s, &format!("203.0.113.{i}")).await);
+    }
+    assert_eq!(
+        statuses.iter().filter(|&&st| st == 429).count(),
+        2,
+        "{statuses:?}"
+    );
+
+    // Trusted (the test client is the proxy at 127.0.0.1): each forwarded client is counted
+    // on its own, by the right-most address that is not a trusted proxy.
+    let s = server(move |c| {
+        limits(c);
+        c.trusted_proxies = vec!["127.0.0.0/8".into(), "10.0.0.0/8".into()];
+    })
+    .await;
+    for _ in 0..2 {
+        assert_eq!(forwarded_request(&s, "198.51.100.7").await, 200);
+        assert_eq!(
+            forwarded_request(&s, "192.0.2.1, 198.51.100.8, 10.1.2.3").await,
+            200
+        );
+    }
+    assert_eq!(forwarded_request(&s, "198.51.100.7").await, 429);
+    // A client cannot pose as another by prepending an address: 198.51.100.8 is still it.
+    assert_eq!(
+        forwarded_request(&s, "198.51.100.99, 198.51.100.8").await,
+        429
+    );
+    assert_eq!(forwarded_request(&s, "198.51.100.9").await, 200);
+}

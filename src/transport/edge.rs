@@ -1,7 +1,7 @@
 //! The HTTP edge: per-IP rate limits, CORS and the `Origin` rules of each domain.
 //!
-//! - **Rate limits** are kept per client IP address (the TCP peer; behind a proxy, that is
-//!   the proxy) in three `governor` keyed limiters: WebSocket connects, HTTP API requests
+//! - **Rate limits** are kept per client IP address (the TCP peer, or behind a trusted
+//!   proxy the address it forwards in `X-Forwarded-For`) in three `governor` keyed limiters: WebSocket connects, HTTP API requests
 //!   and visitor tokens. A refusal is HTTP 429 `rate_limited` with `Retry-After`. `/`,
 //!   `/health` and `/metrics` are never limited, so monitoring keeps working during a
 //!   flood. Authenticated callers also have a budget per identity, across addresses
@@ -50,6 +50,8 @@ pub struct Edge {
     identities: DefaultKeyedRateLimiter<String>,
     /// The live domain table: each domain's origins.
     domains: Arc<Domains>,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 fn quota_per_second(rate: u32, burst: u32) -> Quota {
@@ -77,7 +79,34 @@ impl Edge {
                 l.identity_requests_burst,
             )),
             domains,
+            // `Config::validate` has parsed them already.
+            trusted_proxies: config.trusted_proxy_ranges().unwrap_or_default(),
         }
+    }
+
+    /// The client's address: the TCP peer, or, when the peer is a trusted proxy, the
+    /// right-most address in `X-Forwarded-For` that is not a trusted proxy (the left-most
+    /// one if all are). `None` when the peer is unknown (in-process tests).
+    pub fn client_ip(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> Option<IpAddr> {
+        let peer = peer?;
+        let trusted = |ip: &IpAddr| self.trusted_proxies.iter().any(|net| net.contains(ip));
+        if !trusted(&peer) {
+            return Some(peer);
+        }
+        let forwarded: Vec<IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map_while(|a| a.trim().parse::<IpAddr>().ok())
+            .collect();
+        forwarded
+            .iter()
+            .rev()
+            .find(|ip| !trusted(ip))
+            .or(forwarded.first())
+            .copied()
+            .or(Some(peer))
     }
 
     /// Takes one unit of `budget` for `ip`; on refusal, how long to wait.
@@ -148,29 +177,26 @@ pub fn origin(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())
 }
 
-/// The client's IP address, when the server knows it (not in in-process tests).
-pub fn client_ip(req: &Request) -> Option<IpAddr> {
-    req.extensions()
+/// The TCP peer's address, when the server knows it (not in in-process tests).
+fn peer(extensions: &axum::http::Extensions) -> Option<IpAddr> {
+    extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
 }
 
-/// The client's IP address as an extractor (`None` in in-process tests).
+/// The client's IP address as an extractor (see [`Edge::client_ip`]).
 #[derive(Debug, Clone, Copy)]
 pub struct ClientIp(pub Option<IpAddr>);
 
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ClientIp {
+impl axum::extract::FromRequestParts<AppState> for ClientIp {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
-        _: &S,
+        app: &AppState,
     ) -> Result<Self, Self::Rejection> {
         Ok(Self(
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.ip()),
+            app.edge.client_ip(peer(&parts.extensions), &parts.headers),
         ))
     }
 }
@@ -183,7 +209,8 @@ pub async fn limit_by_ip(State(app): State<AppState>, req: Request, next: Next) 
         "/ws" => Some((Budget::Connect, "connections from this address")),
         _ => Some((Budget::Request, "requests from this address")),
     };
-    if let (Some((budget, what)), Some(ip)) = (budget, client_ip(&req))
+    let ip = app.edge.client_ip(peer(req.extensions()), req.headers());
+    if let (Some((budget, what)), Some(ip)) = (budget, ip)
         && let Err(wait) = app.edge.check(budget, ip)
     {
         app.metrics.client_error("rate_limited");
