@@ -3,6 +3,9 @@
 //! Rooms are addressed within the caller's own domain ([`room_key`]), so no request can name
 //! a room of another tenant. Inside it, agents, admins and services use every room, and
 //! visitors the rooms they created unless the domain is `open` ([`may_use_room`]).
+//! Hand-off ([`may_escalate`], [`may_assign`]), usage ([`may_read_usage`]), the server API
+//! ([`may_publish`], [`may_issue_tokens`]) and domain administration
+//! ([`may_manage_domains`]) are decided here too.
 
 use crate::config::VisitorRooms;
 use crate::model::{Identity, MESSAGE_ROLES, Role, Room, RoomKey};
@@ -56,6 +59,24 @@ pub fn may_issue_tokens(identity: &Identity) -> bool {
 /// key cannot mint administrators.
 pub fn may_issue_role(role: Role) -> bool {
     matches!(role, Role::Visitor | Role::Agent)
+}
+
+/// Whether `identity` may ask for a human in `room` (hand-off): whoever may use the room —
+/// its visitor, an agent, an admin or the domain's back end.
+pub fn may_escalate(identity: &Identity, visitor_rooms: VisitorRooms, room: Option<&Room>) -> bool {
+    may_use_room(identity, visitor_rooms, room)
+}
+
+/// Whether `identity` may assign a conversation of its domain to an agent (itself included),
+/// take it back or resolve it: agents, admins and the domain's back end; never a visitor.
+pub fn may_assign(identity: &Identity) -> bool {
+    matches!(identity.role, Role::Agent | Role::Admin | Role::Service)
+}
+
+/// Whether `identity` may read its domain's usage and statistics (AI tokens, visitors,
+/// conversations): the domain's admins and back end.
+pub fn may_read_usage(identity: &Identity) -> bool {
+    matches!(identity.role, Role::Admin | Role::Service)
 }
 
 /// The role label a message written by `identity` carries. Only a service or an admin may
@@ -118,6 +139,42 @@ mod tests {
         assert!(!room_check_needed(&agent, VisitorRooms::Owned));
         assert!(room_check_needed(&me, VisitorRooms::Owned));
         assert!(!room_check_needed(&me, VisitorRooms::Open));
+    }
+
+    #[test]
+    fn hand_off_and_usage_follow_roles() {
+        let me = anonymous();
+        let room = Room {
+            key: RoomKey::new("demo", "r"),
+            kind: "support".into(),
+            created_by: Some(me.user_id.clone()),
+            last_seq: 0,
+            created_at: chrono::Utc::now(),
+        };
+        let mut other = anonymous();
+        other.user_id = "someone-else".into();
+        assert!(may_escalate(&me, VisitorRooms::Owned, Some(&room)));
+        assert!(!may_escalate(&other, VisitorRooms::Owned, Some(&room)));
+        assert!(!may_assign(&me) && !may_read_usage(&me));
+        for (role, assign, usage) in [
+            (Role::Agent, true, false),
+            (Role::Admin, true, true),
+            (Role::Service, true, true),
+        ] {
+            let mut who = anonymous();
+            who.role = role;
+            assert_eq!(may_assign(&who), assign, "{role}");
+            assert_eq!(may_read_usage(&who), usage, "{role}");
+            assert!(may_escalate(&who, VisitorRooms::Owned, Some(&room)));
+        }
+        let mut domain_admin = anonymous();
+        domain_admin.role = Role::Admin;
+        assert!(
+            !may_manage_domains(&domain_admin),
+            "a domain's admin is not the server's"
+        );
+        domain_admin.domain_id = ALL_DOMAINS.into();
+        assert!(may_manage_domains(&domain_admin));
     }
 
     #[test]
