@@ -6,6 +6,8 @@
 //!   Transports call services; they reach the store and hub only through a service's
 //!   accessors (health checks, presence lists), never their internals.
 //! - [`service`] — what Parlor does (chat today), independent of any wire format.
+//! - [`ai`] — AI providers: one streaming trait, real clients of OpenAI-compatible servers,
+//!   Anthropic and Gemini.
 //! - [`auth`] — who is calling ([`auth::Authenticator`]) and what they may do
 //!   ([`auth::policy`]).
 //! - [`hub`] — active rooms, their members and presence; fans stored messages out to every
@@ -18,6 +20,7 @@
 //! cancellation token, serves until the token is cancelled, then shuts down in order: stop
 //! accepting, tell clients to reconnect, let connections finish, flush writes, close the store.
 
+pub mod ai;
 pub mod auth;
 pub mod broker;
 pub mod config;
