@@ -11,6 +11,7 @@
 
 pub mod anthropic;
 pub mod gemini;
+pub mod kb;
 pub mod openai;
 mod sse;
 
@@ -133,6 +134,9 @@ pub enum ProviderError {
     /// The answer could not be read.
     #[error("unreadable provider answer: {0}")]
     Protocol(String),
+    /// The provider has nothing to say (the knowledge base holds no matching passage).
+    #[error("no answer found")]
+    NoAnswer,
 }
 
 impl ProviderError {
@@ -152,6 +156,7 @@ impl ProviderError {
             ProviderError::Rejected { .. } => "rejected",
             ProviderError::Timeout { .. } => "timeout",
             ProviderError::Protocol(_) => "protocol",
+            ProviderError::NoAnswer => "no_answer",
         }
     }
 }
