@@ -39,6 +39,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// Authentication settings.
     pub auth: AuthConfig,
+    /// AI providers (see `docs/ai.md`).
+    pub ai: AiConfig,
     /// Reverse proxies (addresses or CIDR ranges, e.g. `10.0.0.0/8`) whose
     /// `X-Forwarded-For` header is believed: a request from one of them is limited by the
     /// client address it forwarded. Empty: the TCP peer is the client.
@@ -58,6 +60,7 @@ impl Default for Config {
             limits: Limits::default(),
             store: StoreConfig::default(),
             auth: AuthConfig::default(),
+            ai: AiConfig::default(),
             trusted_proxies: Vec::new(),
             domains: vec![DomainConfig::demo()],
         }
@@ -249,7 +252,149 @@ pub struct DomainConfig {
     /// Limits of this domain, tighter than the server's.
     #[serde(default, skip_serializing_if = "DomainLimits::is_unset")]
     pub limits: DomainLimits,
+    /// The AI assistant answering visitors in this domain's support rooms; none when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bot: Option<BotConfig>,
 }
+
+/// AI providers, by name. Domains' bots list the names they use, in fallback order.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AiConfig {
+    /// `[ai.providers.NAME]` tables. `OPENAI_API_KEY`, `ANTHROPIC_API_KEY` and
+    /// `GOOGLE_AI_API_KEY`/`GEMINI_API_KEY` add `openai`, `anthropic` and `gemini` when no
+    /// provider has that name.
+    pub providers: std::collections::BTreeMap<String, ProviderConfig>,
+}
+
+/// Which API a provider speaks.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// OpenAI Chat Completions (also Ollama, vLLM, llama.cpp, OpenRouter, Groq).
+    Openai,
+    /// Anthropic Messages.
+    Anthropic,
+    /// Google Gemini.
+    Gemini,
+}
+
+impl ProviderKind {
+    /// The vendor's public API base URL.
+    pub fn default_base_url(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "https://api.openai.com/v1",
+            ProviderKind::Anthropic => "https://api.anthropic.com",
+            ProviderKind::Gemini => "https://generativelanguage.googleapis.com",
+        }
+    }
+}
+
+/// One AI provider.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// The API it speaks.
+    pub kind: ProviderKind,
+    /// API base URL; the vendor's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// API key (prefer the environment: `PARLOR_AI__PROVIDERS__NAME__API_KEY`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<Secret>,
+    /// Model name.
+    pub model: String,
+    /// Longest reply, in tokens.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u32,
+    /// Time to connect and get the response headers, in milliseconds.
+    #[serde(default = "default_connect_ms")]
+    pub connect_timeout_ms: u64,
+    /// Time from the call to the first token, in milliseconds.
+    #[serde(default = "default_first_token_ms")]
+    pub first_token_timeout_ms: u64,
+    /// Time for the whole reply, in milliseconds.
+    #[serde(default = "default_total_ms")]
+    pub total_timeout_ms: u64,
+    /// Retries after a 429, a 5xx or a failed connection, with back-off (honouring
+    /// `Retry-After` up to 10 s) before the next provider is tried.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+}
+
+fn default_max_tokens() -> u32 {
+    512
+}
+fn default_connect_ms() -> u64 {
+    5_000
+}
+fn default_first_token_ms() -> u64 {
+    15_000
+}
+fn default_total_ms() -> u64 {
+    120_000
+}
+fn default_retries() -> u32 {
+    1
+}
+
+impl ProviderConfig {
+    /// A provider of `kind` with `model` and the default timeouts.
+    pub fn new(kind: ProviderKind, model: impl Into<String>) -> Self {
+        Self {
+            kind,
+            base_url: None,
+            api_key: None,
+            model: model.into(),
+            max_tokens: default_max_tokens(),
+            connect_timeout_ms: default_connect_ms(),
+            first_token_timeout_ms: default_first_token_ms(),
+            total_timeout_ms: default_total_ms(),
+            retries: default_retries(),
+        }
+    }
+}
+
+/// A domain's AI assistant.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BotConfig {
+    /// Whether it answers visitors' messages in support rooms.
+    pub enabled: bool,
+    /// Providers (names from `[ai.providers]`) in fallback order. After them come the
+    /// knowledge-base answer and then the offer of a human. Empty: the knowledge base
+    /// answers (and, on the demo, the providers the vendors' environment variables add).
+    pub providers: Vec<String>,
+    /// Instructions given to the model.
+    pub system_prompt: String,
+    /// Folder of Markdown/text documents to answer from; `"builtin:demo"` is the demo's
+    /// shipped documents.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub knowledge_dir: Option<String>,
+    /// Knowledge-base passages put into the prompt.
+    pub context_passages: usize,
+    /// Recent room messages given to the model as the conversation.
+    pub history_messages: usize,
+}
+
+impl Default for BotConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            providers: Vec::new(),
+            system_prompt: "You are a helpful support assistant. Answer briefly and only from \
+                            what you know about this product; when unsure, offer a human agent."
+                .to_owned(),
+            knowledge_dir: None,
+            context_passages: 3,
+            history_messages: 20,
+        }
+    }
+}
+
+/// The shipped documents, as a `knowledge_dir` value.
+pub const BUILTIN_DEMO_KNOWLEDGE: &str = "builtin:demo";
 
 /// A Pusher-style app key and its secret.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -307,6 +452,7 @@ impl DomainConfig {
             pusher_keys: Vec::new(),
             jwt: None,
             limits: DomainLimits::default(),
+            bot: None,
         }
     }
 
@@ -315,6 +461,13 @@ impl DomainConfig {
         Self {
             visitor_rooms: VisitorRooms::Open,
             allowed_origins: vec!["*".to_owned()],
+            bot: Some(BotConfig {
+                system_prompt: "You are the assistant of the Parlor demo. Answer questions \
+                                about Parlor briefly, from the passages you are given."
+                    .to_owned(),
+                knowledge_dir: Some(BUILTIN_DEMO_KNOWLEDGE.to_owned()),
+                ..BotConfig::default()
+            }),
             ..Self::new(DEMO_DOMAIN, "Parlor demo")
         }
     }
@@ -485,6 +638,7 @@ impl Config {
         if let Some(format) = overrides.log_format {
             config.log_format = format;
         }
+        config.add_vendor_providers(|name| std::env::var(name).ok().filter(|v| !v.is_empty()));
         config.validate()?;
         Ok(config)
     }
@@ -557,10 +711,90 @@ impl Config {
             }
         }
         self.trusted_proxy_ranges()?;
+        for (name, p) in &self.ai.providers {
+            if p.model.trim().is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "ai.providers.{name}.model is empty"
+                )));
+            }
+            if p.connect_timeout_ms == 0 || p.first_token_timeout_ms == 0 || p.total_timeout_ms == 0
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "ai.providers.{name}: timeouts must be greater than 0"
+                )));
+            }
+        }
+        for d in &self.domains {
+            for name in d.bot.iter().flat_map(|b| &b.providers) {
+                if !self.ai.providers.contains_key(name) {
+                    return Err(ConfigError::Invalid(format!(
+                        "domains.{}.bot.providers names {name:?}, which is not in [ai.providers]",
+                        d.id
+                    )));
+                }
+            }
+        }
         if !self.domains.iter().any(|d| d.id == DEMO_DOMAIN) {
             self.domains.push(DomainConfig::demo());
         }
         Ok(())
+    }
+
+    /// Adds the providers the vendors' own environment variables describe (`OPENAI_API_KEY`
+    /// with `OPENAI_BASE_URL` and `OPENAI_MODEL`; `ANTHROPIC_API_KEY`, `ANTHROPIC_BASE_URL`,
+    /// `ANTHROPIC_MODEL`; `GOOGLE_AI_API_KEY` or `GEMINI_API_KEY`, `GEMINI_BASE_URL`,
+    /// `GEMINI_MODEL`), unless a provider of that name is configured. A demo bot without
+    /// its own provider list then uses them, OpenAI first.
+    pub fn add_vendor_providers(&mut self, env: impl Fn(&str) -> Option<String>) {
+        let vendors = [
+            (
+                "openai",
+                ProviderKind::Openai,
+                &["OPENAI_API_KEY"][..],
+                "OPENAI",
+                "gpt-4o-mini",
+            ),
+            (
+                "anthropic",
+                ProviderKind::Anthropic,
+                &["ANTHROPIC_API_KEY"][..],
+                "ANTHROPIC",
+                "claude-haiku-4-5",
+            ),
+            (
+                "gemini",
+                ProviderKind::Gemini,
+                &["GOOGLE_AI_API_KEY", "GEMINI_API_KEY"][..],
+                "GEMINI",
+                "gemini-2.5-flash",
+            ),
+        ];
+        let mut added = Vec::new();
+        for (name, kind, keys, prefix, model) in vendors {
+            let Some(key) = keys.iter().find_map(|k| env(k)) else {
+                continue;
+            };
+            if self.ai.providers.contains_key(name) {
+                continue;
+            }
+            let mut provider = ProviderConfig::new(
+                kind,
+                env(&format!("{prefix}_MODEL")).unwrap_or_else(|| model.to_owned()),
+            );
+            provider.base_url = env(&format!("{prefix}_BASE_URL"));
+            provider.api_key = Some(Secret::new(key));
+            self.ai.providers.insert(name.to_owned(), provider);
+            added.push(name.to_owned());
+        }
+        if let Some(bot) = self
+            .domains
+            .iter_mut()
+            .find(|d| d.id == DEMO_DOMAIN)
+            .and_then(|d| d.bot.as_mut())
+            && bot.providers.is_empty()
+        {
+            bot.providers = added;
+        }
     }
 
     /// `trusted_proxies` parsed; a bare address is a range of one.
@@ -599,6 +833,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "limits",
     "store",
     "auth",
+    "ai",
     "trusted_proxies",
     "domains",
 ];
@@ -708,6 +943,50 @@ mod tests {
         let mut c = Config::default();
         c.auth.jwt_secret = Some(Secret::new("short"));
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn vendor_variables_add_providers_for_the_demo_bot() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let mut c = Config::default();
+        c.add_vendor_providers(env(&[
+            ("GEMINI_API_KEY", "g-key"),
+            ("OPENAI_API_KEY", "x"),
+            ("OPENAI_BASE_URL", "http://127.0.0.1:11434/v1"),
+            ("OPENAI_MODEL", "llama3.2"),
+        ]));
+        let openai = &c.ai.providers["openai"];
+        assert_eq!(openai.kind, ProviderKind::Openai);
+        assert_eq!(
+            openai.base_url.as_deref(),
+            Some("http://127.0.0.1:11434/v1")
+        );
+        assert_eq!(openai.model, "llama3.2");
+        assert_eq!(c.ai.providers["gemini"].api_key, Some(Secret::new("g-key")));
+        let demo_bot = c.domains[0].bot.as_ref().unwrap();
+        assert_eq!(demo_bot.providers, ["openai", "gemini"], "OpenAI first");
+        c.validate().unwrap();
+
+        // A configured provider of that name, or a demo bot with its own list, wins.
+        let mut c = Config::default();
+        c.ai.providers.insert(
+            "openai".into(),
+            ProviderConfig::new(ProviderKind::Openai, "gpt-4o"),
+        );
+        c.domains[0].bot.as_mut().unwrap().providers = vec!["openai".into()];
+        c.add_vendor_providers(env(&[("OPENAI_API_KEY", "x"), ("ANTHROPIC_API_KEY", "a")]));
+        assert_eq!(c.ai.providers["openai"].model, "gpt-4o");
+        assert!(c.ai.providers.contains_key("anthropic"));
+        assert_eq!(c.domains[0].bot.as_ref().unwrap().providers, ["openai"]);
+        // A bot naming a provider that does not exist is refused at start-up.
+        c.domains[0].bot.as_mut().unwrap().providers = vec!["nope".into()];
+        assert!(c.validate().unwrap_err().to_string().contains("nope"));
     }
 
     #[test]
