@@ -50,6 +50,7 @@ use crate::broker::memory::MemoryBroker;
 use crate::config::Secret;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::service::ai::AiService;
 use crate::service::chat::ChatService;
 use crate::service::domains::DomainService;
 use crate::store::sqlite::SqliteStore;
@@ -88,6 +89,8 @@ pub struct AppInner {
     pub auth: Authenticator,
     /// Per-IP rate limits and allowed origins.
     pub edge: transport::edge::Edge,
+    /// AI replies: the bot and the AI endpoints.
+    pub ai: Arc<AiService>,
     /// Domain administration (the admin API).
     pub domain_admin: Arc<DomainService>,
     /// Message distribution between nodes.
@@ -159,7 +162,9 @@ impl App {
             config.limits.presence_max_members,
         );
         let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(Arc::clone(&hub)));
-        let dispatcher = ChatService::spawn_dispatcher(committed_rx, Arc::clone(&broker));
+        let (visitors_tx, mut visitors_rx) = mpsc::unbounded_channel();
+        let dispatcher =
+            ChatService::spawn_dispatcher(committed_rx, Arc::clone(&broker), visitors_tx);
         let chat = Arc::new(ChatService::new(
             Arc::clone(&store),
             hub,
@@ -167,7 +172,18 @@ impl App {
             config.limits.clone(),
             Arc::clone(&domains),
         ));
+        let ai = Arc::new(
+            AiService::new(&config.ai, Arc::clone(&chat), Arc::clone(&domains)).map_err(invalid)?,
+        );
+        // The bot answers visitors' messages as they are committed.
+        let bot = Arc::clone(&ai);
+        tokio::spawn(async move {
+            while let Some(message) = visitors_rx.recv().await {
+                bot.on_committed(message).await;
+            }
+        });
         let state = AppState(Arc::new(AppInner {
+            ai,
             auth,
             edge: transport::edge::Edge::new(&config, domains),
             domain_admin,

@@ -514,7 +514,10 @@ async fn too_many_rooms_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_is_disconnected_while_others_keep_up() {
-    let server = TestServer::start_with(|c| c.limits.outbound_queue = 8).await;
+    // A queue small enough that the slow client overflows it long before the 9 MB below
+    // are sent, and large enough that a client that reads, even on a loaded CI machine,
+    // never does.
+    let server = TestServer::start_with(|c| c.limits.outbound_queue = 32).await;
     let mut slow = server.connect().await;
     slow.join("busy", None).await;
     let mut fast = server.connect().await;

@@ -52,6 +52,17 @@ pub enum Event {
         /// Typing or not.
         typing: bool,
     },
+    /// More text of a reply the assistant is streaming into the room (`message-delta`).
+    Delta {
+        /// The room.
+        room: RoomKey,
+        /// The reply's id: the stored message's `clientMessageId` once it is complete.
+        message_id: Arc<str>,
+        /// The new text.
+        delta: String,
+        /// 0, 1, 2… per reply, so a client can put deltas in order and spot a gap.
+        index: u64,
+    },
     /// A member read the room up to `seq`.
     ReadReceipt {
         /// The room.

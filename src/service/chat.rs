@@ -124,13 +124,17 @@ impl ChatService {
     }
 
     /// Publishes committed messages to the broker, in commit order, until the store's sink
-    /// closes (at shutdown).
+    /// closes (at shutdown). Visitors' messages also go to `visitors` (the AI bot).
     pub fn spawn_dispatcher(
         mut committed: mpsc::UnboundedReceiver<Arc<Message>>,
         broker: Arc<dyn Broker>,
+        visitors: mpsc::UnboundedSender<Arc<Message>>,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             while let Some(message) = committed.recv().await {
+                if message.author.role == crate::model::Role::Visitor.as_str() {
+                    let _ = visitors.send(Arc::clone(&message));
+                }
                 broker.publish(message);
             }
         })

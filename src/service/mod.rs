@@ -4,6 +4,7 @@
 //! services ask [`auth::policy`](crate::auth::policy), use the store and the hub, and return
 //! typed results or a [`ServiceError`] with a stable code. Services never see a wire format.
 
+pub mod ai;
 pub mod chat;
 pub mod domains;
 

@@ -112,6 +112,18 @@ pub fn encode_event(event: &Event) -> Bytes {
             "userName": user.name,
             "isTyping": typing,
         })),
+        Event::Delta {
+            room,
+            message_id,
+            delta,
+            index,
+        } => to_bytes(&serde_json::json!({
+            "type": "message-delta",
+            "roomId": &*room.room_id,
+            "messageId": &**message_id,
+            "delta": delta,
+            "index": index,
+        })),
         Event::ReadReceipt { room, user_id, seq } => to_bytes(&serde_json::json!({
             "type": "read-receipt",
             "roomId": &*room.room_id,

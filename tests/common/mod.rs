@@ -47,6 +47,13 @@ impl TestServer {
         config.shutdown_timeout_ms = Duration::from_secs(5);
         config.database = format!("sqlite://{}", dir.path().join("parlor.db").display());
         config.auth.jwt_secret = Some(parlor::config::Secret::new(TEST_SECRET));
+        // The demo's assistant would answer every visitor message; tests that want it
+        // turn it back on.
+        for d in &mut config.domains {
+            if let Some(bot) = d.bot.as_mut() {
+                bot.enabled = false;
+            }
+        }
         configure(&mut config);
         config.validate().expect("valid test config");
         Self::launch(config, dir).await

@@ -766,7 +766,20 @@ impl Connection {
             Err(e) => return self.service_error(socket, reply_to, &e).await,
         };
         self.current_room = Some(key.room_id.clone());
-        let sent = self.send_joined(socket, &key, &joined, reply_to).await;
+        let mut sent = self.send_joined(socket, &key, &joined, reply_to).await;
+        // A reply the assistant is streaming: its text so far, then the deltas that follow
+        // (a delta whose index is not above this one's repeats text already given).
+        if let (Ok(()), Some(partial)) = (&sent, self.app.ai.partial(&key)) {
+            let frame = json!({
+                "type": "message-delta",
+                "roomId": &*key.room_id,
+                "messageId": &*partial.message_id,
+                "delta": partial.text,
+                "index": partial.index,
+                "catchUp": true,
+            });
+            sent = self.send(socket, to_bytes(&frame)).await;
+        }
         self.rooms.insert(key, joined.last_seq);
         sent
     }

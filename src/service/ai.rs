@@ -1,0 +1,804 @@
+//! The AI service: each domain's assistant, its fallback chain, and the bot that answers
+//! visitors in support rooms (design: `docs/ai.md`).
+//!
+//! - **Fallback chain.** A domain's bot tries its providers in order, then its knowledge
+//!   base, then offers a human ([`AiEvent::NoAnswer`]). A provider is retried (with
+//!   back-off that honours `Retry-After`, at most 10 s) only when it failed before sending
+//!   any text and the failure may pass (429, 5xx, a cut connection). A circuit breaker
+//!   skips a provider for 30 s after 3 consecutive failures, so a dead vendor costs one
+//!   timeout, not one per message.
+//! - **Generation** runs in its own task and reports [`AiEvent`]s on a channel. Dropping
+//!   the receiver cancels it: the task stops at its next event and drops the upstream HTTP
+//!   request.
+//! - **The bot** reacts to committed visitor messages (from the store's commit order, so
+//!   on the node that stored them). A newer visitor message in the same room cancels the
+//!   reply in progress, as does the room emptying. Deltas go to the room as
+//!   `message-delta`; the reply is stored once, as an `assistant` message whose
+//!   `clientMessageId` is the deltas' `messageId` (with `data.interrupted` when it was
+//!   stopped early). A client joining mid-reply gets the text so far.
+//!
+//! Rooms whose id starts with `ai:` hold the seeds' `/ai/chat` conversations and are not
+//! answered by the bot.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::ServiceError;
+use super::chat::{ChatService, Outgoing};
+use crate::ai::kb::{KbProvider, KnowledgeBase};
+use crate::ai::{
+    ChatRequest, Endpoint, Event, FinishReason, Provider, ProviderError, Speaker, Timeouts, Turn,
+    Usage, anthropic::Anthropic, gemini::Gemini, openai::OpenAi,
+};
+use crate::auth::Domains;
+use crate::config::{AiConfig, BUILTIN_DEMO_KNOWLEDGE, BotConfig, ProviderConfig, ProviderKind};
+use crate::hub::Event as HubEvent;
+use crate::model::{Identity, Message, Role, RoomKey};
+
+/// Room ids with this prefix hold `/ai/chat` conversations.
+pub const CONVERSATION_PREFIX: &str = "ai:";
+
+/// Consecutive failures that open a provider's circuit.
+const BREAKER_FAILURES: u32 = 3;
+/// How long an open circuit skips its provider.
+const BREAKER_OPEN: Duration = Duration::from_secs(30);
+/// Longest back-off before a retry.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// What a generation reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AiEvent {
+    /// A provider starts answering.
+    Started {
+        /// Its name.
+        provider: String,
+        /// The model.
+        model: String,
+    },
+    /// More text.
+    Text(String),
+    /// The provider failed; the next one is tried. `after_text`: some of its text was
+    /// already reported (and is now incomplete).
+    Fallback {
+        /// The provider that failed.
+        provider: String,
+        /// Why (an [`ProviderError::label`]).
+        error: &'static str,
+        /// Whether it had sent text.
+        after_text: bool,
+    },
+    /// The reply is complete.
+    Done {
+        /// Who answered.
+        provider: String,
+        /// With which model.
+        model: String,
+        /// Why it ended.
+        reason: FinishReason,
+        /// What it cost.
+        usage: Usage,
+    },
+    /// Nobody could answer: offer a human.
+    NoAnswer,
+}
+
+/// One configured provider with its settings and circuit breaker.
+#[derive(Debug)]
+struct Slot {
+    name: String,
+    provider: Arc<dyn Provider>,
+    model: String,
+    max_tokens: u32,
+    timeouts: Timeouts,
+    retries: u32,
+    breaker: Mutex<Breaker>,
+}
+
+#[derive(Debug, Default)]
+struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+}
+
+impl Slot {
+    fn is_open(&self) -> bool {
+        self.breaker
+            .lock()
+            .open_until
+            .is_some_and(|t| t > Instant::now())
+    }
+
+    fn record(&self, ok: bool) {
+        let mut b = self.breaker.lock();
+        if ok {
+            *b = Breaker::default();
+        } else {
+            b.failures += 1;
+            if b.failures >= BREAKER_FAILURES {
+                b.open_until = Some(Instant::now() + BREAKER_OPEN);
+                b.failures = 0;
+                tracing::warn!(provider = %self.name, "circuit open for 30 s after repeated failures");
+            }
+        }
+    }
+}
+
+/// A domain's assistant, built from its [`BotConfig`].
+#[derive(Debug)]
+pub struct Bot {
+    config: BotConfig,
+    chain: Vec<Arc<Slot>>,
+    kb: Option<Arc<KnowledgeBase>>,
+}
+
+/// A reply being streamed into a room.
+#[derive(Debug)]
+struct Generation {
+    cancel: CancellationToken,
+    partial: Arc<Mutex<Partial>>,
+}
+
+/// What a late joiner needs.
+#[derive(Debug, Clone, Default)]
+pub struct Partial {
+    /// The reply's id.
+    pub message_id: Arc<str>,
+    /// Its text so far.
+    pub text: String,
+    /// Index of the last delta sent.
+    pub index: Option<u64>,
+}
+
+/// The AI service.
+#[derive(Debug)]
+pub struct AiService {
+    chat: Arc<ChatService>,
+    domains: Arc<Domains>,
+    slots: HashMap<String, Arc<Slot>>,
+    bots: DashMap<String, Arc<Bot>>,
+    generations: DashMap<RoomKey, Generation>,
+}
+
+impl AiService {
+    /// Builds every configured provider.
+    pub fn new(
+        config: &AiConfig,
+        chat: Arc<ChatService>,
+        domains: Arc<Domains>,
+    ) -> Result<Self, String> {
+        let mut slots = HashMap::new();
+        for (name, p) in &config.providers {
+            let provider = build_provider(p).map_err(|e| format!("ai.providers.{name}: {e}"))?;
+            slots.insert(
+                name.clone(),
+                Arc::new(Slot {
+                    name: name.clone(),
+                    provider,
+                    model: p.model.clone(),
+                    max_tokens: p.max_tokens,
+                    timeouts: Timeouts {
+                        connect: Duration::from_millis(p.connect_timeout_ms),
+                        first_token: Duration::from_millis(p.first_token_timeout_ms),
+                        total: Duration::from_millis(p.total_timeout_ms),
+                    },
+                    retries: p.retries,
+                    breaker: Mutex::new(Breaker::default()),
+                }),
+            );
+        }
+        Ok(Self {
+            chat,
+            domains,
+            slots,
+            bots: DashMap::new(),
+            generations: DashMap::new(),
+        })
+    }
+
+    /// The domain's assistant, or `None` when it has none (or it is disabled). Built on
+    /// first use and again whenever the domain's bot settings change.
+    pub async fn bot(&self, domain: &str) -> Option<Arc<Bot>> {
+        let config = self
+            .domains
+            .load()
+            .get(domain)
+            .and_then(|d| d.settings.bot.clone())
+            .filter(|b| b.enabled)?;
+        if let Some(bot) = self.bots.get(domain).filter(|b| b.config == config) {
+            return Some(Arc::clone(bot.value()));
+        }
+        let kb = match config.knowledge_dir.clone() {
+            None => None,
+            Some(dir) if dir == BUILTIN_DEMO_KNOWLEDGE => Some(Arc::new(KnowledgeBase::demo())),
+            Some(dir) => {
+                let loaded = tokio::task::spawn_blocking(move || {
+                    KnowledgeBase::load_dir(std::path::Path::new(&dir))
+                })
+                .await;
+                match loaded {
+                    Ok(Ok(kb)) => {
+                        let (docs, passages) = kb.size();
+                        tracing::info!(domain, docs, passages, "knowledge base indexed");
+                        Some(Arc::new(kb))
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(domain, error = %e, "knowledge folder unreadable");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            }
+        };
+        let chain = config
+            .providers
+            .iter()
+            .filter_map(|name| {
+                let slot = self.slots.get(name);
+                if slot.is_none() {
+                    tracing::warn!(domain, provider = %name, "bot names an unknown provider; skipped");
+                }
+                slot.cloned()
+            })
+            .collect();
+        let bot = Arc::new(Bot { config, chain, kb });
+        self.bots.insert(domain.to_owned(), Arc::clone(&bot));
+        Some(bot)
+    }
+
+    /// Starts answering `turns` (oldest first, ending with the question) as `bot`.
+    /// `model` picks a provider: a provider name, a vendor alias (`openai`, `google`,
+    /// `anthropic`) or a model name of a configured vendor (`gpt-4o`, `claude-…`,
+    /// `gemini-…`), which is then used as given. Dropping the receiver cancels it.
+    pub fn generate(
+        &self,
+        bot: &Arc<Bot>,
+        turns: Vec<Turn>,
+        model: Option<&str>,
+    ) -> mpsc::Receiver<AiEvent> {
+        let (tx, rx) = mpsc::channel(64);
+        let bot = Arc::clone(bot);
+        let chain = ordered_chain(&bot.chain, model);
+        let question = turns
+            .iter()
+            .rev()
+            .find(|t| t.speaker == Speaker::User)
+            .map(|t| t.text.clone())
+            .unwrap_or_default();
+        let system = prompt(&bot, &question);
+        tokio::spawn(async move {
+            run_chain(&bot, &chain, system, turns, &tx).await;
+        });
+        rx
+    }
+
+    /// The reply being streamed into `room`, for a client joining it now.
+    pub fn partial(&self, room: &RoomKey) -> Option<Partial> {
+        self.generations
+            .get(room)
+            .map(|g| g.partial.lock().clone())
+            .filter(|p| p.index.is_some())
+    }
+
+    /// Reacts to a committed message: a visitor's message in a support room of a domain
+    /// with a bot gets a reply, cancelling one still in progress there.
+    pub async fn on_committed(self: &Arc<Self>, message: Arc<Message>) {
+        if message.author.role != Role::Visitor.as_str()
+            || message.room.room_id.starts_with(CONVERSATION_PREFIX)
+        {
+            return;
+        }
+        // Nobody in the room (on this node) would read the reply.
+        if !self.chat.hub().is_active(&message.room) {
+            return;
+        }
+        let Some(bot) = self.bot(&message.room.domain_id).await else {
+            return;
+        };
+        let cancel = CancellationToken::new();
+        let partial = Arc::new(Mutex::new(Partial {
+            message_id: Arc::from(format!("ai-{}", uuid::Uuid::now_v7().simple())),
+            ..Partial::default()
+        }));
+        let previous = self.generations.insert(
+            message.room.clone(),
+            Generation {
+                cancel: cancel.clone(),
+                partial: Arc::clone(&partial),
+            },
+        );
+        if let Some(previous) = previous {
+            previous.cancel.cancel();
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            this.answer_in_room(&bot, &message, cancel, partial).await;
+        });
+    }
+
+    /// Streams the bot's reply into the room, then stores it.
+    async fn answer_in_room(
+        &self,
+        bot: &Arc<Bot>,
+        question: &Message,
+        cancel: CancellationToken,
+        partial: Arc<Mutex<Partial>>,
+    ) {
+        let room = question.room.clone();
+        let turns = match self
+            .chat
+            .store()
+            .messages_before(&room, question.seq + 1, bot.config.history_messages)
+            .await
+        {
+            Ok(history) => history_turns(&history),
+            Err(e) => {
+                tracing::warn!(room = %room, error = %e, "cannot read the room for the bot");
+                vec![Turn {
+                    speaker: Speaker::User,
+                    text: question.content.clone(),
+                }]
+            }
+        };
+        let mut events = self.generate(bot, turns, None);
+        let mut provider = String::new();
+        let mut model = String::new();
+        loop {
+            let event = tokio::select! {
+                () = cancel.cancelled() => None,
+                e = events.recv() => e,
+            };
+            let hub = self.chat.hub();
+            // Nobody left to read it: stop as if cancelled.
+            let event = event.filter(|_| hub.is_active(&room));
+            match event {
+                None => {
+                    let text = std::mem::take(&mut partial.lock().text);
+                    if !text.is_empty() {
+                        let id = partial.lock().message_id.clone();
+                        self.store_reply(&room, &id, text, &provider, &model, None, true)
+                            .await;
+                    }
+                    break;
+                }
+                Some(AiEvent::Started {
+                    provider: p,
+                    model: m,
+                }) => {
+                    provider = p;
+                    model = m;
+                }
+                Some(AiEvent::Text(delta)) => {
+                    let (message_id, index) = {
+                        let mut p = partial.lock();
+                        p.text.push_str(&delta);
+                        let index = p.index.map_or(0, |i| i + 1);
+                        p.index = Some(index);
+                        (Arc::clone(&p.message_id), index)
+                    };
+                    hub.broadcast(
+                        &room,
+                        HubEvent::Delta {
+                            room: room.clone(),
+                            message_id,
+                            delta,
+                            index,
+                        },
+                        None,
+                    );
+                }
+                Some(AiEvent::Fallback {
+                    provider: failed,
+                    error,
+                    after_text,
+                }) => {
+                    if after_text {
+                        // The incomplete reply is kept, marked, and a new one begins.
+                        let (id, text) = {
+                            let mut p = partial.lock();
+                            let id = std::mem::replace(
+                                &mut p.message_id,
+                                Arc::from(format!("ai-{}", uuid::Uuid::now_v7().simple())),
+                            );
+                            p.index = None;
+                            (id, std::mem::take(&mut p.text))
+                        };
+                        self.store_reply(&room, &id, text, &provider, &model, None, true)
+                            .await;
+                    }
+                    self.store_system(
+                        &room,
+                        "The assistant had a problem; trying another way to answer.",
+                        serde_json::json!({ "fallbackFrom": failed, "error": error }),
+                    )
+                    .await;
+                }
+                Some(AiEvent::Done {
+                    provider,
+                    model,
+                    reason,
+                    usage,
+                }) => {
+                    let (id, text) = {
+                        let mut p = partial.lock();
+                        (Arc::clone(&p.message_id), std::mem::take(&mut p.text))
+                    };
+                    let extra = serde_json::json!({
+                        "finishReason": finish_label(&reason),
+                        "usage": { "promptTokens": usage.prompt_tokens,
+                                   "completionTokens": usage.completion_tokens },
+                    });
+                    self.store_reply(&room, &id, text, &provider, &model, Some(extra), false)
+                        .await;
+                    break;
+                }
+                Some(AiEvent::NoAnswer) => {
+                    self.store_system(
+                        &room,
+                        "I can't answer that right now. Would you like to talk to a human agent?",
+                        serde_json::json!({ "offerHuman": true }),
+                    )
+                    .await;
+                    break;
+                }
+            }
+        }
+        // Forget this generation unless a newer one replaced it.
+        self.generations
+            .remove_if(&room, |_, g| Arc::ptr_eq(&g.partial, &partial));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn store_reply(
+        &self,
+        room: &RoomKey,
+        id: &str,
+        text: String,
+        provider: &str,
+        model: &str,
+        extra: Option<serde_json::Value>,
+        interrupted: bool,
+    ) {
+        if text.trim().is_empty() {
+            return;
+        }
+        let mut data = serde_json::json!({ "provider": provider, "model": model });
+        if interrupted {
+            data["interrupted"] = true.into();
+        }
+        if let Some(serde_json::Value::Object(extra)) = extra {
+            for (k, v) in extra {
+                data[k] = v;
+            }
+        }
+        self.post(room, "assistant", text, Some(id.to_owned()), data)
+            .await;
+    }
+
+    async fn store_system(&self, room: &RoomKey, text: &str, data: serde_json::Value) {
+        self.post(room, "system", text.to_owned(), None, data).await;
+    }
+
+    async fn post(
+        &self,
+        room: &RoomKey,
+        role: &str,
+        text: String,
+        client_message_id: Option<String>,
+        data: serde_json::Value,
+    ) {
+        let assistant = assistant_identity(&room.domain_id);
+        let mut text = text;
+        let max = self.chat.limits().max_message_bytes;
+        if text.len() > max {
+            let mut cut = max;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+        }
+        let out = Outgoing {
+            room_id: &room.room_id,
+            text,
+            client_message_id,
+            role: Some(role),
+            display_name: None,
+            data: Some(data),
+        };
+        if let Err(e) = self.chat.send(&assistant, out).await {
+            tracing::warn!(room = %room, error = %e, "cannot store the assistant's message");
+        }
+    }
+}
+
+/// The identity the assistant writes with: its domain's back end.
+pub fn assistant_identity(domain: &Arc<str>) -> Identity {
+    Identity {
+        user_id: "assistant".to_owned(),
+        name: "Assistant".to_owned(),
+        role: Role::Service,
+        domain_id: Arc::clone(domain),
+        anonymous: false,
+    }
+}
+
+/// A room's messages as the model's conversation: visitors speak as the user, the
+/// assistant and agents as the assistant; system notes are left out.
+fn history_turns(history: &[Message]) -> Vec<Turn> {
+    history
+        .iter()
+        .filter_map(|m| {
+            let speaker = match m.author.role.as_str() {
+                "visitor" | "user" | "customer" => Speaker::User,
+                "assistant" | "agent" | "admin" => Speaker::Assistant,
+                _ => return None,
+            };
+            Some(Turn {
+                speaker,
+                text: m.content.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The system prompt with the knowledge passages for `question`.
+fn prompt(bot: &Bot, question: &str) -> Option<String> {
+    let mut system = bot.config.system_prompt.clone();
+    if let Some(kb) = &bot.kb {
+        let hits = kb.search(question, bot.config.context_passages);
+        if !hits.is_empty() {
+            system.push_str("\n\nRelevant passages from the knowledge base:\n");
+            for hit in hits {
+                system.push_str(&format!(
+                    "\n[{}]\n{}\n",
+                    hit.passage.source, hit.passage.text
+                ));
+            }
+        }
+    }
+    (!system.trim().is_empty()).then_some(system)
+}
+
+/// `chain` with the provider `model` asks for first (see [`AiService::generate`]), and
+/// the model name to use with it.
+fn ordered_chain(chain: &[Arc<Slot>], model: Option<&str>) -> Vec<(Arc<Slot>, String)> {
+    let mut ordered: Vec<(Arc<Slot>, String)> = chain
+        .iter()
+        .map(|s| (Arc::clone(s), s.model.clone()))
+        .collect();
+    let Some(wanted) = model.map(str::trim).filter(|m| !m.is_empty()) else {
+        return ordered;
+    };
+    let kind_of = |m: &str| -> Option<&'static str> {
+        let m = m.to_ascii_lowercase();
+        match m.as_str() {
+            "openai" => Some("openai"),
+            "google" | "gemini" => Some("gemini"),
+            "anthropic" | "claude" => Some("anthropic"),
+            _ if m.starts_with("gpt-")
+                || m.starts_with("o1")
+                || m.starts_with("o3")
+                || m.starts_with("o4") =>
+            {
+                Some("openai")
+            }
+            _ if m.starts_with("gemini-") => Some("gemini"),
+            _ if m.starts_with("claude-") => Some("anthropic"),
+            _ => None,
+        }
+    };
+    let alias = matches!(
+        wanted.to_ascii_lowercase().as_str(),
+        "openai" | "google" | "gemini" | "anthropic" | "claude"
+    );
+    let pick = ordered
+        .iter()
+        .position(|(s, _)| s.name == wanted)
+        .or_else(|| {
+            let kind = kind_of(wanted)?;
+            ordered.iter().position(|(s, _)| s.provider.kind() == kind)
+        });
+    if let Some(i) = pick {
+        let (slot, mut m) = ordered.remove(i);
+        if !alias && slot.name != wanted {
+            wanted.clone_into(&mut m);
+        }
+        ordered.insert(0, (slot, m));
+    }
+    ordered
+}
+
+/// Runs the fallback chain, reporting on `tx`; returns early when `tx` is closed.
+async fn run_chain(
+    bot: &Bot,
+    chain: &[(Arc<Slot>, String)],
+    system: Option<String>,
+    turns: Vec<Turn>,
+    tx: &mpsc::Sender<AiEvent>,
+) {
+    for (slot, model) in chain {
+        if slot.is_open() {
+            if tx
+                .send(AiEvent::Fallback {
+                    provider: slot.name.clone(),
+                    error: "circuit_open",
+                    after_text: false,
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+            continue;
+        }
+        let request = ChatRequest {
+            model: model.clone(),
+            system: system.clone(),
+            turns: turns.clone(),
+            max_tokens: slot.max_tokens,
+            temperature: None,
+        };
+        match attempt(
+            &*slot.provider,
+            &slot.name,
+            &request,
+            slot.timeouts,
+            slot.retries,
+            tx,
+        )
+        .await
+        {
+            Attempt::Done => {
+                slot.record(true);
+                return;
+            }
+            Attempt::Closed => return,
+            Attempt::Failed { error, after_text } => {
+                slot.record(false);
+                tracing::warn!(provider = %slot.name, error = %error, "AI provider failed; falling back");
+                if tx
+                    .send(AiEvent::Fallback {
+                        provider: slot.name.clone(),
+                        error: error.label(),
+                        after_text,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+    if let Some(kb) = &bot.kb {
+        let provider = KbProvider::new(Arc::clone(kb));
+        let request = ChatRequest {
+            model: "kb".to_owned(),
+            system: None,
+            turns,
+            max_tokens: 0,
+            temperature: None,
+        };
+        match attempt(&provider, "kb", &request, Timeouts::default(), 0, tx).await {
+            Attempt::Done | Attempt::Closed => return,
+            Attempt::Failed { .. } => {}
+        }
+    }
+    let _ = tx.send(AiEvent::NoAnswer).await;
+}
+
+enum Attempt {
+    Done,
+    Closed,
+    Failed {
+        error: ProviderError,
+        after_text: bool,
+    },
+}
+
+/// One provider, with retries while nothing has been said.
+async fn attempt(
+    provider: &dyn Provider,
+    name: &str,
+    request: &ChatRequest,
+    timeouts: Timeouts,
+    retries: u32,
+    tx: &mpsc::Sender<AiEvent>,
+) -> Attempt {
+    let mut tries = 0;
+    loop {
+        let mut after_text = false;
+        let result = match crate::ai::timed(provider, request, timeouts).await {
+            Err(e) => Err(e),
+            Ok(mut stream) => loop {
+                match stream.next().await {
+                    Some(Ok(Event::Text(t))) => {
+                        if !after_text {
+                            after_text = true;
+                            let started = AiEvent::Started {
+                                provider: name.to_owned(),
+                                model: request.model.clone(),
+                            };
+                            if tx.send(started).await.is_err() {
+                                return Attempt::Closed;
+                            }
+                        }
+                        if tx.send(AiEvent::Text(t)).await.is_err() {
+                            return Attempt::Closed;
+                        }
+                    }
+                    Some(Ok(Event::Finish { reason, usage })) => {
+                        if !after_text {
+                            // An empty answer is no answer.
+                            break Err(ProviderError::NoAnswer);
+                        }
+                        let done = AiEvent::Done {
+                            provider: name.to_owned(),
+                            model: request.model.clone(),
+                            reason,
+                            usage,
+                        };
+                        return if tx.send(done).await.is_err() {
+                            Attempt::Closed
+                        } else {
+                            Attempt::Done
+                        };
+                    }
+                    Some(Err(e)) => break Err(e),
+                    None => break Err(ProviderError::Unavailable("stream ended".into())),
+                }
+            },
+        };
+        let error = match result {
+            Ok(()) => return Attempt::Done,
+            Err(e) => e,
+        };
+        if after_text || !error.retryable() || tries >= retries || tx.is_closed() {
+            return Attempt::Failed { error, after_text };
+        }
+        tries += 1;
+        let wait = match &error {
+            ProviderError::RateLimited {
+                retry_after: Some(d),
+                ..
+            } => (*d).min(MAX_BACKOFF),
+            _ => Duration::from_millis(250 * 2u64.pow(tries.min(5))),
+        };
+        tracing::info!(provider = %name, error = %error, wait_ms = wait.as_millis() as u64, "retrying AI provider");
+        tokio::time::sleep(wait).await;
+    }
+}
+
+fn build_provider(p: &ProviderConfig) -> Result<Arc<dyn Provider>, ServiceError> {
+    let endpoint = Endpoint {
+        base_url: p
+            .base_url
+            .clone()
+            .unwrap_or_else(|| p.kind.default_base_url().to_owned()),
+        api_key: p.api_key.clone(),
+    };
+    let built: Result<Arc<dyn Provider>, ProviderError> = match p.kind {
+        ProviderKind::Openai => OpenAi::new(endpoint).map(|c| Arc::new(c) as Arc<dyn Provider>),
+        ProviderKind::Anthropic => {
+            Anthropic::new(endpoint).map(|c| Arc::new(c) as Arc<dyn Provider>)
+        }
+        ProviderKind::Gemini => Gemini::new(endpoint).map(|c| Arc::new(c) as Arc<dyn Provider>),
+    };
+    built.map_err(|e| ServiceError::invalid("invalid_provider", e.to_string()))
+}
+
+/// The wire name of a finish reason.
+pub fn finish_label(reason: &FinishReason) -> &str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::ContentFilter => "content_filter",
+        FinishReason::Other(other) => other,
+    }
+}
