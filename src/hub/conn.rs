@@ -100,6 +100,11 @@ impl ConnHandle {
         }
     }
 
+    /// True once the connection's task has ended (nobody reads its queue any more).
+    pub fn is_closed(&self) -> bool {
+        self.0.tx.is_closed()
+    }
+
     /// True once the queue has overflowed.
     pub fn is_kicked(&self) -> bool {
         self.0.kicked.load(Ordering::Acquire)

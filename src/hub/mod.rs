@@ -63,6 +63,9 @@ pub enum Event {
         /// 0, 1, 2… per reply, so a client can put deltas in order and spot a gap.
         index: u64,
     },
+    /// A frame already encoded for one connection: a reply produced after the request
+    /// that asked for it (the deltas of an `ai-stream`).
+    Frame(bytes::Bytes),
     /// A member read the room up to `seq`.
     ReadReceipt {
         /// The room.

@@ -262,6 +262,17 @@ impl AiService {
         turns: Vec<Turn>,
         model: Option<&str>,
     ) -> mpsc::Receiver<AiEvent> {
+        self.generate_with(bot, turns, model, None)
+    }
+
+    /// [`Self::generate`] with extra instructions after the system prompt.
+    fn generate_with(
+        &self,
+        bot: &Arc<Bot>,
+        turns: Vec<Turn>,
+        model: Option<&str>,
+        context: Option<&str>,
+    ) -> mpsc::Receiver<AiEvent> {
         let (tx, rx) = mpsc::channel(64);
         let bot = Arc::clone(bot);
         let chain = ordered_chain(&bot.chain, model);
@@ -271,7 +282,7 @@ impl AiService {
             .find(|t| t.speaker == Speaker::User)
             .map(|t| t.text.clone())
             .unwrap_or_default();
-        let system = prompt(&bot, &question);
+        let system = prompt(&bot, &question, context);
         tokio::spawn(async move {
             run_chain(&bot, &chain, system, turns, &tx).await;
         });
@@ -517,6 +528,126 @@ impl AiService {
     }
 }
 
+/// A question to the assistant outside support rooms (`/ai/chat`, `/ai/stream`,
+/// `ai-chat`, `ai-stream`), with the seeds' fields.
+#[derive(Debug, Clone, Default)]
+pub struct Ask {
+    /// The question.
+    pub message: String,
+    /// Extra instructions, added after the domain's system prompt.
+    pub context: Option<String>,
+    /// A provider name, vendor alias or model name (see [`AiService::generate`]).
+    pub model: Option<String>,
+    /// A conversation whose stored history gives the question context, and which keeps the
+    /// question and the answer.
+    pub conversation_id: Option<String>,
+}
+
+impl AiService {
+    /// Answers `ask` for `identity`: the events of the reply. With a conversation id, the
+    /// question is stored in the caller's conversation (room `ai:ID`, which only the caller
+    /// may use when the domain's visitors own their rooms) before answering, with the
+    /// conversation's earlier messages as context, and the complete answer is stored after.
+    /// Dropping the receiver cancels the reply.
+    pub async fn ask(
+        self: &Arc<Self>,
+        identity: &Identity,
+        ask: Ask,
+    ) -> Result<mpsc::Receiver<AiEvent>, ServiceError> {
+        if ask.message.trim().is_empty() {
+            return Err(ServiceError::invalid(
+                "empty_message",
+                "message must not be empty",
+            ));
+        }
+        let max = self.chat.limits().max_message_bytes;
+        if ask.message.len() > max || ask.context.as_ref().is_some_and(|c| c.len() > max) {
+            return Err(ServiceError::TooLarge {
+                code: "message_too_long",
+                message: format!("message and context may each hold {max} bytes"),
+            });
+        }
+        let bot =
+            self.bot(&identity.domain_id)
+                .await
+                .ok_or_else(|| ServiceError::NotAvailable {
+                    code: "ai_unavailable",
+                    message: "this domain has no AI assistant".into(),
+                })?;
+        let (turns, room) = match &ask.conversation_id {
+            None => (
+                vec![Turn {
+                    speaker: Speaker::User,
+                    text: ask.message.clone(),
+                }],
+                None,
+            ),
+            Some(id) => {
+                let room_id = format!("{CONVERSATION_PREFIX}{id}");
+                let stored = self
+                    .chat
+                    .post(
+                        identity,
+                        Outgoing {
+                            room_id: &room_id,
+                            text: ask.message.clone(),
+                            ..Outgoing::default()
+                        },
+                    )
+                    .await
+                    .map_err(|e| match e {
+                        ServiceError::Invalid {
+                            code: "invalid_room_id",
+                            ..
+                        } => ServiceError::invalid(
+                            "invalid_conversation_id",
+                            "conversationId must be 1-125 characters of A-Z a-z 0-9 - _ . : @",
+                        ),
+                        other => other,
+                    })?;
+                let key = stored.message.room.clone();
+                let history = self
+                    .chat
+                    .store()
+                    .messages_before(&key, stored.message.seq + 1, bot.config.history_messages)
+                    .await?;
+                (history_turns(&history), Some(key))
+            }
+        };
+        let model = ask.model.as_deref();
+        let (tx, rx) = mpsc::channel(64);
+        let mut events = self.generate_with(&bot, turns, model, ask.context.as_deref());
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut text = String::new();
+            let mut from = (String::new(), String::new());
+            let mut done = false;
+            while let Some(event) = events.recv().await {
+                match &event {
+                    AiEvent::Started { provider, model } => {
+                        from = (provider.clone(), model.clone());
+                    }
+                    AiEvent::Text(t) => text.push_str(t),
+                    AiEvent::Fallback {
+                        after_text: true, ..
+                    } => text.clear(),
+                    AiEvent::Done { .. } | AiEvent::NoAnswer => done = true,
+                    AiEvent::Fallback { .. } => {}
+                }
+                if tx.send(event).await.is_err() {
+                    break;
+                }
+            }
+            if let Some(room) = room {
+                let id = format!("ai-{}", uuid::Uuid::now_v7().simple());
+                this.store_reply(&room, &id, text, &from.0, &from.1, None, !done)
+                    .await;
+            }
+        });
+        Ok(rx)
+    }
+}
+
 /// The identity the assistant writes with: its domain's back end.
 pub fn assistant_identity(domain: &Arc<str>) -> Identity {
     Identity {
@@ -548,8 +679,12 @@ fn history_turns(history: &[Message]) -> Vec<Turn> {
 }
 
 /// The system prompt with the knowledge passages for `question`.
-fn prompt(bot: &Bot, question: &str) -> Option<String> {
+fn prompt(bot: &Bot, question: &str, context: Option<&str>) -> Option<String> {
     let mut system = bot.config.system_prompt.clone();
+    if let Some(context) = context.map(str::trim).filter(|c| !c.is_empty()) {
+        system.push_str("\n\n");
+        system.push_str(context);
+    }
     if let Some(kb) = &bot.kb {
         let hits = kb.search(question, bot.config.context_passages);
         if !hits.is_empty() {

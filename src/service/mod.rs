@@ -52,6 +52,14 @@ pub enum ServiceError {
         /// Human-readable explanation.
         message: String,
     },
+    /// A feature is not available right now (`ai_unavailable`).
+    #[error("{message}")]
+    NotAvailable {
+        /// Stable code.
+        code: &'static str,
+        /// Human-readable explanation.
+        message: String,
+    },
     /// Storage failed; nothing was stored or acknowledged.
     #[error("storage unavailable, try again")]
     Unavailable(#[source] StoreError),
@@ -64,7 +72,8 @@ impl ServiceError {
             ServiceError::Invalid { code, .. }
             | ServiceError::TooLarge { code, .. }
             | ServiceError::Conflict { code, .. }
-            | ServiceError::NotFound { code, .. } => code,
+            | ServiceError::NotFound { code, .. }
+            | ServiceError::NotAvailable { code, .. } => code,
             ServiceError::Forbidden(_) => "forbidden",
             ServiceError::RoomNotFound => "room_not_found",
             ServiceError::Unavailable(_) => "store_unavailable",

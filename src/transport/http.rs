@@ -95,6 +95,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ServiceError::Forbidden(_) => StatusCode::FORBIDDEN,
             ServiceError::RoomNotFound | ServiceError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ServiceError::NotAvailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ServiceError::Conflict { .. } => StatusCode::CONFLICT,
             ServiceError::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "store unavailable");

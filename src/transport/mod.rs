@@ -4,12 +4,15 @@
 //! - [`http`]: the JSON HTTP API, health and metrics.
 //! - [`wire`]: JSON shapes both share.
 //! - [`admin`]: the admin API (`/api/admin/domains`).
+//! - [`ai`]: the seeds' AI endpoints (`/ai/chat`, `/ai/stream`) and shapes the WebSocket
+//!   `ai-chat` / `ai-stream` frames share.
 //! - [`edge`]: per-IP rate limits, CORS and each domain's allowed origins.
 //!
 //! [`router`] assembles them into one axum app, apart from serving it, so tests can drive it
 //! with `oneshot` or a real listener.
 
 pub mod admin;
+pub mod ai;
 pub mod edge;
 pub mod http;
 pub mod wire;
@@ -49,6 +52,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/publish", post(http::publish))
         .route("/api/ws/token", post(http::ws_token))
         .route("/api/visitor-token", post(http::visitor_token))
+        .route("/ai/chat", post(ai::chat))
+        .route("/ai/stream", post(ai::stream))
         .route("/api/admin/domains", get(admin::list_domains))
         .route(
             "/api/admin/domains/{id}",

@@ -112,6 +112,7 @@ pub fn encode_event(event: &Event) -> Bytes {
             "userName": user.name,
             "isTyping": typing,
         })),
+        Event::Frame(bytes) => bytes.clone(),
         Event::Delta {
             room,
             message_id,

@@ -25,6 +25,7 @@ use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use self::socket::{Incoming, RecvError, WsSocket};
+use super::ai::AskBody;
 use super::http::{ApiError, bearer_token};
 use super::wire::{WireMessage, WireUser, encode_event, to_bytes};
 use crate::AppState;
@@ -595,6 +596,8 @@ impl Connection {
             "read" => handle!(Read, read),
             "presence" => handle!(RoomRef, presence),
             "auth" => handle!(Auth, auth),
+            "ai-chat" => handle!(AskBody, ai_chat),
+            "ai-stream" => handle!(AskBody, ai_stream),
             "ping" => {
                 let frame =
                     json!({ "type": "pong", "timestamp": iso(now_ms()), "replyTo": reply_to });
@@ -929,6 +932,85 @@ impl Connection {
             Ok(()) => Ok(()),
             Err(e) => self.service_error(socket, reply_to, &e).await,
         }
+    }
+
+    /// `ai-chat` → one `ai-response` when the answer is complete.
+    async fn ai_chat(&mut self, socket: &mut WsSocket, f: AskBody, reply_to: ReplyTo) -> Sent {
+        self.ai(socket, f, reply_to, false).await
+    }
+
+    /// `ai-stream` → `ai-stream-start`, `ai-stream-delta`…, `ai-stream-end`.
+    async fn ai_stream(&mut self, socket: &mut WsSocket, f: AskBody, reply_to: ReplyTo) -> Sent {
+        self.ai(socket, f, reply_to, true).await
+    }
+
+    /// Starts an answer; a task of its own sends it, so the connection keeps serving frames
+    /// meanwhile. The answer stops when the connection ends.
+    async fn ai(
+        &mut self,
+        socket: &mut WsSocket,
+        f: AskBody,
+        reply_to: ReplyTo,
+        stream: bool,
+    ) -> Sent {
+        let identity = Arc::clone(self.handle.identity());
+        let conversation = f.conversation_id.clone();
+        let started = match f.into_ask(&identity) {
+            Ok(ask) => self.app.ai.ask(&identity, ask).await,
+            Err(e) => Err(e),
+        };
+        let mut events = match started {
+            Ok(events) => events,
+            Err(e) => return self.service_error(socket, reply_to, &e).await,
+        };
+        let handle = self.handle.clone();
+        let reply_to: Option<Value> = reply_to;
+        let stream_id = format!("ai-{}", uuid::Uuid::now_v7().simple());
+        tokio::spawn(async move {
+            let push = |frame: Value| {
+                !handle.is_closed() && handle.push(Envelope::new(Event::Frame(to_bytes(&frame))))
+            };
+            let mut gathered = super::ai::Gathered::default();
+            let mut index = 0;
+            while let Some(event) = events.recv().await {
+                gathered.add(&event);
+                if !stream {
+                    if handle.is_closed() {
+                        return;
+                    }
+                    continue;
+                }
+                let mut v = super::ai::event_json(&event, &mut index);
+                let kind = match v["type"].as_str() {
+                    Some("start") => "ai-stream-start",
+                    Some("delta") => "ai-stream-delta",
+                    Some("fallback") => "ai-stream-fallback",
+                    _ => continue,
+                };
+                v["type"] = kind.into();
+                v["streamId"] = stream_id.as_str().into();
+                v["replyTo"] = reply_to.clone().unwrap_or(Value::Null);
+                if !push(v) {
+                    return;
+                }
+            }
+            let mut end = gathered.answer();
+            end["type"] = if stream {
+                "ai-stream-end"
+            } else {
+                "ai-response"
+            }
+            .into();
+            end["replyTo"] = reply_to.unwrap_or(Value::Null);
+            if stream {
+                end["streamId"] = stream_id.into();
+            }
+            if let Some(id) = conversation {
+                end["conversationId"] = id.into();
+            }
+            push(end);
+        });
+        Ok(())
     }
 
     async fn read(&mut self, socket: &mut WsSocket, f: Read, reply_to: ReplyTo) -> Sent {

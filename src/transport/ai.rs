@@ -1,0 +1,220 @@
+//! The seeds' AI endpoints: `POST /ai/chat` (one JSON answer) and `POST /ai/stream`
+//! (server-sent events), plus the wire shapes the WebSocket `ai-chat` / `ai-stream` frames
+//! share with them.
+//!
+//! Request body (seeds 000 and 001): `{ "message", "context"?, "model"?, "domainId"?,
+//! "userId"?, "conversationId"? }`. The caller is whoever the token says (anonymous: a
+//! demo visitor); `domainId`, when given, must be the caller's own, and `userId` is
+//! informational only.
+
+use std::convert::Infallible;
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::http::{ApiError, ApiJson, Caller};
+use crate::AppState;
+use crate::model::Identity;
+use crate::service::ServiceError;
+use crate::service::ai::{AiEvent, Ask, finish_label};
+
+/// What the assistant says when nobody could answer.
+pub const OFFER_HUMAN: &str =
+    "I can't answer that right now. Would you like to talk to a human agent?";
+
+/// The request body of `/ai/chat`, `/ai/stream` and the `ai-chat` / `ai-stream` frames.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AskBody {
+    /// The question.
+    pub message: String,
+    /// Extra instructions.
+    #[serde(default)]
+    pub context: Option<String>,
+    /// Provider, vendor alias (`openai`, `google`) or model name.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Must be the caller's domain when given.
+    #[serde(default)]
+    pub domain_id: Option<String>,
+    /// Informational (the caller is whoever the token says).
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub user_id: Option<String>,
+    /// A conversation that keeps its history.
+    #[serde(default)]
+    pub conversation_id: Option<String>,
+}
+
+impl AskBody {
+    /// The service request, after checking the domain.
+    pub fn into_ask(self, identity: &Identity) -> Result<Ask, ServiceError> {
+        if let Some(d) = &self.domain_id
+            && *d != *identity.domain_id
+        {
+            return Err(ServiceError::Forbidden(format!(
+                "domainId {d:?} is not the caller's domain"
+            )));
+        }
+        Ok(Ask {
+            message: self.message,
+            context: self.context,
+            model: self.model,
+            conversation_id: self.conversation_id,
+        })
+    }
+}
+
+/// A whole reply, gathered from its events.
+#[derive(Debug, Default)]
+pub struct Gathered {
+    text: String,
+    provider: Option<String>,
+    model: Option<String>,
+    end: Option<Value>,
+    offer_human: bool,
+    fallbacks: Vec<Value>,
+}
+
+impl Gathered {
+    /// Takes one event in.
+    pub fn add(&mut self, event: &AiEvent) {
+        match event {
+            AiEvent::Started { provider, model } => {
+                self.provider = Some(provider.clone());
+                self.model = Some(model.clone());
+            }
+            AiEvent::Text(t) => self.text.push_str(t),
+            AiEvent::Fallback {
+                provider,
+                error,
+                after_text,
+            } => {
+                if *after_text {
+                    self.text.clear();
+                }
+                self.fallbacks
+                    .push(json!({ "provider": provider, "error": error }));
+            }
+            AiEvent::Done { .. } => self.end = Some(end_fields(event)),
+            AiEvent::NoAnswer => self.offer_human = true,
+        }
+    }
+
+    /// `{response, model, provider, usage, finishReason, fallbacks, offerHuman?}`.
+    pub fn answer(self) -> Value {
+        if self.offer_human {
+            return json!({
+                "response": OFFER_HUMAN, "model": null, "provider": null, "usage": null,
+                "offerHuman": true, "fallbacks": self.fallbacks,
+            });
+        }
+        let mut out = self.end.unwrap_or_else(|| json!({}));
+        out["response"] = Value::String(self.text);
+        out["fallbacks"] = Value::Array(self.fallbacks);
+        out
+    }
+}
+
+/// `{provider, model, usage, finishReason}` of a [`AiEvent::Done`].
+fn end_fields(event: &AiEvent) -> Value {
+    match event {
+        AiEvent::Done {
+            provider,
+            model,
+            reason,
+            usage,
+        } => json!({
+            "provider": provider,
+            "model": model,
+            "finishReason": finish_label(reason),
+            "usage": {
+                "promptTokens": usage.prompt_tokens,
+                "completionTokens": usage.completion_tokens,
+                "totalTokens": usage.prompt_tokens + usage.completion_tokens,
+            },
+        }),
+        _ => Value::Null,
+    }
+}
+
+/// One event as a JSON object with a `type` (`start`, `delta`, `fallback`, `end`,
+/// `no_answer`); `index` numbers the deltas.
+pub fn event_json(event: &AiEvent, index: &mut u64) -> Value {
+    match event {
+        AiEvent::Started { provider, model } => {
+            json!({ "type": "start", "provider": provider, "model": model })
+        }
+        AiEvent::Text(t) => {
+            let v = json!({ "type": "delta", "delta": t, "index": *index });
+            *index += 1;
+            v
+        }
+        AiEvent::Fallback {
+            provider,
+            error,
+            after_text,
+        } => json!({ "type": "fallback", "provider": provider, "error": error,
+                     "discardText": after_text }),
+        AiEvent::Done { .. } => {
+            let mut v = end_fields(event);
+            v["type"] = "end".into();
+            v
+        }
+        AiEvent::NoAnswer => {
+            json!({ "type": "no_answer", "response": OFFER_HUMAN, "offerHuman": true })
+        }
+    }
+}
+
+/// `POST /ai/chat`
+pub async fn chat(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    ApiJson(body): ApiJson<AskBody>,
+) -> Result<Response, ApiError> {
+    let conversation = body.conversation_id.clone();
+    let ask = body.into_ask(&me)?;
+    let mut events = app.ai.ask(&me, ask).await?;
+    let mut gathered = Gathered::default();
+    while let Some(event) = events.recv().await {
+        gathered.add(&event);
+    }
+    let mut answer = gathered.answer();
+    if let Some(id) = conversation {
+        answer["conversationId"] = Value::String(id);
+    }
+    Ok(Json(answer).into_response())
+}
+
+/// `POST /ai/stream`: `start`, `delta`…, then `end` (or `no_answer`) as server-sent
+/// events, each named by its `type`.
+pub async fn stream(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    ApiJson(body): ApiJson<AskBody>,
+) -> Result<Response, ApiError> {
+    let ask = body.into_ask(&me)?;
+    let events = app.ai.ask(&me, ask).await?;
+    Ok(Sse::new(sse_events(events))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+fn sse_events(
+    events: mpsc::Receiver<AiEvent>,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
+    futures_util::stream::unfold((events, 0u64), |(mut events, mut index)| async move {
+        let event = events.recv().await?;
+        let v = event_json(&event, &mut index);
+        let name = v["type"].as_str().unwrap_or("message").to_owned();
+        let sse = SseEvent::default().event(name).data(v.to_string());
+        Some((Ok(sse), (events, index)))
+    })
+}
