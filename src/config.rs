@@ -376,6 +376,13 @@ pub struct BotConfig {
     pub context_passages: usize,
     /// Recent room messages given to the model as the conversation.
     pub history_messages: usize,
+    /// Questions one visitor may put to the assistant per minute (room messages and the
+    /// AI endpoints together); beyond, `rate_limited`.
+    pub visitor_messages_per_minute: u32,
+    /// Provider tokens (prompt plus completion) the domain may use per UTC day; beyond,
+    /// `budget_exceeded` until midnight. Unset: no budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daily_token_budget: Option<u64>,
 }
 
 impl Default for BotConfig {
@@ -389,6 +396,8 @@ impl Default for BotConfig {
             knowledge_dir: None,
             context_passages: 3,
             history_messages: 20,
+            visitor_messages_per_minute: 10,
+            daily_token_budget: None,
         }
     }
 }

@@ -173,7 +173,13 @@ impl App {
             Arc::clone(&domains),
         ));
         let ai = Arc::new(
-            AiService::new(&config.ai, Arc::clone(&chat), Arc::clone(&domains)).map_err(invalid)?,
+            AiService::new(
+                &config.ai,
+                Arc::clone(&chat),
+                Arc::clone(&domains),
+                Arc::clone(&metrics),
+            )
+            .map_err(invalid)?,
         );
         // The bot answers visitors' messages as they are committed.
         let bot = Arc::clone(&ai);

@@ -28,6 +28,31 @@ pub struct CodeLabel {
 }
 
 /// Label set for closed connections.
+/// An AI provider call: which provider (its configured name) and how it ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AiCallLabel {
+    /// Configured provider name (`kb` for the knowledge base).
+    pub provider: String,
+    /// `ok`, `cancelled` or an error label.
+    pub outcome: &'static str,
+}
+
+/// Tokens of a provider, by kind (`prompt`, `completion`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AiTokenLabel {
+    /// Configured provider name.
+    pub provider: String,
+    /// `prompt` or `completion`.
+    pub kind: &'static str,
+}
+
+/// A provider, by configured name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabel {
+    /// Configured provider name.
+    pub provider: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     /// Why the connection ended.
@@ -57,6 +82,14 @@ pub struct Metrics {
     pub client_errors: Family<CodeLabel, Counter>,
     /// Store operation latency.
     pub store_latency: Family<OpLabel, Histogram>,
+    /// AI provider calls, by provider and outcome.
+    pub ai_calls: Family<AiCallLabel, Counter>,
+    /// AI tokens, by provider and kind.
+    pub ai_tokens: Family<AiTokenLabel, Counter>,
+    /// Time from an AI call to its first token.
+    pub ai_first_token: Family<ProviderLabel, Histogram>,
+    /// Time from an AI call to its end.
+    pub ai_duration: Family<ProviderLabel, Histogram>,
 }
 
 impl Metrics {
@@ -115,6 +148,27 @@ impl Metrics {
             "Store operation latency",
             store_latency.clone(),
         );
+        let ai_calls = Family::<AiCallLabel, Counter>::default();
+        let ai_tokens = Family::<AiTokenLabel, Counter>::default();
+        let seconds = || Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        let ai_first_token = Family::<ProviderLabel, Histogram>::new_with_constructor(seconds);
+        let ai_duration = Family::<ProviderLabel, Histogram>::new_with_constructor(seconds);
+        registry.register(
+            "ai_calls",
+            "AI provider calls, by outcome",
+            ai_calls.clone(),
+        );
+        registry.register("ai_tokens", "AI tokens, by kind", ai_tokens.clone());
+        registry.register(
+            "ai_first_token_seconds",
+            "Time from an AI call to its first token",
+            ai_first_token.clone(),
+        );
+        registry.register(
+            "ai_duration_seconds",
+            "Time from an AI call to its end",
+            ai_duration.clone(),
+        );
         Self {
             registry,
             connections,
@@ -126,6 +180,10 @@ impl Metrics {
             fanout_dropped,
             client_errors,
             store_latency,
+            ai_calls,
+            ai_tokens,
+            ai_first_token,
+            ai_duration,
         }
     }
 

@@ -24,8 +24,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::num::NonZeroU32;
+
 use dashmap::DashMap;
 use futures_util::StreamExt;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -40,7 +44,9 @@ use crate::ai::{
 use crate::auth::Domains;
 use crate::config::{AiConfig, BUILTIN_DEMO_KNOWLEDGE, BotConfig, ProviderConfig, ProviderKind};
 use crate::hub::Event as HubEvent;
+use crate::metrics::{AiCallLabel, AiTokenLabel, Metrics, ProviderLabel};
 use crate::model::{Identity, Message, Role, RoomKey};
+use crate::store::{Store, UsageGrouping, UsageRecord};
 
 /// Room ids with this prefix hold `/ai/chat` conversations.
 pub const CONVERSATION_PREFIX: &str = "ai:";
@@ -164,6 +170,11 @@ pub struct AiService {
     slots: HashMap<String, Arc<Slot>>,
     bots: DashMap<String, Arc<Bot>>,
     generations: DashMap<RoomKey, Generation>,
+    metrics: Arc<Metrics>,
+    /// Tokens each domain with a budget used today.
+    spent: Arc<DashMap<String, DaySpend>>,
+    /// Questions per visitor per minute, per domain (with the rate it was built for).
+    visitor_limits: DashMap<String, (u32, DefaultKeyedRateLimiter<String>)>,
 }
 
 impl AiService {
@@ -172,6 +183,7 @@ impl AiService {
         config: &AiConfig,
         chat: Arc<ChatService>,
         domains: Arc<Domains>,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
         let mut slots = HashMap::new();
         for (name, p) in &config.providers {
@@ -199,7 +211,107 @@ impl AiService {
             slots,
             bots: DashMap::new(),
             generations: DashMap::new(),
+            metrics,
+            spent: Arc::new(DashMap::new()),
+            visitor_limits: DashMap::new(),
         })
+    }
+
+    /// Meters calls made for `domain` (in `room`, asked by `user`).
+    fn meter(&self, domain: &str, room: Option<&RoomKey>, user: Option<&str>) -> Meter {
+        Meter {
+            store: Arc::clone(self.chat.store()),
+            metrics: Arc::clone(&self.metrics),
+            spent: Arc::clone(&self.spent),
+            domain: domain.to_owned(),
+            room: room.map(|r| r.room_id.to_string()),
+            user: user.map(str::to_owned),
+        }
+    }
+
+    /// Whether `user` (a visitor when `visitor`) of `domain` may ask now: the visitor's
+    /// questions per minute and the domain's daily token budget.
+    async fn admit(
+        &self,
+        bot: &Bot,
+        domain: &str,
+        user: &str,
+        visitor: bool,
+    ) -> Result<(), ServiceError> {
+        if visitor {
+            let rate = bot.config.visitor_messages_per_minute.max(1);
+            let mut entry = self
+                .visitor_limits
+                .entry(domain.to_owned())
+                .or_insert_with(|| {
+                    (
+                        rate,
+                        RateLimiter::keyed(Quota::per_minute(
+                            NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN),
+                        )),
+                    )
+                });
+            if entry.0 != rate {
+                *entry = (
+                    rate,
+                    RateLimiter::keyed(Quota::per_minute(
+                        NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN),
+                    )),
+                );
+            }
+            if let Err(not_until) = entry.1.check_key(&user.to_owned()) {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                return Err(ServiceError::Limited {
+                    code: "rate_limited",
+                    message: format!(
+                        "more than {rate} questions to the assistant per minute; slow down"
+                    ),
+                    retry_after: wait,
+                });
+            }
+        }
+        let Some(budget) = bot.config.daily_token_budget else {
+            return Ok(());
+        };
+        let now = chrono::Utc::now();
+        let today = now.date_naive();
+        if self.spent.get(domain).is_none_or(|s| s.day != today) {
+            // Start the count from what the store holds for today (other nodes, restarts).
+            let midnight = today.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc();
+            let used: u64 = self
+                .chat
+                .store()
+                .usage(
+                    domain,
+                    midnight,
+                    now + chrono::Duration::days(1),
+                    UsageGrouping::Day,
+                )
+                .await?
+                .iter()
+                .map(|g| g.prompt_tokens + g.completion_tokens)
+                .sum();
+            self.spent.insert(
+                domain.to_owned(),
+                DaySpend {
+                    day: today,
+                    tokens: used,
+                },
+            );
+        }
+        let used = self.spent.get(domain).map_or(0, |s| s.tokens);
+        if used >= budget {
+            let tomorrow = (today + chrono::Duration::days(1))
+                .and_hms_opt(0, 0, 0)
+                .unwrap_or_default()
+                .and_utc();
+            return Err(ServiceError::Limited {
+                code: "budget_exceeded",
+                message: format!("this domain used its {budget} AI tokens for today"),
+                retry_after: (tomorrow - now).to_std().unwrap_or(Duration::from_secs(60)),
+            });
+        }
+        Ok(())
     }
 
     /// The domain's assistant, or `None` when it has none (or it is disabled). Built on
@@ -261,8 +373,9 @@ impl AiService {
         bot: &Arc<Bot>,
         turns: Vec<Turn>,
         model: Option<&str>,
+        meter: Meter,
     ) -> mpsc::Receiver<AiEvent> {
-        self.generate_with(bot, turns, model, None)
+        self.generate_with(bot, turns, model, None, meter)
     }
 
     /// [`Self::generate`] with extra instructions after the system prompt.
@@ -272,6 +385,7 @@ impl AiService {
         turns: Vec<Turn>,
         model: Option<&str>,
         context: Option<&str>,
+        meter: Meter,
     ) -> mpsc::Receiver<AiEvent> {
         let (tx, rx) = mpsc::channel(64);
         let bot = Arc::clone(bot);
@@ -284,7 +398,7 @@ impl AiService {
             .unwrap_or_default();
         let system = prompt(&bot, &question, context);
         tokio::spawn(async move {
-            run_chain(&bot, &chain, system, turns, &tx).await;
+            run_chain(&bot, &chain, system, turns, &tx, &meter).await;
         });
         rx
     }
@@ -312,6 +426,26 @@ impl AiService {
         let Some(bot) = self.bot(&message.room.domain_id).await else {
             return;
         };
+        if let Err(e) = self
+            .admit(&bot, &message.room.domain_id, &message.author.user_id, true)
+            .await
+        {
+            let text = match e.code() {
+                "budget_exceeded" => {
+                    "The assistant has reached today's limit. A human agent can still help."
+                }
+                _ => {
+                    "You're sending messages faster than the assistant can answer. Please wait a moment."
+                }
+            };
+            self.store_system(
+                &message.room,
+                text,
+                serde_json::json!({ "error": e.code() }),
+            )
+            .await;
+            return;
+        }
         let cancel = CancellationToken::new();
         let partial = Arc::new(Mutex::new(Partial {
             message_id: Arc::from(format!("ai-{}", uuid::Uuid::now_v7().simple())),
@@ -357,7 +491,8 @@ impl AiService {
                 }]
             }
         };
-        let mut events = self.generate(bot, turns, None);
+        let meter = self.meter(&room.domain_id, Some(&room), Some(&question.author.user_id));
+        let mut events = self.generate(bot, turns, None, meter);
         let mut provider = String::new();
         let mut model = String::new();
         loop {
@@ -574,6 +709,13 @@ impl AiService {
                     code: "ai_unavailable",
                     message: "this domain has no AI assistant".into(),
                 })?;
+        self.admit(
+            &bot,
+            &identity.domain_id,
+            &identity.user_id,
+            identity.role == Role::Visitor,
+        )
+        .await?;
         let (turns, room) = match &ask.conversation_id {
             None => (
                 vec![Turn {
@@ -616,7 +758,8 @@ impl AiService {
         };
         let model = ask.model.as_deref();
         let (tx, rx) = mpsc::channel(64);
-        let mut events = self.generate_with(&bot, turns, model, ask.context.as_deref());
+        let meter = self.meter(&identity.domain_id, room.as_ref(), Some(&identity.user_id));
+        let mut events = self.generate_with(&bot, turns, model, ask.context.as_deref(), meter);
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let mut text = String::new();
@@ -645,6 +788,37 @@ impl AiService {
             }
         });
         Ok(rx)
+    }
+}
+
+impl AiService {
+    /// `domain`'s AI usage between `from` and `to`, for its admins and back end.
+    pub async fn usage(
+        &self,
+        caller: &Identity,
+        domain: Option<&str>,
+        from: chrono::DateTime<chrono::Utc>,
+        to: chrono::DateTime<chrono::Utc>,
+        group: UsageGrouping,
+    ) -> Result<Vec<crate::store::UsageGroup>, ServiceError> {
+        if !crate::auth::policy::may_read_usage(caller) {
+            return Err(ServiceError::Forbidden(
+                "usage is for the domain's admins and back end".into(),
+            ));
+        }
+        let domain = domain.unwrap_or(&caller.domain_id);
+        if domain != &*caller.domain_id {
+            return Err(ServiceError::Forbidden(format!(
+                "domainId {domain:?} is not the caller's domain"
+            )));
+        }
+        if from >= to {
+            return Err(ServiceError::invalid(
+                "invalid_query",
+                "`from` must be before `to`",
+            ));
+        }
+        Ok(self.chat.store().usage(domain, from, to, group).await?)
     }
 }
 
@@ -756,6 +930,7 @@ async fn run_chain(
     system: Option<String>,
     turns: Vec<Turn>,
     tx: &mpsc::Sender<AiEvent>,
+    meter: &Meter,
 ) {
     for (slot, model) in chain {
         if slot.is_open() {
@@ -786,6 +961,7 @@ async fn run_chain(
             slot.timeouts,
             slot.retries,
             tx,
+            meter,
         )
         .await
         {
@@ -820,7 +996,7 @@ async fn run_chain(
             max_tokens: 0,
             temperature: None,
         };
-        match attempt(&provider, "kb", &request, Timeouts::default(), 0, tx).await {
+        match attempt(&provider, "kb", &request, Timeouts::default(), 0, tx, meter).await {
             Attempt::Done | Attempt::Closed => return,
             Attempt::Failed { .. } => {}
         }
@@ -837,7 +1013,100 @@ enum Attempt {
     },
 }
 
-/// One provider, with retries while nothing has been said.
+/// Where a generation's provider calls are recorded: usage rows, metrics, the domain's
+/// daily token count.
+#[derive(Debug, Clone)]
+pub struct Meter {
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    spent: Arc<DashMap<String, DaySpend>>,
+    domain: String,
+    room: Option<String>,
+    user: Option<String>,
+}
+
+/// Tokens a domain used on one UTC day (on this node, plus what the store had when the
+/// count started).
+#[derive(Debug, Clone, Copy)]
+struct DaySpend {
+    day: chrono::NaiveDate,
+    tokens: u64,
+}
+
+impl Meter {
+    /// Records one call: a usage row (written in the background, so a slow store never
+    /// holds up a reply), metrics and the day's token count.
+    fn record(&self, call: &Call<'_>, usage: Usage, outcome: &'static str) {
+        let provider = call.provider.to_owned();
+        let took = call.started.elapsed();
+        let m = &self.metrics;
+        m.ai_calls
+            .get_or_create(&AiCallLabel {
+                provider: provider.clone(),
+                outcome,
+            })
+            .inc();
+        let label = ProviderLabel {
+            provider: provider.clone(),
+        };
+        m.ai_duration
+            .get_or_create(&label)
+            .observe(took.as_secs_f64());
+        if let Some(first) = call.first_token {
+            m.ai_first_token
+                .get_or_create(&label)
+                .observe(first.as_secs_f64());
+        }
+        for (kind, n) in [
+            ("prompt", usage.prompt_tokens),
+            ("completion", usage.completion_tokens),
+        ] {
+            m.ai_tokens
+                .get_or_create(&AiTokenLabel {
+                    provider: provider.clone(),
+                    kind,
+                })
+                .inc_by(n);
+        }
+        let tokens = usage.prompt_tokens + usage.completion_tokens;
+        let today = chrono::Utc::now().date_naive();
+        if let Some(mut spend) = self.spent.get_mut(&self.domain) {
+            if spend.day == today {
+                spend.tokens += tokens;
+            } else {
+                *spend = DaySpend { day: today, tokens };
+            }
+        }
+        let record = UsageRecord {
+            domain_id: self.domain.clone(),
+            room_id: self.room.clone(),
+            user_id: self.user.clone(),
+            provider,
+            model: call.model.to_owned(),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            latency_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+            outcome: outcome.to_owned(),
+            created_at: chrono::Utc::now(),
+        };
+        let store = Arc::clone(&self.store);
+        tokio::spawn(async move {
+            if let Err(e) = store.record_usage(record).await {
+                tracing::warn!(error = %e, "cannot record AI usage");
+            }
+        });
+    }
+}
+
+/// One try of one provider.
+struct Call<'a> {
+    provider: &'a str,
+    model: &'a str,
+    started: Instant,
+    first_token: Option<Duration>,
+}
+
+/// One provider, with retries while nothing has been said. Every try is metered.
 async fn attempt(
     provider: &dyn Provider,
     name: &str,
@@ -845,34 +1114,43 @@ async fn attempt(
     timeouts: Timeouts,
     retries: u32,
     tx: &mpsc::Sender<AiEvent>,
+    meter: &Meter,
 ) -> Attempt {
     let mut tries = 0;
     loop {
-        let mut after_text = false;
+        let mut call = Call {
+            provider: name,
+            model: &request.model,
+            started: Instant::now(),
+            first_token: None,
+        };
         let result = match crate::ai::timed(provider, request, timeouts).await {
             Err(e) => Err(e),
             Ok(mut stream) => loop {
                 match stream.next().await {
                     Some(Ok(Event::Text(t))) => {
-                        if !after_text {
-                            after_text = true;
+                        if call.first_token.is_none() {
+                            call.first_token = Some(call.started.elapsed());
                             let started = AiEvent::Started {
                                 provider: name.to_owned(),
                                 model: request.model.clone(),
                             };
                             if tx.send(started).await.is_err() {
+                                meter.record(&call, Usage::default(), "cancelled");
                                 return Attempt::Closed;
                             }
                         }
                         if tx.send(AiEvent::Text(t)).await.is_err() {
+                            meter.record(&call, Usage::default(), "cancelled");
                             return Attempt::Closed;
                         }
                     }
                     Some(Ok(Event::Finish { reason, usage })) => {
-                        if !after_text {
+                        if call.first_token.is_none() {
                             // An empty answer is no answer.
                             break Err(ProviderError::NoAnswer);
                         }
+                        meter.record(&call, usage, "ok");
                         let done = AiEvent::Done {
                             provider: name.to_owned(),
                             model: request.model.clone(),
@@ -894,6 +1172,8 @@ async fn attempt(
             Ok(()) => return Attempt::Done,
             Err(e) => e,
         };
+        meter.record(&call, Usage::default(), error.label());
+        let after_text = call.first_token.is_some();
         if after_text || !error.retryable() || tries >= retries || tx.is_closed() {
             return Attempt::Failed { error, after_text };
         }
@@ -905,7 +1185,7 @@ async fn attempt(
             } => (*d).min(MAX_BACKOFF),
             _ => Duration::from_millis(250 * 2u64.pow(tries.min(5))),
         };
-        tracing::info!(provider = %name, error = %error, wait_ms = wait.as_millis() as u64, "retrying AI provider");
+        tracing::info!(provider = %name, error = %error, wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "retrying AI provider");
         tokio::time::sleep(wait).await;
     }
 }

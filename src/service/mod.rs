@@ -52,6 +52,16 @@ pub enum ServiceError {
         /// Human-readable explanation.
         message: String,
     },
+    /// Too much, too fast (`rate_limited`, `budget_exceeded`): retry after `retry_after`.
+    #[error("{message}")]
+    Limited {
+        /// Stable code.
+        code: &'static str,
+        /// Human-readable explanation.
+        message: String,
+        /// When to try again.
+        retry_after: std::time::Duration,
+    },
     /// A feature is not available right now (`ai_unavailable`).
     #[error("{message}")]
     NotAvailable {
@@ -73,7 +83,8 @@ impl ServiceError {
             | ServiceError::TooLarge { code, .. }
             | ServiceError::Conflict { code, .. }
             | ServiceError::NotFound { code, .. }
-            | ServiceError::NotAvailable { code, .. } => code,
+            | ServiceError::NotAvailable { code, .. }
+            | ServiceError::Limited { code, .. } => code,
             ServiceError::Forbidden(_) => "forbidden",
             ServiceError::RoomNotFound => "room_not_found",
             ServiceError::Unavailable(_) => "store_unavailable",

@@ -167,6 +167,57 @@ pub enum DomainChange {
     },
 }
 
+/// One AI provider call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageRecord {
+    /// The domain it was for.
+    pub domain_id: String,
+    /// The room answered in, if any.
+    pub room_id: Option<String>,
+    /// Who asked, if known.
+    pub user_id: Option<String>,
+    /// Configured provider name (`kb` for the knowledge base).
+    pub provider: String,
+    /// Model used.
+    pub model: String,
+    /// Tokens of the request.
+    pub prompt_tokens: u64,
+    /// Tokens of the reply.
+    pub completion_tokens: u64,
+    /// From the call to its end.
+    pub latency_ms: u64,
+    /// `ok`, `cancelled` or an error label.
+    pub outcome: String,
+    /// When it ended.
+    pub created_at: DateTime<Utc>,
+}
+
+/// How usage is grouped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageGrouping {
+    /// By provider and model.
+    Model,
+    /// By UTC day (`YYYY-MM-DD`).
+    Day,
+}
+
+/// Usage totals of one group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageGroup {
+    /// `provider/model`, or the day.
+    pub key: String,
+    /// Calls.
+    pub calls: u64,
+    /// Calls whose outcome was not `ok`.
+    pub failed: u64,
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+    /// Mean latency of the calls, in milliseconds.
+    pub mean_latency_ms: u64,
+}
+
 /// Why a store operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -256,6 +307,18 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// A value the server generated and keeps (see [`DomainChange::InstallSetting`]).
     async fn setting(&self, name: &str) -> Result<Option<String>, StoreError>;
+
+    /// Records one AI provider call.
+    async fn record_usage(&self, record: UsageRecord) -> Result<(), StoreError>;
+
+    /// A domain's AI usage with `from <= created_at < to`, grouped, ordered by key.
+    async fn usage(
+        &self,
+        domain_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        group: UsageGrouping,
+    ) -> Result<Vec<UsageGroup>, StoreError>;
 
     /// Checks that reads and writes work.
     async fn health(&self) -> Result<(), StoreError>;

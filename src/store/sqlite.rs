@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Appended, CommitSink, CustomerProfile, DomainChange, DomainKey, KeyKind, MAX_DATA_DEPTH, Store,
-    StoreError, StoredDomain,
+    StoreError, StoredDomain, UsageGroup, UsageGrouping, UsageRecord,
 };
 use crate::config::{SqliteSync, StoreConfig};
 use crate::model::{Author, Message, NewMessage, Room, RoomKey, json_depth, now_ms};
@@ -39,6 +39,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0001_init.sql"),
     include_str!("migrations/sqlite/0002_compact_room_keys.sql"),
     include_str!("migrations/sqlite/0003_domain_admin.sql"),
+    include_str!("migrations/sqlite/0004_ai_usage.sql"),
 ];
 
 /// Column list matching [`row_to_message`], for `FROM messages m JOIN rooms r`
@@ -100,6 +101,7 @@ enum WriteOp {
         oneshot::Sender<Result<(), StoreError>>,
     ),
     Domain(DomainChange, oneshot::Sender<Result<u64, StoreError>>),
+    Usage(UsageRecord, oneshot::Sender<Result<(), StoreError>>),
 }
 
 /// A finished operation's result, held until the batch commits.
@@ -528,6 +530,31 @@ impl Writer {
                 Ok(Applied::Unit)
             }
             WriteOp::Domain(change, _) => self.change_domains(change).map(Applied::Count),
+            WriteOp::Usage(r, _) => {
+                let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                self.conn
+                    .prepare_cached(
+                        "INSERT INTO ai_usage (domain_id, room_id, user_id, provider, model,
+                           prompt_tokens, completion_tokens, latency_ms, outcome, created_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    )
+                    .and_then(|mut st| {
+                        st.execute(params![
+                            r.domain_id,
+                            r.room_id,
+                            r.user_id,
+                            r.provider,
+                            r.model,
+                            n(r.prompt_tokens),
+                            n(r.completion_tokens),
+                            n(r.latency_ms),
+                            r.outcome,
+                            to_ms(r.created_at),
+                        ])
+                    })
+                    .map_err(unavailable)?;
+                Ok(Applied::Unit)
+            }
         }
     }
 
@@ -793,7 +820,9 @@ impl Applied {
             (Applied::Append(a), WriteOp::Append(_, tx)) => Done::Append(a, tx),
             (Applied::Room(r), WriteOp::EnsureRoom(_, _, tx)) => Done::EnsureRoom(r, tx),
             (Applied::Read(s), WriteOp::MarkRead(_, _, _, tx)) => Done::MarkRead(s, tx),
-            (Applied::Unit, WriteOp::UpsertCustomer(_, _, _, tx)) => Done::Unit(tx),
+            (Applied::Unit, WriteOp::UpsertCustomer(_, _, _, tx) | WriteOp::Usage(_, tx)) => {
+                Done::Unit(tx)
+            }
             (Applied::Count(n), WriteOp::Domain(_, tx)) => Done::Count(n, tx),
             // `apply` maps each operation to its own result kind, so this cannot happen; if it
             // ever did, the caller gets an error rather than a wrong answer.
@@ -821,6 +850,9 @@ fn fail(op: WriteOp, e: &StoreError) {
             let _ = tx.send(Err(err()));
         }
         WriteOp::Domain(_, tx) => {
+            let _ = tx.send(Err(err()));
+        }
+        WriteOp::Usage(_, tx) => {
             let _ = tx.send(Err(err()));
         }
     }
@@ -1013,6 +1045,46 @@ impl Store for SqliteStore {
                 },
             )
             .collect()
+    }
+
+    async fn record_usage(&self, record: UsageRecord) -> Result<(), StoreError> {
+        self.write(|tx| WriteOp::Usage(record, tx)).await
+    }
+
+    async fn usage(
+        &self,
+        domain_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        group: UsageGrouping,
+    ) -> Result<Vec<UsageGroup>, StoreError> {
+        let domain = domain_id.to_owned();
+        let key = match group {
+            UsageGrouping::Model => "provider || '/' || model",
+            UsageGrouping::Day => "strftime('%Y-%m-%d', created_at / 1000, 'unixepoch')",
+        };
+        let sql = format!(
+            "SELECT {key} AS k, COUNT(*), SUM(outcome <> 'ok'), SUM(prompt_tokens),
+                    SUM(completion_tokens), CAST(AVG(latency_ms) AS INTEGER)
+             FROM ai_usage WHERE domain_id = ?1 AND created_at >= ?2 AND created_at < ?3
+             GROUP BY k ORDER BY k"
+        );
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&sql)?;
+            let count = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0);
+            let rows = stmt.query_map(params![domain, to_ms(from), to_ms(to)], |r| {
+                Ok(UsageGroup {
+                    key: r.get(0)?,
+                    calls: count(r.get(1)?),
+                    failed: count(r.get(2)?),
+                    prompt_tokens: count(r.get(3)?),
+                    completion_tokens: count(r.get(4)?),
+                    mean_latency_ms: count(r.get(5)?),
+                })
+            })?;
+            rows.collect()
+        })
+        .await
     }
 
     async fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {

@@ -1,6 +1,6 @@
 //! The seeds' AI endpoints: `POST /ai/chat` (one JSON answer) and `POST /ai/stream`
 //! (server-sent events), plus the wire shapes the WebSocket `ai-chat` / `ai-stream` frames
-//! share with them.
+//! share with them; and `GET /api/usage`, the AI usage report.
 //!
 //! Request body (seeds 000 and 001): `{ "message", "context"?, "model"?, "domainId"?,
 //! "userId"?, "conversationId"? }`. The caller is whoever the token says (anonymous: a
@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::http::{ApiError, ApiJson, Caller};
+use super::http::{ApiError, ApiJson, ApiQuery, Caller};
 use crate::AppState;
 use crate::model::Identity;
 use crate::service::ServiceError;
@@ -171,6 +171,101 @@ pub fn event_json(event: &AiEvent, index: &mut u64) -> Value {
             json!({ "type": "no_answer", "response": OFFER_HUMAN, "offerHuman": true })
         }
     }
+}
+
+/// Query of `GET /api/usage`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageQuery {
+    /// The caller's domain (the default).
+    #[serde(default)]
+    domain_id: Option<String>,
+    /// Start, inclusive: RFC 3339 or `YYYY-MM-DD` (UTC). Default: 30 days ago.
+    #[serde(default)]
+    from: Option<String>,
+    /// End, exclusive, in the same forms (a date means the end of that day). Default: now.
+    #[serde(default)]
+    to: Option<String>,
+    /// `model` (default) or `day`.
+    #[serde(default)]
+    group_by: Option<String>,
+}
+
+fn parse_time(value: &str, end_of_day: bool) -> Option<chrono::DateTime<chrono::Utc>> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(value) {
+        return Some(t.with_timezone(&chrono::Utc));
+    }
+    let day = chrono::NaiveDate::parse_from_str(value, "%Y-%m-%d").ok()?;
+    let day = if end_of_day { day.succ_opt()? } else { day };
+    Some(day.and_hms_opt(0, 0, 0)?.and_utc())
+}
+
+/// `GET /api/usage?domainId=&from=&to=&groupBy=model|day`: AI calls, tokens, failures
+/// and mean latency, for the domain's admins and back end.
+pub async fn usage(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    ApiQuery(q): ApiQuery<UsageQuery>,
+) -> Result<Response, ApiError> {
+    let now = chrono::Utc::now();
+    let bad = |what: &str| {
+        ApiError::bad_request(
+            "invalid_query",
+            format!("`{what}` must be RFC 3339 or YYYY-MM-DD"),
+        )
+    };
+    let from = match q.from.as_deref() {
+        Some(v) => parse_time(v, false).ok_or_else(|| bad("from"))?,
+        None => now - chrono::Duration::days(30),
+    };
+    let to = match q.to.as_deref() {
+        Some(v) => parse_time(v, true).ok_or_else(|| bad("to"))?,
+        None => now + chrono::Duration::seconds(1),
+    };
+    let group = match q.group_by.as_deref() {
+        None | Some("model") => crate::store::UsageGrouping::Model,
+        Some("day") => crate::store::UsageGrouping::Day,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "`groupBy` must be `model` or `day`",
+            ));
+        }
+    };
+    let groups = app
+        .ai
+        .usage(&me, q.domain_id.as_deref(), from, to, group)
+        .await?;
+    let mut total = json!({ "calls": 0, "failed": 0, "promptTokens": 0, "completionTokens": 0, "totalTokens": 0 });
+    let rows: Vec<Value> = groups
+        .iter()
+        .map(|g| {
+            for (k, v) in [
+                ("calls", g.calls),
+                ("failed", g.failed),
+                ("promptTokens", g.prompt_tokens),
+                ("completionTokens", g.completion_tokens),
+                ("totalTokens", g.prompt_tokens + g.completion_tokens),
+            ] {
+                total[k] = json!(total[k].as_u64().unwrap_or(0) + v);
+            }
+            json!({
+                "key": g.key, "calls": g.calls, "failed": g.failed,
+                "promptTokens": g.prompt_tokens, "completionTokens": g.completion_tokens,
+                "totalTokens": g.prompt_tokens + g.completion_tokens,
+                "meanLatencyMs": g.mean_latency_ms,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "domainId": q.domain_id.unwrap_or_else(|| me.domain_id.to_string()),
+        "from": crate::model::iso(from),
+        "to": crate::model::iso(to),
+        "groupBy": if group == crate::store::UsageGrouping::Day { "day" } else { "model" },
+        "groups": rows,
+        "total": total,
+    }))
+    .into_response())
 }
 
 /// `POST /ai/chat`

@@ -90,12 +90,23 @@ impl IntoResponse for ApiError {
 
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
+        if let ServiceError::Limited {
+            code, retry_after, ..
+        } = &e
+        {
+            let secs = retry_after.as_secs().max(1);
+            return Self {
+                retry_after: Some(secs),
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, e.to_string())
+            };
+        }
         let status = match &e {
             ServiceError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ServiceError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ServiceError::Forbidden(_) => StatusCode::FORBIDDEN,
             ServiceError::RoomNotFound | ServiceError::NotFound { .. } => StatusCode::NOT_FOUND,
             ServiceError::NotAvailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ServiceError::Limited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ServiceError::Conflict { .. } => StatusCode::CONFLICT,
             ServiceError::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "store unavailable");

@@ -54,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/visitor-token", post(http::visitor_token))
         .route("/ai/chat", post(ai::chat))
         .route("/ai/stream", post(ai::stream))
+        .route("/api/usage", get(ai::usage))
         .route("/api/admin/domains", get(admin::list_domains))
         .route(
             "/api/admin/domains/{id}",
