@@ -372,6 +372,8 @@ pub struct BotConfig {
     /// shipped documents.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub knowledge_dir: Option<String>,
+    /// How often the knowledge folder is checked for changed files, in seconds.
+    pub knowledge_check_secs: u64,
     /// Knowledge-base passages put into the prompt.
     pub context_passages: usize,
     /// Recent room messages given to the model as the conversation.
@@ -394,6 +396,7 @@ impl Default for BotConfig {
                             what you know about this product; when unsure, offer a human agent."
                 .to_owned(),
             knowledge_dir: None,
+            knowledge_check_secs: 10,
             context_passages: 3,
             history_messages: 20,
             visitor_messages_per_minute: 10,

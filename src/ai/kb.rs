@@ -112,10 +112,7 @@ impl KnowledgeBase {
 
     /// Indexes every `.md`, `.markdown` and `.txt` file under `dir` (recursively).
     pub fn load_dir(dir: &Path) -> std::io::Result<Self> {
-        let mut documents = Vec::new();
-        collect(dir, dir, &mut documents)?;
-        documents.sort();
-        Ok(Self::new(documents))
+        Ok(Self::new(read_dir(dir)?))
     }
 
     /// How many documents and passages it holds.
@@ -138,6 +135,52 @@ impl KnowledgeBase {
             })
             .collect()
     }
+}
+
+/// Every `.md`, `.markdown` and `.txt` document under `dir` (recursively): (path inside
+/// `dir`, text), by name.
+pub fn read_dir(dir: &Path) -> std::io::Result<Vec<(String, String)>> {
+    let mut documents = Vec::new();
+    collect(dir, dir, &mut documents)?;
+    documents.sort();
+    Ok(documents)
+}
+
+/// What changes when a document under `dir` is added, removed or edited: the number of
+/// files, their total size and the latest modification time.
+pub fn folder_stamp(dir: &Path) -> std::io::Result<(u64, u64, std::time::SystemTime)> {
+    fn walk(dir: &Path, acc: &mut (u64, u64, std::time::SystemTime)) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                walk(&entry.path(), acc)?;
+            } else {
+                acc.0 += 1;
+                acc.1 += meta.len();
+                if let Ok(m) = meta.modified() {
+                    acc.2 = acc.2.max(m);
+                }
+            }
+        }
+        Ok(())
+    }
+    let mut acc = (0, 0, std::time::SystemTime::UNIX_EPOCH);
+    walk(dir, &mut acc)?;
+    Ok(acc)
+}
+
+/// Whether `name` may name an uploaded document: 1–128 characters of `A-Z a-z 0-9 . _ -`,
+/// ending in `.md`, `.markdown` or `.txt`.
+pub fn valid_document_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && !name.starts_with('.')
+        && [".md", ".markdown", ".txt"]
+            .iter()
+            .any(|e| name.ends_with(e))
 }
 
 fn collect(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) -> std::io::Result<()> {

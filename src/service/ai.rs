@@ -136,13 +136,19 @@ impl Slot {
     }
 }
 
-/// A domain's assistant, built from its [`BotConfig`].
+/// A domain's assistant, built from its [`BotConfig`] and its knowledge documents.
 #[derive(Debug)]
 pub struct Bot {
     config: BotConfig,
     chain: Vec<Arc<Slot>>,
     kb: Option<Arc<KnowledgeBase>>,
+    /// The uploads version the knowledge base was built from.
+    uploads: u64,
+    /// The knowledge folder as it was when indexed, and when that was last checked.
+    folder: Mutex<(Option<FolderStamp>, Instant)>,
 }
+
+type FolderStamp = (u64, u64, std::time::SystemTime);
 
 /// A reply being streamed into a room.
 #[derive(Debug)]
@@ -173,6 +179,8 @@ pub struct AiService {
     metrics: Arc<Metrics>,
     /// Tokens each domain with a budget used today.
     spent: Arc<DashMap<String, DaySpend>>,
+    /// Version of each domain's uploaded documents (bumped on every change).
+    uploads: DashMap<String, u64>,
     /// Questions per visitor per minute, per domain (with the rate it was built for).
     visitor_limits: DashMap<String, (u32, DefaultKeyedRateLimiter<String>)>,
 }
@@ -213,6 +221,7 @@ impl AiService {
             generations: DashMap::new(),
             metrics,
             spent: Arc::new(DashMap::new()),
+            uploads: DashMap::new(),
             visitor_limits: DashMap::new(),
         })
     }
@@ -315,7 +324,8 @@ impl AiService {
     }
 
     /// The domain's assistant, or `None` when it has none (or it is disabled). Built on
-    /// first use and again whenever the domain's bot settings change.
+    /// first use and again whenever the domain's bot settings, its uploaded documents or
+    /// its knowledge folder (checked every `knowledge_check_secs`) change.
     pub async fn bot(&self, domain: &str) -> Option<Arc<Bot>> {
         let config = self
             .domains
@@ -323,30 +333,66 @@ impl AiService {
             .get(domain)
             .and_then(|d| d.settings.bot.clone())
             .filter(|b| b.enabled)?;
-        if let Some(bot) = self.bots.get(domain).filter(|b| b.config == config) {
-            return Some(Arc::clone(bot.value()));
-        }
-        let kb = match config.knowledge_dir.clone() {
-            None => None,
-            Some(dir) if dir == BUILTIN_DEMO_KNOWLEDGE => Some(Arc::new(KnowledgeBase::demo())),
-            Some(dir) => {
-                let loaded = tokio::task::spawn_blocking(move || {
-                    KnowledgeBase::load_dir(std::path::Path::new(&dir))
-                })
-                .await;
-                match loaded {
-                    Ok(Ok(kb)) => {
-                        let (docs, passages) = kb.size();
-                        tracing::info!(domain, docs, passages, "knowledge base indexed");
-                        Some(Arc::new(kb))
-                    }
-                    Ok(Err(e)) => {
-                        tracing::error!(domain, error = %e, "knowledge folder unreadable");
-                        None
-                    }
-                    Err(_) => None,
-                }
+        let uploads = self.uploads.get(domain).map_or(0, |v| *v);
+        let cached = self
+            .bots
+            .get(domain)
+            .filter(|b| b.config == config && b.uploads == uploads)
+            .map(|b| Arc::clone(b.value()));
+        if let Some(bot) = cached {
+            if self.folder_unchanged(&bot).await {
+                return Some(bot);
             }
+            tracing::info!(domain, "knowledge folder changed; re-indexing");
+        }
+        let dir = config
+            .knowledge_dir
+            .clone()
+            .filter(|d| d != BUILTIN_DEMO_KNOWLEDGE);
+        let builtin = config.knowledge_dir.as_deref() == Some(BUILTIN_DEMO_KNOWLEDGE);
+        let mut documents: Vec<(String, String)> = Vec::new();
+        if builtin {
+            documents.extend(
+                crate::ai::kb::DEMO_DOCUMENTS
+                    .iter()
+                    .map(|(n, t)| ((*n).to_owned(), (*t).to_owned())),
+            );
+        }
+        let mut stamp = None;
+        if let Some(dir) = dir.clone() {
+            let read = tokio::task::spawn_blocking(move || {
+                let path = std::path::Path::new(&dir);
+                Ok::<_, std::io::Error>((
+                    crate::ai::kb::read_dir(path)?,
+                    crate::ai::kb::folder_stamp(path)?,
+                ))
+            })
+            .await;
+            match read {
+                Ok(Ok((docs, s))) => {
+                    documents.extend(docs);
+                    stamp = Some(s);
+                }
+                Ok(Err(e)) => tracing::error!(domain, error = %e, "knowledge folder unreadable"),
+                Err(_) => {}
+            }
+        }
+        match self.chat.store().documents(domain).await {
+            Ok(docs) => documents.extend(docs.into_iter().map(|(n, t, _)| (n, t))),
+            Err(e) => tracing::error!(domain, error = %e, "uploaded knowledge unreadable"),
+        }
+        let kb = if documents.is_empty() {
+            None
+        } else {
+            let kb = tokio::task::spawn_blocking(move || KnowledgeBase::new(documents))
+                .await
+                .ok()
+                .map(Arc::new);
+            if let Some(kb) = &kb {
+                let (docs, passages) = kb.size();
+                tracing::info!(domain, docs, passages, "knowledge base indexed");
+            }
+            kb
         };
         let chain = config
             .providers
@@ -359,9 +405,139 @@ impl AiService {
                 slot.cloned()
             })
             .collect();
-        let bot = Arc::new(Bot { config, chain, kb });
+        let bot = Arc::new(Bot {
+            config,
+            chain,
+            kb,
+            uploads,
+            folder: Mutex::new((stamp, Instant::now())),
+        });
         self.bots.insert(domain.to_owned(), Arc::clone(&bot));
         Some(bot)
+    }
+
+    /// Whether `bot`'s knowledge folder is as it was indexed (checked at most every
+    /// `knowledge_check_secs`).
+    async fn folder_unchanged(&self, bot: &Bot) -> bool {
+        let Some(dir) = bot
+            .config
+            .knowledge_dir
+            .clone()
+            .filter(|d| d != BUILTIN_DEMO_KNOWLEDGE)
+        else {
+            return true;
+        };
+        let known = {
+            let mut folder = bot.folder.lock();
+            if folder.1.elapsed() < Duration::from_secs(bot.config.knowledge_check_secs) {
+                return true;
+            }
+            folder.1 = Instant::now();
+            folder.0
+        };
+        let now = tokio::task::spawn_blocking(move || {
+            crate::ai::kb::folder_stamp(std::path::Path::new(&dir)).ok()
+        })
+        .await
+        .ok()
+        .flatten();
+        now == known
+    }
+
+    /// A domain's uploaded knowledge documents: (name, bytes, updated), for administrators.
+    pub async fn documents(
+        &self,
+        caller: &Identity,
+        domain: &str,
+    ) -> Result<Vec<(String, usize, chrono::DateTime<chrono::Utc>)>, ServiceError> {
+        self.document_access(caller, domain)?;
+        let docs = self.chat.store().documents(domain).await?;
+        Ok(docs
+            .into_iter()
+            .map(|(n, t, at)| (n, t.len(), at))
+            .collect())
+    }
+
+    /// Adds or replaces an uploaded knowledge document; the domain's knowledge base is
+    /// re-indexed on its next question. True when it was new.
+    pub async fn put_document(
+        &self,
+        caller: &Identity,
+        domain: &str,
+        name: &str,
+        text: String,
+    ) -> Result<bool, ServiceError> {
+        self.document_access(caller, domain)?;
+        if !crate::ai::kb::valid_document_name(name) {
+            return Err(ServiceError::invalid(
+                "invalid_document_name",
+                "a document name is 1-128 characters of A-Z a-z 0-9 . _ - ending in .md, .markdown or .txt",
+            ));
+        }
+        if text.trim().is_empty() {
+            return Err(ServiceError::invalid(
+                "empty_document",
+                "the document is empty",
+            ));
+        }
+        let existed = self
+            .chat
+            .store()
+            .documents(domain)
+            .await?
+            .iter()
+            .any(|(n, _, _)| n == name);
+        self.chat
+            .store()
+            .change_domains(crate::store::DomainChange::PutDocument {
+                domain_id: domain.to_owned(),
+                name: name.to_owned(),
+                text,
+            })
+            .await?;
+        *self.uploads.entry(domain.to_owned()).or_insert(0) += 1;
+        Ok(!existed)
+    }
+
+    /// Deletes an uploaded knowledge document.
+    pub async fn remove_document(
+        &self,
+        caller: &Identity,
+        domain: &str,
+        name: &str,
+    ) -> Result<(), ServiceError> {
+        self.document_access(caller, domain)?;
+        let removed = self
+            .chat
+            .store()
+            .change_domains(crate::store::DomainChange::RemoveDocument {
+                domain_id: domain.to_owned(),
+                name: name.to_owned(),
+            })
+            .await?;
+        if removed == 0 {
+            return Err(ServiceError::NotFound {
+                code: "document_not_found",
+                message: format!("domain {domain:?} has no document {name:?}"),
+            });
+        }
+        *self.uploads.entry(domain.to_owned()).or_insert(0) += 1;
+        Ok(())
+    }
+
+    fn document_access(&self, caller: &Identity, domain: &str) -> Result<(), ServiceError> {
+        if !crate::auth::policy::may_manage_domains(caller) {
+            return Err(ServiceError::Forbidden(
+                "managing knowledge needs an admin key".into(),
+            ));
+        }
+        if self.domains.load().get(domain).is_none() {
+            return Err(ServiceError::NotFound {
+                code: "domain_not_found",
+                message: format!("no domain {domain:?}"),
+            });
+        }
+        Ok(())
     }
 
     /// Starts answering `turns` (oldest first, ending with the question) as `bot`.

@@ -158,6 +158,22 @@ pub enum DomainChange {
         /// The key.
         id: String,
     },
+    /// Create or replace a knowledge-base document of a domain.
+    PutDocument {
+        /// The domain.
+        domain_id: String,
+        /// Its name (`returns.md`).
+        name: String,
+        /// Its text.
+        text: String,
+    },
+    /// Delete a knowledge-base document.
+    RemoveDocument {
+        /// The domain.
+        domain_id: String,
+        /// Its name.
+        name: String,
+    },
     /// Store a generated value under `name` unless one is already stored.
     InstallSetting {
         /// Name.
@@ -307,6 +323,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// A value the server generated and keeps (see [`DomainChange::InstallSetting`]).
     async fn setting(&self, name: &str) -> Result<Option<String>, StoreError>;
+
+    /// A domain's uploaded knowledge-base documents: (name, text, updated), by name.
+    async fn documents(
+        &self,
+        domain_id: &str,
+    ) -> Result<Vec<(String, String, DateTime<Utc>)>, StoreError>;
 
     /// Records one AI provider call.
     async fn record_usage(&self, record: UsageRecord) -> Result<(), StoreError>;

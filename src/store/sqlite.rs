@@ -39,7 +39,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0001_init.sql"),
     include_str!("migrations/sqlite/0002_compact_room_keys.sql"),
     include_str!("migrations/sqlite/0003_domain_admin.sql"),
-    include_str!("migrations/sqlite/0004_ai_usage.sql"),
+    include_str!("migrations/sqlite/0004_ai.sql"),
 ];
 
 /// Column list matching [`row_to_message`], for `FROM messages m JOIN rooms r`
@@ -602,6 +602,23 @@ impl Writer {
             DomainChange::RemoveKey { domain_id, id } => self.conn
                 .prepare_cached("DELETE FROM domain_keys WHERE domain_id = ?1 AND id = ?2")?
                 .execute(params![domain_id, id]),
+            DomainChange::PutDocument {
+                domain_id,
+                name,
+                text,
+            } => self
+                .conn
+                .prepare_cached(
+                    "INSERT INTO knowledge_documents (domain_id, name, text, updated_at)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (domain_id, name) DO UPDATE SET
+                       text = excluded.text, updated_at = excluded.updated_at",
+                )?
+                .execute(params![domain_id, name, text, now]),
+            DomainChange::RemoveDocument { domain_id, name } => self
+                .conn
+                .prepare_cached("DELETE FROM knowledge_documents WHERE domain_id = ?1 AND name = ?2")?
+                .execute(params![domain_id, name]),
             DomainChange::InstallSetting { name, value } => self.conn
                 .prepare_cached("INSERT OR IGNORE INTO server_settings (name, value) VALUES (?1, ?2)")?
                 .execute(params![name, value]),
@@ -1045,6 +1062,24 @@ impl Store for SqliteStore {
                 },
             )
             .collect()
+    }
+
+    async fn documents(
+        &self,
+        domain_id: &str,
+    ) -> Result<Vec<(String, String, DateTime<Utc>)>, StoreError> {
+        let domain = domain_id.to_owned();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT name, text, updated_at FROM knowledge_documents
+                 WHERE domain_id = ?1 ORDER BY name",
+            )?;
+            let rows = stmt.query_map(params![domain], |r| {
+                Ok((r.get(0)?, r.get(1)?, from_ms(r.get(2)?)))
+            })?;
+            rows.collect()
+        })
+        .await
     }
 
     async fn record_usage(&self, record: UsageRecord) -> Result<(), StoreError> {

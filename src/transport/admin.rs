@@ -10,6 +10,8 @@
 //!   `retireOthersAfterSecs`, the domain's other run-time keys of that kind stop working
 //!   after that grace period (a rotation). The key's secret is in this answer only.
 //! - `DELETE /api/admin/domains/{id}/keys/{keyId}` — revoke a key at once.
+//! - `GET /api/admin/domains/{id}/knowledge`, `PUT` / `DELETE …/knowledge/{name}` — the
+//!   domain's uploaded knowledge-base documents (the body of a `PUT` is the text).
 //!
 //! Answers never contain a secret that was stored: JWT secrets and Pusher secrets are
 //! replaced by `"hasSecret": true`, server keys appear as their hashes.
@@ -179,6 +181,49 @@ pub async fn delete_key(
     Path((id, key_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     app.domain_admin.remove_key(&me, &id, &key_id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /api/admin/domains/{id}/knowledge`: the uploaded documents.
+pub async fn list_documents(
+    State(app): State<AppState>,
+    Admin(me): Admin,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let docs = app.ai.documents(&me, &id).await?;
+    let docs: Vec<Value> = docs
+        .into_iter()
+        .map(|(name, bytes, at)| json!({ "name": name, "bytes": bytes, "updatedAt": iso(at) }))
+        .collect();
+    Ok(Json(json!({ "documents": docs })).into_response())
+}
+
+/// `PUT /api/admin/domains/{id}/knowledge/{name}`: the body is the document (Markdown or
+/// plain text, UTF-8). 201 when new, 200 when replaced.
+pub async fn put_document(
+    State(app): State<AppState>,
+    Admin(me): Admin,
+    Path((id, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let text = String::from_utf8(body.to_vec())
+        .map_err(|_| ApiError::bad_request("invalid_body", "the document must be UTF-8 text"))?;
+    let created = app.ai.put_document(&me, &id, &name, text).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!({ "name": name, "domainId": id }))).into_response())
+}
+
+/// `DELETE /api/admin/domains/{id}/knowledge/{name}`
+pub async fn delete_document(
+    State(app): State<AppState>,
+    Admin(me): Admin,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    app.ai.remove_document(&me, &id, &name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

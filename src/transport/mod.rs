@@ -67,6 +67,14 @@ pub fn router(state: AppState) -> Router {
             "/api/admin/domains/{id}/keys/{key_id}",
             axum::routing::delete(admin::delete_key),
         )
+        .route(
+            "/api/admin/domains/{id}/knowledge",
+            get(admin::list_documents),
+        )
+        .route(
+            "/api/admin/domains/{id}/knowledge/{name}",
+            axum::routing::put(admin::put_document).delete(admin::delete_document),
+        )
         .fallback(http::not_found)
         .method_not_allowed_fallback(http::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
