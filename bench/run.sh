@@ -9,13 +9,16 @@
 #   fanout   1,000 subscribers × 1,000 messages, burst      → deliveries/s, latency, CPU
 #   fanout   1,000 subscribers, paced                        → latency under steady load
 #   persist  100 senders × 200 messages, window 1 (Parlor only: Node keeps nothing)
+#   ai-stream 1,000 concurrent streamed AI replies from a fake vendor, direct and
+#            through Parlor → time to first token added, server CPU per stream
 #
 # and prints a Markdown table of the figures with Parlor ÷ Node ratios.
 #
 # Usage:  bash bench/run.sh            (full run, ~5 minutes plus the build)
 #         QUICK=1 bash bench/run.sh    (small sizes, a smoke test)
 # Tunables (environment): IDLE_CONNS IDLE_ROOMS IDLE_PROCS FANOUT_SUBS FANOUT_MSGS
-#   PACED_RATE PACED_MSGS PERSIST_SENDERS PERSIST_MSGS PERSIST_WINDOW RETRIES (3)
+#   PACED_RATE PACED_MSGS PERSIST_SENDERS PERSIST_MSGS PERSIST_WINDOW AI_STREAMS
+#   FAKE_PORT RETRIES (3)
 #   SERVER_PORT NODE_PORT SERVER_BIN SKIP_BUILD=1 SKIP_NODE=1 BENCH_OUT=DIR MACHINE="..."
 #   CARGO_TARGET_DIR (where the binaries are built and looked up).
 # None of these starts with PARLOR_, which is the server's configuration prefix.
@@ -36,6 +39,7 @@ OUT=${BENCH_OUT:-/tmp/parlor-bench-$(date -u +%Y%m%dT%H%M%SZ)}
 if [[ -n "${QUICK:-}" ]]; then
   : "${IDLE_CONNS:=2000}" "${IDLE_ROOMS:=20}" "${FANOUT_SUBS:=200}" "${FANOUT_MSGS:=200}"
   : "${PACED_RATE:=20}" "${PACED_MSGS:=60}" "${PERSIST_SENDERS:=20}" "${PERSIST_MSGS:=50}"
+  : "${AI_STREAMS:=100}"
 fi
 IDLE_CONNS=${IDLE_CONNS:-19000}
 IDLE_ROOMS=${IDLE_ROOMS:-190}
@@ -47,6 +51,7 @@ PACED_MSGS=${PACED_MSGS:-300}
 PERSIST_SENDERS=${PERSIST_SENDERS:-100}
 PERSIST_MSGS=${PERSIST_MSGS:-200}
 PERSIST_WINDOW=${PERSIST_WINDOW:-1}
+AI_STREAMS=${AI_STREAMS:-1000}
 RETRIES=${RETRIES:-3}
 
 log() { printf '\n== %s\n' "$*" >&2; }
@@ -134,7 +139,7 @@ start_parlor() {
   PARLOR_LIMITS__IP_CONNECTS_PER_SECOND=1000000 \
   PARLOR_LIMITS__IP_CONNECTS_BURST=1000000 \
     taskset -c 0 "$SERVER_BIN" serve --listen "127.0.0.1:$SERVER_PORT" \
-      --database "sqlite://$DB_FILE" >>"$OUT/parlor.log" 2>&1 &
+      --config "$SERVER_CONFIG" --database "sqlite://$DB_FILE" >>"$OUT/parlor.log" 2>&1 &
   SERVER_PID=$!
   wait_for_port "$SERVER_PORT" "$SERVER_PID" parlor
   URL=ws://127.0.0.1:$SERVER_PORT/ws
@@ -149,6 +154,35 @@ start_node() {
   URL=ws://127.0.0.1:$NODE_PORT/ws
   LABEL=node
 }
+
+# The chat scenarios run without the demo's assistant (it would answer every message);
+# the AI scenario points it at the fake vendor parlor-bench runs on $FAKE_PORT.
+FAKE_PORT=${FAKE_PORT:-18090}
+cat >"$OUT/chat.toml" <<'TOML'
+[[domains]]
+id = "demo"
+name = "Parlor demo"
+visitor_rooms = "open"
+allowed_origins = ["*"]
+[domains.bot]
+enabled = false
+TOML
+cat >"$OUT/ai.toml" <<TOML
+[ai.providers.fake]
+kind = "openai"
+base_url = "http://127.0.0.1:$FAKE_PORT/v1"
+model = "fake-model"
+retries = 0
+[[domains]]
+id = "demo"
+name = "Parlor demo"
+visitor_rooms = "open"
+allowed_origins = ["*"]
+[domains.bot]
+providers = ["fake"]
+knowledge_dir = "builtin:demo"
+TOML
+SERVER_CONFIG=$OUT/chat.toml
 
 FAILED=()
 
@@ -201,6 +235,9 @@ for server in "${SERVERS[@]}"; do
 done
 scenario parlor 600 persist --senders "$PERSIST_SENDERS" --messages "$PERSIST_MSGS" \
   --window "$PERSIST_WINDOW"
+SERVER_CONFIG=$OUT/ai.toml
+scenario parlor 600 ai-stream --streams "$AI_STREAMS" --fake-port "$FAKE_PORT"
+SERVER_CONFIG=$OUT/chat.toml
 
 # --- summary ---------------------------------------------------------------
 log "summary ($(date -u '+%Y-%m-%d %H:%M UTC'), $MACHINE); raw lines in $RESULTS"

@@ -21,6 +21,10 @@
 //!   with at most `--window` unacknowledged, in their own rooms or one
 //!   `--shared-room`; reports acknowledged messages/s and ack latency, then
 //!   checks each room's `lastSeq` against the acks counted.
+//! * `ai-stream` — `--streams` concurrent streamed AI replies from a fake
+//!   OpenAI-compatible vendor the scenario runs itself: read directly, then
+//!   through Parlor's `ai-stream` frame; reports the time to first token Parlor
+//!   adds (p50/p99) and the server's CPU per stream.
 //! * `summarize` — turns the `--json` lines of runs labelled `parlor` and
 //!   `node` into a Markdown table with ratios.
 //!
@@ -29,6 +33,7 @@
 //! Progress goes to stderr. Every network wait is bounded by a timeout.
 //! `bench/run.sh` runs the whole suite; BENCHMARKS.md describes the method.
 
+mod aistream;
 mod fanout;
 mod idle;
 mod net;
@@ -63,6 +68,8 @@ enum Cmd {
     Fanout(fanout::FanoutArgs),
     /// Acknowledged (persisted) messages per second and ack latency.
     Persist(persist::PersistArgs),
+    /// Time to first token Parlor adds to streamed AI replies, and its CPU per stream.
+    AiStream(aistream::AiStreamArgs),
     /// Markdown table (with ratios) from `--json` output lines.
     Summarize(summarize::SummarizeArgs),
     /// Internal: a worker process started by `idle` or `fanout`.
@@ -139,6 +146,7 @@ async fn main() -> ExitCode {
         Cmd::Idle(args) => idle::run(args).await,
         Cmd::Fanout(args) => fanout::run(args).await,
         Cmd::Persist(args) => persist::run(args).await,
+        Cmd::AiStream(args) => aistream::run(args).await,
         Cmd::Summarize(args) => summarize::run(&args),
         Cmd::Worker(WorkerCmd::Idle(args)) => idle::worker_main(args).await,
         Cmd::Worker(WorkerCmd::FanoutSubs(args)) => fanout::worker_main(args).await,

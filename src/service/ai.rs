@@ -179,6 +179,8 @@ pub struct AiService {
     metrics: Arc<Metrics>,
     /// Tokens each domain with a budget used today.
     spent: Arc<DashMap<String, DaySpend>>,
+    /// When each visitor (`domain/user`) was last told the assistant is holding back.
+    notices: DashMap<String, Instant>,
     /// Version of each domain's uploaded documents (bumped on every change).
     uploads: DashMap<String, u64>,
     /// Questions per visitor per minute, per domain (with the rate it was built for).
@@ -222,6 +224,7 @@ impl AiService {
             metrics,
             spent: Arc::new(DashMap::new()),
             uploads: DashMap::new(),
+            notices: DashMap::new(),
             visitor_limits: DashMap::new(),
         })
     }
@@ -606,6 +609,19 @@ impl AiService {
             .admit(&bot, &message.room.domain_id, &message.author.user_id, true)
             .await
         {
+            // Say so once a minute per visitor, not after every message.
+            let key = format!("{}/{}", message.room.domain_id, message.author.user_id);
+            let now = Instant::now();
+            let quiet = self
+                .notices
+                .get(&key)
+                .is_some_and(|at| now.duration_since(*at) < Duration::from_secs(60));
+            if quiet {
+                return;
+            }
+            self.notices.insert(key, now);
+            self.notices
+                .retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
             let text = match e.code() {
                 "budget_exceeded" => {
                     "The assistant has reached today's limit. A human agent can still help."
