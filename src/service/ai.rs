@@ -330,17 +330,16 @@ impl AiService {
     /// first use and again whenever the domain's bot settings, its uploaded documents or
     /// its knowledge folder (checked every `knowledge_check_secs`) change.
     pub async fn bot(&self, domain: &str) -> Option<Arc<Bot>> {
-        let config = self
-            .domains
-            .load()
+        let table = self.domains.load();
+        let current = table
             .get(domain)
-            .and_then(|d| d.settings.bot.clone())
+            .and_then(|d| d.settings.bot.as_ref())
             .filter(|b| b.enabled)?;
         let uploads = self.uploads.get(domain).map_or(0, |v| *v);
         let cached = self
             .bots
             .get(domain)
-            .filter(|b| b.config == config && b.uploads == uploads)
+            .filter(|b| b.config == *current && b.uploads == uploads)
             .map(|b| Arc::clone(b.value()));
         if let Some(bot) = cached {
             if self.folder_unchanged(&bot).await {
@@ -348,6 +347,8 @@ impl AiService {
             }
             tracing::info!(domain, "knowledge folder changed; re-indexing");
         }
+        let config = current.clone();
+        drop(table);
         let dir = config
             .knowledge_dir
             .clone()
