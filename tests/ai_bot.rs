@@ -229,3 +229,42 @@ async fn a_newer_visitor_message_cancels_the_reply_in_progress() {
     );
     assert!(seqs.0 < seqs.1, "{seqs:?}");
 }
+
+#[tokio::test]
+async fn an_agent_answering_takes_over_from_the_assistant() {
+    let slow: Vec<(Duration, String)> =
+        fake_ai::openai_stream(&["Let ", "me ", "think ", "about ", "it."], (1, 5), true)
+            .into_iter()
+            .map(|p| (Duration::from_millis(300), p))
+            .collect();
+    let fake = FakeVendor::start(vec![Reply::Stream {
+        pieces: slow,
+        cut: false,
+    }])
+    .await;
+    let s = server(&fake, None, 0).await;
+    let mut visitor = s.connect_as("ann").await;
+    visitor.join("r", None).await;
+    let agent_token = parlor::auth::issue_token(
+        &parlor::config::Secret::new(common::TEST_SECRET),
+        "alice",
+        Some("Alice"),
+        "agent",
+        "demo",
+        600,
+    )
+    .unwrap();
+    let mut agent = Client::connect(&s.ws(&format!("/ws?token={agent_token}"))).await;
+    agent.join("r", None).await;
+    visitor.say("r", "I need help with my invoice", None).await;
+    loop {
+        let f = visitor.recv().await;
+        if f["type"] == "message-delta" {
+            break;
+        }
+    }
+    agent.say("r", "Hi, I'm Alice, I can help.", None).await;
+    assert!(fake.wait_hung_up(1).await, "the assistant kept generating");
+    let (_, stopped) = reply(&mut visitor, "assistant").await;
+    assert_eq!(stopped["data"]["interrupted"], true, "{stopped}");
+}

@@ -12,7 +12,8 @@
 //!   request.
 //! - **The bot** reacts to committed visitor messages (from the store's commit order, so
 //!   on the node that stored them). A newer visitor message in the same room cancels the
-//!   reply in progress, as does the room emptying. Deltas go to the room as
+//!   reply in progress, as do an agent's message (a human takes over) and the room
+//!   emptying. Deltas go to the room as
 //!   `message-delta`; the reply is stored once, as an `assistant` message whose
 //!   `clientMessageId` is the deltas' `messageId` (with `data.interrupted` when it was
 //!   stopped early). A client joining mid-reply gets the text so far.
@@ -583,6 +584,15 @@ impl AiService {
         rx
     }
 
+    /// Stops the reply being generated in `room`, if any (its text so far is stored as
+    /// interrupted). True when there was one.
+    pub fn stop(&self, room: &RoomKey) -> bool {
+        self.generations
+            .get(room)
+            .map(|g| g.cancel.cancel())
+            .is_some()
+    }
+
     /// The reply being streamed into `room`, for a client joining it now.
     pub fn partial(&self, room: &RoomKey) -> Option<Partial> {
         self.generations
@@ -594,6 +604,11 @@ impl AiService {
     /// Reacts to a committed message: a visitor's message in a support room of a domain
     /// with a bot gets a reply, cancelling one still in progress there.
     pub async fn on_committed(self: &Arc<Self>, message: Arc<Message>) {
+        // A human agent answering takes over: the assistant stops mid-reply.
+        if message.author.role == Role::Agent.as_str() {
+            self.stop(&message.room);
+            return;
+        }
         if message.author.role != Role::Visitor.as_str()
             || message.room.room_id.starts_with(CONVERSATION_PREFIX)
         {

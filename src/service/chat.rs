@@ -19,7 +19,9 @@ use crate::broker::Broker;
 use crate::config::Limits;
 use crate::hub::{ConnHandle, Event, Hub, Joined, PresentUser, Replay};
 use crate::metrics::Metrics;
-use crate::model::{Author, Identity, Message, NewMessage, Room, RoomKey, json_depth, valid_id};
+use crate::model::{
+    Author, Identity, Message, NewMessage, Role, Room, RoomKey, json_depth, valid_id,
+};
 use crate::store::{Appended, CustomerProfile, Store, StoreError};
 
 /// Longest display name kept, in characters.
@@ -124,16 +126,18 @@ impl ChatService {
     }
 
     /// Publishes committed messages to the broker, in commit order, until the store's sink
-    /// closes (at shutdown). Visitors' messages also go to `visitors` (the AI bot).
+    /// closes (at shutdown). Visitors' and agents' messages also go to `observer` (the AI
+    /// assistant answers the first and gives way to the second).
     pub fn spawn_dispatcher(
         mut committed: mpsc::UnboundedReceiver<Arc<Message>>,
         broker: Arc<dyn Broker>,
-        visitors: mpsc::UnboundedSender<Arc<Message>>,
+        observer: mpsc::UnboundedSender<Arc<Message>>,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             while let Some(message) = committed.recv().await {
-                if message.author.role == crate::model::Role::Visitor.as_str() {
-                    let _ = visitors.send(Arc::clone(&message));
+                let role = message.author.role.as_str();
+                if role == Role::Visitor.as_str() || role == Role::Agent.as_str() {
+                    let _ = observer.send(Arc::clone(&message));
                 }
                 broker.publish(message);
             }
