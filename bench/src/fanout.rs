@@ -402,6 +402,28 @@ async fn receive(
 ) -> Result<(), String> {
     let mut seen = vec![false; messages];
     let mut last_seq: Option<u64> = None;
+    // Latencies are kept here and added to the shared histogram once at the end: a lock
+    // per delivery would cost the load generator more than the delivery costs the server.
+    let mut local: Vec<u64> = Vec::with_capacity(messages);
+    let result = receive_loop(ws, room, messages, r, &mut seen, &mut last_seq, &mut local).await;
+    if let Ok(mut hist) = latency.lock() {
+        for nanos in local {
+            hist.record_nanos(nanos);
+        }
+    }
+    result
+}
+
+/// The receive loop of `receive`, recording latencies into `local`.
+async fn receive_loop(
+    ws: &mut Ws,
+    room: &str,
+    messages: usize,
+    r: &mut SubResult,
+    seen: &mut [bool],
+    last_seq: &mut Option<u64>,
+    local: &mut Vec<u64>,
+) -> Result<(), String> {
     while (r.received as usize) < messages {
         let msg = match ws.next().await {
             Some(Ok(msg)) => msg,
@@ -414,14 +436,31 @@ async fn receive(
             _ => continue,
         };
         let now = epoch_nanos();
-        let Some(frame) = ServerFrame::parse(text) else {
-            r.malformed += 1;
-            continue;
+        // The common case is read without a JSON parser (see `scan_message`); anything
+        // else goes through the full parse.
+        let (seq, body) = match scan_message(text) {
+            Some((frame_room, seq, body)) => {
+                if frame_room != room {
+                    continue;
+                }
+                (Some(seq), body)
+            }
+            None => {
+                let Some(frame) = ServerFrame::parse(text) else {
+                    r.malformed += 1;
+                    continue;
+                };
+                if frame.kind != "message-received" || frame.room_id.as_deref() != Some(room) {
+                    continue;
+                }
+                let Some(body) = frame.message.map(std::borrow::Cow::into_owned) else {
+                    r.malformed += 1;
+                    continue;
+                };
+                (frame.seq, std::borrow::Cow::Owned(body))
+            }
         };
-        if frame.kind != "message-received" || frame.room_id.as_deref() != Some(room) {
-            continue;
-        }
-        let Some((sent, index)) = frame.message.as_deref().and_then(parse_payload) else {
+        let Some((sent, index)) = parse_payload(&body) else {
             r.malformed += 1;
             continue;
         };
@@ -435,21 +474,44 @@ async fn receive(
         }
         *slot = true;
         r.received += 1;
-        if let Some(seq) = frame.seq {
+        if let Some(seq) = seq {
             if last_seq.is_some_and(|last| seq <= last) {
                 r.out_of_order += 1;
             }
-            last_seq = Some(seq);
+            *last_seq = Some(seq);
         }
-        if let Ok(mut hist) = latency.lock() {
-            hist.record_nanos(now.saturating_sub(sent));
-        }
+        local.push(now.saturating_sub(sent));
         if r.first_recv == 0 {
             r.first_recv = now;
         }
         r.last_recv = now;
     }
     Ok(())
+}
+
+/// Reads a `message-received` frame as both servers write it (`{"type":
+/// "message-received", …, "roomId": "R", …, "seq": N, "message": "t:…", …}`, no escapes in
+/// these fields) without a JSON parser: (room, seq, message). `None` for anything else,
+/// which the caller then parses in full.
+fn scan_message(text: &str) -> Option<(&str, u64, std::borrow::Cow<'_, str>)> {
+    let rest = text.strip_prefix(r#"{"type":"message-received","#)?;
+    let string_after = |key: &str| -> Option<&str> {
+        let start = rest.find(key)? + key.len();
+        let value = &rest[start..];
+        let end = value.find('"')?;
+        let v = &value[..end];
+        // An escape would need the full parser.
+        (!v.contains('\\')).then_some(v)
+    };
+    let room = string_after(r#""roomId":""#)?;
+    let body = string_after(r#""message":""#)?;
+    let seq_at = rest.find(r#""seq":"#)? + 6;
+    let digits = &rest[seq_at..];
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    let seq = digits[..end].parse().ok()?;
+    Some((room, seq, std::borrow::Cow::Borrowed(body)))
 }
 
 /// Closes connections concurrently, bounded in time.
@@ -1021,6 +1083,23 @@ pub async fn worker_main(args: FanoutWorkerArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn message_frames_are_scanned_like_the_parser_reads_them() {
+        let parlor = r#"{"type":"message-received","id":"x","roomId":"bench","chatRoomId":"bench","seq":42,"message":"t:5:7:zz","messageType":"text"}"#;
+        let (room, seq, body) = scan_message(parlor).unwrap();
+        assert_eq!((room, seq, body.as_ref()), ("bench", 42, "t:5:7:zz"));
+        let full = ServerFrame::parse(parlor).unwrap();
+        assert_eq!(
+            (full.seq, full.message.as_deref()),
+            (Some(42), Some("t:5:7:zz"))
+        );
+        assert!(scan_message(r#"{"type":"message-ack","seq":1}"#).is_none());
+        assert!(
+            scan_message(r#"{"type":"message-received","roomId":"a","seq":1,"message":"a\"b"}"#)
+                .is_none()
+        );
+    }
 
     #[test]
     fn payload_round_trip() {
