@@ -996,6 +996,17 @@ mod tests {
         assert_eq!(c.ai.providers["openai"].model, "gpt-4o");
         assert!(c.ai.providers.contains_key("anthropic"));
         assert_eq!(c.domains[0].bot.as_ref().unwrap().providers, ["openai"]);
+        // A trusted proxy that is not an address or a range is refused too.
+        let mut bad = Config {
+            trusted_proxies: vec!["10.0.0.0/8".into(), "proxy.local".into()],
+            ..Config::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("proxy.local")
+        );
         // A bot naming a provider that does not exist is refused at start-up.
         c.domains[0].bot.as_mut().unwrap().providers = vec!["nope".into()];
         assert!(c.validate().unwrap_err().to_string().contains("nope"));

@@ -74,11 +74,7 @@ impl Provider for Anthropic {
         if let Some(key) = &self.endpoint.api_key {
             call = call.header("x-api-key", key.expose());
         }
-        let response = call.send().await.map_err(|e| super::transport_error(&e))?;
-        if !response.status().is_success() {
-            return Err(super::error_from(response).await);
-        }
-        Ok(sse::decode(response, EventDecoder::default()))
+        sse::send(call, EventDecoder::default()).await
     }
 }
 

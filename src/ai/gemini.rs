@@ -78,11 +78,7 @@ impl Provider for Gemini {
         if let Some(key) = &self.endpoint.api_key {
             call = call.header("x-goog-api-key", key.expose());
         }
-        let response = call.send().await.map_err(|e| super::transport_error(&e))?;
-        if !response.status().is_success() {
-            return Err(super::error_from(response).await);
-        }
-        Ok(sse::decode(response, ResponseDecoder::default()))
+        sse::send(call, ResponseDecoder::default()).await
     }
 }
 

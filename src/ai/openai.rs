@@ -70,11 +70,7 @@ impl Provider for OpenAi {
         if let Some(key) = &self.endpoint.api_key {
             call = call.bearer_auth(key.expose());
         }
-        let response = call.send().await.map_err(|e| super::transport_error(&e))?;
-        if !response.status().is_success() {
-            return Err(super::error_from(response).await);
-        }
-        Ok(sse::decode(response, ChunkDecoder::default()))
+        sse::send(call, ChunkDecoder::default()).await
     }
 }
 

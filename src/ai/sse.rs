@@ -54,6 +54,19 @@ pub(crate) trait Decoder: Send + 'static {
     fn finish(&mut self, at_eof: bool) -> Option<Event>;
 }
 
+/// Sends a streaming request: the reply as `decoder` reads it, or the error the vendor's
+/// status and body mean.
+pub(crate) async fn send(
+    call: reqwest::RequestBuilder,
+    decoder: impl Decoder,
+) -> Result<EventStream, ProviderError> {
+    let response = call.send().await.map_err(|e| super::transport_error(&e))?;
+    if !response.status().is_success() {
+        return Err(super::error_from(response).await);
+    }
+    Ok(decode(response, decoder))
+}
+
 /// The reply in `response`'s event stream, as `decoder` reads it.
 pub(crate) fn decode(response: reqwest::Response, decoder: impl Decoder) -> EventStream {
     struct State<D> {

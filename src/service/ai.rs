@@ -272,6 +272,10 @@ impl AiService {
                     )),
                 );
             }
+            // Visitors who went quiet are forgotten, so the map follows the active ones.
+            if entry.1.len() > 10_000 {
+                entry.1.retain_recent();
+            }
             if let Err(not_until) = entry.1.check_key(&user.to_owned()) {
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
                 return Err(ServiceError::Limited {
