@@ -45,8 +45,32 @@ pub struct Config {
     /// `X-Forwarded-For` header is believed: a request from one of them is limited by the
     /// client address it forwarded. Empty: the TCP peer is the client.
     pub trusted_proxies: Vec<String>,
+    /// The web pages: widget, agent inbox, demo (see `docs/handoff.md`).
+    pub web: WebConfig,
     /// Tenants. A `demo` domain is always present (see [`Config::validate`]).
     pub domains: Vec<DomainConfig>,
+}
+
+/// The pages compiled into the binary.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebConfig {
+    /// Whether `POST /api/dev/agent-token` hands out agent tokens of the `demo` domain to
+    /// anyone, so the demo's inbox can be tried at once. Turn it off in production.
+    pub dev_login: bool,
+    /// Serve the pages from this folder instead of the copies compiled in (for working on
+    /// them without rebuilding). Unset: the compiled-in pages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        Self {
+            dev_login: true,
+            dir: None,
+        }
+    }
 }
 
 impl Default for Config {
@@ -62,6 +86,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             ai: AiConfig::default(),
             trusted_proxies: Vec::new(),
+            web: WebConfig::default(),
             domains: vec![DomainConfig::demo()],
         }
     }
@@ -256,6 +281,61 @@ pub struct DomainConfig {
     /// absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bot: Option<BotConfig>,
+    /// Hand-off from the bot to human agents (see `docs/handoff.md`).
+    #[serde(default)]
+    pub handoff: HandoffConfig,
+}
+
+/// A domain's hand-off from the bot to human agents.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HandoffConfig {
+    /// Whether the bot offers a human when asked, and the room can wait for an agent.
+    /// Agents can still assign and resolve rooms when off.
+    pub enabled: bool,
+    /// Words or phrases in a visitor's message (matched case-insensitively, as whole
+    /// words) that make the bot offer a human instead of answering.
+    pub phrases: Vec<String>,
+    /// The bot's offer.
+    pub offer_text: String,
+    /// The label of the offer's button.
+    pub action_label: String,
+    /// Stored when a room starts waiting within business hours.
+    pub connecting_text: String,
+    /// Stored when a room starts waiting outside business hours.
+    pub out_of_hours_text: String,
+    /// IANA time zone of `business_hours` (`Europe/Berlin`).
+    pub timezone: String,
+    /// When agents are there: `"mon-fri 09:00-17:00"`, `"sat 10:00-13:00"`… Empty: always.
+    pub business_hours: Vec<String>,
+}
+
+impl Default for HandoffConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            phrases: [
+                "human",
+                "agent",
+                "person",
+                "representative",
+                "real person",
+                "someone real",
+                "support team",
+                "operator",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            offer_text: "I can connect you with someone from our support team.".to_owned(),
+            action_label: "Connect with Customer Support".to_owned(),
+            connecting_text: "⏱️ Connecting you to a support agent…".to_owned(),
+            out_of_hours_text: "Our team is away right now. Leave a message and an agent will \
+                                reply when we're back."
+                .to_owned(),
+            timezone: "UTC".to_owned(),
+            business_hours: Vec::new(),
+        }
+    }
 }
 
 /// AI providers, by name. Domains' bots list the names they use, in fallback order.
@@ -405,6 +485,84 @@ impl Default for BotConfig {
     }
 }
 
+/// When a domain's agents are there, parsed from [`HandoffConfig::business_hours`].
+#[derive(Debug, Clone)]
+pub struct BusinessHours {
+    tz: chrono_tz::Tz,
+    /// (weekdays Monday = 0, minute of day it opens, minute it closes); none: always open.
+    rules: Vec<([bool; 7], u32, u32)>,
+}
+
+impl HandoffConfig {
+    /// The business hours, or why they cannot be read.
+    pub fn hours(&self) -> Result<BusinessHours, String> {
+        let tz: chrono_tz::Tz = self.timezone.parse().map_err(|_| {
+            format!(
+                "unknown time zone {:?} (use an IANA name such as Europe/Berlin)",
+                self.timezone
+            )
+        })?;
+        let rules = self
+            .business_hours
+            .iter()
+            .map(|r| {
+                parse_hours_rule(r).ok_or_else(|| {
+                    format!("cannot read business hours {r:?}; write e.g. \"mon-fri 09:00-17:00\"")
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(BusinessHours { tz, rules })
+    }
+}
+
+impl BusinessHours {
+    /// Whether agents are there at `at`.
+    pub fn is_open(&self, at: chrono::DateTime<chrono::Utc>) -> bool {
+        use chrono::{Datelike, Timelike};
+        if self.rules.is_empty() {
+            return true;
+        }
+        let local = at.with_timezone(&self.tz);
+        let day = local.weekday().num_days_from_monday() as usize;
+        let minute = local.hour() * 60 + local.minute();
+        self.rules
+            .iter()
+            .any(|(days, open, close)| days[day] && (*open..*close).contains(&minute))
+    }
+}
+
+/// `"mon-fri 09:00-17:00"`, `"sat 10:00-13:00"`, `"mon,wed 08:30-12:00"`.
+fn parse_hours_rule(rule: &str) -> Option<([bool; 7], u32, u32)> {
+    const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+    let day = |d: &str| DAYS.iter().position(|x| d.eq_ignore_ascii_case(x));
+    let minute = |t: &str| -> Option<u32> {
+        let (h, m) = t.split_once(':')?;
+        let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+        (h <= 24 && m < 60 && h * 60 + m <= 24 * 60).then_some(h * 60 + m)
+    };
+    let (days_part, times) = rule.trim().split_once(char::is_whitespace)?;
+    let mut days = [false; 7];
+    for part in days_part.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (day(a)?, day(b)?);
+                let mut d = a;
+                loop {
+                    days[d] = true;
+                    if d == b {
+                        break;
+                    }
+                    d = (d + 1) % 7;
+                }
+            }
+            None => days[day(part)?] = true,
+        }
+    }
+    let (open, close) = times.trim().split_once('-')?;
+    let (open, close) = (minute(open.trim())?, minute(close.trim())?);
+    (open < close).then_some((days, open, close))
+}
+
 /// The shipped documents, as a `knowledge_dir` value.
 pub const BUILTIN_DEMO_KNOWLEDGE: &str = "builtin:demo";
 
@@ -465,6 +623,7 @@ impl DomainConfig {
             jwt: None,
             limits: DomainLimits::default(),
             bot: None,
+            handoff: HandoffConfig::default(),
         }
     }
 
@@ -721,6 +880,9 @@ impl Config {
                     d.id
                 )));
             }
+            d.handoff
+                .hours()
+                .map_err(|e| ConfigError::Invalid(format!("domains.{}.handoff: {e}", d.id)))?;
         }
         self.trusted_proxy_ranges()?;
         for (name, p) in &self.ai.providers {
@@ -887,6 +1049,52 @@ mod duration_ms {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn business_hours() {
+        use chrono::TimeZone;
+        let h = HandoffConfig {
+            timezone: "Europe/Berlin".into(),
+            business_hours: vec!["mon-fri 09:00-17:00".into(), "sat 10:00-13:00".into()],
+            ..HandoffConfig::default()
+        }
+        .hours()
+        .unwrap();
+        // 2026-12-02 is a Wednesday; Berlin is UTC+1 in December.
+        let utc = |d, hh, mm| {
+            chrono::Utc
+                .with_ymd_and_hms(2026, 12, d, hh, mm, 0)
+                .unwrap()
+        };
+        assert!(h.is_open(utc(2, 8, 0)), "09:00 Berlin");
+        assert!(!h.is_open(utc(2, 7, 59)), "08:59 Berlin");
+        assert!(!h.is_open(utc(2, 16, 0)), "17:00 Berlin is closed");
+        assert!(h.is_open(utc(5, 9, 30)), "Saturday 10:30");
+        assert!(!h.is_open(utc(6, 10, 0)), "Sunday");
+        assert!(
+            HandoffConfig::default()
+                .hours()
+                .unwrap()
+                .is_open(utc(6, 3, 0))
+        );
+        for bad in [
+            "mon-fri",
+            "xyz 09:00-10:00",
+            "mon 10:00-09:00",
+            "mon 25:00-26:00",
+        ] {
+            let c = HandoffConfig {
+                business_hours: vec![bad.into()],
+                ..HandoffConfig::default()
+            };
+            assert!(c.hours().is_err(), "{bad}");
+        }
+        let tz = HandoffConfig {
+            timezone: "Mars/Olympus".into(),
+            ..HandoffConfig::default()
+        };
+        assert!(tz.hours().unwrap_err().contains("time zone"));
+    }
 
     #[test]
     fn example_file_matches_defaults() {

@@ -5,7 +5,8 @@
 //! - [`transport`] — wire formats: the native WebSocket protocol (`/ws`) and the HTTP API.
 //!   Transports call services; they reach the store and hub only through a service's
 //!   accessors (health checks, presence lists), never their internals.
-//! - [`service`] — what Parlor does (chat today), independent of any wire format.
+//! - [`service`] — what Parlor does (chat, the AI assistant, hand-off to human agents,
+//!   domains), independent of any wire format.
 //! - [`ai`] — AI providers: one streaming trait, real clients of OpenAI-compatible servers,
 //!   Anthropic and Gemini.
 //! - [`auth`] — who is calling ([`auth::Authenticator`]) and what they may do
@@ -53,6 +54,7 @@ use crate::metrics::Metrics;
 use crate::service::ai::AiService;
 use crate::service::chat::ChatService;
 use crate::service::domains::DomainService;
+use crate::service::handoff::HandoffService;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 
@@ -91,6 +93,8 @@ pub struct AppInner {
     pub edge: transport::edge::Edge,
     /// AI replies: the bot and the AI endpoints.
     pub ai: Arc<AiService>,
+    /// Hand-off from the bot to human agents, and the agents' inbox.
+    pub handoff: Arc<HandoffService>,
     /// Domain administration (the admin API).
     pub domain_admin: Arc<DomainService>,
     /// Message distribution between nodes.
@@ -162,9 +166,9 @@ impl App {
             config.limits.presence_max_members,
         );
         let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(Arc::clone(&hub)));
-        let (visitors_tx, mut visitors_rx) = mpsc::unbounded_channel();
+        let (observed_tx, mut observed_rx) = mpsc::unbounded_channel();
         let dispatcher =
-            ChatService::spawn_dispatcher(committed_rx, Arc::clone(&broker), visitors_tx);
+            ChatService::spawn_dispatcher(committed_rx, Arc::clone(&broker), observed_tx);
         let chat = Arc::new(ChatService::new(
             Arc::clone(&store),
             hub,
@@ -181,15 +185,22 @@ impl App {
             )
             .map_err(invalid)?,
         );
-        // The bot answers visitors' messages as they are committed.
-        let bot = Arc::clone(&ai);
+        let handoff = Arc::new(HandoffService::new(
+            Arc::clone(&chat),
+            Arc::clone(&ai),
+            Arc::clone(&domains),
+        ));
+        // Committed messages, in commit order: the hand-off service keeps the inbox current
+        // and hands visitors' messages to the bot while a room is with it.
+        let observer = Arc::clone(&handoff);
         tokio::spawn(async move {
-            while let Some(message) = visitors_rx.recv().await {
-                bot.on_committed(message).await;
+            while let Some(message) = observed_rx.recv().await {
+                observer.on_committed(message).await;
             }
         });
         let state = AppState(Arc::new(AppInner {
             ai,
+            handoff,
             auth,
             edge: transport::edge::Edge::new(&config, domains),
             domain_admin,

@@ -173,6 +173,117 @@ pub struct Room {
     pub created_at: DateTime<Utc>,
 }
 
+/// Where a support room stands in the hand-off from the bot to a human (`docs/handoff.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RoomStatus {
+    /// The bot answers.
+    #[default]
+    Bot,
+    /// The visitor asked for a human; nobody has taken the room yet.
+    Waiting,
+    /// An agent has the room; the bot is silent.
+    Assigned,
+    /// Done; a new visitor message reopens it with the bot.
+    Resolved,
+}
+
+impl RoomStatus {
+    /// Every status, in the order of the state machine.
+    pub const ALL: [RoomStatus; 4] = [
+        RoomStatus::Bot,
+        RoomStatus::Waiting,
+        RoomStatus::Assigned,
+        RoomStatus::Resolved,
+    ];
+
+    /// The lowercase wire and stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoomStatus::Bot => "bot",
+            RoomStatus::Waiting => "waiting",
+            RoomStatus::Assigned => "assigned",
+            RoomStatus::Resolved => "resolved",
+        }
+    }
+
+    /// Parses a wire or stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+/// A human agent as a conversation names them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Agent {
+    /// User id.
+    pub user_id: String,
+    /// Display name.
+    pub name: String,
+}
+
+/// A support room's hand-off state. A room that never left the bot has none stored; it is
+/// [`Conversation::new`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conversation {
+    /// The room.
+    pub room: RoomKey,
+    /// Where it stands.
+    pub status: RoomStatus,
+    /// The agent who has it (`assigned`).
+    pub assignee: Option<Agent>,
+    /// When the visitor started waiting for a human (kept through an unassign).
+    pub waiting_since: Option<DateTime<Utc>>,
+    /// When the current assignee took it.
+    pub assigned_at: Option<DateTime<Utc>>,
+    /// When an agent first wrote after the room left the bot.
+    pub first_response_at: Option<DateTime<Utc>>,
+    /// When it was resolved.
+    pub resolved_at: Option<DateTime<Utc>>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+    /// Grows by one per change, so that of two copies the newer is known.
+    pub version: u64,
+}
+
+impl Conversation {
+    /// A room the bot has: nothing decided yet.
+    pub fn new(room: RoomKey) -> Self {
+        Self {
+            room,
+            status: RoomStatus::Bot,
+            assignee: None,
+            waiting_since: None,
+            assigned_at: None,
+            first_response_at: None,
+            resolved_at: None,
+            updated_at: DateTime::<Utc>::default(),
+            version: 0,
+        }
+    }
+
+    /// Seconds from the start of the wait (or the assignment) to the first agent message.
+    pub fn first_response_secs(&self) -> Option<i64> {
+        let start = self.waiting_since.or(self.assigned_at)?;
+        Some((self.first_response_at? - start).num_seconds().max(0))
+    }
+}
+
+/// An agent-only note on a room, kept apart from the room's stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Note {
+    /// Unique id.
+    pub id: String,
+    /// The room.
+    pub room: RoomKey,
+    /// Who wrote it.
+    pub author: Agent,
+    /// The text.
+    pub text: String,
+    /// When it was stored.
+    pub created_at: DateTime<Utc>,
+}
+
 /// Ids (rooms, domains, client message ids, user ids) are 1–128 printable ASCII characters
 /// from a conservative set, so they are safe in URLs, logs and Redis channel names.
 pub fn valid_id(id: &str) -> bool {

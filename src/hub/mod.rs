@@ -26,8 +26,8 @@ use tokio::sync::OnceCell;
 pub use conn::{CLOSE_SLOW_CONSUMER, ConnHandle, Envelope};
 
 use crate::metrics::Metrics;
-use crate::model::{Message, Role, RoomKey};
-use crate::store::{Store, StoreError};
+use crate::model::{Agent, Conversation, Message, Note, Role, RoomKey};
+use crate::store::{InboxEntry, Store, StoreError};
 
 /// Something that happened in a room, on its way to the room's members.
 #[derive(Debug)]
@@ -66,6 +66,34 @@ pub enum Event {
     /// A frame already encoded for one connection: a reply produced after the request
     /// that asked for it (the deltas of an `ai-stream`).
     Frame(bytes::Bytes),
+    /// A support room's hand-off state changed (`room-status`); `seq` is that of the stored
+    /// system message recording it.
+    RoomStatus {
+        /// The new state.
+        conversation: Arc<Conversation>,
+        /// The system message's `seq`.
+        seq: u64,
+    },
+    /// An agent took the room (`agent-joined`).
+    AgentJoined {
+        /// The room.
+        room: RoomKey,
+        /// Who.
+        agent: Agent,
+    },
+    /// An agent gave the room up (`agent-left`): `unassigned`, `transferred` or `resolved`.
+    AgentLeft {
+        /// The room.
+        room: RoomKey,
+        /// Who.
+        agent: Agent,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A room's entry in the agents' inbox changed (`inbox-update`).
+    InboxUpdate(Arc<InboxEntry>),
+    /// An agent wrote an internal note (`note-added`), for agents only.
+    NoteAdded(Arc<Note>),
     /// A member read the room up to `seq`.
     ReadReceipt {
         /// The room.

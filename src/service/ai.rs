@@ -704,7 +704,16 @@ impl AiService {
             }
         };
         let meter = self.meter(&room.domain_id, Some(&room), Some(&question.author.user_id));
-        let mut events = self.generate(bot, turns, None, meter);
+        // With hand-off on, the model may ask for a human itself (see `HandoffMarker`).
+        let handoff = self
+            .domains
+            .load()
+            .get(&room.domain_id)
+            .map(|d| d.settings.handoff.clone())
+            .filter(|h| h.enabled);
+        let context = handoff.as_ref().map(|_| HANDOFF_INSTRUCTION);
+        let mut events = self.generate_with(bot, turns, None, context, meter);
+        let mut marker = HandoffMarker::default();
         let mut provider = String::new();
         let mut model = String::new();
         loop {
@@ -733,6 +742,10 @@ impl AiService {
                     model = m;
                 }
                 Some(AiEvent::Text(delta)) => {
+                    let delta = marker.filter(&delta);
+                    if delta.is_empty() {
+                        continue;
+                    }
                     let (message_id, index) = {
                         let mut p = partial.lock();
                         p.text.push_str(&delta);
@@ -785,22 +798,40 @@ impl AiService {
                 }) => {
                     let (id, text) = {
                         let mut p = partial.lock();
-                        (Arc::clone(&p.message_id), std::mem::take(&mut p.text))
+                        p.text.push_str(&marker.finish());
+                        let text = std::mem::take(&mut p.text);
+                        let text = if marker.seen {
+                            text.trim_end().to_owned()
+                        } else {
+                            text
+                        };
+                        (Arc::clone(&p.message_id), text)
                     };
-                    let extra = serde_json::json!({
+                    let mut extra = serde_json::json!({
                         "finishReason": finish_label(&reason),
                         "usage": { "promptTokens": usage.prompt_tokens,
                                    "completionTokens": usage.completion_tokens },
                     });
+                    if let (true, Some(h)) = (marker.seen, &handoff)
+                        && let serde_json::Value::Object(action) =
+                            super::handoff::escalate_action(&h.action_label)
+                    {
+                        for (k, v) in action {
+                            extra[k] = v;
+                        }
+                    }
                     self.store_reply(&room, &id, text, &provider, &model, Some(extra), false)
                         .await;
                     break;
                 }
                 Some(AiEvent::NoAnswer) => {
+                    let label = handoff
+                        .as_ref()
+                        .map_or("Connect with Customer Support", |h| h.action_label.as_str());
                     self.store_system(
                         &room,
                         "I can't answer that right now. Would you like to talk to a human agent?",
-                        serde_json::json!({ "offerHuman": true }),
+                        super::handoff::escalate_action(label),
                     )
                     .await;
                     break;
@@ -872,6 +903,52 @@ impl AiService {
         if let Err(e) = self.chat.send(&assistant, out).await {
             tracing::warn!(room = %room, error = %e, "cannot store the assistant's message");
         }
+    }
+}
+
+/// What the model is told so it can hand over by itself.
+const HANDOFF_INSTRUCTION: &str = "If the visitor asks to talk to a person, or you cannot help \
+     them, say so briefly and end your reply with the marker [handoff]; the visitor will then \
+     be offered a human agent.";
+
+/// Takes the `[handoff]` marker out of a streamed reply, even when it arrives split over
+/// several deltas: text that could be the start of the marker is held back until the next
+/// delta shows whether it is.
+#[derive(Debug, Default)]
+struct HandoffMarker {
+    held: String,
+    seen: bool,
+}
+
+impl HandoffMarker {
+    const MARKER: &'static str = "[handoff]";
+
+    /// The part of `delta` that can be shown now.
+    fn filter(&mut self, delta: &str) -> String {
+        self.held.push_str(delta);
+        while let Some(at) = self.held.find(Self::MARKER) {
+            self.held.replace_range(at..at + Self::MARKER.len(), "");
+            self.seen = true;
+        }
+        // Hold back the longest tail that is a beginning of the marker.
+        let keep = (1..Self::MARKER.len())
+            .rev()
+            .find(|&n| {
+                self.held.len() >= n
+                    && self.held.is_char_boundary(self.held.len() - n)
+                    && Self::MARKER.starts_with(&self.held[self.held.len() - n..])
+            })
+            .unwrap_or(0);
+        let shown = self.held.len() - keep;
+        let out = self.held[..shown].to_owned();
+        self.held.replace_range(..shown, "");
+        out
+    }
+
+    /// What is still held at the end of the reply.
+    fn finish(&mut self) -> String {
+        let rest = std::mem::take(&mut self.held);
+        rest.trim_end().to_owned()
     }
 }
 
@@ -1427,5 +1504,29 @@ pub fn finish_label(reason: &FinishReason) -> &str {
         FinishReason::Length => "length",
         FinishReason::ContentFilter => "content_filter",
         FinishReason::Other(other) => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HandoffMarker;
+
+    #[test]
+    fn the_handoff_marker_is_taken_out_even_when_split() {
+        let mut m = HandoffMarker::default();
+        let mut shown = String::new();
+        for d in ["Let me get ", "you a person. [hand", "off", "]"] {
+            shown.push_str(&m.filter(d));
+        }
+        shown.push_str(&m.finish());
+        assert_eq!(shown.trim_end(), "Let me get you a person.");
+        assert!(m.seen);
+
+        let mut m = HandoffMarker::default();
+        let mut shown = m.filter("arrays [1, 2] and [h");
+        shown.push_str(&m.filter("ello]"));
+        shown.push_str(&m.finish());
+        assert_eq!(shown, "arrays [1, 2] and [hello]");
+        assert!(!m.seen);
     }
 }

@@ -19,9 +19,7 @@ use crate::broker::Broker;
 use crate::config::Limits;
 use crate::hub::{ConnHandle, Event, Hub, Joined, PresentUser, Replay};
 use crate::metrics::Metrics;
-use crate::model::{
-    Author, Identity, Message, NewMessage, Role, Room, RoomKey, json_depth, valid_id,
-};
+use crate::model::{Author, Identity, Message, NewMessage, Room, RoomKey, json_depth, valid_id};
 use crate::store::{Appended, CustomerProfile, Store, StoreError};
 
 /// Longest display name kept, in characters.
@@ -80,7 +78,7 @@ impl ChatService {
     /// the answer depends on it. With `create`, a missing room is created as the caller's
     /// (joining, posting); without, a missing room is simply allowed (reading finds nothing).
     /// Returns the room when the check had to look it up (so callers need not read it again).
-    async fn authorize(
+    pub async fn authorize(
         &self,
         identity: &Identity,
         key: &RoomKey,
@@ -126,8 +124,8 @@ impl ChatService {
     }
 
     /// Publishes committed messages to the broker, in commit order, until the store's sink
-    /// closes (at shutdown). Visitors' and agents' messages also go to `observer` (the AI
-    /// assistant answers the first and gives way to the second).
+    /// closes (at shutdown). Every message also goes to `observer` (the hand-off service,
+    /// which keeps the inbox current and lets the AI assistant answer visitors).
     pub fn spawn_dispatcher(
         mut committed: mpsc::UnboundedReceiver<Arc<Message>>,
         broker: Arc<dyn Broker>,
@@ -135,10 +133,7 @@ impl ChatService {
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             while let Some(message) = committed.recv().await {
-                let role = message.author.role.as_str();
-                if role == Role::Visitor.as_str() || role == Role::Agent.as_str() {
-                    let _ = observer.send(Arc::clone(&message));
-                }
+                let _ = observer.send(Arc::clone(&message));
                 broker.publish(message);
             }
         })

@@ -7,6 +7,7 @@
 pub mod ai;
 pub mod chat;
 pub mod domains;
+pub mod handoff;
 
 use crate::store::StoreError;
 

@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 
-use crate::model::{Message, NewMessage, Room, RoomKey};
+use crate::model::{Agent, Conversation, Message, NewMessage, Note, Room, RoomKey, RoomStatus};
 
 /// Deepest nesting of a message's `data` a store accepts (JSON parsers refuse to read back
 /// deeper documents).
@@ -234,6 +234,62 @@ pub struct UsageGroup {
     pub mean_latency_ms: u64,
 }
 
+/// Decides a hand-off transition from the room's current state: the new state and the
+/// system message recording it, or `None` to leave the room as it is. Called inside the
+/// store's transaction, so the decision and the write are one step (and may be called again
+/// if that transaction is retried).
+pub type Decide = Arc<dyn Fn(&Conversation) -> Option<(Conversation, NewMessage)> + Send + Sync>;
+
+/// The outcome of [`Store::transition`].
+#[derive(Debug, Clone)]
+pub struct Transitioned {
+    /// The room's state afterwards (unchanged when `message` is `None`).
+    pub conversation: Conversation,
+    /// The stored system message, when the state changed.
+    pub message: Option<Appended>,
+}
+
+/// Which rooms [`Store::inbox`] lists.
+#[derive(Debug, Clone)]
+pub struct InboxQuery {
+    /// The domain.
+    pub domain_id: String,
+    /// Statuses to list; empty: all.
+    pub statuses: Vec<RoomStatus>,
+    /// Whose read positions to report.
+    pub reader: String,
+    /// At most this many.
+    pub limit: usize,
+}
+
+/// One room in an agent inbox.
+#[derive(Debug, Clone)]
+pub struct InboxEntry {
+    /// Its hand-off state.
+    pub conversation: Conversation,
+    /// Who opened the room.
+    pub created_by: Option<String>,
+    /// The visitor's name from their profile, if they gave one.
+    pub visitor_name: Option<String>,
+    /// When the room was created.
+    pub created_at: DateTime<Utc>,
+    /// Its newest message.
+    pub last_message: Message,
+    /// The reader's read position.
+    pub read_seq: u64,
+}
+
+/// A note about to be stored.
+#[derive(Debug, Clone)]
+pub struct NewNote {
+    /// The room (it must exist).
+    pub room: RoomKey,
+    /// The agent writing it.
+    pub author: Agent,
+    /// The text.
+    pub text: String,
+}
+
 /// Why a store operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -341,6 +397,38 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         to: DateTime<Utc>,
         group: UsageGrouping,
     ) -> Result<Vec<UsageGroup>, StoreError>;
+
+    /// The room's hand-off state; `None` when it never left the bot (or does not exist).
+    async fn conversation(&self, key: &RoomKey) -> Result<Option<Conversation>, StoreError>;
+
+    /// Changes the room's hand-off state if `decide` says so, storing the new state and its
+    /// system message in one transaction (the room is created, by `created_by`, if
+    /// missing). The message reaches the commit sink like any other. Concurrent calls for
+    /// one room are decided one after the other, each seeing the previous one's result.
+    async fn transition(
+        &self,
+        key: &RoomKey,
+        created_by: Option<&str>,
+        decide: Decide,
+    ) -> Result<Transitioned, StoreError>;
+
+    /// Records the first agent message of a waiting or assigned room at `at`, unless one is
+    /// recorded already; returns the state afterwards if it changed.
+    async fn first_response(
+        &self,
+        key: &RoomKey,
+        at: DateTime<Utc>,
+    ) -> Result<Option<Conversation>, StoreError>;
+
+    /// Support rooms of a domain that hold messages (not the `ai:` conversations): waiting
+    /// ones first, longest waiting first, then by latest activity.
+    async fn inbox(&self, query: InboxQuery) -> Result<Vec<InboxEntry>, StoreError>;
+
+    /// Stores an agent note on an existing room.
+    async fn add_note(&self, note: NewNote) -> Result<Note, StoreError>;
+
+    /// The room's latest `limit` notes, oldest first.
+    async fn notes(&self, key: &RoomKey, limit: usize) -> Result<Vec<Note>, StoreError>;
 
     /// Checks that reads and writes work.
     async fn health(&self) -> Result<(), StoreError>;

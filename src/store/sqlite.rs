@@ -28,11 +28,15 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Appended, CommitSink, CustomerProfile, DomainChange, DomainKey, KeyKind, MAX_DATA_DEPTH, Store,
-    StoreError, StoredDomain, UsageGroup, UsageGrouping, UsageRecord,
+    Appended, CommitSink, CustomerProfile, Decide, DomainChange, DomainKey, InboxEntry, InboxQuery,
+    KeyKind, MAX_DATA_DEPTH, NewNote, Store, StoreError, StoredDomain, Transitioned, UsageGroup,
+    UsageGrouping, UsageRecord,
 };
 use crate::config::{SqliteSync, StoreConfig};
-use crate::model::{Author, Message, NewMessage, Room, RoomKey, json_depth, now_ms};
+use crate::model::{
+    Agent, Author, Conversation, Message, NewMessage, Note, Room, RoomKey, RoomStatus, json_depth,
+    now_ms,
+};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -40,6 +44,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0002_compact_room_keys.sql"),
     include_str!("migrations/sqlite/0003_domain_admin.sql"),
     include_str!("migrations/sqlite/0004_ai.sql"),
+    include_str!("migrations/sqlite/0005_handoff.sql"),
 ];
 
 /// Column list matching [`row_to_message`], for `FROM messages m JOIN rooms r`
@@ -102,6 +107,18 @@ enum WriteOp {
     ),
     Domain(DomainChange, oneshot::Sender<Result<u64, StoreError>>),
     Usage(UsageRecord, oneshot::Sender<Result<(), StoreError>>),
+    Transition(
+        RoomKey,
+        Option<String>,
+        Decide,
+        oneshot::Sender<Result<Transitioned, StoreError>>,
+    ),
+    FirstResponse(
+        RoomKey,
+        DateTime<Utc>,
+        oneshot::Sender<Result<Option<Conversation>, StoreError>>,
+    ),
+    AddNote(NewNote, oneshot::Sender<Result<Note, StoreError>>),
 }
 
 /// A finished operation's result, held until the batch commits.
@@ -111,6 +128,15 @@ enum Done {
     MarkRead(u64, oneshot::Sender<Result<u64, StoreError>>),
     Unit(oneshot::Sender<Result<(), StoreError>>),
     Count(u64, oneshot::Sender<Result<u64, StoreError>>),
+    Transition(
+        Transitioned,
+        oneshot::Sender<Result<Transitioned, StoreError>>,
+    ),
+    FirstResponse(
+        Option<Conversation>,
+        oneshot::Sender<Result<Option<Conversation>, StoreError>>,
+    ),
+    Note(Note, oneshot::Sender<Result<Note, StoreError>>),
 }
 
 impl SqliteStore {
@@ -321,30 +347,39 @@ fn seq_param(seq: u64) -> i64 {
 }
 
 fn row_to_message(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
-    let domain: String = row.get(0)?;
-    let room: String = row.get(1)?;
-    let seq: i64 = row.get(2)?;
-    let data: Option<String> = row.get(9)?;
+    message_at(row, 0)
+}
+
+/// A message from the [`message_columns`] starting at column `at`.
+fn message_at(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Message> {
+    let domain: String = row.get(at)?;
+    let room: String = row.get(at + 1)?;
+    let seq: i64 = row.get(at + 2)?;
+    let data: Option<String> = row.get(at + 9)?;
     let data = match data {
         Some(text) => Some(serde_json::from_str(&text).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(9, rusqlite::types::Type::Text, Box::new(e))
+            rusqlite::Error::FromSqlConversionFailure(
+                at + 9,
+                rusqlite::types::Type::Text,
+                Box::new(e),
+            )
         })?),
         None => None,
     };
     Ok(Message {
         room: RoomKey::new(domain, room),
         seq: u64::try_from(seq).unwrap_or(0),
-        id: row.get(3)?,
+        id: row.get(at + 3)?,
         author: Author {
-            user_id: row.get(4)?,
-            name: row.get(5)?,
-            role: row.get(6)?,
+            user_id: row.get(at + 4)?,
+            name: row.get(at + 5)?,
+            role: row.get(at + 6)?,
         },
-        kind: row.get(7)?,
-        content: row.get(8)?,
+        kind: row.get(at + 7)?,
+        content: row.get(at + 8)?,
         data,
-        client_message_id: row.get(10)?,
-        created_at: from_ms(row.get(11)?),
+        client_message_id: row.get(at + 10)?,
+        created_at: from_ms(row.get(at + 11)?),
     })
 }
 
@@ -369,6 +404,62 @@ fn select_room(conn: &Connection, key: &RoomKey) -> rusqlite::Result<Option<(i64
             },
         ))
     })
+    .optional()
+}
+
+/// Columns matching [`row_to_conversation`] (table alias `c`).
+const CONVERSATION_COLUMNS: &str = "c.status, c.assignee_id, c.assignee_name, c.waiting_since, \
+     c.assigned_at, c.first_response_at, c.resolved_at, c.updated_at, c.version";
+
+/// A conversation from [`CONVERSATION_COLUMNS`] starting at column `at`; a room without a
+/// row (all `NULL`) is with the bot.
+fn row_to_conversation(
+    row: &rusqlite::Row<'_>,
+    at: usize,
+    key: RoomKey,
+) -> rusqlite::Result<Conversation> {
+    let status: Option<String> = row.get(at)?;
+    let Some(status) = status else {
+        return Ok(Conversation::new(key));
+    };
+    let status = RoomStatus::parse(&status).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            at,
+            rusqlite::types::Type::Text,
+            format!("unknown room status {status:?}").into(),
+        )
+    })?;
+    let time = |i: usize| -> rusqlite::Result<Option<DateTime<Utc>>> {
+        Ok(row.get::<_, Option<i64>>(at + i)?.map(from_ms))
+    };
+    let assignee_id: Option<String> = row.get(at + 1)?;
+    let assignee_name: Option<String> = row.get(at + 2)?;
+    let version: i64 = row.get(at + 8)?;
+    Ok(Conversation {
+        room: key,
+        status,
+        assignee: assignee_id.map(|user_id| Agent {
+            name: assignee_name.unwrap_or_else(|| user_id.clone()),
+            user_id,
+        }),
+        waiting_since: time(3)?,
+        assigned_at: time(4)?,
+        first_response_at: time(5)?,
+        resolved_at: time(6)?,
+        updated_at: time(7)?.unwrap_or_default(),
+        version: u64::try_from(version).unwrap_or(0),
+    })
+}
+
+fn select_conversation(
+    conn: &Connection,
+    rid: i64,
+    key: &RoomKey,
+) -> rusqlite::Result<Option<Conversation>> {
+    conn.prepare_cached(&format!(
+        "SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.room = ?1"
+    ))?
+    .query_row(params![rid], |row| row_to_conversation(row, 0, key.clone()))
     .optional()
 }
 
@@ -530,6 +621,13 @@ impl Writer {
                 Ok(Applied::Unit)
             }
             WriteOp::Domain(change, _) => self.change_domains(change).map(Applied::Count),
+            WriteOp::Transition(key, by, decide, _) => self
+                .transition(key, by.as_deref(), decide)
+                .map(Applied::Transition),
+            WriteOp::FirstResponse(key, at, _) => {
+                self.first_response(key, *at).map(Applied::FirstResponse)
+            }
+            WriteOp::AddNote(note, _) => self.add_note(note).map(Applied::Note),
             WriteOp::Usage(r, _) => {
                 let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
                 self.conn
@@ -790,10 +888,126 @@ impl Writer {
         Ok(u64::try_from(stored).unwrap_or(0))
     }
 
+    /// Decides and stores a hand-off transition (see [`Store::transition`]).
+    fn transition(
+        &mut self,
+        key: &RoomKey,
+        created_by: Option<&str>,
+        decide: &Decide,
+    ) -> Result<Transitioned, StoreError> {
+        let (slot, _) = self.ensure_room(key, created_by)?;
+        self.rooms.insert(key.clone(), slot);
+        let current = select_conversation(&self.conn, slot.rid, key)
+            .map_err(unavailable)?
+            .unwrap_or_else(|| Conversation::new(key.clone()));
+        let Some((mut next, message)) = decide(&current) else {
+            return Ok(Transitioned {
+                conversation: current,
+                message: None,
+            });
+        };
+        next.room = key.clone();
+        next.version = current.version + 1;
+        next.updated_at = now_ms();
+        let opt = |t: Option<DateTime<Utc>>| t.map(to_ms);
+        self.conn
+            .prepare_cached(
+                "INSERT INTO conversations (room, domain_id, status, assignee_id, assignee_name,
+                   waiting_since, assigned_at, first_response_at, resolved_at, updated_at, version)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                 ON CONFLICT (room) DO UPDATE SET status = excluded.status,
+                   assignee_id = excluded.assignee_id, assignee_name = excluded.assignee_name,
+                   waiting_since = excluded.waiting_since, assigned_at = excluded.assigned_at,
+                   first_response_at = excluded.first_response_at,
+                   resolved_at = excluded.resolved_at, updated_at = excluded.updated_at,
+                   version = excluded.version",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    slot.rid,
+                    &*key.domain_id,
+                    next.status.as_str(),
+                    next.assignee.as_ref().map(|a| &a.user_id),
+                    next.assignee.as_ref().map(|a| &a.name),
+                    opt(next.waiting_since),
+                    opt(next.assigned_at),
+                    opt(next.first_response_at),
+                    opt(next.resolved_at),
+                    to_ms(next.updated_at),
+                    i64::try_from(next.version).unwrap_or(i64::MAX),
+                ])
+            })
+            .map_err(unavailable)?;
+        let appended = self.append(&message)?;
+        Ok(Transitioned {
+            conversation: next,
+            message: Some(appended),
+        })
+    }
+
+    fn first_response(
+        &mut self,
+        key: &RoomKey,
+        at: DateTime<Utc>,
+    ) -> Result<Option<Conversation>, StoreError> {
+        let Some((rid, _)) = select_room(&self.conn, key).map_err(unavailable)? else {
+            return Ok(None);
+        };
+        let changed = self
+            .conn
+            .prepare_cached(
+                "UPDATE conversations SET first_response_at = ?2, updated_at = ?2,
+                   version = version + 1
+                 WHERE room = ?1 AND first_response_at IS NULL
+                   AND status IN ('waiting', 'assigned')",
+            )
+            .and_then(|mut st| st.execute(params![rid, to_ms(at)]))
+            .map_err(unavailable)?;
+        if changed == 0 {
+            return Ok(None);
+        }
+        select_conversation(&self.conn, rid, key).map_err(unavailable)
+    }
+
+    fn add_note(&mut self, note: &NewNote) -> Result<Note, StoreError> {
+        let Some((rid, _)) = select_room(&self.conn, &note.room).map_err(unavailable)? else {
+            return Err(StoreError::Invalid("the room does not exist".into()));
+        };
+        let stored = Note {
+            id: uuid::Uuid::now_v7().to_string(),
+            room: note.room.clone(),
+            author: note.author.clone(),
+            text: note.text.clone(),
+            created_at: now_ms(),
+        };
+        self.conn
+            .prepare_cached(
+                "INSERT INTO notes (id, room, author_id, author_name, text, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    stored.id,
+                    rid,
+                    stored.author.user_id,
+                    stored.author.name,
+                    stored.text,
+                    to_ms(stored.created_at)
+                ])
+            })
+            .map_err(unavailable)?;
+        Ok(stored)
+    }
+
     /// Hands committed messages to the sink, then answers the callers.
     fn finish(&mut self, done: Vec<Done>) {
         for d in &done {
-            if let Done::Append(a, _) = d
+            let appended = match d {
+                Done::Append(a, _) => Some(a),
+                Done::Transition(t, _) => t.message.as_ref(),
+                _ => None,
+            };
+            if let Some(a) = appended
                 && !a.duplicate
             {
                 // The receiver lives as long as the server; if it is gone we are shutting down.
@@ -817,6 +1031,15 @@ impl Writer {
                 Done::Count(n, tx) => {
                     let _ = tx.send(Ok(n));
                 }
+                Done::Transition(t, tx) => {
+                    let _ = tx.send(Ok(t));
+                }
+                Done::FirstResponse(c, tx) => {
+                    let _ = tx.send(Ok(c));
+                }
+                Done::Note(n, tx) => {
+                    let _ = tx.send(Ok(n));
+                }
             }
         }
     }
@@ -829,6 +1052,9 @@ enum Applied {
     Read(u64),
     Unit,
     Count(u64),
+    Transition(Transitioned),
+    FirstResponse(Option<Conversation>),
+    Note(Note),
 }
 
 impl Applied {
@@ -841,6 +1067,11 @@ impl Applied {
                 Done::Unit(tx)
             }
             (Applied::Count(n), WriteOp::Domain(_, tx)) => Done::Count(n, tx),
+            (Applied::Transition(t), WriteOp::Transition(_, _, _, tx)) => Done::Transition(t, tx),
+            (Applied::FirstResponse(c), WriteOp::FirstResponse(_, _, tx)) => {
+                Done::FirstResponse(c, tx)
+            }
+            (Applied::Note(n), WriteOp::AddNote(_, tx)) => Done::Note(n, tx),
             // `apply` maps each operation to its own result kind, so this cannot happen; if it
             // ever did, the caller gets an error rather than a wrong answer.
             (_, op) => {
@@ -870,6 +1101,15 @@ fn fail(op: WriteOp, e: &StoreError) {
             let _ = tx.send(Err(err()));
         }
         WriteOp::Usage(_, tx) => {
+            let _ = tx.send(Err(err()));
+        }
+        WriteOp::Transition(_, _, _, tx) => {
+            let _ = tx.send(Err(err()));
+        }
+        WriteOp::FirstResponse(_, _, tx) => {
+            let _ = tx.send(Err(err()));
+        }
+        WriteOp::AddNote(_, tx) => {
             let _ = tx.send(Err(err()));
         }
     }
@@ -1128,6 +1368,129 @@ impl Store for SqliteStore {
             c.prepare_cached("SELECT value FROM server_settings WHERE name = ?1")?
                 .query_row(params![name], |r| r.get(0))
                 .optional()
+        })
+        .await
+    }
+
+    async fn conversation(&self, key: &RoomKey) -> Result<Option<Conversation>, StoreError> {
+        let key = key.clone();
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {CONVERSATION_COLUMNS} FROM conversations c
+                 JOIN rooms r ON r.rid = c.room WHERE r.domain_id = ?1 AND r.id = ?2"
+            ))?
+            .query_row(params![&*key.domain_id, &*key.room_id], |row| {
+                row_to_conversation(row, 0, key.clone())
+            })
+            .optional()
+        })
+        .await
+    }
+
+    async fn transition(
+        &self,
+        key: &RoomKey,
+        created_by: Option<&str>,
+        decide: Decide,
+    ) -> Result<Transitioned, StoreError> {
+        let by = created_by.map(str::to_owned);
+        self.write(|tx| WriteOp::Transition(key.clone(), by, decide, tx))
+            .await
+    }
+
+    async fn first_response(
+        &self,
+        key: &RoomKey,
+        at: DateTime<Utc>,
+    ) -> Result<Option<Conversation>, StoreError> {
+        self.write(|tx| WriteOp::FirstResponse(key.clone(), at, tx))
+            .await
+    }
+
+    async fn inbox(&self, query: InboxQuery) -> Result<Vec<InboxEntry>, StoreError> {
+        self.read(move |c| {
+            // Statuses are a closed set of fixed words, so they can be spelled into the SQL.
+            let filter = if query.statuses.is_empty() {
+                String::new()
+            } else {
+                let names: Vec<String> = query
+                    .statuses
+                    .iter()
+                    .map(|s| format!("'{}'", s.as_str()))
+                    .collect();
+                format!("AND COALESCE(c.status, 'bot') IN ({})", names.join(", "))
+            };
+            let sql = format!(
+                "SELECT r.id, r.created_by, r.created_at, cu.name, COALESCE(rs.seq, 0),
+                   {message_columns}, {CONVERSATION_COLUMNS}
+                 FROM rooms r
+                 JOIN messages m ON m.room = r.rid
+                   AND m.seq = (SELECT MAX(x.seq) FROM messages x WHERE x.room = r.rid)
+                 LEFT JOIN conversations c ON c.room = r.rid
+                 LEFT JOIN read_states rs ON rs.domain_id = r.domain_id AND rs.room_id = r.id
+                   AND rs.user_id = ?2
+                 LEFT JOIN customers cu ON cu.domain_id = r.domain_id AND cu.user_id = r.created_by
+                 WHERE r.domain_id = ?1 AND r.kind = 'support' AND r.id NOT LIKE 'ai:%' {filter}
+                 ORDER BY COALESCE(c.status, 'bot') = 'waiting' DESC, c.waiting_since ASC,
+                   m.created_at DESC
+                 LIMIT ?3",
+                message_columns = message_columns!(),
+            );
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(
+                params![query.domain_id, query.reader, limit_param(query.limit)],
+                |row| {
+                    let room_id: String = row.get(0)?;
+                    let key = RoomKey::new(query.domain_id.as_str(), room_id);
+                    let read: i64 = row.get(4)?;
+                    // The message columns start at 5 (row_to_message reads from 0).
+                    let last_message = message_at(row, 5)?;
+                    Ok(InboxEntry {
+                        conversation: row_to_conversation(row, 17, key)?,
+                        created_by: row.get(1)?,
+                        created_at: from_ms(row.get(2)?),
+                        visitor_name: row.get(3)?,
+                        last_message,
+                        read_seq: u64::try_from(read).unwrap_or(0),
+                    })
+                },
+            )?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn add_note(&self, note: NewNote) -> Result<Note, StoreError> {
+        self.write(|tx| WriteOp::AddNote(note, tx)).await
+    }
+
+    async fn notes(&self, key: &RoomKey, limit: usize) -> Result<Vec<Note>, StoreError> {
+        let key = key.clone();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT n.id, n.author_id, n.author_name, n.text, n.created_at
+                 FROM notes n JOIN rooms r ON r.rid = n.room
+                 WHERE r.domain_id = ?1 AND r.id = ?2
+                 ORDER BY n.created_at DESC, n.id DESC LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(
+                params![&*key.domain_id, &*key.room_id, limit_param(limit)],
+                |row| {
+                    Ok(Note {
+                        id: row.get(0)?,
+                        room: key.clone(),
+                        author: Agent {
+                            user_id: row.get(1)?,
+                            name: row.get(2)?,
+                        },
+                        text: row.get(3)?,
+                        created_at: from_ms(row.get(4)?),
+                    })
+                },
+            )?;
+            let mut notes: Vec<Note> = rows.collect::<rusqlite::Result<_>>()?;
+            notes.reverse();
+            Ok(notes)
         })
         .await
     }

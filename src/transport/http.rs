@@ -407,8 +407,8 @@ pub async fn ws_token(
     )
 }
 
-/// Signs a connection token and answers `{token, expiresAt, userId, role, domainId}`.
-fn issue_token(
+/// Signs a connection token and answers `{token, expiresAt, userId, name, role, domainId}`.
+pub(crate) fn issue_token(
     app: &AppState,
     user_id: &str,
     name: Option<&str>,
@@ -433,6 +433,7 @@ fn issue_token(
         "token": token,
         "expiresAt": iso(expires),
         "userId": user_id,
+        "name": name,
         "role": role.as_str(),
         "domainId": domain_id,
     }))

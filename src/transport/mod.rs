@@ -7,6 +7,8 @@
 //! - [`ai`]: the seeds' AI endpoints (`/ai/chat`, `/ai/stream`) and shapes the WebSocket
 //!   `ai-chat` / `ai-stream` frames share.
 //! - [`edge`]: per-IP rate limits, CORS and each domain's allowed origins.
+//! - [`handoff`]: the hand-off HTTP API (inbox, assign, resolve, notes).
+//! - [`web`]: the pages compiled into the binary (widget, agent inbox, demo page).
 //!
 //! [`router`] assembles them into one axum app, apart from serving it, so tests can drive it
 //! with `oneshot` or a real listener.
@@ -14,7 +16,9 @@
 pub mod admin;
 pub mod ai;
 pub mod edge;
+pub mod handoff;
 pub mod http;
+pub mod web;
 pub mod wire;
 pub mod ws;
 
@@ -40,7 +44,10 @@ pub fn router(state: AppState) -> Router {
         tracing::debug_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
     });
     Router::new()
-        .route("/", get(http::health))
+        .route("/", get(web::root))
+        .route("/widget.js", get(web::widget))
+        .route("/inbox", get(web::inbox))
+        .route("/api/dev/agent-token", post(web::dev_agent_token))
         .route("/health", get(http::health))
         .route("/metrics", get(http::metrics))
         .route("/ws", get(ws::upgrade))
@@ -49,6 +56,18 @@ pub fn router(state: AppState) -> Router {
             get(http::list_messages).post(http::post_message),
         )
         .route("/api/rooms/{id}/messages", get(http::room_messages))
+        .route("/api/rooms/{id}/conversation", get(handoff::conversation))
+        .route("/api/rooms/{id}/escalate", post(handoff::escalate))
+        .route("/api/rooms/{id}/assign", post(handoff::assign))
+        .route("/api/rooms/{id}/unassign", post(handoff::unassign))
+        .route("/api/rooms/{id}/transfer", post(handoff::transfer))
+        .route("/api/rooms/{id}/resolve", post(handoff::resolve))
+        .route(
+            "/api/rooms/{id}/notes",
+            get(handoff::notes).post(handoff::add_note),
+        )
+        .route("/api/inbox", get(handoff::inbox))
+        .route("/api/agents", get(handoff::agents))
         .route("/api/publish", post(http::publish))
         .route("/api/ws/token", post(http::ws_token))
         .route("/api/visitor-token", post(http::visitor_token))

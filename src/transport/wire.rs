@@ -9,7 +9,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::hub::{Event, PresentUser};
-use crate::model::{Message, iso};
+use crate::model::{Agent, Conversation, Message, Note, iso};
+use crate::store::InboxEntry;
 
 /// A stored message on the wire. With `frame` set it is a complete `message-received` frame.
 #[derive(Debug, Serialize)]
@@ -125,6 +126,37 @@ pub fn encode_event(event: &Event) -> Bytes {
             "delta": delta,
             "index": index,
         })),
+        Event::RoomStatus { conversation, seq } => to_bytes(&serde_json::json!({
+            "type": "room-status",
+            "roomId": &*conversation.room.room_id,
+            "seq": seq,
+            "changed": true,
+            "conversation": conversation_json(conversation),
+        })),
+        Event::AgentJoined { room, agent } => to_bytes(&serde_json::json!({
+            "type": "agent-joined",
+            "roomId": &*room.room_id,
+            "agent": agent_json(agent),
+        })),
+        Event::AgentLeft {
+            room,
+            agent,
+            reason,
+        } => to_bytes(&serde_json::json!({
+            "type": "agent-left",
+            "roomId": &*room.room_id,
+            "agent": agent_json(agent),
+            "reason": reason,
+        })),
+        Event::InboxUpdate(entry) => to_bytes(&serde_json::json!({
+            "type": "inbox-update",
+            "conversation": inbox_entry_json(entry, false),
+        })),
+        Event::NoteAdded(note) => to_bytes(&serde_json::json!({
+            "type": "note-added",
+            "roomId": &*note.room.room_id,
+            "note": note_json(note),
+        })),
         Event::ReadReceipt { room, user_id, seq } => to_bytes(&serde_json::json!({
             "type": "read-receipt",
             "roomId": &*room.room_id,
@@ -132,6 +164,70 @@ pub fn encode_event(event: &Event) -> Bytes {
             "seq": seq,
         })),
     }
+}
+
+/// `{userId, name}`.
+pub fn agent_json(agent: &Agent) -> Value {
+    serde_json::json!({ "userId": agent.user_id, "name": agent.name })
+}
+
+/// A support room's hand-off state (`docs/handoff.md`, "The conversation object").
+pub fn conversation_json(c: &Conversation) -> Value {
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(iso);
+    serde_json::json!({
+        "roomId": &*c.room.room_id,
+        "status": c.status.as_str(),
+        "assignee": c.assignee.as_ref().map(agent_json),
+        "waitingSince": time(c.waiting_since),
+        "assignedAt": time(c.assigned_at),
+        "firstResponseAt": time(c.first_response_at),
+        "firstResponseSecs": c.first_response_secs(),
+        "resolvedAt": time(c.resolved_at),
+        "updatedAt": (c.version > 0).then(|| iso(c.updated_at)),
+    })
+}
+
+/// Longest message preview in an inbox entry, in characters.
+const PREVIEW_CHARS: usize = 140;
+
+/// An inbox entry: the conversation plus the room's latest message and its visitor; with
+/// `reader`, also the reader's position and unread count.
+pub fn inbox_entry_json(e: &InboxEntry, reader: bool) -> Value {
+    let mut v = conversation_json(&e.conversation);
+    let m = &e.last_message;
+    let preview: String = m.content.chars().take(PREVIEW_CHARS).collect();
+    v["lastSeq"] = m.seq.into();
+    v["lastMessage"] = serde_json::json!({
+        "seq": m.seq,
+        "message": preview,
+        "role": m.author.role,
+        "userName": m.author.name,
+        "timestamp": iso(m.created_at),
+    });
+    v["visitor"] = match &e.created_by {
+        Some(id) => serde_json::json!({
+            "userId": id,
+            "name": e.visitor_name.as_deref().unwrap_or("Visitor"),
+        }),
+        None => Value::Null,
+    };
+    v["createdAt"] = iso(e.created_at).into();
+    if reader {
+        v["readSeq"] = e.read_seq.into();
+        v["unread"] = m.seq.saturating_sub(e.read_seq).into();
+    }
+    v
+}
+
+/// An internal note.
+pub fn note_json(n: &Note) -> Value {
+    serde_json::json!({
+        "id": n.id,
+        "roomId": &*n.room.room_id,
+        "text": n.text,
+        "author": agent_json(&n.author),
+        "timestamp": iso(n.created_at),
+    })
 }
 
 /// `{"error":{"code","message"}}`, the HTTP error body.

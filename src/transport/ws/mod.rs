@@ -27,14 +27,18 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use self::socket::{Incoming, RecvError, WsSocket};
 use super::ai::AskBody;
 use super::http::{ApiError, bearer_token};
-use super::wire::{WireMessage, WireUser, encode_event, to_bytes};
+use super::wire::{
+    WireMessage, WireUser, agent_json, conversation_json, encode_event, inbox_entry_json,
+    note_json, to_bytes,
+};
 use crate::AppState;
 use crate::auth::domains::DomainPermit;
 use crate::auth::policy;
 use crate::hub::{CLOSE_SLOW_CONSUMER, ConnHandle, Envelope, Event, Joined, Replay};
-use crate::model::{Identity, RoomKey, iso, now_ms};
+use crate::model::{Conversation, Identity, RoomKey, RoomStatus, iso, now_ms};
 use crate::service::ServiceError;
 use crate::service::chat::{MAX_NAME_CHARS, Outgoing, not_joined};
+use crate::service::handoff::{Action, AgentRef};
 use crate::store::CustomerProfile;
 
 /// Close code sent on graceful shutdown ("service restart"): reconnect, possibly elsewhere.
@@ -355,6 +359,7 @@ impl Connection {
         for key in std::mem::take(&mut self.rooms).into_keys() {
             self.app.chat.leave(&self.handle, &key);
         }
+        self.app.handoff.unsubscribe(&self.handle);
         Box::pin(self.close(&mut socket, end)).await;
         metrics.connections.dec();
         metrics.disconnect(end.label());
@@ -598,6 +603,19 @@ impl Connection {
             "auth" => handle!(Auth, auth),
             "ai-chat" => handle!(AskBody, ai_chat),
             "ai-stream" => handle!(AskBody, ai_stream),
+            "escalate" => handle!(EscalateFrame, escalate),
+            "assign" => handle!(AgentFrame, assign),
+            "transfer" => handle!(AgentFrame, transfer),
+            "unassign" => handle!(RoomRef, unassign),
+            "resolve" => handle!(RoomRef, resolve),
+            "note" => handle!(NoteFrame, note),
+            "subscribe-inbox" => handle!(SubscribeInbox, subscribe_inbox),
+            "unsubscribe-inbox" => {
+                let was = self.app.handoff.unsubscribe(&self.handle);
+                let frame =
+                    json!({ "type": "inbox-unsubscribed", "replyTo": reply_to, "subscribed": was });
+                self.send(socket, to_bytes(&frame)).await
+            }
             "ping" => {
                 let frame =
                     json!({ "type": "pong", "timestamp": iso(now_ms()), "replyTo": reply_to });
@@ -769,7 +787,10 @@ impl Connection {
             Err(e) => return self.service_error(socket, reply_to, &e).await,
         };
         self.current_room = Some(key.room_id.clone());
-        let mut sent = self.send_joined(socket, &key, &joined, reply_to).await;
+        let status = self.app.handoff.status_of(&key).await;
+        let mut sent = self
+            .send_joined(socket, &key, &joined, status.as_deref(), reply_to)
+            .await;
         // A reply the assistant is streaming: its text so far, then the deltas that follow
         // (a delta whose index is not above this one's repeats text already given).
         if let (Ok(()), Some(partial)) = (&sent, self.app.ai.partial(&key)) {
@@ -794,10 +815,11 @@ impl Connection {
         socket: &mut WsSocket,
         key: &RoomKey,
         joined: &Joined,
+        status: Option<&Conversation>,
         reply_to: ReplyTo,
     ) -> Sent {
         let members: Vec<WireUser<'_>> = joined.members.iter().map(WireUser::from).collect();
-        let frame = json!({
+        let mut frame = json!({
             "type": "room-joined",
             "roomId": &*key.room_id,
             "replyTo": reply_to,
@@ -806,6 +828,11 @@ impl Connection {
             "memberCount": joined.member_count,
             "timestamp": iso(now_ms()),
         });
+        // A support room says where it stands in the hand-off.
+        if let Some(c) = status {
+            frame["status"] = c.status.as_str().into();
+            frame["assignee"] = c.assignee.as_ref().map_or(Value::Null, agent_json);
+        }
         socket.queue_text(&to_bytes(&frame));
         let chunk = self.app.config.limits.replay_chunk;
         let mut chunks = joined.history.chunks(chunk).peekable();
@@ -1048,6 +1075,168 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// Runs a hand-off action on the frame's room (or the current one) and answers with the
+    /// room's state.
+    async fn handoff(
+        &mut self,
+        socket: &mut WsSocket,
+        room_id: Option<&str>,
+        action: Action,
+        reply_to: ReplyTo,
+    ) -> Sent {
+        let identity = Arc::clone(self.handle.identity());
+        let result = match self.target_room(room_id) {
+            Ok(room) => self.app.handoff.act(&identity, &room, action).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(outcome) => {
+                let frame = json!({
+                    "type": "room-status",
+                    "replyTo": reply_to,
+                    "roomId": &*outcome.conversation.room.room_id,
+                    "seq": outcome.seq,
+                    "changed": outcome.changed,
+                    "conversation": conversation_json(&outcome.conversation),
+                });
+                self.send(socket, to_bytes(&frame)).await
+            }
+            Err(e) => self.service_error(socket, reply_to, &e).await,
+        }
+    }
+
+    async fn escalate(
+        &mut self,
+        socket: &mut WsSocket,
+        f: EscalateFrame,
+        reply_to: ReplyTo,
+    ) -> Sent {
+        let action = Action::Escalate { reason: f.reason };
+        self.handoff(socket, f.room_id.as_deref(), action, reply_to)
+            .await
+    }
+
+    async fn assign(&mut self, socket: &mut WsSocket, f: AgentFrame, reply_to: ReplyTo) -> Sent {
+        let agent = f.agent_id.map(|user_id| AgentRef {
+            user_id,
+            name: f.agent_name,
+        });
+        self.handoff(
+            socket,
+            f.room_id.as_deref(),
+            Action::Assign(agent),
+            reply_to,
+        )
+        .await
+    }
+
+    async fn transfer(&mut self, socket: &mut WsSocket, f: AgentFrame, reply_to: ReplyTo) -> Sent {
+        let Some(user_id) = f.agent_id else {
+            return self
+                .error(
+                    socket,
+                    reply_to,
+                    "invalid_frame",
+                    "invalid frame: missing field `agentId`",
+                )
+                .await;
+        };
+        let agent = AgentRef {
+            user_id,
+            name: f.agent_name,
+        };
+        self.handoff(
+            socket,
+            f.room_id.as_deref(),
+            Action::Transfer(agent),
+            reply_to,
+        )
+        .await
+    }
+
+    async fn unassign(&mut self, socket: &mut WsSocket, f: RoomRef, reply_to: ReplyTo) -> Sent {
+        self.handoff(socket, f.room_id.as_deref(), Action::Unassign, reply_to)
+            .await
+    }
+
+    async fn resolve(&mut self, socket: &mut WsSocket, f: RoomRef, reply_to: ReplyTo) -> Sent {
+        self.handoff(socket, f.room_id.as_deref(), Action::Resolve, reply_to)
+            .await
+    }
+
+    async fn note(&mut self, socket: &mut WsSocket, f: NoteFrame, reply_to: ReplyTo) -> Sent {
+        let identity = Arc::clone(self.handle.identity());
+        let result = match self.target_room(f.room_id.as_deref()) {
+            Ok(room) => self.app.handoff.add_note(&identity, &room, &f.text).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(note) => {
+                let frame = json!({
+                    "type": "note-added",
+                    "replyTo": reply_to,
+                    "roomId": &*note.room.room_id,
+                    "note": note_json(&note),
+                });
+                self.send(socket, to_bytes(&frame)).await
+            }
+            Err(e) => self.service_error(socket, reply_to, &e).await,
+        }
+    }
+
+    async fn subscribe_inbox(
+        &mut self,
+        socket: &mut WsSocket,
+        f: SubscribeInbox,
+        reply_to: ReplyTo,
+    ) -> Sent {
+        let statuses = match parse_statuses(f.status.as_deref()) {
+            Ok(s) => s,
+            Err(e) => return self.service_error(socket, reply_to, &e).await,
+        };
+        match self.app.handoff.subscribe(&self.handle, statuses).await {
+            Ok(entries) => {
+                let list: Vec<Value> = entries.iter().map(|e| inbox_entry_json(e, true)).collect();
+                let agents: Vec<Value> = self
+                    .app
+                    .handoff
+                    .agents_online(&self.handle.identity().domain_id)
+                    .iter()
+                    .map(agent_json)
+                    .collect();
+                let frame = json!({
+                    "type": "inbox",
+                    "replyTo": reply_to,
+                    "conversations": list,
+                    "agents": agents,
+                });
+                self.send(socket, to_bytes(&frame)).await
+            }
+            Err(e) => self.service_error(socket, reply_to, &e).await,
+        }
+    }
+}
+
+/// The statuses an inbox filter names: `open` (all but resolved; the default), `all`, or
+/// one status.
+pub fn parse_statuses(filter: Option<&str>) -> Result<Vec<RoomStatus>, ServiceError> {
+    match filter.unwrap_or("open") {
+        "open" => Ok(vec![
+            RoomStatus::Bot,
+            RoomStatus::Waiting,
+            RoomStatus::Assigned,
+        ]),
+        "all" => Ok(Vec::new()),
+        other => RoomStatus::parse(other).map(|s| vec![s]).ok_or_else(|| {
+            ServiceError::invalid(
+                "invalid_status",
+                "status must be open, all, bot, waiting, assigned or resolved",
+            )
+        }),
+    }
+}
+
 fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
@@ -1118,6 +1307,34 @@ struct SendMessage {
 #[serde(rename_all = "camelCase")]
 struct RoomRef {
     room_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EscalateFrame {
+    room_id: Option<String>,
+    reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AgentFrame {
+    room_id: Option<String>,
+    agent_id: Option<String>,
+    agent_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NoteFrame {
+    room_id: Option<String>,
+    text: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SubscribeInbox {
+    status: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

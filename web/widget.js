@@ -1,0 +1,1 @@
+// Parlor chat widget: written next (see docs/handoff.md §6).
