@@ -31,9 +31,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parlor::config::StoreConfig;
-use parlor::model::{Author, Message, NewMessage, RoomKey, now_ms};
+use parlor::model::{Author, Conversation, Message, NewMessage, RoomKey, RoomStatus, now_ms};
 use parlor::store::sqlite::SqliteStore;
-use parlor::store::{Appended, CommitSink, CustomerProfile, Store, StoreError};
+use parlor::store::{
+    Appended, CommitSink, CustomerProfile, Decide, InboxQuery, NewNote, Store, StoreError,
+};
 use serde_json::{Value, json};
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 
@@ -127,6 +129,9 @@ macro_rules! conformance_suite {
             current
                 accepted_data_reads_back,
             current domains_and_keys_round_trip,
+            current transitions_are_stored_with_their_message,
+            multi concurrent_transitions_are_decided_one_at_a_time,
+            current inbox_lists_support_rooms_with_read_positions_and_notes,
         );
     };
     (@stories $backend:ident; $($flavor:ident $(#[$attr:meta])* $story:ident),* $(,)?) => {
@@ -333,6 +338,21 @@ fn nested(depth: usize) -> Value {
 // ------------------------------------------------------------------------------------------
 // Stories
 // ------------------------------------------------------------------------------------------
+
+/// A decision moving a room from the bot to `waiting`, declining otherwise.
+fn waiting_decision() -> Decide {
+    Arc::new(|current: &Conversation| {
+        (current.status == RoomStatus::Bot).then(|| {
+            let mut next = current.clone();
+            next.status = RoomStatus::Waiting;
+            next.waiting_since = Some(parlor::model::now_ms());
+            let mut message = text(&current.room, "waiting for an agent");
+            message.kind = "status".into();
+            message.author.role = "system".into();
+            (next, message)
+        })
+    })
+}
 
 mod stories {
     use super::*;
@@ -1314,5 +1334,180 @@ mod stories {
             .await
             .expect("remove");
         assert_eq!(again, 0, "a config-file domain is not removed");
+    }
+
+    /// A decision that moves a room: the new state and one system message, in one step;
+    /// the sink sees the message; the state survives a reopen; a decision that declines
+    /// writes nothing.
+    pub async fn transitions_are_stored_with_their_message(ctx: &mut Ctx) {
+        let key = RoomKey::new("acme", "support-1");
+        append(&*ctx.store, text(&key, "hello")).await;
+        recv_committed(&mut ctx.committed, 1).await;
+        assert_eq!(ctx.store.conversation(&key).await.expect("read"), None);
+        let to_waiting = waiting_decision();
+        let t = ctx
+            .store
+            .transition(&key, Some("ann"), Arc::clone(&to_waiting))
+            .await
+            .expect("transition");
+        assert_eq!(t.conversation.status, RoomStatus::Waiting);
+        assert_eq!(t.conversation.version, 1);
+        let stored_message = t.message.expect("a message").message;
+        assert_eq!(stored_message.seq, 2);
+        assert_eq!(stored_message.kind, "status");
+        assert_eq!(
+            recv_committed(&mut ctx.committed, 1).await,
+            [Arc::clone(&stored_message)]
+        );
+        // Declined: nothing written, the current state returned.
+        let again = ctx
+            .store
+            .transition(&key, None, to_waiting)
+            .await
+            .expect("transition");
+        assert!(again.message.is_none());
+        assert_eq!(again.conversation, t.conversation);
+        assert_nothing_more_committed(&mut ctx.committed).await;
+        // First response: once.
+        let at = parlor::model::now_ms();
+        let first = ctx.store.first_response(&key, at).await.expect("first");
+        assert_eq!(first.as_ref().and_then(|c| c.first_response_at), Some(at));
+        assert_eq!(
+            ctx.store.first_response(&key, at).await.expect("again"),
+            None
+        );
+        ctx.reopen().await;
+        let read = ctx
+            .store
+            .conversation(&key)
+            .await
+            .expect("read")
+            .expect("stored");
+        assert_eq!(read.status, RoomStatus::Waiting);
+        assert_eq!(read.waiting_since, t.conversation.waiting_since);
+        assert_eq!(read.first_response_at, Some(at));
+        assert_eq!(read.version, 2);
+        assert_eq!(last_seq(&*ctx.store, &key).await, 2);
+        // A transition of a room that does not exist yet creates it.
+        let fresh = RoomKey::new("acme", "support-2");
+        let t = ctx
+            .store
+            .transition(&fresh, Some("bob"), waiting_decision())
+            .await
+            .expect("transition");
+        assert_eq!(t.message.expect("message").message.seq, 1);
+        let room = ctx
+            .store
+            .room(&fresh)
+            .await
+            .expect("room")
+            .expect("created");
+        assert_eq!(room.created_by.as_deref(), Some("bob"));
+    }
+
+    /// Many decisions on one room at once: each sees the one before, so exactly one of
+    /// many identical "take it" decisions wins.
+    pub async fn concurrent_transitions_are_decided_one_at_a_time(ctx: &mut Ctx) {
+        let key = RoomKey::new("acme", "race");
+        append(&*ctx.store, text(&key, "hello")).await;
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let store = Arc::clone(&ctx.store);
+            let key = key.clone();
+            tasks.push(tokio::spawn(async move {
+                store
+                    .transition(&key, None, waiting_decision())
+                    .await
+                    .map(|t| (i, t.message.is_some()))
+            }));
+        }
+        let mut winners = 0;
+        for t in tasks {
+            if t.await.expect("task").expect("transition").1 {
+                winners += 1;
+            }
+        }
+        assert_eq!(winners, 1);
+        assert_eq!(last_seq(&*ctx.store, &key).await, 2);
+    }
+
+    /// The inbox: support rooms with messages, filtered by status, waiting first, with the
+    /// reader's position; `ai:` rooms and other domains left out. Notes are kept apart from
+    /// the stream.
+    pub async fn inbox_lists_support_rooms_with_read_positions_and_notes(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let a = RoomKey::new("acme", "a");
+        let b = RoomKey::new("acme", "b");
+        append(store, text(&a, "a1")).await;
+        append(store, text(&b, "b1")).await;
+        append(store, text(&b, "b2")).await;
+        append(store, text(&RoomKey::new("acme", "ai:conv"), "x")).await;
+        append(store, text(&RoomKey::new("other", "c"), "c1")).await;
+        store
+            .transition(&a, None, waiting_decision())
+            .await
+            .expect("transition");
+        store.mark_read(&b, "agent", 1).await.expect("read");
+        let list = |statuses: Vec<RoomStatus>| {
+            store.inbox(InboxQuery {
+                domain_id: "acme".into(),
+                statuses,
+                reader: "agent".into(),
+                limit: 10,
+            })
+        };
+        let all = list(Vec::new()).await.expect("inbox");
+        let rooms: Vec<&str> = all.iter().map(|e| &*e.conversation.room.room_id).collect();
+        assert_eq!(
+            rooms,
+            ["a", "b"],
+            "waiting first; no ai: room, no other domain"
+        );
+        assert_eq!(all[0].conversation.status, RoomStatus::Waiting);
+        assert_eq!(all[0].last_message.kind, "status");
+        assert_eq!(all[1].conversation.status, RoomStatus::Bot);
+        assert_eq!((all[1].last_message.seq, all[1].read_seq), (2, 1));
+        assert_eq!(all[1].created_by.as_deref(), Some("alice"));
+        let bots = list(vec![RoomStatus::Bot]).await.expect("inbox");
+        assert_eq!(bots.len(), 1);
+        assert_eq!(&*bots[0].conversation.room.room_id, "b");
+        assert!(
+            list(vec![RoomStatus::Resolved])
+                .await
+                .expect("inbox")
+                .is_empty()
+        );
+
+        let agent = parlor::model::Agent {
+            user_id: "alice".into(),
+            name: "Alice".into(),
+        };
+        for t in ["first", "second"] {
+            store
+                .add_note(NewNote {
+                    room: b.clone(),
+                    author: agent.clone(),
+                    text: t.into(),
+                })
+                .await
+                .expect("note");
+        }
+        let notes = store.notes(&b, 10).await.expect("notes");
+        let texts: Vec<&str> = notes.iter().map(|n| n.text.as_str()).collect();
+        assert_eq!(texts, ["first", "second"]);
+        assert_eq!(notes[0].author, agent);
+        assert!(store.notes(&a, 10).await.expect("notes").is_empty());
+        assert_eq!(last_seq(store, &b).await, 2, "notes are not messages");
+        let missing = store
+            .add_note(NewNote {
+                room: RoomKey::new("acme", "nowhere"),
+                author: agent,
+                text: "x".into(),
+            })
+            .await;
+        assert!(
+            matches!(missing, Err(StoreError::Invalid(_))),
+            "{missing:?}"
+        );
     }
 }

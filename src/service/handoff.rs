@@ -100,8 +100,8 @@ pub struct Outcome {
 #[derive(Debug, Clone)]
 struct RoomState {
     conversation: Arc<Conversation>,
-    created_by: Option<String>,
-    visitor_name: Option<String>,
+    created_by: Option<Arc<str>>,
+    visitor_name: Option<Arc<str>>,
     created_at: chrono::DateTime<chrono::Utc>,
 }
 
@@ -161,7 +161,9 @@ impl HandoffService {
             .unwrap_or_else(|| Conversation::new(key.clone()));
         let state = RoomState {
             conversation: Arc::new(conversation),
-            created_by: room.as_ref().and_then(|r| r.created_by.clone()),
+            created_by: room
+                .as_ref()
+                .and_then(|r| r.created_by.as_deref().map(Arc::from)),
             visitor_name: None,
             created_at: room.map_or_else(now_ms, |r| r.created_at),
         };
@@ -173,17 +175,19 @@ impl HandoffService {
         if self.rooms.len() > CACHE_MAX {
             self.rooms.clear();
         }
-        let mut entry = self
-            .rooms
-            .entry(key.clone())
-            .or_insert_with(|| state.clone());
-        if state.conversation.version > entry.conversation.version {
-            entry.conversation = Arc::clone(&state.conversation);
+        match self.rooms.entry(key.clone()) {
+            dashmap::Entry::Vacant(v) => v.insert(state).clone(),
+            dashmap::Entry::Occupied(mut o) => {
+                let entry = o.get_mut();
+                if state.conversation.version > entry.conversation.version {
+                    entry.conversation = state.conversation;
+                }
+                if entry.visitor_name.is_none() {
+                    entry.visitor_name = state.visitor_name;
+                }
+                entry.clone()
+            }
         }
-        if entry.visitor_name.is_none() {
-            entry.visitor_name.clone_from(&state.visitor_name);
-        }
-        entry.clone()
     }
 
     /// Updates the cached conversation if `c` is newer.
@@ -301,7 +305,7 @@ impl HandoffService {
         self.remember_conversation(&conversation);
         self.rooms.entry(key.clone()).or_insert_with(|| RoomState {
             conversation: Arc::clone(&conversation),
-            created_by: Some(identity.user_id.clone()),
+            created_by: Some(Arc::from(identity.user_id.as_str())),
             visitor_name: None,
             created_at: message.message.created_at,
         });
@@ -479,11 +483,15 @@ impl HandoffService {
             }
         }
         if visitor {
-            if let Some(mut entry) = self.rooms.get_mut(key)
-                && entry.created_by.as_deref() == Some(message.author.user_id.as_str())
+            // The room's visitor's latest name, for the inbox.
+            if state.created_by.as_deref() == Some(message.author.user_id.as_str())
+                && state.visitor_name.as_deref() != Some(message.author.name.as_str())
             {
-                entry.visitor_name = Some(message.author.name.clone());
-                state.visitor_name = Some(message.author.name.clone());
+                let name: Arc<str> = Arc::from(message.author.name.as_str());
+                if let Some(mut entry) = self.rooms.get_mut(key) {
+                    entry.visitor_name = Some(Arc::clone(&name));
+                }
+                state.visitor_name = Some(name);
             }
             self.on_visitor_message(&message, &mut state).await;
         } else if agent {
@@ -500,7 +508,7 @@ impl HandoffService {
                     }
                     Ok(None) => {}
                     Err(e) => {
-                        tracing::warn!(room = %key, error = %e, "cannot record the first response")
+                        tracing::warn!(room = %key, error = %e, "cannot record the first response");
                     }
                 }
             }
@@ -546,15 +554,24 @@ impl HandoffService {
             // Waiting for or talking to a human: the bot stays silent.
             return;
         }
-        let settings = self.settings(&key.domain_id);
-        if settings.enabled
-            && asks_for_human(&message.content, &settings.phrases)
-            && self.ai.bot(&key.domain_id).await.is_some()
-        {
-            self.offer_human(key, &settings).await;
-            return;
+        // Without a bot there is nobody to answer or to offer a human.
+        let offer = {
+            let table = self.domains.load();
+            let Some(domain) = table.get(&key.domain_id) else {
+                return;
+            };
+            if !domain.settings.bot.as_ref().is_some_and(|b| b.enabled) {
+                return;
+            }
+            let h = &domain.settings.handoff;
+            (h.enabled && asks_for_human(&message.content, &h.phrases)).then(|| h.clone())
+        };
+        match offer {
+            Some(settings) if self.ai.bot(&key.domain_id).await.is_some() => {
+                self.offer_human(key, &settings).await;
+            }
+            _ => self.ai.on_committed(Arc::clone(message)).await,
         }
-        self.ai.on_committed(Arc::clone(message)).await;
     }
 
     /// The bot's offer of a human: an assistant message with the `escalate` action.
@@ -585,8 +602,8 @@ impl HandoffService {
         }
         let entry = InboxEntry {
             conversation: (*state.conversation).clone(),
-            created_by: state.created_by.clone(),
-            visitor_name: state.visitor_name.clone(),
+            created_by: state.created_by.as_deref().map(str::to_owned),
+            visitor_name: state.visitor_name.as_deref().map(str::to_owned),
             created_at: state.created_at,
             last_message: message.clone(),
             read_seq: 0,
@@ -668,8 +685,8 @@ impl HandoffService {
                 &e.conversation.room,
                 RoomState {
                     conversation: Arc::new(e.conversation.clone()),
-                    created_by: e.created_by.clone(),
-                    visitor_name: e.visitor_name.clone(),
+                    created_by: e.created_by.as_deref().map(Arc::from),
+                    visitor_name: e.visitor_name.as_deref().map(Arc::from),
                     created_at: e.created_at,
                 },
             );
@@ -932,7 +949,7 @@ mod tests {
         let run = |c: &Conversation, a: Action, t: Option<Agent>| {
             decider(a, t, agent("actor"), settings.clone())(c).map(|(n, _)| n)
         };
-        let bot = Conversation::new(room.clone());
+        let bot = Conversation::new(room);
         let waiting = run(&bot, Action::Escalate { reason: None }, None).unwrap();
         assert_eq!(waiting.status, RoomStatus::Waiting);
         assert!(waiting.waiting_since.is_some());

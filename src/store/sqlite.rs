@@ -1431,8 +1431,9 @@ impl Store for SqliteStore {
                    AND rs.user_id = ?2
                  LEFT JOIN customers cu ON cu.domain_id = r.domain_id AND cu.user_id = r.created_by
                  WHERE r.domain_id = ?1 AND r.kind = 'support' AND r.id NOT LIKE 'ai:%' {filter}
-                 ORDER BY COALESCE(c.status, 'bot') = 'waiting' DESC, c.waiting_since ASC,
-                   m.created_at DESC
+                 ORDER BY COALESCE(c.status, 'bot') = 'waiting' DESC,
+                   CASE WHEN c.status = 'waiting' THEN c.waiting_since END ASC,
+                   m.created_at DESC, r.rid DESC
                  LIMIT ?3",
                 message_columns = message_columns!(),
             );

@@ -1,0 +1,592 @@
+// End-to-end tests of the widget (/widget.js on the demo page /) and the agent inbox (/inbox)
+// in headless Chromium, against the real Parlor binary.
+//
+//   PARLOR_BIN=target/debug/parlor PARLOR_TEST_CHROMIUM=/usr/bin/chromium node tests/browser/e2e.mjs
+//
+// The script starts the server on a free 127.0.0.1 port with a fresh SQLite database, plays
+// one story (a visitor chats with the bot, asks for a person, an agent takes over, the server
+// restarts mid-conversation, the agent resolves), checking at every step what a person would
+// see in the page, and stops the server at the end, also on failure. Screenshots go to
+// PARLOR_TEST_OUT (default target/browser). Nothing here talks to any host but 127.0.0.1.
+//
+// `cargo test --test browser` runs this script (tests/browser.rs).
+
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { chromium } from 'playwright-core';
+
+const BIN = process.env.PARLOR_BIN;
+const CHROMIUM = process.env.PARLOR_TEST_CHROMIUM;
+const OUT = path.resolve(process.env.PARLOR_TEST_OUT || 'target/browser');
+const TOTAL_TIMEOUT_MS = 4 * 60 * 1000;
+const STEP_TIMEOUT_MS = 15000;
+
+if (!BIN || !CHROMIUM) {
+  console.error('Set PARLOR_BIN (the parlor binary) and PARLOR_TEST_CHROMIUM (e.g. /usr/bin/chromium).');
+  process.exit(2);
+}
+
+// ---------------------------------------------------------------------------------------
+// The server under test
+
+/** A free TCP port on 127.0.0.1 (the OS picks it; we release it for the server). */
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const probe = net.createServer();
+    probe.unref();
+    probe.on('error', reject);
+    probe.listen(0, '127.0.0.1', () => {
+      const { port } = probe.address();
+      probe.close(() => resolve(port));
+    });
+  });
+}
+
+class Server {
+  constructor(port, database) {
+    this.port = port;
+    this.database = database;
+    this.base = `http://127.0.0.1:${port}`;
+    this.child = null;
+    this.logLines = [];
+  }
+
+  /** Starts the binary and waits until GET /health answers 200. */
+  async start() {
+    const env = { ...process.env };
+    // The demo assistant must answer from its shipped knowledge base, the same everywhere.
+    for (const key of ['OPENAI_API_KEY', 'OPENAI_BASE_URL', 'ANTHROPIC_API_KEY', 'GOOGLE_AI_API_KEY', 'GEMINI_API_KEY']) delete env[key];
+    delete env.PARLOR_BIN; // ours, not the server's (it would warn about it)
+    env.PARLOR_LIMITS__IP_VISITOR_TOKENS_PER_MINUTE = '100';
+    env.NO_COLOR = '1';
+    const child = spawn(BIN, ['serve', '--listen', `127.0.0.1:${this.port}`, '--database', `sqlite://${this.database}`], {
+      env,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    this.child = child;
+    const keep = (chunk) => {
+      for (const line of chunk.toString().split('\n')) {
+        if (!line) continue;
+        this.logLines.push(line);
+        if (this.logLines.length > 400) this.logLines.shift();
+      }
+    };
+    child.stdout.on('data', keep);
+    child.stderr.on('data', keep);
+    child.exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
+
+    const deadline = Date.now() + 20000;
+    let exited = null;
+    child.exited.then((how) => (exited = how));
+    while (Date.now() < deadline) {
+      if (exited) throw new Error(`the server exited at start-up (${JSON.stringify(exited)})`);
+      try {
+        const response = await fetch(`${this.base}/health`);
+        if (response.ok) return;
+      } catch {
+        // not listening yet
+      }
+      await sleep(100);
+    }
+    throw new Error('the server did not answer /health within 20 s');
+  }
+
+  /** SIGTERM (a graceful shutdown), then SIGKILL if it takes too long. */
+  async stop() {
+    const child = this.child;
+    if (!child || child.exitCode !== null || child.signalCode !== null) return;
+    this.child = null;
+    child.kill('SIGTERM');
+    const result = await Promise.race([child.exited, sleep(15000).then(() => null)]);
+    if (!result) {
+      child.kill('SIGKILL');
+      await child.exited;
+      throw new Error('the server did not stop within 15 s of SIGTERM');
+    }
+  }
+
+  tail(n = 60) {
+    return this.logLines.slice(-n).join('\n');
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Small helpers
+
+class Failure extends Error {}
+
+function check(condition, message) {
+  if (!condition) throw new Failure(message);
+}
+
+/** Polls `probe` until it returns a truthy value; fails with `what` after the timeout. */
+async function eventually(what, probe, timeout = STEP_TIMEOUT_MS) {
+  const deadline = Date.now() + timeout;
+  let last;
+  for (;;) {
+    try {
+      last = await probe();
+      if (last) return last;
+    } catch (error) {
+      last = error;
+    }
+    if (Date.now() > deadline) throw new Failure(`timed out waiting for ${what}${last instanceof Error ? ` (${last.message})` : ''}`);
+    await sleep(100);
+  }
+}
+
+/** Waits until the locator is visible; the failure names what a person would miss. */
+async function visible(locator, what, timeout = STEP_TIMEOUT_MS) {
+  try {
+    await locator.first().waitFor({ state: 'visible', timeout });
+  } catch {
+    throw new Failure(`not shown: ${what}`);
+  }
+}
+
+async function json(response) {
+  const text = await response.text();
+  try {
+    return JSON.parse(text);
+  } catch {
+    throw new Failure(`expected JSON from ${response.url}, got HTTP ${response.status}: ${text.slice(0, 200)}`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// What the pages show
+
+/** The widget inside a page (its shadow root is open; Playwright's locators pierce it). */
+function widget(page) {
+  const root = page.locator('#parlor-widget');
+  return {
+    page,
+    bubble: page.getByRole('button', { name: /open chat|close chat/i }),
+    panel: root.locator('.panel'),
+    input: page.getByRole('textbox', { name: 'Message' }),
+    log: page.getByRole('log', { name: 'Conversation' }),
+    title: root.locator('.title'),
+    subtitle: root.locator('.subtitle'),
+    typing: root.locator('.typing'),
+    mine: (text) => root.locator('.msg.mine[data-seq]', { hasText: text }),
+    theirs: (text) => root.locator('.msg.theirs[data-seq]', { hasText: text }),
+    notice: (text) => root.locator('.msg.notice[data-seq]', { hasText: text }),
+    any: (text) => root.locator('.msg[data-seq]', { hasText: text }),
+    /** The seqs drawn, in DOM order. */
+    seqs: () => root.locator('.msg[data-seq]').evaluateAll((els) => els.map((el) => Number(el.dataset.seq))),
+    texts: () => root.locator('.msg[data-seq] .text').allInnerTexts(),
+    async open() {
+      if (!(await this.panel.isVisible())) await page.getByRole('button', { name: /open chat/i }).click();
+      await visible(this.panel, 'the chat panel');
+    },
+    async say(text) {
+      await this.input.click();
+      await this.input.pressSequentially(text, { delay: 15 });
+      await this.input.press('Enter');
+    },
+    visitor: () => page.evaluate(() => JSON.parse(localStorage.getItem('parlor:visitor:demo'))),
+  };
+}
+
+function inbox(page) {
+  return {
+    page,
+    entry: (roomId) => page.locator(`.conv[data-room="${roomId}"]`),
+    log: page.getByRole('log', { name: 'Messages' }),
+    msg: (text) => page.locator('#log .msg[data-seq]', { hasText: text }),
+    reply: page.getByRole('textbox', { name: 'Reply to the visitor' }),
+    typing: page.locator('#typing'),
+    status: page.locator('#conv-status'),
+    button: (name) => page.getByRole('button', { name, exact: true }),
+    seqs: () => page.locator('#log .msg[data-seq]').evaluateAll((els) => els.map((el) => Number(el.dataset.seq))),
+    agent: () => page.evaluate(() => JSON.parse(localStorage.getItem('parlor:inbox:agent'))),
+  };
+}
+
+/** Strictly increasing, so no seq is drawn twice and none out of order. */
+function assertOrdered(seqs, where) {
+  for (let i = 1; i < seqs.length; i++) {
+    check(seqs[i] > seqs[i - 1], `${where}: messages out of order or drawn twice: seqs ${seqs.join(',')}`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The story
+
+const steps = [];
+let outage = false; // console errors about the lost connection are expected meanwhile
+const consoleProblems = [];
+
+/** Records console errors and uncaught exceptions of a page; they fail the run. */
+function watch(page, name) {
+  page.on('pageerror', (error) => consoleProblems.push(`${name}: uncaught ${error.message}`));
+  page.on('console', (message) => {
+    if (message.type() !== 'error') return;
+    const text = message.text();
+    if (outage && /WebSocket connection to|ERR_CONNECTION_REFUSED|Failed to fetch/.test(text)) return;
+    consoleProblems.push(`${name}: console error: ${text}`);
+  });
+  return page;
+}
+
+async function main() {
+  fs.mkdirSync(OUT, { recursive: true });
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'parlor-browser-'));
+  const server = new Server(await freePort(), path.join(dir, 'parlor.db'));
+  let browser = null;
+  const pages = [];
+
+  const cleanup = async () => {
+    if (browser) await browser.close().catch(() => {});
+    browser = null;
+    await server.stop().catch((e) => console.error(`stopping the server: ${e.message}`));
+    fs.rmSync(dir, { recursive: true, force: true });
+  };
+  for (const signal of ['SIGINT', 'SIGTERM']) {
+    process.on(signal, async () => {
+      console.error(`\n${signal}: stopping`);
+      await cleanup();
+      process.exit(130);
+    });
+  }
+  const overall = setTimeout(async () => {
+    console.error(`\nFAIL: the run took longer than ${TOTAL_TIMEOUT_MS / 1000} s`);
+    console.error(`--- server log (last lines) ---\n${server.tail()}`);
+    await cleanup();
+    process.exit(1);
+  }, TOTAL_TIMEOUT_MS);
+  overall.unref();
+
+  const step = async (name, body) => {
+    const started = Date.now();
+    await body();
+    steps.push(name);
+    console.log(`ok ${steps.length} - ${name} (${Date.now() - started} ms)`);
+  };
+
+  try {
+    await server.start();
+    console.log(`server: ${server.base} (database ${server.database})`);
+    browser = await chromium.launch({
+      executablePath: CHROMIUM,
+      args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'],
+    });
+    const visitorContext = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+    const agentContext = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+    const shot = async (page, file) => {
+      await page.screenshot({ path: path.join(OUT, file) });
+    };
+    const vPage = watch(await visitorContext.newPage(), 'widget');
+    pages.push(vPage);
+    const w = widget(vPage);
+    let roomId = null;
+    let agentToken = null;
+    const aPage = watch(await agentContext.newPage(), 'inbox');
+    pages.push(aPage);
+    const ib = inbox(aPage);
+
+    await step('customer chat: the demo page, the widget, "Hello!" at once and the bot answers', async () => {
+      await vPage.goto(`${server.base}/`);
+      await visible(vPage.getByRole('heading', { level: 1 }), 'the demo page heading');
+      check((await vPage.getByRole('link', { name: /agent inbox/i }).first().getAttribute('href')) === '/inbox', 'the demo page links to /inbox');
+      await w.open();
+      const focused = await vPage.evaluate(() => document.querySelector('#parlor-widget').shadowRoot.activeElement?.id);
+      check(focused === 'parlor-input', `opening the chat puts the focus in the message box (it is on ${focused})`);
+      check((await w.title.innerText()) === 'Assistant', 'the header says "Assistant" while the bot answers');
+
+      await w.input.fill('Hello!');
+      const sentAt = Date.now();
+      await w.input.press('Enter');
+      // Drawn at once (before the server answers), then replaced by the stored message.
+      await visible(vPage.locator('#parlor-widget .msg.mine', { hasText: 'Hello!' }), '"Hello!" right after sending', 1000);
+      check(Date.now() - sentAt < 1000, '"Hello!" shows within a second');
+      await visible(w.mine('Hello!'), '"Hello!" stored (with its seq)');
+      roomId = `support-${(await w.visitor()).userId}`;
+      // The bot's answer: whatever it says, it is not the visitor's.
+      await eventually('the bot to answer "Hello!"', async () => (await vPage.locator('#parlor-widget .msg[data-seq]:not(.mine)').count()) >= 1);
+      check((await w.mine('Hello!').count()) === 1, '"Hello!" is drawn once');
+
+      // A streamed answer: message-delta text first, replaced by the stored reply.
+      await vPage.evaluate(() => {
+        const root = document.querySelector('#parlor-widget').shadowRoot;
+        window.__sawStream = false;
+        new MutationObserver((records) => {
+          for (const r of records) for (const n of r.addedNodes) if (n.classList && n.classList.contains('streaming')) window.__sawStream = true;
+        }).observe(root.querySelector('.log'), { childList: true });
+      });
+      await w.say('How do I catch up after a reconnect?');
+      await visible(w.theirs('since'), 'the assistant\'s answer about `since`');
+      check(await vPage.evaluate(() => window.__sawStream), 'the answer streamed in (message-delta) before it was stored');
+      await eventually('the streamed text to be replaced by the stored reply', async () => (await vPage.locator('#parlor-widget .streaming').count()) === 0);
+      check((await w.theirs('since').count()) === 1, 'the streamed answer is drawn once');
+    });
+
+    await step('escalation: the bot offers a person; the button puts the visitor in the queue', async () => {
+      await w.say('I need to speak with a human');
+      const offer = vPage.getByRole('button', { name: 'Connect with Customer Support' });
+      await visible(offer, 'the "Connect with Customer Support" button');
+      await offer.last().click();
+      await visible(w.notice('Connecting you to a support agent…'), '"Connecting you to a support agent…"');
+      await eventually('the header to say "Waiting for an agent…"', async () => (await w.title.innerText()) === 'Waiting for an agent…');
+      check(await offer.last().isDisabled(), 'the offer\'s button is disabled once the room waits');
+    });
+
+    await step('agent assignment: development login, the 🚨 waiting entry, "Assign to me"', async () => {
+      await aPage.goto(`${server.base}/inbox`);
+      await aPage.getByLabel('Development login').fill('Alice');
+      await aPage.getByRole('button', { name: 'Sign in', exact: true }).click();
+      await visible(aPage.getByText('Signed in as Alice'), 'the signed-in agent\'s name');
+      agentToken = (await ib.agent()).token;
+      const entry = ib.entry(roomId);
+      await visible(entry, 'the waiting conversation in the inbox');
+      const text = await entry.innerText();
+      check(text.includes('🚨'), `the waiting entry has the 🚨 badge (it reads "${text}")`);
+      check(/waiting \d+ (s|min)/.test(text), `the waiting entry shows how long it has waited (it reads "${text}")`);
+      await entry.click();
+      // The full history, the bot's turns and the status notices included.
+      await visible(ib.msg('Hello!'), 'the visitor\'s "Hello!" in the inbox');
+      await visible(ib.msg('since'), 'the bot\'s earlier answer in the inbox');
+      await visible(ib.msg('Connecting you to a support agent'), 'the escalation notice in the inbox');
+      await ib.button('Assign to me').click();
+      await visible(w.notice("You're now connected to Alice"), '"You\'re now connected to Alice" in the widget');
+      await eventually('the widget header to name Alice', async () => (await w.title.innerText()) === 'Alice');
+      await visible(aPage.getByText('Assigned to you'), '"Assigned to you" in the inbox');
+    });
+
+    await step('real time: messages both ways, typing indicators, read receipts', async () => {
+      await ib.reply.click();
+      await ib.reply.pressSequentially('Hi! How can I help you?', { delay: 20 });
+      await eventually('"Alice is typing…" in the widget', async () => (await w.typing.innerText()) === 'Alice is typing…');
+      await ib.reply.press('Enter');
+      await visible(w.theirs('Hi! How can I help you?'), 'the agent\'s message in the widget');
+      check((await w.theirs('Hi! How can I help you?').locator('.author').innerText()) === 'Alice', 'the agent\'s message carries her name');
+      await eventually('the typing indicator to go', async () => (await w.typing.innerText()) === '');
+
+      await w.input.click();
+      await w.input.pressSequentially('I have a question', { delay: 20 });
+      await eventually('the visitor typing in the inbox', async () => /is typing…/.test(await ib.typing.innerText()));
+      await w.input.press('Enter');
+      await visible(ib.msg('I have a question'), 'the visitor\'s reply in the inbox');
+      // The inbox has the conversation open, so it reads it: "Seen" in the widget.
+      await visible(w.mine('I have a question').locator('.seen'), '"Seen" under the visitor\'s message');
+      // And the widget (open, visible) reads the agent's message.
+      await visible(ib.msg('Hi! How can I help you?').locator('.seen'), '"Seen by the visitor" in the inbox');
+      check((await w.mine('I have a question').count()) === 1 && (await ib.msg('I have a question').count()) === 1, 'each message is drawn once');
+    });
+
+    let visitorB = null;
+    await step('a newly waiting conversation alerts the agent (title, badge, sound)', async () => {
+      await aPage.evaluate(() => {
+        window.__alerts = [];
+        window.addEventListener('parlor-inbox:waiting', (e) => window.__alerts.push(e.detail.roomId));
+      });
+      const contextB = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+      const pageB = watch(await contextB.newPage(), 'widget B');
+      pages.push(pageB);
+      visitorB = widget(pageB);
+      await pageB.goto(`${server.base}/`);
+      await visitorB.open();
+      await visitorB.say('Can I talk to a person?');
+      const offer = pageB.getByRole('button', { name: 'Connect with Customer Support' });
+      await visible(offer, 'the offer in the second visitor\'s widget');
+      await offer.last().click();
+      const roomB = `support-${(await visitorB.visitor()).userId}`;
+      await eventually('the inbox title to announce the waiting room', async () => (await aPage.title()) === '(1) 🚨 Parlor Inbox');
+      check((await aPage.evaluate(() => window.__alerts)).includes(roomB), 'the inbox raised its alert for the new waiting room');
+      const text = await ib.entry(roomB).innerText();
+      check(text.includes('🚨') && /waiting \d+ s/.test(text), `the new entry is marked waiting (it reads "${text}")`);
+      check((await aPage.locator('.conv').first().getAttribute('data-room')) === roomB, 'waiting rooms are listed first');
+      visitorB.roomId = roomB;
+    });
+
+    await step('screenshots: widget.png and inbox.png mid-conversation', async () => {
+      await shot(vPage, 'widget.png');
+      await shot(aPage, 'inbox.png');
+    });
+
+    await step('two visitor tabs stay in sync, each message once', async () => {
+      const tab2 = watch(await visitorContext.newPage(), 'widget tab 2');
+      pages.push(tab2);
+      const w2 = widget(tab2);
+      w.tab2 = w2;
+      await tab2.goto(`${server.base}/`);
+      await w2.open();
+      await visible(w2.theirs('Hi! How can I help you?'), 'the conversation so far in the second tab (same visitor)');
+      check((await w2.visitor()).userId === (await w.visitor()).userId, 'both tabs are the same visitor');
+      await w2.say('Sent from the second tab');
+      await visible(w.mine('Sent from the second tab'), 'the second tab\'s message in the first tab');
+      await visible(ib.msg('Sent from the second tab'), 'the second tab\'s message in the inbox');
+      check((await w.mine('Sent from the second tab').count()) === 1, 'it is drawn once in the first tab');
+      check((await w2.mine('Sent from the second tab').count()) === 1, 'it is drawn once in the second tab');
+      const [one, two] = [await w.seqs(), await w2.seqs()];
+      assertOrdered(one, 'first tab');
+      check(JSON.stringify(one.slice(-5)) === JSON.stringify(two.slice(-5)), `both tabs end with the same messages (${one.slice(-5)} / ${two.slice(-5)})`);
+    });
+
+    await step('recovery after a server restart: nothing lost, nothing twice', async () => {
+      const before = await w.seqs();
+      outage = true;
+      await server.stop();
+      await eventually('"Reconnecting…" in the widget', async () => /Reconnecting…/.test(await w.subtitle.innerText()), 8000);
+      await server.start();
+      // Three agent messages at once, over HTTP, while the widget may still be reconnecting.
+      const texts = ['After the restart: one', 'After the restart: two', 'After the restart: three'];
+      for (const message of texts) {
+        const response = await fetch(`${server.base}/api/messages`, {
+          method: 'POST',
+          headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${agentToken}` },
+          body: JSON.stringify({ chatRoomId: roomId, message }),
+        });
+        check(response.status === 201, `POST /api/messages answers 201 (got ${response.status}: ${await response.text()})`);
+      }
+      for (const text of texts) await visible(w.theirs(text), `"${text}" in the widget`, 25000);
+      await eventually('the widget to be back online', async () => !/Reconnecting…/.test(await w.subtitle.innerText()), 25000);
+      outage = false;
+      for (const text of texts) check((await w.theirs(text).count()) === 1, `"${text}" is drawn once`);
+
+      const history = await json(await fetch(`${server.base}/api/rooms/${roomId}/messages?limit=200`, { headers: { Authorization: `Bearer ${agentToken}` } }));
+      const stored = history.messages.map((m) => m.seq);
+      for (const [name, view] of [['first tab', w], ['second tab', w.tab2]]) {
+        let seqs = [];
+        await eventually(`the ${name} to show exactly the stored messages (stored ${stored}; drawn ${seqs})`, async () => {
+          seqs = await view.seqs();
+          assertOrdered(seqs, name);
+          return JSON.stringify(seqs) === JSON.stringify(stored);
+        }, 25000);
+      }
+      check(JSON.stringify(before) === JSON.stringify((await w.seqs()).slice(0, before.length)), 'the earlier messages are unchanged');
+      const drawnTexts = await w.texts();
+      const order = texts.map((t) => drawnTexts.findIndex((d) => d.includes(t)));
+      check(order[0] < order[1] && order[1] < order[2], 'the three messages are in order');
+      // The inbox recovers too.
+      for (const text of texts) await visible(ib.msg(text), `"${text}" in the inbox`, 25000);
+      assertOrdered(await ib.seqs(), 'inbox');
+    });
+
+    await step('resolve: the widget shows the resolved notice', async () => {
+      await ib.button('Resolve').click();
+      await visible(w.notice('This conversation was resolved by Alice.'), 'the resolved notice in the widget');
+      await eventually('the widget header to say it is resolved', async () => (await w.title.innerText()) === 'Conversation resolved');
+      await eventually('the inbox to show it resolved', async () => (await ib.status.innerText()) === 'Resolved');
+      check(await ib.button('Resolve').isDisabled(), 'Resolve is disabled once resolved');
+      await aPage.getByRole('tab', { name: /^Resolved/ }).click();
+      await visible(ib.entry(roomId), 'the conversation under the Resolved tab');
+      await aPage.getByRole('tab', { name: /^Open/ }).click();
+      await eventually('the conversation to leave the Open tab', async () => (await ib.entry(roomId).count()) === 0);
+    });
+
+    await step('a visitor message reopens a resolved conversation; the bot answers again', async () => {
+      const answers = vPage.locator('#parlor-widget .msg.theirs[data-seq][data-role="assistant"]');
+      const before = await answers.count();
+      await w.say('One more thing: what is Parlor?');
+      await visible(w.notice('Conversation reopened'), '"Conversation reopened." in the widget');
+      await eventually('the widget header to say "Assistant" again', async () => (await w.title.innerText()) === 'Assistant');
+      await eventually('the bot to answer after the reopen', async () => (await answers.count()) > before, 20000);
+    });
+
+    await step('a phone-sized screen: near full-screen panel, the same visitor, Escape closes', async () => {
+      const phone = await browser.newContext({
+        viewport: { width: 390, height: 844 },
+        deviceScaleFactor: 2,
+        isMobile: true,
+        hasTouch: true,
+        storageState: await visitorContext.storageState(),
+      });
+      const page = watch(await phone.newPage(), 'widget (phone)');
+      pages.push(page);
+      const p = widget(page);
+      await page.goto(`${server.base}/`);
+      await p.open();
+      const box = await p.panel.boundingBox();
+      check(box && box.width >= 380 && box.height >= 800, `the panel fills the phone screen (${JSON.stringify(box)})`);
+      await visible(p.theirs('Hi! How can I help you?'), 'the conversation on the phone (same visitor)');
+      await page.screenshot({ path: path.join(OUT, 'widget-phone.png') });
+      await p.input.press('Escape');
+      await eventually('Escape to close the panel', async () => !(await p.panel.isVisible()));
+      const focused = await page.evaluate(() => document.querySelector('#parlor-widget').shadowRoot.activeElement?.className);
+      check(focused === 'bubble', `closing gives the focus back to the bubble (it is on ${focused})`);
+
+      // The inbox on a phone: the list, then the conversation, then back.
+      const phoneAgent = await browser.newContext({ viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true, storageState: await agentContext.storageState() });
+      const agentPage = watch(await phoneAgent.newPage(), 'inbox (phone)');
+      pages.push(agentPage);
+      const pi = inbox(agentPage);
+      await agentPage.goto(`${server.base}/inbox`);
+      await visible(pi.entry(roomId), 'the conversation list on the phone');
+      await pi.entry(roomId).click();
+      await visible(pi.msg('One more thing'), 'the conversation on the phone');
+      check(!(await pi.entry(roomId).isVisible()), 'on a phone, the conversation replaces the list');
+      await agentPage.getByRole('button', { name: 'Back to the conversations' }).click();
+      await visible(pi.entry(roomId), 'the list again after "Back"');
+      await phoneAgent.close();
+    });
+
+    await step('opening the waiting conversation clears the alert; notes stay internal', async () => {
+      await ib.entry(visitorB.roomId).click();
+      await eventually('the title to drop the alert', async () => (await aPage.title()) === 'Parlor Inbox');
+      await visible(ib.msg('Can I talk to a person?'), 'the second visitor\'s message');
+      const note = aPage.getByRole('textbox', { name: 'New internal note' });
+      await note.fill('Asked twice; VIP customer');
+      await aPage.getByRole('button', { name: 'Add note' }).click();
+      await visible(aPage.locator('#note-list .note', { hasText: 'VIP customer' }), 'the note in the notes panel');
+      check((await aPage.locator('#note-list .note', { hasText: 'VIP customer' }).count()) === 1, 'the note is listed once');
+      await visible(aPage.getByText('Only agents see these.'), 'the notes marked as not visible to the visitor');
+      await sleep(500);
+      check((await visitorB.any('VIP customer').count()) === 0, 'the visitor never sees the note');
+      await ib.button('Assign to me').click();
+      await visible(visitorB.notice("You're now connected to Alice"), 'the second visitor connected to Alice');
+    });
+
+    await step('transfer to another online agent, who unassigns: the visitor waits again', async () => {
+      const bobContext = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+      const bobPage = watch(await bobContext.newPage(), 'inbox (Bob)');
+      pages.push(bobPage);
+      const bob = inbox(bobPage);
+      await bobPage.goto(`${server.base}/inbox`);
+      await bobPage.getByLabel('Development login').fill('Bob');
+      await bobPage.getByRole('button', { name: 'Sign in', exact: true }).click();
+      await visible(bob.entry(visitorB.roomId), 'the conversation in Bob\'s inbox');
+
+      await ib.button('Transfer…').click();
+      const select = aPage.getByLabel('Transfer to');
+      await eventually('Bob among the agents to transfer to', async () => (await select.locator('option').allInnerTexts()).includes('Bob'));
+      await select.selectOption({ label: 'Bob' });
+      await ib.button('Transfer').click();
+      await visible(visitorB.notice('transferred the conversation to Bob'), 'the transfer notice in the widget');
+      await eventually('the widget header to name Bob', async () => (await visitorB.title.innerText()) === 'Bob');
+      await visible(aPage.getByText('Assigned to Bob'), '"Assigned to Bob" in Alice\'s inbox');
+
+      await bob.entry(visitorB.roomId).click();
+      await visible(bobPage.getByText('Assigned to you'), '"Assigned to you" in Bob\'s inbox');
+      await bob.button('Unassign').click();
+      await visible(visitorB.notice('waiting for another agent'), 'the unassign notice in the widget');
+      await eventually('the widget header to say it waits again', async () => (await visitorB.title.innerText()) === 'Waiting for an agent…');
+      await eventually('Alice\'s inbox to show it waiting', async () => /Waiting/.test(await ib.status.innerText()));
+      await bobContext.close();
+    });
+
+    check(consoleProblems.length === 0, `the pages logged errors:\n  ${consoleProblems.join('\n  ')}`);
+    console.log(`\n${steps.length} passed, 0 failed`);
+    clearTimeout(overall);
+    await cleanup();
+    process.exit(0);
+  } catch (error) {
+    console.log(`not ok ${steps.length + 1} - ${error instanceof Failure ? error.message : error.stack || error}`);
+    for (const [i, page] of pages.entries()) {
+      await page.screenshot({ path: path.join(OUT, `failure-${i}.png`) }).catch(() => {});
+    }
+    if (consoleProblems.length) console.log(`page errors:\n  ${consoleProblems.join('\n  ')}`);
+    console.log(`screenshots of every page: ${OUT}/failure-*.png`);
+    console.log(`--- server log (last lines) ---\n${server.tail()}`);
+    console.log(`\n${steps.length} passed, 1 failed`);
+    clearTimeout(overall);
+    await cleanup();
+    process.exit(1);
+  }
+}
+
+main();
