@@ -189,6 +189,7 @@ impl App {
             Arc::clone(&chat),
             Arc::clone(&ai),
             Arc::clone(&domains),
+            Arc::clone(&metrics),
         ));
         // Committed messages, in commit order: the hand-off service keeps the inbox current
         // and hands visitors' messages to the bot while a room is with it.

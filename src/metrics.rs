@@ -20,6 +20,13 @@ pub struct OpLabel {
     pub op: &'static str,
 }
 
+/// Label set for hand-off transitions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabel {
+    /// `escalate`, `assign`, `transfer`, `unassign`, `resolve` or `reopen`.
+    pub action: &'static str,
+}
+
 /// Label set for refused requests.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
@@ -90,6 +97,10 @@ pub struct Metrics {
     pub ai_first_token: Family<ProviderLabel, Histogram>,
     /// Time from an AI call to its end.
     pub ai_duration: Family<ProviderLabel, Histogram>,
+    /// Hand-off transitions stored, by action.
+    pub handoff_transitions: Family<ActionLabel, Counter>,
+    /// Seconds from a room starting to wait (or being assigned) to the first agent message.
+    pub handoff_first_response: Histogram,
 }
 
 impl Metrics {
@@ -169,8 +180,22 @@ impl Metrics {
             "Time from an AI call to its end",
             ai_duration.clone(),
         );
+        let handoff_transitions = Family::<ActionLabel, Counter>::default();
+        let handoff_first_response = Histogram::new(exponential_buckets(1.0, 2.0, 14));
+        registry.register(
+            "handoff_transitions",
+            "Hand-off transitions stored, by action",
+            handoff_transitions.clone(),
+        );
+        registry.register(
+            "handoff_first_response_seconds",
+            "Time from a room starting to wait for a human to the first agent message",
+            handoff_first_response.clone(),
+        );
         Self {
             registry,
+            handoff_transitions,
+            handoff_first_response,
             connections,
             connections_total,
             disconnects,

@@ -379,6 +379,11 @@ async fn two_agents_racing_for_a_room_get_one_winner() {
         .filter(|m| m["data"]["action"] == "assign")
         .count();
     assert_eq!(assigns, 1);
+    assert_eq!(
+        s.metric("parlor_handoff_transitions_total", "action=\"assign\"")
+            .await,
+        1.0
+    );
     // The winner assigning again is not an error.
     let winner_token = if ra.0 == 200 { &a } else { &b };
     let (code, again) = s

@@ -32,6 +32,7 @@ use crate::auth::Domains;
 use crate::auth::policy;
 use crate::config::HandoffConfig;
 use crate::hub::{ConnHandle, Envelope, Event};
+use crate::metrics::{ActionLabel, Metrics};
 use crate::model::{
     Agent, Author, Conversation, Identity, Message, NewMessage, Note, Role, RoomKey, RoomStatus,
     now_ms,
@@ -118,6 +119,7 @@ pub struct HandoffService {
     chat: Arc<ChatService>,
     ai: Arc<AiService>,
     domains: Arc<Domains>,
+    metrics: Arc<Metrics>,
     /// Known room states (see the module header).
     rooms: DashMap<RoomKey, RoomState>,
     /// Inbox subscribers by domain.
@@ -126,11 +128,17 @@ pub struct HandoffService {
 
 impl HandoffService {
     /// Creates the service.
-    pub fn new(chat: Arc<ChatService>, ai: Arc<AiService>, domains: Arc<Domains>) -> Self {
+    pub fn new(
+        chat: Arc<ChatService>,
+        ai: Arc<AiService>,
+        domains: Arc<Domains>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             chat,
             ai,
             domains,
+            metrics,
             rooms: DashMap::new(),
             inbox: DashMap::new(),
         }
@@ -407,6 +415,15 @@ impl HandoffService {
         seq: u64,
         action: &Action,
     ) {
+        let label = if before.status == RoomStatus::Resolved && after.status == RoomStatus::Bot {
+            "reopen"
+        } else {
+            action.name()
+        };
+        self.metrics
+            .handoff_transitions
+            .get_or_create(&ActionLabel { action: label })
+            .inc();
         let hub = self.chat.hub();
         let room = &after.room;
         hub.broadcast(
@@ -502,6 +519,9 @@ impl HandoffService {
             {
                 match self.store().first_response(key, message.created_at).await {
                     Ok(Some(c)) => {
+                        if let Some(secs) = c.first_response_secs() {
+                            self.metrics.handoff_first_response.observe(secs as f64);
+                        }
                         let c = Arc::new(c);
                         self.remember_conversation(&c);
                         state.conversation = c;
