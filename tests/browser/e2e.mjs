@@ -47,9 +47,11 @@ function freePort() {
 }
 
 class Server {
-  constructor(port, database) {
+  /** `configFile`: a parlor.toml for this server (PARLOR_CONFIG), else the caller's. */
+  constructor(port, database, configFile = null) {
     this.port = port;
     this.database = database;
+    this.configFile = configFile;
     this.base = `http://127.0.0.1:${port}`;
     this.child = null;
     this.logLines = [];
@@ -63,6 +65,7 @@ class Server {
     delete env.PARLOR_BIN; // ours, not the server's (it would warn about it)
     env.PARLOR_LIMITS__IP_VISITOR_TOKENS_PER_MINUTE = '100';
     env.NO_COLOR = '1';
+    if (this.configFile) env.PARLOR_CONFIG = this.configFile;
     const child = spawn(BIN, ['serve', '--listen', `127.0.0.1:${this.port}`, '--database', `sqlite://${this.database}`], {
       env,
       stdio: ['ignore', 'pipe', 'pipe'],
@@ -239,10 +242,12 @@ async function main() {
   const server = new Server(await freePort(), path.join(dir, 'parlor.db'));
   let browser = null;
   const pages = [];
+  const extraServers = [];
 
   const cleanup = async () => {
     if (browser) await browser.close().catch(() => {});
     browser = null;
+    for (const other of extraServers) await other.stop().catch(() => {});
     await server.stop().catch((e) => console.error(`stopping the server: ${e.message}`));
     fs.rmSync(dir, { recursive: true, force: true });
   };
@@ -399,6 +404,8 @@ async function main() {
       check((await aPage.evaluate(() => window.__alerts)).includes(roomB), 'the inbox raised its alert for the new waiting room');
       const text = await ib.entry(roomB).innerText();
       check(text.includes('🚨') && /waiting \d+ s/.test(text), `the new entry is marked waiting (it reads "${text}")`);
+      const unreadBadge = await ib.entry(roomB).locator('.unread').innerText();
+      check(Number(unreadBadge) >= 3, `the new entry counts its unread messages (${unreadBadge})`);
       check((await aPage.locator('.conv').first().getAttribute('data-room')) === roomB, 'waiting rooms are listed first');
       visitorB.roomId = roomB;
     });
@@ -562,11 +569,39 @@ async function main() {
 
       await bob.entry(visitorB.roomId).click();
       await visible(bobPage.getByText('Assigned to you'), '"Assigned to you" in Bob\'s inbox');
+      await visible(bobPage.locator('#note-list .note', { hasText: 'VIP customer' }), 'Alice\'s note in Bob\'s notes');
+      await bobPage.getByRole('textbox', { name: 'New internal note' }).fill('Bob here: checking the order');
+      await bobPage.getByRole('button', { name: 'Add note' }).click();
+      await visible(aPage.locator('#note-list .note', { hasText: 'Bob here' }), 'Bob\'s note, live, in Alice\'s notes');
       await bob.button('Unassign').click();
       await visible(visitorB.notice('waiting for another agent'), 'the unassign notice in the widget');
       await eventually('the widget header to say it waits again', async () => (await visitorB.title.innerText()) === 'Waiting for an agent…');
       await eventually('Alice\'s inbox to show it waiting', async () => /Waiting/.test(await ib.status.innerText()));
       await bobContext.close();
+    });
+
+    await step('a server with the development login off: the inbox explains it and offers the token form', async () => {
+      const config = path.join(dir, 'no-dev-login.toml');
+      fs.writeFileSync(config, '[web]\ndev_login = false\n');
+      const locked = new Server(await freePort(), path.join(dir, 'locked.db'), config);
+      extraServers.push(locked);
+      await locked.start();
+      const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+      const page = watch(await context.newPage(), 'inbox (dev login off)');
+      pages.push(page);
+      // The failed sign-in answers 404 (dev_login_disabled); the page explains it.
+      page.on('console', () => {});
+      await page.goto(`${locked.base}/inbox`);
+      await page.getByLabel('Development login').fill('Mallory');
+      await page.getByRole('button', { name: 'Sign in', exact: true }).click();
+      await visible(page.getByText('The development login is turned off on this server'), 'the explanation that the development login is off');
+      check(!(await page.getByLabel('Development login').isVisible()), 'the development login form is hidden');
+      await visible(page.getByRole('textbox', { name: 'Agent token' }), 'the agent token form');
+      await page.getByRole('textbox', { name: 'Agent token' }).fill('not-a-token');
+      await page.getByRole('button', { name: 'Sign in with token' }).click();
+      await visible(page.getByText('This token was refused'), 'a refused token explained');
+      await context.close();
+      await locked.stop();
     });
 
     check(consoleProblems.length === 0, `the pages logged errors:\n  ${consoleProblems.join('\n  ')}`);
