@@ -443,6 +443,7 @@ async function main() {
       outage = true;
       await server.stop();
       await eventually('"Reconnecting…" in the widget', async () => /Reconnecting…/.test(await w.subtitle.innerText()), 8000);
+      await sleep(1500); // long enough for a few failed reconnects with back-off
       await server.start();
       // Three agent messages at once, over HTTP, while the widget may still be reconnecting.
       const texts = ['After the restart: one', 'After the restart: two', 'After the restart: three'];
@@ -476,6 +477,12 @@ async function main() {
       // The inbox recovers too.
       for (const text of texts) await visible(ib.msg(text), `"${text}" in the inbox`, 25000);
       assertOrdered(await ib.seqs(), 'inbox');
+
+      // A reload: the same visitor, the panel open again, the same messages.
+      await vPage.reload();
+      await visible(w.theirs('After the restart: three'), 'the conversation after a reload');
+      check(JSON.stringify(await w.seqs()) === JSON.stringify(stored), 'after a reload the widget shows exactly the stored messages');
+      check(await w.panel.isVisible(), 'the panel stays open across a reload of the tab');
     });
 
     await step('resolve: the widget shows the resolved notice', async () => {
