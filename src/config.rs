@@ -1009,6 +1009,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "auth",
     "ai",
     "trusted_proxies",
+    "web",
     "domains",
 ];
 

@@ -137,8 +137,13 @@ async fn the_demo_answers_from_its_knowledge_base_without_any_key() {
 
     // A question the documents do not answer gets the offer of a human.
     visitor.say("help", "zxqv wplk", None).await;
-    let (_, offer) = reply(&mut visitor, "system").await;
+    let (_, offer) = reply(&mut visitor, "assistant").await;
     assert_eq!(message(&offer)["data"]["offerHuman"], true, "{offer}");
+    assert_eq!(
+        message(&offer)["data"]["actions"][0]["id"],
+        "escalate",
+        "{offer}"
+    );
 }
 
 #[tokio::test]

@@ -514,24 +514,27 @@
       }
       handleFrame(frame);
     });
-    socket.addEventListener('close', async () => {
-      if (ws !== socket) return;
-      ws = null;
-      joined = false;
-      stopPinging();
-      clearTypists();
-      setConn('reconnecting');
-      if (!opened && ++failedOpens >= 2) {
-        connecting = true;
-        if (await tokenRefused()) {
-          // The server no longer accepts our token (its keys changed): become a new visitor.
-          store.remove(STORAGE_KEY);
-          failedOpens = 0;
-        }
-        connecting = false;
+    socket.addEventListener('close', () => onSocketGone(socket, opened));
+  }
+
+  /** The socket closed, failed to open, or went silent: back off and connect again. */
+  async function onSocketGone(socket, opened) {
+    if (ws !== socket) return; // already handled
+    ws = null;
+    joined = false;
+    stopPinging();
+    clearTypists();
+    setConn('reconnecting');
+    if (!opened && ++failedOpens >= 2) {
+      connecting = true;
+      if (await tokenRefused()) {
+        // The server no longer accepts our token (its keys changed): become a new visitor.
+        store.remove(STORAGE_KEY);
+        failedOpens = 0;
       }
-      scheduleReconnect();
-    });
+      connecting = false;
+    }
+    scheduleReconnect();
   }
 
   /** Waits random(0, min(cap, start × 2^attempt)) — full jitter — then reconnects. */
@@ -574,8 +577,13 @@
     pingTimer = setInterval(() => {
       if (!send({ type: 'ping' })) return;
       clearTimeout(pongTimer);
-      // No answer: the connection is dead without having said so (a sleeping laptop, a NAT).
-      pongTimer = setTimeout(() => ws && ws.close(), PONG_TIMEOUT_MS);
+      // No answer: the connection is dead without having said so (a sleeping laptop, a NAT
+      // that forgot us). Give up on it now rather than wait for the close handshake.
+      const socket = ws;
+      pongTimer = setTimeout(() => {
+        onSocketGone(socket, true);
+        socket.close();
+      }, PONG_TIMEOUT_MS);
     }, PING_EVERY_MS);
   }
 

@@ -36,6 +36,10 @@ pub const DEMO_DOCUMENTS: &[(&str, &str)] = &[
         "limits-and-pricing.md",
         include_str!("../../kb/demo/limits-and-pricing.md"),
     ),
+    (
+        "talking-to-a-person.md",
+        include_str!("../../kb/demo/talking-to-a-person.md"),
+    ),
 ];
 
 /// One retrievable piece of a document.

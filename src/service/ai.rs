@@ -828,9 +828,13 @@ impl AiService {
                     let label = handoff
                         .as_ref()
                         .map_or("Connect with Customer Support", |h| h.action_label.as_str());
-                    self.store_system(
+                    // The bot's own offer, so it is the assistant's message with the button.
+                    self.post(
                         &room,
-                        "I can't answer that right now. Would you like to talk to a human agent?",
+                        "assistant",
+                        "I can't answer that right now. Would you like to talk to a human agent?"
+                            .to_owned(),
+                        None,
                         super::handoff::escalate_action(label),
                     )
                     .await;

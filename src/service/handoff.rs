@@ -462,7 +462,8 @@ impl HandoffService {
                 );
             }
         }
-        if matches!(after.status, RoomStatus::Assigned | RoomStatus::Resolved) {
+        // Whoever has the room now, it is no longer the bot's: a reply in flight stops.
+        if after.status != RoomStatus::Bot {
             self.ai.stop(room);
         }
     }

@@ -269,7 +269,7 @@ pub struct InboxEntry {
     pub conversation: Conversation,
     /// Who opened the room.
     pub created_by: Option<String>,
-    /// The visitor's name from their profile, if they gave one.
+    /// The visitor's name: on their latest message in the room, else from their profile.
     pub visitor_name: Option<String>,
     /// When the room was created.
     pub created_at: DateTime<Utc>,

@@ -1421,7 +1421,11 @@ impl Store for SqliteStore {
                 format!("AND COALESCE(c.status, 'bot') IN ({})", names.join(", "))
             };
             let sql = format!(
-                "SELECT r.id, r.created_by, r.created_at, cu.name, COALESCE(rs.seq, 0),
+                "SELECT r.id, r.created_by, r.created_at,
+                   COALESCE((SELECT v.author_name FROM messages v
+                             WHERE v.room = r.rid AND v.author_id = r.created_by
+                             ORDER BY v.seq DESC LIMIT 1), cu.name),
+                   COALESCE(rs.seq, 0),
                    {message_columns}, {CONVERSATION_COLUMNS}
                  FROM rooms r
                  JOIN messages m ON m.room = r.rid

@@ -493,7 +493,7 @@ pub async fn visitor_token(
     issue_token(
         &app,
         &visitor.user_id,
-        None,
+        Some(&visitor.name),
         Role::Visitor,
         &body.domain_id,
         app.config.auth.visitor_token_ttl_secs,

@@ -231,6 +231,7 @@ const consoleProblems = [];
 function watch(page, name, expected = null) {
   page.on('pageerror', (error) => consoleProblems.push(`${name}: uncaught ${error.message}`));
   page.on('console', (message) => {
+    if (process.env.PARLOR_TEST_VERBOSE) console.log(`  [${name}] console.${message.type()}: ${message.text()}`);
     if (message.type() !== 'error') return;
     const text = message.text();
     if (outage && /WebSocket connection to|ERR_CONNECTION_REFUSED|Failed to fetch/.test(text)) return;
