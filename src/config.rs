@@ -26,6 +26,11 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Storage location: `sqlite://PATH` (created if missing). PostgreSQL comes with scale-out.
     pub database: String,
+    /// Message distribution between nodes: `memory` (one node) or `redis://HOST:PORT` (several
+    /// nodes sharing a PostgreSQL database; see `docs/deploy.md`).
+    pub broker: String,
+    /// Prefix of the Redis keys and channels, so several clusters can share one Redis.
+    pub broker_prefix: String,
     /// Log output format: `text` for people, `json` for log collectors.
     pub log_format: LogFormat,
     /// Log filter in `tracing_subscriber::EnvFilter` syntax; `RUST_LOG` overrides it.
@@ -78,6 +83,8 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             database: "sqlite://parlor.db".to_owned(),
+            broker: "memory".to_owned(),
+            broker_prefix: "parlor".to_owned(),
             log_format: LogFormat::Text,
             log_level: "info".to_owned(),
             shutdown_timeout_ms: Duration::from_secs(10),
@@ -765,6 +772,8 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     /// `--database`
     pub database: Option<String>,
+    /// `--broker`
+    pub broker: Option<String>,
     /// `--log-format`
     pub log_format: Option<LogFormat>,
 }
@@ -805,6 +814,9 @@ impl Config {
         }
         if let Some(database) = &overrides.database {
             config.database.clone_from(database);
+        }
+        if let Some(broker) = &overrides.broker {
+            config.broker.clone_from(broker);
         }
         if let Some(format) = overrides.log_format {
             config.log_format = format;
@@ -865,6 +877,17 @@ impl Config {
                 "database must be sqlite://PATH (got {:?}); PostgreSQL support comes with scale-out",
                 self.database
             )));
+        }
+        if self.broker_url().is_none() && self.broker != "memory" {
+            return Err(ConfigError::Invalid(format!(
+                "broker must be \"memory\" or redis://HOST:PORT (got {:?})",
+                self.broker
+            )));
+        }
+        if !crate::model::valid_id(&self.broker_prefix) {
+            return Err(ConfigError::Invalid(
+                "broker_prefix must be 1-128 characters of A-Z a-z 0-9 - _ . : @".to_owned(),
+            ));
         }
         if let Some(secret) = &self.auth.jwt_secret
             && secret.expose().len() < 16
@@ -987,6 +1010,12 @@ impl Config {
             .collect()
     }
 
+    /// The Redis URL of `broker`, if it names one (`memory` does not).
+    pub fn broker_url(&self) -> Option<&str> {
+        (self.broker.starts_with("redis://") || self.broker.starts_with("rediss://"))
+            .then_some(self.broker.as_str())
+    }
+
     /// The SQLite file path of `database`, if it is a `sqlite://` URL.
     pub fn database_path(&self) -> Option<PathBuf> {
         let rest = self
@@ -1001,6 +1030,8 @@ impl Config {
 const TOP_LEVEL_KEYS: &[&str] = &[
     "listen",
     "database",
+    "broker",
+    "broker_prefix",
     "log_format",
     "log_level",
     "shutdown_timeout_ms",

@@ -48,6 +48,7 @@ pub use config::Config;
 use crate::auth::{Authenticator, Domains};
 use crate::broker::Broker;
 use crate::broker::memory::MemoryBroker;
+use crate::broker::redis::RedisBroker;
 use crate::config::Secret;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -165,7 +166,12 @@ impl App {
             config.store.room_cache,
             config.limits.presence_max_members,
         );
-        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(Arc::clone(&hub)));
+        let broker: Arc<dyn Broker> = match config.broker_url() {
+            None => Arc::new(MemoryBroker::new(Arc::clone(&hub))),
+            Some(url) => RedisBroker::connect(url, &config.broker_prefix, Arc::clone(&hub))
+                .await
+                .map_err(|e| RunError::Config(e.to_string()))?,
+        };
         let (observed_tx, mut observed_rx) = mpsc::unbounded_channel();
         let dispatcher =
             ChatService::spawn_dispatcher(committed_rx, Arc::clone(&broker), observed_tx);

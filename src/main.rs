@@ -50,6 +50,9 @@ struct ServeArgs {
     /// Database URL, e.g. sqlite://parlor.db [default: sqlite://parlor.db].
     #[arg(long, global = true)]
     database: Option<String>,
+    /// Message broker: memory, or redis://HOST:PORT for several nodes [default: memory].
+    #[arg(long, global = true)]
+    broker: Option<String>,
     /// Configuration file [default: ./parlor.toml when present].
     #[arg(long, global = true, env = "PARLOR_CONFIG")]
     config: Option<PathBuf>,
@@ -91,6 +94,7 @@ fn main() -> anyhow::Result<()> {
     let overrides = Overrides {
         listen: args.listen,
         database: args.database.clone(),
+        broker: args.broker.clone(),
         log_format: args.log_format,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;

@@ -70,7 +70,7 @@ impl fmt::Display for Role {
 
 /// A room is addressed by its domain and its id: the same id in two domains names two rooms,
 /// so no lookup can cross a tenant boundary by guessing an id.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RoomKey {
     /// Owning domain.
     pub domain_id: Arc<str>,
@@ -119,7 +119,7 @@ pub const MESSAGE_ROLES: &[&str] = &[
 ];
 
 /// A stored message. `seq` is the room's offset: 1, 2, 3… with no gaps.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     /// Globally unique id.
     pub id: String,
@@ -214,7 +214,7 @@ impl RoomStatus {
 }
 
 /// A human agent as a conversation names them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Agent {
     /// User id.
     pub user_id: String,
@@ -224,7 +224,7 @@ pub struct Agent {
 
 /// A support room's hand-off state. A room that never left the bot has none stored; it is
 /// [`Conversation::new`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Conversation {
     /// The room.
     pub room: RoomKey,

@@ -6,10 +6,11 @@
 //! a reconnecting client recovers from its last `seq`. The store, not the broker, is the
 //! source of truth.
 //!
-//! [`memory::MemoryBroker`] (the default) hands messages straight to this process's hub. A
-//! Redis broker for several nodes implements the same trait.
+//! [`memory::MemoryBroker`] (the default) hands messages straight to this process's hub.
+//! [`redis::RedisBroker`] carries them, and the hub's room events, between several nodes.
 
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 
@@ -20,6 +21,11 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     /// Publishes a message that the store has committed. Never blocks.
     fn publish(&self, message: Arc<Message>);
 
-    /// Short name for health output (`memory`).
+    /// Short name for health output (`memory`, `redis`).
     fn kind(&self) -> &'static str;
+
+    /// Whether the broker is connected (always, for the in-process one).
+    fn healthy(&self) -> bool {
+        true
+    }
 }

@@ -161,6 +161,17 @@ pub struct Hub {
     /// member list cut to this size: presence in a room of N costs O(N) per join, so O(N²)
     /// to fill it, which only small rooms can afford.
     presence_max_members: usize,
+    /// Carries room events to the other nodes (set by a networked broker).
+    relay: std::sync::OnceLock<Arc<dyn Relay>>,
+}
+
+/// Carries the events of [`Hub::broadcast`] (typing, read receipts, streamed deltas,
+/// hand-off changes) to the other nodes, whose hubs hand them to their members with
+/// [`Hub::broadcast_local`]. Stored messages travel through the broker instead, in `seq`
+/// order. Implemented by a networked broker; a single node has none.
+pub trait Relay: Send + Sync + std::fmt::Debug {
+    /// Sends `event` of `room` to the other nodes. Never blocks.
+    fn relay(&self, room: &RoomKey, event: &Event);
 }
 
 /// One active room: its state behind a lock, plus a once-cell for the initial load.
@@ -203,7 +214,48 @@ impl Hub {
             metrics,
             cache_size,
             presence_max_members,
+            relay: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets where room events go for the other nodes (once, at start-up).
+    pub fn set_relay(&self, relay: Arc<dyn Relay>) {
+        let _ = self.relay.set(relay);
+    }
+
+    /// Fetches from the store what each active room may have missed (after the broker lost
+    /// its connection, say) and delivers it in order.
+    pub fn resync(self: &Arc<Self>) {
+        const PAGE: usize = 256;
+        let slots: Vec<Arc<RoomSlot>> = self.rooms.iter().map(|e| Arc::clone(e.value())).collect();
+        for slot in slots {
+            let hub = Arc::clone(self);
+            tokio::spawn(async move {
+                loop {
+                    let from = {
+                        let st = slot.state.lock();
+                        if !st.ready {
+                            return;
+                        }
+                        st.last_seq
+                    };
+                    let page = match hub.store.messages_after(&slot.key, from, PAGE).await {
+                        Ok(page) => page,
+                        Err(e) => {
+                            tracing::warn!(room = %slot.key, error = %e, "cannot catch up from the store");
+                            return;
+                        }
+                    };
+                    let full = page.len() == PAGE;
+                    for m in page {
+                        hub.deliver(Arc::new(m));
+                    }
+                    if !full {
+                        return;
+                    }
+                }
+            });
+        }
     }
 
     /// True while anyone on this node is in (or joining) the room.
@@ -388,8 +440,17 @@ impl Hub {
             .unwrap_or_default()
     }
 
-    /// Sends an ephemeral event (typing, read receipt) to the room's members, except `skip`.
+    /// Sends an ephemeral event (typing, read receipt…) to the room's members on every node,
+    /// except the connection `skip`.
     pub fn broadcast(&self, key: &RoomKey, event: Event, skip: Option<u64>) {
+        if let Some(relay) = self.relay.get() {
+            relay.relay(key, &event);
+        }
+        self.broadcast_local(key, event, skip);
+    }
+
+    /// [`Self::broadcast`] to this node's members only (an event relayed from another node).
+    pub fn broadcast_local(&self, key: &RoomKey, event: Event, skip: Option<u64>) {
         if let Some(slot) = self.rooms.get(key) {
             let st = slot.state.lock();
             self.broadcast_locked(&st, &Envelope::new(event), skip);

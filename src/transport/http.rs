@@ -215,15 +215,27 @@ pub async fn health(State(app): State<AppState>) -> Response {
     };
     let total = app.metrics.connections_total.get();
     let active = app.metrics.connections.get();
+    let broker = if app.broker.healthy() {
+        "ok"
+    } else {
+        "unavailable"
+    };
+    // Without the broker a node still serves its own clients: it is degraded, not down,
+    // so a load balancer keeps sending it traffic (taking every node out when Redis
+    // restarts would be worse).
     let healthy = store == "ok" && !app.shutdown.is_cancelled();
     let body = json!({
-        "status": if healthy { "healthy" } else { "unhealthy" },
+        "status": match (healthy, broker) {
+            (false, _) => "unhealthy",
+            (true, "ok") => "healthy",
+            (true, _) => "degraded",
+        },
         "service": "parlor",
         "version": env!("CARGO_PKG_VERSION"),
         "uptime": app.started.elapsed().as_secs(),
         "connections": { "total": total, "active": active },
         "store": { "kind": app.chat.store().kind(), "status": store },
-        "broker": { "kind": app.broker.kind(), "status": "ok" },
+        "broker": { "kind": app.broker.kind(), "status": broker },
         "rooms": { "active": app.chat.hub().active_rooms() },
         "timestamp": iso(now_ms()),
     });

@@ -1,0 +1,426 @@
+//! Redis broker: several Parlor nodes share stored messages and room events over Redis
+//! pub/sub.
+//!
+//! **What travels.** Every node publishes, on one channel (`{prefix}:bus`), the messages its
+//! store committed (in commit order, so per room in `seq` order) and the room events of
+//! [`Hub::broadcast`] (typing, read receipts, streamed AI deltas, hand-off changes). Every
+//! node subscribes to the channel and hands what other nodes published to its own hub; its
+//! own publications it has already delivered locally, without the round trip.
+//!
+//! **Guarantee.** Live delivery is at most once (Redis pub/sub keeps nothing for a node
+//! that is not connected). Nothing is lost to clients: the hub checks each message's `seq`
+//! and fetches a gap from the shared store before delivering what follows it, and after the
+//! subscriber reconnects the hub catches every active room up from the store
+//! ([`Hub::resync`]), so a room that went quiet during the outage is complete too.
+//!
+//! **Why one channel.** A channel per room would spare a node the messages of rooms nobody
+//! on it has open, but it makes every join wait for a `SUBSCRIBE` round trip and opens a
+//! window between loading a room and receiving its messages. With one channel every node
+//! sees everything in publication order, which is simple and right for clusters of a few
+//! nodes; sharded pub/sub (`SSUBSCRIBE`) only spreads the load on a Redis Cluster, which a
+//! single channel cannot use anyway. The channel prefix lets several clusters share a Redis.
+//!
+//! Reconnection is fred's: exponential back-off, and the subscriber re-subscribes by
+//! itself after Redis comes back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::clients::SubscriberClient;
+use fred::prelude::{
+    ClientLike, Config as RedisConfig, EventInterface, PubsubInterface, ReconnectPolicy,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::Broker;
+use crate::hub::{Event, Hub, PresentUser, Relay};
+use crate::model::{Agent, Conversation, Message, Role, RoomKey};
+
+/// Most publications sent in one pipelined round trip.
+const PUBLISH_BATCH: usize = 256;
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("redis broker: {0}")]
+pub struct BrokerError(String);
+
+/// What one publication carries.
+#[derive(Debug, Serialize, Deserialize)]
+struct Publication {
+    /// The publishing node.
+    node: u64,
+    /// What happened.
+    event: Bus,
+}
+
+/// Events as they travel between nodes.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "camelCase")]
+enum Bus {
+    Message {
+        message: Message,
+    },
+    Typing {
+        room: RoomKey,
+        user_id: String,
+        name: String,
+        role: Role,
+        typing: bool,
+    },
+    ReadReceipt {
+        room: RoomKey,
+        user_id: String,
+        seq: u64,
+    },
+    Delta {
+        room: RoomKey,
+        message_id: String,
+        delta: String,
+        index: u64,
+    },
+    RoomStatus {
+        conversation: Conversation,
+        seq: u64,
+    },
+    AgentJoined {
+        room: RoomKey,
+        agent: Agent,
+    },
+    AgentLeft {
+        room: RoomKey,
+        agent: Agent,
+        reason: String,
+    },
+}
+
+impl Bus {
+    /// The traveling form of a hub event; `None` for events that stay on their node.
+    fn of(room: &RoomKey, event: &Event) -> Option<Self> {
+        Some(match event {
+            Event::Typing { user, typing, .. } => Bus::Typing {
+                room: room.clone(),
+                user_id: user.user_id.clone(),
+                name: user.name.clone(),
+                role: user.role,
+                typing: *typing,
+            },
+            Event::ReadReceipt { user_id, seq, .. } => Bus::ReadReceipt {
+                room: room.clone(),
+                user_id: user_id.clone(),
+                seq: *seq,
+            },
+            Event::Delta {
+                message_id,
+                delta,
+                index,
+                ..
+            } => Bus::Delta {
+                room: room.clone(),
+                message_id: message_id.to_string(),
+                delta: delta.clone(),
+                index: *index,
+            },
+            Event::RoomStatus { conversation, seq } => Bus::RoomStatus {
+                conversation: (**conversation).clone(),
+                seq: *seq,
+            },
+            Event::AgentJoined { agent, .. } => Bus::AgentJoined {
+                room: room.clone(),
+                agent: agent.clone(),
+            },
+            Event::AgentLeft { agent, reason, .. } => Bus::AgentLeft {
+                room: room.clone(),
+                agent: agent.clone(),
+                reason: (*reason).to_owned(),
+            },
+            // Presence is kept per node; inbox events, notes and per-connection frames are
+            // not room events; stored messages travel as `Bus::Message`.
+            Event::Message(_)
+            | Event::Presence { .. }
+            | Event::InboxUpdate(_)
+            | Event::NoteAdded(_)
+            | Event::Frame(_) => return None,
+        })
+    }
+
+    /// Hands a publication from another node to this node's hub.
+    fn deliver(self, hub: &Arc<Hub>) {
+        let (room, event) = match self {
+            Bus::Message { message } => {
+                hub.deliver(Arc::new(message));
+                return;
+            }
+            Bus::Typing {
+                room,
+                user_id,
+                name,
+                role,
+                typing,
+            } => {
+                let user = PresentUser {
+                    user_id,
+                    name,
+                    role,
+                };
+                let event = Event::Typing {
+                    room: room.clone(),
+                    user,
+                    typing,
+                };
+                (room, event)
+            }
+            Bus::ReadReceipt { room, user_id, seq } => {
+                let event = Event::ReadReceipt {
+                    room: room.clone(),
+                    user_id,
+                    seq,
+                };
+                (room, event)
+            }
+            Bus::Delta {
+                room,
+                message_id,
+                delta,
+                index,
+            } => {
+                let event = Event::Delta {
+                    room: room.clone(),
+                    message_id: Arc::from(message_id),
+                    delta,
+                    index,
+                };
+                (room, event)
+            }
+            Bus::RoomStatus { conversation, seq } => {
+                let room = conversation.room.clone();
+                let event = Event::RoomStatus {
+                    conversation: Arc::new(conversation),
+                    seq,
+                };
+                (room, event)
+            }
+            Bus::AgentJoined { room, agent } => {
+                let event = Event::AgentJoined {
+                    room: room.clone(),
+                    agent,
+                };
+                (room, event)
+            }
+            Bus::AgentLeft {
+                room,
+                agent,
+                reason,
+            } => {
+                let reason = match reason.as_str() {
+                    "transferred" => "transferred",
+                    "resolved" => "resolved",
+                    _ => "unassigned",
+                };
+                let event = Event::AgentLeft {
+                    room: room.clone(),
+                    agent,
+                    reason,
+                };
+                (room, event)
+            }
+        };
+        hub.broadcast_local(&room, event, None);
+    }
+}
+
+/// The Redis broker of one node.
+#[derive(Debug)]
+pub struct RedisBroker {
+    hub: Arc<Hub>,
+    /// This node's id in publications (random per process).
+    node: u64,
+    /// Publications waiting for the publisher task.
+    outbox: mpsc::UnboundedSender<Bytes>,
+    publisher: fred::clients::Client,
+    subscriber: SubscriberClient,
+}
+
+impl RedisBroker {
+    /// Connects to Redis at `url`, subscribes to `{prefix}:bus` and starts relaying for
+    /// `hub`. Fails when Redis cannot be reached now; once running, it reconnects by itself.
+    pub async fn connect(url: &str, prefix: &str, hub: Arc<Hub>) -> Result<Arc<Self>, BrokerError> {
+        let config = RedisConfig::from_url(url)
+            .map_err(|e| BrokerError(format!("invalid broker URL: {e}")))?;
+        let policy = ReconnectPolicy::new_exponential(0, 100, 5_000, 2);
+        let mut builder = fred::types::Builder::from_config(config);
+        builder
+            .set_policy(policy)
+            .with_connection_config(|c| {
+                c.connection_timeout = Duration::from_secs(5);
+                c.internal_command_timeout = Duration::from_secs(5);
+            })
+            .with_performance_config(|p| {
+                // Deliveries queue here while the hub catches up; a lagging reader loses
+                // the oldest, which the seq check then fetches from the store.
+                p.broadcast_channel_capacity = 16_384;
+                p.default_command_timeout = Duration::from_secs(5);
+            });
+        let publisher = builder
+            .build()
+            .map_err(|e| BrokerError(format!("cannot build the Redis client: {e}")))?;
+        let subscriber = builder
+            .build_subscriber_client()
+            .map_err(|e| BrokerError(format!("cannot build the Redis subscriber: {e}")))?;
+        let connect = async {
+            publisher.init().await?;
+            subscriber.init().await?;
+            Ok::<_, fred::error::Error>(())
+        };
+        match tokio::time::timeout(Duration::from_secs(10), connect).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(BrokerError(format!(
+                    "cannot reach Redis at {}: {e}",
+                    redact(url)
+                )));
+            }
+            Err(_) => {
+                return Err(BrokerError(format!(
+                    "Redis at {} did not answer within 10 s",
+                    redact(url)
+                )));
+            }
+        }
+        let channel = format!("{prefix}:bus");
+        let (outbox, queued) = mpsc::unbounded_channel();
+        let broker = Arc::new(Self {
+            hub: Arc::clone(&hub),
+            node: rand_node_id(),
+            outbox,
+            publisher: publisher.clone(),
+            subscriber: subscriber.clone(),
+        });
+        // Re-subscribe after every reconnect, then catch the active rooms up from the store.
+        let _resubscribe = subscriber.manage_subscriptions();
+        let mut reconnects = subscriber.reconnect_rx();
+        let resync_hub = Arc::clone(&hub);
+        tokio::spawn(async move {
+            while reconnects.recv().await.is_ok() {
+                tracing::info!("reconnected to Redis; catching rooms up from the store");
+                // Give the re-subscription a moment, so nothing published after the
+                // catch-up read is missed either.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                resync_hub.resync();
+            }
+        });
+        let mut messages = subscriber.message_rx();
+        subscriber
+            .subscribe(channel.clone())
+            .await
+            .map_err(|e| BrokerError(format!("cannot subscribe to {channel}: {e}")))?;
+        let me = broker.node;
+        let deliver_hub = Arc::clone(&hub);
+        tokio::spawn(async move {
+            loop {
+                match messages.recv().await {
+                    Ok(message) => {
+                        let Some(bytes) = message.value.as_bytes() else {
+                            continue;
+                        };
+                        match serde_json::from_slice::<Publication>(bytes) {
+                            Ok(p) if p.node == me => {}
+                            Ok(p) => p.event.deliver(&deliver_hub),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "unreadable publication on the bus");
+                            }
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(lost = n, "fell behind the bus; catching up from the store");
+                        deliver_hub.resync();
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+        tokio::spawn(publish_loop(publisher, channel, queued));
+        hub.set_relay(Arc::clone(&broker) as Arc<dyn Relay>);
+        Ok(broker)
+    }
+
+    fn send(&self, event: Bus) {
+        let publication = Publication {
+            node: self.node,
+            event,
+        };
+        match serde_json::to_vec(&publication) {
+            Ok(bytes) => {
+                let _ = self.outbox.send(Bytes::from(bytes));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode a publication"),
+        }
+    }
+
+    /// Stops publishing and closes the connections.
+    pub async fn close(&self) {
+        let _ = self.subscriber.quit().await;
+        let _ = self.publisher.quit().await;
+    }
+}
+
+/// Publishes queued publications in order, many per round trip. A batch that fails (Redis
+/// down) is dropped: live delivery is at most once, and the store has everything.
+async fn publish_loop(
+    client: fred::clients::Client,
+    channel: String,
+    mut queued: mpsc::UnboundedReceiver<Bytes>,
+) {
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    while queued.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
+        let pipeline = client.pipeline();
+        for payload in batch.drain(..) {
+            let _: Result<(), _> = pipeline.publish(channel.as_str(), payload).await;
+        }
+        if let Err(e) = pipeline.all::<Vec<fred::types::Value>>().await {
+            tracing::warn!(error = %e, "cannot publish to Redis; other nodes catch up from the store");
+        }
+    }
+}
+
+impl Broker for RedisBroker {
+    fn publish(&self, message: Arc<Message>) {
+        // This node's members get it at once; the others through Redis.
+        self.hub.deliver(Arc::clone(&message));
+        self.send(Bus::Message {
+            message: (*message).clone(),
+        });
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn healthy(&self) -> bool {
+        self.publisher.is_connected() && self.subscriber.is_connected()
+    }
+}
+
+impl Relay for RedisBroker {
+    fn relay(&self, room: &RoomKey, event: &Event) {
+        if let Some(bus) = Bus::of(room, event) {
+            self.send(bus);
+        }
+    }
+}
+
+/// A random node id.
+fn rand_node_id() -> u64 {
+    let id = uuid::Uuid::new_v4();
+    let (high, low) = id.as_u64_pair();
+    high ^ low
+}
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://…{}", &url[..scheme], &url[at..]),
+        _ => url.to_owned(),
+    }
+}
