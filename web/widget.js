@@ -31,7 +31,8 @@
   const SERVER = new URL(script.src, location.href).origin;
   const WS_SERVER = SERVER.replace(/^http/, 'ws');
   const DOMAIN = script.dataset.domain || 'demo';
-  const ACCENT = script.dataset.color || '#4f46e5';
+  // Only a real colour goes into the style sheet.
+  const ACCENT = script.dataset.color && CSS.supports('color', script.dataset.color) ? script.dataset.color : '#4f46e5';
   const STORAGE_KEY = `parlor:visitor:${DOMAIN}`;
   const OPEN_KEY = `parlor:open:${DOMAIN}`;
 
@@ -137,7 +138,7 @@
   // ---------------------------------------------------------------------------------------
   // Styles (inside the shadow root; the host page's CSS does not reach them)
 
-  const CSS = `
+  const STYLES = `
     :host { all: initial; }
     * { box-sizing: border-box; }
     .root {
@@ -234,6 +235,7 @@
     .action:hover:not(:disabled) { background: var(--accent); color: var(--accent-text); }
     .action:focus-visible { outline: 2px solid var(--fg); outline-offset: 2px; }
     .action:disabled { opacity: .45; cursor: default; }
+    .earlier { align-self: center; }
     .typing { min-height: 22px; padding: 0 16px; font-size: 12px; color: var(--muted); font-style: italic; }
     .banner {
       margin: 0 12px 6px; padding: 6px 10px; border-radius: 8px; font-size: 13px;
@@ -366,7 +368,7 @@
     );
 
     ui.root = h('div', { class: 'root', 'data-conn': 'idle', 'data-open': 'false' }, ui.panel, ui.bubble);
-    shadow.append(h('style', {}, CSS), ui.root);
+    shadow.append(h('style', {}, STYLES), ui.root);
   }
 
   // ---------------------------------------------------------------------------------------
@@ -679,7 +681,35 @@
       if (item.state === 'failed') continue;
       sendPending(clientMessageId);
     }
+    renderEarlier();
     scheduleRead();
+  }
+
+  /** A join without `since` brings the latest messages; older ones come on request. */
+  function renderEarlier() {
+    const firstSeq = Math.min(...drawn.keys());
+    const show = Number.isFinite(firstSeq) && firstSeq > 1;
+    if (!show) {
+      if (ui.earlier) ui.earlier.remove();
+      ui.earlier = null;
+      return;
+    }
+    if (!ui.earlier) {
+      ui.earlier = h('li', { class: 'earlier' }, h('button', { class: 'action', type: 'button', onclick: loadEarlier }, 'Show earlier messages'));
+    }
+    ui.log.prepend(ui.earlier);
+  }
+
+  function loadEarlier() {
+    const firstSeq = Math.min(...drawn.keys());
+    request({ type: 'history', roomId: state.roomId, before: firstSeq, limit: 50 }, (reply) => {
+      if (reply.type !== 'history') return;
+      // Keep the visitor's place: what they were reading stays where it is.
+      const fromBottom = ui.log.scrollHeight - ui.log.scrollTop;
+      for (const message of reply.messages || []) drawMessage(message, false, true);
+      ui.log.scrollTop = ui.log.scrollHeight - fromBottom;
+      renderEarlier();
+    });
   }
 
   // ---------------------------------------------------------------------------------------
@@ -693,6 +723,7 @@
     storedClientIds.clear();
     Object.assign(state, { status: 'bot', assignee: null, statusSeq: -1, lastSeq: 0, lastReadSent: 0, othersReadSeq: 0, unread: 0 });
     ui.empty.hidden = pending.size > 0;
+    renderEarlier();
     renderStatus();
     renderBadge();
   }
@@ -701,10 +732,13 @@
     return message.userId === state.identity.userId;
   }
 
-  /** Draws a stored message once, in seq order. `live`: it arrived now, not in a catch-up. */
-  function drawMessage(message, live) {
+  /**
+   * Draws a stored message once, in seq order. `live`: it arrived now, not in a catch-up;
+   * `older`: from "Show earlier messages" (no scrolling, no state change).
+   */
+  function drawMessage(message, live, older = false) {
     if (typeof message.seq !== 'number' || drawn.has(message.seq)) return;
-    const nearBottom = isNearBottom();
+    const nearBottom = !older && isNearBottom();
 
     if (message.clientMessageId) {
       storedClientIds.add(message.clientMessageId);
@@ -728,6 +762,10 @@
     if (message.role === 'system' && data.event === 'status' && data.status) {
       retireActionsBefore(message.seq);
       applyStatus(data.status, data.assignee ?? null, message.seq);
+    } else if (li.classList.contains('has-actions') && [...drawn.keys()].some((seq) => seq > message.seq && isStatusNotice(drawn.get(seq)))) {
+      // An older offer drawn after the notices that followed it: already answered.
+      li.classList.add('actions-retired');
+      renderActions(li);
     }
     if (!isMine(message) && live && (!state.open || document.hidden)) {
       state.unread += 1;
@@ -742,6 +780,7 @@
     const data = message.data || {};
     const kind = message.role === 'system' ? 'notice' : isMine(message) ? 'mine' : 'theirs';
     const li = h('li', { class: `msg ${kind}`, 'data-role': message.role || '' });
+    if (message.role === 'system' && data.event === 'status') li.dataset.status = 'true';
     if (kind === 'theirs') {
       const label = message.role === 'assistant' ? message.userName || 'Assistant' : message.userName || 'Support';
       li.append(h('div', { class: 'author' }, label));
@@ -940,6 +979,10 @@
       const escalate = button.dataset.action === 'escalate';
       button.disabled = retired || used || (escalate && state.status !== 'bot');
     }
+  }
+
+  function isStatusNotice(li) {
+    return li.dataset.status === 'true';
   }
 
   /** A status change retires the buttons of every message before it. */

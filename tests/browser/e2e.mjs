@@ -4,15 +4,24 @@
 //   PARLOR_BIN=target/debug/parlor PARLOR_TEST_CHROMIUM=/usr/bin/chromium node tests/browser/e2e.mjs
 //
 // The script starts the server on a free 127.0.0.1 port with a fresh SQLite database, plays
-// one story (a visitor chats with the bot, asks for a person, an agent takes over, the server
-// restarts mid-conversation, the agent resolves), checking at every step what a person would
-// see in the page, and stops the server at the end, also on failure. Screenshots go to
-// PARLOR_TEST_OUT (default target/browser). Nothing here talks to any host but 127.0.0.1.
+// one story, checking at every step what a person would see in the page, and stops the
+// server at the end, also on failure. The story: a visitor chats with the bot (a streamed
+// answer) and asks for a person; an agent signs in to the inbox, takes the waiting room and
+// talks with the visitor (typing indicators, read receipts); a second visitor's escalation
+// alerts the agent; a second tab of the first visitor stays in sync; the server restarts
+// mid-conversation (nothing lost, nothing twice); the agent resolves and the visitor
+// reopens; a phone-sized screen; notes, transfer and unassign with a second agent; paging
+// back through a long conversation; the widget against a scripted socket (catch-up delta,
+// repeated and late frames, rejoin with `since`); and a server whose development login is
+// off. Screenshots go to PARLOR_TEST_OUT (default target/browser): widget.png, inbox.png,
+// widget-phone.png, and failure-N.png of every page when a step fails. Nothing here talks to
+// any host but 127.0.0.1. Set PARLOR_TEST_VERBOSE=1 to see the pages' console.
 //
 // `cargo test --test browser` runs this script (tests/browser.rs).
 
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -243,6 +252,7 @@ function watch(page, name, expected = null) {
 
 async function main() {
   fs.mkdirSync(OUT, { recursive: true });
+  for (const old of fs.readdirSync(OUT)) if (/^failure-\d+\.png$/.test(old)) fs.rmSync(path.join(OUT, old));
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'parlor-browser-'));
   const server = new Server(await freePort(), path.join(dir, 'parlor.db'));
   let browser = null;
@@ -590,6 +600,126 @@ async function main() {
       await eventually('the widget header to say it waits again', async () => (await visitorB.title.innerText()) === 'Waiting for an agent…');
       await eventually('Alice\'s inbox to show it waiting', async () => /Waiting/.test(await ib.status.innerText()));
       await bobContext.close();
+    });
+
+    await step('a long conversation: the latest 50 on load, earlier ones on request', async () => {
+      for (let i = 1; i <= 55; i++) {
+        const response = await fetch(`${server.base}/api/messages`, {
+          method: 'POST',
+          headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${agentToken}` },
+          body: JSON.stringify({ chatRoomId: visitorB.roomId, message: `Long conversation, line ${i}` }),
+        });
+        check(response.status === 201, `POST /api/messages answers 201 (got ${response.status})`);
+      }
+      await visitorB.page.reload();
+      await visible(visitorB.theirs('Long conversation, line 55'), 'the latest message after a reload');
+      const history = await json(await fetch(`${server.base}/api/rooms/${visitorB.roomId}/messages?limit=200`, { headers: { Authorization: `Bearer ${agentToken}` } }));
+      const stored = history.messages.map((m) => m.seq);
+      check((await visitorB.seqs()).length === 50, `a reload draws the latest 50 messages (drew ${(await visitorB.seqs()).length})`);
+      await visitorB.page.getByRole('button', { name: 'Show earlier messages' }).click();
+      await eventually('every message after "Show earlier messages"', async () => JSON.stringify(await visitorB.seqs()) === JSON.stringify(stored));
+      check((await visitorB.page.getByRole('button', { name: 'Show earlier messages' }).count()) === 0, 'the button goes once everything is shown');
+      check(await visitorB.page.getByRole('button', { name: 'Connect with Customer Support' }).last().isDisabled(), 'the old offer stays disabled');
+
+      // The inbox pages back the same way.
+      await aPage.reload();
+      await ib.entry(visitorB.roomId).click();
+      await visible(ib.msg('Long conversation, line 55'), 'the latest message in the inbox');
+      await aPage.getByRole('button', { name: 'Load earlier messages' }).click();
+      await eventually('every message in the inbox after "Load earlier messages"', async () => JSON.stringify(await ib.seqs()) === JSON.stringify(stored));
+    });
+
+    await step('the widget against a scripted socket: catch-up delta, duplicates, seq order, since', async () => {
+      // The page and its token come from the real server; the WebSocket is ours, so the
+      // widget meets frames a real server sends only in races (a join during a reply, a
+      // repeated message, seqs arriving out of order).
+      const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+      const page = watch(await context.newPage(), 'widget (scripted socket)');
+      pages.push(page);
+      const joins = [];
+      let socket = null;
+      const message = (roomId, seq, text, extra = {}) => ({
+        type: 'message-received', id: `m${seq}`, roomId, chatRoomId: roomId, seq, message: text, messageType: 'text',
+        userId: 'assistant', userName: 'Assistant', role: 'assistant', timestamp: new Date().toISOString(), ...extra,
+      });
+      await page.routeWebSocket(/\/ws\?token=/, (ws) => {
+        socket = ws;
+        ws.onMessage((raw) => {
+          const frame = JSON.parse(raw);
+          if (frame.type !== 'join-room') return;
+          joins.push(frame);
+          const history = joins.length === 1 ? [message(frame.roomId, 1, 'First'), message(frame.roomId, 2, 'Second')] : [];
+          ws.send(JSON.stringify({ type: 'room-joined', replyTo: frame.id, roomId: frame.roomId, lastSeq: joins.length === 1 ? 2 : 5, members: [], status: 'bot', assignee: null }));
+          ws.send(JSON.stringify({ type: 'message-history', roomId: frame.roomId, messages: history.map(({ type, ...m }) => m), truncated: false, more: false }));
+        });
+      });
+      const s = widget(page);
+      await page.goto(`${server.base}/`);
+      await s.open();
+      await visible(s.theirs('Second'), 'the scripted history');
+      const room = joins[0].roomId;
+      check(joins[0].since === undefined, 'the first join has no `since`');
+      const push = (frame) => socket.send(JSON.stringify(frame));
+      const streamText = () => page.locator('#parlor-widget .streaming .text').innerText();
+
+      push({ type: 'message-delta', roomId: room, messageId: 'ai-1', delta: 'Hello wor', index: 3, catchUp: true });
+      await eventually('the catch-up text', async () => (await streamText()) === 'Hello wor');
+      push({ type: 'message-delta', roomId: room, messageId: 'ai-1', delta: 'wor', index: 3 }); // already in the catch-up
+      push({ type: 'message-delta', roomId: room, messageId: 'ai-1', delta: 'ld', index: 4 });
+      await eventually('the streamed text to grow past the catch-up', async () => (await streamText()) === 'Hello world');
+      push(message(room, 3, 'Hello world', { clientMessageId: 'ai-1' }));
+      await visible(s.theirs('Hello world'), 'the stored reply');
+      check((await page.locator('#parlor-widget .streaming').count()) === 0, 'the streamed text is replaced by the stored reply');
+      check((await s.theirs('Hello world').count()) === 1, 'the reply is drawn once');
+
+      push(message(room, 2, 'Second')); // a repeat
+      push(message(room, 5, 'Fifth'));
+      push(message(room, 4, 'Fourth')); // late
+      await visible(s.theirs('Fourth'), 'the late message');
+      check(JSON.stringify(await s.seqs()) === '[1,2,3,4,5]', `drawn once each, in seq order (${await s.seqs()})`);
+
+      // The server restarts: the widget rejoins with the last seq it drew.
+      socket.close({ code: 1012, reason: 'server restarting' });
+      await eventually('a rejoin after the close', async () => joins.length === 2, 10000);
+      check(joins[1].since === 5, `the rejoin asks for everything after seq 5 (since: ${joins[1].since})`);
+      await eventually('the widget to be online again', async () => !/Reconnecting…/.test(await s.subtitle.innerText()));
+      check(JSON.stringify(await s.seqs()) === '[1,2,3,4,5]', 'nothing is drawn twice after the rejoin');
+      await context.close();
+    });
+
+    await step('embedded on another site: its own origin, hostile CSS, the chat still works', async () => {
+      // A shop's page on another origin (localhost vs 127.0.0.1, another port) whose CSS
+      // would wreck any widget that shared its styles.
+      const shopPage = `<!doctype html><html lang="en"><head><title>Shop</title><link rel="icon" href="data:,">
+        <style>* { color: red !important; font-size: 40px !important; } button { display: none !important; } div { position: static !important; }</style>
+        </head><body><h1>A shop</h1>
+        <script src="${server.base}/widget.js" data-domain="demo" data-color="#0f766e" async></script></body></html>`;
+      const shop = http.createServer((req, res) => {
+        res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8' });
+        res.end(shopPage);
+      });
+      await new Promise((resolve) => shop.listen(0, '127.0.0.1', resolve));
+      try {
+        const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+        const page = watch(await context.newPage(), 'widget (another site)');
+        pages.push(page);
+        const e = widget(page);
+        await page.goto(`http://localhost:${shop.address().port}/`);
+        await visible(e.bubble, 'the chat bubble despite the page\'s `button { display: none }`');
+        await e.open();
+        const look = await e.panel.evaluate((el) => {
+          const style = getComputedStyle(el);
+          return { position: style.position, width: el.getBoundingClientRect().width };
+        });
+        check(look.position === 'fixed' && look.width < 450, `the panel keeps its own layout (${JSON.stringify(look)})`);
+        const accent = await page.locator('#parlor-widget header').evaluate((el) => getComputedStyle(el).backgroundColor);
+        check(accent === 'rgb(15, 118, 110)', `data-color sets the accent (${accent})`);
+        await e.say('Hello from another site');
+        await visible(e.mine('Hello from another site'), 'the message stored from the other site');
+        await context.close();
+      } finally {
+        shop.close();
+      }
     });
 
     await step('a server with the development login off: the inbox explains it and offers the token form', async () => {
