@@ -239,6 +239,17 @@ impl Client {
         }
     }
 
+    /// The next JSON frame, or `None` once the connection is gone (no timeout).
+    pub async fn ws_next(&mut self) -> Option<Value> {
+        loop {
+            match self.ws.next().await? {
+                Ok(Message::Text(t)) => return serde_json::from_str(&t).ok(),
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
     /// The next frame of type `ty`, skipping others (presence, typing…).
     pub async fn recv_type(&mut self, ty: &str) -> Value {
         loop {
