@@ -24,7 +24,9 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Address the HTTP and WebSocket listener binds to.
     pub listen: SocketAddr,
-    /// Storage location: `sqlite://PATH` (created if missing). PostgreSQL comes with scale-out.
+    /// Storage location: `sqlite://PATH` (created if missing), or
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE` (also `postgresql://`) for several
+    /// nodes sharing one PostgreSQL database (its schema is created or migrated at start-up).
     pub database: String,
     /// Message distribution between nodes: `memory` (one node) or `redis://HOST:PORT` (several
     /// nodes sharing a PostgreSQL database; see `docs/deploy.md`).
@@ -203,6 +205,9 @@ pub struct StoreConfig {
     pub room_cache: usize,
     /// Read connections kept open to the database.
     pub read_pool: usize,
+    /// Most connections each node opens to PostgreSQL (the writer uses one at a time, reads
+    /// the others). Ignored with SQLite.
+    pub postgres_pool: usize,
 }
 
 impl Default for StoreConfig {
@@ -212,6 +217,7 @@ impl Default for StoreConfig {
             max_batch: 1024,
             room_cache: 128,
             read_pool: 4,
+            postgres_pool: 16,
         }
     }
 }
@@ -859,6 +865,7 @@ impl Config {
             ("store.max_batch", self.store.max_batch),
             ("store.room_cache", self.store.room_cache),
             ("store.read_pool", self.store.read_pool),
+            ("store.postgres_pool", self.store.postgres_pool),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -872,9 +879,9 @@ impl Config {
                 "limits.max_message_bytes cannot exceed limits.max_frame_bytes".to_owned(),
             ));
         }
-        if self.database_path().is_none() {
+        if self.database_path().is_none() && self.postgres_url().is_none() {
             return Err(ConfigError::Invalid(format!(
-                "database must be sqlite://PATH (got {:?}); PostgreSQL support comes with scale-out",
+                "database must be sqlite://PATH or postgres://USER@HOST/DATABASE (got {:?})",
                 self.database
             )));
         }
@@ -1024,6 +1031,31 @@ impl Config {
             .or_else(|| self.database.strip_prefix("sqlite:"))?;
         (!rest.is_empty()).then(|| PathBuf::from(rest))
     }
+
+    /// `database`, if it is a `postgres://` or `postgresql://` URL.
+    pub fn postgres_url(&self) -> Option<&str> {
+        let rest = self
+            .database
+            .strip_prefix("postgres://")
+            .or_else(|| self.database.strip_prefix("postgresql://"))?;
+        (!rest.is_empty()).then_some(self.database.as_str())
+    }
+}
+
+/// A URL without its password (`postgres://parlor:…@db/parlor`), for logs and messages.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or("");
+            format!("{}{user}:…{}", &url[..scheme_end], &rest[at..])
+        }
+        None => url.to_owned(),
+    }
 }
 
 /// Top-level keys of [`Config`], as environment variables spell them (lowercased).
@@ -1081,6 +1113,24 @@ mod duration_ms {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://parlor:s3cret@db:5432/parlor?sslmode=require"),
+            "postgres://parlor:…@db:5432/parlor?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("redis://:pw@cache:6379"),
+            "redis://:…@cache:6379"
+        );
+        assert_eq!(redact_url("redis://cache:6379"), "redis://cache:6379");
+        assert_eq!(redact_url("sqlite://parlor.db"), "sqlite://parlor.db");
+        assert_eq!(
+            redact_url("sqlite:///a@b/parlor.db"),
+            "sqlite:///a@b/parlor.db"
+        );
+    }
 
     #[test]
     fn business_hours() {
@@ -1187,11 +1237,22 @@ mod tests {
         let mut c = Config::default();
         c.limits.outbound_queue = 0;
         assert!(c.validate().is_err());
-        let mut c = Config {
-            database: "postgres://x".into(),
-            ..Config::default()
-        };
-        assert!(c.validate().is_err());
+        for database in ["mysql://x", "postgres://", "parlor.db"] {
+            let mut c = Config {
+                database: database.into(),
+                ..Config::default()
+            };
+            assert!(c.validate().is_err(), "{database}");
+        }
+        for database in ["postgres://parlor@db/parlor", "postgresql://db:5433/parlor"] {
+            let mut c = Config {
+                database: database.into(),
+                ..Config::default()
+            };
+            c.validate().expect(database);
+            assert_eq!(c.postgres_url(), Some(database));
+            assert_eq!(c.database_path(), None);
+        }
         let mut c = Config::default();
         c.auth.jwt_secret = Some(Secret::new("short"));
         assert!(c.validate().is_err());

@@ -196,7 +196,9 @@ impl App {
             Arc::clone(&ai),
             Arc::clone(&domains),
             Arc::clone(&metrics),
+            Arc::clone(&broker),
         ));
+        broker.set_remote(Arc::clone(&handoff) as Arc<dyn crate::broker::Remote>);
         // Committed messages, in commit order: the hand-off service keeps the inbox current
         // and hands visitors' messages to the bot while a room is with it.
         let observer = Arc::clone(&handoff);
@@ -250,6 +252,10 @@ impl App {
 
 /// Opens the configured store; committed messages go to `sink`.
 async fn open_store(config: &Config, sink: store::CommitSink) -> Result<Arc<dyn Store>, RunError> {
+    if let Some(url) = config.postgres_url() {
+        let store = store::postgres::PostgresStore::open(url, &config.store, sink).await?;
+        return Ok(Arc::new(store));
+    }
     let path = config
         .database_path()
         .ok_or_else(|| RunError::Config(format!("unsupported database {:?}", config.database)))?;
@@ -293,7 +299,12 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let app = App::build(config, shutdown.clone()).await?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, database = %app.state.config.database, "parlor listening");
+    tracing::info!(
+        %addr,
+        database = %config::redact_url(&app.state.config.database),
+        broker = %config::redact_url(&app.state.config.broker),
+        "parlor listening"
+    );
     // Chat frames are small and latency-bound: send them at once instead of letting Nagle's
     // algorithm hold them for the peer's delayed ACK (tens of milliseconds).
     let listener = listener.tap_io(|tcp| {

@@ -47,7 +47,8 @@ struct ServeArgs {
     /// Address to listen on [default: 0.0.0.0:8080].
     #[arg(long, global = true)]
     listen: Option<SocketAddr>,
-    /// Database URL, e.g. sqlite://parlor.db [default: sqlite://parlor.db].
+    /// Database URL: sqlite://PATH, or postgres://USER@HOST/DATABASE for several nodes
+    /// [default: sqlite://parlor.db].
     #[arg(long, global = true)]
     database: Option<String>,
     /// Message broker: memory, or redis://HOST:PORT for several nodes [default: memory].

@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use parlor::config::StoreConfig;
 use parlor::model::{Author, Conversation, Message, NewMessage, RoomKey, RoomStatus, now_ms};
+use parlor::store::postgres::PostgresStore;
 use parlor::store::sqlite::SqliteStore;
 use parlor::store::{
     Appended, CommitSink, CustomerProfile, Decide, InboxQuery, NewNote, Store, StoreError,
@@ -45,10 +46,10 @@ use tokio::sync::mpsc::{self, UnboundedReceiver};
 
 conformance_suite!(sqlite);
 conformance_suite!(sqlite_small_batches);
-// PostgreSQL plugs in here once `PostgresStore` exists:
-//     conformance_suite!(postgres);
-// with a `fn postgres() -> Option<Box<dyn TestDatabase>>` that reads PARLOR_TEST_DATABASE_URL
-// (returning `None` when it is unset) and gives every test a fresh schema of its own.
+// PostgreSQL runs when PARLOR_TEST_DATABASE_URL names a server (any database on it that the
+// user may connect to; every test creates and drops a database of its own).
+conformance_suite!(postgres);
+conformance_suite!(postgres_small_batches);
 
 /// A future opening a store.
 type Opening<'a> = Pin<Box<dyn Future<Output = Result<Arc<dyn Store>, StoreError>> + Send + 'a>>;
@@ -94,6 +95,145 @@ fn sqlite_small_batches() -> Option<Box<dyn TestDatabase>> {
     SqliteDatabase::boxed(StoreConfig {
         max_batch: 2,
         read_pool: 1,
+        ..StoreConfig::default()
+    })
+}
+
+/// The PostgreSQL server the PostgreSQL stories use, from `PARLOR_TEST_DATABASE_URL`.
+fn postgres_server() -> Option<String> {
+    match std::env::var("PARLOR_TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!("skipped: set PARLOR_TEST_DATABASE_URL to run the PostgreSQL stories");
+            None
+        }
+    }
+}
+
+/// `url` with its database (the path) replaced by `name`; the query string is kept.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    let path = base[authority..]
+        .find('/')
+        .map_or(base.len(), |i| authority + i);
+    let mut out = format!("{}/{name}", &base[..path]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
+}
+
+/// A database of its own on the test server: created on first open, dropped (with any
+/// connection left to it) when the value is dropped, so tests run in parallel.
+struct PostgresDatabase {
+    /// The server, as `PARLOR_TEST_DATABASE_URL` names it.
+    server: String,
+    /// This test's database.
+    name: String,
+    config: StoreConfig,
+    created: tokio::sync::OnceCell<()>,
+}
+
+impl PostgresDatabase {
+    fn new(config: StoreConfig) -> Option<Self> {
+        let server = postgres_server()?;
+        Some(Self {
+            server,
+            name: format!("parlor_t_{}", uuid::Uuid::new_v4().simple()),
+            config,
+            created: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    fn boxed(config: StoreConfig) -> Option<Box<dyn TestDatabase>> {
+        Some(Box::new(Self::new(config)?))
+    }
+
+    /// The URL of this test's database.
+    fn url(&self) -> String {
+        with_database(&self.server, &self.name)
+    }
+
+    async fn create(&self) {
+        use sqlx::{Connection, Executor};
+        self.created
+            .get_or_init(|| async {
+                let mut admin = sqlx::PgConnection::connect(&self.server)
+                    .await
+                    .expect("connect to PARLOR_TEST_DATABASE_URL");
+                admin
+                    .execute(&*format!("CREATE DATABASE {}", self.name))
+                    .await
+                    .expect("create the test database");
+                admin.close().await.ok();
+            })
+            .await;
+    }
+
+    /// Opens a store on this database with `config` (another "node").
+    async fn open_with(
+        &self,
+        config: &StoreConfig,
+        sink: CommitSink,
+    ) -> Result<PostgresStore, StoreError> {
+        self.create().await;
+        PostgresStore::open(&self.url(), config, sink).await
+    }
+}
+
+impl TestDatabase for PostgresDatabase {
+    fn open(&self, sink: CommitSink) -> Opening<'_> {
+        Box::pin(async move {
+            let store = self.open_with(&self.config, sink).await?;
+            Ok(Arc::new(store) as Arc<dyn Store>)
+        })
+    }
+}
+
+impl Drop for PostgresDatabase {
+    fn drop(&mut self) {
+        if !self.created.initialized() {
+            return;
+        }
+        let server = self.server.clone();
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime; the clean-up gets a runtime of its own.
+        let dropped = std::thread::spawn(move || {
+            use sqlx::{Connection, Executor};
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let mut admin = sqlx::PgConnection::connect(&server).await?;
+                admin
+                    .execute(&*format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await?;
+                admin.close().await
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop test database {}: {dropped:?}", self.name);
+        }
+    }
+}
+
+/// PostgreSQL as configured by default.
+fn postgres() -> Option<Box<dyn TestDatabase>> {
+    PostgresDatabase::boxed(StoreConfig::default())
+}
+
+/// PostgreSQL with tiny batches and a pool of two connections, so concurrent stories cross
+/// many batch boundaries and reads wait for connections.
+fn postgres_small_batches() -> Option<Box<dyn TestDatabase>> {
+    PostgresDatabase::boxed(StoreConfig {
+        max_batch: 2,
+        postgres_pool: 2,
         ..StoreConfig::default()
     })
 }
@@ -1509,5 +1649,517 @@ mod stories {
             matches!(missing, Err(StoreError::Invalid(_))),
             "{missing:?}"
         );
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// PostgreSQL only: several nodes on one database, and a database that goes away
+// ------------------------------------------------------------------------------------------
+
+mod postgres_nodes {
+    use super::*;
+    use parlor::store::postgres::{ACQUIRE_TIMEOUT, DEADLINE};
+    use std::net::SocketAddr;
+    use std::time::Instant;
+
+    /// A store ("node") and what its commit sink reports.
+    type Node = (Arc<dyn Store>, UnboundedReceiver<Arc<Message>>);
+
+    /// Two nodes on one fresh database.
+    struct TwoNodes {
+        db: PostgresDatabase,
+        nodes: [Node; 2],
+    }
+
+    impl TwoNodes {
+        /// `None` when PARLOR_TEST_DATABASE_URL is unset. Node 0 has small batches, node 1
+        /// the default ones, so their transactions overlap in many different shapes.
+        async fn open() -> Option<Self> {
+            let db = PostgresDatabase::new(StoreConfig::default())?;
+            let open = async |config: StoreConfig| {
+                let (sink, committed) = mpsc::unbounded_channel();
+                let store = db.open_with(&config, sink).await.expect("open a node");
+                (Arc::new(store) as Arc<dyn Store>, committed)
+            };
+            let a = open(StoreConfig {
+                max_batch: 4,
+                ..StoreConfig::default()
+            })
+            .await;
+            let b = open(StoreConfig::default()).await;
+            Some(Self { db, nodes: [a, b] })
+        }
+
+        fn store(&self, node: usize) -> Arc<dyn Store> {
+            Arc::clone(&self.nodes[node].0)
+        }
+
+        async fn close(self) {
+            for (store, _) in &self.nodes {
+                store.close().await;
+            }
+            drop(self.db);
+        }
+    }
+
+    /// Both nodes append to one room at once (and, in between, to nine other rooms in
+    /// opposite orders, so their batches lock rooms in conflicting arrival orders): the
+    /// room's seqs are 1..=N, each once; both nodes read the same history; each node's sink
+    /// reports its own messages in seq order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_nodes_appending_to_one_room_get_gapless_unique_seqs() {
+        const PER_NODE: usize = 150;
+        let Some(mut cluster) = TwoNodes::open().await else {
+            return;
+        };
+        let room = RoomKey::new("acme", "shared");
+        let others: Vec<RoomKey> = (0..9)
+            .map(|i| RoomKey::new("acme", format!("other-{i}")))
+            .collect();
+        let mut tasks = Vec::new();
+        for node in 0..2 {
+            for i in 0..PER_NODE {
+                let store = cluster.store(node);
+                let message = text(&room, format!("node {node} #{i}"));
+                tasks.push(tokio::spawn(
+                    async move { (node, store.append(message).await) },
+                ));
+                if i % 3 == 0 {
+                    let other = if node == 0 {
+                        &others[i % 9]
+                    } else {
+                        &others[8 - i % 9]
+                    };
+                    let store = cluster.store(node);
+                    let message = text(other, format!("node {node} elsewhere #{i}"));
+                    tasks.push(tokio::spawn(async move {
+                        (node + 10, store.append(message).await)
+                    }));
+                }
+            }
+        }
+        let mut by_seq = BTreeMap::new();
+        let mut acknowledged = [Vec::new(), Vec::new()];
+        for task in tasks {
+            let (node, result) = task.await.expect("task");
+            let appended = result.expect("append on a node");
+            if node >= 10 {
+                continue;
+            }
+            assert!(!appended.duplicate);
+            let seq = appended.message.seq;
+            acknowledged[node].push(Arc::clone(&appended.message));
+            if let Some(previous) = by_seq.insert(seq, appended.message) {
+                panic!("seq {seq} assigned twice (also to {previous:?})");
+            }
+        }
+        let n = u64::try_from(2 * PER_NODE).expect("count");
+        assert_eq!(by_seq.keys().copied().collect::<Vec<_>>(), range(1, n));
+        for node in 0..2 {
+            let store = cluster.store(node);
+            let stored = after(&*store, &room, 0, 1000).await;
+            assert_eq!(stored.len(), by_seq.len(), "node {node} sees every message");
+            for (stored, returned) in stored.iter().zip(by_seq.values()) {
+                assert_eq!(
+                    stored, &**returned,
+                    "node {node} reads what was acknowledged"
+                );
+            }
+            assert_eq!(last_seq(&*store, &room).await, n);
+        }
+        for (node, (store, committed)) in cluster.nodes.iter_mut().enumerate() {
+            let mut reported = Vec::new();
+            let total = acknowledged[node].len() + PER_NODE.div_ceil(3);
+            for m in recv_committed(committed, total).await {
+                if m.room == room {
+                    reported.push(m);
+                }
+            }
+            let seqs: Vec<u64> = reported.iter().map(|m| m.seq).collect();
+            assert!(
+                seqs.windows(2).all(|w| w[0] < w[1]),
+                "node {node}'s sink reports in seq order: {seqs:?}"
+            );
+            acknowledged[node].sort_by_key(|m| m.seq);
+            assert_eq!(
+                reported, acknowledged[node],
+                "node {node} reports its own commits"
+            );
+            assert_nothing_more_committed(committed).await;
+            for other in &others {
+                let stored = after(&**store, other, 0, 1000).await;
+                assert_eq!(
+                    seqs_of_messages(&stored),
+                    range(1, u64::try_from(stored.len()).expect("count"))
+                );
+            }
+        }
+        cluster.close().await;
+    }
+
+    fn seqs_of_messages(messages: &[Message]) -> Vec<u64> {
+        messages.iter().map(|m| m.seq).collect()
+    }
+
+    /// The same client message id sent through both nodes at once is stored once; the same
+    /// "take it" decision made on both nodes at once wins once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_nodes_agree_on_duplicates_and_transitions() {
+        let Some(cluster) = TwoNodes::open().await else {
+            return;
+        };
+        let room = RoomKey::new("acme", "contested");
+        let mut sends = Vec::new();
+        let mut decisions = Vec::new();
+        for i in 0..20 {
+            let store = cluster.store(i % 2);
+            let message = keyed(&room, format!("attempt {i}"), "same-id");
+            sends.push(tokio::spawn(async move { store.append(message).await }));
+        }
+        let mut originals = Vec::new();
+        let mut all = Vec::new();
+        for task in sends {
+            let appended = task.await.expect("task").expect("append");
+            if !appended.duplicate {
+                originals.push(Arc::clone(&appended.message));
+            }
+            all.push(appended.message);
+        }
+        assert_eq!(originals.len(), 1, "stored once across nodes");
+        assert!(all.iter().all(|m| **m == *originals[0]));
+        for i in 0..20 {
+            let store = cluster.store(i % 2);
+            let key = room.clone();
+            decisions.push(tokio::spawn(async move {
+                store.transition(&key, None, waiting_decision()).await
+            }));
+        }
+        let mut winners = 0;
+        for task in decisions {
+            let t = task.await.expect("task").expect("transition");
+            if t.message.is_some() {
+                winners += 1;
+            }
+            assert_eq!(t.conversation.status, RoomStatus::Waiting);
+            assert_eq!(
+                t.conversation.version, 1,
+                "every loser saw the winner's state"
+            );
+        }
+        assert_eq!(winners, 1, "one of the decisions on two nodes wins");
+        for node in 0..2 {
+            assert_eq!(last_seq(&*cluster.store(node), &room).await, 2);
+        }
+        cluster.close().await;
+    }
+
+    /// Nodes started at the same moment on an empty database migrate it once between them
+    /// and all come up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn nodes_starting_together_migrate_once() {
+        let Some(db) = PostgresDatabase::new(StoreConfig::default()) else {
+            return;
+        };
+        db.create().await;
+        let config = StoreConfig::default();
+        let opening = (0..4).map(|_| db.open_with(&config, mpsc::unbounded_channel().0));
+        let stores = futures_util::future::join_all(opening).await;
+        for store in &stores {
+            let store = store.as_ref().expect("every node starts");
+            store.health().await.expect("healthy");
+        }
+        let room = RoomKey::new("acme", "after-start");
+        for (i, store) in stores.iter().enumerate() {
+            let store = store.as_ref().expect("open");
+            let appended = append(store, text(&room, format!("from node {i}"))).await;
+            assert_eq!(appended.message.seq, u64::try_from(i + 1).expect("seq"));
+        }
+        for store in stores.iter().flatten() {
+            store.close().await;
+        }
+    }
+
+    /// What the conformance stories do not compare: usage grouped by model and by day
+    /// (integer means, sums, byte order of keys), documents and domains in byte order, and
+    /// the inbox leaving out `ai:` rooms whatever their case. The same writes go to SQLite
+    /// and PostgreSQL, and every read must answer the same.
+    #[tokio::test]
+    async fn listings_match_sqlite() {
+        use parlor::store::{DomainChange, UsageGrouping, UsageRecord};
+        let Some(pg_db) = PostgresDatabase::new(StoreConfig::default()) else {
+            return;
+        };
+        let sqlite_db = SqliteDatabase::boxed(StoreConfig::default()).expect("sqlite");
+        let (pg, _) = open(&pg_db).await;
+        let (lite, _) = open(&*sqlite_db).await;
+        let day = |d: i64, ms: i64| {
+            chrono::DateTime::from_timestamp_millis(1_764_633_600_000 + d * 86_400_000 + ms)
+                .expect("time")
+        };
+        let usage = [
+            ("openai", "gpt-4o-mini", 10, 5, 1, "ok", day(0, 5)),
+            (
+                "openai",
+                "gpt-4o-mini",
+                20,
+                7,
+                2,
+                "timeout",
+                day(0, 86_399_999),
+            ),
+            ("Anthropic", "claude", 3, 4, 100, "ok", day(1, 0)),
+            ("kb", "bm25", 0, 0, 7, "cancelled", day(2, 1)),
+            ("_local", "Zeta", 1, 1, 3, "ok", day(2, 2)),
+            ("kb", "bm25", 0, 0, 8, "ok", day(9, 0)),
+        ];
+        let all = [pg.as_ref(), lite.as_ref()];
+        for store in all {
+            for (provider, model, prompt, completion, latency, outcome, at) in usage {
+                store
+                    .record_usage(UsageRecord {
+                        domain_id: "acme".into(),
+                        room_id: Some("r".into()),
+                        user_id: None,
+                        provider: provider.into(),
+                        model: model.into(),
+                        prompt_tokens: prompt,
+                        completion_tokens: completion,
+                        latency_ms: latency,
+                        outcome: outcome.into(),
+                        created_at: at,
+                    })
+                    .await
+                    .expect("record usage");
+            }
+            for name in ["b.md", "B.md", "a.md", "_x.md", "Z.txt"] {
+                store
+                    .change_domains(DomainChange::PutDocument {
+                        domain_id: "acme".into(),
+                        name: name.into(),
+                        text: format!("text of {name}"),
+                    })
+                    .await
+                    .expect("put document");
+            }
+            for id in ["acme", "Zed", "_under", "a.b", "Acme"] {
+                store.upsert_domain(id, id).await.expect("declare");
+            }
+            for room in ["support-1", "AI:upper", "ai:lower", "Ai:mixed", "aix"] {
+                append(store, text(&RoomKey::new("acme", room), "hello")).await;
+            }
+        }
+        let usage_of = async |store: &dyn Store, group| {
+            store
+                .usage("acme", day(0, 0), day(9, 0), group)
+                .await
+                .expect("usage")
+        };
+        for group in [UsageGrouping::Model, UsageGrouping::Day] {
+            let expected = usage_of(lite.as_ref(), group).await;
+            assert!(!expected.is_empty());
+            assert_eq!(usage_of(pg.as_ref(), group).await, expected, "{group:?}");
+        }
+        let documents = async |store: &dyn Store| {
+            store
+                .documents("acme")
+                .await
+                .expect("documents")
+                .into_iter()
+                .map(|(name, text, _)| (name, text))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(documents(&*pg).await, documents(&*lite).await);
+        assert_eq!(
+            pg.domains().await.expect("domains"),
+            lite.domains().await.expect("domains")
+        );
+        let inbox = async |store: &dyn Store| {
+            store
+                .inbox(InboxQuery {
+                    domain_id: "acme".into(),
+                    statuses: Vec::new(),
+                    reader: "agent".into(),
+                    limit: 10,
+                })
+                .await
+                .expect("inbox")
+                .into_iter()
+                .map(|e| e.conversation.room.room_id.to_string())
+                .collect::<HashSet<_>>()
+        };
+        let expected = inbox(&*lite).await;
+        assert_eq!(expected, HashSet::from(["support-1".into(), "aix".into()]));
+        assert_eq!(inbox(&*pg).await, expected);
+        pg.close().await;
+        lite.close().await;
+    }
+
+    /// A TCP relay to the PostgreSQL server that the test can cut and restore, as if the
+    /// database went away and came back on the same address.
+    struct Relay {
+        port: u16,
+        upstream: SocketAddr,
+        task: Option<tokio::task::JoinHandle<()>>,
+    }
+
+    impl Relay {
+        async fn start(port: u16, upstream: SocketAddr) -> Self {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.set_reuseaddr(true).expect("reuseaddr");
+            socket
+                .bind(SocketAddr::from(([127, 0, 0, 1], port)))
+                .expect("bind the relay");
+            let listener = socket.listen(64).expect("listen");
+            let port = listener.local_addr().expect("address").port();
+            let task = tokio::spawn(async move {
+                // Dropping the set (when this task is aborted) cuts every relayed connection.
+                let mut connections = tokio::task::JoinSet::new();
+                while let Ok((mut client, _)) = listener.accept().await {
+                    connections.spawn(async move {
+                        if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                }
+            });
+            Self {
+                port,
+                upstream,
+                task: Some(task),
+            }
+        }
+
+        /// Closes the listener and every connection.
+        async fn cut(&mut self) {
+            if let Some(task) = self.task.take() {
+                task.abort();
+                let _ = task.await;
+            }
+        }
+
+        async fn restore(&mut self) {
+            *self = Relay::start(self.port, self.upstream).await;
+        }
+    }
+
+    /// The test server's TCP address (`None` for a Unix socket).
+    async fn server_address(server: &str) -> Option<SocketAddr> {
+        use std::str::FromStr;
+        let options = sqlx::postgres::PgConnectOptions::from_str(server).expect("parse the URL");
+        if options.get_host().starts_with('/') {
+            eprintln!("skipped: the relay test needs a TCP PARLOR_TEST_DATABASE_URL");
+            return None;
+        }
+        tokio::net::lookup_host((options.get_host(), options.get_port()))
+            .await
+            .expect("resolve the test server")
+            .next()
+    }
+
+    /// The URL of `database` on the test server, reached through 127.0.0.1:`port`.
+    fn through_port(server: &str, database: &str, port: u16) -> String {
+        let url = with_database(server, database);
+        // Swap the authority's host and port for the relay's.
+        let start = url.find("://").map_or(0, |i| i + 3);
+        let end = url[start..].find('/').map_or(url.len(), |i| start + i);
+        let authority = &url[start..end];
+        let user = authority.rfind('@').map_or("", |i| &authority[..=i]);
+        format!("{}{user}127.0.0.1:{port}{}", &url[..start], &url[end..])
+    }
+
+    /// While PostgreSQL is unreachable, writes, reads and health fail within a bound with
+    /// `Unavailable` (nothing hangs, nothing is acknowledged); when it is back, the same
+    /// store recovers by itself and the room continues without a gap.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unreachable_postgres_fails_fast_and_the_store_recovers() {
+        let Some(db) = PostgresDatabase::new(StoreConfig::default()) else {
+            return;
+        };
+        let Some(upstream) = server_address(&db.server).await else {
+            return;
+        };
+        db.create().await;
+        let mut relay = Relay::start(0, upstream).await;
+        let url = through_port(&db.server, &db.name, relay.port);
+
+        let (sink, mut committed) = mpsc::unbounded_channel();
+        let store = PostgresStore::open(&url, &StoreConfig::default(), sink)
+            .await
+            .expect("open through the relay");
+        let room = RoomKey::new("acme", "outage");
+        assert_eq!(append(&store, text(&room, "before")).await.message.seq, 1);
+        recv_committed(&mut committed, 1).await;
+
+        relay.cut().await;
+        let bound = DEADLINE + Duration::from_secs(2);
+        let started = Instant::now();
+        let result = tokio::time::timeout(bound, store.append(text(&room, "during")))
+            .await
+            .expect("append returns while PostgreSQL is unreachable");
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "expected Unavailable, got {result:?}"
+        );
+        eprintln!("append failed after {:?}: {result:?}", started.elapsed());
+        let read = tokio::time::timeout(bound, store.messages_after(&room, 0, 10))
+            .await
+            .expect("a read returns");
+        assert!(matches!(read, Err(StoreError::Unavailable(_))), "{read:?}");
+        let health = tokio::time::timeout(bound, store.health())
+            .await
+            .expect("health returns");
+        assert!(
+            health.is_err(),
+            "health fails while PostgreSQL is unreachable"
+        );
+        assert_nothing_more_committed(&mut committed).await;
+
+        relay.restore().await;
+        let deadline = Instant::now() + ACQUIRE_TIMEOUT + DEADLINE;
+        let recovered = loop {
+            match store.append(text(&room, "after")).await {
+                Ok(appended) => break appended,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("not yet recovered: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("the store did not recover: {e}"),
+            }
+        };
+        assert_eq!(recovered.message.seq, 2, "the failed append left no gap");
+        assert_eq!(
+            recv_committed(&mut committed, 1).await,
+            [Arc::clone(&recovered.message)]
+        );
+        assert_eq!(
+            contents(&after(&store, &room, 0, 10).await),
+            ["before", "after"]
+        );
+        store.health().await.expect("healthy again");
+        store.close().await;
+        relay.cut().await;
+    }
+
+    /// Opening a store whose PostgreSQL is not there fails at once with `Unavailable`.
+    /// (Needs no server: the port is one nobody listens on.)
+    #[tokio::test]
+    async fn opening_an_unreachable_postgres_fails_with_unavailable() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = closed.local_addr().expect("address").port();
+        drop(closed);
+        let url = format!("postgres://parlor@127.0.0.1:{port}/parlor");
+        let started = Instant::now();
+        let (sink, _committed) = mpsc::unbounded_channel();
+        let result = tokio::time::timeout(
+            DEADLINE + Duration::from_secs(2),
+            PostgresStore::open(&url, &StoreConfig::default(), sink),
+        )
+        .await
+        .expect("open returns");
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(ref e)) if e.contains("127.0.0.1")),
+            "expected Unavailable naming the server, got {result:?}"
+        );
+        assert!(started.elapsed() < DEADLINE, "{:?}", started.elapsed());
     }
 }

@@ -9,9 +9,13 @@
 //! publishes them to the broker from there, which keeps live delivery in `seq` order without
 //! any reordering on the hot path.
 //!
+//! Implementations: [`sqlite::SqliteStore`] (one node, one file) and
+//! [`postgres::PostgresStore`] (several nodes sharing one database).
+//!
 //! Depends only on [`crate::model`] and [`crate::config`]. The conformance suite in
 //! `tests/store.rs` runs against every implementation.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -436,7 +440,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Finishes queued writes and stops accepting new ones.
     async fn close(&self);
 
-    /// Short name for health output and metrics (`sqlite`).
+    /// Short name for health output and metrics (`sqlite`, `postgres`).
     fn kind(&self) -> &'static str;
 }
 
