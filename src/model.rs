@@ -270,7 +270,7 @@ impl Conversation {
 }
 
 /// An agent-only note on a room, kept apart from the room's stream.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Note {
     /// Unique id.
     pub id: String,

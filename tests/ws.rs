@@ -439,6 +439,12 @@ async fn bad_frames_get_documented_errors_and_change_nothing() {
     let err = c.reply(&id).await;
     assert_eq!(err["code"], "message_too_long");
 
+    // A NUL character (which PostgreSQL cannot store) is refused on every backend.
+    let id = c
+        .request(json!({ "type": "send-message", "roomId": "bad", "message": "a\u{0}b" }))
+        .await;
+    assert_eq!(c.reply(&id).await["code"], "invalid_message");
+
     // Still alive, still able to send; the bystander saw nothing but the good messages.
     let ack = c.say("bad", "still here", None).await;
     assert_eq!(ack["seq"], 2, "no bad frame stored anything");

@@ -14,7 +14,20 @@ pub mod redis;
 
 use std::sync::Arc;
 
-use crate::model::Message;
+use crate::hub::Event;
+use crate::model::{Conversation, Message};
+
+/// What other nodes publish that is not for a room's members: changes of hand-off state
+/// (so that caches of room states stay right) and the agents' inbox feed. Implemented by
+/// the hand-off service.
+pub trait Remote: Send + Sync + std::fmt::Debug {
+    /// A room's hand-off state changed on another node.
+    fn conversation_changed(&self, conversation: Arc<Conversation>);
+
+    /// An inbox event (`Event::InboxUpdate`, `Event::NoteAdded`) for the domain's agents
+    /// on this node.
+    fn to_agents(&self, domain: &str, event: Event);
+}
 
 /// Publishes stored messages to every node.
 pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
@@ -28,4 +41,11 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     fn healthy(&self) -> bool {
         true
     }
+
+    /// Sends an inbox event of `domain` to the agents on the other nodes (none for the
+    /// in-process broker).
+    fn to_agents(&self, _domain: &str, _event: &Event) {}
+
+    /// Where events for [`Remote`] from other nodes go (once, at start-up).
+    fn set_remote(&self, _remote: Arc<dyn Remote>) {}
 }

@@ -34,9 +34,10 @@ use fred::prelude::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::Broker;
+use super::{Broker, Remote};
 use crate::hub::{Event, Hub, PresentUser, Relay};
-use crate::model::{Agent, Conversation, Message, Role, RoomKey};
+use crate::model::{Agent, Conversation, Message, Note, Role, RoomKey};
+use crate::store::InboxEntry;
 
 /// Most publications sent in one pipelined round trip.
 const PUBLISH_BATCH: usize = 256;
@@ -55,7 +56,9 @@ struct Publication {
     event: Bus,
 }
 
-/// Events as they travel between nodes.
+/// Events as they travel between nodes. (Each lives only between a socket read and its
+/// delivery, so the size of the largest variant costs nothing worth boxing for.)
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "camelCase")]
 enum Bus {
@@ -92,6 +95,25 @@ enum Bus {
         room: RoomKey,
         agent: Agent,
         reason: String,
+    },
+    Presence {
+        room: RoomKey,
+        user_id: String,
+        name: String,
+        role: Role,
+        joined: bool,
+    },
+    /// A room's new entry for the domain's agents.
+    Inbox {
+        conversation: Conversation,
+        created_by: Option<String>,
+        visitor_name: Option<String>,
+        created_at: chrono::DateTime<chrono::Utc>,
+        last_message: Message,
+    },
+    /// An internal note for the domain's agents.
+    Note {
+        note: Note,
     },
 }
 
@@ -135,19 +157,79 @@ impl Bus {
                 agent: agent.clone(),
                 reason: (*reason).to_owned(),
             },
-            // Presence is kept per node; inbox events, notes and per-connection frames are
-            // not room events; stored messages travel as `Bus::Message`.
-            Event::Message(_)
-            | Event::Presence { .. }
-            | Event::InboxUpdate(_)
-            | Event::NoteAdded(_)
-            | Event::Frame(_) => return None,
+            Event::Presence { user, joined, .. } => Bus::Presence {
+                room: room.clone(),
+                user_id: user.user_id.clone(),
+                name: user.name.clone(),
+                role: user.role,
+                joined: *joined,
+            },
+            Event::InboxUpdate(e) => Bus::Inbox {
+                conversation: e.conversation.clone(),
+                created_by: e.created_by.clone(),
+                visitor_name: e.visitor_name.clone(),
+                created_at: e.created_at,
+                last_message: e.last_message.clone(),
+            },
+            Event::NoteAdded(note) => Bus::Note {
+                note: (**note).clone(),
+            },
+            // Stored messages travel as `Bus::Message`; per-connection frames stay.
+            Event::Message(_) | Event::Frame(_) => return None,
         })
     }
 
-    /// Hands a publication from another node to this node's hub.
-    fn deliver(self, hub: &Arc<Hub>) {
+    /// Hands a publication from another node to this node's hub (or, for the agents'
+    /// feed and state changes, to `remote`).
+    fn deliver(self, hub: &Arc<Hub>, remote: Option<&Arc<dyn Remote>>) {
         let (room, event) = match self {
+            Bus::Inbox {
+                conversation,
+                created_by,
+                visitor_name,
+                created_at,
+                last_message,
+            } => {
+                if let Some(remote) = remote {
+                    let domain = conversation.room.domain_id.clone();
+                    let entry = InboxEntry {
+                        conversation,
+                        created_by,
+                        visitor_name,
+                        created_at,
+                        last_message,
+                        read_seq: 0,
+                    };
+                    remote.to_agents(&domain, Event::InboxUpdate(Arc::new(entry)));
+                }
+                return;
+            }
+            Bus::Note { note } => {
+                if let Some(remote) = remote {
+                    let domain = note.room.domain_id.clone();
+                    remote.to_agents(&domain, Event::NoteAdded(Arc::new(note)));
+                }
+                return;
+            }
+            Bus::Presence {
+                room,
+                user_id,
+                name,
+                role,
+                joined,
+            } => {
+                let user = PresentUser {
+                    user_id,
+                    name,
+                    role,
+                };
+                let event = Event::Presence {
+                    room: room.clone(),
+                    user,
+                    joined,
+                };
+                (room, event)
+            }
             Bus::Message { message } => {
                 hub.deliver(Arc::new(message));
                 return;
@@ -195,10 +277,11 @@ impl Bus {
             }
             Bus::RoomStatus { conversation, seq } => {
                 let room = conversation.room.clone();
-                let event = Event::RoomStatus {
-                    conversation: Arc::new(conversation),
-                    seq,
-                };
+                let conversation = Arc::new(conversation);
+                if let Some(remote) = remote {
+                    remote.conversation_changed(Arc::clone(&conversation));
+                }
+                let event = Event::RoomStatus { conversation, seq };
                 (room, event)
             }
             Bus::AgentJoined { room, agent } => {
@@ -240,6 +323,10 @@ pub struct RedisBroker {
     outbox: mpsc::UnboundedSender<Bytes>,
     publisher: fred::clients::Client,
     subscriber: SubscriberClient,
+    /// The hand-off service, for state changes and the agents' feed from other nodes.
+    remote: Arc<std::sync::OnceLock<Arc<dyn Remote>>>,
+    /// Whether the last PING (every second) was answered.
+    reachable: std::sync::atomic::AtomicBool,
 }
 
 impl RedisBroker {
@@ -278,24 +365,46 @@ impl RedisBroker {
             Ok(Err(e)) => {
                 return Err(BrokerError(format!(
                     "cannot reach Redis at {}: {e}",
-                    redact(url)
+                    crate::config::redact_url(url)
                 )));
             }
             Err(_) => {
                 return Err(BrokerError(format!(
                     "Redis at {} did not answer within 10 s",
-                    redact(url)
+                    crate::config::redact_url(url)
                 )));
             }
         }
         let channel = format!("{prefix}:bus");
         let (outbox, queued) = mpsc::unbounded_channel();
+        let remote = Arc::new(std::sync::OnceLock::new());
         let broker = Arc::new(Self {
             hub: Arc::clone(&hub),
             node: rand_node_id(),
             outbox,
             publisher: publisher.clone(),
             subscriber: subscriber.clone(),
+            remote: Arc::clone(&remote),
+            reachable: std::sync::atomic::AtomicBool::new(true),
+        });
+        // A closed socket is noticed at once, a silent one only by asking: ping every second.
+        let watched = Arc::downgrade(&broker);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(broker) = watched.upgrade() else {
+                    return;
+                };
+                let ping = broker.publisher.ping::<fred::types::Value>(None);
+                let ok = matches!(
+                    tokio::time::timeout(Duration::from_millis(900), ping).await,
+                    Ok(Ok(_))
+                );
+                broker
+                    .reachable
+                    .store(ok, std::sync::atomic::Ordering::Relaxed);
+            }
         });
         // Re-subscribe after every reconnect, then catch the active rooms up from the store.
         let _resubscribe = subscriber.manage_subscriptions();
@@ -326,7 +435,7 @@ impl RedisBroker {
                         };
                         match serde_json::from_slice::<Publication>(bytes) {
                             Ok(p) if p.node == me => {}
-                            Ok(p) => p.event.deliver(&deliver_hub),
+                            Ok(p) => p.event.deliver(&deliver_hub, remote.get()),
                             Err(e) => {
                                 tracing::warn!(error = %e, "unreadable publication on the bus");
                             }
@@ -398,7 +507,20 @@ impl Broker for RedisBroker {
     }
 
     fn healthy(&self) -> bool {
-        self.publisher.is_connected() && self.subscriber.is_connected()
+        self.reachable.load(std::sync::atomic::Ordering::Relaxed)
+            && self.publisher.is_connected()
+            && self.subscriber.is_connected()
+    }
+
+    fn to_agents(&self, domain: &str, event: &Event) {
+        let room = RoomKey::new(domain, "");
+        if let Some(bus) = Bus::of(&room, event) {
+            self.send(bus);
+        }
+    }
+
+    fn set_remote(&self, remote: Arc<dyn Remote>) {
+        let _ = self.remote.set(remote);
     }
 }
 
@@ -415,12 +537,4 @@ fn rand_node_id() -> u64 {
     let id = uuid::Uuid::new_v4();
     let (high, low) = id.as_u64_pair();
     high ^ low
-}
-
-/// The URL without its password, for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://…{}", &url[..scheme], &url[at..]),
-        _ => url.to_owned(),
-    }
 }

@@ -336,15 +336,16 @@ impl Hub {
                             .collect();
                         if joined && member_count <= self.presence_max_members {
                             let user = present_user(conn);
-                            self.broadcast_locked(
-                                &st,
-                                &Envelope::new(Event::Presence {
-                                    room: key.clone(),
-                                    user,
-                                    joined: true,
-                                }),
-                                Some(conn.id()),
-                            );
+                            let event = Event::Presence {
+                                room: key.clone(),
+                                user,
+                                joined: true,
+                            };
+                            // Members on other nodes hear of it too.
+                            if let Some(relay) = self.relay.get() {
+                                relay.relay(key, &event);
+                            }
+                            self.broadcast_locked(&st, &Envelope::new(event), Some(conn.id()));
                         }
                         return Ok(Joined {
                             last_seq: st.last_seq,
@@ -403,6 +404,9 @@ impl Hub {
                     joined: false,
                 });
                 if announce {
+                    if let Some(relay) = self.relay.get() {
+                        relay.relay(key, &ev.event);
+                    }
                     self.broadcast_locked(&st, &ev, None);
                 }
             }

@@ -231,6 +231,14 @@ impl ChatService {
                 "message must not be empty",
             ));
         }
+        // PostgreSQL cannot store NUL in text, and no chat message needs one: refuse it on
+        // every backend alike.
+        if out.text.contains('\0') {
+            return Err(ServiceError::invalid(
+                "invalid_message",
+                "message must not contain NUL characters",
+            ));
+        }
         if out.text.len() > self.limits.max_message_bytes {
             return Err(ServiceError::TooLarge {
                 code: "message_too_long",
@@ -260,10 +268,12 @@ impl ChatService {
         let role = policy::message_role(identity, out.role)
             .map_err(|m| ServiceError::Forbidden(m.to_owned()))?;
         let name = match out.display_name {
-            Some(n) if identity.anonymous && !n.trim().is_empty() => {
-                n.chars().take(MAX_NAME_CHARS).collect()
-            }
-            _ => identity.name.clone(),
+            Some(n) if identity.anonymous && !n.trim().is_empty() => n
+                .chars()
+                .filter(|c| *c != '\0')
+                .take(MAX_NAME_CHARS)
+                .collect(),
+            _ => identity.name.replace('\0', ""),
         };
         let message = NewMessage {
             room: key,

@@ -30,6 +30,7 @@ use super::ai::{AiService, CONVERSATION_PREFIX, assistant_identity};
 use super::chat::{ChatService, Outgoing};
 use crate::auth::Domains;
 use crate::auth::policy;
+use crate::broker::{Broker, Remote};
 use crate::config::HandoffConfig;
 use crate::hub::{ConnHandle, Envelope, Event};
 use crate::metrics::{ActionLabel, Metrics};
@@ -120,6 +121,8 @@ pub struct HandoffService {
     ai: Arc<AiService>,
     domains: Arc<Domains>,
     metrics: Arc<Metrics>,
+    /// Carries the agents' feed to the other nodes.
+    broker: Arc<dyn Broker>,
     /// Known room states (see the module header).
     rooms: DashMap<RoomKey, RoomState>,
     /// Inbox subscribers by domain.
@@ -133,12 +136,14 @@ impl HandoffService {
         ai: Arc<AiService>,
         domains: Arc<Domains>,
         metrics: Arc<Metrics>,
+        broker: Arc<dyn Broker>,
     ) -> Self {
         Self {
             chat,
             ai,
             domains,
             metrics,
+            broker,
             rooms: DashMap::new(),
             inbox: DashMap::new(),
         }
@@ -479,7 +484,13 @@ impl HandoffService {
         let role = message.author.role.as_str();
         let visitor = role == Role::Visitor.as_str();
         let agent = role == Role::Agent.as_str();
-        if !visitor && !agent && !self.has_subscribers(&key.domain_id) {
+        // With one node and nobody watching the inbox, only visitors' and agents' messages
+        // matter here; with several, an agent elsewhere may be watching.
+        if !visitor
+            && !agent
+            && !self.has_subscribers(&key.domain_id)
+            && self.broker.kind() == "memory"
+        {
             return;
         }
         let mut state = match self.state(key).await {
@@ -618,7 +629,7 @@ impl HandoffService {
 
     /// Pushes the room's new inbox entry to the domain's subscribers.
     fn push_inbox(&self, state: &RoomState, message: &Message) {
-        if !self.has_subscribers(&message.room.domain_id) {
+        if !self.has_subscribers(&message.room.domain_id) && self.broker.kind() == "memory" {
             return;
         }
         let entry = InboxEntry {
@@ -632,7 +643,13 @@ impl HandoffService {
         self.push_to_agents(&message.room.domain_id, Event::InboxUpdate(Arc::new(entry)));
     }
 
+    /// Sends an inbox event to the domain's agents on every node.
     fn push_to_agents(&self, domain: &str, event: Event) {
+        self.broker.to_agents(domain, &event);
+        self.push_to_local_agents(domain, event);
+    }
+
+    fn push_to_local_agents(&self, domain: &str, event: Event) {
         let Some(subs) = self.inbox.get(domain) else {
             return;
         };
@@ -797,6 +814,16 @@ impl HandoffService {
             ));
         }
         Ok(self.store().notes(&key, NOTES_PAGE).await?)
+    }
+}
+
+impl Remote for HandoffService {
+    fn conversation_changed(&self, conversation: Arc<Conversation>) {
+        self.remember_conversation(&conversation);
+    }
+
+    fn to_agents(&self, domain: &str, event: Event) {
+        self.push_to_local_agents(domain, event);
     }
 }
 

@@ -1,0 +1,702 @@
+//! Several Parlor processes on one PostgreSQL database and one Redis, as deployed behind a
+//! load balancer: clients spread over the nodes see every message of a busy room in the
+//! same `seq` order, with typing and presence crossing nodes; a node killed with SIGKILL
+//! under load loses no acknowledged message and its clients carry on from another node; a
+//! Redis restarted under load and PostgreSQL cut off for a few seconds are survived.
+//!
+//! Needs `PARLOR_TEST_DATABASE_URL` and `PARLOR_TEST_REDIS_URL`; each test makes a database
+//! of its own on that server and uses a Redis channel prefix of its own. The Redis restart
+//! test runs a `redis-server` of its own, and PostgreSQL is cut off through a TCP relay the
+//! test controls, so the machine's shared servers are never stopped.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Client, TEST_SECRET};
+use serde_json::{Value, json};
+use sqlx::Connection;
+
+fn servers() -> Option<(String, String)> {
+    let db = std::env::var("PARLOR_TEST_DATABASE_URL")
+        .ok()
+        .filter(|v| !v.is_empty());
+    let redis = std::env::var("PARLOR_TEST_REDIS_URL")
+        .ok()
+        .filter(|v| !v.is_empty());
+    match (db, redis) {
+        (Some(db), Some(redis)) => Some((db, redis)),
+        _ => {
+            eprintln!(
+                "skipped: set PARLOR_TEST_DATABASE_URL and PARLOR_TEST_REDIS_URL to run the cluster tests"
+            );
+            None
+        }
+    }
+}
+
+/// A database of the test's own on the server of `url`, dropped at the end.
+struct Database {
+    admin_url: String,
+    name: String,
+}
+
+impl Database {
+    async fn create(url: &str) -> Self {
+        let name = format!(
+            "parlor_cluster_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let mut conn = sqlx::PgConnection::connect(url)
+            .await
+            .expect("connect to PostgreSQL");
+        sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create database");
+        Self {
+            admin_url: url.to_owned(),
+            name,
+        }
+    }
+
+    /// The URL of this database (same server and user as the admin URL).
+    fn url(&self) -> String {
+        with_database(&self.admin_url, &self.name)
+    }
+
+    /// The same, through another host and port (the relay).
+    fn url_via(&self, port: u16) -> String {
+        let url = self.url();
+        let (scheme, rest) = url.split_once("://").unwrap();
+        let (auth, rest) = match rest.rsplit_once('@') {
+            Some((a, r)) => (format!("{a}@"), r),
+            None => (String::new(), rest),
+        };
+        let path = rest.split_once('/').map_or("", |(_, p)| p);
+        format!("{scheme}://{auth}127.0.0.1:{port}/{path}")
+    }
+
+    async fn count(&self, room: &str) -> i64 {
+        let mut conn = sqlx::PgConnection::connect(&self.url()).await.unwrap();
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM messages m JOIN rooms r ON r.rid = m.room WHERE r.id = $1",
+        )
+        .bind(room)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+    }
+
+    async fn seqs(&self, room: &str) -> Vec<u64> {
+        let mut conn = sqlx::PgConnection::connect(&self.url()).await.unwrap();
+        sqlx::query_scalar::<_, i64>(
+            "SELECT m.seq FROM messages m JOIN rooms r ON r.rid = m.room WHERE r.id = $1 ORDER BY m.seq",
+        )
+        .bind(room)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| u64::try_from(s).unwrap())
+        .collect()
+    }
+
+    async fn drop_it(self) {
+        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin_url).await {
+            let _ = sqlx::raw_sql(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut conn)
+            .await;
+        }
+    }
+}
+
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{name}?{q}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One Parlor process.
+struct Node {
+    port: u16,
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Node {
+    fn start(dir: &std::path::Path, database: &str, broker: &str, prefix: &str, i: usize) -> Self {
+        let port = free_port();
+        let config = dir.join("parlor.toml");
+        if !config.exists() {
+            std::fs::write(
+                &config,
+                r#"shutdown_timeout_ms = 3000
+[limits]
+messages_per_second = 100000
+messages_burst = 100000
+ip_connects_per_second = 100000
+ip_connects_burst = 100000
+ip_requests_per_second = 100000
+ip_requests_burst = 100000
+[[domains]]
+id = "demo"
+name = "Parlor demo"
+visitor_rooms = "open"
+allowed_origins = ["*"]
+[domains.bot]
+enabled = false
+"#,
+            )
+            .unwrap();
+        }
+        let log = dir.join(format!("node-{i}-{port}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_parlor"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--database", database, "--broker", broker])
+            .arg("--config")
+            .arg(&config)
+            .env("PARLOR_BROKER_PREFIX", prefix)
+            .env("PARLOR_AUTH__JWT_SECRET", TEST_SECRET)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start parlor");
+        Self { port, child, log }
+    }
+
+    async fn wait_healthy(&mut self) {
+        let url = format!("http://127.0.0.1:{}/health", self.port);
+        for _ in 0..300 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("node exited with {status}: {}", self.log_tail());
+            }
+            if let Ok(r) = reqwest::get(&url).await
+                && r.status().is_success()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("node did not become healthy: {}", self.log_tail());
+    }
+
+    fn ws(&self, user: &str) -> String {
+        let token = parlor::auth::issue_token(
+            &parlor::config::Secret::new(TEST_SECRET),
+            user,
+            Some(user),
+            "visitor",
+            "demo",
+            600,
+        )
+        .unwrap();
+        format!("ws://127.0.0.1:{}/ws?token={token}", self.port)
+    }
+
+    fn http(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Cluster {
+    nodes: Vec<Node>,
+    db: Option<Database>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start(n: usize, database: Option<&str>, broker: &str, db: Database) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = format!("parlor-cluster-{}", uuid::Uuid::new_v4().simple());
+        let url = database.map_or_else(|| db.url(), str::to_owned);
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let mut node = Node::start(dir.path(), &url, broker, &prefix, i);
+            // One at a time the first time, so the migrations run once.
+            node.wait_healthy().await;
+            nodes.push(node);
+        }
+        Self {
+            nodes,
+            db: Some(db),
+            _dir: dir,
+        }
+    }
+
+    fn db(&self) -> &Database {
+        self.db.as_ref().unwrap()
+    }
+
+    async fn finish(mut self) {
+        for n in &mut self.nodes {
+            n.kill9();
+        }
+        if let Some(db) = self.db.take() {
+            db.drop_it().await;
+        }
+    }
+}
+
+/// Reads `message-received` frames of `room` until `n` have arrived; returns their seqs.
+async fn collect_seqs(client: &mut Client, room: &str, n: usize) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    while seqs.len() < n {
+        let f = client.recv().await;
+        if f["type"] == "message-received" && f["roomId"] == room {
+            seqs.push(f["seq"].as_u64().unwrap());
+        }
+    }
+    seqs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_on_three_nodes_see_one_order_and_each_others_typing_and_presence() {
+    let Some((db_url, redis)) = servers() else {
+        return;
+    };
+    let db = Database::create(&db_url).await;
+    let c = Cluster::start(3, None, &redis, db).await;
+    let room = "busy";
+    // Three listeners per node.
+    let mut listeners = Vec::new();
+    for (i, node) in c.nodes.iter().enumerate() {
+        for j in 0..3 {
+            let mut client = Client::connect(&node.ws(&format!("listener-{i}-{j}"))).await;
+            client.join(room, None).await;
+            listeners.push(client);
+        }
+    }
+    // A visitor joining on node 0 is announced to a listener on node 2.
+    let mut newcomer = Client::connect(&c.nodes[0].ws("newcomer")).await;
+    newcomer.join(room, None).await;
+    let joined = loop {
+        let f = listeners[8].recv().await;
+        if f["type"] == "presence" && f["user"]["userId"] == "newcomer" {
+            break f;
+        }
+    };
+    assert_eq!(joined["event"], "join");
+    // Typing on node 0 reaches node 2.
+    newcomer
+        .send(json!({ "type": "typing", "roomId": room, "isTyping": true }))
+        .await;
+    let typing = loop {
+        let f = listeners[7].recv().await;
+        if f["type"] == "typing" {
+            break f;
+        }
+    };
+    assert_eq!(
+        (typing["userId"].as_str(), typing["isTyping"].as_bool()),
+        (Some("newcomer"), Some(true))
+    );
+
+    // One sender per node, all at once.
+    let per_sender = 40;
+    let mut senders = Vec::new();
+    for (i, node) in c.nodes.iter().enumerate() {
+        let url = node.ws(&format!("sender-{i}"));
+        senders.push(tokio::spawn(async move {
+            let mut client = Client::connect(&url).await;
+            client.join(room, None).await;
+            for k in 0..per_sender {
+                client
+                    .say(room, &format!("s{i}-{k}"), Some(&format!("s{i}-{k}")))
+                    .await;
+            }
+        }));
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
+    let total = 3 * per_sender;
+    let mut orders = Vec::new();
+    for l in &mut listeners {
+        orders.push(collect_seqs(l, room, total).await);
+    }
+    let want: Vec<u64> = (1..=total as u64).collect();
+    for (i, seqs) in orders.iter().enumerate() {
+        assert_eq!(seqs, &want, "listener {i} saw a different order");
+    }
+    assert_eq!(c.db().count(room).await, total as i64);
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_killed_under_load_loses_no_acknowledged_message() {
+    let Some((db_url, redis)) = servers() else {
+        return;
+    };
+    let db = Database::create(&db_url).await;
+    let mut c = Cluster::start(3, None, &redis, db).await;
+    let room = "failover";
+    let victim_url = c.nodes[1].ws("victim-client");
+    let survivor_url = c.nodes[0].ws("victim-client");
+    // A reader on the node that will die, and a sender on it, sending as fast as acks come.
+    let mut reader = Client::connect(&victim_url).await;
+    reader.join(room, None).await;
+    let acked = Arc::new(parking_lot::Mutex::new(Vec::<u64>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let acked = Arc::clone(&acked);
+        let stop = Arc::clone(&stop);
+        let url = c.nodes[1].ws("sender");
+        tokio::spawn(async move {
+            let mut client = Client::connect(&url).await;
+            client.join(room, None).await;
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                k += 1;
+                let id = client
+                    .request(json!({ "type": "send-message", "roomId": room, "message": format!("m{k}") }))
+                    .await;
+                // The node dies at some point: stop at the first reply that does not come.
+                let reply = tokio::time::timeout(Duration::from_secs(2), async {
+                    loop {
+                        let f =
+                            tokio::time::timeout(Duration::from_secs(2), client.ws_next()).await;
+                        match f {
+                            Ok(Some(v)) if v["replyTo"] == id.as_str() => return Some(v),
+                            Ok(Some(_)) => {}
+                            _ => return None,
+                        }
+                    }
+                })
+                .await
+                .ok()
+                .flatten();
+                match reply {
+                    Some(ack) if ack["type"] == "message-ack" => {
+                        acked.lock().push(ack["seq"].as_u64().unwrap());
+                    }
+                    _ => break,
+                }
+            }
+        })
+    };
+    // And a sender on another node, which keeps going.
+    let other = {
+        let url = c.nodes[2].ws("other-sender");
+        tokio::spawn(async move {
+            let mut client = Client::connect(&url).await;
+            client.join(room, None).await;
+            let mut seqs = Vec::new();
+            for k in 0..60 {
+                let ack = client.say(room, &format!("o{k}"), None).await;
+                seqs.push(ack["seq"].as_u64().unwrap());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            seqs
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.nodes[1].kill9();
+    stop.store(true, Ordering::Relaxed);
+    let _ = sender.await;
+    let other_seqs = other.await.unwrap();
+    let acked = acked.lock().clone();
+    assert!(
+        !acked.is_empty(),
+        "the victim's sender got acks before the kill"
+    );
+
+    // The reader's last seen position.
+    let mut last = 0;
+    while let Ok(Some(f)) = tokio::time::timeout(Duration::from_millis(200), reader.ws_next()).await
+    {
+        if f["type"] == "message-received" {
+            last = f["seq"].as_u64().unwrap();
+        }
+        if f["type"] == "message-history" {
+            for m in f["messages"].as_array().unwrap() {
+                last = last.max(m["seq"].as_u64().unwrap());
+            }
+        }
+    }
+    // It reconnects to a surviving node and recovers the rest, with no gap or duplicate.
+    let mut reader = Client::connect(&survivor_url).await;
+    let (_, missed) = reader.join(room, Some(last)).await;
+    let total = c.db().count(room).await as u64;
+    let seqs: Vec<u64> = missed.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, ((last + 1)..=total).collect::<Vec<_>>());
+    // Every acknowledged message is stored.
+    let stored: std::collections::HashSet<u64> = c.db().seqs(room).await.into_iter().collect();
+    for seq in acked.iter().chain(other_seqs.iter()) {
+        assert!(stored.contains(seq), "acknowledged seq {seq} is not stored");
+    }
+    c.finish().await;
+}
+
+/// A `redis-server` of the test's own.
+struct OwnRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    fn start() -> Self {
+        let mut me = Self {
+            port: free_port(),
+            child: None,
+        };
+        me.restart();
+        me
+    }
+
+    fn restart(&mut self) {
+        self.child = Some(
+            Command::new("redis-server")
+                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("redis-server"),
+        );
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_restart_under_load_is_caught_up_from_the_store() {
+    let Some((db_url, _)) = servers() else { return };
+    let mut redis = OwnRedis::start();
+    let db = Database::create(&db_url).await;
+    let c = Cluster::start(2, None, &format!("redis://127.0.0.1:{}", redis.port), db).await;
+    let room = "through-redis-restart";
+    let mut listener = Client::connect(&c.nodes[1].ws("listener")).await;
+    listener.join(room, None).await;
+    let mut sender = Client::connect(&c.nodes[0].ws("sender")).await;
+    sender.join(room, None).await;
+    let mut sent = 0u64;
+    for k in 0..10 {
+        sender.say(room, &format!("before-{k}"), None).await;
+        sent += 1;
+    }
+    redis.kill();
+    // Sends keep working on node 0 (the store is fine); node 1 misses them live.
+    for k in 0..10 {
+        sender.say(room, &format!("during-{k}"), None).await;
+        sent += 1;
+    }
+    // The node notices within a few seconds, and says it is degraded, not down.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let health = loop {
+        let res = reqwest::get(c.nodes[0].http("/health")).await.unwrap();
+        let code = res.status().as_u16();
+        let h: Value = res.json().await.unwrap();
+        if h["broker"]["status"] == "unavailable" || Instant::now() > deadline {
+            assert_eq!(code, 200, "{h}");
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(health["broker"]["status"], "unavailable", "{health}");
+    assert_eq!(health["status"], "degraded");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.restart();
+    for k in 0..10 {
+        sender.say(room, &format!("after-{k}"), None).await;
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The listener on node 1 ends with every message once, in order.
+    let seqs = collect_seqs(&mut listener, room, sent as usize).await;
+    assert_eq!(seqs, (1..=sent).collect::<Vec<_>>());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let h: Value = reqwest::get(c.nodes[1].http("/health"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if h["status"] == "healthy" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 1 did not report Redis back: {h}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.finish().await;
+}
+
+/// A TCP relay to PostgreSQL that the test can cut and restore.
+struct Relay {
+    port: u16,
+    up: Arc<AtomicBool>,
+    conns: Arc<parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Relay {
+    async fn start(target: (String, u16)) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let conns: Arc<parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (up2, conns2) = (Arc::clone(&up), Arc::clone(&conns));
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !up2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                conns2.lock().push(tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                }));
+            }
+        });
+        Self { port, up, conns }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for c in self.conns.lock().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+fn host_port(url: &str) -> (String, u16) {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let hostport = rest.split(['/', '?']).next().unwrap();
+    match hostport.rsplit_once(':') {
+        Some((h, p)) => (h.to_owned(), p.parse().unwrap()),
+        None => (hostport.to_owned(), 5432),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_cut_off_fails_sends_clearly_and_recovers() {
+    let Some((db_url, redis)) = servers() else {
+        return;
+    };
+    let db = Database::create(&db_url).await;
+    let relay = Relay::start(host_port(&db_url)).await;
+    let via = db.url_via(relay.port);
+    let c = Cluster::start(1, Some(&via), &redis, db).await;
+    let room = "pg-outage";
+    let mut client = Client::connect(&c.nodes[0].ws("writer")).await;
+    client.join(room, None).await;
+    let first = client.say(room, "before", None).await;
+    assert_eq!(first["seq"], 1);
+    relay.cut();
+    let mut refused = HashMap::new();
+    let started = Instant::now();
+    for k in 0..3 {
+        let id = client
+            .request(
+                json!({ "type": "send-message", "roomId": room, "message": format!("during-{k}") }),
+            )
+            .await;
+        let reply = client.reply(&id).await;
+        assert_eq!(
+            reply["type"], "error",
+            "nothing is acknowledged while the store is away: {reply}"
+        );
+        *refused
+            .entry(reply["code"].as_str().unwrap().to_owned())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(refused.get("store_unavailable"), Some(&3), "{refused:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "sends failed slowly: {:?}",
+        started.elapsed()
+    );
+    let health = reqwest::get(c.nodes[0].http("/health")).await.unwrap();
+    assert_eq!(health.status(), 503);
+    relay.restore();
+    // Sends work again, and nothing refused was stored.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ack = loop {
+        let id = client
+            .request(json!({ "type": "send-message", "roomId": room, "message": "after" }))
+            .await;
+        let reply = client.reply(&id).await;
+        if reply["type"] == "message-ack" {
+            break reply;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the store did not come back: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(ack["seq"], 2, "the refused sends left no trace: {ack}");
+    assert_eq!(c.db().count(room).await, 2);
+    c.finish().await;
+}
