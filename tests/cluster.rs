@@ -12,6 +12,8 @@
 
 mod common;
 
+use common::redis::OwnRedis;
+
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -472,60 +474,12 @@ async fn a_node_killed_under_load_loses_no_acknowledged_message() {
     c.finish().await;
 }
 
-/// A `redis-server` of the test's own.
-struct OwnRedis {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl OwnRedis {
-    fn start() -> Self {
-        let mut me = Self {
-            port: free_port(),
-            child: None,
-        };
-        me.restart();
-        me
-    }
-
-    fn restart(&mut self) {
-        self.child = Some(
-            Command::new("redis-server")
-                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("redis-server"),
-        );
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("redis-server did not start");
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_restart_under_load_is_caught_up_from_the_store() {
     let Some((db_url, _)) = servers() else { return };
     let mut redis = OwnRedis::start();
     let db = Database::create(&db_url).await;
-    let c = Cluster::start(2, None, &format!("redis://127.0.0.1:{}", redis.port), db).await;
+    let c = Cluster::start(2, None, &redis.url(), db).await;
     let room = "through-redis-restart";
     let mut listener = Client::connect(&c.nodes[1].ws("listener")).await;
     listener.join(room, None).await;

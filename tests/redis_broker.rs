@@ -7,6 +7,10 @@
 //! starts a `redis-server` of its own on a free port, so the shared one is never touched.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+mod common;
+
+use common::redis::OwnRedis;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -178,62 +182,13 @@ async fn two_nodes_see_each_others_messages_in_order_and_room_events() {
     }
 }
 
-/// A `redis-server` of the test's own, on a free port.
-struct OwnRedis {
-    port: u16,
-    child: Option<std::process::Child>,
-}
-
-impl OwnRedis {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut me = Self { port, child: None };
-        me.restart();
-        me
-    }
-
-    fn restart(&mut self) {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (it is where PARLOR_TEST_REDIS_URL is set)");
-        self.child = Some(child);
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("redis-server did not start");
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test]
 async fn after_redis_restarts_the_nodes_catch_up_from_the_store() {
     if redis_url().is_none() {
         return;
     }
     let mut redis = OwnRedis::start();
-    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let url = redis.url();
     let mut c = cluster(&url, 2).await;
     let room = RoomKey::new("demo", "through-a-restart");
     let (conn_b, mut rx_b) = member(2);

@@ -19,7 +19,8 @@
  *   disconnect, with exponential back-off and full jitter.
  * - Everything lives in a shadow root, so the host page's CSS and ours never meet.
  *
- * No framework, no build step, no request to any other host.
+ * No framework, no build step, no request to any other host. The helpers it shares with the
+ * agent inbox (web/common.js) are pasted in by the server, so this stays one script.
  */
 (() => {
   'use strict';
@@ -36,17 +37,12 @@
   const STORAGE_KEY = `parlor:visitor:${DOMAIN}`;
   const OPEN_KEY = `parlor:open:${DOMAIN}`;
 
-  const BACKOFF_START_MS = 500;
-  const BACKOFF_CAP_MS = 15000;
-  const PING_EVERY_MS = 25000;
-  const PONG_TIMEOUT_MS = 10000;
-  const TYPING_THROTTLE_MS = 2000;
-  const TYPING_IDLE_MS = 3000;
-  const TYPING_SHOW_MS = 6000; // forget a typist who went quiet without saying so
   const TOKEN_MARGIN_MS = 60000; // fetch a new token this long before the old one expires
 
   // ---------------------------------------------------------------------------------------
-  // Small helpers
+  // Small helpers. h, inline, richText, formatTime, the socket helpers and the timings
+  // shared with the inbox are in web/common.js: the server puts it in place of the next line.
+  /* @include common.js */
 
   /** localStorage, or a stand-in when the page may not use it (private modes, sandboxes). */
   const store = (() => {
@@ -67,73 +63,6 @@
       remove: (key) => (ok ? localStorage.removeItem(key) : memory.delete(key)),
     };
   })();
-
-  /** Creates an element with attributes, properties (`.name`) and children. */
-  function h(tag, attrs = {}, ...children) {
-    const el = document.createElement(tag);
-    for (const [key, value] of Object.entries(attrs)) {
-      if (value === undefined || value === null || value === false) continue;
-      if (key.startsWith('.')) el[key.slice(1)] = value;
-      else if (key.startsWith('on')) el.addEventListener(key.slice(2), value);
-      else el.setAttribute(key, value === true ? '' : String(value));
-    }
-    for (const child of children.flat()) {
-      if (child !== null && child !== undefined && child !== false) el.append(child);
-    }
-    return el;
-  }
-
-  /** Inline text as DOM nodes: `code`, **bold** and http(s) links; everything else plain. */
-  function inline(text) {
-    const parts = [];
-    const token = /(`[^`\n]+`)|(\*\*[^*\n]+\*\*)|(\bhttps?:\/\/[^\s<>"]+[^\s<>".,;:!?)\]])/g;
-    let last = 0;
-    for (const match of text.matchAll(token)) {
-      if (match.index > last) parts.push(text.slice(last, match.index));
-      const [whole, code, bold, url] = match;
-      if (code) parts.push(h('code', {}, code.slice(1, -1)));
-      else if (bold) parts.push(h('strong', {}, bold.slice(2, -2)));
-      else if (url) parts.push(h('a', { href: url, target: '_blank', rel: 'noopener noreferrer' }, url));
-      last = match.index + whole.length;
-    }
-    if (last < text.length) parts.push(text.slice(last));
-    return parts;
-  }
-
-  /**
-   * Message text as DOM nodes (never as HTML). People's messages keep their line breaks;
-   * the assistant writes Markdown, so its paragraphs are reflowed (a single line break is a
-   * space), list lines stay lines, and `code` and **bold** are drawn.
-   */
-  function richText(text, markdown = false) {
-    if (!markdown) return inline(text);
-    const paragraphs = text.trim().split(/\n\s*\n/);
-    return paragraphs.map((paragraph) => {
-      const lines = paragraph.split('\n');
-      const isList = lines.every((line) => /^\s*([-*•]|\d+[.)])\s/.test(line));
-      const p = h('p');
-      if (isList) {
-        lines.forEach((line, i) => {
-          if (i > 0) p.append(h('br'));
-          p.append(...inline(line.trim()));
-        });
-      } else {
-        p.append(...inline(lines.map((line) => line.trim()).join(' ')));
-      }
-      return p;
-    });
-  }
-
-  function formatTime(iso) {
-    const date = new Date(iso);
-    if (Number.isNaN(date.getTime())) return '';
-    return date.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
-  }
-
-  function newClientId() {
-    if (crypto.randomUUID) return crypto.randomUUID();
-    return `c-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 10)}`;
-  }
 
   // ---------------------------------------------------------------------------------------
   // Styles (inside the shadow root; the host page's CSS does not reach them)
@@ -392,7 +321,6 @@
   const pending = new Map(); // clientMessageId -> {li, text, state}
   const streams = new Map(); // messageId of a streamed reply -> {li, textEl, text, index}
   const typists = new Map(); // userId -> {name, timer}
-  const replies = new Map(); // request id -> callback(frame)
 
   // ---------------------------------------------------------------------------------------
   // Identity
@@ -465,9 +393,6 @@
   let attempt = 0; // reconnect attempts since the last successful join
   let failedOpens = 0; // sockets in a row that never opened
   let reconnectTimer = null;
-  let pingTimer = null;
-  let pongTimer = null;
-  let nextId = 1;
   let joined = false;
   let started = false;
   let connecting = false; // between deciding to connect and having a socket
@@ -497,26 +422,16 @@
       return;
     }
     connecting = false;
-    const socket = new WebSocket(`${WS_SERVER}/ws?token=${encodeURIComponent(state.identity.token)}`);
-    ws = socket;
-    let opened = false;
-    socket.addEventListener('open', () => {
-      opened = true;
-      failedOpens = 0;
-      join();
-      startPinging();
+    ws = openSocket(`${WS_SERVER}/ws?token=${encodeURIComponent(state.identity.token)}`, {
+      isCurrent: (socket) => ws === socket,
+      onOpen: (socket) => {
+        failedOpens = 0;
+        join();
+        pinger.start(socket);
+      },
+      onFrame: handleFrame,
+      onGone: onSocketGone,
     });
-    socket.addEventListener('message', (event) => {
-      if (ws !== socket) return;
-      let frame;
-      try {
-        frame = JSON.parse(event.data);
-      } catch {
-        return;
-      }
-      handleFrame(frame);
-    });
-    socket.addEventListener('close', () => onSocketGone(socket, opened));
   }
 
   /** The socket closed, failed to open, or went silent: back off and connect again. */
@@ -524,7 +439,7 @@
     if (ws !== socket) return; // already handled
     ws = null;
     joined = false;
-    stopPinging();
+    pinger.stop();
     clearTypists();
     setConn('reconnecting');
     if (!opened && ++failedOpens >= 2) {
@@ -542,9 +457,8 @@
   /** Waits random(0, min(cap, start × 2^attempt)) — full jitter — then reconnects. */
   function scheduleReconnect(atLeastMs = 0) {
     clearTimeout(reconnectTimer);
-    const ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_START_MS * 2 ** attempt);
+    const delay = Math.max(atLeastMs, backoffMs(attempt));
     attempt += 1;
-    const delay = Math.max(atLeastMs, Math.random() * ceiling);
     reconnectTimer = setTimeout(connect, delay);
   }
 
@@ -555,43 +469,22 @@
   }
 
   function send(frame) {
-    if (!ws || ws.readyState !== WebSocket.OPEN) return false;
-    ws.send(JSON.stringify(frame));
-    return true;
+    return sendFrame(ws, frame);
   }
 
-  /** Sends a frame with an id; `onReply` gets the reply or the error frame. */
-  function request(frame, onReply) {
-    const id = `w${nextId++}`;
-    if (!send({ ...frame, id })) return false;
-    if (onReply) replies.set(id, onReply);
-    return true;
-  }
+  // `request(frame, onReply)` sends a frame with an id; `onReply` gets the reply or the
+  // error frame, which handleFrame passes to `answer`.
+  const { request, answer } = requests('w', send);
+
+  const pinger = keepAlive(send, (socket) => {
+    onSocketGone(socket, true);
+    socket.close();
+  });
 
   function join() {
     const frame = { type: 'join-room', roomId: state.roomId };
     if (state.lastSeq > 0) frame.since = state.lastSeq;
     request(frame);
-  }
-
-  function startPinging() {
-    stopPinging();
-    pingTimer = setInterval(() => {
-      if (!send({ type: 'ping' })) return;
-      clearTimeout(pongTimer);
-      // No answer: the connection is dead without having said so (a sleeping laptop, a NAT
-      // that forgot us). Give up on it now rather than wait for the close handshake.
-      const socket = ws;
-      pongTimer = setTimeout(() => {
-        onSocketGone(socket, true);
-        socket.close();
-      }, PONG_TIMEOUT_MS);
-    }, PING_EVERY_MS);
-  }
-
-  function stopPinging() {
-    clearInterval(pingTimer);
-    clearTimeout(pongTimer);
   }
 
   function setConn(conn) {
@@ -604,11 +497,7 @@
   // Frames from the server
 
   function handleFrame(frame) {
-    if (frame.replyTo !== undefined && frame.replyTo !== null && replies.has(frame.replyTo)) {
-      const callback = replies.get(frame.replyTo);
-      replies.delete(frame.replyTo);
-      callback(frame);
-    }
+    answer(frame);
     if (frame.roomId && frame.roomId !== state.roomId && frame.type !== 'error') return;
     switch (frame.type) {
       case 'room-joined':
@@ -662,7 +551,7 @@
         attempt = 0;
         break;
       case 'pong':
-        clearTimeout(pongTimer);
+        pinger.pong();
         break;
       case 'error':
         // Errors of our own requests are handled by their callbacks; a refused join leaves
@@ -738,7 +627,7 @@
    */
   function drawMessage(message, live, older = false) {
     if (typeof message.seq !== 'number' || drawn.has(message.seq)) return;
-    const nearBottom = !older && isNearBottom();
+    const nearBottom = !older && isNearBottom(ui.log);
 
     if (message.clientMessageId) {
       storedClientIds.add(message.clientMessageId);
@@ -752,7 +641,7 @@
 
     const li = renderMessage(message);
     li.dataset.seq = String(message.seq);
-    insertBySeq(li, message.seq);
+    insertBySeq(ui.log, li, message.seq);
     drawn.set(message.seq, li);
     ui.empty.hidden = true;
     if (message.seq > state.lastSeq) state.lastSeq = message.seq;
@@ -816,24 +705,6 @@
     return li;
   }
 
-  /** Puts a seq'd message in place: after every lower seq, before pending and streamed items. */
-  function insertBySeq(li, seq) {
-    let before = null;
-    for (const item of ui.log.querySelectorAll('.msg')) {
-      const itemSeq = item.dataset.seq ? Number(item.dataset.seq) : Infinity;
-      if (itemSeq > seq) {
-        before = item;
-        break;
-      }
-    }
-    ui.log.insertBefore(li, before);
-  }
-
-  function isNearBottom() {
-    const log = ui.log;
-    return log.scrollHeight - log.scrollTop - log.clientHeight < 80;
-  }
-
   function scrollToBottom() {
     ui.log.scrollTop = ui.log.scrollHeight;
   }
@@ -851,20 +722,13 @@
       const li = h('li', { class: 'msg theirs streaming', 'aria-hidden': 'true' }, h('div', { class: 'author' }, 'Assistant'), textEl);
       stream = { li, textEl, text: '', index: -1 };
       streams.set(messageId, stream);
-      const nearBottom = isNearBottom();
+      const nearBottom = isNearBottom(ui.log);
       ui.log.append(li);
       ui.empty.hidden = true;
       if (nearBottom) scrollToBottom();
     }
-    if (frame.catchUp) {
-      stream.text = String(frame.delta ?? '');
-      stream.index = frame.index ?? stream.index;
-    } else {
-      if (typeof frame.index === 'number' && frame.index <= stream.index) return;
-      stream.text += String(frame.delta ?? '');
-      stream.index = frame.index ?? stream.index + 1;
-    }
-    const nearBottom = isNearBottom();
+    if (!applyDelta(stream, frame)) return;
+    const nearBottom = isNearBottom(ui.log);
     stream.textEl.replaceChildren(...richText(stream.text, true));
     if (nearBottom) scrollToBottom();
   }
@@ -1020,8 +884,7 @@
   // ---------------------------------------------------------------------------------------
   // Typing indicators
 
-  let lastTypingSent = 0;
-  let typingIdleTimer = null;
+  const ownTypingSignal = ownTyping((isTyping) => send({ type: 'typing', roomId: state.roomId, isTyping }));
 
   function onInput() {
     ui.send.disabled = !ui.input.value.trim();
@@ -1030,21 +893,11 @@
       stopOwnTyping();
       return;
     }
-    const now = Date.now();
-    if (now - lastTypingSent > TYPING_THROTTLE_MS && joined) {
-      lastTypingSent = now;
-      send({ type: 'typing', roomId: state.roomId, isTyping: true });
-    }
-    clearTimeout(typingIdleTimer);
-    typingIdleTimer = setTimeout(stopOwnTyping, TYPING_IDLE_MS);
+    if (joined) ownTypingSignal.typed();
   }
 
   function stopOwnTyping() {
-    clearTimeout(typingIdleTimer);
-    if (lastTypingSent) {
-      lastTypingSent = 0;
-      send({ type: 'typing', roomId: state.roomId, isTyping: false });
-    }
+    ownTypingSignal.stop();
   }
 
   function onTyping(frame) {
@@ -1076,8 +929,7 @@
 
   function renderTyping() {
     const names = [...typists.values()].map((t) => t.name);
-    ui.typing.textContent =
-      names.length === 0 ? '' : names.length === 1 ? `${names[0]} is typing…` : `${names.join(' and ')} are typing…`;
+    ui.typing.textContent = typingText(names);
   }
 
   function autoSize() {
@@ -1118,17 +970,23 @@
   // ---------------------------------------------------------------------------------------
   // Panel
 
-  function openPanel() {
-    state.open = true;
-    ui.panel.hidden = false;
-    ui.root.dataset.open = 'true';
-    ui.bubble.setAttribute('aria-expanded', 'true');
-    ui.bubble.setAttribute('aria-label', 'Close chat');
+  /** Shows or hides the panel, and remembers which for a reload of this tab. */
+  function setOpen(open) {
+    state.open = open;
+    ui.panel.hidden = !open;
+    ui.root.dataset.open = String(open);
+    ui.bubble.setAttribute('aria-expanded', String(open));
+    ui.bubble.setAttribute('aria-label', open ? 'Close chat' : 'Open chat');
     try {
-      sessionStorage.setItem(OPEN_KEY, '1');
+      if (open) sessionStorage.setItem(OPEN_KEY, '1');
+      else sessionStorage.removeItem(OPEN_KEY);
     } catch {
       // not kept: fine
     }
+  }
+
+  function openPanel() {
+    setOpen(true);
     state.unread = 0;
     renderBadge();
     start();
@@ -1138,16 +996,7 @@
   }
 
   function closePanel() {
-    state.open = false;
-    ui.panel.hidden = true;
-    ui.root.dataset.open = 'false';
-    ui.bubble.setAttribute('aria-expanded', 'false');
-    ui.bubble.setAttribute('aria-label', 'Open chat');
-    try {
-      sessionStorage.removeItem(OPEN_KEY);
-    } catch {
-      // not kept: fine
-    }
+    setOpen(false);
     stopOwnTyping();
     ui.bubble.focus();
   }

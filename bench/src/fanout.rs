@@ -94,6 +94,11 @@ pub struct FanoutArgs {
     /// Room to use; by default a fresh, unique room name.
     #[arg(long)]
     pub room: Option<String>,
+    /// Several nodes of one cluster: the subscribers' worker processes connect to these
+    /// WebSocket URLs in turn (worker i to URL i mod n), while the sender uses `--url`.
+    /// Needs `--procs` of at least the number of URLs.
+    #[arg(long, value_delimiter = ',')]
+    pub sub_urls: Vec<String>,
 }
 
 /// Arguments of the hidden `worker fanout-subs` subcommand.
@@ -595,6 +600,13 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
         bail!("--rate must be a positive number of messages per second");
     }
     let target = Arc::new(Target::resolve(&args.common.url, args.common.source_addrs).await?);
+    if !args.sub_urls.is_empty() && args.procs < args.sub_urls.len() {
+        bail!("--sub-urls needs --procs of at least the number of URLs");
+    }
+    let mut sub_urls = Vec::new();
+    for url in &args.sub_urls {
+        sub_urls.push(Target::resolve(url, args.common.source_addrs).await?.url);
+    }
     let server = args.pid.map(Proc::Pid);
     if let Some(server) = server {
         server.rss_kib()?;
@@ -649,9 +661,13 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
             if count == 0 {
                 continue;
             }
+            let url = match sub_urls.len() {
+                0 => target.url.clone(),
+                n => sub_urls[index % n].clone(),
+            };
             let worker_args = vec![
                 "fanout-subs".to_owned(),
-                format!("--url={}", target.url),
+                format!("--url={url}"),
                 format!("--room={room}"),
                 format!("--count={count}"),
                 format!("--offset={offset}"),

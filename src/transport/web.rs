@@ -3,8 +3,14 @@
 //! agent login the demo uses (`POST /api/dev/agent-token`, when `web.dev_login`).
 //!
 //! The pages are plain files embedded with `include_str!`; nothing is built with Node.js
-//! and no page loads anything from another host. With `web.dir` set, the same files are read
+//! and no page loads anything from another host. The helpers the widget and the inbox share
+//! are one file, `web/common.js`, spliced into each of the two at its marker line
+//! (`/* @include common.js */`) so that the widget stays one script: for the compiled-in
+//! pages once, at first use. With `web.dir` set, the same files (and `common.js`) are read
 //! from that folder on every request instead, for working on them without a rebuild.
+
+use std::borrow::Cow;
+use std::sync::LazyLock;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -17,44 +23,90 @@ use crate::AppState;
 use crate::config::DEMO_DOMAIN;
 use crate::model::Role;
 
-/// A page: its file name under `web/`, its media type and its compiled-in text.
-#[derive(Debug, Clone, Copy)]
+/// The code the widget and the inbox share, and its file name under `web/`.
+const COMMON: &str = include_str!("../../web/common.js");
+const COMMON_FILE: &str = "common.js";
+/// Where a page wants [`COMMON`]: it stands on a line of its own, in a script.
+const MARKER: &str = "/* @include common.js */";
+
+const WIDGET_TEXT: &str = include_str!("../../web/widget.js");
+const INBOX_TEXT: &str = include_str!("../../web/inbox.html");
+const DEMO_TEXT: &str = include_str!("../../web/index.html");
+
+/// A page: its file name under `web/`, its media type and its compiled-in text as served
+/// (with `common.js` spliced in, the first time it is asked for).
+#[derive(Debug)]
 struct Page {
     file: &'static str,
     media_type: &'static str,
-    text: &'static str,
+    text: LazyLock<String>,
 }
 
-const WIDGET: Page = Page {
+static WIDGET: Page = Page {
     file: "widget.js",
     media_type: "text/javascript; charset=utf-8",
-    text: include_str!("../../web/widget.js"),
+    text: LazyLock::new(|| with_common(WIDGET_TEXT, COMMON)),
 };
-const INBOX: Page = Page {
+static INBOX: Page = Page {
     file: "inbox.html",
     media_type: "text/html; charset=utf-8",
-    text: include_str!("../../web/inbox.html"),
+    text: LazyLock::new(|| with_common(INBOX_TEXT, COMMON)),
 };
-const DEMO: Page = Page {
+static DEMO: Page = Page {
     file: "index.html",
     media_type: "text/html; charset=utf-8",
-    text: include_str!("../../web/index.html"),
+    text: LazyLock::new(|| with_common(DEMO_TEXT, COMMON)),
 };
+
+/// `page` with `common` in place of its (first) [`MARKER`], each line of `common` indented
+/// as the marker is; `page` as it is when it has no marker.
+fn with_common(page: &str, common: &str) -> String {
+    let Some(at) = page.find(MARKER) else {
+        return page.to_owned();
+    };
+    let (before, after) = (&page[..at], &page[at + MARKER.len()..]);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let indent = &before[line_start..];
+    let indent = if indent.chars().all(|c| c == ' ' || c == '\t') {
+        indent
+    } else {
+        ""
+    };
+    let mut text = String::with_capacity(page.len() + common.len() * 3 / 2);
+    text.push_str(before);
+    for (i, line) in common.trim_end().lines().enumerate() {
+        if i > 0 {
+            text.push('\n');
+            if !line.is_empty() {
+                text.push_str(indent);
+            }
+        }
+        text.push_str(line);
+    }
+    text.push_str(after);
+    text
+}
 
 /// How long agent tokens from the development login last.
 const DEV_TOKEN_TTL_SECS: u64 = 12 * 3600;
 
-async fn serve(app: &AppState, page: Page) -> Response {
-    let text = match &app.config.web.dir {
-        None => std::borrow::Cow::Borrowed(page.text),
-        Some(dir) => match tokio::fs::read_to_string(dir.join(page.file)).await {
-            Ok(text) => std::borrow::Cow::Owned(text),
-            Err(e) => {
-                tracing::warn!(file = page.file, error = %e, "cannot read a page from web.dir");
-                return ApiError::new(StatusCode::NOT_FOUND, "not_found", "page not found")
-                    .into_response();
+async fn serve(app: &AppState, page: &'static Page) -> Response {
+    let text: Cow<'static, str> = match &app.config.web.dir {
+        None => Cow::Borrowed(page.text.as_str()),
+        Some(dir) => {
+            let text = match read_page(dir, page.file).await {
+                Ok(text) => text,
+                Err(response) => return response,
+            };
+            if text.contains(MARKER) {
+                match read_page(dir, COMMON_FILE).await {
+                    Ok(common) => Cow::Owned(with_common(&text, &common)),
+                    Err(response) => return response,
+                }
+            } else {
+                Cow::Owned(text)
             }
-        },
+        }
     };
     (
         [
@@ -63,19 +115,29 @@ async fn serve(app: &AppState, page: Page) -> Response {
             (header::CACHE_CONTROL, "no-cache"),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         ],
-        text.into_owned(),
+        text,
     )
         .into_response()
 }
 
+/// A file of `web.dir`; a 404 (and a warning) when it cannot be read.
+async fn read_page(dir: &std::path::Path, file: &str) -> Result<String, Response> {
+    tokio::fs::read_to_string(dir.join(file))
+        .await
+        .map_err(|e| {
+            tracing::warn!(file, error = %e, "cannot read a page from web.dir");
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "page not found").into_response()
+        })
+}
+
 /// `GET /widget.js`.
 pub async fn widget(State(app): State<AppState>) -> Response {
-    serve(&app, WIDGET).await
+    serve(&app, &WIDGET).await
 }
 
 /// `GET /inbox`.
 pub async fn inbox(State(app): State<AppState>) -> Response {
-    serve(&app, INBOX).await
+    serve(&app, &INBOX).await
 }
 
 /// `GET /`: the demo page for a browser (which asks for `text/html`); the JSON status, as
@@ -86,7 +148,7 @@ pub async fn root(State(app): State<AppState>, headers: HeaderMap) -> Response {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|accept| accept.contains("text/html"));
     if wants_html {
-        serve(&app, DEMO).await
+        serve(&app, &DEMO).await
     } else {
         super::http::health(State(app)).await
     }
@@ -151,4 +213,49 @@ pub async fn dev_agent_token(
         DEMO_DOMAIN,
         DEV_TOKEN_TTL_SECS,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_widget_and_the_inbox_are_served_with_common_js_at_their_marker() {
+        for (file, source, page) in [
+            ("widget.js", WIDGET_TEXT, &WIDGET),
+            ("inbox.html", INBOX_TEXT, &INBOX),
+        ] {
+            assert_eq!(source.matches(MARKER).count(), 1, "{file}: one marker");
+            let served = page.text.as_str();
+            assert!(!served.contains(MARKER), "{file}: the marker is replaced");
+            // Every line of common.js is there (indented as the marker is).
+            for line in COMMON.lines().filter(|line| !line.trim().is_empty()) {
+                assert!(served.contains(line), "{file} lacks common.js's {line:?}");
+            }
+            assert!(served.contains("function h(tag, attrs = {}, ...children) {"));
+            // Nothing else changed: the page around the marker is as it is in the file.
+            let at = source.find(MARKER).unwrap_or_default();
+            assert!(
+                served.starts_with(&source[..at]),
+                "{file}: what comes before"
+            );
+            assert!(
+                served.ends_with(&source[at + MARKER.len()..]),
+                "{file}: what comes after"
+            );
+        }
+        // In the inbox it stands inside a <script> element: it must not close it.
+        assert!(!COMMON.to_ascii_lowercase().contains("</script"));
+        assert_eq!(DEMO.text.as_str(), DEMO_TEXT, "the demo page has no marker");
+    }
+
+    #[test]
+    fn splicing_indents_as_the_marker_and_leaves_pages_without_one_alone() {
+        let page = format!("a();\n  {MARKER}\nb();\n");
+        assert_eq!(
+            with_common(&page, "one();\n\ntwo();\n"),
+            "a();\n  one();\n\n  two();\nb();\n"
+        );
+        assert_eq!(with_common("a();\nb();\n", "one();\n"), "a();\nb();\n");
+    }
 }

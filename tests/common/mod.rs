@@ -2,6 +2,8 @@
 //! WebSocket client that speaks JSON frames with timeouts on every wait.
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
 
+pub mod redis;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
