@@ -33,6 +33,9 @@ pub struct Config {
     pub broker: String,
     /// Prefix of the Redis keys and channels, so several clusters can share one Redis.
     pub broker_prefix: String,
+    /// With Redis: how long a node's presence entries live without renewal (renewed every
+    /// third of it); the users of a node that died disappear from rooms after this long.
+    pub broker_presence_ttl_secs: u64,
     /// Log output format: `text` for people, `json` for log collectors.
     pub log_format: LogFormat,
     /// Log filter in `tracing_subscriber::EnvFilter` syntax; `RUST_LOG` overrides it.
@@ -87,6 +90,7 @@ impl Default for Config {
             database: "sqlite://parlor.db".to_owned(),
             broker: "memory".to_owned(),
             broker_prefix: "parlor".to_owned(),
+            broker_presence_ttl_secs: 30,
             log_format: LogFormat::Text,
             log_level: "info".to_owned(),
             shutdown_timeout_ms: Duration::from_secs(10),
@@ -891,6 +895,11 @@ impl Config {
                 self.broker
             )));
         }
+        if self.broker_presence_ttl_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "broker_presence_ttl_secs must be greater than 0".to_owned(),
+            ));
+        }
         if !crate::model::valid_id(&self.broker_prefix) {
             return Err(ConfigError::Invalid(
                 "broker_prefix must be 1-128 characters of A-Z a-z 0-9 - _ . : @".to_owned(),
@@ -1064,6 +1073,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "database",
     "broker",
     "broker_prefix",
+    "broker_presence_ttl_secs",
     "log_format",
     "log_level",
     "shutdown_timeout_ms",

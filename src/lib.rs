@@ -168,9 +168,14 @@ impl App {
         );
         let broker: Arc<dyn Broker> = match config.broker_url() {
             None => Arc::new(MemoryBroker::new(Arc::clone(&hub))),
-            Some(url) => RedisBroker::connect(url, &config.broker_prefix, Arc::clone(&hub))
-                .await
-                .map_err(|e| RunError::Config(e.to_string()))?,
+            Some(url) => RedisBroker::connect(
+                url,
+                &config.broker_prefix,
+                std::time::Duration::from_secs(config.broker_presence_ttl_secs),
+                Arc::clone(&hub),
+            )
+            .await
+            .map_err(|e| RunError::Config(e.to_string()))?,
         };
         let (observed_tx, mut observed_rx) = mpsc::unbounded_channel();
         let dispatcher =

@@ -185,6 +185,8 @@ enabled = false
             .arg("--config")
             .arg(&config)
             .env("PARLOR_BROKER_PREFIX", prefix)
+            // A dead node's users leave their rooms after at most this long.
+            .env("PARLOR_BROKER_PRESENCE_TTL_SECS", "2")
             .env("PARLOR_AUTH__JWT_SECRET", TEST_SECRET)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -652,5 +654,80 @@ async fn postgres_cut_off_fails_sends_clearly_and_recovers() {
     };
     assert_eq!(ack["seq"], 2, "the refused sends left no trace: {ack}");
     assert_eq!(c.db().count(room).await, 2);
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn presence_spans_the_nodes_and_a_dead_nodes_users_leave() {
+    let Some((db_url, redis)) = servers() else {
+        return;
+    };
+    let db = Database::create(&db_url).await;
+    let mut c = Cluster::start(3, None, &redis, db).await;
+    let room = "who-is-here";
+    let mut ann = Client::connect(&c.nodes[0].ws("ann")).await;
+    ann.join(room, None).await;
+    // Bob has two tabs, on nodes 0 and 1.
+    let mut bob_a = Client::connect(&c.nodes[0].ws("bob")).await;
+    bob_a.join(room, None).await;
+    let mut bob_b = Client::connect(&c.nodes[1].ws("bob")).await;
+    bob_b.join(room, None).await;
+    // A joiner on node 2 sees everyone, whichever node they are on.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut carol = Client::connect(&c.nodes[2].ws("carol")).await;
+    let (joined, _) = carol.join(room, None).await;
+    let mut members: Vec<&str> = joined["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["userId"].as_str().unwrap())
+        .collect();
+    members.sort_unstable();
+    assert_eq!(members, ["ann", "bob", "carol"], "{joined}");
+    assert_eq!(joined["memberCount"], 3);
+
+    // Bob closing the tab on node 1 is not a leave: he is still on node 0.
+    drop(bob_b);
+    let quiet_until = Instant::now() + Duration::from_millis(800);
+    while let Ok(Some(f)) = tokio::time::timeout_at(quiet_until.into(), carol.ws_next()).await {
+        assert!(
+            !(f["type"] == "presence" && f["event"] == "leave"),
+            "a user still on another node was announced as gone: {f}"
+        );
+    }
+    // Node 0 dies: Ann and Bob leave, announced to Carol within the TTL.
+    c.nodes[0].kill9();
+    let mut left = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while left.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no leave after the node died: {left:?}"
+        );
+        let Ok(Some(f)) = tokio::time::timeout(Duration::from_secs(1), carol.ws_next()).await
+        else {
+            continue;
+        };
+        if f["type"] == "presence" && f["event"] == "leave" {
+            left.push(f["user"]["userId"].as_str().unwrap().to_owned());
+        }
+    }
+    left.sort();
+    assert_eq!(
+        left,
+        ["ann", "bob"],
+        "exactly the dead node's users, once each"
+    );
+    let id = carol
+        .request(json!({ "type": "presence", "roomId": room }))
+        .await;
+    let reply = carol.reply(&id).await;
+    let now: Vec<&str> = reply["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["userId"].as_str().unwrap())
+        .collect();
+    assert_eq!(now, ["carol"], "{reply}");
     c.finish().await;
 }

@@ -64,7 +64,7 @@ async fn cluster(url: &str, nodes: usize) -> Cluster {
     let mut list = Vec::new();
     for _ in 0..nodes {
         let hub = Hub::new(Arc::clone(&store), Arc::new(Metrics::new()), 100, 100);
-        let broker = RedisBroker::connect(url, &prefix, Arc::clone(&hub))
+        let broker = RedisBroker::connect(url, &prefix, Duration::from_secs(30), Arc::clone(&hub))
             .await
             .expect("broker connects");
         list.push((hub, broker));

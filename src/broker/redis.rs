@@ -20,6 +20,15 @@
 //! nodes; sharded pub/sub (`SSUBSCRIBE`) only spreads the load on a Redis Cluster, which a
 //! single channel cannot use anyway. The channel prefix lets several clusters share a Redis.
 //!
+//! **Presence across nodes.** Each room's present users are kept in a sorted set,
+//! `{prefix}:presence:{domain}:{room}`, one member per (user, node), scored by when it
+//! expires. A node adds its users when they arrive, removes them when their last local
+//! connection leaves, and renews them every third of `broker_presence_ttl_secs`. So the
+//! member list a joiner gets covers every node, a user leaving one node while still on
+//! another is not announced as gone, and the users of a node that died disappear within
+//! the TTL: the first node to remove an expired entry (`ZREM` answers 1 to one caller only)
+//! announces the leave.
+//!
 //! Reconnection is fred's: exponential back-off, and the subscriber re-subscribes by
 //! itself after Redis comes back.
 
@@ -29,7 +38,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use fred::clients::SubscriberClient;
 use fred::prelude::{
-    ClientLike, Config as RedisConfig, EventInterface, PubsubInterface, ReconnectPolicy,
+    ClientLike, Config as RedisConfig, EventInterface, KeysInterface, PubsubInterface,
+    ReconnectPolicy, SortedSetsInterface,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -218,6 +228,10 @@ impl Bus {
                 role,
                 joined,
             } => {
+                // Someone present here too was announced (or stays) already.
+                if hub.presence(&room).iter().any(|u| u.user_id == user_id) {
+                    return;
+                }
                 let user = PresentUser {
                     user_id,
                     name,
@@ -327,12 +341,33 @@ pub struct RedisBroker {
     remote: Arc<std::sync::OnceLock<Arc<dyn Remote>>>,
     /// Whether the last PING (every second) was answered.
     reachable: std::sync::atomic::AtomicBool,
+    /// Key prefix.
+    prefix: String,
+    /// This broker, for the tasks its relay spawns.
+    me: std::sync::Weak<RedisBroker>,
+    /// How long a presence entry lives without renewal.
+    presence_ttl: Duration,
+}
+
+/// One (user, node) entry of a room's presence set. Serialised the same way every time, so
+/// the node that added it can remove it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct PresenceEntry {
+    user_id: String,
+    name: String,
+    role: Role,
+    node: u64,
 }
 
 impl RedisBroker {
     /// Connects to Redis at `url`, subscribes to `{prefix}:bus` and starts relaying for
     /// `hub`. Fails when Redis cannot be reached now; once running, it reconnects by itself.
-    pub async fn connect(url: &str, prefix: &str, hub: Arc<Hub>) -> Result<Arc<Self>, BrokerError> {
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        presence_ttl: Duration,
+        hub: Arc<Hub>,
+    ) -> Result<Arc<Self>, BrokerError> {
         let config = RedisConfig::from_url(url)
             .map_err(|e| BrokerError(format!("invalid broker URL: {e}")))?;
         let policy = ReconnectPolicy::new_exponential(0, 100, 5_000, 2);
@@ -378,7 +413,8 @@ impl RedisBroker {
         let channel = format!("{prefix}:bus");
         let (outbox, queued) = mpsc::unbounded_channel();
         let remote = Arc::new(std::sync::OnceLock::new());
-        let broker = Arc::new(Self {
+        let broker = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             hub: Arc::clone(&hub),
             node: rand_node_id(),
             outbox,
@@ -386,6 +422,21 @@ impl RedisBroker {
             subscriber: subscriber.clone(),
             remote: Arc::clone(&remote),
             reachable: std::sync::atomic::AtomicBool::new(true),
+            prefix: prefix.to_owned(),
+            presence_ttl,
+        });
+        // Renew this node's presence entries and sweep expired ones.
+        let watched = Arc::downgrade(&broker);
+        tokio::spawn(async move {
+            let mut tick =
+                tokio::time::interval((presence_ttl / 3).max(Duration::from_millis(100)));
+            loop {
+                tick.tick().await;
+                let Some(broker) = watched.upgrade() else {
+                    return;
+                };
+                broker.renew_presence().await;
+            }
         });
         // A closed socket is noticed at once, a silent one only by asking: ping every second.
         let watched = Arc::downgrade(&broker);
@@ -452,6 +503,152 @@ impl RedisBroker {
         tokio::spawn(publish_loop(publisher, channel, queued));
         hub.set_relay(Arc::clone(&broker) as Arc<dyn Relay>);
         Ok(broker)
+    }
+
+    fn me(&self) -> Option<Arc<Self>> {
+        self.me.upgrade()
+    }
+
+    fn presence_key(&self, room: &RoomKey) -> String {
+        format!(
+            "{}:presence:{}:{}",
+            self.prefix, room.domain_id, room.room_id
+        )
+    }
+
+    fn entry(&self, user: &PresentUser) -> String {
+        let entry = PresenceEntry {
+            user_id: user.user_id.clone(),
+            name: user.name.clone(),
+            role: user.role,
+            node: self.node,
+        };
+        serde_json::to_string(&entry).unwrap_or_default()
+    }
+
+    fn expiry_score(&self) -> f64 {
+        let ms = chrono::Utc::now().timestamp_millis()
+            + i64::try_from(self.presence_ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        ms as f64
+    }
+
+    /// The live entries of a room's presence set.
+    async fn live_entries(&self, room: &RoomKey) -> Vec<PresenceEntry> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let raw: Result<Vec<String>, _> = self
+            .publisher
+            .zrangebyscore(self.presence_key(room), now, "+inf", false, None)
+            .await;
+        raw.unwrap_or_default()
+            .iter()
+            .filter_map(|m| serde_json::from_str(m).ok())
+            .collect()
+    }
+
+    /// Adds or renews users' entries of one room.
+    async fn add_presence(&self, room: &RoomKey, users: &[PresentUser]) {
+        if users.is_empty() {
+            return;
+        }
+        let score = self.expiry_score();
+        let values: Vec<(f64, String)> = users.iter().map(|u| (score, self.entry(u))).collect();
+        let key = self.presence_key(room);
+        let added: Result<(), _> = self
+            .publisher
+            .zadd(key.as_str(), None, None, false, false, values)
+            .await;
+        // An abandoned room's set goes away by itself.
+        let ttl = i64::try_from(self.presence_ttl.as_secs().max(1) * 2).unwrap_or(60);
+        let expired: Result<(), _> = self.publisher.expire(key.as_str(), ttl, None).await;
+        if let Err(e) = added.and(expired) {
+            tracing::debug!(room = %room, error = %e, "cannot record presence in Redis");
+        }
+    }
+
+    /// Every third of the TTL: renew this node's entries, and announce the users whose
+    /// entries expired (their node died) and who are nowhere else any more.
+    async fn renew_presence(&self) {
+        let now = chrono::Utc::now().timestamp_millis();
+        for (room, users) in self.hub.local_presence() {
+            self.add_presence(&room, &users).await;
+            let key = self.presence_key(&room);
+            let stale: Vec<String> = self
+                .publisher
+                .zrangebyscore(key.as_str(), "-inf", now, false, None)
+                .await
+                .unwrap_or_default();
+            for member in stale {
+                let claimed: i64 = self
+                    .publisher
+                    .zrem(key.as_str(), member.as_str())
+                    .await
+                    .unwrap_or(0);
+                let Ok(gone) = serde_json::from_str::<PresenceEntry>(&member) else {
+                    continue;
+                };
+                if claimed != 1 || self.user_still_here(&room, &gone.user_id, None).await {
+                    continue;
+                }
+                let user = PresentUser {
+                    user_id: gone.user_id,
+                    name: gone.name,
+                    role: gone.role,
+                };
+                let event = Event::Presence {
+                    room: room.clone(),
+                    user,
+                    joined: false,
+                };
+                if let Some(bus) = Bus::of(&room, &event) {
+                    self.send(bus);
+                }
+                self.hub.broadcast_local(&room, event, None);
+            }
+        }
+    }
+
+    /// Whether `user` is present in `room` on some node (other than `except_node`).
+    async fn user_still_here(&self, room: &RoomKey, user: &str, except_node: Option<u64>) -> bool {
+        self.hub.presence(room).iter().any(|u| u.user_id == user)
+            || self
+                .live_entries(room)
+                .await
+                .iter()
+                .any(|e| e.user_id == user && Some(e.node) != except_node)
+    }
+
+    /// A local presence change: record it, then tell the other nodes (a leave only if the
+    /// user is on no other node).
+    fn presence_changed(self: Arc<Self>, room: RoomKey, user: PresentUser, joined: bool) {
+        tokio::spawn(async move {
+            if joined {
+                self.add_presence(&room, std::slice::from_ref(&user)).await;
+            } else {
+                let removed: Result<i64, _> = self
+                    .publisher
+                    .zrem(self.presence_key(&room), self.entry(&user))
+                    .await;
+                if let Err(e) = removed {
+                    tracing::debug!(room = %room, error = %e, "cannot remove presence in Redis");
+                }
+                if self
+                    .live_entries(&room)
+                    .await
+                    .iter()
+                    .any(|e| e.user_id == user.user_id)
+                {
+                    return;
+                }
+            }
+            let event = Event::Presence {
+                room: room.clone(),
+                user,
+                joined,
+            };
+            if let Some(bus) = Bus::of(&room, &event) {
+                self.send(bus);
+            }
+        });
     }
 
     fn send(&self, event: Bus) {
@@ -526,9 +723,35 @@ impl Broker for RedisBroker {
 
 impl Relay for RedisBroker {
     fn relay(&self, room: &RoomKey, event: &Event) {
+        if let Event::Presence { user, joined, .. } = event {
+            // Recorded in Redis first; see `presence_changed`.
+            if let Some(me) = self.me() {
+                me.presence_changed(room.clone(), user.clone(), *joined);
+            }
+            return;
+        }
         if let Some(bus) = Bus::of(room, event) {
             self.send(bus);
         }
+    }
+
+    fn members<'a>(
+        &'a self,
+        room: &'a RoomKey,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Vec<PresentUser>> + Send + 'a>> {
+        Box::pin(async move {
+            let mut users: Vec<PresentUser> = Vec::new();
+            for e in self.live_entries(room).await {
+                if e.node != self.node && !users.iter().any(|u| u.user_id == e.user_id) {
+                    users.push(PresentUser {
+                        user_id: e.user_id,
+                        name: e.name,
+                        role: e.role,
+                    });
+                }
+            }
+            users
+        })
     }
 }
 

@@ -172,6 +172,12 @@ pub struct Hub {
 pub trait Relay: Send + Sync + std::fmt::Debug {
     /// Sends `event` of `room` to the other nodes. Never blocks.
     fn relay(&self, room: &RoomKey, event: &Event);
+
+    /// The users present in `room` on the other nodes.
+    fn members<'a>(
+        &'a self,
+        room: &'a RoomKey,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Vec<PresentUser>> + Send + 'a>>;
 }
 
 /// One active room: its state behind a lock, plus a once-cell for the initial load.
@@ -442,6 +448,43 @@ impl Hub {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// The users present in the room on every node: this node's, plus what the relay knows
+    /// of the others (each user once).
+    pub async fn presence_all(&self, key: &RoomKey) -> Vec<PresentUser> {
+        let mut users = self.presence(key);
+        self.add_remote_members(key, &mut users).await;
+        users
+    }
+
+    /// Adds to `users` those present in the room on other nodes (none without a relay).
+    pub async fn add_remote_members(&self, key: &RoomKey, users: &mut Vec<PresentUser>) {
+        if let Some(relay) = self.relay.get() {
+            for u in relay.members(key).await {
+                if !users.iter().any(|x| x.user_id == u.user_id) {
+                    users.push(u);
+                }
+            }
+        }
+    }
+
+    /// Every active room's present users on this node (for the relay's heartbeat).
+    pub fn local_presence(&self) -> Vec<(RoomKey, Vec<PresentUser>)> {
+        self.rooms
+            .iter()
+            .map(|e| {
+                let users = e
+                    .value()
+                    .state
+                    .lock()
+                    .users
+                    .values()
+                    .map(|(u, _)| u.clone())
+                    .collect();
+                (e.key().clone(), users)
+            })
+            .collect()
     }
 
     /// Sends an ephemeral event (typing, read receipt…) to the room's members on every node,

@@ -194,10 +194,18 @@ impl ChatService {
             )
             .await?;
         }
-        Ok(self
+        let mut joined = self
             .hub
             .join(&key, conn, replay, self.limits.max_replay)
-            .await?)
+            .await?;
+        // Users on other nodes count too (up to the same cap).
+        if joined.members.len() < self.limits.presence_max_members {
+            let before = joined.members.len();
+            self.hub.add_remote_members(&key, &mut joined.members).await;
+            joined.members.truncate(self.limits.presence_max_members);
+            joined.member_count += joined.members.len() - before;
+        }
+        Ok(joined)
     }
 
     /// Removes `conn` from a room. Returns false if it was not in it.

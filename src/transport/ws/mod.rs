@@ -1068,7 +1068,7 @@ impl Connection {
             Err(e) => return self.service_error(socket, reply_to, &e).await,
         };
         let room_id = &*key.room_id;
-        let users = self.app.chat.hub().presence(&key);
+        let users = self.app.chat.hub().presence_all(&key).await;
         let members: Vec<WireUser<'_>> = users.iter().map(WireUser::from).collect();
         let frame = json!({ "type": "presence", "replyTo": reply_to, "roomId": room_id, "members": members });
         self.send(socket, to_bytes(&frame)).await
