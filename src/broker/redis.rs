@@ -343,8 +343,8 @@ pub struct RedisBroker {
     reachable: std::sync::atomic::AtomicBool,
     /// Key prefix.
     prefix: String,
-    /// This broker, for the tasks its relay spawns.
-    me: std::sync::Weak<RedisBroker>,
+    /// Local presence changes, applied in order by one task.
+    presence_changes: mpsc::UnboundedSender<(RoomKey, PresentUser, bool)>,
     /// How long a presence entry lives without renewal.
     presence_ttl: Duration,
 }
@@ -413,8 +413,9 @@ impl RedisBroker {
         let channel = format!("{prefix}:bus");
         let (outbox, queued) = mpsc::unbounded_channel();
         let remote = Arc::new(std::sync::OnceLock::new());
-        let broker = Arc::new_cyclic(|me| Self {
-            me: me.clone(),
+        let (presence_changes, mut changes) = mpsc::unbounded_channel();
+        let broker = Arc::new(Self {
+            presence_changes,
             hub: Arc::clone(&hub),
             node: rand_node_id(),
             outbox,
@@ -424,6 +425,15 @@ impl RedisBroker {
             reachable: std::sync::atomic::AtomicBool::new(true),
             prefix: prefix.to_owned(),
             presence_ttl,
+        });
+        let watched = Arc::downgrade(&broker);
+        tokio::spawn(async move {
+            while let Some((room, user, joined)) = changes.recv().await {
+                let Some(broker) = watched.upgrade() else {
+                    return;
+                };
+                broker.apply_presence(room, user, joined).await;
+            }
         });
         // Renew this node's presence entries and sweep expired ones.
         let watched = Arc::downgrade(&broker);
@@ -503,10 +513,6 @@ impl RedisBroker {
         tokio::spawn(publish_loop(publisher, channel, queued));
         hub.set_relay(Arc::clone(&broker) as Arc<dyn Relay>);
         Ok(broker)
-    }
-
-    fn me(&self) -> Option<Arc<Self>> {
-        self.me.upgrade()
     }
 
     fn presence_key(&self, room: &RoomKey) -> String {
@@ -618,9 +624,10 @@ impl RedisBroker {
     }
 
     /// A local presence change: record it, then tell the other nodes (a leave only if the
-    /// user is on no other node).
-    fn presence_changed(self: Arc<Self>, room: RoomKey, user: PresentUser, joined: bool) {
-        tokio::spawn(async move {
+    /// user is on no other node). Changes are applied one at a time, in the order they
+    /// happened (a quick join and leave must not reach Redis the other way round).
+    async fn apply_presence(&self, room: RoomKey, user: PresentUser, joined: bool) {
+        {
             if joined {
                 self.add_presence(&room, std::slice::from_ref(&user)).await;
             } else {
@@ -648,7 +655,7 @@ impl RedisBroker {
             if let Some(bus) = Bus::of(&room, &event) {
                 self.send(bus);
             }
-        });
+        }
     }
 
     fn send(&self, event: Bus) {
@@ -724,10 +731,10 @@ impl Broker for RedisBroker {
 impl Relay for RedisBroker {
     fn relay(&self, room: &RoomKey, event: &Event) {
         if let Event::Presence { user, joined, .. } = event {
-            // Recorded in Redis first; see `presence_changed`.
-            if let Some(me) = self.me() {
-                me.presence_changed(room.clone(), user.clone(), *joined);
-            }
+            // Recorded in Redis first; see `apply_presence`.
+            let _ = self
+                .presence_changes
+                .send((room.clone(), user.clone(), *joined));
             return;
         }
         if let Some(bus) = Bus::of(room, event) {
