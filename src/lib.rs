@@ -304,6 +304,12 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let app = App::build(config, shutdown.clone()).await?;
     let addr = listener.local_addr()?;
+    if app.state.config.web.dev_login {
+        tracing::warn!(
+            "web.dev_login is on: anyone can get an agent token of the demo domain \
+             (POST /api/dev/agent-token); set web.dev_login = false in production"
+        );
+    }
     tracing::info!(
         %addr,
         database = %config::redact_url(&app.state.config.database),

@@ -244,6 +244,9 @@ pub struct Conversation {
     pub updated_at: DateTime<Utc>,
     /// Grows by one per change, so that of two copies the newer is known.
     pub version: u64,
+    /// The `seq` of the system message that recorded the last change (0: none), so a
+    /// message can be told to be older or newer than the state.
+    pub status_seq: u64,
 }
 
 impl Conversation {
@@ -259,6 +262,7 @@ impl Conversation {
             resolved_at: None,
             updated_at: DateTime::<Utc>::default(),
             version: 0,
+            status_seq: 0,
         }
     }
 

@@ -803,3 +803,66 @@ async fn the_pages_and_the_development_login() {
         (404, Some("dev_login_disabled"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_before_the_resolve_does_not_reopen_the_room() {
+    let s = server().await;
+    let agent = token("alice", "Alice", "agent", "demo");
+    let mut alice = as_user(&s, "alice", "Alice", "agent", "demo").await;
+    for round in 0..3 {
+        let room = format!("late-{round}");
+        let mut ann = s.connect_as(&format!("ann-{round}")).await;
+        ann.join(&room, None).await;
+        ask(&mut ann, json!({ "type": "escalate", "roomId": room })).await;
+        ask(&mut alice, json!({ "type": "assign", "roomId": room })).await;
+        // Keep the commit observer busy, so it sees the visitor's last message only after
+        // the resolve has been stored.
+        let mut busy = Vec::new();
+        for i in 0..30 {
+            let mut v = s.connect_as(&format!("busy-{round}-{i}")).await;
+            let r = format!("busy-{round}-{i}");
+            v.join(&r, None).await;
+            busy.push((v, r));
+        }
+        for (v, r) in &mut busy {
+            v.send(
+                json!({ "type": "send-message", "roomId": r, "message": "I need a human please" }),
+            )
+            .await;
+        }
+        let said = ann.say(&room, "thanks, bye", None).await;
+        let done = ask(&mut alice, json!({ "type": "resolve", "roomId": room })).await;
+        assert!(done["seq"].as_u64() > said["seq"].as_u64(), "{done}");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (_, c) = s
+            .get_with(&format!("/api/rooms/{room}/conversation"), &agent)
+            .await;
+        assert_eq!(c["status"], "resolved", "round {round}: {c}");
+    }
+}
+
+#[tokio::test]
+async fn a_domain_without_hand_off_refuses_escalation() {
+    let s = TestServer::start_with(|c: &mut Config| {
+        c.domains[0].handoff.enabled = false;
+    })
+    .await;
+    let mut visitor = s.connect_as("ann").await;
+    visitor.join("solo", None).await;
+    let reply = ask(
+        &mut visitor,
+        json!({ "type": "escalate", "roomId": "solo" }),
+    )
+    .await;
+    assert_eq!(reply["code"], "handoff_disabled", "{reply}");
+    let agent = token("alice", "Alice", "agent", "demo");
+    let (code, b) = s
+        .post_with("/api/rooms/solo/escalate", &agent, &json!({}))
+        .await;
+    assert_eq!(
+        (code, b["error"]["code"].as_str()),
+        (409, Some("handoff_disabled"))
+    );
+    let (_, c) = s.get_with("/api/rooms/solo/conversation", &agent).await;
+    assert_eq!(c["status"], "bot", "{c}");
+}

@@ -343,10 +343,20 @@ pub struct RedisBroker {
     reachable: std::sync::atomic::AtomicBool,
     /// Key prefix.
     prefix: String,
-    /// Local presence changes, applied in order by one task.
-    presence_changes: mpsc::UnboundedSender<(RoomKey, PresentUser, bool)>,
+    /// Local presence changes and renewals, applied in order by one task.
+    presence_changes: mpsc::UnboundedSender<PresenceWork>,
     /// How long a presence entry lives without renewal.
     presence_ttl: Duration,
+}
+
+/// Work for the presence task, done in the order it was asked for, so that a renewal
+/// never puts back an entry a leave just removed.
+#[derive(Debug)]
+enum PresenceWork {
+    /// A user's first local connection joined (`true`) or the last one left.
+    Change(RoomKey, PresentUser, bool),
+    /// Renew this node's entries and sweep expired ones.
+    Renew,
 }
 
 /// One (user, node) entry of a room's presence set. Serialised the same way every time, so
@@ -428,11 +438,16 @@ impl RedisBroker {
         });
         let watched = Arc::downgrade(&broker);
         tokio::spawn(async move {
-            while let Some((room, user, joined)) = changes.recv().await {
+            while let Some(work) = changes.recv().await {
                 let Some(broker) = watched.upgrade() else {
                     return;
                 };
-                broker.apply_presence(room, user, joined).await;
+                match work {
+                    PresenceWork::Change(room, user, joined) => {
+                        broker.apply_presence(room, user, joined).await;
+                    }
+                    PresenceWork::Renew => broker.renew_presence().await,
+                }
             }
         });
         // Renew this node's presence entries and sweep expired ones.
@@ -445,7 +460,7 @@ impl RedisBroker {
                 let Some(broker) = watched.upgrade() else {
                     return;
                 };
-                broker.renew_presence().await;
+                let _ = broker.presence_changes.send(PresenceWork::Renew);
             }
         });
         // A closed socket is noticed at once, a silent one only by asking: ping every second.
@@ -732,9 +747,11 @@ impl Relay for RedisBroker {
     fn relay(&self, room: &RoomKey, event: &Event) {
         if let Event::Presence { user, joined, .. } = event {
             // Recorded in Redis first; see `apply_presence`.
-            let _ = self
-                .presence_changes
-                .send((room.clone(), user.clone(), *joined));
+            let _ = self.presence_changes.send(PresenceWork::Change(
+                room.clone(),
+                user.clone(),
+                *joined,
+            ));
             return;
         }
         if let Some(bus) = Bus::of(room, event) {

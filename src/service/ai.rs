@@ -825,17 +825,19 @@ impl AiService {
                     break;
                 }
                 Some(AiEvent::NoAnswer) => {
-                    let label = handoff
-                        .as_ref()
-                        .map_or("Connect with Customer Support", |h| h.action_label.as_str());
-                    // The bot's own offer, so it is the assistant's message with the button.
+                    // The bot's own offer, so it is the assistant's message; with the button
+                    // only where agents can be reached.
+                    let data = handoff.as_ref().map_or_else(
+                        || serde_json::json!({ "offerHuman": true }),
+                        |h| super::handoff::escalate_action(&h.action_label),
+                    );
                     self.post(
                         &room,
                         "assistant",
                         "I can't answer that right now. Would you like to talk to a human agent?"
                             .to_owned(),
                         None,
-                        super::handoff::escalate_action(label),
+                        data,
                     )
                     .await;
                     break;

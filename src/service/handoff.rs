@@ -262,17 +262,24 @@ impl HandoffService {
         let key = self.support_room(identity, room_id)?;
         match &action {
             Action::Escalate { reason } => {
+                if reason.as_ref().is_some_and(|r| r.len() > 1000) {
+                    return Err(ServiceError::invalid(
+                        "invalid_reason",
+                        "reason may hold at most 1000 bytes",
+                    ));
+                }
+                // Nobody would come: a room of a domain without hand-off stays with the bot.
+                if !self.settings(&identity.domain_id).enabled {
+                    return Err(ServiceError::Conflict {
+                        code: "handoff_disabled",
+                        message: "this domain does not hand conversations to agents".into(),
+                    });
+                }
                 let room = self.chat.authorize(identity, &key, true).await?;
                 let rule = self.domains.load().visitor_rooms(&identity.domain_id);
                 if !policy::may_escalate(identity, rule, room.as_ref()) {
                     return Err(ServiceError::Forbidden(
                         "this room belongs to someone else".into(),
-                    ));
-                }
-                if reason.as_ref().is_some_and(|r| r.len() > 1000) {
-                    return Err(ServiceError::invalid(
-                        "invalid_reason",
-                        "reason may hold at most 1000 bytes",
                     ));
                 }
             }
@@ -493,6 +500,17 @@ impl HandoffService {
         {
             return;
         }
+        // With several nodes, another node may have changed the room a moment ago: judge a
+        // visitor's or an agent's message on the stored state, not on this node's copy.
+        if (visitor || agent) && self.broker.kind() != "memory" {
+            match self.store().conversation(key).await {
+                Ok(Some(c)) => self.remember_conversation(&Arc::new(c)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(room = %key, error = %e, "cannot read the room's hand-off state");
+                }
+            }
+        }
         let mut state = match self.state(key).await {
             Ok(s) => s,
             Err(e) => {
@@ -553,8 +571,11 @@ impl HandoffService {
     async fn on_visitor_message(self: &Arc<Self>, message: &Arc<Message>, state: &mut RoomState) {
         let key = &message.room;
         if state.conversation.status == RoomStatus::Resolved {
-            let decide: Decide = Arc::new(|current: &Conversation| {
-                (current.status == RoomStatus::Resolved).then(|| {
+            // Only a message written after the resolve reopens the room: one the visitor
+            // sent just before it was resolved (seen here later) does not.
+            let seq = message.seq;
+            let decide: Decide = Arc::new(move |current: &Conversation| {
+                (current.status == RoomStatus::Resolved && seq > current.status_seq).then(|| {
                     let next = Conversation::new(current.room.clone());
                     let text = "Conversation reopened.".to_owned();
                     (next, status_message(&current.room, text, "reopen", None))
@@ -819,6 +840,10 @@ impl HandoffService {
 
 impl Remote for HandoffService {
     fn conversation_changed(&self, conversation: Arc<Conversation>) {
+        // A reply the bot streams on this node stops when a human takes the room elsewhere.
+        if conversation.status != RoomStatus::Bot {
+            self.ai.stop(&conversation.room);
+        }
         self.remember_conversation(&conversation);
     }
 

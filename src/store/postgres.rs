@@ -108,7 +108,7 @@ macro_rules! messages_join {
 macro_rules! conversation_columns {
     () => {
         "c.status, c.assignee_id, c.assignee_name, c.waiting_since, c.assigned_at, \
-         c.first_response_at, c.resolved_at, c.updated_at, c.version"
+         c.first_response_at, c.resolved_at, c.updated_at, c.version, c.status_seq"
     };
 }
 
@@ -359,6 +359,7 @@ fn conversation_at(row: &PgRow, at: usize, key: RoomKey) -> Result<Conversation,
     let assignee_id: Option<String> = row.try_get(at + 1)?;
     let assignee_name: Option<String> = row.try_get(at + 2)?;
     let version: i64 = row.try_get(at + 8)?;
+    let status_seq: i64 = row.try_get(at + 9)?;
     Ok(Conversation {
         room: key,
         status,
@@ -372,6 +373,7 @@ fn conversation_at(row: &PgRow, at: usize, key: RoomKey) -> Result<Conversation,
         resolved_at: time(6)?,
         updated_at: time(7)?.unwrap_or_default(),
         version: count(version),
+        status_seq: count(status_seq),
     })
 }
 
@@ -987,6 +989,12 @@ async fn transition(
     ])
     .map_err(Failure::op)?;
     let appended = append(conn, locks, &message).await?;
+    next.status_seq = appended.message.seq;
+    sqlx::query("UPDATE conversations SET status_seq = $2 WHERE room = $1")
+        .bind(rid)
+        .bind(int(next.status_seq))
+        .execute(&mut *conn)
+        .await?;
     Ok(Transitioned {
         conversation: next,
         message: Some(appended),

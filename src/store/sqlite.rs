@@ -409,7 +409,7 @@ fn select_room(conn: &Connection, key: &RoomKey) -> rusqlite::Result<Option<(i64
 
 /// Columns matching [`row_to_conversation`] (table alias `c`).
 const CONVERSATION_COLUMNS: &str = "c.status, c.assignee_id, c.assignee_name, c.waiting_since, \
-     c.assigned_at, c.first_response_at, c.resolved_at, c.updated_at, c.version";
+     c.assigned_at, c.first_response_at, c.resolved_at, c.updated_at, c.version, c.status_seq";
 
 /// A conversation from [`CONVERSATION_COLUMNS`] starting at column `at`; a room without a
 /// row (all `NULL`) is with the bot.
@@ -435,6 +435,7 @@ fn row_to_conversation(
     let assignee_id: Option<String> = row.get(at + 1)?;
     let assignee_name: Option<String> = row.get(at + 2)?;
     let version: i64 = row.get(at + 8)?;
+    let status_seq: i64 = row.get(at + 9)?;
     Ok(Conversation {
         room: key,
         status,
@@ -448,6 +449,7 @@ fn row_to_conversation(
         resolved_at: time(6)?,
         updated_at: time(7)?.unwrap_or_default(),
         version: u64::try_from(version).unwrap_or(0),
+        status_seq: u64::try_from(status_seq).unwrap_or(0),
     })
 }
 
@@ -939,6 +941,11 @@ impl Writer {
             })
             .map_err(unavailable)?;
         let appended = self.append(&message)?;
+        next.status_seq = appended.message.seq;
+        self.conn
+            .prepare_cached("UPDATE conversations SET status_seq = ?2 WHERE room = ?1")
+            .and_then(|mut st| st.execute(params![slot.rid, seq_param(next.status_seq)]))
+            .map_err(unavailable)?;
         Ok(Transitioned {
             conversation: next,
             message: Some(appended),

@@ -123,7 +123,8 @@ CREATE TABLE conversations (
     first_response_at  BIGINT,
     resolved_at        BIGINT,
     updated_at         BIGINT NOT NULL,
-    version            BIGINT NOT NULL      -- +1 per change
+    version            BIGINT NOT NULL,     -- +1 per change
+    status_seq         BIGINT NOT NULL DEFAULT 0  -- seq of the message recording the change
 );
 CREATE INDEX conversations_domain_status ON conversations (domain_id, status);
 

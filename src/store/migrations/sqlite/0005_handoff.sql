@@ -15,7 +15,8 @@ CREATE TABLE conversations (
     first_response_at  INTEGER,
     resolved_at        INTEGER,
     updated_at         INTEGER NOT NULL,
-    version            INTEGER NOT NULL        -- +1 per change
+    version            INTEGER NOT NULL,       -- +1 per change
+    status_seq         INTEGER NOT NULL DEFAULT 0  -- seq of the message recording the change
 );
 CREATE INDEX conversations_domain_status ON conversations (domain_id, status);
 
