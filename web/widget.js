@@ -679,7 +679,9 @@
     li.append(text);
 
     // Buttons the bot offers, such as "Connect with Customer Support".
-    const actions = Array.isArray(data.actions) ? data.actions.filter((a) => a && a.id && a.label) : [];
+    // Only the assistant's (and the server's) offers: another member's message cannot plant a button.
+    const trusted = message.role === 'assistant' || message.role === 'system';
+    const actions = trusted && Array.isArray(data.actions) ? data.actions.filter((a) => a && a.id && a.label) : [];
     if (actions.length) {
       const row = h('div', { class: 'actions' });
       for (const action of actions) {

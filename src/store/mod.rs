@@ -244,6 +244,51 @@ pub struct UsageGroup {
 /// if that transaction is retried).
 pub type Decide = Arc<dyn Fn(&Conversation) -> Option<(Conversation, NewMessage)> + Send + Sync>;
 
+/// A conversation row's columns as both backends store them (times in unix milliseconds).
+#[derive(Debug, Default)]
+pub struct ConversationColumns {
+    /// `bot`, `waiting`, `assigned`, `resolved`; `None` when the room has no row.
+    pub status: Option<String>,
+    /// Assignee's user id and name.
+    pub assignee: (Option<String>, Option<String>),
+    /// waiting_since, assigned_at, first_response_at, resolved_at, updated_at.
+    pub times: [Option<i64>; 5],
+    /// Change counter.
+    pub version: i64,
+    /// `seq` of the last status message.
+    pub status_seq: i64,
+}
+
+impl ConversationColumns {
+    /// The conversation these columns describe (a room without a row is with the bot), or
+    /// the unknown status they hold.
+    pub fn into_conversation(self, key: RoomKey) -> Result<Conversation, String> {
+        let Some(status) = self.status else {
+            return Ok(Conversation::new(key));
+        };
+        let status =
+            RoomStatus::parse(&status).ok_or_else(|| format!("unknown room status {status:?}"))?;
+        let time = |ms: Option<i64>| ms.and_then(DateTime::from_timestamp_millis);
+        let [waiting, assigned, first, resolved, updated] = self.times;
+        let (assignee_id, assignee_name) = self.assignee;
+        Ok(Conversation {
+            room: key,
+            status,
+            assignee: assignee_id.map(|user_id| Agent {
+                name: assignee_name.unwrap_or_else(|| user_id.clone()),
+                user_id,
+            }),
+            waiting_since: time(waiting),
+            assigned_at: time(assigned),
+            first_response_at: time(first),
+            resolved_at: time(resolved),
+            updated_at: time(updated).unwrap_or_default(),
+            version: u64::try_from(self.version).unwrap_or(0),
+            status_seq: u64::try_from(self.status_seq).unwrap_or(0),
+        })
+    }
+}
+
 /// The outcome of [`Store::transition`].
 #[derive(Debug, Clone)]
 pub struct Transitioned {

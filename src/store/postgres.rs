@@ -54,14 +54,13 @@ use sqlx::{Connection, Executor, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Appended, CommitSink, CustomerProfile, Decide, DomainChange, DomainKey, InboxEntry, InboxQuery,
-    KeyKind, MAX_DATA_DEPTH, NewNote, Store, StoreError, StoredDomain, Transitioned, UsageGroup,
-    UsageGrouping, UsageRecord,
+    Appended, CommitSink, ConversationColumns, CustomerProfile, Decide, DomainChange, DomainKey,
+    InboxEntry, InboxQuery, KeyKind, MAX_DATA_DEPTH, NewNote, Store, StoreError, StoredDomain,
+    Transitioned, UsageGroup, UsageGrouping, UsageRecord,
 };
 use crate::config::StoreConfig;
 use crate::model::{
-    Agent, Author, Conversation, Message, NewMessage, Note, Room, RoomKey, RoomStatus, json_depth,
-    now_ms,
+    Agent, Author, Conversation, Message, NewMessage, Note, Room, RoomKey, json_depth, now_ms,
 };
 
 /// Schema migrations, applied in order; the table `parlor_schema_migrations` records which
@@ -345,35 +344,18 @@ fn message_at(row: &PgRow, at: usize) -> Result<Message, sqlx::Error> {
 /// A conversation from the [`conversation_columns`] starting at column `at`; all `NULL`
 /// (no row) is a room with the bot.
 fn conversation_at(row: &PgRow, at: usize, key: RoomKey) -> Result<Conversation, sqlx::Error> {
-    let status: Option<String> = row.try_get(at)?;
-    let Some(status) = status else {
-        return Ok(Conversation::new(key));
-    };
-    let status = RoomStatus::parse(&status).ok_or_else(|| sqlx::Error::ColumnDecode {
+    let time = |i: usize| row.try_get::<Option<i64>, _>(at + i);
+    ConversationColumns {
+        status: row.try_get(at)?,
+        assignee: (row.try_get(at + 1)?, row.try_get(at + 2)?),
+        times: [time(3)?, time(4)?, time(5)?, time(6)?, time(7)?],
+        version: row.try_get::<Option<i64>, _>(at + 8)?.unwrap_or(0),
+        status_seq: row.try_get::<Option<i64>, _>(at + 9)?.unwrap_or(0),
+    }
+    .into_conversation(key)
+    .map_err(|e| sqlx::Error::ColumnDecode {
         index: at.to_string(),
-        source: format!("unknown room status {status:?}").into(),
-    })?;
-    let time = |i: usize| -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-        Ok(row.try_get::<Option<i64>, _>(at + i)?.map(from_ms))
-    };
-    let assignee_id: Option<String> = row.try_get(at + 1)?;
-    let assignee_name: Option<String> = row.try_get(at + 2)?;
-    let version: i64 = row.try_get(at + 8)?;
-    let status_seq: i64 = row.try_get(at + 9)?;
-    Ok(Conversation {
-        room: key,
-        status,
-        assignee: assignee_id.map(|user_id| Agent {
-            name: assignee_name.unwrap_or_else(|| user_id.clone()),
-            user_id,
-        }),
-        waiting_since: time(3)?,
-        assigned_at: time(4)?,
-        first_response_at: time(5)?,
-        resolved_at: time(6)?,
-        updated_at: time(7)?.unwrap_or_default(),
-        version: count(version),
-        status_seq: count(status_seq),
+        source: e.into(),
     })
 }
 

@@ -28,14 +28,13 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Appended, CommitSink, CustomerProfile, Decide, DomainChange, DomainKey, InboxEntry, InboxQuery,
-    KeyKind, MAX_DATA_DEPTH, NewNote, Store, StoreError, StoredDomain, Transitioned, UsageGroup,
-    UsageGrouping, UsageRecord,
+    Appended, CommitSink, ConversationColumns, CustomerProfile, Decide, DomainChange, DomainKey,
+    InboxEntry, InboxQuery, KeyKind, MAX_DATA_DEPTH, NewNote, Store, StoreError, StoredDomain,
+    Transitioned, UsageGroup, UsageGrouping, UsageRecord,
 };
 use crate::config::{SqliteSync, StoreConfig};
 use crate::model::{
-    Agent, Author, Conversation, Message, NewMessage, Note, Room, RoomKey, RoomStatus, json_depth,
-    now_ms,
+    Agent, Author, Conversation, Message, NewMessage, Note, Room, RoomKey, json_depth, now_ms,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
@@ -418,38 +417,17 @@ fn row_to_conversation(
     at: usize,
     key: RoomKey,
 ) -> rusqlite::Result<Conversation> {
-    let status: Option<String> = row.get(at)?;
-    let Some(status) = status else {
-        return Ok(Conversation::new(key));
-    };
-    let status = RoomStatus::parse(&status).ok_or_else(|| {
-        rusqlite::Error::FromSqlConversionFailure(
-            at,
-            rusqlite::types::Type::Text,
-            format!("unknown room status {status:?}").into(),
-        )
-    })?;
-    let time = |i: usize| -> rusqlite::Result<Option<DateTime<Utc>>> {
-        Ok(row.get::<_, Option<i64>>(at + i)?.map(from_ms))
-    };
-    let assignee_id: Option<String> = row.get(at + 1)?;
-    let assignee_name: Option<String> = row.get(at + 2)?;
-    let version: i64 = row.get(at + 8)?;
-    let status_seq: i64 = row.get(at + 9)?;
-    Ok(Conversation {
-        room: key,
-        status,
-        assignee: assignee_id.map(|user_id| Agent {
-            name: assignee_name.unwrap_or_else(|| user_id.clone()),
-            user_id,
-        }),
-        waiting_since: time(3)?,
-        assigned_at: time(4)?,
-        first_response_at: time(5)?,
-        resolved_at: time(6)?,
-        updated_at: time(7)?.unwrap_or_default(),
-        version: u64::try_from(version).unwrap_or(0),
-        status_seq: u64::try_from(status_seq).unwrap_or(0),
+    let time = |i: usize| row.get::<_, Option<i64>>(at + i);
+    ConversationColumns {
+        status: row.get(at)?,
+        assignee: (row.get(at + 1)?, row.get(at + 2)?),
+        times: [time(3)?, time(4)?, time(5)?, time(6)?, time(7)?],
+        version: row.get::<_, Option<i64>>(at + 8)?.unwrap_or(0),
+        status_seq: row.get::<_, Option<i64>>(at + 9)?.unwrap_or(0),
+    }
+    .into_conversation(key)
+    .map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(at, rusqlite::types::Type::Text, e.into())
     })
 }
 
