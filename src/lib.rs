@@ -49,6 +49,7 @@ use crate::auth::{Authenticator, Domains};
 use crate::broker::Broker;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
+use crate::broker::shared::Shared;
 use crate::config::Secret;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -100,6 +101,9 @@ pub struct AppInner {
     pub domain_admin: Arc<DomainService>,
     /// Message distribution between nodes.
     pub broker: Arc<dyn Broker>,
+    /// Cluster-wide rate limits, counters, online users and claims (Redis with the Redis
+    /// broker, this process otherwise).
+    pub shared: Shared,
     /// Counters and histograms.
     pub metrics: Arc<Metrics>,
     /// Cancelled when the server starts shutting down.
@@ -177,6 +181,17 @@ impl App {
             .await
             .map_err(|e| RunError::Config(e.to_string()))?,
         };
+        let shared = match config.broker_url() {
+            None => Shared::local(Arc::clone(&metrics)),
+            Some(url) => Shared::connect(
+                url,
+                &config.broker_prefix,
+                std::time::Duration::from_secs(config.broker_presence_ttl_secs),
+                Arc::clone(&metrics),
+            )
+            .await
+            .map_err(|e| RunError::Config(e.to_string()))?,
+        };
         let (observed_tx, mut observed_rx) = mpsc::unbounded_channel();
         let dispatcher =
             ChatService::spawn_dispatcher(committed_rx, Arc::clone(&broker), observed_tx);
@@ -193,6 +208,7 @@ impl App {
                 Arc::clone(&chat),
                 Arc::clone(&domains),
                 Arc::clone(&metrics),
+                shared.clone(),
             )
             .map_err(invalid)?,
         );
@@ -202,6 +218,7 @@ impl App {
             Arc::clone(&domains),
             Arc::clone(&metrics),
             Arc::clone(&broker),
+            shared.clone(),
         ));
         broker.set_remote(Arc::clone(&handoff) as Arc<dyn crate::broker::Remote>);
         // Committed messages, in commit order: the hand-off service keeps the inbox current
@@ -216,7 +233,8 @@ impl App {
             ai,
             handoff,
             auth,
-            edge: transport::edge::Edge::new(&config, domains),
+            edge: transport::edge::Edge::new(&config, domains, shared.clone()),
+            shared,
             domain_admin,
             connection_permits: Arc::new(Semaphore::new(config.limits.max_connections)),
             config,
@@ -251,6 +269,7 @@ impl App {
             tracing::warn!("connections did not finish in time; closing anyway");
         }
         self.store.close().await;
+        self.state.shared.close().await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.dispatcher).await;
     }
 }

@@ -101,6 +101,9 @@ pub struct Metrics {
     pub handoff_transitions: Family<ActionLabel, Counter>,
     /// Seconds from a room starting to wait (or being assigned) to the first agent message.
     pub handoff_first_response: Histogram,
+    /// Cluster-state calls (rate limits, counters, online users, claims) this node answered
+    /// alone because Redis did not answer in time.
+    pub shared_fallbacks: Family<OpLabel, Counter>,
 }
 
 impl Metrics {
@@ -192,8 +195,15 @@ impl Metrics {
             "Time from a room starting to wait for a human to the first agent message",
             handoff_first_response.clone(),
         );
+        let shared_fallbacks = Family::<OpLabel, Counter>::default();
+        registry.register(
+            "shared_fallbacks",
+            "Cluster-state calls answered by this node alone because Redis did not answer",
+            shared_fallbacks.clone(),
+        );
         Self {
             registry,
+            shared_fallbacks,
             handoff_transitions,
             handoff_first_response,
             connections,

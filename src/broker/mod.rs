@@ -11,6 +11,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod shared;
 
 use std::sync::Arc;
 

@@ -43,6 +43,7 @@ use crate::ai::{
     Usage, anthropic::Anthropic, gemini::Gemini, openai::OpenAi,
 };
 use crate::auth::Domains;
+use crate::broker::shared::{Rate, Shared};
 use crate::config::{AiConfig, BUILTIN_DEMO_KNOWLEDGE, BotConfig, ProviderConfig, ProviderKind};
 use crate::hub::Event as HubEvent;
 use crate::metrics::{AiCallLabel, AiTokenLabel, Metrics, ProviderLabel};
@@ -186,6 +187,8 @@ pub struct AiService {
     uploads: DashMap<String, u64>,
     /// Questions per visitor per minute, per domain (with the rate it was built for).
     visitor_limits: DashMap<String, (u32, DefaultKeyedRateLimiter<String>)>,
+    /// The same limits and the daily token counts across the cluster.
+    shared: Shared,
 }
 
 impl AiService {
@@ -195,6 +198,7 @@ impl AiService {
         chat: Arc<ChatService>,
         domains: Arc<Domains>,
         metrics: Arc<Metrics>,
+        shared: Shared,
     ) -> Result<Self, String> {
         let mut slots = HashMap::new();
         for (name, p) in &config.providers {
@@ -227,6 +231,7 @@ impl AiService {
             uploads: DashMap::new(),
             notices: DashMap::new(),
             visitor_limits: DashMap::new(),
+            shared,
         })
     }
 
@@ -236,6 +241,7 @@ impl AiService {
             store: Arc::clone(self.chat.store()),
             metrics: Arc::clone(&self.metrics),
             spent: Arc::clone(&self.spent),
+            shared: self.shared.clone(),
             domain: domain.to_owned(),
             room: room.map(|r| r.room_id.to_string()),
             user: user.map(str::to_owned),
@@ -276,8 +282,24 @@ impl AiService {
             if entry.1.len() > 10_000 {
                 entry.1.retain_recent();
             }
-            if let Err(not_until) = entry.1.check_key(&user.to_owned()) {
-                let wait = not_until.wait_time_from(DefaultClock::default().now());
+            let local = entry
+                .1
+                .check_key(&user.to_owned())
+                .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()));
+            drop(entry);
+            let checked = match local {
+                Ok(()) => {
+                    self.shared
+                        .take(
+                            "ai-visitor",
+                            &format!("{domain}/{user}"),
+                            Rate::per_minute(rate),
+                        )
+                        .await
+                }
+                Err(wait) => Err(wait),
+            };
+            if let Err(wait) = checked {
                 return Err(ServiceError::Limited {
                     code: "rate_limited",
                     message: format!(
@@ -292,9 +314,9 @@ impl AiService {
         };
         let now = chrono::Utc::now();
         let today = now.date_naive();
-        if self.spent.get(domain).is_none_or(|s| s.day != today) {
-            // Start the count from what the store holds for today (other nodes, restarts).
-            let midnight = today.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc();
+        let midnight = today.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc();
+        // What the store holds for today (other nodes, restarts).
+        let stored = || async {
             let used: u64 = self
                 .chat
                 .store()
@@ -308,6 +330,21 @@ impl AiService {
                 .iter()
                 .map(|g| g.prompt_tokens + g.completion_tokens)
                 .sum();
+            Ok::<u64, ServiceError>(used)
+        };
+        // With several nodes the count is the cluster's, kept in Redis; this node's own
+        // count stands in when Redis does not answer.
+        let cluster = if self.shared.is_cluster() {
+            self.shared
+                .counter(&day_key(domain, today), DAY_COUNTER_TTL, async {
+                    stored().await.ok()
+                })
+                .await
+        } else {
+            None
+        };
+        if cluster.is_none() && self.spent.get(domain).is_none_or(|s| s.day != today) {
+            let used = stored().await?;
             self.spent.insert(
                 domain.to_owned(),
                 DaySpend {
@@ -316,7 +353,7 @@ impl AiService {
                 },
             );
         }
-        let used = self.spent.get(domain).map_or(0, |s| s.tokens);
+        let used = cluster.unwrap_or_else(|| self.spent.get(domain).map_or(0, |s| s.tokens));
         if used >= budget {
             let tomorrow = (today + chrono::Duration::days(1))
                 .and_hms_opt(0, 0, 0)
@@ -1315,9 +1352,18 @@ pub struct Meter {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     spent: Arc<DashMap<String, DaySpend>>,
+    shared: Shared,
     domain: String,
     room: Option<String>,
     user: Option<String>,
+}
+
+/// How long a domain's daily token counter lives in Redis (past its day, for late calls).
+const DAY_COUNTER_TTL: Duration = Duration::from_secs(2 * 24 * 3600);
+
+/// The cluster counter of the tokens `domain` used on `day`.
+fn day_key(domain: &str, day: chrono::NaiveDate) -> String {
+    format!("ai-tokens:{domain}:{day}")
 }
 
 /// Tokens a domain used on one UTC day (on this node, plus what the store had when the
@@ -1384,6 +1430,11 @@ impl Meter {
             outcome: outcome.to_owned(),
             created_at: chrono::Utc::now(),
         };
+        if self.shared.is_cluster() && tokens > 0 {
+            let shared = self.shared.clone();
+            let key = day_key(&self.domain, today);
+            tokio::spawn(async move { shared.add(&key, tokens).await });
+        }
         let store = Arc::clone(&self.store);
         tokio::spawn(async move {
             if let Err(e) = store.record_usage(record).await {

@@ -30,6 +30,7 @@ use super::ai::{AiService, CONVERSATION_PREFIX, assistant_identity};
 use super::chat::{ChatService, Outgoing};
 use crate::auth::Domains;
 use crate::auth::policy;
+use crate::broker::shared::{Online, Shared};
 use crate::broker::{Broker, Remote};
 use crate::config::HandoffConfig;
 use crate::hub::{ConnHandle, Envelope, Event};
@@ -107,11 +108,16 @@ struct RoomState {
     created_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// What an agent watching the inbox is online as, across the cluster.
+const INBOX_WATCHER: &str = "inbox";
+
 /// An agent watching the domain's inbox on one connection.
 #[derive(Debug, Clone)]
 struct Subscriber {
     conn: ConnHandle,
     agent: Agent,
+    /// Lists the agent among the domain's inbox watchers on every node.
+    _watching: Arc<Online>,
 }
 
 /// The hand-off service.
@@ -127,6 +133,8 @@ pub struct HandoffService {
     rooms: DashMap<RoomKey, RoomState>,
     /// Inbox subscribers by domain.
     inbox: DashMap<Arc<str>, Mutex<Vec<Subscriber>>>,
+    /// The inbox watchers of every node.
+    shared: Shared,
 }
 
 impl HandoffService {
@@ -137,6 +145,7 @@ impl HandoffService {
         domains: Arc<Domains>,
         metrics: Arc<Metrics>,
         broker: Arc<dyn Broker>,
+        shared: Shared,
     ) -> Self {
         Self {
             chat,
@@ -144,6 +153,7 @@ impl HandoffService {
             domains,
             metrics,
             broker,
+            shared,
             rooms: DashMap::new(),
             inbox: DashMap::new(),
         }
@@ -296,8 +306,8 @@ impl HandoffService {
             }
         }
         let target = match &action {
-            Action::Assign(a) => Some(self.resolve_agent(identity, a.as_ref())?),
-            Action::Transfer(a) => Some(self.resolve_agent(identity, Some(a))?),
+            Action::Assign(a) => Some(self.resolve_agent(identity, a.as_ref()).await?),
+            Action::Transfer(a) => Some(self.resolve_agent(identity, Some(a)).await?),
             _ => None,
         };
         let settings = self.settings(&identity.domain_id);
@@ -374,8 +384,8 @@ impl HandoffService {
     }
 
     /// The agent a request names, with a display name: the one given, else that of an
-    /// agent online here, else the id.
-    fn resolve_agent(
+    /// agent watching the inbox (on any node), else the id.
+    async fn resolve_agent(
         &self,
         identity: &Identity,
         named: Option<&AgentRef>,
@@ -404,14 +414,16 @@ impl HandoffService {
             .map(str::trim)
             .filter(|n| !n.is_empty())
             .map(|n| n.chars().take(super::chat::MAX_NAME_CHARS).collect())
-            .or_else(|| (named.user_id == identity.user_id).then(|| identity.name.clone()))
-            .or_else(|| {
-                self.agents_online(&identity.domain_id)
-                    .into_iter()
-                    .find(|a| a.user_id == named.user_id)
-                    .map(|a| a.name)
-            })
-            .unwrap_or_else(|| named.user_id.clone());
+            .or_else(|| (named.user_id == identity.user_id).then(|| identity.name.clone()));
+        let name = match name {
+            Some(name) => name,
+            None => self
+                .agents_online(&identity.domain_id)
+                .await
+                .into_iter()
+                .find(|a| a.user_id == named.user_id)
+                .map_or_else(|| named.user_id.clone(), |a| a.name),
+        };
         Ok(Agent {
             user_id: named.user_id.clone(),
             name,
@@ -700,6 +712,12 @@ impl HandoffService {
                     user_id: identity.user_id.clone(),
                     name: identity.name.clone(),
                 },
+                _watching: Arc::new(self.shared.online(
+                    &identity.domain_id,
+                    INBOX_WATCHER,
+                    &identity.user_id,
+                    &identity.name,
+                )),
             });
         }
         Ok(list)
@@ -754,14 +772,19 @@ impl HandoffService {
     }
 
     /// The domain's agents with an inbox open on this node.
-    pub fn agents_online(&self, domain: &str) -> Vec<Agent> {
-        let Some(subs) = self.inbox.get(domain) else {
-            return Vec::new();
-        };
+    pub async fn agents_online(&self, domain: &str) -> Vec<Agent> {
         let mut agents: Vec<Agent> = Vec::new();
-        for s in subs.lock().iter().filter(|s| !s.conn.is_closed()) {
-            if !agents.iter().any(|a| a.user_id == s.agent.user_id) {
-                agents.push(s.agent.clone());
+        if let Some(subs) = self.inbox.get(domain) {
+            for s in subs.lock().iter().filter(|s| !s.conn.is_closed()) {
+                if !agents.iter().any(|a| a.user_id == s.agent.user_id) {
+                    agents.push(s.agent.clone());
+                }
+            }
+        }
+        // Those watching on other nodes (with Redis; without it the list above is all).
+        for (user_id, name) in self.shared.online_users(domain, INBOX_WATCHER).await {
+            if !agents.iter().any(|a| a.user_id == user_id) {
+                agents.push(Agent { user_id, name });
             }
         }
         agents.sort_by(|a, b| a.name.cmp(&b.name));
@@ -769,13 +792,13 @@ impl HandoffService {
     }
 
     /// `GET /api/agents`.
-    pub fn agents(&self, identity: &Identity) -> Result<Vec<Agent>, ServiceError> {
+    pub async fn agents(&self, identity: &Identity) -> Result<Vec<Agent>, ServiceError> {
         if !policy::may_assign(identity) {
             return Err(ServiceError::Forbidden(
                 "the agent list is for the domain's agents".into(),
             ));
         }
-        Ok(self.agents_online(&identity.domain_id))
+        Ok(self.agents_online(&identity.domain_id).await)
     }
 
     /// Stores an internal note and shows it to the domain's agents.

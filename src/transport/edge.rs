@@ -7,6 +7,10 @@
 //!   flood. Authenticated callers also have a budget per identity, across addresses
 //!   (connects plus API requests). Idle entries are dropped every minute, so the limiters' memory follows the
 //!   number of recently active addresses.
+//! - **Across nodes** (Redis broker): a request the node's own limiter allows is charged to
+//!   the same budget in Redis ([`Shared::take`]), so a client spreading its requests over the
+//!   nodes still gets one budget. When Redis does not answer in time the node's own limit
+//!   stands.
 //! - **Origins**: each domain lists the web origins whose pages may use it
 //!   (`allowed_origins`, `"*"` for any). CORS answers for the union of all domains' lists;
 //!   the WebSocket upgrade and `POST /api/visitor-token` check the caller's own domain.
@@ -27,6 +31,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use super::http::ApiError;
 use crate::AppState;
 use crate::auth::Domains;
+use crate::broker::shared::{Rate, Shared};
 use crate::config::{Config, Limits};
 
 /// Which per-IP budget a request draws on.
@@ -52,6 +57,19 @@ pub struct Edge {
     domains: Arc<Domains>,
     /// Proxies whose `X-Forwarded-For` is believed.
     trusted_proxies: Vec<ipnet::IpNet>,
+    /// The same budgets across the cluster.
+    shared: Shared,
+    /// The rates of the budgets, for `shared`.
+    rates: Rates,
+}
+
+/// Each budget's rate.
+#[derive(Debug, Clone, Copy)]
+struct Rates {
+    connect: Rate,
+    request: Rate,
+    visitor_token: Rate,
+    identity: Rate,
 }
 
 fn quota_per_second(rate: u32, burst: u32) -> Quota {
@@ -61,7 +79,7 @@ fn quota_per_second(rate: u32, burst: u32) -> Quota {
 
 impl Edge {
     /// Builds the limiters and origin rules from configuration.
-    pub fn new(config: &Config, domains: Arc<Domains>) -> Self {
+    pub fn new(config: &Config, domains: Arc<Domains>, shared: Shared) -> Self {
         let l: &Limits = &config.limits;
         let per_minute = NonZeroU32::new(l.ip_visitor_tokens_per_minute).unwrap_or(NonZeroU32::MIN);
         Self {
@@ -81,6 +99,16 @@ impl Edge {
             domains,
             // `Config::validate` has parsed them already.
             trusted_proxies: config.trusted_proxy_ranges().unwrap_or_default(),
+            shared,
+            rates: Rates {
+                connect: Rate::per_second(l.ip_connects_per_second, l.ip_connects_burst),
+                request: Rate::per_second(l.ip_requests_per_second, l.ip_requests_burst),
+                visitor_token: Rate::per_minute(l.ip_visitor_tokens_per_minute),
+                identity: Rate::per_second(
+                    l.identity_requests_per_second,
+                    l.identity_requests_burst,
+                ),
+            },
         }
     }
 
@@ -109,28 +137,37 @@ impl Edge {
             .or(Some(peer))
     }
 
-    /// Takes one unit of `budget` for `ip`; on refusal, how long to wait.
-    pub fn check(&self, budget: Budget, ip: IpAddr) -> Result<(), Duration> {
-        let limiter = match budget {
-            Budget::Connect => &self.connects,
-            Budget::Request => &self.requests,
-            Budget::VisitorToken => &self.visitor_tokens,
+    /// Takes one unit of `budget` for `ip`, on this node and across the cluster; on
+    /// refusal, how long to wait.
+    pub async fn check(&self, budget: Budget, ip: IpAddr) -> Result<(), Duration> {
+        let (limiter, bucket, rate) = match budget {
+            Budget::Connect => (&self.connects, "connect", self.rates.connect),
+            Budget::Request => (&self.requests, "request", self.rates.request),
+            Budget::VisitorToken => (
+                &self.visitor_tokens,
+                "visitor-token",
+                self.rates.visitor_token,
+            ),
         };
         limiter
             .check_key(&ip)
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))?;
+        self.shared.take(bucket, &ip.to_string(), rate).await
     }
 
-    /// Takes one unit of the identity's budget (connects plus requests); anonymous callers
-    /// have none, their address budget covers them.
-    pub fn check_identity(&self, identity: &crate::model::Identity) -> Result<(), Duration> {
+    /// Takes one unit of the identity's budget (connects plus requests), on this node and
+    /// across the cluster; anonymous callers have none, their address budget covers them.
+    pub async fn check_identity(&self, identity: &crate::model::Identity) -> Result<(), Duration> {
         if identity.anonymous {
             return Ok(());
         }
         let key = format!("{}/{}", identity.domain_id, identity.user_id);
         self.identities
             .check_key(&key)
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))?;
+        self.shared
+            .take("identity", &key, self.rates.identity)
+            .await
     }
 
     /// Whether a page of `origin` may use `domain`. Requests without an `Origin` header
@@ -211,7 +248,7 @@ pub async fn limit_by_ip(State(app): State<AppState>, req: Request, next: Next) 
     };
     let ip = app.edge.client_ip(peer(req.extensions()), req.headers());
     if let (Some((budget, what)), Some(ip)) = (budget, ip)
-        && let Err(wait) = app.edge.check(budget, ip)
+        && let Err(wait) = app.edge.check(budget, ip).await
     {
         app.metrics.client_error("rate_limited");
         return ApiError::rate_limited(wait, what).into_response();

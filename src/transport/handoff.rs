@@ -237,7 +237,11 @@ pub async fn agents(
     State(app): State<AppState>,
     Caller(identity): Caller,
 ) -> Result<Response, ApiError> {
-    let agents = app.handoff.agents(&identity).map_err(|e| error(&app, e))?;
+    let agents = app
+        .handoff
+        .agents(&identity)
+        .await
+        .map_err(|e| error(&app, e))?;
     let list: Vec<Value> = agents.iter().map(agent_json).collect();
     Ok(Json(json!({ "agents": list })).into_response())
 }

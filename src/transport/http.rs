@@ -143,7 +143,7 @@ impl FromRequestParts<AppState> for Caller {
                 app.metrics.client_error(e.code());
                 ApiError::unauthorized(e.code(), e.to_string())
             })?;
-        if let Err(wait) = app.edge.check_identity(&identity) {
+        if let Err(wait) = app.edge.check_identity(&identity).await {
             app.metrics.client_error("rate_limited");
             return Err(ApiError::rate_limited(wait, "requests by this identity"));
         }
@@ -245,6 +245,30 @@ pub async fn health(State(app): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
+}
+
+/// `GET /api/online`: how many distinct visitors and agents of the caller's domain are
+/// connected, on every node (with Redis) — for the domain's agents, admins and back end.
+pub async fn online(
+    State(app): State<AppState>,
+    Caller(identity): Caller,
+) -> Result<Response, ApiError> {
+    if !policy::may_assign(&identity) {
+        app.metrics.client_error("forbidden");
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "online counts are for the domain's agents, admins and back end",
+        ));
+    }
+    let counts = app.shared.online_counts(&identity.domain_id).await;
+    Ok(Json(json!({
+        "domainId": &*identity.domain_id,
+        "visitors": counts.visitors,
+        "agents": counts.agents,
+        "cluster": app.shared.is_cluster(),
+    }))
+    .into_response())
 }
 
 /// `GET /metrics`: Prometheus text.
@@ -470,7 +494,7 @@ pub async fn visitor_token(
 ) -> Result<Response, ApiError> {
     // Every attempt counts, refused ones too, so the endpoint cannot be used to probe.
     if let Some(ip) = ip
-        && let Err(wait) = app.edge.check(edge::Budget::VisitorToken, ip)
+        && let Err(wait) = app.edge.check(edge::Budget::VisitorToken, ip).await
     {
         app.metrics.client_error("rate_limited");
         return Err(ApiError::rate_limited(

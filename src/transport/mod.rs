@@ -68,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/inbox", get(handoff::inbox))
         .route("/api/agents", get(handoff::agents))
+        .route("/api/online", get(http::online))
         .route("/api/publish", post(http::publish))
         .route("/api/ws/token", post(http::ws_token))
         .route("/api/visitor-token", post(http::visitor_token))

@@ -176,7 +176,7 @@ pub async fn dev_agent_token(
         ));
     }
     if let Some(ip) = ip
-        && let Err(wait) = app.edge.check(super::edge::Budget::VisitorToken, ip)
+        && let Err(wait) = app.edge.check(super::edge::Budget::VisitorToken, ip).await
     {
         return Err(ApiError::rate_limited(
             wait,

@@ -34,6 +34,7 @@ use super::wire::{
 use crate::AppState;
 use crate::auth::domains::DomainPermit;
 use crate::auth::policy;
+use crate::broker::shared::Online;
 use crate::hub::{CLOSE_SLOW_CONSUMER, ConnHandle, Envelope, Event, Joined, Replay};
 use crate::model::{Conversation, Identity, RoomKey, RoomStatus, iso, now_ms};
 use crate::service::ServiceError;
@@ -115,7 +116,7 @@ pub async fn upgrade(
             return ApiError::unauthorized(e.code(), e.to_string()).into_response();
         }
     };
-    if let Err(wait) = app.edge.check_identity(&identity) {
+    if let Err(wait) = app.edge.check_identity(&identity).await {
         app.metrics.client_error("rate_limited");
         return ApiError::rate_limited(wait, "connections by this identity").into_response();
     }
@@ -146,6 +147,12 @@ pub async fn upgrade(
     };
     let limits = &app.config.limits;
     let id = app.next_connection_id();
+    let online = app.shared.online(
+        &identity.domain_id,
+        identity.role.as_str(),
+        &identity.user_id,
+        &identity.name,
+    );
     let (handle, rx) = ConnHandle::new(id, Arc::new(identity), limits.outbound_queue);
     let connection = Connection {
         limiter: admitted.limiter,
@@ -159,6 +166,7 @@ pub async fn upgrade(
         origin: super::edge::origin(req.headers()).map(Box::from),
         auth_until: Instant::now() + AUTH_FRAME_WINDOW,
         permits: (permit, admitted.permit),
+        online,
     };
     let auto_join = query.room_id;
     let max_message = limits.max_frame_bytes;
@@ -321,9 +329,10 @@ struct Connection {
     origin: Option<Box<str>>,
     /// Until when an anonymous connection may still authenticate with an `auth` frame.
     auth_until: Instant,
-    /// Held for the life of the connection (connection limit).
     /// This connection's places in the server's and its domain's connection limits.
     permits: (OwnedSemaphorePermit, DomainPermit),
+    /// Counts the user among the domain's online users (across the cluster).
+    online: Online,
 }
 
 /// The socket failed or the client is too slow; the loop must end.
@@ -683,6 +692,12 @@ impl Connection {
                 .await;
         };
         self.permits.1 = admitted.permit;
+        self.online = self.app.shared.online(
+            &identity.domain_id,
+            identity.role.as_str(),
+            &identity.user_id,
+            &identity.name,
+        );
         self.limiter = admitted.limiter;
         self.frame_rate = admitted.frame_rate;
         let frame = json!({
@@ -1202,6 +1217,7 @@ impl Connection {
                     .app
                     .handoff
                     .agents_online(&self.handle.identity().domain_id)
+                    .await
                     .iter()
                     .map(agent_json)
                     .collect();
