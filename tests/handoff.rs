@@ -459,6 +459,18 @@ async fn notes_reach_agents_only_and_leave_no_hole_in_the_stream() {
         let reply = ask(&mut alice, frame).await;
         assert_eq!(reply["code"], code, "{reply}");
     }
+    // A room that does not exist has no notes to list either.
+    let (status, body) = s
+        .get_with(
+            "/api/rooms/nowhere/notes",
+            &token("bob", "Bob", "agent", "demo"),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("room_not_found")),
+        "{body}"
+    );
 }
 
 #[tokio::test]

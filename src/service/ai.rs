@@ -969,7 +969,9 @@ impl HandoffMarker {
     /// The part of `delta` that can be shown now.
     fn filter(&mut self, delta: &str) -> String {
         self.held.push_str(delta);
-        while let Some(at) = self.held.find(Self::MARKER) {
+        // Models do not always keep the case: `[HANDOFF]` and `[Handoff]` count too. ASCII
+        // lowercasing keeps every byte offset.
+        while let Some(at) = self.held.to_ascii_lowercase().find(Self::MARKER) {
             self.held.replace_range(at..at + Self::MARKER.len(), "");
             self.seen = true;
         }
@@ -979,7 +981,7 @@ impl HandoffMarker {
             .find(|&n| {
                 self.held.len() >= n
                     && self.held.is_char_boundary(self.held.len() - n)
-                    && Self::MARKER.starts_with(&self.held[self.held.len() - n..])
+                    && Self::MARKER[..n].eq_ignore_ascii_case(&self.held[self.held.len() - n..])
             })
             .unwrap_or(0);
         let shown = self.held.len() - keep;
@@ -1585,5 +1587,13 @@ mod tests {
         shown.push_str(&m.finish());
         assert_eq!(shown, "arrays [1, 2] and [hello]");
         assert!(!m.seen);
+
+        // Whatever the case the model wrote it in; text around it keeps its case.
+        let mut m = HandoffMarker::default();
+        let mut shown = m.filter("Ça va. [HAND");
+        shown.push_str(&m.filter("Off] Über"));
+        shown.push_str(&m.finish());
+        assert_eq!(shown, "Ça va.  Über");
+        assert!(m.seen);
     }
 }

@@ -857,6 +857,9 @@ impl HandoffService {
                 "notes are for the domain's agents".into(),
             ));
         }
+        if self.store().room(&key).await?.is_none() {
+            return Err(ServiceError::RoomNotFound);
+        }
         Ok(self.store().notes(&key, NOTES_PAGE).await?)
     }
 }
