@@ -325,8 +325,8 @@ async fn visitors_cannot_run_the_inbox_and_other_domains_cannot_see_the_room() {
     );
     let (code, _) = s.get_with("/api/rooms/support-ann/notes", &outsider).await;
     assert_eq!(
-        code, 200,
-        "an empty list: the room key is the caller's domain's"
+        code, 404,
+        "not found: the room key is the caller's domain's"
     );
     let (code, _) = s
         .get_with("/api/rooms/support-ann/conversation", &outsider)

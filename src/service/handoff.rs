@@ -320,7 +320,15 @@ impl HandoffService {
             },
             settings,
         );
-        let before = self.state(&key).await?.conversation;
+        // The state the store decided on, inside its transaction (the last try, when it
+        // retried): what the announcement compares with, even if another node or request
+        // changed the room since this node last looked.
+        let seen: Arc<Mutex<Option<Conversation>>> = Arc::new(Mutex::new(None));
+        let recorder = Arc::clone(&seen);
+        let decide: Decide = Arc::new(move |current: &Conversation| {
+            *recorder.lock() = Some(current.clone());
+            decide(current)
+        });
         let Transitioned {
             conversation,
             message,
@@ -331,6 +339,11 @@ impl HandoffService {
         let conversation = Arc::new(conversation);
         let Some(message) = message else {
             return self.unchanged(&action, target.as_ref(), conversation);
+        };
+        let decided_on = seen.lock().take();
+        let before = match decided_on {
+            Some(before) => Arc::new(before),
+            None => self.state(&key).await?.conversation,
         };
         self.remember_conversation(&conversation);
         self.rooms.entry(key.clone()).or_insert_with(|| RoomState {
