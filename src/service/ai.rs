@@ -189,6 +189,8 @@ pub struct AiService {
     visitor_limits: DashMap<String, (u32, DefaultKeyedRateLimiter<String>)>,
     /// The same limits and the daily token counts across the cluster.
     shared: Shared,
+    /// When each room's reply was last stopped (an agent took over).
+    stopped: DashMap<RoomKey, Instant>,
 }
 
 impl AiService {
@@ -232,6 +234,7 @@ impl AiService {
             notices: DashMap::new(),
             visitor_limits: DashMap::new(),
             shared,
+            stopped: DashMap::new(),
         })
     }
 
@@ -628,6 +631,13 @@ impl AiService {
     /// Stops the reply being generated in `room`, if any (its text so far is stored as
     /// interrupted). True when there was one.
     pub fn stop(&self, room: &RoomKey) -> bool {
+        let now = Instant::now();
+        // Remembered for a reply about to start (see `on_committed`); old stops are forgotten.
+        if self.stopped.len() > 10_000 {
+            self.stopped
+                .retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
+        }
+        self.stopped.insert(room.clone(), now);
         self.generations
             .get(room)
             .map(|g| g.cancel.cancel())
@@ -643,8 +653,10 @@ impl AiService {
     }
 
     /// Reacts to a committed message: a visitor's message in a support room of a domain
-    /// with a bot gets a reply, cancelling one still in progress there.
-    pub async fn on_committed(self: &Arc<Self>, message: Arc<Message>) {
+    /// with a bot gets a reply, cancelling one still in progress there. `judged_at` is when
+    /// the caller found the room with the bot: if the room was stopped ([`Self::stop`]: an
+    /// agent took it, here or on another node) after that, no reply starts.
+    pub async fn on_committed(self: &Arc<Self>, message: Arc<Message>, judged_at: Instant) {
         // A human agent answering takes over: the assistant stops mid-reply.
         if message.author.role == Role::Agent.as_str() {
             self.stop(&message.room);
@@ -709,6 +721,18 @@ impl AiService {
         );
         if let Some(previous) = previous {
             previous.cancel.cancel();
+        }
+        // Registered now, so a later stop reaches it; one that came while this was being
+        // decided is seen here.
+        if self
+            .stopped
+            .get(&message.room)
+            .is_some_and(|at| *at >= judged_at)
+        {
+            cancel.cancel();
+            self.generations
+                .remove_if(&message.room, |_, g| g.cancel.is_cancelled());
+            return;
         }
         let this = Arc::clone(self);
         tokio::spawn(async move {

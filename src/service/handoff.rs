@@ -509,6 +509,9 @@ impl HandoffService {
     /// room when its visitor writes, lets the bot answer only while the room is with it
     /// (or offers a human), records the first agent response, and updates the inbox.
     pub async fn on_committed(self: &Arc<Self>, message: Arc<Message>) {
+        // A room taken from the bot after this moment must not get a reply to `message`
+        // (see `AiService::on_committed`).
+        let judged_at = std::time::Instant::now();
         let key = &message.room;
         if key.room_id.starts_with(CONVERSATION_PREFIX) {
             return;
@@ -541,7 +544,7 @@ impl HandoffService {
             Err(e) => {
                 tracing::warn!(room = %key, error = %e, "cannot read the room's hand-off state");
                 if visitor || agent {
-                    self.ai.on_committed(message).await;
+                    self.ai.on_committed(message, judged_at).await;
                 }
                 return;
             }
@@ -565,7 +568,8 @@ impl HandoffService {
                 }
                 state.visitor_name = Some(name);
             }
-            self.on_visitor_message(&message, &mut state).await;
+            self.on_visitor_message(&message, &mut state, judged_at)
+                .await;
         } else if agent {
             if matches!(
                 state.conversation.status,
@@ -588,12 +592,17 @@ impl HandoffService {
                 }
             }
             // The assistant gives way to a human.
-            self.ai.on_committed(Arc::clone(&message)).await;
+            self.ai.on_committed(Arc::clone(&message), judged_at).await;
         }
         self.push_inbox(&state, &message);
     }
 
-    async fn on_visitor_message(self: &Arc<Self>, message: &Arc<Message>, state: &mut RoomState) {
+    async fn on_visitor_message(
+        self: &Arc<Self>,
+        message: &Arc<Message>,
+        state: &mut RoomState,
+        judged_at: std::time::Instant,
+    ) {
         let key = &message.room;
         if state.conversation.status == RoomStatus::Resolved {
             // Only a message written after the resolve reopens the room: one the visitor
@@ -648,7 +657,7 @@ impl HandoffService {
             Some(settings) if self.ai.bot(&key.domain_id).await.is_some() => {
                 self.offer_human(key, &settings).await;
             }
-            _ => self.ai.on_committed(Arc::clone(message)).await,
+            _ => self.ai.on_committed(Arc::clone(message), judged_at).await,
         }
     }
 
@@ -880,10 +889,12 @@ impl HandoffService {
 impl Remote for HandoffService {
     fn conversation_changed(&self, conversation: Arc<Conversation>) {
         // A reply the bot streams on this node stops when a human takes the room elsewhere.
+        // The state is remembered first: a visitor's message judged before it is caught by
+        // the stop's time, one judged after it sees the new state.
+        self.remember_conversation(&conversation);
         if conversation.status != RoomStatus::Bot {
             self.ai.stop(&conversation.room);
         }
-        self.remember_conversation(&conversation);
     }
 
     fn to_agents(&self, domain: &str, event: Event) {
