@@ -221,12 +221,28 @@ impl App {
             shared.clone(),
         ));
         broker.set_remote(Arc::clone(&handoff) as Arc<dyn crate::broker::Remote>);
-        // Committed messages, in commit order: the hand-off service keeps the inbox current
-        // and hands visitors' messages to the bot while a room is with it.
-        let observer = Arc::clone(&handoff);
+        // Committed messages, in commit order per room: the hand-off service keeps the inbox
+        // current and hands visitors' messages to the bot while a room is with it. Rooms are
+        // spread over a few ordered workers, so one room's store read (several nodes judge
+        // on the stored state) does not hold up every other room's.
+        let workers: Vec<mpsc::UnboundedSender<Arc<model::Message>>> = (0..OBSERVERS)
+            .map(|_| {
+                let (tx, mut rx) = mpsc::unbounded_channel::<Arc<model::Message>>();
+                let observer = Arc::clone(&handoff);
+                tokio::spawn(async move {
+                    while let Some(message) = rx.recv().await {
+                        observer.on_committed(message).await;
+                    }
+                });
+                tx
+            })
+            .collect();
         tokio::spawn(async move {
             while let Some(message) = observed_rx.recv().await {
-                observer.on_committed(message).await;
+                let worker = observer_for(&message.room, workers.len());
+                if let Some(tx) = workers.get(worker) {
+                    let _ = tx.send(message);
+                }
             }
         });
         let state = AppState(Arc::new(AppInner {
@@ -272,6 +288,17 @@ impl App {
         self.state.shared.close().await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.dispatcher).await;
     }
+}
+
+/// Ordered workers observing committed messages (each room always on the same one).
+const OBSERVERS: usize = 8;
+
+/// The observer worker of `room`, of `n`.
+fn observer_for(room: &model::RoomKey, n: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    room.hash(&mut hasher);
+    usize::try_from(hasher.finish() % u64::try_from(n.max(1)).unwrap_or(1)).unwrap_or(0)
 }
 
 /// Opens the configured store; committed messages go to `sink`.
