@@ -221,6 +221,29 @@ impl App {
             shared.clone(),
         ));
         broker.set_remote(Arc::clone(&handoff) as Arc<dyn crate::broker::Remote>);
+        // Domain changes travel to the other nodes, and theirs rebuild this node's table.
+        domain_admin.attach(&broker);
+        // A change announced while this node was cut off from Redis is caught up when it
+        // reconnects; the periodic rebuild also bounds how long a node that never noticed the
+        // outage (a lost publication) uses a revoked key.
+        if broker.kind() != "memory" {
+            let watched = Arc::downgrade(&domain_admin);
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(DOMAIN_REBUILD_EVERY);
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    let Some(service) = watched.upgrade() else {
+                        return;
+                    };
+                    crate::broker::DomainListener::domains_changed(&*service).await;
+                }
+            });
+        }
         // Committed messages, in commit order per room: the hand-off service keeps the inbox
         // current and hands visitors' messages to the bot while a room is with it. Rooms are
         // spread over a few ordered workers, so one room's store read (several nodes judge
@@ -289,6 +312,9 @@ impl App {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.dispatcher).await;
     }
 }
+
+/// How often a node of a cluster rebuilds its domain table from the store, whatever it heard.
+const DOMAIN_REBUILD_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Ordered workers observing committed messages (each room always on the same one).
 const OBSERVERS: usize = 8;

@@ -104,6 +104,9 @@ pub struct Metrics {
     /// Cluster-state calls (rate limits, counters, online users, claims) this node answered
     /// alone because Redis did not answer in time.
     pub shared_fallbacks: Family<OpLabel, Counter>,
+    /// Work the Redis broker dropped because its queue was full (Redis unreachable), by
+    /// kind: `publication`, `presence`.
+    pub broker_dropped: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -201,8 +204,15 @@ impl Metrics {
             "Cluster-state calls answered by this node alone because Redis did not answer",
             shared_fallbacks.clone(),
         );
+        let broker_dropped = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "broker_dropped",
+            "Publications and presence changes the Redis broker dropped from a full queue",
+            broker_dropped.clone(),
+        );
         Self {
             registry,
+            broker_dropped,
             shared_fallbacks,
             handoff_transitions,
             handoff_first_response,

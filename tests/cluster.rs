@@ -731,3 +731,361 @@ async fn presence_spans_the_nodes_and_a_dead_nodes_users_leave() {
     assert_eq!(now, ["carol"], "{reply}");
     c.finish().await;
 }
+
+/// Nodes sharing `config` (the whole parlor.toml), started like [`Cluster::start`].
+async fn cluster_with_config(n: usize, broker: &str, db: Database, config: &str) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("parlor.toml"), config).unwrap();
+    let prefix = format!("parlor-cluster-{}", uuid::Uuid::new_v4().simple());
+    let url = db.url();
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let mut node = Node::start(dir.path(), &url, broker, &prefix, i);
+        node.wait_healthy().await;
+        nodes.push(node);
+    }
+    Cluster {
+        nodes,
+        db: Some(db),
+        _dir: dir,
+    }
+}
+
+/// `method path` on `node` with a bearer token: the status and the JSON body.
+async fn admin_call(
+    node: &Node,
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .request(method, node.http(path))
+        .bearer_auth(token);
+    if let Some(body) = body {
+        req = req.json(body);
+    }
+    common::status_and_body(req.send().await.unwrap()).await
+}
+
+/// Retries `check` every 50 ms until it holds, for at most `within`; false if it never did.
+async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const GLOBEX_SECRET: &str = "tenant-hs256-secret-0123456789-abcdef";
+
+/// A parlor.toml like [`Node::start`]'s, with the admin key of hash `admin_entry`.
+fn admin_config(admin_entry: &str) -> String {
+    format!(
+        r#"shutdown_timeout_ms = 3000
+[auth]
+admin_keys = ["{admin_entry}"]
+[limits]
+ip_requests_per_second = 100000
+ip_requests_burst = 100000
+ip_connects_per_second = 100000
+ip_connects_burst = 100000
+[[domains]]
+id = "demo"
+name = "Parlor demo"
+allowed_origins = ["*"]
+[domains.bot]
+enabled = false
+"#
+    )
+}
+
+/// Settings of a run-time domain `globex` verifying its own HS256 tokens.
+fn globex_settings() -> Value {
+    json!({
+        "name": "Globex",
+        "allowedOrigins": ["https://globex.example"],
+        "jwt": { "secret": GLOBEX_SECRET, "issuer": ["https://id.globex.example"] }
+    })
+}
+
+/// A WebSocket URL of `node` with a token of globex's identity provider.
+fn globex_ws(node: &Node) -> String {
+    let exp = chrono::Utc::now().timestamp() + 600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({ "iss": "https://id.globex.example", "sub": "ann", "role": "visitor", "exp": exp }),
+        &jsonwebtoken::EncodingKey::from_secret(GLOBEX_SECRET.as_bytes()),
+    )
+    .unwrap();
+    format!("ws://127.0.0.1:{}/ws?token={token}", node.port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_domain_change_on_one_node_reaches_the_others() {
+    let Some((db_url, redis)) = servers() else {
+        return;
+    };
+    let (admin, admin_entry) =
+        parlor::auth::keys::generate_with(parlor::auth::keys::ADMIN_KEY_PREFIX);
+    let db = Database::create(&db_url).await;
+    let c = cluster_with_config(2, &redis, db, &admin_config(&admin_entry)).await;
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let publish = |node: &Node, key: String| {
+        let url = node.http("/api/publish");
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(key)
+                .json(&json!({ "roomId": "g-1", "message": "hello", "role": "assistant" }))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let within = Duration::from_secs(5);
+    // Unknown on both nodes at first.
+    assert!(Client::try_connect(&globex_ws(b)).await.is_err());
+
+    // Created on node A: usable on node B.
+    let settings = globex_settings();
+    let (status, body) = admin_call(
+        a,
+        reqwest::Method::PUT,
+        "/api/admin/domains/globex",
+        &admin,
+        Some(&settings),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert!(
+        eventually(within, || async {
+            Client::try_connect(&globex_ws(b)).await.is_ok()
+        })
+        .await,
+        "node B does not know the domain created on node A: {}",
+        b.log_tail()
+    );
+    let (status, body) = admin_call(
+        b,
+        reqwest::Method::GET,
+        "/api/admin/domains/globex",
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["name"].as_str()),
+        (200, Some("Globex")),
+        "{body}"
+    );
+
+    // A server key added on node A works on node B.
+    let (status, key) = admin_call(
+        a,
+        reqwest::Method::POST,
+        "/api/admin/domains/globex/keys",
+        &admin,
+        Some(&json!({})),
+    )
+    .await;
+    assert_eq!(status, 201, "{key}");
+    let secret = key["key"].as_str().unwrap().to_owned();
+    let key_id = key["id"].as_str().unwrap().to_owned();
+    assert!(
+        eventually(within, || {
+            let sent = publish(b, secret.clone());
+            async move { sent.await == 201 }
+        })
+        .await,
+        "node B refuses the key added on node A"
+    );
+
+    // Revoked on node A: refused on node B.
+    let (status, _) = admin_call(
+        a,
+        reqwest::Method::DELETE,
+        &format!("/api/admin/domains/globex/keys/{key_id}"),
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert!(
+        eventually(within, || {
+            let sent = publish(b, secret.clone());
+            async move { sent.await == 401 }
+        })
+        .await,
+        "node B still takes the key revoked on node A"
+    );
+
+    // Removed on node B: node A refuses the tenant's tokens.
+    let (status, _) = admin_call(
+        b,
+        reqwest::Method::DELETE,
+        "/api/admin/domains/globex",
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert!(
+        eventually(within, || async {
+            Client::try_connect(&globex_ws(a)).await.is_err()
+        })
+        .await,
+        "node A still knows the domain removed on node B"
+    );
+    c.finish().await;
+}
+
+/// The `presence` frames of `room` that `client` receives within `window`: (user, event).
+async fn presence_within(
+    client: &mut Client,
+    room: &str,
+    window: Duration,
+) -> Vec<(String, String)> {
+    let until = Instant::now() + window;
+    let mut seen = Vec::new();
+    while let Ok(Some(f)) = tokio::time::timeout_at(until.into(), client.ws_next()).await {
+        if f["type"] == "presence" && f["roomId"] == room {
+            seen.push((
+                f["user"]["userId"].as_str().unwrap_or_default().to_owned(),
+                f["event"].as_str().unwrap_or_default().to_owned(),
+            ));
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_user_still_on_another_node_is_not_announced_as_gone_on_this_one() {
+    let Some((db_url, redis)) = servers() else {
+        return;
+    };
+    let db = Database::create(&db_url).await;
+    let c = Cluster::start(2, None, &redis, db).await;
+    let room = "two-tabs";
+    let mut ann = Client::connect(&c.nodes[0].ws("ann")).await;
+    ann.join(room, None).await;
+    let mut carol = Client::connect(&c.nodes[1].ws("carol")).await;
+    carol.join(room, None).await;
+    // Bob has a tab on each node.
+    let mut bob_a = Client::connect(&c.nodes[0].ws("bob")).await;
+    bob_a.join(room, None).await;
+    let mut bob_b = Client::connect(&c.nodes[1].ws("bob")).await;
+    bob_b.join(room, None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = presence_within(&mut ann, room, Duration::from_millis(100)).await;
+    let _ = presence_within(&mut carol, room, Duration::from_millis(100)).await;
+
+    // Bob closes the tab on node A, beside Ann: he is still on node B, so nobody is told.
+    drop(bob_a);
+    let (seen_a, seen_b) = tokio::join!(
+        presence_within(&mut ann, room, Duration::from_millis(1500)),
+        presence_within(&mut carol, room, Duration::from_millis(1500)),
+    );
+    let bob_left = |seen: &[(String, String)]| {
+        seen.iter()
+            .any(|(user, event)| user == "bob" && event == "leave")
+    };
+    assert!(
+        !bob_left(&seen_a),
+        "node A announced Bob as gone: {seen_a:?}"
+    );
+    assert!(
+        !bob_left(&seen_b),
+        "node B announced Bob as gone: {seen_b:?}"
+    );
+
+    // Bob closes his last tab, on node B: both nodes' members are told, once.
+    drop(bob_b);
+    let (seen_a, seen_b) = tokio::join!(
+        presence_within(&mut ann, room, Duration::from_millis(1500)),
+        presence_within(&mut carol, room, Duration::from_millis(1500)),
+    );
+    let leaves = |seen: &[(String, String)]| {
+        seen.iter()
+            .filter(|(user, event)| user == "bob" && event == "leave")
+            .count()
+    };
+    assert_eq!(leaves(&seen_a), 1, "node A: {seen_a:?}");
+    assert_eq!(leaves(&seen_b), 1, "node B: {seen_b:?}");
+
+    // Quick joins and leaves on node A are shown in order and end with Dave gone.
+    for _ in 0..5 {
+        let mut dave = Client::connect(&c.nodes[0].ws("dave")).await;
+        dave.join(room, None).await;
+        drop(dave);
+    }
+    let (seen_a, seen_b) = tokio::join!(
+        presence_within(&mut ann, room, Duration::from_millis(1500)),
+        presence_within(&mut carol, room, Duration::from_millis(1500)),
+    );
+    for (node, seen) in [("A", &seen_a), ("B", &seen_b)] {
+        let dave: Vec<&str> = seen
+            .iter()
+            .filter(|(user, _)| user == "dave")
+            .map(|(_, event)| event.as_str())
+            .collect();
+        // Joins and leaves alternate: nothing shown twice, nothing the other way round.
+        assert_eq!(dave.first(), Some(&"join"), "node {node}: {dave:?}");
+        assert_eq!(dave.last(), Some(&"leave"), "node {node}: {dave:?}");
+        assert!(
+            !dave.windows(2).any(|w| w[0] == w[1]),
+            "node {node} did not alternate: {dave:?}"
+        );
+    }
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_domain_change_announced_while_redis_was_away_arrives_when_it_is_back() {
+    let Some((db_url, _)) = servers() else { return };
+    let mut redis = OwnRedis::start();
+    let (admin, admin_entry) =
+        parlor::auth::keys::generate_with(parlor::auth::keys::ADMIN_KEY_PREFIX);
+    let db = Database::create(&db_url).await;
+    let c = cluster_with_config(2, &redis.url(), db, &admin_config(&admin_entry)).await;
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    redis.kill();
+    // Node A stores the domain and uses it; its announcement goes nowhere.
+    let (status, body) = admin_call(
+        a,
+        reqwest::Method::PUT,
+        "/api/admin/domains/globex",
+        &admin,
+        Some(&globex_settings()),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert!(Client::try_connect(&globex_ws(a)).await.is_ok());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        Client::try_connect(&globex_ws(b)).await.is_err(),
+        "node B cannot have heard of it"
+    );
+    // Once Redis is back, node B rebuilds its table.
+    redis.restart();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            Client::try_connect(&globex_ws(b)).await.is_ok()
+        })
+        .await,
+        "node B did not catch up with the domain created during the outage: {}",
+        b.log_tail()
+    );
+    c.finish().await;
+}

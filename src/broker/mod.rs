@@ -30,6 +30,14 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
     fn to_agents(&self, domain: &str, event: Event);
 }
 
+/// Rebuilds this node's live domain table when another node changed the domains in the
+/// store (implemented by the domain service). The broker calls it one call at a time, and
+/// once more after a call for every change announced while that call ran.
+pub trait DomainListener: Send + Sync + std::fmt::Debug {
+    /// The stored domains may have changed: rebuild the table from the store.
+    fn domains_changed<'a>(&'a self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+}
+
 /// Publishes stored messages to every node.
 pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     /// Publishes a message that the store has committed. Never blocks.
@@ -49,4 +57,13 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
 
     /// Where events for [`Remote`] from other nodes go (once, at start-up).
     fn set_remote(&self, _remote: Arc<dyn Remote>) {}
+
+    /// Tells the other nodes that this node committed a change of the stored domains or
+    /// their keys (nothing for the in-process broker). Never blocks.
+    fn domains_changed(&self) {}
+
+    /// Who rebuilds this node's domain table when another node changed the domains, and
+    /// after the broker reconnects (a change announced meanwhile may have been lost). Once,
+    /// at start-up; the broker keeps only a weak reference.
+    fn set_domain_listener(&self, _listener: std::sync::Weak<dyn DomainListener>) {}
 }

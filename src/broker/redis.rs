@@ -29,11 +29,30 @@
 //! the TTL: the first node to remove an expired entry (`ZREM` answers 1 to one caller only)
 //! announces the leave.
 //!
+//! A leave on this node is announced to this node's members, too, only once Redis says
+//! the user is on no other node (the presence task, in order with the user's joins). While
+//! Redis does not answer, a leave is announced here at once, as on a single node.
+//!
+//! **Domains.** A change of the stored domains made through the admin API on one node is
+//! announced on the bus (`domainsChanged`); the other nodes rebuild their tables from the
+//! store ([`DomainListener`]). After the subscriber reconnects, a node rebuilds its own
+//! table and announces a change too, so that one announced while Redis was away (by this
+//! node or another) is not missed for long.
+//!
+//! **Bounded queues.** Publications wait for the publisher task in a queue of
+//! [`OUTBOX_CAPACITY`], presence changes for the presence task in one of
+//! [`PRESENCE_QUEUE`]. While Redis is away they fill up; what does not fit is dropped and
+//! counted, with a warning at most every ten seconds. Live delivery is at most once and the
+//! store closes gaps; a dropped presence change is made good by the next renewal (a join)
+//! or by the TTL sweep (a leave, which is then announced here at once). Renewals are
+//! coalesced: at most one waits at a time.
+//!
 //! Reconnection is fred's: exponential back-off, and the subscriber re-subscribes by
 //! itself after Redis comes back.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fred::clients::SubscriberClient;
@@ -42,15 +61,28 @@ use fred::prelude::{
     ReconnectPolicy, SortedSetsInterface,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
-use super::{Broker, Remote};
+use super::{Broker, DomainListener, Remote};
 use crate::hub::{Event, Hub, PresentUser, Relay};
 use crate::model::{Agent, Conversation, Message, Note, Role, RoomKey};
 use crate::store::InboxEntry;
 
 /// Most publications sent in one pipelined round trip.
 const PUBLISH_BATCH: usize = 256;
+
+/// Publications waiting for the publisher at most, so that a Redis outage costs a bounded
+/// amount of memory; more are dropped while Redis is away.
+pub const OUTBOX_CAPACITY: usize = 65_536;
+
+/// Presence changes waiting for the presence task at most.
+pub const PRESENCE_QUEUE: usize = 16_384;
+
+/// Rooms renewed per pipelined round trip.
+const RENEW_BATCH: usize = 4_096;
+
+/// Least time between two warnings about dropped work.
+const DROP_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +157,8 @@ enum Bus {
     Note {
         note: Note,
     },
+    /// The stored domains changed: rebuild the domain table.
+    DomainsChanged,
 }
 
 impl Bus {
@@ -228,15 +262,25 @@ impl Bus {
                 role,
                 joined,
             } => {
-                // Someone present here too was announced (or stays) already.
-                if hub.presence(&room).iter().any(|u| u.user_id == user_id) {
-                    return;
-                }
                 let user = PresentUser {
                     user_id,
                     name,
                     role,
                 };
+                if !joined {
+                    // Not if the user is present here (checked under the room lock), or
+                    // leaving here too (then this node's own leave tells).
+                    hub.announce_leave(&room, user);
+                    return;
+                }
+                // Someone present here too was announced already.
+                if hub
+                    .presence(&room)
+                    .iter()
+                    .any(|u| u.user_id == user.user_id)
+                {
+                    return;
+                }
                 let event = Event::Presence {
                     room: room.clone(),
                     user,
@@ -248,6 +292,8 @@ impl Bus {
                 hub.deliver(Arc::new(message));
                 return;
             }
+            // Handled by the subscriber loop; nothing for the hub.
+            Bus::DomainsChanged => return,
             Bus::Typing {
                 room,
                 user_id,
@@ -334,7 +380,9 @@ pub struct RedisBroker {
     /// This node's id in publications (random per process).
     node: u64,
     /// Publications waiting for the publisher task.
-    outbox: mpsc::UnboundedSender<Bytes>,
+    outbox: mpsc::Sender<Bytes>,
+    /// Publications dropped because the outbox was full.
+    outbox_dropped: Dropped,
     publisher: fred::clients::Client,
     subscriber: SubscriberClient,
     /// The hand-off service, for state changes and the agents' feed from other nodes.
@@ -344,17 +392,68 @@ pub struct RedisBroker {
     /// Key prefix.
     prefix: String,
     /// Local presence changes and renewals, applied in order by one task.
-    presence_changes: mpsc::UnboundedSender<PresenceWork>,
+    presence_changes: mpsc::Sender<PresenceWork>,
+    /// Presence changes dropped because their queue was full.
+    presence_dropped: Dropped,
+    /// A renewal is waiting in the presence queue (renewals are coalesced).
+    renew_queued: AtomicBool,
     /// How long a presence entry lives without renewal.
     presence_ttl: Duration,
+    /// Woken when the domain table should be rebuilt from the store.
+    domains_dirty: Arc<Notify>,
+}
+
+/// Counts work dropped from a full queue and warns about it, at most every ten seconds.
+#[derive(Debug)]
+struct Dropped {
+    what: &'static str,
+    total: AtomicU64,
+    /// `parlor_broker_dropped_total` of this kind.
+    counter: prometheus_client::metrics::counter::Counter,
+    last_warning: parking_lot::Mutex<Option<Instant>>,
+}
+
+impl Dropped {
+    fn new(what: &'static str, metrics: &crate::metrics::Metrics, kind: &'static str) -> Self {
+        Self {
+            what,
+            counter: metrics
+                .broker_dropped
+                .get_or_create(&crate::metrics::ReasonLabel { reason: kind })
+                .clone(),
+            total: AtomicU64::new(0),
+            last_warning: parking_lot::Mutex::new(None),
+        }
+    }
+
+    fn record(&self) {
+        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
+        self.counter.inc();
+        let mut last = self.last_warning.lock();
+        if last.is_none_or(|t| t.elapsed() >= DROP_WARNING_EVERY) {
+            *last = Some(Instant::now());
+            tracing::warn!(
+                what = self.what,
+                dropped_total = total,
+                "Redis queue full (is Redis reachable?); dropping"
+            );
+        }
+    }
 }
 
 /// Work for the presence task, done in the order it was asked for, so that a renewal
 /// never puts back an entry a leave just removed.
 #[derive(Debug)]
 enum PresenceWork {
-    /// A user's first local connection joined (`true`) or the last one left.
-    Change(RoomKey, PresentUser, bool),
+    /// A user's first local connection joined (`joined`) or the last one left. For a leave,
+    /// `announce` says whether this node's members are still to be told (once Redis says
+    /// the user is on no other node).
+    Change {
+        room: RoomKey,
+        user: PresentUser,
+        joined: bool,
+        announce: bool,
+    },
     /// Renew this node's entries and sweep expired ones.
     Renew,
 }
@@ -421,20 +520,25 @@ impl RedisBroker {
             }
         }
         let channel = format!("{prefix}:bus");
-        let (outbox, queued) = mpsc::unbounded_channel();
+        let (outbox, queued) = mpsc::channel(OUTBOX_CAPACITY);
         let remote = Arc::new(std::sync::OnceLock::new());
-        let (presence_changes, mut changes) = mpsc::unbounded_channel();
+        let (presence_changes, mut changes) = mpsc::channel(PRESENCE_QUEUE);
+        let domains_dirty = Arc::new(Notify::new());
         let broker = Arc::new(Self {
             presence_changes,
+            presence_dropped: Dropped::new("presence change", hub.metrics(), "presence"),
+            renew_queued: AtomicBool::new(false),
             hub: Arc::clone(&hub),
             node: rand_node_id(),
             outbox,
+            outbox_dropped: Dropped::new("publication", hub.metrics(), "publication"),
             publisher: publisher.clone(),
             subscriber: subscriber.clone(),
             remote: Arc::clone(&remote),
-            reachable: std::sync::atomic::AtomicBool::new(true),
+            reachable: AtomicBool::new(true),
             prefix: prefix.to_owned(),
             presence_ttl,
+            domains_dirty: Arc::clone(&domains_dirty),
         });
         let watched = Arc::downgrade(&broker);
         tokio::spawn(async move {
@@ -443,10 +547,18 @@ impl RedisBroker {
                     return;
                 };
                 match work {
-                    PresenceWork::Change(room, user, joined) => {
-                        broker.apply_presence(room, user, joined).await;
+                    PresenceWork::Change {
+                        room,
+                        user,
+                        joined,
+                        announce,
+                    } => {
+                        broker.apply_presence(room, user, joined, announce).await;
                     }
-                    PresenceWork::Renew => broker.renew_presence().await,
+                    PresenceWork::Renew => {
+                        broker.renew_queued.store(false, Ordering::Relaxed);
+                        broker.renew_presence().await;
+                    }
                 }
             }
         });
@@ -460,7 +572,15 @@ impl RedisBroker {
                 let Some(broker) = watched.upgrade() else {
                     return;
                 };
-                let _ = broker.presence_changes.send(PresenceWork::Renew);
+                // One renewal waiting is enough; it renews whatever is present by then.
+                if !broker.renew_queued.swap(true, Ordering::Relaxed)
+                    && broker
+                        .presence_changes
+                        .try_send(PresenceWork::Renew)
+                        .is_err()
+                {
+                    broker.renew_queued.store(false, Ordering::Relaxed);
+                }
             }
         });
         // A closed socket is noticed at once, a silent one only by asking: ping every second.
@@ -477,15 +597,16 @@ impl RedisBroker {
                     tokio::time::timeout(Duration::from_millis(900), ping).await,
                     Ok(Ok(_))
                 );
-                broker
-                    .reachable
-                    .store(ok, std::sync::atomic::Ordering::Relaxed);
+                broker.reachable.store(ok, Ordering::Relaxed);
             }
         });
-        // Re-subscribe after every reconnect, then catch the active rooms up from the store.
+        // Re-subscribe after every reconnect, then catch the active rooms up from the store,
+        // rebuild the domain table and tell the other nodes to rebuild theirs (a change
+        // announced while this node was away, by it or by another, may be lost).
         let _resubscribe = subscriber.manage_subscriptions();
         let mut reconnects = subscriber.reconnect_rx();
         let resync_hub = Arc::clone(&hub);
+        let watched = Arc::downgrade(&broker);
         tokio::spawn(async move {
             while reconnects.recv().await.is_ok() {
                 tracing::info!("reconnected to Redis; catching rooms up from the store");
@@ -493,6 +614,11 @@ impl RedisBroker {
                 // catch-up read is missed either.
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 resync_hub.resync();
+                let Some(broker) = watched.upgrade() else {
+                    return;
+                };
+                broker.domains_dirty.notify_one();
+                broker.send(Bus::DomainsChanged);
             }
         });
         let mut messages = subscriber.message_rx();
@@ -511,6 +637,10 @@ impl RedisBroker {
                         };
                         match serde_json::from_slice::<Publication>(bytes) {
                             Ok(p) if p.node == me => {}
+                            Ok(Publication {
+                                event: Bus::DomainsChanged,
+                                ..
+                            }) => domains_dirty.notify_one(),
                             Ok(p) => p.event.deliver(&deliver_hub, remote.get()),
                             Err(e) => {
                                 tracing::warn!(error = %e, "unreadable publication on the bus");
@@ -566,6 +696,12 @@ impl RedisBroker {
             .collect()
     }
 
+    /// How long a room's presence set outlives its last renewal, in seconds (an abandoned
+    /// room's set goes away by itself).
+    fn presence_set_ttl(&self) -> i64 {
+        i64::try_from(self.presence_ttl.as_secs().max(1) * 2).unwrap_or(60)
+    }
+
     /// Adds or renews users' entries of one room.
     async fn add_presence(&self, room: &RoomKey, users: &[PresentUser]) {
         if users.is_empty() {
@@ -578,98 +714,183 @@ impl RedisBroker {
             .publisher
             .zadd(key.as_str(), None, None, false, false, values)
             .await;
-        // An abandoned room's set goes away by itself.
-        let ttl = i64::try_from(self.presence_ttl.as_secs().max(1) * 2).unwrap_or(60);
-        let expired: Result<(), _> = self.publisher.expire(key.as_str(), ttl, None).await;
+        let expired: Result<(), _> = self
+            .publisher
+            .expire(key.as_str(), self.presence_set_ttl(), None)
+            .await;
         if let Err(e) = added.and(expired) {
             tracing::debug!(room = %room, error = %e, "cannot record presence in Redis");
         }
     }
 
     /// Every third of the TTL: renew this node's entries, and announce the users whose
-    /// entries expired (their node died) and who are nowhere else any more.
+    /// entries expired (their node died) and who are nowhere else any more. Pipelined,
+    /// [`RENEW_BATCH`] rooms at a time, in at most three round trips per batch.
     async fn renew_presence(&self) {
-        let now = chrono::Utc::now().timestamp_millis();
-        for (room, users) in self.hub.local_presence() {
-            self.add_presence(&room, &users).await;
-            let key = self.presence_key(&room);
-            let stale: Vec<String> = self
-                .publisher
-                .zrangebyscore(key.as_str(), "-inf", now, false, None)
-                .await
-                .unwrap_or_default();
-            for member in stale {
-                let claimed: i64 = self
-                    .publisher
-                    .zrem(key.as_str(), member.as_str())
-                    .await
-                    .unwrap_or(0);
-                let Ok(gone) = serde_json::from_str::<PresenceEntry>(&member) else {
-                    continue;
-                };
-                if claimed != 1 || self.user_still_here(&room, &gone.user_id, None).await {
-                    continue;
-                }
-                let user = PresentUser {
-                    user_id: gone.user_id,
-                    name: gone.name,
-                    role: gone.role,
-                };
-                let event = Event::Presence {
-                    room: room.clone(),
-                    user,
-                    joined: false,
-                };
-                if let Some(bus) = Bus::of(&room, &event) {
-                    self.send(bus);
-                }
-                self.hub.broadcast_local(&room, event, None);
-            }
+        let rooms = self.hub.local_presence();
+        for batch in rooms.chunks(RENEW_BATCH) {
+            self.renew_batch(batch).await;
         }
     }
 
-    /// Whether `user` is present in `room` on some node (other than `except_node`).
-    async fn user_still_here(&self, room: &RoomKey, user: &str, except_node: Option<u64>) -> bool {
-        self.hub.presence(room).iter().any(|u| u.user_id == user)
-            || self
-                .live_entries(room)
-                .await
-                .iter()
-                .any(|e| e.user_id == user && Some(e.node) != except_node)
+    async fn renew_batch(&self, rooms: &[(RoomKey, Vec<PresentUser>)]) {
+        let now = chrono::Utc::now().timestamp_millis();
+        let score = self.expiry_score();
+        let ttl = self.presence_set_ttl();
+        let keys: Vec<String> = rooms
+            .iter()
+            .map(|(room, _)| self.presence_key(room))
+            .collect();
+
+        // 1. Renew this node's entries and read the expired ones.
+        let pipeline = self.publisher.pipeline();
+        let mut stale_reply = Vec::with_capacity(rooms.len());
+        let mut commands = 0usize;
+        for ((_, users), key) in rooms.iter().zip(&keys) {
+            if !users.is_empty() {
+                let values: Vec<(f64, String)> =
+                    users.iter().map(|u| (score, self.entry(u))).collect();
+                let _: Result<(), _> = pipeline
+                    .zadd(key.as_str(), None, None, false, false, values)
+                    .await;
+                let _: Result<(), _> = pipeline.expire(key.as_str(), ttl, None).await;
+                commands += 2;
+            }
+            let _: Result<(), _> = pipeline
+                .zrangebyscore(key.as_str(), "-inf", now, false, None)
+                .await;
+            stale_reply.push(commands);
+            commands += 1;
+        }
+        let replies = pipeline.try_all::<fred::types::Value>().await;
+        if let Some(Err(e)) = replies.iter().find(|r| r.is_err()) {
+            tracing::debug!(error = %e, rooms = rooms.len(), "cannot renew presence in Redis");
+        }
+        let mut stale: Vec<(usize, String)> = Vec::new();
+        for (i, at) in stale_reply.iter().enumerate() {
+            if let Some(Ok(value)) = replies.get(*at) {
+                let members: Vec<String> = value.clone().convert().unwrap_or_default();
+                stale.extend(members.into_iter().map(|m| (i, m)));
+            }
+        }
+        if stale.is_empty() {
+            return;
+        }
+
+        // 2. Claim the expired entries: `ZREM` answers 1 to one node only.
+        let pipeline = self.publisher.pipeline();
+        for (i, member) in &stale {
+            let _: Result<(), _> = pipeline.zrem(keys[*i].as_str(), member.as_str()).await;
+        }
+        let claimed = pipeline.try_all::<i64>().await;
+        let gone: Vec<(usize, PresenceEntry)> = stale
+            .into_iter()
+            .zip(claimed)
+            .filter(|(_, claimed)| matches!(claimed, Ok(1)))
+            .filter_map(|((i, member), _)| Some((i, serde_json::from_str(&member).ok()?)))
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+
+        // 3. Who is still present in those rooms, on any node.
+        let mut asked: Vec<usize> = gone.iter().map(|(i, _)| *i).collect();
+        asked.dedup();
+        let now = chrono::Utc::now().timestamp_millis();
+        let pipeline = self.publisher.pipeline();
+        for i in &asked {
+            let _: Result<(), _> = pipeline
+                .zrangebyscore(keys[*i].as_str(), now, "+inf", false, None)
+                .await;
+        }
+        let live = pipeline.try_all::<Vec<String>>().await;
+        let live: std::collections::HashMap<usize, Vec<PresenceEntry>> = asked
+            .into_iter()
+            .zip(live)
+            .map(|(i, members)| {
+                let entries = members
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|m| serde_json::from_str(m).ok())
+                    .collect();
+                (i, entries)
+            })
+            .collect();
+        for (i, gone) in gone {
+            let Some((room, _)) = rooms.get(i) else {
+                continue;
+            };
+            let elsewhere = live
+                .get(&i)
+                .is_some_and(|entries| entries.iter().any(|e| e.user_id == gone.user_id));
+            if elsewhere
+                || self
+                    .hub
+                    .presence(room)
+                    .iter()
+                    .any(|u| u.user_id == gone.user_id)
+            {
+                continue;
+            }
+            let user = PresentUser {
+                user_id: gone.user_id,
+                name: gone.name,
+                role: gone.role,
+            };
+            self.send(Bus::Presence {
+                room: room.clone(),
+                user_id: user.user_id.clone(),
+                name: user.name.clone(),
+                role: user.role,
+                joined: false,
+            });
+            self.hub.announce_leave(room, user);
+        }
     }
 
     /// A local presence change: record it, then tell the other nodes (a leave only if the
-    /// user is on no other node). Changes are applied one at a time, in the order they
-    /// happened (a quick join and leave must not reach Redis the other way round).
-    async fn apply_presence(&self, room: RoomKey, user: PresentUser, joined: bool) {
+    /// user is on no other node, and then, when `announce`, this node's members too).
+    /// Changes are applied one at a time, in the order they happened (a quick join and
+    /// leave must not reach Redis, or this node's members, the other way round).
+    async fn apply_presence(&self, room: RoomKey, user: PresentUser, joined: bool, announce: bool) {
+        if joined {
+            self.add_presence(&room, std::slice::from_ref(&user)).await;
+        } else {
+            let removed: Result<i64, _> = self
+                .publisher
+                .zrem(self.presence_key(&room), self.entry(&user))
+                .await;
+            if let Err(e) = removed {
+                tracing::debug!(room = %room, error = %e, "cannot remove presence in Redis");
+            }
+            if self
+                .live_entries(&room)
+                .await
+                .iter()
+                .any(|e| e.user_id == user.user_id)
+            {
+                if announce {
+                    self.hub.settle_leave(&room, user, false);
+                }
+                return;
+            }
+        }
+        let event = Event::Presence {
+            room: room.clone(),
+            user,
+            joined,
+        };
+        if let Some(bus) = Bus::of(&room, &event) {
+            self.send(bus);
+        }
+        if let Event::Presence {
+            user,
+            joined: false,
+            ..
+        } = event
+            && announce
         {
-            if joined {
-                self.add_presence(&room, std::slice::from_ref(&user)).await;
-            } else {
-                let removed: Result<i64, _> = self
-                    .publisher
-                    .zrem(self.presence_key(&room), self.entry(&user))
-                    .await;
-                if let Err(e) = removed {
-                    tracing::debug!(room = %room, error = %e, "cannot remove presence in Redis");
-                }
-                if self
-                    .live_entries(&room)
-                    .await
-                    .iter()
-                    .any(|e| e.user_id == user.user_id)
-                {
-                    return;
-                }
-            }
-            let event = Event::Presence {
-                room: room.clone(),
-                user,
-                joined,
-            };
-            if let Some(bus) = Bus::of(&room, &event) {
-                self.send(bus);
-            }
+            self.hub.settle_leave(&room, user, true);
         }
     }
 
@@ -680,7 +901,9 @@ impl RedisBroker {
         };
         match serde_json::to_vec(&publication) {
             Ok(bytes) => {
-                let _ = self.outbox.send(Bytes::from(bytes));
+                if self.outbox.try_send(Bytes::from(bytes)).is_err() {
+                    self.outbox_dropped.record();
+                }
             }
             Err(e) => tracing::error!(error = %e, "cannot encode a publication"),
         }
@@ -698,7 +921,7 @@ impl RedisBroker {
 async fn publish_loop(
     client: fred::clients::Client,
     channel: String,
-    mut queued: mpsc::UnboundedReceiver<Bytes>,
+    mut queued: mpsc::Receiver<Bytes>,
 ) {
     let mut batch = Vec::with_capacity(PUBLISH_BATCH);
     while queued.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
@@ -741,17 +964,40 @@ impl Broker for RedisBroker {
     fn set_remote(&self, remote: Arc<dyn Remote>) {
         let _ = self.remote.set(remote);
     }
+
+    fn domains_changed(&self) {
+        self.send(Bus::DomainsChanged);
+    }
+
+    fn set_domain_listener(&self, listener: std::sync::Weak<dyn DomainListener>) {
+        // One rebuild at a time; announcements during a rebuild coalesce into one more.
+        let dirty = Arc::clone(&self.domains_dirty);
+        tokio::spawn(async move {
+            loop {
+                dirty.notified().await;
+                let Some(listener) = listener.upgrade() else {
+                    return;
+                };
+                listener.domains_changed().await;
+            }
+        });
+    }
 }
 
 impl Relay for RedisBroker {
     fn relay(&self, room: &RoomKey, event: &Event) {
         if let Event::Presence { user, joined, .. } = event {
-            // Recorded in Redis first; see `apply_presence`.
-            let _ = self.presence_changes.send(PresenceWork::Change(
-                room.clone(),
-                user.clone(),
-                *joined,
-            ));
+            // Recorded in Redis first; see `apply_presence`. A join that does not fit is
+            // recorded by the next renewal.
+            let work = PresenceWork::Change {
+                room: room.clone(),
+                user: user.clone(),
+                joined: *joined,
+                announce: false,
+            };
+            if self.presence_changes.try_send(work).is_err() {
+                self.presence_dropped.record();
+            }
             return;
         }
         if let Some(bus) = Bus::of(room, event) {
@@ -776,6 +1022,26 @@ impl Relay for RedisBroker {
             }
             users
         })
+    }
+
+    fn leave(&self, room: &RoomKey, user: &PresentUser) -> bool {
+        // While Redis does not answer, the other nodes cannot be asked (and the presence
+        // task would wait on timeouts): announce here at once, record it when Redis is back.
+        let defer = self.healthy();
+        let work = PresenceWork::Change {
+            room: room.clone(),
+            user: user.clone(),
+            joined: false,
+            announce: defer,
+        };
+        match self.presence_changes.try_send(work) {
+            Ok(()) => defer,
+            Err(_) => {
+                // The entry expires by itself; the TTL sweep tells the other nodes.
+                self.presence_dropped.record();
+                false
+            }
+        }
     }
 }
 

@@ -178,6 +178,21 @@ pub trait Relay: Send + Sync + std::fmt::Debug {
         &'a self,
         room: &'a RoomKey,
     ) -> std::pin::Pin<Box<dyn Future<Output = Vec<PresentUser>> + Send + 'a>>;
+
+    /// The last connection of `user` on this node left `room`. Returns true when the relay
+    /// takes the announcement to this node's members over: it must then call
+    /// [`Hub::settle_leave`] exactly once, later, saying whether the user is on no other
+    /// node. The default relays the leave and returns false: the hub announces it here at
+    /// once.
+    fn leave(&self, room: &RoomKey, user: &PresentUser) -> bool {
+        let event = Event::Presence {
+            room: room.clone(),
+            user: user.clone(),
+            joined: false,
+        };
+        self.relay(room, &event);
+        false
+    }
 }
 
 /// One active room: its state behind a lock, plus a once-cell for the initial load.
@@ -202,6 +217,10 @@ struct RoomState {
     pending: BTreeMap<u64, Arc<Message>>,
     /// A gap fill is running.
     filling: bool,
+    /// Users whose leave the relay holds back (see [`Relay::leave`]), with how many of
+    /// their leaves are still to be settled. Their members never saw them go, so a rejoin
+    /// meanwhile is not announced, and only the last of the leaves is.
+    leaving: HashMap<String, u32>,
     /// The initial load has completed.
     ready: bool,
 }
@@ -351,7 +370,11 @@ impl Hub {
                             if let Some(relay) = self.relay.get() {
                                 relay.relay(key, &event);
                             }
-                            self.broadcast_locked(&st, &Envelope::new(event), Some(conn.id()));
+                            // Back before the members here were told of the leave: they
+                            // never saw the user go.
+                            if !st.leaving.contains_key(&conn.identity().user_id) {
+                                self.broadcast_locked(&st, &Envelope::new(event), Some(conn.id()));
+                            }
                         }
                         return Ok(Joined {
                             last_seq: st.last_seq,
@@ -404,15 +427,19 @@ impl Hub {
             if let Some(user) = gone {
                 let announce = st.users.len() <= self.presence_max_members;
                 st.users.remove(&user.user_id);
-                let ev = Envelope::new(Event::Presence {
-                    room: key.clone(),
-                    user,
-                    joined: false,
-                });
-                if announce {
-                    if let Some(relay) = self.relay.get() {
-                        relay.relay(key, &ev.event);
-                    }
+                // A relay that knows the other nodes may hold the announcement back until
+                // it knows the user is on none of them (see `Relay::leave`).
+                let deferred = announce && self.relay.get().is_some_and(|r| r.leave(key, &user));
+                if deferred {
+                    *st.leaving.entry(user.user_id).or_insert(0) += 1;
+                } else if announce {
+                    // Announced now: a leave still held back has nothing left to say.
+                    st.leaving.remove(&user.user_id);
+                    let ev = Envelope::new(Event::Presence {
+                        room: key.clone(),
+                        user,
+                        joined: false,
+                    });
                     self.broadcast_locked(&st, &ev, None);
                 }
             }
@@ -426,6 +453,58 @@ impl Hub {
             });
         }
         was_member
+    }
+
+    /// The node's metrics (for the broker's counters).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The relay settled a leave it held back ([`Relay::leave`]): `gone` when the user is
+    /// on no other node. The last outstanding leave of the user is announced to this node's
+    /// members, if the user is gone and has not come back here. Under the room lock, so a
+    /// leave announced late never follows the announcement of a rejoin.
+    pub fn settle_leave(&self, key: &RoomKey, user: PresentUser, gone: bool) {
+        let Some(slot) = self.rooms.get(key).map(|s| Arc::clone(s.value())) else {
+            return;
+        };
+        let mut st = slot.state.lock();
+        let Some(outstanding) = st.leaving.get_mut(&user.user_id) else {
+            return;
+        };
+        *outstanding = outstanding.saturating_sub(1);
+        if *outstanding > 0 {
+            return;
+        }
+        st.leaving.remove(&user.user_id);
+        if !gone || st.users.contains_key(&user.user_id) {
+            return;
+        }
+        let ev = Envelope::new(Event::Presence {
+            room: key.clone(),
+            user,
+            joined: false,
+        });
+        self.broadcast_locked(&st, &ev, None);
+    }
+
+    /// Tells this node's members that `user`, last seen on another node, left the room,
+    /// unless the user is present here or a leave of the user here is still to be settled
+    /// (that one tells). Under the room lock, like [`Self::settle_leave`].
+    pub fn announce_leave(&self, key: &RoomKey, user: PresentUser) {
+        let Some(slot) = self.rooms.get(key).map(|s| Arc::clone(s.value())) else {
+            return;
+        };
+        let st = slot.state.lock();
+        if st.users.contains_key(&user.user_id) || st.leaving.contains_key(&user.user_id) {
+            return;
+        }
+        let ev = Envelope::new(Event::Presence {
+            room: key.clone(),
+            user,
+            joined: false,
+        });
+        self.broadcast_locked(&st, &ev, None);
     }
 
     /// True if `conn` is in the room.

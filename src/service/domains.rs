@@ -10,10 +10,16 @@
 //! Settings are validated by building them into a table beside the current domains
 //! (unique issuers and keys, usable JWT keys) before anything is stored.
 //!
-//! Several nodes (scale-out) will need the broker to tell the others to rebuild; today a
-//! change reaches the node that made it and every node at its next start.
+//! **Several nodes.** After a committed change the node tells the others through the broker
+//! ([`Broker::domains_changed`]); each of them rebuilds its table from the shared store
+//! ([`DomainListener`], under the same lock as local changes, so a rebuild never overwrites
+//! a newer table with an older read). The broker's delivery is at most once, so every node
+//! also rebuilds after its broker reconnects, and a reconnecting node announces a change to
+//! the others in case its own announcement was lost. A node therefore uses a change within
+//! a broker round trip, or once the broker is back. With the in-process broker there is
+//! nobody to tell.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -22,6 +28,7 @@ use tokio::sync::Mutex;
 use super::ServiceError;
 use crate::auth::domains::{DomainTable, Source};
 use crate::auth::{Domains, keys, policy};
+use crate::broker::{Broker, DomainListener};
 use crate::config::{DomainConfig, Secret};
 use crate::model::Identity;
 use crate::store::{DomainChange, DomainKey, KeyKind, Store};
@@ -42,7 +49,10 @@ pub struct NewKey {
 pub struct DomainService {
     store: Arc<dyn Store>,
     domains: Arc<Domains>,
+    /// Serialises changes and rebuilds (local and announced by other nodes).
     changes: Mutex<()>,
+    /// Tells the other nodes of a committed change (set once by [`Self::attach`]).
+    broker: OnceLock<Arc<dyn Broker>>,
 }
 
 impl DomainService {
@@ -52,6 +62,50 @@ impl DomainService {
             store,
             domains,
             changes: Mutex::new(()),
+            broker: OnceLock::new(),
+        }
+    }
+
+    /// Connects the service to the broker (once, at start-up): committed changes are
+    /// announced to the other nodes, and their announcements rebuild this node's table.
+    pub fn attach(self: &Arc<Self>, broker: &Arc<dyn Broker>) {
+        let weak: std::sync::Weak<Self> = Arc::downgrade(self);
+        broker.set_domain_listener(weak);
+        let _ = self.broker.set(Arc::clone(broker));
+    }
+
+    /// Tells the other nodes that the stored domains changed.
+    fn announce(&self) {
+        if let Some(broker) = self.broker.get() {
+            broker.domains_changed();
+        }
+    }
+
+    /// Rebuilds the table after a change on another node, serialised with local changes.
+    /// Retries for a while if the store does not answer.
+    async fn reload_announced(&self) {
+        const ATTEMPTS: u32 = 10;
+        for attempt in 1..=ATTEMPTS {
+            let reloaded = {
+                let _guard = self.changes.lock().await;
+                self.reload().await
+            };
+            match reloaded {
+                Ok(()) => {
+                    tracing::debug!("domain table rebuilt after a change on another node");
+                    return;
+                }
+                Err(e) if attempt < ATTEMPTS => {
+                    tracing::warn!(error = %e, attempt, "cannot rebuild the domain table; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        error = %e,
+                        "cannot rebuild the domain table; another node's change is not in use here yet"
+                    );
+                }
+            }
         }
     }
 
@@ -94,6 +148,7 @@ impl DomainService {
                 settings: json,
             })
             .await?;
+        self.announce();
         self.reload().await?;
         Ok(existing.is_none())
     }
@@ -111,6 +166,7 @@ impl DomainService {
         self.store
             .change_domains(DomainChange::Remove { id: id.to_owned() })
             .await?;
+        self.announce();
         self.reload().await
     }
 
@@ -150,22 +206,33 @@ impl DomainService {
             created_at: now,
             expires_at: None,
         };
+        let grace = retire_others_after
+            .map(|grace| {
+                chrono::Duration::from_std(grace)
+                    .map_err(|_| ServiceError::invalid("invalid_grace", "grace period too long"))
+            })
+            .transpose()?;
         self.store
             .change_domains(DomainChange::AddKey(record.clone()))
             .await?;
-        if let Some(grace) = retire_others_after {
-            let grace = chrono::Duration::from_std(grace)
-                .map_err(|_| ServiceError::invalid("invalid_grace", "grace period too long"))?;
-            self.store
+        // The key is stored: whatever happens next, the other nodes must hear of it.
+        let expired = match grace {
+            Some(grace) => self
+                .store
                 .change_domains(DomainChange::ExpireKeys {
                     domain_id: id.to_owned(),
                     kind,
                     expires_at: now + grace,
                     keep: Some(record.id.clone()),
                 })
-                .await?;
-        }
-        self.reload().await?;
+                .await
+                .map(|_| ()),
+            None => Ok(()),
+        };
+        self.announce();
+        let reloaded = self.reload().await;
+        expired?;
+        reloaded?;
         Ok(NewKey {
             record,
             key,
@@ -195,7 +262,14 @@ impl DomainService {
                 message: format!("domain {id:?} has no key {key_id:?}"),
             });
         }
+        self.announce();
         self.reload().await
+    }
+}
+
+impl DomainListener for DomainService {
+    fn domains_changed<'a>(&'a self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(self.reload_announced())
     }
 }
 
