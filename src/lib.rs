@@ -170,27 +170,25 @@ impl App {
             config.store.room_cache,
             config.limits.presence_max_members,
         );
-        let broker: Arc<dyn Broker> = match config.broker_url() {
-            None => Arc::new(MemoryBroker::new(Arc::clone(&hub))),
-            Some(url) => RedisBroker::connect(
-                url,
-                &config.broker_prefix,
-                std::time::Duration::from_secs(config.broker_presence_ttl_secs),
-                Arc::clone(&hub),
-            )
-            .await
-            .map_err(|e| RunError::Config(e.to_string()))?,
-        };
-        let shared = match config.broker_url() {
-            None => Shared::local(Arc::clone(&metrics)),
-            Some(url) => Shared::connect(
-                url,
-                &config.broker_prefix,
-                std::time::Duration::from_secs(config.broker_presence_ttl_secs),
-                Arc::clone(&metrics),
-            )
-            .await
-            .map_err(|e| RunError::Config(e.to_string()))?,
+        // One process: everything in memory. Several nodes: the broker and the cluster-wide
+        // state share the Redis.
+        let (broker, shared): (Arc<dyn Broker>, Shared) = match config.broker_url() {
+            None => (
+                Arc::new(MemoryBroker::new(Arc::clone(&hub))),
+                Shared::local(Arc::clone(&metrics)),
+            ),
+            Some(url) => {
+                let config_error = |e: &dyn std::fmt::Display| RunError::Config(e.to_string());
+                let ttl = std::time::Duration::from_secs(config.broker_presence_ttl_secs);
+                let broker =
+                    RedisBroker::connect(url, &config.broker_prefix, ttl, Arc::clone(&hub))
+                        .await
+                        .map_err(|e| config_error(&e))?;
+                let shared = Shared::connect(url, &config.broker_prefix, ttl, Arc::clone(&metrics))
+                    .await
+                    .map_err(|e| config_error(&e))?;
+                (broker, shared)
+            }
         };
         let (observed_tx, mut observed_rx) = mpsc::unbounded_channel();
         let dispatcher =

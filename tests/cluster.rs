@@ -759,13 +759,7 @@ async fn admin_call(
     token: &str,
     body: Option<&Value>,
 ) -> (u16, Value) {
-    let mut req = reqwest::Client::new()
-        .request(method, node.http(path))
-        .bearer_auth(token);
-    if let Some(body) = body {
-        req = req.json(body);
-    }
-    common::status_and_body(req.send().await.unwrap()).await
+    common::call(method, &node.http(path), token, body).await
 }
 
 /// Retries `check` every 50 ms until it holds, for at most `within`; false if it never did.

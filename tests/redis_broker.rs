@@ -24,23 +24,6 @@ use parlor::store::Store;
 use parlor::store::sqlite::SqliteStore;
 use tokio::sync::mpsc;
 
-fn redis_url() -> Option<String> {
-    let url = std::env::var("PARLOR_TEST_REDIS_URL")
-        .ok()
-        .filter(|u| !u.is_empty());
-    if url.is_none() {
-        eprintln!(
-            "skipped: set PARLOR_TEST_REDIS_URL=redis://127.0.0.1:6379 to run the Redis tests"
-        );
-    }
-    url
-}
-
-/// A fresh prefix, so parallel tests (and other users of the Redis) do not hear each other.
-fn prefix() -> String {
-    format!("parlor-test-{}", uuid::Uuid::new_v4().simple())
-}
-
 struct Cluster {
     store: Arc<dyn Store>,
     committed: mpsc::UnboundedReceiver<Arc<Message>>,
@@ -60,7 +43,7 @@ async fn cluster(url: &str, nodes: usize) -> Cluster {
         .unwrap()
         .unwrap(),
     );
-    let prefix = prefix();
+    let prefix = common::redis::prefix();
     let mut list = Vec::new();
     for _ in 0..nodes {
         let hub = Hub::new(Arc::clone(&store), Arc::new(Metrics::new()), 100, 100);
@@ -126,7 +109,9 @@ async fn next_message(rx: &mut mpsc::Receiver<Arc<Envelope>>) -> Arc<Message> {
 
 #[tokio::test]
 async fn two_nodes_see_each_others_messages_in_order_and_room_events() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = common::redis::test_url() else {
+        return;
+    };
     let mut c = cluster(&url, 2).await;
     let room = RoomKey::new("demo", "shared");
     let (conn_a, mut rx_a) = member(1);
@@ -184,7 +169,7 @@ async fn two_nodes_see_each_others_messages_in_order_and_room_events() {
 
 #[tokio::test]
 async fn after_redis_restarts_the_nodes_catch_up_from_the_store() {
-    if redis_url().is_none() {
+    if common::redis::test_url().is_none() {
         return;
     }
     let mut redis = OwnRedis::start();

@@ -21,22 +21,6 @@ use parlor::config::{BotConfig, Config, DomainConfig, ProviderConfig, ProviderKi
 use parlor::metrics::Metrics;
 use serde_json::{Value, json};
 
-fn redis_url() -> Option<String> {
-    let url = std::env::var("PARLOR_TEST_REDIS_URL")
-        .ok()
-        .filter(|u| !u.is_empty());
-    if url.is_none() {
-        eprintln!(
-            "skipped: set PARLOR_TEST_REDIS_URL=redis://127.0.0.1:6379 to run the cluster-state tests"
-        );
-    }
-    url
-}
-
-fn prefix() -> String {
-    format!("parlor-test-{}", uuid::Uuid::new_v4().simple())
-}
-
 async fn nodes(url: &str, prefix: &str, n: usize, ttl: Duration) -> Vec<Shared> {
     let mut list = Vec::new();
     for _ in 0..n {
@@ -66,8 +50,10 @@ where
 
 #[tokio::test]
 async fn nodes_draw_on_one_rate_budget() {
-    let Some(url) = redis_url() else { return };
-    let n = nodes(&url, &prefix(), 2, Duration::from_secs(30)).await;
+    let Some(url) = common::redis::test_url() else {
+        return;
+    };
+    let n = nodes(&url, &common::redis::prefix(), 2, Duration::from_secs(30)).await;
     let rate = Rate::per_second(1, 3);
     assert!(n[0].take("request", "10.0.0.1", rate).await.is_ok());
     assert!(n[1].take("request", "10.0.0.1", rate).await.is_ok());
@@ -93,8 +79,10 @@ async fn nodes_draw_on_one_rate_budget() {
 
 #[tokio::test]
 async fn a_counter_is_seeded_once_and_grows_from_every_node() {
-    let Some(url) = redis_url() else { return };
-    let n = nodes(&url, &prefix(), 2, Duration::from_secs(30)).await;
+    let Some(url) = common::redis::test_url() else {
+        return;
+    };
+    let n = nodes(&url, &common::redis::prefix(), 2, Duration::from_secs(30)).await;
     let ttl = Duration::from_secs(60);
     // Nothing to add to before it is seeded.
     assert_eq!(n[0].add("tokens", 5).await, None);
@@ -118,8 +106,10 @@ async fn a_counter_is_seeded_once_and_grows_from_every_node() {
 
 #[tokio::test]
 async fn online_users_are_counted_once_across_nodes_and_a_dead_nodes_go() {
-    let Some(url) = redis_url() else { return };
-    let n = nodes(&url, &prefix(), 3, Duration::from_secs(1)).await;
+    let Some(url) = common::redis::test_url() else {
+        return;
+    };
+    let n = nodes(&url, &common::redis::prefix(), 3, Duration::from_secs(1)).await;
     let shop: Arc<str> = Arc::from("shop");
     let ann_a = n[0].online(&shop, "visitor", "ann", "Ann");
     let ann_b = n[1].online(&shop, "visitor", "ann", "Ann");
@@ -180,8 +170,10 @@ async fn online_users_are_counted_once_across_nodes_and_a_dead_nodes_go() {
 
 #[tokio::test]
 async fn the_newest_claim_wins_on_any_node() {
-    let Some(url) = redis_url() else { return };
-    let n = nodes(&url, &prefix(), 2, Duration::from_secs(30)).await;
+    let Some(url) = common::redis::test_url() else {
+        return;
+    };
+    let n = nodes(&url, &common::redis::prefix(), 2, Duration::from_secs(30)).await;
     let first = n[0].claim("session", "s-1", 1).await;
     let other_key = n[0].claim("session", "s-2", 2).await;
     assert!(!first.is_displaced());
@@ -206,14 +198,14 @@ async fn the_newest_claim_wins_on_any_node() {
 
 #[tokio::test]
 async fn without_redis_a_node_decides_alone_and_quickly() {
-    if redis_url().is_none() {
+    if common::redis::test_url().is_none() {
         return;
     }
     let mut redis = OwnRedis::start();
     let metrics = Arc::new(Metrics::new());
     let node = Shared::connect(
         &redis.url(),
-        &prefix(),
+        &common::redis::prefix(),
         Duration::from_secs(30),
         Arc::clone(&metrics),
     )
@@ -259,7 +251,7 @@ async fn two_servers(
     url: &str,
     configure: impl Fn(&mut Config) + Clone,
 ) -> (TestServer, TestServer) {
-    let prefix = prefix();
+    let prefix = common::redis::prefix();
     let mut servers = Vec::new();
     for _ in 0..2 {
         let url = url.to_owned();
@@ -293,7 +285,9 @@ fn token(user: &str, role: &str, domain: &str) -> String {
 
 #[tokio::test]
 async fn an_address_has_one_request_budget_across_servers() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = common::redis::test_url() else {
+        return;
+    };
     let (a, b) = two_servers(&url, |c| {
         c.limits.ip_requests_per_second = 1;
         c.limits.ip_requests_burst = 4;
@@ -322,7 +316,9 @@ async fn an_address_has_one_request_budget_across_servers() {
 
 #[tokio::test]
 async fn online_counts_and_the_agent_list_span_servers() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = common::redis::test_url() else {
+        return;
+    };
     let (a, b) = two_servers(&url, |_| {}).await;
     let agent = token("eve", "agent", "demo");
     let (status, body) = b.get_with("/api/online", &agent).await;
@@ -397,7 +393,9 @@ async fn ask(s: &TestServer, token: &str) -> (u16, Value) {
 
 #[tokio::test]
 async fn a_domains_daily_ai_budget_is_spent_across_servers() {
-    let Some(url) = redis_url() else { return };
+    let Some(url) = common::redis::test_url() else {
+        return;
+    };
     let fake = FakeVendor::start(vec![Reply::stream(fake_ai::openai_stream(
         &["Hi"],
         (30, 19),

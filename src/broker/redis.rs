@@ -477,48 +477,9 @@ impl RedisBroker {
         presence_ttl: Duration,
         hub: Arc<Hub>,
     ) -> Result<Arc<Self>, BrokerError> {
-        let config = RedisConfig::from_url(url)
-            .map_err(|e| BrokerError(format!("invalid broker URL: {e}")))?;
-        let policy = ReconnectPolicy::new_exponential(0, 100, 5_000, 2);
-        let mut builder = fred::types::Builder::from_config(config);
-        builder
-            .set_policy(policy)
-            .with_connection_config(|c| {
-                c.connection_timeout = Duration::from_secs(5);
-                c.internal_command_timeout = Duration::from_secs(5);
-            })
-            .with_performance_config(|p| {
-                // Deliveries queue here while the hub catches up; a lagging reader loses
-                // the oldest, which the seq check then fetches from the store.
-                p.broadcast_channel_capacity = 16_384;
-                p.default_command_timeout = Duration::from_secs(5);
-            });
-        let publisher = builder
-            .build()
-            .map_err(|e| BrokerError(format!("cannot build the Redis client: {e}")))?;
-        let subscriber = builder
-            .build_subscriber_client()
-            .map_err(|e| BrokerError(format!("cannot build the Redis subscriber: {e}")))?;
-        let connect = async {
-            publisher.init().await?;
-            subscriber.init().await?;
-            Ok::<_, fred::error::Error>(())
-        };
-        match tokio::time::timeout(Duration::from_secs(10), connect).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return Err(BrokerError(format!(
-                    "cannot reach Redis at {}: {e}",
-                    crate::config::redact_url(url)
-                )));
-            }
-            Err(_) => {
-                return Err(BrokerError(format!(
-                    "Redis at {} did not answer within 10 s",
-                    crate::config::redact_url(url)
-                )));
-            }
-        }
+        // Deliveries queue in the subscriber while the hub catches up; a lagging reader loses
+        // the oldest, which the seq check then fetches from the store.
+        let (publisher, subscriber) = open_clients(url, Some(16_384)).await.map_err(BrokerError)?;
         let channel = format!("{prefix}:bus");
         let (outbox, queued) = mpsc::channel(OUTBOX_CAPACITY);
         let remote = Arc::new(std::sync::OnceLock::new());
@@ -1042,6 +1003,46 @@ impl Relay for RedisBroker {
                 false
             }
         }
+    }
+}
+
+/// A command client and a subscriber client of the Redis at `url`, connected (within 10 s)
+/// and reconnecting by themselves with exponential back-off from then on.
+/// `delivery_buffer` sizes the subscriber's queue of received publications.
+pub(super) async fn open_clients(
+    url: &str,
+    delivery_buffer: Option<usize>,
+) -> Result<(fred::clients::Client, SubscriberClient), String> {
+    let config = RedisConfig::from_url(url).map_err(|e| format!("invalid broker URL: {e}"))?;
+    let mut builder = fred::types::Builder::from_config(config);
+    builder
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(5);
+            c.internal_command_timeout = Duration::from_secs(5);
+        })
+        .with_performance_config(|p| {
+            if let Some(n) = delivery_buffer {
+                p.broadcast_channel_capacity = n;
+            }
+            p.default_command_timeout = Duration::from_secs(5);
+        });
+    let client = builder
+        .build()
+        .map_err(|e| format!("cannot build the Redis client: {e}"))?;
+    let subscriber = builder
+        .build_subscriber_client()
+        .map_err(|e| format!("cannot build the Redis subscriber: {e}"))?;
+    let connect = async {
+        client.init().await?;
+        subscriber.init().await?;
+        Ok::<_, fred::error::Error>(())
+    };
+    let redacted = crate::config::redact_url(url);
+    match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Ok(Ok(())) => Ok((client, subscriber)),
+        Ok(Err(e)) => Err(format!("cannot reach Redis at {redacted}: {e}")),
+        Err(_) => Err(format!("Redis at {redacted} did not answer within 10 s")),
     }
 }
 

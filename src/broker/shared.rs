@@ -31,8 +31,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use fred::clients::SubscriberClient;
 use fred::prelude::{
-    ClientLike, Config as RedisConfig, EventInterface, KeysInterface, PubsubInterface,
-    ReconnectPolicy, SortedSetsInterface,
+    ClientLike, EventInterface, KeysInterface, PubsubInterface, SortedSetsInterface,
 };
 use fred::types::scripts::Script;
 use tokio::sync::mpsc;
@@ -321,42 +320,9 @@ impl Shared {
             let (high, low) = uuid::Uuid::new_v4().as_u64_pair();
             high ^ low
         };
-        let config = RedisConfig::from_url(url)
-            .map_err(|e| SharedError(format!("invalid broker URL: {e}")))?;
-        let mut builder = fred::types::Builder::from_config(config);
-        builder
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
-            .with_connection_config(|c| {
-                c.connection_timeout = Duration::from_secs(5);
-                c.internal_command_timeout = Duration::from_secs(5);
-            })
-            .with_performance_config(|p| p.default_command_timeout = Duration::from_secs(5));
-        let client = builder
-            .build()
-            .map_err(|e| SharedError(format!("cannot build the Redis client: {e}")))?;
-        let subscriber = builder
-            .build_subscriber_client()
-            .map_err(|e| SharedError(format!("cannot build the Redis subscriber: {e}")))?;
-        let started = async {
-            client.init().await?;
-            subscriber.init().await?;
-            Ok::<_, fred::error::Error>(())
-        };
-        match tokio::time::timeout(Duration::from_secs(10), started).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return Err(SharedError(format!(
-                    "cannot reach Redis at {}: {e}",
-                    crate::config::redact_url(url)
-                )));
-            }
-            Err(_) => {
-                return Err(SharedError(format!(
-                    "Redis at {} did not answer within 10 s",
-                    crate::config::redact_url(url)
-                )));
-            }
-        }
+        let (client, subscriber) = super::redis::open_clients(url, None)
+            .await
+            .map_err(SharedError)?;
         let (online_tx, mut online_rx) = mpsc::channel(ONLINE_QUEUE);
         let shared = Self(Arc::new(Inner {
             redis: Some(RedisState {

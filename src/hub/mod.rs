@@ -435,12 +435,7 @@ impl Hub {
                 } else if announce {
                     // Announced now: a leave still held back has nothing left to say.
                     st.leaving.remove(&user.user_id);
-                    let ev = Envelope::new(Event::Presence {
-                        room: key.clone(),
-                        user,
-                        joined: false,
-                    });
-                    self.broadcast_locked(&st, &ev, None);
+                    self.announce_gone_locked(&st, key, user);
                 }
             }
             (true, st.members.is_empty())
@@ -480,12 +475,7 @@ impl Hub {
         if !gone || st.users.contains_key(&user.user_id) {
             return;
         }
-        let ev = Envelope::new(Event::Presence {
-            room: key.clone(),
-            user,
-            joined: false,
-        });
-        self.broadcast_locked(&st, &ev, None);
+        self.announce_gone_locked(&st, key, user);
     }
 
     /// Tells this node's members that `user`, last seen on another node, left the room,
@@ -499,12 +489,17 @@ impl Hub {
         if st.users.contains_key(&user.user_id) || st.leaving.contains_key(&user.user_id) {
             return;
         }
+        self.announce_gone_locked(&st, key, user);
+    }
+
+    /// Broadcasts `user`'s leave to this node's members (room lock held).
+    fn announce_gone_locked(&self, st: &RoomState, key: &RoomKey, user: PresentUser) {
         let ev = Envelope::new(Event::Presence {
             room: key.clone(),
             user,
             joined: false,
         });
-        self.broadcast_locked(&st, &ev, None);
+        self.broadcast_locked(st, &ev, None);
     }
 
     /// True if `conn` is in the room.

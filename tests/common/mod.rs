@@ -150,13 +150,7 @@ impl TestServer {
         token: &str,
         body: Option<&Value>,
     ) -> (u16, Value) {
-        let mut req = reqwest::Client::new()
-            .request(method, self.http(path))
-            .bearer_auth(token);
-        if let Some(body) = body {
-            req = req.json(body);
-        }
-        status_and_body(req.send().await.expect("request")).await
+        call(method, &self.http(path), token, body).await
     }
 
     /// `GET path` with a bearer token: the status and the JSON body (`null` if none).
@@ -317,6 +311,23 @@ impl Client {
             }
         }
     }
+}
+
+/// `method url` with a bearer token and an optional JSON body: the status and the JSON
+/// answer (`null` if none).
+pub async fn call(
+    method: reqwest::Method,
+    url: &str,
+    token: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .request(method, url)
+        .bearer_auth(token);
+    if let Some(body) = body {
+        req = req.json(body);
+    }
+    status_and_body(req.send().await.expect("request")).await
 }
 
 /// A response's status and JSON body (`null` when the body is not JSON).

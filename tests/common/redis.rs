@@ -4,6 +4,25 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// The Redis of `PARLOR_TEST_REDIS_URL`, or `None` (saying the tests are skipped).
+pub fn test_url() -> Option<String> {
+    let url = std::env::var("PARLOR_TEST_REDIS_URL")
+        .ok()
+        .filter(|u| !u.is_empty());
+    if url.is_none() {
+        eprintln!(
+            "skipped: set PARLOR_TEST_REDIS_URL=redis://127.0.0.1:6379 to run the Redis tests"
+        );
+    }
+    url
+}
+
+/// A fresh key and channel prefix, so parallel tests (and other users of the Redis) do not
+/// hear each other.
+pub fn prefix() -> String {
+    format!("parlor-test-{}", uuid::Uuid::new_v4().simple())
+}
+
 /// A running (or killed) `redis-server`.
 pub struct OwnRedis {
     pub port: u16,
