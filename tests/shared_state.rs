@@ -19,6 +19,7 @@ use fake_ai::{FakeVendor, Reply};
 use parlor::broker::shared::{OnlineCounts, Rate, Shared};
 use parlor::config::{BotConfig, Config, DomainConfig, ProviderConfig, ProviderKind};
 use parlor::metrics::Metrics;
+use parlor::model::{Identity, Role};
 use serde_json::{Value, json};
 
 async fn nodes(url: &str, prefix: &str, n: usize, ttl: Duration) -> Vec<Shared> {
@@ -46,6 +47,17 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("not within 10 s: {what}");
+}
+
+/// An identity of `user` (named `name`) in `domain`.
+fn who(domain: &str, user: &str, name: &str) -> Arc<Identity> {
+    Arc::new(Identity {
+        user_id: user.to_owned(),
+        name: name.to_owned(),
+        role: Role::Visitor,
+        domain_id: Arc::from(domain),
+        anonymous: false,
+    })
 }
 
 #[tokio::test]
@@ -110,12 +122,11 @@ async fn online_users_are_counted_once_across_nodes_and_a_dead_nodes_go() {
         return;
     };
     let n = nodes(&url, &common::redis::prefix(), 3, Duration::from_secs(1)).await;
-    let shop: Arc<str> = Arc::from("shop");
-    let ann_a = n[0].online(&shop, "visitor", "ann", "Ann");
-    let ann_b = n[1].online(&shop, "visitor", "ann", "Ann");
-    let bob_b = n[1].online(&shop, "visitor", "bob", "Bob");
-    let eve_c = n[2].online(&shop, "agent", "eve", "Eve");
-    let _other = n[2].online(&Arc::from("other"), "visitor", "zed", "Zed");
+    let ann_a = n[0].online(&who("shop", "ann", "Ann"), "visitor");
+    let ann_b = n[1].online(&who("shop", "ann", "Ann"), "visitor");
+    let bob_b = n[1].online(&who("shop", "bob", "Bob"), "visitor");
+    let eve_c = n[2].online(&who("shop", "eve", "Eve"), "agent");
+    let _other = n[2].online(&who("other", "zed", "Zed"), "visitor");
     let counts = |want: OnlineCounts| {
         let node = n[0].clone();
         move || {

@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::model::Role;
+use crate::model::{Identity, Role};
 
 /// How long a call to Redis may take before the node decides alone.
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(250);
@@ -164,14 +164,37 @@ struct RedisState {
     online: mpsc::Sender<OnlineWork>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A user online as `kind` (a role's name, or `inbox` for an agent watching the inbox),
+/// equal for every connection of the same user: the connection's own identity is shared,
+/// not copied, so counting a connection costs a few words.
+#[derive(Debug, Clone)]
 struct OnlineKey {
-    domain: Arc<str>,
-    /// What the user is online as: a role's name, or `inbox` for an agent watching the
-    /// inbox.
+    who: Arc<Identity>,
     kind: &'static str,
-    user: String,
-    name: String,
+}
+
+impl OnlineKey {
+    fn domain(&self) -> &Arc<str> {
+        &self.who.domain_id
+    }
+}
+
+impl PartialEq for OnlineKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind
+            && self.who.user_id == other.who.user_id
+            && self.who.domain_id == other.who.domain_id
+    }
+}
+
+impl Eq for OnlineKey {}
+
+impl std::hash::Hash for OnlineKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.who.domain_id.hash(state);
+        self.kind.hash(state);
+        self.who.user_id.hash(state);
+    }
 }
 
 /// One (kind, node, user) entry of a domain's online set. Serialised the same way every
@@ -280,8 +303,8 @@ impl RedisState {
         let entry = OnlineEntry {
             k: key.kind,
             n: self.node,
-            u: &key.user,
-            m: &key.name,
+            u: &key.who.user_id,
+            m: &key.who.name,
         };
         serde_json::to_string(&entry).unwrap_or_default()
     }
@@ -499,14 +522,12 @@ impl Shared {
         }
     }
 
-    /// Counts `user` (named `name`) online in `domain` as `kind` (a role's name, or
-    /// `inbox`) until the guard is dropped.
-    pub fn online(&self, domain: &Arc<str>, kind: &'static str, user: &str, name: &str) -> Online {
+    /// Counts `who` online in its domain as `kind` (a role's name, or `inbox`) until the
+    /// guard is dropped.
+    pub fn online(&self, who: &Arc<Identity>, kind: &'static str) -> Online {
         let key = OnlineKey {
-            domain: Arc::clone(domain),
+            who: Arc::clone(who),
             kind,
-            user: user.to_owned(),
-            name: name.to_owned(),
         };
         let first = {
             let mut n = self.0.online.entry(key.clone()).or_insert(0);
@@ -553,8 +574,8 @@ impl Shared {
         }
         for entry in &self.0.online {
             let key = entry.key();
-            if &*key.domain == domain && *entry.value() > 0 {
-                push(key.kind, &key.user, &key.name);
+            if &**key.domain() == domain && *entry.value() > 0 {
+                push(key.kind, &key.who.user_id, &key.who.name);
             }
         }
         users
@@ -593,13 +614,13 @@ impl Shared {
         };
         let score = redis.expiry();
         let pipeline = redis.client.pipeline();
-        let mut touched: HashMap<Arc<str>, ()> = HashMap::new();
+        let mut touched: HashSet<Arc<str>> = HashSet::new();
         for w in work {
             match w {
                 OnlineWork::Add(key) => {
                     let _: Result<(), _> = pipeline
                         .zadd(
-                            redis.online_key(&key.domain),
+                            redis.online_key(key.domain()),
                             None,
                             None,
                             false,
@@ -607,7 +628,7 @@ impl Shared {
                             (score, redis.entry(&key)),
                         )
                         .await;
-                    touched.insert(key.domain, ());
+                    touched.insert(Arc::clone(key.domain()));
                 }
                 OnlineWork::Remove(key) => {
                     // Gone only if no new local connection came meanwhile.
@@ -615,7 +636,7 @@ impl Shared {
                         continue;
                     }
                     let _: Result<(), _> = pipeline
-                        .zrem(redis.online_key(&key.domain), redis.entry(&key))
+                        .zrem(redis.online_key(key.domain()), redis.entry(&key))
                         .await;
                 }
                 OnlineWork::Renew => {
@@ -623,7 +644,7 @@ impl Shared {
                     let mut domains: HashMap<Arc<str>, Vec<(f64, String)>> = HashMap::new();
                     for entry in &self.0.online {
                         domains
-                            .entry(Arc::clone(&entry.key().domain))
+                            .entry(Arc::clone(entry.key().domain()))
                             .or_default()
                             .push((score, redis.entry(entry.key())));
                     }
@@ -637,13 +658,13 @@ impl Shared {
                         // Dead nodes' entries go; the set itself outlives a quiet domain briefly.
                         let _: Result<(), _> =
                             pipeline.zremrangebyscore(key.as_str(), "-inf", now).await;
-                        touched.insert(domain, ());
+                        touched.insert(domain);
                     }
                 }
             }
         }
         let ttl = i64::try_from(redis.ttl.as_secs().max(1) * 2).unwrap_or(60);
-        for domain in touched.keys() {
+        for domain in &touched {
             let _: Result<(), _> = pipeline.expire(redis.online_key(domain), ttl, None).await;
         }
         if let Err(e) = pipeline.all::<Vec<fred::types::Value>>().await {
@@ -733,10 +754,18 @@ mod tests {
     #[tokio::test]
     async fn one_node_counts_its_own_users_and_claims() {
         let shared = Shared::local(Arc::new(Metrics::new()));
-        let shop: Arc<str> = Arc::from("shop");
-        let a = shared.online(&shop, "visitor", "ann", "Ann");
-        let b = shared.online(&shop, "visitor", "ann", "Ann");
-        let _c = shared.online(&shop, "agent", "eve", "Eve");
+        let who = |user: &str, name: &str| {
+            Arc::new(Identity {
+                user_id: user.to_owned(),
+                name: name.to_owned(),
+                role: Role::Visitor,
+                domain_id: Arc::from("shop"),
+                anonymous: false,
+            })
+        };
+        let a = shared.online(&who("ann", "Ann"), "visitor");
+        let b = shared.online(&who("ann", "Ann"), "visitor");
+        let _c = shared.online(&who("eve", "Eve"), "agent");
         let want = OnlineCounts {
             visitors: 1,
             agents: 1,

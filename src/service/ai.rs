@@ -291,14 +291,15 @@ impl AiService {
                 .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()));
             drop(entry);
             let checked = match local {
+                // Boxed, like the counter below: the Redis call's future would otherwise sit in
+                // every connection's task, used or not.
                 Ok(()) => {
-                    self.shared
-                        .take(
-                            "ai-visitor",
-                            &format!("{domain}/{user}"),
-                            Rate::per_minute(rate),
-                        )
-                        .await
+                    Box::pin(self.shared.take(
+                        "ai-visitor",
+                        &format!("{domain}/{user}"),
+                        Rate::per_minute(rate),
+                    ))
+                    .await
                 }
                 Err(wait) => Err(wait),
             };
@@ -338,11 +339,13 @@ impl AiService {
         // With several nodes the count is the cluster's, kept in Redis; this node's own
         // count stands in when Redis does not answer.
         let cluster = if self.shared.is_cluster() {
-            self.shared
-                .counter(&day_key(domain, today), DAY_COUNTER_TTL, async {
-                    stored().await.ok()
-                })
-                .await
+            Box::pin(
+                self.shared
+                    .counter(&day_key(domain, today), DAY_COUNTER_TTL, async {
+                        stored().await.ok()
+                    }),
+            )
+            .await
         } else {
             None
         };

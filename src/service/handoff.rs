@@ -340,9 +340,9 @@ impl HandoffService {
         let Some(message) = message else {
             return self.unchanged(&action, target.as_ref(), conversation);
         };
-        let decided_on = seen.lock().take();
+        let decided_on = seen.lock().take().map(Arc::new);
         let before = match decided_on {
-            Some(before) => Arc::new(before),
+            Some(before) => before,
             None => self.state(&key).await?.conversation,
         };
         self.remember_conversation(&conversation);
@@ -734,12 +734,7 @@ impl HandoffService {
                     user_id: identity.user_id.clone(),
                     name: identity.name.clone(),
                 },
-                _watching: Arc::new(self.shared.online(
-                    &identity.domain_id,
-                    INBOX_WATCHER,
-                    &identity.user_id,
-                    &identity.name,
-                )),
+                _watching: Arc::new(self.shared.online(identity, INBOX_WATCHER)),
             });
         }
         Ok(list)
@@ -804,7 +799,9 @@ impl HandoffService {
             }
         }
         // Those watching on other nodes (with Redis; without it the list above is all).
-        for (user_id, name) in self.shared.online_users(domain, INBOX_WATCHER).await {
+        // Boxed: this future would otherwise sit in every connection's task, used or not.
+        let remote = Box::pin(self.shared.online_users(domain, INBOX_WATCHER)).await;
+        for (user_id, name) in remote {
             if !agents.iter().any(|a| a.user_id == user_id) {
                 agents.push(Agent { user_id, name });
             }

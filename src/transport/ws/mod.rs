@@ -147,13 +147,10 @@ pub async fn upgrade(
     };
     let limits = &app.config.limits;
     let id = app.next_connection_id();
-    let online = app.shared.online(
-        &identity.domain_id,
-        identity.role.as_str(),
-        &identity.user_id,
-        &identity.name,
-    );
     let (handle, rx) = ConnHandle::new(id, Arc::new(identity), limits.outbound_queue);
+    let online = app
+        .shared
+        .online(handle.identity(), handle.identity().role.as_str());
     let connection = Connection {
         limiter: admitted.limiter,
         frame_rate: admitted.frame_rate,
@@ -692,12 +689,6 @@ impl Connection {
                 .await;
         };
         self.permits.1 = admitted.permit;
-        self.online = self.app.shared.online(
-            &identity.domain_id,
-            identity.role.as_str(),
-            &identity.user_id,
-            &identity.name,
-        );
         self.limiter = admitted.limiter;
         self.frame_rate = admitted.frame_rate;
         let frame = json!({
@@ -715,6 +706,8 @@ impl Connection {
         );
         self.handle = handle;
         self.rx = rx;
+        let who = self.handle.identity();
+        self.online = self.app.shared.online(who, who.role.as_str());
         self.display_name = None;
         self.current_room = None;
         self.send(socket, to_bytes(&frame)).await
