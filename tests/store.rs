@@ -257,6 +257,7 @@ macro_rules! conformance_suite {
             current messages_after_pages_forward,
             current messages_before_returns_latest_page,
             current history_of_empty_and_unknown_rooms_is_empty,
+            current last_seqs_of_many_rooms_come_in_one_call,
             current ensure_room_creates_once,
             current mark_read_only_moves_forward,
             current upserts_are_idempotent,
@@ -849,6 +850,42 @@ mod stories {
         assert_eq!(seqs(&before(store, &room, 1, 10).await), Vec::<u64>::new());
         assert_eq!(seqs(&before(store, &room, 0, 10).await), Vec::<u64>::new());
         assert_eq!(seqs(&before(store, &room, 6, 0).await), Vec::<u64>::new());
+    }
+
+    /// `last_seqs` gives each room's last `seq` in the order asked, 0 for an empty or unknown
+    /// room, keeps domains apart, and follows later appends.
+    pub async fn last_seqs_of_many_rooms_come_in_one_call(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let a = RoomKey::new("acme", "a");
+        let b = RoomKey::new("acme", "b");
+        let other_domain = RoomKey::new("globex", "a");
+        let empty = RoomKey::new("acme", "empty");
+        let unknown = RoomKey::new("acme", "never-created");
+        append_n(store, &a, "a", 3).await;
+        append_n(store, &b, "b", 7).await;
+        append_n(store, &other_domain, "g", 2).await;
+        store.ensure_room(&empty, None).await.expect("ensure_room");
+        let asked = [
+            unknown.clone(),
+            b.clone(),
+            empty.clone(),
+            a.clone(),
+            other_domain.clone(),
+            a.clone(),
+        ];
+        let tops = store.last_seqs(&asked).await.expect("last_seqs");
+        assert_eq!(tops, [0, 7, 0, 3, 2, 3]);
+        assert_eq!(
+            store.last_seqs(&[]).await.expect("no rooms"),
+            Vec::<u64>::new()
+        );
+        append_n(store, &a, "a2", 2).await;
+        assert_eq!(store.last_seqs(&[a]).await.expect("after appends"), [5]);
+        assert_eq!(
+            store.room(&unknown).await.expect("room"),
+            None,
+            "reads create no room"
+        );
     }
 
     /// Reading an empty or unknown room returns nothing, and reading does not create a room.

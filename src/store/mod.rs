@@ -383,6 +383,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         limit: usize,
     ) -> Result<Vec<Message>, StoreError>;
 
+    /// The last `seq` of each room of `rooms`, in the order given: 0 for a room that has no
+    /// message or does not exist. One round trip for the lot, so a node can compare all its
+    /// active rooms with the store every second (the hub's position check).
+    async fn last_seqs(&self, rooms: &[RoomKey]) -> Result<Vec<u64>, StoreError>;
+
     /// The last `limit` messages with `seq < before`, ascending.
     async fn messages_before(
         &self,

@@ -1253,6 +1253,29 @@ impl Store for PostgresStore {
             .map_err(store_error)
     }
 
+    async fn last_seqs(&self, rooms: &[RoomKey]) -> Result<Vec<u64>, StoreError> {
+        let domains: Vec<&str> = rooms.iter().map(|k| &*k.domain_id).collect();
+        let ids: Vec<&str> = rooms.iter().map(|k| &*k.room_id).collect();
+        let rows = self
+            .read(
+                "a position check",
+                sqlx::query(
+                    "SELECT COALESCE(r.last_seq, 0) \
+                     FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(domain_id, id, n) \
+                     LEFT JOIN rooms r ON r.domain_id = k.domain_id AND r.id = k.id \
+                     ORDER BY k.n",
+                )
+                .bind(&domains)
+                .bind(&ids)
+                .fetch_all(&self.pool),
+            )
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get::<i64, _>(0).map(count))
+            .collect::<Result<_, _>>()
+            .map_err(store_error)
+    }
+
     async fn messages_before(
         &self,
         key: &RoomKey,

@@ -1159,6 +1159,26 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn last_seqs(&self, rooms: &[RoomKey]) -> Result<Vec<u64>, StoreError> {
+        let rooms = rooms.to_vec();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT COALESCE(MAX(m.seq), 0) FROM rooms r JOIN messages m ON m.room = r.rid \
+                 WHERE r.domain_id = ?1 AND r.id = ?2",
+            )?;
+            rooms
+                .iter()
+                .map(|key| {
+                    stmt.query_row(params![&*key.domain_id, &*key.room_id], |row| {
+                        row.get::<_, i64>(0)
+                    })
+                    .map(|last| u64::try_from(last).unwrap_or(0))
+                })
+                .collect()
+        })
+        .await
+    }
+
     async fn messages_before(
         &self,
         key: &RoomKey,
