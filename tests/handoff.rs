@@ -244,7 +244,7 @@ async fn a_conversation_goes_from_the_bot_to_an_agent_and_back() {
     stored(&mut visitor, "assistant").await;
 
     // Every transition is in the room's stream, gap-free.
-    let (_, all) = visitor.join(room, Some(0)).await;
+    let all = visitor.stored(room).await;
     let seqs: Vec<u64> = all.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
     let actions: Vec<&str> = all
@@ -373,7 +373,7 @@ async fn two_agents_racing_for_a_room_get_one_winner() {
         "the refusal names who has it: {loser}"
     );
     // Exactly one assignment was stored.
-    let (_, history) = visitor.join("race", Some(0)).await;
+    let history = visitor.stored("race").await;
     let assigns = history
         .iter()
         .filter(|m| m["data"]["action"] == "assign")
@@ -437,7 +437,7 @@ async fn notes_reach_agents_only_and_leave_no_hole_in_the_stream() {
             break;
         }
     }
-    let (_, history) = visitor.join("n1", Some(0)).await;
+    let history = visitor.stored("n1").await;
     let seqs: Vec<u64> = history.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
     // Bad notes.
@@ -556,7 +556,7 @@ async fn bad_hand_off_requests_get_clear_errors_and_change_nothing() {
     // Nothing changed: the room is still the bot's, with only the visitor's message.
     let (code, c) = s.get_with("/api/rooms/b1/conversation", &agent).await;
     assert_eq!((code, c["status"].as_str()), (200, Some("bot")), "{c}");
-    let (_, history) = visitor.join("b1", Some(0)).await;
+    let history = visitor.stored("b1").await;
     assert!(
         history.iter().all(|m| m["messageType"] != "status"),
         "{history:?}"

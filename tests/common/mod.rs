@@ -2,6 +2,7 @@
 //! WebSocket client that speaks JSON frames with timeouts on every wait.
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
 
+pub mod cluster;
 pub mod redis;
 
 use std::net::SocketAddr;
@@ -166,17 +167,23 @@ impl TestServer {
 
     /// A counter or gauge value from `/metrics` (sum over labels matching `filter`).
     pub async fn metric(&self, name: &str, filter: &str) -> f64 {
-        let text = reqwest::get(self.http("/metrics"))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
-        text.lines()
-            .filter(|l| !l.starts_with('#') && l.starts_with(name) && l.contains(filter))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        metric(&self.http("/metrics"), name, filter).await
     }
+}
+
+/// A counter or gauge value from the `/metrics` page at `url` (sum over the lines of `name`
+/// whose labels contain `filter`).
+pub async fn metric(url: &str, name: &str, filter: &str) -> f64 {
+    let text = reqwest::get(url)
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .filter(|l| !l.starts_with('#') && l.starts_with(name) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// A WebSocket client speaking JSON frames.
@@ -284,6 +291,27 @@ impl Client {
             }
         }
         (joined, history)
+    }
+
+    /// Every stored message of a joined room, oldest first, paged back with `history` (a
+    /// rejoin would not do: it replays only what the connection was never sent).
+    pub async fn stored(&mut self, room: &str) -> Vec<Value> {
+        let mut all: Vec<Value> = Vec::new();
+        loop {
+            let mut frame = json!({ "type": "history", "roomId": room, "limit": 200 });
+            if let Some(first) = all.first() {
+                frame["before"] = first["seq"].clone();
+            }
+            let id = self.request(frame).await;
+            let page = self.reply(&id).await;
+            assert_eq!(page["type"], "history", "history failed: {page}");
+            let mut messages = page["messages"].as_array().expect("messages").clone();
+            messages.append(&mut all);
+            all = messages;
+            if page["hasMore"] != true {
+                return all;
+            }
+        }
     }
 
     /// Sends a message and returns its ack.
