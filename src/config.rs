@@ -36,6 +36,11 @@ pub struct Config {
     /// With Redis: how long a node's presence entries live without renewal (renewed every
     /// third of it); the users of a node that died disappear from rooms after this long.
     pub broker_presence_ttl_secs: u64,
+    /// With Redis: how often each node compares its active rooms' last `seq` with the store,
+    /// so that a room's last message lost between nodes (which no later message reveals)
+    /// reaches every member within two of these intervals and a store read.
+    #[serde(with = "duration_ms")]
+    pub broker_position_check_ms: Duration,
     /// Log output format: `text` for people, `json` for log collectors.
     pub log_format: LogFormat,
     /// Log filter in `tracing_subscriber::EnvFilter` syntax; `RUST_LOG` overrides it.
@@ -91,6 +96,7 @@ impl Default for Config {
             broker: "memory".to_owned(),
             broker_prefix: "parlor".to_owned(),
             broker_presence_ttl_secs: 30,
+            broker_position_check_ms: Duration::from_secs(1),
             log_format: LogFormat::Text,
             log_level: "info".to_owned(),
             shutdown_timeout_ms: Duration::from_secs(10),
@@ -895,6 +901,11 @@ impl Config {
                 self.broker
             )));
         }
+        if self.broker_position_check_ms < Duration::from_millis(100) {
+            return Err(ConfigError::Invalid(
+                "broker_position_check_ms must be at least 100".to_owned(),
+            ));
+        }
         if self.broker_presence_ttl_secs == 0 {
             return Err(ConfigError::Invalid(
                 "broker_presence_ttl_secs must be greater than 0".to_owned(),
@@ -1074,6 +1085,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "broker",
     "broker_prefix",
     "broker_presence_ttl_secs",
+    "broker_position_check_ms",
     "log_format",
     "log_level",
     "shutdown_timeout_ms",

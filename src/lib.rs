@@ -190,6 +190,15 @@ impl App {
                 (broker, shared)
             }
         };
+        // A publication lost between nodes is found by the next message of its room; the
+        // last one of a room, only by comparing the room with the store.
+        if broker.may_lose() {
+            spawn_position_checks(
+                Arc::clone(&hub),
+                config.broker_position_check_ms,
+                shutdown.clone(),
+            );
+        }
         let (observed_tx, mut observed_rx) = mpsc::unbounded_channel();
         let dispatcher =
             ChatService::spawn_dispatcher(committed_rx, Arc::clone(&broker), observed_tx);
@@ -309,6 +318,35 @@ impl App {
         self.state.shared.close().await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.dispatcher).await;
     }
+}
+
+/// Compares `hub`'s active rooms with the store every `every` until `stop`, catching up the
+/// rooms a lost publication left behind ([`hub::Check::Lost`]). A store that does not answer
+/// is reported once, and again when it answers.
+fn spawn_position_checks(hub: Arc<Hub>, every: std::time::Duration, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match hub.check_positions(hub::Check::Lost).await {
+                Ok(_) if failing => {
+                    failing = false;
+                    tracing::info!("position checks against the store work again");
+                }
+                Ok(_) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "cannot compare rooms with the store; retrying");
+                }
+                Err(_) => {}
+            }
+        }
+    });
 }
 
 /// How often a node of a cluster rebuilds its domain table from the store, whatever it heard.

@@ -34,7 +34,6 @@ pub struct CodeLabel {
     pub code: &'static str,
 }
 
-/// Label set for closed connections.
 /// An AI provider call: which provider (its configured name) and how it ended.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AiCallLabel {
@@ -60,11 +59,25 @@ pub struct ProviderLabel {
     pub provider: String,
 }
 
+/// Label set for closed connections and dropped broker work.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
-    /// Why the connection ended.
+    /// Why the connection ended, or what was dropped.
     pub reason: &'static str,
 }
+
+/// Where a break in a room's live stream was seen.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AtLabel {
+    /// `node`: a room's stream on this node (the hub); `connection`: one connection's
+    /// position in a room.
+    pub at: &'static str,
+}
+
+/// [`AtLabel`] of the hub.
+pub const AT_NODE: AtLabel = AtLabel { at: "node" };
+/// [`AtLabel`] of a connection.
+pub const AT_CONNECTION: AtLabel = AtLabel { at: "connection" };
 
 /// Every metric the server exports.
 #[derive(Debug)]
@@ -107,6 +120,17 @@ pub struct Metrics {
     /// Work the Redis broker dropped because its queue was full (Redis unreachable), by
     /// kind: `publication`, `presence`.
     pub broker_dropped: Family<ReasonLabel, Counter>,
+    /// Messages that arrived ahead of a room's (or a connection's) position, so that the
+    /// missing range had to be read first.
+    pub stream_gaps: Family<AtLabel, Counter>,
+    /// Messages read from the room cache or the store to fill a gap.
+    pub stream_filled: Family<AtLabel, Counter>,
+    /// Rooms the position check found behind the store (a publication the broker lost)
+    /// and caught up.
+    pub stream_tail_repairs: Counter,
+    /// Connections closed with 4009 because a gap could not be filled: they reconnect and
+    /// recover with `since`.
+    pub stream_resyncs: Family<AtLabel, Counter>,
 }
 
 impl Metrics {
@@ -210,8 +234,36 @@ impl Metrics {
             "Publications and presence changes the Redis broker dropped from a full queue",
             broker_dropped.clone(),
         );
+        let stream_gaps = Family::<AtLabel, Counter>::default();
+        registry.register(
+            "stream_gaps",
+            "Messages that arrived ahead of a room's or a connection's position",
+            stream_gaps.clone(),
+        );
+        let stream_filled = Family::<AtLabel, Counter>::default();
+        registry.register(
+            "stream_filled",
+            "Messages read from the room cache or the store to fill a gap",
+            stream_filled.clone(),
+        );
+        let stream_tail_repairs = Counter::default();
+        registry.register(
+            "stream_tail_repairs",
+            "Rooms the position check found behind the store and caught up",
+            stream_tail_repairs.clone(),
+        );
+        let stream_resyncs = Family::<AtLabel, Counter>::default();
+        registry.register(
+            "stream_resyncs",
+            "Connections told to reconnect because a gap could not be filled",
+            stream_resyncs.clone(),
+        );
         Self {
             registry,
+            stream_gaps,
+            stream_filled,
+            stream_tail_repairs,
+            stream_resyncs,
             broker_dropped,
             shared_fallbacks,
             handoff_transitions,

@@ -143,6 +143,135 @@ async fn reconnect_with_since_replays_exactly_the_missed_messages() {
     server.stop().await;
 }
 
+/// Sends `join-room` and reads up to the last `message-history` of its catch-up. Returns
+/// `room-joined`, the catch-up's `seq`s, and the `seq` of every `message-received` that
+/// came meanwhile, appended to `live`.
+async fn rejoin(
+    client: &mut Client,
+    room: &str,
+    since: Option<u64>,
+    live: &mut Vec<u64>,
+) -> (Value, Vec<u64>) {
+    let mut frame = json!({ "type": "join-room", "roomId": room });
+    if let Some(s) = since {
+        frame["since"] = json!(s);
+    }
+    let id = client.request(frame).await;
+    let mut joined = Value::Null;
+    let mut history = Vec::new();
+    loop {
+        let f = client.recv().await;
+        match f["type"].as_str() {
+            Some("room-joined") if f["replyTo"] == id.as_str() => joined = f,
+            Some("message-history") if !joined.is_null() => {
+                history.extend(seqs(f["messages"].as_array().unwrap()));
+                if f["more"] != true {
+                    return (joined, history);
+                }
+            }
+            Some("message-received") => live.push(f["seq"].as_u64().unwrap()),
+            Some("error") => panic!("join failed: {f}"),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_rejoin_replays_only_what_the_connection_was_never_sent() {
+    let server = TestServer::start().await;
+    let mut writer = server.connect_as("writer").await;
+    writer.join("rj", None).await;
+    for i in 1..=60 {
+        writer.say("rj", &format!("m{i}"), None).await;
+    }
+    // The seed's way in: `?roomId=` joins at once (the latest 50), then `join-room` again.
+    let url = server.ws(&format!("/ws?roomId=rj&token={}", server.token("reader")));
+    let mut reader = Client::connect(&url).await;
+    let mut live = Vec::new();
+    let joined = reader.recv_type("room-joined").await;
+    assert_eq!(joined["lastSeq"], 60);
+    let first = reader.recv_type("message-history").await;
+    assert_eq!(
+        seqs(first["messages"].as_array().unwrap()),
+        (11..=60).collect::<Vec<_>>()
+    );
+    let (again, replayed) = rejoin(&mut reader, "rj", None, &mut live).await;
+    assert_eq!((again["lastSeq"].as_u64(), replayed), (Some(60), vec![]));
+    writer.say("rj", "m61", None).await;
+    // Older messages it never got, on request, once; its position stays where it was.
+    let (older, replayed) = rejoin(&mut reader, "rj", Some(5), &mut live).await;
+    assert_eq!(replayed, (6..=10).collect::<Vec<_>>());
+    assert!(older["lastSeq"].as_u64().unwrap() >= 60, "{older}");
+    let (_, replayed) = rejoin(&mut reader, "rj", Some(0), &mut live).await;
+    assert_eq!(replayed, (1..=5).collect::<Vec<_>>());
+    let (_, replayed) = rejoin(&mut reader, "rj", Some(0), &mut live).await;
+    assert_eq!(replayed, Vec::<u64>::new());
+    // Live messages arrive once each, whatever the rejoins.
+    writer.say("rj", "m62", None).await;
+    while live.last() != Some(&62) {
+        let f = reader.recv().await;
+        if f["type"] == "message-received" {
+            live.push(f["seq"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(live, [61, 62]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejoin_while_the_room_is_busy_loses_and_repeats_nothing() {
+    let server = TestServer::start().await;
+    for round in 0..5 {
+        let room = format!("busy-{round}");
+        let url = server.ws(&format!(
+            "/ws?roomId={room}&token={}",
+            server.token("reader")
+        ));
+        let mut reader = Client::connect(&url).await;
+        reader
+            .send(json!({ "type": "join-room", "roomId": room }))
+            .await;
+        let writers: Vec<_> = (0..3)
+            .map(|w| {
+                let url = server.ws(&format!("/ws?token={}", server.token(&format!("w{w}"))));
+                let room = room.clone();
+                tokio::spawn(async move {
+                    let mut c = Client::connect(&url).await;
+                    c.join(&room, None).await;
+                    for k in 0..50 {
+                        c.say(&room, &format!("w{w}-{k}"), None).await;
+                    }
+                })
+            })
+            .collect();
+        let joined = reader.recv_type("room-joined").await;
+        let start = joined["lastSeq"].as_u64().unwrap();
+        let mut seen = seqs(
+            reader.recv_type("message-history").await["messages"]
+                .as_array()
+                .unwrap(),
+        );
+        while seen.last().copied().unwrap_or(start) < 150 {
+            let f = reader.recv().await;
+            match f["type"].as_str() {
+                Some("message-received") => seen.push(f["seq"].as_u64().unwrap()),
+                Some("message-history") => seen.extend(seqs(f["messages"].as_array().unwrap())),
+                _ => {}
+            }
+        }
+        let first = seen.first().copied().unwrap_or(1);
+        assert_eq!(
+            seen,
+            (first..=150).collect::<Vec<_>>(),
+            "round {round}: every message once, in order"
+        );
+        for w in writers {
+            w.await.unwrap();
+        }
+    }
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn recovery_across_server_restart_reads_sqlite() {
     let server = TestServer::start().await;

@@ -2,9 +2,11 @@
 //!
 //! **Delivery guarantee:** live delivery is *at most once* and, per room, in the order
 //! published. A lost or reordered message is never lost to clients: the hub checks every
-//! message's `seq` and fetches any gap from the store before delivering what follows it, and
-//! a reconnecting client recovers from its last `seq`. The store, not the broker, is the
-//! source of truth.
+//! message's `seq` and fetches any gap from the store before delivering what follows it; with
+//! a broker that [may lose](Broker::may_lose) messages it also compares its active rooms with
+//! the store every `broker_position_check_ms`, which brings a lost last message within two
+//! intervals; and a reconnecting client recovers from its last `seq`. The store, not the
+//! broker, is the source of truth.
 //!
 //! [`memory::MemoryBroker`] (the default) hands messages straight to this process's hub.
 //! [`redis::RedisBroker`] carries them, and the hub's room events, between several nodes.
@@ -45,6 +47,14 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
 
     /// Short name for health output (`memory`, `redis`).
     fn kind(&self) -> &'static str;
+
+    /// Whether a publication can be lost on its way to another node. The hub then compares
+    /// its active rooms with the store now and then, since a lost *last* message leaves no
+    /// later one to reveal the gap ([`crate::hub::Hub::check_positions`]). The in-process
+    /// broker hands every message to the hub directly: nothing to check.
+    fn may_lose(&self) -> bool {
+        false
+    }
 
     /// Whether the broker is connected (always, for the in-process one).
     fn healthy(&self) -> bool {

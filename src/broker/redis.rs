@@ -8,10 +8,13 @@
 //! own publications it has already delivered locally, without the round trip.
 //!
 //! **Guarantee.** Live delivery is at most once (Redis pub/sub keeps nothing for a node
-//! that is not connected). Nothing is lost to clients: the hub checks each message's `seq`
-//! and fetches a gap from the shared store before delivering what follows it, and after the
-//! subscriber reconnects the hub catches every active room up from the store
-//! ([`Hub::resync`]), so a room that went quiet during the outage is complete too.
+//! that is not connected, and a full outbox drops). Nothing is lost to clients: the hub
+//! checks each message's `seq` and fetches a gap from the shared store before delivering
+//! what follows it; after the subscriber reconnects (or its reader falls behind) the hub
+//! catches every active room up from the store ([`Hub::resync`]); and every
+//! `broker_position_check_ms` it compares its active rooms with the store, so a room whose
+//! last publication was lost, with nothing after it to reveal the gap, is complete within
+//! two intervals too ([`Hub::check_positions`]).
 //!
 //! **Why one channel.** A channel per room would spare a node the messages of rooms nobody
 //! on it has open, but it makes every join wait for a `SUBSCRIBE` round trip and opens a
@@ -907,6 +910,10 @@ impl Broker for RedisBroker {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    fn may_lose(&self) -> bool {
+        true
     }
 
     fn healthy(&self) -> bool {

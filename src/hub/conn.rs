@@ -3,11 +3,13 @@
 //! The hub never writes to a socket. It pushes [`Envelope`]s into each member's queue with
 //! `try_send`; a full queue means the client is not reading fast enough, and the connection is
 //! *kicked*: its transport task closes it with [`CLOSE_SLOW_CONSUMER`] and the client recovers
-//! from its last `seq`. Nobody else ever waits for a slow client.
+//! from its last `seq`. Nobody else ever waits for a slow client. The hub also kicks the
+//! members of a room whose stream it cannot continue in order ([`Kick::Resync`], closed with
+//! [`CLOSE_RESYNC`]).
 
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use tokio::sync::{Notify, mpsc};
 
@@ -17,6 +19,24 @@ use crate::model::Identity;
 /// WebSocket close code for a connection whose outbound queue overflowed. Private-use range;
 /// clients should reconnect and rejoin with `since` to recover what they missed.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+
+/// WebSocket close code for a connection the server could not keep in `seq` order (a gap in
+/// a room's stream that the store could not fill). Private-use range; clients should
+/// reconnect and rejoin with `since`, which reads the room from the store.
+pub const CLOSE_RESYNC: u16 = 4009;
+
+/// Why a connection was kicked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    /// Its outbound queue overflowed.
+    SlowConsumer,
+    /// A room's stream could not be continued in order for it.
+    Resync,
+}
+
+const NOT_KICKED: u8 = 0;
+const KICKED_SLOW: u8 = 1;
+const KICKED_RESYNC: u8 = 2;
 
 /// An event on its way to clients, with a slot for its encoded bytes so that a frame is
 /// serialised once and the bytes shared by every recipient using that transport's format.
@@ -50,8 +70,9 @@ struct ConnInner {
     identity: Arc<Identity>,
     /// Bounded outbound queue, drained by the transport task.
     tx: mpsc::Sender<Arc<Envelope>>,
-    /// Set once the queue overflowed; the transport then closes the connection.
-    kicked: AtomicBool,
+    /// Set once (to a `KICKED_…` value) when the queue overflowed or the hub asked for a
+    /// resync; the transport then closes the connection.
+    kicked: AtomicU8,
     /// Wakes the transport task when kicked.
     kick: Notify,
 }
@@ -68,7 +89,7 @@ impl ConnHandle {
             id,
             identity,
             tx,
-            kicked: AtomicBool::new(false),
+            kicked: AtomicU8::new(NOT_KICKED),
             kick: Notify::new(),
         };
         (Self(Arc::new(inner)), rx)
@@ -90,9 +111,7 @@ impl ConnHandle {
         match self.0.tx.try_send(envelope) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                if !self.0.kicked.swap(true, Ordering::AcqRel) {
-                    self.0.kick.notify_one();
-                }
+                self.kick_for(KICKED_SLOW);
                 false
             }
             // The transport task has ended; the connection is leaving its rooms.
@@ -105,12 +124,39 @@ impl ConnHandle {
         self.0.tx.is_closed()
     }
 
-    /// True once the queue has overflowed.
-    pub fn is_kicked(&self) -> bool {
-        self.0.kicked.load(Ordering::Acquire)
+    /// Asks the transport to close the connection so that the client reconnects and
+    /// recovers from its last `seq` ([`CLOSE_RESYNC`]).
+    pub fn resync(&self) {
+        self.kick_for(KICKED_RESYNC);
     }
 
-    /// Resolves when the connection has been kicked.
+    /// Kicks the connection, unless it already was (the first reason stays).
+    fn kick_for(&self, reason: u8) {
+        if self
+            .0
+            .kicked
+            .compare_exchange(NOT_KICKED, reason, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.0.kick.notify_one();
+        }
+    }
+
+    /// True once the connection has been kicked.
+    pub fn is_kicked(&self) -> bool {
+        self.0.kicked.load(Ordering::Acquire) != NOT_KICKED
+    }
+
+    /// Why the connection was kicked, if it was.
+    pub fn kick(&self) -> Option<Kick> {
+        match self.0.kicked.load(Ordering::Acquire) {
+            KICKED_SLOW => Some(Kick::SlowConsumer),
+            KICKED_RESYNC => Some(Kick::Resync),
+            _ => None,
+        }
+    }
+
+    /// Resolves when the connection has been kicked ([`Self::kick`] says why).
     pub async fn kicked(&self) {
         if self.is_kicked() {
             return;

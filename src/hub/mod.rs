@@ -2,11 +2,16 @@
 //!
 //! Rooms live here only while someone is in them. An active room keeps its last `seq`, a
 //! small cache of its most recent messages (recovery without the store) and its members'
-//! queues. Stored messages arrive through [`Hub::deliver`] from the broker, already in `seq`
-//! order on a single node; the hub still checks: a message that would skip a `seq` is held
-//! back and the gap is fetched from the store first, and one already delivered is dropped.
-//! That keeps invariant 2 (every member sees every message once, in order) even when a
-//! broker delivers out of order or loses messages.
+//! queues. Stored messages arrive through [`Hub::deliver`], from this node's commits and
+//! from the broker, already in `seq` order on a single node; the hub still checks: a
+//! message that would skip a `seq` is held back and the gap is read from the store first
+//! (never skipped: if the store cannot give it, the room's members are told to reconnect),
+//! and one already delivered is dropped. A lost *last* message leaves no later one to show
+//! the gap, so with a broker that can lose messages the node also compares its active rooms
+//! with the store every second ([`Hub::check_positions`]) and catches up the ones that stay
+//! behind. That keeps invariant 2 (every member sees every message once, in order) even
+//! when a broker delivers out of order or loses messages; each connection checks the order
+//! once more against its own position ([`Cursor`]).
 //!
 //! Joining is race-free: the catch-up a joiner needs is read from the store *before* it is
 //! added to the room and from the cache *while* it is added, under the room lock that every
@@ -15,17 +20,20 @@
 //! Depends on the model and the store; never on a transport or a wire format.
 
 pub mod conn;
+pub mod cursor;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use tokio::sync::OnceCell;
 
-pub use conn::{CLOSE_SLOW_CONSUMER, ConnHandle, Envelope};
+pub use conn::{CLOSE_RESYNC, CLOSE_SLOW_CONSUMER, ConnHandle, Envelope, Kick};
+pub use cursor::{Cursor, Step};
 
-use crate::metrics::Metrics;
+use crate::metrics::{AT_NODE, Metrics};
 use crate::model::{Agent, Conversation, Message, Note, Role, RoomKey};
 use crate::store::{InboxEntry, Store, StoreError};
 
@@ -139,6 +147,39 @@ pub enum Replay {
     Since(u64),
     /// The most recent `n` messages (a fresh join).
     Last(usize),
+    /// The connection is in the room already and stands at `cursor`: replay only what it
+    /// was never sent, the messages after `since` older than its first catch-up. Its
+    /// position does not move (`Joined::last_seq` is `cursor.upto`): everything later is
+    /// already on its way through its queue.
+    Again {
+        /// Where the connection stands.
+        cursor: Cursor,
+        /// The client's last seen `seq`, if it gave one.
+        since: Option<u64>,
+    },
+}
+
+/// Most messages one gap-fill read asks the store for.
+const FILL_PAGE: usize = 256;
+/// First wait before asking the store again for a gap it did not have.
+const FILL_RETRY_FIRST: Duration = Duration::from_millis(50);
+/// Longest wait between two such reads.
+const FILL_RETRY_MAX: Duration = Duration::from_secs(1);
+/// After this long without progress on a gap, the room's members are told to reconnect
+/// (the store is the truth, and a rejoin with `since` reads it) instead of waiting longer.
+const FILL_GIVE_UP: Duration = Duration::from_secs(10);
+/// Rooms compared with the store per read of a position check.
+const CHECK_BATCH: usize = 512;
+
+/// Which rooms a position check catches up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Rooms still behind the last `seq` the store had at the previous check: a message
+    /// committed that long ago and not delivered here was lost, not just on its way.
+    Lost,
+    /// Every room behind the store now (after the broker's connection came back, or its
+    /// reader fell behind: anything may have been lost meanwhile).
+    All,
 }
 
 /// Why a hub operation failed.
@@ -217,6 +258,11 @@ struct RoomState {
     pending: BTreeMap<u64, Arc<Message>>,
     /// A gap fill is running.
     filling: bool,
+    /// The fill must bring `last_seq` this far at least: the store's last `seq` when a
+    /// position check found the room behind.
+    fill_to: u64,
+    /// The store's last `seq` at the previous position check.
+    checked: u64,
     /// Users whose leave the relay holds back (see [`Relay::leave`]), with how many of
     /// their leaves are still to be settled. Their members never saw them go, so a rejoin
     /// meanwhile is not announced, and only the last of the leaves is.
@@ -248,39 +294,96 @@ impl Hub {
         let _ = self.relay.set(relay);
     }
 
-    /// Fetches from the store what each active room may have missed (after the broker lost
-    /// its connection, say) and delivers it in order.
+    /// Catches every active room up from the store (after the broker lost its connection,
+    /// or its reader fell behind), in the background.
     pub fn resync(self: &Arc<Self>) {
-        const PAGE: usize = 256;
+        let hub = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(e) = hub.check_positions(Check::All).await {
+                tracing::warn!(error = %e, "cannot catch rooms up from the store");
+            }
+        });
+    }
+
+    /// Compares every active room's last delivered `seq` with the store's, in batches of
+    /// [`CHECK_BATCH`] rooms per read, and starts a fill for each room `check` selects; the
+    /// fill delivers the missing messages in order. Returns how many rooms were behind.
+    ///
+    /// Run every `broker_position_check_ms` with a broker that may lose messages, this
+    /// bounds how long a lost last message of a room (which no later message reveals as a
+    /// gap) takes to reach the room's members: two intervals and a store read.
+    pub async fn check_positions(self: &Arc<Self>, check: Check) -> Result<usize, HubError> {
         let slots: Vec<Arc<RoomSlot>> = self.rooms.iter().map(|e| Arc::clone(e.value())).collect();
-        for slot in slots {
-            let hub = Arc::clone(self);
-            tokio::spawn(async move {
-                loop {
-                    let from = {
-                        let st = slot.state.lock();
-                        if !st.ready {
-                            return;
-                        }
-                        st.last_seq
-                    };
-                    let page = match hub.store.messages_after(&slot.key, from, PAGE).await {
-                        Ok(page) => page,
-                        Err(e) => {
-                            tracing::warn!(room = %slot.key, error = %e, "cannot catch up from the store");
-                            return;
-                        }
-                    };
-                    let full = page.len() == PAGE;
-                    for m in page {
-                        hub.deliver(Arc::new(m));
-                    }
-                    if !full {
-                        return;
-                    }
+        let mut behind = 0;
+        for batch in slots.chunks(CHECK_BATCH) {
+            let keys: Vec<RoomKey> = batch.iter().map(|s| s.key.clone()).collect();
+            let started = Instant::now();
+            let tops = self.store.last_seqs(&keys).await?;
+            self.metrics.observe_store("last_seqs", started.elapsed());
+            for (slot, top) in batch.iter().zip(tops) {
+                let mut st = slot.state.lock();
+                if !st.ready {
+                    continue;
                 }
-            });
+                let previous = std::mem::replace(&mut st.checked, top);
+                let due = match check {
+                    Check::Lost => previous.min(top),
+                    Check::All => top,
+                };
+                if st.last_seq >= due {
+                    continue;
+                }
+                behind += 1;
+                st.fill_to = st.fill_to.max(top);
+                if !st.filling {
+                    st.filling = true;
+                    drop(st);
+                    self.spawn_fill(Arc::clone(slot));
+                }
+            }
         }
+        if behind > 0 {
+            self.metrics.stream_tail_repairs.inc_by(behind as u64);
+            tracing::info!(
+                rooms = behind,
+                ?check,
+                "rooms behind the store; catching up"
+            );
+        }
+        Ok(behind)
+    }
+
+    /// The stored messages of the room with `after < seq <= upto`, ascending: from the room
+    /// cache when it holds them all, else from the store.
+    pub async fn messages_between(
+        &self,
+        key: &RoomKey,
+        after: u64,
+        upto: u64,
+    ) -> Result<Vec<Arc<Message>>, HubError> {
+        if upto <= after {
+            return Ok(Vec::new());
+        }
+        if let Some(slot) = self.rooms.get(key).map(|s| Arc::clone(s.value())) {
+            let st = slot.state.lock();
+            if st.cache.front().is_some_and(|m| m.seq <= after + 1) && st.last_seq >= upto {
+                return Ok(st
+                    .cache
+                    .iter()
+                    .filter(|m| m.seq > after && m.seq <= upto)
+                    .cloned()
+                    .collect());
+            }
+        }
+        let want = usize::try_from(upto - after).unwrap_or(usize::MAX);
+        let started = Instant::now();
+        let page = self.store.messages_after(key, after, want).await?;
+        self.metrics.observe_store("replay", started.elapsed());
+        Ok(page
+            .into_iter()
+            .filter(|m| m.seq <= upto)
+            .map(Arc::new)
+            .collect())
     }
 
     /// True while anyone on this node is in (or joining) the room.
@@ -303,6 +406,9 @@ impl Hub {
         replay: Replay,
         max_replay: usize,
     ) -> Result<Joined, HubError> {
+        if let Replay::Again { cursor, since } = replay {
+            return self.join_again(key, cursor, since, max_replay).await;
+        }
         let result = self.try_join(key, conn, replay, max_replay).await;
         if result.is_err() {
             // Do not keep an empty room (and what it buffers) for a join that failed.
@@ -329,6 +435,7 @@ impl Hub {
                 let from = match replay {
                     Replay::Since(s) => s.min(last),
                     Replay::Last(n) => last.saturating_sub(n as u64),
+                    Replay::Again { cursor, .. } => cursor.upto.min(last),
                 };
                 let max = max_replay as u64;
                 if last - from > max {
@@ -352,13 +459,7 @@ impl Hub {
                     if cursor + 1 >= first_cached || cursor >= st.last_seq {
                         history.extend(st.cache.iter().filter(|m| m.seq > cursor).cloned());
                         let joined = self.add_member(&mut st, conn);
-                        let member_count = st.users.len();
-                        let members = st
-                            .users
-                            .values()
-                            .take(self.presence_max_members)
-                            .map(|(u, _)| u.clone())
-                            .collect();
+                        let (members, member_count) = self.members_locked(&st);
                         if joined && member_count <= self.presence_max_members {
                             let user = present_user(conn);
                             let event = Event::Presence {
@@ -404,6 +505,48 @@ impl Hub {
                 history.extend(page.into_iter().map(Arc::new));
             }
         }
+    }
+
+    /// [`Self::join`] of a connection already in the room (see [`Replay::Again`]).
+    async fn join_again(
+        &self,
+        key: &RoomKey,
+        cursor: Cursor,
+        since: Option<u64>,
+        max_replay: usize,
+    ) -> Result<Joined, HubError> {
+        let mut history = Vec::new();
+        let mut truncated = false;
+        if let Some(since) = since
+            && since < cursor.from
+        {
+            let oldest = cursor.from.saturating_sub(max_replay as u64).max(since);
+            truncated = oldest > since;
+            history = self.messages_between(key, oldest, cursor.from).await?;
+        }
+        let (members, member_count) = self
+            .rooms
+            .get(key)
+            .map(|slot| self.members_locked(&slot.state.lock()))
+            .unwrap_or_default();
+        Ok(Joined {
+            last_seq: cursor.upto,
+            history,
+            truncated,
+            members,
+            member_count,
+        })
+    }
+
+    /// The room's present users (at most `presence_max_members`) and how many there are.
+    fn members_locked(&self, st: &RoomState) -> (Vec<PresentUser>, usize) {
+        let members = st
+            .users
+            .values()
+            .take(self.presence_max_members)
+            .map(|(u, _)| u.clone())
+            .collect();
+        (members, st.users.len())
     }
 
     /// Removes `conn` from the room. Returns false if it was not a member.
@@ -598,6 +741,7 @@ impl Hub {
             self.drain_pending_locked(&mut st);
             return;
         }
+        self.metrics.stream_gaps.get_or_create(&AT_NODE).inc();
         st.pending.insert(message.seq, message);
         st.filling = true;
         drop(st);
@@ -648,61 +792,100 @@ impl Hub {
             .map(|_| ())
     }
 
-    /// Fetches a gap from the store, then delivers it and whatever waited behind it.
+    /// Starts [`Self::fill`] in the background (the caller has set `filling`).
     fn spawn_fill(self: &Arc<Self>, slot: Arc<RoomSlot>) {
         let hub = Arc::clone(self);
-        tokio::spawn(async move {
-            loop {
-                let (from, to) = {
-                    let st = slot.state.lock();
-                    let to = st.pending.keys().next().copied().unwrap_or(st.last_seq + 1);
-                    (st.last_seq, to)
-                };
-                let want = usize::try_from(to.saturating_sub(from + 1))
-                    .unwrap_or(usize::MAX)
-                    .max(1);
-                let fetched = match hub.store.messages_after(&slot.key, from, want).await {
-                    Ok(page) => page,
-                    Err(StoreError::Closed) => {
-                        slot.state.lock().filling = false;
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(room = %slot.key, error = %e, "cannot fill gap from store; retrying");
-                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                        continue;
-                    }
-                };
+        tokio::spawn(async move { hub.fill(slot).await });
+    }
+
+    /// Reads what the room misses from the store and delivers it in order, with whatever
+    /// waited behind it, until the room has every message up to its first held-back one
+    /// (or up to `fill_to`) and nothing is held back. A range the store does not have yet
+    /// is asked for again, with growing waits; after [`FILL_GIVE_UP`] without progress the
+    /// room is dropped and its members told to reconnect ([`Self::evict`]): a message is
+    /// never skipped.
+    async fn fill(self: Arc<Self>, slot: Arc<RoomSlot>) {
+        // Tokio's clock, which tests can pause and advance.
+        let mut stalled_since = tokio::time::Instant::now();
+        let mut wait = FILL_RETRY_FIRST;
+        loop {
+            let (after, want) = {
                 let mut st = slot.state.lock();
-                let progressed = !fetched.is_empty();
-                for m in fetched {
-                    if m.seq == st.last_seq + 1 {
-                        hub.apply_locked(&mut st, Arc::new(m));
-                    }
-                }
-                hub.drain_pending_locked(&mut st);
-                let gap = st
-                    .pending
-                    .keys()
-                    .next()
-                    .is_some_and(|s| *s != st.last_seq + 1);
-                if !gap || !progressed {
-                    // Done, or the store does not have the gap (yet): deliver what we hold in
-                    // order and let the next delivery retry.
-                    if gap {
-                        tracing::warn!(room = %slot.key, last = st.last_seq, "gap not in store; skipping ahead");
-                        let pending = std::mem::take(&mut st.pending);
-                        for (_, m) in pending {
-                            if m.seq > st.last_seq {
-                                hub.apply_locked(&mut st, m);
-                            }
-                        }
-                    }
+                self.drain_pending_locked(&mut st);
+                let target = match st.pending.first_key_value() {
+                    Some((&first, _)) => first - 1,
+                    None => st.fill_to,
+                };
+                if target <= st.last_seq {
                     st.filling = false;
                     return;
                 }
+                let want = usize::try_from(target - st.last_seq)
+                    .unwrap_or(usize::MAX)
+                    .min(FILL_PAGE);
+                (st.last_seq, want)
+            };
+            match self.store.messages_after(&slot.key, after, want).await {
+                Ok(page) if !page.is_empty() => {
+                    let mut st = slot.state.lock();
+                    let mut filled = 0;
+                    for m in page {
+                        if m.seq == st.last_seq + 1 {
+                            self.apply_locked(&mut st, Arc::new(m));
+                            filled += 1;
+                        }
+                    }
+                    self.metrics
+                        .stream_filled
+                        .get_or_create(&AT_NODE)
+                        .inc_by(filled);
+                    if filled > 0 {
+                        stalled_since = tokio::time::Instant::now();
+                        wait = FILL_RETRY_FIRST;
+                        continue;
+                    }
+                }
+                // The store does not have it (yet).
+                Ok(_) => {}
+                Err(StoreError::Closed) => {
+                    slot.state.lock().filling = false;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(room = %slot.key, error = %e, "cannot fill a gap from the store; retrying");
+                }
             }
-        });
+            if stalled_since.elapsed() >= FILL_GIVE_UP {
+                self.evict(&slot);
+                return;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(FILL_RETRY_MAX);
+        }
+    }
+
+    /// Gives up on a room whose stream cannot be continued in order: drops its slot (and
+    /// what it held back) and asks every member to reconnect ([`Kick::Resync`]); their
+    /// rejoin with `since` reads the room from the store, and the next join here starts a
+    /// fresh slot from the store too.
+    fn evict(&self, slot: &Arc<RoomSlot>) {
+        self.rooms.remove_if(&slot.key, |_, s| Arc::ptr_eq(s, slot));
+        let mut st = slot.state.lock();
+        st.filling = false;
+        st.pending.clear();
+        for member in st.members.values() {
+            member.resync();
+        }
+        self.metrics
+            .stream_resyncs
+            .get_or_create(&AT_NODE)
+            .inc_by(st.members.len() as u64);
+        tracing::error!(
+            room = %slot.key,
+            last_seq = st.last_seq,
+            members = st.members.len(),
+            "the store does not have the next message of the room; its members must reconnect"
+        );
     }
 
     fn drain_pending_locked(&self, st: &mut RoomState) {

@@ -35,7 +35,12 @@ use crate::AppState;
 use crate::auth::domains::DomainPermit;
 use crate::auth::policy;
 use crate::broker::shared::Online;
-use crate::hub::{CLOSE_SLOW_CONSUMER, ConnHandle, Envelope, Event, Joined, Replay};
+use crate::hub::{
+    CLOSE_RESYNC, CLOSE_SLOW_CONSUMER, ConnHandle, Cursor, Envelope, Event, Joined, Kick, Replay,
+    Step,
+};
+use crate::metrics::AT_CONNECTION;
+use crate::model::Message;
 use crate::model::{Conversation, Identity, RoomKey, RoomStatus, iso, now_ms};
 use crate::service::ServiceError;
 use crate::service::chat::{MAX_NAME_CHARS, Outgoing, not_joined};
@@ -281,12 +286,31 @@ fn handshake_key(headers: &HeaderMap) -> Result<String, &'static str> {
     }
 }
 
+/// Adds `envelope` to the socket's write buffer, encoded once for every connection that
+/// writes it.
+fn write(socket: &mut WsSocket, envelope: &Envelope) {
+    let bytes = envelope
+        .native
+        .get_or_init(|| encode_event(&envelope.event));
+    socket.queue_text(bytes);
+}
+
+/// How a connection kicked by the hub ends.
+fn kicked_end(handle: &ConnHandle) -> End {
+    match handle.kick() {
+        Some(Kick::Resync) => End::Resync,
+        _ => End::SlowConsumer,
+    }
+}
+
 /// Why the connection loop ended.
 #[derive(Debug, Clone, Copy)]
 enum End {
     ClientClosed,
     Shutdown,
     SlowConsumer,
+    /// A room's stream could not be continued in order for this connection.
+    Resync,
     FrameTooLarge,
     ProtocolError,
     InvalidUtf8,
@@ -299,6 +323,7 @@ impl End {
             End::ClientClosed => "client_closed",
             End::Shutdown => "shutdown",
             End::SlowConsumer => "slow_consumer",
+            End::Resync => "resync",
             End::FrameTooLarge => "frame_too_large",
             End::ProtocolError => "protocol_error",
             End::InvalidUtf8 => "invalid_utf8",
@@ -312,9 +337,9 @@ struct Connection {
     app: AppState,
     handle: ConnHandle,
     rx: mpsc::Receiver<Arc<Envelope>>,
-    /// Rooms joined, each with the highest `seq` written to the client there: a message at or
-    /// below it is never written again (a rejoin's catch-up may overlap queued messages).
-    rooms: HashMap<RoomKey, u64>,
+    /// Rooms joined, each with what the client was sent there: a message it was sent is
+    /// never written again, and one ahead of its position is written only after the gap.
+    rooms: HashMap<RoomKey, Cursor>,
     /// The room `send-message` without `roomId` goes to (last joined).
     current_room: Option<Arc<str>>,
     /// Name an anonymous visitor gave in `join-room`.
@@ -387,7 +412,7 @@ impl Connection {
             let step = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return End::Shutdown,
-                () = kicked.kicked() => return End::SlowConsumer,
+                () = kicked.kicked() => return kicked_end(&kicked),
                 event = self.rx.recv() => match event {
                     Some(envelope) => Box::pin(self.write_events(socket, envelope)).await,
                     None => return End::TransportError,
@@ -424,12 +449,20 @@ impl Connection {
         let mut next = Some(first);
         let mut written = 0u64;
         while let Some(envelope) = next.take() {
-            if self.is_new(&envelope) {
-                let bytes = envelope
-                    .native
-                    .get_or_init(|| encode_event(&envelope.event));
-                socket.queue_text(bytes);
-                written += 1;
+            match self.advance(&envelope) {
+                Step::Sent => {}
+                Step::Next => {
+                    write(socket, &envelope);
+                    written += 1;
+                }
+                Step::Gap { after, before } => {
+                    if let Event::Message(message) = &envelope.event {
+                        written += Box::pin(self.fill(socket, message, after, before)).await?;
+                        self.advance(&envelope);
+                    }
+                    write(socket, &envelope);
+                    written += 1;
+                }
             }
             if written < WRITE_BATCH as u64 && socket.pending() < WRITE_BATCH_BYTES {
                 next = self.rx.try_recv().ok();
@@ -440,19 +473,67 @@ impl Connection {
         Ok(())
     }
 
-    /// False for a message this client already has (or of a room it left); advances the
-    /// room's watermark otherwise.
-    fn is_new(&mut self, envelope: &Envelope) -> bool {
+    /// Where `envelope` stands against this connection's position in its room, moving the
+    /// position past it when it is the next message. Events other than stored messages are
+    /// always `Next`; a message of a room the connection left is `Sent` (nothing more to
+    /// get there).
+    fn advance(&mut self, envelope: &Envelope) -> Step {
         let Event::Message(message) = &envelope.event else {
-            return true;
+            return Step::Next;
         };
-        match self.rooms.get_mut(&message.room) {
-            Some(sent) if message.seq > *sent => {
-                *sent = message.seq;
-                true
-            }
-            _ => false,
+        let Some(cursor) = self.rooms.get_mut(&message.room) else {
+            return Step::Sent;
+        };
+        let step = cursor.step(message.seq);
+        if step == Step::Next {
+            cursor.sent(message.seq);
         }
+        step
+    }
+
+    /// Writes the messages of `message`'s room after `after` and before `before` (the
+    /// gap ahead of `message`), read from the room cache or the store, and returns how many.
+    /// A gap that cannot be read whole ends the connection with 4009: the client
+    /// reconnects and recovers from its last `seq`.
+    async fn fill(
+        &mut self,
+        socket: &mut WsSocket,
+        message: &Message,
+        after: u64,
+        before: u64,
+    ) -> Result<u64, Gone> {
+        let metrics = Arc::clone(&self.app.metrics);
+        metrics.stream_gaps.get_or_create(&AT_CONNECTION).inc();
+        let missing = before - after - 1;
+        let read = if missing > self.app.config.limits.max_replay as u64 {
+            None
+        } else {
+            self.app
+                .chat
+                .hub()
+                .messages_between(&message.room, after, before - 1)
+                .await
+                .ok()
+        };
+        let whole = read.filter(|page| {
+            page.len() as u64 == missing
+                && page.iter().zip(after + 1..).all(|(m, seq)| m.seq == seq)
+        });
+        let Some(page) = whole else {
+            tracing::warn!(room = %message.room, after, before, "cannot fill a connection's gap; asking it to resync");
+            metrics.stream_resyncs.get_or_create(&AT_CONNECTION).inc();
+            return Err(Gone(End::Resync));
+        };
+        metrics
+            .stream_filled
+            .get_or_create(&AT_CONNECTION)
+            .inc_by(missing);
+        for m in page {
+            let envelope = Envelope::new(Event::Message(m));
+            self.advance(&envelope);
+            write(socket, &envelope);
+        }
+        Ok(missing)
     }
 
     /// Sends one frame now.
@@ -471,7 +552,7 @@ impl Connection {
                 Ok(Err(_)) => Err(Gone(End::TransportError)),
                 Err(_) => Err(Gone(End::SlowConsumer)),
             },
-            () = self.handle.kicked() => Err(Gone(End::SlowConsumer)),
+            () = self.handle.kicked() => Err(Gone(kicked_end(&self.handle))),
         }
     }
 
@@ -510,6 +591,7 @@ impl Connection {
                 (CLOSE_RESTART, "server restarting")
             }
             End::SlowConsumer => (CLOSE_SLOW_CONSUMER, "slow consumer: outbound queue full"),
+            End::Resync => (CLOSE_RESYNC, "out of sync: rejoin with since"),
             End::FrameTooLarge => (CLOSE_TOO_BIG, "frame too large"),
             End::ProtocolError => (CLOSE_PROTOCOL, "protocol error"),
             End::InvalidUtf8 => (CLOSE_INVALID_DATA, "text frame is not UTF-8"),
@@ -781,9 +863,12 @@ impl Connection {
                 name: f.user_name.clone(),
                 data: f.customer_data.clone().filter(Value::is_object),
             });
-        let replay = match f.since {
-            Some(s) => Replay::Since(s),
-            None => Replay::Last(self.app.config.limits.history_on_join),
+        // A room the connection is in already: only what it was never sent.
+        let already = self.rooms.get(&key).copied();
+        let replay = match (already, f.since) {
+            (Some(cursor), since) => Replay::Again { cursor, since },
+            (None, Some(s)) => Replay::Since(s),
+            (None, None) => Replay::Last(self.app.config.limits.history_on_join),
         };
         let joined = match self
             .app
@@ -812,7 +897,8 @@ impl Connection {
             });
             sent = self.send(socket, to_bytes(&frame)).await;
         }
-        self.rooms.insert(key, joined.last_seq);
+        let cursor = already.map_or_else(|| Cursor::of(&joined), |c| c.rejoined(&joined));
+        self.rooms.insert(key, cursor);
         sent
     }
 
