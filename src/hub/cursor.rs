@@ -16,6 +16,7 @@
 //! duplicate (invariant 2 of the design).
 
 use super::Joined;
+use crate::model::RoomKey;
 
 /// The part of a room's stream a connection has been sent: every message with
 /// `from < seq <= upto`. Older messages it was never sent; later ones are on their way.
@@ -88,6 +89,70 @@ impl Cursor {
     }
 }
 
+/// A connection's [`Cursor`] in each room it joined.
+///
+/// A list, not a map: most connections are in one room and none in more than
+/// `limits.rooms_per_connection` (64), so a scan costs less than hashing the key, and one
+/// entry costs 48 bytes on the heap where a hash map's smallest table took over 200.
+#[derive(Debug, Default)]
+pub struct Cursors(Vec<(RoomKey, Cursor)>);
+
+impl Cursors {
+    /// The cursor in `room`, if the connection joined it.
+    pub fn get(&self, room: &RoomKey) -> Option<Cursor> {
+        self.0.iter().find(|(k, _)| k == room).map(|(_, c)| *c)
+    }
+
+    /// The cursor in `room`, to move it.
+    pub fn get_mut(&mut self, room: &RoomKey) -> Option<&mut Cursor> {
+        self.0.iter_mut().find(|(k, _)| k == room).map(|(_, c)| c)
+    }
+
+    /// Whether the connection joined `room`.
+    pub fn contains(&self, room: &RoomKey) -> bool {
+        self.0.iter().any(|(k, _)| k == room)
+    }
+
+    /// Sets the cursor in `room`.
+    pub fn insert(&mut self, room: RoomKey, cursor: Cursor) {
+        match self.get_mut(&room) {
+            Some(c) => *c = cursor,
+            None => {
+                // Exactly one more: a `Vec` would otherwise start at four entries.
+                self.0.reserve_exact(1);
+                self.0.push((room, cursor));
+            }
+        }
+    }
+
+    /// Forgets `room`; false if the connection had not joined it.
+    pub fn remove(&mut self, room: &RoomKey) -> bool {
+        let Some(i) = self.0.iter().position(|(k, _)| k == room) else {
+            return false;
+        };
+        self.0.swap_remove(i);
+        true
+    }
+
+    /// How many rooms.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when the connection is in no room.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Empties the list and returns the rooms.
+    pub fn take_rooms(&mut self) -> Vec<RoomKey> {
+        std::mem::take(&mut self.0)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +170,25 @@ mod tests {
                 before: 14
             }
         );
+    }
+
+    #[test]
+    fn cursors_of_several_rooms() {
+        let (a, b) = (RoomKey::new("d", "a"), RoomKey::new("d", "b"));
+        let mut all = Cursors::default();
+        assert!(all.is_empty());
+        all.insert(a.clone(), Cursor { from: 0, upto: 1 });
+        all.insert(b.clone(), Cursor { from: 5, upto: 9 });
+        all.insert(a.clone(), Cursor { from: 0, upto: 2 });
+        assert_eq!(all.len(), 2);
+        assert_eq!(all.get(&a), Some(Cursor { from: 0, upto: 2 }));
+        all.get_mut(&b).unwrap().sent(10);
+        assert_eq!(all.get(&b).map(|c| c.upto), Some(10));
+        assert!(all.remove(&a));
+        assert!(!all.remove(&a));
+        assert!(!all.contains(&a) && all.contains(&b));
+        assert_eq!(all.take_rooms(), [b]);
+        assert!(all.is_empty());
     }
 
     #[test]

@@ -31,7 +31,7 @@ use parking_lot::Mutex;
 use tokio::sync::OnceCell;
 
 pub use conn::{CLOSE_RESYNC, CLOSE_SLOW_CONSUMER, ConnHandle, Envelope, Kick};
-pub use cursor::{Cursor, Step};
+pub use cursor::{Cursor, Cursors, Step};
 
 use crate::metrics::{AT_NODE, Metrics};
 use crate::model::{Agent, Conversation, Message, Note, Role, RoomKey};

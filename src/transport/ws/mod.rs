@@ -10,7 +10,6 @@ pub mod frame;
 pub mod socket;
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,8 +35,8 @@ use crate::auth::domains::DomainPermit;
 use crate::auth::policy;
 use crate::broker::shared::Online;
 use crate::hub::{
-    CLOSE_RESYNC, CLOSE_SLOW_CONSUMER, ConnHandle, Cursor, Envelope, Event, Joined, Kick, Replay,
-    Step,
+    CLOSE_RESYNC, CLOSE_SLOW_CONSUMER, ConnHandle, Cursor, Cursors, Envelope, Event, Joined, Kick,
+    Replay, Step,
 };
 use crate::metrics::AT_CONNECTION;
 use crate::model::Message;
@@ -162,7 +161,7 @@ pub async fn upgrade(
         app: app.clone(),
         handle,
         rx,
-        rooms: HashMap::new(),
+        rooms: Cursors::default(),
         current_room: None,
         display_name: None,
         origin: super::edge::origin(req.headers()).map(Box::from),
@@ -339,7 +338,7 @@ struct Connection {
     rx: mpsc::Receiver<Arc<Envelope>>,
     /// Rooms joined, each with what the client was sent there: a message it was sent is
     /// never written again, and one ahead of its position is written only after the gap.
-    rooms: HashMap<RoomKey, Cursor>,
+    rooms: Cursors,
     /// The room `send-message` without `roomId` goes to (last joined).
     current_room: Option<Arc<str>>,
     /// Name an anonymous visitor gave in `join-room`.
@@ -387,7 +386,7 @@ impl Connection {
             None => self.serve(&mut socket).await,
         };
 
-        for key in std::mem::take(&mut self.rooms).into_keys() {
+        for key in self.rooms.take_rooms() {
             self.app.chat.leave(&self.handle, &key);
         }
         self.app.handoff.unsubscribe(&self.handle);
@@ -804,7 +803,7 @@ impl Connection {
     /// Like [`Self::room_of`], for a room this connection has joined.
     fn joined_room(&self, room_id: Option<&str>) -> Result<RoomKey, ServiceError> {
         let key = self.room_of(room_id)?;
-        if self.rooms.contains_key(&key) {
+        if self.rooms.contains(&key) {
             Ok(key)
         } else {
             Err(not_joined())
@@ -847,7 +846,7 @@ impl Connection {
             Err(e) => return self.service_error(socket, reply_to, &e).await,
         };
         let max_rooms = self.app.config.limits.rooms_per_connection;
-        if !self.rooms.contains_key(&key) && self.rooms.len() >= max_rooms {
+        if !self.rooms.contains(&key) && self.rooms.len() >= max_rooms {
             let message = format!("a connection may join at most {max_rooms} rooms");
             return self
                 .error(socket, reply_to, "too_many_rooms", &message)
@@ -864,7 +863,7 @@ impl Connection {
                 data: f.customer_data.clone().filter(Value::is_object),
             });
         // A room the connection is in already: only what it was never sent.
-        let already = self.rooms.get(&key).copied();
+        let already = self.rooms.get(&key);
         let replay = match (already, f.since) {
             (Some(cursor), since) => Replay::Again { cursor, since },
             (None, Some(s)) => Replay::Since(s),
@@ -1003,7 +1002,7 @@ impl Connection {
             Ok(k) => k,
             Err(e) => return self.service_error(socket, reply_to, &e).await,
         };
-        if self.rooms.remove(&key).is_none() {
+        if !self.rooms.remove(&key) {
             return self.service_error(socket, reply_to, &not_joined()).await;
         }
         self.app.chat.leave(&self.handle, &key);
