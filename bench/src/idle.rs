@@ -109,6 +109,12 @@ pub struct IdleReport {
     pub rss_before_kib: u64,
     pub rss_after_kib: u64,
     pub rss_per_conn_kib: f64,
+    /// CPU the server used while the connections sat idle (the settle period): timers,
+    /// keep-alives, presence renewal, position checks.
+    pub idle_server_cpu_seconds: f64,
+    /// Machine CPU over the same period not used by the server or this process: the
+    /// database, Redis, the worker processes holding the connections, anything else.
+    pub idle_other_cpu_seconds: Option<f64>,
     pub fds_before: Option<u64>,
     pub fds_after: Option<u64>,
     pub rss_after_release_kib: Option<u64>,
@@ -189,7 +195,10 @@ pub async fn run(args: IdleArgs) -> Result<()> {
         failed.total, args.settle_secs
     );
 
+    let watch = crate::procfs::CpuWatch::new(Some(server), vec![Proc::SelfProc]);
+    let idle_from = watch.sample()?;
     tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
+    let idle_use = idle_from.until(&watch.sample()?);
     let rss_after = server.rss_kib()?;
     let fds_after = server.open_fds().ok();
 
@@ -251,6 +260,8 @@ pub async fn run(args: IdleArgs) -> Result<()> {
         rss_before_kib: rss_before,
         rss_after_kib: rss_after,
         rss_per_conn_kib: rss_per_conn,
+        idle_server_cpu_seconds: idle_use.server.unwrap_or(0.0),
+        idle_other_cpu_seconds: idle_use.other,
         fds_before,
         fds_after,
         rss_after_release_kib: rss_after_release,
@@ -262,7 +273,8 @@ pub async fn run(args: IdleArgs) -> Result<()> {
     let human = format!(
         "idle [{label}] {url}\n  connections: {joined}/{conns} joined over {rooms} rooms in {secs:.1} s \
          ({rate:.0}/s); failures: {failed}\n  server RSS: {before} KiB before, {after} KiB after \
-         → {per:.1} KiB per connection\n  server fds: {fdb} before, {fda} after; RSS after release: {rel}\n  \
+         → {per:.1} KiB per connection\n  while idle ({settle} s): server CPU {idle_cpu:.3} s, \
+         other processes {idle_other}\n  server fds: {fdb} before, {fda} after; RSS after release: {rel}\n  \
          at release: {alive} alive, {dropped} dropped while idle {codes:?}",
         label = report.label,
         url = report.url,
@@ -275,6 +287,11 @@ pub async fn run(args: IdleArgs) -> Result<()> {
         before = report.rss_before_kib,
         after = report.rss_after_kib,
         per = report.rss_per_conn_kib,
+        settle = args.settle_secs,
+        idle_cpu = report.idle_server_cpu_seconds,
+        idle_other = report
+            .idle_other_cpu_seconds
+            .map_or_else(|| "n/a".to_owned(), |v| format!("{v:.3} s")),
         fdb = opt(report.fds_before),
         fda = opt(report.fds_after),
         rel = report
