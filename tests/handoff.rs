@@ -878,3 +878,76 @@ async fn a_domain_without_hand_off_refuses_escalation() {
     let (_, c) = s.get_with("/api/rooms/solo/conversation", &agent).await;
     assert_eq!(c["status"], "bot", "{c}");
 }
+
+#[tokio::test]
+async fn an_agent_replying_to_a_waiting_conversation_takes_it() {
+    let s = server().await;
+    let room = "support-reply";
+    let mut visitor = s.connect_as("rita").await;
+    visitor.join(room, None).await;
+    let status = ask(&mut visitor, json!({ "type": "escalate", "roomId": room })).await;
+    assert_eq!(status["conversation"]["status"], "waiting", "{status}");
+
+    // Bob answers over the socket without pressing "Assign to me".
+    let mut bob = as_user(&s, "bob", "Bob", "agent", "demo").await;
+    bob.join(room, None).await;
+    bob.say(room, "Hi Rita, I'm on it.", None).await;
+    // The visitor learns who joined, then reads the answer, in that order.
+    let joined = until(&mut visitor, "agent-joined", |_| true).await;
+    assert_eq!(joined["agent"]["name"], "Bob", "{joined}");
+    let notice = until(&mut visitor, "message-received", |f| {
+        f["messageType"] == "status"
+    })
+    .await;
+    assert_eq!(notice["message"], "✅ You're now connected to Bob", "{notice}");
+    let reply = stored(&mut visitor, "agent").await;
+    assert_eq!(reply["message"], "Hi Rita, I'm on it.");
+    assert!(
+        reply["seq"].as_u64() > notice["seq"].as_u64(),
+        "{notice} {reply}"
+    );
+    let (_, c) = s
+        .get_with(
+            &format!("/api/rooms/{room}/conversation"),
+            &token("bob", "Bob", "agent", "demo"),
+        )
+        .await;
+    assert_eq!(
+        (c["status"].as_str(), c["assignee"]["userId"].as_str()),
+        (Some("assigned"), Some("bob")),
+        "{c}"
+    );
+
+    // Once it is Bob's, Alice writing over HTTP does not take it from him.
+    let alice = token("alice", "Alice", "agent", "demo");
+    let (code, _) = s
+        .post_with(
+            "/api/messages",
+            &alice,
+            &json!({ "message": "Bob has it", "chatRoomId": room }),
+        )
+        .await;
+    assert_eq!(code, 201);
+    let (_, c) = s
+        .get_with(&format!("/api/rooms/{room}/conversation"), &alice)
+        .await;
+    assert_eq!(c["assignee"]["userId"], "bob", "{c}");
+
+    // A room still with the bot is not taken by an agent's message, nor is one a visitor
+    // writes in.
+    let other = "support-bot-only";
+    let mut v2 = s.connect_as("sam").await;
+    v2.join(other, None).await;
+    let (code, _) = s
+        .post_with(
+            "/api/messages",
+            &alice,
+            &json!({ "message": "Just looking", "chatRoomId": other }),
+        )
+        .await;
+    assert_eq!(code, 201);
+    let (_, c) = s
+        .get_with(&format!("/api/rooms/{other}/conversation"), &alice)
+        .await;
+    assert_eq!(c["status"], "bot", "{c}");
+}

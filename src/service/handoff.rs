@@ -262,6 +262,36 @@ impl HandoffService {
         Ok(key)
     }
 
+    /// An agent (or admin) about to write in a support room that waits for a person takes
+    /// it first: the room is assigned to them (announced to the visitor as usual) before
+    /// their message is stored, as if they had pressed "Assign to me". Nothing happens for
+    /// anyone else, in a domain without hand-off, or in a room with the bot, assigned or
+    /// resolved; a lost race (another agent took it meanwhile) is no error: the message is
+    /// sent anyway.
+    pub async fn take_on_reply(&self, identity: &Identity, room_id: &str) {
+        if !matches!(identity.role, Role::Agent | Role::Admin)
+            || !self.settings(&identity.domain_id).enabled
+        {
+            return;
+        }
+        let Ok(key) = self.support_room(identity, room_id) else {
+            return;
+        };
+        let waiting = self
+            .status_of(&key)
+            .await
+            .is_some_and(|c| c.status == RoomStatus::Waiting);
+        if !waiting {
+            return;
+        }
+        match self.act(identity, room_id, Action::Assign(None)).await {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(room = %key, error = %e, "an agent's reply did not take the room");
+            }
+        }
+    }
+
     /// Carries out a hand-off request of `identity` in its domain's room `room_id`.
     pub async fn act(
         &self,

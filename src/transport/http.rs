@@ -300,6 +300,9 @@ pub async fn post_message(
     Caller(identity): Caller,
     ApiJson(body): ApiJson<PostMessage>,
 ) -> Result<Response, ApiError> {
+    app.handoff
+        .take_on_reply(&identity, &body.chat_room_id)
+        .await;
     let out = Outgoing {
         room_id: &body.chat_room_id,
         text: body.message,

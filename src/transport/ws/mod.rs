@@ -958,6 +958,10 @@ impl Connection {
             Err(e) => return self.service_error(socket, reply_to, &e).await,
         };
         let identity = Arc::clone(self.handle.identity());
+        self.app
+            .handoff
+            .take_on_reply(&identity, &key.room_id)
+            .await;
         let out = Outgoing {
             room_id: &key.room_id,
             text: f.message,
