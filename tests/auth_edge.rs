@@ -174,6 +174,14 @@ async fn sockets_and_cors_follow_each_domains_origins() {
     );
     // The demo domain now lists no origin: browser pages cannot open its sockets.
     assert_eq!(ws_status(&s, "", Some(SHOP)).await, 403);
+    // Parlor's own pages (the inbox, served from this server) open any domain's sockets:
+    // their origin is the host the request goes to.
+    let own = format!("http://{}", s.addr);
+    assert_eq!(ws_status(&s, &q, Some(&own)).await, 101);
+    assert_eq!(ws_status(&s, "", Some(&own)).await, 101);
+    // Another port of the same host is another origin.
+    let other_port = format!("http://127.0.0.1:{}", s.addr.port() + 1);
+    assert_eq!(ws_status(&s, &q, Some(&other_port)).await, 403);
 
     let http = reqwest::Client::new();
     let preflight = |origin: &'static str| {

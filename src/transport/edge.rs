@@ -214,6 +214,55 @@ pub fn origin(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())
 }
 
+/// Whether the request comes from one of Parlor's own pages (the inbox, the demo): its
+/// `Origin` names the very host and port it was sent to (`Host`). Those pages are trusted
+/// by every domain, whatever its `allowed_origins` say, because a page of another site
+/// cannot make a browser send this server's origin. (Non-browser clients can send any
+/// `Origin`; the token, not the origin, is what authenticates them.) Behind a reverse
+/// proxy, the proxy must pass the client's `Host` on (see docs/deploy.md).
+pub fn same_origin(headers: &HeaderMap) -> bool {
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let (Some(origin), Some(host)) = (origin(headers), host) else {
+        return false;
+    };
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return false;
+    };
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "http" => 80,
+        "https" => 443,
+        _ => return false,
+    };
+    match (
+        host_and_port(authority, default_port),
+        host_and_port(host, default_port),
+    ) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// `host[:port]` (or `[v6]:port`) as lowercase host and port, the port defaulting to
+/// `default_port`; `None` when malformed.
+fn host_and_port(authority: &str, default_port: u16) -> Option<(String, u16)> {
+    let authority = authority.trim_end_matches('/');
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None if after.is_empty() => default_port,
+            None => return None,
+        };
+        (format!("[{v6}]"), port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_owned(), p.parse().ok()?),
+            None => (authority.to_owned(), default_port),
+        }
+    };
+    (!host.is_empty() && !host.contains(['/', '@', ' '])).then(|| (host.to_ascii_lowercase(), port))
+}
+
 /// The TCP peer's address, when the server knows it (not in in-process tests).
 fn peer(extensions: &axum::http::Extensions) -> Option<IpAddr> {
     extensions
@@ -254,4 +303,33 @@ pub async fn limit_by_ip(State(app): State<AppState>, req: Request, next: Next) 
         return ApiError::rate_limited(wait, what).into_response();
     }
     next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_origin_compares_the_origin_with_the_host() {
+        let check = |origin: &str, host: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ORIGIN, origin.parse().unwrap());
+            h.insert(header::HOST, host.parse().unwrap());
+            same_origin(&h)
+        };
+        assert!(check("http://127.0.0.1:8080", "127.0.0.1:8080"));
+        assert!(check("https://Chat.Example.com", "chat.example.com"));
+        assert!(check("https://chat.example.com", "chat.example.com:443"));
+        assert!(check("http://[::1]:8080", "[::1]:8080"));
+        assert!(!check("https://chat.example.com", "chat.example.com:8443"));
+        assert!(!check("http://chat.example.com", "chat.example.com:443"));
+        assert!(!check("https://evil.example", "chat.example.com"));
+        assert!(!check("https://chat.example.com.evil.example", "chat.example.com"));
+        assert!(!check("null", "chat.example.com"));
+        assert!(!check("ftp://chat.example.com", "chat.example.com"));
+        assert!(!check("http://[::1", "[::1]:80"));
+        let mut no_host = HeaderMap::new();
+        no_host.insert(header::ORIGIN, "http://a".parse().unwrap());
+        assert!(!same_origin(&no_host));
+    }
 }

@@ -124,11 +124,15 @@ pub async fn upgrade(
         app.metrics.client_error("rate_limited");
         return ApiError::rate_limited(wait, "connections by this identity").into_response();
     }
-    // A browser page may open sockets only for domains that list its origin.
-    if !app
-        .edge
-        .origin_allowed(&identity.domain_id, super::edge::origin(req.headers()))
-    {
+    // A browser page may open sockets only for domains that list its origin; Parlor's own
+    // pages (the inbox) serve every domain.
+    let own_page = super::edge::same_origin(req.headers());
+    let origin = if own_page {
+        None
+    } else {
+        super::edge::origin(req.headers())
+    };
+    if !app.edge.origin_allowed(&identity.domain_id, origin) {
         app.metrics.client_error("origin_not_allowed");
         return ApiError::new(
             axum::http::StatusCode::FORBIDDEN,
@@ -164,7 +168,7 @@ pub async fn upgrade(
         rooms: Cursors::default(),
         current_room: None,
         display_name: None,
-        origin: super::edge::origin(req.headers()).map(Box::from),
+        origin: origin.map(Box::from),
         auth_until: Instant::now() + AUTH_FRAME_WINDOW,
         permits: (permit, admitted.permit),
         online,
@@ -346,7 +350,8 @@ struct Connection {
     limiter: DefaultDirectRateLimiter,
     /// Sustained frames per second `limiter` allows (for its error message).
     frame_rate: u32,
-    /// The upgrade's `Origin`, for checking the domain an `auth` frame moves to.
+    /// The upgrade's `Origin`, for checking the domain an `auth` frame moves to (`None` for
+    /// Parlor's own pages and non-browser clients, which every domain accepts).
     origin: Option<Box<str>>,
     /// Until when an anonymous connection may still authenticate with an `auth` frame.
     auth_until: Instant,
