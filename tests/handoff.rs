@@ -800,6 +800,26 @@ async fn the_pages_and_the_development_login() {
     .await;
     assert_eq!(code, 400);
 
+    // Only from the server's own machine: a client a trusted proxy forwards from elsewhere
+    // is refused.
+    let proxied = TestServer::start_with(|c| c.trusted_proxies = vec!["127.0.0.0/8".into()]).await;
+    for (from, want) in [("203.0.113.7", 403), ("::1", 200), ("127.0.0.5", 200)] {
+        let (code, b) = common::status_and_body(
+            client
+                .post(proxied.http("/api/dev/agent-token"))
+                .header("X-Forwarded-For", from)
+                .json(&json!({ "name": "Mallory" }))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(code, want, "{from}: {b}");
+        if want == 403 {
+            assert_eq!(b["error"]["code"], "dev_login_local_only");
+        }
+    }
+
     let off = TestServer::start_with(|c| c.web.dev_login = false).await;
     let (code, b) = common::status_and_body(
         client
@@ -892,14 +912,24 @@ async fn an_agent_replying_to_a_waiting_conversation_takes_it() {
     let mut bob = as_user(&s, "bob", "Bob", "agent", "demo").await;
     bob.join(room, None).await;
     bob.say(room, "Hi Rita, I'm on it.", None).await;
-    // The visitor learns who joined, then reads the answer, in that order.
-    let joined = until(&mut visitor, "agent-joined", |_| true).await;
+    // The visitor learns who joined (agent-joined, and the stored notice before the answer).
+    let (mut joined, mut notice) = (Value::Null, Value::Null);
+    while joined.is_null() || notice.is_null() {
+        let f = visitor.recv().await;
+        if f["type"] == "agent-joined" {
+            joined = f;
+        } else if f["type"] == "message-received"
+            && f["messageType"] == "status"
+            && f["data"]["action"] == "assign"
+        {
+            notice = f;
+        }
+    }
     assert_eq!(joined["agent"]["name"], "Bob", "{joined}");
-    let notice = until(&mut visitor, "message-received", |f| {
-        f["messageType"] == "status"
-    })
-    .await;
-    assert_eq!(notice["message"], "✅ You're now connected to Bob", "{notice}");
+    assert_eq!(
+        notice["message"], "✅ You're now connected to Bob",
+        "{notice}"
+    );
     let reply = stored(&mut visitor, "agent").await;
     assert_eq!(reply["message"], "Hi Rita, I'm on it.");
     assert!(

@@ -324,7 +324,10 @@ mod tests {
         assert!(!check("https://chat.example.com", "chat.example.com:8443"));
         assert!(!check("http://chat.example.com", "chat.example.com:443"));
         assert!(!check("https://evil.example", "chat.example.com"));
-        assert!(!check("https://chat.example.com.evil.example", "chat.example.com"));
+        assert!(!check(
+            "https://chat.example.com.evil.example",
+            "chat.example.com"
+        ));
         assert!(!check("null", "chat.example.com"));
         assert!(!check("ftp://chat.example.com", "chat.example.com"));
         assert!(!check("http://[::1", "[::1]:80"));

@@ -161,8 +161,10 @@ pub struct DevLogin {
     name: String,
 }
 
-/// `POST /api/dev/agent-token {name}`: an agent token of the `demo` domain, for anyone,
-/// when `web.dev_login` is on (the demo's inbox); 404 otherwise.
+/// `POST /api/dev/agent-token {name}`: an agent token of the `demo` domain, for anyone on
+/// the server's own machine (a loopback address, after `trusted_proxies`), when
+/// `web.dev_login` is on (the demo's inbox); 404 when it is off, 403 from anywhere else, so
+/// that a server reachable on a network never hands agent tokens to that network.
 pub async fn dev_agent_token(
     State(app): State<AppState>,
     ClientIp(ip): ClientIp,
@@ -173,6 +175,14 @@ pub async fn dev_agent_token(
             StatusCode::NOT_FOUND,
             "dev_login_disabled",
             "the development login is off (web.dev_login)",
+        ));
+    }
+    if !ip.is_some_and(is_loopback) {
+        app.metrics.client_error("dev_login_local_only");
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "dev_login_local_only",
+            "the development login works only from the server's own machine; sign in with an agent account or token",
         ));
     }
     if let Some(ip) = ip
@@ -213,6 +223,16 @@ pub async fn dev_agent_token(
         DEMO_DOMAIN,
         DEV_TOKEN_TTL_SECS,
     )
+}
+
+/// Whether `ip` is this machine (IPv4 or IPv6 loopback, or IPv4 loopback mapped to IPv6).
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+    }
 }
 
 #[cfg(test)]
