@@ -65,7 +65,7 @@ use crate::model::{
 
 /// Schema migrations, applied in order; the table `parlor_schema_migrations` records which
 /// ran.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/postgres/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[include_str!("../migrations/postgres/0001_init.sql")];
 
 /// Key of the advisory lock held while migrating, so nodes starting together migrate one
 /// after the other ("parlor_m").

@@ -39,11 +39,11 @@ use crate::model::{
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
-    include_str!("migrations/sqlite/0001_init.sql"),
-    include_str!("migrations/sqlite/0002_compact_room_keys.sql"),
-    include_str!("migrations/sqlite/0003_domain_admin.sql"),
-    include_str!("migrations/sqlite/0004_ai.sql"),
-    include_str!("migrations/sqlite/0005_handoff.sql"),
+    include_str!("../migrations/sqlite/0001_init.sql"),
+    include_str!("../migrations/sqlite/0002_compact_room_keys.sql"),
+    include_str!("../migrations/sqlite/0003_domain_admin.sql"),
+    include_str!("../migrations/sqlite/0004_ai.sql"),
+    include_str!("../migrations/sqlite/0005_handoff.sql"),
 ];
 
 /// Column list matching [`row_to_message`], for `FROM messages m JOIN rooms r`
