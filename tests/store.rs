@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use parlor::config::StoreConfig;
 use parlor::model::{Author, Conversation, Message, NewMessage, RoomKey, RoomStatus, now_ms};
+use parlor::store::accounts::{AccountRole, NewAccount};
 use parlor::store::postgres::PostgresStore;
 use parlor::store::sqlite::SqliteStore;
 use parlor::store::{
@@ -273,6 +274,10 @@ macro_rules! conformance_suite {
             current transitions_are_stored_with_their_message,
             multi concurrent_transitions_are_decided_one_at_a_time,
             current inbox_lists_support_rooms_with_read_positions_and_notes,
+            current accounts_are_unique_per_domain_and_found_by_email,
+            current invites_are_used_once_and_expire,
+            current sessions_stand_for_their_accounts_until_they_end,
+            multi failed_sign_ins_lock_an_address_for_a_while,
         );
     };
     (@stories $backend:ident; $($flavor:ident $(#[$attr:meta])* $story:ident),* $(,)?) => {
@@ -497,6 +502,253 @@ fn waiting_decision() -> Decide {
 
 mod stories {
     use super::*;
+
+    fn new_account(id: &str, domain: &str, email: &str, role: AccountRole) -> NewAccount {
+        NewAccount {
+            id: id.into(),
+            domain_id: domain.into(),
+            email: email.into(),
+            name: format!("Name of {id}"),
+            role,
+        }
+    }
+
+    /// An e-mail address has one account per domain at most, and is found in every domain;
+    /// a password hash is kept and reported as set, never as part of an account.
+    pub async fn accounts_are_unique_per_domain_and_found_by_email(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let ann = store
+            .create_account(new_account(
+                "a1",
+                "shop",
+                "ann@x.example",
+                AccountRole::Agent,
+            ))
+            .await
+            .expect("create")
+            .expect("new");
+        assert_eq!(
+            (
+                ann.domain_id.as_str(),
+                ann.email.as_str(),
+                ann.role,
+                ann.has_password
+            ),
+            ("shop", "ann@x.example", AccountRole::Agent, false)
+        );
+        let again = store
+            .create_account(new_account(
+                "a2",
+                "shop",
+                "ann@x.example",
+                AccountRole::Admin,
+            ))
+            .await
+            .expect("create");
+        assert_eq!(again, None, "one account per address and domain");
+        store
+            .create_account(new_account(
+                "a3",
+                "blog",
+                "ann@x.example",
+                AccountRole::Admin,
+            ))
+            .await
+            .expect("create")
+            .expect("another domain");
+        store
+            .create_account(new_account(
+                "a4",
+                "shop",
+                "bob@x.example",
+                AccountRole::Agent,
+            ))
+            .await
+            .expect("create")
+            .expect("new");
+        let ids = |accounts: Vec<parlor::store::accounts::Account>| {
+            accounts.into_iter().map(|a| a.id).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            ids(store.domain_accounts("shop").await.unwrap()),
+            ["a1", "a4"]
+        );
+        assert_eq!(
+            ids(store.domain_accounts("none").await.unwrap()),
+            Vec::<String>::new()
+        );
+        let creds = store.credentials("ann@x.example").await.unwrap();
+        assert_eq!(
+            creds
+                .iter()
+                .map(|(a, h)| (a.id.as_str(), h.clone()))
+                .collect::<Vec<_>>(),
+            [("a1", None), ("a3", None)]
+        );
+        assert!(store.set_password("a1", "$argon2id$fake").await.unwrap());
+        assert!(!store.set_password("nobody", "x").await.unwrap());
+        let creds = store.credentials("ann@x.example").await.unwrap();
+        assert_eq!(creds[0].1.as_deref(), Some("$argon2id$fake"));
+        assert!(creds[0].0.has_password && !creds[1].0.has_password);
+        assert_eq!(
+            store.account("a3").await.unwrap().unwrap().role,
+            AccountRole::Admin
+        );
+        assert!(store.delete_account("a3").await.unwrap());
+        assert!(!store.delete_account("a3").await.unwrap());
+        assert_eq!(store.account("a3").await.unwrap(), None);
+        assert_eq!(store.credentials("nobody@x.example").await.unwrap(), vec![]);
+    }
+
+    /// An invite works once, not after it expires, and a new one voids the old.
+    pub async fn invites_are_used_once_and_expire(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        store
+            .create_account(new_account(
+                "a1",
+                "shop",
+                "ann@x.example",
+                AccountRole::Agent,
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        let now = chrono::Utc::now();
+        let later = now + chrono::Duration::days(7);
+        store.replace_invite("a1", "h1", later).await.unwrap();
+        store.replace_invite("a1", "h2", later).await.unwrap();
+        assert_eq!(store.take_invite("h1", now).await.unwrap(), None, "voided");
+        let taken = store.take_invite("h2", now).await.unwrap().expect("valid");
+        assert_eq!(taken.id, "a1");
+        assert_eq!(store.take_invite("h2", now).await.unwrap(), None, "used");
+        store.replace_invite("a1", "h3", now).await.unwrap();
+        assert_eq!(store.take_invite("h3", now).await.unwrap(), None, "expired");
+        store.replace_invite("a1", "h4", later).await.unwrap();
+        assert!(store.delete_account("a1").await.unwrap());
+        assert_eq!(
+            store.take_invite("h4", now).await.unwrap(),
+            None,
+            "account gone"
+        );
+    }
+
+    /// A session stands for its accounts until it expires or ends, or loses its last
+    /// account.
+    pub async fn sessions_stand_for_their_accounts_until_they_end(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        for (id, domain) in [("a1", "shop"), ("a2", "blog")] {
+            store
+                .create_account(new_account(id, domain, "ann@x.example", AccountRole::Agent))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let now = chrono::Utc::now();
+        let ends = now + chrono::Duration::days(7);
+        let both = ["a1".to_owned(), "a2".to_owned()];
+        store
+            .create_session("s1", "ann@x.example", &both, ends)
+            .await
+            .unwrap();
+        store
+            .create_session("s2", "ann@x.example", &both[..1], ends)
+            .await
+            .unwrap();
+        let s = store.session("s1", now).await.unwrap().expect("live");
+        assert_eq!(s.email, "ann@x.example");
+        assert_eq!(
+            s.accounts.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+            ["a1", "a2"]
+        );
+        assert_eq!(
+            store
+                .session("s1", ends + chrono::Duration::seconds(1))
+                .await
+                .unwrap(),
+            None,
+            "expired"
+        );
+        assert_eq!(store.session("nope", now).await.unwrap(), None);
+        // Removing an account leaves the sessions of the others; one left with none ends.
+        assert!(store.delete_account("a1").await.unwrap());
+        let s = store.session("s1", now).await.unwrap().expect("still a2");
+        assert_eq!(s.accounts.len(), 1);
+        assert_eq!(store.session("s2", now).await.unwrap(), None);
+        store
+            .create_session("s3", "ann@x.example", &both[1..], ends)
+            .await
+            .unwrap();
+        assert_eq!(store.delete_sessions_of("a2").await.unwrap(), 2);
+        assert_eq!(store.session("s1", now).await.unwrap(), None);
+        assert_eq!(store.session("s3", now).await.unwrap(), None);
+        store
+            .create_session("s4", "ann@x.example", &both[1..], ends)
+            .await
+            .unwrap();
+        store.delete_session("s4").await.unwrap();
+        assert_eq!(store.session("s4", now).await.unwrap(), None);
+    }
+
+    /// The fifth failure within the window locks the address, even when failures come at
+    /// once; a success forgets them.
+    pub async fn failed_sign_ins_lock_an_address_for_a_while(ctx: &mut Ctx) {
+        let store = Arc::clone(&ctx.store);
+        let now = chrono::Utc::now();
+        let window = chrono::Duration::minutes(15);
+        let tries: Vec<_> = (0..4)
+            .map(|_| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    store
+                        .sign_in_failed("eve@x.example", now, window, 5, window)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        for t in tries {
+            assert_eq!(t.await.unwrap(), None);
+        }
+        assert_eq!(
+            store.sign_in_lock("eve@x.example", now).await.unwrap(),
+            None
+        );
+        let locked = store
+            .sign_in_failed("eve@x.example", now, window, 5, window)
+            .await
+            .unwrap()
+            .expect("the fifth locks");
+        assert_eq!(locked.timestamp_millis(), (now + window).timestamp_millis());
+        assert_eq!(
+            store
+                .sign_in_lock("eve@x.example", now)
+                .await
+                .unwrap()
+                .map(|l| l.timestamp_millis()),
+            Some(locked.timestamp_millis())
+        );
+        assert_eq!(
+            store
+                .sign_in_lock("eve@x.example", now + window)
+                .await
+                .unwrap(),
+            None,
+            "over"
+        );
+        assert_eq!(
+            store.sign_in_lock("other@x.example", now).await.unwrap(),
+            None
+        );
+        store.sign_in_succeeded("eve@x.example").await.unwrap();
+        assert_eq!(
+            store
+                .sign_in_failed("eve@x.example", now, window, 5, window)
+                .await
+                .unwrap(),
+            None,
+            "counting starts over"
+        );
+    }
 
     /// Each room counts 1, 2, 3… on its own, however appends to rooms interleave.
     pub async fn append_numbers_each_room_from_one(ctx: &mut Ctx) {

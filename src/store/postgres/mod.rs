@@ -40,6 +40,8 @@
 //! is back. A transaction left idle by a vanished node is ended by the server after
 //! [`IDLE_IN_TRANSACTION`], which frees its room locks.
 
+mod accounts;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::str::FromStr;
@@ -65,7 +67,10 @@ use crate::model::{
 
 /// Schema migrations, applied in order; the table `parlor_schema_migrations` records which
 /// ran.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/postgres/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/postgres/0001_init.sql"),
+    include_str!("../migrations/postgres/0002_accounts.sql"),
+];
 
 /// Key of the advisory lock held while migrating, so nodes starting together migrate one
 /// after the other ("parlor_m").

@@ -15,6 +15,8 @@
 //! before `COMMIT` returns, so it survives `kill -9` of Parlor; `full` adds an fsync per
 //! commit for power-loss durability.
 
+mod accounts;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -44,6 +46,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0003_domain_admin.sql"),
     include_str!("../migrations/sqlite/0004_ai.sql"),
     include_str!("../migrations/sqlite/0005_handoff.sql"),
+    include_str!("../migrations/sqlite/0006_accounts.sql"),
 ];
 
 /// Column list matching [`row_to_message`], for `FROM messages m JOIN rooms r`
@@ -118,6 +121,51 @@ enum WriteOp {
         oneshot::Sender<Result<Option<Conversation>, StoreError>>,
     ),
     AddNote(NewNote, oneshot::Sender<Result<Note, StoreError>>),
+    /// A write of another part of the store (accounts): it runs inside the batch's
+    /// transaction like the others and is answered after `COMMIT`.
+    Job(Box<dyn Job>),
+}
+
+/// A write given to the writer as a closure ([`SqliteStore::run`]).
+trait Job: Send {
+    /// Runs the write in the open transaction. After a rollback (a failed batch is retried
+    /// one operation at a time) it runs again, so it must not depend on having run before.
+    fn run(&self, conn: &Connection) -> Result<(), StoreError>;
+    /// Answers with the result of the last run, once committed.
+    fn answer(self: Box<Self>);
+    /// Answers with `e`.
+    fn fail(self: Box<Self>, e: &StoreError);
+}
+
+/// A [`Job`] made of a closure and the channel its caller waits on.
+struct Task<T, F> {
+    work: F,
+    result: parking_lot::Mutex<Option<T>>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Job for Task<T, F>
+where
+    T: Send,
+    F: Fn(&Connection) -> Result<T, StoreError> + Send,
+{
+    fn run(&self, conn: &Connection) -> Result<(), StoreError> {
+        let value = (self.work)(conn)?;
+        *self.result.lock() = Some(value);
+        Ok(())
+    }
+
+    fn answer(self: Box<Self>) {
+        let result = self
+            .result
+            .into_inner()
+            .ok_or_else(|| StoreError::Corrupt("a write was answered before it ran".into()));
+        let _ = self.reply.send(result);
+    }
+
+    fn fail(self: Box<Self>, e: &StoreError) {
+        let _ = self.reply.send(Err(e.clone()));
+    }
 }
 
 /// A finished operation's result, held until the batch commits.
@@ -136,6 +184,7 @@ enum Done {
         oneshot::Sender<Result<Option<Conversation>, StoreError>>,
     ),
     Note(Note, oneshot::Sender<Result<Note, StoreError>>),
+    Job(Box<dyn Job>),
 }
 
 impl SqliteStore {
@@ -207,6 +256,23 @@ impl SqliteStore {
             writer.send(make(tx)).map_err(|_| StoreError::Closed)?;
         }
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `work` on the writer, inside one of its transactions (group-committed with the
+    /// other writes), and returns its result once committed.
+    async fn run<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.write(|reply| {
+            WriteOp::Job(Box::new(Task {
+                work,
+                result: parking_lot::Mutex::new(None),
+                reply,
+            }))
+        })
+        .await
     }
 
     async fn read<T: Send + 'static>(
@@ -608,6 +674,7 @@ impl Writer {
                 self.first_response(key, *at).map(Applied::FirstResponse)
             }
             WriteOp::AddNote(note, _) => self.add_note(note).map(Applied::Note),
+            WriteOp::Job(job) => job.run(&self.conn).map(|()| Applied::Unit),
             WriteOp::Usage(r, _) => {
                 let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
                 self.conn
@@ -1025,6 +1092,7 @@ impl Writer {
                 Done::Note(n, tx) => {
                     let _ = tx.send(Ok(n));
                 }
+                Done::Job(job) => job.answer(),
             }
         }
     }
@@ -1057,6 +1125,7 @@ impl Applied {
                 Done::FirstResponse(c, tx)
             }
             (Applied::Note(n), WriteOp::AddNote(_, tx)) => Done::Note(n, tx),
+            (Applied::Unit, WriteOp::Job(job)) => Done::Job(job),
             // `apply` maps each operation to its own result kind, so this cannot happen; if it
             // ever did, the caller gets an error rather than a wrong answer.
             (_, op) => {
@@ -1070,6 +1139,7 @@ impl Applied {
 fn fail(op: WriteOp, e: &StoreError) {
     let err = || e.clone();
     match op {
+        WriteOp::Job(job) => job.fail(e),
         WriteOp::Append(_, tx) => {
             let _ = tx.send(Err(err()));
         }
