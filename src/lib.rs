@@ -99,6 +99,8 @@ pub struct AppInner {
     pub handoff: Arc<HandoffService>,
     /// Domain administration (the admin API).
     pub domain_admin: Arc<DomainService>,
+    /// Agent accounts and their sign-in (`docs/accounts.md`).
+    pub accounts: Arc<crate::service::accounts::AccountService>,
     /// Message distribution between nodes.
     pub broker: Arc<dyn Broker>,
     /// Cluster-wide rate limits, counters, online users and claims (Redis with the Redis
@@ -275,7 +277,12 @@ impl App {
                 }
             }
         });
+        let accounts = Arc::new(crate::service::accounts::AccountService::new(
+            Arc::clone(&store),
+            Arc::clone(&domains),
+        ));
         let state = AppState(Arc::new(AppInner {
+            accounts,
             ai,
             handoff,
             auth,

@@ -4,6 +4,7 @@
 //! services ask [`auth::policy`](crate::auth::policy), use the store and the hub, and return
 //! typed results or a [`ServiceError`] with a stable code. Services never see a wire format.
 
+pub mod accounts;
 pub mod ai;
 pub mod chat;
 pub mod domains;
@@ -26,6 +27,14 @@ pub enum ServiceError {
     /// A size limit was exceeded (`message_too_long`).
     #[error("{message}")]
     TooLarge {
+        /// Stable code.
+        code: &'static str,
+        /// Human-readable explanation.
+        message: String,
+    },
+    /// The caller could not be identified (`invalid_credentials`, `not_signed_in`).
+    #[error("{message}")]
+    Unauthenticated {
         /// Stable code.
         code: &'static str,
         /// Human-readable explanation.
@@ -85,6 +94,7 @@ impl ServiceError {
             | ServiceError::Conflict { code, .. }
             | ServiceError::NotFound { code, .. }
             | ServiceError::NotAvailable { code, .. }
+            | ServiceError::Unauthenticated { code, .. }
             | ServiceError::Limited { code, .. } => code,
             ServiceError::Forbidden(_) => "forbidden",
             ServiceError::RoomNotFound => "room_not_found",

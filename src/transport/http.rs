@@ -103,6 +103,7 @@ impl From<ServiceError> for ApiError {
         let status = match &e {
             ServiceError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ServiceError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ServiceError::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             ServiceError::Forbidden(_) => StatusCode::FORBIDDEN,
             ServiceError::RoomNotFound | ServiceError::NotFound { .. } => StatusCode::NOT_FOUND,
             ServiceError::NotAvailable { .. } => StatusCode::SERVICE_UNAVAILABLE,

@@ -13,6 +13,7 @@
 //! [`router`] assembles them into one axum app, apart from serving it, so tests can drive it
 //! with `oneshot` or a real listener.
 
+pub mod accounts;
 pub mod admin;
 pub mod ai;
 pub mod edge;
@@ -48,6 +49,11 @@ pub fn router(state: AppState) -> Router {
         .route("/widget.js", get(web::widget))
         .route("/inbox", get(web::inbox))
         .route("/api/dev/agent-token", post(web::dev_agent_token))
+        .route("/api/auth/login", post(accounts::login))
+        .route("/api/auth/invite", post(accounts::accept_invite))
+        .route("/api/auth/session", get(accounts::session))
+        .route("/api/auth/token", post(accounts::token))
+        .route("/api/auth/logout", post(accounts::logout))
         .route("/health", get(http::health))
         .route("/metrics", get(http::metrics))
         .route("/ws", get(ws::upgrade))
@@ -86,6 +92,22 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/admin/domains/{id}/keys/{key_id}",
             axum::routing::delete(admin::delete_key),
+        )
+        .route(
+            "/api/admin/domains/{id}/agents",
+            get(accounts::list).post(accounts::create),
+        )
+        .route(
+            "/api/admin/domains/{id}/agents/{account}",
+            axum::routing::delete(accounts::remove),
+        )
+        .route(
+            "/api/admin/domains/{id}/agents/{account}/invite",
+            post(accounts::reinvite),
+        )
+        .route(
+            "/api/admin/domains/{id}/agents/{account}/sessions/revoke",
+            post(accounts::revoke_sessions),
         )
         .route(
             "/api/admin/domains/{id}/knowledge",
