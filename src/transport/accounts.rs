@@ -3,9 +3,11 @@
 //! Sign-in, for Parlor's own pages (the inbox), with a session cookie:
 //! - `POST /api/auth/login {email, password}` — sets the cookie; the session.
 //! - `POST /api/auth/invite {token, password}` — uses an invite: sets the password, signs in.
-//! - `GET /api/auth/session` — who is signed in, with their accounts (one per domain).
+//! - `GET /api/auth/session` — who is signed in, with their accounts (one per domain), or
+//!   `{"signedIn": false}`.
 //! - `POST /api/auth/token {domainId}` — a 15-minute agent (or admin) token of one of them.
 //! - `POST /api/auth/logout` — ends the session, clears the cookie.
+//! - `GET /api/auth/methods` — which ways of signing in this client has.
 //!
 //! The cookie (`HttpOnly`, `SameSite=Strict`) is read by these routes only; everything else
 //! takes the tokens `/api/auth/token` hands out. Each of them refuses a request a page of
@@ -100,7 +102,12 @@ fn session_json(app: &AppState, session: &Session) -> Value {
             })
         })
         .collect();
-    json!({ "email": session.email, "accounts": accounts, "expiresAt": iso(session.expires_at) })
+    json!({
+        "signedIn": true,
+        "email": session.email,
+        "accounts": accounts,
+        "expiresAt": iso(session.expires_at),
+    })
 }
 
 /// Answers a new session: its JSON, and the cookie.
@@ -134,18 +141,34 @@ async fn limit(app: &AppState, ip: Option<std::net::IpAddr>) -> Result<(), ApiEr
     Ok(())
 }
 
-/// The session of the request's cookie, or 401.
-async fn current(app: &AppState, headers: &HeaderMap) -> Result<(String, Session), ApiError> {
-    let not_signed_in = || {
-        app.metrics.client_error("not_signed_in");
-        ApiError::unauthorized("not_signed_in", "sign in first")
+/// The session of the request's cookie (and the cookie's value), if it is live.
+async fn lookup(
+    app: &AppState,
+    headers: &HeaderMap,
+) -> Result<Option<(String, Session)>, ApiError> {
+    let Some(token) = cookie(headers) else {
+        return Ok(None);
     };
-    let token = cookie(headers).ok_or_else(not_signed_in)?.to_owned();
-    match app.accounts.session(&token).await {
-        Ok(Some(session)) => Ok((token, session)),
-        Ok(None) => Err(not_signed_in()),
+    match app.accounts.session(token).await {
+        Ok(session) => Ok(session.map(|s| (token.to_owned(), s))),
         Err(e) => Err(service(app, e)),
     }
+}
+
+/// The session of the request's cookie, or 401 `not_signed_in`.
+async fn current(app: &AppState, headers: &HeaderMap) -> Result<(String, Session), ApiError> {
+    lookup(app, headers).await?.ok_or_else(|| {
+        app.metrics.client_error("not_signed_in");
+        ApiError::unauthorized("not_signed_in", "sign in first")
+    })
+}
+
+/// `GET /api/auth/methods`: how this client can sign in here, for the inbox's sign-in page:
+/// `{passwords: true, devLogin}` (`devLogin`: the development login is on and answers this
+/// address).
+pub async fn methods(State(app): State<AppState>, ClientIp(ip): ClientIp) -> Response {
+    let dev = app.config.web.dev_login && ip.is_some_and(super::web::is_loopback);
+    Json(json!({ "passwords": true, "devLogin": dev })).into_response()
 }
 
 /// Body of `POST /api/auth/login`.
@@ -198,14 +221,18 @@ pub async fn accept_invite(
     Ok(signed_in(&app, &headers, &signed))
 }
 
-/// `GET /api/auth/session`
+/// `GET /api/auth/session`: the session, or `{"signedIn": false}` (a normal state for the
+/// sign-in page to ask about, so not an error).
 pub async fn session(
     State(app): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     own_page(&app, &headers)?;
-    let (_, session) = current(&app, &headers).await?;
-    let mut res = Json(session_json(&app, &session)).into_response();
+    let body = match lookup(&app, &headers).await? {
+        Some((_, session)) => session_json(&app, &session),
+        None => json!({ "signedIn": false }),
+    };
+    let mut res = Json(body).into_response();
     res.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(res)

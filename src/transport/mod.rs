@@ -54,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/auth/session", get(accounts::session))
         .route("/api/auth/token", post(accounts::token))
         .route("/api/auth/logout", post(accounts::logout))
+        .route("/api/auth/methods", get(accounts::methods))
         .route("/health", get(http::health))
         .route("/metrics", get(http::metrics))
         .route("/ws", get(ws::upgrade))

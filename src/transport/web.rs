@@ -226,7 +226,7 @@ pub async fn dev_agent_token(
 }
 
 /// Whether `ip` is this machine (IPv4 or IPv6 loopback, or IPv4 loopback mapped to IPv6).
-fn is_loopback(ip: std::net::IpAddr) -> bool {
+pub(crate) fn is_loopback(ip: std::net::IpAddr) -> bool {
     match ip {
         std::net::IpAddr::V4(v4) => v4.is_loopback(),
         std::net::IpAddr::V6(v6) => v6

@@ -358,7 +358,7 @@ async function main() {
     await step('agent assignment: development login, the 🚨 waiting entry, "Assign to me"', async () => {
       await aPage.goto(`${server.base}/inbox`);
       await aPage.getByLabel('Development login').fill('Alice');
-      await aPage.getByRole('button', { name: 'Sign in', exact: true }).click();
+      await aPage.getByRole('button', { name: 'Sign in to the demo' }).click();
       await visible(aPage.getByText('Signed in as Alice'), 'the signed-in agent\'s name');
       agentToken = (await ib.agent()).token;
       const entry = ib.entry(roomId);
@@ -577,7 +577,7 @@ async function main() {
       const bob = inbox(bobPage);
       await bobPage.goto(`${server.base}/inbox`);
       await bobPage.getByLabel('Development login').fill('Bob');
-      await bobPage.getByRole('button', { name: 'Sign in', exact: true }).click();
+      await bobPage.getByRole('button', { name: 'Sign in to the demo' }).click();
       await visible(bob.entry(visitorB.roomId), 'the conversation in Bob\'s inbox');
 
       await ib.button('Transfer…').click();
@@ -722,21 +722,23 @@ async function main() {
       }
     });
 
-    await step('a server with the development login off: the inbox explains it and offers the token form', async () => {
+    await step('a server with the development login off: the inbox offers e-mail sign-in and the token form only', async () => {
       const config = path.join(dir, 'no-dev-login.toml');
       fs.writeFileSync(config, '[web]\ndev_login = false\n');
       const locked = new Server(await freePort(), path.join(dir, 'locked.db'), config);
       extraServers.push(locked);
       await locked.start();
       const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
-      // Both sign-ins fail on purpose: 404 dev_login_disabled, then 401 for the bad token.
-      const page = watch(await context.newPage(), 'inbox (dev login off)', /status of (404|401)/);
+      // Both sign-ins fail on purpose: 401 for the unknown account, then for the bad token.
+      const page = watch(await context.newPage(), 'inbox (dev login off)', /status of 401/);
       pages.push(page);
       await page.goto(`${locked.base}/inbox`);
-      await page.getByLabel('Development login').fill('Mallory');
+      await page.getByLabel('E-mail').fill('mallory@example.com');
+      await page.getByLabel('Password', { exact: true }).fill('not the password');
       await page.getByRole('button', { name: 'Sign in', exact: true }).click();
-      await visible(page.getByText('The development login is turned off on this server'), 'the explanation that the development login is off');
-      check(!(await page.getByLabel('Development login').isVisible()), 'the development login form is hidden');
+      await visible(page.getByText('Wrong e-mail address or password.'), 'a refused sign-in explained');
+      await page.getByText('Other ways to sign in').click();
+      check(!(await page.getByLabel('Development login').isVisible()), 'the development login is not offered');
       await visible(page.getByRole('textbox', { name: 'Agent token' }), 'the agent token form');
       await page.getByRole('textbox', { name: 'Agent token' }).fill('not-a-token');
       await page.getByRole('button', { name: 'Sign in with token' }).click();
