@@ -131,6 +131,9 @@ pub struct Metrics {
     /// Connections closed with 4009 because a gap could not be filled: they reconnect and
     /// recover with `since`.
     pub stream_resyncs: Family<AtLabel, Counter>,
+    /// Visitor messages nobody will answer, by why (`no_assistant_no_handoff`: the domain
+    /// has neither an assistant nor hand-off).
+    pub unanswered: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -258,8 +261,15 @@ impl Metrics {
             "Connections told to reconnect because a gap could not be filled",
             stream_resyncs.clone(),
         );
+        let unanswered = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "unanswered",
+            "Visitor messages nobody will answer, by reason",
+            unanswered.clone(),
+        );
         Self {
             registry,
+            unanswered,
             stream_gaps,
             stream_filled,
             stream_tail_repairs,
@@ -294,6 +304,11 @@ impl Metrics {
     /// Counts one refused request.
     pub fn client_error(&self, code: &'static str) {
         self.client_errors.get_or_create(&CodeLabel { code }).inc();
+    }
+
+    /// Counts a visitor message left without an answer.
+    pub fn unanswered(&self, reason: &'static str) {
+        self.unanswered.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// Counts one closed connection.

@@ -117,6 +117,7 @@ async fn a_visitor_message_gets_a_streamed_reply_stored_once_for_every_member() 
 async fn the_demo_answers_from_its_knowledge_base_without_any_key() {
     let s = TestServer::start_with(|c| {
         c.domains[0].bot.as_mut().unwrap().enabled = true;
+        c.domains[0].handoff.enabled = true;
     })
     .await;
     let mut visitor = s.connect().await;

@@ -29,9 +29,9 @@ async fn server(fake: &FakeVendor) -> TestServer {
                 ..BotConfig::default()
             }),
             visitor_rooms: VisitorRooms::Owned,
-            ..DomainConfig::new("shop", "Shop")
+            ..common::chat_domain("shop", "Shop")
         });
-        c.domains.push(DomainConfig::new("nobot", "No bot"));
+        c.domains.push(common::chat_domain("nobot", "No bot"));
     })
     .await
 }

@@ -151,7 +151,7 @@ async fn a_knowledge_folder_is_reindexed_when_a_file_changes() {
                 knowledge_check_secs: 1,
                 ..BotConfig::default()
             }),
-            ..DomainConfig::new("shop", "Shop")
+            ..common::chat_domain("shop", "Shop")
         });
     })
     .await;

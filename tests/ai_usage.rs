@@ -48,11 +48,11 @@ async fn setup(fake: &FakeVendor, bot: impl FnOnce(&mut BotConfig) + Send + 'sta
         c.domains.push(DomainConfig {
             server_keys: vec![shop_entry],
             bot: Some(b),
-            ..DomainConfig::new("shop", "Shop")
+            ..common::chat_domain("shop", "Shop")
         });
         c.domains.push(DomainConfig {
             server_keys: vec![other_entry],
-            ..DomainConfig::new("other", "Other")
+            ..common::chat_domain("other", "Other")
         });
     })
     .await;

@@ -24,7 +24,7 @@ async fn server() -> (TestServer, String, String) {
         c.domains.push(DomainConfig {
             server_keys: vec![acme_entry],
             allowed_origins: vec!["https://acme.example".into()],
-            ..DomainConfig::new("acme", "Acme")
+            ..common::chat_domain("acme", "Acme")
         });
     })
     .await;
@@ -62,7 +62,9 @@ fn globex_settings() -> Value {
         "visitorRooms": "owned",
         "allowedOrigins": ["https://globex.example"],
         "jwt": { "secret": HS_SECRET, "issuer": ["https://id.globex.example"] },
-        "limits": { "maxConnections": 2 }
+        "limits": { "maxConnections": 2 },
+        // Plain chat rooms (no assistant, no hand-off), so nothing but the test writes.
+        "handoff": { "enabled": false }
     })
 }
 

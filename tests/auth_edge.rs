@@ -18,7 +18,7 @@ async fn server(
     TestServer::start_with(move |c| {
         c.domains.push(DomainConfig {
             allowed_origins: vec![SHOP.into()],
-            ..DomainConfig::new("shop", "Shop")
+            ..common::chat_domain("shop", "Shop")
         });
         configure(c);
     })

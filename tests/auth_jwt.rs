@@ -120,7 +120,7 @@ async fn server(jwks_url: Option<&str>) -> TestServer {
                 claims: nested_claims(),
                 ..JwtConfig::default()
             }),
-            ..DomainConfig::new("hs", "HS256 back end")
+            ..common::chat_domain("hs", "HS256 back end")
         });
         c.domains.push(DomainConfig {
             jwt: Some(JwtConfig {
@@ -131,7 +131,7 @@ async fn server(jwks_url: Option<&str>) -> TestServer {
                 claims: nested_claims(),
                 ..JwtConfig::default()
             }),
-            ..DomainConfig::new("pem", "PEM keys")
+            ..common::chat_domain("pem", "PEM keys")
         });
         if let Some(url) = jwks_url {
             c.domains.push(DomainConfig {
@@ -144,7 +144,7 @@ async fn server(jwks_url: Option<&str>) -> TestServer {
                     claims: nested_claims(),
                     ..JwtConfig::default()
                 }),
-                ..DomainConfig::new("jwks", "JWKS")
+                ..common::chat_domain("jwks", "JWKS")
             });
         }
     })
@@ -468,7 +468,7 @@ async fn unusable_domain_jwt_settings_stop_the_server_from_starting() {
         };
         config.domains.push(DomainConfig {
             jwt: Some(jwt),
-            ..DomainConfig::new("bad", "")
+            ..common::chat_domain("bad", "")
         });
         let err = match parlor::App::build(config, tokio_util::sync::CancellationToken::new()).await
         {
@@ -492,7 +492,7 @@ async fn every_configured_algorithm_verifies_and_only_those() {
                 issuer: vec![iss.into()],
                 ..jwt
             }),
-            ..DomainConfig::new(id, id)
+            ..common::chat_domain(id, id)
         };
         c.domains.push(domain(
             "ed",

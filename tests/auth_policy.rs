@@ -14,7 +14,7 @@ async fn server() -> TestServer {
         for id in ["acme", "globex"] {
             c.domains.push(DomainConfig {
                 visitor_rooms: VisitorRooms::Owned,
-                ..DomainConfig::new(id, id)
+                ..common::chat_domain(id, id)
             });
         }
     })

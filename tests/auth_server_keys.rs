@@ -23,11 +23,11 @@ async fn server() -> (TestServer, Keys) {
     let s = TestServer::start_with(move |c| {
         c.domains.push(DomainConfig {
             server_keys: vec![old_entry, new_entry],
-            ..DomainConfig::new("acme", "Acme")
+            ..common::chat_domain("acme", "Acme")
         });
         c.domains.push(DomainConfig {
             server_keys: vec![globex_entry],
-            ..DomainConfig::new("globex", "Globex")
+            ..common::chat_domain("globex", "Globex")
         });
     })
     .await;

@@ -41,6 +41,7 @@ async fn server() -> TestServer {
             if let Some(b) = d.bot.as_mut() {
                 b.enabled = true;
             }
+            d.handoff.enabled = true;
         }
         let mut acme = DomainConfig::new("acme", "Acme");
         acme.bot = c.domains[0].bot.clone();
@@ -613,6 +614,7 @@ async fn outside_business_hours_the_room_still_waits_with_the_away_text() {
     let today = chrono::Utc::now().weekday().num_days_from_monday() as usize;
     let other = days[(today + 3) % 7];
     let s = TestServer::start_with(move |c: &mut Config| {
+        c.domains[0].handoff.enabled = true;
         c.domains[0].handoff.business_hours = vec![format!("{other} 09:00-17:00")];
         c.domains[0].handoff.out_of_hours_text = "We're closed; we'll reply tomorrow.".into();
     })
@@ -655,6 +657,7 @@ async fn vendor_server(fake: &FakeVendor) -> TestServer {
             providers: vec!["fake".into()],
             ..BotConfig::default()
         });
+        c.domains[0].handoff.enabled = true;
     })
     .await
 }
@@ -980,4 +983,81 @@ async fn an_agent_replying_to_a_waiting_conversation_takes_it() {
         .get_with(&format!("/api/rooms/{other}/conversation"), &alice)
         .await;
     assert_eq!(c["status"], "bot", "{c}");
+}
+
+#[tokio::test]
+async fn a_domain_without_an_assistant_queues_its_visitors_for_a_person() {
+    let s = TestServer::start_with(|c: &mut Config| {
+        let mut people = DomainConfig::new("people", "People only");
+        people.visitor_rooms = parlor::config::VisitorRooms::Open;
+        c.domains.push(people);
+        let mut nobody = DomainConfig::new("nobody", "Nobody");
+        nobody.handoff.enabled = false;
+        c.domains.push(nobody);
+    })
+    .await;
+    let mut visitor = as_user(&s, "vic", "Vic", "visitor", "people").await;
+    let (joined, _) = visitor.join("support-vic", None).await;
+    assert_eq!(
+        joined["service"],
+        json!({ "assistant": false, "people": true, "open": true }),
+        "{joined}"
+    );
+    let mut agent = as_user(&s, "ann", "Ann", "agent", "people").await;
+    let inbox = ask(&mut agent, json!({ "type": "subscribe-inbox" })).await;
+    assert_eq!(inbox["type"], "inbox");
+
+    // The first message puts the conversation in the queue at once, with the notice.
+    visitor.say("support-vic", "Hello, is anyone there?", None).await;
+    let (mut status, mut notice) = (Value::Null, Value::Null);
+    while status.is_null() || notice.is_null() {
+        let f = visitor.recv().await;
+        if f["type"] == "room-status" {
+            status = f;
+        } else if f["type"] == "message-received" && f["role"] == "system" {
+            notice = f;
+        }
+    }
+    assert_eq!(status["conversation"]["status"], "waiting", "{status}");
+    assert_eq!(notice["message"], "⏱\u{fe0f} Connecting you to a support agent…");
+    let update = until(&mut agent, "inbox-update", |f| {
+        f["conversation"]["status"] == "waiting"
+    })
+    .await;
+    assert_eq!(update["conversation"]["roomId"], "support-vic", "{update}");
+    // Writing again changes nothing; nor does a visitor writing in someone else's room.
+    visitor.say("support-vic", "Still here", None).await;
+    let mut guest = as_user(&s, "gus", "Gus", "visitor", "people").await;
+    guest.join("support-vic", None).await;
+    guest.say("support-vic", "Me too", None).await;
+    let (_, c) = s
+        .get_with(
+            "/api/rooms/support-vic/conversation",
+            &token("ann", "Ann", "agent", "people"),
+        )
+        .await;
+    assert_eq!(c["status"], "waiting", "{c}");
+    let all = visitor.stored("support-vic").await;
+    let statuses = all.iter().filter(|m| m["messageType"] == "status").count();
+    assert_eq!(statuses, 1, "{all:?}");
+
+    // With neither an assistant nor hand-off nobody answers: that is counted and logged.
+    let mut lonely = as_user(&s, "lou", "Lou", "visitor", "nobody").await;
+    let (joined, _) = lonely.join("support-lou", None).await;
+    assert_eq!(
+        joined["service"],
+        json!({ "assistant": false, "people": false, "open": true })
+    );
+    lonely.say("support-lou", "Hello?", None).await;
+    let mut counted = 0.0;
+    for _ in 0..100 {
+        counted = s
+            .metric("parlor_unanswered_total", "no_assistant_no_handoff")
+            .await;
+        if counted > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(counted, 1.0);
 }

@@ -425,7 +425,7 @@ async fn a_domains_daily_ai_budget_is_spent_across_servers() {
                 daily_token_budget: Some(40),
                 ..BotConfig::default()
             }),
-            ..DomainConfig::new("shop", "Shop")
+            ..common::chat_domain("shop", "Shop")
         });
     })
     .await;

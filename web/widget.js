@@ -310,6 +310,7 @@
     conn: 'idle', // idle | connecting | online | reconnecting
     status: 'bot', // bot | waiting | assigned | resolved
     assignee: null, // {userId, name}
+    service: null, // {assistant, people, open}: who answers here (from room-joined)
     statusSeq: -1, // the seq the status is known as of
     lastSeq: 0, // the highest seq drawn
     lastReadSent: 0,
@@ -505,6 +506,7 @@
         attempt = 0;
         // A reply being streamed comes again as one catch-up delta with the text so far.
         for (const messageId of [...streams.keys()]) dropStream(messageId);
+        if (frame.service) state.service = frame.service;
         if (frame.status) applyStatus(frame.status, frame.assignee ?? null, frame.lastSeq ?? 0);
         setConn('online');
         break;
@@ -820,12 +822,28 @@
     for (const li of ui.log.querySelectorAll('.has-actions')) renderActions(li);
   }
 
+  /** The header while nobody has taken the conversation: what is really there. */
+  function botView() {
+    const service = state.service || { assistant: true, people: true, open: true };
+    if (service.assistant) {
+      return ['Assistant', service.people ? 'AI assistant · a person when you need one' : 'AI assistant · replies instantly', 'A'];
+    }
+    if (service.people) {
+      return service.open
+        ? ['Support', 'A person will answer here shortly', 'S']
+        : ['Support', 'We are away now · leave a message', 'S'];
+    }
+    return ['Messages', 'Leave a message', 'M'];
+  }
+
   function renderHeader() {
     if (!ui.title) return;
     const agentName = state.assignee && state.assignee.name;
     const views = {
-      bot: ['Assistant', 'AI assistant · replies instantly', 'A'],
-      waiting: ['Waiting for an agent…', 'Someone from our team will be with you shortly', '…'],
+      bot: botView(),
+      waiting: ['Waiting for an agent…', state.service && !state.service.open
+        ? 'We are away now; a person will answer when we are back'
+        : 'Someone from our team will be with you shortly', '…'],
       assigned: [agentName || 'Support agent', 'Support agent', (agentName || 'S').charAt(0).toUpperCase()],
       resolved: ['Conversation resolved', 'Write again any time to reopen it', '✓'],
     };

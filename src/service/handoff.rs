@@ -80,6 +80,17 @@ impl Action {
 }
 
 /// An agent named in a request: an id and, optionally, a display name.
+/// Who answers a domain's visitors (see [`HandoffService::service`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Service {
+    /// An assistant answers (a bot with a provider or a knowledge base).
+    pub assistant: bool,
+    /// Conversations can be handed to people (hand-off is on).
+    pub people: bool,
+    /// Within business hours (always, without hours).
+    pub open: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentRef {
     /// User id.
@@ -219,6 +230,18 @@ impl HandoffService {
             && c.version > entry.conversation.version
         {
             entry.conversation = Arc::clone(c);
+        }
+    }
+
+    /// Who answers in the domain's support rooms right now, for the widget's header.
+    pub async fn service(&self, domain: &str) -> Service {
+        let settings = self.settings(domain);
+        Service {
+            assistant: self.ai.bot(domain).await.is_some(),
+            people: settings.enabled,
+            open: settings
+                .hours()
+                .map_or(true, |h| h.is_open(chrono::Utc::now())),
         }
     }
 
@@ -671,23 +694,87 @@ impl HandoffService {
             // Waiting for or talking to a human: the bot stays silent.
             return;
         }
-        // Without a bot there is nobody to answer or to offer a human.
-        let offer = {
-            let table = self.domains.load();
-            let Some(domain) = table.get(&key.domain_id) else {
-                return;
-            };
-            if !domain.settings.bot.as_ref().is_some_and(|b| b.enabled) {
+        let Some(settings) = self
+            .domains
+            .load()
+            .get(&key.domain_id)
+            .map(|d| d.settings.handoff.clone())
+        else {
+            return;
+        };
+        // Without an assistant, a person answers: the visitor's own conversation waits for
+        // one at once (as if the visitor had asked), so the message is never left in the
+        // void. (A visitor writing in someone else's room, a group chat, is not a request.)
+        if self.ai.bot(&key.domain_id).await.is_none() {
+            let own = state.created_by.as_deref() == Some(message.author.user_id.as_str());
+            if !own {
                 return;
             }
-            let h = &domain.settings.handoff;
-            (h.enabled && asks_for_human(&message.content, &h.phrases)).then(|| h.clone())
-        };
+            if settings.enabled {
+                self.wait_for_a_person(key, state, &settings).await;
+            } else {
+                self.metrics.unanswered("no_assistant_no_handoff");
+                tracing::warn!(
+                    room = %key,
+                    "a visitor wrote in a domain with neither an assistant nor hand-off: nobody will answer"
+                );
+            }
+            return;
+        }
+        let offer = (settings.enabled && asks_for_human(&message.content, &settings.phrases))
+            .then_some(settings);
         match offer {
             Some(settings) if self.ai.bot(&key.domain_id).await.is_some() => {
                 self.offer_human(key, &settings).await;
             }
             _ => self.ai.on_committed(Arc::clone(message), judged_at).await,
+        }
+    }
+
+    /// Puts a room of a domain without an assistant in the queue for a person, with the
+    /// usual "connecting" (or out-of-hours) notice, and announces it to the room and the
+    /// inbox like an escalation.
+    async fn wait_for_a_person(
+        &self,
+        key: &RoomKey,
+        state: &mut RoomState,
+        settings: &HandoffConfig,
+    ) {
+        let decide = decider(
+            Action::Escalate { reason: None },
+            None,
+            Agent {
+                user_id: "system".to_owned(),
+                name: "Parlor".to_owned(),
+            },
+            settings.clone(),
+        );
+        let before = Arc::clone(&state.conversation);
+        match self.store().transition(key, None, decide).await {
+            Ok(Transitioned {
+                conversation,
+                message,
+            }) => {
+                let c = Arc::new(conversation);
+                self.remember_conversation(&c);
+                if let Some(m) = message {
+                    self.metrics
+                        .handoff_transitions
+                        .get_or_create(&crate::metrics::ActionLabel { action: "escalate" })
+                        .inc();
+                    self.announce(
+                        &before,
+                        &c,
+                        m.message.seq,
+                        &Action::Escalate { reason: None },
+                    );
+                }
+                state.conversation = c;
+            }
+            Err(e) => {
+                self.metrics.unanswered("store_unavailable");
+                tracing::warn!(room = %key, error = %e, "cannot queue the conversation for a person");
+            }
         }
     }
 

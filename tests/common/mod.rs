@@ -50,12 +50,14 @@ impl TestServer {
         config.shutdown_timeout_ms = Duration::from_secs(5);
         config.database = format!("sqlite://{}", dir.path().join("parlor.db").display());
         config.auth.jwt_secret = Some(parlor::config::Secret::new(TEST_SECRET));
-        // The demo's assistant would answer every visitor message; tests that want it
-        // turn it back on.
+        // Plain chat rooms: the demo's assistant would answer every visitor message, and
+        // without it hand-off would queue every visitor's own room for a person; tests that
+        // want either turn it back on.
         for d in &mut config.domains {
             if let Some(bot) = d.bot.as_mut() {
                 bot.enabled = false;
             }
+            d.handoff.enabled = false;
         }
         configure(&mut config);
         config.validate().expect("valid test config");
@@ -184,6 +186,14 @@ pub async fn metric(url: &str, name: &str, filter: &str) -> f64 {
         .filter(|l| !l.starts_with('#') && l.starts_with(name) && l.contains(filter))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// A domain of plain chat rooms for tests that are not about the assistant or hand-off:
+/// without an assistant, hand-off would queue every visitor's own room for a person.
+pub fn chat_domain(id: &str, name: &str) -> parlor::config::DomainConfig {
+    let mut d = parlor::config::DomainConfig::new(id, name);
+    d.handoff.enabled = false;
+    d
 }
 
 /// A WebSocket client speaking JSON frames.

@@ -43,7 +43,7 @@ use crate::model::Message;
 use crate::model::{Conversation, Identity, RoomKey, RoomStatus, iso, now_ms};
 use crate::service::ServiceError;
 use crate::service::chat::{MAX_NAME_CHARS, Outgoing, not_joined};
-use crate::service::handoff::{Action, AgentRef};
+use crate::service::handoff::{Action, AgentRef, Service};
 use crate::store::CustomerProfile;
 
 /// Close code sent on graceful shutdown ("service restart"): reconnect, possibly elsewhere.
@@ -884,9 +884,12 @@ impl Connection {
             Err(e) => return self.service_error(socket, reply_to, &e).await,
         };
         self.current_room = Some(key.room_id.clone());
-        let status = self.app.handoff.status_of(&key).await;
+        let status = match self.app.handoff.status_of(&key).await {
+            Some(c) => Some((c, self.app.handoff.service(&key.domain_id).await)),
+            None => None,
+        };
         let mut sent = self
-            .send_joined(socket, &key, &joined, status.as_deref(), reply_to)
+            .send_joined(socket, &key, &joined, status.as_ref(), reply_to)
             .await;
         // A reply the assistant is streaming: its text so far, then the deltas that follow
         // (a delta whose index is not above this one's repeats text already given).
@@ -913,7 +916,7 @@ impl Connection {
         socket: &mut WsSocket,
         key: &RoomKey,
         joined: &Joined,
-        status: Option<&Conversation>,
+        status: Option<&(Arc<Conversation>, Service)>,
         reply_to: ReplyTo,
     ) -> Sent {
         let members: Vec<WireUser<'_>> = joined.members.iter().map(WireUser::from).collect();
@@ -926,10 +929,15 @@ impl Connection {
             "memberCount": joined.member_count,
             "timestamp": iso(now_ms()),
         });
-        // A support room says where it stands in the hand-off.
-        if let Some(c) = status {
+        // A support room says where it stands in the hand-off, and who answers there.
+        if let Some((c, service)) = status {
             frame["status"] = c.status.as_str().into();
             frame["assignee"] = c.assignee.as_ref().map_or(Value::Null, agent_json);
+            frame["service"] = json!({
+                "assistant": service.assistant,
+                "people": service.people,
+                "open": service.open,
+            });
         }
         socket.queue_text(&to_bytes(&frame));
         let chunk = self.app.config.limits.replay_chunk;
