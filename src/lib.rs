@@ -64,6 +64,31 @@ use crate::store::{Store, StoreError};
 /// `auth.jwt_secret` is not configured).
 pub const SIGNING_SECRET_SETTING: &str = "jwt_secret";
 
+/// An I/O error in words, without the system's error number: "connection refused", "the
+/// address is already in use". Errors people read use it instead of `io::Error`'s text.
+pub fn io_reason(e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    let text = match e.kind() {
+        ErrorKind::ConnectionRefused => "connection refused",
+        ErrorKind::ConnectionReset => "the connection was reset",
+        ErrorKind::TimedOut => "the connection timed out",
+        ErrorKind::AddrInUse => "the address is already in use",
+        ErrorKind::AddrNotAvailable => "the address is not one of this machine's",
+        ErrorKind::PermissionDenied => "permission denied",
+        ErrorKind::NotFound => "no such file or directory",
+        ErrorKind::HostUnreachable => "the host is unreachable",
+        ErrorKind::NetworkUnreachable => "the network is unreachable",
+        _ => {
+            let text = e.to_string();
+            return match text.find(" (os error") {
+                Some(end) => text[..end].to_owned(),
+                None => text,
+            };
+        }
+    };
+    text.to_owned()
+}
+
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
