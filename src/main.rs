@@ -31,12 +31,17 @@ struct Cli {
 enum Command {
     /// Run the server (the default).
     Serve(ServeArgs),
-    /// Print a connection token signed with the secret of the server whose configuration
-    /// and database it reads: `auth.jwt_secret`, or the secret the server generated in its
-    /// database. Run it where the server runs, or pass the server's `--config`/`--database`.
+    /// Print a connection token the server accepts.
+    ///
+    /// It is signed with the secret of the server whose configuration and database it
+    /// reads: `auth.jwt_secret`, or the secret the server generated in its database. Run it
+    /// where the server runs, or pass the server's `--config`/`--database`; it creates
+    /// nothing.
     Token(TokenArgs),
-    /// Make a new server API key for a domain's back end (`--domain`) or an admin key
-    /// (`--admin`), and the configuration entry (its hash) that accepts it.
+    /// Make a server API key or an admin key, with the configuration entry that accepts it.
+    ///
+    /// `--domain ID` makes a key for that domain's back end, `--admin` one for `/api/admin`.
+    /// The entry holds only the key's hash.
     Key(KeyArgs),
 }
 
