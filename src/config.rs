@@ -22,8 +22,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Address the HTTP and WebSocket listener binds to.
-    pub listen: SocketAddr,
+    /// Address the HTTP and WebSocket listener binds to: `HOST:PORT`, the host an IP
+    /// address or a name resolved at start-up. The default, `127.0.0.1:8080`, is reachable
+    /// from this machine only; servers and containers listen on `0.0.0.0:8080`.
+    pub listen: ListenAddr,
     /// Storage location: `sqlite://PATH` (created if missing), or
     /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE` (also `postgresql://`) for several
     /// nodes sharing one PostgreSQL database (its schema is created or migrated at start-up).
@@ -91,7 +93,7 @@ impl Default for WebConfig {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            listen: ListenAddr::new("127.0.0.1", 8080),
             database: "sqlite://parlor.db".to_owned(),
             broker: "memory".to_owned(),
             broker_prefix: "parlor".to_owned(),
@@ -108,6 +110,103 @@ impl Default for Config {
             web: WebConfig::default(),
             domains: vec![DomainConfig::demo()],
         }
+    }
+}
+
+/// A `HOST:PORT` to listen on. The host is an IP address (`127.0.0.1`, `[::1]`) or a name
+/// (`localhost`); a name is looked up when the server starts, so a typo is reported then,
+/// in a sentence, instead of failing the parse of the whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ListenAddr {
+    /// IP address or host name, without the brackets of an IPv6 address.
+    host: String,
+    port: u16,
+}
+
+impl ListenAddr {
+    /// `host:port`.
+    pub fn new(host: impl Into<String>, port: u16) -> Self {
+        Self {
+            host: host.into(),
+            port,
+        }
+    }
+
+    /// The IP address or host name.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port; 0 lets the system choose one.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The socket addresses the host stands for: an IP address as it is, a name as the
+    /// system's resolver answers (`localhost` is usually `127.0.0.1` and `::1`).
+    pub fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        if let Ok(ip) = self.host.parse::<std::net::IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, self.port)]);
+        }
+        std::net::ToSocketAddrs::to_socket_addrs(&(self.host.as_str(), self.port))
+            .map(Iterator::collect)
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "{s:?} is not HOST:PORT (write e.g. 127.0.0.1:8080, localhost:8080 or [::1]:8080)"
+            )
+        };
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port = port.parse::<u16>().map_err(|_| bad())?;
+        let host = match host.strip_prefix('[') {
+            Some(inner) => {
+                let inner = inner.strip_suffix(']').ok_or_else(bad)?;
+                inner.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?;
+                inner
+            }
+            // An IPv6 address needs its brackets: in `::1:8080` the port is ambiguous.
+            None if host.contains(':') => return Err(bad()),
+            None => host,
+        };
+        let valid_name = |h: &str| {
+            h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        };
+        if host.is_empty() || !(host.contains(':') || valid_name(host)) {
+            return Err(bad());
+        }
+        Ok(Self::new(host, port))
+    }
+}
+
+impl TryFrom<String> for ListenAddr {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<ListenAddr> for String {
+    fn from(addr: ListenAddr) -> String {
+        addr.to_string()
     }
 }
 
@@ -770,12 +869,28 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// Why a configuration was refused.
+/// Why a configuration was refused. Each is one sentence naming the key as the user wrote
+/// it: in the file (with its line) or as an environment variable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file or environment could not be parsed into [`Config`].
-    #[error("invalid configuration: {0}")]
-    Parse(#[from] Box<figment::Error>),
+    /// The configuration file is missing, unreadable or not TOML.
+    #[error("cannot read the configuration file {}: {reason}", path.display())]
+    File {
+        /// The file, as it was named.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A key of the file or the environment is unknown, or its value has the wrong type.
+    #[error("{place} {problem}")]
+    Key {
+        /// Where the key was written: "`limits.x` in parlor.toml, line 3", or "the
+        /// environment variable PARLOR_LIMITS__X".
+        place: String,
+        /// What is wrong, with a suggestion when one is close ("is not a configuration
+        /// key; did you mean …?").
+        problem: String,
+    },
     /// A value parsed but makes no sense.
     #[error("invalid configuration: {0}")]
     Invalid(String),
@@ -785,7 +900,7 @@ pub enum ConfigError {
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     /// `--listen`
-    pub listen: Option<SocketAddr>,
+    pub listen: Option<ListenAddr>,
     /// `--database`
     pub database: Option<String>,
     /// `--broker`
@@ -799,22 +914,20 @@ impl Config {
     /// then `PARLOR_*` variables, then `overrides`, and validates the result.
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        match file {
+        let file = match file {
             Some(path) => {
                 if !path.exists() {
-                    return Err(ConfigError::Invalid(format!(
-                        "config file {} does not exist",
-                        path.display()
-                    )));
+                    return Err(ConfigError::File {
+                        path: path.to_owned(),
+                        reason: "there is no such file".to_owned(),
+                    });
                 }
-                figment = figment.merge(Toml::file_exact(path));
+                Some(path.to_owned())
             }
-            None => {
-                let default = PathBuf::from("parlor.toml");
-                if default.exists() {
-                    figment = figment.merge(Toml::file_exact(default));
-                }
-            }
+            None => Some(PathBuf::from("parlor.toml")).filter(|p| p.exists()),
+        };
+        if let Some(path) = &file {
+            figment = figment.merge(Toml::file_exact(path));
         }
         // Only variables naming a configuration key are read: `PARLOR_TEST_*` configures the
         // test suite, `PARLOR_CONFIG` names the file, and a deployment may have other
@@ -824,9 +937,11 @@ impl Config {
             .filter(|key| is_config_key(key.as_str()))
             .split("__");
         figment = figment.merge(env);
-        let mut config: Config = figment.extract().map_err(Box::new)?;
-        if let Some(listen) = overrides.listen {
-            config.listen = listen;
+        let mut config: Config = figment
+            .extract()
+            .map_err(|e| explain::figment_error(e, file.as_deref()))?;
+        if let Some(listen) = &overrides.listen {
+            config.listen.clone_from(listen);
         }
         if let Some(database) = &overrides.database {
             config.database.clone_from(database);
@@ -1070,11 +1185,12 @@ pub fn redact_url(url: &str) -> String {
     let rest = &url[scheme_end..];
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     match rest[..authority_end].rfind('@') {
-        Some(at) => {
+        // Only a password is hidden: `postgres://parlor@db` has none to hide.
+        Some(at) if rest[..at].contains(':') => {
             let user = rest[..at].split(':').next().unwrap_or("");
             format!("{}{user}:…{}", &url[..scheme_end], &rest[at..])
         }
-        None => url.to_owned(),
+        _ => url.to_owned(),
     }
 }
 
@@ -1105,16 +1221,386 @@ fn is_config_key(key: &str) -> bool {
     TOP_LEVEL_KEYS.contains(&top)
 }
 
+/// A `PARLOR_*` variable that names no configuration key and was ignored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IgnoredVar {
+    /// The variable.
+    pub name: String,
+    /// The configuration variable it is probably a typo of (`PARLOR_LISTEN` for
+    /// `PARLOR_LISTN`).
+    pub suggestion: Option<String>,
+}
+
 /// `PARLOR_*` variables that are not configuration and were ignored (for a start-up warning).
-pub fn ignored_env_vars() -> Vec<String> {
+pub fn ignored_env_vars() -> Vec<IgnoredVar> {
     std::env::vars()
         .filter_map(|(name, _)| {
             let key = name.strip_prefix("PARLOR_")?;
             let lower = key.to_ascii_lowercase();
-            (!is_config_key(key) && !lower.starts_with("test_") && lower != "config")
-                .then_some(name)
+            if is_config_key(key) || lower.starts_with("test_") || lower == "config" {
+                return None;
+            }
+            let mut parts = lower.split("__");
+            let top = parts.next().unwrap_or_default();
+            let rest: Vec<&str> = parts.collect();
+            let suggestion = explain::closest(top, TOP_LEVEL_KEYS).map(|close| {
+                let mut var = format!("PARLOR_{}", close.to_ascii_uppercase());
+                for part in &rest {
+                    var.push_str("__");
+                    var.push_str(&part.to_ascii_uppercase());
+                }
+                var
+            });
+            Some(IgnoredVar { name, suggestion })
         })
         .collect()
+}
+
+/// Turns figment's errors into [`ConfigError`] sentences.
+///
+/// Figment knows the path of a bad key and which provider gave it, but prints the profile
+/// (`default.limits.x`), every allowed key and no line. This finds the key where the user
+/// wrote it: the environment variable (matched case-insensitively, as figment reads them)
+/// or the file, whose line it reads from the TOML with positions.
+mod explain {
+    use std::path::Path;
+
+    use figment::error::{Actual, Kind};
+    use figment::{Error, Source};
+
+    use super::ConfigError;
+
+    /// The prefix of the configuration's environment variables.
+    const PREFIX: &str = "PARLOR_";
+
+    /// Where a bad key was written.
+    enum Origin {
+        /// A file, with the line of the key when it could be found.
+        File { key: String, line: Option<usize> },
+        /// An environment variable.
+        Env { var: String },
+        /// Neither could be told (a built-in value): only the key.
+        Key(String),
+    }
+
+    /// The sentence for the first of figment's errors. `file` is the configuration file
+    /// that was read, if any.
+    pub(super) fn figment_error(error: Error, file: Option<&Path>) -> ConfigError {
+        let Some(error) = error.into_iter().next() else {
+            return ConfigError::Invalid("the configuration cannot be read".to_owned());
+        };
+        let from_file = matches!(
+            error.metadata.as_ref().and_then(|m| m.source.as_ref()),
+            Some(Source::File(_))
+        );
+        let from_env = error
+            .metadata
+            .as_ref()
+            .is_some_and(|m| m.name.contains("environment"));
+        // A file that is not TOML fails before any key is read.
+        if from_file
+            && error.path.is_empty()
+            && let (Kind::Message(reason), Some(path)) = (&error.kind, file)
+        {
+            return ConfigError::File {
+                path: path.to_owned(),
+                reason: toml_reason(reason),
+            };
+        }
+        let path = &error.path;
+        let env_var = env_var_for(path);
+        let origin = match (from_env, from_file, env_var, file) {
+            (true, _, Some(var), _) => Origin::Env { var },
+            (true, _, None, _) => Origin::Env {
+                var: format!("{PREFIX}{}", path.join("__").to_ascii_uppercase()),
+            },
+            (false, true, _, Some(file)) => Origin::File {
+                key: display_key(path),
+                line: line_of(file, path),
+            },
+            (false, false, Some(var), _) => Origin::Env { var },
+            (false, false, None, Some(file)) if line_of(file, path).is_some() => Origin::File {
+                key: display_key(path),
+                line: line_of(file, path),
+            },
+            _ => Origin::Key(display_key(path)),
+        };
+        let place = match &origin {
+            Origin::File { key, line } => {
+                let line = line.map(|l| format!(", line {l}")).unwrap_or_default();
+                let file = file.map(|f| f.display().to_string()).unwrap_or_default();
+                format!("`{key}` in {file}{line}")
+            }
+            Origin::Env { var } => format!("the environment variable {var}"),
+            Origin::Key(key) if key.is_empty() => "the configuration".to_owned(),
+            Origin::Key(key) => format!("`{key}`"),
+        };
+        let problem = match &error.kind {
+            Kind::UnknownField(found, expected) => {
+                let parent = &path[..path.len().saturating_sub(1)];
+                let suggestion = closest(found, expected).map(|close| match &origin {
+                    Origin::Env { .. } => {
+                        let mut key = parent.to_vec();
+                        key.push(close.to_owned());
+                        format!("{PREFIX}{}", key.join("__").to_ascii_uppercase())
+                    }
+                    _ => {
+                        let mut key = parent.to_vec();
+                        key.push(close.to_owned());
+                        format!("`{}`", display_key(&key))
+                    }
+                });
+                let section = if parent.is_empty() {
+                    "the top level".to_owned()
+                } else {
+                    format!("`{}`", display_key(parent))
+                };
+                match suggestion {
+                    Some(s) => format!("is not a configuration key; did you mean {s}?"),
+                    None if expected.len() <= FEW_KEYS => format!(
+                        "is not a configuration key (the keys of {section} are {})",
+                        expected.join(", ")
+                    ),
+                    None => format!(
+                        "is not a configuration key (parlor.example.toml shows every key of \
+                         {section})"
+                    ),
+                }
+            }
+            Kind::InvalidType(actual, expected) | Kind::InvalidValue(actual, expected) => {
+                format!(
+                    "must be {}, not {}",
+                    expected_text(expected),
+                    actual_text(actual)
+                )
+            }
+            Kind::UnknownVariant(found, expected) => {
+                let choices: Vec<String> = expected.iter().map(|e| format!("`{e}`")).collect();
+                let choices = match choices.split_last() {
+                    Some((last, [])) => last.clone(),
+                    Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+                    None => "nothing".to_owned(),
+                };
+                format!("must be {choices}, not {found:?}")
+            }
+            Kind::MissingField(name) => format!("needs the key `{name}`"),
+            Kind::Message(message) => format!("is invalid: {message}"),
+            other => format!("is invalid: {other}"),
+        };
+        ConfigError::Key { place, problem }
+    }
+
+    /// Sections with at most this many keys list them after an unknown key; larger ones
+    /// point to the example file instead of a paragraph of names.
+    const FEW_KEYS: usize = 8;
+
+    /// toml's error ("TOML parse error at line 1, column 12", a snippet of the file with a
+    /// caret, then what was expected) as one line: "line 1, column 12: invalid array,
+    /// expected `]`".
+    fn toml_reason(text: &str) -> String {
+        let mut lines = text.lines();
+        let head = lines.next().unwrap_or_default();
+        let at = head.strip_prefix("TOML parse error at ").unwrap_or(head);
+        let snippet = |line: &str| {
+            let line = line.trim_start();
+            line.starts_with('|')
+                || line
+                    .split_once(" |")
+                    .is_some_and(|(n, _)| n.bytes().all(|b| b.is_ascii_digit()))
+        };
+        let what: Vec<&str> = lines
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !snippet(l))
+            .collect();
+        if what.is_empty() {
+            at.to_owned()
+        } else {
+            format!("{at}: {}", what.join(", "))
+        }
+    }
+
+    /// `domains[0].bot.enabled` for the path `domains`, `0`, `bot`, `enabled`.
+    fn display_key(path: &[String]) -> String {
+        let mut key = String::new();
+        for part in path {
+            if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+                key.push_str(&format!("[{part}]"));
+            } else {
+                if !key.is_empty() {
+                    key.push('.');
+                }
+                key.push_str(part);
+            }
+        }
+        key
+    }
+
+    /// The environment variable that sets `path`, spelled as it is set.
+    fn env_var_for(path: &[String]) -> Option<String> {
+        if path.is_empty() {
+            return None;
+        }
+        let wanted = path.join("__");
+        std::env::vars_os()
+            .filter_map(|(name, _)| name.into_string().ok())
+            .find(|name| {
+                name.get(..PREFIX.len())
+                    .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
+                    && name
+                        .get(PREFIX.len()..)
+                        .is_some_and(|rest| rest.eq_ignore_ascii_case(&wanted))
+            })
+    }
+
+    /// The line of `path` in the TOML file: of the key itself, or of the deepest table on
+    /// its way that exists (a missing key is reported on its table's line).
+    fn line_of(file: &Path, path: &[String]) -> Option<usize> {
+        let text = std::fs::read_to_string(file).ok()?;
+        let doc = toml_edit::ImDocument::parse(text.as_str()).ok()?;
+        let span = span_in_table(doc.as_table(), path)?;
+        Some(text.get(..span.start)?.matches('\n').count() + 1)
+    }
+
+    type Span = std::ops::Range<usize>;
+
+    fn span_in_table(table: &dyn toml_edit::TableLike, path: &[String]) -> Option<Span> {
+        let (first, rest) = path.split_first()?;
+        let (key, item) = table.get_key_value(first)?;
+        span_in_item(item, rest).or_else(|| key.span())
+    }
+
+    fn span_in_item(item: &toml_edit::Item, path: &[String]) -> Option<Span> {
+        let (first, rest) = path.split_first()?;
+        if let Some(table) = item.as_table_like() {
+            return span_in_table(table, path);
+        }
+        let index: usize = first.parse().ok()?;
+        if let Some(tables) = item.as_array_of_tables() {
+            let table = tables.get(index)?;
+            return span_in_table(table, rest).or_else(|| table.span());
+        }
+        let value = item.as_array()?.get(index)?;
+        value
+            .as_inline_table()
+            .and_then(|t| span_in_table(t, rest))
+            .or_else(|| value.span())
+    }
+
+    /// serde's name of an expected type, for people.
+    fn expected_text(expected: &str) -> String {
+        match expected {
+            "u8" | "u16" | "u32" | "u64" | "u128" | "usize" => "a whole number".to_owned(),
+            "i8" | "i16" | "i32" | "i64" | "i128" | "isize" => "an integer".to_owned(),
+            "f32" | "f64" => "a number".to_owned(),
+            "a sequence" => "a list".to_owned(),
+            "a map" => "a table".to_owned(),
+            e if e.starts_with("struct ") => "a table".to_owned(),
+            e => e.to_owned(),
+        }
+    }
+
+    /// A value that was found, for people.
+    fn actual_text(actual: &Actual) -> String {
+        match actual {
+            Actual::Str(s) => format!("the string {s:?}"),
+            Actual::Unsigned(n) => format!("the number {n}"),
+            Actual::Signed(n) => format!("the number {n}"),
+            Actual::Float(n) => format!("the number {n}"),
+            Actual::Bool(b) => format!("{b}"),
+            Actual::Seq => "a list".to_owned(),
+            Actual::Map => "a table".to_owned(),
+            other => other.to_string(),
+        }
+    }
+
+    /// The candidate closest to `found`, if it is close enough to be a typo of it: at most
+    /// a third of its letters differ (at least one may).
+    pub(super) fn closest<'a>(found: &str, candidates: &[&'a str]) -> Option<&'a str> {
+        let found = found.to_ascii_lowercase();
+        let limit = (found.chars().count() / 3).max(1);
+        candidates
+            .iter()
+            .map(|c| (edit_distance(&found, c), *c))
+            .filter(|(d, _)| *d <= limit)
+            .min_by_key(|(d, _)| *d)
+            .map(|(_, c)| c)
+    }
+
+    /// Levenshtein distance: insertions, deletions and substitutions of one character.
+    fn edit_distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut diagonal = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let above = row[j + 1];
+                row[j + 1] = (above + 1)
+                    .min(row[j] + 1)
+                    .min(diagonal + usize::from(ca != *cb));
+                diagonal = above;
+            }
+        }
+        row[b.len()]
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn typos_find_their_key() {
+            let keys = ["max_frame_bytes", "max_message_bytes", "max_page"];
+            assert_eq!(closest("max_frame_bytez", &keys), Some("max_frame_bytes"));
+            assert_eq!(closest("MAX_PAGES", &keys), Some("max_page"));
+            assert_eq!(closest("colour", &keys), None);
+            assert_eq!(edit_distance("kitten", "sitting"), 3);
+            assert_eq!(edit_distance("", "abc"), 3);
+        }
+
+        #[test]
+        fn toml_errors_fit_on_one_line() {
+            let text = "TOML parse error at line 1, column 12\n  |\n1 | listen = [\n  |            ^\ninvalid array\nexpected `]`\n";
+            assert_eq!(
+                toml_reason(text),
+                "line 1, column 12: invalid array, expected `]`"
+            );
+        }
+
+        #[test]
+        fn keys_are_shown_as_written() {
+            let path = ["domains", "1", "bot", "enabled"].map(String::from);
+            assert_eq!(display_key(&path), "domains[1].bot.enabled");
+        }
+
+        #[test]
+        fn lines_are_found_in_tables_arrays_and_dotted_keys() {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("parlor.toml");
+            std::fs::write(
+                &file,
+                "listen = \"127.0.0.1:1\"\nlimits.max_page = 5\n\n[[domains]]\nid = \"a\"\n\n\
+                 [[domains]]\nid = \"b\"\nbot = { enabled = true }\n",
+            )
+            .unwrap();
+            let line = |p: &[&str]| {
+                line_of(
+                    &file,
+                    &p.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(),
+                )
+            };
+            assert_eq!(line(&["listen"]), Some(1));
+            assert_eq!(line(&["limits", "max_page"]), Some(2));
+            assert_eq!(line(&["domains", "1", "id"]), Some(8));
+            assert_eq!(line(&["domains", "1", "bot", "enabled"]), Some(9));
+            assert_eq!(
+                line(&["domains", "0", "name"]),
+                Some(4),
+                "a missing key: its table"
+            );
+            assert_eq!(line(&["store"]), None);
+        }
+    }
 }
 
 /// Durations are written as whole milliseconds in the file and environment.
@@ -1147,6 +1633,10 @@ mod tests {
             "redis://:…@cache:6379"
         );
         assert_eq!(redact_url("redis://cache:6379"), "redis://cache:6379");
+        assert_eq!(
+            redact_url("postgres://parlor@db/parlor"),
+            "postgres://parlor@db/parlor"
+        );
         assert_eq!(redact_url("sqlite://parlor.db"), "sqlite://parlor.db");
         assert_eq!(
             redact_url("sqlite:///a@b/parlor.db"),
@@ -1349,6 +1839,34 @@ mod tests {
         assert!(!is_config_key("BIN"));
         assert!(!is_config_key("TEST_DATABASE_URL"));
         assert!(!is_config_key("CONFIG"));
+    }
+
+    #[test]
+    fn listen_addresses() {
+        let parse = |s: &str| s.parse::<ListenAddr>();
+        assert_eq!(
+            parse("localhost:8080"),
+            Ok(ListenAddr::new("localhost", 8080))
+        );
+        assert_eq!(parse("[::1]:0"), Ok(ListenAddr::new("::1", 0)));
+        assert_eq!(parse("[::1]:0").unwrap().to_string(), "[::1]:0");
+        assert_eq!(
+            parse("0.0.0.0:8080").unwrap().resolve().unwrap(),
+            [SocketAddr::from(([0, 0, 0, 0], 8080))]
+        );
+        for bad in [
+            "8080",
+            ":8080",
+            "localhost",
+            "::1:8080",
+            "[::1:8080",
+            "a b:1",
+            "h:99999",
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains("HOST:PORT"), "{bad}: {e}");
+        }
+        assert_eq!(Config::default().listen.to_string(), "127.0.0.1:8080");
     }
 
     #[test]

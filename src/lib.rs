@@ -64,12 +64,40 @@ use crate::store::{Store, StoreError};
 /// `auth.jwt_secret` is not configured).
 pub const SIGNING_SECRET_SETTING: &str = "jwt_secret";
 
+/// An I/O error in words, without the system's error number: "connection refused", "the
+/// address is already in use". Errors people read use it instead of `io::Error`'s text.
+pub fn io_reason(e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    let text = match e.kind() {
+        ErrorKind::ConnectionRefused => "connection refused",
+        ErrorKind::ConnectionReset => "the connection was reset",
+        ErrorKind::TimedOut => "the connection timed out",
+        ErrorKind::AddrInUse => "the address is already in use",
+        ErrorKind::AddrNotAvailable => "the address is not one of this machine's",
+        ErrorKind::PermissionDenied => "permission denied",
+        ErrorKind::NotFound => "no such file or directory",
+        ErrorKind::HostUnreachable => "the host is unreachable",
+        ErrorKind::NetworkUnreachable => "the network is unreachable",
+        _ => {
+            let text = e.to_string();
+            return match text.find(" (os error") {
+                Some(end) => text[..end].to_owned(),
+                None => text,
+            };
+        }
+    };
+    text.to_owned()
+}
+
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The store could not be opened or initialised.
+    /// The store failed after it was opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The database could not be opened: which one, and why.
+    #[error("{0}")]
+    Database(String),
     /// The configuration cannot be served.
     #[error("{0}")]
     Config(String),
@@ -372,17 +400,31 @@ fn observer_for(room: &model::RoomKey, n: usize) -> usize {
 
 /// Opens the configured store; committed messages go to `sink`.
 async fn open_store(config: &Config, sink: store::CommitSink) -> Result<Arc<dyn Store>, RunError> {
+    // The store's reason without its "storage unavailable" prefix, which says nothing here.
+    let reason = |e: StoreError| match e {
+        StoreError::Unavailable(reason) | StoreError::Corrupt(reason) => reason,
+        other => other.to_string(),
+    };
     if let Some(url) = config.postgres_url() {
-        let store = store::postgres::PostgresStore::open(url, &config.store, sink).await?;
+        let store = store::postgres::PostgresStore::open(url, &config.store, sink)
+            .await
+            .map_err(|e| RunError::Database(reason(e)))?;
         return Ok(Arc::new(store));
     }
     let path = config
         .database_path()
         .ok_or_else(|| RunError::Config(format!("unsupported database {:?}", config.database)))?;
+    let shown = path.display().to_string();
     let store_config = config.store.clone();
     let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path, &store_config, sink))
         .await
-        .map_err(|e| RunError::Config(format!("store start-up failed: {e}")))??;
+        .map_err(|e| RunError::Config(format!("store start-up failed: {e}")))?
+        .map_err(|e| {
+            RunError::Database(format!(
+                "cannot open the SQLite database {shown}: {}",
+                reason(e)
+            ))
+        })?;
     Ok(Arc::new(store))
 }
 
@@ -397,16 +439,234 @@ async fn signing_secret(config: &Config, store: &dyn Store) -> Result<Secret, St
     }
 }
 
-/// The token-signing secret a server with `config` uses, opening its store when the secret
-/// is not configured (for `parlor token`).
-pub async fn token_secret(config: &Config) -> Result<Secret, RunError> {
-    if let Some(secret) = &config.auth.jwt_secret {
-        return Ok(secret.clone());
+/// Why `parlor token` cannot sign a token that the server would accept.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The SQLite file does not exist: this is not where the server keeps its data.
+    #[error(
+        "there is no Parlor database at {}, so there is no server secret to sign with; run \
+         `parlor token` where the server runs (in its directory), or pass the server's \
+         --config FILE or --database URL",
+        .0.display()
+    )]
+    NoDatabase(std::path::PathBuf),
+    /// The database exists but no Parlor server has used it.
+    #[error(
+        "{0} has no Parlor schema, so there is no server secret to sign with; start the \
+         server on it once, or pass the server's --config FILE or --database URL"
+    )]
+    NoSchema(String),
+    /// The server has not generated its secret yet.
+    #[error(
+        "{0} holds no signing secret yet; start the server on it once, or set \
+         auth.jwt_secret (the same for the server and `parlor token`)"
+    )]
+    NoSecret(String),
+    /// The domain is neither in the configuration nor created through the admin API.
+    #[error(
+        "there is no domain {domain:?} in the configuration or the database (domains: {})",
+        .known.join(", ")
+    )]
+    UnknownDomain {
+        /// The domain asked for.
+        domain: String,
+        /// The domains there are.
+        known: Vec<String>,
+    },
+    /// The database could not be read.
+    #[error("cannot read {place}: {reason}")]
+    Unreadable {
+        /// The database, for people ("the SQLite database parlor.db").
+        place: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What `parlor token` reads from a server's database.
+#[derive(Debug, Default)]
+struct StoredForTokens {
+    /// The generated signing secret, if the server made one.
+    secret: Option<String>,
+    /// The domains created through the admin API.
+    domains: Vec<String>,
+}
+
+/// The secret that signs a token for `domain` which a server with `config` accepts:
+/// `auth.jwt_secret`, or the secret the server generated in its database.
+///
+/// Nothing is created or migrated: a database that does not exist, or that no server has
+/// started on, is an error, since a token signed with a secret made up here would be refused
+/// by the server (`signature does not verify`). The domain must be in the configuration or
+/// have been created through the admin API.
+pub async fn token_secret(config: &Config, domain: &str) -> Result<Secret, TokenError> {
+    let in_config = config.domains.iter().any(|d| d.id == domain);
+    let stored = if config.auth.jwt_secret.is_none() || !in_config {
+        Some(read_for_tokens(config).await)
+    } else {
+        None
+    };
+    let stored = match (stored, &config.auth.jwt_secret) {
+        // The secret can come only from the database.
+        (Some(Err(e)), None) => return Err(e),
+        (Some(Ok(stored)), _) => Some(stored),
+        // A configured secret: the database could only have named more domains.
+        _ => None,
+    };
+    let secret = match (&config.auth.jwt_secret, &stored) {
+        (Some(secret), _) => secret.clone(),
+        (
+            None,
+            Some(StoredForTokens {
+                secret: Some(secret),
+                ..
+            }),
+        ) => Secret::new(secret.clone()),
+        (None, _) => return Err(TokenError::NoSecret(database_place(config))),
+    };
+    let runtime_domains = stored.map(|s| s.domains).unwrap_or_default();
+    if !in_config && !runtime_domains.iter().any(|d| d == domain) {
+        let mut known: Vec<String> = config.domains.iter().map(|d| d.id.clone()).collect();
+        known.extend(runtime_domains);
+        return Err(TokenError::UnknownDomain {
+            domain: domain.to_owned(),
+            known,
+        });
     }
-    let store = open_store(config, mpsc::unbounded_channel().0).await?;
-    let secret = signing_secret(config, &*store).await;
-    store.close().await;
-    Ok(secret?)
+    Ok(secret)
+}
+
+/// The configured database, for people.
+fn database_place(config: &Config) -> String {
+    match config.database_path() {
+        Some(path) => format!("the SQLite database {}", path.display()),
+        None => format!(
+            "the PostgreSQL database {}",
+            config::redact_url(&config.database)
+        ),
+    }
+}
+
+/// Reads the signing secret and the admin-created domains without writing anything.
+async fn read_for_tokens(config: &Config) -> Result<StoredForTokens, TokenError> {
+    let place = database_place(config);
+    if let Some(url) = config.postgres_url() {
+        return read_postgres_for_tokens(url, place).await;
+    }
+    let path = config
+        .database_path()
+        .ok_or_else(|| TokenError::NoSchema(place.clone()))?;
+    tokio::task::spawn_blocking(move || read_sqlite_for_tokens(&path, place))
+        .await
+        .map_err(|e| TokenError::Unreadable {
+            place: "the database".to_owned(),
+            reason: e.to_string(),
+        })?
+}
+
+/// [`read_for_tokens`] of a SQLite file. It is opened without `CREATE`, so a missing file
+/// stays missing.
+fn read_sqlite_for_tokens(
+    path: &std::path::Path,
+    place: String,
+) -> Result<StoredForTokens, TokenError> {
+    use rusqlite::{OpenFlags, OptionalExtension};
+    if !path.exists() {
+        return Err(TokenError::NoDatabase(path.to_owned()));
+    }
+    let unreadable = |e: rusqlite::Error| TokenError::Unreadable {
+        place: place.clone(),
+        reason: e.to_string(),
+    };
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(unreadable)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(unreadable)?;
+    let has_schema: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'server_settings')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(unreadable)?;
+    if !has_schema {
+        return Err(TokenError::NoSchema(place));
+    }
+    let secret = conn
+        .query_row(
+            "SELECT value FROM server_settings WHERE name = ?1",
+            [SIGNING_SECRET_SETTING],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(unreadable)?;
+    let mut stmt = conn
+        .prepare("SELECT id FROM domains WHERE settings IS NOT NULL ORDER BY id")
+        .map_err(unreadable)?;
+    let domains = stmt
+        .query_map([], |r| r.get(0))
+        .and_then(Iterator::collect)
+        .map_err(unreadable)?;
+    Ok(StoredForTokens { secret, domains })
+}
+
+/// [`read_for_tokens`] of a PostgreSQL database: reads only, never migrates.
+async fn read_postgres_for_tokens(url: &str, place: String) -> Result<StoredForTokens, TokenError> {
+    use sqlx::Connection;
+    let unreadable = |reason: String| TokenError::Unreadable {
+        place: place.clone(),
+        reason,
+    };
+    let options = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(url)
+        .map_err(|e| unreadable(format!("the URL is invalid ({e})")))?;
+    let mut conn = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        sqlx::postgres::PgConnection::connect_with(&options),
+    )
+    .await
+    .map_err(|_| unreadable("PostgreSQL did not answer within 10 s".to_owned()))?
+    .map_err(|e| unreadable(store::postgres::reason(&e)))?;
+    let read = async {
+        let table: Option<String> =
+            sqlx::query_scalar("SELECT to_regclass('server_settings')::text")
+                .fetch_one(&mut conn)
+                .await?;
+        if table.is_none() {
+            return Ok(None);
+        }
+        let secret: Option<String> =
+            sqlx::query_scalar("SELECT value FROM server_settings WHERE name = $1")
+                .bind(SIGNING_SECRET_SETTING)
+                .fetch_optional(&mut conn)
+                .await?;
+        let domains: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM domains WHERE settings IS NOT NULL ORDER BY id")
+                .fetch_all(&mut conn)
+                .await?;
+        Ok::<_, sqlx::Error>(Some(StoredForTokens { secret, domains }))
+    };
+    let result = read.await;
+    let _ = conn.close().await;
+    match result {
+        Ok(Some(stored)) => Ok(stored),
+        Ok(None) => Err(TokenError::NoSchema(place)),
+        Err(e) => Err(unreadable(store::postgres::reason(&e))),
+    }
+}
+
+/// `http://HOST:PORT` of a server listening on `addr`, as a browser on this machine opens
+/// it: `localhost` for the loopback and the unspecified address (`0.0.0.0`), which a browser
+/// cannot open.
+pub fn base_url(addr: std::net::SocketAddr) -> String {
+    let ip = addr.ip();
+    if ip.is_loopback() || ip.is_unspecified() {
+        format!("http://localhost:{}", addr.port())
+    } else {
+        format!("http://{addr}")
+    }
 }
 
 /// Serves Parlor on `listener` until `shutdown` is cancelled, then shuts down gracefully
@@ -431,6 +691,10 @@ pub async fn run(
         broker = %config::redact_url(&app.state.config.broker),
         "parlor listening"
     );
+    let base = base_url(addr);
+    tracing::info!(url = %format!("{base}/"), "demo page");
+    tracing::info!(url = %format!("{base}/inbox"), "agent inbox");
+    tracing::info!(url = %format!("{base}/health"), "health check");
     // Chat frames are small and latency-bound: send them at once instead of letting Nagle's
     // algorithm hold them for the peer's delayed ACK (tens of milliseconds).
     let listener = listener.tap_io(|tcp| {

@@ -235,7 +235,9 @@ fn decode_with_any<'a>(
     ))
 }
 
-fn invalid(e: &jsonwebtoken::errors::Error) -> AuthError {
+/// A verification failure in words ("signature does not verify"), not the library's
+/// variant name.
+pub(super) fn invalid(e: &jsonwebtoken::errors::Error) -> AuthError {
     use jsonwebtoken::errors::ErrorKind;
     let reason = match e.kind() {
         ErrorKind::ExpiredSignature => "token has expired".to_owned(),

@@ -199,7 +199,7 @@ impl Authenticator {
     /// A Parlor token: HS256 with the signing secret.
     fn verify_own(&self, token: &str) -> Result<Identity, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
+            .map_err(|e| jwt::invalid(&e))?;
         let claims = data.claims;
         if !valid_id(&claims.sub) {
             return Err(AuthError::InvalidToken(

@@ -1021,6 +1021,12 @@ pub(super) async fn open_clients(
     delivery_buffer: Option<usize>,
 ) -> Result<(fred::clients::Client, SubscriberClient), String> {
     let config = RedisConfig::from_url(url).map_err(|e| format!("invalid broker URL: {e}"))?;
+    let server = match &config.server {
+        fred::types::config::ServerConfig::Centralized { server } => {
+            Some((server.host.to_string(), server.port))
+        }
+        _ => None,
+    };
     let mut builder = fred::types::Builder::from_config(config);
     builder
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
@@ -1048,9 +1054,30 @@ pub(super) async fn open_clients(
     let redacted = crate::config::redact_url(url);
     match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok(())) => Ok((client, subscriber)),
-        Ok(Err(e)) => Err(format!("cannot reach Redis at {redacted}: {e}")),
+        Ok(Err(e)) => Err(format!(
+            "cannot connect to Redis at {redacted}: {}",
+            unreachable_reason(server.as_ref(), &e).await
+        )),
         Err(_) => Err(format!("Redis at {redacted} did not answer within 10 s")),
     }
+}
+
+/// Why Redis could not be used, in words. fred keeps an I/O error only as its `Debug` text
+/// (`Os { code: 111, … }`), so after a failed connection a plain one is tried to learn the
+/// system's reason ("connection refused"); any other failure (a refused password) is fred's
+/// own message.
+async fn unreachable_reason(server: Option<&(String, u16)>, e: &fred::error::Error) -> String {
+    if *e.kind() == fred::error::ErrorKind::IO
+        && let Some((host, port)) = server
+    {
+        let probe = tokio::net::TcpStream::connect((host.as_str(), *port));
+        match tokio::time::timeout(Duration::from_secs(5), probe).await {
+            Ok(Err(io)) => return crate::io_reason(&io),
+            Err(_) => return "the connection timed out".to_owned(),
+            Ok(Ok(_)) => {}
+        }
+    }
+    e.details().to_owned()
 }
 
 /// A random node id.

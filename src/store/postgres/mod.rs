@@ -285,6 +285,16 @@ fn store_error(e: sqlx::Error) -> StoreError {
 }
 
 /// The error of an operation that outlived [`DEADLINE`].
+/// Why PostgreSQL could not be used, in words: the system's reason for a connection that
+/// failed ("connection refused"), or the server's message ("database \"x\" does not exist").
+pub fn reason(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Io(io) => crate::io_reason(io),
+        sqlx::Error::Database(db) => db.message().to_owned(),
+        other => other.to_string(),
+    }
+}
+
 fn deadline_passed(what: &str) -> StoreError {
     StoreError::Unavailable(format!(
         "PostgreSQL did not answer {what} within {} s",
@@ -439,7 +449,10 @@ impl PostgresStore {
             options.get_database().unwrap_or_default()
         );
         let unreachable = |e: sqlx::Error| {
-            StoreError::Unavailable(format!("cannot use PostgreSQL at {target}: {e}"))
+            StoreError::Unavailable(format!(
+                "cannot connect to PostgreSQL at {target}: {}",
+                reason(&e)
+            ))
         };
 
         // Migrations run on a connection of their own, without the statement timeout: a

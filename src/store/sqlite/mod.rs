@@ -195,7 +195,11 @@ impl SqliteStore {
             && !dir.as_os_str().is_empty()
         {
             std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+                StoreError::Unavailable(format!(
+                    "cannot create the folder {}: {}",
+                    dir.display(),
+                    crate::io_reason(&e)
+                ))
             })?;
         }
         let mut conn = Connection::open(path).map_err(unavailable)?;
