@@ -1,7 +1,7 @@
 //! The assistant in support rooms, over real sockets, with providers played by a local fake
 //! vendor: streamed `message-delta`s then one stored assistant message seen by every
-//! member in `seq` order; the knowledge base answering with no key; fallback with a visible
-//! system message; cancellation by a newer visitor message (the vendor sees the request
+//! member in `seq` order; the knowledge base answering with no key, its sources in the
+//! message's data; fallback with a visible system message; cancellation by a newer visitor message (the vendor sees the request
 //! dropped); a late joiner getting the text so far.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -132,8 +132,20 @@ async fn the_demo_answers_from_its_knowledge_base_without_any_key() {
     assert!(!deltas.is_empty());
     let content = message(&stored)["message"].as_str().unwrap();
     assert!(content.contains("since"), "{content}");
-    assert!(content.ends_with("Source: connecting.md"), "{content}");
-    assert_eq!(message(&stored)["data"]["provider"], "kb");
+    assert!(!content.contains("Source"), "{content}");
+    let streamed: String = deltas
+        .iter()
+        .map(|d| d["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, content, "the deltas are the stored text");
+    let data = &message(&stored)["data"];
+    assert_eq!(data["provider"], "kb");
+    assert_eq!(
+        data["sources"],
+        json!([{ "title": "Lost connection and reconnecting",
+                 "document": "lost-connection.md",
+                 "heading": "Catching up after a reconnect" }])
+    );
 
     // A question the documents do not answer gets the offer of a human.
     visitor.say("help", "zxqv wplk", None).await;

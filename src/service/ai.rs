@@ -16,7 +16,8 @@
 //!   emptying. Deltas go to the room as
 //!   `message-delta`; the reply is stored once, as an `assistant` message whose
 //!   `clientMessageId` is the deltas' `messageId` (with `data.interrupted` when it was
-//!   stopped early). A client joining mid-reply gets the text so far.
+//!   stopped early, and `data.sources` when it was taken from the knowledge base). A client
+//!   joining mid-reply gets the text so far.
 //!
 //! Rooms whose id starts with `ai:` hold the seeds' `/ai/chat` conversations and are not
 //! answered by the bot.
@@ -39,8 +40,8 @@ use super::ServiceError;
 use super::chat::{ChatService, Outgoing};
 use crate::ai::kb::{KbProvider, KnowledgeBase};
 use crate::ai::{
-    ChatRequest, Endpoint, Event, FinishReason, Provider, ProviderError, Speaker, Timeouts, Turn,
-    Usage, anthropic::Anthropic, gemini::Gemini, openai::OpenAi,
+    ChatRequest, Endpoint, Event, FinishReason, Provider, ProviderError, Source, Speaker, Timeouts,
+    Turn, Usage, anthropic::Anthropic, gemini::Gemini, openai::OpenAi,
 };
 use crate::auth::Domains;
 use crate::broker::shared::{Rate, Shared};
@@ -92,6 +93,8 @@ pub enum AiEvent {
         reason: FinishReason,
         /// What it cost.
         usage: Usage,
+        /// The knowledge-base passages the text was taken from (none from a vendor).
+        sources: Vec<Source>,
     },
     /// Nobody could answer: offer a human.
     NoAnswer,
@@ -859,6 +862,7 @@ impl AiService {
                     model,
                     reason,
                     usage,
+                    sources,
                 }) => {
                     let (id, text) = {
                         let mut p = partial.lock();
@@ -876,6 +880,9 @@ impl AiService {
                         "usage": { "promptTokens": usage.prompt_tokens,
                                    "completionTokens": usage.completion_tokens },
                     });
+                    if !sources.is_empty() {
+                        extra["sources"] = serde_json::json!(sources);
+                    }
                     if let (true, Some(h)) = (marker.seen, &handoff)
                         && let serde_json::Value::Object(action) =
                             super::handoff::escalate_action(&h.action_label)
@@ -1126,6 +1133,7 @@ impl AiService {
             let mut text = String::new();
             let mut from = (String::new(), String::new());
             let mut done = false;
+            let mut cited = None;
             while let Some(event) = events.recv().await {
                 match &event {
                     AiEvent::Started { provider, model } => {
@@ -1135,7 +1143,13 @@ impl AiService {
                     AiEvent::Fallback {
                         after_text: true, ..
                     } => text.clear(),
-                    AiEvent::Done { .. } | AiEvent::NoAnswer => done = true,
+                    AiEvent::Done { sources, .. } => {
+                        done = true;
+                        if !sources.is_empty() {
+                            cited = Some(serde_json::json!({ "sources": sources }));
+                        }
+                    }
+                    AiEvent::NoAnswer => done = true,
                     AiEvent::Fallback { .. } => {}
                 }
                 if tx.send(event).await.is_err() {
@@ -1144,7 +1158,7 @@ impl AiService {
             }
             if let Some(room) = room {
                 let id = format!("ai-{}", uuid::Uuid::now_v7().simple());
-                this.store_reply(&room, &id, text, &from.0, &from.1, None, !done)
+                this.store_reply(&room, &id, text, &from.0, &from.1, cited, !done)
                     .await;
             }
         });
@@ -1225,9 +1239,13 @@ fn prompt(bot: &Bot, question: &str, context: Option<&str>) -> Option<String> {
         if !hits.is_empty() {
             system.push_str("\n\nRelevant passages from the knowledge base:\n");
             for hit in hits {
+                let p = hit.passage;
+                let heading = p.heading.as_deref().map(|h| format!(" — {h}"));
                 system.push_str(&format!(
-                    "\n[{}]\n{}\n",
-                    hit.passage.source, hit.passage.text
+                    "\n[{}{}]\n{}\n",
+                    p.source,
+                    heading.unwrap_or_default(),
+                    p.text
                 ));
             }
         }
@@ -1499,10 +1517,12 @@ async fn attempt(
             started: Instant::now(),
             first_token: None,
         };
+        let mut sources = Vec::new();
         let result = match crate::ai::timed(provider, request, timeouts).await {
             Err(e) => Err(e),
             Ok(mut stream) => loop {
                 match stream.next().await {
+                    Some(Ok(Event::Sources(s))) => sources.extend(s),
                     Some(Ok(Event::Text(t))) => {
                         if call.first_token.is_none() {
                             call.first_token = Some(call.started.elapsed());
@@ -1531,6 +1551,7 @@ async fn attempt(
                             model: request.model.clone(),
                             reason,
                             usage,
+                            sources: std::mem::take(&mut sources),
                         };
                         return if tx.send(done).await.is_err() {
                             Attempt::Closed
