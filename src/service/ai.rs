@@ -2,7 +2,8 @@
 //! visitors in support rooms (design: `docs/ai.md`).
 //!
 //! - **Fallback chain.** A domain's bot tries its providers in order, then its knowledge
-//!   base, then offers a human ([`AiEvent::NoAnswer`]). A provider is retried (with
+//!   base, then offers a human ([`AiEvent::NoAnswer`]), once per conversation: after that,
+//!   a question nobody can answer gets a request to rephrase. A provider is retried (with
 //!   back-off that honours `Retry-After`, at most 10 s) only when it failed before sending
 //!   any text and the failure may pass (429, 5xx, a cut connection). A circuit breaker
 //!   skips a provider for 30 s after 3 consecutive failures, so a dead vendor costs one
@@ -60,6 +61,10 @@ const BREAKER_FAILURES: u32 = 3;
 const BREAKER_OPEN: Duration = Duration::from_secs(30);
 /// Longest back-off before a retry.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How many of a room's latest messages are searched for an earlier offer of a human.
+const OFFER_LOOKBACK: usize = 500;
+/// What the assistant says to a question nobody can answer once it has offered a human.
+const REPHRASE: &str = "Sorry, I couldn't find an answer to that. Could you put it another way?";
 
 /// What a generation reports.
 #[derive(Debug, Clone, PartialEq)]
@@ -897,20 +902,22 @@ impl AiService {
                 }
                 Some(AiEvent::NoAnswer) => {
                     // The bot's own offer, so it is the assistant's message; with the button
-                    // only where agents can be reached.
-                    let data = handoff.as_ref().map_or_else(
-                        || serde_json::json!({ "offerHuman": true }),
-                        |h| super::handoff::escalate_action(&h.action_label),
-                    );
-                    self.post(
-                        &room,
-                        "assistant",
-                        "I can't answer that right now. Would you like to talk to a human agent?"
-                            .to_owned(),
-                        None,
-                        data,
-                    )
-                    .await;
+                    // only where agents can be reached. Offered once per conversation: asked
+                    // again, a visitor who did not take it would only be pushed away.
+                    let (text, mut data) = if self.offered_human(question).await {
+                        (REPHRASE, serde_json::json!({}))
+                    } else {
+                        (
+                            "I can't answer that right now. Would you like to talk to a human agent?",
+                            handoff.as_ref().map_or_else(
+                                || serde_json::json!({ "offerHuman": true }),
+                                |h| super::handoff::escalate_action(&h.action_label),
+                            ),
+                        )
+                    };
+                    data["noAnswer"] = true.into();
+                    self.post(&room, "assistant", text.to_owned(), None, data)
+                        .await;
                     break;
                 }
             }
@@ -918,6 +925,41 @@ impl AiService {
         // Forget this generation unless a newer one replaced it.
         self.generations
             .remove_if(&room, |_, g| Arc::ptr_eq(&g.partial, &partial));
+    }
+
+    /// Whether the assistant has offered a human in `question`'s conversation before it: a
+    /// message of the assistant with `data.offerHuman` since the room's last change of
+    /// hand-off status (a resolved and reopened room is a new conversation), among its
+    /// latest [`OFFER_LOOKBACK`] messages. The visitor's explicit request for a person,
+    /// answered with the same offer, counts too. When the store cannot tell, it says no,
+    /// so an unreadable store costs a repeated offer, never a missing one.
+    async fn offered_human(&self, question: &Message) -> bool {
+        let store = self.chat.store();
+        let since = match store.conversation(&question.room).await {
+            Ok(conversation) => conversation.map_or(0, |c| c.status_seq),
+            Err(e) => {
+                tracing::warn!(room = %question.room, error = %e, "cannot read the room's status");
+                return false;
+            }
+        };
+        match store
+            .messages_before(&question.room, question.seq, OFFER_LOOKBACK)
+            .await
+        {
+            Ok(recent) => recent.iter().any(|m| {
+                m.seq > since
+                    && m.author.role == "assistant"
+                    && m.data
+                        .as_ref()
+                        .and_then(|d| d.get("offerHuman"))
+                        .and_then(serde_json::Value::as_bool)
+                        == Some(true)
+            }),
+            Err(e) => {
+                tracing::warn!(room = %question.room, error = %e, "cannot read the room for the bot");
+                false
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
