@@ -1,7 +1,8 @@
 //! The assistant in support rooms, over real sockets, with providers played by a local fake
 //! vendor: streamed `message-delta`s then one stored assistant message seen by every
-//! member in `seq` order; the knowledge base answering with no key; fallback with a visible
-//! system message; cancellation by a newer visitor message (the vendor sees the request
+//! member in `seq` order; the knowledge base answering with no key, its sources in the
+//! message's data, small talk, and the offer of a person once per conversation; fallback
+//! with a visible system message; cancellation by a newer visitor message (the vendor sees the request
 //! dropped); a late joiner getting the text so far.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -133,8 +134,20 @@ async fn the_demo_answers_from_its_knowledge_base_without_any_key() {
     assert!(!deltas.is_empty());
     let content = message(&stored)["message"].as_str().unwrap();
     assert!(content.contains("since"), "{content}");
-    assert!(content.ends_with("Source: connecting.md"), "{content}");
-    assert_eq!(message(&stored)["data"]["provider"], "kb");
+    assert!(!content.contains("Source"), "{content}");
+    let streamed: String = deltas
+        .iter()
+        .map(|d| d["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, content, "the deltas are the stored text");
+    let data = &message(&stored)["data"];
+    assert_eq!(data["provider"], "kb");
+    assert_eq!(
+        data["sources"],
+        json!([{ "title": "Lost connection and reconnecting",
+                 "document": "lost-connection.md",
+                 "heading": "Catching up after a reconnect" }])
+    );
 
     // A question the documents do not answer gets the offer of a human.
     visitor.say("help", "zxqv wplk", None).await;
@@ -145,6 +158,90 @@ async fn the_demo_answers_from_its_knowledge_base_without_any_key() {
         "escalate",
         "{offer}"
     );
+}
+
+/// An agent's token for the demo domain.
+fn agent_token() -> String {
+    parlor::auth::issue_token(
+        &parlor::config::Secret::new(common::TEST_SECRET),
+        "alice",
+        Some("Alice"),
+        "agent",
+        "demo",
+        600,
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_demo_offers_a_person_once_per_conversation_and_keeps_answering() {
+    let s = TestServer::start_with(|c| {
+        c.domains[0].bot.as_mut().unwrap().enabled = true;
+    })
+    .await;
+    let mut visitor = s.connect_as("ann").await;
+    visitor.join("help", None).await;
+    let mut ask = async |text: &str| {
+        visitor.say("help", text, None).await;
+        let (_, stored) = reply(&mut visitor, "assistant").await;
+        stored
+    };
+
+    // Small talk: a polite line, no search, no offer.
+    let hello = ask("Hello!").await;
+    assert_eq!(hello["message"], "Hello! How can I help you today?");
+    assert_eq!(hello["data"]["provider"], "kb");
+    assert!(hello["data"].get("sources").is_none(), "{hello}");
+    assert!(hello["data"].get("offerHuman").is_none(), "{hello}");
+
+    // The first question nobody can answer gets the offer, with its button.
+    let first = ask("Can you write me a poem about cats?").await;
+    assert_eq!(first["data"]["offerHuman"], true, "{first}");
+    assert_eq!(first["data"]["noAnswer"], true, "{first}");
+    assert_eq!(first["data"]["actions"][0]["id"], "escalate", "{first}");
+
+    // A later answerable question is answered as usual.
+    let price = ask("How much does it cost?").await;
+    assert!(
+        price["message"].as_str().unwrap().contains("costs nothing"),
+        "{price}"
+    );
+    assert_eq!(
+        price["data"]["sources"][0]["document"],
+        "pricing-and-licence.md"
+    );
+    assert_eq!(
+        price["data"]["sources"][0]["heading"],
+        "How much does Parlor cost?"
+    );
+
+    // The next unanswerable ones: asked to rephrase, not offered a person again.
+    for question in ["What's the weather in Paris tomorrow?", "zxqv wplk"] {
+        let again = ask(question).await;
+        assert_eq!(
+            again["message"],
+            "Sorry, I couldn't find an answer to that. Could you put it another way?",
+            "{again}"
+        );
+        assert_eq!(again["data"]["noAnswer"], true, "{again}");
+        assert!(again["data"].get("offerHuman").is_none(), "{again}");
+        assert!(again["data"].get("actions").is_none(), "{again}");
+    }
+    let thanks = ask("thanks!").await;
+    assert!(
+        thanks["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("You're welcome")
+    );
+
+    // Resolved and reopened, the room holds a new conversation: the offer comes again.
+    let (status, body) = s
+        .post_with("/api/rooms/help/resolve", &agent_token(), &json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let reopened = ask("zxqv wplk").await;
+    assert_eq!(reopened["data"]["offerHuman"], true, "{reopened}");
 }
 
 #[tokio::test]

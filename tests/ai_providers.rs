@@ -125,7 +125,7 @@ fn texts(events: &[Event]) -> String {
         .iter()
         .filter_map(|e| match e {
             Event::Text(t) => Some(t.as_str()),
-            Event::Finish { .. } => None,
+            Event::Sources(_) | Event::Finish { .. } => None,
         })
         .collect()
 }

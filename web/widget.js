@@ -156,6 +156,8 @@
     .retry { border: none; background: none; color: #b42318; text-decoration: underline; cursor: pointer; padding: 0; font-size: 11px; }
     .seen { display: none; }
     .msg.is-seen-last .seen { display: inline; }
+    .sources { font-size: 11px; color: var(--muted); margin: 3px 4px 0; }
+    .source + .source::before { content: " · "; }
     .actions { display: flex; flex-wrap: wrap; gap: 6px; margin-top: 6px; }
     .action {
       border: 1.5px solid var(--accent); color: var(--accent); background: var(--bg);
@@ -679,6 +681,8 @@
     const text = h('div', { class: 'text' }, ...richText(String(message.message ?? ''), message.role === 'assistant'));
     if (message.timestamp) text.title = new Date(message.timestamp).toLocaleString();
     li.append(text);
+    const sources = renderSources(message);
+    if (sources) li.append(sources);
 
     // Buttons the bot offers, such as "Connect with Customer Support".
     // Only the assistant's (and the server's) offers: another member's message cannot plant a button.
@@ -707,6 +711,19 @@
       li.append(meta);
     }
     return li;
+  }
+
+  /**
+   * The help pages an assistant's answer was taken from (`data.sources`), as small labels
+   * under it: "Source: Pricing and licence › How much does Parlor cost?". Null when none.
+   */
+  function renderSources(message) {
+    const list = message.role === 'assistant' && Array.isArray(message.data?.sources) ? message.data.sources : [];
+    const labels = list
+      .filter((s) => s && typeof (s.title || s.document) === 'string')
+      .map((s) => h('span', { class: 'source', title: typeof s.document === 'string' ? s.document : null },
+        typeof s.heading === 'string' && s.heading !== s.title ? `${s.title || s.document} › ${s.heading}` : s.title || s.document));
+    return labels.length ? h('div', { class: 'sources' }, labels.length > 1 ? 'Sources: ' : 'Source: ', ...labels) : null;
   }
 
   function scrollToBottom() {

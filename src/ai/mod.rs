@@ -1,11 +1,12 @@
 //! AI providers: one streaming trait and real HTTP clients of the vendors' APIs
 //! (design: `docs/ai.md`).
 //!
-//! A reply is a stream of [`Event`]s: text deltas, then one [`Event::Finish`] with the
-//! finish reason and token usage. Every client reads its vendor's exact streaming wire
-//! format ([`openai`], [`anthropic`], [`gemini`]); [`timed`] adds the first-token and total
-//! timeouts the same way to all of them. Dropping a stream drops the HTTP response and so
-//! closes the upstream connection: that is how a generation is cancelled.
+//! A reply is a stream of [`Event`]s: text deltas, possibly the [`Source`]s it was taken
+//! from, then one [`Event::Finish`] with the finish reason and token usage. Every client
+//! reads its vendor's exact streaming wire format ([`openai`], [`anthropic`], [`gemini`]);
+//! [`timed`] adds the first-token and total timeouts the same way to all of them.
+//! Dropping a stream drops the HTTP response and so closes the upstream connection: that
+//! is how a generation is cancelled.
 //!
 //! Depends on the config's [`Secret`] only.
 
@@ -78,11 +79,25 @@ pub struct Usage {
     pub completion_tokens: u64,
 }
 
+/// A document passage a reply was taken from, as clients show it under the reply.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Source {
+    /// The document's title.
+    pub title: String,
+    /// The document's name in the knowledge base (`pricing.md`, `shipping/returns.md`).
+    pub document: String,
+    /// The heading of the passage, if it has one.
+    pub heading: Option<String>,
+}
+
 /// One piece of a streamed reply.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// More text.
     Text(String),
+    /// Where the reply's text comes from (the knowledge base's passages), before
+    /// [`Event::Finish`]. Vendors' replies have none.
+    Sources(Vec<Source>),
     /// The end: why, and what it cost (zero when the vendor did not say).
     Finish {
         /// Why it ended.
@@ -264,6 +279,9 @@ pub async fn timed(
                     (inner, got_text, true),
                 )),
                 Ok(Some(Ok(Event::Text(t)))) => Some((Ok(Event::Text(t)), (inner, true, false))),
+                Ok(Some(Ok(sources @ Event::Sources(_)))) => {
+                    Some((Ok(sources), (inner, got_text, false)))
+                }
                 Ok(Some(Ok(finish @ Event::Finish { .. }))) => {
                     Some((Ok(finish), (inner, got_text, true)))
                 }

@@ -2,7 +2,8 @@
 //! visitors in support rooms (design: `docs/ai.md`).
 //!
 //! - **Fallback chain.** A domain's bot tries its providers in order, then its knowledge
-//!   base, then offers a human ([`AiEvent::NoAnswer`]). A provider is retried (with
+//!   base, then offers a human ([`AiEvent::NoAnswer`]), once per conversation: after that,
+//!   a question nobody can answer gets a request to rephrase. A provider is retried (with
 //!   back-off that honours `Retry-After`, at most 10 s) only when it failed before sending
 //!   any text and the failure may pass (429, 5xx, a cut connection). A circuit breaker
 //!   skips a provider for 30 s after 3 consecutive failures, so a dead vendor costs one
@@ -16,7 +17,8 @@
 //!   emptying. Deltas go to the room as
 //!   `message-delta`; the reply is stored once, as an `assistant` message whose
 //!   `clientMessageId` is the deltas' `messageId` (with `data.interrupted` when it was
-//!   stopped early). A client joining mid-reply gets the text so far.
+//!   stopped early, and `data.sources` when it was taken from the knowledge base). A client
+//!   joining mid-reply gets the text so far.
 //!
 //! Rooms whose id starts with `ai:` hold the seeds' `/ai/chat` conversations and are not
 //! answered by the bot.
@@ -39,8 +41,8 @@ use super::ServiceError;
 use super::chat::{ChatService, Outgoing};
 use crate::ai::kb::{KbProvider, KnowledgeBase};
 use crate::ai::{
-    ChatRequest, Endpoint, Event, FinishReason, Provider, ProviderError, Speaker, Timeouts, Turn,
-    Usage, anthropic::Anthropic, gemini::Gemini, openai::OpenAi,
+    ChatRequest, Endpoint, Event, FinishReason, Provider, ProviderError, Source, Speaker, Timeouts,
+    Turn, Usage, anthropic::Anthropic, gemini::Gemini, openai::OpenAi,
 };
 use crate::auth::Domains;
 use crate::broker::shared::{Rate, Shared};
@@ -59,6 +61,10 @@ const BREAKER_FAILURES: u32 = 3;
 const BREAKER_OPEN: Duration = Duration::from_secs(30);
 /// Longest back-off before a retry.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How many of a room's latest messages are searched for an earlier offer of a human.
+const OFFER_LOOKBACK: usize = 500;
+/// What the assistant says to a question nobody can answer once it has offered a human.
+const REPHRASE: &str = "Sorry, I couldn't find an answer to that. Could you put it another way?";
 
 /// What a generation reports.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,6 +98,8 @@ pub enum AiEvent {
         reason: FinishReason,
         /// What it cost.
         usage: Usage,
+        /// The knowledge-base passages the text was taken from (none from a vendor).
+        sources: Vec<Source>,
     },
     /// Nobody could answer: offer a human.
     NoAnswer,
@@ -859,6 +867,7 @@ impl AiService {
                     model,
                     reason,
                     usage,
+                    sources,
                 }) => {
                     let (id, text) = {
                         let mut p = partial.lock();
@@ -876,6 +885,9 @@ impl AiService {
                         "usage": { "promptTokens": usage.prompt_tokens,
                                    "completionTokens": usage.completion_tokens },
                     });
+                    if !sources.is_empty() {
+                        extra["sources"] = serde_json::json!(sources);
+                    }
                     if let (true, Some(h)) = (marker.seen, &handoff)
                         && let serde_json::Value::Object(action) =
                             super::handoff::escalate_action(&h.action_label)
@@ -890,20 +902,22 @@ impl AiService {
                 }
                 Some(AiEvent::NoAnswer) => {
                     // The bot's own offer, so it is the assistant's message; with the button
-                    // only where agents can be reached.
-                    let data = handoff.as_ref().map_or_else(
-                        || serde_json::json!({ "offerHuman": true }),
-                        |h| super::handoff::escalate_action(&h.action_label),
-                    );
-                    self.post(
-                        &room,
-                        "assistant",
-                        "I can't answer that right now. Would you like to talk to a human agent?"
-                            .to_owned(),
-                        None,
-                        data,
-                    )
-                    .await;
+                    // only where agents can be reached. Offered once per conversation: asked
+                    // again, a visitor who did not take it would only be pushed away.
+                    let (text, mut data) = if self.offered_human(question).await {
+                        (REPHRASE, serde_json::json!({}))
+                    } else {
+                        (
+                            "I can't answer that right now. Would you like to talk to a human agent?",
+                            handoff.as_ref().map_or_else(
+                                || serde_json::json!({ "offerHuman": true }),
+                                |h| super::handoff::escalate_action(&h.action_label),
+                            ),
+                        )
+                    };
+                    data["noAnswer"] = true.into();
+                    self.post(&room, "assistant", text.to_owned(), None, data)
+                        .await;
                     break;
                 }
             }
@@ -911,6 +925,41 @@ impl AiService {
         // Forget this generation unless a newer one replaced it.
         self.generations
             .remove_if(&room, |_, g| Arc::ptr_eq(&g.partial, &partial));
+    }
+
+    /// Whether the assistant has offered a human in `question`'s conversation before it: a
+    /// message of the assistant with `data.offerHuman` since the room's last change of
+    /// hand-off status (a resolved and reopened room is a new conversation), among its
+    /// latest [`OFFER_LOOKBACK`] messages. The visitor's explicit request for a person,
+    /// answered with the same offer, counts too. When the store cannot tell, it says no,
+    /// so an unreadable store costs a repeated offer, never a missing one.
+    async fn offered_human(&self, question: &Message) -> bool {
+        let store = self.chat.store();
+        let since = match store.conversation(&question.room).await {
+            Ok(conversation) => conversation.map_or(0, |c| c.status_seq),
+            Err(e) => {
+                tracing::warn!(room = %question.room, error = %e, "cannot read the room's status");
+                return false;
+            }
+        };
+        match store
+            .messages_before(&question.room, question.seq, OFFER_LOOKBACK)
+            .await
+        {
+            Ok(recent) => recent.iter().any(|m| {
+                m.seq > since
+                    && m.author.role == "assistant"
+                    && m.data
+                        .as_ref()
+                        .and_then(|d| d.get("offerHuman"))
+                        .and_then(serde_json::Value::as_bool)
+                        == Some(true)
+            }),
+            Err(e) => {
+                tracing::warn!(room = %question.room, error = %e, "cannot read the room for the bot");
+                false
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1126,6 +1175,7 @@ impl AiService {
             let mut text = String::new();
             let mut from = (String::new(), String::new());
             let mut done = false;
+            let mut cited = None;
             while let Some(event) = events.recv().await {
                 match &event {
                     AiEvent::Started { provider, model } => {
@@ -1135,7 +1185,13 @@ impl AiService {
                     AiEvent::Fallback {
                         after_text: true, ..
                     } => text.clear(),
-                    AiEvent::Done { .. } | AiEvent::NoAnswer => done = true,
+                    AiEvent::Done { sources, .. } => {
+                        done = true;
+                        if !sources.is_empty() {
+                            cited = Some(serde_json::json!({ "sources": sources }));
+                        }
+                    }
+                    AiEvent::NoAnswer => done = true,
                     AiEvent::Fallback { .. } => {}
                 }
                 if tx.send(event).await.is_err() {
@@ -1144,7 +1200,7 @@ impl AiService {
             }
             if let Some(room) = room {
                 let id = format!("ai-{}", uuid::Uuid::now_v7().simple());
-                this.store_reply(&room, &id, text, &from.0, &from.1, None, !done)
+                this.store_reply(&room, &id, text, &from.0, &from.1, cited, !done)
                     .await;
             }
         });
@@ -1225,9 +1281,13 @@ fn prompt(bot: &Bot, question: &str, context: Option<&str>) -> Option<String> {
         if !hits.is_empty() {
             system.push_str("\n\nRelevant passages from the knowledge base:\n");
             for hit in hits {
+                let p = hit.passage;
+                let heading = p.heading.as_deref().map(|h| format!(" — {h}"));
                 system.push_str(&format!(
-                    "\n[{}]\n{}\n",
-                    hit.passage.source, hit.passage.text
+                    "\n[{}{}]\n{}\n",
+                    p.source,
+                    heading.unwrap_or_default(),
+                    p.text
                 ));
             }
         }
@@ -1499,10 +1559,12 @@ async fn attempt(
             started: Instant::now(),
             first_token: None,
         };
+        let mut sources = Vec::new();
         let result = match crate::ai::timed(provider, request, timeouts).await {
             Err(e) => Err(e),
             Ok(mut stream) => loop {
                 match stream.next().await {
+                    Some(Ok(Event::Sources(s))) => sources.extend(s),
                     Some(Ok(Event::Text(t))) => {
                         if call.first_token.is_none() {
                             call.first_token = Some(call.started.elapsed());
@@ -1531,6 +1593,7 @@ async fn attempt(
                             model: request.model.clone(),
                             reason,
                             usage,
+                            sources: std::mem::take(&mut sources),
                         };
                         return if tx.send(done).await.is_err() {
                             Attempt::Closed

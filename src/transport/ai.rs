@@ -122,7 +122,7 @@ impl Gathered {
     }
 }
 
-/// `{provider, model, usage, finishReason}` of a [`AiEvent::Done`].
+/// `{provider, model, usage, finishReason, sources?}` of a [`AiEvent::Done`].
 fn end_fields(event: &AiEvent) -> Value {
     match event {
         AiEvent::Done {
@@ -130,16 +130,23 @@ fn end_fields(event: &AiEvent) -> Value {
             model,
             reason,
             usage,
-        } => json!({
-            "provider": provider,
-            "model": model,
-            "finishReason": finish_label(reason),
-            "usage": {
-                "promptTokens": usage.prompt_tokens,
-                "completionTokens": usage.completion_tokens,
-                "totalTokens": usage.prompt_tokens + usage.completion_tokens,
-            },
-        }),
+            sources,
+        } => {
+            let mut fields = json!({
+                "provider": provider,
+                "model": model,
+                "finishReason": finish_label(reason),
+                "usage": {
+                    "promptTokens": usage.prompt_tokens,
+                    "completionTokens": usage.completion_tokens,
+                    "totalTokens": usage.prompt_tokens + usage.completion_tokens,
+                },
+            });
+            if !sources.is_empty() {
+                fields["sources"] = json!(sources);
+            }
+            fields
+        }
         _ => Value::Null,
     }
 }
