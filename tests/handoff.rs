@@ -1008,7 +1008,9 @@ async fn a_domain_without_an_assistant_queues_its_visitors_for_a_person() {
     assert_eq!(inbox["type"], "inbox");
 
     // The first message puts the conversation in the queue at once, with the notice.
-    visitor.say("support-vic", "Hello, is anyone there?", None).await;
+    visitor
+        .say("support-vic", "Hello, is anyone there?", None)
+        .await;
     let (mut status, mut notice) = (Value::Null, Value::Null);
     while status.is_null() || notice.is_null() {
         let f = visitor.recv().await;
@@ -1019,7 +1021,10 @@ async fn a_domain_without_an_assistant_queues_its_visitors_for_a_person() {
         }
     }
     assert_eq!(status["conversation"]["status"], "waiting", "{status}");
-    assert_eq!(notice["message"], "⏱\u{fe0f} Connecting you to a support agent…");
+    assert_eq!(
+        notice["message"],
+        "⏱\u{fe0f} Connecting you to a support agent…"
+    );
     let update = until(&mut agent, "inbox-update", |f| {
         f["conversation"]["status"] == "waiting"
     })
