@@ -177,6 +177,7 @@ fn agent_token() -> String {
 async fn the_demo_offers_a_person_once_per_conversation_and_keeps_answering() {
     let s = TestServer::start_with(|c| {
         c.domains[0].bot.as_mut().unwrap().enabled = true;
+        c.domains[0].handoff.enabled = true;
     })
     .await;
     let mut visitor = s.connect_as("ann").await;
