@@ -536,6 +536,54 @@ pub async fn token_secret(config: &Config, domain: &str) -> Result<Secret, Token
     Ok(secret)
 }
 
+/// The agent accounts of the server whose configuration is `config`, for `parlor agent`:
+/// its store opened (the server's own database, which must exist: nothing is created) and
+/// its domains, those of the configuration and those created through the admin API.
+pub async fn account_admin(
+    config: &Config,
+) -> Result<(service::accounts::AccountService, Arc<dyn Store>), AccountAdminError> {
+    // The same check `parlor token` makes: a server has used this database.
+    match read_for_tokens(config).await {
+        Ok(_) => {}
+        Err(TokenError::NoDatabase(path)) => return Err(AccountAdminError::NoDatabase(path)),
+        Err(TokenError::NoSchema(place)) => return Err(AccountAdminError::NoSchema(place)),
+        Err(e) => return Err(AccountAdminError::Open(e.to_string())),
+    }
+    let store = open_store(config, mpsc::unbounded_channel().0)
+        .await
+        .map_err(|e| AccountAdminError::Open(e.to_string()))?;
+    let domains = Arc::new(
+        Domains::new(&config.domains).map_err(|e| AccountAdminError::Open(e.to_string()))?,
+    );
+    DomainService::new(Arc::clone(&store), Arc::clone(&domains))
+        .reload()
+        .await
+        .map_err(|e| AccountAdminError::Open(e.to_string()))?;
+    let accounts = service::accounts::AccountService::new(Arc::clone(&store), domains);
+    Ok((accounts, store))
+}
+
+/// Why `parlor agent` cannot reach the server's accounts.
+#[derive(Debug, thiserror::Error)]
+pub enum AccountAdminError {
+    /// The SQLite file does not exist: this is not where the server keeps its data.
+    #[error(
+        "there is no Parlor database at {}; run `parlor agent` where the server runs (in its \
+         directory), or pass the server's --config FILE or --database URL",
+        .0.display()
+    )]
+    NoDatabase(std::path::PathBuf),
+    /// No server has used the database.
+    #[error(
+        "{0} has no Parlor schema; start the server on it once, or pass the server's \
+         --config FILE or --database URL"
+    )]
+    NoSchema(String),
+    /// It could not be opened.
+    #[error("cannot open the server's database: {0}")]
+    Open(String),
+}
+
 /// The configured database, for people.
 fn database_place(config: &Config) -> String {
     match config.database_path() {

@@ -43,6 +43,66 @@ enum Command {
     /// `--domain ID` makes a key for that domain's back end, `--admin` one for `/api/admin`.
     /// The entry holds only the key's hash.
     Key(KeyArgs),
+    /// Manage the agent accounts of a domain's inbox: add one (with its invite link), list
+    /// them, or make a new invite link.
+    ///
+    /// It works on the server's own database (run it where the server runs, or pass the
+    /// server's `--config`/`--database`) and creates no database.
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct AgentArgs {
+    #[command(subcommand)]
+    action: AgentAction,
+    #[command(flatten)]
+    source: SourceArgs,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+enum AgentAction {
+    /// Create an agent (or admin) account and print its one-time invite link.
+    Add {
+        /// The domain the account belongs to.
+        #[arg(long)]
+        domain: String,
+        /// The person's e-mail address (they sign in with it).
+        #[arg(long)]
+        email: String,
+        /// Display name [default: the part of the address before the @].
+        #[arg(long)]
+        name: Option<String>,
+        /// `agent` answers conversations; `admin` also manages the domain's agents.
+        #[arg(long, value_enum, default_value = "agent")]
+        role: AgentRole,
+        /// The server's public address, for the link [default: http://localhost:PORT].
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+    },
+    /// A new invite link for an account (the old one stops working).
+    Invite {
+        /// The domain.
+        #[arg(long)]
+        domain: String,
+        /// The account's e-mail address.
+        #[arg(long)]
+        email: String,
+        /// The server's public address, for the link [default: http://localhost:PORT].
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+    },
+    /// List a domain's accounts.
+    List {
+        /// The domain.
+        #[arg(long)]
+        domain: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum AgentRole {
+    Agent,
+    Admin,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -174,6 +234,7 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => serve(&args),
         Some(Command::Token(args)) => token(&args),
         Some(Command::Key(args)) => print_key(&args),
+        Some(Command::Agent(args)) => agent(&args),
         None => serve(&cli.serve),
     };
     match result {
@@ -362,6 +423,91 @@ fn print_key(args: &KeyArgs) -> anyhow::Result<()> {
 }
 
 /// `parlor token`: signs with the secret the server checks tokens with.
+fn agent(args: &AgentArgs) -> anyhow::Result<()> {
+    use parlor::store::accounts::AccountRole;
+    let config = load(&args.source, Overrides::default())?;
+    let runtime = runtime()?;
+    runtime.block_on(async {
+        let (accounts, store) = parlor::account_admin(&config).await?;
+        let base = |url: &Option<String>| {
+            url.clone()
+                .unwrap_or_else(|| format!("http://localhost:{}", config.listen.port()))
+                .trim_end_matches('/')
+                .to_owned()
+        };
+        let result = match &args.action {
+            AgentAction::Add {
+                domain,
+                email,
+                name,
+                role,
+                url,
+            } => {
+                let name = name
+                    .clone()
+                    .unwrap_or_else(|| email.split('@').next().unwrap_or(email).to_owned());
+                let role = match role {
+                    AgentRole::Agent => AccountRole::Agent,
+                    AgentRole::Admin => AccountRole::Admin,
+                };
+                match accounts.invite(domain, email, &name, role).await {
+                    Ok(invited) => emit(&format!(
+                        "{} ({}) can now join the inbox of {domain} with this link, valid for {} days:\n{}/inbox#invite={}\n",
+                        invited.account.email,
+                        invited.account.role.as_str(),
+                        parlor::service::accounts::INVITE_DAYS,
+                        base(url),
+                        invited.token
+                    )),
+                    Err(e) => Err(anyhow!("{e}")),
+                }
+            }
+            AgentAction::Invite { domain, email, url } => {
+                let wanted = email.trim().to_lowercase();
+                let found = accounts
+                    .list(domain)
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?
+                    .into_iter()
+                    .find(|a| a.email == wanted);
+                match found {
+                    None => Err(anyhow!("the domain {domain:?} has no account {wanted}")),
+                    Some(account) => match accounts.reinvite(domain, &account.id).await {
+                        Ok(invited) => emit(&format!(
+                            "a new link for {} (the old one no longer works):\n{}/inbox#invite={}\n",
+                            invited.account.email,
+                            base(url),
+                            invited.token
+                        )),
+                        Err(e) => Err(anyhow!("{e}")),
+                    },
+                }
+            }
+            AgentAction::List { domain } => match accounts.list(domain).await {
+                Ok(list) if list.is_empty() => emit(&format!("{domain} has no agent accounts\n")),
+                Ok(list) => {
+                    let lines: String = list
+                        .iter()
+                        .map(|a| {
+                            format!(
+                                "{}\t{}\t{}\t{}\n",
+                                a.email,
+                                a.role.as_str(),
+                                a.name,
+                                if a.has_password { "active" } else { "invited" }
+                            )
+                        })
+                        .collect();
+                    emit(&lines)
+                }
+                Err(e) => Err(anyhow!("{e}")),
+            },
+        };
+        store.close().await;
+        result
+    })
+}
+
 fn token(args: &TokenArgs) -> anyhow::Result<()> {
     let config = load(&args.source, Overrides::default())?;
     let runtime = runtime()?;

@@ -590,3 +590,129 @@ async fn token_on_a_postgres_database_without_parlor_is_refused() {
     );
     assert_eq!(tables, 0, "no schema created");
 }
+
+/// `POST path` with a JSON body to `server`, as its own page would: the status and body.
+fn post_json(server: &Server, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(&server.addr).unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not HTTP: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn agent_accounts_are_added_where_the_server_runs_and_their_invite_works() {
+    // Nowhere near a server: refused, nothing created.
+    let empty = tempfile::tempdir().unwrap();
+    let outcome = run(parlor(empty.path()).args([
+        "agent",
+        "add",
+        "--domain",
+        "demo",
+        "--email",
+        "a@x.example",
+    ]));
+    let line = assert_one_sentence(&outcome);
+    assert!(line.contains("no Parlor database"), "{line}");
+    assert_eq!(files(empty.path()), Vec::<String>::new());
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &["--listen", "127.0.0.1:0"]);
+    let outcome = run(parlor(dir.path()).args([
+        "agent",
+        "add",
+        "--domain",
+        "demo",
+        "--email",
+        "Ann@X.example",
+        "--name",
+        "Ann",
+        "--url",
+        "https://chat.x.example/",
+    ]));
+    assert_eq!(outcome.code, Some(0), "{outcome:?}");
+    let link = outcome
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("https://chat.x.example/inbox#invite="))
+        .unwrap_or_else(|| panic!("a link: {outcome:?}"));
+    let token = link.rsplit('=').next().unwrap();
+    // The server takes the invite at once: the person sets a password and is signed in.
+    let (status, body) = post_json(
+        &server,
+        "/api/auth/invite",
+        &format!(r#"{{"token":"{token}","password":"ann's long password"}}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("ann@x.example"), "{body}");
+    let outcome = run(parlor(dir.path()).args(["agent", "list", "--domain", "demo"]));
+    assert_eq!(outcome.code, Some(0), "{outcome:?}");
+    assert_eq!(outcome.stdout, "ann@x.example\tagent\tAnn\tactive\n");
+
+    // Mistakes are sentences.
+    let outcome = run(parlor(dir.path()).args([
+        "agent",
+        "add",
+        "--domain",
+        "demo",
+        "--email",
+        "ann@x.example",
+    ]));
+    let line = assert_one_sentence(&outcome);
+    assert!(line.contains("already has an account"), "{line}");
+    let outcome = run(parlor(dir.path()).args([
+        "agent",
+        "add",
+        "--domain",
+        "nope",
+        "--email",
+        "b@x.example",
+    ]));
+    let line = assert_one_sentence(&outcome);
+    assert!(line.contains("no domain \"nope\""), "{line}");
+    let outcome = run(parlor(dir.path()).args([
+        "agent",
+        "add",
+        "--domain",
+        "demo",
+        "--email",
+        "not-an-address",
+    ]));
+    let line = assert_one_sentence(&outcome);
+    assert!(line.contains("not an e-mail address"), "{line}");
+    let outcome = run(parlor(dir.path()).args([
+        "agent",
+        "invite",
+        "--domain",
+        "demo",
+        "--email",
+        "who@x.example",
+    ]));
+    assert_one_sentence(&outcome);
+    // A new link for Ann replaces the old one.
+    let outcome = run(parlor(dir.path()).args([
+        "agent",
+        "invite",
+        "--domain",
+        "demo",
+        "--email",
+        "ann@x.example",
+    ]));
+    assert_eq!(outcome.code, Some(0), "{outcome:?}");
+    assert!(outcome.stdout.contains("/inbox#invite="), "{outcome:?}");
+    drop(server);
+}
