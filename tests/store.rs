@@ -274,6 +274,7 @@ macro_rules! conformance_suite {
             current transitions_are_stored_with_their_message,
             multi concurrent_transitions_are_decided_one_at_a_time,
             current inbox_lists_support_rooms_with_read_positions_and_notes,
+            current inbox_searches_text_and_lists_one_visitors_rooms,
             current accounts_are_unique_per_domain_and_found_by_email,
             current invites_are_used_once_and_expire,
             current sessions_stand_for_their_accounts_until_they_end,
@@ -1276,9 +1277,11 @@ mod stories {
             .await
             .expect("rename domain");
 
+        assert_eq!(store.customer("acme", "cust-1").await.expect("read"), None);
         let profile = CustomerProfile {
             name: Some("Zoë".to_owned()),
             data: Some(json!({"plan": "pro", "seats": 3})),
+            context: None,
         };
         store
             .upsert_customer("acme", "cust-1", profile.clone())
@@ -1296,6 +1299,37 @@ mod stories {
             .upsert_customer("other", "cust-1", profile)
             .await
             .expect("same user id in another domain");
+        let stored = store.customer("acme", "cust-1").await.expect("read");
+        let stored = stored.expect("the customer is stored");
+        assert_eq!(
+            stored.name.as_deref(),
+            Some("Zoë"),
+            "a profile without a name keeps it"
+        );
+        assert_eq!(stored.data, Some(json!({"plan": "pro", "seats": 3})));
+        assert_eq!(stored.context, None);
+        assert!(stored.first_seen <= stored.last_seen);
+
+        // The context is replaced by the newest one; the name and data stay.
+        for page in ["https://shop.example/", "https://shop.example/pricing"] {
+            let seen = CustomerProfile {
+                context: Some(json!({"page": page, "browser": "Firefox"})),
+                ..CustomerProfile::default()
+            };
+            store
+                .upsert_customer("acme", "cust-1", seen)
+                .await
+                .expect("context");
+        }
+        let stored = store.customer("acme", "cust-1").await.expect("read");
+        let stored = stored.expect("the customer is stored");
+        assert_eq!(
+            stored.context,
+            Some(json!({"page": "https://shop.example/pricing", "browser": "Firefox"}))
+        );
+        assert_eq!(stored.name.as_deref(), Some("Zoë"));
+        let other = store.customer("other", "cust-1").await.expect("read");
+        assert_eq!(other.expect("stored").context, None, "domains stay apart");
         store.health().await.expect("the store still works");
     }
 
@@ -1860,6 +1894,83 @@ mod stories {
         assert_eq!(last_seq(&*ctx.store, &key).await, 2);
     }
 
+    /// The inbox's search matches room ids, visitor names and message text, ignoring case,
+    /// with `%`, `_` and `\\` taken literally; `opened_by` keeps one visitor's rooms.
+    pub async fn inbox_searches_text_and_lists_one_visitors_rooms(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let by = |user: &str, room: &str, content: &str| NewMessage {
+            author: author(user),
+            ..text(&RoomKey::new("acme", room), content)
+        };
+        append(store, by("zoe", "order-1", "Where is my PARCEL?")).await;
+        append(store, by("zoe", "order-2", "100% refund, please")).await;
+        append(store, by("max", "billing", "My invoice_2 is wrong")).await;
+        append(store, by("max", "other-dom", "parcel")).await;
+        append(
+            store,
+            NewMessage {
+                room: RoomKey::new("other", "x"),
+                ..by("zoe", "x", "parcel")
+            },
+        )
+        .await;
+        let find = |text: Option<&str>, opened_by: Option<&str>| {
+            let query = InboxQuery {
+                domain_id: "acme".into(),
+                statuses: Vec::new(),
+                reader: "agent".into(),
+                limit: 10,
+                opened_by: opened_by.map(str::to_owned),
+                text: text.map(str::to_owned),
+            };
+            async move {
+                let mut rooms: Vec<String> = store
+                    .inbox(query)
+                    .await
+                    .expect("inbox")
+                    .iter()
+                    .map(|e| e.conversation.room.room_id.to_string())
+                    .collect();
+                rooms.sort();
+                rooms
+            }
+        };
+        assert_eq!(
+            find(Some("parcel"), None).await,
+            ["order-1", "other-dom"],
+            "any case"
+        );
+        assert_eq!(
+            find(Some("ORDER"), None).await,
+            ["order-1", "order-2"],
+            "room ids"
+        );
+        assert_eq!(
+            find(Some("name of max"), None).await,
+            ["billing", "other-dom"],
+            "names"
+        );
+        assert_eq!(
+            find(Some("100%"), None).await,
+            ["order-2"],
+            "% is a character"
+        );
+        assert!(find(Some("0%r"), None).await.is_empty(), "…not a wildcard");
+        assert_eq!(find(Some("invoice_2"), None).await, ["billing"]);
+        assert!(
+            find(Some("invoicex2"), None).await.is_empty(),
+            "_ is a character"
+        );
+        assert_eq!(
+            find(Some("  "), None).await.len(),
+            4,
+            "a blank search filters nothing"
+        );
+        assert_eq!(find(None, Some("zoe")).await, ["order-1", "order-2"]);
+        assert_eq!(find(Some("parcel"), Some("zoe")).await, ["order-1"]);
+        assert!(find(None, Some("nobody")).await.is_empty());
+    }
+
     /// The inbox: support rooms with messages, filtered by status, waiting first, with the
     /// reader's position; `ai:` rooms and other domains left out. Notes are kept apart from
     /// the stream.
@@ -1883,6 +1994,8 @@ mod stories {
                 statuses,
                 reader: "agent".into(),
                 limit: 10,
+                opened_by: None,
+                text: None,
             })
         };
         let all = list(Vec::new()).await.expect("inbox");
@@ -2269,6 +2382,8 @@ mod postgres_nodes {
                     statuses: Vec::new(),
                     reader: "agent".into(),
                     limit: 10,
+                    opened_by: None,
+                    text: None,
                 })
                 .await
                 .expect("inbox")

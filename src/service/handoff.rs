@@ -39,7 +39,7 @@ use crate::model::{
     Agent, Author, Conversation, Identity, Message, NewMessage, Note, Role, RoomKey, RoomStatus,
     now_ms,
 };
-use crate::store::{Decide, InboxEntry, InboxQuery, NewNote, Store, Transitioned};
+use crate::store::{Customer, Decide, InboxEntry, InboxQuery, NewNote, Store, Transitioned};
 
 /// Room states kept in memory before the cache is cleared.
 const CACHE_MAX: usize = 100_000;
@@ -120,6 +120,36 @@ struct RoomState {
 }
 
 /// What an agent watching the inbox is online as, across the cluster.
+/// The longest inbox search, in characters.
+const MAX_SEARCH_CHARS: usize = 200;
+
+/// Which conversations [`HandoffService::list`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct InboxFilter {
+    /// Statuses to list; empty: all.
+    pub statuses: Vec<RoomStatus>,
+    /// At most this many (default 50, at most `limits.max_page`).
+    pub limit: Option<usize>,
+    /// Only the conversations this visitor opened.
+    pub visitor: Option<String>,
+    /// Only the conversations whose id, visitor name or messages contain this text.
+    pub text: Option<String>,
+}
+
+/// How many of a visitor's conversations [`HandoffService::visitor`] lists.
+const VISITOR_ROOMS: usize = 20;
+
+/// Who opened a room ([`HandoffService::visitor`]).
+#[derive(Debug, Clone, Default)]
+pub struct VisitorInfo {
+    /// Their user id (`None` for a room nobody in particular opened).
+    pub user_id: Option<String>,
+    /// Their stored profile and context.
+    pub customer: Option<Customer>,
+    /// Their conversations in the domain, this one included.
+    pub conversations: Vec<InboxEntry>,
+}
+
 const INBOX_WATCHER: &str = "inbox";
 
 /// An agent watching the domain's inbox on one connection.
@@ -840,7 +870,11 @@ impl HandoffService {
         statuses: Vec<RoomStatus>,
     ) -> Result<Vec<InboxEntry>, ServiceError> {
         let identity = conn.identity();
-        let list = self.list(identity, statuses, None).await?;
+        let filter = InboxFilter {
+            statuses,
+            ..InboxFilter::default()
+        };
+        let list = self.list(identity, filter).await?;
         let domain = Arc::clone(&identity.domain_id);
         let subs = self.inbox.entry(domain).or_default();
         let mut subs = subs.lock();
@@ -872,23 +906,34 @@ impl HandoffService {
     pub async fn list(
         &self,
         identity: &Identity,
-        statuses: Vec<RoomStatus>,
-        limit: Option<usize>,
+        filter: InboxFilter,
     ) -> Result<Vec<InboxEntry>, ServiceError> {
         if !policy::may_assign(identity) {
             return Err(ServiceError::Forbidden(
                 "the inbox is for the domain's agents".into(),
             ));
         }
+        if filter
+            .text
+            .as_ref()
+            .is_some_and(|t| t.chars().count() > MAX_SEARCH_CHARS)
+        {
+            return Err(ServiceError::invalid(
+                "invalid_query",
+                format!("a search may hold at most {MAX_SEARCH_CHARS} characters"),
+            ));
+        }
         let max = self.chat.limits().max_page;
-        let limit = limit.unwrap_or(50).clamp(1, max);
+        let limit = filter.limit.unwrap_or(50).clamp(1, max);
         let entries = self
             .store()
             .inbox(InboxQuery {
                 domain_id: identity.domain_id.to_string(),
-                statuses,
+                statuses: filter.statuses,
                 reader: identity.user_id.clone(),
                 limit,
+                opened_by: filter.visitor,
+                text: filter.text,
             })
             .await?;
         for e in &entries {
@@ -997,6 +1042,42 @@ impl HandoffService {
             return Err(ServiceError::RoomNotFound);
         }
         Ok(self.store().notes(&key, NOTES_PAGE).await?)
+    }
+
+    /// Who opened a support room, for the agent beside it: their stored profile and
+    /// context (page, browser, first and last seen) and their conversations in the domain,
+    /// newest first. For the domain's agents.
+    pub async fn visitor(
+        &self,
+        identity: &Identity,
+        room_id: &str,
+    ) -> Result<VisitorInfo, ServiceError> {
+        let key = self.support_room(identity, room_id)?;
+        if !policy::may_assign(identity) {
+            return Err(ServiceError::Forbidden(
+                "visitor details are for the domain's agents".into(),
+            ));
+        }
+        let room = self
+            .store()
+            .room(&key)
+            .await?
+            .ok_or(ServiceError::RoomNotFound)?;
+        let Some(user_id) = room.created_by else {
+            return Ok(VisitorInfo::default());
+        };
+        let customer = self.store().customer(&key.domain_id, &user_id).await?;
+        let filter = InboxFilter {
+            limit: Some(VISITOR_ROOMS),
+            visitor: Some(user_id.clone()),
+            ..InboxFilter::default()
+        };
+        let conversations = self.list(identity, filter).await?;
+        Ok(VisitorInfo {
+            user_id: Some(user_id),
+            customer,
+            conversations,
+        })
     }
 }
 

@@ -50,6 +50,23 @@ pub struct CustomerProfile {
     pub name: Option<String>,
     /// Free-form JSON object.
     pub data: Option<serde_json::Value>,
+    /// Where the visitor is (page, browser…): a JSON object the server composes.
+    pub context: Option<serde_json::Value>,
+}
+
+/// A customer as stored: what they said about themselves and where they were last seen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Customer {
+    /// Display name.
+    pub name: Option<String>,
+    /// `customerData`, as given.
+    pub data: Option<serde_json::Value>,
+    /// The latest context (page, browser…).
+    pub context: Option<serde_json::Value>,
+    /// First stored.
+    pub first_seen: DateTime<Utc>,
+    /// Last updated.
+    pub last_seen: DateTime<Utc>,
 }
 
 /// A domain as stored.
@@ -310,6 +327,32 @@ pub struct InboxQuery {
     pub reader: String,
     /// At most this many.
     pub limit: usize,
+    /// Only the rooms this user opened (one visitor's conversations); `None`: every room.
+    pub opened_by: Option<String>,
+    /// Only the rooms whose id, visitor name or one of whose messages contains this text,
+    /// ignoring case; `None` (or blank): no text filter.
+    pub text: Option<String>,
+}
+
+impl InboxQuery {
+    /// [`InboxQuery::text`] as a `LIKE` pattern with `\` as its escape character: `%`, `_`
+    /// and `\` in the text match themselves.
+    pub fn text_pattern(&self) -> Option<String> {
+        let text = self.text.as_deref()?.trim();
+        if text.is_empty() {
+            return None;
+        }
+        let mut pattern = String::with_capacity(text.len() + 2);
+        pattern.push('%');
+        for c in text.chars() {
+            if matches!(c, '%' | '_' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push('%');
+        Some(pattern)
+    }
 }
 
 /// One room in an agent inbox.
@@ -404,7 +447,14 @@ pub trait Store: accounts::Accounts + Send + Sync + std::fmt::Debug + 'static {
     /// The user's read position in the room (0 when nothing read).
     async fn read_position(&self, key: &RoomKey, user_id: &str) -> Result<u64, StoreError>;
 
-    /// Creates or updates a customer's profile.
+    /// A customer's stored profile, if any.
+    async fn customer(
+        &self,
+        domain_id: &str,
+        user_id: &str,
+    ) -> Result<Option<Customer>, StoreError>;
+
+    /// Creates or updates a customer's profile; fields left `None` keep their value.
     async fn upsert_customer(
         &self,
         domain_id: &str,

@@ -12,11 +12,11 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::http::{ApiError, ApiJson, ApiQuery, Caller};
-use super::wire::{agent_json, conversation_json, inbox_entry_json, note_json};
+use super::wire::{agent_json, conversation_json, customer_json, inbox_entry_json, note_json};
 use super::ws::parse_statuses;
 use crate::AppState;
 use crate::service::ServiceError;
-use crate::service::handoff::{Action, AgentRef, Outcome};
+use crate::service::handoff::{Action, AgentRef, InboxFilter, Outcome};
 
 fn error(app: &AppState, e: ServiceError) -> ApiError {
     app.metrics.client_error(e.code());
@@ -54,9 +54,13 @@ fn outcome(o: &Outcome) -> Response {
 pub struct InboxParams {
     status: Option<String>,
     limit: Option<usize>,
+    /// Only this visitor's conversations.
+    visitor: Option<String>,
+    /// Text to search for in room ids, visitor names and messages.
+    q: Option<String>,
 }
 
-/// `GET /api/inbox?status=&limit=`.
+/// `GET /api/inbox?status=&limit=&visitor=&q=`.
 pub async fn inbox(
     State(app): State<AppState>,
     Caller(identity): Caller,
@@ -65,7 +69,15 @@ pub async fn inbox(
     let statuses = parse_statuses(q.status.as_deref()).map_err(|e| error(&app, e))?;
     let entries = app
         .handoff
-        .list(&identity, statuses, q.limit)
+        .list(
+            &identity,
+            InboxFilter {
+                statuses,
+                limit: q.limit,
+                visitor: q.visitor,
+                text: q.q,
+            },
+        )
         .await
         .map_err(|e| error(&app, e))?;
     let list: Vec<Value> = entries.iter().map(|e| inbox_entry_json(e, true)).collect();
@@ -204,6 +216,35 @@ pub async fn notes(
         .map_err(|e| error(&app, e))?;
     let list: Vec<Value> = notes.iter().map(note_json).collect();
     Ok(Json(json!({ "roomId": room_id, "notes": list })).into_response())
+}
+
+/// `GET /api/rooms/{id}/visitor`: who opened the room, where they were (page, browser),
+/// when they were first and last seen, and their conversations in the domain.
+pub async fn visitor(
+    State(app): State<AppState>,
+    Caller(identity): Caller,
+    Path(room_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let info = app
+        .handoff
+        .visitor(&identity, &room_id)
+        .await
+        .map_err(|e| error(&app, e))?;
+    let visitor = match &info.user_id {
+        Some(id) => customer_json(id, info.customer.as_ref()),
+        None => Value::Null,
+    };
+    let conversations: Vec<Value> = info
+        .conversations
+        .iter()
+        .map(|e| inbox_entry_json(e, true))
+        .collect();
+    Ok(Json(json!({
+        "roomId": room_id,
+        "visitor": visitor,
+        "conversations": conversations,
+    }))
+    .into_response())
 }
 
 /// Body of `POST /api/rooms/{id}/notes`.

@@ -73,6 +73,7 @@ pub fn router(state: AppState) -> Router {
             "/api/rooms/{id}/notes",
             get(handoff::notes).post(handoff::add_note),
         )
+        .route("/api/rooms/{id}/visitor", get(handoff::visitor))
         .route("/api/inbox", get(handoff::inbox))
         .route("/api/agents", get(handoff::agents))
         .route("/api/online", get(http::online))

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::hub::{Event, PresentUser};
 use crate::model::{Agent, Conversation, Message, Note, iso};
-use crate::store::InboxEntry;
+use crate::store::{Customer, InboxEntry};
 
 /// A stored message on the wire. With `frame` set it is a complete `message-received` frame.
 #[derive(Debug, Serialize)]
@@ -217,6 +217,21 @@ pub fn inbox_entry_json(e: &InboxEntry, reader: bool) -> Value {
         v["unread"] = m.seq.saturating_sub(e.read_seq).into();
     }
     v
+}
+
+/// A stored customer, as agents see it beside a conversation.
+pub fn customer_json(user_id: &str, c: Option<&Customer>) -> Value {
+    let Some(c) = c else {
+        return serde_json::json!({ "userId": user_id });
+    };
+    serde_json::json!({
+        "userId": user_id,
+        "name": c.name,
+        "firstSeen": iso(c.first_seen),
+        "lastSeen": iso(c.last_seen),
+        "context": c.context,
+        "data": c.data,
+    })
 }
 
 /// An internal note.

@@ -56,9 +56,9 @@ use sqlx::{Connection, Executor, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Appended, CommitSink, ConversationColumns, CustomerProfile, Decide, DomainChange, DomainKey,
-    InboxEntry, InboxQuery, KeyKind, MAX_DATA_DEPTH, NewNote, Store, StoreError, StoredDomain,
-    Transitioned, UsageGroup, UsageGrouping, UsageRecord,
+    Appended, CommitSink, ConversationColumns, Customer, CustomerProfile, Decide, DomainChange,
+    DomainKey, InboxEntry, InboxQuery, KeyKind, MAX_DATA_DEPTH, NewNote, Store, StoreError,
+    StoredDomain, Transitioned, UsageGroup, UsageGrouping, UsageRecord,
 };
 use crate::config::StoreConfig;
 use crate::model::{
@@ -70,6 +70,7 @@ use crate::model::{
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0001_init.sql"),
     include_str!("../migrations/postgres/0002_accounts.sql"),
+    include_str!("../migrations/postgres/0003_customer_context.sql"),
 ];
 
 /// Key of the advisory lock held while migrating, so nodes starting together migrate one
@@ -712,18 +713,22 @@ async fn apply(conn: &mut PgConnection, locks: &mut Locks, op: &Op) -> Result<Ou
             .map(Output::Seq),
         Op::UpsertCustomer(domain, user, profile) => {
             let data = profile.data.as_ref().map(serde_json::Value::to_string);
+            let context = profile.context.as_ref().map(serde_json::Value::to_string);
             sqlx::query(
-                "INSERT INTO customers (domain_id, user_id, name, data, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $5)
+                "INSERT INTO customers
+                   (domain_id, user_id, name, data, context, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $6)
                  ON CONFLICT (domain_id, user_id) DO UPDATE SET
                    name = COALESCE(EXCLUDED.name, customers.name),
                    data = COALESCE(EXCLUDED.data, customers.data),
+                   context = COALESCE(EXCLUDED.context, customers.context),
                    updated_at = EXCLUDED.updated_at",
             )
             .bind(domain)
             .bind(user)
             .bind(&profile.name)
             .bind(data)
+            .bind(context)
             .bind(to_ms(now_ms()))
             .execute(&mut *conn)
             .await?;
@@ -1351,6 +1356,41 @@ impl Store for PostgresStore {
         Ok(seq.map_or(0, count))
     }
 
+    async fn customer(
+        &self,
+        domain_id: &str,
+        user_id: &str,
+    ) -> Result<Option<Customer>, StoreError> {
+        let row = self
+            .read(
+                "a customer",
+                sqlx::query(
+                    "SELECT name, data, context, created_at, updated_at FROM customers
+                     WHERE domain_id = $1 AND user_id = $2",
+                )
+                .bind(domain_id)
+                .bind(user_id)
+                .fetch_optional(&self.pool),
+            )
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let json = |at: usize| -> Result<Option<serde_json::Value>, sqlx::Error> {
+            let text: Option<String> = row.try_get(at)?;
+            Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+        };
+        let customer = (|| -> Result<Customer, sqlx::Error> {
+            Ok(Customer {
+                name: row.try_get(0)?,
+                data: json(1)?,
+                context: json(2)?,
+                first_seen: from_ms(row.try_get(3)?),
+                last_seen: from_ms(row.try_get(4)?),
+            })
+        })()
+        .map_err(store_error)?;
+        Ok(Some(customer))
+    }
+
     async fn upsert_customer(
         &self,
         domain_id: &str,
@@ -1583,6 +1623,10 @@ impl Store for PostgresStore {
              LEFT JOIN customers cu ON cu.domain_id = r.domain_id AND cu.user_id = r.created_by
              WHERE r.domain_id = $1 AND r.kind = 'support' AND r.id NOT ILIKE 'ai:%'
                AND (cardinality($4::text[]) = 0 OR COALESCE(c.status, 'bot') = ANY($4::text[]))
+               AND ($5::text IS NULL OR r.created_by = $5)
+               AND ($6::text IS NULL OR r.id ILIKE $6 OR cu.name ILIKE $6
+                    OR EXISTS (SELECT 1 FROM messages s WHERE s.room = r.rid
+                               AND (s.content ILIKE $6 OR s.author_name ILIKE $6)))
              ORDER BY COALESCE(c.status, 'bot') = 'waiting' DESC,
                CASE WHEN c.status = 'waiting' THEN c.waiting_since END ASC NULLS FIRST,
                m.created_at DESC, r.rid DESC
@@ -1596,6 +1640,8 @@ impl Store for PostgresStore {
                     .bind(&query.reader)
                     .bind(limit_param(query.limit))
                     .bind(&statuses)
+                    .bind(&query.opened_by)
+                    .bind(query.text_pattern())
                     .fetch_all(&self.pool),
             )
             .await?;

@@ -30,9 +30,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Appended, CommitSink, ConversationColumns, CustomerProfile, Decide, DomainChange, DomainKey,
-    InboxEntry, InboxQuery, KeyKind, MAX_DATA_DEPTH, NewNote, Store, StoreError, StoredDomain,
-    Transitioned, UsageGroup, UsageGrouping, UsageRecord,
+    Appended, CommitSink, ConversationColumns, Customer, CustomerProfile, Decide, DomainChange,
+    DomainKey, InboxEntry, InboxQuery, KeyKind, MAX_DATA_DEPTH, NewNote, Store, StoreError,
+    StoredDomain, Transitioned, UsageGroup, UsageGrouping, UsageRecord,
 };
 use crate::config::{SqliteSync, StoreConfig};
 use crate::model::{
@@ -47,6 +47,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0004_ai.sql"),
     include_str!("../migrations/sqlite/0005_handoff.sql"),
     include_str!("../migrations/sqlite/0006_accounts.sql"),
+    include_str!("../migrations/sqlite/0007_customer_context.sql"),
 ];
 
 /// Column list matching [`row_to_message`], for `FROM messages m JOIN rooms r`
@@ -656,17 +657,22 @@ impl Writer {
             }
             WriteOp::UpsertCustomer(domain, user, profile, _) => {
                 let data = profile.data.as_ref().map(serde_json::Value::to_string);
+                let context = profile.context.as_ref().map(serde_json::Value::to_string);
                 let now = to_ms(now_ms());
                 self.conn
                     .prepare_cached(
-                        "INSERT INTO customers (domain_id, user_id, name, data, created_at, updated_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+                        "INSERT INTO customers
+                           (domain_id, user_id, name, data, context, created_at, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
                          ON CONFLICT (domain_id, user_id) DO UPDATE SET
                            name = COALESCE(excluded.name, customers.name),
                            data = COALESCE(excluded.data, customers.data),
+                           context = COALESCE(excluded.context, customers.context),
                            updated_at = excluded.updated_at",
                     )
-                    .and_then(|mut s| s.execute(params![domain, user, profile.name, data, now]))
+                    .and_then(|mut s| {
+                        s.execute(params![domain, user, profile.name, data, context, now])
+                    })
                     .map_err(unavailable)?;
                 Ok(Applied::Unit)
             }
@@ -1304,6 +1310,35 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn customer(
+        &self,
+        domain_id: &str,
+        user_id: &str,
+    ) -> Result<Option<Customer>, StoreError> {
+        let (d, u) = (domain_id.to_owned(), user_id.to_owned());
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT name, data, context, created_at, updated_at FROM customers
+                 WHERE domain_id = ?1 AND user_id = ?2",
+            )?
+            .query_row(params![d, u], |r| {
+                let json = |at: usize| -> rusqlite::Result<Option<serde_json::Value>> {
+                    let text: Option<String> = r.get(at)?;
+                    Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+                };
+                Ok(Customer {
+                    name: r.get(0)?,
+                    data: json(1)?,
+                    context: json(2)?,
+                    first_seen: from_ms(r.get(3)?),
+                    last_seen: from_ms(r.get(4)?),
+                })
+            })
+            .optional()
+        })
+        .await
+    }
+
     async fn upsert_customer(
         &self,
         domain_id: &str,
@@ -1514,6 +1549,11 @@ impl Store for SqliteStore {
                    AND rs.user_id = ?2
                  LEFT JOIN customers cu ON cu.domain_id = r.domain_id AND cu.user_id = r.created_by
                  WHERE r.domain_id = ?1 AND r.kind = 'support' AND r.id NOT LIKE 'ai:%' {filter}
+                   AND (?4 IS NULL OR r.created_by = ?4)
+                   AND (?5 IS NULL OR r.id LIKE ?5 ESCAPE '\\' OR cu.name LIKE ?5 ESCAPE '\\'
+                        OR EXISTS (SELECT 1 FROM messages s WHERE s.room = r.rid
+                                   AND (s.content LIKE ?5 ESCAPE '\\'
+                                        OR s.author_name LIKE ?5 ESCAPE '\\')))
                  ORDER BY COALESCE(c.status, 'bot') = 'waiting' DESC,
                    CASE WHEN c.status = 'waiting' THEN c.waiting_since END ASC,
                    m.created_at DESC, r.rid DESC
@@ -1522,7 +1562,13 @@ impl Store for SqliteStore {
             );
             let mut stmt = c.prepare_cached(&sql)?;
             let rows = stmt.query_map(
-                params![query.domain_id, query.reader, limit_param(query.limit)],
+                params![
+                    query.domain_id,
+                    query.reader,
+                    limit_param(query.limit),
+                    query.opened_by,
+                    query.text_pattern()
+                ],
                 |row| {
                     let room_id: String = row.get(0)?;
                     let key = RoomKey::new(query.domain_id.as_str(), room_id);

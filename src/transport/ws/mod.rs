@@ -40,7 +40,7 @@ use crate::hub::{
 };
 use crate::metrics::AT_CONNECTION;
 use crate::model::Message;
-use crate::model::{Conversation, Identity, RoomKey, RoomStatus, iso, now_ms};
+use crate::model::{Conversation, Identity, Role, RoomKey, RoomStatus, iso, now_ms};
 use crate::service::ServiceError;
 use crate::service::chat::{MAX_NAME_CHARS, Outgoing, not_joined};
 use crate::service::handoff::{Action, AgentRef, Service};
@@ -153,6 +153,11 @@ pub async fn upgrade(
         app.metrics.client_error("too_many_connections");
         return ApiError::unavailable("too_many_connections", DOMAIN_FULL).into_response();
     };
+    // Only visitors have a context worth showing to agents.
+    let browser = (identity.role == Role::Visitor)
+        .then(|| req.headers().get(header::USER_AGENT)?.to_str().ok())
+        .flatten()
+        .map(|ua| Box::from(truncate_chars(ua, MAX_CONTEXT_CHARS)));
     let limits = &app.config.limits;
     let id = app.next_connection_id();
     let (handle, rx) = ConnHandle::new(id, Arc::new(identity), limits.outbound_queue);
@@ -172,6 +177,7 @@ pub async fn upgrade(
         auth_until: Instant::now() + AUTH_FRAME_WINDOW,
         permits: (permit, admitted.permit),
         online,
+        browser,
     };
     let auto_join = query.room_id;
     let max_message = limits.max_frame_bytes;
@@ -359,6 +365,8 @@ struct Connection {
     permits: (OwnedSemaphorePermit, DomainPermit),
     /// Counts the user among the domain's online users (across the cluster).
     online: Online,
+    /// A visitor's browser (the upgrade's `User-Agent`), for the context agents see.
+    browser: Option<Box<str>>,
 }
 
 /// The socket failed or the client is too slow; the loop must end.
@@ -862,10 +870,16 @@ impl Connection {
         {
             self.display_name = Some(name.chars().take(MAX_NAME_CHARS).collect());
         }
-        let profile =
-            (f.user_name.is_some() || f.customer_data.is_some()).then(|| CustomerProfile {
+        let context = f
+            .context
+            .as_ref()
+            .filter(|_| identity.role == Role::Visitor)
+            .and_then(|c| visitor_context(c, self.browser.as_deref()));
+        let profile = (f.user_name.is_some() || f.customer_data.is_some() || context.is_some())
+            .then(|| CustomerProfile {
                 name: f.user_name.clone(),
                 data: f.customer_data.clone().filter(Value::is_object),
+                context,
             });
         // A room the connection is in already: only what it was never sent.
         let already = self.rooms.get(&key);
@@ -1395,8 +1409,42 @@ struct JoinRoom {
     since: Option<u64>,
     user_name: Option<String>,
     customer_data: Option<Value>,
+    /// Where a visitor is: `{page, title, referrer, language, timeZone}` (the widget's).
+    context: Option<Value>,
     /// Checked, never granted.
     role: Option<String>,
+}
+
+/// The longest value kept of a visitor's context, in characters.
+const MAX_CONTEXT_CHARS: usize = 512;
+
+/// The fields of `join-room`'s `context` that are kept, as sent.
+const CONTEXT_FIELDS: [&str; 5] = ["page", "title", "referrer", "language", "timeZone"];
+
+/// A visitor's context as stored: the known string fields of what the client sent (each cut
+/// to [`MAX_CONTEXT_CHARS`]) and the browser the server saw; `None` when `sent` is no
+/// object. Anything else in `sent` is dropped.
+fn visitor_context(sent: &Value, browser: Option<&str>) -> Option<Value> {
+    let sent = sent.as_object()?;
+    let mut context = serde_json::Map::new();
+    for field in CONTEXT_FIELDS {
+        if let Some(text) = sent.get(field).and_then(Value::as_str)
+            && !text.trim().is_empty()
+        {
+            context.insert(field.into(), truncate_chars(text, MAX_CONTEXT_CHARS).into());
+        }
+    }
+    if let Some(browser) = browser {
+        context.insert("browser".into(), browser.into());
+    }
+    Some(Value::Object(context))
+}
+
+/// `text` cut to at most `max` characters.
+fn truncate_chars(text: &str, max: usize) -> &str {
+    text.char_indices()
+        .nth(max)
+        .map_or(text, |(at, _)| &text[..at])
 }
 
 #[derive(Debug, Deserialize)]
