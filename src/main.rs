@@ -55,8 +55,6 @@ enum Command {
 struct AgentArgs {
     #[command(subcommand)]
     action: AgentAction,
-    #[command(flatten)]
-    source: SourceArgs,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -78,6 +76,8 @@ enum AgentAction {
         /// The server's public address, for the link [default: http://localhost:PORT].
         #[arg(long, value_name = "URL")]
         url: Option<String>,
+        #[command(flatten)]
+        source: SourceArgs,
     },
     /// A new invite link for an account (the old one stops working).
     Invite {
@@ -90,13 +90,28 @@ enum AgentAction {
         /// The server's public address, for the link [default: http://localhost:PORT].
         #[arg(long, value_name = "URL")]
         url: Option<String>,
+        #[command(flatten)]
+        source: SourceArgs,
     },
     /// List a domain's accounts.
     List {
         /// The domain.
         #[arg(long)]
         domain: String,
+        #[command(flatten)]
+        source: SourceArgs,
     },
+}
+
+impl AgentAction {
+    /// The server's configuration and database it works on.
+    fn source(&self) -> &SourceArgs {
+        match self {
+            AgentAction::Add { source, .. }
+            | AgentAction::Invite { source, .. }
+            | AgentAction::List { source, .. } => source,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -116,7 +131,7 @@ struct KeyArgs {
     admin: bool,
 }
 
-/// Where the configuration and data are: the flags `serve` and `token` share.
+/// Where the configuration and data are: the flags `serve`, `token` and `agent` share.
 #[derive(Debug, Clone, clap::Args)]
 struct SourceArgs {
     /// Configuration file [default: ./parlor.toml when present].
@@ -422,10 +437,10 @@ fn print_key(args: &KeyArgs) -> anyhow::Result<()> {
     ))
 }
 
-/// `parlor token`: signs with the secret the server checks tokens with.
+/// `parlor agent`: the agent accounts of a domain, on the server's own database.
 fn agent(args: &AgentArgs) -> anyhow::Result<()> {
     use parlor::store::accounts::AccountRole;
-    let config = load(&args.source, Overrides::default())?;
+    let config = load(args.action.source(), Overrides::default())?;
     let runtime = runtime()?;
     runtime.block_on(async {
         let (accounts, store) = parlor::account_admin(&config).await?;
@@ -442,6 +457,7 @@ fn agent(args: &AgentArgs) -> anyhow::Result<()> {
                 name,
                 role,
                 url,
+                ..
             } => {
                 let name = name
                     .clone()
@@ -462,7 +478,9 @@ fn agent(args: &AgentArgs) -> anyhow::Result<()> {
                     Err(e) => Err(anyhow!("{e}")),
                 }
             }
-            AgentAction::Invite { domain, email, url } => {
+            AgentAction::Invite {
+                domain, email, url, ..
+            } => {
                 let wanted = email.trim().to_lowercase();
                 let found = accounts
                     .list(domain)
@@ -483,7 +501,7 @@ fn agent(args: &AgentArgs) -> anyhow::Result<()> {
                     },
                 }
             }
-            AgentAction::List { domain } => match accounts.list(domain).await {
+            AgentAction::List { domain, .. } => match accounts.list(domain).await {
                 Ok(list) if list.is_empty() => emit(&format!("{domain} has no agent accounts\n")),
                 Ok(list) => {
                     let lines: String = list
@@ -508,6 +526,7 @@ fn agent(args: &AgentArgs) -> anyhow::Result<()> {
     })
 }
 
+/// `parlor token`: signs with the secret the server checks tokens with.
 fn token(args: &TokenArgs) -> anyhow::Result<()> {
     let config = load(&args.source, Overrides::default())?;
     let runtime = runtime()?;

@@ -19,7 +19,7 @@
 //
 // `cargo test --test browser` runs this script (tests/browser.rs).
 
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
@@ -719,6 +719,100 @@ async function main() {
         await context.close();
       } finally {
         shop.close();
+      }
+    });
+
+    await step('your own site: a domain without a bot, an invited agent, a reply that takes the conversation, answers from a knowledge base', async () => {
+      // The customer's site, on an origin of its own.
+      const sitePage = (domain) => `<!doctype html><html lang="en"><head><title>${domain}</title><link rel="icon" href="data:,"></head>
+        <body><h1>${domain}</h1><script src="${own.base}/widget.js" data-domain="${domain}" async></script></body></html>`;
+      const site = http.createServer((req, res) => {
+        res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8' });
+        res.end(sitePage(req.url.includes('docs') ? 'docs' : 'shop'));
+      });
+      await new Promise((resolve) => site.listen(0, '127.0.0.1', resolve));
+      const siteOrigin = `http://localhost:${site.address().port}`;
+      // Parlor as the README sets it up: the shop without a bot, a docs site with help pages.
+      const help = path.join(dir, 'help');
+      fs.mkdirSync(help, { recursive: true });
+      fs.writeFileSync(path.join(help, 'returns.md'), '# Returns\n\n## How do I return an item?\n\nSend it back within 30 days with the receipt; the refund reaches your card within five working days.\n');
+      const config = path.join(dir, 'own-site.toml');
+      fs.writeFileSync(config, [
+        '[web]', 'dev_login = false', '',
+        '[[domains]]', 'id = "shop"', 'name = "Shop"', `allowed_origins = ["${siteOrigin}"]`, '',
+        '[[domains]]', 'id = "docs"', 'name = "Docs"', `allowed_origins = ["${siteOrigin}"]`,
+        '[domains.bot]', `knowledge_dir = "${help}"`, '',
+      ].join('\n'));
+      const own = new Server(await freePort(), path.join(dir, 'own-site.db'), config);
+      extraServers.push(own);
+      await own.start();
+      try {
+        // The agent account, from the command line where the server runs.
+        const added = spawnSync(BIN, ['agent', 'add', '--domain', 'shop', '--email', 'ann@shop.example', '--name', 'Ann', '--url', own.base, '--config', config, '--database', `sqlite://${own.database}`], { encoding: 'utf8', env: { ...process.env, NO_COLOR: '1' } });
+        check(added.status === 0, `parlor agent add failed: ${added.stderr}`);
+        const invite = (added.stdout.match(/http\S+#invite=\S+/) || [])[0];
+        check(invite, `an invite link in: ${added.stdout}`);
+
+        // A visitor on the shop's site: the widget says a person will answer, and does.
+        const vContext = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+        const vp = watch(await vContext.newPage(), 'widget (shop)');
+        pages.push(vp);
+        const v = widget(vp);
+        await vp.goto(`${siteOrigin}/shop`);
+        await v.open();
+        await eventually('the header to promise a person', async () => (await v.subtitle.innerText()).includes('A person will answer here shortly'));
+        await v.say('Hello, I need help with my order');
+        await visible(v.notice('Connecting you to a support agent'), 'the visitor told a person will answer');
+        const room = `support-${(await vp.evaluate(() => JSON.parse(localStorage.getItem('parlor:visitor:shop')))).userId}`;
+
+        // Ann opens her invite, chooses a password, and sees the conversation waiting.
+        const aContext = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+        const ap = watch(await aContext.newPage(), 'inbox (shop)');
+        pages.push(ap);
+        const a = inbox(ap);
+        await ap.goto(invite);
+        await ap.getByLabel('New password').fill('ann has a long password');
+        await ap.getByLabel('Repeat it').fill('ann has a long password');
+        await ap.getByRole('button', { name: 'Set password and sign in' }).click();
+        await visible(ap.getByText('Signed in as Ann'), 'Ann signed in to the inbox');
+        check(!ap.url().includes('invite='), 'the invite is gone from the address bar');
+        const entry = a.entry(room);
+        await visible(entry, 'the shop visitor\'s conversation in Ann\'s inbox');
+        check((await entry.innerText()).includes('🚨'), 'it is waiting (🚨)');
+        await entry.click();
+        await visible(a.msg('Hello, I need help with my order'), 'the visitor\'s message in the inbox');
+        // She answers without pressing "Assign to me": the conversation is hers.
+        await a.reply.click();
+        await a.reply.pressSequentially('Hi, I am Ann. What is the order number?', { delay: 10 });
+        await a.reply.press('Enter');
+        await visible(v.notice("You're now connected to Ann"), 'the visitor sees Ann join');
+        await visible(v.theirs('What is the order number?'), 'Ann\'s answer in the widget');
+        await eventually('the widget header to name Ann', async () => (await v.title.innerText()) === 'Ann');
+        await visible(ap.getByText('Assigned to you'), '"Assigned to you" in the inbox');
+
+        // Signed out and in again with e-mail and password: the conversation is still hers.
+        await ap.getByRole('button', { name: 'Sign out' }).click();
+        await ap.getByLabel('E-mail').fill('Ann@Shop.example');
+        await ap.getByLabel('Password', { exact: true }).fill('ann has a long password');
+        await ap.getByRole('button', { name: 'Sign in', exact: true }).click();
+        await visible(ap.getByText('Signed in as Ann'), 'Ann signed in again');
+        await visible(a.entry(room), 'the conversation after signing in again');
+
+        // The docs site's assistant answers from its help page, with the source under it.
+        const dp = watch(await vContext.newPage(), 'widget (docs)');
+        pages.push(dp);
+        const d = widget(dp);
+        await dp.goto(`${siteOrigin}/docs`);
+        await d.open();
+        await d.say('Can I return an item I bought?');
+        await visible(d.theirs('within 30 days'), 'the answer from the right passage');
+        await visible(dp.locator('#parlor-widget').getByText('How do I return an item?'), 'the answer\'s source under it');
+        check(!(await d.theirs('within 30 days').innerText()).includes('Source: returns.md'), 'no file name in the answer\'s text');
+        await aContext.close();
+        await vContext.close();
+      } finally {
+        site.close();
+        await own.stop();
       }
     });
 
