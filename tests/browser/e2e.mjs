@@ -355,7 +355,7 @@ async function main() {
       check(await offer.last().isDisabled(), 'the offer\'s button is disabled once the room waits');
     });
 
-    await step('agent assignment: development login, the 🚨 waiting entry, "Assign to me"', async () => {
+    await step('agent assignment: development login, the waiting entry, "Assign to me"', async () => {
       await aPage.goto(`${server.base}/inbox`);
       await aPage.getByLabel('Development login').fill('Alice');
       await aPage.getByRole('button', { name: 'Sign in to the demo' }).click();
@@ -364,7 +364,7 @@ async function main() {
       const entry = ib.entry(roomId);
       await visible(entry, 'the waiting conversation in the inbox');
       const text = await entry.innerText();
-      check(text.includes('🚨'), `the waiting entry has the 🚨 badge (it reads "${text}")`);
+      check(await entry.locator('.pill.waiting svg.icon').count() === 1 && text.includes('Waiting'), `the waiting entry has the waiting badge with its icon (it reads "${text}")`);
       check(/waiting \d+ (s|min)/.test(text), `the waiting entry shows how long it has waited (it reads "${text}")`);
       await entry.click();
       // The full history, the bot's turns and the status notices included.
@@ -418,7 +418,7 @@ async function main() {
       await eventually('the inbox title to announce the waiting room', async () => (await aPage.title()) === '(1) 🚨 Parlor Inbox');
       check((await aPage.evaluate(() => window.__alerts)).includes(roomB), 'the inbox raised its alert for the new waiting room');
       const text = await ib.entry(roomB).innerText();
-      check(text.includes('🚨') && /waiting \d+ s/.test(text), `the new entry is marked waiting (it reads "${text}")`);
+      check(text.includes('Waiting') && /waiting \d+ s/.test(text), `the new entry is marked waiting (it reads "${text}")`);
       const unreadBadge = await ib.entry(roomB).locator('.unread').innerText();
       check(Number(unreadBadge) >= 3, `the new entry counts its unread messages (${unreadBadge})`);
       check((await aPage.locator('.conv').first().getAttribute('data-room')) === roomB, 'waiting rooms are listed first');
@@ -545,7 +545,12 @@ async function main() {
       pages.push(agentPage);
       const pi = inbox(agentPage);
       await agentPage.goto(`${server.base}/inbox`);
+      // The bot has the conversation again: not in "Mine & waiting", in "Bot", no badge.
+      await visible(agentPage.getByRole('tab', { name: /^Mine & waiting/, selected: true }), 'the default view');
+      check(!(await pi.entry(roomId).isVisible()), 'a conversation with the bot is not in "Mine & waiting"');
+      await agentPage.getByRole('tab', { name: /^Bot/ }).click();
       await visible(pi.entry(roomId), 'the conversation list on the phone');
+      check(await pi.entry(roomId).locator('.unread').count() === 0, 'no unread badge on a conversation only the bot is in');
       await pi.entry(roomId).click();
       await visible(pi.msg('One more thing'), 'the conversation on the phone');
       check(!(await pi.entry(roomId).isVisible()), 'on a phone, the conversation replaces the list');
@@ -578,7 +583,11 @@ async function main() {
       await bobPage.goto(`${server.base}/inbox`);
       await bobPage.getByLabel('Development login').fill('Bob');
       await bobPage.getByRole('button', { name: 'Sign in to the demo' }).click();
+      // Alice's conversation: under "Open" for Bob, not among his own.
+      await bobPage.getByRole('tab', { name: /^Open/ }).click();
       await visible(bob.entry(visitorB.roomId), 'the conversation in Bob\'s inbox');
+      await bobPage.getByRole('tab', { name: /^Mine & waiting/ }).click();
+      check(!(await bob.entry(visitorB.roomId).isVisible()), 'Alice\'s conversation is not in Bob\'s "Mine & waiting"');
 
       await ib.button('Transfer…').click();
       const select = aPage.getByLabel('Transfer to');
@@ -588,6 +597,7 @@ async function main() {
       await visible(visitorB.notice('transferred the conversation to Bob'), 'the transfer notice in the widget');
       await eventually('the widget header to name Bob', async () => (await visitorB.title.innerText()) === 'Bob');
       await visible(aPage.getByText('Assigned to Bob'), '"Assigned to Bob" in Alice\'s inbox');
+      await visible(bob.entry(visitorB.roomId), 'the transferred conversation in Bob\'s "Mine & waiting"');
 
       await bob.entry(visitorB.roomId).click();
       await visible(bobPage.getByText('Assigned to you'), '"Assigned to you" in Bob\'s inbox');
@@ -778,7 +788,7 @@ async function main() {
         check(!ap.url().includes('invite='), 'the invite is gone from the address bar');
         const entry = a.entry(room);
         await visible(entry, 'the shop visitor\'s conversation in Ann\'s inbox');
-        check((await entry.innerText()).includes('🚨'), 'it is waiting (🚨)');
+        check((await entry.locator('.pill').innerText()) === 'Waiting', 'it is waiting');
         await entry.click();
         await visible(a.msg('Hello, I need help with my order'), 'the visitor\'s message in the inbox');
         // She answers without pressing "Assign to me": the conversation is hers.
@@ -797,6 +807,28 @@ async function main() {
         await ap.getByRole('button', { name: 'Sign in', exact: true }).click();
         await visible(ap.getByText('Signed in as Ann'), 'Ann signed in again');
         await visible(a.entry(room), 'the conversation after signing in again');
+
+        // Notes need a conversation; the search finds one by an older message's words.
+        check(await ap.getByRole('textbox', { name: 'New internal note' }).isDisabled(), 'no note without a conversation');
+        const searchBox = ap.getByRole('searchbox', { name: 'Search conversations' });
+        await searchBox.fill('help with my ORDER');
+        await visible(a.entry(room), 'the conversation found by the visitor\'s first message');
+        await searchBox.fill('words nobody wrote');
+        await visible(ap.getByText('No conversation matches'), 'an empty search says so');
+        await searchBox.fill('');
+        await a.entry(room).click();
+        const assigned = ap.locator('#log .msg.notice[data-event="assign"]');
+        await visible(assigned, 'the assignment notice in the inbox');
+        check(await assigned.first().locator('svg.icon').count() === 1, 'system notices carry an SVG icon');
+        check(!(await assigned.first().innerText()).includes('✅'), 'and no emoji');
+
+        // Resolved: read-only until reopened.
+        await a.button('Resolve').click();
+        await visible(ap.getByText('This conversation is resolved.'), 'the resolved conversation is read-only');
+        check(!(await a.reply.isVisible()), 'no reply box in a resolved conversation');
+        await a.button('Reopen').click();
+        await visible(ap.getByText('Assigned to you'), 'reopened and assigned to Ann');
+        await visible(a.reply, 'the reply box is back');
 
         // The docs site's assistant answers from its help page, with the source under it.
         const dp = watch(await vContext.newPage(), 'widget (docs)');
