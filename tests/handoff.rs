@@ -1066,3 +1066,163 @@ async fn a_domain_without_an_assistant_queues_its_visitors_for_a_person() {
     }
     assert_eq!(counted, 1.0);
 }
+
+#[tokio::test]
+async fn a_domain_without_a_bot_section_answers_from_its_uploaded_documents() {
+    let (admin, entry) = parlor::auth::keys::generate_with(parlor::auth::keys::ADMIN_KEY_PREFIX);
+    let s = TestServer::start_with(move |c: &mut Config| {
+        c.auth.admin_keys = vec![entry];
+        c.domains.push(DomainConfig::new("shop", "Shop"));
+        let mut off = DomainConfig::new("quiet", "Quiet");
+        off.bot = Some(BotConfig {
+            enabled: false,
+            ..BotConfig::default()
+        });
+        c.domains.push(off);
+    })
+    .await;
+    let upload = |domain: &'static str| {
+        let (s, admin) = (&s, admin.clone());
+        async move {
+            let res = reqwest::Client::new()
+                .put(s.http(&format!("/api/admin/domains/{domain}/knowledge/returns.md")))
+                .bearer_auth(admin)
+                .body("# Returns\n\nSend the item back within 30 days for a full refund.")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 201);
+        }
+    };
+    let mut visitor = as_user(&s, "vic", "Vic", "visitor", "shop").await;
+    let (joined, _) = visitor.join("support-vic", None).await;
+    assert_eq!(joined["service"]["assistant"], false, "{joined}");
+
+    // Documents uploaded: the built-in assistant answers from them, with the source.
+    upload("shop").await;
+    upload("quiet").await;
+    let mut visitor = as_user(&s, "val", "Val", "visitor", "shop").await;
+    let (joined, _) = visitor.join("support-val", None).await;
+    assert_eq!(joined["service"]["assistant"], true, "{joined}");
+    visitor
+        .say("support-val", "Can I return an item for a refund?", None)
+        .await;
+    let answer = loop {
+        let f = visitor.recv().await;
+        if f["type"] == "message-received" && f["role"] == "assistant" {
+            break f;
+        }
+    };
+    assert_eq!(
+        answer["message"], "Send the item back within 30 days for a full refund.",
+        "{answer}"
+    );
+    assert_eq!(answer["data"]["sources"][0]["document"], "returns.md");
+
+    // A domain whose bot section turns the assistant off stays without one.
+    let mut quiet = as_user(&s, "qui", "Qui", "visitor", "quiet").await;
+    let (joined, _) = quiet.join("support-qui", None).await;
+    assert_eq!(joined["service"]["assistant"], false, "{joined}");
+}
+
+#[tokio::test]
+async fn agents_see_where_a_visitor_is_and_find_conversations_by_their_words() {
+    let s = TestServer::start_with(|c: &mut Config| {
+        c.domains.push(DomainConfig::new("shop", "Shop"));
+    })
+    .await;
+    let url = s.ws(&format!(
+        "/ws?token={}",
+        token("vic", "Vic", "visitor", "shop")
+    ));
+    let request = {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut r = url.into_client_request().unwrap();
+        r.headers_mut().insert(
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64) Firefox/140.0"
+                .parse()
+                .unwrap(),
+        );
+        r
+    };
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut visitor = Client { ws, next_id: 0 };
+    let long_title = "t".repeat(600);
+    let id = visitor
+        .request(json!({
+            "type": "join-room",
+            "roomId": "support-vic",
+            "context": {
+                "page": "https://shop.example/pricing",
+                "title": long_title,
+                "language": "de-DE",
+                "timeZone": "Europe/Berlin",
+                "secret": "dropped",
+                "browser": "what the client claims is not kept",
+            },
+        }))
+        .await;
+    assert_eq!(visitor.reply(&id).await["type"], "room-joined");
+    visitor
+        .say("support-vic", "Where is parcel 4711?", None)
+        .await;
+    let mut other = as_user(&s, "max", "Max", "visitor", "shop").await;
+    other.join("support-max", None).await;
+    other.say("support-max", "Hello", None).await;
+
+    let agent = token("ann", "Ann", "agent", "shop");
+    let (status, body) = s.get_with("/api/rooms/support-vic/visitor", &agent).await;
+    assert_eq!(status, 200, "{body}");
+    let v = &body["visitor"];
+    assert_eq!(v["userId"], "vic");
+    assert_eq!(v["context"]["page"], "https://shop.example/pricing");
+    assert_eq!(v["context"]["language"], "de-DE");
+    assert_eq!(v["context"]["timeZone"], "Europe/Berlin");
+    assert_eq!(v["context"]["title"].as_str().unwrap().chars().count(), 512);
+    assert_eq!(
+        v["context"]["browser"], "Mozilla/5.0 (X11; Linux x86_64) Firefox/140.0",
+        "the browser is the one the server saw"
+    );
+    assert!(v["context"].get("secret").is_none(), "{v}");
+    assert!(
+        v["firstSeen"].is_string() && v["lastSeen"].is_string(),
+        "{v}"
+    );
+    let rooms = body["conversations"].as_array().unwrap();
+    assert_eq!(rooms.len(), 1, "only this visitor's conversations: {body}");
+
+    let (_, found) = s
+        .get_with("/api/inbox?status=all&q=PARCEL%204711", &agent)
+        .await;
+    let found: Vec<&str> = found["conversations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["roomId"].as_str().unwrap())
+        .collect();
+    assert_eq!(found, ["support-vic"]);
+    let (status, body) = s
+        .get_with(&format!("/api/inbox?q={}", "x".repeat(201)), &agent)
+        .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("invalid_query"))
+    );
+
+    // Visitors do not read other visitors' details; another domain's room is not found.
+    let (status, _) = s
+        .get_with(
+            "/api/rooms/support-vic/visitor",
+            &token("max", "Max", "visitor", "shop"),
+        )
+        .await;
+    assert_eq!(status, 403);
+    let (status, _) = s
+        .get_with(
+            "/api/rooms/support-vic/visitor",
+            &token("ann", "Ann", "agent", "demo"),
+        )
+        .await;
+    assert_eq!(status, 404);
+}

@@ -63,6 +63,12 @@ const BREAKER_OPEN: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// How many of a room's latest messages are searched for an earlier offer of a human.
 const OFFER_LOOKBACK: usize = 500;
+/// How long "this domain has (no) uploaded documents" is believed before the store is
+/// asked again.
+const UPLOADS_RECHECK: Duration = Duration::from_secs(10);
+/// The assistant of a domain without a `[domains.bot]` section that has uploaded documents:
+/// no vendor, its knowledge base only.
+static IMPLICIT_BOT: std::sync::LazyLock<BotConfig> = std::sync::LazyLock::new(BotConfig::default);
 /// What the assistant says to a question nobody can answer once it has offered a human.
 const REPHRASE: &str = "Sorry, I couldn't find an answer to that. Could you put it another way?";
 
@@ -193,6 +199,8 @@ pub struct AiService {
     notices: DashMap<String, Instant>,
     /// Version of each domain's uploaded documents (bumped on every change).
     uploads: DashMap<String, u64>,
+    /// Per domain without a bot section: (uploads version, has documents, when asked).
+    upload_presence: DashMap<String, (u64, bool, Instant)>,
     /// Questions per visitor per minute, per domain (with the rate it was built for).
     visitor_limits: DashMap<String, (u32, DefaultKeyedRateLimiter<String>)>,
     /// The same limits and the daily token counts across the cluster.
@@ -239,6 +247,7 @@ impl AiService {
             metrics,
             spent: Arc::new(DashMap::new()),
             uploads: DashMap::new(),
+            upload_presence: DashMap::new(),
             notices: DashMap::new(),
             visitor_limits: DashMap::new(),
             shared,
@@ -385,12 +394,29 @@ impl AiService {
     /// The domain's assistant, or `None` when it has none (or it is disabled). Built on
     /// first use and again whenever the domain's bot settings, its uploaded documents or
     /// its knowledge folder (checked every `knowledge_check_secs`) change.
+    ///
+    /// A domain without a `[domains.bot]` section gets the built-in assistant (no vendor,
+    /// answers from the knowledge base alone) as soon as it has uploaded documents; one whose
+    /// section says `enabled = false` has none.
     pub async fn bot(&self, domain: &str) -> Option<Arc<Bot>> {
+        let configured = {
+            let table = self.domains.load();
+            let settings = &table.get(domain)?.settings;
+            match &settings.bot {
+                Some(bot) if !bot.enabled => return None,
+                Some(_) => true,
+                None => false,
+            }
+        };
+        if !configured && !self.has_uploads(domain).await {
+            return None;
+        }
         let table = self.domains.load();
-        let current = table
-            .get(domain)
-            .and_then(|d| d.settings.bot.as_ref())
-            .filter(|b| b.enabled)?;
+        let current = match table.get(domain).and_then(|d| d.settings.bot.as_ref()) {
+            Some(bot) if bot.enabled => bot,
+            Some(_) => return None,
+            None => &IMPLICIT_BOT,
+        };
         let uploads = self.uploads.get(domain).map_or(0, |v| *v);
         let cached = self
             .bots
@@ -502,6 +528,29 @@ impl AiService {
         .ok()
         .flatten();
         now == known
+    }
+
+    /// Whether a domain has uploaded knowledge documents: asked of the store again after a
+    /// change on this node, or [`UPLOADS_RECHECK`] after the last answer (a change made
+    /// through another node).
+    async fn has_uploads(&self, domain: &str) -> bool {
+        let version = self.uploads.get(domain).map_or(0, |v| *v);
+        if let Some(known) = self.upload_presence.get(domain)
+            && known.0 == version
+            && known.2.elapsed() < UPLOADS_RECHECK
+        {
+            return known.1;
+        }
+        let has = match self.chat.store().documents(domain).await {
+            Ok(docs) => !docs.is_empty(),
+            Err(e) => {
+                tracing::warn!(domain, error = %e, "cannot tell whether the domain has documents");
+                false
+            }
+        };
+        self.upload_presence
+            .insert(domain.to_owned(), (version, has, Instant::now()));
+        has
     }
 
     /// A domain's uploaded knowledge documents: (name, bytes, updated), for administrators.
