@@ -932,3 +932,23 @@ async fn presence_is_limited_to_small_rooms() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn room_joined_gives_the_message_limit_in_utf8_bytes() {
+    let server = TestServer::start_with(|c| c.limits.max_message_bytes = 100).await;
+    let mut a = server.connect_as("a").await;
+    let (joined, _) = a.join("limits", None).await;
+    assert_eq!(joined["limits"], json!({ "messageBytes": 100 }), "{joined}");
+    // The limit counts UTF-8 bytes, as a client counting with it does: 50 × "é" is 100.
+    a.say("limits", &"é".repeat(50), None).await;
+    let id = a
+        .request(json!({ "type": "send-message", "roomId": "limits", "message": format!("{}a", "é".repeat(50)) }))
+        .await;
+    let refused = a.reply(&id).await;
+    assert_eq!(
+        (refused["type"].as_str(), refused["code"].as_str()),
+        (Some("error"), Some("message_too_long")),
+        "{refused}"
+    );
+    server.stop().await;
+}

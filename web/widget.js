@@ -38,6 +38,11 @@
   const OPEN_KEY = `parlor:open:${DOMAIN}`;
 
   const TOKEN_MARGIN_MS = 60000; // fetch a new token this long before the old one expires
+  // The largest message the server takes, in UTF-8 bytes, until room-joined says
+  // (`limits.messageBytes`); this is the server's default `limits.max_message_bytes`.
+  const DEFAULT_MAX_MESSAGE_BYTES = 16384;
+  const COUNTER_FROM = 0.8; // show the counter from this share of the limit on
+  const TOO_LONG = 'Your message is too long to send. Please shorten it, or send it in parts.';
 
   // ---------------------------------------------------------------------------------------
   // Small helpers. h, inline, richText, formatTime, the socket helpers and the timings
@@ -187,11 +192,18 @@
     .send:disabled { opacity: .4; cursor: default; }
     .send:focus-visible { outline: 2px solid var(--fg); outline-offset: 2px; }
     .send svg { width: 20px; height: 20px; fill: currentColor; }
+    .counter { margin: -6px 16px 6px; text-align: right; font-size: 12px; color: var(--muted); font-variant-numeric: tabular-nums; }
+    .counter.over { color: #b42318; font-weight: 600; }
+    .counter[hidden] { display: none; }
     .footer { text-align: center; font-size: 11px; color: var(--muted); padding: 0 0 8px; }
     @media (max-width: 480px) {
       .panel { inset: 0; width: auto; height: auto; max-height: none; border-radius: 0; border: none; }
       .root[data-open="true"] .bubble { display: none; }
       .bubble { right: 16px; bottom: 16px; }
+    }
+    /* Below 16px, iOS zooms the page into a field that gets the focus. */
+    @media (max-width: 480px), (pointer: coarse) {
+      textarea { font-size: 16px; }
     }
     @media (prefers-reduced-motion: reduce) {
       .bubble, .streaming .text > :last-child::after, .dot { transition: none; animation: none; }
@@ -249,7 +261,7 @@
       id: 'parlor-input',
       rows: '1',
       placeholder: 'Write a message…',
-      maxlength: '4000',
+      'aria-describedby': 'parlor-counter',
       autocomplete: 'off',
       oninput: onInput,
       onkeydown: (event) => {
@@ -260,6 +272,8 @@
       },
     });
     ui.send = h('button', { class: 'send', type: 'submit', 'aria-label': 'Send message', disabled: true });
+    // Near the limit: how much of it the draft uses. No maxlength: it would cut a pasted text.
+    ui.counter = h('div', { class: 'counter', id: 'parlor-counter', hidden: true });
     ui.send.innerHTML = ICON_SEND;
     const form = h(
       'form',
@@ -295,6 +309,7 @@
       ui.typing,
       ui.banner,
       form,
+      ui.counter,
       h('div', { class: 'footer' }, 'Powered by Parlor'),
     );
 
@@ -318,6 +333,7 @@
     lastReadSent: 0,
     othersReadSeq: 0, // the furthest an agent has read
     unread: 0,
+    maxBytes: DEFAULT_MAX_MESSAGE_BYTES, // the server's limit on a message (from room-joined)
   };
   const drawn = new Map(); // seq -> <li>
   const storedClientIds = new Set(); // clientMessageIds of drawn messages
@@ -509,6 +525,10 @@
         // A reply being streamed comes again as one catch-up delta with the text so far.
         for (const messageId of [...streams.keys()]) dropStream(messageId);
         if (frame.service) state.service = frame.service;
+        if (frame.limits && frame.limits.messageBytes > 0) {
+          state.maxBytes = frame.limits.messageBytes;
+          onInput();
+        }
         if (frame.status) applyStatus(frame.status, frame.assignee ?? null, frame.lastSeq ?? 0);
         setConn('online');
         break;
@@ -766,8 +786,15 @@
   function submit() {
     const text = ui.input.value;
     if (!text.trim()) return;
+    if (utf8Bytes(text) > state.maxBytes) {
+      renderCounter();
+      showBanner(TOO_LONG, 6000);
+      ui.input.focus();
+      return;
+    }
     ui.input.value = '';
     autoSize();
+    renderCounter();
     ui.send.disabled = true;
     stopOwnTyping();
 
@@ -789,6 +816,15 @@
   function sendPending(clientMessageId) {
     const item = pending.get(clientMessageId);
     if (!item || !joined) return; // sent after the next join's catch-up
+    if (utf8Bytes(item.text) > state.maxBytes) {
+      // Written before room-joined told us a lower limit: back to the input, whole.
+      pending.delete(clientMessageId);
+      item.li.remove();
+      ui.input.value = ui.input.value ? `${item.text}\n${ui.input.value}` : item.text;
+      onInput();
+      showBanner(TOO_LONG, 6000);
+      return;
+    }
     item.state = 'sending';
     setPendingState(item, 'Sending…', false);
     request({ type: 'send-message', roomId: state.roomId, message: item.text, clientMessageId }, (reply) => {
@@ -924,7 +960,8 @@
   const ownTypingSignal = ownTyping((isTyping) => send({ type: 'typing', roomId: state.roomId, isTyping }));
 
   function onInput() {
-    ui.send.disabled = !ui.input.value.trim();
+    const over = renderCounter();
+    ui.send.disabled = !ui.input.value.trim() || over;
     autoSize();
     if (!ui.input.value.trim()) {
       stopOwnTyping();
@@ -967,6 +1004,28 @@
   function renderTyping() {
     const names = [...typists.values()].map((t) => t.name);
     ui.typing.textContent = typingText(names);
+  }
+
+  const utf8 = new TextEncoder();
+
+  /** The size of `text` as the server counts it: UTF-8 bytes, not characters. */
+  function utf8Bytes(text) {
+    return utf8.encode(text).length;
+  }
+
+  /** Shows how much of the server's limit the draft uses, from COUNTER_FROM of it on; says whether it is over. */
+  function renderCounter() {
+    const text = ui.input.value;
+    const max = state.maxBytes;
+    // A UTF-16 unit is at most 3 UTF-8 bytes: a short draft needs no counting.
+    const bytes = text.length * 3 < max * COUNTER_FROM ? 0 : utf8Bytes(text);
+    const over = bytes > max;
+    ui.counter.hidden = bytes < max * COUNTER_FROM;
+    ui.counter.classList.toggle('over', over);
+    const count = `${bytes.toLocaleString()} / ${max.toLocaleString()}`;
+    ui.counter.textContent = over ? `${count} · too long to send` : count;
+    ui.input.setAttribute('aria-invalid', over ? 'true' : 'false');
+    return over;
   }
 
   function autoSize() {

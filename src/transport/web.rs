@@ -8,14 +8,21 @@
 //! (`/* @include common.js */`) so that the widget stays one script: for the compiled-in
 //! pages once, at first use. With `web.dir` set, the same files (and `common.js`) are read
 //! from that folder on every request instead, for working on them without a rebuild.
+//!
+//! The compiled-in pages are also compressed once (gzip and brotli, at their best settings)
+//! and named by a hash of their text: each representation has a strong `ETag`, and a client
+//! that holds the text gets 304. The widget has two addresses: `/widget.js`, the one
+//! customers paste, kept by browsers for five minutes, and `/widget.js?v={hash}`, which
+//! always means the same text and is kept for a year (the demo page loads that one).
 
-use std::borrow::Cow;
-use std::sync::LazyLock;
+use std::sync::OnceLock;
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 use super::edge::ClientIp;
 use super::http::{ApiError, ApiJson, issue_token};
@@ -33,30 +40,187 @@ const WIDGET_TEXT: &str = include_str!("../../web/widget.js");
 const INBOX_TEXT: &str = include_str!("../../web/inbox.html");
 const DEMO_TEXT: &str = include_str!("../../web/index.html");
 
-/// A page: its file name under `web/`, its media type and its compiled-in text as served
-/// (with `common.js` spliced in, the first time it is asked for).
+/// A page: its file name under `web/`, its media type, and what is sent for it, made from
+/// its compiled-in text the first time it is asked for (see [`Page::served`]).
 #[derive(Debug)]
 struct Page {
     file: &'static str,
     media_type: &'static str,
-    text: LazyLock<String>,
+    /// The text as served (with `common.js` spliced in).
+    text: fn() -> String,
+    served: OnceLock<Served>,
 }
 
 static WIDGET: Page = Page {
     file: "widget.js",
     media_type: "text/javascript; charset=utf-8",
-    text: LazyLock::new(|| with_common(WIDGET_TEXT, COMMON)),
+    text: || with_common(WIDGET_TEXT, COMMON),
+    served: OnceLock::new(),
 };
 static INBOX: Page = Page {
     file: "inbox.html",
     media_type: "text/html; charset=utf-8",
-    text: LazyLock::new(|| with_common(INBOX_TEXT, COMMON)),
+    text: || with_common(INBOX_TEXT, COMMON),
+    served: OnceLock::new(),
 };
 static DEMO: Page = Page {
     file: "index.html",
     media_type: "text/html; charset=utf-8",
-    text: LazyLock::new(|| with_common(DEMO_TEXT, COMMON)),
+    text: || versioned_widget(&with_common(DEMO_TEXT, COMMON)),
+    served: OnceLock::new(),
 };
+
+/// Where the demo page loads the widget, as written in `web/index.html`.
+const WIDGET_SRC: &str = r#"src="/widget.js""#;
+
+/// `page` loading the widget from its versioned address (`/widget.js?v=…`), which browsers
+/// may keep for a year: the address changes with the widget's text.
+fn versioned_widget(page: &str) -> String {
+    let versioned = format!(r#"src="/widget.js?v={}""#, WIDGET.served_now().hash);
+    page.replacen(WIDGET_SRC, &versioned, 1)
+}
+
+/// A page's text, compressed, and the hash that names it: made once, kept for the life of
+/// the process, so a request costs no compression.
+#[derive(Debug)]
+struct Served {
+    text: String,
+    gzip: Vec<u8>,
+    brotli: Vec<u8>,
+    /// The first 16 hex digits of the SHA-256 of `text`: the page's version, in its
+    /// `ETag` and in the widget's versioned address.
+    hash: String,
+}
+
+impl Served {
+    fn of(text: String) -> Self {
+        let digest = Sha256::digest(text.as_bytes());
+        let hash = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        Self {
+            gzip: gzip(text.as_bytes()),
+            brotli: brotli(text.as_bytes()),
+            text,
+            hash,
+        }
+    }
+
+    /// The `ETag` of the page in `coding`: one per representation, as HTTP asks of a strong
+    /// validator (a cache must not answer a gzip request with brotli bytes it validated).
+    fn etag(&self, coding: Coding) -> String {
+        match coding {
+            Coding::Identity => format!("\"{}\"", self.hash),
+            Coding::Gzip => format!("\"{}-gzip\"", self.hash),
+            Coding::Brotli => format!("\"{}-br\"", self.hash),
+        }
+    }
+
+    /// Whether an `If-None-Match` value names this text, in any of its representations.
+    fn matches(&self, if_none_match: &str) -> bool {
+        if_none_match.split(',').any(|tag| {
+            let tag = tag.trim();
+            let tag = tag.strip_prefix("W/").unwrap_or(tag);
+            tag == "*"
+                || tag
+                    .strip_prefix('"')
+                    .and_then(|t| t.strip_suffix('"'))
+                    .and_then(|t| t.strip_prefix(self.hash.as_str()))
+                    .is_some_and(|rest| matches!(rest, "" | "-gzip" | "-br"))
+        })
+    }
+
+    fn body(&'static self, coding: Coding) -> &'static [u8] {
+        match coding {
+            Coding::Identity => self.text.as_bytes(),
+            Coding::Gzip => &self.gzip,
+            Coding::Brotli => &self.brotli,
+        }
+    }
+}
+
+impl Page {
+    /// What is sent for the page, made on a blocking thread the first time (compressing
+    /// the inbox with brotli's best setting takes a noticeable moment).
+    async fn served(&'static self) -> &'static Served {
+        if let Some(served) = self.served.get() {
+            return served;
+        }
+        tokio::task::spawn_blocking(|| self.served_now())
+            .await
+            .unwrap_or_else(|_| self.served_now())
+    }
+
+    fn served_now(&'static self) -> &'static Served {
+        self.served.get_or_init(|| Served::of((self.text)()))
+    }
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    // Writing to a Vec cannot fail.
+    let _ = encoder.write_all(bytes);
+    encoder.finish().unwrap_or_default()
+}
+
+fn brotli(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let params = brotli::enc::BrotliEncoderParams {
+        quality: 11,
+        lgwin: 22,
+        size_hint: bytes.len(),
+        ..Default::default()
+    };
+    // Reading a slice and writing to a Vec cannot fail.
+    let _ = brotli::BrotliCompress(&mut &bytes[..], &mut out, &params);
+    out
+}
+
+/// A content coding the pages are kept in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Coding {
+    Identity,
+    Gzip,
+    Brotli,
+}
+
+impl Coding {
+    /// The best coding an `Accept-Encoding` value allows: the highest `q`, brotli before
+    /// gzip when they tie; identity when neither is accepted (or there is no header).
+    fn negotiate(accept_encoding: Option<&str>) -> Self {
+        let (mut any, mut gzip, mut br) = (None, None, None);
+        for item in accept_encoding.unwrap_or_default().split(',') {
+            let mut parts = item.split(';');
+            let name = parts.next().unwrap_or_default().trim();
+            let q = parts
+                .filter_map(|p| p.trim().strip_prefix("q="))
+                .find_map(|q| q.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            if name.eq_ignore_ascii_case("br") {
+                br = Some(q);
+            } else if name.eq_ignore_ascii_case("gzip") || name.eq_ignore_ascii_case("x-gzip") {
+                gzip = Some(q);
+            } else if name == "*" {
+                any = Some(q);
+            }
+        }
+        let (gzip, br) = (gzip.or(any).unwrap_or(0.0), br.or(any).unwrap_or(0.0));
+        if br > 0.0 && br >= gzip {
+            Self::Brotli
+        } else if gzip > 0.0 {
+            Self::Gzip
+        } else {
+            Self::Identity
+        }
+    }
+
+    fn header(self) -> Option<&'static str> {
+        match self {
+            Self::Identity => None,
+            Self::Gzip => Some("gzip"),
+            Self::Brotli => Some("br"),
+        }
+    }
+}
 
 /// `page` with `common` in place of its (first) [`MARKER`], each line of `common` indented
 /// as the marker is; `page` as it is when it has no marker.
@@ -90,28 +254,87 @@ fn with_common(page: &str, common: &str) -> String {
 /// How long agent tokens from the development login last.
 const DEV_TOKEN_TTL_SECS: u64 = 12 * 3600;
 
-async fn serve(app: &AppState, page: &'static Page) -> Response {
-    let text: Cow<'static, str> = match &app.config.web.dir {
-        None => Cow::Borrowed(page.text.as_str()),
-        Some(dir) => {
-            let text = match read_page(dir, page.file).await {
-                Ok(text) => text,
-                Err(response) => return response,
-            };
-            if text.contains(MARKER) {
-                match read_page(dir, COMMON_FILE).await {
-                    Ok(common) => Cow::Owned(with_common(&text, &common)),
-                    Err(response) => return response,
-                }
-            } else {
-                Cow::Owned(text)
-            }
+/// `Cache-Control` of the inbox and the demo page: kept, but asked about again each time
+/// (an unchanged page costs a 304).
+const REVALIDATE: &str = "no-cache";
+/// `Cache-Control` of `/widget.js`, the address customers paste into their sites: every
+/// page view of every site asks for it, so browsers keep it a few minutes, and a new
+/// version reaches every visitor within that time.
+const WIDGET_CACHE: &str = "public, max-age=300";
+/// `Cache-Control` of `/widget.js?v={hash}`: that address always means the same text.
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+
+/// `page` for a request with `request`'s headers: compressed as the client accepts it, and
+/// 304 when the client already holds this text (`If-None-Match`). With `web.dir` set, the
+/// file as it is on disk, uncompressed and never cached.
+async fn serve(
+    app: &AppState,
+    page: &'static Page,
+    request: &HeaderMap,
+    cache_control: &'static str,
+) -> Response {
+    if let Some(dir) = &app.config.web.dir {
+        return serve_from_dir(dir, page).await;
+    }
+    let served = page.served().await;
+    let coding = Coding::negotiate(
+        request
+            .get(header::ACCEPT_ENCODING)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let held = request
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| served.matches(v));
+    let mut response = if held {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        let mut response = (
+            [
+                (header::CONTENT_TYPE, page.media_type),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            ],
+            Body::from(served.body(coding)),
+        )
+            .into_response();
+        if let Some(coding) = coding.header() {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_ENCODING, HeaderValue::from_static(coding));
         }
+        response
+    };
+    let headers = response.headers_mut();
+    if let Ok(etag) = HeaderValue::from_str(&served.etag(coding)) {
+        headers.insert(header::ETAG, etag);
+    }
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(cache_control),
+    );
+    headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    response
+}
+
+/// `page` read from `web.dir` (with `common.js` from there too), for working on the pages
+/// without a rebuild: sent as it is and never cached.
+async fn serve_from_dir(dir: &std::path::Path, page: &'static Page) -> Response {
+    let text = match read_page(dir, page.file).await {
+        Ok(text) => text,
+        Err(response) => return response,
+    };
+    let text = if text.contains(MARKER) {
+        match read_page(dir, COMMON_FILE).await {
+            Ok(common) => with_common(&text, &common),
+            Err(response) => return response,
+        }
+    } else {
+        text
     };
     (
         [
             (header::CONTENT_TYPE, page.media_type),
-            // Pages change with the server; let browsers revalidate instead of guessing.
             (header::CACHE_CONTROL, "no-cache"),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         ],
@@ -130,14 +353,30 @@ async fn read_page(dir: &std::path::Path, file: &str) -> Result<String, Response
         })
 }
 
-/// `GET /widget.js`.
-pub async fn widget(State(app): State<AppState>) -> Response {
-    serve(&app, &WIDGET).await
+/// `GET /widget.js`, and `GET /widget.js?v={hash}`: the same script, at an address that
+/// never changes its meaning when `v` is the hash of the script being served (any other
+/// `v`, an old version's, gets the current script with the short cache).
+pub async fn widget(
+    State(app): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let cache_control = match query {
+        Some(query) if app.config.web.dir.is_none() => {
+            let hash = &WIDGET.served().await.hash;
+            let current = query
+                .split('&')
+                .any(|pair| pair.strip_prefix("v=") == Some(hash.as_str()));
+            if current { IMMUTABLE } else { WIDGET_CACHE }
+        }
+        _ => WIDGET_CACHE,
+    };
+    serve(&app, &WIDGET, &headers, cache_control).await
 }
 
 /// `GET /inbox`.
-pub async fn inbox(State(app): State<AppState>) -> Response {
-    serve(&app, &INBOX).await
+pub async fn inbox(State(app): State<AppState>, headers: HeaderMap) -> Response {
+    serve(&app, &INBOX, &headers, REVALIDATE).await
 }
 
 /// `GET /`: the demo page for a browser (which asks for `text/html`); the JSON status, as
@@ -148,7 +387,7 @@ pub async fn root(State(app): State<AppState>, headers: HeaderMap) -> Response {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|accept| accept.contains("text/html"));
     if wants_html {
-        serve(&app, &DEMO).await
+        serve(&app, &DEMO, &headers, REVALIDATE).await
     } else {
         super::http::health(State(app)).await
     }
@@ -246,7 +485,7 @@ mod tests {
             ("inbox.html", INBOX_TEXT, &INBOX),
         ] {
             assert_eq!(source.matches(MARKER).count(), 1, "{file}: one marker");
-            let served = page.text.as_str();
+            let served = page.served_now().text.as_str();
             assert!(!served.contains(MARKER), "{file}: the marker is replaced");
             // Every line of common.js is there (indented as the marker is).
             for line in COMMON.lines().filter(|line| !line.trim().is_empty()) {
@@ -266,7 +505,13 @@ mod tests {
         }
         // In the inbox it stands inside a <script> element: it must not close it.
         assert!(!COMMON.to_ascii_lowercase().contains("</script"));
-        assert_eq!(DEMO.text.as_str(), DEMO_TEXT, "the demo page has no marker");
+        // The demo page has no marker; it loads the widget from its versioned address.
+        assert_eq!(DEMO_TEXT.matches(WIDGET_SRC).count(), 1);
+        let hash = &WIDGET.served_now().hash;
+        assert_eq!(
+            DEMO.served_now().text,
+            DEMO_TEXT.replace(WIDGET_SRC, &format!(r#"src="/widget.js?v={hash}""#))
+        );
     }
 
     #[test]
@@ -277,5 +522,50 @@ mod tests {
             "a();\n  one();\n\n  two();\nb();\n"
         );
         assert_eq!(with_common("a();\nb();\n", "one();\n"), "a();\nb();\n");
+    }
+
+    #[test]
+    fn the_coding_is_the_best_the_client_accepts() {
+        use Coding::{Brotli, Gzip, Identity};
+        for (accept, want) in [
+            (None, Identity),
+            (Some(""), Identity),
+            (Some("gzip, deflate, br, zstd"), Brotli),
+            (Some("gzip, deflate"), Gzip),
+            (Some("GZIP"), Gzip),
+            (Some("br;q=0.5, gzip"), Gzip),
+            (Some("br;q=0, gzip;q=0"), Identity),
+            (Some("*"), Brotli),
+            (Some("*;q=0.2, br;q=0"), Gzip),
+            (Some("identity"), Identity),
+        ] {
+            assert_eq!(Coding::negotiate(accept), want, "{accept:?}");
+        }
+    }
+
+    #[test]
+    fn if_none_match_matches_every_representation_of_the_same_text() {
+        let served = Served::of("console.log(1);\n".repeat(100));
+        assert_eq!(served.hash.len(), 16);
+        for coding in [Coding::Identity, Coding::Gzip, Coding::Brotli] {
+            let etag = served.etag(coding);
+            assert!(served.matches(&etag), "{etag}");
+            assert!(served.matches(&format!("\"x\", W/{etag}")), "{etag}");
+        }
+        assert!(served.matches("*"));
+        assert!(!served.matches("\"0123456789abcdef\""));
+        assert!(!served.matches(&format!("\"{}-zstd\"", served.hash)));
+        assert!(!served.matches(&served.hash), "a tag is quoted");
+        // The compressed forms hold the same text.
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut flate2::read::GzDecoder::new(served.gzip.as_slice()),
+            &mut text,
+        )
+        .unwrap();
+        assert_eq!(text, served.text);
+        let mut text = Vec::new();
+        brotli::BrotliDecompress(&mut served.brotli.as_slice(), &mut text).unwrap();
+        assert_eq!(text, served.text.as_bytes());
     }
 }

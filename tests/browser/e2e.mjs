@@ -559,6 +559,38 @@ async function main() {
       await phoneAgent.close();
     });
 
+    // ---- The message box: 16px on a phone (no iOS zoom), a counter near the server's limit in
+    // UTF-8 bytes, and a draft over it refused whole, never cut. Sends nothing.
+    await step('the message box: 16px on a phone, the byte counter, an over-long draft kept whole', async () => {
+      const phone = await browser.newContext({ viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true, storageState: await visitorContext.storageState() });
+      const page = watch(await phone.newPage(), 'widget (message box)');
+      pages.push(page);
+      const p = widget(page);
+      await page.goto(`${server.base}/`);
+      await p.open();
+      await visible(p.theirs('Hi! How can I help you?'), 'the conversation (joined, so the limit is known)');
+      const fontSize = await p.input.evaluate((el) => getComputedStyle(el).fontSize);
+      check(fontSize === '16px', `the message box is 16px on a phone (it is ${fontSize})`);
+      check((await p.input.getAttribute('maxlength')) === null, 'no maxlength to cut a pasted text');
+      const counter = page.locator('#parlor-widget .counter');
+      await p.input.fill('é'.repeat(6000)); // 12,000 bytes: under 80 % of 16,384
+      check(!(await counter.isVisible()), 'no counter far from the limit');
+      await p.input.fill('é'.repeat(7000)); // 14,000 bytes
+      await eventually('the counter in bytes', async () => (await counter.isVisible()) && (await counter.innerText()) === '14,000 / 16,384');
+      const long = 'a'.repeat(16385);
+      await p.input.fill(long);
+      await eventually('the counter to say it is too long', async () => /16,385 \/ 16,384 · too long to send/.test(await counter.innerText()));
+      check(await page.getByRole('button', { name: 'Send message' }).isDisabled(), 'Send is off over the limit');
+      await p.input.press('Enter');
+      await visible(page.locator('#parlor-widget .banner', { hasText: 'too long to send' }), 'the explanation after Enter');
+      check((await p.input.inputValue()) === long, 'the draft is kept whole');
+      check((await page.locator('#parlor-widget .msg.mine.pending').count()) === 0, 'nothing was sent');
+      await p.input.fill('');
+      check(!(await counter.isVisible()), 'the counter goes with the draft');
+      await phone.close();
+    });
+    // ---- end of the message box block
+
     await step('opening the waiting conversation clears the alert; notes stay internal', async () => {
       await ib.entry(visitorB.roomId).click();
       await eventually('the title to drop the alert', async () => (await aPage.title()) === 'Parlor Inbox');

@@ -941,6 +941,9 @@ impl Connection {
             "lastSeq": joined.last_seq,
             "members": members,
             "memberCount": joined.member_count,
+            // So that a client can count what it may send (the widget's counter) instead
+            // of learning it from a refusal.
+            "limits": { "messageBytes": self.app.config.limits.max_message_bytes },
             "timestamp": iso(now_ms()),
         });
         // A support room says where it stands in the hand-off, and who answers there.
