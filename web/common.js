@@ -58,6 +58,40 @@ function inline(text) {
   return parts;
 }
 
+// Inline SVG icons (drawn with the text colour), instead of emoji that every system
+// draws differently.
+const ICONS = {
+  alert: '<circle cx="12" cy="12" r="9"/><path d="M12 7.5v5.5M12 16.5v.01"/>',
+  check: '<circle cx="12" cy="12" r="9"/><path d="m8 12.5 3 3 5-6"/>',
+  done: '<path d="M5 12.5l4.5 4.5L19 7.5"/>',
+  person: '<circle cx="12" cy="8" r="4"/><path d="M4.5 20.5c.8-3.6 3.9-5.5 7.5-5.5s6.7 1.9 7.5 5.5"/>',
+  swap: '<path d="M7 7h12l-3-3M17 17H5l3 3"/>',
+  bot: '<rect x="4" y="8" width="16" height="12" rx="3"/><path d="M12 4.5V8M9 13v1.5M15 13v1.5"/>',
+  info: '<circle cx="12" cy="12" r="9"/><path d="M12 11v5.5M12 7.5v.01"/>',
+};
+/** By a status notice's `data.action`. */
+const EVENT_ICON = { escalate: 'alert', assign: 'check', reopen: 'check', transfer: 'swap', unassign: 'person', resolve: 'done' };
+
+function icon(name) {
+  const svg = document.createElementNS('http://www.w3.org/2000/svg', 'svg');
+  svg.setAttribute('class', 'icon');
+  svg.setAttribute('viewBox', '0 0 24 24');
+  svg.setAttribute('aria-hidden', 'true');
+  svg.innerHTML = ICONS[name] || ICONS.info;
+  return svg;
+}
+
+/** The server's notices start with an emoji (the seeds' texts); the icon replaces it. */
+function withoutLeadingEmoji(text) {
+  return text.replace(/^[\p{Extended_Pictographic}\u{FE0F}\u{200D}\s]+/u, '');
+}
+
+/** A system notice's text as DOM nodes: its icon (by `data.action`), then the words. */
+function noticeNodes(message) {
+  const data = message.data || {};
+  return [icon(EVENT_ICON[data.action] || 'info'), h('span', {}, ...inline(withoutLeadingEmoji(String(message.message ?? ''))))];
+}
+
 /**
  * Message text as DOM nodes (never as HTML). People's messages keep their line breaks;
  * the assistant writes Markdown, so its paragraphs are reflowed (a single line break is a

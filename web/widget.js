@@ -153,7 +153,10 @@
     .mine .text code { background: rgba(255, 255, 255, .2); }
     .mine .text { background: var(--accent); color: var(--accent-text); border-bottom-right-radius: 4px; }
     .theirs .text { background: var(--theirs); border-bottom-left-radius: 4px; }
-    .notice .text { background: var(--notice); color: var(--muted); font-size: 13px; border: 1px solid var(--line); border-radius: 12px; }
+    .notice .text { background: var(--notice); color: var(--muted); font-size: 13px; border: 1px solid var(--line); border-radius: 12px; display: inline-flex; align-items: center; gap: 6px; }
+    .icon { width: 1em; height: 1em; flex: none; fill: none; stroke: currentColor; stroke-width: 2; stroke-linecap: round; stroke-linejoin: round; }
+    .notice[data-event="assign"] .icon, .notice[data-event="reopen"] .icon { color: #067647; }
+    .notice[data-event="escalate"] .icon, .notice[data-event="unassign"] .icon { color: #b42318; }
     .streaming .text > :last-child::after { content: "▍"; animation: pulse .6s infinite alternate; margin-left: 1px; }
     .meta { font-size: 11px; color: var(--muted); margin: 2px 4px 0; display: flex; gap: 6px; }
     .pending .text { opacity: .65; }
@@ -503,6 +506,17 @@
   function join() {
     const frame = { type: 'join-room', roomId: state.roomId };
     if (state.lastSeq > 0) frame.since = state.lastSeq;
+    // Where the visitor is, for the agent (once a page; the server adds the browser).
+    if (!state.contextSent) {
+      state.contextSent = true;
+      frame.context = {
+        page: location.href.slice(0, 512),
+        title: document.title.slice(0, 512),
+        referrer: document.referrer.slice(0, 512),
+        language: navigator.language || '',
+        timeZone: (Intl.DateTimeFormat().resolvedOptions().timeZone) || '',
+      };
+    }
     request(frame);
   }
 
@@ -692,13 +706,15 @@
   function renderMessage(message) {
     const data = message.data || {};
     const kind = message.role === 'system' ? 'notice' : isMine(message) ? 'mine' : 'theirs';
-    const li = h('li', { class: `msg ${kind}`, 'data-role': message.role || '' });
+    const li = h('li', { class: `msg ${kind}`, 'data-role': message.role || '', 'data-event': kind === 'notice' ? data.action || null : null });
     if (message.role === 'system' && data.event === 'status') li.dataset.status = 'true';
     if (kind === 'theirs') {
       const label = message.role === 'assistant' ? message.userName || 'Assistant' : message.userName || 'Support';
       li.append(h('div', { class: 'author' }, label));
     }
-    const text = h('div', { class: 'text' }, ...richText(String(message.message ?? ''), message.role === 'assistant'));
+    const text = kind === 'notice'
+      ? h('div', { class: 'text' }, ...noticeNodes(message))
+      : h('div', { class: 'text' }, ...richText(String(message.message ?? ''), message.role === 'assistant'));
     if (message.timestamp) text.title = new Date(message.timestamp).toLocaleString();
     li.append(text);
     const sources = renderSources(message);

@@ -828,6 +828,7 @@ async function main() {
         await a.reply.pressSequentially('Hi, I am Ann. What is the order number?', { delay: 10 });
         await a.reply.press('Enter');
         await visible(v.notice("You're now connected to Ann"), 'the visitor sees Ann join');
+        check(!(await v.notice("You're now connected to Ann").innerText()).includes('✅'), 'the widget\'s notice has its icon, not an emoji');
         await visible(v.theirs('What is the order number?'), 'Ann\'s answer in the widget');
         await eventually('the widget header to name Ann', async () => (await v.title.innerText()) === 'Ann');
         await visible(ap.getByText('Assigned to you'), '"Assigned to you" in the inbox');
@@ -849,6 +850,10 @@ async function main() {
         await visible(ap.getByText('No conversation matches'), 'an empty search says so');
         await searchBox.fill('');
         await a.entry(room).click();
+        // Beside it: where the visitor is, as the widget and the browser told the server.
+        await visible(ap.locator('#visitor-card'), 'the visitor\'s details beside the conversation');
+        const facts = await ap.locator('#visitor-facts').innerText();
+        check(facts.includes('Chrome on Linux') && facts.includes('shop'), `the visitor's browser and page (it reads "${facts}")`);
         const assigned = ap.locator('#log .msg.notice[data-event="assign"]');
         await visible(assigned, 'the assignment notice in the inbox');
         check(await assigned.first().locator('svg.icon').count() === 1, 'system notices carry an SVG icon');
