@@ -86,6 +86,13 @@ function withoutLeadingEmoji(text) {
   return text.replace(/^[\p{Extended_Pictographic}\u{FE0F}\u{200D}\s]+/u, '');
 }
 
+const UTF8 = new TextEncoder();
+
+/** The size of `text` as the server counts it: UTF-8 bytes, not characters. */
+function utf8Bytes(text) {
+  return UTF8.encode(text).length;
+}
+
 /** A system notice's text as DOM nodes: its icon (by `data.action`), then the words. */
 function noticeNodes(message) {
   const data = message.data || {};

@@ -1022,13 +1022,6 @@
     ui.typing.textContent = typingText(names);
   }
 
-  const utf8 = new TextEncoder();
-
-  /** The size of `text` as the server counts it: UTF-8 bytes, not characters. */
-  function utf8Bytes(text) {
-    return utf8.encode(text).length;
-  }
-
   /** Shows how much of the server's limit the draft uses, from COUNTER_FROM of it on; says whether it is over. */
   function renderCounter() {
     const text = ui.input.value;
