@@ -729,8 +729,8 @@ pub async fn run(
     let addr = listener.local_addr()?;
     if app.state.config.web.dev_login {
         tracing::warn!(
-            "web.dev_login is on: anyone can get an agent token of the demo domain \
-             (POST /api/dev/agent-token); set web.dev_login = false in production"
+            "web.dev_login is on: anyone on this machine can get an agent token of the demo \
+             domain (POST /api/dev/agent-token); set web.dev_login = false in production"
         );
     }
     tracing::info!(
