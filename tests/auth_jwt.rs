@@ -264,6 +264,16 @@ async fn pem_domain_accepts_rs256_and_refuses_every_bad_token() {
             "audience",
         ),
         (
+            // The domain names an audience: a token that names none is not for it.
+            "no audience",
+            {
+                let mut c = good.clone();
+                c.as_object_mut().unwrap().remove("aud");
+                sign(Algorithm::RS256, "rsa1", None, &c)
+            },
+            "aud",
+        ),
+        (
             "wrong key",
             sign(Algorithm::RS256, "rsa2", None, &good),
             "signature",

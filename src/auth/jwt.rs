@@ -136,12 +136,15 @@ impl DomainVerifier {
                 v.leeway = config.leeway_secs;
                 v.validate_nbf = true;
                 v.set_issuer(&config.issuer);
+                // With an audience configured, a token must name it: one without `aud` at
+                // all is refused like one naming another audience.
                 if config.audience.is_empty() {
                     v.validate_aud = false;
+                    v.set_required_spec_claims(&["exp", "iss"]);
                 } else {
                     v.set_audience(&config.audience);
+                    v.set_required_spec_claims(&["exp", "iss", "aud"]);
                 }
-                v.set_required_spec_claims(&["exp", "iss"]);
                 (alg, v)
             })
             .collect();
