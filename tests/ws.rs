@@ -952,3 +952,36 @@ async fn room_joined_gives_the_message_limit_in_utf8_bytes() {
     );
     server.stop().await;
 }
+
+/// A close frame must carry a code a peer may send (RFC 6455 §7.4): reserved and
+/// unassigned codes get 1002 (Autobahn 7.9.x), a valid one its normal close.
+#[tokio::test]
+async fn close_frames_with_invalid_codes_are_protocol_errors() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let server = TestServer::start().await;
+    for (code, answer) in [
+        (0u16, 1002u16),
+        (999, 1002),
+        (1004, 1002),
+        (1005, 1002),
+        (1006, 1002),
+        (1015, 1002),
+        (2999, 1002),
+        (5000, 1002),
+        (65535, 1002),
+        (1000, 1000),
+        (1001, 1000),
+        (4000, 1000),
+    ] {
+        let mut c = server.connect().await;
+        let frame = Frame::close(Some(CloseFrame {
+            code: code.into(),
+            reason: "".into(),
+        }));
+        c.send_raw(Message::Frame(frame)).await;
+        let close = c.closed().await.expect("a close frame");
+        assert_eq!(u16::from(close.code), answer, "client close code {code}");
+    }
+    server.stop().await;
+}

@@ -170,9 +170,31 @@ pub fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str) {
     encode(out, Opcode::Close, &payload);
 }
 
+/// Whether a peer may send `code` in a close frame (RFC 6455 §7.4): the defined codes
+/// 1000–1003 and 1007–1014, and 3000–4999 for libraries and applications. 1004–1006 and
+/// 1015 are reserved and never sent; everything else is unassigned.
+pub fn valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn close_codes_a_peer_may_send() {
+        for code in [
+            1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4999,
+        ] {
+            assert!(valid_close_code(code), "{code}");
+        }
+        // Autobahn 7.9.1-7.9.9 and the reserved ones.
+        for code in [
+            0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ] {
+            assert!(!valid_close_code(code), "{code}");
+        }
+    }
 
     /// A masked client frame, as a browser would send it.
     fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {

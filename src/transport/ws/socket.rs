@@ -141,6 +141,11 @@ impl WsSocket {
                     {
                         return Err(RecvError::Protocol("malformed close frame"));
                     }
+                    if let [high, low, ..] = payload[..]
+                        && !frame::valid_close_code(u16::from_be_bytes([high, low]))
+                    {
+                        return Err(RecvError::Protocol("invalid close code"));
+                    }
                     return Ok(Some(Incoming::Close));
                 }
                 Opcode::Text | Opcode::Binary => {
