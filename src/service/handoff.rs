@@ -119,7 +119,6 @@ struct RoomState {
     created_at: chrono::DateTime<chrono::Utc>,
 }
 
-/// What an agent watching the inbox is online as, across the cluster.
 /// The longest inbox search, in characters.
 const MAX_SEARCH_CHARS: usize = 200;
 
@@ -150,6 +149,7 @@ pub struct VisitorInfo {
     pub conversations: Vec<InboxEntry>,
 }
 
+/// What an agent watching the inbox is online as, across the cluster.
 const INBOX_WATCHER: &str = "inbox";
 
 /// An agent watching the domain's inbox on one connection.

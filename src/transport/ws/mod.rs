@@ -157,7 +157,7 @@ pub async fn upgrade(
     let browser = (identity.role == Role::Visitor)
         .then(|| req.headers().get(header::USER_AGENT)?.to_str().ok())
         .flatten()
-        .map(|ua| Box::from(truncate_chars(ua, MAX_CONTEXT_CHARS)));
+        .map(|ua| Box::from(truncate(ua, MAX_CONTEXT_CHARS)));
     let limits = &app.config.limits;
     let id = app.next_connection_id();
     let (handle, rx) = ConnHandle::new(id, Arc::new(identity), limits.outbound_queue);
@@ -365,7 +365,8 @@ struct Connection {
     permits: (OwnedSemaphorePermit, DomainPermit),
     /// Counts the user among the domain's online users (across the cluster).
     online: Online,
-    /// A visitor's browser (the upgrade's `User-Agent`), for the context agents see.
+    /// A visitor's browser (the upgrade's `User-Agent`), for the context its first
+    /// `join-room` stores; dropped at that join.
     browser: Option<Box<str>>,
 }
 
@@ -870,11 +871,14 @@ impl Connection {
         {
             self.display_name = Some(name.chars().take(MAX_NAME_CHARS).collect());
         }
+        // The browser is kept only until the first join (the widget sends its context
+        // then), not for the connection's whole life.
+        let browser = self.browser.take();
         let context = f
             .context
             .as_ref()
             .filter(|_| identity.role == Role::Visitor)
-            .and_then(|c| visitor_context(c, self.browser.as_deref()));
+            .and_then(|c| visitor_context(c, browser.as_deref()));
         let profile = (f.user_name.is_some() || f.customer_data.is_some() || context.is_some())
             .then(|| CustomerProfile {
                 name: f.user_name.clone(),
@@ -1365,6 +1369,7 @@ pub fn parse_statuses(filter: Option<&str>) -> Result<Vec<RoomStatus>, ServiceEr
     }
 }
 
+/// `s` cut to at most `max` characters.
 fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
@@ -1434,20 +1439,13 @@ fn visitor_context(sent: &Value, browser: Option<&str>) -> Option<Value> {
         if let Some(text) = sent.get(field).and_then(Value::as_str)
             && !text.trim().is_empty()
         {
-            context.insert(field.into(), truncate_chars(text, MAX_CONTEXT_CHARS).into());
+            context.insert(field.into(), truncate(text, MAX_CONTEXT_CHARS).into());
         }
     }
     if let Some(browser) = browser {
         context.insert("browser".into(), browser.into());
     }
     Some(Value::Object(context))
-}
-
-/// `text` cut to at most `max` characters.
-fn truncate_chars(text: &str, max: usize) -> &str {
-    text.char_indices()
-        .nth(max)
-        .map_or(text, |(at, _)| &text[..at])
 }
 
 #[derive(Debug, Deserialize)]
