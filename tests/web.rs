@@ -212,3 +212,80 @@ async fn pages_from_web_dir_are_sent_as_they_are_and_never_cached() {
     );
     s.stop().await;
 }
+
+/// The inline `<tag>` blocks (without `src`) of `html`, as CSP source expressions.
+fn inline_sources(html: &str, tag: &str) -> Vec<String> {
+    use base64::Engine;
+    let mut out = Vec::new();
+    for piece in html.split(&format!("<{tag}")).skip(1) {
+        let Some((attributes, rest)) = piece.split_once('>') else {
+            continue;
+        };
+        if attributes.contains("src=") {
+            continue;
+        }
+        let body = rest.split(&format!("</{tag}>")).next().unwrap();
+        let digest = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(body));
+        out.push(format!("'sha256-{digest}'"));
+    }
+    out
+}
+
+#[tokio::test]
+async fn every_response_carries_the_security_headers_and_pages_their_own_policy() {
+    let s = TestServer::start().await;
+    for (path, accept) in [("/inbox", "*/*"), ("/", "text/html")] {
+        let (code, headers, body) = get(&s, path, &[("accept", accept)]).await;
+        assert_eq!(code, 200);
+        let html = String::from_utf8(body).unwrap();
+        let policy = header(&headers, "content-security-policy").unwrap();
+        assert!(
+            policy.contains("frame-ancestors 'none'"),
+            "{path}: {policy}"
+        );
+        assert!(policy.contains("default-src 'none'"), "{path}: {policy}");
+        assert!(!policy.contains("unsafe-inline"), "{path}: {policy}");
+        assert!(!policy.contains("unsafe-eval"), "{path}: {policy}");
+        // Each inline script and style block of the page, and nothing else, by its hash.
+        let scripts = inline_sources(&html, "script");
+        let styles = inline_sources(&html, "style");
+        assert!(!scripts.is_empty() && !styles.is_empty(), "{path}");
+        let directive = |name: &str| {
+            policy
+                .split(';')
+                .map(str::trim)
+                .find_map(|d| d.strip_prefix(name))
+                .unwrap()
+                .split_whitespace()
+                .filter(|s| s.starts_with("'sha256-"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(directive("script-src "), scripts, "{path}");
+        assert_eq!(directive("style-src "), styles, "{path}");
+        assert!(
+            !html.contains(" style=\""),
+            "{path}: no inline style attributes"
+        );
+        assert_eq!(header(&headers, "x-frame-options"), Some("DENY"), "{path}");
+        assert_eq!(header(&headers, "x-content-type-options"), Some("nosniff"));
+        assert_eq!(header(&headers, "referrer-policy"), Some("no-referrer"));
+        assert!(
+            header(&headers, "permissions-policy")
+                .unwrap()
+                .contains("camera=()")
+        );
+    }
+    // Everything else: nothing runs from it, nothing frames it.
+    for path in ["/widget.js", "/health", "/api/nope"] {
+        let (_, headers, _) = get(&s, path, &[]).await;
+        assert_eq!(
+            header(&headers, "content-security-policy"),
+            Some("default-src 'none'; frame-ancestors 'none'"),
+            "{path}"
+        );
+        assert_eq!(header(&headers, "x-frame-options"), Some("DENY"), "{path}");
+        assert_eq!(header(&headers, "x-content-type-options"), Some("nosniff"));
+    }
+    s.stop().await;
+}

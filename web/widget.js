@@ -317,7 +317,17 @@
     );
 
     ui.root = h('div', { class: 'root', 'data-conn': 'idle', 'data-open': 'false' }, ui.panel, ui.bubble);
-    shadow.append(h('style', {}, STYLES), ui.root);
+    // A constructed style sheet is not inline style, so the widget works under a host
+    // page's Content-Security-Policy without 'unsafe-inline' (docs/security.md); browsers
+    // without them get a <style> element.
+    if ('adoptedStyleSheets' in shadow && typeof CSSStyleSheet === 'function' && 'replaceSync' in CSSStyleSheet.prototype) {
+      const sheet = new CSSStyleSheet();
+      sheet.replaceSync(STYLES);
+      shadow.adoptedStyleSheets = [sheet];
+      shadow.append(ui.root);
+    } else {
+      shadow.append(h('style', {}, STYLES), ui.root);
+    }
   }
 
   // ---------------------------------------------------------------------------------------

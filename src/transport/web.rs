@@ -90,13 +90,16 @@ struct Served {
     /// The first 16 hex digits of the SHA-256 of `text`: the page's version, in its
     /// `ETag` and in the widget's versioned address.
     hash: String,
+    /// The `Content-Security-Policy` of an HTML page (see [`page_policy`]).
+    policy: Option<HeaderValue>,
 }
 
 impl Served {
-    fn of(text: String) -> Self {
+    fn of(text: String, html: bool) -> Self {
         let digest = Sha256::digest(text.as_bytes());
         let hash = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         Self {
+            policy: html.then(|| page_policy(&text)),
             gzip: gzip(text.as_bytes()),
             brotli: brotli(text.as_bytes()),
             text,
@@ -150,7 +153,12 @@ impl Page {
     }
 
     fn served_now(&'static self) -> &'static Served {
-        self.served.get_or_init(|| Served::of((self.text)()))
+        self.served
+            .get_or_init(|| Served::of((self.text)(), self.is_html()))
+    }
+
+    fn is_html(&self) -> bool {
+        self.media_type.starts_with("text/html")
     }
 }
 
@@ -306,6 +314,9 @@ async fn serve(
         response
     };
     let headers = response.headers_mut();
+    if let Some(policy) = &served.policy {
+        headers.insert(header::CONTENT_SECURITY_POLICY, policy.clone());
+    }
     if let Ok(etag) = HeaderValue::from_str(&served.etag(coding)) {
         headers.insert(header::ETAG, etag);
     }
@@ -332,7 +343,8 @@ async fn serve_from_dir(dir: &std::path::Path, page: &'static Page) -> Response 
     } else {
         text
     };
-    (
+    let policy = page.is_html().then(|| page_policy(&text));
+    let mut response = (
         [
             (header::CONTENT_TYPE, page.media_type),
             (header::CACHE_CONTROL, "no-cache"),
@@ -340,8 +352,96 @@ async fn serve_from_dir(dir: &std::path::Path, page: &'static Page) -> Response 
         ],
         text,
     )
-        .into_response()
+        .into_response();
+    if let Some(policy) = policy {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_SECURITY_POLICY, policy);
+    }
+    response
 }
+
+/// The `Content-Security-Policy` of one of Parlor's HTML pages: everything from this origin
+/// only, the page's own inline `<script>` and `<style>` blocks allowed by their SHA-256 (so
+/// no other inline code runs, injected or not), and no framing by anyone (the inbox's
+/// buttons cannot be clickjacked). `connect-src 'self'` covers the page's WebSocket to the
+/// same host.
+fn page_policy(html: &str) -> HeaderValue {
+    let scripts = inline_hashes(html, "script");
+    let styles = inline_hashes(html, "style");
+    let policy = format!(
+        "default-src 'none'; script-src 'self'{scripts}; style-src 'self'{styles}; \
+         img-src 'self' data:; connect-src 'self'; font-src 'self'; manifest-src 'self'; \
+         form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+    );
+    HeaderValue::from_str(&policy).unwrap_or_else(|_| HeaderValue::from_static(STRICT_POLICY))
+}
+
+/// The policy of every response that is not one of the pages (JSON, the widget script):
+/// nothing may run from it or frame it.
+pub const STRICT_POLICY: &str = "default-src 'none'; frame-ancestors 'none'";
+
+/// ` 'sha256-…'` for each inline `<tag>` block of `html` (a `<script>` with a `src` is not
+/// inline), in order.
+fn inline_hashes(html: &str, tag: &str) -> String {
+    use base64::Engine;
+    let open = format!("<{tag}");
+    let close = format!("</{tag}>");
+    let mut out = String::new();
+    let mut rest = html;
+    while let Some(at) = rest.find(&open) {
+        let after = &rest[at + open.len()..];
+        let Some(end_of_tag) = after.find('>') else {
+            break;
+        };
+        let attributes = &after[..end_of_tag];
+        // `<styles…` or `<scripting…` are other tags.
+        if !attributes.is_empty() && !attributes.starts_with([' ', '\t', '\n']) {
+            rest = after;
+            continue;
+        }
+        let body = &after[end_of_tag + 1..];
+        let Some(end) = body.find(&close) else {
+            break;
+        };
+        if !attributes.contains("src=") {
+            let digest = Sha256::digest(&body.as_bytes()[..end]);
+            let digest = base64::engine::general_purpose::STANDARD.encode(digest);
+            out.push_str(&format!(" 'sha256-{digest}'"));
+        }
+        rest = &body[end + close.len()..];
+    }
+    out
+}
+
+/// Middleware: the headers every response carries, unless the handler set its own: no
+/// MIME sniffing, no framing (`X-Frame-Options` for browsers that predate
+/// `frame-ancestors`), no referrer to other sites, none of the powerful browser features,
+/// and [`STRICT_POLICY`] where a page did not set its own policy.
+pub async fn security_headers(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let mut response = next.run(req).await;
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CONTENT_SECURITY_POLICY, STRICT_POLICY),
+    ] {
+        headers
+            .entry(name)
+            .or_insert(HeaderValue::from_static(value));
+    }
+    headers
+        .entry(header::HeaderName::from_static("permissions-policy"))
+        .or_insert(HeaderValue::from_static(PERMISSIONS_POLICY));
+    response
+}
+
+/// No page of Parlor uses the camera, the microphone, location, payments or USB.
+const PERMISSIONS_POLICY: &str = "camera=(), microphone=(), geolocation=(), payment=(), usb=()";
 
 /// A file of `web.dir`; a 404 (and a warning) when it cannot be read.
 async fn read_page(dir: &std::path::Path, file: &str) -> Result<String, Response> {
@@ -479,6 +579,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_page_policy_names_its_inline_blocks_by_hash() {
+        let page = "<style>a{}</style><script src=\"/widget.js\"></script>\n<script>go()</script>\
+                    <scripts>not a script</scripts>";
+        let sha = |text: &str| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(Sha256::digest(text.as_bytes()))
+        };
+        assert_eq!(
+            inline_hashes(page, "script"),
+            format!(" 'sha256-{}'", sha("go()"))
+        );
+        assert_eq!(
+            inline_hashes(page, "style"),
+            format!(" 'sha256-{}'", sha("a{}"))
+        );
+        let policy = page_policy(page);
+        let policy = policy.to_str().unwrap();
+        assert!(policy.contains(&format!("script-src 'self' 'sha256-{}';", sha("go()"))));
+        assert!(policy.ends_with("frame-ancestors 'none'"));
+    }
+
+    #[test]
     fn the_widget_and_the_inbox_are_served_with_common_js_at_their_marker() {
         for (file, source, page) in [
             ("widget.js", WIDGET_TEXT, &WIDGET),
@@ -545,7 +667,7 @@ mod tests {
 
     #[test]
     fn if_none_match_matches_every_representation_of_the_same_text() {
-        let served = Served::of("console.log(1);\n".repeat(100));
+        let served = Served::of("console.log(1);\n".repeat(100), false);
         assert_eq!(served.hash.len(), 16);
         for coding in [Coding::Identity, Coding::Gzip, Coding::Brotli] {
             let etag = served.etag(coding);

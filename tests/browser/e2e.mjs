@@ -729,20 +729,33 @@ async function main() {
       await context.close();
     });
 
-    await step('embedded on another site: its own origin, hostile CSS, the chat still works', async () => {
+    await step('embedded on another site: its own origin, a strict CSP, hostile CSS, the chat still works; the inbox cannot be framed', async () => {
       // A shop's page on another origin (localhost vs 127.0.0.1, another port) whose CSS
-      // would wreck any widget that shared its styles.
+      // would wreck any widget that shared its styles, under the Content-Security-Policy
+      // docs/security.md gives for embedding: no inline style or script for anyone.
+      const parlorWs = server.base.replace(/^http/, 'ws');
       const shopPage = `<!doctype html><html lang="en"><head><title>Shop</title><link rel="icon" href="data:,">
-        <style>* { color: red !important; font-size: 40px !important; } button { display: none !important; } div { position: static !important; }</style>
+        <link rel="stylesheet" href="/shop.css">
         </head><body><h1>A shop</h1>
         <script src="${server.base}/widget.js" data-domain="demo" data-color="#0f766e" async></script></body></html>`;
+      const hostileCss = '* { color: red !important; font-size: 40px !important; } button { display: none !important; } div { position: static !important; }';
+      const framingPage = (target) => `<!doctype html><html lang="en"><head><title>Framing</title><link rel="icon" href="data:,"></head>
+        <body><iframe src="${target}" width="800" height="600"></iframe></body></html>`;
+      const policy = `default-src 'none'; script-src 'self' ${server.base}; connect-src ${server.base} ${parlorWs}; style-src 'self'; img-src data:; frame-src 'self' ${server.base}`;
       const shop = http.createServer((req, res) => {
-        res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8' });
-        res.end(shopPage);
+        if (req.url === '/shop.css') {
+          res.writeHead(200, { 'Content-Type': 'text/css' });
+          res.end(hostileCss);
+          return;
+        }
+        res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8', 'Content-Security-Policy': policy });
+        const url = new URL(req.url, 'http://shop');
+        res.end(url.pathname === '/frame' ? framingPage(url.searchParams.get('target')) : shopPage);
       });
       await new Promise((resolve) => shop.listen(0, '127.0.0.1', resolve));
       try {
         const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+        // Watched: a CSP violation by the widget is a console error and fails the run.
         const page = watch(await context.newPage(), 'widget (another site)');
         pages.push(page);
         const e = widget(page);
@@ -758,6 +771,25 @@ async function main() {
         check(accent === 'rgb(15, 118, 110)', `data-color sets the accent (${accent})`);
         await e.say('Hello from another site');
         await visible(e.mine('Hello from another site'), 'the message stored from the other site');
+
+        // Another site frames the inbox (clickjacking its Assign and Resolve buttons):
+        // Chromium refuses to show it and puts its error page in the frame instead. The
+        // same frame showing the shop's own page proves the check can tell the two apart.
+        const framer = await context.newPage();
+        const frameUrl = async (target) => {
+          await framer.goto(`http://localhost:${shop.address().port}/frame?target=${encodeURIComponent(target)}`);
+          const deadline = Date.now() + 5000;
+          for (;;) {
+            const framed = framer.frames().find((f) => f !== framer.mainFrame());
+            const url = framed ? framed.url() : '';
+            if ((url && url !== 'about:blank') || Date.now() > deadline) return url;
+            await framer.waitForTimeout(50);
+          }
+        };
+        const shopFramed = await frameUrl(`http://localhost:${shop.address().port}/`);
+        check(shopFramed.startsWith('http://localhost:'), `a page that allows framing shows in the frame (${shopFramed})`);
+        const inboxFramed = await frameUrl(`${server.base}/inbox`);
+        check(inboxFramed.startsWith('chrome-error:'), `the framed inbox is refused (${inboxFramed})`);
         await context.close();
       } finally {
         shop.close();
