@@ -48,6 +48,8 @@ messages_burst = 1000000
 max_connections = 50000
 ip_connects_per_second = 1000000
 ip_connects_burst = 1000000
+ip_max_connections = 0
+ip_max_websockets = 0
 [[domains]]
 id = "demo"
 name = "Parlor demo"

@@ -11,7 +11,8 @@ run() { # mode label
   rm -f $db*
   PARLOR_LIMITS__MESSAGES_PER_SECOND=1000000 PARLOR_LIMITS__MESSAGES_BURST=1000000 \
   PARLOR_LIMITS__MAX_CONNECTIONS=50000 PARLOR_LIMITS__IP_CONNECTS_PER_SECOND=1000000 \
-  PARLOR_LIMITS__IP_CONNECTS_BURST=1000000 PARLOR_BROKER_PREFIX=connbench-$$-$label \
+  PARLOR_LIMITS__IP_CONNECTS_BURST=1000000 PARLOR_LIMITS__IP_MAX_CONNECTIONS=0 \
+  PARLOR_LIMITS__IP_MAX_WEBSOCKETS=0 PARLOR_BROKER_PREFIX=connbench-$$-$label \
   taskset -c 0 $BIN/parlor serve --listen 127.0.0.1:18090 --database sqlite://$db --broker "$mode" >/tmp/connbench-$label.log 2>&1 &
   local pid=$!
   for i in $(seq 100); do curl -sf http://127.0.0.1:18090/health >/dev/null && break; sleep 0.1; done

@@ -272,6 +272,43 @@ pub struct Limits {
     /// it. Anonymous callers are limited by address only.
     pub identity_requests_per_second: u32,
     pub identity_requests_burst: u32,
+    /// Open TCP connections (HTTP and WebSocket) from one address (an IPv6 address counts
+    /// by its /64). The next one is answered 429 `too_many_connections` and closed at once.
+    /// Connections from a trusted proxy are not counted here (the proxy carries many
+    /// clients); `ip_max_websockets` still counts the clients behind it. 0: no cap.
+    pub ip_max_connections: u32,
+    /// Open WebSockets from one address (IPv6: its /64; behind a trusted proxy, the
+    /// forwarded client address). The next upgrade gets 429 `too_many_connections`. 0: no
+    /// cap.
+    pub ip_max_websockets: u32,
+    /// Time a client has to send a request's headers, counted from the connection's start
+    /// or from the end of the previous response: the header-read timeout and the keep-alive
+    /// idle timeout in one. A connection that runs out of it is closed.
+    #[serde(with = "duration_ms")]
+    pub header_timeout_ms: Duration,
+    /// Time a request's whole body has to arrive, counted from its headers. Beyond: 408
+    /// `request_timeout` and the connection is closed.
+    #[serde(with = "duration_ms")]
+    pub body_timeout_ms: Duration,
+    /// A WebSocket from which nothing arrived for this long is sent a ping. 0: no pings.
+    #[serde(with = "duration_ms")]
+    pub ws_ping_interval_ms: Duration,
+    /// Time a client has to answer a ping (any frame counts) before it is closed with 4011.
+    #[serde(with = "duration_ms")]
+    pub ws_pong_timeout_ms: Duration,
+    /// A WebSocket whose client sends no message (pongs do not count) for this long is
+    /// closed with 4012. 0 (the default): never, as listeners may stay quiet for hours.
+    #[serde(with = "duration_ms")]
+    pub ws_idle_timeout_ms: Duration,
+    /// Questions to the assistant per minute from one address (IPv6: its /64), for
+    /// visitors (`/ai/*`, `ai-chat`, `ai-stream` and the bot's replies in rooms); across
+    /// the cluster with Redis. Beyond: 429 `rate_limited` with `Retry-After`.
+    pub ip_ai_requests_per_minute: u32,
+    /// AI tokens (prompt plus completion) the questions of one address may use per minute;
+    /// once spent, its next question waits for the minute to end (429). Counted per node.
+    pub ip_ai_tokens_per_minute: u64,
+    /// Model calls one domain may have running at once; the next gets 429 `rate_limited`.
+    pub ai_calls_per_domain: usize,
 }
 
 impl Default for Limits {
@@ -297,6 +334,16 @@ impl Default for Limits {
             ip_visitor_tokens_per_minute: 10,
             identity_requests_per_second: 50,
             identity_requests_burst: 200,
+            ip_max_connections: 1000,
+            ip_max_websockets: 500,
+            header_timeout_ms: Duration::from_secs(10),
+            body_timeout_ms: Duration::from_secs(30),
+            ws_ping_interval_ms: Duration::from_secs(25),
+            ws_pong_timeout_ms: Duration::from_secs(10),
+            ws_idle_timeout_ms: Duration::ZERO,
+            ip_ai_requests_per_minute: 30,
+            ip_ai_tokens_per_minute: 60_000,
+            ai_calls_per_domain: 64,
         }
     }
 }
@@ -987,6 +1034,27 @@ impl Config {
                 "limits.ip_visitor_tokens_per_minute",
                 l.ip_visitor_tokens_per_minute as usize,
             ),
+            (
+                "limits.header_timeout_ms",
+                usize::from(!l.header_timeout_ms.is_zero()),
+            ),
+            (
+                "limits.body_timeout_ms",
+                usize::from(!l.body_timeout_ms.is_zero()),
+            ),
+            (
+                "limits.ws_pong_timeout_ms",
+                usize::from(!l.ws_pong_timeout_ms.is_zero()),
+            ),
+            (
+                "limits.ip_ai_requests_per_minute",
+                l.ip_ai_requests_per_minute as usize,
+            ),
+            (
+                "limits.ip_ai_tokens_per_minute",
+                usize::try_from(l.ip_ai_tokens_per_minute).unwrap_or(usize::MAX),
+            ),
+            ("limits.ai_calls_per_domain", l.ai_calls_per_domain),
             ("store.max_batch", self.store.max_batch),
             ("store.room_cache", self.store.room_cache),
             ("store.read_pool", self.store.read_pool),

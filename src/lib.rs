@@ -37,7 +37,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -242,6 +241,7 @@ impl App {
         let ai = Arc::new(
             AiService::new(
                 &config.ai,
+                &config.limits,
                 Arc::clone(&chat),
                 Arc::clone(&domains),
                 Arc::clone(&metrics),
@@ -743,19 +743,7 @@ pub async fn run(
     tracing::info!(url = %format!("{base}/"), "demo page");
     tracing::info!(url = %format!("{base}/inbox"), "agent inbox");
     tracing::info!(url = %format!("{base}/health"), "health check");
-    // Chat frames are small and latency-bound: send them at once instead of letting Nagle's
-    // algorithm hold them for the peer's delayed ACK (tens of milliseconds).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let server = axum::serve(
-        listener,
-        app.router()
-            .into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server = transport::listen::serve(listener, app.router(), app.state.clone());
     // Rate-limit state of addresses that went quiet is dropped every minute.
     let edge_state = app.state.clone();
     let edge_stop = shutdown.clone();
@@ -764,28 +752,20 @@ pub async fn run(
         loop {
             tokio::select! {
                 () = edge_stop.cancelled() => break,
-                _ = tick.tick() => edge_state.edge.forget_idle(),
+                _ = tick.tick() => {
+                    edge_state.edge.forget_idle();
+                    edge_state.ai.forget_idle();
+                }
             }
         }
     });
-    let mut server = tokio::spawn(async move { server.await });
-
-    let served = tokio::select! {
-        () = shutdown.cancelled() => None,
-        result = &mut server => Some(result),
-    };
-    shutdown.cancel();
+    // Serves until the shutdown token is cancelled.
+    server.await;
     tracing::info!("shutting down");
     // One deadline for the whole shutdown: HTTP requests and WebSocket connections finish
     // concurrently (both saw the token), then the store is flushed and closed.
     let until = tokio::time::Instant::now() + app.state.config.shutdown_timeout_ms;
-    if served.is_none() && tokio::time::timeout_at(until, &mut server).await.is_err() {
-        server.abort();
-    }
     app.shutdown(until).await;
     tracing::info!("stopped");
-    match served {
-        Some(Ok(Err(e))) => Err(RunError::Io(e)),
-        _ => Ok(()),
-    }
+    Ok(())
 }

@@ -134,6 +134,10 @@ pub struct Metrics {
     /// Visitor messages nobody will answer, by why (`no_assistant_no_handoff`: the domain
     /// has neither an assistant nor hand-off).
     pub unanswered: Family<ReasonLabel, Counter>,
+    /// Connections refused or cut by the edge, by why: `address_connections` and
+    /// `address_websockets` (the per-address caps), `server_full`, `domain_full`,
+    /// `header_timeout`, `body_timeout`.
+    pub connections_refused: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -267,9 +271,16 @@ impl Metrics {
             "Visitor messages nobody will answer, by reason",
             unanswered.clone(),
         );
+        let connections_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections refused or cut at the edge (caps and timeouts), by reason",
+            connections_refused.clone(),
+        );
         Self {
             registry,
             unanswered,
+            connections_refused,
             stream_gaps,
             stream_filled,
             stream_tail_repairs,
@@ -309,6 +320,13 @@ impl Metrics {
     /// Counts a visitor message left without an answer.
     pub fn unanswered(&self, reason: &'static str) {
         self.unanswered.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Counts one connection refused or cut at the edge.
+    pub fn refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// Counts one closed connection.

@@ -13,6 +13,10 @@ use parlor::config::{BotConfig, Config, DomainConfig, ProviderConfig, ProviderKi
 use serde_json::{Value, json};
 
 async fn server(fake: &FakeVendor) -> TestServer {
+    server_with(fake, |_| {}).await
+}
+
+async fn server_with(fake: &FakeVendor, configure: impl FnOnce(&mut Config)) -> TestServer {
     let base = fake.url("/v1");
     TestServer::start_with(move |c: &mut Config| {
         let mut p = ProviderConfig::new(ProviderKind::Openai, "gpt-4o-mini");
@@ -32,6 +36,7 @@ async fn server(fake: &FakeVendor) -> TestServer {
             ..common::chat_domain("shop", "Shop")
         });
         c.domains.push(common::chat_domain("nobot", "No bot"));
+        configure(c);
     })
     .await
 }
@@ -301,4 +306,142 @@ async fn bad_requests_are_refused_and_reach_no_vendor() {
         (e["code"].as_str(), e["replyTo"].as_str()),
         (Some("empty_message"), Some("x"))
     );
+}
+
+/// `POST /ai/chat` without a token from the loopback address `from`: status, `Retry-After`
+/// and the JSON body.
+async fn ask_from(s: &TestServer, from: &str, message: &str) -> (u16, Option<String>, Value) {
+    let client = reqwest::Client::builder()
+        .local_address(from.parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    let res = client
+        .post(s.http("/ai/chat"))
+        .json(&json!({ "message": message }))
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let retry = res
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (status, retry, res.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn token_less_callers_of_one_address_share_one_ai_budget() {
+    let fake = FakeVendor::start(vec![answer(&["Fine."])]).await;
+    let s = server_with(&fake, |c| c.limits.ip_ai_requests_per_minute = 20).await;
+    // Every token-less call is a new visitor, so only the address can bound them.
+    let (mut answered, mut refused) = (0, 0);
+    for i in 0..300 {
+        let (status, retry, body) = ask_from(&s, "127.0.0.1", &format!("question {i}")).await;
+        match status {
+            200 => answered += 1,
+            429 => {
+                assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+                let secs: u64 = retry.expect("Retry-After").parse().unwrap();
+                assert!((1..=60).contains(&secs), "Retry-After {secs}");
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!((answered, refused), (20, 280));
+    assert_eq!(
+        fake.received().len(),
+        20,
+        "the model is called for answered ones only"
+    );
+    // Another address has its own budget.
+    let (status, _, body) = ask_from(&s, "127.0.0.2", "and me?").await;
+    assert_eq!(status, 200, "{body}");
+
+    // The same budget covers `ai-chat` frames on fresh connections.
+    let mut frames_refused = 0;
+    for i in 0..5 {
+        let mut c = s.connect().await;
+        let id = c
+            .request(json!({ "type": "ai-chat", "message": format!("frame {i}") }))
+            .await;
+        let reply = c.reply(&id).await;
+        if reply["type"] == "error" {
+            assert_eq!(reply["code"], "rate_limited", "{reply}");
+            frames_refused += 1;
+        }
+    }
+    assert_eq!(frames_refused, 5);
+    assert_eq!(fake.received().len(), 21);
+}
+
+#[tokio::test]
+async fn an_address_that_spent_its_tokens_waits_for_the_minute() {
+    let fake = FakeVendor::start(vec![answer(&["Fine."])]).await;
+    // Each answer costs 12 + 3 tokens: the third call finds the minute's 30 spent.
+    let s = server_with(&fake, |c| c.limits.ip_ai_tokens_per_minute = 30).await;
+    for _ in 0..2 {
+        let (status, _, body) = ask_from(&s, "127.0.0.1", "hello").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, retry, body) = ask_from(&s, "127.0.0.1", "hello").await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "rate_limited");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tokens"),
+        "{body}"
+    );
+    assert!(retry.is_some());
+    assert_eq!(fake.received().len(), 2);
+    // A signed-in agent is not a stranger: no address budget.
+    let agent = parlor::auth::issue_token(
+        &parlor::config::Secret::new(common::TEST_SECRET),
+        "agent-1",
+        None,
+        "agent",
+        "demo",
+        600,
+    )
+    .unwrap();
+    let (status, _, body) = post(&s, "/ai/chat", Some(&agent), json!({ "message": "hi" })).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn a_domain_runs_at_most_its_calls_at_once() {
+    let slow = Reply::Stream {
+        pieces: fake_ai::openai_stream(&["Slow ", "answer."], (12, 3), true)
+            .into_iter()
+            .map(|p| (std::time::Duration::from_millis(300), p))
+            .collect(),
+        cut: false,
+    };
+    let fake = FakeVendor::start(vec![slow]).await;
+    let s = server_with(&fake, |c| c.limits.ai_calls_per_domain = 1).await;
+    let first = tokio::spawn({
+        let url = s.http("/ai/chat");
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .json(&json!({ "message": "first" }))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (status, retry, body) = ask_from(&s, "127.0.0.2", "second").await;
+    assert_eq!(status, 429, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("already"), "{body}");
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert_eq!(first.await.unwrap(), 200);
+    // The place is free again once the first answer is done.
+    let (status, _, body) = ask_from(&s, "127.0.0.2", "third").await;
+    assert_eq!(status, 200, "{body}");
 }

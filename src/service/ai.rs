@@ -207,12 +207,15 @@ pub struct AiService {
     shared: Shared,
     /// When each room's reply was last stopped (an agent took over).
     stopped: DashMap<RoomKey, Instant>,
+    /// What visitors' addresses may spend, and how many calls each domain may run at once.
+    spending: Arc<Spending>,
 }
 
 impl AiService {
     /// Builds every configured provider.
     pub fn new(
         config: &AiConfig,
+        limits: &crate::config::Limits,
         chat: Arc<ChatService>,
         domains: Arc<Domains>,
         metrics: Arc<Metrics>,
@@ -252,12 +255,35 @@ impl AiService {
             visitor_limits: DashMap::new(),
             shared,
             stopped: DashMap::new(),
+            spending: Arc::new(Spending::new(limits)),
         })
     }
 
-    /// Meters calls made for `domain` (in `room`, asked by `user`).
-    fn meter(&self, domain: &str, room: Option<&RoomKey>, user: Option<&str>) -> Meter {
+    /// Notes where a visitor is connected from, so that the assistant's replies to its
+    /// messages in rooms are charged to that address.
+    pub fn note_visitor_address(&self, identity: &Identity, ip: std::net::IpAddr) {
+        if identity.role == Role::Visitor {
+            self.spending
+                .note_visitor(&identity.domain_id, &identity.user_id, ip);
+        }
+    }
+
+    /// Forgets per-address AI spending that went quiet (called every minute).
+    pub fn forget_idle(&self) {
+        self.spending.forget_idle();
+    }
+
+    /// Meters calls made for `domain` (in `room`, asked by `user`, let in by `admitted`).
+    fn meter(
+        &self,
+        domain: &str,
+        room: Option<&RoomKey>,
+        user: Option<&str>,
+        admitted: Admitted,
+    ) -> Meter {
         Meter {
+            admitted: Arc::new(admitted),
+            spending: Arc::clone(&self.spending),
             store: Arc::clone(self.chat.store()),
             metrics: Arc::clone(&self.metrics),
             spent: Arc::clone(&self.spent),
@@ -268,15 +294,22 @@ impl AiService {
         }
     }
 
-    /// Whether `user` (a visitor when `visitor`) of `domain` may ask now: the visitor's
-    /// questions per minute and the domain's daily token budget.
+    /// Whether `user` (a visitor when `visitor`, asking from `address`) of `domain` may ask
+    /// now: the address's requests and tokens per minute, the visitor's questions per
+    /// minute, the domain's daily token budget and its calls running at once. What lets it
+    /// in goes with the call ([`Admitted`]).
     async fn admit(
         &self,
         bot: &Bot,
         domain: &str,
         user: &str,
         visitor: bool,
-    ) -> Result<(), ServiceError> {
+        address: Option<std::net::IpAddr>,
+    ) -> Result<Admitted, ServiceError> {
+        let address = address.filter(|_| visitor);
+        if let Some(ip) = address {
+            Box::pin(self.spending.admit_address(ip, &self.shared)).await?;
+        }
         if visitor {
             let rate = bot.config.visitor_messages_per_minute.max(1);
             let mut entry = self
@@ -330,6 +363,16 @@ impl AiService {
                 });
             }
         }
+        self.within_daily_budget(bot, domain).await?;
+        let running = self.spending.start_call(domain)?;
+        Ok(Admitted {
+            address,
+            _running: running,
+        })
+    }
+
+    /// Whether `domain` has tokens left of its daily budget (if it has one).
+    async fn within_daily_budget(&self, bot: &Bot, domain: &str) -> Result<(), ServiceError> {
         let Some(budget) = bot.config.daily_token_budget else {
             return Ok(());
         };
@@ -734,39 +777,51 @@ impl AiService {
         let Some(bot) = self.bot(&message.room.domain_id).await else {
             return;
         };
-        if let Err(e) = self
-            .admit(&bot, &message.room.domain_id, &message.author.user_id, true)
+        let address = self
+            .spending
+            .visitor_address(&message.room.domain_id, &message.author.user_id);
+        let admitted = match self
+            .admit(
+                &bot,
+                &message.room.domain_id,
+                &message.author.user_id,
+                true,
+                address,
+            )
             .await
         {
-            // Say so once a minute per visitor, not after every message.
-            let key = format!("{}/{}", message.room.domain_id, message.author.user_id);
-            let now = Instant::now();
-            let quiet = self
-                .notices
-                .get(&key)
-                .is_some_and(|at| now.duration_since(*at) < Duration::from_secs(60));
-            if quiet {
+            Ok(admitted) => admitted,
+            Err(e) => {
+                // Say so once a minute per visitor, not after every message.
+                let key = format!("{}/{}", message.room.domain_id, message.author.user_id);
+                let now = Instant::now();
+                let quiet = self
+                    .notices
+                    .get(&key)
+                    .is_some_and(|at| now.duration_since(*at) < Duration::from_secs(60));
+                if quiet {
+                    return;
+                }
+                self.notices.insert(key, now);
+                self.notices
+                    .retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
+                let text = match e.code() {
+                    "budget_exceeded" => {
+                        "The assistant has reached today's limit. A human agent can still help."
+                    }
+                    _ => {
+                        "You're sending messages faster than the assistant can answer. Please wait a moment."
+                    }
+                };
+                self.store_system(
+                    &message.room,
+                    text,
+                    serde_json::json!({ "error": e.code() }),
+                )
+                .await;
                 return;
             }
-            self.notices.insert(key, now);
-            self.notices
-                .retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
-            let text = match e.code() {
-                "budget_exceeded" => {
-                    "The assistant has reached today's limit. A human agent can still help."
-                }
-                _ => {
-                    "You're sending messages faster than the assistant can answer. Please wait a moment."
-                }
-            };
-            self.store_system(
-                &message.room,
-                text,
-                serde_json::json!({ "error": e.code() }),
-            )
-            .await;
-            return;
-        }
+        };
         let cancel = CancellationToken::new();
         let partial = Arc::new(Mutex::new(Partial {
             message_id: Arc::from(format!("ai-{}", uuid::Uuid::now_v7().simple())),
@@ -796,7 +851,8 @@ impl AiService {
         }
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            this.answer_in_room(&bot, &message, cancel, partial).await;
+            this.answer_in_room(&bot, &message, cancel, partial, admitted)
+                .await;
         });
     }
 
@@ -807,6 +863,7 @@ impl AiService {
         question: &Message,
         cancel: CancellationToken,
         partial: Arc<Mutex<Partial>>,
+        admitted: Admitted,
     ) {
         let room = question.room.clone();
         let turns = match self
@@ -824,7 +881,12 @@ impl AiService {
                 }]
             }
         };
-        let meter = self.meter(&room.domain_id, Some(&room), Some(&question.author.user_id));
+        let meter = self.meter(
+            &room.domain_id,
+            Some(&room),
+            Some(&question.author.user_id),
+            admitted,
+        );
         // With hand-off on, the model may ask for a human itself (see `HandoffMarker`).
         let handoff = self
             .domains
@@ -1147,6 +1209,7 @@ impl AiService {
         self: &Arc<Self>,
         identity: &Identity,
         ask: Ask,
+        address: Option<std::net::IpAddr>,
     ) -> Result<mpsc::Receiver<AiEvent>, ServiceError> {
         if ask.message.trim().is_empty() {
             return Err(ServiceError::invalid(
@@ -1168,13 +1231,15 @@ impl AiService {
                     code: "ai_unavailable",
                     message: "this domain has no AI assistant".into(),
                 })?;
-        self.admit(
-            &bot,
-            &identity.domain_id,
-            &identity.user_id,
-            identity.role == Role::Visitor,
-        )
-        .await?;
+        let admitted = self
+            .admit(
+                &bot,
+                &identity.domain_id,
+                &identity.user_id,
+                identity.role == Role::Visitor,
+                address,
+            )
+            .await?;
         let (turns, room) = match &ask.conversation_id {
             None => (
                 vec![Turn {
@@ -1217,7 +1282,12 @@ impl AiService {
         };
         let model = ask.model.as_deref();
         let (tx, rx) = mpsc::channel(64);
-        let meter = self.meter(&identity.domain_id, room.as_ref(), Some(&identity.user_id));
+        let meter = self.meter(
+            &identity.domain_id,
+            room.as_ref(),
+            Some(&identity.user_id),
+            admitted,
+        );
         let mut events = self.generate_with(&bot, turns, model, ask.context.as_deref(), meter);
         let this = Arc::clone(self);
         tokio::spawn(async move {
@@ -1487,6 +1557,10 @@ enum Attempt {
 /// daily token count.
 #[derive(Debug, Clone)]
 pub struct Meter {
+    /// What let the call in: the visitor's address (charged the tokens) and the domain's
+    /// running-call place, given back when the call ends.
+    admitted: Arc<Admitted>,
+    spending: Arc<Spending>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     spent: Arc<DashMap<String, DaySpend>>,
@@ -1494,6 +1568,155 @@ pub struct Meter {
     domain: String,
     room: Option<String>,
     user: Option<String>,
+}
+
+/// What lets one AI call in (see [`AiService::admit`]): the asking visitor's address, which
+/// is charged the call's tokens, and the call's place among its domain's running calls.
+#[derive(Debug)]
+struct Admitted {
+    address: Option<std::net::IpAddr>,
+    _running: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// What callers without an account may make the assistant spend, per address (an IPv6
+/// address by its /64): requests per minute (across the cluster, like the other per-address
+/// limits) and tokens per minute (on each node), and how many calls each domain may have
+/// running at once. A token-less caller is a new visitor on every request, so these, not
+/// the per-visitor limit, are what bound the bill a stranger can run up.
+#[derive(Debug)]
+struct Spending {
+    requests: DefaultKeyedRateLimiter<std::net::IpAddr>,
+    requests_per_minute: u32,
+    /// Tokens each address spent in its current one-minute window (window start, tokens).
+    tokens: DashMap<std::net::IpAddr, (Instant, u64)>,
+    tokens_per_minute: u64,
+    /// Calls running per domain.
+    running: DashMap<String, Arc<tokio::sync::Semaphore>>,
+    max_running: usize,
+    /// Where each visitor on this node connected from (`domain/user`), with when it was
+    /// last noted, so that the bot's replies in rooms are charged to an address too.
+    visitors: DashMap<String, (std::net::IpAddr, Instant)>,
+}
+
+/// The length of a per-address token window.
+const TOKEN_WINDOW: Duration = Duration::from_secs(60);
+/// How long a visitor's address is remembered after it was last noted.
+const VISITOR_ADDRESS_TTL: Duration = Duration::from_secs(3600);
+
+impl Spending {
+    fn new(limits: &crate::config::Limits) -> Self {
+        let rate = NonZeroU32::new(limits.ip_ai_requests_per_minute).unwrap_or(NonZeroU32::MIN);
+        Self {
+            requests: RateLimiter::keyed(Quota::per_minute(rate)),
+            requests_per_minute: rate.get(),
+            tokens: DashMap::new(),
+            tokens_per_minute: limits.ip_ai_tokens_per_minute,
+            running: DashMap::new(),
+            max_running: limits.ai_calls_per_domain,
+            visitors: DashMap::new(),
+        }
+    }
+
+    /// Charges one request to `ip` and checks its tokens this minute.
+    async fn admit_address(
+        &self,
+        ip: std::net::IpAddr,
+        shared: &Shared,
+    ) -> Result<(), ServiceError> {
+        let ip = crate::transport::edge::ip_key(ip);
+        let now = Instant::now();
+        if let Some(window) = self.tokens.get(&ip)
+            && now.duration_since(window.0) < TOKEN_WINDOW
+            && window.1 >= self.tokens_per_minute
+        {
+            let per_minute = self.tokens_per_minute;
+            return Err(ServiceError::Limited {
+                code: "rate_limited",
+                message: format!(
+                    "questions from this address used their {per_minute} AI tokens for this minute; slow down"
+                ),
+                retry_after: TOKEN_WINDOW.saturating_sub(now.duration_since(window.0)),
+            });
+        }
+        let rate = self.requests_per_minute;
+        let local = self
+            .requests
+            .check_key(&ip)
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()));
+        let checked = match local {
+            Ok(()) => {
+                shared
+                    .take("ai-address", &ip.to_string(), Rate::per_minute(rate))
+                    .await
+            }
+            Err(wait) => Err(wait),
+        };
+        checked.map_err(|wait| ServiceError::Limited {
+            code: "rate_limited",
+            message: format!(
+                "more than {rate} questions to the assistant per minute from this address; slow down"
+            ),
+            retry_after: wait,
+        })
+    }
+
+    /// Adds a call's tokens to `ip`'s minute.
+    fn spent(&self, ip: std::net::IpAddr, tokens: u64) {
+        let ip = crate::transport::edge::ip_key(ip);
+        let now = Instant::now();
+        let mut window = self.tokens.entry(ip).or_insert((now, 0));
+        if now.duration_since(window.0) >= TOKEN_WINDOW {
+            *window = (now, 0);
+        }
+        window.1 += tokens;
+    }
+
+    /// A place among `domain`'s running calls, if one is free.
+    fn start_call(&self, domain: &str) -> Result<tokio::sync::OwnedSemaphorePermit, ServiceError> {
+        let running = Arc::clone(
+            self.running
+                .entry(domain.to_owned())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.max_running)))
+                .value(),
+        );
+        running.try_acquire_owned().map_err(|_| {
+            let max = self.max_running;
+            ServiceError::Limited {
+                code: "rate_limited",
+                message: format!(
+                    "this domain's assistant is already answering its limit of {max} questions at once; ask again in a moment"
+                ),
+                retry_after: Duration::from_secs(1),
+            }
+        })
+    }
+
+    /// Notes that `user` of `domain` is connected from `ip`.
+    fn note_visitor(&self, domain: &str, user: &str, ip: std::net::IpAddr) {
+        let now = Instant::now();
+        self.visitors.insert(format!("{domain}/{user}"), (ip, now));
+    }
+
+    /// Where `user` of `domain` was last noted connecting from (on this node).
+    fn visitor_address(&self, domain: &str, user: &str) -> Option<std::net::IpAddr> {
+        self.visitors
+            .get(&format!("{domain}/{user}"))
+            .filter(|v| v.1.elapsed() < VISITOR_ADDRESS_TTL)
+            .map(|v| v.0)
+    }
+
+    /// Forgets addresses and visitors that went quiet.
+    fn forget_idle(&self) {
+        let now = Instant::now();
+        self.tokens
+            .retain(|_, w| now.duration_since(w.0) < TOKEN_WINDOW);
+        self.visitors
+            .retain(|_, v| now.duration_since(v.1) < VISITOR_ADDRESS_TTL);
+        self.requests.retain_recent();
+        self.requests.shrink_to_fit();
+        self.running
+            .retain(|_, s| s.available_permits() < self.max_running);
+    }
 }
 
 /// How long a domain's daily token counter lives in Redis (past its day, for late calls).
@@ -1548,6 +1771,9 @@ impl Meter {
                 .inc_by(n);
         }
         let tokens = usage.prompt_tokens + usage.completion_tokens;
+        if let Some(ip) = self.admitted.address {
+            self.spending.spent(ip, tokens);
+        }
         let today = chrono::Utc::now().date_naive();
         if let Some(mut spend) = self.spent.get_mut(&self.domain) {
             if spend.day == today {

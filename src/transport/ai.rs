@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use super::edge::ClientIp;
 use super::http::{ApiError, ApiJson, ApiQuery, Caller};
 use crate::AppState;
 use crate::model::Identity;
@@ -278,12 +279,13 @@ pub async fn usage(
 /// `POST /ai/chat`
 pub async fn chat(
     State(app): State<AppState>,
+    ClientIp(address): ClientIp,
     Caller(me): Caller,
     ApiJson(body): ApiJson<AskBody>,
 ) -> Result<Response, ApiError> {
     let conversation = body.conversation_id.clone();
     let ask = body.into_ask(&me)?;
-    let mut events = app.ai.ask(&me, ask).await?;
+    let mut events = app.ai.ask(&me, ask, address).await?;
     let mut gathered = Gathered::default();
     while let Some(event) = events.recv().await {
         gathered.add(&event);
@@ -299,11 +301,12 @@ pub async fn chat(
 /// events, each named by its `type`.
 pub async fn stream(
     State(app): State<AppState>,
+    ClientIp(address): ClientIp,
     Caller(me): Caller,
     ApiJson(body): ApiJson<AskBody>,
 ) -> Result<Response, ApiError> {
     let ask = body.into_ask(&me)?;
-    let events = app.ai.ask(&me, ask).await?;
+    let events = app.ai.ask(&me, ask, address).await?;
     Ok(Sse::new(sse_events(events))
         .keep_alive(KeepAlive::default())
         .into_response())

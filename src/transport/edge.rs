@@ -7,6 +7,10 @@
 //!   flood. Authenticated callers also have a budget per identity, across addresses
 //!   (connects plus API requests). Idle entries are dropped every minute, so the limiters' memory follows the
 //!   number of recently active addresses.
+//! - **Open connections** are capped per address too ([`OpenPerAddress`]): TCP connections
+//!   at accept (`limits.ip_max_connections`, not for trusted proxies) and WebSockets at the
+//!   upgrade (`limits.ip_max_websockets`, by the forwarded address behind a proxy). An IPv6
+//!   address is counted and limited by its /64 ([`ip_key`]).
 //! - **Across nodes** (Redis broker): a request the node's own limiter allows is charged to
 //!   the same budget in Redis ([`Shared::take`]), so a client spreading its requests over the
 //!   nodes still gets one budget. When Redis does not answer in time the node's own limit
@@ -61,6 +65,10 @@ pub struct Edge {
     shared: Shared,
     /// The rates of the budgets, for `shared`.
     rates: Rates,
+    /// Open TCP connections per address (`limits.ip_max_connections`).
+    pub tcp: Arc<OpenPerAddress>,
+    /// Open WebSockets per address (`limits.ip_max_websockets`).
+    pub websockets: Arc<OpenPerAddress>,
 }
 
 /// Each budget's rate.
@@ -109,7 +117,14 @@ impl Edge {
                     l.identity_requests_burst,
                 ),
             },
+            tcp: OpenPerAddress::new(l.ip_max_connections),
+            websockets: OpenPerAddress::new(l.ip_max_websockets),
         }
+    }
+
+    /// Whether `ip` is one of the trusted proxies.
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
     }
 
     /// The client's address: the TCP peer, or, when the peer is a trusted proxy, the
@@ -117,7 +132,7 @@ impl Edge {
     /// one if all are). `None` when the peer is unknown (in-process tests).
     pub fn client_ip(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> Option<IpAddr> {
         let peer = peer?;
-        let trusted = |ip: &IpAddr| self.trusted_proxies.iter().any(|net| net.contains(ip));
+        let trusted = |ip: &IpAddr| self.is_trusted_proxy(*ip);
         if !trusted(&peer) {
             return Some(peer);
         }
@@ -149,6 +164,7 @@ impl Edge {
                 self.rates.visitor_token,
             ),
         };
+        let ip = ip_key(ip);
         limiter
             .check_key(&ip)
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))?;
@@ -206,6 +222,86 @@ impl Edge {
         }
         self.identities.retain_recent();
         self.identities.shrink_to_fit();
+    }
+}
+
+/// The key an address is counted and limited under: an IPv4 address (also when it comes
+/// as an IPv4-mapped IPv6 address) as it is, an IPv6 address by its /64 network, since one
+/// host or subscriber usually holds a whole /64.
+pub fn ip_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from_bits(
+                v6.to_bits() & !u128::from(u64::MAX),
+            )),
+        },
+    }
+}
+
+/// Open connections per address, capped: [`OpenPerAddress::open`] gives a slot while the
+/// address is under its cap, and the slot gives its place back when dropped.
+#[derive(Debug)]
+pub struct OpenPerAddress {
+    open: dashmap::DashMap<IpAddr, u32>,
+    /// Most open at once per address; 0 means no cap (nothing is counted).
+    max: u32,
+}
+
+/// One open connection of an address (see [`OpenPerAddress`]).
+#[derive(Debug)]
+pub struct AddressSlot {
+    counts: Option<(Arc<OpenPerAddress>, IpAddr)>,
+}
+
+impl OpenPerAddress {
+    /// Counts at most `max` per address (0: no cap).
+    pub fn new(max: u32) -> Arc<Self> {
+        Arc::new(Self {
+            open: dashmap::DashMap::new(),
+            max,
+        })
+    }
+
+    /// A slot for one more connection of `ip` (counted under [`ip_key`]), or `None` when
+    /// the address has `max` open already.
+    pub fn open(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+        if self.max == 0 {
+            return Some(AddressSlot { counts: None });
+        }
+        let key = ip_key(ip);
+        let mut open = self.open.entry(key).or_insert(0);
+        if *open >= self.max {
+            return None;
+        }
+        *open += 1;
+        Some(AddressSlot {
+            counts: Some((Arc::clone(self), key)),
+        })
+    }
+
+    /// Connections `ip` holds open (counted under [`ip_key`]).
+    pub fn count(&self, ip: IpAddr) -> u32 {
+        self.open.get(&ip_key(ip)).map_or(0, |n| *n)
+    }
+
+    /// The cap (0: none).
+    pub fn max(&self) -> u32 {
+        self.max
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        if let Some((counts, key)) = self.counts.take() {
+            // The entry goes when its last connection does, so the map holds only addresses
+            // with connections open.
+            counts.open.remove_if_mut(&key, |_, open| {
+                *open = open.saturating_sub(1);
+                *open == 0
+            });
+        }
     }
 }
 
@@ -274,6 +370,13 @@ fn peer(extensions: &axum::http::Extensions) -> Option<IpAddr> {
 #[derive(Debug, Clone, Copy)]
 pub struct ClientIp(pub Option<IpAddr>);
 
+impl ClientIp {
+    /// The address of `req`'s client.
+    pub fn of(app: &AppState, req: &Request) -> Self {
+        Self(app.edge.client_ip(peer(req.extensions()), req.headers()))
+    }
+}
+
 impl axum::extract::FromRequestParts<AppState> for ClientIp {
     type Rejection = std::convert::Infallible;
 
@@ -308,6 +411,43 @@ pub async fn limit_by_ip(State(app): State<AppState>, req: Request, next: Next) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_keyed_by_ipv4_or_ipv6_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(ip_key(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(ip_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(
+            ip_key(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
+            ip("2001:db8:1:2::")
+        );
+        assert_eq!(
+            ip_key(ip("2001:db8:1:2::1")),
+            ip_key(ip("2001:db8:1:2:ffff::9"))
+        );
+        assert_ne!(ip_key(ip("2001:db8:1:2::1")), ip_key(ip("2001:db8:1:3::1")));
+    }
+
+    #[test]
+    fn open_slots_are_capped_per_address_and_given_back() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let open = OpenPerAddress::new(2);
+        let a = open.open(ip("2001:db8::1")).unwrap();
+        let b = open.open(ip("2001:db8::2")).unwrap();
+        assert!(open.open(ip("2001:db8::3")).is_none(), "same /64: capped");
+        let other = open.open(ip("2001:db8:0:1::1")).unwrap();
+        assert_eq!(open.count(ip("2001:db8::99")), 2);
+        drop(a);
+        let c = open.open(ip("2001:db8::3")).unwrap();
+        drop((b, c, other));
+        assert!(open.open.is_empty(), "no entry outlives its connections");
+        let unlimited = OpenPerAddress::new(0);
+        let slots: Vec<_> = (0..10)
+            .map(|_| unlimited.open(ip("192.0.2.1")).unwrap())
+            .collect();
+        assert_eq!(slots.len(), 10);
+        assert!(unlimited.open.is_empty());
+    }
 
     #[test]
     fn same_origin_compares_the_origin_with_the_host() {

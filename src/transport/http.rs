@@ -55,6 +55,18 @@ impl ApiError {
         }
     }
 
+    /// 429 `too_many_connections`: an address over its cap of open connections.
+    pub fn too_many_connections(message: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(5),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                message,
+            )
+        }
+    }
+
     /// 401.
     pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, code, message)

@@ -9,9 +9,10 @@
 //! - [`edge`]: per-IP rate limits, CORS and each domain's allowed origins.
 //! - [`handoff`]: the hand-off HTTP API (inbox, assign, resolve, notes).
 //! - [`web`]: the pages compiled into the binary (widget, agent inbox, demo page).
+//! - [`listen`]: the TCP listener: per-address connection cap, header and body timeouts.
 //!
-//! [`router`] assembles them into one axum app, apart from serving it, so tests can drive it
-//! with `oneshot` or a real listener.
+//! [`router`] assembles them into one axum app, apart from serving it ([`listen::serve`]),
+//! so tests can drive it with `oneshot` or a real listener.
 
 pub mod accounts;
 pub mod admin;
@@ -19,6 +20,7 @@ pub mod ai;
 pub mod edge;
 pub mod handoff;
 pub mod http;
+pub mod listen;
 pub mod web;
 pub mod wire;
 pub mod ws;
@@ -123,9 +125,14 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(http::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            listen::body_in_time,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             edge::limit_by_ip,
         ))
         .layer(state.edge.cors())
+        .layer(axum::middleware::from_fn(web::security_headers))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(trace)
         .layer(PropagateRequestIdLayer::x_request_id())

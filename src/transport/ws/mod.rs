@@ -25,7 +25,9 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use self::socket::{Incoming, RecvError, WsSocket};
 use super::ai::AskBody;
+use super::edge::AddressSlot;
 use super::http::{ApiError, bearer_token};
+use super::listen::TcpSlot;
 use super::wire::{
     WireMessage, WireUser, agent_json, conversation_json, encode_event, inbox_entry_json,
     note_json, to_bytes,
@@ -54,6 +56,10 @@ pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_PROTOCOL: u16 = 1002;
 /// Close code for a text message that is not UTF-8.
 pub const CLOSE_INVALID_DATA: u16 = 1007;
+/// Close code for a client that answered no ping within `limits.ws_pong_timeout_ms`.
+pub const CLOSE_NO_PONG: u16 = 4011;
+/// Close code for a client that sent no message within `limits.ws_idle_timeout_ms`.
+pub const CLOSE_IDLE: u16 = 4012;
 /// Most queued events written per flush.
 const WRITE_BATCH: usize = 64;
 /// Stop adding events to a write once this many bytes are pending.
@@ -144,15 +150,33 @@ pub async fn upgrade(
     if app.shutdown.is_cancelled() {
         return ApiError::unavailable("shutting_down", "server is shutting down").into_response();
     }
+    let address = super::edge::ClientIp::of(&app, &req).0;
+    let address_slot = match address.map(|ip| app.edge.websockets.open(ip)) {
+        Some(None) => {
+            app.metrics.refused("address_websockets");
+            app.metrics.client_error("too_many_connections");
+            let max = app.edge.websockets.max();
+            return ApiError::too_many_connections(format!(
+                "this address has {max} WebSockets open (limits.ip_max_websockets); close some \
+                 first"
+            ))
+            .into_response();
+        }
+        Some(Some(slot)) => Some(slot),
+        None => None,
+    };
     let Ok(permit) = Arc::clone(&app.connection_permits).try_acquire_owned() else {
+        app.metrics.refused("server_full");
         app.metrics.client_error("too_many_connections");
         return ApiError::unavailable("too_many_connections", "connection limit reached")
             .into_response();
     };
     let Some(admitted) = admit_to_domain(&app, &identity) else {
+        app.metrics.refused("domain_full");
         app.metrics.client_error("too_many_connections");
         return ApiError::unavailable("too_many_connections", DOMAIN_FULL).into_response();
     };
+    let tcp_slot = req.extensions().get::<TcpSlot>().cloned();
     // Only visitors have a context worth showing to agents.
     let browser = (identity.role == Role::Visitor)
         .then(|| req.headers().get(header::USER_AGENT)?.to_str().ok())
@@ -175,7 +199,8 @@ pub async fn upgrade(
         display_name: None,
         origin: origin.map(Box::from),
         auth_until: Instant::now() + AUTH_FRAME_WINDOW,
-        permits: (permit, admitted.permit),
+        permits: (permit, admitted.permit, address_slot, tcp_slot),
+        address,
         online,
         browser,
     };
@@ -324,6 +349,10 @@ enum End {
     ProtocolError,
     InvalidUtf8,
     TransportError,
+    /// No answer to a ping in time.
+    NoPong,
+    /// No message from the client in time.
+    Idle,
 }
 
 impl End {
@@ -337,7 +366,97 @@ impl End {
             End::ProtocolError => "protocol_error",
             End::InvalidUtf8 => "invalid_utf8",
             End::TransportError => "transport_error",
+            End::NoPong => "ping_timeout",
+            End::Idle => "idle_timeout",
         }
+    }
+}
+
+/// A connection's liveness: when the client was last heard from (any frame) and last
+/// spoke (a message or a ping), and the ping awaiting an answer; the intervals are the
+/// `ws_*` limits. Checked lazily: the timer fires at the earliest deadline and the check
+/// decides from the times, so a frame costs a clock read, not a timer reset.
+#[derive(Debug)]
+struct Liveness {
+    heard: Instant,
+    spoke: Instant,
+    ping_sent: Option<Instant>,
+}
+
+/// What a liveness check asks of the connection.
+enum Check {
+    Fine,
+    Ping,
+    Dead(End),
+}
+
+/// Far enough ahead to mean "no check" for a timer.
+const NEVER: Duration = Duration::from_secs(86_400 * 365);
+
+impl Liveness {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            heard: now,
+            spoke: now,
+            ping_sent: None,
+        }
+    }
+
+    /// Notes a frame from the client (errors pass through).
+    fn heard<E>(&mut self, incoming: Result<Incoming, E>) -> Result<Incoming, E> {
+        if let Ok(frame) = &incoming {
+            let now = Instant::now();
+            self.heard = now;
+            if !matches!(frame, Incoming::Pong) {
+                self.spoke = now;
+            }
+        }
+        incoming
+    }
+
+    /// The ping still waiting for an answer, if any.
+    fn unanswered(&self) -> Option<Instant> {
+        self.ping_sent.filter(|sent| self.heard < *sent)
+    }
+
+    /// When the next check is due.
+    fn next_check(&self, limits: &crate::config::Limits) -> Instant {
+        let liveness = match self.unanswered() {
+            Some(sent) => Some(sent + limits.ws_pong_timeout_ms),
+            None if !limits.ws_ping_interval_ms.is_zero() => {
+                Some(self.heard + limits.ws_ping_interval_ms)
+            }
+            None => None,
+        };
+        let idle = limits.ws_idle_timeout_ms;
+        let idle = (!idle.is_zero()).then(|| self.spoke + idle);
+        match (liveness, idle) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => self.heard + NEVER,
+        }
+    }
+
+    fn check(&mut self, now: Instant, limits: &crate::config::Limits) -> Check {
+        let idle = limits.ws_idle_timeout_ms;
+        if !idle.is_zero() && now >= self.spoke + idle {
+            return Check::Dead(End::Idle);
+        }
+        if let Some(sent) = self.unanswered() {
+            return if now >= sent + limits.ws_pong_timeout_ms {
+                Check::Dead(End::NoPong)
+            } else {
+                Check::Fine
+            };
+        }
+        self.ping_sent = None;
+        let every = limits.ws_ping_interval_ms;
+        if !every.is_zero() && now >= self.heard + every {
+            self.ping_sent = Some(now);
+            return Check::Ping;
+        }
+        Check::Fine
     }
 }
 
@@ -361,13 +480,22 @@ struct Connection {
     origin: Option<Box<str>>,
     /// Until when an anonymous connection may still authenticate with an `auth` frame.
     auth_until: Instant,
-    /// This connection's places in the server's and its domain's connection limits.
-    permits: (OwnedSemaphorePermit, DomainPermit),
+    /// This connection's places in the server's and its domain's connection limits, and
+    /// under its address's caps on WebSockets and on TCP connections.
+    permits: (
+        OwnedSemaphorePermit,
+        DomainPermit,
+        Option<AddressSlot>,
+        Option<TcpSlot>,
+    ),
     /// Counts the user among the domain's online users (across the cluster).
     online: Online,
     /// A visitor's browser (the upgrade's `User-Agent`), for the context its first
     /// `join-room` stores; dropped at that join.
     browser: Option<Box<str>>,
+    /// The client's address (behind a trusted proxy, the forwarded one), which visitors'
+    /// AI questions are charged to.
+    address: Option<std::net::IpAddr>,
 }
 
 /// The socket failed or the client is too slow; the loop must end.
@@ -384,6 +512,9 @@ impl Connection {
         metrics.connections.inc();
         metrics.connections_total.inc();
         tracing::debug!(conn = self.handle.id(), user = %self.handle.identity().user_id, "connected");
+        if let Some(ip) = self.address {
+            self.app.ai.note_visitor_address(self.handle.identity(), ip);
+        }
 
         let mut end = None;
         if let Some(room) = auto_join {
@@ -419,6 +550,11 @@ impl Connection {
     /// (join, store calls) are large and short-lived.
     async fn serve(&mut self, socket: &mut WsSocket) -> End {
         let shutdown = self.app.shutdown.clone();
+        let config = Arc::clone(&self.app.config);
+        let limits = &config.limits;
+        let mut live = Liveness::new();
+        let check = tokio::time::sleep_until(live.next_check(limits).into());
+        let mut check = std::pin::pin!(check);
         loop {
             // Re-read each turn: an `auth` frame replaces the handle.
             let kicked = self.handle.clone();
@@ -426,13 +562,27 @@ impl Connection {
                 biased;
                 () = shutdown.cancelled() => return End::Shutdown,
                 () = kicked.kicked() => return kicked_end(&kicked),
+                () = &mut check => {
+                    let now = Instant::now();
+                    let step = match live.check(now, limits) {
+                        Check::Fine => Ok(()),
+                        Check::Ping => {
+                            socket.queue_ping();
+                            Box::pin(self.bounded(socket.flush())).await
+                        }
+                        Check::Dead(end) => return end,
+                    };
+                    check.as_mut().reset(live.next_check(limits).into());
+                    step
+                }
                 event = self.rx.recv() => match event {
                     Some(envelope) => Box::pin(self.write_events(socket, envelope)).await,
                     None => return End::TransportError,
                 },
-                incoming = socket.recv() => match incoming {
+                incoming = socket.recv() => match live.heard(incoming) {
                     Ok(Incoming::Text(text)) => Box::pin(self.on_text(socket, text)).await,
-                    Ok(Incoming::Binary) => {
+                    Ok(Incoming::Pong) => Ok(()),
+                    Ok(Incoming::Binary(_)) => {
                         Box::pin(self.error(socket, None, "unsupported_frame", "binary frames are not supported; send JSON text")).await
                     }
                     Ok(Incoming::Ping(payload)) => {
@@ -608,6 +758,8 @@ impl Connection {
             End::FrameTooLarge => (CLOSE_TOO_BIG, "frame too large"),
             End::ProtocolError => (CLOSE_PROTOCOL, "protocol error"),
             End::InvalidUtf8 => (CLOSE_INVALID_DATA, "text frame is not UTF-8"),
+            End::NoPong => (CLOSE_NO_PONG, "no answer to ping"),
+            End::Idle => (CLOSE_IDLE, "idle for too long"),
             End::ClientClosed => (1000, ""),
             End::TransportError => return,
         };
@@ -803,6 +955,9 @@ impl Connection {
         self.rx = rx;
         let who = self.handle.identity();
         self.online = self.app.shared.online(who, who.role.as_str());
+        if let Some(ip) = self.address {
+            self.app.ai.note_visitor_address(who, ip);
+        }
         self.display_name = None;
         self.current_room = None;
         self.send(socket, to_bytes(&frame)).await
@@ -1114,7 +1269,7 @@ impl Connection {
         let identity = Arc::clone(self.handle.identity());
         let conversation = f.conversation_id.clone();
         let started = match f.into_ask(&identity) {
-            Ok(ask) => self.app.ai.ask(&identity, ask).await,
+            Ok(ask) => self.app.ai.ask(&identity, ask, self.address).await,
             Err(e) => Err(e),
         };
         let mut events = match started {
@@ -1517,4 +1672,98 @@ struct Typing {
 struct Read {
     room_id: Option<String>,
     seq: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Every decoder a client frame can reach: the head, then each frame type's fields.
+    fn decode_all(raw: &str) {
+        let _ = serde_json::from_str::<Head<'_>>(raw);
+        let _ = parse::<JoinRoom>(raw);
+        let _ = parse::<Auth>(raw);
+        let _ = parse::<SendMessage>(raw);
+        let _ = parse::<RoomRef>(raw);
+        let _ = parse::<EscalateFrame>(raw);
+        let _ = parse::<AgentFrame>(raw);
+        let _ = parse::<NoteFrame>(raw);
+        let _ = parse::<SubscribeInbox>(raw);
+        let _ = parse::<History>(raw);
+        let _ = parse::<Typing>(raw);
+        let _ = parse::<Read>(raw);
+        let _ = parse::<AskBody>(raw);
+    }
+
+    /// Any JSON value, nested a few levels, with the frames' own keys likely.
+    fn json() -> impl Strategy<Value = Value> {
+        let key = prop_oneof![
+            Just("type".to_owned()),
+            Just("id".to_owned()),
+            Just("roomId".to_owned()),
+            Just("since".to_owned()),
+            Just("seq".to_owned()),
+            Just("content".to_owned()),
+            Just("data".to_owned()),
+            Just("token".to_owned()),
+            Just("message".to_owned()),
+            ".{0,8}",
+        ];
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            ".{0,20}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 8, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::vec((key.clone(), inner), 0..8)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn the_frame_decoders_take_any_json(value in json()) {
+            decode_all(&value.to_string());
+        }
+
+        #[test]
+        fn the_frame_decoders_take_any_text(
+            value in json(),
+            cut in any::<usize>(),
+            noise in ".{0,16}",
+        ) {
+            // Truncated and spliced JSON: the malformed frames a client really sends.
+            let text = value.to_string();
+            let mut at = cut % (text.len() + 1);
+            while !text.is_char_boundary(at) {
+                at -= 1;
+            }
+            decode_all(&format!("{}{noise}{}", &text[..at], &text[at..]));
+            decode_all(&text[..at]);
+        }
+
+        #[test]
+        fn a_valid_send_message_reads_back(
+            room in "[A-Za-z0-9_-]{1,20}",
+            content in ".{0,200}",
+            id in any::<u32>(),
+        ) {
+            let raw = json!({ "type": "send-message", "id": id, "roomId": room, "message": content })
+                .to_string();
+            let head: Head<'_> = serde_json::from_str(&raw).unwrap();
+            prop_assert_eq!(head.kind.as_deref(), Some("send-message"));
+            prop_assert_eq!(head.id, Some(Value::from(id)));
+            let frame = parse::<SendMessage>(&raw).unwrap();
+            prop_assert_eq!(frame.room_id.as_deref(), Some(room.as_str()));
+            prop_assert_eq!(frame.message, content);
+        }
+    }
 }

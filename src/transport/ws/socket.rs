@@ -28,10 +28,12 @@ const READ_CHUNK: usize = 4096;
 pub enum Incoming {
     /// A UTF-8 text message (reassembled if fragmented).
     Text(String),
-    /// A binary message (Parlor has no use for them).
-    Binary,
+    /// A binary message (Parlor's protocol has no use for them; the echo mode does).
+    Binary(Vec<u8>),
     /// A ping; its payload goes back in a pong.
     Ping(Vec<u8>),
+    /// A pong (the answer to the server's ping, or an unsolicited heartbeat).
+    Pong,
     /// The client started the closing handshake.
     Close,
 }
@@ -49,9 +51,10 @@ pub enum RecvError {
     Gone,
 }
 
-/// The server end of an upgraded WebSocket connection.
-pub struct WsSocket {
-    io: TokioIo<Upgraded>,
+/// The server end of an upgraded WebSocket connection (over any byte stream `S`; the
+/// server's is a hyper upgrade, tests use in-memory pipes).
+pub struct WsSocket<S = TokioIo<Upgraded>> {
+    io: S,
     /// Received bytes not yet forming a whole frame. Unallocated when empty.
     rbuf: Vec<u8>,
     /// Encoded frames waiting to be written, and how much of them is written.
@@ -65,10 +68,10 @@ pub struct WsSocket {
     close_queued: bool,
 }
 
-impl std::fmt::Debug for WsSocket {
+impl<S> std::fmt::Debug for WsSocket<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WsSocket")
-            .field("pending_write", &self.pending())
+            .field("pending_write", &(self.wbuf.len() - self.wpos))
             .finish_non_exhaustive()
     }
 }
@@ -76,8 +79,16 @@ impl std::fmt::Debug for WsSocket {
 impl WsSocket {
     /// Wraps an upgraded connection.
     pub fn new(io: Upgraded, max_message: usize) -> Self {
+        Self::over(TokioIo::new(io), max_message)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WsSocket<S> {
+    /// Speaks WebSocket (as the server) over `io`, taking messages up to `max_message`
+    /// bytes.
+    pub fn over(io: S, max_message: usize) -> Self {
         Self {
-            io: TokioIo::new(io),
+            io,
             rbuf: Vec::new(),
             wbuf: Vec::new(),
             wpos: 0,
@@ -134,7 +145,7 @@ impl WsSocket {
 
             match header.opcode {
                 Opcode::Ping => return Ok(Some(Incoming::Ping(payload))),
-                Opcode::Pong => {}
+                Opcode::Pong => return Ok(Some(Incoming::Pong)),
                 Opcode::Close => {
                     if payload.len() == 1
                         || std::str::from_utf8(payload.get(2..).unwrap_or_default()).is_err()
@@ -191,6 +202,13 @@ impl WsSocket {
         }
     }
 
+    /// Queues a ping (the server's liveness check).
+    pub fn queue_ping(&mut self) {
+        if !self.close_queued {
+            frame::encode(&mut self.wbuf, Opcode::Ping, b"");
+        }
+    }
+
     /// Queues the close frame; nothing can be queued after it.
     pub fn queue_close(&mut self, code: u16, reason: &str) {
         if !self.close_queued {
@@ -234,6 +252,35 @@ fn finish(text: bool, payload: Vec<u8>) -> Result<Incoming, RecvError> {
             .map(Incoming::Text)
             .map_err(|_| RecvError::InvalidUtf8)
     } else {
-        Ok(Incoming::Binary)
+        Ok(Incoming::Binary(payload))
+    }
+}
+
+/// The conformance-test mode of this layer: echoes every message back (text as text,
+/// binary as binary), answers pings, and closes with the code Parlor's connections use
+/// for each failure. The Autobahn fuzzing suite runs against it (`tests/autobahn.rs`), so
+/// the framing, reassembly, UTF-8 and close handling it checks are the production code's.
+pub async fn echo<S: AsyncRead + AsyncWrite + Unpin>(mut socket: WsSocket<S>) {
+    let close = loop {
+        match socket.recv().await {
+            Ok(Incoming::Text(text)) => socket.queue_text(text.as_bytes()),
+            Ok(Incoming::Binary(bytes)) => frame::encode(&mut socket.wbuf, Opcode::Binary, &bytes),
+            Ok(Incoming::Ping(payload)) => socket.queue_pong(&payload),
+            Ok(Incoming::Pong) => continue,
+            Ok(Incoming::Close) => break (1000, ""),
+            Err(RecvError::TooLarge) => break (super::CLOSE_TOO_BIG, "frame too large"),
+            Err(RecvError::Protocol(_)) => break (super::CLOSE_PROTOCOL, "protocol error"),
+            Err(RecvError::InvalidUtf8) => {
+                break (super::CLOSE_INVALID_DATA, "text frame is not UTF-8");
+            }
+            Err(RecvError::Gone) => return,
+        }
+        if socket.flush().await.is_err() {
+            return;
+        }
+    };
+    socket.queue_close(close.0, close.1);
+    if socket.flush().await.is_ok() {
+        socket.shutdown().await;
     }
 }
