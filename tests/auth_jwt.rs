@@ -16,6 +16,7 @@ use common::{Client, TEST_SECRET, TestServer};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use parlor::config::{ClaimPaths, DomainConfig, JwtConfig, Secret};
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jwt");
 const HS_SECRET: &str = "hs-domain-secret-0123456789-abcdefghij";
@@ -344,9 +345,34 @@ async fn pem_domain_accepts_rs256_and_refuses_every_bad_token() {
             message.contains(reason),
             "{name}: {message:?} should mention {reason:?}"
         );
-        // The WebSocket upgrade refuses it the same way, before any frame.
+        // The WebSocket refuses it the same way wherever it comes: `?token=`, the
+        // `Authorization` header, the `bearer.` subprotocol (before any frame), and the
+        // `auth` frame of an anonymous connection.
         let refused = Client::try_connect(&s.ws(&format!("/ws?token={token}"))).await;
         assert!(refused.is_err(), "{name}: the socket must be refused");
+        for (header, value) in [
+            ("authorization", format!("Bearer {token}")),
+            ("sec-websocket-protocol", format!("parlor, bearer.{token}")),
+        ] {
+            let mut req = s.ws("/ws").into_client_request().unwrap();
+            let Ok(value) = value.parse() else {
+                // Not a valid header value (the garbage cases): no client can send it.
+                continue;
+            };
+            req.headers_mut().insert(header, value);
+            let refused = tokio_tungstenite::connect_async(req).await;
+            let Err(tokio_tungstenite::tungstenite::Error::Http(res)) = refused else {
+                panic!("{name}: the socket with the token in {header} must be refused");
+            };
+            assert_eq!(res.status(), 401, "{name}: {header}");
+        }
+        let mut anonymous = Client::connect(&s.ws("/ws")).await;
+        let id = anonymous
+            .request(json!({ "type": "auth", "token": token }))
+            .await;
+        let reply = anonymous.reply(&id).await;
+        assert_eq!(reply["type"], "error", "{name}: {reply}");
+        assert_eq!(reply["code"], "invalid_token", "{name}: {reply}");
     }
     // Nothing above left a trace: the probe room has no message.
     assert!(last_in(&s, "pem", "probe").await.is_none());
