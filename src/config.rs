@@ -241,6 +241,9 @@ pub struct Limits {
     /// Outbound frames queued per connection before it is treated as a slow consumer and
     /// closed with code 4008.
     pub outbound_queue: usize,
+    /// The same bound in bytes (about the frames' encoded length): a client this far behind
+    /// is closed with 4008 too.
+    pub outbound_queue_bytes: usize,
     /// Messages sent in `message-history` when a client joins without `since`.
     pub history_on_join: usize,
     /// Most messages replayed in one `message-history` frame when recovering with `since`;
@@ -321,6 +324,7 @@ impl Default for Limits {
             messages_burst: 40,
             rooms_per_connection: 64,
             outbound_queue: 1024,
+            outbound_queue_bytes: 4 * 1024 * 1024,
             history_on_join: 50,
             replay_chunk: 500,
             max_replay: 10_000,
@@ -1015,6 +1019,7 @@ impl Config {
             ("limits.messages_burst", l.messages_burst as usize),
             ("limits.rooms_per_connection", l.rooms_per_connection),
             ("limits.outbound_queue", l.outbound_queue),
+            ("limits.outbound_queue_bytes", l.outbound_queue_bytes),
             ("limits.replay_chunk", l.replay_chunk),
             ("limits.max_replay", l.max_replay),
             ("limits.presence_max_members", l.presence_max_members),

@@ -281,3 +281,43 @@ async fn messages_between_reads_the_cache_or_the_store_and_a_rejoin_only_what_wa
     assert!(capped.truncated);
     assert_eq!(stored.len(), 300);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn what_a_room_holds_back_behind_a_gap_is_bounded_and_nothing_is_lost() {
+    let f = Fixture::new();
+    let room = RoomKey::new("demo", "flooded");
+    let (_conn, mut rx) = f.member(&room, 1).await;
+    let stored = f.append(&room, 5000).await;
+    // Everything but the first, newest first, with no chance for the fill to run between
+    // deliveries (one thread): all of it would wait behind the gap.
+    for m in stored.iter().skip(1).rev() {
+        f.hub.deliver(Arc::clone(m));
+    }
+    let held = f.hub.held(&room);
+    assert!(held <= 4096, "{held} messages held back");
+    let seqs = seqs_until(&mut rx, 5000, Duration::from_secs(30)).await;
+    assert_eq!(seqs, (1..=5000).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn catch_ups_asked_for_at_once_run_one_at_a_time() {
+    let f = Fixture::new();
+    let room = RoomKey::new("demo", "reconnecting");
+    let (_conn, _rx) = f.member(&room, 1).await;
+    // A broker that reconnects 50 times in a burst.
+    for _ in 0..50 {
+        f.hub.resync();
+    }
+    for _ in 0..200 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let reads = f.counter("parlor_store_latency_seconds_count", "last_seqs");
+    assert!((1.0..=2.0).contains(&reads), "{reads} catch-ups ran");
+    // A later one still runs.
+    f.hub.resync();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let more = f.counter("parlor_store_latency_seconds_count", "last_seqs");
+    assert_eq!(more, reads + 1.0);
+}

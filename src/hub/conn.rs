@@ -6,10 +6,14 @@
 //! from its last `seq`. Nobody else ever waits for a slow client. The hub also kicks the
 //! members of a room whose stream it cannot continue in order ([`Kick::Resync`], closed with
 //! [`CLOSE_RESYNC`]).
+//!
+//! A queue is bounded twice: in events, and in bytes (each envelope's [`Envelope::size`],
+//! roughly its encoded length), so that a slow client of a room of large messages is let go
+//! before its backlog holds megabytes.
 
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use tokio::sync::{Notify, mpsc};
 
@@ -46,15 +50,44 @@ pub struct Envelope {
     pub event: Event,
     /// The native WebSocket encoding, filled by the first connection that writes it.
     pub native: OnceLock<bytes::Bytes>,
+    /// About how many bytes the event takes once encoded: what it costs a queue.
+    pub size: usize,
 }
+
+/// What an encoded event costs beyond its text (field names, ids, timestamps).
+const FRAME_OVERHEAD: usize = 256;
 
 impl Envelope {
     /// Wraps an event for fan-out.
     pub fn new(event: Event) -> Arc<Self> {
+        let size = FRAME_OVERHEAD
+            + match &event {
+                Event::Message(m) => m.content.len() + m.data.as_ref().map_or(0, json_size),
+                Event::Delta { delta, .. } => delta.len(),
+                Event::Frame(bytes) => bytes.len(),
+                _ => 0,
+            };
         Arc::new(Self {
             event,
             native: OnceLock::new(),
+            size,
         })
+    }
+}
+
+/// Roughly the encoded length of `value`, without encoding it.
+fn json_size(value: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    match value {
+        Value::Null | Value::Bool(_) | Value::Number(_) => 8,
+        Value::String(s) => s.len() + 2,
+        Value::Array(items) => 2 + items.iter().map(|v| json_size(v) + 1).sum::<usize>(),
+        Value::Object(map) => {
+            2 + map
+                .iter()
+                .map(|(k, v)| k.len() + 4 + json_size(v))
+                .sum::<usize>()
+        }
     }
 }
 
@@ -75,14 +108,30 @@ struct ConnInner {
     kicked: AtomicU8,
     /// Wakes the transport task when kicked.
     kick: Notify,
+    /// Bytes of the events queued ([`Envelope::size`]), and the most allowed.
+    queued_bytes: AtomicUsize,
+    max_bytes: usize,
 }
 
 impl ConnHandle {
-    /// Creates the handle and the receiving end of its queue of `capacity` events.
+    /// Creates the handle and the receiving end of its queue of `capacity` events (not
+    /// bounded in bytes).
     pub fn new(
         id: u64,
         identity: Arc<Identity>,
         capacity: usize,
+    ) -> (Self, mpsc::Receiver<Arc<Envelope>>) {
+        Self::bounded(id, identity, capacity, usize::MAX)
+    }
+
+    /// Creates the handle and the receiving end of its queue of `capacity` events and
+    /// `max_bytes` bytes. Whoever reads the queue gives each event's bytes back with
+    /// [`Self::taken`].
+    pub fn bounded(
+        id: u64,
+        identity: Arc<Identity>,
+        capacity: usize,
+        max_bytes: usize,
     ) -> (Self, mpsc::Receiver<Arc<Envelope>>) {
         let (tx, rx) = mpsc::channel(capacity);
         let inner = ConnInner {
@@ -91,8 +140,19 @@ impl ConnHandle {
             tx,
             kicked: AtomicU8::new(NOT_KICKED),
             kick: Notify::new(),
+            queued_bytes: AtomicUsize::new(0),
+            max_bytes,
         };
         (Self(Arc::new(inner)), rx)
+    }
+
+    /// An event was taken off the queue: its bytes are free again.
+    pub fn taken(&self, envelope: &Envelope) {
+        if self.0.max_bytes != usize::MAX {
+            self.0
+                .queued_bytes
+                .fetch_sub(envelope.size, Ordering::AcqRel);
+        }
     }
 
     /// Connection id.
@@ -108,9 +168,24 @@ impl ConnHandle {
     /// Queues an event without waiting. Returns false when the queue was full: the
     /// connection is then kicked and the event dropped (the client recovers by `seq`).
     pub fn push(&self, envelope: Arc<Envelope>) -> bool {
+        let size = envelope.size;
+        let counted = self.0.max_bytes != usize::MAX;
+        if counted {
+            let before = self.0.queued_bytes.fetch_add(size, Ordering::AcqRel);
+            // The first event always fits, however large: a queue only ever holds what the
+            // client has not read yet.
+            if before > 0 && before + size > self.0.max_bytes {
+                self.0.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+                self.kick_for(KICKED_SLOW);
+                return false;
+            }
+        }
         match self.0.tx.try_send(envelope) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
+                if counted {
+                    self.0.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+                }
                 self.kick_for(KICKED_SLOW);
                 false
             }
@@ -162,5 +237,59 @@ impl ConnHandle {
             return;
         }
         self.0.kick.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Role;
+
+    fn identity() -> Arc<Identity> {
+        Arc::new(Identity {
+            user_id: "u".into(),
+            name: "u".into(),
+            role: Role::Visitor,
+            domain_id: Arc::from("demo"),
+            anonymous: true,
+        })
+    }
+
+    fn frame(len: usize) -> Arc<Envelope> {
+        Envelope::new(Event::Frame(bytes::Bytes::from(vec![b'x'; len])))
+    }
+
+    #[test]
+    fn a_queue_is_bounded_in_bytes_as_well_as_events() {
+        let (conn, _rx) = ConnHandle::bounded(1, identity(), 1000, 10_000);
+        for _ in 0..3 {
+            assert!(conn.push(frame(3_000)));
+        }
+        assert!(!conn.is_kicked());
+        // 3 × 3,256 bytes queued; one more would pass 10,000.
+        assert!(!conn.push(frame(3_000)));
+        assert_eq!(conn.kick(), Some(Kick::SlowConsumer));
+
+        // What is read is given back.
+        let (conn, mut rx2) = ConnHandle::bounded(2, identity(), 1000, 10_000);
+        for _ in 0..20 {
+            assert!(conn.push(frame(3_000)));
+            let envelope = rx2.try_recv().unwrap();
+            conn.taken(&envelope);
+        }
+        assert!(!conn.is_kicked());
+        // A single event larger than the bound still goes to a client that is not behind.
+        assert!(conn.push(frame(50_000)));
+        assert!(!conn.is_kicked());
+    }
+
+    #[test]
+    fn an_unbounded_queue_counts_events_only() {
+        let (conn, _rx) = ConnHandle::new(1, identity(), 3);
+        for _ in 0..3 {
+            assert!(conn.push(frame(1_000_000)));
+        }
+        assert!(!conn.push(frame(1)));
+        assert_eq!(conn.kick(), Some(Kick::SlowConsumer));
     }
 }

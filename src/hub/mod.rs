@@ -161,6 +161,10 @@ pub enum Replay {
 
 /// Most messages one gap-fill read asks the store for.
 const FILL_PAGE: usize = 256;
+/// Most messages a room holds back behind a gap. Past it, what is held is dropped and the
+/// fill reads it all from the store instead (every delivered message is stored), so a
+/// store that stalls while a room is busy costs bounded memory, not a growing buffer.
+const MAX_HELD: usize = 16 * FILL_PAGE;
 /// First wait before asking the store again for a gap it did not have.
 const FILL_RETRY_FIRST: Duration = Duration::from_millis(50);
 /// Longest wait between two such reads.
@@ -204,6 +208,10 @@ pub struct Hub {
     presence_max_members: usize,
     /// Carries room events to the other nodes (set by a networked broker).
     relay: std::sync::OnceLock<Arc<dyn Relay>>,
+    /// A [`Hub::resync`] is running, and whether another was asked for meanwhile: however
+    /// often the broker reconnects, one catch-up runs at a time (and one more after it).
+    resyncing: std::sync::atomic::AtomicBool,
+    resync_again: std::sync::atomic::AtomicBool,
 }
 
 /// Carries the events of [`Hub::broadcast`] (typing, read receipts, streamed deltas,
@@ -271,6 +279,21 @@ struct RoomState {
     ready: bool,
 }
 
+/// Holds `message` back behind a gap, within [`MAX_HELD`]: when the room holds that many
+/// already, it forgets them and has the fill read up to the highest from the store.
+fn hold_locked(st: &mut RoomState, message: Arc<Message>) {
+    if st.pending.len() < MAX_HELD {
+        st.pending.insert(message.seq, message);
+        return;
+    }
+    let highest = st
+        .pending
+        .last_key_value()
+        .map_or(message.seq, |(seq, _)| (*seq).max(message.seq));
+    st.fill_to = st.fill_to.max(highest);
+    st.pending.clear();
+}
+
 impl Hub {
     /// Creates an empty hub reading catch-up from `store`.
     pub fn new(
@@ -286,6 +309,8 @@ impl Hub {
             cache_size,
             presence_max_members,
             relay: std::sync::OnceLock::new(),
+            resyncing: std::sync::atomic::AtomicBool::new(false),
+            resync_again: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -296,11 +321,29 @@ impl Hub {
 
     /// Catches every active room up from the store (after the broker lost its connection,
     /// or its reader fell behind), in the background.
+    /// One catch-up runs at a time: a call while one runs has it run once more after.
     pub fn resync(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        self.resync_again.store(true, Ordering::SeqCst);
+        if self.resyncing.swap(true, Ordering::SeqCst) {
+            return;
+        }
         let hub = Arc::clone(self);
         tokio::spawn(async move {
-            if let Err(e) = hub.check_positions(Check::All).await {
-                tracing::warn!(error = %e, "cannot catch rooms up from the store");
+            loop {
+                while hub.resync_again.swap(false, Ordering::SeqCst) {
+                    if let Err(e) = hub.check_positions(Check::All).await {
+                        tracing::warn!(error = %e, "cannot catch rooms up from the store");
+                    }
+                }
+                hub.resyncing.store(false, Ordering::SeqCst);
+                // Asked for again between the last check and the flag going down, with
+                // nobody to run it: run it here.
+                if !hub.resync_again.load(Ordering::SeqCst)
+                    || hub.resyncing.swap(true, Ordering::SeqCst)
+                {
+                    return;
+                }
             }
         });
     }
@@ -721,6 +764,13 @@ impl Hub {
         }
     }
 
+    /// Messages `key` holds back behind a gap (at most [`MAX_HELD`]).
+    pub fn held(&self, key: &RoomKey) -> usize {
+        self.rooms
+            .get(key)
+            .map_or(0, |slot| slot.state.lock().pending.len())
+    }
+
     /// Delivers a stored message to the room's members in `seq` order. Called by the broker.
     pub fn deliver(self: &Arc<Self>, message: Arc<Message>) {
         let Some(slot) = self.rooms.get(&message.room).map(|s| Arc::clone(s.value())) else {
@@ -729,7 +779,7 @@ impl Hub {
         let mut st = slot.state.lock();
         if !st.ready || st.filling {
             if message.seq > st.last_seq {
-                st.pending.insert(message.seq, message);
+                hold_locked(&mut st, message);
             }
             return;
         }
@@ -742,7 +792,7 @@ impl Hub {
             return;
         }
         self.metrics.stream_gaps.get_or_create(&AT_NODE).inc();
-        st.pending.insert(message.seq, message);
+        hold_locked(&mut st, message);
         st.filling = true;
         drop(st);
         self.spawn_fill(slot);
@@ -779,7 +829,7 @@ impl Hub {
                 st.ready = true;
                 let last = st.last_seq;
                 st.pending.retain(|seq, _| *seq > last);
-                if st.pending.keys().next().is_some_and(|s| *s != last + 1) {
+                if st.pending.keys().next().is_some_and(|s| *s != last + 1) || st.fill_to > last {
                     st.filling = true;
                     drop(st);
                     self.spawn_fill(Arc::clone(slot));

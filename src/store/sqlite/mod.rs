@@ -78,6 +78,10 @@ pub struct SqliteStore {
     path: PathBuf,
     /// Most idle read connections kept.
     read_pool: usize,
+    /// Reads running at once, at most `read_pool`: the others wait here, as futures, not
+    /// on blocking threads with connections of their own (a flood of history requests
+    /// would otherwise open a database connection and a file descriptor per request).
+    read_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -245,6 +249,7 @@ impl SqliteStore {
             readers: Arc::new(Mutex::new(Vec::new())),
             path: path.to_owned(),
             read_pool: config.read_pool,
+            read_slots: Arc::new(tokio::sync::Semaphore::new(config.read_pool.max(1))),
         })
     }
 
@@ -284,10 +289,15 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
+        let slot = Arc::clone(&self.read_slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)?;
         let readers = Arc::clone(&self.readers);
         let path = self.path.clone();
         let keep = self.read_pool;
         tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             let pooled = readers.lock().pop();
             let conn = match pooled {
                 Some(c) => c,
@@ -1656,4 +1666,47 @@ impl Store for SqliteStore {
 
 fn limit_param(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_run_at_most_read_pool_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, _committed) = mpsc::unbounded_channel();
+        let config = StoreConfig {
+            read_pool: 3,
+            ..StoreConfig::default()
+        };
+        let store = Arc::new(SqliteStore::open(&dir.path().join("p.db"), &config, sink).unwrap());
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let reads: Vec<_> = (0..40)
+            .map(|_| {
+                let (store, running, most) =
+                    (Arc::clone(&store), Arc::clone(&running), Arc::clone(&most));
+                tokio::spawn(async move {
+                    store
+                        .read(move |_| {
+                            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            std::thread::sleep(std::time::Duration::from_millis(5));
+                            running.fetch_sub(1, Ordering::SeqCst);
+                            Ok(())
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for read in reads {
+            read.await.unwrap().unwrap();
+        }
+        let most = most.load(Ordering::SeqCst);
+        assert!((1..=3).contains(&most), "{most} reads at once");
+        assert!(store.readers.lock().len() <= 3);
+    }
 }

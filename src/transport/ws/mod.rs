@@ -184,7 +184,12 @@ pub async fn upgrade(
         .map(|ua| Box::from(truncate(ua, MAX_CONTEXT_CHARS)));
     let limits = &app.config.limits;
     let id = app.next_connection_id();
-    let (handle, rx) = ConnHandle::new(id, Arc::new(identity), limits.outbound_queue);
+    let (handle, rx) = ConnHandle::bounded(
+        id,
+        Arc::new(identity),
+        limits.outbound_queue,
+        limits.outbound_queue_bytes,
+    );
     let online = app
         .shared
         .online(handle.identity(), handle.identity().role.as_str());
@@ -612,6 +617,7 @@ impl Connection {
         let mut next = Some(first);
         let mut written = 0u64;
         while let Some(envelope) = next.take() {
+            self.handle.taken(&envelope);
             match self.advance(&envelope) {
                 Step::Sent => {}
                 Step::Next => {
@@ -946,10 +952,11 @@ impl Connection {
             "role": identity.role.as_str(),
             "domainId": &*identity.domain_id,
         });
-        let (handle, rx) = ConnHandle::new(
+        let (handle, rx) = ConnHandle::bounded(
             self.handle.id(),
             Arc::new(identity),
             self.app.config.limits.outbound_queue,
+            self.app.config.limits.outbound_queue_bytes,
         );
         self.handle = handle;
         self.rx = rx;
