@@ -1,8 +1,10 @@
 //! The native WebSocket transport at `/ws` (the WeeziQ protocol; see `docs/protocol.md`).
 //!
-//! One task per connection owns the socket. It waits on four things at once: shutdown, being
-//! kicked as a slow consumer, events in its bounded queue (written in batches with one flush),
-//! and frames from the client (parsed, rate-limited, handed to the chat service, answered).
+//! One task per connection owns the socket. It waits on five things at once: shutdown, being
+//! kicked as a slow consumer, its liveness timer (pings to a quiet client, close 4011 when
+//! none is answered, 4012 after `ws_idle_timeout_ms` of silence when set), events in its
+//! bounded queue (written in batches with one flush), and frames from the client (parsed,
+//! rate-limited, handed to the chat service, answered).
 //! A client frame never makes the server wait for anyone else; an invalid one gets an `error`
 //! frame and nothing else happens.
 
