@@ -372,3 +372,45 @@ async fn an_agent_answering_takes_over_from_the_assistant() {
     let (_, stopped) = reply(&mut visitor, "assistant").await;
     assert_eq!(stopped["data"]["interrupted"], true, "{stopped}");
 }
+
+#[tokio::test]
+async fn replies_to_token_less_visitors_are_charged_to_their_address() {
+    let fake = FakeVendor::start(vec![Reply::stream(fake_ai::openai_stream(
+        &["Hello."],
+        (10, 2),
+        true,
+    ))])
+    .await;
+    let base = fake.url("/v1");
+    let s = TestServer::start_with(move |c: &mut Config| {
+        let mut p = ProviderConfig::new(ProviderKind::Openai, "gpt-4o-mini");
+        p.base_url = Some(base);
+        p.retries = 0;
+        c.ai.providers.insert("fake".into(), p);
+        c.domains[0].bot = Some(BotConfig {
+            providers: vec!["fake".into()],
+            ..BotConfig::default()
+        });
+        c.limits.ip_ai_requests_per_minute = 2;
+    })
+    .await;
+    // Each connection without a token is a new visitor: only the address ties them.
+    for i in 0..3 {
+        let mut visitor = s.connect().await;
+        let room = format!("help-{i}");
+        visitor.join(&room, None).await;
+        visitor.say(&room, "hello", None).await;
+        if i < 2 {
+            let (_, answer) = reply(&mut visitor, "assistant").await;
+            assert_eq!(answer["message"], "Hello.");
+        } else {
+            let (_, notice) = reply(&mut visitor, "system").await;
+            assert_eq!(notice["data"]["error"], "rate_limited", "{notice}");
+        }
+    }
+    assert_eq!(
+        fake.received().len(),
+        2,
+        "the model is called for the answered ones only"
+    );
+}

@@ -259,8 +259,8 @@ impl AiService {
         })
     }
 
-    /// Notes where a visitor is connected from, so that the assistant's replies to its
-    /// messages in rooms are charged to that address.
+    /// Notes where a visitor's message comes from, so that the assistant's reply to it in
+    /// its room is charged to that address.
     pub fn note_visitor_address(&self, identity: &Identity, ip: std::net::IpAddr) {
         if identity.role == Role::Visitor {
             self.spending
@@ -1593,8 +1593,8 @@ struct Spending {
     /// Calls running per domain.
     running: DashMap<String, Arc<tokio::sync::Semaphore>>,
     max_running: usize,
-    /// Where each visitor on this node connected from (`domain/user`), with when it was
-    /// last noted, so that the bot's replies in rooms are charged to an address too.
+    /// Where each visitor on this node last wrote from (`domain/user`), with when it was
+    /// noted, so that the bot's replies in rooms are charged to an address too.
     visitors: DashMap<String, (std::net::IpAddr, Instant)>,
 }
 
@@ -1691,10 +1691,18 @@ impl Spending {
         })
     }
 
-    /// Notes that `user` of `domain` is connected from `ip`.
+    /// Notes that `user` of `domain` is writing from `ip` (once a minute per visitor at
+    /// most, so a chatty visitor costs a lookup per message, not a write).
     fn note_visitor(&self, domain: &str, user: &str, ip: std::net::IpAddr) {
+        let key = format!("{domain}/{user}");
         let now = Instant::now();
-        self.visitors.insert(format!("{domain}/{user}"), (ip, now));
+        let fresh = self
+            .visitors
+            .get(&key)
+            .is_some_and(|v| v.0 == ip && now.duration_since(v.1) < Duration::from_secs(60));
+        if !fresh {
+            self.visitors.insert(key, (ip, now));
+        }
     }
 
     /// Where `user` of `domain` was last noted connecting from (on this node).

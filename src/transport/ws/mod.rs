@@ -519,9 +519,6 @@ impl Connection {
         metrics.connections.inc();
         metrics.connections_total.inc();
         tracing::debug!(conn = self.handle.id(), user = %self.handle.identity().user_id, "connected");
-        if let Some(ip) = self.address {
-            self.app.ai.note_visitor_address(self.handle.identity(), ip);
-        }
 
         let mut end = None;
         if let Some(room) = auto_join {
@@ -964,9 +961,6 @@ impl Connection {
         self.rx = rx;
         let who = self.handle.identity();
         self.online = self.app.shared.online(who, who.role.as_str());
-        if let Some(ip) = self.address {
-            self.app.ai.note_visitor_address(who, ip);
-        }
         self.display_name = None;
         self.current_room = None;
         self.send(socket, to_bytes(&frame)).await
@@ -1160,6 +1154,11 @@ impl Connection {
             .handoff
             .take_on_reply(&identity, &key.room_id)
             .await;
+        // Before the message is stored: the assistant's reply to it is charged to the
+        // address it came from. Noted here, not at connect, so idle listeners cost nothing.
+        if let Some(ip) = self.address {
+            self.app.ai.note_visitor_address(&identity, ip);
+        }
         let out = Outgoing {
             room_id: &key.room_id,
             text: f.message,
