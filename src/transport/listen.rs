@@ -44,18 +44,25 @@ const CAP_RETRY_SECS: u64 = 5;
 const CAP_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause after an accept error (out of file descriptors, say), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// Shortest time between two warnings about failing accepts.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// Accepts connections on `listener` and serves `router` on each until the server shuts
 /// down.
 pub async fn serve(listener: TcpListener, router: Router, app: AppState) {
     let shutdown = app.shutdown.clone();
+    let mut warned: Option<std::time::Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    tracing::debug!(error = %e, "accept failed");
+                    // Out of file descriptors, most likely: say so, once a minute at most.
+                    if warned.is_none_or(|at| at.elapsed() >= ACCEPT_WARN_EVERY) {
+                        warned = Some(std::time::Instant::now());
+                        tracing::warn!(error = %e, "cannot accept connections; retrying");
+                    }
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
