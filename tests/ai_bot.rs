@@ -19,6 +19,16 @@ use serde_json::{Value, json};
 
 /// A server whose demo bot uses the fake OpenAI-compatible vendor, then `knowledge`.
 async fn server(fake: &FakeVendor, knowledge: Option<&str>, retries: u32) -> TestServer {
+    server_with(fake, knowledge, retries, |_| {}).await
+}
+
+/// [`server`], then `configure`.
+async fn server_with(
+    fake: &FakeVendor,
+    knowledge: Option<&str>,
+    retries: u32,
+    configure: impl FnOnce(&mut Config),
+) -> TestServer {
     let base = fake.url("/v1");
     let knowledge = knowledge.map(str::to_owned);
     TestServer::start_with(move |c: &mut Config| {
@@ -32,6 +42,7 @@ async fn server(fake: &FakeVendor, knowledge: Option<&str>, retries: u32) -> Tes
             knowledge_dir: knowledge,
             ..BotConfig::default()
         });
+        configure(c);
     })
     .await
 }
@@ -381,19 +392,7 @@ async fn replies_to_token_less_visitors_are_charged_to_their_address() {
         true,
     ))])
     .await;
-    let base = fake.url("/v1");
-    let s = TestServer::start_with(move |c: &mut Config| {
-        let mut p = ProviderConfig::new(ProviderKind::Openai, "gpt-4o-mini");
-        p.base_url = Some(base);
-        p.retries = 0;
-        c.ai.providers.insert("fake".into(), p);
-        c.domains[0].bot = Some(BotConfig {
-            providers: vec!["fake".into()],
-            ..BotConfig::default()
-        });
-        c.limits.ip_ai_requests_per_minute = 2;
-    })
-    .await;
+    let s = server_with(&fake, None, 0, |c| c.limits.ip_ai_requests_per_minute = 2).await;
     // Each connection without a token is a new visitor: only the address ties them.
     for i in 0..3 {
         let mut visitor = s.connect().await;

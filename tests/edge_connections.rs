@@ -245,6 +245,22 @@ async fn one_address_cannot_hold_more_than_its_websockets() {
     server.stop().await;
 }
 
+/// A WebSocket through the proxy at 127.0.0.1, for the client `forwarded`.
+async fn via_proxy(
+    server: &TestServer,
+    forwarded: &str,
+) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, tokio_tungstenite::tungstenite::Error> {
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        server.ws("/ws"),
+    )
+    .unwrap();
+    req.headers_mut()
+        .insert("x-forwarded-for", forwarded.parse().unwrap());
+    let (ws, _) = tokio_tungstenite::client_async(req, stream).await?;
+    Ok(ws)
+}
+
 #[tokio::test]
 async fn behind_a_trusted_proxy_the_forwarded_address_is_capped() {
     let server = TestServer::start_with(|c| {
@@ -254,35 +270,17 @@ async fn behind_a_trusted_proxy_the_forwarded_address_is_capped() {
     })
     .await;
     // The proxy itself holds more TCP connections than an address may.
-    let mut proxied = Vec::new();
-    for _ in 0..4 {
-        let stream = TcpStream::connect(server.addr).await.unwrap();
-        let mut req =
-            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-                server.ws("/ws"),
-            )
-            .unwrap();
-        let client = if proxied.len() < 2 {
-            "198.51.100.1"
-        } else {
-            "198.51.100.2"
-        };
-        req.headers_mut()
-            .insert("x-forwarded-for", client.parse().unwrap());
-        let (ws, _) = tokio_tungstenite::client_async(req, stream)
-            .await
-            .expect("proxied WebSocket");
-        proxied.push(ws);
+    let mut open = Vec::new();
+    for client in [
+        "198.51.100.1",
+        "198.51.100.1",
+        "198.51.100.2",
+        "198.51.100.2",
+    ] {
+        open.push(via_proxy(&server, client).await.expect("proxied WebSocket"));
     }
     // A third WebSocket of the first client is refused.
-    let stream = TcpStream::connect(server.addr).await.unwrap();
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-        server.ws("/ws"),
-    )
-    .unwrap();
-    req.headers_mut()
-        .insert("x-forwarded-for", "198.51.100.1".parse().unwrap());
-    let refused = tokio_tungstenite::client_async(req, stream).await;
+    let refused = via_proxy(&server, "198.51.100.1").await;
     let Err(tokio_tungstenite::tungstenite::Error::Http(res)) = refused else {
         panic!("the client's third WebSocket is refused: {refused:?}");
     };

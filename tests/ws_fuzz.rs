@@ -105,22 +105,7 @@ fn read_all(chunks: std::collections::VecDeque<Vec<u8>>, max: usize) -> (Vec<Rea
 
 /// A masked client frame.
 fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-    let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
-    let len = payload.len();
-    if len < 126 {
-        out.push(0x80 | len as u8);
-    } else if len <= 0xFFFF {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(0x80 | 127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    out.extend_from_slice(&mask);
-    let mut masked = payload.to_vec();
-    frame::unmask(&mut masked, mask, 0);
-    out.extend_from_slice(&masked);
-    out
+    frame::encode_client(if fin { 0x80 } else { 0 } | opcode, payload, mask)
 }
 
 /// One message of a generated conversation, with where it is cut into fragments and the

@@ -143,19 +143,36 @@ pub fn unmask(payload: &mut [u8], mask: [u8; 4], offset: usize) {
 /// Appends an unmasked, final frame to `out`.
 pub fn encode(out: &mut Vec<u8>, opcode: Opcode, payload: &[u8]) {
     out.reserve(payload.len() + 10);
-    out.push(0x80 | opcode.bits());
-    let len = payload.len();
+    head(out, 0x80 | opcode.bits(), payload.len(), 0);
+    out.extend_from_slice(payload);
+}
+
+/// A frame as a client sends it, masked with `mask`; `first` is the whole first byte (FIN,
+/// reserved bits, opcode), so that tests and tools can also build the frames a server must
+/// refuse. The server itself never sends one.
+pub fn encode_client(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 14);
+    head(&mut out, first, payload.len(), 0x80);
+    out.extend_from_slice(&mask);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    unmask(&mut out[start..], mask, 0);
+    out
+}
+
+/// The first byte, then the length (with `mask_bit` set in its first byte).
+fn head(out: &mut Vec<u8>, first: u8, len: usize, mask_bit: u8) {
+    out.push(first);
     if len < 126 {
         // `len < 126` fits in the 7 bits.
-        out.push(u8::try_from(len).unwrap_or(125));
+        out.push(mask_bit | u8::try_from(len).unwrap_or(125));
     } else if let Ok(short) = u16::try_from(len) {
-        out.push(126);
+        out.push(mask_bit | 126);
         out.extend_from_slice(&short.to_be_bytes());
     } else {
-        out.push(127);
+        out.push(mask_bit | 127);
         out.extend_from_slice(&(len as u64).to_be_bytes());
     }
-    out.extend_from_slice(payload);
 }
 
 /// Appends a close frame with `code` and a reason cut to fit a control frame.
@@ -198,20 +215,7 @@ mod tests {
 
     /// A masked client frame, as a browser would send it.
     fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-        let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
-        let len = payload.len();
-        if len < 126 {
-            out.push(0x80 | len as u8);
-        } else if len <= 0xFFFF {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        out
+        encode_client(if fin { 0x80 } else { 0 } | opcode, payload, mask)
     }
 
     #[test]
