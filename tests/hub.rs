@@ -67,7 +67,9 @@ impl Fixture {
         out
     }
 
-    /// A member of `room` that joined before anything was written.
+    /// A member of `room` that joined before anything was written. Its queue holds more
+    /// than any test sends, so a reader the scheduler runs late is never a slow consumer
+    /// (that case is the WebSocket tests' to check).
     async fn member(&self, room: &RoomKey, id: u64) -> (ConnHandle, mpsc::Receiver<Arc<Envelope>>) {
         let identity = Arc::new(Identity {
             user_id: format!("reader-{id}"),
@@ -76,7 +78,7 @@ impl Fixture {
             domain_id: Arc::from("demo"),
             anonymous: false,
         });
-        let (conn, rx) = ConnHandle::new(id, identity, 1024);
+        let (conn, rx) = ConnHandle::new(id, identity, 8192);
         self.store.ensure_room(room, None).await.unwrap();
         let joined = self
             .hub
