@@ -457,6 +457,63 @@ pub struct DomainConfig {
     /// Hand-off from the bot to human agents (see `docs/handoff.md`).
     #[serde(default)]
     pub handoff: HandoffConfig,
+    /// Whether a client without a token may choose this domain by naming it (`domainId`
+    /// in `join-room`, `ai-chat`, `ai-stream`, `/ai/*`, `/api/messages`); from a browser,
+    /// only on a page of its `allowed_origins`. The demo is always chosen by default.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub public: bool,
+    /// Who names a client that has no token: the server (`server`, a stable id per
+    /// browser) or the client itself (`client`, its `userId` / `userName` / `role` from
+    /// `join-room` or the request body, trusted as sent: WeeziQ's model).
+    #[serde(default, skip_serializing_if = "AnonymousIdentity::is_server")]
+    pub anonymous_identity: AnonymousIdentity,
+    /// The wire dialect of its connections (see `docs/migrate/`).
+    #[serde(default, skip_serializing_if = "Dialect::is_native")]
+    pub dialect: Dialect,
+    /// A shared secret the domain's back end may present as `Authorization: Bearer` on
+    /// `POST /api/publish` and the assign endpoints, like a server key (Eclipse's
+    /// `INTERNAL_API_SECRET`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_secret: Option<Secret>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Who names a token-less client of a domain.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AnonymousIdentity {
+    /// The server: a `v_…` id, the same across reconnects of one browser.
+    #[default]
+    Server,
+    /// The client: whatever `userId` it sends (it is trusted; use only where that is fine).
+    Client,
+}
+
+impl AnonymousIdentity {
+    fn is_server(&self) -> bool {
+        *self == Self::Server
+    }
+}
+
+/// How a domain's connections speak.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Dialect {
+    /// Parlor's protocol (WeeziQ's frames and their extensions).
+    #[default]
+    Native,
+    /// The Eclipse chat's: upgrade at `/` too, the room from the token's claim, messages
+    /// as `type: "message"` and hand-off events in snake case (`agent_joined`).
+    Eclipse,
+}
+
+impl Dialect {
+    fn is_native(&self) -> bool {
+        *self == Self::Native
+    }
 }
 
 /// A domain's hand-off from the bot to human agents.
@@ -638,7 +695,16 @@ pub struct BotConfig {
     /// `budget_exceeded` until midnight. Unset: no budget.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub daily_token_budget: Option<u64>,
+    /// The user id the assistant's messages carry (`userId` on the wire).
+    pub author_id: String,
+    /// The name the assistant's messages carry (`userName` on the wire).
+    pub author_name: String,
 }
+
+/// The assistant's user id unless a domain's bot says otherwise (WeeziQ's).
+pub const ASSISTANT_ID: &str = "ai-assistant";
+/// The assistant's name unless a domain's bot says otherwise (WeeziQ's).
+pub const ASSISTANT_NAME: &str = "AI Assistant";
 
 impl Default for BotConfig {
     fn default() -> Self {
@@ -654,6 +720,8 @@ impl Default for BotConfig {
             history_messages: 20,
             visitor_messages_per_minute: 10,
             daily_token_budget: None,
+            author_id: ASSISTANT_ID.to_owned(),
+            author_name: ASSISTANT_NAME.to_owned(),
         }
     }
 }
@@ -797,6 +865,10 @@ impl DomainConfig {
             limits: DomainLimits::default(),
             bot: None,
             handoff: HandoffConfig::default(),
+            public: false,
+            anonymous_identity: AnonymousIdentity::Server,
+            dialect: Dialect::Native,
+            internal_secret: None,
         }
     }
 
@@ -881,6 +953,9 @@ pub struct ClaimPaths {
     pub role: String,
     /// Role of a token without the role claim.
     pub default_role: String,
+    /// The room the token is for (Eclipse's `chatId`): a connection with it is joined to
+    /// that room at connect, and a visitor may use that room whoever created it.
+    pub room: String,
 }
 
 impl Default for ClaimPaths {
@@ -890,6 +965,7 @@ impl Default for ClaimPaths {
             name: "name".to_owned(),
             role: "role".to_owned(),
             default_role: "visitor".to_owned(),
+            room: "chatId".to_owned(),
         }
     }
 }

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-/// Who is on a connection or behind an HTTP request. Set once from a verified token (or as an
-/// anonymous visitor) and never changed by anything a client sends afterwards.
+/// Who is on a connection or behind an HTTP request. Set from a verified token (or as an
+/// anonymous visitor). An anonymous WebSocket connection may swap it once for a token's, with
+/// an `auth` frame before it joins a room; nothing else a client sends changes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     /// Stable user id within the domain.
@@ -23,6 +24,13 @@ pub struct Identity {
     pub domain_id: Arc<str>,
     /// True when no token was presented and the server generated this identity.
     pub anonymous: bool,
+    /// The one room a domain token names (its `claims.room`, Eclipse's `chatId`): the
+    /// connection is joined to it at connect and a visitor may use it whoever created it.
+    pub room: Option<Box<str>>,
+    /// Set for an identity the client named itself (`anonymous_identity = "client"`): the
+    /// visitor role name it chose (`customer`, `user`, `visitor`), shown on its messages.
+    /// The policy treats it as `role`.
+    pub label: Option<&'static str>,
 }
 
 /// Roles an identity can hold. A client never gets a role by claiming it in a frame.
@@ -33,7 +41,8 @@ pub enum Role {
     Visitor,
     /// Human support agent of a domain.
     Agent,
-    /// Operator of the whole server.
+    /// Administrator of one domain (a token's `admin` role); with the domain `*`, the holder
+    /// of an admin key, who manages every domain (`auth::policy::may_manage_domains`).
     Admin,
     /// A back end calling the server API.
     Service,
@@ -97,12 +106,15 @@ impl fmt::Display for RoomKey {
 /// The author of a stored message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Author {
-    /// User id of the author (or `ai-assistant`, `system`).
+    /// User id of the author: the domain's assistant writes as its bot's `author_id`
+    /// (`ai-assistant` by default), hand-off status messages as `system`.
     pub user_id: String,
     /// Display name at the time of writing.
     pub name: String,
-    /// Role label shown with the message: an identity role, or `user`, `assistant`,
-    /// `system` for messages stored through the server API.
+    /// Role label shown with the message: the author's identity role, unless a service or
+    /// admin author chose another label of [`MESSAGE_ROLES`] (`auth::policy::message_role`).
+    /// The assistant's replies carry `assistant`, its notices and hand-off status messages
+    /// `system`.
     pub role: String,
 }
 
@@ -129,7 +141,7 @@ pub struct Message {
     pub seq: u64,
     /// Who wrote it.
     pub author: Author,
-    /// Message type: `text` for chat; other types come with later features.
+    /// Message type: `text` for chat, `status` for the hand-off's status messages.
     pub kind: String,
     /// The text.
     pub content: String,
@@ -163,7 +175,7 @@ pub struct NewMessage {
 pub struct Room {
     /// Its key.
     pub key: RoomKey,
-    /// `support`, `session`, `feed` or `channel`.
+    /// `support`: every room is created with this kind.
     pub kind: String,
     /// User id of whoever created it.
     pub created_by: Option<String>,

@@ -272,8 +272,15 @@ async fn bad_requests_are_refused_and_reach_no_vendor() {
             "message_too_long",
         ),
         (
+            // Not public: a client without a token cannot pick it.
             None,
             json!({ "message": "hi", "domainId": "shop" }),
+            404,
+            "unknown_domain",
+        ),
+        (
+            Some(token("shop", "u")),
+            json!({ "message": "hi", "domainId": "demo" }),
             403,
             "forbidden",
         ),

@@ -189,7 +189,6 @@ async fn bad_settings_are_refused_with_the_reason_and_change_nothing() {
             "scheme://host",
         ),
         (json!({ "visitorRoomz": "open" }), "`visitorRoomz`"),
-        (json!({ "jwt": { "secret": HS_SECRET } }), "issuer"),
         (
             json!({ "jwt": { "secret": HS_SECRET, "jwksUrl": "http://127.0.0.1:1/j", "issuer": ["x"] } }),
             "exactly one",

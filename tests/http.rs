@@ -229,11 +229,27 @@ async fn bad_requests_get_json_errors_and_store_nothing() {
             raw(
                 "POST",
                 "/api/messages",
-                Some("text/plain"),
+                Some("application/x-www-form-urlencoded"),
                 br#"{"message":"x","chatRoomId":"r"}"#.to_vec(),
             ),
             415,
             "unsupported_media_type",
+        ),
+        (
+            // Read as JSON (the seeds' clients post that way), and it is not.
+            raw(
+                "POST",
+                "/api/messages",
+                Some("text/plain;charset=UTF-8"),
+                b"message=x&chatRoomId=r".to_vec(),
+            ),
+            400,
+            "invalid_json",
+        ),
+        (
+            raw("POST", "/api/messages", None, b"".to_vec()),
+            400,
+            "invalid_json",
         ),
         (
             raw(

@@ -77,6 +77,8 @@ impl Fixture {
             role: Role::Visitor,
             domain_id: Arc::from("demo"),
             anonymous: false,
+            room: None,
+            label: None,
         });
         let (conn, rx) = ConnHandle::new(id, identity, 8192);
         self.store.ensure_room(room, None).await.unwrap();
@@ -230,6 +232,8 @@ async fn messages_between_reads_the_cache_or_the_store_and_a_rejoin_only_what_wa
         role: Role::Visitor,
         domain_id: Arc::from("demo"),
         anonymous: false,
+        room: None,
+        label: None,
     });
     let (conn, _rx) = ConnHandle::new(9, identity, 1024);
     let joined = f

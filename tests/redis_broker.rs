@@ -67,6 +67,8 @@ fn member(id: u64) -> (ConnHandle, mpsc::Receiver<Arc<Envelope>>) {
         role: Role::Visitor,
         domain_id: Arc::from("demo"),
         anonymous: false,
+        room: None,
+        label: None,
     };
     ConnHandle::new(id, Arc::new(identity), 1024)
 }

@@ -57,6 +57,8 @@ fn who(domain: &str, user: &str, name: &str) -> Arc<Identity> {
         role: Role::Visitor,
         domain_id: Arc::from(domain),
         anonymous: false,
+        room: None,
+        label: None,
     })
 }
 

@@ -30,11 +30,12 @@ async fn seed_flow_join_send_broadcast_ping_and_http() {
     let history = a.recv_type("message-history").await;
     assert_eq!(history["messages"], json!([]));
 
-    // A second client joins with the seed's join-room frame (profile fields, role "customer").
+    // A second client joins with the seed's join-room frame (profile fields, role
+    // "customer"; the seed's domainId is tests/seed_weeziq.rs's, on a public domain).
     let mut b = server.connect().await;
     b.send(json!({
         "type": "join-room", "roomId": "room-123", "userId": "user-123", "userName": "John Doe",
-        "role": "customer", "domainId": "domain-123",
+        "role": "customer",
         "customerData": { "name": "John Doe", "email": "john@example.com" }
     }))
     .await;

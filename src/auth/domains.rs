@@ -117,6 +117,11 @@ impl DomainError {
 pub struct DomainTable {
     domains: HashMap<String, Arc<Domain>>,
     by_issuer: HashMap<String, Arc<DomainVerifier>>,
+    /// The one domain whose JWT settings list no issuer: tokens without `iss` that
+    /// Parlor's own secret does not verify go to it.
+    issuerless: Option<Arc<DomainVerifier>>,
+    /// Hashes of the domains' internal secrets.
+    internal_secrets: HashMap<KeyHash, Arc<str>>,
     server_keys: HashMap<KeyHash, ServerKey>,
     pusher_keys: HashMap<String, PusherKey>,
     any_origin: bool,
@@ -202,6 +207,20 @@ impl DomainTable {
             ),
         };
         if let Some(v) = &verifier {
+            if v.issuers().is_empty() {
+                if let Some(other) = &self.issuerless {
+                    return Err(DomainError::new(
+                        &id,
+                        format!(
+                            "jwt.issuer is empty here and in domain {:?}: at most one domain may \
+                             take tokens without `iss` (the issuer is what says which domain a \
+                             token is for)",
+                            other.domain()
+                        ),
+                    ));
+                }
+                self.issuerless = Some(Arc::clone(v));
+            }
             for iss in v.issuers() {
                 if self.by_issuer.insert(iss.clone(), Arc::clone(v)).is_some() {
                     return Err(DomainError::new(
@@ -224,6 +243,19 @@ impl DomainTable {
                 _ => Ok(()),
             }
         };
+        if let Some(secret) = &settings.internal_secret {
+            let hash = keys::hash(secret.expose());
+            if self
+                .internal_secrets
+                .insert(hash, Arc::clone(&owner))
+                .is_some()
+            {
+                return Err(DomainError::new(
+                    &id,
+                    "the internal secret is also another domain's",
+                ));
+            }
+        }
         for entry in &settings.server_keys {
             let hash = keys::parse_entry(entry).map_err(|m| DomainError::new(&id, m))?;
             add_server_key(hash, None)?;
@@ -309,7 +341,27 @@ impl DomainTable {
 
     /// Whether any domain accepts its own tokens (saves decoding a token's claims when not).
     pub fn has_issuers(&self) -> bool {
-        !self.by_issuer.is_empty()
+        !self.by_issuer.is_empty() || self.issuerless.is_some()
+    }
+
+    /// The verifier of the domain that takes tokens without `iss`, if there is one.
+    pub fn issuerless(&self) -> Option<&Arc<DomainVerifier>> {
+        self.issuerless.as_ref()
+    }
+
+    /// The domain whose internal secret is `secret`.
+    pub fn internal_secret_domain(&self, secret: &str) -> Option<&Arc<str>> {
+        self.internal_secrets.get(&keys::hash(secret))
+    }
+
+    /// The domain `id` if a client without a token may choose it: the demo, or a domain
+    /// marked `public` whose `allowed_origins` hold `origin` (when the request has one).
+    pub fn public_domain(&self, id: &str, origin: Option<&str>) -> Option<&Arc<Domain>> {
+        let domain = self.domains.get(id)?;
+        if id != crate::config::DEMO_DOMAIN && !domain.settings.public {
+            return None;
+        }
+        self.origin_allowed(id, origin).then_some(domain)
     }
 
     /// The domain whose back end holds server key `key`, if the key works at `now`.
@@ -384,6 +436,23 @@ fn check(d: &DomainConfig) -> Result<(), DomainError> {
         || l.messages_burst == Some(0)
     {
         return Err(DomainError::new(&d.id, "limits must be greater than 0"));
+    }
+    if let Some(bot) = &d.bot
+        && (!valid_id(&bot.author_id) || bot.author_name.trim().is_empty())
+    {
+        return Err(DomainError::new(
+            &d.id,
+            "bot.author_id must be a valid user id and bot.author_name not empty",
+        ));
+    }
+    if d.internal_secret
+        .as_ref()
+        .is_some_and(|s| s.expose().len() < 16)
+    {
+        return Err(DomainError::new(
+            &d.id,
+            "internal_secret must be at least 16 bytes",
+        ));
     }
     for p in &d.pusher_keys {
         if p.key.is_empty() || p.secret.expose().len() < 16 {

@@ -75,12 +75,6 @@ impl DomainVerifier {
                 "set exactly one of `secret`, `public_keys` or `jwks_url`".to_owned(),
             ));
         }
-        if config.issuer.is_empty() {
-            return Err(err(
-                "`issuer` must list at least one value: a token's `iss` says which domain it is for"
-                    .to_owned(),
-            ));
-        }
         let algorithms = if config.algorithms.is_empty() {
             if config.secret.is_some() {
                 vec![Algorithm::HS256]
@@ -135,16 +129,22 @@ impl DomainVerifier {
                 let mut v = Validation::new(alg);
                 v.leeway = config.leeway_secs;
                 v.validate_nbf = true;
-                v.set_issuer(&config.issuer);
+                // Without an issuer list, the domain takes tokens that carry no `iss` (the
+                // table routes only those to it).
+                let mut required = vec!["exp"];
+                if !config.issuer.is_empty() {
+                    v.set_issuer(&config.issuer);
+                    required.push("iss");
+                }
                 // With an audience configured, a token must name it: one without `aud` at
                 // all is refused like one naming another audience.
                 if config.audience.is_empty() {
                     v.validate_aud = false;
-                    v.set_required_spec_claims(&["exp", "iss"]);
                 } else {
                     v.set_audience(&config.audience);
-                    v.set_required_spec_claims(&["exp", "iss", "aud"]);
+                    required.push("aud");
                 }
+                v.set_required_spec_claims(&required);
                 (alg, v)
             })
             .collect();
@@ -156,6 +156,11 @@ impl DomainVerifier {
             default_role,
             issuers: config.issuer.clone(),
         })
+    }
+
+    /// The domain it verifies tokens for.
+    pub fn domain(&self) -> &str {
+        &self.domain
     }
 
     /// The `iss` values this domain's tokens carry.
@@ -208,12 +213,24 @@ impl DomainVerifier {
         let name = claim_str(claims, &self.claims.name)
             .filter(|n| !n.trim().is_empty())
             .map_or_else(|| user_id.to_owned(), |n| n.chars().take(100).collect());
+        let room = match claim(claims, &self.claims.room) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(r)) if valid_id(r) => Some(Box::from(r.as_str())),
+            Some(_) => {
+                return Err(AuthError::InvalidToken(format!(
+                    "claim `{}` (room) is not a valid room id",
+                    self.claims.room
+                )));
+            }
+        };
         Ok(Identity {
             user_id: user_id.to_owned(),
             name,
             role,
             domain_id: Arc::clone(&self.domain),
             anonymous: false,
+            room,
+            label: None,
         })
     }
 }
@@ -257,9 +274,12 @@ pub(super) fn invalid(e: &jsonwebtoken::errors::Error) -> AuthError {
 
 /// The string at a dotted path in the claims, if there is one.
 pub(crate) fn claim_str<'a>(claims: &'a Value, path: &str) -> Option<&'a str> {
-    path.split('.')
-        .try_fold(claims, |v, part| v.get(part))
-        .and_then(Value::as_str)
+    claim(claims, path).and_then(Value::as_str)
+}
+
+/// The claim at a dotted `path`, whatever its type.
+fn claim<'a>(claims: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(claims, |v, part| v.get(part))
 }
 
 /// A PEM key given inline or as a file path.

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::config::{Config, DEMO_DOMAIN, Secret};
+use crate::config::{AnonymousIdentity, Config, DEMO_DOMAIN, Secret};
 use crate::model::{Identity, Role, valid_id};
 pub use domains::Domains;
 
@@ -40,9 +40,16 @@ pub enum AuthError {
     /// Signature, expiry, algorithm or format is wrong.
     #[error("invalid token: {0}")]
     InvalidToken(String),
-    /// The token names a domain this server does not have.
+    /// The token names a domain this server does not have (or, without a token, one that
+    /// is not public).
     #[error("unknown domain {0:?}")]
     UnknownDomain(String),
+    /// A client without a token asked for a role only a token gives.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A client without a token named itself with an id that cannot be one.
+    #[error("{0}")]
+    InvalidUser(String),
 }
 
 impl AuthError {
@@ -51,6 +58,8 @@ impl AuthError {
         match self {
             AuthError::InvalidToken(_) => "invalid_token",
             AuthError::UnknownDomain(_) => "unknown_domain",
+            AuthError::Forbidden(_) => "forbidden",
+            AuthError::InvalidUser(_) => "invalid_user_id",
         }
     }
 }
@@ -119,13 +128,22 @@ impl Authenticator {
             Some(key) if key.starts_with(keys::ADMIN_KEY_PREFIX) => Err(AuthError::InvalidToken(
                 "an admin key works only on /api/admin".into(),
             )),
-            Some(token) => {
-                let verifier = self.domain_of(token);
-                match verifier {
-                    Some(verifier) => verifier.verify(token).await,
-                    None => self.verify_own(token),
+            Some(secret) if !secret.contains('.') => self.internal(secret),
+            Some(token) => match self.route(token) {
+                Route::Domain(verifier) => verifier.verify(token).await,
+                Route::Own => self.verify_own(token),
+                // No `iss`: Parlor's own token, else the issuer-less domain's.
+                Route::OwnElse(verifier) => {
+                    match jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation) {
+                        Err(e)
+                            if *e.kind() == jsonwebtoken::errors::ErrorKind::InvalidSignature =>
+                        {
+                            verifier.verify(token).await
+                        }
+                        _ => self.verify_own(token),
+                    }
                 }
-            }
+            },
             None => Ok(anonymous()),
         }
     }
@@ -142,6 +160,8 @@ impl Authenticator {
             role: Role::Admin,
             domain_id: Arc::from(policy::ALL_DOMAINS),
             anonymous: false,
+            room: None,
+            label: None,
         })
     }
 
@@ -157,6 +177,8 @@ impl Authenticator {
             role: Role::Service,
             domain_id: Arc::clone(domain),
             anonymous: false,
+            room: None,
+            label: None,
         })
     }
 
@@ -180,20 +202,61 @@ impl Authenticator {
         .map_err(|e| AuthError::InvalidToken(format!("cannot sign: {e}")))
     }
 
-    /// The domain whose issuer the token names, read before any verification: it only
-    /// chooses the keys that must then verify the token.
-    fn domain_of(&self, token: &str) -> Option<Arc<jwt::DomainVerifier>> {
+    /// Whose keys must verify `token`, read from its `iss` before any verification: the
+    /// claim only chooses the keys.
+    fn route(&self, token: &str) -> Route {
         let table = self.domains.load();
         if !table.has_issuers() {
-            return None;
+            return Route::Own;
         }
-        let payload = token.split('.').nth(1)?;
-        let bytes =
-            base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
-                .ok()?;
-        let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-        let iss = claims.get("iss")?.as_str()?;
-        table.verifier_for(iss).cloned()
+        let claims = token.split('.').nth(1).and_then(|payload| {
+            let bytes =
+                base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
+                    .ok()?;
+            serde_json::from_slice::<serde_json::Value>(&bytes).ok()
+        });
+        let Some(claims) = claims else {
+            return Route::Own;
+        };
+        match claims.get("iss") {
+            Some(iss) => iss
+                .as_str()
+                .and_then(|iss| table.verifier_for(iss))
+                .map_or(Route::Own, |v| Route::Domain(Arc::clone(v))),
+            None => table
+                .issuerless()
+                .map_or(Route::Own, |v| Route::OwnElse(Arc::clone(v))),
+        }
+    }
+
+    /// The anonymous visitor a visitor cookie names: a visitor token of the demo that
+    /// Parlor signed (see `transport::visitor`); `None` for anything else.
+    pub fn visitor_cookie(&self, value: &str) -> Option<Identity> {
+        let identity = self.verify_own(value).ok()?;
+        (identity.role == Role::Visitor && &*identity.domain_id == DEMO_DOMAIN).then_some(
+            Identity {
+                anonymous: true,
+                name: "Visitor".to_owned(),
+                ..identity
+            },
+        )
+    }
+
+    /// The back end of the domain whose `internal_secret` is `secret`.
+    fn internal(&self, secret: &str) -> Result<Identity, AuthError> {
+        let table = self.domains.load();
+        let domain = table
+            .internal_secret_domain(secret)
+            .ok_or_else(|| AuthError::InvalidToken("not a token, key or internal secret".into()))?;
+        Ok(Identity {
+            user_id: "service".to_owned(),
+            name: format!("{domain} back end"),
+            role: Role::Service,
+            domain_id: Arc::clone(domain),
+            anonymous: false,
+            room: None,
+            label: None,
+        })
     }
 
     /// A Parlor token: HS256 with the signing secret.
@@ -223,8 +286,105 @@ impl Authenticator {
             role,
             domain_id: Arc::from(domain),
             anonymous: false,
+            room: None,
+            label: None,
         })
     }
+}
+
+/// What a client without a token says about itself: `join-room`'s fields, or the body of
+/// an AI or message request.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Claimed<'a> {
+    /// The domain it wants (`domainId`).
+    pub domain_id: Option<&'a str>,
+    /// Its user id (`userId`), taken only where the domain lets clients name themselves.
+    pub user_id: Option<&'a str>,
+    /// Its name (`userName`), likewise.
+    pub user_name: Option<&'a str>,
+    /// The role it says it has (`role`).
+    pub role: Option<&'a str>,
+}
+
+/// Role names a client without a token may use: all mean `visitor` to the policy.
+const CLIENT_ROLES: [&str; 3] = ["visitor", "customer", "user"];
+
+impl Authenticator {
+    /// The identity of an anonymous caller once what it `claimed` is applied: the domain
+    /// it names, if that is the demo or a `public` domain that allows `origin`; in a domain
+    /// with `anonymous_identity = "client"`, its own `userId`, `userName` and role name.
+    /// A role only a token gives is refused everywhere. An identity from a token is
+    /// returned as it is (whether its domain matches is the caller's check).
+    pub fn settle(
+        &self,
+        base: &Identity,
+        claimed: Claimed<'_>,
+        origin: Option<&str>,
+    ) -> Result<Identity, AuthError> {
+        if !base.anonymous {
+            return Ok(base.clone());
+        }
+        let role = claimed.role.map(str::trim).filter(|r| !r.is_empty());
+        if let Some(r) = role
+            && !CLIENT_ROLES.contains(&r)
+        {
+            return Err(AuthError::Forbidden(format!(
+                "role {:?} comes only with a token; a client without one is a visitor \
+                 (`customer` or `user`)",
+                r.chars().take(32).collect::<String>()
+            )));
+        }
+        let table = self.domains.load();
+        let domain_id = claimed.domain_id.unwrap_or(&base.domain_id);
+        let domain = if domain_id == &*base.domain_id {
+            table.get(domain_id)
+        } else {
+            table.public_domain(domain_id, origin)
+        }
+        .ok_or_else(|| {
+            AuthError::UnknownDomain(domain_id.chars().take(DOMAIN_ID_SHOWN).collect())
+        })?;
+        let mut identity = base.clone();
+        if domain_id != &*base.domain_id {
+            identity.domain_id = Arc::from(domain_id);
+        }
+        if domain.settings.anonymous_identity == AnonymousIdentity::Client
+            && let Some(user) = claimed.user_id
+        {
+            if !valid_id(user) {
+                return Err(AuthError::InvalidUser(
+                    "`userId` must be 1-128 characters of letters, digits and -_.:@".into(),
+                ));
+            }
+            identity.user_id = user.to_owned();
+            identity.name = claimed
+                .user_name
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map_or_else(|| user.to_owned(), |n| n.chars().take(100).collect());
+            identity.label = Some(
+                CLIENT_ROLES
+                    .iter()
+                    .copied()
+                    .find(|r| Some(*r) == role)
+                    .unwrap_or("visitor"),
+            );
+        }
+        Ok(identity)
+    }
+}
+
+/// Most characters of an unknown domain id an error repeats.
+const DOMAIN_ID_SHOWN: usize = 64;
+
+/// Whose keys verify a token.
+enum Route {
+    /// The domain whose issuer list names the token's `iss`.
+    Domain(Arc<jwt::DomainVerifier>),
+    /// Parlor's own secret.
+    Own,
+    /// Parlor's own secret, else (its signature does not verify) the issuer-less domain.
+    OwnElse(Arc<jwt::DomainVerifier>),
 }
 
 /// A new anonymous visitor of the demo domain.
@@ -236,6 +396,8 @@ pub fn anonymous() -> Identity {
         role: Role::Visitor,
         domain_id: Arc::from(DEMO_DOMAIN),
         anonymous: true,
+        room: None,
+        label: None,
     }
 }
 

@@ -34,6 +34,7 @@ pub fn may_use_room(identity: &Identity, visitor_rooms: VisitorRooms, room: Opti
             (VisitorRooms::Open, _) | (VisitorRooms::Owned, None) => true,
             (VisitorRooms::Owned, Some(room)) => {
                 room.created_by.as_deref() == Some(identity.user_id.as_str())
+                    || identity.room.as_deref() == Some(&*room.key.room_id)
             }
         },
     }
@@ -88,7 +89,12 @@ pub fn message_role(identity: &Identity, requested: Option<&str>) -> Result<Stri
         Some(r) if matches!(identity.role, Role::Service | Role::Admin) => Ok(r.to_owned()),
         // The seeds' clients send `"role": "user"`/`"customer"` for their own messages; that
         // asks for nothing, so it is accepted and ignored.
-        Some("user" | "customer" | "visitor") | None => Ok(identity.role.as_str().to_owned()),
+        // A client-named identity (`anonymous_identity = "client"`) keeps the visitor name
+        // it uses; everyone else's messages carry their role.
+        Some(r @ ("user" | "customer" | "visitor")) if identity.label.is_some() => Ok(r.to_owned()),
+        Some("user" | "customer" | "visitor") | None => {
+            Ok(identity.label.unwrap_or(identity.role.as_str()).to_owned())
+        }
         Some(r) if r == identity.role.as_str() => Ok(r.to_owned()),
         Some(_) => Err("a client cannot choose the role of its messages"),
     }

@@ -761,6 +761,8 @@ mod tests {
                 role: Role::Visitor,
                 domain_id: Arc::from("shop"),
                 anonymous: false,
+                room: None,
+                label: None,
             })
         };
         let a = shared.online(&who("ann", "Ann"), "visitor");

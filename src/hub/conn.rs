@@ -252,6 +252,8 @@ mod tests {
             role: Role::Visitor,
             domain_id: Arc::from("demo"),
             anonymous: true,
+            room: None,
+            label: None,
         })
     }
 

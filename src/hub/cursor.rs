@@ -144,6 +144,11 @@ impl Cursors {
         self.0.is_empty()
     }
 
+    /// Empties the list and returns it.
+    pub fn take(&mut self) -> Vec<(RoomKey, Cursor)> {
+        std::mem::take(&mut self.0)
+    }
+
     /// Empties the list and returns the rooms.
     pub fn take_rooms(&mut self) -> Vec<RoomKey> {
         std::mem::take(&mut self.0)

@@ -1112,7 +1112,7 @@ impl AiService {
         client_message_id: Option<String>,
         data: serde_json::Value,
     ) {
-        let assistant = assistant_identity(&room.domain_id);
+        let assistant = assistant_identity(&self.domains, &room.domain_id);
         let mut text = text;
         let max = self.chat.limits().max_message_bytes;
         if text.len() > max {
@@ -1358,14 +1358,22 @@ impl AiService {
     }
 }
 
-/// The identity the assistant writes with: its domain's back end.
-pub fn assistant_identity(domain: &Arc<str>) -> Identity {
+/// The identity the assistant of `domain` writes with: its domain's back end, under the
+/// author its bot settings name (`ai-assistant` / `AI Assistant` by default).
+pub fn assistant_identity(domains: &Domains, domain: &Arc<str>) -> Identity {
+    let table = domains.load();
+    let bot = table
+        .get(domain)
+        .and_then(|d| d.settings.bot.as_ref())
+        .unwrap_or(&IMPLICIT_BOT);
     Identity {
-        user_id: "assistant".to_owned(),
-        name: "Assistant".to_owned(),
+        user_id: bot.author_id.clone(),
+        name: bot.author_name.clone(),
         role: Role::Service,
         domain_id: Arc::clone(domain),
         anonymous: false,
+        room: None,
+        label: None,
     }
 }
 

@@ -810,7 +810,7 @@ impl HandoffService {
 
     /// The bot's offer of a human: an assistant message with the `escalate` action.
     async fn offer_human(&self, key: &RoomKey, settings: &HandoffConfig) {
-        let assistant = assistant_identity(&key.domain_id);
+        let assistant = assistant_identity(&self.domains, &key.domain_id);
         let out = Outgoing {
             room_id: &key.room_id,
             text: settings.offer_text.clone(),

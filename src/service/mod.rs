@@ -129,3 +129,25 @@ impl From<crate::hub::HubError> for ServiceError {
         }
     }
 }
+
+impl From<crate::auth::AuthError> for ServiceError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        use crate::auth::AuthError;
+        let message = e.to_string();
+        match e {
+            AuthError::UnknownDomain(_) => ServiceError::NotFound {
+                code: "unknown_domain",
+                message: format!(
+                    "{message}: without a token a client may name the demo or a public domain \
+                     that allows its page"
+                ),
+            },
+            AuthError::Forbidden(m) => ServiceError::Forbidden(m),
+            AuthError::InvalidUser(m) => ServiceError::invalid("invalid_user_id", m),
+            AuthError::InvalidToken(_) => ServiceError::Unauthenticated {
+                code: "invalid_token",
+                message,
+            },
+        }
+    }
+}

@@ -58,19 +58,24 @@ fn own_page(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 
 /// The session cookie's value, if the request carries one.
 fn cookie(headers: &HeaderMap) -> Option<&str> {
+    named_cookie(headers, COOKIE)
+}
+
+/// The value of the cookie `name`, if the request has one.
+pub(super) fn named_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .find_map(|pair| {
-            let (name, value) = pair.trim().split_once('=')?;
-            (name == COOKIE && !value.is_empty()).then_some(value)
+            let (pair_name, value) = pair.trim().split_once('=')?;
+            (pair_name == name && !value.is_empty()).then_some(value)
         })
 }
 
 /// Whether the page was served over HTTPS: its `Origin`, or a proxy's `X-Forwarded-Proto`.
-fn over_https(headers: &HeaderMap) -> bool {
+pub(super) fn over_https(headers: &HeaderMap) -> bool {
     let header_is = |name: &str, prefix: &str| {
         headers
             .get(name)
@@ -184,7 +189,7 @@ pub async fn login(
     State(app): State<AppState>,
     ClientIp(ip): ClientIp,
     headers: HeaderMap,
-    ApiJson(body): ApiJson<Login>,
+    ApiJson(body): ApiJson<Login, false>,
 ) -> Result<Response, ApiError> {
     own_page(&app, &headers)?;
     limit(&app, ip).await?;
@@ -209,7 +214,7 @@ pub async fn accept_invite(
     State(app): State<AppState>,
     ClientIp(ip): ClientIp,
     headers: HeaderMap,
-    ApiJson(body): ApiJson<AcceptInvite>,
+    ApiJson(body): ApiJson<AcceptInvite, false>,
 ) -> Result<Response, ApiError> {
     own_page(&app, &headers)?;
     limit(&app, ip).await?;
@@ -249,7 +254,7 @@ pub struct TokenFor {
 pub async fn token(
     State(app): State<AppState>,
     headers: HeaderMap,
-    ApiJson(body): ApiJson<TokenFor>,
+    ApiJson(body): ApiJson<TokenFor, false>,
 ) -> Result<Response, ApiError> {
     own_page(&app, &headers)?;
     let (_, session) = current(&app, &headers).await?;
@@ -394,7 +399,7 @@ pub async fn create(
     me: Manager,
     Path(domain): Path<String>,
     headers: HeaderMap,
-    ApiJson(body): ApiJson<NewAgent>,
+    ApiJson(body): ApiJson<NewAgent, false>,
 ) -> Result<Response, ApiError> {
     me.of(&app, &domain)?;
     let role = match body.role.as_deref() {

@@ -3,14 +3,16 @@
 //! share with them; and `GET /api/usage`, the AI usage report.
 //!
 //! Request body (seeds 000 and 001): `{ "message", "context"?, "model"?, "domainId"?,
-//! "userId"?, "conversationId"? }`. The caller is whoever the token says (anonymous: a
-//! demo visitor); `domainId`, when given, must be the caller's own, and `userId` is
-//! informational only.
+//! "userId"?, "userName"?, "conversationId"? }`. The caller is whoever the token says; a
+//! caller without one is a visitor of the demo, or of the public domain its `domainId`
+//! names, under its own `userId` where that domain lets clients name themselves. With a
+//! token, `domainId` must be the caller's own.
 
 use std::convert::Infallible;
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
@@ -44,16 +46,36 @@ pub struct AskBody {
     /// Must be the caller's domain when given.
     #[serde(default)]
     pub domain_id: Option<String>,
-    /// Informational (the caller is whoever the token says).
+    /// The caller's own id, taken only from a client without a token in a domain with
+    /// `anonymous_identity = "client"` (otherwise the caller is whoever the token says).
     #[serde(default)]
-    #[allow(dead_code)]
     pub user_id: Option<String>,
+    /// Its name, likewise.
+    #[serde(default)]
+    pub user_name: Option<String>,
     /// A conversation that keeps its history.
     #[serde(default)]
     pub conversation_id: Option<String>,
 }
 
 impl AskBody {
+    /// Who asks: `identity`, or for a client without a token, the identity its `domainId`
+    /// and `userId` settle ([`crate::auth::Authenticator::settle`]).
+    pub fn caller(
+        &self,
+        app: &AppState,
+        identity: &Identity,
+        origin: Option<&str>,
+    ) -> Result<Identity, ServiceError> {
+        let claimed = crate::auth::Claimed {
+            domain_id: self.domain_id.as_deref(),
+            user_id: self.user_id.as_deref(),
+            user_name: self.user_name.as_deref(),
+            role: None,
+        };
+        Ok(app.auth.settle(identity, claimed, origin)?)
+    }
+
     /// The service request, after checking the domain.
     pub fn into_ask(self, identity: &Identity) -> Result<Ask, ServiceError> {
         if let Some(d) = &self.domain_id
@@ -281,9 +303,11 @@ pub async fn chat(
     State(app): State<AppState>,
     ClientIp(address): ClientIp,
     Caller(me): Caller,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<AskBody>,
 ) -> Result<Response, ApiError> {
     let conversation = body.conversation_id.clone();
+    let me = body.caller(&app, &me, page_origin(&headers))?;
     let ask = body.into_ask(&me)?;
     let mut events = app.ai.ask(&me, ask, address).await?;
     let mut gathered = Gathered::default();
@@ -303,13 +327,25 @@ pub async fn stream(
     State(app): State<AppState>,
     ClientIp(address): ClientIp,
     Caller(me): Caller,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<AskBody>,
 ) -> Result<Response, ApiError> {
+    let me = body.caller(&app, &me, page_origin(&headers))?;
     let ask = body.into_ask(&me)?;
     let events = app.ai.ask(&me, ask, address).await?;
     Ok(Sse::new(sse_events(events))
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+/// The `Origin` of a page of another site (Parlor's own pages and non-browser clients:
+/// none).
+pub fn page_origin(headers: &HeaderMap) -> Option<&str> {
+    if super::edge::same_origin(headers) {
+        None
+    } else {
+        super::edge::origin(headers)
+    }
 }
 
 fn sse_events(

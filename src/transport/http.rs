@@ -9,6 +9,7 @@ use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -148,14 +149,13 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
-        let identity = app
-            .auth
-            .identify(bearer_token(&parts.headers))
-            .await
-            .map_err(|e| {
+        let identity = match bearer_token(&parts.headers).filter(|t| !t.is_empty()) {
+            None => super::visitor::anonymous(&parts.extensions),
+            token => app.auth.identify(token).await.map_err(|e| {
                 app.metrics.client_error(e.code());
                 ApiError::unauthorized(e.code(), e.to_string())
-            })?;
+            })?,
+        };
         if let Err(wait) = app.edge.check_identity(&identity).await {
             app.metrics.client_error("rate_limited");
             return Err(ApiError::rate_limited(wait, "requests by this identity"));
@@ -164,18 +164,55 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
-/// `Json<T>` whose rejections use the API's error shape.
+/// `Json<T>` whose rejections use the API's error shape. A body sent without a
+/// `Content-Type`, or as `text/plain`, is read as JSON too: the seeds' clients post JSON
+/// that way (`fetch` with a string body), and these endpoints take bearer tokens, not
+/// cookies, so such a body gives a cross-site form nothing (the cookie-session endpoints
+/// refuse cross-site requests on their own). Any other non-JSON type is 415. With
+/// `LENIENT = false` (the cookie-session endpoints, as a second line of defence) only
+/// `application/json` is read.
 #[derive(Debug)]
-pub struct ApiJson<T>(pub T);
+pub struct ApiJson<T, const LENIENT: bool = true>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+impl<T: DeserializeOwned, S: Send + Sync, const LENIENT: bool> FromRequest<S>
+    for ApiJson<T, LENIENT>
+{
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
+        if !LENIENT || !lenient_content_type(req.headers()) {
+            return match Json::<T>::from_request(req, state).await {
+                Ok(Json(v)) => Ok(Self(v)),
+                Err(rejection) => Err(json_rejection(&rejection)),
+            };
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "request body is too large",
+                )
+            } else {
+                ApiError::bad_request("invalid_body", r.body_text())
+            }
+        })?;
+        match Json::<T>::from_bytes(&bytes) {
             Ok(Json(v)) => Ok(Self(v)),
             Err(rejection) => Err(json_rejection(&rejection)),
         }
+    }
+}
+
+/// No `Content-Type` at all, or `text/plain` (with any parameters).
+fn lenient_content_type(headers: &HeaderMap) -> bool {
+    match headers.get(header::CONTENT_TYPE) {
+        None => true,
+        Some(v) => v.to_str().is_ok_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/plain"))
+        }),
     }
 }
 
@@ -302,6 +339,11 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
 pub struct PostMessage {
     message: String,
     chat_room_id: String,
+    /// Without a token: the domain (the demo's, or a public one's).
+    domain_id: Option<String>,
+    /// Without a token, where the domain lets clients name themselves: who writes.
+    user_id: Option<String>,
+    user_name: Option<String>,
     role: Option<String>,
     client_message_id: Option<String>,
     data: Option<Value>,
@@ -311,8 +353,16 @@ pub struct PostMessage {
 pub async fn post_message(
     State(app): State<AppState>,
     Caller(identity): Caller,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<PostMessage>,
 ) -> Result<Response, ApiError> {
+    let claimed = crate::auth::Claimed {
+        domain_id: body.domain_id.as_deref(),
+        user_id: body.user_id.as_deref(),
+        user_name: body.user_name.as_deref(),
+        role: body.role.as_deref(),
+    };
+    let identity = settled(&app, &identity, claimed, &headers)?;
     app.handoff
         .take_on_reply(&identity, &body.chat_room_id)
         .await;
@@ -325,6 +375,28 @@ pub async fn post_message(
         data: body.data,
     };
     store_message(&app, &identity, out).await
+}
+
+/// The caller once what a token-less one `claimed` is applied
+/// ([`crate::auth::Authenticator::settle`]); with a token, a `domainId` must be its own.
+fn settled(
+    app: &AppState,
+    identity: &Identity,
+    claimed: crate::auth::Claimed<'_>,
+    headers: &HeaderMap,
+) -> Result<Identity, ApiError> {
+    if !identity.anonymous
+        && let Some(d) = claimed.domain_id
+        && d != &*identity.domain_id
+    {
+        return Err(error(
+            app,
+            ServiceError::Forbidden(format!("domainId {d:?} is not the caller's domain")),
+        ));
+    }
+    app.auth
+        .settle(identity, claimed, super::ai::page_origin(headers))
+        .map_err(|e| error(app, e.into()))
 }
 
 /// Stores an HTTP caller's message (asking the policy first) and answers with it: 201 when
@@ -518,7 +590,7 @@ pub async fn visitor_token(
             "visitor tokens from this address",
         ));
     }
-    if !app.config.domains.iter().any(|d| d.id == body.domain_id) {
+    if app.auth.domains().load().get(&body.domain_id).is_none() {
         app.metrics.client_error("unknown_domain");
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -558,14 +630,22 @@ pub async fn visitor_token(
 pub struct ListQuery {
     chat_room_id: String,
     limit: Option<usize>,
+    /// Without a token: the domain (the demo's, or a public one's).
+    domain_id: Option<String>,
 }
 
 /// `GET /api/messages?chatRoomId=`: the room's latest messages, oldest first.
 pub async fn list_messages(
     State(app): State<AppState>,
     Caller(identity): Caller,
+    headers: HeaderMap,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Response, ApiError> {
+    let claimed = crate::auth::Claimed {
+        domain_id: q.domain_id.as_deref(),
+        ..crate::auth::Claimed::default()
+    };
+    let identity = settled(&app, &identity, claimed, &headers)?;
     let limit = q.limit.unwrap_or(app.config.limits.max_page);
     let (page, has_more) = app
         .chat

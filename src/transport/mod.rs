@@ -10,6 +10,7 @@
 //! - [`handoff`]: the hand-off HTTP API (inbox, assign, resolve, notes).
 //! - [`web`]: the pages compiled into the binary (widget, agent inbox, demo page).
 //! - [`listen`]: the TCP listener: per-address connection cap, header and body timeouts.
+//! - [`visitor`]: the cookie that keeps a token-less browser one visitor.
 //!
 //! [`router`] assembles them into one axum app, apart from serving it ([`listen::serve`]),
 //! so tests can drive it with `oneshot` or a real listener.
@@ -21,6 +22,7 @@ pub mod edge;
 pub mod handoff;
 pub mod http;
 pub mod listen;
+pub mod visitor;
 pub mod web;
 pub mod wire;
 pub mod ws;
@@ -126,6 +128,10 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             listen::body_in_time,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            visitor::remember,
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

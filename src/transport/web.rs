@@ -507,7 +507,7 @@ pub struct DevLogin {
 pub async fn dev_agent_token(
     State(app): State<AppState>,
     ClientIp(ip): ClientIp,
-    ApiJson(body): ApiJson<DevLogin>,
+    ApiJson(body): ApiJson<DevLogin, false>,
 ) -> Result<Response, ApiError> {
     if !app.config.web.dev_login {
         return Err(ApiError::new(

@@ -120,8 +120,11 @@ pub async fn upgrade(
                 .find_map(|p| p.strip_prefix(TOKEN_SUBPROTOCOL_PREFIX))
         })
         .map(str::to_owned);
-    let token = token.as_deref();
-    let identity = match app.auth.identify(token).await {
+    let identified = match token.as_deref() {
+        None => Ok(super::visitor::anonymous(req.extensions())),
+        token => app.auth.identify(token).await,
+    };
+    let identity = match identified {
         Ok(identity) => identity,
         Err(e) => {
             app.metrics.client_error(e.code());
@@ -185,6 +188,7 @@ pub async fn upgrade(
         .flatten()
         .map(|ua| Box::from(truncate(ua, MAX_CONTEXT_CHARS)));
     let limits = &app.config.limits;
+    let identity_anonymous = identity.anonymous;
     let id = app.next_connection_id();
     let (handle, rx) = ConnHandle::bounded(
         id,
@@ -206,6 +210,7 @@ pub async fn upgrade(
         display_name: None,
         origin: origin.map(Box::from),
         auth_until: Instant::now() + AUTH_FRAME_WINDOW,
+        settled: !identity_anonymous,
         permits: (permit, admitted.permit, address_slot, tcp_slot),
         address,
         online,
@@ -487,6 +492,9 @@ struct Connection {
     origin: Option<Box<str>>,
     /// Until when an anonymous connection may still authenticate with an `auth` frame.
     auth_until: Instant,
+    /// Whether the identity is final: a token's at once; a token-less connection's at its
+    /// first `join-room`, which may name its domain and (where the domain allows) itself.
+    settled: bool,
     /// This connection's places in the server's and its domain's connection limits, and
     /// under its address's caps on WebSockets and on TCP connections.
     permits: (
@@ -524,6 +532,7 @@ impl Connection {
         if let Some(room) = auto_join {
             let frame = JoinRoom {
                 room_id: Some(room),
+                auto: true,
                 ..JoinRoom::default()
             };
             if let Err(Gone(e)) = Box::pin(self.join(&mut socket, frame, None)).await {
@@ -934,15 +943,6 @@ impl Connection {
                 )
                 .await;
         }
-        // The connection now counts against the new domain's limits.
-        let Some(admitted) = admit_to_domain(&self.app, &identity) else {
-            return self
-                .error(socket, reply_to, "too_many_connections", DOMAIN_FULL)
-                .await;
-        };
-        self.permits.1 = admitted.permit;
-        self.limiter = admitted.limiter;
-        self.frame_rate = admitted.frame_rate;
         let frame = json!({
             "type": "authenticated",
             "replyTo": reply_to,
@@ -951,6 +951,29 @@ impl Connection {
             "role": identity.role.as_str(),
             "domainId": &*identity.domain_id,
         });
+        if !self.rebind(identity) {
+            return self
+                .error(socket, reply_to, "too_many_connections", DOMAIN_FULL)
+                .await;
+        }
+        self.settled = true;
+        self.display_name = None;
+        self.current_room = None;
+        self.send(socket, to_bytes(&frame)).await
+    }
+
+    /// Makes `identity` the connection's, in a room-less connection: a new handle and
+    /// queue, counted against its domain's limits and among its online users. False (and
+    /// nothing changed) when its domain is at its connection limit.
+    fn rebind(&mut self, identity: Identity) -> bool {
+        if identity.domain_id != self.handle.identity().domain_id {
+            let Some(admitted) = admit_to_domain(&self.app, &identity) else {
+                return false;
+            };
+            self.permits.1 = admitted.permit;
+            self.limiter = admitted.limiter;
+            self.frame_rate = admitted.frame_rate;
+        }
         let (handle, rx) = ConnHandle::bounded(
             self.handle.id(),
             Arc::new(identity),
@@ -961,9 +984,60 @@ impl Connection {
         self.rx = rx;
         let who = self.handle.identity();
         self.online = self.app.shared.online(who, who.role.as_str());
-        self.display_name = None;
-        self.current_room = None;
-        self.send(socket, to_bytes(&frame)).await
+        true
+    }
+
+    /// A token-less connection's first `join-room`: the identity its fields settle
+    /// ([`crate::auth::Authenticator::settle`]) becomes the connection's. The `?roomId=`
+    /// room joined at connect is left under the old identity and, in the same domain, kept
+    /// with what the client was sent there (the join that follows sends only what is
+    /// missing); a room of the domain it leaves is forgotten.
+    async fn settle(&mut self, socket: &mut WsSocket, f: &JoinRoom) -> Result<Sent, ServiceError> {
+        let current = Arc::clone(self.handle.identity());
+        let claimed = crate::auth::Claimed {
+            domain_id: f.domain_id.as_deref(),
+            user_id: f.user_id.as_deref(),
+            user_name: f.user_name.as_deref(),
+            role: f.role.as_deref(),
+        };
+        let identity = self
+            .app
+            .auth
+            .settle(&current, claimed, self.origin.as_deref())?;
+        self.settled = true;
+        if identity == *current {
+            return Ok(Ok(()));
+        }
+        let domain = Arc::clone(&identity.domain_id);
+        let joined = self.rooms.take();
+        for (key, _) in &joined {
+            self.app.chat.leave(&self.handle, key);
+        }
+        // What the old queue holds still goes out, in order, before the queue is replaced.
+        for (key, cursor) in &joined {
+            self.rooms.insert(key.clone(), *cursor);
+        }
+        while let Ok(envelope) = self.rx.try_recv() {
+            if let Err(gone) = Box::pin(self.write_events(socket, envelope)).await {
+                return Ok(Err(gone));
+            }
+        }
+        self.rooms.take();
+        if !self.rebind(identity) {
+            self.current_room = None;
+            return Err(ServiceError::Conflict {
+                code: "too_many_connections",
+                message: DOMAIN_FULL.to_owned(),
+            });
+        }
+        for (key, cursor) in joined {
+            if key.domain_id == domain {
+                self.rooms.insert(key, cursor);
+            } else if self.current_room.as_deref() == Some(&*key.room_id) {
+                self.current_room = None;
+            }
+        }
+        Ok(Ok(()))
     }
 
     /// The key of the room a frame refers to: its `roomId`, else the current room.
@@ -995,7 +1069,25 @@ impl Connection {
     }
 
     async fn join(&mut self, socket: &mut WsSocket, f: JoinRoom, reply_to: ReplyTo) -> Sent {
+        if !self.settled && !f.auto {
+            match self.settle(socket, &f).await {
+                Ok(sent) => sent?,
+                Err(e) => return self.service_error(socket, reply_to, &e).await,
+            }
+        }
         let identity = Arc::clone(self.handle.identity());
+        // A token's domain is the token's (a `domainId` beside it is not read); a
+        // token-less connection stays in the domain its first `join-room` settled.
+        if identity.anonymous
+            && let Some(d) = f.domain_id.as_deref()
+            && d != &*identity.domain_id
+        {
+            let message = format!(
+                "this connection is in domain {:?}; use another connection for another domain",
+                &*identity.domain_id
+            );
+            return self.error(socket, reply_to, "forbidden", &message).await;
+        }
         if let Some(role) = f.role.as_deref()
             && let Err(m) = policy::message_role(&identity, Some(role))
         {
@@ -1274,10 +1366,12 @@ impl Connection {
         reply_to: ReplyTo,
         stream: bool,
     ) -> Sent {
-        let identity = Arc::clone(self.handle.identity());
         let conversation = f.conversation_id.clone();
-        let started = match f.into_ask(&identity) {
-            Ok(ask) => self.app.ai.ask(&identity, ask, self.address).await,
+        let started = match f
+            .caller(&self.app, self.handle.identity(), self.origin.as_deref())
+            .and_then(|me| Ok((f.into_ask(&me)?, me)))
+        {
+            Ok((ask, me)) => self.app.ai.ask(&me, ask, self.address).await,
             Err(e) => Err(e),
         };
         let mut events = match started {
@@ -1578,12 +1672,19 @@ struct Head<'a> {
 struct JoinRoom {
     room_id: Option<String>,
     since: Option<u64>,
+    /// A client without a token: the domain it wants (a public one, or the demo).
+    domain_id: Option<String>,
+    /// A client without a token, in a domain that lets clients name themselves: its id.
+    user_id: Option<String>,
     user_name: Option<String>,
     customer_data: Option<Value>,
     /// Where a visitor is: `{page, title, referrer, language, timeZone}` (the widget's).
     context: Option<Value>,
     /// Checked, never granted.
     role: Option<String>,
+    /// The `?roomId=` join at connect (it settles nobody's identity).
+    #[serde(skip)]
+    auto: bool,
 }
 
 /// The longest value kept of a visitor's context, in characters.
