@@ -300,6 +300,12 @@ pub struct Note {
     pub created_at: DateTime<Utc>,
 }
 
+/// Whether a message's role label is a visitor's: `visitor`, or the names a client that
+/// names itself may use (`customer`, `user`).
+pub fn is_visitor_label(role: &str) -> bool {
+    matches!(role, "visitor" | "customer" | "user")
+}
+
 /// Ids (rooms, domains, client message ids, user ids) are 1–128 printable ASCII characters
 /// from a conservative set, so they are safe in URLs, logs and Redis channel names.
 pub fn valid_id(id: &str) -> bool {

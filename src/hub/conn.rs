@@ -50,6 +50,8 @@ pub struct Envelope {
     pub event: Event,
     /// The native WebSocket encoding, filled by the first connection that writes it.
     pub native: OnceLock<bytes::Bytes>,
+    /// The Eclipse dialect's encoding, likewise.
+    pub eclipse: OnceLock<bytes::Bytes>,
     /// About how many bytes the event takes once encoded: what it costs a queue.
     pub size: usize,
 }
@@ -70,6 +72,7 @@ impl Envelope {
         Arc::new(Self {
             event,
             native: OnceLock::new(),
+            eclipse: OnceLock::new(),
             size,
         })
     }

@@ -765,7 +765,7 @@ impl AiService {
             self.stop(&message.room);
             return;
         }
-        if message.author.role != Role::Visitor.as_str()
+        if !crate::model::is_visitor_label(&message.author.role)
             || message.room.room_id.starts_with(CONVERSATION_PREFIX)
         {
             return;
@@ -1384,7 +1384,7 @@ fn history_turns(history: &[Message]) -> Vec<Turn> {
         .iter()
         .filter_map(|m| {
             let speaker = match m.author.role.as_str() {
-                "visitor" | "user" | "customer" => Speaker::User,
+                r if crate::model::is_visitor_label(r) => Speaker::User,
                 "assistant" | "agent" | "admin" => Speaker::Assistant,
                 _ => return None,
             };

@@ -600,7 +600,7 @@ impl HandoffService {
             return;
         }
         let role = message.author.role.as_str();
-        let visitor = role == Role::Visitor.as_str();
+        let visitor = crate::model::is_visitor_label(role);
         let agent = role == Role::Agent.as_str();
         // With one node and nobody watching the inbox, only visitors' and agents' messages
         // matter here; with several, an agent elsewhere may be watching.

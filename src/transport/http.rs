@@ -423,14 +423,20 @@ async fn store_message(
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Publish {
+    #[serde(alias = "content")]
     message: String,
-    #[serde(alias = "chatRoomId")]
+    #[serde(alias = "chatRoomId", alias = "chatId")]
     room_id: String,
     role: Option<String>,
     client_message_id: Option<String>,
     data: Option<Value>,
     /// Optional; when given it must be the key's own domain.
     domain_id: Option<String>,
+    /// Who the message is from, when the back end writes for one of its users (an agent
+    /// who replied in its own app); the back end itself when absent.
+    user_id: Option<String>,
+    /// That user's name.
+    user_name: Option<String>,
 }
 
 /// `POST /api/publish`: stores a message from a back end (server API key) and broadcasts
@@ -455,6 +461,20 @@ pub async fn publish(
             &app,
             ServiceError::Forbidden("a server key publishes only into its own domain".into()),
         ));
+    }
+    let mut identity = identity;
+    if let Some(user) = body.user_id {
+        if !valid_id(&user) {
+            return Err(error(
+                &app,
+                ServiceError::invalid("invalid_user_id", "`userId` is not a valid user id"),
+            ));
+        }
+        identity.name = body
+            .user_name
+            .filter(|n| !n.trim().is_empty())
+            .map_or_else(|| user.clone(), |n| n.chars().take(100).collect());
+        identity.user_id = user;
     }
     let out = Outgoing {
         room_id: &body.room_id,

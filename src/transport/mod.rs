@@ -70,6 +70,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/rooms/{id}/conversation", get(handoff::conversation))
         .route("/api/rooms/{id}/escalate", post(handoff::escalate))
         .route("/api/rooms/{id}/assign", post(handoff::assign))
+        // Eclipse's path for the same.
+        .route("/api/chats/{id}/assign", post(handoff::assign))
         .route("/api/rooms/{id}/unassign", post(handoff::unassign))
         .route("/api/rooms/{id}/transfer", post(handoff::transfer))
         .route("/api/rooms/{id}/resolve", post(handoff::resolve))

@@ -481,13 +481,28 @@ pub async fn inbox(State(app): State<AppState>, headers: HeaderMap) -> Response 
 
 /// `GET /`: the demo page for a browser (which asks for `text/html`); the JSON status, as
 /// the seeds answer there, for everyone else.
-pub async fn root(State(app): State<AppState>, headers: HeaderMap) -> Response {
+pub async fn root(State(app): State<AppState>, req: axum::extract::Request) -> Response {
+    // Eclipse's clients open their WebSocket at the server's bare URL.
+    if req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+    {
+        return match axum::extract::Query::try_from_uri(req.uri()) {
+            Ok(query) => super::ws::upgrade(State(app), query, req).await,
+            Err(e) => {
+                super::http::ApiError::bad_request("invalid_query", e.body_text()).into_response()
+            }
+        };
+    }
+    let headers = req.headers();
     let wants_html = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|accept| accept.contains("text/html"));
     if wants_html {
-        serve(&app, &DEMO, &headers, REVALIDATE).await
+        serve(&app, &DEMO, headers, REVALIDATE).await
     } else {
         super::http::health(State(app)).await
     }

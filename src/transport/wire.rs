@@ -96,6 +96,26 @@ pub fn to_bytes<T: Serialize>(value: &T) -> Bytes {
     }
 }
 
+/// `frame` (a native frame's JSON) in the Eclipse dialect: a stored message is
+/// `type: "message"`, every other type is in snake case (`agent-joined` → `agent_joined`),
+/// and a frame about a room names it `chatId` too.
+pub fn eclipse_frame(frame: &[u8]) -> Bytes {
+    let Ok(serde_json::Value::Object(mut v)) = serde_json::from_slice::<serde_json::Value>(frame)
+    else {
+        return Bytes::copy_from_slice(frame);
+    };
+    if let Some(serde_json::Value::String(kind)) = v.get_mut("type") {
+        *kind = match kind.as_str() {
+            "message-received" => "message".to_owned(),
+            other => other.replace('-', "_"),
+        };
+    }
+    if let Some(room) = v.get("roomId").cloned() {
+        v.insert("chatId".to_owned(), room);
+    }
+    to_bytes(&v)
+}
+
 /// The native encoding of a hub event.
 pub fn encode_event(event: &Event) -> Bytes {
     match event {

@@ -139,6 +139,17 @@ impl TestServer {
         parlor::auth::issue_token(secret, user, Some(user), "visitor", "demo", 600).expect("token")
     }
 
+    /// A token for `user` with `role` in `domain`.
+    pub fn token_in(&self, domain: &str, user: &str, role: &str) -> String {
+        let secret = self
+            .config
+            .auth
+            .jwt_secret
+            .as_ref()
+            .expect("test servers have a secret");
+        parlor::auth::issue_token(secret, user, Some(user), role, domain, 600).expect("token")
+    }
+
     /// Connects as `user`.
     pub async fn connect_as(&self, user: &str) -> Client {
         Client::connect(&self.ws(&format!("/ws?token={}", self.token(user)))).await

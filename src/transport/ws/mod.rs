@@ -31,13 +31,14 @@ use super::edge::AddressSlot;
 use super::http::{ApiError, bearer_token};
 use super::listen::TcpSlot;
 use super::wire::{
-    WireMessage, WireUser, agent_json, conversation_json, encode_event, inbox_entry_json,
-    note_json, to_bytes,
+    WireMessage, WireUser, agent_json, conversation_json, eclipse_frame, encode_event,
+    inbox_entry_json, note_json, to_bytes,
 };
 use crate::AppState;
 use crate::auth::domains::DomainPermit;
 use crate::auth::policy;
 use crate::broker::shared::Online;
+use crate::config::Dialect;
 use crate::hub::{
     CLOSE_RESYNC, CLOSE_SLOW_CONSUMER, ConnHandle, Cursor, Cursors, Envelope, Event, Joined, Kick,
     Replay, Step,
@@ -189,6 +190,11 @@ pub async fn upgrade(
         .map(|ua| Box::from(truncate(ua, MAX_CONTEXT_CHARS)));
     let limits = &app.config.limits;
     let identity_anonymous = identity.anonymous;
+    let dialect = dialect_of(&app, &identity);
+    // A token that names its room (Eclipse's `chatId`) joins it at once.
+    let auto_join = query
+        .room_id
+        .or_else(|| identity.room.as_deref().map(str::to_owned));
     let id = app.next_connection_id();
     let (handle, rx) = ConnHandle::bounded(
         id,
@@ -211,12 +217,12 @@ pub async fn upgrade(
         origin: origin.map(Box::from),
         auth_until: Instant::now() + AUTH_FRAME_WINDOW,
         settled: !identity_anonymous,
+        dialect,
         permits: (permit, admitted.permit, address_slot, tcp_slot),
         address,
         online,
         browser,
     };
-    let auto_join = query.room_id;
     let max_message = limits.max_frame_bytes;
     let on_upgrade = hyper::upgrade::on(&mut req);
     app.tracker.spawn(async move {
@@ -332,13 +338,27 @@ fn handshake_key(headers: &HeaderMap) -> Result<String, &'static str> {
     }
 }
 
-/// Adds `envelope` to the socket's write buffer, encoded once for every connection that
-/// writes it.
-fn write(socket: &mut WsSocket, envelope: &Envelope) {
-    let bytes = envelope
+/// Adds `envelope` to the socket's write buffer in the connection's dialect, encoded once
+/// per dialect for every connection that writes it.
+fn write(socket: &mut WsSocket, envelope: &Envelope, dialect: Dialect) {
+    let native = envelope
         .native
         .get_or_init(|| encode_event(&envelope.event));
-    socket.queue_text(bytes);
+    match dialect {
+        Dialect::Native => socket.queue_text(native),
+        Dialect::Eclipse => {
+            socket.queue_text(envelope.eclipse.get_or_init(|| eclipse_frame(native)))
+        }
+    }
+}
+
+/// The dialect of `identity`'s domain.
+fn dialect_of(app: &AppState, identity: &Identity) -> Dialect {
+    app.auth
+        .domains()
+        .load()
+        .get(&identity.domain_id)
+        .map_or(Dialect::Native, |d| d.settings.dialect)
 }
 
 /// How a connection kicked by the hub ends.
@@ -492,6 +512,8 @@ struct Connection {
     origin: Option<Box<str>>,
     /// Until when an anonymous connection may still authenticate with an `auth` frame.
     auth_until: Instant,
+    /// How the connection's domain speaks.
+    dialect: Dialect,
     /// Whether the identity is final: a token's at once; a token-less connection's at its
     /// first `join-room`, which may name its domain and (where the domain allows) itself.
     settled: bool,
@@ -629,7 +651,7 @@ impl Connection {
             match self.advance(&envelope) {
                 Step::Sent => {}
                 Step::Next => {
-                    write(socket, &envelope);
+                    write(socket, &envelope, self.dialect);
                     written += 1;
                 }
                 Step::Gap { after, before } => {
@@ -637,7 +659,7 @@ impl Connection {
                         written += Box::pin(self.fill(socket, message, after, before)).await?;
                         self.advance(&envelope);
                     }
-                    write(socket, &envelope);
+                    write(socket, &envelope, self.dialect);
                     written += 1;
                 }
             }
@@ -708,7 +730,7 @@ impl Connection {
         for m in page {
             let envelope = Envelope::new(Event::Message(m));
             self.advance(&envelope);
-            write(socket, &envelope);
+            write(socket, &envelope, self.dialect);
         }
         Ok(missing)
     }
@@ -984,6 +1006,7 @@ impl Connection {
         self.rx = rx;
         let who = self.handle.identity();
         self.online = self.app.shared.online(who, who.role.as_str());
+        self.dialect = dialect_of(&self.app, who);
         true
     }
 
@@ -1024,17 +1047,16 @@ impl Connection {
         }
         self.rooms.take();
         if !self.rebind(identity) {
-            self.current_room = None;
             return Err(ServiceError::Conflict {
                 code: "too_many_connections",
                 message: DOMAIN_FULL.to_owned(),
             });
         }
+        // The current room stays the one named (a `join-room` without `roomId` joins it
+        // in the new domain).
         for (key, cursor) in joined {
             if key.domain_id == domain {
                 self.rooms.insert(key, cursor);
-            } else if self.current_room.as_deref() == Some(&*key.room_id) {
-                self.current_room = None;
             }
         }
         Ok(Ok(()))
