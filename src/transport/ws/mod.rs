@@ -347,7 +347,7 @@ fn write(socket: &mut WsSocket, envelope: &Envelope, dialect: Dialect) {
     match dialect {
         Dialect::Native => socket.queue_text(native),
         Dialect::Eclipse => {
-            socket.queue_text(envelope.eclipse.get_or_init(|| eclipse_frame(native)))
+            socket.queue_text(envelope.eclipse.get_or_init(|| eclipse_frame(native)));
         }
     }
 }
