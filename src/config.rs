@@ -1165,6 +1165,17 @@ impl Config {
                 self.broker
             )));
         }
+        if let Some(url) = self.broker_url() {
+            check_url_parameters("broker", url, BROKER_PARAMETERS)?;
+            if url.starts_with("redis://") && url_parameter(url, "sslrootcert").is_some() {
+                return Err(ConfigError::Invalid(
+                    "broker: sslrootcert is for TLS; use a rediss:// URL".to_owned(),
+                ));
+            }
+        }
+        if let Some(url) = self.postgres_url() {
+            check_url_parameters("database", url, POSTGRES_PARAMETERS)?;
+        }
         if self.broker_position_check_ms < Duration::from_millis(100) {
             return Err(ConfigError::Invalid(
                 "broker_position_check_ms must be at least 100".to_owned(),
@@ -1341,6 +1352,69 @@ pub fn redact_url(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// The query parameters of a `broker` URL Parlor honours (the CA that verifies a
+/// `rediss://` server).
+const BROKER_PARAMETERS: &[&str] = &["sslrootcert"];
+
+/// The query parameters of a PostgreSQL `database` URL the driver honours; it would ignore
+/// any other (`sslnegotiation`, `channel_binding`, `gssencmode`…) with a warning, which for
+/// a security setting means silently connecting without it.
+const POSTGRES_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// The query of `url` as (name, value) pairs, undecoded.
+fn url_parameters(url: &str) -> impl Iterator<Item = (&str, &str)> {
+    url.split_once('?')
+        .map_or("", |(_, q)| q.split('#').next().unwrap_or_default())
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+}
+
+/// The value of the query parameter `name` of `url`, undecoded.
+pub fn url_parameter<'a>(url: &'a str, name: &str) -> Option<&'a str> {
+    url_parameters(url)
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Refuses a URL with a query parameter outside `known`: what the connection would not
+/// honour must stop the start, not be dropped on the way.
+fn check_url_parameters(key: &str, url: &str, known: &[&str]) -> Result<(), ConfigError> {
+    for (name, _) in url_parameters(url) {
+        let known = known.contains(&name) || (key == "database" && name.starts_with("options["));
+        if !known {
+            return Err(ConfigError::Invalid(format!(
+                "{key}: the URL parameter {name:?} is not supported (supported: {})",
+                if key == "database" {
+                    POSTGRES_PARAMETERS.join(", ")
+                } else {
+                    BROKER_PARAMETERS.join(", ")
+                }
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Top-level keys of [`Config`], as environment variables spell them (lowercased).

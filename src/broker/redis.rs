@@ -1013,6 +1013,55 @@ impl Relay for RedisBroker {
     }
 }
 
+/// The TLS client of a `rediss://` broker: the server's certificate must chain to `ca` (a
+/// PEM file of one or more certificates) when given, else to the system's roots
+/// (`SSL_CERT_FILE` and `SSL_CERT_DIR` are honoured).
+fn tls_connector(ca: Option<&str>) -> Result<fred::types::config::TlsConnector, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .and_then(Iterator::collect)
+                .map_err(|e| {
+                    format!("broker: cannot read the CA file {path:?} (sslrootcert): {e}")
+                })?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "broker: the CA file {path:?} (sslrootcert) holds no certificate"
+                ));
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("broker: a certificate in {path:?} is unusable: {e}"))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                // One odd certificate in the system store must not stop the start.
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err(
+                    "broker: rediss:// needs CA certificates: none found in the system store; \
+                     name a CA file with ?sslrootcert=PATH"
+                        .to_owned(),
+                );
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("broker: TLS set-up failed: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config.into())
+}
+
 /// A command client and a subscriber client of the Redis at `url`, connected (within 10 s)
 /// and reconnecting by themselves with exponential back-off from then on.
 /// `delivery_buffer` sizes the subscriber's queue of received publications.
@@ -1020,7 +1069,13 @@ pub(super) async fn open_clients(
     url: &str,
     delivery_buffer: Option<usize>,
 ) -> Result<(fred::clients::Client, SubscriberClient), String> {
-    let config = RedisConfig::from_url(url).map_err(|e| format!("invalid broker URL: {e}"))?;
+    // `sslrootcert` is Parlor's (the CA of a `rediss://` server), not fred's.
+    let ca = crate::config::url_parameter(url, "sslrootcert").map(str::to_owned);
+    let bare = url.split_once('?').map_or(url, |(u, _)| u);
+    let mut config = RedisConfig::from_url(bare).map_err(|e| format!("invalid broker URL: {e}"))?;
+    if bare.starts_with("rediss://") {
+        config.tls = Some(tls_connector(ca.as_deref())?.into());
+    }
     let server = match &config.server {
         fred::types::config::ServerConfig::Centralized { server } => {
             Some((server.host.to_string(), server.port))
@@ -1077,7 +1132,14 @@ async fn unreachable_reason(server: Option<&(String, u16)>, e: &fred::error::Err
             Ok(Ok(_)) => {}
         }
     }
-    e.details().to_owned()
+    let details = e.details();
+    if details.contains("InvalidCertificate") {
+        return format!(
+            "the server's TLS certificate is not trusted ({details}); name the CA that signed \
+             it with ?sslrootcert=PATH"
+        );
+    }
+    details.to_owned()
 }
 
 /// A random node id.
