@@ -440,3 +440,67 @@ async fn publications_the_broker_lost_reach_the_other_nodes_even_the_last_one() 
     }
     c.finish().await;
 }
+
+/// The seed's reconnect across nodes: a client that was on one node comes back on another
+/// with `?roomId=`, then `join-room` with `since` (its last `seq`); it gets exactly what it
+/// missed, once, and then the live messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_since_reconnect_on_another_node_replays_only_what_was_missed() {
+    let Some((db_url, redis)) = servers() else {
+        return;
+    };
+    let db = Database::create(&db_url).await;
+    let c = Cluster::start(2, None, &redis, db).await;
+    let room = "moving";
+    let url = |node: &Node| format!("{}&roomId={room}", node.ws_as("reader", "agent"));
+    let mut writer = Client::connect(&c.nodes[1].ws_as("writer", "agent")).await;
+    writer.join(room, None).await;
+    let mut reader = Client::connect(&url(&c.nodes[0])).await;
+    reader.recv_type("message-history").await;
+    for i in 1..=5 {
+        writer.say(room, &format!("m{i}"), None).await;
+    }
+    let mut last = 0;
+    while last < 5 {
+        last = reader.recv_type("message-received").await["seq"]
+            .as_u64()
+            .unwrap();
+    }
+    drop(reader);
+    for i in 6..=9 {
+        writer.say(room, &format!("m{i}"), None).await;
+    }
+    let mut back = Client::connect(&url(&c.nodes[1])).await;
+    back.recv_type("room-joined").await;
+    let auto = back.recv_type("message-history").await;
+    let mut seen: Vec<u64> = auto["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        seen,
+        (1..=9).collect::<Vec<_>>(),
+        "the auto-join's catch-up"
+    );
+    // The seed's join-room with since: this connection has all of it already.
+    back.send(json!({ "type": "join-room", "roomId": room, "since": last }))
+        .await;
+    back.recv_type("room-joined").await;
+    let replay = back.recv_type("message-history").await;
+    assert_eq!(replay["messages"], json!([]), "nothing twice: {replay}");
+    writer.say(room, "m10", None).await;
+    seen.push(
+        back.recv_type("message-received").await["seq"]
+            .as_u64()
+            .unwrap(),
+    );
+    assert_eq!(seen, (1..=10).collect::<Vec<_>>());
+    // A client that comes back without the auto-join gets only the missed part.
+    let mut plain = Client::connect(&c.nodes[0].ws_as("reader", "agent")).await;
+    let (_, missed) = plain.join(room, Some(5)).await;
+    let seqs: Vec<u64> = missed.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (6..=10).collect::<Vec<_>>());
+    c.finish().await;
+}
