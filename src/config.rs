@@ -392,8 +392,9 @@ pub enum SqliteSync {
     Full,
 }
 
-/// Authentication settings. Full per-domain JWT settings arrive with the auth work; today a
-/// single HS256 secret verifies `?token=` JWTs.
+/// Server-wide authentication settings: the secret of Parlor's own tokens, visitor tokens'
+/// lifetime and the admin keys. Each domain's own tokens are configured on the domain
+/// ([`JwtConfig`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
@@ -440,8 +441,8 @@ pub struct DomainConfig {
     /// `parlor key --domain ID` makes one. Several while a key rotates.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub server_keys: Vec<String>,
-    /// Pusher-style app key and secret pairs (the Pusher-compatible endpoint signs and
-    /// verifies with the secret, so it is kept as given).
+    /// Pusher-style app key and secret pairs, kept as given (a secret that signs must be
+    /// readable); stored and listed by the admin API.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pusher_keys: Vec<PusherKeyConfig>,
     /// Tokens from the domain's own identity provider (see `docs/auth.md`).

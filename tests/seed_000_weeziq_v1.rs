@@ -318,3 +318,57 @@ async fn bad_identities_and_domains_are_refused_and_store_nothing() {
     assert!(fake.received().is_empty());
     s.stop().await;
 }
+
+#[tokio::test]
+async fn from_the_sites_own_page_the_auto_joined_room_is_the_sites() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let fake = FakeVendor::start(vec![Reply::stream(fake_ai::openai_stream(
+        &[ANSWER],
+        (1, 1),
+        true,
+    ))])
+    .await;
+    let s = server(&fake).await;
+    // Someone was there before.
+    let mut first = Client::connect(&s.ws("/ws?domainId=domain-123")).await;
+    first.send(frame(JOIN_ROOM)).await;
+    first
+        .send(json!({ "type": "join-room", "roomId": "room-123" }))
+        .await;
+    first.recv_type("message-history").await;
+    let id = first
+        .request(json!({ "type": "send-message", "roomId": "room-123", "message": "earlier" }))
+        .await;
+    let ack = first.reply(&id).await;
+    assert_eq!(ack["type"], "message-ack", "{ack}");
+
+    // The widget on https://weeziq.com: its page's origin puts it in domain-123 at once.
+    let mut req = s.ws("/ws?roomId=room-123").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("origin", "https://weeziq.com".parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let mut c = Client { ws, next_id: 0 };
+    let (_, auto) = joined(&mut c).await;
+    assert_eq!(ids(&auto), [ack["id"].clone()], "the site's room: {auto}");
+    c.send(frame(JOIN_ROOM)).await;
+    let (room, again) = joined(&mut c).await;
+    assert_eq!(room["members"].as_array().unwrap().len(), 1, "{room}");
+    assert_eq!(again["messages"], json!([]), "nothing twice");
+    c.send(frame(SEND_MESSAGE)).await;
+    let mine = c.recv_type("message-received").await;
+    assert_eq!(
+        (mine["userId"].as_str(), mine["seq"].as_u64()),
+        (Some("user-123"), Some(2))
+    );
+
+    // A page of another site naming the domain is refused at the upgrade.
+    let mut req = s
+        .ws("/ws?roomId=room-123&domainId=domain-123")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("origin", "https://evil.example".parse().unwrap());
+    let refused = tokio_tungstenite::connect_async(req).await.unwrap_err();
+    assert!(refused.to_string().contains("404"), "{refused}");
+    s.stop().await;
+}

@@ -354,6 +354,19 @@ impl DomainTable {
         self.internal_secrets.get(&keys::hash(secret))
     }
 
+    /// The public domain whose `allowed_origins` name `origin` itself (not through `"*"`),
+    /// if exactly one does: a page's own site, which a token-less client from it is in
+    /// unless it names another domain.
+    pub fn public_for_origin(&self, origin: &str) -> Option<&str> {
+        let origin = normalise(origin);
+        let mut found = self.domains.values().filter(|d| {
+            d.settings.public
+                && matches!(&d.origins, Origins::Listed(list) if list.contains(&origin))
+        });
+        let first = found.next()?;
+        found.next().is_none().then_some(first.settings.id.as_str())
+    }
+
     /// The domain `id` if a client without a token may choose it: the demo, or a domain
     /// marked `public` whose `allowed_origins` hold `origin` (when the request has one).
     pub fn public_domain(&self, id: &str, origin: Option<&str>) -> Option<&Arc<Domain>> {

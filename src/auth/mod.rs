@@ -311,7 +311,8 @@ const CLIENT_ROLES: [&str; 3] = ["visitor", "customer", "user"];
 
 impl Authenticator {
     /// The identity of an anonymous caller once what it `claimed` is applied: the domain
-    /// it names, if that is the demo or a `public` domain that allows `origin`; in a domain
+    /// it names, if that is the demo or a `public` domain that allows `origin` (naming
+    /// none, the public domain that lists `origin` itself, if one does); in a domain
     /// with `anonymous_identity = "client"`, its own `userId`, `userName` and role name.
     /// A role only a token gives is refused everywhere. An identity from a token is
     /// returned as it is (whether its domain matches is the caller's check).
@@ -335,7 +336,12 @@ impl Authenticator {
             )));
         }
         let table = self.domains.load();
-        let domain_id = claimed.domain_id.unwrap_or(&base.domain_id);
+        // Unnamed: the public domain of the page's own site, if the caller is still in the
+        // default one.
+        let by_origin = (claimed.domain_id.is_none() && &*base.domain_id == DEMO_DOMAIN)
+            .then(|| origin.and_then(|o| table.public_for_origin(o)))
+            .flatten();
+        let domain_id = claimed.domain_id.or(by_origin).unwrap_or(&base.domain_id);
         let domain = if domain_id == &*base.domain_id {
             table.get(domain_id)
         } else {

@@ -84,6 +84,8 @@ pub struct WsQuery {
     room_id: Option<String>,
     /// Connection token.
     token: Option<String>,
+    /// Without a token: the domain to be a visitor of (the demo, or a public one).
+    domain_id: Option<String>,
 }
 
 /// `GET /ws`: checks the handshake, authenticates, checks capacity, and upgrades.
@@ -131,6 +133,27 @@ pub async fn upgrade(
             app.metrics.client_error(e.code());
             return ApiError::unauthorized(e.code(), e.to_string()).into_response();
         }
+    };
+    // A token-less client from a public domain's own site is in that domain from the
+    // start (`?domainId=` names one explicitly), so that its `?roomId=` room is that
+    // domain's.
+    let identity = if identity.anonymous {
+        let claimed = crate::auth::Claimed {
+            domain_id: query.domain_id.as_deref(),
+            ..crate::auth::Claimed::default()
+        };
+        match app
+            .auth
+            .settle(&identity, claimed, super::ai::page_origin(req.headers()))
+        {
+            Ok(settled) => settled,
+            Err(e) => {
+                app.metrics.client_error(e.code());
+                return super::http::ApiError::from(ServiceError::from(e)).into_response();
+            }
+        }
+    } else {
+        identity
     };
     if let Err(wait) = app.edge.check_identity(&identity).await {
         app.metrics.client_error("rate_limited");
@@ -1053,10 +1076,26 @@ impl Connection {
             });
         }
         // The current room stays the one named (a `join-room` without `roomId` joins it
-        // in the new domain).
+        // in the new domain). A room of the same domain is joined again as the new
+        // identity, from where the connection stands: what came meanwhile is written now.
         for (key, cursor) in joined {
-            if key.domain_id == domain {
-                self.rooms.insert(key, cursor);
+            if key.domain_id != domain {
+                continue;
+            }
+            let rejoined = self
+                .app
+                .chat
+                .join(&self.handle, &key.room_id, Replay::Since(cursor.upto), None)
+                .await?;
+            self.rooms.insert(key, cursor);
+            for m in rejoined.history {
+                let envelope = Envelope::new(Event::Message(m));
+                if self.advance(&envelope) == Step::Next {
+                    write(socket, &envelope, self.dialect);
+                }
+            }
+            if let Err(gone) = self.bounded(socket.flush()).await {
+                return Ok(Err(gone));
             }
         }
         Ok(Ok(()))
