@@ -471,9 +471,9 @@ pub struct DomainConfig {
     /// The wire dialect of its connections (see `docs/migrate/`).
     #[serde(default, skip_serializing_if = "Dialect::is_native")]
     pub dialect: Dialect,
-    /// A shared secret the domain's back end may present as `Authorization: Bearer` on
-    /// `POST /api/publish` and the assign endpoints, like a server key (Eclipse's
-    /// `INTERNAL_API_SECRET`).
+    /// A shared secret the domain's back end may present as `Authorization: Bearer`
+    /// wherever a server key is taken (`POST /api/publish`, the assign endpoints…):
+    /// Eclipse's `INTERNAL_API_SECRET`. At least 16 bytes, no dots or spaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub internal_secret: Option<Secret>,
 }
@@ -955,8 +955,21 @@ pub struct ClaimPaths {
     /// Role of a token without the role claim.
     pub default_role: String,
     /// The room the token is for (Eclipse's `chatId`): a connection with it is joined to
-    /// that room at connect, and a visitor may use that room whoever created it.
-    pub room: String,
+    /// that room at connect, and a visitor may use that room whoever created it. Unset:
+    /// `chatId` in a domain with `dialect = "eclipse"`, none elsewhere.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
+}
+
+impl ClaimPaths {
+    /// The room claim in a domain of `dialect`.
+    pub fn room_claim(&self, dialect: Dialect) -> Option<&str> {
+        match (&self.room, dialect) {
+            (Some(path), _) => Some(path.as_str()).filter(|p| !p.is_empty()),
+            (None, Dialect::Eclipse) => Some("chatId"),
+            (None, Dialect::Native) => None,
+        }
+    }
 }
 
 impl Default for ClaimPaths {
@@ -966,7 +979,7 @@ impl Default for ClaimPaths {
             name: "name".to_owned(),
             role: "role".to_owned(),
             default_role: "visitor".to_owned(),
-            room: "chatId".to_owned(),
+            room: None,
         }
     }
 }

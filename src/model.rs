@@ -9,9 +9,11 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-/// Who is on a connection or behind an HTTP request. Set from a verified token (or as an
-/// anonymous visitor). An anonymous WebSocket connection may swap it once for a token's, with
-/// an `auth` frame before it joins a room; nothing else a client sends changes it.
+/// Who is on a connection or behind an HTTP request. Set from a verified token, or as an
+/// anonymous visitor. An anonymous WebSocket connection may swap it once for a token's,
+/// with an `auth` frame before it joins a room, or settle it with its first `join-room`
+/// (its domain and, where the domain lets clients name themselves, its id); nothing else
+/// a client sends changes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     /// Stable user id within the domain.

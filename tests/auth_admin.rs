@@ -14,6 +14,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 const HS_SECRET: &str = "tenant-hs256-secret-0123456789-abcdef";
+const INTERNAL_SECRET: &str = "globex-internal-secret-0123456789";
 
 /// A server with an admin key and a config-file domain `acme` with a server key.
 async fn server() -> (TestServer, String, String) {
@@ -62,6 +63,7 @@ fn globex_settings() -> Value {
         "visitorRooms": "owned",
         "allowedOrigins": ["https://globex.example"],
         "jwt": { "secret": HS_SECRET, "issuer": ["https://id.globex.example"] },
+        "internalSecret": INTERNAL_SECRET,
         "limits": { "maxConnections": 2 },
         // Plain chat rooms (no assistant, no hand-off), so nothing but the test writes.
         "handoff": { "enabled": false }
@@ -135,10 +137,15 @@ async fn a_domain_created_at_run_time_works_at_once_and_after_a_restart() {
     assert_eq!(body["allowedOrigins"], json!(["https://globex.example"]));
     assert_eq!(body["limits"]["maxConnections"], 2);
     assert_eq!(body["jwt"]["hasSecret"], true);
-    assert!(
-        !body.to_string().contains(HS_SECRET),
-        "a stored secret came back: {body}"
-    );
+    assert_eq!(body["hasInternalSecret"], true);
+    for secret in [HS_SECRET, INTERNAL_SECRET] {
+        assert!(
+            !body.to_string().contains(secret),
+            "a stored secret came back: {body}"
+        );
+    }
+    // The internal secret works as the domain's back end at once.
+    assert_eq!(publish(&s, INTERNAL_SECRET, "g-0").await, 201);
 
     let mut ann = Client::connect(&url(&s)).await;
     let (joined, _) = ann.join("g-1", None).await;

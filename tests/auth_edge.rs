@@ -61,6 +61,14 @@ async fn connects_and_requests_beyond_an_ips_budget_get_429_with_retry_after() {
         assert_eq!(ws_status(&s, "", None).await, 101);
     }
     assert_eq!(ws_status(&s, "", None).await, 429);
+    // The bare URL's WebSocket (the Eclipse client's) draws on the same budget.
+    let bare = s.ws("/").into_client_request().unwrap();
+    match tokio_tungstenite::connect_async(bare).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => {
+            assert_eq!(res.status().as_u16(), 429);
+        }
+        other => panic!("the bare URL's upgrade must be limited: {other:?}"),
+    }
 
     let http = reqwest::Client::new();
     let mut statuses = Vec::new();

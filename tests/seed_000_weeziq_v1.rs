@@ -257,6 +257,9 @@ async fn bad_identities_and_domains_are_refused_and_store_nothing() {
         (json!({ "role": "assistant" }), "forbidden"),
         (json!({ "role": "system" }), "forbidden"),
         (json!({ "userId": "not an id!" }), "invalid_user_id"),
+        // The assistant's and the server's own ids.
+        (json!({ "userId": "ai-assistant" }), "invalid_user_id"),
+        (json!({ "userId": "system" }), "invalid_user_id"),
     ];
     for (change, code) in cases {
         let mut c = Client::connect(&s.ws("/ws")).await;
@@ -342,18 +345,23 @@ async fn from_the_sites_own_page_the_auto_joined_room_is_the_sites() {
     let ack = first.reply(&id).await;
     assert_eq!(ack["type"], "message-ack", "{ack}");
 
-    // The widget on https://weeziq.com: its page's origin puts it in domain-123 at once.
+    // The widget on https://weeziq.com: its page's origin puts it in domain-123 at once,
+    // where clients name themselves, so its room waits for the seed's join-room (which
+    // names no room: the one of the URL).
     let mut req = s.ws("/ws?roomId=room-123").into_client_request().unwrap();
     req.headers_mut()
         .insert("origin", "https://weeziq.com".parse().unwrap());
     let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     let mut c = Client { ws, next_id: 0 };
-    let (_, auto) = joined(&mut c).await;
-    assert_eq!(ids(&auto), [ack["id"].clone()], "the site's room: {auto}");
     c.send(frame(JOIN_ROOM)).await;
-    let (room, again) = joined(&mut c).await;
+    let (room, history) = joined(&mut c).await;
+    assert_eq!(room["roomId"], "room-123");
     assert_eq!(room["members"].as_array().unwrap().len(), 1, "{room}");
-    assert_eq!(again["messages"], json!([]), "nothing twice");
+    assert_eq!(
+        ids(&history),
+        [ack["id"].clone()],
+        "the site's room, once: {history}"
+    );
     c.send(frame(SEND_MESSAGE)).await;
     let mine = c.recv_type("message-received").await;
     assert_eq!(

@@ -210,3 +210,41 @@ async fn two_domains_cannot_both_take_tokens_without_an_issuer() {
     };
     assert!(err.contains("at most one domain"), "{err}");
 }
+
+/// An issuer-less domain that verifies with public keys: its RS256 tokens reach it (they
+/// are never Parlor's, which are HS256), and Parlor's own tokens still work beside it.
+#[tokio::test]
+async fn an_issuer_less_domain_takes_its_own_algorithms_and_parlor_tokens_still_work() {
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jwt");
+    let s = TestServer::start_with(|c: &mut Config| {
+        c.domains.push(DomainConfig {
+            dialect: Dialect::Eclipse,
+            jwt: Some(JwtConfig {
+                public_keys: vec![format!("{FIXTURES}/rsa1.pub.pem")],
+                algorithms: vec!["RS256".into()],
+                claims: ClaimPaths {
+                    user_id: "userId".into(),
+                    ..ClaimPaths::default()
+                },
+                ..JwtConfig::default()
+            }),
+            ..DomainConfig::new("rsa", "RS256 without iss")
+        });
+    })
+    .await;
+    let key = std::fs::read_to_string(format!("{FIXTURES}/rsa1.key.pem")).unwrap();
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &json!({ "userId": "cust-9", "chatId": "c-9", "exp": chrono::Utc::now().timestamp() + 60 }),
+        &jsonwebtoken::EncodingKey::from_rsa_pem(key.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let mut c = Client::connect(&s.ws(&format!("/?token={token}"))).await;
+    let joined = c.recv_type("room-joined").await;
+    assert_eq!(joined["roomId"], "c-9");
+    assert_eq!(joined["members"][0]["userId"], "cust-9");
+    let mut own = s.connect_as("parlor-user").await;
+    let (joined, _) = own.join("lobby", None).await;
+    assert_eq!(joined["members"][0]["userId"], "parlor-user");
+    s.stop().await;
+}

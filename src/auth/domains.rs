@@ -195,14 +195,13 @@ impl DomainTable {
         let verifier = match &settings.jwt {
             None => None,
             Some(jwt) => Some(
-                match previous
-                    .map(|p| &**p)
-                    .filter(|p| p.settings.jwt.as_ref() == Some(jwt))
-                {
+                match previous.map(|p| &**p).filter(|p| {
+                    p.settings.jwt.as_ref() == Some(jwt) && p.settings.dialect == settings.dialect
+                }) {
                     Some(Domain {
                         verifier: Some(v), ..
                     }) => Arc::clone(v),
-                    _ => Arc::new(DomainVerifier::new(&id, jwt)?),
+                    _ => Arc::new(DomainVerifier::new(&id, jwt, settings.dialect)?),
                 },
             ),
         };
@@ -421,6 +420,11 @@ impl DomainTable {
         )
     }
 
+    /// Whether some domain lists `origin` by name (not only through `"*"`).
+    pub fn lists_origin(&self, origin: &str) -> bool {
+        self.listed_origins.contains(&normalise(origin))
+    }
+
     /// Whether some domain accepts `origin` (what CORS answers for).
     pub fn cors_allows(&self, origin: &str) -> bool {
         self.any_origin || self.listed_origins.contains(&normalise(origin))
@@ -458,14 +462,20 @@ fn check(d: &DomainConfig) -> Result<(), DomainError> {
             "bot.author_id must be a valid user id and bot.author_name not empty",
         ));
     }
-    if d.internal_secret
-        .as_ref()
-        .is_some_and(|s| s.expose().len() < 16)
-    {
-        return Err(DomainError::new(
-            &d.id,
-            "internal_secret must be at least 16 bytes",
-        ));
+    if let Some(secret) = &d.internal_secret {
+        let s = secret.expose();
+        // Anything else would be read as a JWT or a key and never reach the secret.
+        if s.len() < 16
+            || s.contains(['.', ' ', '\t'])
+            || s.starts_with(keys::KEY_PREFIX)
+            || s.starts_with(keys::ADMIN_KEY_PREFIX)
+        {
+            return Err(DomainError::new(
+                &d.id,
+                "internal_secret must be at least 16 bytes, without dots or spaces, and not \
+                 start with pk_ or ak_",
+            ));
+        }
     }
     for p in &d.pusher_keys {
         if p.key.is_empty() || p.secret.expose().len() < 16 {

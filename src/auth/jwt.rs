@@ -22,7 +22,7 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use serde_json::Value;
 
 use super::AuthError;
-use crate::config::{ClaimPaths, JwtConfig};
+use crate::config::{ClaimPaths, Dialect, JwtConfig};
 use crate::model::{Identity, Role, valid_id};
 
 /// A domain's JWT configuration that cannot be used.
@@ -53,6 +53,8 @@ pub struct DomainVerifier {
     claims: ClaimPaths,
     default_role: Role,
     issuers: Vec<String>,
+    /// Where the room a token is for is (see [`ClaimPaths::room_claim`]).
+    room_claim: Option<String>,
 }
 
 #[derive(Debug)]
@@ -64,8 +66,9 @@ enum Keys {
 }
 
 impl DomainVerifier {
-    /// Builds the verifier; reads PEM files named in `public_keys`.
-    pub fn new(domain: &str, config: &JwtConfig) -> Result<Self, JwtConfigError> {
+    /// Builds the verifier of a domain of `dialect`; reads PEM files named in
+    /// `public_keys`.
+    pub fn new(domain: &str, config: &JwtConfig, dialect: Dialect) -> Result<Self, JwtConfigError> {
         let err = |message: String| JwtConfigError::new(domain, message);
         let sources = usize::from(config.secret.is_some())
             + usize::from(!config.public_keys.is_empty())
@@ -155,6 +158,7 @@ impl DomainVerifier {
             claims: config.claims.clone(),
             default_role,
             issuers: config.issuer.clone(),
+            room_claim: config.claims.room_claim(dialect).map(str::to_owned),
         })
     }
 
@@ -213,15 +217,17 @@ impl DomainVerifier {
         let name = claim_str(claims, &self.claims.name)
             .filter(|n| !n.trim().is_empty())
             .map_or_else(|| user_id.to_owned(), |n| n.chars().take(100).collect());
-        let room = match claim(claims, &self.claims.room) {
-            None | Some(Value::Null) => None,
-            Some(Value::String(r)) if valid_id(r) => Some(Box::from(r.as_str())),
-            Some(_) => {
-                return Err(AuthError::InvalidToken(format!(
-                    "claim `{}` (room) is not a valid room id",
-                    self.claims.room
-                )));
-            }
+        let room = match self.room_claim.as_deref() {
+            None => None,
+            Some(path) => match claim(claims, path) {
+                None | Some(Value::Null) => None,
+                Some(Value::String(r)) if valid_id(r) => Some(Box::from(r.as_str())),
+                Some(_) => {
+                    return Err(AuthError::InvalidToken(format!(
+                        "claim `{path}` (room) is not a valid room id"
+                    )));
+                }
+            },
         };
         Ok(Identity {
             user_id: user_id.to_owned(),

@@ -134,6 +134,12 @@ impl Authenticator {
                 Route::Own => self.verify_own(token),
                 // No `iss`: Parlor's own token, else the issuer-less domain's.
                 Route::OwnElse(verifier) => {
+                    // Parlor's tokens are HS256: any other algorithm is the domain's.
+                    let hs256 =
+                        jsonwebtoken::decode_header(token).is_ok_and(|h| h.alg == Algorithm::HS256);
+                    if !hs256 {
+                        return verifier.verify(token).await;
+                    }
                     match jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation) {
                         Err(e)
                             if *e.kind() == jsonwebtoken::errors::ErrorKind::InvalidSignature =>
@@ -306,6 +312,9 @@ pub struct Claimed<'a> {
     pub role: Option<&'a str>,
 }
 
+/// User ids a client naming itself may not take: the server writes as them.
+const RESERVED_IDS: [&str; 5] = ["system", "service", "assistant", "admin", "ai-assistant"];
+
 /// Role names a client without a token may use: all mean `visitor` to the policy.
 const CLIENT_ROLES: [&str; 3] = ["visitor", "customer", "user"];
 
@@ -361,6 +370,18 @@ impl Authenticator {
                 return Err(AuthError::InvalidUser(
                     "`userId` must be 1-128 characters of letters, digits and -_.:@".into(),
                 ));
+            }
+            // Ids the server writes as: a client taking one would pass for the assistant
+            // (and could pre-empt its replies) or for the system.
+            let assistant = domain
+                .settings
+                .bot
+                .as_ref()
+                .map_or(crate::config::ASSISTANT_ID, |b| b.author_id.as_str());
+            if user == assistant || RESERVED_IDS.contains(&user) {
+                return Err(AuthError::InvalidUser(format!(
+                    "`userId` {user:?} is the server's own; choose another"
+                )));
             }
             identity.user_id = user.to_owned();
             identity.name = claimed

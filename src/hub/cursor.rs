@@ -144,6 +144,11 @@ impl Cursors {
         self.0.is_empty()
     }
 
+    /// The rooms, in no particular order.
+    pub fn keys(&self) -> Vec<RoomKey> {
+        self.0.iter().map(|(k, _)| k.clone()).collect()
+    }
+
     /// Empties the list and returns it.
     pub fn take(&mut self) -> Vec<(RoomKey, Cursor)> {
         std::mem::take(&mut self.0)

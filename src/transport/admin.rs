@@ -244,6 +244,11 @@ fn view(domain: &Domain) -> Value {
     {
         jwt.insert("has_secret".to_owned(), Value::Bool(true));
     }
+    if let Some(obj) = settings.as_object_mut()
+        && obj.remove("internal_secret").is_some()
+    {
+        obj.insert("has_internal_secret".to_owned(), Value::Bool(true));
+    }
     if let Some(pairs) = settings
         .get_mut("pusher_keys")
         .and_then(Value::as_array_mut)

@@ -393,7 +393,13 @@ impl axum::extract::FromRequestParts<AppState> for ClientIp {
 /// Middleware: charges each request to its IP's connect or request budget.
 pub async fn limit_by_ip(State(app): State<AppState>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
+    // `/` is also a WebSocket endpoint (the Eclipse client's bare URL).
+    let upgrade = req
+        .headers()
+        .get(axum::http::header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
     let budget = match path {
+        "/" if upgrade => Some((Budget::Connect, "connections from this address")),
         "/" | "/health" | "/metrics" => None,
         "/ws" => Some((Budget::Connect, "connections from this address")),
         _ => Some((Budget::Request, "requests from this address")),

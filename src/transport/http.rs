@@ -166,9 +166,11 @@ impl FromRequestParts<AppState> for Caller {
 
 /// `Json<T>` whose rejections use the API's error shape. A body sent without a
 /// `Content-Type`, or as `text/plain`, is read as JSON too: the seeds' clients post JSON
-/// that way (`fetch` with a string body), and these endpoints take bearer tokens, not
-/// cookies, so such a body gives a cross-site form nothing (the cookie-session endpoints
-/// refuse cross-site requests on their own). Any other non-JSON type is 415. With
+/// that way (`fetch` with a string body). These endpoints take bearer tokens; the only
+/// cookie they read, the visitor's, counts only for pages a domain names
+/// (`transport::visitor`), so such a body gives another site's form nothing (and the
+/// cookie-session endpoints refuse cross-site requests on their own). Any other non-JSON
+/// type is 415. With
 /// `LENIENT = false` (the cookie-session endpoints, as a second line of defence) only
 /// `application/json` is read.
 #[derive(Debug)]

@@ -9,7 +9,10 @@
 //! and a client that sends no cookie (or a bad one) simply gets a new id.
 //!
 //! Only the endpoints where a token-less client gets an identity take part: the WebSocket
-//! upgrade, `/ai/chat`, `/ai/stream` and `/api/messages`.
+//! upgrade, `/ai/chat`, `/ai/stream` and `/api/messages`; and only for requests of no page
+//! (another program, or Parlor's own pages) or of a page whose origin a domain lists by
+//! name. The cookie is `SameSite=None` so a widget on a listed site keeps it; a page of
+//! any other site could otherwise act as the visitor whose browser it runs in.
 
 use std::sync::Arc;
 
@@ -44,6 +47,14 @@ pub async fn remember(State(app): State<AppState>, mut req: Request, next: Next)
     if !takes_part(&req) || has_token(&req) {
         return next.run(req).await;
     }
+    // The cookie goes with any request to this server, whatever page sent it: only a page
+    // a domain names (or no page: another program, or Parlor's own) may be that visitor,
+    // or be given the cookie. Any other page's client is a new visitor each time.
+    if let Some(origin) = super::ai::page_origin(req.headers())
+        && !app.auth.domains().load().lists_origin(origin)
+    {
+        return next.run(req).await;
+    }
     let known = named_cookie(req.headers(), COOKIE).and_then(|v| app.auth.visitor_cookie(v));
     let (identity, fresh) = match known {
         Some(identity) => (identity, None),
@@ -75,7 +86,9 @@ pub async fn remember(State(app): State<AppState>, mut req: Request, next: Next)
 fn takes_part(req: &Request) -> bool {
     let path = req.uri().path();
     match *req.method() {
-        Method::GET => path == "/ws" || (path == "/" && is_upgrade(req.headers())),
+        Method::GET => {
+            path == "/ws" || path == "/api/messages" || (path == "/" && is_upgrade(req.headers()))
+        }
         Method::POST => matches!(path, "/ai/chat" | "/ai/stream" | "/api/messages"),
         _ => false,
     }

@@ -38,7 +38,7 @@ use crate::AppState;
 use crate::auth::domains::DomainPermit;
 use crate::auth::policy;
 use crate::broker::shared::Online;
-use crate::config::Dialect;
+use crate::config::{AnonymousIdentity, Dialect};
 use crate::hub::{
     CLOSE_RESYNC, CLOSE_SLOW_CONSUMER, ConnHandle, Cursor, Cursors, Envelope, Event, Joined, Kick,
     Replay, Step,
@@ -240,6 +240,7 @@ pub async fn upgrade(
         origin: origin.map(Box::from),
         auth_until: Instant::now() + AUTH_FRAME_WINDOW,
         settled: !identity_anonymous,
+        pending_join: None,
         dialect,
         permits: (permit, admitted.permit, address_slot, tcp_slot),
         address,
@@ -537,6 +538,9 @@ struct Connection {
     auth_until: Instant,
     /// How the connection's domain speaks.
     dialect: Dialect,
+    /// The `?roomId=` room of a token-less connection in a domain where clients name
+    /// themselves, until the client's first frame joins it.
+    pending_join: Option<Box<str>>,
     /// Whether the identity is final: a token's at once; a token-less connection's at its
     /// first `join-room`, which may name its domain and (where the domain allows) itself.
     settled: bool,
@@ -574,15 +578,24 @@ impl Connection {
         tracing::debug!(conn = self.handle.id(), user = %self.handle.identity().user_id, "connected");
 
         let mut end = None;
-        if let Some(room) = auto_join {
-            let frame = JoinRoom {
-                room_id: Some(room),
-                auto: true,
-                ..JoinRoom::default()
-            };
-            if let Err(Gone(e)) = Box::pin(self.join(&mut socket, frame, None)).await {
-                end = Some(e);
+        // Where a token-less client names itself, its `?roomId=` room waits for it to say
+        // who it is: its first frame (a `join-room`, normally) joins it.
+        let names_itself = !self.settled
+            && self
+                .app
+                .auth
+                .domains()
+                .load()
+                .get(&self.handle.identity().domain_id)
+                .is_some_and(|d| d.settings.anonymous_identity == AnonymousIdentity::Client);
+        match auto_join {
+            Some(room) if names_itself => self.pending_join = Some(room.into()),
+            Some(room) => {
+                if let Err(Gone(e)) = Box::pin(self.auto_join(&mut socket, room)).await {
+                    end = Some(e);
+                }
             }
+            None => {}
         }
         let end = match end {
             Some(e) => e,
@@ -904,6 +917,13 @@ impl Connection {
                 }
             };
         }
+        // A `?roomId=` room still waiting for the client to say who it is: any frame but a
+        // `join-room` (which joins it itself) joins it first.
+        if kind != "join-room"
+            && let Some(room) = self.pending_join.take()
+        {
+            Box::pin(self.auto_join(socket, room.to_string())).await?;
+        }
         match kind.as_ref() {
             "join-room" => handle!(JoinRoom, join),
             "send-message" => handle!(SendMessage, send_message),
@@ -996,11 +1016,18 @@ impl Connection {
             "role": identity.role.as_str(),
             "domainId": &*identity.domain_id,
         });
-        if !self.rebind(identity) {
-            return self
-                .error(socket, reply_to, "too_many_connections", DOMAIN_FULL)
-                .await;
-        }
+        // The connection now counts against the new domain's limits.
+        let admitted = if identity.domain_id == self.handle.identity().domain_id {
+            None
+        } else {
+            let Some(admitted) = admit_to_domain(&self.app, &identity) else {
+                return self
+                    .error(socket, reply_to, "too_many_connections", DOMAIN_FULL)
+                    .await;
+            };
+            Some(admitted)
+        };
+        self.rebind(identity, admitted);
         self.settled = true;
         self.display_name = None;
         self.current_room = None;
@@ -1008,13 +1035,10 @@ impl Connection {
     }
 
     /// Makes `identity` the connection's, in a room-less connection: a new handle and
-    /// queue, counted against its domain's limits and among its online users. False (and
-    /// nothing changed) when its domain is at its connection limit.
-    fn rebind(&mut self, identity: Identity) -> bool {
-        if identity.domain_id != self.handle.identity().domain_id {
-            let Some(admitted) = admit_to_domain(&self.app, &identity) else {
-                return false;
-            };
+    /// queue, counted among its online users and, when `admitted` (to another domain),
+    /// against that domain's limits.
+    fn rebind(&mut self, identity: Identity, admitted: Option<Admitted>) {
+        if let Some(admitted) = admitted {
             self.permits.1 = admitted.permit;
             self.limiter = admitted.limiter;
             self.frame_rate = admitted.frame_rate;
@@ -1030,7 +1054,6 @@ impl Connection {
         let who = self.handle.identity();
         self.online = self.app.shared.online(who, who.role.as_str());
         self.dialect = dialect_of(&self.app, who);
-        true
     }
 
     /// A token-less connection's first `join-room`: the identity its fields settle
@@ -1050,31 +1073,35 @@ impl Connection {
             .app
             .auth
             .settle(&current, claimed, self.origin.as_deref())?;
-        self.settled = true;
         if identity == *current {
+            self.settled = true;
             return Ok(Ok(()));
         }
+        // Admitted to the new domain first: a refusal leaves everything as it was.
+        let admitted = if identity.domain_id == current.domain_id {
+            None
+        } else {
+            Some(
+                admit_to_domain(&self.app, &identity).ok_or_else(|| ServiceError::Conflict {
+                    code: "too_many_connections",
+                    message: DOMAIN_FULL.to_owned(),
+                })?,
+            )
+        };
+        self.settled = true;
         let domain = Arc::clone(&identity.domain_id);
-        let joined = self.rooms.take();
-        for (key, _) in &joined {
-            self.app.chat.leave(&self.handle, key);
+        for key in self.rooms.keys() {
+            self.app.chat.leave(&self.handle, &key);
         }
-        // What the old queue holds still goes out, in order, before the queue is replaced.
-        for (key, cursor) in &joined {
-            self.rooms.insert(key.clone(), *cursor);
-        }
+        // What the old queue holds still goes out, in order, before the queue is replaced;
+        // the positions it moves are the ones kept.
         while let Ok(envelope) = self.rx.try_recv() {
             if let Err(gone) = Box::pin(self.write_events(socket, envelope)).await {
                 return Ok(Err(gone));
             }
         }
-        self.rooms.take();
-        if !self.rebind(identity) {
-            return Err(ServiceError::Conflict {
-                code: "too_many_connections",
-                message: DOMAIN_FULL.to_owned(),
-            });
-        }
+        let joined = self.rooms.take();
+        self.rebind(identity, admitted);
         // The current room stays the one named (a `join-room` without `roomId` joins it
         // in the new domain). A room of the same domain is joined again as the new
         // identity, from where the connection stands: what came meanwhile is written now.
@@ -1129,7 +1156,44 @@ impl Connection {
         }
     }
 
-    async fn join(&mut self, socket: &mut WsSocket, f: JoinRoom, reply_to: ReplyTo) -> Sent {
+    /// Joins `room` as the `?roomId=` of the upgrade asked.
+    async fn auto_join(&mut self, socket: &mut WsSocket, room: String) -> Sent {
+        let frame = JoinRoom {
+            room_id: Some(room),
+            auto: true,
+            ..JoinRoom::default()
+        };
+        self.join(socket, frame, None).await
+    }
+
+    async fn join(&mut self, socket: &mut WsSocket, mut f: JoinRoom, reply_to: ReplyTo) -> Sent {
+        // The `?roomId=` room still waiting: this is the join it waited for (a `join-room`
+        // naming no room joins it), and another room named here comes first.
+        let pending = if f.auto {
+            None
+        } else {
+            self.pending_join.take()
+        };
+        if let Some(room) = &pending
+            && f.room_id.is_none()
+        {
+            f.room_id = Some(room.to_string());
+        }
+        let sent = Box::pin(self.join_now(socket, f, reply_to)).await;
+        match pending {
+            // Joined already.
+            Some(room) if self.current_room.as_deref() == Some(&*room) => sent,
+            // Still nobody: it waits for the next frame.
+            Some(room) if !self.settled => {
+                self.pending_join = Some(room);
+                sent
+            }
+            Some(room) if sent.is_ok() => Box::pin(self.auto_join(socket, room.to_string())).await,
+            _ => sent,
+        }
+    }
+
+    async fn join_now(&mut self, socket: &mut WsSocket, f: JoinRoom, reply_to: ReplyTo) -> Sent {
         if !self.settled && !f.auto {
             match self.settle(socket, &f).await {
                 Ok(sent) => sent?,
