@@ -229,11 +229,22 @@ async fn bad_requests_get_json_errors_and_store_nothing() {
             raw(
                 "POST",
                 "/api/messages",
-                Some("application/x-www-form-urlencoded"),
+                Some("multipart/form-data; boundary=x"),
                 br#"{"message":"x","chatRoomId":"r"}"#.to_vec(),
             ),
             415,
             "unsupported_media_type",
+        ),
+        (
+            // A form (what `curl -d` sends) is read as JSON, and a real form is not JSON.
+            raw(
+                "POST",
+                "/api/messages",
+                Some("application/x-www-form-urlencoded"),
+                b"message=x&chatRoomId=r".to_vec(),
+            ),
+            400,
+            "invalid_json",
         ),
         (
             // Read as JSON (the seeds' clients post that way), and it is not.

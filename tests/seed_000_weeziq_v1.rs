@@ -217,6 +217,16 @@ async fn the_v1_http_endpoints_take_the_seed_bodies() {
     assert!(events.contains("event: delta"), "{events}");
     assert!(events.contains("event: end"), "{events}");
 
+    // `curl -d` sends the seed's body as a form: read as JSON too.
+    let res = http
+        .post(s.http("/ai/chat"))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(AI_BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
     // Save a message, then read the room's history (the seed's shapes).
     let res = http
         .post(s.http("/api/messages"))

@@ -165,8 +165,8 @@ impl FromRequestParts<AppState> for Caller {
 }
 
 /// `Json<T>` whose rejections use the API's error shape. A body sent without a
-/// `Content-Type`, or as `text/plain`, is read as JSON too: the seeds' clients post JSON
-/// that way (`fetch` with a string body). These endpoints take bearer tokens; the only
+/// `Content-Type`, as `text/plain` or as a form is read as JSON too: the seeds' clients post
+/// JSON that way (`fetch` with a string body), and so does `curl -d`. These endpoints take bearer tokens; the only
 /// cookie they read, the visitor's, counts only for pages a domain names
 /// (`transport::visitor`), so such a body gives another site's form nothing (and the
 /// cookie-session endpoints refuse cross-site requests on their own). Any other non-JSON
@@ -206,14 +206,17 @@ impl<T: DeserializeOwned, S: Send + Sync, const LENIENT: bool> FromRequest<S>
     }
 }
 
-/// No `Content-Type` at all, or `text/plain` (with any parameters).
+/// No `Content-Type` at all, `text/plain` (what `fetch` sends with a string body) or
+/// `application/x-www-form-urlencoded` (what `curl -d` sends), with any parameters.
 fn lenient_content_type(headers: &HeaderMap) -> bool {
     match headers.get(header::CONTENT_TYPE) {
         None => true,
         Some(v) => v.to_str().is_ok_and(|v| {
-            v.split(';')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/plain"))
+            v.split(';').next().is_some_and(|t| {
+                let t = t.trim();
+                t.eq_ignore_ascii_case("text/plain")
+                    || t.eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            })
         }),
     }
 }
