@@ -363,6 +363,11 @@ async fn from_the_sites_own_page_the_auto_joined_room_is_the_sites() {
         .insert("origin", "https://weeziq.com".parse().unwrap());
     let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     let mut c = Client { ws, next_id: 0 };
+    // A join refused before it says who the client is leaves the room waiting.
+    let mut bad = frame(JOIN_ROOM);
+    bad["role"] = json!("agent");
+    let id = c.request(bad).await;
+    assert_eq!(c.reply(&id).await["code"], "forbidden");
     c.send(frame(JOIN_ROOM)).await;
     let (room, history) = joined(&mut c).await;
     assert_eq!(room["roomId"], "room-123");

@@ -1179,15 +1179,18 @@ impl Connection {
         {
             f.room_id = Some(room.to_string());
         }
+        // This frame asks for the waiting room itself (joined or refused, it is answered).
+        let asks_for_it = pending
+            .as_deref()
+            .is_some_and(|room| f.room_id.as_deref() == Some(room));
         let sent = Box::pin(self.join_now(socket, f, reply_to)).await;
         match pending {
-            // Joined already.
-            Some(room) if self.current_room.as_deref() == Some(&*room) => sent,
-            // Still nobody: it waits for the next frame.
+            // Still nobody (the frame was refused before it said who): it waits on.
             Some(room) if !self.settled => {
                 self.pending_join = Some(room);
                 sent
             }
+            Some(_) if asks_for_it => sent,
             Some(room) if sent.is_ok() => Box::pin(self.auto_join(socket, room.to_string())).await,
             _ => sent,
         }
