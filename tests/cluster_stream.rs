@@ -44,6 +44,16 @@ struct Seen {
     replayed: Vec<u64>,
 }
 
+/// The `seq`s of a `message-history` frame's messages.
+fn seqs(history: &Value) -> Vec<u64> {
+    history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect()
+}
+
 /// Busy-loops on `threads` threads until `stop` is set: the "loaded machine" of the report.
 fn burn_cpu(threads: usize, stop: &Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<u64>> {
     (0..threads)
@@ -74,12 +84,7 @@ async fn client(url: String, node: usize, room: String, total: usize) -> Seen {
     let joined = c.recv_type("room-joined").await;
     let first = c.recv_type("message-history").await;
     let last_seq = joined["lastSeq"].as_u64().unwrap();
-    let history: Vec<u64> = first["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["seq"].as_u64().unwrap())
-        .collect();
+    let history = seqs(&first);
     assert_eq!(
         history.last().copied().unwrap_or(0),
         last_seq,
@@ -111,13 +116,7 @@ async fn client(url: String, node: usize, room: String, total: usize) -> Seen {
         let f: Value = serde_json::from_str(&text).unwrap();
         match f["type"].as_str() {
             Some("message-received") => seen.live.push(f["seq"].as_u64().unwrap()),
-            Some("message-history") => seen.replayed.extend(
-                f["messages"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|m| m["seq"].as_u64().unwrap()),
-            ),
+            Some("message-history") => seen.replayed.extend(seqs(&f)),
             Some("error") => panic!("client on node {node}: {f}"),
             _ => {}
         }
@@ -473,12 +472,7 @@ async fn a_since_reconnect_on_another_node_replays_only_what_was_missed() {
     let mut back = Client::connect(&url(&c.nodes[1])).await;
     back.recv_type("room-joined").await;
     let auto = back.recv_type("message-history").await;
-    let mut seen: Vec<u64> = auto["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["seq"].as_u64().unwrap())
-        .collect();
+    let mut seen = seqs(&auto);
     assert_eq!(
         seen,
         (1..=9).collect::<Vec<_>>(),
@@ -500,7 +494,7 @@ async fn a_since_reconnect_on_another_node_replays_only_what_was_missed() {
     // A client that comes back without the auto-join gets only the missed part.
     let mut plain = Client::connect(&c.nodes[0].ws_as("reader", "agent")).await;
     let (_, missed) = plain.join(room, Some(5)).await;
-    let seqs: Vec<u64> = missed.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
-    assert_eq!(seqs, (6..=10).collect::<Vec<_>>());
+    let missed: Vec<u64> = missed.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(missed, (6..=10).collect::<Vec<_>>());
     c.finish().await;
 }

@@ -177,15 +177,7 @@ impl Authenticator {
         let domain = table
             .server_key_domain(key, chrono::Utc::now())
             .ok_or_else(|| AuthError::InvalidToken("unknown or expired server key".into()))?;
-        Ok(Identity {
-            user_id: "service".to_owned(),
-            name: format!("{domain} back end"),
-            role: Role::Service,
-            domain_id: Arc::clone(domain),
-            anonymous: false,
-            room: None,
-            label: None,
-        })
+        Ok(back_end(domain))
     }
 
     /// Signs a Parlor connection token for `user` in `domain`, valid `ttl_secs`.
@@ -254,15 +246,7 @@ impl Authenticator {
         let domain = table
             .internal_secret_domain(secret)
             .ok_or_else(|| AuthError::InvalidToken("not a token, key or internal secret".into()))?;
-        Ok(Identity {
-            user_id: "service".to_owned(),
-            name: format!("{domain} back end"),
-            role: Role::Service,
-            domain_id: Arc::clone(domain),
-            anonymous: false,
-            room: None,
-            label: None,
-        })
+        Ok(back_end(domain))
     }
 
     /// A Parlor token: HS256 with the signing secret.
@@ -324,7 +308,7 @@ impl Authenticator {
     /// none, the public domain that lists `origin` itself, if one does); in a domain
     /// with `anonymous_identity = "client"`, its own `userId`, `userName` and role name.
     /// A role only a token gives is refused everywhere. An identity from a token is
-    /// returned as it is (whether its domain matches is the caller's check).
+    /// returned as it is, if `claimed` names no other domain (`forbidden`).
     pub fn settle(
         &self,
         base: &Identity,
@@ -332,7 +316,13 @@ impl Authenticator {
         origin: Option<&str>,
     ) -> Result<Identity, AuthError> {
         if !base.anonymous {
-            return Ok(base.clone());
+            return match claimed.domain_id {
+                Some(d) if d != &*base.domain_id => Err(AuthError::Forbidden(format!(
+                    "domainId {:?} is not the caller's domain",
+                    d.chars().take(DOMAIN_ID_SHOWN).collect::<String>()
+                ))),
+                _ => Ok(base.clone()),
+            };
         }
         let role = claimed.role.map(str::trim).filter(|r| !r.is_empty());
         if let Some(r) = role
@@ -403,6 +393,19 @@ impl Authenticator {
 
 /// Most characters of an unknown domain id an error repeats.
 const DOMAIN_ID_SHOWN: usize = 64;
+
+/// The back end of `domain` (a server key or its internal secret).
+fn back_end(domain: &Arc<str>) -> Identity {
+    Identity {
+        user_id: "service".to_owned(),
+        name: format!("{domain} back end"),
+        role: Role::Service,
+        domain_id: Arc::clone(domain),
+        anonymous: false,
+        room: None,
+        label: None,
+    }
+}
 
 /// Whose keys verify a token.
 enum Route {

@@ -59,8 +59,9 @@ pub struct AskBody {
 }
 
 impl AskBody {
-    /// Who asks: `identity`, or for a client without a token, the identity its `domainId`
-    /// and `userId` settle ([`crate::auth::Authenticator::settle`]).
+    /// Who asks: `identity` (whose domain `domainId` must be, if given), or for a client
+    /// without a token, the identity its `domainId` and `userId` settle
+    /// ([`crate::auth::Authenticator::settle`]).
     pub fn caller(
         &self,
         app: &AppState,
@@ -76,21 +77,14 @@ impl AskBody {
         Ok(app.auth.settle(identity, claimed, origin)?)
     }
 
-    /// The service request, after checking the domain.
-    pub fn into_ask(self, identity: &Identity) -> Result<Ask, ServiceError> {
-        if let Some(d) = &self.domain_id
-            && *d != *identity.domain_id
-        {
-            return Err(ServiceError::Forbidden(format!(
-                "domainId {d:?} is not the caller's domain"
-            )));
-        }
-        Ok(Ask {
+    /// The service request (the caller is [`Self::caller`]'s).
+    pub fn into_ask(self) -> Ask {
+        Ask {
             message: self.message,
             context: self.context,
             model: self.model,
             conversation_id: self.conversation_id,
-        })
+        }
     }
 }
 
@@ -308,7 +302,7 @@ pub async fn chat(
 ) -> Result<Response, ApiError> {
     let conversation = body.conversation_id.clone();
     let me = body.caller(&app, &me, page_origin(&headers))?;
-    let ask = body.into_ask(&me)?;
+    let ask = body.into_ask();
     let mut events = app.ai.ask(&me, ask, address).await?;
     let mut gathered = Gathered::default();
     while let Some(event) = events.recv().await {
@@ -331,7 +325,7 @@ pub async fn stream(
     ApiJson(body): ApiJson<AskBody>,
 ) -> Result<Response, ApiError> {
     let me = body.caller(&app, &me, page_origin(&headers))?;
-    let ask = body.into_ask(&me)?;
+    let ask = body.into_ask();
     let events = app.ai.ask(&me, ask, address).await?;
     Ok(Sse::new(sse_events(events))
         .keep_alive(KeepAlive::default())

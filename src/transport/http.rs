@@ -390,15 +390,6 @@ fn settled(
     claimed: crate::auth::Claimed<'_>,
     headers: &HeaderMap,
 ) -> Result<Identity, ApiError> {
-    if !identity.anonymous
-        && let Some(d) = claimed.domain_id
-        && d != &*identity.domain_id
-    {
-        return Err(error(
-            app,
-            ServiceError::Forbidden(format!("domainId {d:?} is not the caller's domain")),
-        ));
-    }
     app.auth
         .settle(identity, claimed, super::ai::page_origin(headers))
         .map_err(|e| error(app, e.into()))

@@ -130,13 +130,7 @@ impl TestServer {
 
     /// A visitor token for `user` (a stable identity across reconnects).
     pub fn token(&self, user: &str) -> String {
-        let secret = self
-            .config
-            .auth
-            .jwt_secret
-            .as_ref()
-            .expect("test servers have a secret");
-        parlor::auth::issue_token(secret, user, Some(user), "visitor", "demo", 600).expect("token")
+        self.token_in("demo", user, "visitor")
     }
 
     /// A token for `user` with `role` in `domain`.

@@ -1495,11 +1495,8 @@ impl Connection {
         stream: bool,
     ) -> Sent {
         let conversation = f.conversation_id.clone();
-        let started = match f
-            .caller(&self.app, self.handle.identity(), self.origin.as_deref())
-            .and_then(|me| Ok((f.into_ask(&me)?, me)))
-        {
-            Ok((ask, me)) => self.app.ai.ask(&me, ask, self.address).await,
+        let started = match f.caller(&self.app, self.handle.identity(), self.origin.as_deref()) {
+            Ok(me) => self.app.ai.ask(&me, f.into_ask(), self.address).await,
             Err(e) => Err(e),
         };
         let mut events = match started {
