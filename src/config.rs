@@ -64,8 +64,49 @@ pub struct Config {
     pub trusted_proxies: Vec<String>,
     /// The web pages: widget, agent inbox, demo (see `docs/handoff.md`).
     pub web: WebConfig,
+    /// Guided sessions (`/chat`, see `docs/sessions.md`).
+    pub sessions: SessionsConfig,
     /// Tenants. A `demo` domain is always present (see [`Config::validate`]).
     pub domains: Vec<DomainConfig>,
+}
+
+/// Guided sessions: how long they are kept, and how the domain's AI service is called.
+/// Durations are written with a unit: `500ms`, `30s`, `15m`, `24h`, `7d`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionsConfig {
+    /// Incomplete sessions untouched for this long are deleted.
+    #[serde(with = "duration_text")]
+    pub stale_after: Duration,
+    /// Complete sessions and their documents are deleted this long after completion;
+    /// `0s` keeps them.
+    #[serde(with = "duration_text")]
+    pub keep_completed: Duration,
+    /// How often one node looks for sessions to delete.
+    #[serde(with = "duration_text")]
+    pub cleanup_every: Duration,
+    /// Longest a call to a domain's AI service may take, connecting included.
+    #[serde(with = "duration_text")]
+    pub ai_service_timeout: Duration,
+    /// Automatic retries of a failed AI-service call (1 s, 2 s, 4 s… apart); after them the
+    /// user's next message retries.
+    pub ai_service_retries: u32,
+    /// Clarifying questions the built-in guide may ask per question when the domain's AI
+    /// vendor finds an answer vague (0: never).
+    pub follow_ups: u32,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self {
+            stale_after: Duration::from_secs(24 * 3600),
+            keep_completed: Duration::ZERO,
+            cleanup_every: Duration::from_secs(600),
+            ai_service_timeout: Duration::from_secs(30),
+            ai_service_retries: 5,
+            follow_ups: 1,
+        }
+    }
 }
 
 /// The pages compiled into the binary.
@@ -108,6 +149,7 @@ impl Default for Config {
             ai: AiConfig::default(),
             trusted_proxies: Vec::new(),
             web: WebConfig::default(),
+            sessions: SessionsConfig::default(),
             domains: vec![DomainConfig::demo()],
         }
     }
@@ -476,6 +518,18 @@ pub struct DomainConfig {
     /// Eclipse's `INTERNAL_API_SECRET`. At least 16 bytes, no dots or spaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub internal_secret: Option<Secret>,
+    /// Guided-session templates (`docs/sessions.md`): JSON files, each path relative to
+    /// the working directory; a `*` in the file name (`templates/*.json`) takes every match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub templates: Vec<String>,
+    /// The domain's own AI service for guided sessions: Parlor calls
+    /// `POST {ai_service_url}/v1/chat/next-question` after every answer (Largence's
+    /// contract). Without it, Parlor's built-in guide asks the template's questions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ai_service_url: Option<String>,
+    /// Sent to the AI service as `Authorization: Bearer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ai_service_api_key: Option<Secret>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -870,6 +924,9 @@ impl DomainConfig {
             anonymous_identity: AnonymousIdentity::Server,
             dialect: Dialect::Native,
             internal_secret: None,
+            templates: Vec::new(),
+            ai_service_url: None,
+            ai_service_api_key: None,
         }
     }
 
@@ -1837,6 +1894,64 @@ mod explain {
             );
             assert_eq!(line(&["store"]), None);
         }
+    }
+}
+
+/// Durations written with a unit (`500ms`, `30s`, `15m`, `24h`, `7d`); a bare number is
+/// seconds.
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let text = match ms {
+            0 => "0s".to_owned(),
+            ms if ms % 86_400_000 == 0 => format!("{}d", ms / 86_400_000),
+            ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+            ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+            ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+            ms => format!("{ms}ms"),
+        };
+        s.serialize_str(&text)
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Seconds(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match Written::deserialize(d)? {
+            Written::Seconds(s) => Ok(Duration::from_secs(s)),
+            Written::Text(t) => parse(&t).ok_or_else(|| {
+                D::Error::custom(format!(
+                    "{t:?} is not a duration: write a number with a unit, e.g. 500ms, 30s, \
+                     15m, 24h or 7d"
+                ))
+            }),
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Duration> {
+        let text = text.trim();
+        let digits = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (n, unit) = text.split_at(digits);
+        let n: u64 = n.parse().ok()?;
+        let ms = match unit.trim() {
+            "ms" => 1,
+            "s" | "" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return None,
+        };
+        n.checked_mul(ms).map(Duration::from_millis)
     }
 }
 

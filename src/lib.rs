@@ -56,6 +56,7 @@ use crate::service::ai::AiService;
 use crate::service::chat::ChatService;
 use crate::service::domains::DomainService;
 use crate::service::handoff::HandoffService;
+use crate::service::sessions::SessionService;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 
@@ -126,6 +127,8 @@ pub struct AppInner {
     pub handoff: Arc<HandoffService>,
     /// Domain administration (the admin API).
     pub domain_admin: Arc<DomainService>,
+    /// Guided sessions that end in a document (`/chat`, `docs/sessions.md`).
+    pub sessions: Arc<SessionService>,
     /// Agent accounts and their sign-in (`docs/accounts.md`).
     pub accounts: Arc<crate::service::accounts::AccountService>,
     /// Message distribution between nodes.
@@ -159,6 +162,30 @@ impl Deref for AppState {
     fn deref(&self) -> &AppInner {
         &self.0
     }
+}
+
+/// Deletes stale guided sessions every `sessions.cleanup_every`, on one node at a time
+/// (the store's lease decides which).
+fn spawn_session_cleanup(sessions: Arc<SessionService>, shutdown: CancellationToken) {
+    let node = uuid::Uuid::now_v7().to_string();
+    let every = sessions
+        .config()
+        .cleanup_every
+        .max(std::time::Duration::from_millis(100));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Err(e) = sessions.clean_up(&node).await {
+                        tracing::warn!(error = %e, "cannot delete stale guided sessions; the next round retries");
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// A built server: state, router and the background pieces shutdown must stop.
@@ -309,8 +336,20 @@ impl App {
             Arc::clone(&store),
             Arc::clone(&domains),
         ));
+        let sessions = Arc::new(
+            SessionService::new(
+                &config,
+                Arc::clone(&store),
+                Arc::clone(&domains),
+                Arc::clone(&ai),
+                Arc::clone(&metrics),
+            )
+            .map_err(|e| invalid(e.to_string()))?,
+        );
+        spawn_session_cleanup(Arc::clone(&sessions), shutdown.clone());
         let state = AppState(Arc::new(AppInner {
             accounts,
+            sessions,
             ai,
             handoff,
             auth,

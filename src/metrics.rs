@@ -138,6 +138,12 @@ pub struct Metrics {
     /// `address_websockets` (the per-address caps), `server_full`, `domain_full`,
     /// `header_timeout`, `body_timeout`.
     pub connections_refused: Family<ReasonLabel, Counter>,
+    /// Guided-session events, by kind: `started`, `resumed`, `completed`, `replaced`,
+    /// `invalid_answer`, `follow_up`, `ignored_frame`, `expired`.
+    pub guided: Family<ReasonLabel, Counter>,
+    /// Calls to domains' AI services for guided sessions, by outcome: `ok`,
+    /// `server_error`, `client_error`, `timeout`, `unreachable`, `bad_answer`.
+    pub guided_ai_service: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -277,8 +283,22 @@ impl Metrics {
             "Connections refused or cut at the edge (caps and timeouts), by reason",
             connections_refused.clone(),
         );
+        let guided = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "guided_sessions",
+            "Guided-session events, by kind",
+            guided.clone(),
+        );
+        let guided_ai_service = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "guided_ai_service_calls",
+            "Calls to domains' AI services for guided sessions, by outcome",
+            guided_ai_service.clone(),
+        );
         Self {
             registry,
+            guided,
+            guided_ai_service,
             unanswered,
             connections_refused,
             stream_gaps,
@@ -320,6 +340,13 @@ impl Metrics {
     /// Counts a visitor message left without an answer.
     pub fn unanswered(&self, reason: &'static str) {
         self.unanswered.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Counts a guided-session event.
+    pub fn guided(&self, kind: &'static str) {
+        self.guided
+            .get_or_create(&ReasonLabel { reason: kind })
+            .inc();
     }
 
     /// Counts one connection refused or cut at the edge.

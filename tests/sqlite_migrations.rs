@@ -150,5 +150,5 @@ async fn version_1_database_upgrades_without_losing_anything() {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .expect("version");
-    assert_eq!(version, 7);
+    assert_eq!(version, 8);
 }

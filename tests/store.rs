@@ -33,6 +33,10 @@ use std::time::Duration;
 use parlor::config::StoreConfig;
 use parlor::model::{Author, Conversation, Message, NewMessage, RoomKey, RoomStatus, now_ms};
 use parlor::store::accounts::{AccountRole, NewAccount};
+use parlor::store::guided::{
+    GeneratedDocument, GuidedSession, NewDocument, NewSession, NewTurn, Pending, SessionQuery,
+    SessionStatus, Speaker, Step, StoredTemplate,
+};
 use parlor::store::postgres::PostgresStore;
 use parlor::store::sqlite::SqliteStore;
 use parlor::store::{
@@ -279,6 +283,12 @@ macro_rules! conformance_suite {
             current invites_are_used_once_and_expire,
             current sessions_stand_for_their_accounts_until_they_end,
             multi failed_sign_ins_lock_an_address_for_a_while,
+            multi guided_sessions_open_once_per_user_and_template,
+            current guided_steps_append_turns_and_refuse_stale_versions,
+            current guided_completion_stores_the_document,
+            current guided_expiry_removes_only_what_is_due,
+            current guided_templates_round_trip,
+            current leases_go_to_one_holder_until_they_expire,
         );
     };
     (@stories $backend:ident; $($flavor:ident $(#[$attr:meta])* $story:ident),* $(,)?) => {
@@ -749,6 +759,711 @@ mod stories {
             None,
             "counting starts over"
         );
+    }
+
+    const SHOP: &str = "shop";
+
+    /// A session of `user` on `template` in the shop, with an empty guide state.
+    fn new_session(id: &str, user: &str, template: &str) -> NewSession {
+        NewSession {
+            id: id.into(),
+            domain_id: SHOP.into(),
+            user_id: user.into(),
+            template_id: template.into(),
+            template: json!({ "id": template, "questions": ["name", "date"] }).to_string(),
+            state: "{}".into(),
+        }
+    }
+
+    fn turn(speaker: Speaker, question_id: Option<&str>, text: &str) -> NewTurn {
+        NewTurn {
+            speaker,
+            question_id: question_id.map(str::to_owned),
+            text: text.into(),
+        }
+    }
+
+    /// A question and its answer.
+    fn answered(question: &str, asked: &str, answer: &str) -> Vec<NewTurn> {
+        vec![
+            turn(Speaker::Assistant, Some(question), asked),
+            turn(Speaker::User, Some(question), answer),
+        ]
+    }
+
+    fn step(turns: Vec<NewTurn>, pending: Option<(&str, &str)>, state: &Value) -> Step {
+        Step {
+            turns,
+            pending: pending.map(|(id, text)| Pending {
+                id: id.into(),
+                text: text.into(),
+            }),
+            state: state.to_string(),
+        }
+    }
+
+    fn document(id: &str, content: Option<&str>) -> NewDocument {
+        NewDocument {
+            id: id.into(),
+            title: format!("Title of {id}"),
+            format: "markdown".into(),
+            content: content.map(str::to_owned),
+        }
+    }
+
+    async fn session(store: &dyn Store, id: &str) -> GuidedSession {
+        store
+            .guided_session(id)
+            .await
+            .expect("read")
+            .unwrap_or_else(|| panic!("session {id} should exist"))
+    }
+
+    /// The (speaker, question, text) of a session's turns, and whether they count 1, 2, 3…
+    fn said(session: &GuidedSession) -> Vec<(Speaker, Option<&str>, &str)> {
+        let numbers: Vec<u32> = session.turns.iter().map(|t| t.n).collect();
+        assert_eq!(numbers, (1..=session.turn_count).collect::<Vec<_>>());
+        session
+            .turns
+            .iter()
+            .map(|t| (t.speaker, t.question_id.as_deref(), t.text.as_str()))
+            .collect()
+    }
+
+    fn sessions_query(user: Option<&str>) -> SessionQuery {
+        SessionQuery {
+            domain_id: SHOP.into(),
+            user_id: user.map(str::to_owned),
+            template_id: None,
+            status: None,
+            limit: 100,
+        }
+    }
+
+    /// A user has one session in progress per template: opening again returns it, even when
+    /// many open at once; another user, template or domain gets a session of its own.
+    pub async fn guided_sessions_open_once_per_user_and_template(ctx: &mut Ctx) {
+        let store = Arc::clone(&ctx.store);
+        let (opened, created) = store
+            .open_session(new_session("s1", "ann", "intake"))
+            .await
+            .expect("open");
+        assert!(created);
+        assert_eq!(
+            (
+                opened.id.as_str(),
+                opened.domain_id.as_str(),
+                opened.user_id.as_str(),
+                opened.template_id.as_str(),
+                opened.status,
+                opened.state.as_str(),
+                opened.turn_count,
+            ),
+            (
+                "s1",
+                SHOP,
+                "ann",
+                "intake",
+                SessionStatus::InProgress,
+                "{}",
+                0
+            )
+        );
+        assert_eq!(opened.template, new_session("s1", "ann", "intake").template);
+        assert_eq!(
+            (opened.pending.clone(), opened.document_id.clone()),
+            (None, None)
+        );
+        assert_eq!((opened.turns.len(), opened.completed_at), (0, None));
+        assert_eq!(opened.created_at, opened.updated_at);
+        assert_eq!(session(&*store, "s1").await, opened);
+
+        let (again, created) = store
+            .open_session(new_session("s2", "ann", "intake"))
+            .await
+            .expect("open again");
+        assert!(!created);
+        assert_eq!(again, opened, "the session in progress, unchanged");
+        assert_eq!(store.guided_session("s2").await.expect("read"), None);
+
+        for (id, user, template, domain) in [
+            ("s3", "ann", "claim", SHOP),
+            ("s4", "bob", "intake", SHOP),
+            ("s5", "ann", "intake", "blog"),
+        ] {
+            let new = NewSession {
+                domain_id: domain.into(),
+                ..new_session(id, user, template)
+            };
+            let (other, created) = store.open_session(new).await.expect("open");
+            assert!(created, "{id} is a session of its own");
+            assert_eq!(other.id, id);
+        }
+
+        // Many opens at once: one session, created by one of them, returned to all.
+        let tasks: Vec<_> = (0..12)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    store
+                        .open_session(new_session(&format!("race-{i}"), "cat", "intake"))
+                        .await
+                        .expect("open")
+                })
+            })
+            .collect();
+        let mut ids = HashSet::new();
+        let mut creators = 0;
+        for task in tasks {
+            let (session, created) = task.await.expect("task");
+            ids.insert(session.id);
+            creators += usize::from(created);
+        }
+        assert_eq!((ids.len(), creators), (1, 1));
+        let listed = store
+            .guided_sessions(sessions_query(Some("cat")))
+            .await
+            .expect("list");
+        assert_eq!(
+            listed.into_iter().map(|s| s.id).collect::<HashSet<_>>(),
+            ids
+        );
+    }
+
+    /// A step appends its turns after the existing ones and sets what the session waits
+    /// on, if the session is still at the version it names; a step from a stale read writes
+    /// nothing. Sessions list newest change first, without turns, and survive a reopen.
+    pub async fn guided_steps_append_turns_and_refuse_stale_versions(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let (opened, _) = store
+            .open_session(new_session("s1", "ann", "intake"))
+            .await
+            .expect("open");
+        let v = opened.version;
+        let first = step(
+            answered("name", "Your name?", "Ann"),
+            Some(("date", "When?")),
+            &json!({ "asked": 2 }),
+        );
+        assert_eq!(
+            store
+                .advance_session("s1", v, first.clone())
+                .await
+                .expect("advance"),
+            Some(v + 1)
+        );
+        let stale = step(
+            vec![turn(Speaker::User, Some("name"), "Someone else")],
+            None,
+            &json!({ "stale": true }),
+        );
+        assert_eq!(
+            store.advance_session("s1", v, stale).await.expect("stale"),
+            None,
+            "a stale version is refused"
+        );
+        let read = session(store, "s1").await;
+        assert_eq!((read.version, read.turn_count), (v + 1, 2));
+        assert_eq!(
+            said(&read),
+            [
+                (Speaker::Assistant, Some("name"), "Your name?"),
+                (Speaker::User, Some("name"), "Ann")
+            ]
+        );
+        assert_eq!(
+            read.pending,
+            Some(Pending {
+                id: "date".into(),
+                text: "When?".into()
+            })
+        );
+        assert_eq!(read.state, json!({ "asked": 2 }).to_string());
+        assert!(read.updated_at >= read.created_at);
+
+        // A turn without a question, then a step that only changes the state.
+        let note = step(
+            vec![turn(Speaker::Assistant, None, "Thanks, Ann.")],
+            None,
+            &json!({ "asked": 3 }),
+        );
+        assert_eq!(
+            store.advance_session("s1", v + 1, note).await.unwrap(),
+            Some(v + 2)
+        );
+        assert_eq!(
+            store
+                .advance_session("s1", v + 2, step(vec![], None, &json!({ "ai": "waiting" })))
+                .await
+                .unwrap(),
+            Some(v + 3)
+        );
+        assert_eq!(
+            store
+                .advance_session("nope", 1, first.clone())
+                .await
+                .unwrap(),
+            None
+        );
+        let read = session(store, "s1").await;
+        assert_eq!(
+            (read.version, read.turn_count, read.pending.clone()),
+            (v + 3, 3, None)
+        );
+        assert_eq!(said(&read)[2], (Speaker::Assistant, None, "Thanks, Ann."));
+        assert_eq!(read.state, json!({ "ai": "waiting" }).to_string());
+        let (reopened, created) = store
+            .open_session(new_session("s9", "ann", "intake"))
+            .await
+            .unwrap();
+        assert!(!created);
+        assert_eq!(
+            reopened, read,
+            "opening again returns the session with its turns"
+        );
+
+        // Lists: newest change first, without turns, filtered, limited.
+        store
+            .open_session(new_session("s2", "ann", "claim"))
+            .await
+            .unwrap();
+        store
+            .open_session(new_session("s3", "bob", "intake"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(
+            store.advance_session("s1", v + 3, first).await.unwrap(),
+            Some(v + 4)
+        );
+        let ids = |sessions: Vec<GuidedSession>| {
+            assert!(
+                sessions.iter().all(|s| s.turns.is_empty()),
+                "lists hold no turns"
+            );
+            sessions.into_iter().map(|s| s.id).collect::<Vec<_>>()
+        };
+        let all = ids(store.guided_sessions(sessions_query(None)).await.unwrap());
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0], "s1", "the latest change first");
+        assert_eq!(
+            ids(store
+                .guided_sessions(sessions_query(Some("ann")))
+                .await
+                .unwrap())
+            .into_iter()
+            .collect::<HashSet<_>>(),
+            HashSet::from(["s1".to_owned(), "s2".to_owned()])
+        );
+        let mut query = sessions_query(None);
+        query.template_id = Some("intake".into());
+        query.limit = 1;
+        assert_eq!(
+            ids(store.guided_sessions(query.clone()).await.unwrap()),
+            ["s1"]
+        );
+        query.status = Some(SessionStatus::Complete);
+        assert_eq!(
+            ids(store.guided_sessions(query).await.unwrap()),
+            Vec::<String>::new()
+        );
+        let listed = store
+            .guided_sessions(sessions_query(Some("ann")))
+            .await
+            .unwrap();
+        let listed_s1 = listed.iter().find(|s| s.id == "s1").expect("listed");
+        let read = session(store, "s1").await;
+        assert_eq!(
+            *listed_s1,
+            GuidedSession {
+                turns: vec![],
+                ..read.clone()
+            }
+        );
+        let elsewhere = SessionQuery {
+            domain_id: "blog".into(),
+            ..sessions_query(None)
+        };
+        assert_eq!(
+            ids(store.guided_sessions(elsewhere).await.unwrap()),
+            Vec::<String>::new()
+        );
+
+        ctx.reopen().await;
+        assert_eq!(
+            session(&*ctx.store, "s1").await,
+            read,
+            "kept across a reopen"
+        );
+        assert_eq!(
+            ctx.store
+                .advance_session("s1", read.version, step(vec![], None, &json!({})))
+                .await
+                .unwrap(),
+            Some(read.version + 1),
+            "and changed from where it was"
+        );
+    }
+
+    /// Completion stores the last turns, the document and the session's end in one step;
+    /// the document reads back whole, lists without its text, and outlives the session's
+    /// removal; the user can then start the template again.
+    pub async fn guided_completion_stores_the_document(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let (opened, _) = store
+            .open_session(new_session("s1", "ann", "intake"))
+            .await
+            .unwrap();
+        let v = opened.version;
+        store
+            .advance_session(
+                "s1",
+                v,
+                step(vec![], Some(("name", "Your name?")), &json!({})),
+            )
+            .await
+            .unwrap()
+            .expect("advanced");
+        let last = step(
+            answered("name", "Your name?", "Ann"),
+            Some(("ignored", "ignored")),
+            &json!({ "done": true }),
+        );
+        assert_eq!(
+            store
+                .complete_session("s1", v, last.clone(), document("d1", Some("# Ann")))
+                .await
+                .unwrap(),
+            None,
+            "a stale version completes nothing"
+        );
+        assert_eq!(store.generated_document("d1").await.unwrap(), None);
+        assert_eq!(
+            store
+                .complete_session("s1", v + 1, last.clone(), document("d1", Some("# Ann")))
+                .await
+                .unwrap(),
+            Some(v + 2)
+        );
+        let done = session(store, "s1").await;
+        assert_eq!(done.status, SessionStatus::Complete);
+        assert_eq!(done.document_id.as_deref(), Some("d1"));
+        assert_eq!((done.pending.clone(), done.version), (None, v + 2));
+        assert_eq!(done.completed_at, Some(done.updated_at));
+        assert_eq!(said(&done).len(), 2);
+        assert_eq!(done.state, json!({ "done": true }).to_string());
+        assert_eq!(
+            store
+                .advance_session("s1", v + 2, step(vec![], None, &json!({})))
+                .await
+                .unwrap(),
+            None,
+            "a complete session takes no more steps"
+        );
+        assert_eq!(
+            store
+                .complete_session("s1", v + 2, last.clone(), document("d2", Some("x")))
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(store.generated_document("d2").await.unwrap(), None);
+
+        let stored = store
+            .generated_document("d1")
+            .await
+            .unwrap()
+            .expect("stored");
+        assert_eq!(
+            stored,
+            GeneratedDocument {
+                id: "d1".into(),
+                domain_id: SHOP.into(),
+                user_id: "ann".into(),
+                session_id: "s1".into(),
+                template_id: "intake".into(),
+                title: "Title of d1".into(),
+                format: "markdown".into(),
+                content: Some("# Ann".into()),
+                bytes: 5,
+                created_at: stored.created_at,
+            }
+        );
+        assert_eq!(stored.created_at, done.updated_at);
+        assert_eq!(
+            store.generated_documents(SHOP, "ann", 10).await.unwrap(),
+            [GeneratedDocument {
+                content: None,
+                ..stored.clone()
+            }]
+        );
+        assert!(
+            store
+                .generated_documents(SHOP, "bob", 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        // The template again: a new session. This one ends in a document the AI service
+        // keeps, then a third names the first document again, which stays as it was.
+        let (second, created) = store
+            .open_session(new_session("s2", "ann", "intake"))
+            .await
+            .unwrap();
+        assert!(created && second.id == "s2");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(
+            store
+                .complete_session("s2", second.version, last.clone(), document("ext-1", None))
+                .await
+                .unwrap(),
+            Some(second.version + 1)
+        );
+        let external = store
+            .generated_document("ext-1")
+            .await
+            .unwrap()
+            .expect("stored");
+        assert_eq!((external.content, external.bytes), (None, 0));
+        let (third, _) = store
+            .open_session(new_session("s3", "ann", "intake"))
+            .await
+            .unwrap();
+        assert!(
+            store
+                .complete_session("s3", third.version, last, document("d1", Some("other")))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(
+            session(store, "s3").await.document_id.as_deref(),
+            Some("d1")
+        );
+        assert_eq!(
+            store.generated_document("d1").await.unwrap(),
+            Some(stored),
+            "the first document of an id is kept"
+        );
+        let listed = store.generated_documents(SHOP, "ann", 10).await.unwrap();
+        assert_eq!(
+            listed.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+            ["ext-1", "d1"],
+            "newest first"
+        );
+        assert!(listed.iter().all(|d| d.content.is_none()));
+        assert_eq!(
+            store
+                .generated_documents(SHOP, "ann", 1)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+
+        // Removing a session takes its turns and leaves its document.
+        assert!(store.delete_guided_session("s1").await.unwrap());
+        assert!(!store.delete_guided_session("s1").await.unwrap());
+        assert_eq!(store.guided_session("s1").await.unwrap(), None);
+        assert!(store.generated_document("d1").await.unwrap().is_some());
+        let (reused, created) = store
+            .open_session(new_session("s1", "ann", "intake"))
+            .await
+            .unwrap();
+        assert!(created && reused.turns.is_empty());
+        let one = vec![turn(Speaker::User, None, "fresh")];
+        store
+            .advance_session("s1", reused.version, step(one, None, &json!({})))
+            .await
+            .unwrap()
+            .expect("numbered from 1 again: the old turns went");
+        assert_eq!(
+            said(&session(store, "s1").await),
+            [(Speaker::User, None, "fresh")]
+        );
+    }
+
+    /// Expiry removes in-progress sessions untouched since the cut-off with their turns,
+    /// and complete ones with their documents only when asked to; everything newer stays.
+    pub async fn guided_expiry_removes_only_what_is_due(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let open = async |id: &str, user: &str| {
+            store
+                .open_session(new_session(id, user, "intake"))
+                .await
+                .unwrap()
+                .0
+        };
+        let stale = open("stale", "ann").await;
+        store
+            .advance_session(
+                "stale",
+                stale.version,
+                step(answered("q", "Q?", "A"), None, &json!({})),
+            )
+            .await
+            .unwrap()
+            .expect("advanced");
+        let done = open("done", "bob").await;
+        store
+            .complete_session(
+                "done",
+                done.version,
+                step(vec![], None, &json!({})),
+                document("doc-done", Some("x")),
+            )
+            .await
+            .unwrap()
+            .expect("completed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let cut = chrono::Utc::now();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        open("fresh", "cat").await;
+        let late = open("late", "dan").await;
+        store
+            .complete_session(
+                "late",
+                late.version,
+                step(vec![], None, &json!({})),
+                document("doc-late", Some("y")),
+            )
+            .await
+            .unwrap()
+            .expect("completed");
+
+        assert_eq!(store.expire_sessions(cut, None).await.unwrap(), 1);
+        assert_eq!(store.guided_session("stale").await.unwrap(), None);
+        for kept in ["done", "fresh", "late"] {
+            session(store, kept).await;
+        }
+        assert!(
+            store
+                .generated_document("doc-done")
+                .await
+                .unwrap()
+                .is_some()
+        );
+        // Its turns went too: a session reusing the id numbers from 1.
+        let reused = open("stale", "eve").await;
+        store
+            .advance_session(
+                "stale",
+                reused.version,
+                step(answered("q", "Q?", "B"), None, &json!({})),
+            )
+            .await
+            .unwrap()
+            .expect("no turns left behind");
+
+        assert_eq!(store.expire_sessions(cut, Some(cut)).await.unwrap(), 1);
+        assert_eq!(store.guided_session("done").await.unwrap(), None);
+        assert_eq!(store.generated_document("doc-done").await.unwrap(), None);
+        for kept in ["stale", "fresh", "late"] {
+            session(store, kept).await;
+        }
+        assert!(
+            store
+                .generated_document("doc-late")
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(store.expire_sessions(cut, Some(cut)).await.unwrap(), 0);
+        let later = chrono::Utc::now() + chrono::Duration::seconds(1);
+        assert_eq!(store.expire_sessions(later, None).await.unwrap(), 2);
+        assert_eq!(
+            store
+                .guided_sessions(sessions_query(None))
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|s| s.id)
+                .collect::<Vec<_>>(),
+            ["late"]
+        );
+    }
+
+    /// Run-time templates are created, replaced, listed by id per domain and removed.
+    pub async fn guided_templates_round_trip(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let at = |ms: i64| chrono::DateTime::from_timestamp_millis(1_700_000_000_000 + ms).unwrap();
+        let template = |domain: &str, id: &str, spec: Value, ms: i64| StoredTemplate {
+            domain_id: domain.into(),
+            id: id.into(),
+            spec: spec.to_string(),
+            updated_at: at(ms),
+        };
+        assert!(
+            store
+                .put_template(template(SHOP, "t1", json!({ "v": 1 }), 1))
+                .await
+                .unwrap()
+        );
+        let replaced = template(SHOP, "t1", json!({ "v": 2 }), 2);
+        assert!(
+            !store.put_template(replaced.clone()).await.unwrap(),
+            "replaced"
+        );
+        assert!(
+            store
+                .put_template(template(SHOP, "t0", json!({}), 3))
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .put_template(template("blog", "t1", json!({}), 4))
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store.stored_template(SHOP, "t1").await.unwrap(),
+            Some(replaced.clone())
+        );
+        assert_eq!(store.stored_template(SHOP, "t9").await.unwrap(), None);
+        assert_eq!(
+            store.stored_templates(SHOP).await.unwrap(),
+            [template(SHOP, "t0", json!({}), 3), replaced]
+        );
+        assert!(store.delete_template(SHOP, "t1").await.unwrap());
+        assert!(!store.delete_template(SHOP, "t1").await.unwrap());
+        assert_eq!(
+            store
+                .stored_templates(SHOP)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|t| t.id)
+                .collect::<Vec<_>>(),
+            ["t0"]
+        );
+        assert_eq!(store.stored_templates("blog").await.unwrap().len(), 1);
+        assert!(store.stored_templates("none").await.unwrap().is_empty());
+    }
+
+    /// A lease goes to one holder, who may renew it; another gets it once it expires.
+    pub async fn leases_go_to_one_holder_until_they_expire(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let long = Duration::from_secs(60);
+        assert!(store.take_lease("cleanup", "a", long).await.unwrap());
+        assert!(!store.take_lease("cleanup", "b", long).await.unwrap());
+        assert!(
+            store.take_lease("cleanup", "a", long).await.unwrap(),
+            "renewed"
+        );
+        assert!(store.take_lease("other", "b", long).await.unwrap());
+
+        let short = Duration::from_millis(50);
+        assert!(store.take_lease("brief", "a", short).await.unwrap());
+        assert!(!store.take_lease("brief", "b", short).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert!(
+            store.take_lease("brief", "b", long).await.unwrap(),
+            "expired"
+        );
+        assert!(!store.take_lease("brief", "a", short).await.unwrap());
+        assert!(!store.take_lease("cleanup", "b", long).await.unwrap());
     }
 
     /// Each room counts 1, 2, 3… on its own, however appends to rooms interleave.

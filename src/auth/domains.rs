@@ -477,6 +477,15 @@ fn check(d: &DomainConfig) -> Result<(), DomainError> {
             ));
         }
     }
+    if let Some(url) = &d.ai_service_url
+        && (!(url.starts_with("https://") || url.starts_with("http://"))
+            || reqwest::Url::parse(url).is_err())
+    {
+        return Err(DomainError::new(
+            &d.id,
+            "ai_service_url must be an http:// or https:// URL",
+        ));
+    }
     for p in &d.pusher_keys {
         if p.key.is_empty() || p.secret.expose().len() < 16 {
             return Err(DomainError::new(

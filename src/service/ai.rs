@@ -731,6 +731,56 @@ impl AiService {
         rx
     }
 
+    /// A short text from the domain's vendors (not the knowledge base) for `instructions`
+    /// and `turns`, for the guided sessions' guide: `None` when the domain has no vendor, is
+    /// over its limits, or no vendor answered within `deadline`. The call is metered and
+    /// counted against the domain's budget like any other.
+    pub async fn phrase(
+        &self,
+        domain: &str,
+        user: &str,
+        instructions: String,
+        turns: Vec<Turn>,
+        deadline: Duration,
+    ) -> Option<String> {
+        let bot = self.bot(domain).await?;
+        let chain: Vec<(Arc<Slot>, String)> = bot
+            .chain
+            .iter()
+            .filter(|s| s.provider.kind() != "kb")
+            .map(|s| (Arc::clone(s), s.model.clone()))
+            .collect();
+        if chain.is_empty() {
+            return None;
+        }
+        let admitted = self.admit(&bot, domain, user, false, None).await.ok()?;
+        let meter = self.meter(domain, None, Some(user), admitted);
+        let (tx, mut rx) = mpsc::channel(64);
+        let call = async move {
+            let run = run_chain(&bot, &chain, Some(instructions), turns, &tx, &meter);
+            let collect = async {
+                let mut text = String::new();
+                while let Some(event) = rx.recv().await {
+                    match event {
+                        AiEvent::Text(t) => text.push_str(&t),
+                        AiEvent::Fallback {
+                            after_text: true, ..
+                        } => text.clear(),
+                        AiEvent::Done { .. } => return Some(text),
+                        AiEvent::NoAnswer => return None,
+                        AiEvent::Started { .. } | AiEvent::Fallback { .. } => {}
+                    }
+                }
+                None
+            };
+            let ((), text) = tokio::join!(run, collect);
+            text
+        };
+        let text = tokio::time::timeout(deadline, call).await.ok()??;
+        let text = text.trim();
+        (!text.is_empty()).then(|| text.to_owned())
+    }
+
     /// Stops the reply being generated in `room`, if any (its text so far is stored as
     /// interrupted). True when there was one.
     pub fn stop(&self, room: &RoomKey) -> bool {

@@ -136,6 +136,13 @@ impl DomainService {
         if existing == Some(Source::Config) {
             return Err(in_config_file(&settings.id));
         }
+        if !settings.templates.is_empty() {
+            return Err(ServiceError::invalid(
+                "invalid_domain",
+                "template files are read from the config file at start; add a run-time \
+                 domain's templates at /api/admin/domains/{id}/templates",
+            ));
+        }
         self.domains
             .check_candidate(&settings)
             .map_err(|e| ServiceError::invalid("invalid_domain", e.to_string()))?;

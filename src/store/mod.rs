@@ -16,6 +16,7 @@
 //! `tests/store.rs` runs against every implementation.
 
 pub mod accounts;
+pub mod guided;
 pub mod postgres;
 pub mod sqlite;
 
@@ -402,7 +403,9 @@ pub enum StoreError {
 
 /// Durable storage of domains, customers, rooms, messages and read states.
 #[async_trait]
-pub trait Store: accounts::Accounts + Send + Sync + std::fmt::Debug + 'static {
+pub trait Store:
+    accounts::Accounts + guided::Guided + Send + Sync + std::fmt::Debug + 'static
+{
     /// Stores a message, creating its room if needed, and returns it with its `seq`. `data`
     /// nested deeper than [`MAX_DATA_DEPTH`] is refused with [`StoreError::Invalid`]. If the
     /// message carries a `client_message_id` its author already used in that room, returns the

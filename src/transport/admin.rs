@@ -244,10 +244,15 @@ fn view(domain: &Domain) -> Value {
     {
         jwt.insert("has_secret".to_owned(), Value::Bool(true));
     }
-    if let Some(obj) = settings.as_object_mut()
-        && obj.remove("internal_secret").is_some()
-    {
-        obj.insert("has_internal_secret".to_owned(), Value::Bool(true));
+    if let Some(obj) = settings.as_object_mut() {
+        for (secret, flag) in [
+            ("internal_secret", "has_internal_secret"),
+            ("ai_service_api_key", "has_ai_service_api_key"),
+        ] {
+            if obj.remove(secret).is_some() {
+                obj.insert(flag.to_owned(), Value::Bool(true));
+            }
+        }
     }
     if let Some(pairs) = settings
         .get_mut("pusher_keys")

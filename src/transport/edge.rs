@@ -401,7 +401,7 @@ pub async fn limit_by_ip(State(app): State<AppState>, req: Request, next: Next) 
     let budget = match path {
         "/" if upgrade => Some((Budget::Connect, "connections from this address")),
         "/" | "/health" | "/metrics" => None,
-        "/ws" => Some((Budget::Connect, "connections from this address")),
+        "/ws" | "/chat" => Some((Budget::Connect, "connections from this address")),
         _ => Some((Budget::Request, "requests from this address")),
     };
     let ip = app.edge.client_ip(peer(req.extensions()), req.headers());

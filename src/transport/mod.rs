@@ -1,6 +1,8 @@
 //! Transports translate wire formats to and from service calls; nothing else does.
 //!
-//! - [`ws`]: the native WebSocket protocol at `/ws` (WeeziQ-compatible).
+//! - [`ws`]: the native WebSocket protocol at `/ws` (WeeziQ-compatible), and guided
+//!   sessions at `/chat` ([`ws::guided`], Largence-compatible).
+//! - [`sessions`]: templates, sessions and documents of guided sessions over HTTP.
 //! - [`http`]: the JSON HTTP API, health and metrics.
 //! - [`wire`]: JSON shapes both share.
 //! - [`admin`]: the admin API (`/api/admin/domains`).
@@ -22,6 +24,7 @@ pub mod edge;
 pub mod handoff;
 pub mod http;
 pub mod listen;
+pub mod sessions;
 pub mod visitor;
 pub mod web;
 pub mod wire;
@@ -62,6 +65,25 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(http::health))
         .route("/metrics", get(http::metrics))
         .route("/ws", get(ws::upgrade))
+        .route("/chat", get(ws::guided::upgrade))
+        .route("/api/templates", get(sessions::templates))
+        .route("/api/sessions", get(sessions::list_sessions))
+        .route(
+            "/api/sessions/{id}",
+            get(sessions::get_session).delete(sessions::delete_session),
+        )
+        .route("/api/documents", get(sessions::list_documents))
+        .route("/api/documents/{id}", get(sessions::get_document))
+        .route(
+            "/api/admin/domains/{id}/templates",
+            get(sessions::admin_list_templates).post(sessions::admin_post_template),
+        )
+        .route(
+            "/api/admin/domains/{id}/templates/{template}",
+            get(sessions::admin_get_template)
+                .put(sessions::admin_put_template)
+                .delete(sessions::admin_delete_template),
+        )
         .route(
             "/api/messages",
             get(http::list_messages).post(http::post_message),

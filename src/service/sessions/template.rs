@@ -87,6 +87,21 @@ pub struct TemplateSpec {
     pub questions: Vec<QuestionSpec>,
     /// The document: Markdown with `{{question_id}}` placeholders.
     pub document: String,
+    /// This template's own AI service, instead of its domain's; `""` means Parlor's
+    /// built-in guide even where the domain has a service.
+    #[serde(
+        default,
+        rename = "aiServiceUrl",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ai_service_url: Option<String>,
+    /// The key sent to that service.
+    #[serde(
+        default,
+        rename = "aiServiceApiKey",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ai_service_api_key: Option<String>,
 }
 
 /// A question ready to check answers.
@@ -148,6 +163,14 @@ impl Template {
             return Err(fail(format!(
                 "`document` is larger than {MAX_DOCUMENT_BYTES} bytes"
             )));
+        }
+        if let Some(url) = spec.ai_service_url.as_deref().filter(|u| !u.is_empty())
+            && (!(url.starts_with("https://") || url.starts_with("http://"))
+                || reqwest::Url::parse(url).is_err())
+        {
+            return Err(fail(
+                "`aiServiceUrl` must be an http:// or https:// URL, or \"\"".into(),
+            ));
         }
         let mut seen = HashSet::new();
         let mut questions = Vec::with_capacity(spec.questions.len());

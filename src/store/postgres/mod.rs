@@ -41,6 +41,7 @@
 //! [`IDLE_IN_TRANSACTION`], which frees its room locks.
 
 mod accounts;
+mod guided;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -71,6 +72,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0001_init.sql"),
     include_str!("../migrations/postgres/0002_accounts.sql"),
     include_str!("../migrations/postgres/0003_customer_context.sql"),
+    include_str!("../migrations/postgres/0004_guided.sql"),
 ];
 
 /// Key of the advisory lock held while migrating, so nodes starting together migrate one

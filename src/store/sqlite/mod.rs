@@ -16,6 +16,7 @@
 //! commit for power-loss durability.
 
 mod accounts;
+mod guided;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +49,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0005_handoff.sql"),
     include_str!("../migrations/sqlite/0006_accounts.sql"),
     include_str!("../migrations/sqlite/0007_customer_context.sql"),
+    include_str!("../migrations/sqlite/0008_guided.sql"),
 ];
 
 /// Column list matching [`row_to_message`], for `FROM messages m JOIN rooms r`

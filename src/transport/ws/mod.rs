@@ -9,6 +9,7 @@
 //! frame and nothing else happens.
 
 pub mod frame;
+pub mod guided;
 pub mod socket;
 
 use std::borrow::Cow;
@@ -63,6 +64,8 @@ pub const CLOSE_INVALID_DATA: u16 = 1007;
 pub const CLOSE_NO_PONG: u16 = 4011;
 /// Close code for a client that sent no message within `limits.ws_idle_timeout_ms`.
 pub const CLOSE_IDLE: u16 = 4012;
+/// Close code for a guided session's connection another connection took over.
+pub const CLOSE_REPLACED: u16 = 4013;
 /// Most queued events written per flush.
 const WRITE_BATCH: usize = 64;
 /// Stop adding events to a write once this many bytes are pending.
@@ -96,18 +99,7 @@ pub async fn upgrade(
 ) -> Response {
     let key = match handshake_key(req.headers()) {
         Ok(key) => key,
-        Err(message) => {
-            app.metrics.client_error("upgrade_required");
-            let mut res = ApiError::new(StatusCode::UPGRADE_REQUIRED, "upgrade_required", message)
-                .into_response();
-            res.headers_mut()
-                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            res.headers_mut().insert(
-                header::SEC_WEBSOCKET_VERSION,
-                HeaderValue::from_static("13"),
-            );
-            return res;
-        }
+        Err(message) => return upgrade_required(&app, message),
     };
     // An empty `?token=` is no token: it must not hide an `Authorization` header. Browsers
     // cannot set headers on a WebSocket, so the token may also come as a subprotocol.
@@ -155,57 +147,16 @@ pub async fn upgrade(
     } else {
         identity
     };
-    if let Err(wait) = app.edge.check_identity(&identity).await {
-        app.metrics.client_error("rate_limited");
-        return ApiError::rate_limited(wait, "connections by this identity").into_response();
-    }
-    // A browser page may open sockets only for domains that list its origin; Parlor's own
-    // pages (the inbox) serve every domain.
-    let own_page = super::edge::same_origin(req.headers());
-    let origin = if own_page {
-        None
-    } else {
-        super::edge::origin(req.headers())
+    let gate = match Gate::pass(&app, &req, &identity).await {
+        Ok(gate) => gate,
+        Err(refused) => return refused,
     };
-    if !app.edge.origin_allowed(&identity.domain_id, origin) {
-        app.metrics.client_error("origin_not_allowed");
-        return ApiError::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "origin_not_allowed",
-            "this origin may not use the domain (allowed_origins)",
-        )
-        .into_response();
-    }
-    if app.shutdown.is_cancelled() {
-        return ApiError::unavailable("shutting_down", "server is shutting down").into_response();
-    }
-    let address = super::edge::ClientIp::of(&app, &req).0;
-    let address_slot = match address.map(|ip| app.edge.websockets.open(ip)) {
-        Some(None) => {
-            app.metrics.refused("address_websockets");
-            app.metrics.client_error("too_many_connections");
-            let max = app.edge.websockets.max();
-            return ApiError::too_many_connections(format!(
-                "this address has {max} WebSockets open (limits.ip_max_websockets); close some \
-                 first"
-            ))
-            .into_response();
-        }
-        Some(Some(slot)) => Some(slot),
-        None => None,
-    };
-    let Ok(permit) = Arc::clone(&app.connection_permits).try_acquire_owned() else {
-        app.metrics.refused("server_full");
-        app.metrics.client_error("too_many_connections");
-        return ApiError::unavailable("too_many_connections", "connection limit reached")
-            .into_response();
-    };
-    let Some(admitted) = admit_to_domain(&app, &identity) else {
-        app.metrics.refused("domain_full");
-        app.metrics.client_error("too_many_connections");
-        return ApiError::unavailable("too_many_connections", DOMAIN_FULL).into_response();
-    };
-    let tcp_slot = req.extensions().get::<TcpSlot>().cloned();
+    let Gate {
+        origin,
+        address,
+        admitted,
+        permits,
+    } = gate;
     // Only visitors have a context worth showing to agents.
     let browser = (identity.role == Role::Visitor)
         .then(|| req.headers().get(header::USER_AGENT)?.to_str().ok())
@@ -237,12 +188,12 @@ pub async fn upgrade(
         rooms: Cursors::default(),
         current_room: None,
         display_name: None,
-        origin: origin.map(Box::from),
+        origin,
         auth_until: Instant::now() + AUTH_FRAME_WINDOW,
         settled: !identity_anonymous,
         pending_join: None,
         dialect,
-        permits: (permit, admitted.permit, address_slot, tcp_slot),
+        permits,
         address,
         online,
         browser,
@@ -259,6 +210,25 @@ pub async fn upgrade(
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
     });
+    switching_protocols(&key, &offered)
+}
+
+/// The answer to a request that is not a WebSocket handshake.
+fn upgrade_required(app: &AppState, message: &str) -> Response {
+    app.metrics.client_error("upgrade_required");
+    let mut res =
+        ApiError::new(StatusCode::UPGRADE_REQUIRED, "upgrade_required", message).into_response();
+    res.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    res.headers_mut().insert(
+        header::SEC_WEBSOCKET_VERSION,
+        HeaderValue::from_static("13"),
+    );
+    res
+}
+
+/// The 101 that completes a handshake with `key`.
+fn switching_protocols(key: &str, offered: &[String]) -> Response {
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
     let mut res = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let headers = res.headers_mut();
@@ -277,18 +247,128 @@ pub async fn upgrade(
     res
 }
 
+/// The places an admitted WebSocket holds in the server's and its domain's connection
+/// limits, and under its address's caps on WebSockets and on TCP connections.
+type Permits = (
+    OwnedSemaphorePermit,
+    DomainPermit,
+    Option<AddressSlot>,
+    Option<TcpSlot>,
+);
+
+/// What an upgrade passed on its way in: the checks every WebSocket endpoint makes once its
+/// caller is known.
+struct Gate {
+    /// The page's origin (`None` for Parlor's own pages and non-browser clients).
+    origin: Option<Box<str>>,
+    /// The client's address (behind a trusted proxy, the forwarded one).
+    address: Option<std::net::IpAddr>,
+    /// The domain's frame limits.
+    admitted: Admitted,
+    /// Its places in the connection limits.
+    permits: Permits,
+}
+
+impl Gate {
+    /// The identity's connect rate, the page's origin, shutdown, and the address's, the
+    /// server's and the domain's connection limits, in that order; the refusal as the
+    /// response to send.
+    fn pass<'a>(
+        app: &'a AppState,
+        req: &Request,
+        identity: &'a Identity,
+    ) -> impl Future<Output = Result<Self, Response>> + Send + 'a {
+        // Read what the request says before waiting: a request is not `Sync`.
+        let origin = if super::edge::same_origin(req.headers()) {
+            None
+        } else {
+            super::edge::origin(req.headers()).map(Box::<str>::from)
+        };
+        let address = super::edge::ClientIp::of(app, req).0;
+        let tcp_slot = req.extensions().get::<TcpSlot>().cloned();
+        Self::admit(app, identity, origin, address, tcp_slot)
+    }
+
+    async fn admit(
+        app: &AppState,
+        identity: &Identity,
+        origin: Option<Box<str>>,
+        address: Option<std::net::IpAddr>,
+        tcp_slot: Option<TcpSlot>,
+    ) -> Result<Self, Response> {
+        if let Err(wait) = app.edge.check_identity(identity).await {
+            app.metrics.client_error("rate_limited");
+            return Err(
+                ApiError::rate_limited(wait, "connections by this identity").into_response()
+            );
+        }
+        // A browser page may open sockets only for domains that list its origin; Parlor's
+        // own pages (the inbox) serve every domain.
+        if !app
+            .edge
+            .origin_allowed(&identity.domain_id, origin.as_deref())
+        {
+            app.metrics.client_error("origin_not_allowed");
+            return Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "origin_not_allowed",
+                "this origin may not use the domain (allowed_origins)",
+            )
+            .into_response());
+        }
+        if app.shutdown.is_cancelled() {
+            return Err(
+                ApiError::unavailable("shutting_down", "server is shutting down").into_response(),
+            );
+        }
+        let address_slot = match address.map(|ip| app.edge.websockets.open(ip)) {
+            Some(None) => {
+                app.metrics.refused("address_websockets");
+                app.metrics.client_error("too_many_connections");
+                let max = app.edge.websockets.max();
+                return Err(ApiError::too_many_connections(format!(
+                    "this address has {max} WebSockets open (limits.ip_max_websockets); close \
+                     some first"
+                ))
+                .into_response());
+            }
+            Some(Some(slot)) => Some(slot),
+            None => None,
+        };
+        let Ok(permit) = Arc::clone(&app.connection_permits).try_acquire_owned() else {
+            app.metrics.refused("server_full");
+            app.metrics.client_error("too_many_connections");
+            return Err(
+                ApiError::unavailable("too_many_connections", "connection limit reached")
+                    .into_response(),
+            );
+        };
+        let Some((domain_permit, admitted)) = admit_to_domain(app, identity) else {
+            app.metrics.refused("domain_full");
+            app.metrics.client_error("too_many_connections");
+            return Err(ApiError::unavailable("too_many_connections", DOMAIN_FULL).into_response());
+        };
+        Ok(Self {
+            origin,
+            address,
+            permits: (permit, domain_permit, address_slot, tcp_slot),
+            admitted,
+        })
+    }
+}
+
 const DOMAIN_FULL: &str = "this domain's connection limit is reached";
 
-/// A connection's place among its domain's connections, and its frame limiter.
+/// A connection's frame limiter, set by its domain.
 struct Admitted {
-    permit: DomainPermit,
     limiter: DefaultDirectRateLimiter,
     frame_rate: u32,
 }
 
 /// Admits a connection of `identity` under its domain's limits (`None`: the domain is at
-/// its connection limit); the domain's frame rate, else the server's, sets the limiter.
-fn admit_to_domain(app: &AppState, identity: &Identity) -> Option<Admitted> {
+/// its connection limit): its place among the domain's connections, and its frame limiter
+/// (the domain's frame rate, else the server's).
+fn admit_to_domain(app: &AppState, identity: &Identity) -> Option<(DomainPermit, Admitted)> {
     let domains = app.auth.domains();
     let domain_limits = domains
         .load()
@@ -307,11 +387,13 @@ fn admit_to_domain(app: &AppState, identity: &Identity) -> Option<Admitted> {
             .unwrap_or(limits.messages_burst),
     )
     .unwrap_or(NonZeroU32::MIN);
-    Some(Admitted {
+    Some((
         permit,
-        limiter: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
-        frame_rate,
-    })
+        Admitted {
+            limiter: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
+            frame_rate,
+        },
+    ))
 }
 
 /// The subprotocol Parlor answers with when a client offers it.
@@ -385,6 +467,46 @@ fn dialect_of(app: &AppState, identity: &Identity) -> Dialect {
         .map_or(Dialect::Native, |d| d.settings.dialect)
 }
 
+/// Ends the WebSocket: a `reconnect` hint on shutdown, then the close frame with the
+/// documented code (written within a bounded time), then the TCP half-close.
+async fn close(socket: &mut WsSocket, end: End) {
+    let (code, reason) = match end {
+        End::Shutdown => {
+            let frame = json!({ "type": "reconnect", "reason": "server shutting down", "timestamp": iso(now_ms()) });
+            socket.queue_text(&to_bytes(&frame));
+            (CLOSE_RESTART, "server restarting")
+        }
+        End::SlowConsumer => (CLOSE_SLOW_CONSUMER, "slow consumer: outbound queue full"),
+        End::Resync => (CLOSE_RESYNC, "out of sync: rejoin with since"),
+        End::FrameTooLarge => (CLOSE_TOO_BIG, "frame too large"),
+        End::ProtocolError => (CLOSE_PROTOCOL, "protocol error"),
+        End::InvalidUtf8 => (CLOSE_INVALID_DATA, "text frame is not UTF-8"),
+        End::NoPong => (CLOSE_NO_PONG, "no answer to ping"),
+        End::Idle => (CLOSE_IDLE, "idle for too long"),
+        End::Replaced => (CLOSE_REPLACED, "session continued in another connection"),
+        End::Complete => (1000, "session complete"),
+        End::Unavailable => (1011, "server error: try again"),
+        End::Unusable => (1008, "only frames the server ignores"),
+        End::ClientClosed => (1000, ""),
+        End::TransportError => return,
+    };
+    socket.queue_close(code, reason);
+    // A kicked client may still be reading what was queued before the close frame; give
+    // it a bounded moment, then drop it.
+    if tokio::time::timeout(CLOSE_TIMEOUT, socket.flush())
+        .await
+        .is_ok_and(|r| r.is_ok())
+    {
+        socket.shutdown().await;
+    }
+    if matches!(end, End::FrameTooLarge) {
+        // Lingering close: the rest of the oversized frame is still arriving. Dropping the
+        // socket now would reset the connection and the client would lose the error and
+        // close frames it has not read yet.
+        tokio::time::sleep(LINGER).await;
+    }
+}
+
 /// How a connection kicked by the hub ends.
 fn kicked_end(handle: &ConnHandle) -> End {
     match handle.kick() {
@@ -409,6 +531,14 @@ enum End {
     NoPong,
     /// No message from the client in time.
     Idle,
+    /// A guided session's connection that a newer one took over.
+    Replaced,
+    /// A guided session ended in its document.
+    Complete,
+    /// The server could not serve the connection (its storage failed).
+    Unavailable,
+    /// A guided session's client sent nothing but frames it ignores.
+    Unusable,
 }
 
 impl End {
@@ -424,6 +554,10 @@ impl End {
             End::TransportError => "transport_error",
             End::NoPong => "ping_timeout",
             End::Idle => "idle_timeout",
+            End::Replaced => "replaced",
+            End::Complete => "session_complete",
+            End::Unavailable => "unavailable",
+            End::Unusable => "unusable_frames",
         }
     }
 }
@@ -546,12 +680,7 @@ struct Connection {
     settled: bool,
     /// This connection's places in the server's and its domain's connection limits, and
     /// under its address's caps on WebSockets and on TCP connections.
-    permits: (
-        OwnedSemaphorePermit,
-        DomainPermit,
-        Option<AddressSlot>,
-        Option<TcpSlot>,
-    ),
+    permits: Permits,
     /// Counts the user among the domain's online users (across the cluster).
     online: Online,
     /// A visitor's browser (the upgrade's `User-Agent`), for the context its first
@@ -606,7 +735,7 @@ impl Connection {
             self.app.chat.leave(&self.handle, &key);
         }
         self.app.handoff.unsubscribe(&self.handle);
-        Box::pin(self.close(&mut socket, end)).await;
+        Box::pin(close(&mut socket, end)).await;
         metrics.connections.dec();
         metrics.disconnect(end.label());
         tracing::debug!(
@@ -816,42 +945,6 @@ impl Connection {
         self.error(socket, reply_to, e.code(), &e.to_string()).await
     }
 
-    /// Ends the WebSocket: a `reconnect` hint on shutdown, then the close frame with the
-    /// documented code, then the TCP half-close.
-    async fn close(&mut self, socket: &mut WsSocket, end: End) {
-        let (code, reason) = match end {
-            End::Shutdown => {
-                let frame = json!({ "type": "reconnect", "reason": "server shutting down", "timestamp": iso(now_ms()) });
-                socket.queue_text(&to_bytes(&frame));
-                (CLOSE_RESTART, "server restarting")
-            }
-            End::SlowConsumer => (CLOSE_SLOW_CONSUMER, "slow consumer: outbound queue full"),
-            End::Resync => (CLOSE_RESYNC, "out of sync: rejoin with since"),
-            End::FrameTooLarge => (CLOSE_TOO_BIG, "frame too large"),
-            End::ProtocolError => (CLOSE_PROTOCOL, "protocol error"),
-            End::InvalidUtf8 => (CLOSE_INVALID_DATA, "text frame is not UTF-8"),
-            End::NoPong => (CLOSE_NO_PONG, "no answer to ping"),
-            End::Idle => (CLOSE_IDLE, "idle for too long"),
-            End::ClientClosed => (1000, ""),
-            End::TransportError => return,
-        };
-        socket.queue_close(code, reason);
-        // A kicked client may still be reading what was queued before the close frame; give
-        // it a bounded moment, then drop it.
-        if tokio::time::timeout(CLOSE_TIMEOUT, socket.flush())
-            .await
-            .is_ok_and(|r| r.is_ok())
-        {
-            socket.shutdown().await;
-        }
-        if matches!(end, End::FrameTooLarge) {
-            // Lingering close: the rest of the oversized frame is still arriving. Dropping the
-            // socket now would reset the connection and the client would lose the error and
-            // close frames it has not read yet.
-            tokio::time::sleep(LINGER).await;
-        }
-    }
-
     async fn on_text(&mut self, socket: &mut WsSocket, raw: String) -> Sent {
         self.app.metrics.frames_in.inc();
         let raw = raw.as_str();
@@ -1037,9 +1130,9 @@ impl Connection {
     /// Makes `identity` the connection's, in a room-less connection: a new handle and
     /// queue, counted among its online users and, when `admitted` (to another domain),
     /// against that domain's limits.
-    fn rebind(&mut self, identity: Identity, admitted: Option<Admitted>) {
-        if let Some(admitted) = admitted {
-            self.permits.1 = admitted.permit;
+    fn rebind(&mut self, identity: Identity, admitted: Option<(DomainPermit, Admitted)>) {
+        if let Some((permit, admitted)) = admitted {
+            self.permits.1 = permit;
             self.limiter = admitted.limiter;
             self.frame_rate = admitted.frame_rate;
         }
