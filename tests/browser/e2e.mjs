@@ -917,6 +917,44 @@ async function main() {
       }
     });
 
+    await step('a guided session on the demo page: one question at a time, a wrong date asked again, a reload resumes, the document at the end', async () => {
+      const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+      const page = watch(await context.newPage(), 'guided');
+      pages.push(page);
+      await page.goto(`${server.base}/`);
+      const answer = async (text) => {
+        await page.locator('#guided-answer').fill(text);
+        await page.getByRole('button', { name: 'Answer' }).click();
+      };
+      const question = page.locator('#guided-question');
+      await page.getByRole('button', { name: 'Draft a mutual NDA' }).click();
+      await visible(question.filter({ hasText: 'full legal name of the first party' }), 'the first question');
+      check((await page.locator('#guided-help').innerText()).includes('Acme Ltd'), 'the question\'s hint is shown');
+      await answer('Acme Ltd');
+      await visible(question.filter({ hasText: 'second party' }), 'the second question');
+      await answer('Globex GmbH');
+      await visible(question.filter({ hasText: 'share confidential information' }), 'the third question');
+
+      // Reload: the panel reconnects by itself and shows what was said.
+      await page.reload();
+      await visible(question.filter({ hasText: 'share confidential information' }), 'the same question after a reload');
+      const said = await page.locator('#guided-log li.user').allInnerTexts();
+      check(JSON.stringify(said) === JSON.stringify(['Acme Ltd', 'Globex GmbH']), `the answers come back after a reload (${JSON.stringify(said)})`);
+      check((await page.locator('#guided-log li.assistant', { hasText: 'share confidential information' }).count()) === 1, 'the pending question is shown once');
+
+      await answer('To evaluate a possible partnership.');
+      await visible(question.filter({ hasText: 'From which date' }), 'the date question');
+      await answer('next Tuesday');
+      await visible(question.filter({ hasText: 'YYYY-MM-DD' }), 'the date question again, with the reason');
+      for (const text of ['2027-01-31', '3', 'Ireland', 'legal@acme.example']) await answer(text);
+      const documentText = page.locator('#guided-document');
+      await visible(documentText, 'the document');
+      const text = await documentText.innerText();
+      check(text.includes('**Acme Ltd**') && text.includes('Ireland'), `the document holds the answers (${text.slice(0, 120)}…)`);
+      check(!(await page.locator('#guided-form').isVisible()), 'the form is gone once the session is complete');
+      await context.close();
+    });
+
     await step('a server with the development login off: the inbox offers e-mail sign-in and the token form only', async () => {
       const config = path.join(dir, 'no-dev-login.toml');
       fs.writeFileSync(config, '[web]\ndev_login = false\n');
