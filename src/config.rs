@@ -1975,6 +1975,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn durations_are_written_with_units() {
+        let ms = |t: &str| duration_text::parse(t).map(|d| d.as_millis());
+        assert_eq!(ms("500ms"), Some(500));
+        assert_eq!(ms("30s"), Some(30_000));
+        assert_eq!(ms("15m"), Some(900_000));
+        assert_eq!(ms("24h"), Some(86_400_000));
+        assert_eq!(ms("7d"), Some(604_800_000));
+        assert_eq!(ms(" 90 "), Some(90_000));
+        for bad in ["", "h", "1w", "-1s", "1.5h", "99999999999999999999d"] {
+            assert_eq!(ms(bad), None, "{bad}");
+        }
+        let config = toml_from("[sessions]\nstale_after = \"2h\"\nkeep_completed = 3600\n");
+        assert_eq!(config.sessions.stale_after, Duration::from_secs(7200));
+        assert_eq!(config.sessions.keep_completed, Duration::from_secs(3600));
+        let wrong = Figment::from(Toml::string("[sessions]\nstale_after = \"soon\"\n"))
+            .extract::<Config>()
+            .expect_err("refused");
+        assert!(wrong.to_string().contains("is not a duration"), "{wrong}");
+    }
+
+    #[test]
     fn urls_are_redacted() {
         assert_eq!(
             redact_url("postgres://parlor:s3cret@db:5432/parlor?sslmode=require"),

@@ -804,3 +804,69 @@ async fn stale_sessions_are_deleted_and_others_kept() {
     assert_eq!(status, 204);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn templates_come_from_the_files_the_config_names_and_a_bad_file_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, spec: &Value| {
+        std::fs::write(dir.path().join(name), spec.to_string()).unwrap();
+    };
+    let spec = |id: &str| {
+        json!({ "id": id, "name": id.to_uppercase(), "questions": [{ "id": "q", "text": "Q?" }],
+                "document": "A: {{q}}" })
+    };
+    write("a.json", &spec("alpha"));
+    write("b.json", &spec("beta"));
+    std::fs::write(dir.path().join("notes.txt"), "not a template").unwrap();
+    let pattern = dir.path().join("*.json").display().to_string();
+    let s = TestServer::start_with(|c| c.domains[0].templates = vec![pattern.clone()]).await;
+    let (_, list) = s.get_with("/api/templates", &s.token("ann")).await;
+    let ids: Vec<&str> = list["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    // The demo's built-in template gives way to the files the domain names.
+    assert_eq!(ids, ["alpha", "beta"]);
+    let mut c = open(&s, "ann", "beta").await;
+    assert_eq!(c.recv().await["question"]["text"], "Q?");
+    s.stop().await;
+
+    // Each of these stops the start with the file and the reason.
+    write(
+        "c.json",
+        &json!({ "id": "gamma", "name": "G", "questions": [], "document": "" }),
+    );
+    let duplicate = dir.path().join("dup");
+    std::fs::create_dir(&duplicate).unwrap();
+    std::fs::write(duplicate.join("one.json"), spec("same").to_string()).unwrap();
+    std::fs::write(duplicate.join("two.json"), spec("same").to_string()).unwrap();
+    for (templates, why) in [
+        (pattern.clone(), "c.json"),
+        (
+            dir.path().join("missing.json").display().to_string(),
+            "cannot read",
+        ),
+        (
+            dir.path().join("*.yaml").display().to_string(),
+            "matches no file",
+        ),
+        (
+            duplicate.join("*.json").display().to_string(),
+            "already defines",
+        ),
+    ] {
+        let mut config = Config::default();
+        config.database = format!("sqlite://{}", dir.path().join("refused.db").display());
+        config.domains[0].templates = vec![templates];
+        config.validate().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let run = parlor::run(config, listener, tokio_util::sync::CancellationToken::new());
+        let error = tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("the start fails at once")
+            .expect_err("the start is refused");
+        assert!(error.to_string().contains(why), "{error}");
+    }
+}

@@ -732,13 +732,15 @@ impl AiService {
     }
 
     /// A short text from the domain's vendors (not the knowledge base) for `instructions`
-    /// and `turns`, for the guided sessions' guide: `None` when the domain has no vendor, is
-    /// over its limits, or no vendor answered within `deadline`. The call is metered and
-    /// counted against the domain's budget like any other.
+    /// and `turns`, for the guided sessions' guide: `None` when the domain has no vendor,
+    /// the domain or the user (a visitor's per-minute limit) is over its limits, or no
+    /// vendor answered within `deadline`. The call is metered and counted against the
+    /// domain's budget like any other.
     pub async fn phrase(
         &self,
         domain: &str,
         user: &str,
+        visitor: bool,
         instructions: String,
         turns: Vec<Turn>,
         deadline: Duration,
@@ -753,7 +755,7 @@ impl AiService {
         if chain.is_empty() {
             return None;
         }
-        let admitted = self.admit(&bot, domain, user, false, None).await.ok()?;
+        let admitted = self.admit(&bot, domain, user, visitor, None).await.ok()?;
         let meter = self.meter(domain, None, Some(user), admitted);
         let (tx, mut rx) = mpsc::channel(64);
         let call = async move {

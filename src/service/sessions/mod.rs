@@ -165,8 +165,10 @@ pub struct Live {
     session: GuidedSession,
     template: Arc<Template>,
     asker: Asker,
-    /// The user's identity (for the AI vendor's metering).
+    /// The user (for the AI vendor's metering and limits).
     user_id: String,
+    /// Whether the user is a visitor (whose AI questions per minute are limited).
+    visitor: bool,
     /// Failed AI-service calls since the last success.
     failures: u32,
     /// When to call the AI service again on its own (after a failure it may retry).
@@ -448,6 +450,7 @@ impl SessionService {
             template,
             asker,
             user_id: identity.user_id.clone(),
+            visitor: identity.role == Role::Visitor,
             failures: 0,
             retry_at: None,
         };
@@ -724,6 +727,7 @@ impl SessionService {
                 .phrase(
                     &live.session.domain_id,
                     &live.user_id,
+                    live.visitor,
                     instructions,
                     turns,
                     guide::PHRASE_DEADLINE,
