@@ -857,8 +857,10 @@ async fn templates_come_from_the_files_the_config_names_and_a_bad_file_stops_the
             "already defines",
         ),
     ] {
-        let mut config = Config::default();
-        config.database = format!("sqlite://{}", dir.path().join("refused.db").display());
+        let mut config = Config {
+            database: format!("sqlite://{}", dir.path().join("refused.db").display()),
+            ..Config::default()
+        };
         config.domains[0].templates = vec![templates];
         config.validate().unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
