@@ -52,6 +52,10 @@ use crate::store::guided::{
 /// The template the demo domain ships with, so that `cargo run` shows a guided session.
 pub const DEMO_TEMPLATE: &str = include_str!("demo_template.json");
 
+/// Reads of a session a connection makes to take it over from another that is still
+/// writing to it.
+const TAKE_OVER_ATTEMPTS: usize = 5;
+
 /// Most sessions or documents one list returns.
 pub const MAX_LIST: usize = 200;
 
@@ -424,17 +428,15 @@ impl SessionService {
     ) -> Result<(Live, Vec<Reply>), ServiceError> {
         let snapshot = serde_json::to_string(&template.spec)
             .map_err(|e| ServiceError::invalid("invalid_template", e.to_string()))?;
-        let (session, created) = self
-            .store
-            .open_session(NewSession {
-                id: uuid::Uuid::now_v7().to_string(),
-                domain_id: identity.domain_id.to_string(),
-                user_id: identity.user_id.clone(),
-                template_id: template.spec.id.clone(),
-                template: snapshot,
-                state: guide::State::default().to_json(),
-            })
-            .await?;
+        let new = NewSession {
+            id: uuid::Uuid::now_v7().to_string(),
+            domain_id: identity.domain_id.to_string(),
+            user_id: identity.user_id.clone(),
+            template_id: template.spec.id.clone(),
+            template: snapshot,
+            state: guide::State::default().to_json(),
+        };
+        let (session, created) = self.take_over(new).await?;
         // A resumed session keeps the template it started with.
         let template = if created {
             template
@@ -469,6 +471,38 @@ impl SessionService {
             None => out.extend(self.ask_next(&mut live).await?),
         }
         Ok((live, out))
+    }
+
+    /// The in-progress session of `new`'s user and template, or `new` created. A resumed
+    /// session is taken over: its version is raised, so that a write the connection it
+    /// belonged to still has in flight fails (that connection is being told it was
+    /// replaced) instead of leaving this one a step behind. What such a write stored before
+    /// the take-over is read again.
+    async fn take_over(&self, new: NewSession) -> Result<(GuidedSession, bool), ServiceError> {
+        for _ in 0..TAKE_OVER_ATTEMPTS {
+            let (mut session, created) = self.store.open_session(new.clone()).await?;
+            if created {
+                return Ok((session, true));
+            }
+            let touch = Step {
+                turns: Vec::new(),
+                pending: session.pending.clone(),
+                state: session.state.clone(),
+            };
+            if let Some(version) = self
+                .store
+                .advance_session(&session.id, session.version, touch)
+                .await?
+            {
+                session.version = version;
+                return Ok((session, false));
+            }
+            // Changed (or completed) since it was read: read it again.
+        }
+        Err(ServiceError::Conflict {
+            code: "session_busy",
+            message: "This session is changing in another connection; try again.".into(),
+        })
     }
 
     /// Takes the user's answer: stores it and what comes next, then says what comes next.
