@@ -310,6 +310,16 @@ async fn the_last_connection_wins() {
     let replaced = first.recv().await;
     assert_eq!(replaced["type"], "error");
     assert_eq!(replaced["code"], "replaced");
+    // `/chat` connections count in /health.
+    let (_, health) = common::status_and_body(reqwest::get(s.http("/health")).await.unwrap()).await;
+    assert!(
+        health["connections"]["active"].as_u64().unwrap() >= 1,
+        "{health}"
+    );
+    assert!(
+        health["connections"]["total"].as_u64().unwrap() >= 2,
+        "{health}"
+    );
     let close = first.closed().await.expect("a close frame");
     assert_eq!(u16::from(close.code), 4013);
     // The new one carries on.
@@ -428,7 +438,8 @@ async fn an_ai_service_asks_the_questions_and_keeps_the_document() {
         ),
     ])
     .await;
-    let s = with_service(addr, |_| {}).await;
+    let (server_key, entry) = parlor::auth::keys::generate_with(parlor::auth::keys::KEY_PREFIX);
+    let s = with_service(addr, move |c| c.domains[0].server_keys = vec![entry]).await;
     let mut c = open(&s, "ann", NDA).await;
     let q1 = c.recv().await;
     assert_eq!(q1["question"]["text"], "Who are the parties?");
@@ -450,6 +461,26 @@ async fn an_ai_service_asks_the_questions_and_keeps_the_document() {
     let history = body["history"].as_array().unwrap();
     assert_eq!(history.len(), 4);
     assert_eq!(history[3]["content"], "A partnership");
+
+    // The domain's back end reads the session (the seed's service reads it from the
+    // database); a user of the domain who is not its owner cannot.
+    let (status, read) = s
+        .get_with(&format!("/api/sessions/{session}"), &server_key)
+        .await;
+    assert_eq!(status, 200, "{read}");
+    assert_eq!(read["history"].as_array().unwrap().len(), 4);
+    assert_eq!(read["status"], "complete");
+    let (status, all) = s.get_with("/api/sessions?userId=ann", &server_key).await;
+    assert_eq!(status, 200);
+    assert_eq!(all["sessions"][0]["id"], session.as_str());
+    let (_, own) = s
+        .get_with("/api/sessions?userId=ann", &s.token("bob"))
+        .await;
+    assert_eq!(
+        own["sessions"],
+        json!([]),
+        "a user's userId filter is their own"
+    );
 
     // The owner sees the reference; another user does not.
     let (status, doc) = s.get_with("/api/documents/doc-42", &s.token("ann")).await;
@@ -780,6 +811,14 @@ async fn stale_sessions_are_deleted_and_others_kept() {
     let (_, list) = s.get_with("/api/sessions?status=complete", &ann).await;
     assert_eq!(list["sessions"].as_array().unwrap().len(), 1);
     assert!(s.metric("parlor_guided_sessions_total", "expired").await >= 1.0);
+    // The domain's admin reads any of its users' documents.
+    let admin = s.token_in("demo", "boss", "admin");
+    assert_eq!(
+        s.get_with(&format!("/api/documents/{document}"), &admin)
+            .await
+            .0,
+        200
+    );
     // Abandoning by hand.
     let mut again = open(&s, "bob", NDA).await;
     let id = again.recv().await["sessionId"].as_str().unwrap().to_owned();
@@ -871,4 +910,53 @@ async fn templates_come_from_the_files_the_config_names_and_a_bad_file_stops_the
             .expect_err("the start is refused");
         assert!(error.to_string().contains(why), "{error}");
     }
+}
+
+#[tokio::test]
+async fn complete_sessions_and_their_documents_go_after_keep_completed() {
+    let s = TestServer::start_with(|c| {
+        c.sessions.keep_completed = Duration::from_secs(1);
+        c.sessions.cleanup_every = Duration::from_millis(200);
+    })
+    .await;
+    let ann = s.token("ann");
+    let mut c = open(&s, "ann", NDA).await;
+    c.recv().await;
+    for a in &ANSWERS[..6] {
+        answer(&mut c, a).await;
+    }
+    let done = answer(&mut c, ANSWERS[6]).await;
+    let document = done["documentId"].as_str().unwrap().to_owned();
+    // An incomplete session is kept (stale_after is a day).
+    let mut open_one = open(&s, "bob", NDA).await;
+    let kept = open_one.recv().await["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    drop(open_one);
+    let mut gone = false;
+    for _ in 0..60 {
+        if s.get_with(&format!("/api/documents/{document}"), &ann)
+            .await
+            .0
+            == 404
+        {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        gone,
+        "the complete session's document was kept past keep_completed"
+    );
+    let (_, list) = s.get_with("/api/sessions", &ann).await;
+    assert_eq!(list["sessions"], json!([]));
+    assert_eq!(
+        s.get_with(&format!("/api/sessions/{kept}"), &s.token("bob"))
+            .await
+            .0,
+        200
+    );
+    s.stop().await;
 }
