@@ -11,6 +11,9 @@
 #   persist  100 senders × 200 messages, window 1 (Parlor only: Node keeps nothing)
 #   ai-stream 1,000 concurrent streamed AI replies from a fake vendor, direct and
 #            through Parlor → time to first token added, server CPU per stream
+#   sessions 5,000 guided sessions (/chat) answering every 2 s, with the built-in guide
+#            and with a fake AI service → answer latency, CPU per 1,000 answers, RSS/session
+#            (Parlor only)
 #
 # and prints a Markdown table of the figures with Parlor ÷ Node ratios.
 #
@@ -18,7 +21,7 @@
 #         QUICK=1 bash bench/run.sh    (small sizes, a smoke test)
 # Tunables (environment): IDLE_CONNS IDLE_ROOMS IDLE_PROCS FANOUT_SUBS FANOUT_MSGS
 #   PACED_RATE PACED_MSGS PERSIST_SENDERS PERSIST_MSGS PERSIST_WINDOW AI_STREAMS
-#   FAKE_PORT RETRIES (3)
+#   SESSIONS SESSION_PACE_MS SESSION_ANSWERS FAKE_PORT BENCH_JWT_SECRET RETRIES (3)
 #   SERVER_PORT NODE_PORT SERVER_BIN SKIP_BUILD=1 SKIP_NODE=1 BENCH_OUT=DIR MACHINE="..."
 #   CARGO_TARGET_DIR (where the binaries are built and looked up).
 # None of these starts with PARLOR_, which is the server's configuration prefix.
@@ -39,7 +42,7 @@ OUT=${BENCH_OUT:-/tmp/parlor-bench-$(date -u +%Y%m%dT%H%M%SZ)}
 if [[ -n "${QUICK:-}" ]]; then
   : "${IDLE_CONNS:=2000}" "${IDLE_ROOMS:=20}" "${FANOUT_SUBS:=200}" "${FANOUT_MSGS:=200}"
   : "${PACED_RATE:=20}" "${PACED_MSGS:=60}" "${PERSIST_SENDERS:=20}" "${PERSIST_MSGS:=50}"
-  : "${AI_STREAMS:=100}"
+  : "${AI_STREAMS:=100}" "${SESSIONS:=500}"
 fi
 IDLE_CONNS=${IDLE_CONNS:-19000}
 IDLE_ROOMS=${IDLE_ROOMS:-190}
@@ -52,6 +55,11 @@ PERSIST_SENDERS=${PERSIST_SENDERS:-100}
 PERSIST_MSGS=${PERSIST_MSGS:-200}
 PERSIST_WINDOW=${PERSIST_WINDOW:-1}
 AI_STREAMS=${AI_STREAMS:-1000}
+SESSIONS=${SESSIONS:-5000}
+SESSION_PACE_MS=${SESSION_PACE_MS:-2000}
+SESSION_ANSWERS=${SESSION_ANSWERS:-6}
+# The server's auth.jwt_secret, with which the sessions scenario signs its users' tokens.
+BENCH_JWT_SECRET=${BENCH_JWT_SECRET:-parlor-bench-jwt-secret-0123456789}
 RETRIES=${RETRIES:-3}
 
 log() { printf '\n== %s\n' "$*" >&2; }
@@ -143,11 +151,12 @@ start_parlor() {
   PARLOR_LIMITS__IP_AI_REQUESTS_PER_MINUTE=1000000 \
   PARLOR_LIMITS__IP_AI_TOKENS_PER_MINUTE=1000000000 \
   PARLOR_LIMITS__AI_CALLS_PER_DOMAIN=100000 \
+  PARLOR_AUTH__JWT_SECRET=$BENCH_JWT_SECRET \
     taskset -c 0 "$SERVER_BIN" serve --listen "127.0.0.1:$SERVER_PORT" \
       --config "$SERVER_CONFIG" --database "sqlite://$DB_FILE" >>"$OUT/parlor.log" 2>&1 &
   SERVER_PID=$!
   wait_for_port "$SERVER_PORT" "$SERVER_PID" parlor
-  URL=ws://127.0.0.1:$SERVER_PORT/ws
+  URL=ws://127.0.0.1:$SERVER_PORT$WS_PATH
   LABEL=parlor
 }
 
@@ -187,7 +196,19 @@ allowed_origins = ["*"]
 providers = ["fake"]
 knowledge_dir = "builtin:demo"
 TOML
+# The sessions scenario's service mode: the demo domain's guided sessions ask the fake AI
+# service parlor-bench runs on $FAKE_PORT (its templates stay the built-in mutual-nda).
+cat >"$OUT/sessions.toml" <<TOML
+[[domains]]
+id = "demo"
+name = "Demo"
+visitor_rooms = "open"
+allowed_origins = ["*"]
+ai_service_url = "http://127.0.0.1:$FAKE_PORT"
+ai_service_api_key = "bench"
+TOML
 SERVER_CONFIG=$OUT/chat.toml
+WS_PATH=/ws
 
 FAILED=()
 
@@ -243,6 +264,17 @@ scenario parlor 600 persist --senders "$PERSIST_SENDERS" --messages "$PERSIST_MS
 SERVER_CONFIG=$OUT/ai.toml
 scenario parlor 600 ai-stream --streams "$AI_STREAMS" --fake-port "$FAKE_PORT"
 SERVER_CONFIG=$OUT/chat.toml
+# Guided sessions on /chat: the built-in guide (offline: chat.toml's demo has no
+# assistant), then the fake AI service.
+WS_PATH=/chat
+scenario parlor 600 sessions --mode guide --sessions "$SESSIONS" \
+  --pace-ms "$SESSION_PACE_MS" --answers "$SESSION_ANSWERS" --jwt-secret "$BENCH_JWT_SECRET"
+SERVER_CONFIG=$OUT/sessions.toml
+scenario parlor 600 sessions --mode service --sessions "$SESSIONS" \
+  --pace-ms "$SESSION_PACE_MS" --answers "$SESSION_ANSWERS" --jwt-secret "$BENCH_JWT_SECRET" \
+  --fake-port "$FAKE_PORT"
+SERVER_CONFIG=$OUT/chat.toml
+WS_PATH=/ws
 
 # --- summary ---------------------------------------------------------------
 log "summary ($(date -u '+%Y-%m-%d %H:%M UTC'), $MACHINE); raw lines in $RESULTS"

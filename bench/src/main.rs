@@ -25,6 +25,10 @@
 //!   OpenAI-compatible vendor the scenario runs itself: read directly, then
 //!   through Parlor's `ai-stream` frame; reports the time to first token Parlor
 //!   adds (p50/p99) and the server's CPU per stream.
+//! * `sessions` — `--sessions` concurrent guided sessions (`/chat`) answering every
+//!   `--pace-ms`, with the built-in guide (`--mode guide`) or a fake AI service the
+//!   scenario runs (`--mode service`); reports answer → next question latency, the
+//!   server's CPU per 1,000 answers and its RSS per session.
 //! * `summarize` — turns the `--json` lines of runs labelled `parlor` and
 //!   `node` into a Markdown table with ratios.
 //!
@@ -39,6 +43,7 @@ mod idle;
 mod net;
 mod persist;
 mod procfs;
+mod sessions;
 mod stats;
 mod summarize;
 mod worker;
@@ -70,6 +75,8 @@ enum Cmd {
     Persist(persist::PersistArgs),
     /// Time to first token Parlor adds to streamed AI replies, and its CPU per stream.
     AiStream(aistream::AiStreamArgs),
+    /// Guided sessions at a human pace: answer latency, server CPU and RSS per session.
+    Sessions(sessions::SessionsArgs),
     /// Markdown table (with ratios) from `--json` output lines.
     Summarize(summarize::SummarizeArgs),
     /// Internal: a worker process started by `idle` or `fanout`.
@@ -147,6 +154,7 @@ async fn main() -> ExitCode {
         Cmd::Fanout(args) => fanout::run(args).await,
         Cmd::Persist(args) => persist::run(args).await,
         Cmd::AiStream(args) => aistream::run(args).await,
+        Cmd::Sessions(args) => sessions::run(args).await,
         Cmd::Summarize(args) => summarize::run(&args),
         Cmd::Worker(WorkerCmd::Idle(args)) => idle::worker_main(args).await,
         Cmd::Worker(WorkerCmd::FanoutSubs(args)) => fanout::worker_main(args).await,
