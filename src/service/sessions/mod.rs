@@ -180,16 +180,6 @@ pub struct Live {
 }
 
 impl Live {
-    /// The session's id.
-    pub fn id(&self) -> &str {
-        &self.session.id
-    }
-
-    /// The session as last stored.
-    pub fn session(&self) -> &GuidedSession {
-        &self.session
-    }
-
     /// When the AI service is to be called again without a message from the user.
     pub fn retry_at(&self) -> Option<tokio::time::Instant> {
         self.retry_at
@@ -456,19 +446,32 @@ impl SessionService {
             failures: 0,
             retry_at: None,
         };
+        // An open session keeps in memory only what it still needs: the parsed template,
+        // and its turns only for the AI service (each call sends them); the built-in guide
+        // works from its state.
+        live.session.template = String::new();
+        let keep_turns = matches!(live.asker, Asker::Service(_));
         let mut out = Vec::new();
         if created {
             self.metrics.guided("started");
         } else {
             self.metrics.guided("resumed");
+            let history = if keep_turns {
+                live.session.turns.clone()
+            } else {
+                std::mem::take(&mut live.session.turns)
+            };
             out.push(Reply::Resumed {
                 session_id: live.session.id.clone(),
-                history: live.session.turns.clone(),
+                history,
             });
         }
         match live.session.pending.clone() {
             Some(p) => out.push(self.question_reply(&live, p)),
             None => out.extend(self.ask_next(&mut live).await?),
+        }
+        if !keep_turns {
+            live.session.turns = Vec::new();
         }
         Ok((live, out))
     }
@@ -868,7 +871,12 @@ impl SessionService {
             .await?
             .ok_or_else(replaced)?;
         let s = &mut live.session;
-        for (i, t) in step.turns.into_iter().enumerate() {
+        let kept = if matches!(live.asker, Asker::Service(_)) {
+            step.turns
+        } else {
+            Vec::new()
+        };
+        for (i, t) in kept.into_iter().enumerate() {
             s.turns.push(Turn {
                 n: s.turn_count + u32::try_from(i).unwrap_or(0) + 1,
                 speaker: t.speaker,
