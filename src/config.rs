@@ -1224,6 +1224,18 @@ impl Config {
                 "limits.max_message_bytes cannot exceed limits.max_frame_bytes".to_owned(),
             ));
         }
+        let s = &self.sessions;
+        for (name, value) in [
+            ("sessions.stale_after", s.stale_after),
+            ("sessions.cleanup_every", s.cleanup_every),
+            ("sessions.ai_service_timeout", s.ai_service_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be longer than 0s"
+                )));
+            }
+        }
         if self.database_path().is_none() && self.postgres_url().is_none() {
             return Err(ConfigError::Invalid(format!(
                 "database must be sqlite://PATH or postgres://USER@HOST/DATABASE (got {:?})",
@@ -1993,6 +2005,12 @@ mod tests {
             .extract::<Config>()
             .expect_err("refused");
         assert!(wrong.to_string().contains("is not a duration"), "{wrong}");
+        let mut zero = toml_from("[sessions]\nstale_after = \"0s\"\n");
+        let refused = zero.validate().expect_err("0s refused");
+        assert!(
+            refused.to_string().contains("sessions.stale_after"),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -71,7 +71,7 @@ async fn refused(url: &str) -> (u16, Value) {
 
 #[tokio::test]
 async fn no_connection_without_a_valid_token_and_a_known_template() {
-    let s = TestServer::start().await;
+    let s = TestServer::start_with(|c| c.domains.push(common::chat_domain("shop", "Shop"))).await;
     let good = s.token("ann");
     let (status, body) = refused(&s.ws(&format!("/chat?templateId={NDA}"))).await;
     assert_eq!(
@@ -116,6 +116,17 @@ async fn no_connection_without_a_valid_token_and_a_known_template() {
     ))
     .await;
     assert!(status == 401 || status == 404, "{status}");
+    // A widget's visitor token opens sessions in the demo only (and public domains); in
+    // another domain a session needs a signed-in user.
+    let visitor = s.token_in("shop", "v_0123456789abcdef", "visitor");
+    let (status, body) = refused(&chat_url(&s, &visitor, NDA)).await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")));
+    let user = s.token_in("shop", "ann", "visitor");
+    assert_eq!(
+        refused(&chat_url(&s, &user, NDA)).await.0,
+        404,
+        "a user gets as far as the template"
+    );
     // Nothing was created by any of these.
     let (_, sessions) = s.get_with("/api/sessions", &good).await;
     assert_eq!(sessions["sessions"], json!([]));
@@ -758,6 +769,27 @@ async fn templates_are_listed_for_users_and_managed_by_the_admin_api() {
         .await;
     assert_eq!(status, 404);
 
+    // What GET shows can be sent back as it is; the key stays.
+    let (_, shown) = s
+        .get_with(&format!("{path}/offer-letter"), &admin_key())
+        .await;
+    assert_eq!(shown["source"], "api");
+    let (status, back) = s
+        .call(
+            reqwest::Method::PUT,
+            &format!("{path}/offer-letter"),
+            &admin_key(),
+            Some(&shown),
+        )
+        .await;
+    assert_eq!(status, 200, "{back}");
+    assert_eq!(back["hasAiServiceApiKey"], true);
+
+    // bob has a session under way when the template is removed: he can still finish it.
+    let mut bob = open(&s, "bob", "offer-letter").await;
+    bob.recv().await;
+    answer(&mut bob, "Bob").await;
+    drop(bob);
     let (status, _) = s
         .call(
             reqwest::Method::DELETE,
@@ -768,6 +800,10 @@ async fn templates_are_listed_for_users_and_managed_by_the_admin_api() {
         .await;
     assert_eq!(status, 204);
     assert_eq!(refused(&chat_url(&s, &ann, "offer-letter")).await.0, 404);
+    let mut bob = open(&s, "bob", "offer-letter").await;
+    assert_eq!(bob.recv().await["type"], "session_resumed");
+    assert_eq!(bob.recv().await["question"]["id"], "salary");
+    assert_eq!(answer(&mut bob, "60000").await["type"], "session_complete");
     s.stop().await;
 }
 
@@ -958,5 +994,39 @@ async fn complete_sessions_and_their_documents_go_after_keep_completed() {
             .0,
         200
     );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_holds_at_most_a_thousand_turns() {
+    let s = TestServer::start().await;
+    let ann = s.token("ann");
+    let mut c = open(&s, "ann", NDA).await;
+    let id = c.recv().await["sessionId"].as_str().unwrap().to_owned();
+    for a in &ANSWERS[..3] {
+        answer(&mut c, a).await;
+    }
+    // Every wrong date is stored with the question asked again: two turns each.
+    let mut turns = 7;
+    while turns < 1000 {
+        let again = answer(&mut c, "soon").await;
+        assert_eq!(again["question"]["id"], "start", "{again}");
+        turns += 2;
+    }
+    let full = answer(&mut c, "2027-01-31").await;
+    assert_eq!(full["type"], "error");
+    assert_eq!(full["code"], "session_too_long");
+    // Nothing more was stored, and the session can be abandoned to start again.
+    let (_, got) = s.get_with(&format!("/api/sessions/{id}"), &ann).await;
+    assert_eq!(got["turnCount"], 1001);
+    let (status, _) = s
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/sessions/{id}"),
+            &ann,
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
     s.stop().await;
 }

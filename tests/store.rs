@@ -1137,7 +1137,7 @@ mod stories {
             None,
             "a stale version completes nothing"
         );
-        assert_eq!(store.generated_document("d1").await.unwrap(), None);
+        assert_eq!(store.generated_document(SHOP, "d1").await.unwrap(), None);
         assert_eq!(
             store
                 .complete_session("s1", v + 1, last.clone(), document("d1", Some("# Ann")))
@@ -1167,10 +1167,10 @@ mod stories {
                 .unwrap(),
             None
         );
-        assert_eq!(store.generated_document("d2").await.unwrap(), None);
+        assert_eq!(store.generated_document(SHOP, "d2").await.unwrap(), None);
 
         let stored = store
-            .generated_document("d1")
+            .generated_document(SHOP, "d1")
             .await
             .unwrap()
             .expect("stored");
@@ -1221,7 +1221,7 @@ mod stories {
             Some(second.version + 1)
         );
         let external = store
-            .generated_document("ext-1")
+            .generated_document(SHOP, "ext-1")
             .await
             .unwrap()
             .expect("stored");
@@ -1242,9 +1242,42 @@ mod stories {
             Some("d1")
         );
         assert_eq!(
-            store.generated_document("d1").await.unwrap(),
-            Some(stored),
+            store.generated_document(SHOP, "d1").await.unwrap(),
+            Some(stored.clone()),
             "the first document of an id is kept"
+        );
+        // Another domain's service may use the same id: ids are per domain.
+        let elsewhere = NewSession {
+            domain_id: "elsewhere".into(),
+            ..new_session("s4", "ann", "intake")
+        };
+        let (fourth, _) = store.open_session(elsewhere).await.unwrap();
+        let theirs = vec![turn(Speaker::User, None, "theirs")];
+        assert!(
+            store
+                .complete_session(
+                    "s4",
+                    fourth.version,
+                    step(theirs, None, &json!({})),
+                    document("d1", Some("theirs"))
+                )
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let other = store
+            .generated_document("elsewhere", "d1")
+            .await
+            .unwrap()
+            .expect("the other domain's document");
+        assert_eq!(
+            (other.content.as_deref(), other.session_id.as_str()),
+            (Some("theirs"), "s4")
+        );
+        assert_eq!(
+            store.generated_document(SHOP, "d1").await.unwrap(),
+            Some(stored.clone()),
+            "each domain reads its own"
         );
         let listed = store.generated_documents(SHOP, "ann", 10).await.unwrap();
         assert_eq!(
@@ -1266,7 +1299,13 @@ mod stories {
         assert!(store.delete_guided_session("s1").await.unwrap());
         assert!(!store.delete_guided_session("s1").await.unwrap());
         assert_eq!(store.guided_session("s1").await.unwrap(), None);
-        assert!(store.generated_document("d1").await.unwrap().is_some());
+        assert!(
+            store
+                .generated_document(SHOP, "d1")
+                .await
+                .unwrap()
+                .is_some()
+        );
         let (reused, created) = store
             .open_session(new_session("s1", "ann", "intake"))
             .await
@@ -1339,7 +1378,7 @@ mod stories {
         }
         assert!(
             store
-                .generated_document("doc-done")
+                .generated_document(SHOP, "doc-done")
                 .await
                 .unwrap()
                 .is_some()
@@ -1358,13 +1397,16 @@ mod stories {
 
         assert_eq!(store.expire_sessions(cut, Some(cut)).await.unwrap(), 1);
         assert_eq!(store.guided_session("done").await.unwrap(), None);
-        assert_eq!(store.generated_document("doc-done").await.unwrap(), None);
+        assert_eq!(
+            store.generated_document(SHOP, "doc-done").await.unwrap(),
+            None
+        );
         for kept in ["stale", "fresh", "late"] {
             session(store, kept).await;
         }
         assert!(
             store
-                .generated_document("doc-late")
+                .generated_document(SHOP, "doc-late")
                 .await
                 .unwrap()
                 .is_some()

@@ -418,10 +418,23 @@ enum Route {
 }
 
 /// A new anonymous visitor of the demo domain.
+/// The prefix of the ids the server makes for visitors without a token of their own.
+const ANONYMOUS_PREFIX: &str = "v_";
+
+/// Whether `user_id` is one the server made for a visitor without a token of their own
+/// ([`anonymous`]: the widget's visitor tokens and the visitor cookie carry such ids).
+pub fn is_server_made_visitor(user_id: &str) -> bool {
+    user_id.len() == ANONYMOUS_PREFIX.len() + 16
+        && user_id.starts_with(ANONYMOUS_PREFIX)
+        && user_id[ANONYMOUS_PREFIX.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit())
+}
+
 pub fn anonymous() -> Identity {
     let id = uuid::Uuid::new_v4().simple().to_string();
     Identity {
-        user_id: format!("v_{}", &id[..16]),
+        user_id: format!("{ANONYMOUS_PREFIX}{}", &id[..16]),
         name: "Visitor".to_owned(),
         role: Role::Visitor,
         domain_id: Arc::from(DEMO_DOMAIN),

@@ -268,8 +268,9 @@ pub trait Guided: Send + Sync {
     ) -> Result<Option<u64>, StoreError>;
 
     /// Like [`Guided::advance_session`], and in the same transaction stores `document` for
-    /// the session's user and marks the session complete with it. A document id that is
-    /// already stored is kept as it is (an AI service that names the same document twice).
+    /// the session's user and marks the session complete with it. Document ids are per domain;
+    /// one the domain already has is kept as it is (an AI service that names the same
+    /// document twice).
     async fn complete_session(
         &self,
         id: &str,
@@ -290,8 +291,12 @@ pub trait Guided: Send + Sync {
         completed_before: Option<DateTime<Utc>>,
     ) -> Result<u64, StoreError>;
 
-    /// One document with its content.
-    async fn generated_document(&self, id: &str) -> Result<Option<GeneratedDocument>, StoreError>;
+    /// One of a domain's documents, with its content (ids are per domain).
+    async fn generated_document(
+        &self,
+        domain_id: &str,
+        id: &str,
+    ) -> Result<Option<GeneratedDocument>, StoreError>;
 
     /// A user's documents, newest first, without their content.
     async fn generated_documents(

@@ -56,6 +56,10 @@ pub const DEMO_TEMPLATE: &str = include_str!("demo_template.json");
 /// writing to it.
 const TAKE_OVER_ATTEMPTS: usize = 5;
 
+/// Most turns (questions and answers) one session holds: 200 questions, each asked again
+/// or followed up a few times.
+pub const MAX_TURNS: u32 = 1000;
+
 /// Most sessions or documents one list returns.
 pub const MAX_LIST: usize = 200;
 
@@ -314,6 +318,33 @@ impl SessionService {
         }
     }
 
+    /// The template `id` for `identity` to open: the domain's, or, when the domain no longer
+    /// has it, the one the user's session in progress began with (so that it can still be
+    /// finished).
+    pub async fn template_for(
+        &self,
+        identity: &Identity,
+        id: &str,
+    ) -> Result<Option<Arc<Template>>, ServiceError> {
+        if let Some(t) = self.template(&identity.domain_id, id).await? {
+            return Ok(Some(t));
+        }
+        let open = self
+            .store
+            .guided_sessions(SessionQuery {
+                domain_id: identity.domain_id.to_string(),
+                user_id: Some(identity.user_id.clone()),
+                template_id: Some(id.to_owned()),
+                status: Some(SessionStatus::InProgress),
+                limit: 1,
+            })
+            .await?;
+        Ok(open
+            .first()
+            .and_then(|s| Template::parse(&s.template).ok())
+            .map(Arc::new))
+    }
+
     /// Every template of `domain`, by id: its files' and the admin API's.
     pub async fn templates(&self, domain: &str) -> Result<Vec<Arc<Template>>, ServiceError> {
         let mut all: BTreeMap<String, Arc<Template>> =
@@ -347,9 +378,24 @@ impl SessionService {
                 message: format!("no domain {domain:?}"),
             });
         }
-        let spec: template::TemplateSpec = serde_json::from_value(body.clone()).map_err(|e| {
+        // What the admin API shows beside a template may come back with it: `source` is
+        // ignored, and `hasAiServiceApiKey: true` without a key keeps the stored key.
+        let mut body = body.clone();
+        let mut keep_key = false;
+        if let Some(obj) = body.as_object_mut() {
+            obj.remove("source");
+            keep_key = obj.remove("hasAiServiceApiKey") == Some(Value::Bool(true))
+                && !obj.contains_key("aiServiceApiKey");
+        }
+        let mut spec: template::TemplateSpec = serde_json::from_value(body).map_err(|e| {
             ServiceError::invalid("invalid_template", format!("not a template: {e}"))
         })?;
+        if keep_key
+            && let Some(stored) = self.store.stored_template(domain, &spec.id).await?
+            && let Ok(previous) = serde_json::from_str::<template::TemplateSpec>(&stored.spec)
+        {
+            spec.ai_service_api_key = previous.ai_service_api_key;
+        }
         if let Some(id) = id
             && id != spec.id
         {
@@ -427,7 +473,9 @@ impl SessionService {
             state: guide::State::default().to_json(),
         };
         let (session, created) = self.take_over(new).await?;
-        // A resumed session keeps the template it started with.
+        // The service and its key are the template's (or domain's) as they are now; a
+        // resumed session keeps the questions it started with.
+        let asker = self.asker(&identity.domain_id, &template);
         let template = if created {
             template
         } else {
@@ -436,7 +484,6 @@ impl SessionService {
                 Err(_) => template,
             }
         };
-        let asker = self.asker(&identity.domain_id, &template);
         let mut live = Live {
             session,
             template,
@@ -520,6 +567,15 @@ impl SessionService {
             return Ok(vec![Reply::Error {
                 code: "answer_too_long",
                 message: format!("Please keep the answer under {MAX_ANSWER_CHARS} characters."),
+            }]);
+        }
+        if live.session.turn_count >= MAX_TURNS {
+            return Ok(vec![Reply::Error {
+                code: "session_too_long",
+                message: format!(
+                    "This session holds {MAX_TURNS} messages, as many as one may; delete it to \
+                     start again."
+                ),
             }]);
         }
         if content.trim().is_empty() && live.session.pending.is_none() {
@@ -609,7 +665,7 @@ impl SessionService {
         caller: &Identity,
         id: &str,
     ) -> Result<GeneratedDocument, ServiceError> {
-        match self.store.generated_document(id).await? {
+        match self.store.generated_document(&caller.domain_id, id).await? {
             Some(d) if may_read(caller, &d.domain_id, &d.user_id) => Ok(d),
             _ => Err(ServiceError::NotFound {
                 code: "document_not_found",
@@ -755,7 +811,8 @@ impl SessionService {
         let next = questions.get(state.index + 1);
         // The vendor (if the domain has one) may ask a clarifying question, or word the
         // next one to follow the answer; offline, the template's words are used.
-        let advice = if value.is_empty() {
+        let may_follow_up = state.follow_ups < self.config.follow_ups;
+        let advice = if value.is_empty() || (next.is_none() && !may_follow_up) {
             guide::Advice::Verbatim
         } else {
             let (instructions, turns) = guide::prompt(&live.template, question, &value, next);
@@ -773,7 +830,7 @@ impl SessionService {
             guide::Advice::read(text.as_deref(), next.is_some())
         };
         if let guide::Advice::FollowUp(text) = &advice
-            && state.follow_ups < self.config.follow_ups
+            && may_follow_up
         {
             self.metrics.guided("follow_up");
             state.follow_ups += 1;

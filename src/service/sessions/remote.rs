@@ -144,14 +144,41 @@ pub async fn next_question(
             why: format!("{url} answered {status}"),
         };
     }
-    let bytes = match response.bytes().await {
+    let bytes = match read_capped(response, MAX_ANSWER_BYTES).await {
         Ok(b) => b,
-        Err(e) => return failure(&e),
+        Err(reply) => return reply,
     };
     read(&bytes).unwrap_or_else(|why| Reply::Failed {
         label: "bad_answer",
         why: format!("{url}: {why}"),
     })
+}
+
+/// Largest answer read from a service: a document and its envelope.
+const MAX_ANSWER_BYTES: usize = MAX_DOCUMENT_BYTES + 64 * 1024;
+
+/// The body, read as it arrives and given up past `max` bytes.
+async fn read_capped(mut response: reqwest::Response, max: usize) -> Result<Vec<u8>, Reply> {
+    let too_large = || Reply::Failed {
+        label: "bad_answer",
+        why: format!("the answer is larger than {max} bytes"),
+    };
+    if response.content_length().is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > max {
+                    return Err(too_large());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => return Err(failure(&e)),
+        }
+    }
 }
 
 fn failure(e: &reqwest::Error) -> Reply {
@@ -167,11 +194,6 @@ fn failure(e: &reqwest::Error) -> Reply {
 
 /// Reads the service's answer.
 fn read(bytes: &[u8]) -> Result<Reply, String> {
-    if bytes.len() > MAX_DOCUMENT_BYTES + 64 * 1024 {
-        return Err(format!(
-            "the answer is larger than {MAX_DOCUMENT_BYTES} bytes"
-        ));
-    }
     let answer: Answer =
         serde_json::from_slice(bytes).map_err(|e| format!("unreadable answer: {e}"))?;
     match answer.status.as_str() {

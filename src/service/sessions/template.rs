@@ -31,6 +31,9 @@ pub const MAX_QUESTIONS: usize = 200;
 pub const MAX_ANSWER_CHARS: usize = 4000;
 /// Longest document a template may hold, in bytes.
 pub const MAX_DOCUMENT_BYTES: usize = 256 * 1024;
+/// Most placeholders a document holds, which bounds what it renders to (each answer is at
+/// most [`MAX_ANSWER_CHARS`]).
+pub const MAX_PLACEHOLDERS: usize = 1000;
 
 /// What kind of value a question takes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,7 +204,13 @@ impl Template {
                 pattern,
             });
         }
-        for name in placeholders(&spec.document) {
+        let named = placeholders(&spec.document);
+        if named.len() > MAX_PLACEHOLDERS {
+            return Err(fail(format!(
+                "the document has more than {MAX_PLACEHOLDERS} placeholders"
+            )));
+        }
+        for name in named {
             if !seen.contains(name) {
                 return Err(fail(format!(
                     "the document's {{{{{name}}}}} names no question"

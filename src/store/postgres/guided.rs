@@ -246,7 +246,7 @@ impl PostgresStore {
                     "INSERT INTO generated_documents (id, domain_id, user_id, session_id,
                        template_id, title, format, content, bytes, created_at)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-                     ON CONFLICT (id) DO NOTHING",
+                     ON CONFLICT (domain_id, id) DO NOTHING",
                 )
                 .bind(&document.id)
                 .bind(&domain)
@@ -448,13 +448,19 @@ impl Guided for PostgresStore {
         Ok(count(gone))
     }
 
-    async fn generated_document(&self, id: &str) -> Result<Option<GeneratedDocument>, StoreError> {
+    async fn generated_document(
+        &self,
+        domain_id: &str,
+        id: &str,
+    ) -> Result<Option<GeneratedDocument>, StoreError> {
         let row = self
             .read(
                 "a document read",
                 sqlx::query(&format!(
-                    "SELECT {DOCUMENT_COLUMNS}, content FROM generated_documents WHERE id = $1"
+                    "SELECT {DOCUMENT_COLUMNS}, content FROM generated_documents
+                     WHERE domain_id = $1 AND id = $2"
                 ))
+                .bind(domain_id)
                 .bind(id)
                 .fetch_optional(&self.pool),
             )

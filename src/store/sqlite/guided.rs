@@ -192,7 +192,7 @@ fn apply_step(
         conn.prepare_cached(
             "INSERT INTO generated_documents (id, domain_id, user_id, session_id, template_id,
                title, format, content, bytes, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (id) DO NOTHING",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (domain_id, id) DO NOTHING",
         )?
         .execute(params![
             document.id,
@@ -389,13 +389,18 @@ impl Guided for SqliteStore {
         .await
     }
 
-    async fn generated_document(&self, id: &str) -> Result<Option<GeneratedDocument>, StoreError> {
-        let id = id.to_owned();
+    async fn generated_document(
+        &self,
+        domain_id: &str,
+        id: &str,
+    ) -> Result<Option<GeneratedDocument>, StoreError> {
+        let (domain, id) = (domain_id.to_owned(), id.to_owned());
         self.read(move |c| {
             c.prepare_cached(&format!(
-                "SELECT {DOCUMENT_COLUMNS}, content FROM generated_documents WHERE id = ?1"
+                "SELECT {DOCUMENT_COLUMNS}, content FROM generated_documents
+                 WHERE domain_id = ?1 AND id = ?2"
             ))?
-            .query_row(params![id], document_at)
+            .query_row(params![domain, id], document_at)
             .optional()
         })
         .await

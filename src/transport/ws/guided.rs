@@ -84,6 +84,16 @@ pub async fn upgrade(
             return ApiError::unauthorized(e.code(), e.to_string()).into_response();
         }
     };
+    // Anyone can get a visitor token (the widget's); a guided session is for a signed-in
+    // user, except in the demo and in domains open to token-less visitors.
+    if crate::auth::is_server_made_visitor(&identity.user_id) && !open_to_visitors(&app, &identity)
+    {
+        app.metrics.client_error("forbidden");
+        return ApiError::from(ServiceError::Forbidden(
+            "a guided session needs a signed-in user's token, not a visitor token".into(),
+        ))
+        .into_response();
+    }
     if identity.role == Role::Service {
         app.metrics.client_error("forbidden");
         return ApiError::from(ServiceError::Forbidden(
@@ -101,11 +111,7 @@ pub async fn upgrade(
         )
         .into_response();
     };
-    let template = match app
-        .sessions
-        .template(&identity.domain_id, &template_id)
-        .await
-    {
+    let template = match app.sessions.template_for(&identity, &template_id).await {
         Ok(Some(t)) => t,
         Ok(None) => {
             app.metrics.client_error("template_not_found");
@@ -130,6 +136,18 @@ pub async fn upgrade(
         }
     });
     switching_protocols(&key, &offered)
+}
+
+/// Whether `identity`'s domain lets visitors without an account of their own open guided
+/// sessions: the demo, and domains marked `public`.
+fn open_to_visitors(app: &AppState, identity: &Identity) -> bool {
+    *identity.domain_id == *crate::config::DEMO_DOMAIN
+        || app
+            .auth
+            .domains()
+            .load()
+            .get(&identity.domain_id)
+            .is_some_and(|d| d.settings.public)
 }
 
 /// One guided-session connection, from its first frame to its close.
@@ -171,6 +189,14 @@ async fn send(socket: &mut WsSocket, replies: &[Reply]) -> Result<bool, End> {
     }
 }
 
+/// What a connection another one took over is told.
+fn replaced_reply() -> Reply {
+    Reply::Error {
+        code: "replaced",
+        message: "This session was opened in another window; this one is closed.".into(),
+    }
+}
+
 /// The error frame for a service error.
 fn error_reply(e: &ServiceError) -> Reply {
     Reply::Error {
@@ -200,13 +226,18 @@ async fn serve(
         .shared
         .claim("guided", &claim_key, app.next_connection_id())
         .await;
-    let (mut live, opening) = match app.sessions.open(identity, template).await {
+    let (mut live, opening) = match app.sessions.open(identity, Arc::clone(&template)).await {
         Ok(opened) => opened,
         Err(e) => {
             let _ = send(socket, &[error_reply(&e)]).await;
             return End::Unavailable;
         }
     };
+    // A newer connection may have claimed the session while this one opened it.
+    if claim.is_displaced() {
+        let _ = send(socket, &[replaced_reply()]).await;
+        return End::Replaced;
+    }
     match send(socket, &opening).await {
         Ok(true) => return End::Complete,
         Ok(false) => {}
@@ -224,12 +255,7 @@ async fn serve(
             biased;
             () = shutdown.cancelled() => return End::Shutdown,
             () = claim.displaced() => {
-                let replaced = Reply::Error {
-                    code: "replaced",
-                    message: "This session was opened in another window; this one is closed."
-                        .into(),
-                };
-                let _ = send(socket, &[replaced]).await;
+                let _ = send(socket, &[replaced_reply()]).await;
                 return End::Replaced;
             }
             () = &mut check => {
@@ -309,14 +335,28 @@ async fn serve(
         };
         let replies = match replies {
             Ok(replies) => replies,
-            Err(
-                e @ ServiceError::Conflict {
-                    code: "replaced", ..
-                },
-            ) => {
-                let _ = send(socket, &[error_reply(&e)]).await;
+            Err(ServiceError::Conflict {
+                code: "replaced", ..
+            }) if claim.is_displaced() => {
+                let _ = send(socket, &[replaced_reply()]).await;
                 return End::Replaced;
             }
+            // Changed by a connection that opened it at the same moment and lost the claim
+            // to this one (or by a write whose answer was lost): this connection still holds
+            // the session, so it reads it again and shows where it stands; the answer was
+            // not taken.
+            Err(ServiceError::Conflict {
+                code: "replaced", ..
+            }) => match app.sessions.open(identity, Arc::clone(&template)).await {
+                Ok((reopened, replies)) => {
+                    live = reopened;
+                    replies
+                }
+                Err(e) => {
+                    let _ = send(socket, &[error_reply(&e)]).await;
+                    return End::Unavailable;
+                }
+            },
             Err(e) => vec![error_reply(&e)],
         };
         match send(socket, &replies).await {

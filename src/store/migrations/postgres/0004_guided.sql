@@ -39,7 +39,7 @@ CREATE TABLE guided_turns (
 
 -- A document stays when its session is removed, and goes when its session expires.
 CREATE TABLE generated_documents (
-    id           TEXT PRIMARY KEY,           -- UUID, or the AI service's id
+    id           TEXT NOT NULL,              -- UUID, or the AI service's id
     domain_id    TEXT NOT NULL,
     user_id      TEXT NOT NULL,              -- the only reader
     session_id   TEXT NOT NULL,
@@ -48,7 +48,9 @@ CREATE TABLE generated_documents (
     format       TEXT NOT NULL,              -- markdown | html | text
     content      TEXT,                       -- NULL when the AI service keeps the document
     bytes        BIGINT NOT NULL,            -- length of content (0 when NULL)
-    created_at   BIGINT NOT NULL
+    created_at   BIGINT NOT NULL,
+    -- Ids are per domain: one domain's AI service cannot take another's ids.
+    PRIMARY KEY (domain_id, id)
 );
 CREATE INDEX generated_documents_user ON generated_documents (domain_id, user_id, created_at);
 
