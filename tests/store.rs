@@ -1355,6 +1355,19 @@ mod stories {
             .await
             .unwrap()
             .expect("completed");
+        // A complete session abandoned by hand leaves its document behind.
+        let orphan = open("orphan", "fay").await;
+        store
+            .complete_session(
+                "orphan",
+                orphan.version,
+                step(vec![], None, &json!({})),
+                document("doc-orphan", Some("z")),
+            )
+            .await
+            .unwrap()
+            .expect("completed");
+        assert!(store.delete_guided_session("orphan").await.unwrap());
         tokio::time::sleep(Duration::from_millis(10)).await;
         let cut = chrono::Utc::now();
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1395,8 +1408,21 @@ mod stories {
             .unwrap()
             .expect("no turns left behind");
 
+        assert!(
+            store
+                .generated_document(SHOP, "doc-orphan")
+                .await
+                .unwrap()
+                .is_some(),
+            "documents are kept without completed_before"
+        );
         assert_eq!(store.expire_sessions(cut, Some(cut)).await.unwrap(), 1);
         assert_eq!(store.guided_session("done").await.unwrap(), None);
+        assert_eq!(
+            store.generated_document(SHOP, "doc-orphan").await.unwrap(),
+            None,
+            "a document whose session went by hand goes by its own age"
+        );
         assert_eq!(
             store.generated_document(SHOP, "doc-done").await.unwrap(),
             None

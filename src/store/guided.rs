@@ -284,7 +284,8 @@ pub trait Guided: Send + Sync {
 
     /// Removes in-progress sessions last changed before `before`, and, when
     /// `completed_before` is given, complete ones (with their documents) completed before
-    /// it; returns how many sessions went.
+    /// it, and documents stored before it whose session was removed by hand; returns how
+    /// many sessions went.
     async fn expire_sessions(
         &self,
         before: DateTime<Utc>,

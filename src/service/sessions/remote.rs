@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 use super::template::MAX_DOCUMENT_BYTES;
 use super::turn_json;
+use crate::config::redact_url;
 use crate::store::guided::GuidedSession;
 
 /// Where a session's AI service is.
@@ -130,7 +131,7 @@ pub async fn next_question(
     }
     let response = match request.send().await {
         Ok(r) => r,
-        Err(e) => return failure(&e),
+        Err(e) => return failure(e, &url),
     };
     let status = response.status();
     if status.is_client_error() {
@@ -141,16 +142,16 @@ pub async fn next_question(
     if !status.is_success() {
         return Reply::Failed {
             label: "server_error",
-            why: format!("{url} answered {status}"),
+            why: format!("{} answered {status}", redact_url(&url)),
         };
     }
-    let bytes = match read_capped(response, MAX_ANSWER_BYTES).await {
+    let bytes = match read_capped(response, MAX_ANSWER_BYTES, &url).await {
         Ok(b) => b,
         Err(reply) => return reply,
     };
     read(&bytes).unwrap_or_else(|why| Reply::Failed {
         label: "bad_answer",
-        why: format!("{url}: {why}"),
+        why: format!("{}: {why}", redact_url(&url)),
     })
 }
 
@@ -158,7 +159,11 @@ pub async fn next_question(
 const MAX_ANSWER_BYTES: usize = MAX_DOCUMENT_BYTES + 64 * 1024;
 
 /// The body, read as it arrives and given up past `max` bytes.
-async fn read_capped(mut response: reqwest::Response, max: usize) -> Result<Vec<u8>, Reply> {
+async fn read_capped(
+    mut response: reqwest::Response,
+    max: usize,
+    url: &str,
+) -> Result<Vec<u8>, Reply> {
     let too_large = || Reply::Failed {
         label: "bad_answer",
         why: format!("the answer is larger than {max} bytes"),
@@ -176,19 +181,20 @@ async fn read_capped(mut response: reqwest::Response, max: usize) -> Result<Vec<
                 body.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(body),
-            Err(e) => return Err(failure(&e)),
+            Err(e) => return Err(failure(e, url)),
         }
     }
 }
 
-fn failure(e: &reqwest::Error) -> Reply {
+/// A failed request, for the log: the URL without credentials, and what went wrong.
+fn failure(e: reqwest::Error, url: &str) -> Reply {
     Reply::Failed {
         label: if e.is_timeout() {
             "timeout"
         } else {
             "unreachable"
         },
-        why: e.to_string(),
+        why: format!("{}: {}", redact_url(url), e.without_url()),
     }
 }
 

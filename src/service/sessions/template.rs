@@ -204,6 +204,9 @@ impl Template {
                 pattern,
             });
         }
+        if spec.document.trim().is_empty() {
+            return Err(fail("`document` must not be empty".into()));
+        }
         let named = placeholders(&spec.document);
         if named.len() > MAX_PLACEHOLDERS {
             return Err(fail(format!(
@@ -438,6 +441,18 @@ mod tests {
             (serde_json::json!({ "id": "bad id" }), "`id`"),
             (serde_json::json!({ "name": " " }), "`name`"),
             (serde_json::json!({ "questions": [] }), "1 to"),
+            (
+                serde_json::json!({ "document": " \n" }),
+                "`document` must not be empty",
+            ),
+            (
+                serde_json::json!({ "document": "{{party_a}}".repeat(MAX_PLACEHOLDERS + 1) }),
+                "placeholders",
+            ),
+            (
+                serde_json::json!({ "aiServiceUrl": "ftp://ai.example" }),
+                "`aiServiceUrl`",
+            ),
             (
                 serde_json::json!({ "document": "{{nobody}}" }),
                 "names no question",

@@ -437,6 +437,10 @@ impl Guided for PostgresStore {
                      ), documents AS (
                        DELETE FROM generated_documents d USING gone
                        WHERE d.id = gone.document_id AND d.session_id = gone.id
+                     ), orphans AS (
+                       DELETE FROM generated_documents d
+                       WHERE d.created_at < $2
+                         AND NOT EXISTS (SELECT 1 FROM guided_sessions s WHERE s.id = d.session_id)
                      )
                      SELECT count(*) FROM gone",
                 )

@@ -383,6 +383,13 @@ impl Guided for SqliteStore {
                     )
                     .and_then(|mut s| s.execute(params![to_ms(done)]))
                     .map_err(unavailable)?;
+                // Documents whose session was abandoned by hand go by their own age.
+                conn.prepare_cached(
+                    "DELETE FROM generated_documents WHERE created_at < ?1
+                       AND session_id NOT IN (SELECT id FROM guided_sessions)",
+                )
+                .and_then(|mut s| s.execute(params![to_ms(done)]))
+                .map_err(unavailable)?;
             }
             Ok(gone as u64)
         })
