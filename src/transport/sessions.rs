@@ -17,7 +17,7 @@ use super::http::{ApiError, ApiJson, ApiQuery, Caller};
 use crate::AppState;
 use crate::model::Identity;
 use crate::service::ServiceError;
-use crate::service::sessions::template::Template;
+use crate::service::sessions::template::{Template, markdown_options};
 use crate::service::sessions::{template_not_found, turn_json};
 use crate::store::guided::{GeneratedDocument, GuidedSession, SessionStatus};
 
@@ -240,11 +240,9 @@ pub fn render_html(title: &str, format: &str, content: &str) -> String {
         "text" => format!("<pre>{}</pre>", escape(content)),
         _ => {
             let mut html = String::with_capacity(content.len() * 2);
-            let options = pulldown_cmark::Options::ENABLE_TABLES
-                | pulldown_cmark::Options::ENABLE_STRIKETHROUGH;
             pulldown_cmark::html::push_html(
                 &mut html,
-                pulldown_cmark::Parser::new_ext(content, options),
+                pulldown_cmark::Parser::new_ext(content, markdown_options()),
             );
             html
         }

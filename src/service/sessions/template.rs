@@ -334,19 +334,52 @@ fn placeholders(document: &str) -> Vec<&str> {
     names
 }
 
-/// `text` with the characters Markdown and HTML give a meaning escaped.
+/// The Markdown a document is read as when it is shown as HTML: CommonMark with tables and
+/// strike-through.
+pub fn markdown_options() -> pulldown_cmark::Options {
+    pulldown_cmark::Options::ENABLE_TABLES | pulldown_cmark::Options::ENABLE_STRIKETHROUGH
+}
+
+/// `text` with what Markdown and HTML would read as markup escaped, so that it renders as
+/// the text it is wherever a placeholder puts it (also at the start of a line):
+/// - anywhere: `\\`, `` ` ``, `*`, `_`, `[`, `]`, `|`, `~` (emphasis, code, links,
+///   tables, strike-through) and `<`, `&` (HTML, entities);
+/// - at the start of a line: `#`, `>`, `-`, `+`, `=` (headings, quotes, list items, rules)
+///   and the `.` or `)` after a number (ordered lists); a line's indentation is dropped (it
+///   would make a code block).
+///
+/// Dates, e-mail addresses and sentences read as written ("2027-01-31", not
+/// "2027\\-01\\-31").
 fn escape_markdown(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '\\' | '`' | '*' | '_' | '{' | '}' | '[' | ']' | '(' | ')' | '#' | '+' | '-' | '!'
-            | '|' | '>' | '~' => {
-                out.push('\\');
-                out.push(c);
+    let mut out = String::with_capacity(text.len() + 8);
+    for (i, line) in text.split('\n').enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        // Indentation is dropped: four spaces would make a code block.
+        let body = line.trim_start_matches([' ', '\t']);
+        let digits = body.bytes().take_while(u8::is_ascii_digit).count();
+        let mut chars = body.char_indices().peekable();
+        while let Some((at, c)) = chars.next() {
+            let line_start = at == 0;
+            let after_number = digits > 0 && at == digits;
+            match c {
+                '\\' | '`' | '*' | '_' | '[' | ']' | '|' | '~' => {
+                    out.push('\\');
+                    out.push(c);
+                }
+                '#' | '>' | '-' | '+' | '=' if line_start => {
+                    out.push('\\');
+                    out.push(c);
+                }
+                '.' | ')' if after_number => {
+                    out.push('\\');
+                    out.push(c);
+                }
+                '<' => out.push_str("&lt;"),
+                '&' => out.push_str("&amp;"),
+                c => out.push(c),
             }
-            '<' => out.push_str("&lt;"),
-            '&' => out.push_str("&amp;"),
-            c => out.push(c),
         }
     }
     out
@@ -382,8 +415,77 @@ mod tests {
         let doc = t.render(&answers);
         assert_eq!(
             doc,
-            "# NDA\n\nACME &lt;b\\>\\*Ltd\\*&lt;/b\\> \\[x\\]\\(y\\) from 2027\\-01\\-31 for 3 years (English law). Ref . {{not a placeholder"
+            "# NDA\n\nACME &lt;b>\\*Ltd\\*&lt;/b> \\[x\\](y) from 2027-01-31 for 3 years (English law). Ref . {{not a placeholder"
         );
+    }
+
+    /// Whatever an answer holds, a Markdown renderer shows it as text, wherever the
+    /// placeholder is: mid-line, or alone at the start of a line.
+    #[test]
+    fn answers_render_as_the_text_they_are() {
+        use pulldown_cmark::{Event, Parser, Tag, TagEnd};
+        let hostile = [
+            "# Heading",
+            "- item",
+            "+ item",
+            "* item",
+            "> quote",
+            "1. first",
+            "12) twelfth",
+            "===",
+            "---",
+            "   - indented",
+            "    four spaces, a code block",
+            "\tand a tab",
+            "a *b* _c_ `d` ~~e~~ [f](g) ![h](i) <b>j</b> &amp; | k | \\ l",
+            "two\n# lines\n- and\n3. more",
+            "<script>alert(1)</script>",
+            "2027-01-31, ann@example.com, Acme Ltd. (Ireland) 3-4 {x} #5 !",
+        ];
+        for answer in hostile {
+            for (document, line_start) in [("Before {{a}} after.", false), ("{{a}}", true)] {
+                let spec = TemplateSpec {
+                    id: "t".into(),
+                    name: "T".into(),
+                    description: String::new(),
+                    questions: vec![QuestionSpec {
+                        id: "a".into(),
+                        text: "A?".into(),
+                        help: None,
+                        required: None,
+                        choices: None,
+                        pattern: None,
+                        kind: Kind::Text,
+                    }],
+                    document: document.into(),
+                    ai_service_url: None,
+                    ai_service_api_key: None,
+                };
+                let t = Template::new(spec).unwrap();
+                let rendered = t.render(&BTreeMap::from([("a".to_owned(), answer.to_owned())]));
+                let mut text = String::new();
+                for event in Parser::new_ext(&rendered, markdown_options()) {
+                    match event {
+                        Event::Text(t) => text.push_str(&t),
+                        Event::SoftBreak | Event::HardBreak => text.push('\n'),
+                        Event::Start(Tag::Paragraph) | Event::End(TagEnd::Paragraph) => {}
+                        other => panic!("{answer:?} in {document:?} renders {other:?}: {rendered}"),
+                    }
+                }
+                let shown = answer
+                    .split('\n')
+                    .map(str::trim_start)
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                let expected = if line_start {
+                    shown
+                } else {
+                    format!("Before {shown} after.")
+                };
+                let normalise = |s: &str| s.lines().map(str::trim).collect::<Vec<_>>().join("\n");
+                assert_eq!(normalise(&text), normalise(&expected), "{rendered}");
+            }
+        }
     }
 
     #[test]
