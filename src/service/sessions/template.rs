@@ -359,8 +359,7 @@ fn escape_markdown(text: &str) -> String {
         // Indentation is dropped: four spaces would make a code block.
         let body = line.trim_start_matches([' ', '\t']);
         let digits = body.bytes().take_while(u8::is_ascii_digit).count();
-        let mut chars = body.char_indices().peekable();
-        while let Some((at, c)) = chars.next() {
+        for (at, c) in body.char_indices() {
             let line_start = at == 0;
             let after_number = digits > 0 && at == digits;
             match c {
