@@ -7,24 +7,23 @@
 //! gapless.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
+
+use common::process::Server;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
-struct Server {
-    child: Child,
-    addr: String,
-}
-
 /// Starts the binary on a free port and waits for its "listening" log line.
 fn spawn(db: &std::path::Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_parlor"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_parlor"));
+    command
         .args([
             "serve",
             "--listen",
@@ -35,45 +34,8 @@ fn spawn(db: &std::path::Path) -> Server {
         ])
         .arg(format!("sqlite://{}", db.display()))
         .env("PARLOR_LIMITS__MESSAGES_PER_SECOND", "100000")
-        .env("PARLOR_LIMITS__MESSAGES_BURST", "100000")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn parlor");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && v["fields"]["message"] == "parlor listening"
-            {
-                let _ = tx.send(v["fields"]["addr"].as_str().unwrap_or_default().to_owned());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("server reports its address");
-    Server { child, addr }
-}
-
-/// A failed assertion must not leave the server running (it would hold the test's output
-/// pipe open).
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn kill9(server: &mut Server) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(server.child.id()).unwrap()),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill -9");
-    server.child.wait().expect("reap");
+        .env("PARLOR_LIMITS__MESSAGES_BURST", "100000");
+    Server::start(command)
 }
 
 /// One acknowledged message: (room, clientMessageId) → (id, seq).
@@ -147,7 +109,7 @@ async fn acknowledged_messages_survive_sigkill() {
             .expect("senders alive");
         acked.insert((room, cmid), (id, seq));
     }
-    kill9(&mut server);
+    server.kill9();
     // Acks already on the wire before the kill count too.
     while let Ok(Some((room, cmid, id, seq))) =
         tokio::time::timeout(Duration::from_millis(500), ack_rx.recv()).await
@@ -199,5 +161,5 @@ async fn acknowledged_messages_survive_sigkill() {
             "acknowledged message {key:?} is stored as acknowledged"
         );
     }
-    kill9(&mut server);
+    server.kill9();
 }

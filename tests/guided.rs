@@ -7,19 +7,13 @@ mod common;
 #[path = "common/fake_ai.rs"]
 mod fake_ai;
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use common::fake_service::{FakeService, question};
 use common::{Client, TestServer};
 use fake_ai::FakeVendor;
 use futures_util::SinkExt;
-use parking_lot::Mutex;
 use parlor::config::{BotConfig, Config, ProviderConfig, ProviderKind};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -372,60 +366,6 @@ async fn answers_survive_a_restart() {
 // The AI-service contract
 // ------------------------------------------------------------------------------------------
 
-/// A fake of the customer's AI service: answers `POST /v1/chat/next-question` with the
-/// next scripted (status, body) and records each request's headers and body.
-#[derive(Clone, Default)]
-struct FakeService {
-    script: Arc<Mutex<VecDeque<(u16, Value, Duration)>>>,
-    received: Arc<Mutex<Vec<(HeaderMap, Value)>>>,
-}
-
-impl FakeService {
-    async fn start(script: Vec<(u16, Value)>) -> (Self, SocketAddr) {
-        let fake = FakeService {
-            script: Arc::new(Mutex::new(
-                script
-                    .into_iter()
-                    .map(|(s, b)| (s, b, Duration::ZERO))
-                    .collect(),
-            )),
-            ..FakeService::default()
-        };
-        let app = axum::Router::new()
-            .route("/v1/chat/next-question", axum::routing::post(serve))
-            .with_state(fake.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        (fake, addr)
-    }
-
-    fn push(&self, status: u16, body: Value, delay: Duration) {
-        self.script.lock().push_back((status, body, delay));
-    }
-
-    fn received(&self) -> Vec<(HeaderMap, Value)> {
-        self.received.lock().clone()
-    }
-}
-
-async fn serve(
-    State(fake): State<FakeService>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    fake.received.lock().push((headers, body));
-    let next = fake.script.lock().pop_front();
-    let (status, body, delay) =
-        next.unwrap_or((500, json!({ "error": "script ended" }), Duration::ZERO));
-    tokio::time::sleep(delay).await;
-    (StatusCode::from_u16(status).unwrap(), Json(body)).into_response()
-}
-
-fn question(text: &str) -> Value {
-    json!({ "status": "in_progress", "nextQuestion": { "text": text } })
-}
-
 async fn with_service(addr: SocketAddr, configure: impl FnOnce(&mut Config)) -> TestServer {
     TestServer::start_with(move |c| {
         c.domains[0].ai_service_url = Some(format!("http://{addr}"));
@@ -461,7 +401,7 @@ async fn an_ai_service_asks_the_questions_and_keeps_the_document() {
     // The contract: the path, the key, the session id (and the history Parlor adds).
     let received = fake.received();
     assert_eq!(received.len(), 3);
-    let (headers, body) = &received[2];
+    let (headers, body) = (&received[2].headers, &received[2].body);
     assert_eq!(headers["authorization"], "Bearer service-key-123");
     assert_eq!(body["sessionId"], session.as_str());
     assert_eq!(body["templateId"], NDA);
@@ -589,11 +529,7 @@ async fn an_unreachable_ai_service_is_retried_when_it_comes_back() {
     // The service starts on that port; the automatic retry finds it.
     let fake = FakeService::default();
     fake.push(200, question("Who are the parties?"), Duration::ZERO);
-    let app = axum::Router::new()
-        .route("/v1/chat/next-question", axum::routing::post(serve))
-        .with_state(fake.clone());
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    fake.serve_on(tokio::net::TcpListener::bind(addr).await.unwrap());
     let mut got = c.recv().await;
     while got["type"] == "error" {
         got = c.recv().await;

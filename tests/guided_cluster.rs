@@ -9,12 +9,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::cluster::{Cluster, Database, Node, servers};
+use common::cluster::{Cluster, Database, NODE_CONFIG, Node, servers};
+use common::process::Server;
 use common::{Client, TEST_SECRET};
 use futures_util::SinkExt;
 use serde_json::{Value, json};
@@ -244,36 +244,10 @@ const USERS: usize = 20;
 /// Acknowledged answers every user must have before the kill.
 const ACKS_BEFORE_KILL: usize = 6;
 
-/// A `parlor serve` child process.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-/// The configuration of the child: the demo domain with the built-in guide only (no
-/// assistant, so no AI vendor rewords the questions), the test secret, and limits no test
-/// client reaches.
+/// The configuration of the child: a cluster node's (the demo domain with the built-in
+/// guide only: no assistant, so no AI vendor rewords the questions) and the test secret.
 fn config() -> String {
-    format!(
-        r#"shutdown_timeout_ms = 3000
-[auth]
-jwt_secret = "{TEST_SECRET}"
-[limits]
-messages_per_second = 100000
-messages_burst = 100000
-ip_connects_per_second = 100000
-ip_connects_burst = 100000
-ip_requests_per_second = 100000
-ip_requests_burst = 100000
-[[domains]]
-id = "demo"
-name = "Parlor demo"
-visitor_rooms = "open"
-allowed_origins = ["*"]
-[domains.bot]
-enabled = false
-"#
-    )
+    format!("{NODE_CONFIG}[auth]\njwt_secret = \"{TEST_SECRET}\"\n")
 }
 
 /// Starts the binary in `dir` on `database` and a free port, and waits for its "listening"
@@ -290,50 +264,13 @@ fn spawn(dir: &Path, database: &str) -> Server {
             command.env_remove(&name);
         }
     }
-    let mut child = command
+    command
         .current_dir(dir)
         .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
         .args(["--database", database])
         .arg("--config")
-        .arg(&file)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn parlor");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && v["fields"]["message"] == "parlor listening"
-            {
-                let _ = tx.send(v["fields"]["addr"].as_str().unwrap_or_default().to_owned());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the server reports its address");
-    Server { child, addr }
-}
-
-/// A failed assertion must not leave the server running.
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn kill9(server: &mut Server) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(server.child.id()).unwrap()),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill -9");
-    server.child.wait().expect("reap");
+        .arg(&file);
+    Server::start(command)
 }
 
 /// What one user said before the kill.
@@ -413,7 +350,7 @@ async fn acknowledged_answers_survive_kill_9(dir: &Path, database: &str) {
             .expect("the users are answering");
         acks[u] += 1;
     }
-    kill9(&mut server);
+    server.kill9();
 
     let mut said = Vec::new();
     for (u, user) in users.into_iter().enumerate() {

@@ -14,19 +14,13 @@
 
 mod common;
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
 use common::TestServer;
-use parking_lot::Mutex;
+use common::fake_service::{FakeService, Received, question};
 use serde_json::{Value, json};
 
 /// The demo's template.
@@ -46,68 +40,13 @@ const QUESTIONS: [&str; 4] = [
     "For how long, and under which law?",
 ];
 
-/// A fake of the customer's AI service: answers `POST /v1/chat/next-question` with the
-/// next scripted body and records every request (any path) with its headers and body, so a
-/// call to the wrong path shows up (and gets a 404).
-#[derive(Clone, Default)]
-struct FakeService {
-    script: Arc<Mutex<VecDeque<Value>>>,
-    received: Arc<Mutex<Vec<(String, HeaderMap, Value)>>>,
-}
-
-impl FakeService {
-    async fn start(script: Vec<Value>) -> (Self, SocketAddr) {
-        let fake = FakeService {
-            script: Arc::new(Mutex::new(script.into())),
-            ..FakeService::default()
-        };
-        let app = axum::Router::new()
-            .route("/v1/chat/next-question", axum::routing::post(serve))
-            .fallback(elsewhere)
-            .with_state(fake.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        (fake, addr)
-    }
-
-    fn received(&self) -> Vec<(String, HeaderMap, Value)> {
-        self.received.lock().clone()
-    }
-}
-
-async fn serve(
-    State(fake): State<FakeService>,
-    uri: Uri,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    fake.received
-        .lock()
-        .push((uri.path().to_owned(), headers, body));
-    match fake.script.lock().pop_front() {
-        Some(body) => Json(body).into_response(),
-        None => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(json!({ "error": "script ended" })),
-        )
-            .into_response(),
-    }
-}
-
-async fn elsewhere(State(fake): State<FakeService>, uri: Uri, headers: HeaderMap) -> StatusCode {
-    fake.received
-        .lock()
-        .push((uri.path().to_owned(), headers, Value::Null));
-    StatusCode::NOT_FOUND
-}
-
 /// The whole session's script: each question, then `end`.
-fn script(end: Value) -> Vec<Value> {
+fn script(end: Value) -> Vec<(u16, Value)> {
     QUESTIONS
         .iter()
-        .map(|text| json!({ "status": "in_progress", "nextQuestion": { "text": text } }))
+        .map(|text| question(text))
         .chain([end])
+        .map(|body| (200, body))
         .collect()
 }
 
@@ -195,7 +134,12 @@ fn check_calls(fake: &FakeService, result: &Value) {
     assert_eq!(result["questions"], json!(QUESTIONS), "{result}");
     let received = fake.received();
     assert_eq!(received.len(), QUESTIONS.len() + 1, "{received:?}");
-    for (path, headers, body) in &received {
+    for Received {
+        path,
+        headers,
+        body,
+    } in &received
+    {
         assert_eq!(path, "/v1/chat/next-question");
         assert_eq!(headers["authorization"], format!("Bearer {SERVICE_KEY}"));
         assert!(
@@ -208,7 +152,7 @@ fn check_calls(fake: &FakeService, result: &Value) {
         assert_eq!(body["templateId"], NDA);
         assert_eq!(body["userId"], "ann");
     }
-    let (_, _, last) = received.last().unwrap();
+    let last = &received.last().unwrap().body;
     let said: Vec<&str> = last["history"]
         .as_array()
         .unwrap()

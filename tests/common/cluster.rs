@@ -11,6 +11,25 @@ use sqlx::Connection;
 
 use super::{Client, TEST_SECRET};
 
+/// A node's `parlor.toml`: the demo domain without its assistant, and limits no test client
+/// reaches.
+pub const NODE_CONFIG: &str = r#"shutdown_timeout_ms = 3000
+[limits]
+messages_per_second = 100000
+messages_burst = 100000
+ip_connects_per_second = 100000
+ip_connects_burst = 100000
+ip_requests_per_second = 100000
+ip_requests_burst = 100000
+[[domains]]
+id = "demo"
+name = "Parlor demo"
+visitor_rooms = "open"
+allowed_origins = ["*"]
+[domains.bot]
+enabled = false
+"#;
+
 pub fn servers() -> Option<(String, String)> {
     let db = std::env::var("PARLOR_TEST_DATABASE_URL")
         .ok()
@@ -166,26 +185,7 @@ impl Node {
         let port = free_port();
         let config = dir.join("parlor.toml");
         if !config.exists() {
-            std::fs::write(
-                &config,
-                r#"shutdown_timeout_ms = 3000
-[limits]
-messages_per_second = 100000
-messages_burst = 100000
-ip_connects_per_second = 100000
-ip_connects_burst = 100000
-ip_requests_per_second = 100000
-ip_requests_burst = 100000
-[[domains]]
-id = "demo"
-name = "Parlor demo"
-visitor_rooms = "open"
-allowed_origins = ["*"]
-[domains.bot]
-enabled = false
-"#,
-            )
-            .unwrap();
+            std::fs::write(&config, NODE_CONFIG).unwrap();
         }
         let log = dir.join(format!("node-{i}-{port}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_parlor"))

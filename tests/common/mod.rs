@@ -3,6 +3,8 @@
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
 
 pub mod cluster;
+pub mod fake_service;
+pub mod process;
 pub mod redis;
 
 use std::net::SocketAddr;

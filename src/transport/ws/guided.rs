@@ -24,15 +24,15 @@ use tokio::time::Instant;
 
 use super::socket::{Incoming, RecvError, WsSocket};
 use super::{
-    Admitted, End, Gate, Liveness, TOKEN_SUBPROTOCOL_PREFIX, WRITE_TIMEOUT, close, handshake_key,
-    subprotocols, switching_protocols, upgrade_required,
+    Admitted, End, Gate, Liveness, WRITE_TIMEOUT, close, handshake_key, subprotocols,
+    switching_protocols, upgrade_required, upgrade_token,
 };
 use crate::AppState;
 use crate::model::{Identity, Role};
 use crate::service::ServiceError;
 use crate::service::sessions::template::Template;
 use crate::service::sessions::{Reply, template_not_found};
-use crate::transport::http::{ApiError, bearer_token};
+use crate::transport::http::ApiError;
 
 /// Frames in a row that are not `user_message` after which the connection is closed.
 const MAX_IGNORED_IN_A_ROW: u32 = 50;
@@ -58,18 +58,7 @@ pub async fn upgrade(
         Err(message) => return upgrade_required(&app, message),
     };
     let offered = subprotocols(req.headers());
-    let token = query
-        .token
-        .as_deref()
-        .filter(|t| !t.is_empty())
-        .or_else(|| bearer_token(req.headers()))
-        .or_else(|| {
-            offered
-                .iter()
-                .find_map(|p| p.strip_prefix(TOKEN_SUBPROTOCOL_PREFIX))
-        })
-        .map(str::to_owned);
-    let Some(token) = token else {
+    let Some(token) = upgrade_token(query.token.as_deref(), req.headers(), &offered) else {
         app.metrics.client_error("missing_token");
         return ApiError::unauthorized(
             "missing_token",

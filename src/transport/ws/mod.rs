@@ -101,20 +101,8 @@ pub async fn upgrade(
         Ok(key) => key,
         Err(message) => return upgrade_required(&app, message),
     };
-    // An empty `?token=` is no token: it must not hide an `Authorization` header. Browsers
-    // cannot set headers on a WebSocket, so the token may also come as a subprotocol.
     let offered = subprotocols(req.headers());
-    let token = query
-        .token
-        .as_deref()
-        .filter(|t| !t.is_empty())
-        .or_else(|| bearer_token(req.headers()))
-        .or_else(|| {
-            offered
-                .iter()
-                .find_map(|p| p.strip_prefix(TOKEN_SUBPROTOCOL_PREFIX))
-        })
-        .map(str::to_owned);
+    let token = upgrade_token(query.token.as_deref(), req.headers(), &offered);
     let identified = match token.as_deref() {
         None => Ok(super::visitor::anonymous(req.extensions())),
         token => app.auth.identify(token).await,
@@ -211,6 +199,21 @@ pub async fn upgrade(
         }
     });
     switching_protocols(&key, &offered)
+}
+
+/// An upgrade's token: `?token=`, else `Authorization: Bearer`, else the `bearer.<token>`
+/// subprotocol (browsers cannot set headers on a WebSocket). An empty `?token=` is no
+/// token: it must not hide the header.
+fn upgrade_token(query: Option<&str>, headers: &HeaderMap, offered: &[String]) -> Option<String> {
+    query
+        .filter(|t| !t.is_empty())
+        .or_else(|| bearer_token(headers))
+        .or_else(|| {
+            offered
+                .iter()
+                .find_map(|p| p.strip_prefix(TOKEN_SUBPROTOCOL_PREFIX))
+        })
+        .map(str::to_owned)
 }
 
 /// The answer to a request that is not a WebSocket handshake.
