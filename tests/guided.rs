@@ -40,6 +40,18 @@ async fn open(s: &TestServer, user: &str, template: &str) -> Client {
     Client::connect(&chat_url(s, &s.token(user), template)).await
 }
 
+/// `user` answers the demo template through to its document; the document's id.
+async fn finish_nda(s: &TestServer, user: &str) -> String {
+    let mut c = open(s, user, NDA).await;
+    c.recv().await;
+    for a in &ANSWERS[..6] {
+        answer(&mut c, a).await;
+    }
+    let done = answer(&mut c, ANSWERS[6]).await;
+    assert_eq!(done["type"], "session_complete", "{done}");
+    done["documentId"].as_str().unwrap().to_owned()
+}
+
 async fn answer(c: &mut Client, content: &str) -> Value {
     c.send(json!({ "type": "user_message", "content": content }))
         .await;
@@ -749,13 +761,7 @@ async fn stale_sessions_are_deleted_and_others_kept() {
     .await;
     let ann = s.token("ann");
     // A finished session: kept with its document.
-    let mut done = open(&s, "ann", NDA).await;
-    done.recv().await;
-    for a in &ANSWERS[..6] {
-        answer(&mut done, a).await;
-    }
-    let complete = answer(&mut done, ANSWERS[6]).await;
-    let document = complete["documentId"].as_str().unwrap().to_owned();
+    let document = finish_nda(&s, "ann").await;
     // An abandoned one.
     let mut left = open(&s, "bob", NDA).await;
     let stale = left.recv().await["sessionId"].as_str().unwrap().to_owned();
@@ -889,13 +895,7 @@ async fn complete_sessions_and_their_documents_go_after_keep_completed() {
     })
     .await;
     let ann = s.token("ann");
-    let mut c = open(&s, "ann", NDA).await;
-    c.recv().await;
-    for a in &ANSWERS[..6] {
-        answer(&mut c, a).await;
-    }
-    let done = answer(&mut c, ANSWERS[6]).await;
-    let document = done["documentId"].as_str().unwrap().to_owned();
+    let document = finish_nda(&s, "ann").await;
     // An incomplete session is kept (stale_after is a day).
     let mut open_one = open(&s, "bob", NDA).await;
     let kept = open_one.recv().await["sessionId"]
