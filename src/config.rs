@@ -403,6 +403,10 @@ pub struct StoreConfig {
     pub sqlite_synchronous: SqliteSync,
     /// Most write operations committed in one transaction (group commit).
     pub max_batch: usize,
+    /// Most write operations waiting for the writer. When the queue is full, senders wait
+    /// for room (with PostgreSQL at most its 10 s deadline, then `store_unavailable`), so
+    /// a store that falls behind slows senders down instead of filling memory.
+    pub write_queue: usize,
     /// Recent messages kept in memory per active room, serving recovery without the store.
     pub room_cache: usize,
     /// Read connections kept open to the database.
@@ -417,6 +421,7 @@ impl Default for StoreConfig {
         Self {
             sqlite_synchronous: SqliteSync::Normal,
             max_batch: 1024,
+            write_queue: 4096,
             room_cache: 128,
             read_pool: 4,
             postgres_pool: 16,
@@ -1208,6 +1213,7 @@ impl Config {
             ),
             ("limits.ai_calls_per_domain", l.ai_calls_per_domain),
             ("store.max_batch", self.store.max_batch),
+            ("store.write_queue", self.store.write_queue),
             ("store.room_cache", self.store.room_cache),
             ("store.read_pool", self.store.read_pool),
             ("store.postgres_pool", self.store.postgres_pool),

@@ -14,20 +14,27 @@
 //! - [`hub`] — active rooms, their members and presence; fans stored messages out to every
 //!   member's bounded queue in `seq` order.
 //! - [`broker`] — carries stored messages to every node's hub (in-process by default).
+//! - [`node`] — the node's supervisor (every task and thread it runs; a worker's panic fails
+//!   the node), the commit pipeline from the store to the broker and the hand-off observer,
+//!   and whether the node is alone or one of several.
 //! - [`store`] — durable storage behind a trait; SQLite with group commit.
-//! - [`model`], [`config`], [`metrics`] — shared vocabulary, typed configuration, counters.
+//! - [`model`], [`config`], [`metrics`] — shared vocabulary, typed configuration, counters;
+//!   [`failpoint`] — faults injected by tests (debug builds only).
 //!
 //! [`run`] is the entry point: it takes a validated [`Config`], a bound listener and a
-//! cancellation token, serves until the token is cancelled, then shuts down in order: stop
-//! accepting, tell clients to reconnect, let connections finish, flush writes, close the store.
+//! cancellation token, serves until the token is cancelled (or the node fails), then shuts
+//! down in order: stop accepting, tell clients to reconnect, let connections finish, flush
+//! writes, drain the commit pipeline, close the broker, close the store.
 
 pub mod ai;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod failpoint;
 pub mod hub;
 pub mod metrics;
 pub mod model;
+pub mod node;
 pub mod service;
 pub mod store;
 pub mod transport;
@@ -40,7 +47,6 @@ use std::time::Instant;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use config::Config;
 
@@ -104,6 +110,9 @@ pub enum RunError {
     /// The listener failed.
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
+    /// A part of the node stopped working (a worker panicked); it shut down.
+    #[error("the node failed: {0}")]
+    Failed(String),
 }
 
 /// Shared server state, cheap to clone into every handler and connection task.
@@ -140,8 +149,9 @@ pub struct AppInner {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the server starts shutting down.
     pub shutdown: CancellationToken,
-    /// Tracks connection tasks so shutdown can wait for them.
-    pub tracker: TaskTracker,
+    /// Every task the node runs; shutdown waits for them, and a worker's panic fails the
+    /// node.
+    pub supervisor: node::Supervisor,
     /// One permit per open WebSocket (`limits.max_connections`).
     pub connection_permits: Arc<Semaphore>,
     /// Start time, for uptime.
@@ -166,13 +176,14 @@ impl Deref for AppState {
 
 /// Deletes stale guided sessions every `sessions.cleanup_every`, on one node at a time
 /// (the store's lease decides which).
-fn spawn_session_cleanup(sessions: Arc<SessionService>, shutdown: CancellationToken) {
+fn spawn_session_cleanup(sessions: Arc<SessionService>, supervisor: &node::Supervisor) {
+    let shutdown = supervisor.shutdown().clone();
     let node = uuid::Uuid::now_v7().to_string();
     let every = sessions
         .config()
         .cleanup_every
         .max(std::time::Duration::from_millis(100));
-    tokio::spawn(async move {
+    supervisor.spawn("session-cleanup", async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -194,7 +205,7 @@ pub struct App {
     /// Shared state (also inside the router).
     pub state: AppState,
     store: Arc<dyn Store>,
-    dispatcher: tokio::task::JoinHandle<()>,
+    pipeline: tokio::task::JoinHandle<()>,
 }
 
 impl App {
@@ -206,8 +217,13 @@ impl App {
         // Unusable domain settings stop the start before anything is opened.
         let domains = Arc::new(Domains::new(&config.domains).map_err(|e| invalid(e.to_string()))?);
         let metrics = Arc::new(Metrics::new());
+        let supervisor = node::Supervisor::new(shutdown.clone(), Arc::clone(&metrics));
         let (committed_tx, committed_rx) = mpsc::unbounded_channel();
-        let store = open_store(&config, committed_tx).await?;
+        let failed = supervisor.clone();
+        let sink = store::CommitSink::new(committed_tx).on_panic(Arc::new(move |name, panic| {
+            failed.panicked(name, panic);
+        }));
+        let store = open_store(&config, sink).await?;
         for domain in &config.domains {
             store.upsert_domain(&domain.id, &domain.name).await?;
         }
@@ -252,12 +268,9 @@ impl App {
             spawn_position_checks(
                 Arc::clone(&hub),
                 config.broker_position_check_ms,
-                shutdown.clone(),
+                &supervisor,
             );
         }
-        let (observed_tx, mut observed_rx) = mpsc::unbounded_channel();
-        let dispatcher =
-            ChatService::spawn_dispatcher(committed_rx, Arc::clone(&broker), observed_tx);
         let chat = Arc::new(ChatService::new(
             Arc::clone(&store),
             hub,
@@ -290,10 +303,10 @@ impl App {
         // A change announced while this node was cut off from Redis is caught up when it
         // reconnects; the periodic rebuild also bounds how long a node that never noticed the
         // outage (a lost publication) uses a revoked key.
-        if broker.kind() != "memory" {
+        if broker.topology().is_cluster() {
             let watched = Arc::downgrade(&domain_admin);
             let stop = shutdown.clone();
-            tokio::spawn(async move {
+            supervisor.spawn("domain-rebuild", async move {
                 let mut tick = tokio::time::interval(DOMAIN_REBUILD_EVERY);
                 tick.tick().await;
                 loop {
@@ -308,30 +321,15 @@ impl App {
                 }
             });
         }
-        // Committed messages, in commit order per room: the hand-off service keeps the inbox
-        // current and hands visitors' messages to the bot while a room is with it. Rooms are
-        // spread over a few ordered workers, so one room's store read (several nodes judge
-        // on the stored state) does not hold up every other room's.
-        let workers: Vec<mpsc::UnboundedSender<Arc<model::Message>>> = (0..OBSERVERS)
-            .map(|_| {
-                let (tx, mut rx) = mpsc::unbounded_channel::<Arc<model::Message>>();
-                let observer = Arc::clone(&handoff);
-                tokio::spawn(async move {
-                    while let Some(message) = rx.recv().await {
-                        observer.on_committed(message).await;
-                    }
-                });
-                tx
-            })
-            .collect();
-        tokio::spawn(async move {
-            while let Some(message) = observed_rx.recv().await {
-                let worker = observer_for(&message.room, workers.len());
-                if let Some(tx) = workers.get(worker) {
-                    let _ = tx.send(message);
-                }
-            }
-        });
+        // Committed messages, in commit order per room, to the broker and the hand-off
+        // service, which keeps the inbox current and hands visitors' messages to the bot
+        // while a room is with it.
+        let pipeline = node::pipeline::start(
+            &supervisor,
+            committed_rx,
+            Arc::clone(&broker),
+            Arc::clone(&handoff) as Arc<dyn node::pipeline::Observer>,
+        );
         let accounts = Arc::new(crate::service::accounts::AccountService::new(
             Arc::clone(&store),
             Arc::clone(&domains),
@@ -346,7 +344,7 @@ impl App {
             )
             .map_err(|e| invalid(e.to_string()))?,
         );
-        spawn_session_cleanup(Arc::clone(&sessions), shutdown.clone());
+        spawn_session_cleanup(Arc::clone(&sessions), &supervisor);
         let state = AppState(Arc::new(AppInner {
             accounts,
             sessions,
@@ -362,14 +360,14 @@ impl App {
             broker,
             metrics,
             shutdown,
-            tracker: TaskTracker::new(),
+            supervisor,
             started: Instant::now(),
             next_connection_id: AtomicU64::new(1),
         }));
         Ok(Self {
             state,
             store,
-            dispatcher,
+            pipeline,
         })
     }
 
@@ -378,27 +376,46 @@ impl App {
         transport::router(self.state.clone())
     }
 
-    /// Waits until `until` at most for connections to finish, then flushes and closes the
-    /// store. Call after the shutdown token is cancelled.
-    pub async fn shutdown(self, until: tokio::time::Instant) {
-        self.state.tracker.close();
-        if tokio::time::timeout_at(until, self.state.tracker.wait())
+    /// Stops the node in order, each step within `until`: waits for the connections to
+    /// finish, flushes the store's writes, lets the commit pipeline publish and observe what
+    /// was committed, closes the broker, then the store. Call after the shutdown token is
+    /// cancelled. Returns why the node failed, if it did.
+    pub async fn shutdown(self, until: tokio::time::Instant) -> Option<String> {
+        let supervisor = &self.state.supervisor;
+        let connections = supervisor.connections();
+        connections.close();
+        if tokio::time::timeout_at(until, connections.wait())
             .await
             .is_err()
         {
             tracing::warn!("connections did not finish in time; closing anyway");
         }
-        self.store.close().await;
+        // The writer commits what is queued and exits, which closes the commit sink.
+        self.store.flush().await;
+        if tokio::time::timeout_at(until, self.pipeline).await.is_err() {
+            tracing::warn!("committed messages were still being published at the deadline");
+        }
+        let workers = supervisor.workers();
+        workers.close();
+        if tokio::time::timeout_at(until, workers.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks did not finish in time; closing anyway");
+        }
+        self.state.broker.close().await;
         self.state.shared.close().await;
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.dispatcher).await;
+        self.store.close().await;
+        supervisor.failure().map(str::to_owned)
     }
 }
 
 /// Compares `hub`'s active rooms with the store every `every` until `stop`, catching up the
 /// rooms a lost publication left behind ([`hub::Check::Lost`]). A store that does not answer
 /// is reported once, and again when it answers.
-fn spawn_position_checks(hub: Arc<Hub>, every: std::time::Duration, stop: CancellationToken) {
-    tokio::spawn(async move {
+fn spawn_position_checks(hub: Arc<Hub>, every: std::time::Duration, supervisor: &node::Supervisor) {
+    let stop = supervisor.shutdown().clone();
+    supervisor.spawn("position-checks", async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
@@ -425,17 +442,6 @@ fn spawn_position_checks(hub: Arc<Hub>, every: std::time::Duration, stop: Cancel
 
 /// How often a node of a cluster rebuilds its domain table from the store, whatever it heard.
 const DOMAIN_REBUILD_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Ordered workers observing committed messages (each room always on the same one).
-const OBSERVERS: usize = 8;
-
-/// The observer worker of `room`, of `n`.
-fn observer_for(room: &model::RoomKey, n: usize) -> usize {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    room.hash(&mut hasher);
-    usize::try_from(hasher.finish() % u64::try_from(n.max(1)).unwrap_or(1)).unwrap_or(0)
-}
 
 /// Opens the configured store; committed messages go to `sink`.
 async fn open_store(config: &Config, sink: store::CommitSink) -> Result<Arc<dyn Store>, RunError> {
@@ -588,7 +594,7 @@ pub async fn account_admin(
         Err(TokenError::NoSchema(place)) => return Err(AccountAdminError::NoSchema(place)),
         Err(e) => return Err(AccountAdminError::Open(e.to_string())),
     }
-    let store = open_store(config, mpsc::unbounded_channel().0)
+    let store = open_store(config, mpsc::unbounded_channel().0.into())
         .await
         .map_err(|e| AccountAdminError::Open(e.to_string()))?;
     let domains = Arc::new(
@@ -786,7 +792,7 @@ pub async fn run(
     // Rate-limit state of addresses that went quiet is dropped every minute.
     let edge_state = app.state.clone();
     let edge_stop = shutdown.clone();
-    tokio::spawn(async move {
+    app.state.supervisor.spawn("forget-idle", async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
         loop {
             tokio::select! {
@@ -804,7 +810,9 @@ pub async fn run(
     // One deadline for the whole shutdown: HTTP requests and WebSocket connections finish
     // concurrently (both saw the token), then the store is flushed and closed.
     let until = tokio::time::Instant::now() + app.state.config.shutdown_timeout_ms;
-    app.shutdown(until).await;
+    if let Some(failure) = app.shutdown(until).await {
+        return Err(RunError::Failed(failure));
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -74,6 +74,13 @@ pub struct AtLabel {
     pub at: &'static str,
 }
 
+/// A supervised task, by what it does (`connection`, `sqlite-writer`, `dispatcher`, …).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabel {
+    /// The task's name.
+    pub task: &'static str,
+}
+
 /// [`AtLabel`] of the hub.
 pub const AT_NODE: AtLabel = AtLabel { at: "node" };
 /// [`AtLabel`] of a connection.
@@ -144,6 +151,8 @@ pub struct Metrics {
     /// Calls to domains' AI services for guided sessions, by outcome: `ok`,
     /// `server_error`, `client_error`, `timeout`, `unreachable`, `bad_answer`.
     pub guided_ai_service: Family<ReasonLabel, Counter>,
+    /// Supervised tasks that panicked, by task (a worker's panic also fails the node).
+    pub task_panics: Family<TaskLabel, Counter>,
 }
 
 impl Metrics {
@@ -290,6 +299,12 @@ impl Metrics {
             guided.clone(),
         );
         let guided_ai_service = Family::<ReasonLabel, Counter>::default();
+        let task_panics = Family::<TaskLabel, Counter>::default();
+        registry.register(
+            "task_panics",
+            "Supervised tasks that panicked, by task (a worker's panic also fails the node)",
+            task_panics.clone(),
+        );
         registry.register(
             "guided_ai_service_calls",
             "Calls to domains' AI services for guided sessions, by outcome",
@@ -299,6 +314,7 @@ impl Metrics {
             registry,
             guided,
             guided_ai_service,
+            task_panics,
             unanswered,
             connections_refused,
             stream_gaps,

@@ -1,8 +1,11 @@
-//! Invariant 1: a message acknowledged to its sender survives `kill -9` of the server.
+//! Invariant 1: a message acknowledged to its sender survives whatever stops the server:
+//! `kill -9`, an ordered shutdown (SIGTERM), or a part of the node failing (its store
+//! writer panicking). A store that falls behind holds its senders back rather than queueing
+//! without limit.
 //!
 //! The real `parlor` binary runs as a child process. Senders pipeline messages and record
 //! every `message-ack`; the moment enough acks have arrived — with more sends still in
-//! flight — the child gets SIGKILL. A fresh process on the same database must then hold every
+//! flight — the server is stopped. A fresh process on the same database must then hold every
 //! acknowledged message with the acknowledged id and `seq`, and each room's sequence must be
 //! gapless.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -11,6 +14,8 @@ mod common;
 
 use std::collections::HashMap;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::process::Server;
@@ -20,8 +25,8 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Starts the binary on a free port and waits for its "listening" log line.
-fn spawn(db: &std::path::Path) -> Server {
+/// Starts the binary on a free port, with `env` set, and waits for its "listening" log line.
+fn spawn(db: &std::path::Path, env: &[(&str, &str)]) -> Server {
     let mut command = Command::new(env!("CARGO_BIN_EXE_parlor"));
     command
         .args([
@@ -34,31 +39,35 @@ fn spawn(db: &std::path::Path) -> Server {
         ])
         .arg(format!("sqlite://{}", db.display()))
         .env("PARLOR_LIMITS__MESSAGES_PER_SECOND", "100000")
-        .env("PARLOR_LIMITS__MESSAGES_BURST", "100000");
+        .env("PARLOR_LIMITS__MESSAGES_BURST", "100000")
+        .envs(env.iter().copied());
     Server::start(command)
 }
 
 /// One acknowledged message: (room, clientMessageId) → (id, seq).
 type Acked = HashMap<(String, String), (String, u64)>;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acknowledged_messages_survive_sigkill() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("parlor.db");
-    let mut server = spawn(&db);
+/// One `message-ack`: room, clientMessageId, id, seq.
+type Ack = (String, String, String, u64);
 
-    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<(String, String, String, u64)>();
-    let senders = 8;
-    let per_sender = 400;
-    for s in 0..senders {
-        let url = format!("ws://{}/ws", server.addr);
+const SENDERS: usize = 8;
+const PER_SENDER: usize = 400;
+const ROOMS: usize = 3;
+
+/// Starts [`SENDERS`] connections, each pipelining [`PER_SENDER`] messages into one of
+/// [`ROOMS`] rooms; every ack arrives on the returned channel, which closes when every
+/// connection has ended.
+fn start_senders(addr: &str) -> mpsc::UnboundedReceiver<Ack> {
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Ack>();
+    for s in 0..SENDERS {
+        let url = format!("ws://{addr}/ws");
         let ack_tx = ack_tx.clone();
         tokio::spawn(async move {
             let Ok((ws, _)) = tokio_tungstenite::connect_async(&url).await else {
                 return;
             };
             let (mut sink, mut stream) = ws.split();
-            let room = format!("room-{}", s % 3);
+            let room = format!("room-{}", s % ROOMS);
             let join = json!({ "type": "join-room", "roomId": room, "id": "join" });
             if sink
                 .send(Message::Text(join.to_string().into()))
@@ -68,7 +77,7 @@ async fn acknowledged_messages_survive_sigkill() {
                 return;
             }
             let writer = tokio::spawn(async move {
-                for i in 0..per_sender {
+                for i in 0..PER_SENDER {
                     let frame = json!({
                         "type": "send-message", "roomId": room, "id": i,
                         "message": format!("sender {s} message {i}"),
@@ -97,35 +106,37 @@ async fn acknowledged_messages_survive_sigkill() {
             writer.abort();
         });
     }
-    drop(ack_tx);
+    ack_rx
+}
 
-    // Kill as soon as a good share is acknowledged, while sends are still in flight.
+/// Acks until `target` have arrived.
+async fn acks_until(rx: &mut mpsc::UnboundedReceiver<Ack>, target: usize) -> Acked {
     let mut acked = Acked::new();
-    let target = senders * per_sender / 3;
     while acked.len() < target {
-        let (room, cmid, id, seq) = tokio::time::timeout(Duration::from_secs(20), ack_rx.recv())
+        let (room, cmid, id, seq) = tokio::time::timeout(Duration::from_secs(20), rx.recv())
             .await
             .expect("acks keep coming")
             .expect("senders alive");
         acked.insert((room, cmid), (id, seq));
     }
-    server.kill9();
-    // Acks already on the wire before the kill count too.
-    while let Ok(Some((room, cmid, id, seq))) =
-        tokio::time::timeout(Duration::from_millis(500), ack_rx.recv()).await
-    {
+    acked
+}
+
+/// Adds the acks still arriving, until none came for `quiet` or the channel closed.
+async fn remaining_acks(rx: &mut mpsc::UnboundedReceiver<Ack>, acked: &mut Acked, quiet: Duration) {
+    while let Ok(Some((room, cmid, id, seq))) = tokio::time::timeout(quiet, rx.recv()).await {
         acked.insert((room, cmid), (id, seq));
     }
-    assert!(
-        acked.len() < senders * per_sender,
-        "the kill landed mid-stream"
-    );
+}
 
-    let mut server = spawn(&db);
+/// Restarts the server on `db` and checks that every acknowledged message is stored as it
+/// was acknowledged, in gapless rooms.
+async fn assert_stored(db: &std::path::Path, acked: &Acked) {
+    let mut server = spawn(db, &[]);
     let http = reqwest::Client::new();
     let mut stored: Acked = Acked::new();
-    for r in 0..3 {
-        let room = format!("room-{r}");
+    let rooms: std::collections::BTreeSet<&String> = acked.keys().map(|(room, _)| room).collect();
+    for room in rooms {
         let mut after = 0;
         let mut expected_seq = 1;
         loop {
@@ -154,7 +165,7 @@ async fn acknowledged_messages_survive_sigkill() {
             }
         }
     }
-    for (key, value) in &acked {
+    for (key, value) in acked {
         assert_eq!(
             stored.get(key),
             Some(value),
@@ -162,4 +173,171 @@ async fn acknowledged_messages_survive_sigkill() {
         );
     }
     server.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("parlor.db");
+    let mut server = spawn(&db, &[]);
+    let mut acks = start_senders(&server.addr);
+
+    // Kill as soon as a good share is acknowledged, while sends are still in flight.
+    let mut acked = acks_until(&mut acks, SENDERS * PER_SENDER / 3).await;
+    server.kill9();
+    // Acks already on the wire before the kill count too.
+    remaining_acks(&mut acks, &mut acked, Duration::from_millis(500)).await;
+    assert!(
+        acked.len() < SENDERS * PER_SENDER,
+        "the kill landed mid-stream"
+    );
+    assert_stored(&db, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_shutdown_loses_no_acknowledged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("parlor.db");
+    let mut server = spawn(&db, &[]);
+    let mut acks = start_senders(&server.addr);
+
+    let mut acked = acks_until(&mut acks, SENDERS * PER_SENDER / 3).await;
+    server.terminate();
+    // The server tells every client to reconnect and closes; the senders end with that.
+    remaining_acks(&mut acks, &mut acked, Duration::from_secs(20)).await;
+    let status = server
+        .exit_status(Duration::from_secs(20))
+        .expect("the server stops within its shutdown deadline");
+    assert!(status.success(), "an ordered stop exits 0: {status}");
+    assert!(!server.logged("stopped").is_empty(), "it says it stopped");
+    assert!(
+        acked.len() < SENDERS * PER_SENDER,
+        "the stop landed mid-stream"
+    );
+    assert_stored(&db, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_writer_panic_fails_the_node_which_exits_non_zero_losing_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("parlor.db");
+    // The writer's 60th group commit panics, with sends in flight.
+    let mut server = spawn(&db, &[("PARLOR_FAILPOINTS", "sqlite-writer=panic@60")]);
+    let mut acks = start_senders(&server.addr);
+
+    let mut acked = Acked::new();
+    remaining_acks(&mut acks, &mut acked, Duration::from_secs(20)).await;
+    let status = server
+        .exit_status(Duration::from_secs(20))
+        .expect("a failed node stops by itself");
+    assert_eq!(status.code(), Some(1), "a failed node exits 1: {status}");
+    let failed = server.logged("the node failed; shutting down");
+    let reason = failed
+        .first()
+        .and_then(|line| line["fields"]["reason"].as_str())
+        .expect("the failure is logged with its reason");
+    assert!(
+        reason.starts_with("sqlite-writer panicked: failpoint sqlite-writer"),
+        "{reason}"
+    );
+    assert!(
+        !acked.is_empty(),
+        "messages were acknowledged before the panic"
+    );
+    assert!(
+        acked.len() < SENDERS * PER_SENDER,
+        "the panic landed mid-stream"
+    );
+    assert_stored(&db, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_store_holds_senders_back_instead_of_queueing_without_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("parlor.db");
+    // Every group commit takes 100 ms more and takes at most 4 writes; 8 may wait.
+    let mut server = spawn(
+        &db,
+        &[
+            ("PARLOR_FAILPOINTS", "sqlite-writer=sleep:100"),
+            ("PARLOR_STORE__WRITE_QUEUE", "8"),
+            ("PARLOR_STORE__MAX_BATCH", "4"),
+            ("PARLOR_LIMITS__IP_REQUESTS_PER_SECOND", "100000"),
+            ("PARLOR_LIMITS__IP_REQUESTS_BURST", "100000"),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", server.addr);
+
+    // Watch the writer's queue while 100 posts arrive at once.
+    let most = Arc::new(AtomicUsize::new(0));
+    let watching = {
+        let (http, base, most) = (http.clone(), base.clone(), Arc::clone(&most));
+        tokio::spawn(async move {
+            loop {
+                let health: Value = http
+                    .get(format!("{base}/health"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                let queued = health["store"]["queued"].as_u64().unwrap();
+                most.fetch_max(usize::try_from(queued).unwrap(), Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let posts: Vec<_> = (0..100)
+        .map(|i| {
+            let (http, base) = (http.clone(), base.clone());
+            tokio::spawn(async move {
+                let response = http
+                    .post(format!("{base}/api/messages"))
+                    .json(&json!({
+                        "message": format!("m{i}"),
+                        "chatRoomId": "room-0",
+                        "clientMessageId": format!("p{i}"),
+                    }))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status().as_u16();
+                let body: Value = response.json().await.unwrap();
+                (format!("p{i}"), status, body)
+            })
+        })
+        .collect();
+    let mut acked = Acked::new();
+    for post in posts {
+        let (cmid, status, body) = tokio::time::timeout(Duration::from_secs(60), post)
+            .await
+            .expect("every post is answered")
+            .unwrap();
+        assert_eq!(
+            status, 201,
+            "a held-back post is stored, not refused: {body}"
+        );
+        acked.insert(
+            ("room-0".to_owned(), cmid),
+            (
+                body["id"].as_str().unwrap().to_owned(),
+                body["seq"].as_u64().unwrap(),
+            ),
+        );
+    }
+    watching.abort();
+    let most = most.load(Ordering::SeqCst);
+    assert!(
+        most <= 8,
+        "at most store.write_queue writes wait in the queue, saw {most}"
+    );
+    assert!(
+        most >= 4,
+        "the stall did hold writes back (the queue filled up), saw {most}"
+    );
+    server.kill9();
+    assert_eq!(acked.len(), 100);
+    assert_stored(&db, &acked).await;
 }

@@ -13,7 +13,7 @@ const SECRET: &str = "http-test-secret-0123456789";
 
 struct Harness {
     router: axum::Router,
-    _app: parlor::App,
+    app: parlor::App,
     _dir: tempfile::TempDir,
 }
 
@@ -32,7 +32,7 @@ async fn harness() -> Harness {
         .unwrap();
     Harness {
         router: app.router(),
-        _app: app,
+        app,
         _dir: dir,
     }
 }
@@ -146,6 +146,26 @@ async fn seed_message_endpoints_and_room_paging() {
     let (s3, third) = h.post("/api/messages", &body).await;
     assert_eq!(s3, StatusCode::CREATED);
     assert_ne!(third["id"], first["id"]);
+}
+
+#[tokio::test]
+async fn a_failed_node_is_unhealthy_says_why_and_stops() {
+    let h = harness().await;
+    let supervisor = &h.app.state.supervisor;
+    supervisor.panicked("sqlite-writer", &"disk on fire");
+    let (status, body) = h.get("/health").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["status"], "unhealthy");
+    assert_eq!(body["failure"], "sqlite-writer panicked: disk on fire");
+    assert!(h.app.state.shutdown.is_cancelled(), "the node shuts down");
+    let (_, metrics) = h.get("/metrics").await;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains(r#"parlor_task_panics_total{task="sqlite-writer"} 1"#),
+        "the panic is counted"
+    );
 }
 
 #[tokio::test]

@@ -338,7 +338,7 @@ const STORY_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn open(db: &dyn TestDatabase) -> (Arc<dyn Store>, UnboundedReceiver<Arc<Message>>) {
     let (sink, committed) = mpsc::unbounded_channel();
-    let store = db.open(sink).await.expect("open the store");
+    let store = db.open(sink.into()).await.expect("open the store");
     (store, committed)
 }
 
@@ -2863,7 +2863,10 @@ mod postgres_nodes {
             let db = PostgresDatabase::new(StoreConfig::default())?;
             let open = async |config: StoreConfig| {
                 let (sink, committed) = mpsc::unbounded_channel();
-                let store = db.open_with(&config, sink).await.expect("open a node");
+                let store = db
+                    .open_with(&config, sink.into())
+                    .await
+                    .expect("open a node");
                 (Arc::new(store) as Arc<dyn Store>, committed)
             };
             let a = open(StoreConfig {
@@ -3047,7 +3050,7 @@ mod postgres_nodes {
         };
         db.create().await;
         let config = StoreConfig::default();
-        let opening = (0..4).map(|_| db.open_with(&config, mpsc::unbounded_channel().0));
+        let opening = (0..4).map(|_| db.open_with(&config, mpsc::unbounded_channel().0.into()));
         let stores = futures_util::future::join_all(opening).await;
         for store in &stores {
             let store = store.as_ref().expect("every node starts");

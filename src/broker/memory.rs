@@ -27,4 +27,8 @@ impl Broker for MemoryBroker {
     fn kind(&self) -> &'static str {
         "memory"
     }
+
+    fn topology(&self) -> crate::node::Topology {
+        crate::node::Topology::Single
+    }
 }

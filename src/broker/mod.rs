@@ -48,6 +48,16 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     /// Short name for health output (`memory`, `redis`).
     fn kind(&self) -> &'static str;
 
+    /// Whether other nodes share this broker.
+    fn topology(&self) -> crate::node::Topology;
+
+    /// Stops the broker once the node has published its last message: what is queued for
+    /// the other nodes is sent (within a second), then its connections are closed. Called
+    /// once, at shutdown, after the store has flushed and the commit pipeline drained.
+    fn close(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async {})
+    }
+
     /// Whether a publication can be lost on its way to another node. The hub then compares
     /// its active rooms with the store now and then, since a lost *last* message leaves no
     /// later one to reveal the gap ([`crate::hub::Hub::check_positions`]). The in-process

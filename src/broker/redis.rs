@@ -872,16 +872,13 @@ impl RedisBroker {
             Err(e) => tracing::error!(error = %e, "cannot encode a publication"),
         }
     }
-
-    /// Stops publishing and closes the connections.
-    pub async fn close(&self) {
-        let _ = self.subscriber.quit().await;
-        let _ = self.publisher.quit().await;
-    }
 }
 
 /// Publishes queued publications in order, many per round trip. A batch that fails (Redis
 /// down) is dropped: live delivery is at most once, and the store has everything.
+/// How long closing waits for the outbox to empty, and for each connection to close.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+
 async fn publish_loop(
     client: fred::clients::Client,
     channel: String,
@@ -910,6 +907,23 @@ impl Broker for RedisBroker {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    fn topology(&self) -> crate::node::Topology {
+        crate::node::Topology::Cluster
+    }
+
+    fn close(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            // What the commit pipeline handed over goes out first (the publisher empties
+            // the outbox many at a time), then the connections close.
+            let until = Instant::now() + CLOSE_FLUSH;
+            while self.outbox.capacity() < self.outbox.max_capacity() && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let _ = tokio::time::timeout(CLOSE_FLUSH, self.subscriber.quit()).await;
+            let _ = tokio::time::timeout(CLOSE_FLUSH, self.publisher.quit()).await;
+        })
     }
 
     fn may_lose(&self) -> bool {

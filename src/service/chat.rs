@@ -3,19 +3,16 @@
 //! The path of one message: a transport calls [`ChatService::send`]; the message is checked
 //! against the limits and the policy, stored (the store assigns `seq` and commits, grouped
 //! with concurrent writes), and the caller gets the stored message back to acknowledge. The
-//! store hands each committed message, in commit order, to the dispatcher task started by
-//! [`ChatService::spawn_dispatcher`], which publishes it to the broker; the broker delivers it
-//! to every node's hub, and the hub to every member's queue.
+//! store hands each committed message, in commit order, to the node's commit pipeline
+//! ([`crate::node::pipeline`]), which publishes it to the broker; the broker delivers it to
+//! every node's hub, and the hub to every member's queue.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
-
 use super::ServiceError;
 use crate::auth::Domains;
 use crate::auth::policy;
-use crate::broker::Broker;
 use crate::config::Limits;
 use crate::hub::{ConnHandle, Event, Hub, Joined, PresentUser, Replay};
 use crate::metrics::Metrics;
@@ -121,22 +118,6 @@ impl ChatService {
     /// The configured limits.
     pub fn limits(&self) -> &Limits {
         &self.limits
-    }
-
-    /// Publishes committed messages to the broker, in commit order, until the store's sink
-    /// closes (at shutdown). Every message also goes to `observer` (the hand-off service,
-    /// which keeps the inbox current and lets the AI assistant answer visitors).
-    pub fn spawn_dispatcher(
-        mut committed: mpsc::UnboundedReceiver<Arc<Message>>,
-        broker: Arc<dyn Broker>,
-        observer: mpsc::UnboundedSender<Arc<Message>>,
-    ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            while let Some(message) = committed.recv().await {
-                let _ = observer.send(Arc::clone(&message));
-                broker.publish(message);
-            }
-        })
     }
 
     /// Validates a room id and places it in the caller's domain.

@@ -607,13 +607,13 @@ impl HandoffService {
         if !visitor
             && !agent
             && !self.has_subscribers(&key.domain_id)
-            && self.broker.kind() == "memory"
+            && !self.broker.topology().is_cluster()
         {
             return;
         }
         // With several nodes, another node may have changed the room a moment ago: judge a
         // visitor's or an agent's message on the stored state, not on this node's copy.
-        if (visitor || agent) && self.broker.kind() != "memory" {
+        if (visitor || agent) && self.broker.topology().is_cluster() {
             match self.store().conversation(key).await {
                 Ok(Some(c)) => self.remember_conversation(&Arc::new(c)),
                 Ok(None) => {}
@@ -831,7 +831,7 @@ impl HandoffService {
 
     /// Pushes the room's new inbox entry to the domain's subscribers.
     fn push_inbox(&self, state: &RoomState, message: &Message) {
-        if !self.has_subscribers(&message.room.domain_id) && self.broker.kind() == "memory" {
+        if !self.has_subscribers(&message.room.domain_id) && !self.broker.topology().is_cluster() {
             return;
         }
         let entry = InboxEntry {
@@ -1078,6 +1078,15 @@ impl HandoffService {
             customer,
             conversations,
         })
+    }
+}
+
+impl crate::node::pipeline::Observer for HandoffService {
+    fn observe(
+        self: Arc<Self>,
+        message: Arc<Message>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(async move { self.on_committed(message).await })
     }
 }
 

@@ -32,8 +32,64 @@ use crate::model::{Agent, Conversation, Message, NewMessage, Note, Room, RoomKey
 /// deeper documents).
 pub const MAX_DATA_DEPTH: usize = 64;
 
-/// Receives every newly committed message, in commit order (per room: `seq` order).
-pub type CommitSink = mpsc::UnboundedSender<Arc<Message>>;
+/// Where a store hands every newly committed message, in commit order (per room: `seq`
+/// order), and where it reports that its writer died: the node's commit pipeline
+/// (`crate::node::pipeline`) reads the one, its supervisor hears the other.
+#[derive(Clone)]
+pub struct CommitSink {
+    committed: mpsc::UnboundedSender<Arc<Message>>,
+    on_panic: Option<Arc<PanicHandler>>,
+}
+
+/// Told which writer panicked and with what.
+pub type PanicHandler = dyn Fn(&'static str, &(dyn std::any::Any + Send)) + Send + Sync;
+
+impl CommitSink {
+    /// A sink whose messages go to `committed`; a writer's panic is only logged.
+    pub fn new(committed: mpsc::UnboundedSender<Arc<Message>>) -> Self {
+        Self {
+            committed,
+            on_panic: None,
+        }
+    }
+
+    /// The same sink, telling `handler` when the writer panics.
+    #[must_use]
+    pub fn on_panic(mut self, handler: Arc<PanicHandler>) -> Self {
+        self.on_panic = Some(handler);
+        self
+    }
+
+    /// Hands over a committed message (dropped if nobody reads the sink any more).
+    pub fn send(&self, message: Arc<Message>) {
+        let _ = self.committed.send(message);
+    }
+
+    /// Reports that the writer `name` panicked with `panic`: no write can commit after it.
+    pub fn panicked(&self, name: &'static str, panic: &(dyn std::any::Any + Send)) {
+        match &self.on_panic {
+            Some(handler) => handler(name, panic),
+            None => tracing::error!(
+                writer = name,
+                "the store's writer panicked; writes fail from now on"
+            ),
+        }
+    }
+}
+
+impl From<mpsc::UnboundedSender<Arc<Message>>> for CommitSink {
+    fn from(committed: mpsc::UnboundedSender<Arc<Message>>) -> Self {
+        Self::new(committed)
+    }
+}
+
+impl std::fmt::Debug for CommitSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommitSink")
+            .field("on_panic", &self.on_panic.is_some())
+            .finish_non_exhaustive()
+    }
+}
 
 /// The result of an append.
 #[derive(Debug, Clone)]
@@ -541,7 +597,16 @@ pub trait Store:
     /// Checks that reads and writes work.
     async fn health(&self) -> Result<(), StoreError>;
 
-    /// Finishes queued writes and stops accepting new ones.
+    /// Writes waiting for the writer now (at most `store.write_queue`).
+    fn queued(&self) -> usize {
+        0
+    }
+
+    /// Stops accepting writes and commits those queued; the writer then exits, which
+    /// closes the [`CommitSink`]. Reads keep working. Idempotent.
+    async fn flush(&self);
+
+    /// Flushes (see [`Store::flush`]), then releases the database: reads fail from here on.
     async fn close(&self);
 
     /// Short name for health output and metrics (`sqlite`, `postgres`).

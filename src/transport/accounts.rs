@@ -27,7 +27,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::edge::{self, Budget, ClientIp};
-use super::http::{ApiError, ApiJson, bearer_token};
+use super::error::ApiError;
+use super::http::{ApiJson, bearer_token};
 use crate::AppState;
 use crate::model::{Identity, Role, iso};
 use crate::service::ServiceError;

@@ -27,7 +27,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::http::{ApiError, ApiJson, bearer_token};
+use super::error::ApiError;
+use super::http::{ApiJson, bearer_token};
 use crate::AppState;
 use crate::auth::domains::Domain;
 use crate::config::DomainConfig;

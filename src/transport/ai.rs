@@ -21,7 +21,8 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::edge::ClientIp;
-use super::http::{ApiError, ApiJson, ApiQuery, Caller};
+use super::error::ApiError;
+use super::http::{ApiJson, ApiQuery, Caller};
 use crate::AppState;
 use crate::model::Identity;
 use crate::service::ServiceError;

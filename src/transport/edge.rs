@@ -32,7 +32,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use super::http::ApiError;
+use super::error::ApiError;
 use crate::AppState;
 use crate::auth::Domains;
 use crate::broker::shared::{Rate, Shared};

@@ -11,7 +11,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use super::http::{ApiError, ApiJson, ApiQuery, Caller};
+use super::error::ApiError;
+use super::http::{ApiJson, ApiQuery, Caller};
 use super::wire::{agent_json, conversation_json, customer_json, inbox_entry_json, note_json};
 use super::ws::parse_statuses;
 use crate::AppState;

@@ -15,121 +15,13 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::edge::{self, ClientIp};
-use super::wire::{ErrorBody, ErrorDetail, WireMessage};
+use super::error::ApiError;
+use super::wire::WireMessage;
 use crate::AppState;
 use crate::auth::policy;
 use crate::model::{Identity, Role, iso, now_ms, valid_id};
 use crate::service::ServiceError;
 use crate::service::chat::Outgoing;
-
-/// An HTTP error response.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    /// Seconds for `Retry-After` (429).
-    retry_after: Option<u64>,
-}
-
-impl ApiError {
-    /// Any status and code.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-            retry_after: None,
-        }
-    }
-
-    /// 429 `rate_limited` with `Retry-After` in whole seconds (at least 1).
-    pub fn rate_limited(wait: std::time::Duration, what: &str) -> Self {
-        let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
-        Self {
-            retry_after: Some(secs),
-            ..Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!("too many {what}; retry in {secs} s"),
-            )
-        }
-    }
-
-    /// 429 `too_many_connections`: an address over its cap of open connections.
-    pub fn too_many_connections(message: impl Into<String>) -> Self {
-        Self {
-            retry_after: Some(5),
-            ..Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_connections",
-                message,
-            )
-        }
-    }
-
-    /// 401.
-    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, code, message)
-    }
-
-    /// 503.
-    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
-    }
-
-    /// 400.
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: self.code,
-                message: &self.message,
-            },
-        };
-        let mut res = (self.status, Json(body)).into_response();
-        if let Some(secs) = self.retry_after {
-            res.headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
-        }
-        res
-    }
-}
-
-impl From<ServiceError> for ApiError {
-    fn from(e: ServiceError) -> Self {
-        if let ServiceError::Limited {
-            code, retry_after, ..
-        } = &e
-        {
-            let secs = retry_after.as_secs().max(1);
-            return Self {
-                retry_after: Some(secs),
-                ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, e.to_string())
-            };
-        }
-        let status = match &e {
-            ServiceError::Invalid { .. } => StatusCode::BAD_REQUEST,
-            ServiceError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ServiceError::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
-            ServiceError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ServiceError::RoomNotFound | ServiceError::NotFound { .. } => StatusCode::NOT_FOUND,
-            ServiceError::NotAvailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ServiceError::Limited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ServiceError::Conflict { .. } => StatusCode::CONFLICT,
-            ServiceError::Unavailable(cause) => {
-                tracing::warn!(error = %cause, "store unavailable");
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-        };
-        Self::new(status, e.code(), e.to_string())
-    }
-}
 
 /// The bearer token of a request, if any.
 pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
@@ -278,8 +170,9 @@ pub async fn health(State(app): State<AppState>) -> Response {
     // Without the broker a node still serves its own clients: it is degraded, not down,
     // so a load balancer keeps sending it traffic (taking every node out when Redis
     // restarts would be worse).
-    let healthy = store == "ok" && !app.shutdown.is_cancelled();
-    let body = json!({
+    let failure = app.supervisor.failure();
+    let healthy = store == "ok" && !app.shutdown.is_cancelled() && failure.is_none();
+    let mut body = json!({
         "status": match (healthy, broker) {
             (false, _) => "unhealthy",
             (true, "ok") => "healthy",
@@ -289,11 +182,18 @@ pub async fn health(State(app): State<AppState>) -> Response {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime": app.started.elapsed().as_secs(),
         "connections": { "total": total, "active": active },
-        "store": { "kind": app.chat.store().kind(), "status": store },
+        "store": {
+            "kind": app.chat.store().kind(),
+            "status": store,
+            "queued": app.chat.store().queued(),
+        },
         "broker": { "kind": app.broker.kind(), "status": broker },
         "rooms": { "active": app.chat.hub().active_rooms() },
         "timestamp": iso(now_ms()),
     });
+    if let Some(failure) = failure {
+        body["failure"] = json!(failure);
+    }
     let status = if healthy {
         StatusCode::OK
     } else {

@@ -12,8 +12,8 @@
 //!   `limits.body_timeout_ms`; a slower one gets 408 `request_timeout` and the connection
 //!   closes.
 //! - **Shutdown**: accepting stops when the server's token is cancelled; each connection
-//!   finishes the request it is serving and closes. Connection tasks run on the server's
-//!   task tracker, so the shutdown deadline covers them.
+//!   finishes the request it is serving and closes. Connection tasks run under the node's
+//!   supervisor, so the shutdown deadline covers them and a panic in one ends only it.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -35,7 +35,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceExt;
 
 use super::edge::AddressSlot;
-use super::http::ApiError;
+use super::error::ApiError;
 use crate::AppState;
 
 /// Retry-After of the per-address connection cap's answer, in seconds.
@@ -85,8 +85,13 @@ pub async fn serve(listener: TcpListener, router: Router, app: AppState) {
                 }
             }
         };
-        app.tracker
-            .spawn(connection(stream, peer, router.clone(), app.clone(), slot));
+        app.supervisor.spawn_connection(connection(
+            stream,
+            peer,
+            router.clone(),
+            app.clone(),
+            slot,
+        ));
     }
 }
 

@@ -21,6 +21,7 @@ pub mod accounts;
 pub mod admin;
 pub mod ai;
 pub mod edge;
+pub mod error;
 pub mod handoff;
 pub mod http;
 pub mod listen;

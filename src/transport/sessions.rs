@@ -13,7 +13,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::admin::Admin;
-use super::http::{ApiError, ApiJson, ApiQuery, Caller};
+use super::error::ApiError;
+use super::http::{ApiJson, ApiQuery, Caller};
 use crate::AppState;
 use crate::model::Identity;
 use crate::service::ServiceError;

@@ -25,7 +25,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::edge::ClientIp;
-use super::http::{ApiError, ApiJson, issue_token};
+use super::error::ApiError;
+use super::http::{ApiJson, issue_token};
 use crate::AppState;
 use crate::config::DEMO_DOMAIN;
 use crate::model::Role;
@@ -492,7 +493,7 @@ pub async fn root(State(app): State<AppState>, req: axum::extract::Request) -> R
         return match axum::extract::Query::try_from_uri(req.uri()) {
             Ok(query) => super::ws::upgrade(State(app), query, req).await,
             Err(e) => {
-                super::http::ApiError::bad_request("invalid_query", e.body_text()).into_response()
+                super::error::ApiError::bad_request("invalid_query", e.body_text()).into_response()
             }
         };
     }

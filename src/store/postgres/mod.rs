@@ -129,7 +129,7 @@ macro_rules! room_columns {
 /// The PostgreSQL store.
 pub struct PostgresStore {
     /// Queue to the writer task; `None` once closed.
-    writer: Mutex<Option<mpsc::UnboundedSender<Pending>>>,
+    writer: Mutex<Option<mpsc::Sender<Pending>>>,
     /// The writer task, awaited on close.
     writer_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Connections for reads (and, through the writer, for writes).
@@ -430,8 +430,9 @@ impl PostgresStore {
     pub async fn open(
         url: &str,
         config: &StoreConfig,
-        sink: CommitSink,
+        sink: impl Into<CommitSink>,
     ) -> Result<Self, StoreError> {
+        let sink = sink.into();
         let base = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Unavailable(format!("invalid PostgreSQL URL: {e}")))?
             .application_name("parlor");
@@ -474,12 +475,20 @@ impl PostgresStore {
             .idle_timeout(Some(Duration::from_secs(300)))
             .connect_lazy_with(options);
 
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(config.write_queue.max(1));
+        let alarm = sink.clone();
         let writer = Writer {
             pool: pool.clone(),
             sink,
         };
-        let task = tokio::spawn(writer.run(rx, config.max_batch.max(1)));
+        let run = writer.run(rx, config.max_batch.max(1));
+        let task = tokio::spawn(async move {
+            if let Err(panic) =
+                futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(run)).await
+            {
+                alarm.panicked("postgres-writer", &*panic);
+            }
+        });
         Ok(Self {
             writer: Mutex::new(Some(tx)),
             writer_task: Mutex::new(Some(task)),
@@ -488,18 +497,17 @@ impl PostgresStore {
         })
     }
 
-    /// Queues `op` for the writer and waits for its committed result.
+    /// Queues `op` for the writer and waits for its committed result. The queue is bounded
+    /// (`store.write_queue`): when it is full the caller waits for room, so a database that
+    /// cannot keep up slows its senders down instead of growing without limit.
     async fn write<T>(&self, op: Op, pick: fn(Output) -> Option<T>) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
-        {
-            let guard = self.writer.lock();
-            let Some(writer) = guard.as_ref() else {
-                return Err(StoreError::Closed);
-            };
-            writer
-                .send(Pending { op, reply })
-                .map_err(|_| StoreError::Closed)?;
+        let writer = self.writer.lock().clone().ok_or(StoreError::Closed)?;
+        match tokio::time::timeout(DEADLINE, writer.send(Pending { op, reply })).await {
+            Ok(sent) => sent.map_err(|_| StoreError::Closed)?,
+            Err(_) => return Err(deadline_passed("a place in the write queue")),
         }
+        drop(writer);
         let output = answer.await.map_err(|_| StoreError::Closed)??;
         pick(output).ok_or_else(|| StoreError::Corrupt("internal result mismatch".into()))
     }
@@ -595,7 +603,7 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(self, mut rx: mpsc::UnboundedReceiver<Pending>, max_batch: usize) {
+    async fn run(self, mut rx: mpsc::Receiver<Pending>, max_batch: usize) {
         let mut batch = Vec::with_capacity(64);
         while let Some(pending) = rx.recv().await {
             batch.push(pending);
@@ -605,6 +613,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            crate::failpoint::hit("postgres-writer");
             self.commit_batch(std::mem::take(&mut batch)).await;
         }
         tracing::debug!("postgres writer stopped");
@@ -691,7 +700,7 @@ impl Writer {
         for (_, output) in &done {
             if let Some(message) = output.committed() {
                 // The receiver lives as long as the server; if it is gone we are shutting down.
-                let _ = self.sink.send(Arc::clone(message));
+                self.sink.send(Arc::clone(message));
             }
         }
         for (pending, output) in done {
@@ -1715,7 +1724,7 @@ impl Store for PostgresStore {
             .writer
             .lock()
             .as_ref()
-            .is_none_or(mpsc::UnboundedSender::is_closed)
+            .is_none_or(mpsc::Sender::is_closed)
         {
             return Err(StoreError::Closed);
         }
@@ -1730,13 +1739,24 @@ impl Store for PostgresStore {
         }
     }
 
-    async fn close(&self) {
+    fn queued(&self) -> usize {
+        self.writer
+            .lock()
+            .as_ref()
+            .map_or(0, |w| w.max_capacity() - w.capacity())
+    }
+
+    async fn flush(&self) {
         drop(self.writer.lock().take());
         let task = self.writer_task.lock().take();
         if let Some(task) = task {
             // The writer commits what is queued, then exits (dropping the commit sink).
             let _ = task.await;
         }
+    }
+
+    async fn close(&self) {
+        self.flush().await;
         self.pool.close().await;
     }
 

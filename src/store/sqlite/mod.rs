@@ -71,7 +71,7 @@ macro_rules! messages_join {
 /// The SQLite store.
 pub struct SqliteStore {
     /// Queue to the writer thread; `None` once closed.
-    writer: Mutex<Option<mpsc::UnboundedSender<WriteOp>>>,
+    writer: Mutex<Option<mpsc::Sender<WriteOp>>>,
     /// The writer thread, joined on close.
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     /// Idle read connections.
@@ -197,7 +197,12 @@ enum Done {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, applies migrations and starts the
     /// writer thread. New messages are reported to `sink` after they commit.
-    pub fn open(path: &Path, config: &StoreConfig, sink: CommitSink) -> Result<Self, StoreError> {
+    pub fn open(
+        path: &Path,
+        config: &StoreConfig,
+        sink: impl Into<CommitSink>,
+    ) -> Result<Self, StoreError> {
+        let sink = sink.into();
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
         {
@@ -233,15 +238,21 @@ impl SqliteStore {
             .spawn(move || checkpoint_loop(&checkpoint_conn, &stopped, &restart_request))
             .map_err(|e| StoreError::Unavailable(format!("cannot start checkpoint thread: {e}")))?;
 
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(config.write_queue.max(1));
         let max_batch = config.max_batch;
         let thread = std::thread::Builder::new()
             .name("parlor-sqlite-writer".into())
             .spawn(move || {
-                Writer::new(conn, sink, restart_wal).run(rx, max_batch);
+                let alarm = sink.clone();
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    Writer::new(conn, sink, restart_wal).run(rx, max_batch);
+                }));
                 // Writes are finished: stop the checkpointer, which truncates the WAL.
                 drop(stop_checkpoints);
                 let _ = checkpointer.join();
+                if let Err(panic) = ran {
+                    alarm.panicked("sqlite-writer", &*panic);
+                }
             })
             .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
 
@@ -255,18 +266,20 @@ impl SqliteStore {
         })
     }
 
+    /// Queues a write and waits for its committed result. The queue is bounded
+    /// (`store.write_queue`): when it is full the caller waits for room, so a store that
+    /// cannot keep up slows its senders down instead of growing without limit.
     async fn write<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteOp,
     ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        {
-            let guard = self.writer.lock();
-            let Some(writer) = guard.as_ref() else {
-                return Err(StoreError::Closed);
-            };
-            writer.send(make(tx)).map_err(|_| StoreError::Closed)?;
-        }
+        let writer = self.writer.lock().clone().ok_or(StoreError::Closed)?;
+        writer
+            .send(make(tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        drop(writer);
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -560,7 +573,7 @@ impl Writer {
         }
     }
 
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<WriteOp>, max_batch: usize) {
+    fn run(mut self, mut rx: mpsc::Receiver<WriteOp>, max_batch: usize) {
         let mut batch = Vec::with_capacity(64);
         while let Some(op) = rx.blocking_recv() {
             batch.push(op);
@@ -590,6 +603,7 @@ impl Writer {
 
     /// Runs `batch` in one transaction; on failure, retries each operation alone.
     fn commit_batch(&mut self, batch: &mut Vec<WriteOp>) {
+        crate::failpoint::hit("sqlite-writer");
         if self.rooms.len() > ROOM_CACHE_MAX {
             self.rooms.clear();
         }
@@ -1085,7 +1099,7 @@ impl Writer {
                 && !a.duplicate
             {
                 // The receiver lives as long as the server; if it is gone we are shutting down.
-                let _ = self.sink.send(Arc::clone(&a.message));
+                self.sink.send(Arc::clone(&a.message));
             }
         }
         for d in done {
@@ -1642,7 +1656,7 @@ impl Store for SqliteStore {
             .writer
             .lock()
             .as_ref()
-            .is_none_or(mpsc::UnboundedSender::is_closed)
+            .is_none_or(mpsc::Sender::is_closed)
         {
             return Err(StoreError::Closed);
         }
@@ -1651,13 +1665,25 @@ impl Store for SqliteStore {
             .map(|_| ())
     }
 
-    async fn close(&self) {
+    fn queued(&self) -> usize {
+        self.writer
+            .lock()
+            .as_ref()
+            .map_or(0, |w| w.max_capacity() - w.capacity())
+    }
+
+    async fn flush(&self) {
         drop(self.writer.lock().take());
         let thread = self.writer_thread.lock().take();
         if let Some(thread) = thread {
             // The writer drains its queue, then exits; join it off the async runtime.
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
+    }
+
+    async fn close(&self) {
+        self.flush().await;
+        self.read_slots.close();
         self.readers.lock().clear();
     }
 

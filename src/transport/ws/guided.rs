@@ -32,7 +32,7 @@ use crate::model::{Identity, Role};
 use crate::service::ServiceError;
 use crate::service::sessions::template::Template;
 use crate::service::sessions::{Reply, template_not_found};
-use crate::transport::http::ApiError;
+use crate::transport::error::ApiError;
 
 /// Frames in a row that are not `user_message` after which the connection is closed.
 const MAX_IGNORED_IN_A_ROW: u32 = 50;
@@ -115,7 +115,7 @@ pub async fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let max_message = app.config.limits.max_frame_bytes;
     let task_app = app.clone();
-    app.tracker.spawn(async move {
+    app.supervisor.spawn_connection(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
                 let socket = WsSocket::new(upgraded, max_message);

@@ -29,7 +29,8 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use self::socket::{Incoming, RecvError, WsSocket};
 use super::ai::AskBody;
 use super::edge::AddressSlot;
-use super::http::{ApiError, bearer_token};
+use super::error::ApiError;
+use super::http::bearer_token;
 use super::listen::TcpSlot;
 use super::wire::{
     WireMessage, WireUser, agent_json, conversation_json, eclipse_frame, encode_event,
@@ -129,7 +130,7 @@ pub async fn upgrade(
             Ok(settled) => settled,
             Err(e) => {
                 app.metrics.client_error(e.code());
-                return super::http::ApiError::from(ServiceError::from(e)).into_response();
+                return super::error::ApiError::from(ServiceError::from(e)).into_response();
             }
         }
     } else {
@@ -188,7 +189,7 @@ pub async fn upgrade(
     };
     let max_message = limits.max_frame_bytes;
     let on_upgrade = hyper::upgrade::on(&mut req);
-    app.tracker.spawn(async move {
+    app.supervisor.spawn_connection(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
                 connection
