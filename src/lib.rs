@@ -252,13 +252,24 @@ impl App {
             Some(url) => {
                 let config_error = |e: &dyn std::fmt::Display| RunError::Config(e.to_string());
                 let ttl = std::time::Duration::from_secs(config.broker_presence_ttl_secs);
-                let broker =
-                    RedisBroker::connect(url, &config.broker_prefix, ttl, Arc::clone(&hub))
-                        .await
-                        .map_err(|e| config_error(&e))?;
-                let shared = Shared::connect(url, &config.broker_prefix, ttl, Arc::clone(&metrics))
-                    .await
-                    .map_err(|e| config_error(&e))?;
+                let broker = RedisBroker::connect(
+                    url,
+                    &config.broker_prefix,
+                    ttl,
+                    Arc::clone(&hub),
+                    &supervisor,
+                )
+                .await
+                .map_err(|e| config_error(&e))?;
+                let shared = Shared::connect(
+                    url,
+                    &config.broker_prefix,
+                    ttl,
+                    Arc::clone(&metrics),
+                    &supervisor,
+                )
+                .await
+                .map_err(|e| config_error(&e))?;
                 (broker, shared)
             }
         };

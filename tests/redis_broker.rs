@@ -20,9 +20,11 @@ use parlor::config::StoreConfig;
 use parlor::hub::{ConnHandle, Envelope, Event, Hub, PresentUser, Replay};
 use parlor::metrics::Metrics;
 use parlor::model::{Author, Identity, Message, NewMessage, Role, RoomKey};
+use parlor::node::Supervisor;
 use parlor::store::Store;
 use parlor::store::sqlite::SqliteStore;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 struct Cluster {
     store: Arc<dyn Store>,
@@ -47,9 +49,16 @@ async fn cluster(url: &str, nodes: usize) -> Cluster {
     let mut list = Vec::new();
     for _ in 0..nodes {
         let hub = Hub::new(Arc::clone(&store), Arc::new(Metrics::new()), 100, 100);
-        let broker = RedisBroker::connect(url, &prefix, Duration::from_secs(30), Arc::clone(&hub))
-            .await
-            .expect("broker connects");
+        let supervisor = Supervisor::new(CancellationToken::new(), Arc::new(Metrics::new()));
+        let broker = RedisBroker::connect(
+            url,
+            &prefix,
+            Duration::from_secs(30),
+            Arc::clone(&hub),
+            &supervisor,
+        )
+        .await
+        .expect("broker connects");
         list.push((hub, broker));
     }
     Cluster {

@@ -20,13 +20,22 @@ use parlor::broker::shared::{OnlineCounts, Rate, Shared};
 use parlor::config::{BotConfig, Config, DomainConfig, ProviderConfig, ProviderKind};
 use parlor::metrics::Metrics;
 use parlor::model::{Identity, Role};
+use parlor::node::Supervisor;
 use serde_json::{Value, json};
+
+/// A supervisor of its own for one node's tasks.
+fn supervisor() -> Supervisor {
+    Supervisor::new(
+        tokio_util::sync::CancellationToken::new(),
+        Arc::new(Metrics::new()),
+    )
+}
 
 async fn nodes(url: &str, prefix: &str, n: usize, ttl: Duration) -> Vec<Shared> {
     let mut list = Vec::new();
     for _ in 0..n {
         list.push(
-            Shared::connect(url, prefix, ttl, Arc::new(Metrics::new()))
+            Shared::connect(url, prefix, ttl, Arc::new(Metrics::new()), &supervisor())
                 .await
                 .expect("connects"),
         );
@@ -221,6 +230,7 @@ async fn without_redis_a_node_decides_alone_and_quickly() {
         &common::redis::prefix(),
         Duration::from_secs(30),
         Arc::clone(&metrics),
+        &supervisor(),
     )
     .await
     .unwrap();

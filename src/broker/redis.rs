@@ -69,7 +69,9 @@ use tokio::sync::{Notify, mpsc};
 use super::{Broker, DomainListener, Remote};
 use crate::hub::{Event, Hub, PresentUser, Relay};
 use crate::model::{Agent, Conversation, Message, Note, Role, RoomKey};
+use crate::node::Supervisor;
 use crate::store::InboxEntry;
+use tokio_util::sync::CancellationToken;
 
 /// Most publications sent in one pipelined round trip.
 const PUBLISH_BATCH: usize = 256;
@@ -404,6 +406,10 @@ pub struct RedisBroker {
     presence_ttl: Duration,
     /// Woken when the domain table should be rebuilt from the store.
     domains_dirty: Arc<Notify>,
+    /// Cancelled by [`Broker::close`]: the broker's tasks end.
+    closed: CancellationToken,
+    /// Runs the broker's tasks.
+    supervisor: Supervisor,
 }
 
 /// Counts work dropped from a full queue and warns about it, at most every ten seconds.
@@ -479,6 +485,7 @@ impl RedisBroker {
         prefix: &str,
         presence_ttl: Duration,
         hub: Arc<Hub>,
+        supervisor: &Supervisor,
     ) -> Result<Arc<Self>, BrokerError> {
         // Deliveries queue in the subscriber while the hub catches up; a lagging reader loses
         // the oldest, which the seq check then fetches from the store.
@@ -503,10 +510,14 @@ impl RedisBroker {
             prefix: prefix.to_owned(),
             presence_ttl,
             domains_dirty: Arc::clone(&domains_dirty),
+            closed: CancellationToken::new(),
+            supervisor: supervisor.clone(),
         });
+        let closed = broker.closed.clone();
         let watched = Arc::downgrade(&broker);
-        tokio::spawn(async move {
-            while let Some(work) = changes.recv().await {
+        let stop = closed.clone();
+        supervisor.spawn("redis-presence", async move {
+            while let Some(work) = stop.run_until_cancelled(changes.recv()).await.flatten() {
                 let Some(broker) = watched.upgrade() else {
                     return;
                 };
@@ -528,11 +539,11 @@ impl RedisBroker {
         });
         // Renew this node's presence entries and sweep expired ones.
         let watched = Arc::downgrade(&broker);
-        tokio::spawn(async move {
+        let stop = closed.clone();
+        supervisor.spawn("redis-presence-renewal", async move {
             let mut tick =
                 tokio::time::interval((presence_ttl / 3).max(Duration::from_millis(100)));
-            loop {
-                tick.tick().await;
+            while stop.run_until_cancelled(tick.tick()).await.is_some() {
                 let Some(broker) = watched.upgrade() else {
                     return;
                 };
@@ -549,10 +560,10 @@ impl RedisBroker {
         });
         // A closed socket is noticed at once, a silent one only by asking: ping every second.
         let watched = Arc::downgrade(&broker);
-        tokio::spawn(async move {
+        let stop = closed.clone();
+        supervisor.spawn("redis-ping", async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
+            while stop.run_until_cancelled(tick.tick()).await.is_some() {
                 let Some(broker) = watched.upgrade() else {
                     return;
                 };
@@ -571,8 +582,9 @@ impl RedisBroker {
         let mut reconnects = subscriber.reconnect_rx();
         let resync_hub = Arc::clone(&hub);
         let watched = Arc::downgrade(&broker);
-        tokio::spawn(async move {
-            while reconnects.recv().await.is_ok() {
+        let stop = closed.clone();
+        supervisor.spawn("redis-reconnects", async move {
+            while let Some(Ok(_)) = stop.run_until_cancelled(reconnects.recv()).await {
                 tracing::info!("reconnected to Redis; catching rooms up from the store");
                 // Give the re-subscription a moment, so nothing published after the
                 // catch-up read is missed either.
@@ -592,9 +604,10 @@ impl RedisBroker {
             .map_err(|e| BrokerError(format!("cannot subscribe to {channel}: {e}")))?;
         let me = broker.node;
         let deliver_hub = Arc::clone(&hub);
-        tokio::spawn(async move {
-            loop {
-                match messages.recv().await {
+        let stop = closed.clone();
+        supervisor.spawn("redis-deliveries", async move {
+            while let Some(received) = stop.run_until_cancelled(messages.recv()).await {
+                match received {
                     Ok(message) => {
                         let Some(bytes) = message.value.as_bytes() else {
                             continue;
@@ -619,7 +632,10 @@ impl RedisBroker {
                 }
             }
         });
-        tokio::spawn(publish_loop(publisher, channel, queued));
+        supervisor.spawn(
+            "redis-publisher",
+            publish_loop(publisher, channel, queued, closed),
+        );
         hub.set_relay(Arc::clone(&broker) as Arc<dyn Relay>);
         Ok(broker)
     }
@@ -883,9 +899,14 @@ async fn publish_loop(
     client: fred::clients::Client,
     channel: String,
     mut queued: mpsc::Receiver<Bytes>,
+    closed: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(PUBLISH_BATCH);
-    while queued.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
+    while closed
+        .run_until_cancelled(queued.recv_many(&mut batch, PUBLISH_BATCH))
+        .await
+        .is_some_and(|n| n > 0)
+    {
         let pipeline = client.pipeline();
         for payload in batch.drain(..) {
             let _: Result<(), _> = pipeline.publish(channel.as_str(), payload).await;
@@ -921,6 +942,7 @@ impl Broker for RedisBroker {
             while self.outbox.capacity() < self.outbox.max_capacity() && Instant::now() < until {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
+            self.closed.cancel();
             let _ = tokio::time::timeout(CLOSE_FLUSH, self.subscriber.quit()).await;
             let _ = tokio::time::timeout(CLOSE_FLUSH, self.publisher.quit()).await;
         })
@@ -954,9 +976,9 @@ impl Broker for RedisBroker {
     fn set_domain_listener(&self, listener: std::sync::Weak<dyn DomainListener>) {
         // One rebuild at a time; announcements during a rebuild coalesce into one more.
         let dirty = Arc::clone(&self.domains_dirty);
-        tokio::spawn(async move {
-            loop {
-                dirty.notified().await;
+        let stop = self.closed.clone();
+        self.supervisor.spawn("domain-listener", async move {
+            while stop.run_until_cancelled(dirty.notified()).await.is_some() {
                 let Some(listener) = listener.upgrade() else {
                     return;
                 };

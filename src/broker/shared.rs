@@ -162,6 +162,8 @@ struct RedisState {
     release: Script,
     /// Online changes, applied in order by one task.
     online: mpsc::Sender<OnlineWork>,
+    /// Cancelled by [`Shared::close`]: the state's tasks end.
+    closed: CancellationToken,
 }
 
 /// A user online as `kind` (a role's name, or `inbox` for an agent watching the inbox),
@@ -338,6 +340,7 @@ impl Shared {
         prefix: &str,
         ttl: Duration,
         metrics: Arc<Metrics>,
+        supervisor: &crate::node::Supervisor,
     ) -> Result<Self, SharedError> {
         let node = {
             let (high, low) = uuid::Uuid::new_v4().as_u64_pair();
@@ -360,16 +363,28 @@ impl Shared {
                 claim: Script::from_lua(CLAIM),
                 release: Script::from_lua(RELEASE),
                 online: online_tx,
+                closed: CancellationToken::new(),
             }),
             metrics,
             online: DashMap::new(),
             claims: DashMap::new(),
         }));
+        let closed = shared
+            .0
+            .redis
+            .as_ref()
+            .map(|r| r.closed.clone())
+            .unwrap_or_default();
         // Online changes and renewals, in order.
         let watched = Arc::downgrade(&shared.0);
-        tokio::spawn(async move {
+        let stop = closed.clone();
+        supervisor.spawn("shared-online", async move {
             let mut batch = Vec::new();
-            while online_rx.recv_many(&mut batch, 1024).await > 0 {
+            while stop
+                .run_until_cancelled(online_rx.recv_many(&mut batch, 1024))
+                .await
+                .is_some_and(|n| n > 0)
+            {
                 let Some(inner) = watched.upgrade() else {
                     return;
                 };
@@ -377,10 +392,10 @@ impl Shared {
             }
         });
         let watched = Arc::downgrade(&shared.0);
-        tokio::spawn(async move {
+        let stop = closed.clone();
+        supervisor.spawn("shared-renewal", async move {
             let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(100)));
-            loop {
-                tick.tick().await;
+            while stop.run_until_cancelled(tick.tick()).await.is_some() {
                 let Some(inner) = watched.upgrade() else {
                     return;
                 };
@@ -398,9 +413,9 @@ impl Shared {
             .await
             .map_err(|e| SharedError(format!("cannot subscribe to {channel}: {e}")))?;
         let watched = Arc::downgrade(&shared.0);
-        tokio::spawn(async move {
-            loop {
-                match messages.recv().await {
+        supervisor.spawn("shared-claims", async move {
+            while let Some(received) = closed.run_until_cancelled(messages.recv()).await {
+                match received {
                     Ok(message) => {
                         let Some(inner) = watched.upgrade() else {
                             return;
@@ -741,6 +756,7 @@ impl Shared {
     /// Closes the connections to Redis.
     pub async fn close(&self) {
         if let Some(redis) = &self.0.redis {
+            redis.closed.cancel();
             let _ = redis.subscriber.quit().await;
             let _ = redis.client.quit().await;
         }
