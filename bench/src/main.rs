@@ -34,8 +34,9 @@
 //!   `--pace-ms`, with the built-in guide (`--mode guide`) or a fake AI service the
 //!   scenario runs (`--mode service`); reports answer → next question latency, the
 //!   server's CPU per 1,000 answers and its RSS per session.
-//! * `summarize` — turns the `--json` lines of runs labelled `parlor` and
-//!   `node` into a Markdown table with ratios.
+//! * `summarize` — turns the `--json` lines of runs into a Markdown table: one
+//!   column for `parlor`, one for each baseline (`uws`, `node`, `jetstream`),
+//!   and the ratio Parlor ÷ baseline for each.
 //!
 //! Every scenario prints a human-readable summary; with `--json` it prints
 //! one JSON line on stdout instead (the human text then goes to stderr).
