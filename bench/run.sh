@@ -2,27 +2,35 @@
 # bench/run.sh — the Parlor benchmark suite (see BENCHMARKS.md, "Method").
 #
 # Builds the release binaries, then for each scenario starts a fresh server
-# pinned to CPU 0 (Parlor, then the Node.js `ws` baseline) and runs
-# parlor-bench pinned to CPU 1 against it:
+# pinned to CPU 0 (Parlor, then the Node.js baselines: uWebSockets.js in
+# bench/node/uws.js and `ws` in bench/node/broadcast.js) and runs parlor-bench
+# pinned to CPU 1 against it:
 #
 #   idle     19,000 joined idle connections over 190 rooms → server RSS/conn
 #   fanout   1,000 subscribers × 1,000 messages, burst      → deliveries/s, latency, CPU
-#   fanout   1,000 subscribers, paced                        → latency under steady load
-#   persist  100 senders × 200 messages, window 1 (Parlor only: Node keeps nothing)
+#   fanout   1,000 subscribers, paced at 30 msgs/s          → latency under steady load
+#   persist  100 senders × 200 messages, window 1 (the Node baselines keep nothing)
+#   jetstream the same workload published to a NATS JetStream stream with file
+#            storage on the machine's NATS server (NATS_URL), pinned to CPU 0
+#            meanwhile (its previous CPU mask is restored afterwards)
 #   ai-stream 1,000 concurrent streamed AI replies from a fake vendor, direct and
 #            through Parlor → time to first token added, server CPU per stream
 #   sessions 5,000 guided sessions (/chat) answering every 2 s, with the built-in guide
 #            and with a fake AI service → answer latency, CPU per 1,000 answers, RSS/session
 #            (Parlor only)
 #
-# and prints a Markdown table of the figures with Parlor ÷ Node ratios.
+# and prints a Markdown table of the figures: Parlor, uWS, ws and JetStream
+# columns and the ratios Parlor ÷ uWS, Parlor ÷ ws and Parlor ÷ JetStream.
 #
 # Usage:  bash bench/run.sh            (full run, ~5 minutes plus the build)
 #         QUICK=1 bash bench/run.sh    (small sizes, a smoke test)
 # Tunables (environment): IDLE_CONNS IDLE_ROOMS IDLE_PROCS FANOUT_SUBS FANOUT_MSGS
 #   PACED_RATE PACED_MSGS PERSIST_SENDERS PERSIST_MSGS PERSIST_WINDOW AI_STREAMS
 #   SESSIONS SESSION_PACE_MS SESSION_ANSWERS FAKE_PORT BENCH_JWT_SECRET RETRIES (3)
-#   SERVER_PORT NODE_PORT SERVER_BIN SKIP_BUILD=1 SKIP_NODE=1 BENCH_OUT=DIR MACHINE="..."
+#   SERVER_PORT NODE_PORT UWS_PORT NATS_URL (nats://127.0.0.1:4222) NATS_PID (default:
+#   pgrep -x nats-server) NATS_PIN=0 (leave the NATS server's CPU mask alone) SERVER_BIN
+#   SKIP_BUILD=1 SKIP_NODE=1 (both Node baselines) SKIP_UWS=1 (uWS only)
+#   SKIP_JETSTREAM=1 BENCH_OUT=DIR MACHINE="..."
 #   CARGO_TARGET_DIR (where the binaries are built and looked up).
 # None of these starts with PARLOR_, which is the server's configuration prefix.
 set -euo pipefail
@@ -35,13 +43,15 @@ NODE_DIR=$ROOT/bench/node
 
 SERVER_PORT=${SERVER_PORT:-18080}
 NODE_PORT=${NODE_PORT:-18081}
+UWS_PORT=${UWS_PORT:-18082}
+NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
 DB_FILE=${DB_FILE:-/tmp/parlor-bench.db}
 MACHINE=${MACHINE:-2-core rust-svc VM}
 OUT=${BENCH_OUT:-/tmp/parlor-bench-$(date -u +%Y%m%dT%H%M%SZ)}
 
 if [[ -n "${QUICK:-}" ]]; then
   : "${IDLE_CONNS:=2000}" "${IDLE_ROOMS:=20}" "${FANOUT_SUBS:=200}" "${FANOUT_MSGS:=200}"
-  : "${PACED_RATE:=20}" "${PACED_MSGS:=60}" "${PERSIST_SENDERS:=20}" "${PERSIST_MSGS:=50}"
+  : "${PACED_RATE:=30}" "${PACED_MSGS:=60}" "${PERSIST_SENDERS:=20}" "${PERSIST_MSGS:=50}"
   : "${AI_STREAMS:=100}" "${SESSIONS:=500}"
 fi
 IDLE_CONNS=${IDLE_CONNS:-19000}
@@ -49,7 +59,7 @@ IDLE_ROOMS=${IDLE_ROOMS:-190}
 IDLE_PROCS=${IDLE_PROCS:-2}
 FANOUT_SUBS=${FANOUT_SUBS:-1000}
 FANOUT_MSGS=${FANOUT_MSGS:-1000}
-PACED_RATE=${PACED_RATE:-20}
+PACED_RATE=${PACED_RATE:-30}
 PACED_MSGS=${PACED_MSGS:-300}
 PERSIST_SENDERS=${PERSIST_SENDERS:-100}
 PERSIST_MSGS=${PERSIST_MSGS:-200}
@@ -86,9 +96,28 @@ if [[ -z "${SKIP_BUILD:-}" ]]; then
 fi
 [[ -x "$SERVER_BIN" ]] || die "no server binary at $SERVER_BIN"
 [[ -x "$BENCH_BIN" ]] || die "no benchmark binary at $BENCH_BIN"
-if [[ -z "${SKIP_NODE:-}" && ! -d "$NODE_DIR/node_modules/ws" ]]; then
-  log "installing the Node baseline's dependencies"
+if [[ -z "${SKIP_NODE:-}" ]] && [[ ! -d "$NODE_DIR/node_modules/ws" ||
+    ( -z "${SKIP_UWS:-}" && ! -d "$NODE_DIR/node_modules/@trufflesuite/uws-js-unofficial" ) ]]; then
+  log "installing the Node baselines' dependencies"
   (cd "$NODE_DIR" && npm install --no-audit --no-fund)
+fi
+
+# The JetStream baseline runs on the machine's NATS server: check it answers.
+NATS_HOSTPORT=${NATS_URL#nats://}
+NATS_HOSTPORT=${NATS_HOSTPORT%%/*}
+[[ $NATS_HOSTPORT == *:* ]] || NATS_HOSTPORT=$NATS_HOSTPORT:4222
+if [[ -z "${SKIP_JETSTREAM:-}" ]]; then
+  if ! (exec 3<>"/dev/tcp/${NATS_HOSTPORT%:*}/${NATS_HOSTPORT##*:}") 2>/dev/null; then
+    die "no NATS server answers at $NATS_URL (start one with JetStream, or SKIP_JETSTREAM=1)"
+  fi
+  if [[ -z "${NATS_PID:-}" ]]; then
+    NATS_PID=$(pgrep -x nats-server || true)
+    if [[ $(wc -w <<<"$NATS_PID") -ne 1 ]]; then
+      printf 'warning: %s nats-server processes; set NATS_PID for its CPU figures\n' \
+        "$(wc -w <<<"$NATS_PID")" >&2
+      NATS_PID=
+    fi
+  fi
 fi
 
 # Up to ~19,000 sockets per process: raise the soft descriptor limit.
@@ -135,7 +164,24 @@ stop_server() {
   wait "$SERVER_PID" 2>/dev/null || true
   SERVER_PID=
 }
-trap stop_server EXIT
+# The NATS server is the machine's, not ours: the jetstream scenario only pins it
+# to CPU 0 while it runs, and this puts its previous CPU mask back.
+NATS_MASK=
+restore_nats() {
+  if [[ -n "$NATS_MASK" ]]; then
+    if taskset -a -p "$NATS_MASK" "$NATS_PID" >/dev/null 2>&1; then
+      echo "run.sh: nats-server $NATS_PID's CPU mask $NATS_MASK restored" >&2
+    else
+      echo "run.sh: could not restore nats-server $NATS_PID's CPU mask $NATS_MASK" >&2
+    fi
+    NATS_MASK=
+  fi
+}
+cleanup() {
+  stop_server
+  restore_nats
+}
+trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 start_parlor() {
@@ -158,6 +204,7 @@ start_parlor() {
   wait_for_port "$SERVER_PORT" "$SERVER_PID" parlor
   URL=ws://127.0.0.1:$SERVER_PORT$WS_PATH
   LABEL=parlor
+  BENCH_PID=$SERVER_PID
 }
 
 start_node() {
@@ -167,6 +214,36 @@ start_node() {
   wait_for_port "$NODE_PORT" "$SERVER_PID" node
   URL=ws://127.0.0.1:$NODE_PORT/ws
   LABEL=node
+  BENCH_PID=$SERVER_PID
+}
+
+start_uws() {
+  stop_server
+  PORT=$UWS_PORT HOST=127.0.0.1 taskset -c 0 node "$NODE_DIR/uws.js" >>"$OUT/uws.log" 2>&1 &
+  SERVER_PID=$!
+  wait_for_port "$UWS_PORT" "$SERVER_PID" uws
+  URL=ws://127.0.0.1:$UWS_PORT/ws
+  LABEL=uws
+  BENCH_PID=$SERVER_PID
+}
+
+# Nothing to start: the machine's NATS server keeps running. Pinned to CPU 0 for
+# the run, as the other servers are (unless NATS_PIN=0).
+start_nats() {
+  stop_server
+  URL=$NATS_URL
+  LABEL=jetstream
+  BENCH_PID=$NATS_PID
+  if [[ -n "$NATS_PID" && -z "$NATS_MASK" && ${NATS_PIN:-1} != 0 ]]; then
+    local mask
+    mask=$(taskset -p "$NATS_PID" 2>/dev/null | awk '{ print $NF }')
+    if [[ -n "$mask" ]] && taskset -a -p -c 0 "$NATS_PID" >/dev/null 2>&1; then
+      NATS_MASK=$mask
+      echo "run.sh: nats-server $NATS_PID pinned to CPU 0 (mask $mask until the run ends)" >&2
+    else
+      echo "run.sh: could not pin nats-server $NATS_PID to CPU 0; it runs unpinned" >&2
+    fi
+  fi
 }
 
 # The chat scenarios run without the demo's assistant (it would answer every message);
@@ -209,26 +286,32 @@ ai_service_api_key = "bench"
 TOML
 SERVER_CONFIG=$OUT/chat.toml
 WS_PATH=/ws
+BENCH_PID=
 
 FAILED=()
 
 # scenario SERVER LIMIT_SECS SUBCOMMAND ARGS... — starts a fresh SERVER
-# (parlor or node), runs one parlor-bench subcommand against it pinned to
-# CPU 1, bounded by LIMIT_SECS, and appends its JSON line to the results. A
-# run that reports other processes busy meanwhile ("machine_quiet":false) is
-# repeated, up to RETRIES times in all; a failure is reported and the suite
-# goes on.
+# (parlor, uws or node; nats uses the machine's NATS server), runs one
+# parlor-bench subcommand against it pinned to CPU 1, bounded by LIMIT_SECS,
+# and appends its JSON line to the results. A run that reports other
+# processes busy meanwhile ("machine_quiet":false) is repeated, up to RETRIES
+# times in all; a failure is reported and the suite goes on.
 scenario() {
   local server=$1 limit=$2 attempt=1 line
+  local -a pid_arg
   shift 2
   while :; do
     "start_$server"
+    pid_arg=()
+    [[ -n "$BENCH_PID" ]] && pid_arg=(--pid "$BENCH_PID")
     log "$LABEL: parlor-bench $* (attempt $attempt)"
     if ! line=$(timeout --kill-after=15 "$limit" taskset -c 1 "$BENCH_BIN" "$@" \
-        --pid "$SERVER_PID" --url "$URL" --label "$LABEL" --json \
+        "${pid_arg[@]}" --url "$URL" --label "$LABEL" --json \
         2> >(tee -a "$OUT/bench.log" >&2)); then
       echo "run.sh: '$LABEL $1' failed or timed out (limit ${limit}s)" >&2
-      kill -0 "$SERVER_PID" 2>/dev/null || echo "run.sh: the $LABEL server died during '$1'" >&2
+      if [[ -n "$BENCH_PID" ]] && ! kill -0 "$BENCH_PID" 2>/dev/null; then
+        echo "run.sh: the $LABEL server died during '$1'" >&2
+      fi
       FAILED+=("$LABEL $*")
       stop_server
       return 0
@@ -247,6 +330,7 @@ scenario() {
 
 # Each run gets a fresh server so that none measures another's leftovers.
 SERVERS=(parlor)
+[[ -z "${SKIP_NODE:-}" && -z "${SKIP_UWS:-}" ]] && SERVERS+=(uws)
 [[ -z "${SKIP_NODE:-}" ]] && SERVERS+=(node)
 
 for server in "${SERVERS[@]}"; do
@@ -261,6 +345,11 @@ for server in "${SERVERS[@]}"; do
 done
 scenario parlor 600 persist --senders "$PERSIST_SENDERS" --messages "$PERSIST_MSGS" \
   --window "$PERSIST_WINDOW"
+if [[ -z "${SKIP_JETSTREAM:-}" ]]; then
+  scenario nats 600 jetstream --senders "$PERSIST_SENDERS" --messages "$PERSIST_MSGS" \
+    --window "$PERSIST_WINDOW"
+  restore_nats
+fi
 SERVER_CONFIG=$OUT/ai.toml
 scenario parlor 600 ai-stream --streams "$AI_STREAMS" --fake-port "$FAKE_PORT"
 SERVER_CONFIG=$OUT/chat.toml

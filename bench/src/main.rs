@@ -1,6 +1,6 @@
 //! `parlor-bench`: load generator and benchmark harness for the Parlor chat
 //! server (and for anything else that speaks the same WebSocket subset, such
-//! as the Node.js baseline in `bench/node/broadcast.js`).
+//! as the Node.js baselines in `bench/node/`).
 //!
 //! Scenarios, all against a server on the loopback interface:
 //!
@@ -21,6 +21,11 @@
 //!   with at most `--window` unacknowledged, in their own rooms or one
 //!   `--shared-room`; reports acknowledged messages/s and ack latency, then
 //!   checks each room's `lastSeq` against the acks counted.
+//! * `jetstream` — the `persist` workload against NATS JetStream (a fresh
+//!   stream with file storage on `--url`, deleted afterwards): `--senders`
+//!   connections publish `--messages` messages each with at most `--window`
+//!   awaiting their `PubAck`; the same report and figure names as `persist`,
+//!   labelled `jetstream`.
 //! * `ai-stream` — `--streams` concurrent streamed AI replies from a fake
 //!   OpenAI-compatible vendor the scenario runs itself: read directly, then
 //!   through Parlor's `ai-stream` frame; reports the time to first token Parlor
@@ -29,8 +34,9 @@
 //!   `--pace-ms`, with the built-in guide (`--mode guide`) or a fake AI service the
 //!   scenario runs (`--mode service`); reports answer → next question latency, the
 //!   server's CPU per 1,000 answers and its RSS per session.
-//! * `summarize` — turns the `--json` lines of runs labelled `parlor` and
-//!   `node` into a Markdown table with ratios.
+//! * `summarize` — turns the `--json` lines of runs into a Markdown table: one
+//!   column for `parlor`, one for each baseline (`uws`, `node`, `jetstream`),
+//!   and the ratio Parlor ÷ baseline for each.
 //!
 //! Every scenario prints a human-readable summary; with `--json` it prints
 //! one JSON line on stdout instead (the human text then goes to stderr).
@@ -40,6 +46,7 @@
 mod aistream;
 mod fanout;
 mod idle;
+mod jetstream;
 mod net;
 mod persist;
 mod procfs;
@@ -73,6 +80,9 @@ enum Cmd {
     Fanout(fanout::FanoutArgs),
     /// Acknowledged (persisted) messages per second and ack latency.
     Persist(persist::PersistArgs),
+    /// The persist workload against NATS JetStream (baseline for `persist`).
+    #[command(name = "jetstream")]
+    JetStream(jetstream::JetStreamArgs),
     /// Time to first token Parlor adds to streamed AI replies, and its CPU per stream.
     AiStream(aistream::AiStreamArgs),
     /// Guided sessions at a human pace: answer latency, server CPU and RSS per session.
@@ -153,6 +163,7 @@ async fn main() -> ExitCode {
         Cmd::Idle(args) => idle::run(args).await,
         Cmd::Fanout(args) => fanout::run(args).await,
         Cmd::Persist(args) => persist::run(args).await,
+        Cmd::JetStream(args) => jetstream::run(args).await,
         Cmd::AiStream(args) => aistream::run(args).await,
         Cmd::Sessions(args) => sessions::run(args).await,
         Cmd::Summarize(args) => summarize::run(&args),

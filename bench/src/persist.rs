@@ -247,26 +247,10 @@ pub async fn run(args: PersistArgs) -> Result<()> {
         Some(verify(&target, &acked_by_room, limit, args.concurrency).await)
     };
 
-    let variant = format!(
-        "persist {} senders × {} msgs, window {}{}",
-        args.senders,
-        args.messages,
-        args.window,
-        if args.shared_room {
-            ", shared room"
-        } else {
-            ""
-        }
-    );
-    let mut figures = BTreeMap::new();
-    figures.insert(format!("{variant}: acked msgs/s"), acked_per_second);
-    figures.insert(
-        format!("{variant}: ack latency p50 (ms)"),
-        ack_latency.p50_ms,
-    );
-    figures.insert(
-        format!("{variant}: ack latency p99 (ms)"),
-        ack_latency.p99_ms,
+    let figures = figures(
+        &variant(args.senders, args.messages, args.window, args.shared_room),
+        acked_per_second,
+        &ack_latency,
     );
 
     let report = PersistReport {
@@ -296,9 +280,46 @@ pub async fn run(args: PersistArgs) -> Result<()> {
         verification,
         figures,
     };
+    let human = human_summary(&report, "lastSeq check", "rooms match");
+    Report::new(&report, human).print(args.common.json)
+}
+
+/// The workload's name in figure names: the same for Parlor and for any
+/// baseline that runs the same workload (`jetstream`), so that `summarize`
+/// puts their figures on one row.
+pub fn variant(senders: usize, messages: usize, window: usize, shared_room: bool) -> String {
+    format!(
+        "persist {senders} senders × {messages} msgs, window {window}{}",
+        if shared_room { ", shared room" } else { "" }
+    )
+}
+
+/// The comparison figures of a persist-shaped run.
+pub fn figures(
+    variant: &str,
+    acked_per_second: f64,
+    ack_latency: &LatencySummary,
+) -> BTreeMap<String, f64> {
+    let mut figures = BTreeMap::new();
+    figures.insert(format!("{variant}: acked msgs/s"), acked_per_second);
+    figures.insert(
+        format!("{variant}: ack latency p50 (ms)"),
+        ack_latency.p50_ms,
+    );
+    figures.insert(
+        format!("{variant}: ack latency p99 (ms)"),
+        ack_latency.p99_ms,
+    );
+    figures
+}
+
+/// The human rendering of a persist-shaped report; `check` names the
+/// after-run verification and `matching` what its first count means.
+pub fn human_summary(report: &PersistReport, check: &str, matching: &str) -> String {
     let mut human = format!(
-        "persist [{}] {} — {} senders × {} messages, window {}{}\n  \
+        "{} [{}] {} — {} senders × {} messages, window {}{}\n  \
          sent {}, acked {} in {:.3} s → {:.0} acked messages/s; errors: {}\n  ack latency: {}",
+        report.scenario,
         report.label,
         report.url,
         report.connected,
@@ -332,14 +353,14 @@ pub async fn run(args: PersistArgs) -> Result<()> {
     }
     if let Some(v) = &report.verification {
         human += &format!(
-            "\n  lastSeq check: {}/{} rooms match, {} short (lost), {} over; failures: {}",
+            "\n  {check}: {}/{} {matching}, {} short (lost), {} over; failures: {}",
             v.rooms_matching, v.rooms_checked, v.rooms_short, v.rooms_over, v.failures
         );
         for e in &v.examples {
             human += &format!("\n    {e}");
         }
     }
-    Report::new(&report, human).print(args.common.json)
+    human
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -1,6 +1,8 @@
 //! `summarize`: turns the `--json` lines of several runs into a Markdown
-//! table comparing two labels (by default `parlor` and `node`), with the
-//! ratio primary ÷ baseline for every figure both reported.
+//! table comparing the primary label (`parlor`) with baselines (by default
+//! `uws`, `node` and `jetstream`): a column of values for each, then the
+//! ratio primary ÷ baseline for each. A baseline none of whose runs is in the
+//! input gets no columns.
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -17,9 +19,10 @@ pub struct SummarizeArgs {
     /// Label of the system under test.
     #[arg(long, default_value = "parlor")]
     pub primary: String,
-    /// Label of the baseline.
-    #[arg(long, default_value = "node")]
-    pub baseline: String,
+    /// A baseline's label and, after `=`, its column name (repeatable; by
+    /// default `uws=uWS`, `node=ws` and `jetstream=JetStream`).
+    #[arg(long = "baseline", value_name = "LABEL[=NAME]")]
+    pub baselines: Vec<String>,
     /// Text for the "date" column.
     #[arg(long, default_value = "")]
     pub date: String,
@@ -61,12 +64,32 @@ pub fn run(args: &SummarizeArgs) -> Result<()> {
     Ok(())
 }
 
+/// The baselines compared when none is named.
+const DEFAULT_BASELINES: [&str; 3] = ["uws=uWS", "node=ws", "jetstream=JetStream"];
+
+/// `(label, column name)` of each baseline, in column order.
+fn baselines(args: &SummarizeArgs) -> Vec<(String, String)> {
+    let specs: Vec<&str> = if args.baselines.is_empty() {
+        DEFAULT_BASELINES.to_vec()
+    } else {
+        args.baselines.iter().map(String::as_str).collect()
+    };
+    specs
+        .into_iter()
+        .map(|spec| match spec.split_once('=') {
+            Some((label, name)) => (label.to_owned(), name.to_owned()),
+            None => (spec.to_owned(), spec.to_owned()),
+        })
+        .collect()
+}
+
 /// Builds the Markdown table. Lines that are not summaries are skipped; a
 /// later figure of the same label and name replaces an earlier one.
 fn table(text: &str, args: &SummarizeArgs) -> String {
-    // figure -> (primary, baseline), in first-seen order.
+    let baselines = baselines(args);
+    // figure -> [primary, baseline 1, baseline 2, …], in first-seen order.
     let mut order: Vec<String> = Vec::new();
-    let mut values: BTreeMap<String, (Option<f64>, Option<f64>)> = BTreeMap::new();
+    let mut values: BTreeMap<String, Vec<Option<f64>>> = BTreeMap::new();
     let mut notes = Vec::new();
     for line in text.lines() {
         let Ok(line) = serde_json::from_str::<Line>(line.trim()) else {
@@ -87,41 +110,59 @@ fn table(text: &str, args: &SummarizeArgs) -> String {
                 "- {run}: the load generator was CPU-bound; throughput is a lower bound."
             ));
         }
-        let primary = line.label == args.primary;
-        if !primary && line.label != args.baseline {
+        let column = if line.label == args.primary {
+            0
+        } else if let Some(i) = baselines.iter().position(|(label, _)| *label == line.label) {
+            i + 1
+        } else {
             continue;
-        }
+        };
         for (name, value) in line.figures {
             let entry = values.entry(name.clone()).or_insert_with(|| {
                 order.push(name.clone());
-                (None, None)
+                vec![None; baselines.len() + 1]
             });
-            if primary {
-                entry.0 = Some(value);
-            } else {
-                entry.1 = Some(value);
-            }
+            entry[column] = Some(value);
         }
     }
-    let mut out = String::from(
-        "| date | machine | figure | Parlor | Node ws | ratio (Parlor ÷ Node) |\n\
-         |---|---|---|---:|---:|---:|\n",
-    );
+    // Baselines with at least one figure, as (column index, name).
+    let shown: Vec<(usize, &str)> = baselines
+        .iter()
+        .enumerate()
+        .map(|(i, (_, name))| (i + 1, name.as_str()))
+        .filter(|&(i, _)| values.values().any(|v| v[i].is_some()))
+        .collect();
+    let mut out = String::from("| date | machine | figure | Parlor |");
+    for (_, name) in &shown {
+        out += &format!(" {name} |");
+    }
+    for (_, name) in &shown {
+        out += &format!(" Parlor ÷ {name} |");
+    }
+    out += "\n|---|---|---|---:|";
+    out += &"---:|".repeat(shown.len() * 2);
+    out.push('\n');
     for name in order {
-        let (p, b) = values.get(&name).copied().unwrap_or((None, None));
-        let ratio = match (p, b) {
-            (Some(p), Some(b)) if b != 0.0 => format!("{:.2}", p / b),
-            _ => "–".to_owned(),
-        };
+        let row = values.get(&name).cloned().unwrap_or_default();
+        let primary = row.first().copied().flatten();
         out += &format!(
-            "| {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} |",
             args.date,
             args.machine,
             name,
-            fmt(p),
-            fmt(b),
-            ratio
+            fmt(primary)
         );
+        for &(i, _) in &shown {
+            out += &format!(" {} |", fmt(row.get(i).copied().flatten()));
+        }
+        for &(i, _) in &shown {
+            let ratio = match (primary, row.get(i).copied().flatten()) {
+                (Some(p), Some(b)) if b != 0.0 => format!("{:.2}", p / b),
+                _ => "–".to_owned(),
+            };
+            out += &format!(" {ratio} |");
+        }
+        out.push('\n');
     }
     if !notes.is_empty() {
         out += "\n";
@@ -146,22 +187,29 @@ fn fmt(v: Option<f64>) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn pairs_labels_and_computes_ratios() {
-        let args = SummarizeArgs {
+    fn args(baselines: &[&str]) -> SummarizeArgs {
+        SummarizeArgs {
             files: Vec::new(),
             primary: "parlor".into(),
-            baseline: "node".into(),
+            baselines: baselines.iter().map(|&b| b.to_owned()).collect(),
             date: "d".into(),
             machine: "m".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn pairs_labels_and_computes_ratios() {
         let text = r#"
 progress noise
 {"scenario":"fanout","label":"parlor","figures":{"a: deliveries/s":200000.0,"only parlor":1.5}}
 {"scenario":"fanout","label":"node","mode":"burst","figures":{"a: deliveries/s":100000.0},"machine_quiet":false,"other_cpu_seconds":1.5}
 {"scenario":"fanout","label":"other","figures":{"a: deliveries/s":1.0}}
 "#;
-        let t = table(text, &args);
+        let t = table(text, &args(&["node"]));
+        assert!(
+            t.contains("| date | machine | figure | Parlor | node | Parlor ÷ node |"),
+            "{t}"
+        );
         assert!(
             t.contains("| d | m | a: deliveries/s | 200000 | 100000 | 2.00 |"),
             "{t}"
@@ -172,5 +220,42 @@ progress noise
             "{t}"
         );
         assert_eq!(t.lines().count(), 6, "{t}");
+    }
+
+    #[test]
+    fn default_baselines_get_columns_only_when_they_ran() {
+        let text = r#"
+{"scenario":"fanout","label":"parlor","figures":{"f":300.0}}
+{"scenario":"fanout","label":"uws","figures":{"f":600.0}}
+{"scenario":"fanout","label":"node","figures":{"f":100.0}}
+{"scenario":"persist","label":"parlor","figures":{"p":50.0}}
+"#;
+        let t = table(text, &args(&[]));
+        assert!(
+            t.contains(
+                "| date | machine | figure | Parlor | uWS | ws | Parlor ÷ uWS | Parlor ÷ ws |"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("|---|---|---|---:|---:|---:|---:|---:|"), "{t}");
+        assert!(
+            t.contains("| d | m | f | 300 | 600 | 100 | 0.50 | 3.00 |"),
+            "{t}"
+        );
+        assert!(t.contains("| d | m | p | 50.0 | – | – | – | – |"), "{t}");
+
+        let with_js = format!(
+            "{text}{}\n",
+            r#"{"scenario":"jetstream","label":"jetstream","figures":{"p":25.0}}"#
+        );
+        let t = table(&with_js, &args(&[]));
+        assert!(
+            t.contains("| Parlor ÷ uWS | Parlor ÷ ws | Parlor ÷ JetStream |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| d | m | p | 50.0 | – | – | 25.0 | – | – | 2.00 |"),
+            "{t}"
+        );
     }
 }
