@@ -241,6 +241,7 @@ impl App {
             Arc::clone(&metrics),
             config.store.room_cache,
             config.limits.presence_max_members,
+            &supervisor,
         );
         // One process: everything in memory. Several nodes: the broker and the cluster-wide
         // state share the Redis.

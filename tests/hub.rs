@@ -12,9 +12,11 @@ use parlor::config::StoreConfig;
 use parlor::hub::{Check, ConnHandle, Cursor, Envelope, Event, Hub, Kick, Replay};
 use parlor::metrics::Metrics;
 use parlor::model::{Author, Identity, Message, NewMessage, Role, RoomKey};
+use parlor::node::Supervisor;
 use parlor::store::Store;
 use parlor::store::sqlite::SqliteStore;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// A hub on a fresh SQLite store (whose commits nobody delivers: the test does).
 struct Fixture {
@@ -33,7 +35,14 @@ impl Fixture {
                 .unwrap(),
         );
         let metrics = Arc::new(Metrics::new());
-        let hub = Hub::new(Arc::clone(&store), Arc::clone(&metrics), 128, 100);
+        let supervisor = Supervisor::new(CancellationToken::new(), Arc::clone(&metrics));
+        let hub = Hub::new(
+            Arc::clone(&store),
+            Arc::clone(&metrics),
+            128,
+            100,
+            &supervisor,
+        );
         Self {
             store,
             hub,

@@ -48,8 +48,14 @@ async fn cluster(url: &str, nodes: usize) -> Cluster {
     let prefix = common::redis::prefix();
     let mut list = Vec::new();
     for _ in 0..nodes {
-        let hub = Hub::new(Arc::clone(&store), Arc::new(Metrics::new()), 100, 100);
         let supervisor = Supervisor::new(CancellationToken::new(), Arc::new(Metrics::new()));
+        let hub = Hub::new(
+            Arc::clone(&store),
+            Arc::new(Metrics::new()),
+            100,
+            100,
+            &supervisor,
+        );
         let broker = RedisBroker::connect(
             url,
             &prefix,

@@ -35,6 +35,7 @@ pub use cursor::{Cursor, Cursors, Step};
 
 use crate::metrics::{AT_NODE, Metrics};
 use crate::model::{Agent, Conversation, Message, Note, Role, RoomKey};
+use crate::node::Supervisor;
 use crate::store::{InboxEntry, Store, StoreError};
 
 /// Something that happened in a room, on its way to the room's members.
@@ -212,6 +213,9 @@ pub struct Hub {
     /// often the broker reconnects, one catch-up runs at a time (and one more after it).
     resyncing: std::sync::atomic::AtomicBool,
     resync_again: std::sync::atomic::AtomicBool,
+    /// Runs the gap fills and catch-ups: a panic in one would leave a room holding its
+    /// messages back for good, so it fails the node instead.
+    supervisor: Supervisor,
 }
 
 /// Carries the events of [`Hub::broadcast`] (typing, read receipts, streamed deltas,
@@ -301,6 +305,7 @@ impl Hub {
         metrics: Arc<Metrics>,
         cache_size: usize,
         presence_max_members: usize,
+        supervisor: &Supervisor,
     ) -> Arc<Self> {
         Arc::new(Self {
             rooms: DashMap::new(),
@@ -311,6 +316,7 @@ impl Hub {
             relay: std::sync::OnceLock::new(),
             resyncing: std::sync::atomic::AtomicBool::new(false),
             resync_again: std::sync::atomic::AtomicBool::new(false),
+            supervisor: supervisor.clone(),
         })
     }
 
@@ -329,7 +335,7 @@ impl Hub {
             return;
         }
         let hub = Arc::clone(self);
-        tokio::spawn(async move {
+        self.supervisor.spawn("hub-resync", async move {
             loop {
                 while hub.resync_again.swap(false, Ordering::SeqCst) {
                     if let Err(e) = hub.check_positions(Check::All).await {
@@ -845,7 +851,11 @@ impl Hub {
     /// Starts [`Self::fill`] in the background (the caller has set `filling`).
     fn spawn_fill(self: &Arc<Self>, slot: Arc<RoomSlot>) {
         let hub = Arc::clone(self);
-        tokio::spawn(async move { hub.fill(slot).await });
+        let stop = self.supervisor.shutdown().clone();
+        // At shutdown the members are gone: a fill waiting for the store need not finish.
+        self.supervisor.spawn("hub-fill", async move {
+            stop.run_until_cancelled(hub.fill(slot)).await;
+        });
     }
 
     /// Reads what the room misses from the store and delivers it in order, with whatever
