@@ -246,8 +246,10 @@ start_nats() {
   fi
 }
 
-# The chat scenarios run without the demo's assistant (it would answer every message);
-# the AI scenario points it at the fake vendor parlor-bench runs on $FAKE_PORT.
+# The chat scenarios run without the demo's assistant (it would answer every message) and
+# without hand-off (a visitor's first message in a domain with no assistant queues the room
+# for a person, which writes a status message the persist check would count); the AI
+# scenario points the assistant at the fake vendor parlor-bench runs on $FAKE_PORT.
 FAKE_PORT=${FAKE_PORT:-18090}
 cat >"$OUT/chat.toml" <<'TOML'
 [[domains]]
@@ -256,6 +258,8 @@ name = "Parlor demo"
 visitor_rooms = "open"
 allowed_origins = ["*"]
 [domains.bot]
+enabled = false
+[domains.handoff]
 enabled = false
 TOML
 cat >"$OUT/ai.toml" <<TOML
