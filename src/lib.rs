@@ -298,6 +298,7 @@ impl App {
                 Arc::clone(&domains),
                 Arc::clone(&metrics),
                 shared.clone(),
+                &supervisor,
             )
             .map_err(invalid)?,
         );

@@ -385,6 +385,52 @@ async fn an_agent_answering_takes_over_from_the_assistant() {
 }
 
 #[tokio::test]
+async fn a_reply_streaming_at_shutdown_is_stored_as_interrupted() {
+    // The first word at once, then a long pause: the server stops in the pause.
+    let slow: Vec<(Duration, String)> =
+        fake_ai::openai_stream(&["Let ", "me ", "think ", "about ", "it."], (1, 5), true)
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| (Duration::from_millis(if i < 2 { 50 } else { 3_000 }), p))
+            .collect();
+    let fake = FakeVendor::start(vec![Reply::Stream {
+        pieces: slow,
+        cut: false,
+    }])
+    .await;
+    let s = server(&fake, None, 0).await;
+    let mut visitor = s.connect_as("ann").await;
+    visitor.join("r", None).await;
+    visitor.say("r", "I need help with my invoice", None).await;
+    loop {
+        let f = visitor.recv().await;
+        if f["type"] == "message-delta" {
+            break;
+        }
+    }
+    // The reply is under way; the visitor leaves and the server stops. Shutdown ends the
+    // reply like an agent taking over, and its text so far is committed before the store
+    // flushes.
+    drop(visitor);
+    let restarted = s.restart().await;
+    assert!(fake.wait_hung_up(1).await, "the assistant kept generating");
+    let mut reader = restarted.connect_as("ann").await;
+    let (_, history) = reader.join("r", Some(0)).await;
+    let stopped = history
+        .iter()
+        .find(|m| m["role"] == "assistant")
+        .unwrap_or_else(|| panic!("the reply is stored: {history:?}"));
+    assert_eq!(stopped["data"]["interrupted"], true, "{stopped}");
+    assert!(
+        message(stopped)["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Let "),
+        "the text so far is kept: {stopped}"
+    );
+}
+
+#[tokio::test]
 async fn replies_to_token_less_visitors_are_charged_to_their_address() {
     let fake = FakeVendor::start(vec![Reply::stream(fake_ai::openai_stream(
         &["Hello."],

@@ -2,9 +2,10 @@
 //!
 //! Two groups, because shutdown stops them in stages:
 //!
-//! - **Connections** ([`Supervisor::spawn_connection`]): one task per WebSocket. A panic in
-//!   one is a bug confined to that connection: the task ends, the client reconnects, the
-//!   node counts it (`parlor_task_panics_total{task="connection"}`) and goes on.
+//! - **Connections and the work they asked for** ([`Supervisor::spawn_isolated`]): one task
+//!   per HTTP connection and WebSocket, and the assistant's replies. A panic in one is a bug
+//!   confined to it: the task ends, the client reconnects or asks again, the node counts it
+//!   (`parlor_task_panics_total{task="connection"}`, `"ai-reply"`, …) and goes on.
 //! - **Workers** ([`Supervisor::spawn`], [`Supervisor::spawn_thread`]): the store's writer,
 //!   the commit pipeline, the broker's loops, timers. The node cannot keep its promises
 //!   without them, so a panic in one — or a worker reporting that it cannot go on
@@ -89,16 +90,18 @@ impl Supervisor {
             })
     }
 
-    /// Runs one connection's task: a panic ends that connection only.
-    pub fn spawn_connection<F>(&self, task: F)
+    /// Runs a connection's task, or work one asked for (`name` says which): a panic ends
+    /// that task only. Shutdown waits for these before it flushes the store, so what they
+    /// write is committed.
+    pub fn spawn_isolated<F>(&self, name: &'static str, task: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
         let metrics = Arc::clone(&self.0.metrics);
         self.0.connections.spawn(async move {
             if let Err(panic) = AssertUnwindSafe(task).catch_unwind().await {
-                metrics.task_panics.get_or_create(&TaskLabel { task: "connection" }).inc();
-                tracing::error!(panic = %panic_text(&*panic), "a connection's task panicked; it is closed");
+                metrics.task_panics.get_or_create(&TaskLabel { task: name }).inc();
+                tracing::error!(task = name, panic = %panic_text(&*panic), "a task panicked; it is ended");
             }
         });
     }
@@ -117,7 +120,7 @@ impl Supervisor {
         self.0.failure.get().map(String::as_str)
     }
 
-    /// The connections' tasks.
+    /// The connections' tasks and the work they asked for.
     pub fn connections(&self) -> &TaskTracker {
         &self.0.connections
     }
@@ -185,7 +188,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(Metrics::new());
         let supervisor = Supervisor::new(shutdown.clone(), Arc::clone(&metrics));
-        supervisor.spawn_connection(async { panic!("bad frame") });
+        supervisor.spawn_isolated("connection", async { panic!("bad frame") });
         supervisor.connections().close();
         supervisor.connections().wait().await;
         assert!(!shutdown.is_cancelled());

@@ -50,6 +50,7 @@ use crate::config::{AiConfig, BUILTIN_DEMO_KNOWLEDGE, BotConfig, ProviderConfig,
 use crate::hub::Event as HubEvent;
 use crate::metrics::{AiCallLabel, AiTokenLabel, Metrics, ProviderLabel};
 use crate::model::{Identity, Message, Role, RoomKey};
+use crate::node::Supervisor;
 use crate::store::{Store, UsageGrouping, UsageRecord};
 
 /// Room ids with this prefix hold `/ai/chat` conversations.
@@ -209,6 +210,9 @@ pub struct AiService {
     stopped: DashMap<RoomKey, Instant>,
     /// What visitors' addresses may spend, and how many calls each domain may run at once.
     spending: Arc<Spending>,
+    /// Runs the replies and the usage records; its shutdown ends replies in rooms (their
+    /// text so far is stored as interrupted) before the store flushes.
+    supervisor: Supervisor,
 }
 
 impl AiService {
@@ -220,6 +224,7 @@ impl AiService {
         domains: Arc<Domains>,
         metrics: Arc<Metrics>,
         shared: Shared,
+        supervisor: &Supervisor,
     ) -> Result<Self, String> {
         let mut slots = HashMap::new();
         for (name, p) in &config.providers {
@@ -256,6 +261,7 @@ impl AiService {
             shared,
             stopped: DashMap::new(),
             spending: Arc::new(Spending::new(limits)),
+            supervisor: supervisor.clone(),
         })
     }
 
@@ -291,6 +297,7 @@ impl AiService {
             domain: domain.to_owned(),
             room: room.map(|r| r.room_id.to_string()),
             user: user.map(str::to_owned),
+            supervisor: self.supervisor.clone(),
         }
     }
 
@@ -725,7 +732,7 @@ impl AiService {
             .map(|t| t.text.clone())
             .unwrap_or_default();
         let system = prompt(&bot, &question, context);
-        tokio::spawn(async move {
+        self.supervisor.spawn_isolated("ai-generate", async move {
             run_chain(&bot, &chain, system, turns, &tx, &meter).await;
         });
         rx
@@ -874,7 +881,8 @@ impl AiService {
                 return;
             }
         };
-        let cancel = CancellationToken::new();
+        // A shutdown stops the reply like an agent taking over: its text so far is stored.
+        let cancel = self.supervisor.shutdown().child_token();
         let partial = Arc::new(Mutex::new(Partial {
             message_id: Arc::from(format!("ai-{}", uuid::Uuid::now_v7().simple())),
             ..Partial::default()
@@ -902,7 +910,7 @@ impl AiService {
             return;
         }
         let this = Arc::clone(self);
-        tokio::spawn(async move {
+        self.supervisor.spawn_isolated("ai-reply", async move {
             this.answer_in_room(&bot, &message, cancel, partial, admitted)
                 .await;
         });
@@ -1342,39 +1350,40 @@ impl AiService {
         );
         let mut events = self.generate_with(&bot, turns, model, ask.context.as_deref(), meter);
         let this = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut text = String::new();
-            let mut from = (String::new(), String::new());
-            let mut done = false;
-            let mut cited = None;
-            while let Some(event) = events.recv().await {
-                match &event {
-                    AiEvent::Started { provider, model } => {
-                        from = (provider.clone(), model.clone());
-                    }
-                    AiEvent::Text(t) => text.push_str(t),
-                    AiEvent::Fallback {
-                        after_text: true, ..
-                    } => text.clear(),
-                    AiEvent::Done { sources, .. } => {
-                        done = true;
-                        if !sources.is_empty() {
-                            cited = Some(serde_json::json!({ "sources": sources }));
+        self.supervisor
+            .spawn_isolated("ai-conversation", async move {
+                let mut text = String::new();
+                let mut from = (String::new(), String::new());
+                let mut done = false;
+                let mut cited = None;
+                while let Some(event) = events.recv().await {
+                    match &event {
+                        AiEvent::Started { provider, model } => {
+                            from = (provider.clone(), model.clone());
                         }
+                        AiEvent::Text(t) => text.push_str(t),
+                        AiEvent::Fallback {
+                            after_text: true, ..
+                        } => text.clear(),
+                        AiEvent::Done { sources, .. } => {
+                            done = true;
+                            if !sources.is_empty() {
+                                cited = Some(serde_json::json!({ "sources": sources }));
+                            }
+                        }
+                        AiEvent::NoAnswer => done = true,
+                        AiEvent::Fallback { .. } => {}
                     }
-                    AiEvent::NoAnswer => done = true,
-                    AiEvent::Fallback { .. } => {}
+                    if tx.send(event).await.is_err() {
+                        break;
+                    }
                 }
-                if tx.send(event).await.is_err() {
-                    break;
+                if let Some(room) = room {
+                    let id = format!("ai-{}", uuid::Uuid::now_v7().simple());
+                    this.store_reply(&room, &id, text, &from.0, &from.1, cited, !done)
+                        .await;
                 }
-            }
-            if let Some(room) = room {
-                let id = format!("ai-{}", uuid::Uuid::now_v7().simple());
-                this.store_reply(&room, &id, text, &from.0, &from.1, cited, !done)
-                    .await;
-            }
-        });
+            });
         Ok(rx)
     }
 }
@@ -1628,6 +1637,7 @@ pub struct Meter {
     domain: String,
     room: Option<String>,
     user: Option<String>,
+    supervisor: Supervisor,
 }
 
 /// What lets one AI call in (see [`AiService::admit`]): the asking visitor's address, which
@@ -1865,10 +1875,12 @@ impl Meter {
         if self.shared.is_cluster() && tokens > 0 {
             let shared = self.shared.clone();
             let key = day_key(&self.domain, today);
-            tokio::spawn(async move { shared.add(&key, tokens).await });
+            self.supervisor.spawn_isolated("ai-usage", async move {
+                shared.add(&key, tokens).await;
+            });
         }
         let store = Arc::clone(&self.store);
-        tokio::spawn(async move {
+        self.supervisor.spawn_isolated("ai-usage", async move {
             if let Err(e) = store.record_usage(record).await {
                 tracing::warn!(error = %e, "cannot record AI usage");
             }

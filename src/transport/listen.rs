@@ -85,13 +85,10 @@ pub async fn serve(listener: TcpListener, router: Router, app: AppState) {
                 }
             }
         };
-        app.supervisor.spawn_connection(connection(
-            stream,
-            peer,
-            router.clone(),
-            app.clone(),
-            slot,
-        ));
+        app.supervisor.spawn_isolated(
+            "connection",
+            connection(stream, peer, router.clone(), app.clone(), slot),
+        );
     }
 }
 

@@ -115,7 +115,7 @@ pub async fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let max_message = app.config.limits.max_frame_bytes;
     let task_app = app.clone();
-    app.supervisor.spawn_connection(async move {
+    app.supervisor.spawn_isolated("connection", async move {
         match on_upgrade.await {
             Ok(upgraded) => {
                 let socket = WsSocket::new(upgraded, max_message);

@@ -189,7 +189,7 @@ pub async fn upgrade(
     };
     let max_message = limits.max_frame_bytes;
     let on_upgrade = hyper::upgrade::on(&mut req);
-    app.supervisor.spawn_connection(async move {
+    app.supervisor.spawn_isolated("connection", async move {
         match on_upgrade.await {
             Ok(upgraded) => {
                 connection
