@@ -68,9 +68,8 @@ use tokio::sync::{Notify, mpsc};
 
 use super::{Broker, DomainListener, Remote};
 use crate::hub::{Event, Hub, PresentUser, Relay};
-use crate::model::{Agent, Conversation, Message, Note, Role, RoomKey};
+use crate::model::{Message, Role, RoomKey};
 use crate::node::Supervisor;
-use crate::store::InboxEntry;
 use tokio_util::sync::CancellationToken;
 
 /// Most publications sent in one pipelined round trip.
@@ -103,278 +102,75 @@ struct Publication {
     event: Bus,
 }
 
-/// Events as they travel between nodes. (Each lives only between a socket read and its
-/// delivery, so the size of the largest variant costs nothing worth boxing for.)
-#[allow(clippy::large_enum_variant)]
+/// What travels between nodes: a hub event (stored messages included), as the hub has it,
+/// or a note that the stored domains changed.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "camelCase")]
 enum Bus {
-    Message {
-        message: Message,
-    },
-    Typing {
-        room: RoomKey,
-        user_id: String,
-        name: String,
-        role: Role,
-        typing: bool,
-    },
-    ReadReceipt {
-        room: RoomKey,
-        user_id: String,
-        seq: u64,
-    },
-    Delta {
-        room: RoomKey,
-        message_id: String,
-        delta: String,
-        index: u64,
-    },
-    RoomStatus {
-        conversation: Conversation,
-        seq: u64,
-    },
-    AgentJoined {
-        room: RoomKey,
-        agent: Agent,
-    },
-    AgentLeft {
-        room: RoomKey,
-        agent: Agent,
-        reason: String,
-    },
-    Presence {
-        room: RoomKey,
-        user_id: String,
-        name: String,
-        role: Role,
-        joined: bool,
-    },
-    /// A room's new entry for the domain's agents.
-    Inbox {
-        conversation: Conversation,
-        created_by: Option<String>,
-        visitor_name: Option<String>,
-        created_at: chrono::DateTime<chrono::Utc>,
-        last_message: Message,
-    },
-    /// An internal note for the domain's agents.
-    Note {
-        note: Note,
-    },
+    /// A room event for the other nodes' hubs (or, for the agents' feed, their hand-off
+    /// service).
+    Room { event: Event },
     /// The stored domains changed: rebuild the domain table.
     DomainsChanged,
 }
 
 impl Bus {
-    /// The traveling form of a hub event; `None` for events that stay on their node.
-    fn of(room: &RoomKey, event: &Event) -> Option<Self> {
-        Some(match event {
-            Event::Typing { user, typing, .. } => Bus::Typing {
-                room: room.clone(),
-                user_id: user.user_id.clone(),
-                name: user.name.clone(),
-                role: user.role,
-                typing: *typing,
-            },
-            Event::ReadReceipt { user_id, seq, .. } => Bus::ReadReceipt {
-                room: room.clone(),
-                user_id: user_id.clone(),
-                seq: *seq,
-            },
-            Event::Delta {
-                message_id,
-                delta,
-                index,
-                ..
-            } => Bus::Delta {
-                room: room.clone(),
-                message_id: message_id.to_string(),
-                delta: delta.clone(),
-                index: *index,
-            },
-            Event::RoomStatus { conversation, seq } => Bus::RoomStatus {
-                conversation: (**conversation).clone(),
-                seq: *seq,
-            },
-            Event::AgentJoined { agent, .. } => Bus::AgentJoined {
-                room: room.clone(),
-                agent: agent.clone(),
-            },
-            Event::AgentLeft { agent, reason, .. } => Bus::AgentLeft {
-                room: room.clone(),
-                agent: agent.clone(),
-                reason: (*reason).to_owned(),
-            },
-            Event::Presence { user, joined, .. } => Bus::Presence {
-                room: room.clone(),
-                user_id: user.user_id.clone(),
-                name: user.name.clone(),
-                role: user.role,
-                joined: *joined,
-            },
-            Event::InboxUpdate(e) => Bus::Inbox {
-                conversation: e.conversation.clone(),
-                created_by: e.created_by.clone(),
-                visitor_name: e.visitor_name.clone(),
-                created_at: e.created_at,
-                last_message: e.last_message.clone(),
-            },
-            Event::NoteAdded(note) => Bus::Note {
-                note: (**note).clone(),
-            },
-            // Stored messages travel as `Bus::Message`; per-connection frames stay.
-            Event::Message(_) | Event::Frame(_) => return None,
+    /// The traveling form of a hub event; `None` for a connection's own frame, which stays
+    /// on its node.
+    fn of(event: &Event) -> Option<Self> {
+        (!matches!(event, Event::Frame(_))).then(|| Bus::Room {
+            event: event.clone(),
         })
     }
+}
 
-    /// Hands a publication from another node to this node's hub (or, for the agents'
-    /// feed and state changes, to `remote`).
-    fn deliver(self, hub: &Arc<Hub>, remote: Option<&Arc<dyn Remote>>) {
-        let (room, event) = match self {
-            Bus::Inbox {
-                conversation,
-                created_by,
-                visitor_name,
-                created_at,
-                last_message,
-            } => {
-                if let Some(remote) = remote {
-                    let domain = conversation.room.domain_id.clone();
-                    let entry = InboxEntry {
-                        conversation,
-                        created_by,
-                        visitor_name,
-                        created_at,
-                        last_message,
-                        read_seq: 0,
-                    };
-                    remote.to_agents(&domain, Event::InboxUpdate(Arc::new(entry)));
-                }
-                return;
+/// Hands an event from another node to this node's hub (or, for the agents' feed and
+/// state changes, to `remote`).
+fn deliver(event: Event, hub: &Arc<Hub>, remote: Option<&Arc<dyn Remote>>) {
+    match event {
+        Event::Message(message) => hub.deliver(message),
+        Event::InboxUpdate(entry) => {
+            if let Some(remote) = remote {
+                let domain = entry.conversation.room.domain_id.clone();
+                remote.to_agents(&domain, Event::InboxUpdate(entry));
             }
-            Bus::Note { note } => {
-                if let Some(remote) = remote {
-                    let domain = note.room.domain_id.clone();
-                    remote.to_agents(&domain, Event::NoteAdded(Arc::new(note)));
-                }
-                return;
+        }
+        Event::NoteAdded(note) => {
+            if let Some(remote) = remote {
+                let domain = note.room.domain_id.clone();
+                remote.to_agents(&domain, Event::NoteAdded(note));
             }
-            Bus::Presence {
-                room,
-                user_id,
-                name,
-                role,
-                joined,
-            } => {
-                let user = PresentUser {
-                    user_id,
-                    name,
-                    role,
-                };
-                if !joined {
-                    // Not if the user is present here (checked under the room lock), or
-                    // leaving here too (then this node's own leave tells).
-                    hub.announce_leave(&room, user);
-                    return;
-                }
-                // Someone present here too was announced already.
-                if hub
-                    .presence(&room)
-                    .iter()
-                    .any(|u| u.user_id == user.user_id)
-                {
-                    return;
-                }
-                let event = Event::Presence {
-                    room: room.clone(),
-                    user,
-                    joined,
-                };
-                (room, event)
+        }
+        Event::Presence {
+            room,
+            user,
+            joined: false,
+        } => {
+            // Not if the user is present here (checked under the room lock), or leaving
+            // here too (then this node's own leave tells).
+            hub.announce_leave(&room, user);
+        }
+        Event::Presence { room, user, .. }
+            if hub
+                .presence(&room)
+                .iter()
+                .any(|u| u.user_id == user.user_id) =>
+        {
+            // Someone present here too was announced already.
+        }
+        Event::RoomStatus { conversation, seq } => {
+            if let Some(remote) = remote {
+                remote.conversation_changed(Arc::clone(&conversation));
             }
-            Bus::Message { message } => {
-                hub.deliver(Arc::new(message));
-                return;
+            let room = conversation.room.clone();
+            hub.broadcast_local(&room, Event::RoomStatus { conversation, seq }, None);
+        }
+        Event::Frame(_) => {}
+        event => {
+            if let Some(room) = event.room().cloned() {
+                hub.broadcast_local(&room, event, None);
             }
-            // Handled by the subscriber loop; nothing for the hub.
-            Bus::DomainsChanged => return,
-            Bus::Typing {
-                room,
-                user_id,
-                name,
-                role,
-                typing,
-            } => {
-                let user = PresentUser {
-                    user_id,
-                    name,
-                    role,
-                };
-                let event = Event::Typing {
-                    room: room.clone(),
-                    user,
-                    typing,
-                };
-                (room, event)
-            }
-            Bus::ReadReceipt { room, user_id, seq } => {
-                let event = Event::ReadReceipt {
-                    room: room.clone(),
-                    user_id,
-                    seq,
-                };
-                (room, event)
-            }
-            Bus::Delta {
-                room,
-                message_id,
-                delta,
-                index,
-            } => {
-                let event = Event::Delta {
-                    room: room.clone(),
-                    message_id: Arc::from(message_id),
-                    delta,
-                    index,
-                };
-                (room, event)
-            }
-            Bus::RoomStatus { conversation, seq } => {
-                let room = conversation.room.clone();
-                let conversation = Arc::new(conversation);
-                if let Some(remote) = remote {
-                    remote.conversation_changed(Arc::clone(&conversation));
-                }
-                let event = Event::RoomStatus { conversation, seq };
-                (room, event)
-            }
-            Bus::AgentJoined { room, agent } => {
-                let event = Event::AgentJoined {
-                    room: room.clone(),
-                    agent,
-                };
-                (room, event)
-            }
-            Bus::AgentLeft {
-                room,
-                agent,
-                reason,
-            } => {
-                let reason = match reason.as_str() {
-                    "transferred" => "transferred",
-                    "resolved" => "resolved",
-                    _ => "unassigned",
-                };
-                let event = Event::AgentLeft {
-                    room: room.clone(),
-                    agent,
-                    reason,
-                };
-                (room, event)
-            }
-        };
-        hub.broadcast_local(&room, event, None);
+        }
     }
 }
 
@@ -618,7 +414,10 @@ impl RedisBroker {
                                 event: Bus::DomainsChanged,
                                 ..
                             }) => domains_dirty.notify_one(),
-                            Ok(p) => p.event.deliver(&deliver_hub, remote.get()),
+                            Ok(Publication {
+                                event: Bus::Room { event },
+                                ..
+                            }) => deliver(event, &deliver_hub, remote.get()),
                             Err(e) => {
                                 tracing::warn!(error = %e, "unreadable publication on the bus");
                             }
@@ -817,12 +616,12 @@ impl RedisBroker {
                 name: gone.name,
                 role: gone.role,
             };
-            self.send(Bus::Presence {
-                room: room.clone(),
-                user_id: user.user_id.clone(),
-                name: user.name.clone(),
-                role: user.role,
-                joined: false,
+            self.send(Bus::Room {
+                event: Event::Presence {
+                    room: room.clone(),
+                    user: user.clone(),
+                    joined: false,
+                },
             });
             self.hub.announce_leave(room, user);
         }
@@ -860,7 +659,7 @@ impl RedisBroker {
             user,
             joined,
         };
-        if let Some(bus) = Bus::of(&room, &event) {
+        if let Some(bus) = Bus::of(&event) {
             self.send(bus);
         }
         if let Event::Presence {
@@ -921,8 +720,8 @@ impl Broker for RedisBroker {
     fn publish(&self, message: Arc<Message>) {
         // This node's members get it at once; the others through Redis.
         self.hub.deliver(Arc::clone(&message));
-        self.send(Bus::Message {
-            message: (*message).clone(),
+        self.send(Bus::Room {
+            event: Event::Message(message),
         });
     }
 
@@ -958,9 +757,8 @@ impl Broker for RedisBroker {
             && self.subscriber.is_connected()
     }
 
-    fn to_agents(&self, domain: &str, event: &Event) {
-        let room = RoomKey::new(domain, "");
-        if let Some(bus) = Bus::of(&room, event) {
+    fn to_agents(&self, _domain: &str, event: &Event) {
+        if let Some(bus) = Bus::of(event) {
             self.send(bus);
         }
     }
@@ -1004,7 +802,7 @@ impl Relay for RedisBroker {
             }
             return;
         }
-        if let Some(bus) = Bus::of(room, event) {
+        if let Some(bus) = Bus::of(event) {
             self.send(bus);
         }
     }
@@ -1183,4 +981,116 @@ fn rand_node_id() -> u64 {
     let id = uuid::Uuid::new_v4();
     let (high, low) = id.as_u64_pair();
     high ^ low
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::LeftReason;
+    use crate::model::{Agent, Author, Conversation, Note};
+    use crate::store::InboxEntry;
+
+    fn message(room: &RoomKey) -> Arc<Message> {
+        Arc::new(Message {
+            id: "m1".to_owned(),
+            room: room.clone(),
+            seq: 7,
+            author: Author {
+                user_id: "ann".to_owned(),
+                name: "Ann".to_owned(),
+                role: "visitor".to_owned(),
+            },
+            kind: "text".to_owned(),
+            content: "hello".to_owned(),
+            data: Some(serde_json::json!({ "k": [1, 2] })),
+            client_message_id: Some("c1".to_owned()),
+            created_at: chrono::Utc::now(),
+        })
+    }
+
+    /// Every room event but a connection's own frame crosses to another node and comes
+    /// back as it was.
+    #[test]
+    fn room_events_travel_whole() {
+        let room = RoomKey::new("shop", "r1");
+        let user = PresentUser {
+            user_id: "ann".to_owned(),
+            name: "Ann".to_owned(),
+            role: Role::Visitor,
+        };
+        let agent = Agent {
+            user_id: "alice".to_owned(),
+            name: "Alice".to_owned(),
+        };
+        let conversation = Arc::new(Conversation::new(room.clone()));
+        let events = vec![
+            Event::Message(message(&room)),
+            Event::Presence {
+                room: room.clone(),
+                user: user.clone(),
+                joined: true,
+            },
+            Event::Typing {
+                room: room.clone(),
+                user,
+                typing: true,
+            },
+            Event::Delta {
+                room: room.clone(),
+                message_id: Arc::from("ai-1"),
+                delta: "Hel".to_owned(),
+                index: 3,
+            },
+            Event::RoomStatus {
+                conversation: Arc::clone(&conversation),
+                seq: 9,
+            },
+            Event::AgentJoined {
+                room: room.clone(),
+                agent: agent.clone(),
+            },
+            Event::AgentLeft {
+                room: room.clone(),
+                agent,
+                reason: LeftReason::Transferred,
+            },
+            Event::InboxUpdate(Arc::new(InboxEntry {
+                conversation: (*conversation).clone(),
+                created_by: Some("ann".to_owned()),
+                visitor_name: None,
+                created_at: chrono::Utc::now(),
+                last_message: (*message(&room)).clone(),
+                read_seq: 0,
+            })),
+            Event::NoteAdded(Arc::new(Note {
+                id: "n1".to_owned(),
+                room: room.clone(),
+                author: Agent {
+                    user_id: "alice".to_owned(),
+                    name: "Alice".to_owned(),
+                },
+                text: "VIP".to_owned(),
+                created_at: chrono::Utc::now(),
+            })),
+            Event::ReadReceipt {
+                room: room.clone(),
+                user_id: "ann".to_owned(),
+                seq: 5,
+            },
+        ];
+        for event in events {
+            let sent = Publication {
+                node: 1,
+                event: Bus::of(&event).expect("travels"),
+            };
+            let bytes = serde_json::to_vec(&sent).unwrap();
+            let back: Publication = serde_json::from_slice(&bytes).unwrap();
+            let Bus::Room { event: back } = back.event else {
+                panic!("a room event comes back as one");
+            };
+            assert_eq!(format!("{back:?}"), format!("{event:?}"));
+            assert_eq!(back.room(), Some(&room));
+        }
+        assert!(Bus::of(&Event::Frame(bytes::Bytes::from_static(b"{}"))).is_none());
+    }
 }

@@ -38,8 +38,11 @@ use crate::model::{Agent, Conversation, Message, Note, Role, RoomKey};
 use crate::node::Supervisor;
 use crate::store::{InboxEntry, Store, StoreError};
 
-/// Something that happened in a room, on its way to the room's members.
-#[derive(Debug)]
+/// Something that happened in a room, on its way to the room's members — on this node, and
+/// (serialized as it is) to the other nodes' hubs through a networked broker. The one type
+/// for room events: the transports encode it for their clients, the broker carries it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", content = "data", rename_all = "camelCase")]
 pub enum Event {
     /// A stored message (`message-received`).
     Message(Arc<Message>),
@@ -73,7 +76,8 @@ pub enum Event {
         index: u64,
     },
     /// A frame already encoded for one connection: a reply produced after the request
-    /// that asked for it (the deltas of an `ai-stream`).
+    /// that asked for it (the deltas of an `ai-stream`). It never leaves its node.
+    #[serde(skip)]
     Frame(bytes::Bytes),
     /// A support room's hand-off state changed (`room-status`); `seq` is that of the stored
     /// system message recording it.
@@ -97,7 +101,7 @@ pub enum Event {
         /// Who.
         agent: Agent,
         /// Why.
-        reason: &'static str,
+        reason: LeftReason,
     },
     /// A room's entry in the agents' inbox changed (`inbox-update`).
     InboxUpdate(Arc<InboxEntry>),
@@ -114,8 +118,51 @@ pub enum Event {
     },
 }
 
+/// Why an agent left a room (`agent-left`'s `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeftReason {
+    /// The agent gave the room back to the queue.
+    Unassigned,
+    /// Another agent took it.
+    Transferred,
+    /// The conversation was resolved.
+    Resolved,
+}
+
+impl LeftReason {
+    /// The reason as clients read it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unassigned => "unassigned",
+            Self::Transferred => "transferred",
+            Self::Resolved => "resolved",
+        }
+    }
+}
+
+impl Event {
+    /// The room the event belongs to (for the agents' feed and notes: the room the entry
+    /// is about); `None` for a connection's own frame.
+    pub fn room(&self) -> Option<&RoomKey> {
+        match self {
+            Event::Message(m) => Some(&m.room),
+            Event::Presence { room, .. }
+            | Event::Typing { room, .. }
+            | Event::Delta { room, .. }
+            | Event::AgentJoined { room, .. }
+            | Event::AgentLeft { room, .. }
+            | Event::ReadReceipt { room, .. } => Some(room),
+            Event::RoomStatus { conversation, .. } => Some(&conversation.room),
+            Event::InboxUpdate(entry) => Some(&entry.conversation.room),
+            Event::NoteAdded(note) => Some(&note.room),
+            Event::Frame(_) => None,
+        }
+    }
+}
+
 /// A user present in a room.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PresentUser {
     /// User id.
     pub user_id: String,

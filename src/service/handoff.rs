@@ -33,7 +33,7 @@ use crate::auth::policy;
 use crate::broker::shared::{Online, Shared};
 use crate::broker::{Broker, Remote};
 use crate::config::HandoffConfig;
-use crate::hub::{ConnHandle, Envelope, Event};
+use crate::hub::{ConnHandle, Envelope, Event, LeftReason};
 use crate::metrics::{ActionLabel, Metrics};
 use crate::model::{
     Agent, Author, Conversation, Identity, Message, NewMessage, Note, Role, RoomKey, RoomStatus,
@@ -557,9 +557,9 @@ impl HandoffService {
         if before.assignee != after.assignee {
             if let Some(old) = &before.assignee {
                 let reason = match action {
-                    Action::Transfer(_) | Action::Assign(_) => "transferred",
-                    Action::Resolve => "resolved",
-                    _ => "unassigned",
+                    Action::Transfer(_) | Action::Assign(_) => LeftReason::Transferred,
+                    Action::Resolve => LeftReason::Resolved,
+                    _ => LeftReason::Unassigned,
                 };
                 hub.broadcast(
                     room,

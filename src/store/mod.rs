@@ -413,7 +413,7 @@ impl InboxQuery {
 }
 
 /// One room in an agent inbox.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct InboxEntry {
     /// Its hand-off state.
     pub conversation: Conversation,
@@ -425,7 +425,8 @@ pub struct InboxEntry {
     pub created_at: DateTime<Utc>,
     /// Its newest message.
     pub last_message: Message,
-    /// The reader's read position.
+    /// The reader's read position (each reader's own: it does not travel between nodes).
+    #[serde(skip)]
     pub read_seq: u64,
 }
 

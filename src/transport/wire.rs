@@ -166,7 +166,7 @@ pub fn encode_event(event: &Event) -> Bytes {
             "type": "agent-left",
             "roomId": &*room.room_id,
             "agent": agent_json(agent),
-            "reason": reason,
+            "reason": reason.as_str(),
         })),
         Event::InboxUpdate(entry) => to_bytes(&serde_json::json!({
             "type": "inbox-update",
