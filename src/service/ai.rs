@@ -53,6 +53,16 @@ use crate::model::{Identity, Message, Role, RoomKey};
 use crate::node::Supervisor;
 use crate::store::{Store, UsageGrouping, UsageRecord};
 
+/// `data` of a message offering a human: the `escalate` action the widget draws as a button.
+/// The assistant offers one when it cannot answer or sees a request for a person; the
+/// hand-off service when a visitor asks in words.
+pub fn escalate_action(label: &str) -> serde_json::Value {
+    serde_json::json!({
+        "offerHuman": true,
+        "actions": [{ "id": "escalate", "label": label }],
+    })
+}
+
 /// Room ids with this prefix hold `/ai/chat` conversations.
 pub const CONVERSATION_PREFIX: &str = "ai:";
 
@@ -1060,8 +1070,7 @@ impl AiService {
                         extra["sources"] = serde_json::json!(sources);
                     }
                     if let (true, Some(h)) = (marker.seen, &handoff)
-                        && let serde_json::Value::Object(action) =
-                            super::handoff::escalate_action(&h.action_label)
+                        && let serde_json::Value::Object(action) = escalate_action(&h.action_label)
                     {
                         for (k, v) in action {
                             extra[k] = v;
@@ -1082,7 +1091,7 @@ impl AiService {
                             "I can't answer that right now. Would you like to talk to a human agent?",
                             handoff.as_ref().map_or_else(
                                 || serde_json::json!({ "offerHuman": true }),
-                                |h| super::handoff::escalate_action(&h.action_label),
+                                |h| escalate_action(&h.action_label),
                             ),
                         )
                     };

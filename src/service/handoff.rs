@@ -26,7 +26,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 
 use super::ServiceError;
-use super::ai::{AiService, CONVERSATION_PREFIX, assistant_identity};
+use super::ai::{AiService, CONVERSATION_PREFIX, assistant_identity, escalate_action};
 use super::chat::{ChatService, Outgoing};
 use crate::auth::Domains;
 use crate::auth::policy;
@@ -1108,14 +1108,6 @@ impl Remote for HandoffService {
 
 /// `messageType` of the system messages recording transitions.
 pub const STATUS_KIND: &str = "status";
-
-/// `data` of a message offering a human: the `escalate` action the widget draws as a button.
-pub fn escalate_action(label: &str) -> serde_json::Value {
-    serde_json::json!({
-        "offerHuman": true,
-        "actions": [{ "id": "escalate", "label": label }],
-    })
-}
 
 /// The system message recording a transition.
 fn status_message(
