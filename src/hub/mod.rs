@@ -487,6 +487,16 @@ impl Hub {
         self.rooms.contains_key(key)
     }
 
+    /// The active room's own key (the same allocations every holder shares), or `key` when
+    /// the room is not active here. A message stored under it, and a connection's cursor
+    /// kept under it, compare equal by pointer on every delivery instead of by content.
+    pub fn canonical(&self, key: RoomKey) -> RoomKey {
+        match self.rooms.get(&key) {
+            Some(slot) => slot.key.clone(),
+            None => key,
+        }
+    }
+
     /// Number of active rooms.
     pub fn active_rooms(&self) -> usize {
         self.rooms.len()

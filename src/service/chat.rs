@@ -265,7 +265,8 @@ impl ChatService {
             _ => identity.name.replace('\0', ""),
         };
         let message = NewMessage {
-            room: key,
+            // The hub's own key when the room is active: its members' cursors hold the same.
+            room: self.hub.canonical(key),
             author: Author {
                 user_id: identity.user_id.clone(),
                 name,

@@ -1398,7 +1398,9 @@ impl Connection {
             sent = self.send(socket, to_bytes(&frame)).await;
         }
         let cursor = already.map_or_else(|| Cursor::of(&joined), |c| c.rejoined(&joined));
-        self.rooms.insert(key, cursor);
+        // Under the hub's own key, which every message delivered here carries too.
+        self.rooms
+            .insert(self.app.chat.hub().canonical(key), cursor);
         sent
     }
 
