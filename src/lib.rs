@@ -30,6 +30,7 @@ pub mod ai;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod error_code;
 pub mod failpoint;
 pub mod hub;
 pub mod metrics;

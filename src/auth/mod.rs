@@ -31,6 +31,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use crate::config::{AnonymousIdentity, Config, DEMO_DOMAIN, Secret};
+use crate::error_code::ErrorCode;
 use crate::model::{Identity, Role, valid_id};
 pub use domains::Domains;
 
@@ -54,12 +55,12 @@ pub enum AuthError {
 
 impl AuthError {
     /// Stable error code.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            AuthError::InvalidToken(_) => "invalid_token",
-            AuthError::UnknownDomain(_) => "unknown_domain",
-            AuthError::Forbidden(_) => "forbidden",
-            AuthError::InvalidUser(_) => "invalid_user_id",
+            AuthError::InvalidToken(_) => ErrorCode::InvalidToken,
+            AuthError::UnknownDomain(_) => ErrorCode::UnknownDomain,
+            AuthError::Forbidden(_) => ErrorCode::Forbidden,
+            AuthError::InvalidUser(_) => ErrorCode::InvalidUserId,
         }
     }
 }

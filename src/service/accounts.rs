@@ -20,6 +20,7 @@ use chrono::{DateTime, Utc};
 use super::ServiceError;
 use crate::auth::Domains;
 use crate::auth::keys;
+use crate::error_code::ErrorCode;
 use crate::model::Role;
 use crate::store::Store;
 use crate::store::accounts::{Account, AccountRole, NewAccount, Session};
@@ -89,7 +90,7 @@ impl AccountService {
     ) -> Result<Invited, ServiceError> {
         if self.domains.load().get(domain).is_none() {
             return Err(ServiceError::NotFound {
-                code: "domain_not_found",
+                code: ErrorCode::DomainNotFound,
                 message: format!("no domain {domain:?}"),
             });
         }
@@ -97,7 +98,7 @@ impl AccountService {
         let name = name.trim();
         if name.is_empty() || name.chars().count() > MAX_NAME {
             return Err(ServiceError::invalid(
-                "invalid_name",
+                ErrorCode::InvalidName,
                 format!("name must be 1 to {MAX_NAME} characters"),
             ));
         }
@@ -110,7 +111,7 @@ impl AccountService {
         };
         let Some(account) = self.store.create_account(new).await? else {
             return Err(ServiceError::Conflict {
-                code: "account_exists",
+                code: ErrorCode::AccountExists,
                 message: format!("{domain:?} already has an account for {email}"),
             });
         };
@@ -158,7 +159,7 @@ impl AccountService {
         match self.store.account(id).await? {
             Some(a) if a.domain_id == domain => Ok(a),
             _ => Err(ServiceError::NotFound {
-                code: "account_not_found",
+                code: ErrorCode::AccountNotFound,
                 message: format!("{domain:?} has no account {id:?}"),
             }),
         }
@@ -177,7 +178,7 @@ impl AccountService {
             .await?
         else {
             return Err(ServiceError::NotFound {
-                code: "invalid_invite",
+                code: ErrorCode::InvalidInvite,
                 message: "this invite link was used already or has expired; ask for a new one"
                     .into(),
             });
@@ -253,7 +254,7 @@ impl AccountService {
             .session(&digest(&token), Utc::now())
             .await?
             .ok_or_else(|| ServiceError::NotAvailable {
-                code: "session_lost",
+                code: ErrorCode::SessionLost,
                 message: "the session could not be read back".into(),
             })?;
         Ok(SignedIn { token, session })
@@ -284,7 +285,7 @@ impl AccountService {
             })?;
         if self.domains.load().get(domain).is_none() {
             return Err(ServiceError::NotFound {
-                code: "domain_not_found",
+                code: ErrorCode::DomainNotFound,
                 message: format!("no domain {domain:?}"),
             });
         }
@@ -327,7 +328,7 @@ pub fn normalize_email(email: &str) -> Result<String, ServiceError> {
         Ok(email)
     } else {
         Err(ServiceError::invalid(
-            "invalid_email",
+            ErrorCode::InvalidEmail,
             "that is not an e-mail address",
         ))
     }
@@ -339,7 +340,7 @@ fn check_password(password: &str) -> Result<(), ServiceError> {
         Ok(())
     } else {
         Err(ServiceError::invalid(
-            "weak_password",
+            ErrorCode::WeakPassword,
             format!(
                 "a password must have {} to {} characters",
                 PASSWORD_CHARS.start(),
@@ -351,14 +352,14 @@ fn check_password(password: &str) -> Result<(), ServiceError> {
 
 fn bad_credentials() -> ServiceError {
     ServiceError::Unauthenticated {
-        code: "invalid_credentials",
+        code: ErrorCode::InvalidCredentials,
         message: "wrong e-mail address or password".into(),
     }
 }
 
 fn locked(until: DateTime<Utc>, now: DateTime<Utc>) -> ServiceError {
     ServiceError::Limited {
-        code: "too_many_failures",
+        code: ErrorCode::TooManyFailures,
         message: "too many failed sign-ins for this address; try again later".into(),
         retry_after: (until - now).to_std().unwrap_or(Duration::from_secs(1)),
     }
@@ -371,7 +372,7 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|_| ServiceError::NotAvailable {
-            code: "internal",
+            code: ErrorCode::Internal,
             message: "password check failed".into(),
         })
 }
@@ -387,7 +388,7 @@ pub fn hash_password(password: &str) -> Result<String, ServiceError> {
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
         .map_err(|e| ServiceError::NotAvailable {
-            code: "internal",
+            code: ErrorCode::Internal,
             message: format!("cannot hash the password: {e}"),
         })
 }

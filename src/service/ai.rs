@@ -47,6 +47,7 @@ use crate::ai::{
 use crate::auth::Domains;
 use crate::broker::shared::{Rate, Shared};
 use crate::config::{AiConfig, BUILTIN_DEMO_KNOWLEDGE, BotConfig, ProviderConfig, ProviderKind};
+use crate::error_code::ErrorCode;
 use crate::hub::Event as HubEvent;
 use crate::metrics::{AiCallLabel, AiTokenLabel, Metrics, ProviderLabel};
 use crate::model::{Identity, Message, Role, RoomKey};
@@ -372,7 +373,7 @@ impl AiService {
             };
             if let Err(wait) = checked {
                 return Err(ServiceError::Limited {
-                    code: "rate_limited",
+                    code: ErrorCode::RateLimited,
                     message: format!(
                         "more than {rate} questions to the assistant per minute; slow down"
                     ),
@@ -443,7 +444,7 @@ impl AiService {
                 .unwrap_or_default()
                 .and_utc();
             return Err(ServiceError::Limited {
-                code: "budget_exceeded",
+                code: ErrorCode::BudgetExceeded,
                 message: format!("this domain used its {budget} AI tokens for today"),
                 retry_after: (tomorrow - now).to_std().unwrap_or(Duration::from_secs(60)),
             });
@@ -639,13 +640,13 @@ impl AiService {
         self.document_access(caller, domain)?;
         if !crate::ai::kb::valid_document_name(name) {
             return Err(ServiceError::invalid(
-                "invalid_document_name",
+                ErrorCode::InvalidDocumentName,
                 "a document name is 1-128 characters of A-Z a-z 0-9 . _ - ending in .md, .markdown or .txt",
             ));
         }
         if text.trim().is_empty() {
             return Err(ServiceError::invalid(
-                "empty_document",
+                ErrorCode::EmptyDocument,
                 "the document is empty",
             ));
         }
@@ -686,7 +687,7 @@ impl AiService {
             .await?;
         if removed == 0 {
             return Err(ServiceError::NotFound {
-                code: "document_not_found",
+                code: ErrorCode::DocumentNotFound,
                 message: format!("domain {domain:?} has no document {name:?}"),
             });
         }
@@ -702,7 +703,7 @@ impl AiService {
         }
         if self.domains.load().get(domain).is_none() {
             return Err(ServiceError::NotFound {
-                code: "domain_not_found",
+                code: ErrorCode::DomainNotFound,
                 message: format!("no domain {domain:?}"),
             });
         }
@@ -875,7 +876,7 @@ impl AiService {
                 self.notices
                     .retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
                 let text = match e.code() {
-                    "budget_exceeded" => {
+                    ErrorCode::BudgetExceeded => {
                         "The assistant has reached today's limit. A human agent can still help."
                     }
                     _ => {
@@ -1282,14 +1283,14 @@ impl AiService {
     ) -> Result<mpsc::Receiver<AiEvent>, ServiceError> {
         if ask.message.trim().is_empty() {
             return Err(ServiceError::invalid(
-                "empty_message",
+                ErrorCode::EmptyMessage,
                 "message must not be empty",
             ));
         }
         let max = self.chat.limits().max_message_bytes;
         if ask.message.len() > max || ask.context.as_ref().is_some_and(|c| c.len() > max) {
             return Err(ServiceError::TooLarge {
-                code: "message_too_long",
+                code: ErrorCode::MessageTooLong,
                 message: format!("message and context may each hold {max} bytes"),
             });
         }
@@ -1297,7 +1298,7 @@ impl AiService {
             self.bot(&identity.domain_id)
                 .await
                 .ok_or_else(|| ServiceError::NotAvailable {
-                    code: "ai_unavailable",
+                    code: ErrorCode::AiUnavailable,
                     message: "this domain has no AI assistant".into(),
                 })?;
         let admitted = self
@@ -1332,10 +1333,10 @@ impl AiService {
                     .await
                     .map_err(|e| match e {
                         ServiceError::Invalid {
-                            code: "invalid_room_id",
+                            code: ErrorCode::InvalidRoomId,
                             ..
                         } => ServiceError::invalid(
-                            "invalid_conversation_id",
+                            ErrorCode::InvalidConversationId,
                             "conversationId must be 1-125 characters of A-Z a-z 0-9 - _ . : @",
                         ),
                         other => other,
@@ -1420,7 +1421,7 @@ impl AiService {
         }
         if from >= to {
             return Err(ServiceError::invalid(
-                "invalid_query",
+                ErrorCode::InvalidQuery,
                 "`from` must be before `to`",
             ));
         }
@@ -1710,7 +1711,7 @@ impl Spending {
         {
             let per_minute = self.tokens_per_minute;
             return Err(ServiceError::Limited {
-                code: "rate_limited",
+                code: ErrorCode::RateLimited,
                 message: format!(
                     "questions from this address used their {per_minute} AI tokens for this minute; slow down"
                 ),
@@ -1731,7 +1732,7 @@ impl Spending {
             Err(wait) => Err(wait),
         };
         checked.map_err(|wait| ServiceError::Limited {
-            code: "rate_limited",
+            code: ErrorCode::RateLimited,
             message: format!(
                 "more than {rate} questions to the assistant per minute from this address; slow down"
             ),
@@ -1761,7 +1762,7 @@ impl Spending {
         running.try_acquire_owned().map_err(|_| {
             let max = self.max_running;
             ServiceError::Limited {
-                code: "rate_limited",
+                code: ErrorCode::RateLimited,
                 message: format!(
                     "this domain's assistant is already answering its limit of {max} questions at once; ask again in a moment"
                 ),
@@ -2007,7 +2008,7 @@ fn build_provider(p: &ProviderConfig) -> Result<Arc<dyn Provider>, ServiceError>
         }
         ProviderKind::Gemini => Gemini::new(endpoint).map(|c| Arc::new(c) as Arc<dyn Provider>),
     };
-    built.map_err(|e| ServiceError::invalid("invalid_provider", e.to_string()))
+    built.map_err(|e| ServiceError::invalid(ErrorCode::InvalidProvider, e.to_string()))
 }
 
 /// The wire name of a finish reason.

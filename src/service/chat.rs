@@ -14,6 +14,7 @@ use super::ServiceError;
 use crate::auth::Domains;
 use crate::auth::policy;
 use crate::config::Limits;
+use crate::error_code::ErrorCode;
 use crate::hub::{ConnHandle, Event, Hub, Joined, PresentUser, Replay};
 use crate::metrics::Metrics;
 use crate::model::{Author, Identity, Message, NewMessage, Room, RoomKey, json_depth, valid_id};
@@ -124,7 +125,7 @@ impl ChatService {
     pub fn room_key(&self, identity: &Identity, room_id: &str) -> Result<RoomKey, ServiceError> {
         if !valid_id(room_id) {
             return Err(ServiceError::invalid(
-                "invalid_room_id",
+                ErrorCode::InvalidRoomId,
                 "roomId must be 1-128 characters of A-Z a-z 0-9 - _ . : @",
             ));
         }
@@ -149,7 +150,7 @@ impl ChatService {
                 if size > self.limits.max_message_bytes || json_depth(data) > MAX_CLIENT_DATA_DEPTH
                 {
                     return Err(ServiceError::invalid(
-                        "invalid_data",
+                        ErrorCode::InvalidData,
                         format!(
                             "customerData must be a JSON object of at most {} bytes, nested at most {MAX_CLIENT_DATA_DEPTH} levels",
                             self.limits.max_message_bytes
@@ -216,7 +217,7 @@ impl ChatService {
         let key = self.room_key(identity, out.room_id)?;
         if out.text.trim().is_empty() {
             return Err(ServiceError::invalid(
-                "empty_message",
+                ErrorCode::EmptyMessage,
                 "message must not be empty",
             ));
         }
@@ -224,13 +225,13 @@ impl ChatService {
         // every backend alike.
         if out.text.contains('\0') {
             return Err(ServiceError::invalid(
-                "invalid_message",
+                ErrorCode::InvalidMessage,
                 "message must not contain NUL characters",
             ));
         }
         if out.text.len() > self.limits.max_message_bytes {
             return Err(ServiceError::TooLarge {
-                code: "message_too_long",
+                code: ErrorCode::MessageTooLong,
                 message: format!(
                     "message is {} bytes; the limit is {}",
                     out.text.len(),
@@ -242,7 +243,7 @@ impl ChatService {
             && !valid_id(cmid)
         {
             return Err(ServiceError::invalid(
-                "invalid_client_message_id",
+                ErrorCode::InvalidClientMessageId,
                 "clientMessageId must be 1-128 characters of A-Z a-z 0-9 - _ . : @",
             ));
         }
@@ -250,7 +251,7 @@ impl ChatService {
             && (!data.is_object() || json_depth(data) > MAX_CLIENT_DATA_DEPTH)
         {
             return Err(ServiceError::invalid(
-                "invalid_data",
+                ErrorCode::InvalidData,
                 format!("data must be a JSON object nested at most {MAX_CLIENT_DATA_DEPTH} levels"),
             ));
         }
@@ -314,7 +315,7 @@ impl ChatService {
         let (page, more) = match (after, before) {
             (Some(_), Some(_)) => {
                 return Err(ServiceError::invalid(
-                    "invalid_query",
+                    ErrorCode::InvalidQuery,
                     "give `after` or `before`, not both",
                 ));
             }
@@ -439,7 +440,7 @@ impl ChatService {
 /// The error for acting in a room one has not joined.
 pub fn not_joined() -> ServiceError {
     ServiceError::Conflict {
-        code: "not_joined",
+        code: ErrorCode::NotJoined,
         message: "join the room first".to_owned(),
     }
 }

@@ -30,6 +30,7 @@ use crate::auth::domains::{DomainTable, Source};
 use crate::auth::{Domains, keys, policy};
 use crate::broker::{Broker, DomainListener};
 use crate::config::{DomainConfig, Secret};
+use crate::error_code::ErrorCode;
 use crate::model::Identity;
 use crate::store::{DomainChange, DomainKey, KeyKind, Store};
 
@@ -115,7 +116,7 @@ impl DomainService {
         let keys = self.store.domain_keys().await?;
         self.domains
             .replace(&stored, &keys)
-            .map_err(|e| ServiceError::invalid("invalid_domain", e.to_string()))
+            .map_err(|e| ServiceError::invalid(ErrorCode::InvalidDomain, e.to_string()))
     }
 
     /// The current table, for listing.
@@ -138,16 +139,16 @@ impl DomainService {
         }
         if !settings.templates.is_empty() {
             return Err(ServiceError::invalid(
-                "invalid_domain",
+                ErrorCode::InvalidDomain,
                 "template files are read from the config file at start; add a run-time \
                  domain's templates at /api/admin/domains/{id}/templates",
             ));
         }
         self.domains
             .check_candidate(&settings)
-            .map_err(|e| ServiceError::invalid("invalid_domain", e.to_string()))?;
+            .map_err(|e| ServiceError::invalid(ErrorCode::InvalidDomain, e.to_string()))?;
         let json = serde_json::to_string(&settings)
-            .map_err(|e| ServiceError::invalid("invalid_domain", e.to_string()))?;
+            .map_err(|e| ServiceError::invalid(ErrorCode::InvalidDomain, e.to_string()))?;
         self.store
             .change_domains(DomainChange::Save {
                 id: settings.id.clone(),
@@ -215,8 +216,9 @@ impl DomainService {
         };
         let grace = retire_others_after
             .map(|grace| {
-                chrono::Duration::from_std(grace)
-                    .map_err(|_| ServiceError::invalid("invalid_grace", "grace period too long"))
+                chrono::Duration::from_std(grace).map_err(|_| {
+                    ServiceError::invalid(ErrorCode::InvalidGrace, "grace period too long")
+                })
             })
             .transpose()?;
         self.store
@@ -265,7 +267,7 @@ impl DomainService {
             .await?;
         if removed == 0 {
             return Err(ServiceError::NotFound {
-                code: "key_not_found",
+                code: ErrorCode::KeyNotFound,
                 message: format!("domain {id:?} has no key {key_id:?}"),
             });
         }
@@ -292,14 +294,14 @@ fn allowed(caller: &Identity) -> Result<(), ServiceError> {
 
 fn domain_not_found(id: &str) -> ServiceError {
     ServiceError::NotFound {
-        code: "domain_not_found",
+        code: ErrorCode::DomainNotFound,
         message: format!("no domain {id:?}"),
     }
 }
 
 fn in_config_file(id: &str) -> ServiceError {
     ServiceError::Conflict {
-        code: "domain_in_config_file",
+        code: ErrorCode::DomainInConfigFile,
         message: format!(
             "domain {id:?} is declared in the config file; change it there (keys can be added here)"
         ),

@@ -33,6 +33,7 @@ use crate::auth::policy;
 use crate::broker::shared::{Online, Shared};
 use crate::broker::{Broker, Remote};
 use crate::config::HandoffConfig;
+use crate::error_code::ErrorCode;
 use crate::hub::{ConnHandle, Envelope, Event, LeftReason};
 use crate::metrics::{ActionLabel, Metrics};
 use crate::model::{
@@ -308,7 +309,7 @@ impl HandoffService {
         let key = self.chat.room_key(identity, room_id)?;
         if key.room_id.starts_with(CONVERSATION_PREFIX) {
             return Err(ServiceError::Conflict {
-                code: "no_handoff",
+                code: ErrorCode::NoHandoff,
                 message: "AI conversations (ai:…) have no hand-off".into(),
             });
         }
@@ -357,14 +358,14 @@ impl HandoffService {
             Action::Escalate { reason } => {
                 if reason.as_ref().is_some_and(|r| r.len() > 1000) {
                     return Err(ServiceError::invalid(
-                        "invalid_reason",
+                        ErrorCode::InvalidReason,
                         "reason may hold at most 1000 bytes",
                     ));
                 }
                 // Nobody would come: a room of a domain without hand-off stays with the bot.
                 if !self.settings(&identity.domain_id).enabled {
                     return Err(ServiceError::Conflict {
-                        code: "handoff_disabled",
+                        code: ErrorCode::HandoffDisabled,
                         message: "this domain does not hand conversations to agents".into(),
                     });
                 }
@@ -474,7 +475,7 @@ impl HandoffService {
             _ => format!("cannot {} a conversation that is {state}", action.name()),
         };
         Err(ServiceError::Conflict {
-            code: "invalid_transition",
+            code: ErrorCode::InvalidTransition,
             message,
         })
     }
@@ -489,7 +490,7 @@ impl HandoffService {
         let Some(named) = named else {
             if identity.role != Role::Agent && identity.role != Role::Admin {
                 return Err(ServiceError::invalid(
-                    "invalid_agent",
+                    ErrorCode::InvalidAgent,
                     "agentId is required when the caller is not an agent",
                 ));
             }
@@ -500,7 +501,7 @@ impl HandoffService {
         };
         if !crate::model::valid_id(&named.user_id) {
             return Err(ServiceError::invalid(
-                "invalid_agent",
+                ErrorCode::InvalidAgent,
                 "agentId must be 1-128 characters of A-Z a-z 0-9 - _ . : @",
             ));
         }
@@ -919,7 +920,7 @@ impl HandoffService {
             .is_some_and(|t| t.chars().count() > MAX_SEARCH_CHARS)
         {
             return Err(ServiceError::invalid(
-                "invalid_query",
+                ErrorCode::InvalidQuery,
                 format!("a search may hold at most {MAX_SEARCH_CHARS} characters"),
             ));
         }
@@ -996,12 +997,15 @@ impl HandoffService {
             ));
         }
         if text.trim().is_empty() {
-            return Err(ServiceError::invalid("empty_message", "a note needs text"));
+            return Err(ServiceError::invalid(
+                ErrorCode::EmptyMessage,
+                "a note needs text",
+            ));
         }
         let max = MAX_NOTE_BYTES.min(self.chat.limits().max_message_bytes);
         if text.len() > max {
             return Err(ServiceError::TooLarge {
-                code: "message_too_long",
+                code: ErrorCode::MessageTooLong,
                 message: format!("a note is {} bytes; the limit is {max}", text.len()),
             });
         }

@@ -11,6 +11,7 @@ pub mod domains;
 pub mod handoff;
 pub mod sessions;
 
+use crate::error_code::ErrorCode;
 use crate::store::StoreError;
 
 /// Why a service refused or failed a request. Each variant has a stable snake_case code that
@@ -21,7 +22,7 @@ pub enum ServiceError {
     #[error("{message}")]
     Invalid {
         /// Stable code.
-        code: &'static str,
+        code: ErrorCode,
         /// Human-readable explanation.
         message: String,
     },
@@ -29,7 +30,7 @@ pub enum ServiceError {
     #[error("{message}")]
     TooLarge {
         /// Stable code.
-        code: &'static str,
+        code: ErrorCode,
         /// Human-readable explanation.
         message: String,
     },
@@ -37,7 +38,7 @@ pub enum ServiceError {
     #[error("{message}")]
     Unauthenticated {
         /// Stable code.
-        code: &'static str,
+        code: ErrorCode,
         /// Human-readable explanation.
         message: String,
     },
@@ -51,7 +52,7 @@ pub enum ServiceError {
     #[error("{message}")]
     NotFound {
         /// Stable code.
-        code: &'static str,
+        code: ErrorCode,
         /// Human-readable explanation.
         message: String,
     },
@@ -59,7 +60,7 @@ pub enum ServiceError {
     #[error("{message}")]
     Conflict {
         /// Stable code.
-        code: &'static str,
+        code: ErrorCode,
         /// Human-readable explanation.
         message: String,
     },
@@ -67,7 +68,7 @@ pub enum ServiceError {
     #[error("{message}")]
     Limited {
         /// Stable code.
-        code: &'static str,
+        code: ErrorCode,
         /// Human-readable explanation.
         message: String,
         /// When to try again.
@@ -77,7 +78,7 @@ pub enum ServiceError {
     #[error("{message}")]
     NotAvailable {
         /// Stable code.
-        code: &'static str,
+        code: ErrorCode,
         /// Human-readable explanation.
         message: String,
     },
@@ -88,7 +89,7 @@ pub enum ServiceError {
 
 impl ServiceError {
     /// The stable code sent to clients.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
             ServiceError::Invalid { code, .. }
             | ServiceError::TooLarge { code, .. }
@@ -96,14 +97,14 @@ impl ServiceError {
             | ServiceError::NotFound { code, .. }
             | ServiceError::NotAvailable { code, .. }
             | ServiceError::Unauthenticated { code, .. }
-            | ServiceError::Limited { code, .. } => code,
-            ServiceError::Forbidden(_) => "forbidden",
-            ServiceError::RoomNotFound => "room_not_found",
-            ServiceError::Unavailable(_) => "store_unavailable",
+            | ServiceError::Limited { code, .. } => *code,
+            ServiceError::Forbidden(_) => ErrorCode::Forbidden,
+            ServiceError::RoomNotFound => ErrorCode::RoomNotFound,
+            ServiceError::Unavailable(_) => ErrorCode::StoreUnavailable,
         }
     }
 
-    pub(crate) fn invalid(code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(code: ErrorCode, message: impl Into<String>) -> Self {
         ServiceError::Invalid {
             code,
             message: message.into(),
@@ -115,7 +116,7 @@ impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Invalid(message) => ServiceError::Invalid {
-                code: "invalid_data",
+                code: ErrorCode::InvalidData,
                 message,
             },
             other => ServiceError::Unavailable(other),
@@ -137,16 +138,16 @@ impl From<crate::auth::AuthError> for ServiceError {
         let message = e.to_string();
         match e {
             AuthError::UnknownDomain(_) => ServiceError::NotFound {
-                code: "unknown_domain",
+                code: ErrorCode::UnknownDomain,
                 message: format!(
                     "{message}: without a token a client may name the demo or a public domain \
                      that allows its page"
                 ),
             },
             AuthError::Forbidden(m) => ServiceError::Forbidden(m),
-            AuthError::InvalidUser(m) => ServiceError::invalid("invalid_user_id", m),
+            AuthError::InvalidUser(m) => ServiceError::invalid(ErrorCode::InvalidUserId, m),
             AuthError::InvalidToken(_) => ServiceError::Unauthenticated {
-                code: "invalid_token",
+                code: ErrorCode::InvalidToken,
                 message,
             },
         }

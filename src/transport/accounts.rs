@@ -30,6 +30,7 @@ use super::edge::{self, Budget, ClientIp};
 use super::error::ApiError;
 use super::http::{ApiJson, bearer_token};
 use crate::AppState;
+use crate::error_code::ErrorCode;
 use crate::model::{Identity, Role, iso};
 use crate::service::ServiceError;
 use crate::service::accounts::{Invited, SignedIn, TOKEN_TTL_SECS};
@@ -50,7 +51,7 @@ fn own_page(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
         app.metrics.client_error("cross_site");
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "cross_site",
+            ErrorCode::CrossSite,
             "sign-in requests are accepted from this server's own pages only",
         ));
     }
@@ -132,7 +133,7 @@ fn signed_in(app: &AppState, headers: &HeaderMap, signed: &SignedIn) -> Response
 }
 
 fn service(app: &AppState, e: ServiceError) -> ApiError {
-    app.metrics.client_error(e.code());
+    app.metrics.client_error(e.code().as_str());
     ApiError::from(e)
 }
 
@@ -165,7 +166,7 @@ async fn lookup(
 async fn current(app: &AppState, headers: &HeaderMap) -> Result<(String, Session), ApiError> {
     lookup(app, headers).await?.ok_or_else(|| {
         app.metrics.client_error("not_signed_in");
-        ApiError::unauthorized("not_signed_in", "sign in first")
+        ApiError::unauthorized(ErrorCode::NotSignedIn, "sign in first")
     })
 }
 
@@ -312,12 +313,12 @@ impl FromRequestParts<AppState> for Manager {
                 app.metrics.client_error("forbidden");
                 Err(ApiError::new(
                     StatusCode::FORBIDDEN,
-                    "forbidden",
+                    ErrorCode::Forbidden,
                     "only an admin key or a domain's admin manages its agents",
                 ))
             }
             Err(e) => {
-                app.metrics.client_error(e.code());
+                app.metrics.client_error(e.code().as_str());
                 Err(ApiError::unauthorized(e.code(), e.to_string()))
             }
         }
@@ -334,7 +335,7 @@ impl Manager {
         Err(service(
             app,
             ServiceError::NotFound {
-                code: "domain_not_found",
+                code: ErrorCode::DomainNotFound,
                 message: format!("no domain {domain:?}"),
             },
         ))
@@ -406,7 +407,10 @@ pub async fn create(
     let role = match body.role.as_deref() {
         None => AccountRole::Agent,
         Some(r) => AccountRole::parse(r).ok_or_else(|| {
-            ApiError::bad_request("invalid_role", "role must be \"agent\" or \"admin\"")
+            ApiError::bad_request(
+                ErrorCode::InvalidRole,
+                "role must be \"agent\" or \"admin\"",
+            )
         })?,
     };
     let invited = app

@@ -32,6 +32,7 @@ use super::http::{ApiJson, bearer_token};
 use crate::AppState;
 use crate::auth::domains::Domain;
 use crate::config::DomainConfig;
+use crate::error_code::ErrorCode;
 use crate::model::{Identity, iso};
 use crate::store::KeyKind;
 
@@ -47,7 +48,7 @@ impl FromRequestParts<AppState> for Admin {
             .identify_admin(bearer_token(&parts.headers))
             .map(Admin)
             .map_err(|e| {
-                app.metrics.client_error(e.code());
+                app.metrics.client_error(e.code().as_str());
                 ApiError::unauthorized(e.code(), e.to_string())
             })
     }
@@ -85,7 +86,7 @@ pub async fn put_domain(
 ) -> Result<Response, ApiError> {
     let Value::Object(mut fields) = rename_keys(body, &snake_case) else {
         return Err(ApiError::bad_request(
-            "invalid_body",
+            ErrorCode::InvalidBody,
             "the body must be a JSON object of domain settings",
         ));
     };
@@ -96,13 +97,14 @@ pub async fn put_domain(
         Some(Value::String(body_id)) if *body_id == id => {}
         Some(_) => {
             return Err(ApiError::bad_request(
-                "invalid_body",
+                ErrorCode::InvalidBody,
                 "`id` in the body differs from the path",
             ));
         }
     }
-    let settings: DomainConfig = serde_json::from_value(Value::Object(fields))
-        .map_err(|e| ApiError::bad_request("invalid_domain", camel_message(&e.to_string())))?;
+    let settings: DomainConfig = serde_json::from_value(Value::Object(fields)).map_err(|e| {
+        ApiError::bad_request(ErrorCode::InvalidDomain, camel_message(&e.to_string()))
+    })?;
     let created = app.domain_admin.put(&me, settings).await?;
     let table = app.domain_admin.table(&me)?;
     let domain = table.get(&id).ok_or_else(|| not_found(&id))?;
@@ -148,14 +150,14 @@ pub async fn add_key(
         NewKeyBody::default()
     } else {
         serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?
+            .map_err(|e| ApiError::bad_request(ErrorCode::InvalidBody, e.to_string()))?
     };
     let kind = match body.kind.as_deref() {
         None | Some("server") => KeyKind::Server,
         Some("pusher") => KeyKind::Pusher,
         Some(other) => {
             return Err(ApiError::bad_request(
-                "invalid_body",
+                ErrorCode::InvalidBody,
                 format!("unknown key kind {other:?}: use \"server\" or \"pusher\""),
             ));
         }
@@ -207,8 +209,9 @@ pub async fn put_document(
     Path((id, name)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let text = String::from_utf8(body.to_vec())
-        .map_err(|_| ApiError::bad_request("invalid_body", "the document must be UTF-8 text"))?;
+    let text = String::from_utf8(body.to_vec()).map_err(|_| {
+        ApiError::bad_request(ErrorCode::InvalidBody, "the document must be UTF-8 text")
+    })?;
     let created = app.ai.put_document(&me, &id, &name, text).await?;
     let status = if created {
         StatusCode::CREATED
@@ -231,7 +234,7 @@ pub async fn delete_document(
 fn not_found(id: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        "domain_not_found",
+        ErrorCode::DomainNotFound,
         format!("no domain {id:?}"),
     )
 }

@@ -24,6 +24,7 @@ use super::edge::ClientIp;
 use super::error::ApiError;
 use super::http::{ApiJson, ApiQuery, Caller};
 use crate::AppState;
+use crate::error_code::ErrorCode;
 use crate::model::Identity;
 use crate::service::ServiceError;
 use crate::service::ai::{AiEvent, Ask, finish_label};
@@ -235,7 +236,7 @@ pub async fn usage(
     let now = chrono::Utc::now();
     let bad = |what: &str| {
         ApiError::bad_request(
-            "invalid_query",
+            ErrorCode::InvalidQuery,
             format!("`{what}` must be RFC 3339 or YYYY-MM-DD"),
         )
     };
@@ -252,7 +253,7 @@ pub async fn usage(
         Some("day") => crate::store::UsageGrouping::Day,
         Some(_) => {
             return Err(ApiError::bad_request(
-                "invalid_query",
+                ErrorCode::InvalidQuery,
                 "`groupBy` must be `model` or `day`",
             ));
         }

@@ -7,13 +7,14 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::wire::{ErrorBody, ErrorDetail};
+use crate::error_code::ErrorCode;
 use crate::service::ServiceError;
 
 /// An HTTP error response.
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
     /// Seconds for `Retry-After` (429).
     retry_after: Option<u64>,
@@ -21,7 +22,7 @@ pub struct ApiError {
 
 impl ApiError {
     /// Any status and code.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -37,7 +38,7 @@ impl ApiError {
             retry_after: Some(secs),
             ..Self::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
+                ErrorCode::RateLimited,
                 format!("too many {what}; retry in {secs} s"),
             )
         }
@@ -49,24 +50,24 @@ impl ApiError {
             retry_after: Some(5),
             ..Self::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "too_many_connections",
+                ErrorCode::TooManyConnections,
                 message,
             )
         }
     }
 
     /// 401.
-    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn unauthorized(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, code, message)
     }
 
     /// 503.
-    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn unavailable(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
     }
 
     /// 400.
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn bad_request(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 }
@@ -97,7 +98,7 @@ impl From<ServiceError> for ApiError {
             let secs = retry_after.as_secs().max(1);
             return Self {
                 retry_after: Some(secs),
-                ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, e.to_string())
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, *code, e.to_string())
             };
         }
         let status = match &e {

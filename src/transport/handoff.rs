@@ -16,11 +16,12 @@ use super::http::{ApiJson, ApiQuery, Caller};
 use super::wire::{agent_json, conversation_json, customer_json, inbox_entry_json, note_json};
 use super::ws::parse_statuses;
 use crate::AppState;
+use crate::error_code::ErrorCode;
 use crate::service::ServiceError;
 use crate::service::handoff::{Action, AgentRef, InboxFilter, Outcome};
 
 fn error(app: &AppState, e: ServiceError) -> ApiError {
-    app.metrics.client_error(e.code());
+    app.metrics.client_error(e.code().as_str());
     ApiError::from(e)
 }
 
@@ -31,11 +32,11 @@ fn optional_body<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiEr
     }
     serde_json::from_slice(body).map_err(|e| {
         if e.is_syntax() || e.is_eof() {
-            ApiError::bad_request("invalid_json", "body is not valid JSON")
+            ApiError::bad_request(ErrorCode::InvalidJson, "body is not valid JSON")
         } else {
             let text = e.to_string();
             let text = text.split(" at line").next().unwrap_or("invalid body");
-            ApiError::bad_request("invalid_body", text.to_owned())
+            ApiError::bad_request(ErrorCode::InvalidBody, text.to_owned())
         }
     })
 }
@@ -173,7 +174,10 @@ pub async fn transfer(
 ) -> Result<Response, ApiError> {
     let b: AgentBody = optional_body(&body)?;
     let Some(user_id) = b.agent_id else {
-        return Err(ApiError::bad_request("invalid_body", "agentId is required"));
+        return Err(ApiError::bad_request(
+            ErrorCode::InvalidBody,
+            "agentId is required",
+        ));
     };
     let agent = AgentRef {
         user_id,

@@ -19,6 +19,7 @@ use super::error::ApiError;
 use super::wire::WireMessage;
 use crate::AppState;
 use crate::auth::policy;
+use crate::error_code::ErrorCode;
 use crate::model::{Identity, Role, iso, now_ms, valid_id};
 use crate::service::ServiceError;
 use crate::service::chat::Outgoing;
@@ -44,7 +45,7 @@ impl FromRequestParts<AppState> for Caller {
         let identity = match bearer_token(&parts.headers).filter(|t| !t.is_empty()) {
             None => super::visitor::anonymous(&parts.extensions),
             token => app.auth.identify(token).await.map_err(|e| {
-                app.metrics.client_error(e.code());
+                app.metrics.client_error(e.code().as_str());
                 ApiError::unauthorized(e.code(), e.to_string())
             })?,
         };
@@ -84,11 +85,11 @@ impl<T: DeserializeOwned, S: Send + Sync, const LENIENT: bool> FromRequest<S>
             if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
+                    ErrorCode::PayloadTooLarge,
                     "request body is too large",
                 )
             } else {
-                ApiError::bad_request("invalid_body", r.body_text())
+                ApiError::bad_request(ErrorCode::InvalidBody, r.body_text())
             }
         })?;
         match Json::<T>::from_bytes(&bytes) {
@@ -115,21 +116,23 @@ fn lenient_content_type(headers: &HeaderMap) -> bool {
 
 fn json_rejection(r: &JsonRejection) -> ApiError {
     match r {
-        JsonRejection::JsonDataError(e) => ApiError::bad_request("invalid_body", e.body_text()),
+        JsonRejection::JsonDataError(e) => {
+            ApiError::bad_request(ErrorCode::InvalidBody, e.body_text())
+        }
         JsonRejection::JsonSyntaxError(_) => {
-            ApiError::bad_request("invalid_json", "body is not valid JSON")
+            ApiError::bad_request(ErrorCode::InvalidJson, "body is not valid JSON")
         }
         JsonRejection::MissingJsonContentType(_) => ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            ErrorCode::UnsupportedMediaType,
             "send Content-Type: application/json",
         ),
         other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            ErrorCode::PayloadTooLarge,
             "request body is too large",
         ),
-        other => ApiError::bad_request("invalid_body", other.body_text()),
+        other => ApiError::bad_request(ErrorCode::InvalidBody, other.body_text()),
     }
 }
 
@@ -143,10 +146,14 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         match Query::<T>::from_request_parts(parts, state).await {
             Ok(Query(v)) => Ok(Self(v)),
-            Err(QueryRejection::FailedToDeserializeQueryString(e)) => {
-                Err(ApiError::bad_request("invalid_query", e.body_text()))
-            }
-            Err(e) => Err(ApiError::bad_request("invalid_query", e.body_text())),
+            Err(QueryRejection::FailedToDeserializeQueryString(e)) => Err(ApiError::bad_request(
+                ErrorCode::InvalidQuery,
+                e.body_text(),
+            )),
+            Err(e) => Err(ApiError::bad_request(
+                ErrorCode::InvalidQuery,
+                e.body_text(),
+            )),
         }
     }
 }
@@ -212,7 +219,7 @@ pub async fn online(
         app.metrics.client_error("forbidden");
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "forbidden",
+            ErrorCode::Forbidden,
             "online counts are for the domain's agents, admins and back end",
         ));
     }
@@ -363,7 +370,7 @@ pub async fn publish(
         if !valid_id(&user) {
             return Err(error(
                 &app,
-                ServiceError::invalid("invalid_user_id", "`userId` is not a valid user id"),
+                ServiceError::invalid(ErrorCode::InvalidUserId, "`userId` is not a valid user id"),
             ));
         }
         identity.name = body
@@ -411,14 +418,15 @@ pub async fn ws_token(
     }
     if !valid_id(&body.user_id) {
         return Err(ApiError::bad_request(
-            "invalid_user_id",
+            ErrorCode::InvalidUserId,
             "userId must be 1-128 characters of A-Z a-z 0-9 - _ . : @",
         ));
     }
     let role = match body.role.as_deref() {
         None => Role::Visitor,
-        Some(r) => Role::parse(r)
-            .ok_or_else(|| ApiError::bad_request("invalid_role", format!("unknown role {r:?}")))?,
+        Some(r) => Role::parse(r).ok_or_else(|| {
+            ApiError::bad_request(ErrorCode::InvalidRole, format!("unknown role {r:?}"))
+        })?,
     };
     if !policy::may_issue_role(role) {
         return Err(error(
@@ -432,7 +440,7 @@ pub async fn ws_token(
     let ttl = body.ttl_secs.unwrap_or(3600);
     if ttl == 0 || ttl > MAX_TOKEN_TTL_SECS {
         return Err(ApiError::bad_request(
-            "invalid_ttl",
+            ErrorCode::InvalidTtl,
             format!("ttlSecs must be between 1 and {MAX_TOKEN_TTL_SECS}"),
         ));
     }
@@ -463,7 +471,7 @@ pub(crate) fn issue_token(
             tracing::error!(error = %e, "cannot sign a token");
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
+                ErrorCode::Internal,
                 "cannot sign a token",
             )
         })?;
@@ -510,7 +518,7 @@ pub async fn visitor_token(
         app.metrics.client_error("unknown_domain");
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            "unknown_domain",
+            ErrorCode::UnknownDomain,
             format!("unknown domain {:?}", body.domain_id),
         ));
     }
@@ -525,7 +533,7 @@ pub async fn visitor_token(
         app.metrics.client_error("origin_not_allowed");
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "origin_not_allowed",
+            ErrorCode::OriginNotAllowed,
             "this origin may not use the domain (allowed_origins)",
         ));
     }
@@ -609,19 +617,23 @@ pub async fn room_messages(
 
 /// Unknown paths.
 pub async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::NotFound,
+        "no such endpoint",
+    )
 }
 
 /// Known paths with the wrong method.
 pub async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        ErrorCode::MethodNotAllowed,
         "method not allowed on this endpoint",
     )
 }
 
 fn error(app: &AppState, e: ServiceError) -> ApiError {
-    app.metrics.client_error(e.code());
+    app.metrics.client_error(e.code().as_str());
     ApiError::from(e)
 }

@@ -37,6 +37,7 @@ use tower::ServiceExt;
 use super::edge::AddressSlot;
 use super::error::ApiError;
 use crate::AppState;
+use crate::error_code::ErrorCode;
 
 /// Retry-After of the per-address connection cap's answer, in seconds.
 const CAP_RETRY_SECS: u64 = 5;
@@ -140,7 +141,7 @@ async fn connection(
 async fn refuse(mut stream: TcpStream, max: u32) {
     let body = serde_json::json!({
         "error": {
-            "code": "too_many_connections",
+            "code": ErrorCode::TooManyConnections,
             "message": format!("this address has {max} connections open (limits.ip_max_connections); close some first"),
         }
     })
@@ -179,7 +180,7 @@ pub async fn body_in_time(State(app): State<AppState>, req: Request, next: Next)
     let secs = app.config.limits.body_timeout_ms.as_secs_f64();
     let mut res = ApiError::new(
         StatusCode::REQUEST_TIMEOUT,
-        "request_timeout",
+        ErrorCode::RequestTimeout,
         format!("the request body did not arrive within {secs} s"),
     )
     .into_response();

@@ -16,6 +16,7 @@ use super::admin::Admin;
 use super::error::ApiError;
 use super::http::{ApiJson, ApiQuery, Caller};
 use crate::AppState;
+use crate::error_code::ErrorCode;
 use crate::model::Identity;
 use crate::service::ServiceError;
 use crate::service::sessions::template::{Template, markdown_options};
@@ -27,7 +28,7 @@ fn signed_in(app: &AppState, caller: &Identity) -> Result<(), ApiError> {
     if caller.anonymous {
         app.metrics.client_error("missing_token");
         return Err(ApiError::unauthorized(
-            "missing_token",
+            ErrorCode::MissingToken,
             "send the user's token as Authorization: Bearer",
         ));
     }
@@ -101,7 +102,10 @@ pub async fn list_sessions(
     let status = match filter.status.as_deref() {
         None => None,
         Some(s) => Some(SessionStatus::parse(s).ok_or_else(|| {
-            ApiError::bad_request("invalid_status", "status is in_progress or complete")
+            ApiError::bad_request(
+                ErrorCode::InvalidStatus,
+                "status is in_progress or complete",
+            )
         })?),
     };
     let sessions = app
@@ -195,7 +199,7 @@ pub async fn get_document(
     };
     let Some(content) = &document.content else {
         return Err(ApiError::from(ServiceError::NotFound {
-            code: "document_external",
+            code: ErrorCode::DocumentExternal,
             message: "the AI service keeps this document's text; ask it for the content".into(),
         }));
     };
@@ -361,7 +365,7 @@ pub async fn admin_delete_template(
 fn domain_not_found(id: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        "domain_not_found",
+        ErrorCode::DomainNotFound,
         format!("no domain {id:?}"),
     )
 }

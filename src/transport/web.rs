@@ -29,6 +29,7 @@ use super::error::ApiError;
 use super::http::{ApiJson, issue_token};
 use crate::AppState;
 use crate::config::DEMO_DOMAIN;
+use crate::error_code::ErrorCode;
 use crate::model::Role;
 
 /// The code the widget and the inbox share, and its file name under `web/`.
@@ -450,7 +451,8 @@ async fn read_page(dir: &std::path::Path, file: &str) -> Result<String, Response
         .await
         .map_err(|e| {
             tracing::warn!(file, error = %e, "cannot read a page from web.dir");
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "page not found").into_response()
+            ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "page not found")
+                .into_response()
         })
 }
 
@@ -492,9 +494,8 @@ pub async fn root(State(app): State<AppState>, req: axum::extract::Request) -> R
     {
         return match axum::extract::Query::try_from_uri(req.uri()) {
             Ok(query) => super::ws::upgrade(State(app), query, req).await,
-            Err(e) => {
-                super::error::ApiError::bad_request("invalid_query", e.body_text()).into_response()
-            }
+            Err(e) => super::error::ApiError::bad_request(ErrorCode::InvalidQuery, e.body_text())
+                .into_response(),
         };
     }
     let headers = req.headers();
@@ -528,7 +529,7 @@ pub async fn dev_agent_token(
     if !app.config.web.dev_login {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            "dev_login_disabled",
+            ErrorCode::DevLoginDisabled,
             "the development login is off (web.dev_login)",
         ));
     }
@@ -536,7 +537,7 @@ pub async fn dev_agent_token(
         app.metrics.client_error("dev_login_local_only");
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "dev_login_local_only",
+            ErrorCode::DevLoginLocalOnly,
             "the development login works only from the server's own machine; sign in with an agent account or token",
         ));
     }
@@ -551,7 +552,7 @@ pub async fn dev_agent_token(
     let name: String = body.name.trim().chars().take(60).collect();
     if name.is_empty() {
         return Err(ApiError::bad_request(
-            "invalid_body",
+            ErrorCode::InvalidBody,
             "name must not be empty",
         ));
     }

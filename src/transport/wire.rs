@@ -8,6 +8,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::error_code::ErrorCode;
 use crate::hub::{Event, PresentUser};
 use crate::model::{Agent, Conversation, Message, Note, iso};
 use crate::store::{Customer, InboxEntry};
@@ -274,6 +275,6 @@ pub struct ErrorBody<'a> {
 /// The inside of [`ErrorBody`].
 #[derive(Debug, Serialize)]
 pub struct ErrorDetail<'a> {
-    pub code: &'a str,
+    pub code: ErrorCode,
     pub message: &'a str,
 }

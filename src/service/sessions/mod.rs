@@ -41,6 +41,7 @@ use super::ServiceError;
 use super::ai::AiService;
 use crate::auth::Domains;
 use crate::config::{Config, SessionsConfig};
+use crate::error_code::ErrorCode;
 use crate::metrics::Metrics;
 use crate::model::{Identity, Role};
 use crate::store::Store;
@@ -96,7 +97,7 @@ pub enum Reply {
     /// Something the user should know; the connection stays open.
     Error {
         /// Stable code.
-        code: &'static str,
+        code: ErrorCode,
         /// In words for the user.
         message: String,
     },
@@ -374,7 +375,7 @@ impl SessionService {
     ) -> Result<(bool, Arc<Template>), ServiceError> {
         if self.domains.load().get(domain).is_none() {
             return Err(ServiceError::NotFound {
-                code: "domain_not_found",
+                code: ErrorCode::DomainNotFound,
                 message: format!("no domain {domain:?}"),
             });
         }
@@ -388,7 +389,7 @@ impl SessionService {
                 && !obj.contains_key("aiServiceApiKey");
         }
         let mut spec: template::TemplateSpec = serde_json::from_value(body).map_err(|e| {
-            ServiceError::invalid("invalid_template", format!("not a template: {e}"))
+            ServiceError::invalid(ErrorCode::InvalidTemplate, format!("not a template: {e}"))
         })?;
         if keep_key
             && let Some(stored) = self.store.stored_template(domain, &spec.id).await?
@@ -400,19 +401,20 @@ impl SessionService {
             && id != spec.id
         {
             return Err(ServiceError::invalid(
-                "invalid_template",
+                ErrorCode::InvalidTemplate,
                 format!("the body's id {:?} is not the URL's {id:?}", spec.id),
             ));
         }
-        let t = Template::new(spec)
-            .map_err(|e: TemplateError| ServiceError::invalid("invalid_template", e.message))?;
+        let t = Template::new(spec).map_err(|e: TemplateError| {
+            ServiceError::invalid(ErrorCode::InvalidTemplate, e.message)
+        })?;
         if self
             .files
             .get(domain)
             .is_some_and(|m| m.contains_key(&t.spec.id))
         {
             return Err(ServiceError::Conflict {
-                code: "template_in_config",
+                code: ErrorCode::TemplateInConfig,
                 message: format!(
                     "template {:?} comes from a file named in the config; change the file",
                     t.spec.id
@@ -420,7 +422,7 @@ impl SessionService {
             });
         }
         let spec = serde_json::to_string(&t.spec)
-            .map_err(|e| ServiceError::invalid("invalid_template", e.to_string()))?;
+            .map_err(|e| ServiceError::invalid(ErrorCode::InvalidTemplate, e.to_string()))?;
         let created = self
             .store
             .put_template(StoredTemplate {
@@ -437,7 +439,7 @@ impl SessionService {
     pub async fn delete_template(&self, domain: &str, id: &str) -> Result<(), ServiceError> {
         if self.files.get(domain).is_some_and(|m| m.contains_key(id)) {
             return Err(ServiceError::Conflict {
-                code: "template_in_config",
+                code: ErrorCode::TemplateInConfig,
                 message: format!(
                     "template {id:?} comes from a file named in the config; change the file"
                 ),
@@ -463,7 +465,7 @@ impl SessionService {
         template: Arc<Template>,
     ) -> Result<(Live, Vec<Reply>), ServiceError> {
         let snapshot = serde_json::to_string(&template.spec)
-            .map_err(|e| ServiceError::invalid("invalid_template", e.to_string()))?;
+            .map_err(|e| ServiceError::invalid(ErrorCode::InvalidTemplate, e.to_string()))?;
         let new = NewSession {
             id: uuid::Uuid::now_v7().to_string(),
             domain_id: identity.domain_id.to_string(),
@@ -550,7 +552,7 @@ impl SessionService {
             // Changed (or completed) since it was read: read it again.
         }
         Err(ServiceError::Conflict {
-            code: "session_busy",
+            code: ErrorCode::SessionBusy,
             message: "This session is changing in another connection; try again.".into(),
         })
     }
@@ -559,19 +561,19 @@ impl SessionService {
     pub async fn answer(&self, live: &mut Live, content: &str) -> Result<Vec<Reply>, ServiceError> {
         if live.is_complete() {
             return Ok(vec![Reply::Error {
-                code: "session_complete",
+                code: ErrorCode::SessionComplete,
                 message: "This session is complete.".into(),
             }]);
         }
         if content.chars().count() > MAX_ANSWER_CHARS {
             return Ok(vec![Reply::Error {
-                code: "answer_too_long",
+                code: ErrorCode::AnswerTooLong,
                 message: format!("Please keep the answer under {MAX_ANSWER_CHARS} characters."),
             }]);
         }
         if live.session.turn_count >= MAX_TURNS {
             return Ok(vec![Reply::Error {
-                code: "session_too_long",
+                code: ErrorCode::SessionTooLong,
                 message: format!(
                     "This session holds {MAX_TURNS} messages, as many as one may; delete it to \
                      start again."
@@ -668,7 +670,7 @@ impl SessionService {
         match self.store.generated_document(&caller.domain_id, id).await? {
             Some(d) if may_read(caller, &d.domain_id, &d.user_id) => Ok(d),
             _ => Err(ServiceError::NotFound {
-                code: "document_not_found",
+                code: ErrorCode::DocumentNotFound,
                 message: format!("no document {id:?}"),
             }),
         }
@@ -1001,7 +1003,7 @@ impl SessionService {
                     "the AI service refused a guided session's call"
                 );
                 Ok(vec![Reply::Error {
-                    code: "ai_service_rejected",
+                    code: ErrorCode::AiServiceRejected,
                     message: format!(
                         "The assistant could not take this (it answered {status}). Your answers \
                          are saved; send a message to try again."
@@ -1031,7 +1033,7 @@ impl SessionService {
                         .to_owned()
                 };
                 Ok(vec![Reply::Error {
-                    code: "ai_service_unavailable",
+                    code: ErrorCode::AiServiceUnavailable,
                     message,
                 }])
             }
@@ -1069,14 +1071,14 @@ fn assistant(pending: &Pending) -> NewTurn {
 
 fn replaced() -> ServiceError {
     ServiceError::Conflict {
-        code: "replaced",
+        code: ErrorCode::Replaced,
         message: "This session was continued in another connection.".into(),
     }
 }
 
 fn session_not_found(id: &str) -> ServiceError {
     ServiceError::NotFound {
-        code: "session_not_found",
+        code: ErrorCode::SessionNotFound,
         message: format!("no session {id:?}"),
     }
 }
@@ -1084,7 +1086,7 @@ fn session_not_found(id: &str) -> ServiceError {
 /// The error for an unknown template.
 pub fn template_not_found(id: &str) -> ServiceError {
     ServiceError::NotFound {
-        code: "template_not_found",
+        code: ErrorCode::TemplateNotFound,
         message: format!("no template {id:?}"),
     }
 }

@@ -28,6 +28,7 @@ use super::{
     switching_protocols, upgrade_required, upgrade_token,
 };
 use crate::AppState;
+use crate::error_code::ErrorCode;
 use crate::model::{Identity, Role};
 use crate::service::ServiceError;
 use crate::service::sessions::template::Template;
@@ -61,7 +62,7 @@ pub async fn upgrade(
     let Some(token) = upgrade_token(query.token.as_deref(), req.headers(), &offered) else {
         app.metrics.client_error("missing_token");
         return ApiError::unauthorized(
-            "missing_token",
+            ErrorCode::MissingToken,
             "a guided session needs the user's token: /chat?token=JWT&templateId=ID",
         )
         .into_response();
@@ -69,7 +70,7 @@ pub async fn upgrade(
     let identity = match app.auth.identify(Some(&token)).await {
         Ok(identity) => identity,
         Err(e) => {
-            app.metrics.client_error(e.code());
+            app.metrics.client_error(e.code().as_str());
             return ApiError::unauthorized(e.code(), e.to_string()).into_response();
         }
     };
@@ -95,7 +96,7 @@ pub async fn upgrade(
         app.metrics.client_error("missing_template_id");
         return ApiError::new(
             StatusCode::BAD_REQUEST,
-            "missing_template_id",
+            ErrorCode::MissingTemplateId,
             "name the template: /chat?token=JWT&templateId=ID",
         )
         .into_response();
@@ -181,7 +182,7 @@ async fn send(socket: &mut WsSocket, replies: &[Reply]) -> Result<bool, End> {
 /// What a connection another one took over is told.
 fn replaced_reply() -> Reply {
     Reply::Error {
-        code: "replaced",
+        code: ErrorCode::Replaced,
         message: "This session was opened in another window; this one is closed.".into(),
     }
 }
@@ -267,7 +268,7 @@ async fn serve(
                     app.metrics.frames_in.inc();
                     if admitted.limiter.check().is_err() {
                         let limited = Reply::Error {
-                            code: "rate_limited",
+                            code: ErrorCode::RateLimited,
                             message: format!(
                                 "at most {} messages per second; this one was not taken",
                                 admitted.frame_rate
@@ -311,7 +312,7 @@ async fn serve(
                 Err(RecvError::TooLarge) => {
                     let limit = app.config.limits.max_frame_bytes;
                     let too_big = Reply::Error {
-                        code: "frame_too_large",
+                        code: ErrorCode::FrameTooLarge,
                         message: format!("frames are limited to {limit} bytes"),
                     };
                     let _ = send(socket, &[too_big]).await;
@@ -325,7 +326,8 @@ async fn serve(
         let replies = match replies {
             Ok(replies) => replies,
             Err(ServiceError::Conflict {
-                code: "replaced", ..
+                code: ErrorCode::Replaced,
+                ..
             }) if claim.is_displaced() => {
                 let _ = send(socket, &[replaced_reply()]).await;
                 return End::Replaced;
@@ -335,7 +337,8 @@ async fn serve(
             // the session, so it reads it again and shows where it stands; the answer was
             // not taken.
             Err(ServiceError::Conflict {
-                code: "replaced", ..
+                code: ErrorCode::Replaced,
+                ..
             }) => match app.sessions.open(identity, Arc::clone(&template)).await {
                 Ok((reopened, replies)) => {
                     live = reopened;

@@ -41,6 +41,7 @@ use crate::auth::domains::DomainPermit;
 use crate::auth::policy;
 use crate::broker::shared::Online;
 use crate::config::{AnonymousIdentity, Dialect};
+use crate::error_code::ErrorCode;
 use crate::hub::{
     CLOSE_RESYNC, CLOSE_SLOW_CONSUMER, ConnHandle, Cursor, Cursors, Envelope, Event, Joined, Kick,
     Replay, Step,
@@ -111,7 +112,7 @@ pub async fn upgrade(
     let identity = match identified {
         Ok(identity) => identity,
         Err(e) => {
-            app.metrics.client_error(e.code());
+            app.metrics.client_error(e.code().as_str());
             return ApiError::unauthorized(e.code(), e.to_string()).into_response();
         }
     };
@@ -129,7 +130,7 @@ pub async fn upgrade(
         {
             Ok(settled) => settled,
             Err(e) => {
-                app.metrics.client_error(e.code());
+                app.metrics.client_error(e.code().as_str());
                 return super::error::ApiError::from(ServiceError::from(e)).into_response();
             }
         }
@@ -220,8 +221,12 @@ fn upgrade_token(query: Option<&str>, headers: &HeaderMap, offered: &[String]) -
 /// The answer to a request that is not a WebSocket handshake.
 fn upgrade_required(app: &AppState, message: &str) -> Response {
     app.metrics.client_error("upgrade_required");
-    let mut res =
-        ApiError::new(StatusCode::UPGRADE_REQUIRED, "upgrade_required", message).into_response();
+    let mut res = ApiError::new(
+        StatusCode::UPGRADE_REQUIRED,
+        ErrorCode::UpgradeRequired,
+        message,
+    )
+    .into_response();
     res.headers_mut()
         .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     res.headers_mut().insert(
@@ -315,14 +320,15 @@ impl Gate {
             app.metrics.client_error("origin_not_allowed");
             return Err(ApiError::new(
                 axum::http::StatusCode::FORBIDDEN,
-                "origin_not_allowed",
+                ErrorCode::OriginNotAllowed,
                 "this origin may not use the domain (allowed_origins)",
             )
             .into_response());
         }
         if app.shutdown.is_cancelled() {
             return Err(
-                ApiError::unavailable("shutting_down", "server is shutting down").into_response(),
+                ApiError::unavailable(ErrorCode::ShuttingDown, "server is shutting down")
+                    .into_response(),
             );
         }
         let address_slot = match address.map(|ip| app.edge.websockets.open(ip)) {
@@ -342,15 +348,18 @@ impl Gate {
         let Ok(permit) = Arc::clone(&app.connection_permits).try_acquire_owned() else {
             app.metrics.refused("server_full");
             app.metrics.client_error("too_many_connections");
-            return Err(
-                ApiError::unavailable("too_many_connections", "connection limit reached")
-                    .into_response(),
-            );
+            return Err(ApiError::unavailable(
+                ErrorCode::TooManyConnections,
+                "connection limit reached",
+            )
+            .into_response());
         };
         let Some((domain_permit, admitted)) = admit_to_domain(app, identity) else {
             app.metrics.refused("domain_full");
             app.metrics.client_error("too_many_connections");
-            return Err(ApiError::unavailable("too_many_connections", DOMAIN_FULL).into_response());
+            return Err(
+                ApiError::unavailable(ErrorCode::TooManyConnections, DOMAIN_FULL).into_response(),
+            );
         };
         Ok(Self {
             origin,
@@ -787,7 +796,7 @@ impl Connection {
                     Ok(Incoming::Text(text)) => Box::pin(self.on_text(socket, text)).await,
                     Ok(Incoming::Pong) => Ok(()),
                     Ok(Incoming::Binary(_)) => {
-                        Box::pin(self.error(socket, None, "unsupported_frame", "binary frames are not supported; send JSON text")).await
+                        Box::pin(self.error(socket, None, ErrorCode::UnsupportedFrame, "binary frames are not supported; send JSON text")).await
                     }
                     Ok(Incoming::Ping(payload)) => {
                         socket.queue_pong(&payload);
@@ -797,7 +806,7 @@ impl Connection {
                     Err(RecvError::TooLarge) => {
                         let limit = self.app.config.limits.max_frame_bytes;
                         let message = format!("frames are limited to {limit} bytes");
-                        let _ = Box::pin(self.error(socket, None, "frame_too_large", &message)).await;
+                        let _ = Box::pin(self.error(socket, None, ErrorCode::FrameTooLarge, &message)).await;
                         return End::FrameTooLarge;
                     }
                     Err(RecvError::Protocol(_)) => return End::ProtocolError,
@@ -928,10 +937,10 @@ impl Connection {
         &self,
         socket: &mut WsSocket,
         reply_to: ReplyTo,
-        code: &'static str,
+        code: ErrorCode,
         message: &str,
     ) -> Sent {
-        self.app.metrics.client_error(code);
+        self.app.metrics.client_error(code.as_str());
         let frame =
             json!({ "type": "error", "code": code, "message": message, "replyTo": reply_to });
         self.send(socket, to_bytes(&frame)).await
@@ -963,7 +972,7 @@ impl Connection {
                 .error(
                     socket,
                     reply_to,
-                    "rate_limited",
+                    ErrorCode::RateLimited,
                     &format!("more than {rate} frames per second; slow down"),
                 )
                 .await;
@@ -975,14 +984,19 @@ impl Connection {
                     .error(
                         socket,
                         None,
-                        "invalid_frame",
+                        ErrorCode::InvalidFrame,
                         "a frame must be a JSON object with a string `type`",
                     )
                     .await;
             }
             Err(_) => {
                 return self
-                    .error(socket, None, "invalid_json", "frame is not valid JSON")
+                    .error(
+                        socket,
+                        None,
+                        ErrorCode::InvalidJson,
+                        "frame is not valid JSON",
+                    )
                     .await;
             }
         };
@@ -993,7 +1007,7 @@ impl Connection {
                     .error(
                         socket,
                         None,
-                        "invalid_frame",
+                        ErrorCode::InvalidFrame,
                         "`id` must be a string or a number",
                     )
                     .await;
@@ -1001,7 +1015,7 @@ impl Connection {
         };
         let Some(kind) = head.kind else {
             return self
-                .error(socket, reply_to, "invalid_frame", "missing `type`")
+                .error(socket, reply_to, ErrorCode::InvalidFrame, "missing `type`")
                 .await;
         };
         // Each frame type: parse its fields, then hand it to its handler; a frame whose
@@ -1010,7 +1024,10 @@ impl Connection {
             ($frame:ty, $handler:ident) => {
                 match parse::<$frame>(raw) {
                     Ok(f) => self.$handler(socket, f, reply_to).await,
-                    Err(m) => self.error(socket, reply_to, "invalid_frame", &m).await,
+                    Err(m) => {
+                        self.error(socket, reply_to, ErrorCode::InvalidFrame, &m)
+                            .await
+                    }
                 }
             };
         }
@@ -1052,7 +1069,8 @@ impl Connection {
             }
             other => {
                 let message = format!("unknown frame type {:?}", truncate(other, 64));
-                self.error(socket, reply_to, "unknown_type", &message).await
+                self.error(socket, reply_to, ErrorCode::UnknownType, &message)
+                    .await
             }
         }
     }
@@ -1069,7 +1087,7 @@ impl Connection {
                 .error(
                     socket,
                     reply_to,
-                    "auth_not_allowed",
+                    ErrorCode::AuthNotAllowed,
                     "send `auth` once, first, within 10 s of connecting, before joining a room",
                 )
                 .await;
@@ -1079,7 +1097,7 @@ impl Connection {
                 .error(
                     socket,
                     reply_to,
-                    "invalid_frame",
+                    ErrorCode::InvalidFrame,
                     "`token` must not be empty",
                 )
                 .await;
@@ -1100,7 +1118,7 @@ impl Connection {
                 .error(
                     socket,
                     reply_to,
-                    "origin_not_allowed",
+                    ErrorCode::OriginNotAllowed,
                     "this origin may not use the domain (allowed_origins)",
                 )
                 .await;
@@ -1119,7 +1137,7 @@ impl Connection {
         } else {
             let Some(admitted) = admit_to_domain(&self.app, &identity) else {
                 return self
-                    .error(socket, reply_to, "too_many_connections", DOMAIN_FULL)
+                    .error(socket, reply_to, ErrorCode::TooManyConnections, DOMAIN_FULL)
                     .await;
             };
             Some(admitted)
@@ -1180,7 +1198,7 @@ impl Connection {
         } else {
             Some(
                 admit_to_domain(&self.app, &identity).ok_or_else(|| ServiceError::Conflict {
-                    code: "too_many_connections",
+                    code: ErrorCode::TooManyConnections,
                     message: DOMAIN_FULL.to_owned(),
                 })?,
             )
@@ -1311,7 +1329,9 @@ impl Connection {
                 "this connection is in domain {:?}; use another connection for another domain",
                 &*identity.domain_id
             );
-            return self.error(socket, reply_to, "forbidden", &message).await;
+            return self
+                .error(socket, reply_to, ErrorCode::Forbidden, &message)
+                .await;
         }
         if let Some(role) = f.role.as_deref()
             && let Err(m) = policy::message_role(&identity, Some(role))
@@ -1320,14 +1340,19 @@ impl Connection {
                 .error(
                     socket,
                     reply_to,
-                    "forbidden",
+                    ErrorCode::Forbidden,
                     &format!("{m}; roles come from the token"),
                 )
                 .await;
         }
         let Ok(room_id) = self.target_room(f.room_id.as_deref()) else {
             return self
-                .error(socket, reply_to, "invalid_frame", "missing `roomId`")
+                .error(
+                    socket,
+                    reply_to,
+                    ErrorCode::InvalidFrame,
+                    "missing `roomId`",
+                )
                 .await;
         };
         let key = match self.app.chat.room_key(&identity, &room_id) {
@@ -1338,7 +1363,7 @@ impl Connection {
         if !self.rooms.contains(&key) && self.rooms.len() >= max_rooms {
             let message = format!("a connection may join at most {max_rooms} rooms");
             return self
-                .error(socket, reply_to, "too_many_rooms", &message)
+                .error(socket, reply_to, ErrorCode::TooManyRooms, &message)
                 .await;
         }
         if identity.anonymous
@@ -1749,7 +1774,7 @@ impl Connection {
                 .error(
                     socket,
                     reply_to,
-                    "invalid_frame",
+                    ErrorCode::InvalidFrame,
                     "invalid frame: missing field `agentId`",
                 )
                 .await;
@@ -1843,7 +1868,7 @@ pub fn parse_statuses(filter: Option<&str>) -> Result<Vec<RoomStatus>, ServiceEr
         "all" => Ok(Vec::new()),
         other => RoomStatus::parse(other).map(|s| vec![s]).ok_or_else(|| {
             ServiceError::invalid(
-                "invalid_status",
+                ErrorCode::InvalidStatus,
                 "status must be open, all, bot, waiting, assigned or resolved",
             )
         }),
