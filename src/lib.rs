@@ -40,9 +40,7 @@ pub mod service;
 pub mod store;
 pub mod transport;
 
-use std::ops::Deref;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use tokio::net::TcpListener;
@@ -50,6 +48,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+use transport::{AppInner, AppState};
 
 use crate::auth::{Authenticator, Domains};
 use crate::broker::Broker;
@@ -114,65 +113,6 @@ pub enum RunError {
     /// A part of the node stopped working (a worker panicked); it shut down.
     #[error("the node failed: {0}")]
     Failed(String),
-}
-
-/// Shared server state, cheap to clone into every handler and connection task.
-#[derive(Debug, Clone)]
-pub struct AppState(Arc<AppInner>);
-
-/// What [`AppState`] holds.
-#[derive(Debug)]
-pub struct AppInner {
-    /// The validated configuration.
-    pub config: Arc<Config>,
-    /// Chat operations.
-    pub chat: Arc<ChatService>,
-    /// Token verification.
-    pub auth: Authenticator,
-    /// Per-IP rate limits and allowed origins.
-    pub edge: transport::edge::Edge,
-    /// AI replies: the bot and the AI endpoints.
-    pub ai: Arc<AiService>,
-    /// Hand-off from the bot to human agents, and the agents' inbox.
-    pub handoff: Arc<HandoffService>,
-    /// Domain administration (the admin API).
-    pub domain_admin: Arc<DomainService>,
-    /// Guided sessions that end in a document (`/chat`, `docs/sessions.md`).
-    pub sessions: Arc<SessionService>,
-    /// Agent accounts and their sign-in (`docs/accounts.md`).
-    pub accounts: Arc<crate::service::accounts::AccountService>,
-    /// Message distribution between nodes.
-    pub broker: Arc<dyn Broker>,
-    /// Cluster-wide rate limits, counters, online users and claims (Redis with the Redis
-    /// broker, this process otherwise).
-    pub shared: Shared,
-    /// Counters and histograms.
-    pub metrics: Arc<Metrics>,
-    /// Cancelled when the server starts shutting down.
-    pub shutdown: CancellationToken,
-    /// Every task the node runs; shutdown waits for them, and a worker's panic fails the
-    /// node.
-    pub supervisor: node::Supervisor,
-    /// One permit per open WebSocket (`limits.max_connections`).
-    pub connection_permits: Arc<Semaphore>,
-    /// Start time, for uptime.
-    pub started: Instant,
-    next_connection_id: AtomicU64,
-}
-
-impl AppState {
-    /// A process-unique connection id.
-    pub fn next_connection_id(&self) -> u64 {
-        self.next_connection_id.fetch_add(1, Ordering::Relaxed)
-    }
-}
-
-impl Deref for AppState {
-    type Target = AppInner;
-
-    fn deref(&self) -> &AppInner {
-        &self.0
-    }
 }
 
 /// Deletes stale guided sessions every `sessions.cleanup_every`, on one node at a time
@@ -359,7 +299,7 @@ impl App {
             .map_err(|e| invalid(e.to_string()))?,
         );
         spawn_session_cleanup(Arc::clone(&sessions), &supervisor);
-        let state = AppState(Arc::new(AppInner {
+        let state = AppState::new(AppInner {
             accounts,
             sessions,
             ai,
@@ -376,8 +316,7 @@ impl App {
             shutdown,
             supervisor,
             started: Instant::now(),
-            next_connection_id: AtomicU64::new(1),
-        }));
+        });
         Ok(Self {
             state,
             store,

@@ -29,12 +29,12 @@ use serde_json::{Value, json};
 use super::edge::{self, Budget, ClientIp};
 use super::error::ApiError;
 use super::http::{ApiJson, bearer_token};
-use crate::AppState;
 use crate::error_code::ErrorCode;
 use crate::model::{Identity, Role, iso};
 use crate::service::ServiceError;
 use crate::service::accounts::{Invited, SignedIn, TOKEN_TTL_SECS};
 use crate::store::accounts::{Account, AccountRole, Session};
+use crate::transport::AppState;
 
 /// Name of the session cookie.
 pub const COOKIE: &str = "parlor_session";

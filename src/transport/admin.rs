@@ -29,12 +29,12 @@ use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
 use super::http::{ApiJson, bearer_token};
-use crate::AppState;
 use crate::auth::domains::Domain;
 use crate::config::DomainConfig;
 use crate::error_code::ErrorCode;
 use crate::model::{Identity, iso};
 use crate::store::KeyKind;
+use crate::transport::AppState;
 
 /// The caller of an admin route: whoever holds an admin key.
 #[derive(Debug)]

@@ -23,11 +23,11 @@ use tokio::sync::mpsc;
 use super::edge::ClientIp;
 use super::error::ApiError;
 use super::http::{ApiJson, ApiQuery, Caller};
-use crate::AppState;
 use crate::error_code::ErrorCode;
 use crate::model::Identity;
 use crate::service::ServiceError;
 use crate::service::ai::{AiEvent, Ask, finish_label};
+use crate::transport::AppState;
 
 /// What the assistant says when nobody could answer.
 pub const OFFER_HUMAN: &str =

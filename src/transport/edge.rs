@@ -33,10 +33,10 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::error::ApiError;
-use crate::AppState;
 use crate::auth::Domains;
 use crate::broker::shared::{Rate, Shared};
 use crate::config::{Config, Limits};
+use crate::transport::AppState;
 
 /// Which per-IP budget a request draws on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

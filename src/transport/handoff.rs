@@ -15,10 +15,10 @@ use super::error::ApiError;
 use super::http::{ApiJson, ApiQuery, Caller};
 use super::wire::{agent_json, conversation_json, customer_json, inbox_entry_json, note_json};
 use super::ws::parse_statuses;
-use crate::AppState;
 use crate::error_code::ErrorCode;
 use crate::service::ServiceError;
 use crate::service::handoff::{Action, AgentRef, InboxFilter, Outcome};
+use crate::transport::AppState;
 
 fn error(app: &AppState, e: ServiceError) -> ApiError {
     app.metrics.client_error(e.code().as_str());

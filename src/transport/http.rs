@@ -17,12 +17,12 @@ use serde_json::{Value, json};
 use super::edge::{self, ClientIp};
 use super::error::ApiError;
 use super::wire::WireMessage;
-use crate::AppState;
 use crate::auth::policy;
 use crate::error_code::ErrorCode;
 use crate::model::{Identity, Role, iso, now_ms, valid_id};
 use crate::service::ServiceError;
 use crate::service::chat::Outgoing;
+use crate::transport::AppState;
 
 /// The bearer token of a request, if any.
 pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {

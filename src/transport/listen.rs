@@ -36,8 +36,8 @@ use tower::ServiceExt;
 
 use super::edge::AddressSlot;
 use super::error::ApiError;
-use crate::AppState;
 use crate::error_code::ErrorCode;
+use crate::transport::AppState;
 
 /// Retry-After of the per-address connection cap's answer, in seconds.
 const CAP_RETRY_SECS: u64 = 5;

@@ -26,6 +26,7 @@ pub mod handoff;
 pub mod http;
 pub mod listen;
 pub mod sessions;
+pub mod state;
 pub mod visitor;
 pub mod web;
 pub mod wire;
@@ -37,7 +38,7 @@ use axum::routing::{get, post};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::AppState;
+pub use state::{AppInner, AppState};
 
 /// The whole HTTP and WebSocket surface.
 pub fn router(state: AppState) -> Router {

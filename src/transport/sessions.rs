@@ -15,13 +15,13 @@ use serde_json::{Value, json};
 use super::admin::Admin;
 use super::error::ApiError;
 use super::http::{ApiJson, ApiQuery, Caller};
-use crate::AppState;
 use crate::error_code::ErrorCode;
 use crate::model::Identity;
 use crate::service::ServiceError;
 use crate::service::sessions::template::{Template, markdown_options};
 use crate::service::sessions::{template_not_found, turn_json};
 use crate::store::guided::{GeneratedDocument, GuidedSession, SessionStatus};
+use crate::transport::AppState;
 
 /// Refuses callers without a user: token-less clients.
 fn signed_in(app: &AppState, caller: &Identity) -> Result<(), ApiError> {

@@ -23,8 +23,8 @@ use axum::response::Response;
 
 use super::accounts::{named_cookie, over_https};
 use super::http::bearer_token;
-use crate::AppState;
 use crate::model::Identity;
+use crate::transport::AppState;
 
 /// The cookie's name.
 pub const COOKIE: &str = "parlor_visitor";

@@ -27,10 +27,10 @@ use sha2::{Digest, Sha256};
 use super::edge::ClientIp;
 use super::error::ApiError;
 use super::http::{ApiJson, issue_token};
-use crate::AppState;
 use crate::config::DEMO_DOMAIN;
 use crate::error_code::ErrorCode;
 use crate::model::Role;
+use crate::transport::AppState;
 
 /// The code the widget and the inbox share, and its file name under `web/`.
 const COMMON: &str = include_str!("../../web/common.js");

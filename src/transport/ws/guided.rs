@@ -27,12 +27,12 @@ use super::{
     Admitted, End, Gate, Liveness, WRITE_TIMEOUT, close, handshake_key, subprotocols,
     switching_protocols, upgrade_required, upgrade_token,
 };
-use crate::AppState;
 use crate::error_code::ErrorCode;
 use crate::model::{Identity, Role};
 use crate::service::ServiceError;
 use crate::service::sessions::template::Template;
 use crate::service::sessions::{Reply, template_not_found};
+use crate::transport::AppState;
 use crate::transport::error::ApiError;
 
 /// Frames in a row that are not `user_message` after which the connection is closed.

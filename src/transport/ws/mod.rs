@@ -36,7 +36,6 @@ use super::wire::{
     WireMessage, WireUser, agent_json, conversation_json, eclipse_frame, encode_event,
     inbox_entry_json, note_json, to_bytes,
 };
-use crate::AppState;
 use crate::auth::domains::DomainPermit;
 use crate::auth::policy;
 use crate::broker::shared::Online;
@@ -53,6 +52,7 @@ use crate::service::ServiceError;
 use crate::service::chat::{MAX_NAME_CHARS, Outgoing, not_joined};
 use crate::service::handoff::{Action, AgentRef, Service};
 use crate::store::CustomerProfile;
+use crate::transport::AppState;
 
 /// Close code sent on graceful shutdown ("service restart"): reconnect, possibly elsewhere.
 pub const CLOSE_RESTART: u16 = 1012;
