@@ -63,11 +63,13 @@ impl Supervisor {
         F: Future<Output = ()> + Send + 'static,
     {
         let this = self.clone();
-        self.0.workers.spawn(async move {
-            if let Err(panic) = AssertUnwindSafe(task).catch_unwind().await {
-                this.panicked(name, &*panic);
-            }
-        })
+        self.0
+            .workers
+            .spawn(AssertUnwindSafe(task).catch_unwind().map(move |ended| {
+                if let Err(panic) = ended {
+                    this.panicked(name, &*panic);
+                }
+            }))
     }
 
     /// Runs a worker on an OS thread of its own (named `parlor-{name}`): a panic fails the
@@ -98,12 +100,16 @@ impl Supervisor {
         F: Future<Output = ()> + Send + 'static,
     {
         let metrics = Arc::clone(&self.0.metrics);
-        self.0.connections.spawn(async move {
-            if let Err(panic) = AssertUnwindSafe(task).catch_unwind().await {
-                metrics.task_panics.get_or_create(&TaskLabel { task: name }).inc();
-                tracing::error!(task = name, panic = %panic_text(&*panic), "a task panicked; it is ended");
-            }
-        });
+        // A combinator, not an `async` block: a block would keep `task` twice in its state
+        // (as captured and as awaited), doubling every idle connection's task.
+        self.0
+            .connections
+            .spawn(AssertUnwindSafe(task).catch_unwind().map(move |ended| {
+                if let Err(panic) = ended {
+                    metrics.task_panics.get_or_create(&TaskLabel { task: name }).inc();
+                    tracing::error!(task = name, panic = %panic_text(&*panic), "a task panicked; it is ended");
+                }
+            }));
     }
 
     /// Fails the node: it cannot go on because of `reason`. The first reason is kept.
