@@ -37,9 +37,9 @@ use tokio::sync::Semaphore;
 use tokio::time::{Instant, timeout, timeout_at};
 
 use crate::Report;
-use crate::persist::{self, PersistReport, Verification};
+use crate::persist::{self, PersistReport, SenderResult, Totals, Verification};
 use crate::procfs::{CpuWatch, Proc};
-use crate::stats::{Latencies, epoch_nanos, rate};
+use crate::stats::{epoch_nanos, rate};
 use crate::worker::ErrorTally;
 
 #[derive(Debug, Args)]
@@ -90,17 +90,6 @@ pub struct JetStreamArgs {
     /// Skip the check of the stream's per-subject counts after the run.
     #[arg(long)]
     pub no_verify: bool,
-}
-
-/// What one sender saw.
-#[derive(Debug)]
-struct SenderResult {
-    subject: Arc<str>,
-    sent: u64,
-    acked: u64,
-    errors: ErrorTally,
-    latency: Latencies,
-    last_ack: Option<Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -253,33 +242,16 @@ async fn measure(
             spec,
         )));
     }
-    let mut results = Vec::new();
-    let mut errors = ErrorTally::default();
-    for t in tasks {
-        match t.await {
-            Ok(r) => results.push(r),
-            Err(e) => errors.add(format!("sender task failed: {e}")),
-        }
-    }
+    let Totals {
+        sent,
+        acked,
+        errors,
+        latency,
+        duration_seconds,
+        acked_by_key: acked_by_subject,
+    } = persist::join_senders(tasks, started).await;
     let cpu_after = cpu_watch.sample()?;
     let cpu_interval = started.elapsed().as_secs_f64();
-
-    let mut latency = Latencies::new();
-    let mut sent = 0;
-    let mut acked = 0;
-    let mut last_ack = started;
-    let mut acked_by_subject: BTreeMap<Arc<str>, u64> = BTreeMap::new();
-    for r in &results {
-        sent += r.sent;
-        acked += r.acked;
-        errors.merge(&r.errors);
-        latency.merge(&r.latency);
-        if let Some(t) = r.last_ack {
-            last_ack = last_ack.max(t);
-        }
-        *acked_by_subject.entry(Arc::clone(&r.subject)).or_insert(0) += r.acked;
-    }
-    let duration_seconds = last_ack.duration_since(started).as_secs_f64();
     let acked_per_second = rate(acked, duration_seconds);
     let ack_latency = latency.summary();
     let cpu = cpu_before.until(&cpu_after);
@@ -336,14 +308,7 @@ async fn publish_and_await_acks(
     subject: Arc<str>,
     spec: SendSpec,
 ) -> SenderResult {
-    let mut r = SenderResult {
-        subject: Arc::clone(&subject),
-        sent: 0,
-        acked: 0,
-        errors: ErrorTally::default(),
-        latency: Latencies::new(),
-        last_ack: None,
-    };
+    let mut r = SenderResult::new(Arc::clone(&subject));
     let mut js = jetstream::new(client.clone());
     js.set_timeout(spec.ack_timeout);
     let pad = "x".repeat(spec.payload_bytes);

@@ -64,15 +64,77 @@ pub struct PersistArgs {
     pub no_verify: bool,
 }
 
-/// What one sender saw.
+/// What one sender saw: the room it wrote to (for `jetstream`, the subject).
 #[derive(Debug)]
-struct SenderResult {
-    room: Arc<str>,
-    sent: u64,
-    acked: u64,
-    errors: ErrorTally,
-    latency: Latencies,
-    last_ack: Option<Instant>,
+pub struct SenderResult {
+    pub key: Arc<str>,
+    pub sent: u64,
+    pub acked: u64,
+    pub errors: ErrorTally,
+    pub latency: Latencies,
+    pub last_ack: Option<Instant>,
+}
+
+impl SenderResult {
+    /// Nothing sent yet to `key`.
+    pub fn new(key: Arc<str>) -> Self {
+        Self {
+            key,
+            sent: 0,
+            acked: 0,
+            errors: ErrorTally::default(),
+            latency: Latencies::new(),
+            last_ack: None,
+        }
+    }
+}
+
+/// Every sender's results added up.
+pub struct Totals {
+    pub sent: u64,
+    pub acked: u64,
+    pub errors: ErrorTally,
+    pub latency: Latencies,
+    /// From the first send to the last ack.
+    pub duration_seconds: f64,
+    /// Acks per room (subject), for the check after the run.
+    pub acked_by_key: BTreeMap<Arc<str>, u64>,
+}
+
+/// Waits for every sender started at `started` and adds their results up; a
+/// sender task that failed counts as an error.
+pub async fn join_senders(
+    tasks: Vec<tokio::task::JoinHandle<SenderResult>>,
+    started: Instant,
+) -> Totals {
+    let mut totals = Totals {
+        sent: 0,
+        acked: 0,
+        errors: ErrorTally::default(),
+        latency: Latencies::new(),
+        duration_seconds: 0.0,
+        acked_by_key: BTreeMap::new(),
+    };
+    let mut last_ack = started;
+    for t in tasks {
+        let r = match t.await {
+            Ok(r) => r,
+            Err(e) => {
+                totals.errors.add(format!("sender task failed: {e}"));
+                continue;
+            }
+        };
+        totals.sent += r.sent;
+        totals.acked += r.acked;
+        totals.errors.merge(&r.errors);
+        totals.latency.merge(&r.latency);
+        if let Some(t) = r.last_ack {
+            last_ack = last_ack.max(t);
+        }
+        *totals.acked_by_key.entry(r.key).or_insert(0) += r.acked;
+    }
+    totals.duration_seconds = last_ack.duration_since(started).as_secs_f64();
+    totals
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -205,33 +267,16 @@ pub async fn run(args: PersistArgs) -> Result<()> {
             spec,
         )));
     }
-    let mut results = Vec::new();
-    let mut errors = ErrorTally::default();
-    for t in tasks {
-        match t.await {
-            Ok(r) => results.push(r),
-            Err(e) => errors.add(format!("sender task failed: {e}")),
-        }
-    }
+    let Totals {
+        sent,
+        acked,
+        errors,
+        latency,
+        duration_seconds,
+        acked_by_key: acked_by_room,
+    } = join_senders(tasks, started).await;
     let cpu_after = cpu_watch.sample()?;
     let cpu_interval = started.elapsed().as_secs_f64();
-
-    let mut latency = Latencies::new();
-    let mut sent = 0;
-    let mut acked = 0;
-    let mut last_ack = started;
-    let mut acked_by_room: BTreeMap<Arc<str>, u64> = BTreeMap::new();
-    for r in &results {
-        sent += r.sent;
-        acked += r.acked;
-        errors.merge(&r.errors);
-        latency.merge(&r.latency);
-        if let Some(t) = r.last_ack {
-            last_ack = last_ack.max(t);
-        }
-        *acked_by_room.entry(Arc::clone(&r.room)).or_insert(0) += r.acked;
-    }
-    let duration_seconds = last_ack.duration_since(started).as_secs_f64();
     let acked_per_second = rate(acked, duration_seconds);
     let ack_latency = latency.summary();
     let cpu = cpu_before.until(&cpu_after);
@@ -380,14 +425,7 @@ async fn send_and_await_acks(
     client_prefix: String,
     spec: SendSpec,
 ) -> SenderResult {
-    let mut r = SenderResult {
-        room: Arc::clone(&room),
-        sent: 0,
-        acked: 0,
-        errors: ErrorTally::default(),
-        latency: Latencies::new(),
-        last_ack: None,
-    };
+    let mut r = SenderResult::new(Arc::clone(&room));
     let (mut sink, mut stream) = ws.split();
     let mut in_flight: HashMap<String, Instant> = HashMap::new();
     let mut next = 0;
