@@ -47,6 +47,16 @@ async fn server_with(
     .await
 }
 
+/// A vendor streaming "Let me think about it." with `pause(i)` before its i-th chunk.
+async fn slow_vendor(pause: impl Fn(usize) -> Duration) -> FakeVendor {
+    let pieces = fake_ai::openai_stream(&["Let ", "me ", "think ", "about ", "it."], (1, 5), true)
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| (pause(i), p))
+        .collect();
+    FakeVendor::start(vec![Reply::Stream { pieces, cut: false }]).await
+}
+
 /// Frames until the first stored message with `role`, returning (deltas, that message).
 async fn reply(client: &mut Client, role: &str) -> (Vec<Value>, Value) {
     let mut deltas = Vec::new();
@@ -347,16 +357,7 @@ async fn a_newer_visitor_message_cancels_the_reply_in_progress() {
 
 #[tokio::test]
 async fn an_agent_answering_takes_over_from_the_assistant() {
-    let slow: Vec<(Duration, String)> =
-        fake_ai::openai_stream(&["Let ", "me ", "think ", "about ", "it."], (1, 5), true)
-            .into_iter()
-            .map(|p| (Duration::from_millis(300), p))
-            .collect();
-    let fake = FakeVendor::start(vec![Reply::Stream {
-        pieces: slow,
-        cut: false,
-    }])
-    .await;
+    let fake = slow_vendor(|_| Duration::from_millis(300)).await;
     let s = server(&fake, None, 0).await;
     let mut visitor = s.connect_as("ann").await;
     visitor.join("r", None).await;
@@ -387,17 +388,7 @@ async fn an_agent_answering_takes_over_from_the_assistant() {
 #[tokio::test]
 async fn a_reply_streaming_at_shutdown_is_stored_as_interrupted() {
     // The first word at once, then a long pause: the server stops in the pause.
-    let slow: Vec<(Duration, String)> =
-        fake_ai::openai_stream(&["Let ", "me ", "think ", "about ", "it."], (1, 5), true)
-            .into_iter()
-            .enumerate()
-            .map(|(i, p)| (Duration::from_millis(if i < 2 { 50 } else { 3_000 }), p))
-            .collect();
-    let fake = FakeVendor::start(vec![Reply::Stream {
-        pieces: slow,
-        cut: false,
-    }])
-    .await;
+    let fake = slow_vendor(|i| Duration::from_millis(if i < 2 { 50 } else { 3_000 })).await;
     let s = server(&fake, None, 0).await;
     let mut visitor = s.connect_as("ann").await;
     visitor.join("r", None).await;
