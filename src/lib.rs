@@ -313,7 +313,6 @@ impl App {
             chat,
             broker,
             metrics,
-            shutdown,
             supervisor,
             started: Instant::now(),
         });

@@ -157,7 +157,10 @@ async fn a_failed_node_is_unhealthy_says_why_and_stops() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["status"], "unhealthy");
     assert_eq!(body["failure"], "sqlite-writer panicked: disk on fire");
-    assert!(h.app.state.shutdown.is_cancelled(), "the node shuts down");
+    assert!(
+        h.app.state.supervisor.shutdown().is_cancelled(),
+        "the node shuts down"
+    );
     let (_, metrics) = h.get("/metrics").await;
     assert!(
         metrics

@@ -178,7 +178,7 @@ pub async fn health(State(app): State<AppState>) -> Response {
     // so a load balancer keeps sending it traffic (taking every node out when Redis
     // restarts would be worse).
     let failure = app.supervisor.failure();
-    let healthy = store == "ok" && !app.shutdown.is_cancelled() && failure.is_none();
+    let healthy = store == "ok" && !app.supervisor.shutdown().is_cancelled() && failure.is_none();
     let mut body = json!({
         "status": match (healthy, broker) {
             (false, _) => "unhealthy",

@@ -51,7 +51,7 @@ const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(60);
 /// Accepts connections on `listener` and serves `router` on each until the server shuts
 /// down.
 pub async fn serve(listener: TcpListener, router: Router, app: AppState) {
-    let shutdown = app.shutdown.clone();
+    let shutdown = app.supervisor.shutdown().clone();
     let mut warned: Option<std::time::Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
@@ -124,7 +124,7 @@ async fn connection(
     let mut conn = std::pin::pin!(conn);
     let served = tokio::select! {
         served = conn.as_mut() => served,
-        () = app.shutdown.cancelled() => {
+        () = app.supervisor.shutdown().cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }

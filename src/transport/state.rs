@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 
 use crate::Config;
 use crate::auth::Authenticator;
@@ -59,10 +58,9 @@ pub struct AppInner {
     pub shared: Shared,
     /// Counters and histograms.
     pub metrics: Arc<Metrics>,
-    /// Cancelled when the server starts shutting down.
-    pub shutdown: CancellationToken,
-    /// Every task the node runs; shutdown waits for them, and a worker's panic fails the
-    /// node.
+    /// Every task the node runs and its shutdown token (`supervisor.shutdown()`, cancelled
+    /// when the server starts shutting down); shutdown waits for the tasks, and a worker's
+    /// panic fails the node.
     pub supervisor: node::Supervisor,
     /// One permit per open WebSocket (`limits.max_connections`).
     pub connection_permits: Arc<Semaphore>,

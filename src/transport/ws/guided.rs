@@ -233,7 +233,7 @@ async fn serve(
         Ok(false) => {}
         Err(end) => return end,
     }
-    let shutdown = app.shutdown.clone();
+    let shutdown = app.supervisor.shutdown().clone();
     let limits = &app.config.limits;
     let mut live_check = Liveness::new();
     let check = tokio::time::sleep_until(live_check.next_check(limits).into());

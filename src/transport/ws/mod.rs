@@ -325,7 +325,7 @@ impl Gate {
             )
             .into_response());
         }
-        if app.shutdown.is_cancelled() {
+        if app.supervisor.shutdown().is_cancelled() {
             return Err(
                 ApiError::unavailable(ErrorCode::ShuttingDown, "server is shutting down")
                     .into_response(),
@@ -762,7 +762,7 @@ impl Connection {
     /// an idle connection keeps is only this loop's few hundred bytes; the request paths
     /// (join, store calls) are large and short-lived.
     async fn serve(&mut self, socket: &mut WsSocket) -> End {
-        let shutdown = self.app.shutdown.clone();
+        let shutdown = self.app.supervisor.shutdown().clone();
         let config = Arc::clone(&self.app.config);
         let limits = &config.limits;
         let mut live = Liveness::new();
