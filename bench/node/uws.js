@@ -28,6 +28,7 @@
 'use strict';
 
 const path = require('node:path');
+const { handleFrame, now } = require('./protocol');
 
 const PORT = Number.parseInt(process.env.PORT || '18082', 10);
 const HOST = process.env.HOST || '127.0.0.1';
@@ -70,10 +71,6 @@ function room(roomId) {
     rooms.set(roomId, r);
   }
   return r;
-}
-
-function now() {
-  return new Date().toISOString();
 }
 
 function reply(ws, frame) {
@@ -149,44 +146,16 @@ function sendMessage(ws, frame) {
   reply(ws, ack);
 }
 
+// What the client frames do here (decoded and dispatched by protocol.js).
+const HANDLERS = { join, leave: (w, roomId) => leave(w, roomId, true), send: sendMessage, reply, error };
+
 function onMessage(ws, data, isBinary) {
   if (isBinary) {
     error(ws, 'bad_request', 'binary frames are not supported');
     return;
   }
-  let frame;
-  try {
-    // `data` is only valid during this call: decode it now.
-    frame = JSON.parse(Buffer.from(data).toString('utf8'));
-  } catch {
-    error(ws, 'bad_request', 'frame is not JSON');
-    return;
-  }
-  if (frame === null || typeof frame !== 'object') {
-    error(ws, 'bad_request', 'frame is not an object');
-    return;
-  }
-  switch (frame.type) {
-    case 'join-room':
-      if (typeof frame.roomId !== 'string' || frame.roomId === '') {
-        error(ws, 'bad_request', 'join-room needs a roomId', frame.id);
-      } else {
-        join(ws, frame.roomId, frame.id);
-      }
-      break;
-    case 'leave-room':
-      if (typeof frame.roomId === 'string') leave(ws, frame.roomId, true);
-      reply(ws, { type: 'room-left', roomId: frame.roomId, replyTo: frame.id });
-      break;
-    case 'send-message':
-      sendMessage(ws, frame);
-      break;
-    case 'ping':
-      reply(ws, { type: 'pong', timestamp: now() });
-      break;
-    default:
-      error(ws, 'unknown_type', `unsupported frame type ${JSON.stringify(frame.type)}`, frame.id);
-  }
+  // `data` is only valid during this call: it is decoded at once.
+  handleFrame(ws, Buffer.from(data).toString('utf8'), HANDLERS);
 }
 
 const app = uWS.App();
