@@ -486,13 +486,8 @@ async fn domain_admins_manage_their_own_agents_and_removal_ends_sessions() {
     let (_, _, eve) = login(&f, "eve@shop.example", "eve's own password").await;
     let eve = cookie_pair(&eve.unwrap());
     let (code, _) =
-        f.s.call(
-            reqwest::Method::DELETE,
-            &format!("/api/admin/domains/shop/agents/{eve_id}"),
-            &boss,
-            None,
-        )
-        .await;
+        f.s.delete_with(&format!("/api/admin/domains/shop/agents/{eve_id}"), &boss)
+            .await;
     assert_eq!(code, 204);
     assert_eq!(
         with_cookie(&f, reqwest::Method::GET, "/api/auth/session", &eve, None)

@@ -736,12 +736,7 @@ async fn templates_are_listed_for_users_and_managed_by_the_admin_api() {
     answer(&mut bob, "Bob").await;
     drop(bob);
     let (status, _) = s
-        .call(
-            reqwest::Method::DELETE,
-            &format!("{path}/offer-letter"),
-            &admin_key(),
-            None,
-        )
+        .delete_with(&format!("{path}/offer-letter"), &admin_key())
         .await;
     assert_eq!(status, 204);
     assert_eq!(refused(&chat_url(&s, &ann, "offer-letter")).await.0, 404);
@@ -798,23 +793,9 @@ async fn stale_sessions_are_deleted_and_others_kept() {
     let mut again = open(&s, "bob", NDA).await;
     let id = again.recv().await["sessionId"].as_str().unwrap().to_owned();
     drop(again);
-    let (status, _) = s
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/api/sessions/{id}"),
-            &ann,
-            None,
-        )
-        .await;
+    let (status, _) = s.delete_with(&format!("/api/sessions/{id}"), &ann).await;
     assert_eq!(status, 404, "another user cannot abandon it");
-    let (status, _) = s
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/api/sessions/{id}"),
-            &bob,
-            None,
-        )
-        .await;
+    let (status, _) = s.delete_with(&format!("/api/sessions/{id}"), &bob).await;
     assert_eq!(status, 204);
     s.stop().await;
 }
@@ -952,14 +933,7 @@ async fn a_session_holds_at_most_a_thousand_turns() {
     // Nothing more was stored, and the session can be abandoned to start again.
     let (_, got) = s.get_with(&format!("/api/sessions/{id}"), &ann).await;
     assert_eq!(got["turnCount"], 1001);
-    let (status, _) = s
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/api/sessions/{id}"),
-            &ann,
-            None,
-        )
-        .await;
+    let (status, _) = s.delete_with(&format!("/api/sessions/{id}"), &ann).await;
     assert_eq!(status, 204);
     s.stop().await;
 }

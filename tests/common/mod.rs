@@ -168,6 +168,11 @@ impl TestServer {
         self.call(reqwest::Method::GET, path, token, None).await
     }
 
+    /// `DELETE path` with a bearer token: the status and the JSON answer (`null` if none).
+    pub async fn delete_with(&self, path: &str, token: &str) -> (u16, Value) {
+        self.call(reqwest::Method::DELETE, path, token, None).await
+    }
+
     /// `POST path` with a bearer token and a JSON body: the status and the JSON answer.
     pub async fn post_with(&self, path: &str, token: &str, body: &Value) -> (u16, Value) {
         self.call(reqwest::Method::POST, path, token, Some(body))
