@@ -216,7 +216,8 @@ impl ConnHandle {
             .compare_exchange(NOT_KICKED, reason, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            self.0.kick.notify_one();
+            // Every waiter: the connection's loop and a write it may be stalled in.
+            self.0.kick.notify_waiters();
         }
     }
 
@@ -234,12 +235,21 @@ impl ConnHandle {
         }
     }
 
-    /// Resolves when the connection has been kicked ([`Self::kick`] says why).
+    /// Resolves when the connection has been kicked ([`Self::kick`] says why). The waiter
+    /// is registered before the flag is read, so a kick between the two is not missed.
     pub async fn kicked(&self) {
+        let notified = self.0.kick.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
         if self.is_kicked() {
             return;
         }
-        self.0.kick.notified().await;
+        notified.await;
+    }
+
+    /// Whether `other` is a handle to the same connection and queue.
+    pub fn same(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
