@@ -121,6 +121,9 @@ pub struct Metrics {
     pub handoff_transitions: Family<ActionLabel, Counter>,
     /// Seconds from a room starting to wait (or being assigned) to the first agent message.
     pub handoff_first_response: Histogram,
+    /// Reads of a room's hand-off state for a committed message, needed when this node's
+    /// copy may be stale (another node wrote in the room since).
+    pub handoff_state_reads: Counter,
     /// Cluster-state calls (rate limits, counters, online users, claims) this node answered
     /// alone because Redis did not answer in time.
     pub shared_fallbacks: Family<OpLabel, Counter>,
@@ -244,6 +247,12 @@ impl Metrics {
             "Time from a room starting to wait for a human to the first agent message",
             handoff_first_response.clone(),
         );
+        let handoff_state_reads = Counter::default();
+        registry.register(
+            "handoff_state_reads",
+            "Store reads of a room's hand-off state for a committed message this node's copy could not vouch for",
+            handoff_state_reads.clone(),
+        );
         let shared_fallbacks = Family::<OpLabel, Counter>::default();
         registry.register(
             "shared_fallbacks",
@@ -325,6 +334,7 @@ impl Metrics {
             shared_fallbacks,
             handoff_transitions,
             handoff_first_response,
+            handoff_state_reads,
             connections,
             connections_total,
             disconnects,

@@ -13,7 +13,7 @@
 mod common;
 
 use common::cluster::{
-    Cluster, Database, Node, cluster_with_config, collect_seqs, eventually, servers,
+    Cluster, Database, NODE_CONFIG, Node, cluster_with_config, collect_seqs, eventually, servers,
 };
 use common::redis::OwnRedis;
 
@@ -773,6 +773,82 @@ async fn a_domain_change_announced_while_redis_was_away_arrives_when_it_is_back(
         .await,
         "node B did not catch up with the domain created during the outage: {}",
         b.log_tail()
+    );
+    c.finish().await;
+}
+
+/// A room's hand-off state crosses nodes: an agent on one node takes a room whose visitor
+/// writes on another, and the bot there falls silent. The node that commits a conversation's
+/// messages judges them without asking the store for the state each time: only a message
+/// after another node wrote in the room costs a read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hand_off_state_crosses_nodes_and_a_quiet_room_costs_no_state_reads() {
+    let Some((db_url, redis)) = servers() else {
+        return;
+    };
+    let db = Database::create(&db_url).await;
+    let config = NODE_CONFIG.replace(
+        "[domains.bot]\nenabled = false\n",
+        "[domains.bot]\nknowledge_dir = \"builtin:demo\"\n[domains.handoff]\nenabled = true\n",
+    );
+    assert_ne!(config, NODE_CONFIG, "the bot and hand-off are switched on");
+    let c = cluster_with_config(2, &redis, db, &config).await;
+    let reads = "parlor_handoff_state_reads_total";
+    let room = "support-quiet";
+    let mut visitor = Client::connect(&c.nodes[0].ws("ann")).await;
+    visitor.join(room, None).await;
+
+    // The bot answers every question on the visitor's node; after the first message, the
+    // node knows the room's state is its own.
+    for _ in 0..10 {
+        visitor
+            .say(room, "How do I catch up after a reconnect?", None)
+            .await;
+        loop {
+            let f = visitor.recv_type("message-received").await;
+            if f["role"] == "assistant" {
+                break;
+            }
+        }
+    }
+    let quiet = c.nodes[0].metric(reads, "").await;
+    assert!(
+        quiet <= 1.0,
+        "{quiet} state reads for 20 messages committed on one node"
+    );
+
+    // An agent on the other node takes the room.
+    let mut agent = Client::connect(&c.nodes[1].ws_as("alice", "agent")).await;
+    agent.join(room, None).await;
+    let id = agent
+        .request(json!({ "type": "assign", "roomId": room }))
+        .await;
+    let taken = agent.reply(&id).await;
+    assert_eq!(taken["conversation"]["status"], "assigned", "{taken}");
+    loop {
+        let f = visitor.recv_type("message-received").await;
+        if f["messageType"] == "status" {
+            break;
+        }
+    }
+    // The visitor's next message is judged on the new state: no answer from the bot, then
+    // the agent's.
+    visitor.say(room, "Are you a person?", None).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent.say(room, "Yes, I'm Alice.", None).await;
+    loop {
+        let f = visitor.recv_type("message-received").await;
+        assert_ne!(
+            f["role"], "assistant",
+            "the bot answered in a room an agent on another node took: {f}"
+        );
+        if f["role"] == "agent" {
+            break;
+        }
+    }
+    assert!(
+        c.nodes[0].metric(reads, "").await > quiet,
+        "a message after another node's change reads the state"
     );
     c.finish().await;
 }

@@ -11,7 +11,8 @@
 //! sends it to the others) and passes it to one of [`OBSERVERS`] ordered workers, chosen by
 //! room, that run the [`Observer`] (the hand-off service: the inbox, the bot's turn). A
 //! room's messages always reach the same worker, so it sees them in order; one room's slow
-//! observation (a store read) does not hold up the other rooms.
+//! observation (a store write, or a read after another node wrote in the room) does not
+//! hold up the other rooms.
 //!
 //! The writer's own queue is bounded (`store.write_queue`), so senders wait when the store
 //! cannot keep up. Every task here runs under the node's [`Supervisor`]: a panic fails the

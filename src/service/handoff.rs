@@ -15,7 +15,10 @@
 //!   event, encoded once.
 //!
 //! Room states are cached here (bounded) so that a visitor's message costs no store read;
-//! the cache keeps the copy with the highest `version`.
+//! the cache keeps the copy with the highest `version`. With several nodes a cached state
+//! is trusted for a message only when this node also committed the room's previous message
+//! (every change stores a status message in the room, so another node's change leaves a gap
+//! in the `seq`s this node saw); after a gap the state is read from the store once.
 //!
 //! Depends on the chat service (storing, the hub), the AI service (the bot), the domain
 //! table (hand-off settings) and `auth::policy`.
@@ -118,6 +121,11 @@ struct RoomState {
     created_by: Option<Arc<str>>,
     visitor_name: Option<Arc<str>>,
     created_at: chrono::DateTime<chrono::Utc>,
+    /// The `seq` of the room's last message this node observed with `conversation` known
+    /// to be current (0: none). The next message at `observed + 1` was committed here with
+    /// nothing in between, so no other node can have changed the room: every change stores
+    /// a status message in the room's stream.
+    observed: u64,
 }
 
 /// The longest inbox search, in characters.
@@ -231,6 +239,7 @@ impl HandoffService {
                 .and_then(|r| r.created_by.as_deref().map(Arc::from)),
             visitor_name: None,
             created_at: room.map_or_else(now_ms, |r| r.created_at),
+            observed: 0,
         };
         Ok(self.remember(key, state))
     }
@@ -435,6 +444,7 @@ impl HandoffService {
             created_by: Some(Arc::from(identity.user_id.as_str())),
             visitor_name: None,
             created_at: message.message.created_at,
+            observed: 0,
         });
         self.announce(&before, &conversation, message.message.seq, &action);
         Ok(Outcome {
@@ -612,12 +622,29 @@ impl HandoffService {
         {
             return;
         }
-        // With several nodes, another node may have changed the room a moment ago: judge a
-        // visitor's or an agent's message on the stored state, not on this node's copy.
-        if (visitor || agent) && self.broker.topology().is_cluster() {
+        // Judge the message on the room's state as it stands. The cached copy is current
+        // when it already holds the change a status message records, or, with several
+        // nodes, when this node committed the room's previous message too (another node's
+        // change would have stored a message in between); otherwise the store is asked. A
+        // single node makes every change itself, so its copy is current.
+        let status = message.kind == STATUS_KIND;
+        let cluster = self.broker.topology().is_cluster();
+        let current = self.rooms.get(key).is_some_and(|s| {
+            if status {
+                s.conversation.status_seq >= message.seq
+            } else {
+                !cluster || s.observed + 1 == message.seq
+            }
+        });
+        let mut fresh = current;
+        if !current && (status || (cluster && (visitor || agent))) {
+            self.metrics.handoff_state_reads.inc();
             match self.store().conversation(key).await {
-                Ok(Some(c)) => self.remember_conversation(&Arc::new(c)),
-                Ok(None) => {}
+                Ok(Some(c)) => {
+                    self.remember_conversation(&Arc::new(c));
+                    fresh = true;
+                }
+                Ok(None) => fresh = true,
                 Err(e) => {
                     tracing::warn!(room = %key, error = %e, "cannot read the room's hand-off state");
                 }
@@ -633,13 +660,8 @@ impl HandoffService {
                 return;
             }
         };
-        if message.kind == STATUS_KIND {
-            // A transition's own message: the store has the state it recorded.
-            if let Ok(Some(c)) = self.store().conversation(key).await {
-                let c = Arc::new(c);
-                self.remember_conversation(&c);
-                state.conversation = c;
-            }
+        if fresh && let Some(mut entry) = self.rooms.get_mut(key) {
+            entry.observed = entry.observed.max(message.seq);
         }
         if visitor {
             // The room's visitor's latest name, for the inbox.
@@ -945,6 +967,7 @@ impl HandoffService {
                     created_by: e.created_by.as_deref().map(Arc::from),
                     visitor_name: e.visitor_name.as_deref().map(Arc::from),
                     created_at: e.created_at,
+                    observed: 0,
                 },
             );
         }
