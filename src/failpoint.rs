@@ -5,10 +5,12 @@
 //! `PARLOR_FAILPOINTS` lists `name=action` pairs separated by `;`:
 //!
 //! - `panic` — panic at every hit; `panic@N` — at the Nth hit only (counted from 1);
-//! - `sleep:MS` — block the calling thread for MS milliseconds at every hit.
+//! - `sleep:MS` — block the calling thread for MS milliseconds at every hit (at a place in
+//!   a task, [`pause`]: the task waits, its thread goes on).
 //!
 //! Places: `sqlite-writer` and `postgres-writer` (before each group commit), `dispatcher`
-//! (before each committed message is published).
+//! (before each committed message is published), `observer` (a task: before each committed
+//! message is observed).
 
 /// Runs the fault configured for `name`, if any.
 #[cfg(not(debug_assertions))]
@@ -19,6 +21,21 @@ pub fn hit(_name: &str) {}
 #[cfg(debug_assertions)]
 pub fn hit(name: &str) {
     imp::hit(name);
+}
+
+/// [`hit`] for a place in an async task: a `sleep:MS` fault makes the task wait instead of
+/// blocking its thread.
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub async fn pause(_name: &str) {}
+
+/// [`hit`] for a place in an async task: a `sleep:MS` fault makes the task wait instead of
+/// blocking its thread.
+#[cfg(debug_assertions)]
+pub async fn pause(name: &str) {
+    if let Some(d) = imp::fire(name) {
+        tokio::time::sleep(d).await;
+    }
 }
 
 #[cfg(debug_assertions)]
@@ -79,15 +96,24 @@ mod imp {
     }
 
     pub(super) fn hit(name: &str) {
+        if let Some(d) = fire(name) {
+            std::thread::sleep(d);
+        }
+    }
+
+    /// Counts a hit of `name`, panics when a fault says so, and returns how long to sleep.
+    pub(super) fn fire(name: &str) -> Option<Duration> {
+        let mut sleep = None;
         for point in points().iter().filter(|p| p.name == name) {
             let n = point.hits.fetch_add(1, Ordering::Relaxed) + 1;
             match point.action {
                 Action::Panic(None) => panic!("failpoint {name}"),
                 Action::Panic(Some(at)) if at == n => panic!("failpoint {name} at hit {n}"),
                 Action::Panic(Some(_)) => {}
-                Action::Sleep(d) => std::thread::sleep(d),
+                Action::Sleep(d) => sleep = Some(d),
             }
         }
+        sleep
     }
 
     #[cfg(test)]

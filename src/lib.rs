@@ -160,10 +160,13 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let supervisor = node::Supervisor::new(shutdown.clone(), Arc::clone(&metrics));
         let (committed_tx, committed_rx) = mpsc::unbounded_channel();
+        let backlog = node::pipeline::Backlog::new(config.store.pipeline_backlog);
         let failed = supervisor.clone();
-        let sink = store::CommitSink::new(committed_tx).on_panic(Arc::new(move |name, panic| {
-            failed.panicked(name, panic);
-        }));
+        let sink = store::CommitSink::new(committed_tx)
+            .counting(backlog.entries())
+            .on_panic(Arc::new(move |name, panic| {
+                failed.panicked(name, panic);
+            }));
         let store = open_store(&config, sink).await?;
         for domain in &config.domains {
             store.upsert_domain(&domain.id, &domain.name).await?;
@@ -230,6 +233,7 @@ impl App {
             Arc::clone(&metrics),
             config.limits.clone(),
             Arc::clone(&domains),
+            Arc::clone(&backlog),
         ));
         let ai = Arc::new(
             AiService::new(
@@ -283,6 +287,7 @@ impl App {
             committed_rx,
             Arc::clone(&broker),
             Arc::clone(&handoff) as Arc<dyn node::pipeline::Observer>,
+            &backlog,
         );
         let accounts = Arc::new(crate::service::accounts::AccountService::new(
             Arc::clone(&store),

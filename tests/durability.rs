@@ -341,3 +341,112 @@ async fn a_stalled_store_holds_senders_back_instead_of_queueing_without_limit() 
     assert_eq!(acked.len(), 100);
     assert_stored(&db, &acked).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_pipeline_holds_clients_sends_at_the_door_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("parlor.db");
+    // Every committed message waits 20 ms before it is observed: the pipeline drains 50
+    // messages a second, and 16 may be on their way.
+    let mut server = spawn(
+        &db,
+        &[
+            ("PARLOR_FAILPOINTS", "observer=sleep:20"),
+            ("PARLOR_STORE__PIPELINE_BACKLOG", "16"),
+            ("PARLOR_LIMITS__IP_REQUESTS_PER_SECOND", "100000"),
+            ("PARLOR_LIMITS__IP_REQUESTS_BURST", "100000"),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", server.addr);
+
+    // Watch the backlog while 100 posts arrive at once.
+    let most = Arc::new(AtomicUsize::new(0));
+    let watching = {
+        let (http, base, most) = (http.clone(), base.clone(), Arc::clone(&most));
+        tokio::spawn(async move {
+            loop {
+                let health: Value = http
+                    .get(format!("{base}/health"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                let backlog = health["pipeline"]["backlog"].as_u64().unwrap();
+                most.fetch_max(usize::try_from(backlog).unwrap(), Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let posts: Vec<_> = (0..100)
+        .map(|i| {
+            let (http, base) = (http.clone(), base.clone());
+            tokio::spawn(async move {
+                let response = http
+                    .post(format!("{base}/api/messages"))
+                    .json(&json!({
+                        "message": format!("m{i}"),
+                        "chatRoomId": "room-0",
+                        "clientMessageId": format!("b{i}"),
+                    }))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status().as_u16();
+                let body: Value = response.json().await.unwrap();
+                (format!("b{i}"), status, body)
+            })
+        })
+        .collect();
+    let mut acked = Acked::new();
+    for post in posts {
+        let (cmid, status, body) = tokio::time::timeout(Duration::from_secs(60), post)
+            .await
+            .expect("every post is answered")
+            .unwrap();
+        assert_eq!(
+            status, 201,
+            "a held-back post is stored, not refused: {body}"
+        );
+        acked.insert(
+            ("room-0".to_owned(), cmid),
+            (
+                body["id"].as_str().unwrap().to_owned(),
+                body["seq"].as_u64().unwrap(),
+            ),
+        );
+    }
+    // Everything committed is observed in the end.
+    let drained = async {
+        loop {
+            let health: Value = http
+                .get(format!("{base}/health"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if health["pipeline"]["backlog"] == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), drained)
+        .await
+        .expect("the pipeline drains");
+    watching.abort();
+    let most = most.load(Ordering::SeqCst);
+    // A group commit's messages may be counted a moment late: a batch of slack at most.
+    assert!(
+        most <= 32,
+        "the backlog stays near store.pipeline_backlog (16), saw {most}"
+    );
+    assert!(most >= 8, "the stall did fill the pipeline, saw {most}");
+    server.kill9();
+    assert_eq!(acked.len(), 100);
+    assert_stored(&db, &acked).await;
+}

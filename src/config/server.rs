@@ -255,6 +255,10 @@ pub struct StoreConfig {
     /// for room (with PostgreSQL at most its 10 s deadline, then `store_unavailable`), so
     /// a store that falls behind slows senders down instead of filling memory.
     pub write_queue: usize,
+    /// Most committed messages on their way to the broker and the hand-off service. Beyond
+    /// it, a client's send waits (at most 10 s, then `store_unavailable`) before it is
+    /// written; the node's own writes (the assistant, hand-off) never wait.
+    pub pipeline_backlog: usize,
     /// Recent messages kept in memory per active room, serving recovery without the store.
     pub room_cache: usize,
     /// Read connections kept open to the database.
@@ -270,6 +274,7 @@ impl Default for StoreConfig {
             sqlite_synchronous: SqliteSync::Normal,
             max_batch: 1024,
             write_queue: 4096,
+            pipeline_backlog: 16_384,
             room_cache: 128,
             read_pool: 4,
             postgres_pool: 16,

@@ -18,6 +18,7 @@ use crate::error_code::ErrorCode;
 use crate::hub::{ConnHandle, Event, Hub, Joined, PresentUser, Replay};
 use crate::metrics::Metrics;
 use crate::model::{Author, Identity, Message, NewMessage, Room, RoomKey, json_depth, valid_id};
+use crate::node::pipeline::Backlog;
 use crate::store::{Appended, CustomerProfile, Store, StoreError};
 
 /// Longest display name kept, in characters.
@@ -25,6 +26,8 @@ pub const MAX_NAME_CHARS: usize = 100;
 
 /// Deepest `data` a client may attach to a message.
 const MAX_CLIENT_DATA_DEPTH: usize = 16;
+/// Longest a client's send waits for the commit pipeline to make room.
+const ADMIT_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Chat operations shared by every transport.
 #[derive(Debug)]
@@ -35,6 +38,8 @@ pub struct ChatService {
     limits: Limits,
     /// Each domain's rule for visitors' rooms (the live table).
     domains: Arc<Domains>,
+    /// Committed messages not yet through the commit pipeline; clients' sends wait on it.
+    backlog: Arc<Backlog>,
 }
 
 /// A message to send.
@@ -62,6 +67,7 @@ impl ChatService {
         metrics: Arc<Metrics>,
         limits: Limits,
         domains: Arc<Domains>,
+        backlog: Arc<Backlog>,
     ) -> Self {
         Self {
             store,
@@ -69,7 +75,13 @@ impl ChatService {
             metrics,
             limits,
             domains,
+            backlog,
         }
+    }
+
+    /// The commit pipeline's backlog (for `/health`).
+    pub fn backlog(&self) -> &Backlog {
+        &self.backlog
     }
 
     /// Asks the policy whether `identity` may use the room, looking the room up only when
@@ -207,9 +219,26 @@ impl ChatService {
         self.send(identity, out).await
     }
 
-    /// Stores a message and returns it (or the original, for a repeated `client_message_id`).
-    /// Members receive it through the hub once it is committed.
+    /// Stores a client's message and returns it (or the original, for a repeated
+    /// `client_message_id`). Members receive it through the hub once it is committed. While
+    /// the commit pipeline is full ([`Backlog`]) it waits, at most [`ADMIT_WITHIN`], before
+    /// anything is written.
     pub async fn send(
+        &self,
+        identity: &Identity,
+        out: Outgoing<'_>,
+    ) -> Result<Appended, ServiceError> {
+        let Some(_admitted) = self.backlog.admit(ADMIT_WITHIN).await else {
+            return Err(ServiceError::Unavailable(StoreError::Unavailable(
+                "committed messages are still being delivered; try again".into(),
+            )));
+        };
+        self.send_internal(identity, out).await
+    }
+
+    /// [`Self::send`] for the node's own writers (the assistant, hand-off): never held back
+    /// by the pipeline, which may be waiting for them.
+    pub async fn send_internal(
         &self,
         identity: &Identity,
         out: Outgoing<'_>,

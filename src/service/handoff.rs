@@ -841,7 +841,7 @@ impl HandoffService {
             data: Some(escalate_action(&settings.action_label)),
             ..Outgoing::default()
         };
-        if let Err(e) = self.chat.send(&assistant, out).await {
+        if let Err(e) = self.chat.send_internal(&assistant, out).await {
             tracing::warn!(room = %key, error = %e, "cannot store the offer of a human");
         }
     }

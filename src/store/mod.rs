@@ -39,6 +39,8 @@ pub const MAX_DATA_DEPTH: usize = 64;
 pub struct CommitSink {
     committed: mpsc::UnboundedSender<Arc<Message>>,
     on_panic: Option<Arc<PanicHandler>>,
+    /// Counts every message handed over (the pipeline's backlog).
+    counted: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// Told which writer panicked and with what.
@@ -50,7 +52,15 @@ impl CommitSink {
         Self {
             committed,
             on_panic: None,
+            counted: None,
         }
+    }
+
+    /// The same sink, adding one to `counter` for every message handed over.
+    #[must_use]
+    pub fn counting(mut self, counter: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.counted = Some(counter);
+        self
     }
 
     /// The same sink, telling `handler` when the writer panics.
@@ -62,6 +72,9 @@ impl CommitSink {
 
     /// Hands over a committed message (dropped if nobody reads the sink any more).
     pub fn send(&self, message: Arc<Message>) {
+        if let Some(counter) = &self.counted {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         let _ = self.committed.send(message);
     }
 

@@ -194,6 +194,7 @@ pub async fn health(State(app): State<AppState>) -> Response {
             "status": store,
             "queued": app.chat.store().queued(),
         },
+        "pipeline": { "backlog": app.chat.backlog().len() },
         "broker": { "kind": app.broker.kind(), "status": broker },
         "rooms": { "active": app.chat.hub().active_rooms() },
         "timestamp": iso(now_ms()),

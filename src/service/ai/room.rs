@@ -392,7 +392,7 @@ impl AiService {
             display_name: None,
             data: Some(data),
         };
-        if let Err(e) = self.chat.send(&assistant, out).await {
+        if let Err(e) = self.chat.send_internal(&assistant, out).await {
             tracing::warn!(room = %room, error = %e, "cannot store the assistant's message");
         }
     }
