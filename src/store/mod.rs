@@ -16,6 +16,7 @@
 //! `tests/store.rs` runs against every implementation.
 
 pub mod accounts;
+mod batch;
 pub mod guided;
 pub mod postgres;
 pub mod sqlite;

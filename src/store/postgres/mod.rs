@@ -64,11 +64,11 @@ use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use tokio::sync::{mpsc, oneshot};
 
+use super::batch::{Output, Queue};
 use super::{CommitSink, StoreError};
 use crate::config::StoreConfig;
-use writer::{Op, Output, Pending, Writer};
+use writer::{Op, Writer};
 
 /// Longest wait for a pooled connection (this includes connecting).
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -89,8 +89,8 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The PostgreSQL store.
 pub struct PostgresStore {
-    /// Queue to the writer task; `None` once closed.
-    writer: Mutex<Option<mpsc::Sender<Pending>>>,
+    /// Queue to the writer task.
+    writer: Queue<Op>,
     /// The writer task, awaited on close.
     writer_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Connections for reads (and, through the writer, for writes).
@@ -243,41 +243,32 @@ impl PostgresStore {
             .idle_timeout(Some(Duration::from_secs(300)))
             .connect_lazy_with(options);
 
-        let (tx, rx) = mpsc::channel(config.write_queue.max(1));
+        let (queue, intake) = Queue::new(config.write_queue, config.max_batch, writer::NAME);
+        let queue =
+            queue.with_full_wait(DEADLINE, || deadline_passed("a place in the write queue"));
         let alarm = sink.clone();
-        let writer = Writer {
-            pool: pool.clone(),
-            sink,
-        };
-        let run = writer.run(rx, config.max_batch.max(1));
+        let writer = Writer { pool: pool.clone() };
+        let run = writer.run(intake, sink);
         let task = tokio::spawn(async move {
             if let Err(panic) =
                 futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(run)).await
             {
-                alarm.panicked("postgres-writer", &*panic);
+                alarm.panicked(writer::NAME, &*panic);
             }
         });
         Ok(Self {
-            writer: Mutex::new(Some(tx)),
+            writer: queue,
             writer_task: Mutex::new(Some(task)),
             pool,
             target,
         })
     }
 
-    /// Queues `op` for the writer and waits for its committed result. The queue is bounded
-    /// (`store.write_queue`): when it is full the caller waits for room, so a database that
-    /// cannot keep up slows its senders down instead of growing without limit.
+    /// Queues `op` for the writer and waits for its committed result, which `pick` takes
+    /// out of the output ([`Queue::submit`]). A caller waits at most [`DEADLINE`] for room
+    /// in a full queue.
     async fn write<T>(&self, op: Op, pick: fn(Output) -> Option<T>) -> Result<T, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let writer = self.writer.lock().clone().ok_or(StoreError::Closed)?;
-        match tokio::time::timeout(DEADLINE, writer.send(Pending { op, reply })).await {
-            Ok(sent) => sent.map_err(|_| StoreError::Closed)?,
-            Err(_) => return Err(deadline_passed("a place in the write queue")),
-        }
-        drop(writer);
-        let output = answer.await.map_err(|_| StoreError::Closed)??;
-        pick(output).ok_or_else(|| StoreError::Corrupt("internal result mismatch".into()))
+        self.writer.submit(op, pick).await
     }
 
     /// Runs a read within [`DEADLINE`].

@@ -4,14 +4,14 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
-use tokio::sync::mpsc;
 
 use super::rows::{LockedRoom, conversation_at, message_at};
-use super::writer::{Op, Output};
+use super::writer::Op;
 use super::{
     HEALTH_TIMEOUT, PostgresStore, count, from_ms, int, limit_param, refuse_nul, store_error, to_ms,
 };
 use crate::model::{Agent, Conversation, Message, NewMessage, Note, Room, RoomKey, json_depth};
+use crate::store::batch::Output;
 use crate::store::{
     Appended, Customer, CustomerProfile, Decide, DomainChange, DomainKey, InboxEntry, InboxQuery,
     KeyKind, MAX_DATA_DEPTH, NewNote, Store, StoreError, StoredDomain, Transitioned, UsageGroup,
@@ -538,12 +538,7 @@ impl Store for PostgresStore {
     }
 
     async fn health(&self) -> Result<(), StoreError> {
-        if self
-            .writer
-            .lock()
-            .as_ref()
-            .is_none_or(mpsc::Sender::is_closed)
-        {
+        if !self.writer.is_open() {
             return Err(StoreError::Closed);
         }
         match tokio::time::timeout(HEALTH_TIMEOUT, sqlx::query("SELECT 1").execute(&self.pool))
@@ -558,14 +553,11 @@ impl Store for PostgresStore {
     }
 
     fn queued(&self) -> usize {
-        self.writer
-            .lock()
-            .as_ref()
-            .map_or(0, |w| w.max_capacity() - w.capacity())
+        self.writer.queued()
     }
 
     async fn flush(&self) {
-        drop(self.writer.lock().take());
+        self.writer.close();
         let task = self.writer_task.lock().take();
         if let Some(task) = task {
             // The writer commits what is queued, then exits (dropping the commit sink).

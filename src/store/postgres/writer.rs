@@ -1,21 +1,22 @@
-//! The writer task: group commit of every write in a fixed lock order.
-
-use std::sync::Arc;
+//! The writer task: runs the batches [`batch`](crate::store::batch) gives it, each in one
+//! transaction on one pooled connection, its operations sorted into the lock order.
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnection, PgPool};
-use tokio::sync::{mpsc, oneshot};
 
 use super::rows::Locks;
 use super::writes::{
     add_note, append, change_domains, first_response, lock_room, mark_read, transition,
 };
 use super::{DEADLINE, deadline_passed, int, store_error, to_ms};
-use crate::model::{Conversation, Message, NewMessage, Note, Room, RoomKey, now_ms};
+use crate::model::{NewMessage, RoomKey, now_ms};
+use crate::store::batch::{Commit, Failure, Intake, Output};
 use crate::store::{
-    Appended, CommitSink, CustomerProfile, Decide, DomainChange, NewNote, StoreError, Transitioned,
-    UsageRecord,
+    CommitSink, CustomerProfile, Decide, DomainChange, NewNote, StoreError, UsageRecord,
 };
+
+/// Name of the writer: its failpoint, and the task the supervisor reports if it panics.
+pub(super) const NAME: &str = "postgres-writer";
 
 /// One write for the writer task.
 pub(super) enum Op {
@@ -31,7 +32,8 @@ pub(super) enum Op {
 }
 
 impl Op {
-    /// Where the operation goes in a batch: see "Lock order" in the module documentation.
+    /// Where the operation goes in a batch: see "Lock order" in the [backend's
+    /// documentation](super).
     fn order_key(&self) -> (u8, &str, &str) {
         match self {
             Op::Append(m) => (0, &m.room.domain_id, &m.room.room_id),
@@ -43,54 +45,6 @@ impl Op {
             Op::UpsertCustomer(domain, user, _) => (1, domain, user),
             Op::Domain(_) => (2, "", ""),
             Op::Usage(_) => (3, "", ""),
-        }
-    }
-}
-
-/// What a write produced.
-pub(super) enum Output {
-    Appended(Appended),
-    Room(Room),
-    Seq(u64),
-    Unit,
-    Count(u64),
-    Transitioned(Transitioned),
-    Conversation(Option<Conversation>),
-    Note(Note),
-}
-
-impl Output {
-    /// The new message this output carries, if any, for the commit sink.
-    fn committed(&self) -> Option<&Arc<Message>> {
-        let appended = match self {
-            Output::Appended(a) => Some(a),
-            Output::Transitioned(t) => t.message.as_ref(),
-            _ => None,
-        }?;
-        (!appended.duplicate).then_some(&appended.message)
-    }
-}
-
-/// A queued write and where its result goes.
-pub(super) struct Pending {
-    pub(super) op: Op,
-    pub(super) reply: oneshot::Sender<Result<Output, StoreError>>,
-}
-
-/// Why a transaction failed, and whether retrying its operations one by one can help.
-#[derive(Debug)]
-pub(super) struct Failure {
-    pub(super) error: StoreError,
-    /// True when one statement (one operation) failed; false when the database could not
-    /// be reached, which no retry inside this batch would change.
-    pub(super) per_op: bool,
-}
-
-impl Failure {
-    pub(super) fn op(error: StoreError) -> Self {
-        Self {
-            error,
-            per_op: true,
         }
     }
 }
@@ -125,63 +79,24 @@ impl From<sqlx::Error> for Failure {
 /// The writer task's state.
 pub(super) struct Writer {
     pub(super) pool: PgPool,
-    pub(super) sink: CommitSink,
 }
 
 impl Writer {
-    pub(super) async fn run(self, mut rx: mpsc::Receiver<Pending>, max_batch: usize) {
-        let mut batch = Vec::with_capacity(64);
-        while let Some(pending) = rx.recv().await {
-            batch.push(pending);
-            while batch.len() < max_batch {
-                match rx.try_recv() {
-                    Ok(pending) => batch.push(pending),
-                    Err(_) => break,
-                }
-            }
-            crate::failpoint::hit("postgres-writer");
-            self.commit_batch(std::mem::take(&mut batch)).await;
+    /// Commits batch after batch until the queue is closed and empty.
+    pub(super) async fn run(self, mut intake: Intake<Op>, sink: CommitSink) {
+        while let Some(mut commit) = intake.next().await {
+            // Deterministic lock order (stable: each room keeps its arrival order).
+            commit.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+            self.commit(&mut commit, &sink).await;
         }
         tracing::debug!("postgres writer stopped");
     }
 
-    /// Runs `batch` in one transaction; if one of its statements fails, retries each
-    /// operation alone.
-    async fn commit_batch(&self, mut batch: Vec<Pending>) {
-        // Deterministic lock order (stable: each room keeps its arrival order).
-        batch.sort_by(|a, b| a.op.order_key().cmp(&b.op.order_key()));
-        let ops: Vec<&Op> = batch.iter().map(|p| &p.op).collect();
-        let failure = match self.transaction(&ops).await {
-            Ok(outputs) => {
-                self.finish(batch.into_iter().zip(outputs));
-                return;
-            }
-            Err(failure) => failure,
-        };
-        if batch.len() == 1 || !failure.per_op {
-            tracing::warn!(error = %failure.error, size = batch.len(), "store write failed");
-            for p in batch {
-                let _ = p.reply.send(Err(failure.error.clone()));
-            }
-            return;
-        }
-        tracing::warn!(error = %failure.error, size = batch.len(), "batch failed; retrying one by one");
-        let mut rest = batch.into_iter();
-        while let Some(p) = rest.next() {
-            match self.transaction(&[&p.op]).await {
-                Ok(outputs) => self.finish(std::iter::once(p).zip(outputs)),
-                Err(f) if f.per_op => {
-                    let _ = p.reply.send(Err(f.error));
-                }
-                Err(f) => {
-                    // The database went away mid-retry: fail the rest at once.
-                    tracing::warn!(error = %f.error, "store write failed");
-                    let _ = p.reply.send(Err(f.error.clone()));
-                    for p in rest.by_ref() {
-                        let _ = p.reply.send(Err(f.error.clone()));
-                    }
-                }
-            }
+    /// Runs the transactions `commit` asks for until every caller is answered.
+    async fn commit(&self, commit: &mut Commit<Op>, sink: &CommitSink) {
+        while let Some(ops) = commit.ops() {
+            let result = self.transaction(&ops).await;
+            commit.record(result, sink);
         }
     }
 
@@ -202,35 +117,15 @@ impl Writer {
             }
             tx.commit().await.map_err(|e| match e {
                 e @ sqlx::Error::Database(_) => Failure::from(e),
-                e => Failure {
-                    error: StoreError::Unavailable(format!(
-                        "PostgreSQL connection lost during COMMIT ({e}); the write may not be stored"
-                    )),
-                    per_op: false,
-                },
+                e => Failure::database(StoreError::Unavailable(format!(
+                    "PostgreSQL connection lost during COMMIT ({e}); the write may not be stored"
+                ))),
             })?;
             Ok(outputs)
         };
         match tokio::time::timeout(DEADLINE, work).await {
             Ok(result) => result,
-            Err(_) => Err(Failure {
-                error: deadline_passed("a write"),
-                per_op: false,
-            }),
-        }
-    }
-
-    /// Hands committed messages to the sink, then answers the callers.
-    fn finish(&self, done: impl Iterator<Item = (Pending, Output)>) {
-        let done: Vec<(Pending, Output)> = done.collect();
-        for (_, output) in &done {
-            if let Some(message) = output.committed() {
-                // The receiver lives as long as the server; if it is gone we are shutting down.
-                self.sink.send(Arc::clone(message));
-            }
-        }
-        for (pending, output) in done {
-            let _ = pending.reply.send(Ok(output));
+            Err(_) => Err(Failure::database(deadline_passed("a write"))),
         }
     }
 }

@@ -8,9 +8,9 @@ use sqlx::Row;
 use sqlx::postgres::PgConnection;
 
 use super::rows::{LockedRoom, Locks, conversation_at, message_at};
-use super::writer::Failure;
 use super::{count, int, refuse_nul, to_ms};
 use crate::model::{Conversation, Message, NewMessage, Note, RoomKey, now_ms};
+use crate::store::batch::Failure;
 use crate::store::{Appended, Decide, DomainChange, NewNote, StoreError, Transitioned};
 
 /// Locks the room's row for the rest of the transaction and returns it; creates the room

@@ -40,16 +40,16 @@ use std::thread::JoinHandle;
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags};
-use tokio::sync::{mpsc, oneshot};
 
+use super::batch::{Output, Queue};
 use super::{CommitSink, StoreError};
 use crate::config::{SqliteSync, StoreConfig};
-use writer::{Task, WriteOp, Writer};
+use writer::{Op, Writer};
 
 /// The SQLite store.
 pub struct SqliteStore {
-    /// Queue to the writer thread; `None` once closed.
-    writer: Mutex<Option<mpsc::Sender<WriteOp>>>,
+    /// Queue to the writer thread.
+    writer: Queue<Op>,
     /// The writer thread, joined on close.
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     /// Idle read connections.
@@ -116,26 +116,24 @@ impl SqliteStore {
             .spawn(move || wal::checkpoint_loop(&checkpoint_conn, &stopped, &restart_request))
             .map_err(|e| StoreError::Unavailable(format!("cannot start checkpoint thread: {e}")))?;
 
-        let (tx, rx) = mpsc::channel(config.write_queue.max(1));
-        let max_batch = config.max_batch;
+        let (queue, intake) = Queue::new(config.write_queue, config.max_batch, writer::NAME);
         let thread = std::thread::Builder::new()
             .name("parlor-sqlite-writer".into())
             .spawn(move || {
-                let alarm = sink.clone();
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    Writer::new(conn, sink, restart_wal).run(rx, max_batch);
+                    Writer::new(conn, restart_wal).run(intake, &sink);
                 }));
                 // Writes are finished: stop the checkpointer, which truncates the WAL.
                 drop(stop_checkpoints);
                 let _ = checkpointer.join();
                 if let Err(panic) = ran {
-                    alarm.panicked("sqlite-writer", &*panic);
+                    sink.panicked(writer::NAME, &*panic);
                 }
             })
             .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
 
         Ok(Self {
-            writer: Mutex::new(Some(tx)),
+            writer: queue,
             writer_thread: Mutex::new(Some(thread)),
             readers: Arc::new(Mutex::new(Vec::new())),
             path: path.to_owned(),
@@ -144,36 +142,26 @@ impl SqliteStore {
         })
     }
 
-    /// Queues a write and waits for its committed result. The queue is bounded
-    /// (`store.write_queue`): when it is full the caller waits for room, so a store that
-    /// cannot keep up slows its senders down instead of growing without limit.
-    async fn write<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteOp,
-    ) -> Result<T, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        let writer = self.writer.lock().clone().ok_or(StoreError::Closed)?;
-        writer
-            .send(make(tx))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        drop(writer);
-        rx.await.map_err(|_| StoreError::Closed)?
+    /// Queues `op` for the writer and waits for its committed result, which `pick` takes
+    /// out of the output ([`Queue::submit`]).
+    async fn write<T>(&self, op: Op, pick: fn(Output) -> Option<T>) -> Result<T, StoreError> {
+        self.writer.submit(op, pick).await
     }
 
     /// Runs `work` on the writer, inside one of its transactions (group-committed with the
-    /// other writes), and returns its result once committed.
+    /// other writes), and returns its result once committed. `work` may run more than once
+    /// (see [`Op::Job`]).
     async fn run<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: Fn(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        self.write(|reply| {
-            WriteOp::Job(Box::new(Task {
-                work,
-                result: parking_lot::Mutex::new(None),
-                reply,
-            }))
+        let job: writer::Job = Box::new(move |conn| {
+            work(conn).map(|value| Box::new(value) as Box<dyn std::any::Any + Send>)
+        });
+        self.write(Op::Job(job), |output| match output {
+            Output::Any(value) => value.downcast::<T>().ok().map(|value| *value),
+            _ => None,
         })
         .await
     }
@@ -258,6 +246,8 @@ fn limit_param(limit: usize) -> i64 {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::sync::mpsc;
 
     use super::*;
 

@@ -3,14 +3,14 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
-use tokio::sync::mpsc;
 
 use super::rows::{
     CONVERSATION_COLUMNS, message_at, row_to_conversation, row_to_message, select_room,
 };
-use super::writer::WriteOp;
+use super::writer::Op;
 use super::{SqliteStore, from_ms, limit_param, seq_param, to_ms};
 use crate::model::{Agent, Conversation, Message, NewMessage, Note, Room, RoomKey, json_depth};
+use crate::store::batch::Output;
 use crate::store::{
     Appended, Customer, CustomerProfile, Decide, DomainChange, DomainKey, InboxEntry, InboxQuery,
     KeyKind, MAX_DATA_DEPTH, NewNote, Store, StoreError, StoredDomain, Transitioned, UsageGroup,
@@ -29,7 +29,11 @@ impl Store for SqliteStore {
                 "data is nested deeper than {MAX_DATA_DEPTH} levels"
             )));
         }
-        self.write(|tx| WriteOp::Append(message, tx)).await
+        self.write(Op::Append(message), |o| match o {
+            Output::Appended(a) => Some(a),
+            _ => None,
+        })
+        .await
     }
 
     async fn ensure_room(
@@ -38,8 +42,11 @@ impl Store for SqliteStore {
         created_by: Option<&str>,
     ) -> Result<Room, StoreError> {
         let by = created_by.map(str::to_owned);
-        self.write(|tx| WriteOp::EnsureRoom(key.clone(), by, tx))
-            .await
+        self.write(Op::EnsureRoom(key.clone(), by), |o| match o {
+            Output::Room(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     async fn room(&self, key: &RoomKey) -> Result<Option<Room>, StoreError> {
@@ -128,8 +135,11 @@ impl Store for SqliteStore {
 
     async fn mark_read(&self, key: &RoomKey, user_id: &str, seq: u64) -> Result<u64, StoreError> {
         let user = user_id.to_owned();
-        self.write(|tx| WriteOp::MarkRead(key.clone(), user, seq, tx))
-            .await
+        self.write(Op::MarkRead(key.clone(), user, seq), |o| match o {
+            Output::Seq(s) => Some(s),
+            _ => None,
+        })
+        .await
     }
 
     async fn read_position(&self, key: &RoomKey, user_id: &str) -> Result<u64, StoreError> {
@@ -183,12 +193,19 @@ impl Store for SqliteStore {
         profile: CustomerProfile,
     ) -> Result<(), StoreError> {
         let (d, u) = (domain_id.to_owned(), user_id.to_owned());
-        self.write(|tx| WriteOp::UpsertCustomer(d, u, profile, tx))
-            .await
+        self.write(Op::UpsertCustomer(d, u, profile), |o| match o {
+            Output::Unit => Some(()),
+            _ => None,
+        })
+        .await
     }
 
     async fn change_domains(&self, change: DomainChange) -> Result<u64, StoreError> {
-        self.write(|tx| WriteOp::Domain(change, tx)).await
+        self.write(Op::Domain(change), |o| match o {
+            Output::Count(n) => Some(n),
+            _ => None,
+        })
+        .await
     }
 
     async fn domains(&self) -> Result<Vec<StoredDomain>, StoreError> {
@@ -274,7 +291,11 @@ impl Store for SqliteStore {
     }
 
     async fn record_usage(&self, record: UsageRecord) -> Result<(), StoreError> {
-        self.write(|tx| WriteOp::Usage(record, tx)).await
+        self.write(Op::Usage(record), |o| match o {
+            Output::Unit => Some(()),
+            _ => None,
+        })
+        .await
     }
 
     async fn usage(
@@ -345,8 +366,11 @@ impl Store for SqliteStore {
         decide: Decide,
     ) -> Result<Transitioned, StoreError> {
         let by = created_by.map(str::to_owned);
-        self.write(|tx| WriteOp::Transition(key.clone(), by, decide, tx))
-            .await
+        self.write(Op::Transition(key.clone(), by, decide), |o| match o {
+            Output::Transitioned(t) => Some(t),
+            _ => None,
+        })
+        .await
     }
 
     async fn first_response(
@@ -354,8 +378,11 @@ impl Store for SqliteStore {
         key: &RoomKey,
         at: DateTime<Utc>,
     ) -> Result<Option<Conversation>, StoreError> {
-        self.write(|tx| WriteOp::FirstResponse(key.clone(), at, tx))
-            .await
+        self.write(Op::FirstResponse(key.clone(), at), |o| match o {
+            Output::Conversation(c) => Some(c),
+            _ => None,
+        })
+        .await
     }
 
     async fn inbox(&self, query: InboxQuery) -> Result<Vec<InboxEntry>, StoreError> {
@@ -428,7 +455,11 @@ impl Store for SqliteStore {
     }
 
     async fn add_note(&self, note: NewNote) -> Result<Note, StoreError> {
-        self.write(|tx| WriteOp::AddNote(note, tx)).await
+        self.write(Op::AddNote(note), |o| match o {
+            Output::Note(n) => Some(n),
+            _ => None,
+        })
+        .await
     }
 
     async fn notes(&self, key: &RoomKey, limit: usize) -> Result<Vec<Note>, StoreError> {
@@ -463,12 +494,7 @@ impl Store for SqliteStore {
     }
 
     async fn health(&self) -> Result<(), StoreError> {
-        if self
-            .writer
-            .lock()
-            .as_ref()
-            .is_none_or(mpsc::Sender::is_closed)
-        {
+        if !self.writer.is_open() {
             return Err(StoreError::Closed);
         }
         self.read(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)))
@@ -477,14 +503,11 @@ impl Store for SqliteStore {
     }
 
     fn queued(&self) -> usize {
-        self.writer
-            .lock()
-            .as_ref()
-            .map_or(0, |w| w.max_capacity() - w.capacity())
+        self.writer.queued()
     }
 
     async fn flush(&self) {
-        drop(self.writer.lock().take());
+        self.writer.close();
         let thread = self.writer_thread.lock().take();
         if let Some(thread) = thread {
             // The writer drains its queue, then exits; join it off the async runtime.
