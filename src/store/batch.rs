@@ -58,8 +58,8 @@ pub(crate) enum Output {
     Conversation(Option<Conversation>),
     /// A stored note.
     Note(Note),
-    /// The value of a write given to the writer as a closure (SQLite's accounts and guided
-    /// sessions); the caller knows its type.
+    /// The value of a write given to the writer as a closure (SQLite's `Accounts` and
+    /// `Guided` writes); the caller knows its type.
     Any(Box<dyn Any + Send>),
 }
 
@@ -267,7 +267,7 @@ impl<Op> Intake<Op> {
 pub(crate) struct Commit<Op> {
     /// Operations whose callers are not answered yet, in commit order.
     waiting: VecDeque<Pending<Op>>,
-    /// The whole batch failed because of one operation: each runs alone now.
+    /// The whole batch failed because of one operation: each runs alone from then on.
     alone: bool,
 }
 

@@ -29,7 +29,7 @@ pub(super) enum Op {
     Transition(RoomKey, Option<String>, Decide),
     FirstResponse(RoomKey, DateTime<Utc>),
     AddNote(NewNote),
-    /// A write of another part of the store (accounts, guided sessions), given as a closure
+    /// A write of another part of the store (`Accounts`, `Guided`), given as a closure
     /// ([`SqliteStore::run`](super::SqliteStore)): it runs inside the batch's transaction like
     /// the others and is answered after `COMMIT`. After a rollback (a failed batch is retried
     /// one operation at a time) it runs again, so it must not depend on having run before.
