@@ -152,3 +152,144 @@ async fn version_1_database_upgrades_without_losing_anything() {
         .expect("version");
     assert_eq!(version, 8);
 }
+
+/// The first five migrations, as the runner of earlier Parlor releases applied them: each in
+/// a transaction of its own that also sets `PRAGMA user_version` to its number.
+fn migrate_by_hand(conn: &mut Connection, migrations: &[&str]) {
+    for (i, sql) in migrations.iter().enumerate() {
+        let tx = conn.transaction().expect("begin");
+        tx.execute_batch(sql).expect("migration");
+        tx.pragma_update(None, "user_version", i64::try_from(i + 1).unwrap())
+            .expect("version");
+        tx.commit().expect("commit");
+    }
+}
+
+const V1_TO_V5: [&str; 5] = [
+    V1,
+    include_str!("../src/store/migrations/sqlite/0002_compact_room_keys.sql"),
+    include_str!("../src/store/migrations/sqlite/0003_domain_admin.sql"),
+    include_str!("../src/store/migrations/sqlite/0004_ai.sql"),
+    include_str!("../src/store/migrations/sqlite/0005_handoff.sql"),
+];
+
+fn user_version(path: &std::path::Path) -> i64 {
+    Connection::open(path)
+        .expect("open")
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .expect("version")
+}
+
+#[tokio::test]
+async fn a_version_5_database_of_the_earlier_runner_upgrades_to_the_latest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("v5.db");
+    {
+        let mut conn = Connection::open(&path).expect("open");
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .expect("wal");
+        migrate_by_hand(&mut conn, &V1_TO_V5);
+        conn.execute(
+            "INSERT INTO rooms (domain_id, id, kind, created_by, created_at, updated_at)
+             VALUES ('demo', 'a', 'support', 'u1', 1000, 1000)",
+            [],
+        )
+        .expect("room");
+        for seq in 1..=2 {
+            conn.execute(
+                "INSERT INTO messages (room, seq, id, author_id, author_name, author_role, kind,
+                   content, client_message_id, created_at)
+                 VALUES (1, ?1, ?2, 'u1', 'User One', 'visitor', 'text', ?3, ?4, 1000)",
+                params![
+                    seq,
+                    format!("m{seq}"),
+                    format!("hello {seq}"),
+                    format!("k-{seq}")
+                ],
+            )
+            .expect("message");
+        }
+        conn.execute(
+            "INSERT INTO conversations (room, domain_id, status, waiting_since, updated_at,
+               version, status_seq)
+             VALUES (1, 'demo', 'waiting', 1500, 1500, 1, 2)",
+            [],
+        )
+        .expect("conversation");
+    }
+    assert_eq!(user_version(&path), 5);
+
+    let (sink, _committed) = mpsc::unbounded_channel();
+    let store = SqliteStore::open(&path, &StoreConfig::default(), sink).expect("open v5 db");
+    let key = RoomKey::new("demo", "a");
+    let page = store.messages_after(&key, 0, 10).await.expect("after");
+    let got: Vec<(u64, &str, &str)> = page
+        .iter()
+        .map(|m| (m.seq, m.id.as_str(), m.content.as_str()))
+        .collect();
+    assert_eq!(got, [(1, "m1", "hello 1"), (2, "m2", "hello 2")]);
+    let conversation = store
+        .conversation(&key)
+        .await
+        .expect("conversation")
+        .expect("stored");
+    assert_eq!(conversation.status.as_str(), "waiting");
+    assert_eq!((conversation.version, conversation.status_seq), (1, 2));
+    let next = store
+        .append(keyed(&key, "three", "k-3"))
+        .await
+        .expect("append");
+    assert_eq!((next.message.seq, next.duplicate), (3, false));
+    let again = store
+        .append(keyed(&key, "one again", "k-1"))
+        .await
+        .expect("append");
+    assert!(again.duplicate, "an old key still deduplicates");
+    store.close().await;
+
+    // Migrations 6 to 8 ran: their tables exist, and the count is the latest.
+    assert_eq!(user_version(&path), 8);
+    let conn = Connection::open(&path).expect("open");
+    for table in ["accounts", "customers", "guided_sessions", "leases"] {
+        let found: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                [table],
+                |r| r.get(0),
+            )
+            .expect("schema");
+        assert_eq!(found, 1, "table {table}");
+    }
+}
+
+#[tokio::test]
+async fn a_database_of_a_newer_parlor_is_refused_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("newer.db");
+    let (sink, _committed) = mpsc::unbounded_channel();
+    let store = SqliteStore::open(&path, &StoreConfig::default(), sink).expect("create");
+    store
+        .append(keyed(&RoomKey::new("demo", "a"), "kept", "k-1"))
+        .await
+        .expect("append");
+    store.close().await;
+    // A later release added a ninth migration.
+    Connection::open(&path)
+        .expect("open")
+        .pragma_update(None, "user_version", 9)
+        .expect("version");
+
+    let (sink, _committed) = mpsc::unbounded_channel();
+    let refused = SqliteStore::open(&path, &StoreConfig::default(), sink).expect_err("refused");
+    let message = refused.to_string();
+    assert!(
+        message.contains("database schema version 9 is newer than this Parlor (8)"),
+        "{message}"
+    );
+    assert_eq!(user_version(&path), 9);
+    let kept: String = Connection::open(&path)
+        .expect("open")
+        .query_row("SELECT content FROM messages", [], |r| r.get(0))
+        .expect("message");
+    assert_eq!(kept, "kept");
+}

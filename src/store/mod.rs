@@ -10,12 +10,16 @@
 //! any reordering on the hot path.
 //!
 //! Implementations: [`sqlite::SqliteStore`] (one node, one file) and
-//! [`postgres::PostgresStore`] (several nodes sharing one database).
+//! [`postgres::PostgresStore`] (several nodes sharing one database). Both take writes through
+//! the same group commit (`batch`: the bounded write queue, the batches, the retry of a
+//! failed batch one operation at a time, the answers and the sink), each with its own
+//! transactions.
 //!
 //! Depends only on [`crate::model`] and [`crate::config`]. The conformance suite in
 //! `tests/store.rs` runs against every implementation.
 
 pub mod accounts;
+mod batch;
 pub mod guided;
 pub mod postgres;
 pub mod sqlite;

@@ -1,0 +1,518 @@
+//! Group commit, written once for both backends: the bounded queue from the store to its
+//! writer, the batches the writer takes from it, and what happens to a batch's callers.
+//!
+//! - [`Queue`] is the store's end: [`Queue::submit`] queues an operation and waits for its
+//!   committed result. The queue is bounded (`store.write_queue`): when it is full the caller
+//!   waits for room, so a database that cannot keep up slows its senders down instead of
+//!   growing without limit.
+//! - [`Intake`] is the writer's end: it waits for one operation, takes every other one
+//!   already waiting (up to `store.max_batch`), runs the writer's failpoint and hands the
+//!   writer a [`Commit`].
+//! - [`Commit`] says which transactions to run and answers the callers: first the whole batch
+//!   in one transaction; if one operation failed it (the transaction was rolled back), each
+//!   operation alone, so one bad write cannot fail its neighbours; if the database itself
+//!   failed (a [`Failure`] not caused by one operation), every caller left gets that error at
+//!   once. After each commit it hands the new messages to the [`CommitSink`] in commit
+//!   order, then answers their callers.
+//!
+//! The backend owns the transaction: it runs the operations [`Commit::ops`] names, in order,
+//! in one transaction and reports the outputs or the failure to [`Commit::record`]. SQLite's
+//! writer is a thread and PostgreSQL's a task; both drive the same [`Commit`]:
+//!
+//! ```text
+//! while let Some(ops) = commit.ops() {
+//!     let result = transaction(&ops);      // the backend's BEGIN … COMMIT or ROLLBACK
+//!     commit.record(result, &sink);
+//! }
+//! ```
+//!
+//! Depends on [`crate::store`]'s types and [`crate::failpoint`] only.
+
+use std::any::Any;
+use std::cmp::Ordering;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Appended, CommitSink, StoreError, Transitioned};
+use crate::model::{Conversation, Message, Note, Room};
+
+/// What a write produced, on either backend.
+pub(crate) enum Output {
+    /// An append (or a duplicate found instead).
+    Appended(Appended),
+    /// A room, created if it was missing.
+    Room(Room),
+    /// A read position as stored.
+    Seq(u64),
+    /// A write with nothing to report.
+    Unit,
+    /// Rows changed.
+    Count(u64),
+    /// A hand-off transition.
+    Transitioned(Transitioned),
+    /// A conversation, if the write changed one.
+    Conversation(Option<Conversation>),
+    /// A stored note.
+    Note(Note),
+    /// The value of a write given to the writer as a closure (SQLite's `Accounts` and
+    /// `Guided` writes); the caller knows its type.
+    Any(Box<dyn Any + Send>),
+}
+
+impl Output {
+    /// The new message this output carries, if any, for the commit sink.
+    fn committed(&self) -> Option<&Arc<Message>> {
+        let appended = match self {
+            Output::Appended(a) => Some(a),
+            Output::Transitioned(t) => t.message.as_ref(),
+            _ => None,
+        }?;
+        (!appended.duplicate).then_some(&appended.message)
+    }
+}
+
+/// A queued write and where its result goes.
+#[derive(Debug)]
+pub(crate) struct Pending<Op> {
+    /// The backend's operation.
+    pub(crate) op: Op,
+    /// The caller, waiting in [`Queue::submit`].
+    reply: oneshot::Sender<Result<Output, StoreError>>,
+}
+
+impl<Op> Pending<Op> {
+    fn answer(self, result: Result<Output, StoreError>) {
+        // A caller that stopped waiting (its request was cancelled) needs no answer.
+        let _ = self.reply.send(result);
+    }
+}
+
+impl std::fmt::Debug for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Output::Appended(_) => "Appended",
+            Output::Room(_) => "Room",
+            Output::Seq(_) => "Seq",
+            Output::Unit => "Unit",
+            Output::Count(_) => "Count",
+            Output::Transitioned(_) => "Transitioned",
+            Output::Conversation(_) => "Conversation",
+            Output::Note(_) => "Note",
+            Output::Any(_) => "Any",
+        })
+    }
+}
+
+/// Why a transaction failed, and whether running its operations one by one can help.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    /// What every caller it concerns is told.
+    pub(crate) error: StoreError,
+    /// True when one statement (one operation) failed; false when the database could not
+    /// be reached, which no retry inside this batch would change.
+    pub(crate) per_op: bool,
+}
+
+impl Failure {
+    /// One operation failed.
+    pub(crate) fn op(error: StoreError) -> Self {
+        Self {
+            error,
+            per_op: true,
+        }
+    }
+
+    /// The database failed, whatever the operations.
+    pub(crate) fn database(error: StoreError) -> Self {
+        Self {
+            error,
+            per_op: false,
+        }
+    }
+}
+
+/// The store's end of the queue to its writer.
+pub(crate) struct Queue<Op> {
+    /// `None` once closed: the writer then drains what is queued and stops.
+    sender: Mutex<Option<mpsc::Sender<Pending<Op>>>>,
+    /// Longest wait for room in a full queue, and the error given after it; `None`: wait as
+    /// long as it takes.
+    full_wait: Option<(Duration, fn() -> StoreError)>,
+}
+
+impl<Op> std::fmt::Debug for Queue<Op> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("open", &self.is_open())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<Op> Queue<Op> {
+    /// A queue of `capacity` operations (at least one), and the writer's end of it.
+    pub(crate) fn new(
+        capacity: usize,
+        max_batch: usize,
+        failpoint: &'static str,
+    ) -> (Self, Intake<Op>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let queue = Self {
+            sender: Mutex::new(Some(tx)),
+            full_wait: None,
+        };
+        let intake = Intake {
+            rx,
+            max_batch: max_batch.max(1),
+            failpoint,
+        };
+        (queue, intake)
+    }
+
+    /// The same queue, failing a write with `error()` when it waited `wait` for room.
+    pub(crate) fn with_full_wait(mut self, wait: Duration, error: fn() -> StoreError) -> Self {
+        self.full_wait = Some((wait, error));
+        self
+    }
+
+    /// Queues `op` and waits for its committed result, which `pick` takes out of the
+    /// [`Output`] (`None`: not the output this operation makes).
+    pub(crate) async fn submit<T>(
+        &self,
+        op: Op,
+        pick: fn(Output) -> Option<T>,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let sender = self.sender.lock().clone().ok_or(StoreError::Closed)?;
+        let send = sender.send(Pending { op, reply });
+        let sent = match self.full_wait {
+            None => send.await,
+            Some((wait, error)) => match tokio::time::timeout(wait, send).await {
+                Ok(sent) => sent,
+                Err(_) => return Err(error()),
+            },
+        };
+        sent.map_err(|_| StoreError::Closed)?;
+        drop(sender);
+        let output = answer.await.map_err(|_| StoreError::Closed)??;
+        pick(output).ok_or_else(|| StoreError::Corrupt("internal result mismatch".into()))
+    }
+
+    /// Writes queued and not yet taken by the writer.
+    pub(crate) fn queued(&self) -> usize {
+        self.sender
+            .lock()
+            .as_ref()
+            .map_or(0, |s| s.max_capacity() - s.capacity())
+    }
+
+    /// Whether writes are still accepted and the writer is still there to take them.
+    pub(crate) fn is_open(&self) -> bool {
+        self.sender.lock().as_ref().is_some_and(|s| !s.is_closed())
+    }
+
+    /// Accepts no more writes; the writer commits what is queued, then stops.
+    pub(crate) fn close(&self) {
+        drop(self.sender.lock().take());
+    }
+}
+
+/// The writer's end of the queue.
+#[derive(Debug)]
+pub(crate) struct Intake<Op> {
+    rx: mpsc::Receiver<Pending<Op>>,
+    /// Most operations in one transaction (`store.max_batch`).
+    max_batch: usize,
+    /// The failpoint run before each batch (`sqlite-writer`, `postgres-writer`).
+    failpoint: &'static str,
+}
+
+impl<Op> Intake<Op> {
+    /// The next batch, waiting on this thread for its first operation; `None` once the
+    /// queue is closed and empty. For a writer on a thread of its own.
+    pub(crate) fn blocking_next(&mut self) -> Option<Commit<Op>> {
+        let first = self.rx.blocking_recv()?;
+        Some(self.gather(first))
+    }
+
+    /// The next batch; `None` once the queue is closed and empty.
+    pub(crate) async fn next(&mut self) -> Option<Commit<Op>> {
+        let first = self.rx.recv().await?;
+        Some(self.gather(first))
+    }
+
+    /// `first` and whatever else is waiting, up to `max_batch` operations.
+    fn gather(&mut self, first: Pending<Op>) -> Commit<Op> {
+        let mut batch = VecDeque::with_capacity(self.max_batch.min(64));
+        batch.push_back(first);
+        while batch.len() < self.max_batch {
+            match self.rx.try_recv() {
+                Ok(pending) => batch.push_back(pending),
+                Err(_) => break,
+            }
+        }
+        crate::failpoint::hit(self.failpoint);
+        Commit {
+            waiting: batch,
+            alone: false,
+        }
+    }
+}
+
+/// One batch on its way into the database (see the module documentation).
+#[derive(Debug)]
+pub(crate) struct Commit<Op> {
+    /// Operations whose callers are not answered yet, in commit order.
+    waiting: VecDeque<Pending<Op>>,
+    /// The whole batch failed because of one operation: each runs alone from then on.
+    alone: bool,
+}
+
+impl<Op> Commit<Op> {
+    /// Puts the batch in the order `cmp` gives (a stable sort: equal operations keep their
+    /// arrival order). Only before the first transaction.
+    pub(crate) fn sort_by(&mut self, cmp: impl Fn(&Op, &Op) -> Ordering) {
+        self.waiting
+            .make_contiguous()
+            .sort_by(|a, b| cmp(&a.op, &b.op));
+    }
+
+    /// Operations whose callers are not answered yet.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// The operations of the next transaction to run, in order; `None` once every caller
+    /// is answered.
+    pub(crate) fn ops(&self) -> Option<Vec<&Op>> {
+        let take = if self.alone { 1 } else { self.waiting.len() };
+        let ops: Vec<&Op> = self.waiting.iter().take(take).map(|p| &p.op).collect();
+        (!ops.is_empty()).then_some(ops)
+    }
+
+    /// Takes the result of the transaction [`Commit::ops`] named: on success hands its new
+    /// messages to `sink` and answers its callers; on failure decides what runs next.
+    pub(crate) fn record(&mut self, result: Result<Vec<Output>, Failure>, sink: &CommitSink) {
+        let ran = if self.alone { 1 } else { self.waiting.len() };
+        match result {
+            Ok(outputs) => {
+                for message in outputs.iter().filter_map(Output::committed) {
+                    // The receiver lives as long as the server; if it is gone we are
+                    // shutting down.
+                    sink.send(Arc::clone(message));
+                }
+                let mut outputs = outputs.into_iter();
+                for pending in self.waiting.drain(..ran) {
+                    // The backend returns one output per operation; a missing one would be
+                    // a bug, which the caller hears of rather than getting a wrong answer.
+                    pending.answer(
+                        outputs
+                            .next()
+                            .ok_or_else(|| StoreError::Corrupt("internal result mismatch".into())),
+                    );
+                }
+            }
+            Err(failure) if failure.per_op && self.alone => {
+                if let Some(pending) = self.waiting.pop_front() {
+                    pending.answer(Err(failure.error));
+                }
+            }
+            Err(failure) if failure.per_op && ran > 1 => {
+                tracing::warn!(error = %failure.error, size = ran, "batch failed; retrying one by one");
+                self.alone = true;
+            }
+            Err(failure) => {
+                tracing::warn!(error = %failure.error, size = self.waiting.len(), "store write failed");
+                for pending in self.waiting.drain(..) {
+                    pending.answer(Err(failure.error.clone()));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Author, RoomKey};
+
+    fn message(seq: u64) -> Arc<Message> {
+        Arc::new(Message {
+            id: format!("m{seq}"),
+            room: RoomKey::new("d", "r"),
+            seq,
+            author: Author {
+                user_id: "u".into(),
+                name: "U".into(),
+                role: "visitor".into(),
+            },
+            kind: "text".into(),
+            content: String::new(),
+            data: None,
+            client_message_id: None,
+            created_at: crate::model::now_ms(),
+        })
+    }
+
+    fn appended(seq: u64) -> Output {
+        Output::Appended(Appended {
+            message: message(seq),
+            duplicate: false,
+        })
+    }
+
+    /// Where a caller waits for its answer.
+    type Answer = oneshot::Receiver<Result<Output, StoreError>>;
+
+    /// A batch of `ops` (their numbers), with the channels their callers wait on.
+    fn batch(ops: &[u32]) -> (Commit<u32>, Vec<Answer>) {
+        let mut answers = Vec::new();
+        let waiting = ops
+            .iter()
+            .map(|&op| {
+                let (reply, answer) = oneshot::channel();
+                answers.push(answer);
+                Pending { op, reply }
+            })
+            .collect();
+        let commit = Commit {
+            waiting,
+            alone: false,
+        };
+        (commit, answers)
+    }
+
+    fn sink() -> (CommitSink, mpsc::UnboundedReceiver<Arc<Message>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (CommitSink::new(tx), rx)
+    }
+
+    fn seqs(rx: &mut mpsc::UnboundedReceiver<Arc<Message>>) -> Vec<u64> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|m| m.seq)
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_that_commits_feeds_the_sink_in_order_then_answers_everyone() {
+        let (sink, mut committed) = sink();
+        let (mut commit, mut answers) = batch(&[1, 2, 3]);
+        assert_eq!(commit.ops(), Some(vec![&1, &2, &3]));
+        commit.record(Ok(vec![appended(1), Output::Unit, appended(2)]), &sink);
+        assert_eq!(commit.ops(), None);
+        assert_eq!(seqs(&mut committed), [1, 2]);
+        let got: Vec<String> = answers
+            .iter_mut()
+            .map(|a| format!("{:?}", a.try_recv().expect("answered")))
+            .collect();
+        assert_eq!(got, ["Ok(Appended)", "Ok(Unit)", "Ok(Appended)"]);
+    }
+
+    #[test]
+    fn one_bad_operation_fails_alone_and_its_neighbours_commit() {
+        let (sink, mut committed) = sink();
+        let (mut commit, mut answers) = batch(&[1, 2, 3]);
+        commit.record(Err(Failure::op(StoreError::Invalid("bad".into()))), &sink);
+        assert!(answers[0].try_recv().is_err(), "nobody is answered yet");
+
+        assert_eq!(commit.ops(), Some(vec![&1]));
+        commit.record(Ok(vec![appended(1)]), &sink);
+        assert_eq!(commit.ops(), Some(vec![&2]));
+        commit.record(Err(Failure::op(StoreError::Invalid("bad".into()))), &sink);
+        assert_eq!(commit.ops(), Some(vec![&3]));
+        commit.record(Ok(vec![appended(2)]), &sink);
+        assert_eq!(commit.ops(), None);
+
+        assert_eq!(seqs(&mut committed), [1, 2]);
+        assert!(matches!(answers[0].try_recv(), Ok(Ok(Output::Appended(_)))));
+        assert!(matches!(
+            answers[1].try_recv(),
+            Ok(Err(StoreError::Invalid(_)))
+        ));
+        assert!(matches!(answers[2].try_recv(), Ok(Ok(Output::Appended(_)))));
+    }
+
+    #[test]
+    fn a_database_failure_fails_every_caller_left_at_once() {
+        let (sink, mut committed) = sink();
+        let (mut commit, mut answers) = batch(&[1, 2, 3]);
+        commit.record(Err(Failure::database(StoreError::Closed)), &sink);
+        assert_eq!(commit.ops(), None);
+        for answer in &mut answers {
+            assert!(matches!(answer.try_recv(), Ok(Err(StoreError::Closed))));
+        }
+
+        // Also in the middle of the one-by-one retry.
+        let (mut commit, mut answers) = batch(&[1, 2, 3]);
+        commit.record(Err(Failure::op(StoreError::Invalid("bad".into()))), &sink);
+        commit.record(Ok(vec![appended(7)]), &sink);
+        commit.record(Err(Failure::database(StoreError::Closed)), &sink);
+        assert_eq!(commit.ops(), None);
+        assert_eq!(seqs(&mut committed), [7]);
+        assert!(matches!(answers[0].try_recv(), Ok(Ok(_))));
+        assert!(matches!(answers[1].try_recv(), Ok(Err(StoreError::Closed))));
+        assert!(matches!(answers[2].try_recv(), Ok(Err(StoreError::Closed))));
+    }
+
+    #[test]
+    fn a_single_operation_that_fails_is_not_retried() {
+        let (sink, _committed) = sink();
+        let (mut commit, mut answers) = batch(&[1]);
+        commit.record(Err(Failure::op(StoreError::Invalid("bad".into()))), &sink);
+        assert_eq!(commit.ops(), None);
+        assert!(matches!(
+            answers[0].try_recv(),
+            Ok(Err(StoreError::Invalid(_)))
+        ));
+    }
+
+    #[test]
+    fn a_sorted_batch_keeps_arrival_order_among_equals() {
+        let (mut commit, _answers) = batch(&[31, 10, 22, 11, 30]);
+        commit.sort_by(|a, b| (a / 10).cmp(&(b / 10)));
+        assert_eq!(commit.ops(), Some(vec![&10, &11, &22, &31, &30]));
+    }
+
+    #[tokio::test]
+    async fn the_intake_takes_at_most_max_batch_and_the_queue_counts_the_rest() {
+        let (queue, mut intake) = Queue::<u32>::new(8, 3, "test-writer");
+        let queue = Arc::new(queue);
+        let callers: Vec<_> = (0..5)
+            .map(|op| {
+                let queue = Arc::clone(&queue);
+                tokio::spawn(async move { queue.submit(op, |o| Some(format!("{o:?}"))).await })
+            })
+            .collect();
+        while queue.queued() < 5 {
+            tokio::task::yield_now().await;
+        }
+        let (sink, _committed) = sink();
+        let mut first = intake.next().await.expect("a batch");
+        assert_eq!(first.len(), 3);
+        assert_eq!(queue.queued(), 2);
+        while first.ops().is_some() {
+            first.record(Ok(vec![Output::Unit, Output::Unit, Output::Unit]), &sink);
+        }
+        let mut second = intake.next().await.expect("a batch");
+        assert_eq!(second.len(), 2);
+        second.record(Ok(vec![Output::Unit, Output::Count(1)]), &sink);
+
+        queue.close();
+        assert!(intake.next().await.is_none(), "closed and drained");
+        assert!(!queue.is_open());
+        assert!(matches!(
+            queue.submit(9, |_| Some(())).await,
+            Err(StoreError::Closed)
+        ));
+        let mut answers = Vec::new();
+        for caller in callers {
+            answers.push(caller.await.expect("caller").expect("answered"));
+        }
+        answers.sort();
+        assert_eq!(answers, ["Count", "Unit", "Unit", "Unit", "Unit"]);
+    }
+}

@@ -1,0 +1,441 @@
+//! The SQL of each write, run by the writer inside its open transaction. Every write to a
+//! room first locks the room's row ([`lock_room`]).
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+use sqlx::postgres::PgConnection;
+
+use super::rows::{LockedRoom, Locks, conversation_at, message_at};
+use super::{count, int, refuse_nul, to_ms};
+use crate::model::{Conversation, Message, NewMessage, Note, RoomKey, now_ms};
+use crate::store::batch::Failure;
+use crate::store::{Appended, Decide, DomainChange, NewNote, StoreError, Transitioned};
+
+/// Locks the room's row for the rest of the transaction and returns it; creates the room
+/// (kind `support`, by `create`'s user) when `create` is `Some` and it is missing.
+pub(super) async fn lock_room<'a>(
+    conn: &mut PgConnection,
+    locks: &'a mut Locks,
+    key: &RoomKey,
+    create: Option<Option<&str>>,
+) -> Result<Option<&'a mut LockedRoom>, Failure> {
+    if locks.contains_key(key) {
+        return Ok(locks.get_mut(key));
+    }
+    let select = || {
+        sqlx::query(concat!(
+            "SELECT ",
+            room_columns!(),
+            " FROM rooms WHERE domain_id = $1 AND id = $2 FOR NO KEY UPDATE"
+        ))
+        .bind(&*key.domain_id)
+        .bind(&*key.room_id)
+    };
+    let mut row = select().fetch_optional(&mut *conn).await?;
+    if row.is_none()
+        && let Some(created_by) = create
+    {
+        // A row this transaction inserts is its own until COMMIT. If another transaction
+        // inserts the same room meanwhile, this insert waits for it and then does nothing,
+        // and the select below finds (and locks) that room.
+        row = sqlx::query(concat!(
+            "INSERT INTO rooms (domain_id, id, kind, created_by, created_at, updated_at)
+             VALUES ($1, $2, 'support', $3, $4, $4)
+             ON CONFLICT (domain_id, id) DO NOTHING RETURNING ",
+            room_columns!()
+        ))
+        .bind(&*key.domain_id)
+        .bind(&*key.room_id)
+        .bind(created_by)
+        .bind(to_ms(now_ms()))
+        .fetch_optional(&mut *conn)
+        .await?;
+        if row.is_none() {
+            row = select().fetch_optional(&mut *conn).await?;
+        }
+    }
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let room = LockedRoom::from_row(&row)?;
+    Ok(Some(locks.entry(key.clone()).or_insert(room)))
+}
+
+pub(super) async fn append(
+    conn: &mut PgConnection,
+    locks: &mut Locks,
+    m: &NewMessage,
+) -> Result<Appended, Failure> {
+    let room = lock_room(conn, locks, &m.room, Some(Some(&m.author.user_id)))
+        .await?
+        .ok_or_else(|| Failure::op(StoreError::Corrupt("room vanished".into())))?;
+    let rid = room.rid;
+    let id = uuid::Uuid::now_v7().to_string();
+    let created_at = now_ms();
+    let data = m.data.as_ref().map(serde_json::Value::to_string);
+    // One statement: insert the message with the room's next seq and, only if a row was
+    // inserted, raise the room's counter. A repeated client_message_id inserts nothing and
+    // leaves the counter alone; only then is the original looked up.
+    let inserted = sqlx::query(
+        "WITH inserted AS (
+             INSERT INTO messages (room, seq, id, author_id, author_name, author_role, kind,
+                                   content, data, client_message_id, created_at)
+             SELECT r.rid, r.last_seq + 1, $2::text, $3::text, $4::text, $5::text, $6::text,
+                    $7::text, $8::text, $9::text, $10::bigint
+             FROM rooms r WHERE r.rid = $1::bigint
+             ON CONFLICT (room, author_id, client_message_id)
+             WHERE client_message_id IS NOT NULL
+             DO NOTHING
+             RETURNING room, seq
+         )
+         UPDATE rooms SET last_seq = inserted.seq FROM inserted WHERE rooms.rid = inserted.room
+         RETURNING rooms.last_seq",
+    )
+    .bind(rid)
+    .bind(&id)
+    .bind(&m.author.user_id)
+    .bind(&m.author.name)
+    .bind(&m.author.role)
+    .bind(&m.kind)
+    .bind(&m.content)
+    .bind(&data)
+    .bind(&m.client_message_id)
+    .bind(to_ms(created_at))
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(row) = inserted {
+        let seq: i64 = row.try_get(0)?;
+        room.last_seq = seq;
+        return Ok(Appended {
+            message: Arc::new(Message {
+                id,
+                room: m.room.clone(),
+                seq: count(seq),
+                author: m.author.clone(),
+                kind: m.kind.clone(),
+                content: m.content.clone(),
+                data: m.data.clone(),
+                client_message_id: m.client_message_id.clone(),
+                created_at,
+            }),
+            duplicate: false,
+        });
+    }
+    let existing = sqlx::query(concat!(
+        "SELECT ",
+        message_columns!(),
+        messages_join!(),
+        "WHERE m.room = $1 AND m.author_id = $2 AND m.client_message_id = $3"
+    ))
+    .bind(rid)
+    .bind(&m.author.user_id)
+    .bind(&m.client_message_id)
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| {
+        Failure::op(StoreError::Corrupt(format!(
+            "append to {} inserted nothing and matched no stored message",
+            m.room
+        )))
+    })?;
+    Ok(Appended {
+        message: Arc::new(message_at(&existing, 0)?),
+        duplicate: true,
+    })
+}
+
+pub(super) async fn mark_read(
+    conn: &mut PgConnection,
+    locks: &mut Locks,
+    key: &RoomKey,
+    user: &str,
+    seq: u64,
+) -> Result<u64, Failure> {
+    let last = lock_room(conn, locks, key, None)
+        .await?
+        .map_or(0, |r| r.last_seq);
+    let seq = int(seq).min(last);
+    let stored: i64 = sqlx::query_scalar(
+        "INSERT INTO read_states (domain_id, room_id, user_id, seq, updated_at)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (domain_id, room_id, user_id) DO UPDATE SET
+           seq = GREATEST(read_states.seq, EXCLUDED.seq), updated_at = EXCLUDED.updated_at
+         RETURNING seq",
+    )
+    .bind(&*key.domain_id)
+    .bind(&*key.room_id)
+    .bind(user)
+    .bind(seq)
+    .bind(to_ms(now_ms()))
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(count(stored))
+}
+
+/// Decides and stores a hand-off transition (see [`Store::transition`]).
+pub(super) async fn transition(
+    conn: &mut PgConnection,
+    locks: &mut Locks,
+    key: &RoomKey,
+    created_by: Option<&str>,
+    decide: &Decide,
+) -> Result<Transitioned, Failure> {
+    // The room's lock serialises every transition of the room, on every node: the
+    // conversation read below is the latest committed one.
+    let rid = lock_room(conn, locks, key, Some(created_by))
+        .await?
+        .ok_or_else(|| Failure::op(StoreError::Corrupt("room vanished".into())))?
+        .rid;
+    let current = sqlx::query(concat!(
+        "SELECT ",
+        conversation_columns!(),
+        " FROM conversations c WHERE c.room = $1"
+    ))
+    .bind(rid)
+    .fetch_optional(&mut *conn)
+    .await?
+    .map(|row| conversation_at(&row, 0, key.clone()))
+    .transpose()?
+    .unwrap_or_else(|| Conversation::new(key.clone()));
+    let Some((mut next, message)) = decide(&current) else {
+        return Ok(Transitioned {
+            conversation: current,
+            message: None,
+        });
+    };
+    next.room = key.clone();
+    next.version = current.version + 1;
+    next.updated_at = now_ms();
+    let opt = |t: Option<DateTime<Utc>>| t.map(to_ms);
+    sqlx::query(
+        "INSERT INTO conversations (room, domain_id, status, assignee_id, assignee_name,
+           waiting_since, assigned_at, first_response_at, resolved_at, updated_at, version)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+         ON CONFLICT (room) DO UPDATE SET status = EXCLUDED.status,
+           assignee_id = EXCLUDED.assignee_id, assignee_name = EXCLUDED.assignee_name,
+           waiting_since = EXCLUDED.waiting_since, assigned_at = EXCLUDED.assigned_at,
+           first_response_at = EXCLUDED.first_response_at,
+           resolved_at = EXCLUDED.resolved_at, updated_at = EXCLUDED.updated_at,
+           version = EXCLUDED.version",
+    )
+    .bind(rid)
+    .bind(&*key.domain_id)
+    .bind(next.status.as_str())
+    .bind(next.assignee.as_ref().map(|a| &a.user_id))
+    .bind(next.assignee.as_ref().map(|a| &a.name))
+    .bind(opt(next.waiting_since))
+    .bind(opt(next.assigned_at))
+    .bind(opt(next.first_response_at))
+    .bind(opt(next.resolved_at))
+    .bind(to_ms(next.updated_at))
+    .bind(int(next.version))
+    .execute(&mut *conn)
+    .await?;
+    refuse_nul(&[
+        &message.content,
+        &message.kind,
+        &message.author.user_id,
+        &message.author.name,
+        &message.author.role,
+    ])
+    .map_err(Failure::op)?;
+    let appended = append(conn, locks, &message).await?;
+    next.status_seq = appended.message.seq;
+    sqlx::query("UPDATE conversations SET status_seq = $2 WHERE room = $1")
+        .bind(rid)
+        .bind(int(next.status_seq))
+        .execute(&mut *conn)
+        .await?;
+    Ok(Transitioned {
+        conversation: next,
+        message: Some(appended),
+    })
+}
+
+pub(super) async fn first_response(
+    conn: &mut PgConnection,
+    locks: &mut Locks,
+    key: &RoomKey,
+    at: DateTime<Utc>,
+) -> Result<Option<Conversation>, Failure> {
+    let Some(room) = lock_room(conn, locks, key, None).await? else {
+        return Ok(None);
+    };
+    let rid = room.rid;
+    let row = sqlx::query(concat!(
+        "UPDATE conversations c SET first_response_at = $2, updated_at = $2,
+           version = c.version + 1
+         WHERE c.room = $1 AND c.first_response_at IS NULL
+           AND c.status IN ('waiting', 'assigned')
+         RETURNING ",
+        conversation_columns!()
+    ))
+    .bind(rid)
+    .bind(to_ms(at))
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row
+        .map(|row| conversation_at(&row, 0, key.clone()))
+        .transpose()?)
+}
+
+pub(super) async fn add_note(
+    conn: &mut PgConnection,
+    locks: &mut Locks,
+    note: &NewNote,
+) -> Result<Note, Failure> {
+    let Some(room) = lock_room(conn, locks, &note.room, None).await? else {
+        return Err(Failure::op(StoreError::Invalid(
+            "the room does not exist".into(),
+        )));
+    };
+    let rid = room.rid;
+    let stored = Note {
+        id: uuid::Uuid::now_v7().to_string(),
+        room: note.room.clone(),
+        author: note.author.clone(),
+        text: note.text.clone(),
+        created_at: now_ms(),
+    };
+    sqlx::query(
+        "INSERT INTO notes (id, room, author_id, author_name, text, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&stored.id)
+    .bind(rid)
+    .bind(&stored.author.user_id)
+    .bind(&stored.author.name)
+    .bind(&stored.text)
+    .bind(to_ms(stored.created_at))
+    .execute(&mut *conn)
+    .await?;
+    Ok(stored)
+}
+
+/// Applies a [`DomainChange`] inside the open transaction.
+pub(super) async fn change_domains(
+    conn: &mut PgConnection,
+    change: &DomainChange,
+) -> Result<u64, Failure> {
+    let now = to_ms(now_ms());
+    let done = match change {
+        DomainChange::Declare { id, name } => {
+            sqlx::query(
+                "INSERT INTO domains (id, name, created_at, updated_at) VALUES ($1, $2, $3, $3)
+                 ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name",
+            )
+            .bind(id)
+            .bind(name)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?
+        }
+        DomainChange::Save { id, name, settings } => {
+            sqlx::query(
+                "INSERT INTO domains (id, name, settings, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $4)
+                 ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name,
+                   settings = EXCLUDED.settings, updated_at = EXCLUDED.updated_at",
+            )
+            .bind(id)
+            .bind(name)
+            .bind(settings)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?
+        }
+        DomainChange::Remove { id } => {
+            sqlx::query("DELETE FROM domain_keys WHERE domain_id = $1")
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query(
+                "UPDATE domains SET settings = NULL, updated_at = $2
+                 WHERE id = $1 AND settings IS NOT NULL",
+            )
+            .bind(id)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?
+        }
+        DomainChange::AddKey(key) => {
+            sqlx::query(
+                "INSERT INTO domain_keys (id, domain_id, kind, public_id, secret, created_at,
+                   expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(&key.id)
+            .bind(&key.domain_id)
+            .bind(key.kind.as_str())
+            .bind(&key.public_id)
+            .bind(key.secret.expose())
+            .bind(to_ms(key.created_at))
+            .bind(key.expires_at.map(to_ms))
+            .execute(&mut *conn)
+            .await?
+        }
+        DomainChange::ExpireKeys {
+            domain_id,
+            kind,
+            expires_at,
+            keep,
+        } => {
+            sqlx::query(
+                "UPDATE domain_keys SET expires_at = $3
+                 WHERE domain_id = $1 AND kind = $2 AND id IS DISTINCT FROM $4
+                   AND (expires_at IS NULL OR expires_at > $3)",
+            )
+            .bind(domain_id)
+            .bind(kind.as_str())
+            .bind(to_ms(*expires_at))
+            .bind(keep)
+            .execute(&mut *conn)
+            .await?
+        }
+        DomainChange::RemoveKey { domain_id, id } => {
+            sqlx::query("DELETE FROM domain_keys WHERE domain_id = $1 AND id = $2")
+                .bind(domain_id)
+                .bind(id)
+                .execute(&mut *conn)
+                .await?
+        }
+        DomainChange::PutDocument {
+            domain_id,
+            name,
+            text,
+        } => {
+            sqlx::query(
+                "INSERT INTO knowledge_documents (domain_id, name, text, updated_at)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (domain_id, name) DO UPDATE SET
+                   text = EXCLUDED.text, updated_at = EXCLUDED.updated_at",
+            )
+            .bind(domain_id)
+            .bind(name)
+            .bind(text)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?
+        }
+        DomainChange::RemoveDocument { domain_id, name } => {
+            sqlx::query("DELETE FROM knowledge_documents WHERE domain_id = $1 AND name = $2")
+                .bind(domain_id)
+                .bind(name)
+                .execute(&mut *conn)
+                .await?
+        }
+        DomainChange::InstallSetting { name, value } => {
+            sqlx::query(
+                "INSERT INTO server_settings (name, value) VALUES ($1, $2)
+                 ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(name)
+            .bind(value)
+            .execute(&mut *conn)
+            .await?
+        }
+    };
+    Ok(done.rows_affected())
+}
