@@ -1,6 +1,6 @@
 //! The node's broker handler: where everything the broker delivers to this node goes.
 //!
-//! The broker knows one [`Handler`](crate::broker::Handler), registered at start-up; this is
+//! The broker knows one [`Handler`], registered at start-up; this is
 //! it. [`Events`] passes each call on to the part of the node it is for: stored messages,
 //! room events and presence questions to the hub; state changes and the agents' feed to
 //! the hand-off service ([`Remote`]); "the domains changed" to the domain service

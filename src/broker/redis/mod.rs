@@ -4,7 +4,7 @@
 //! **What travels.** Every node publishes, on one channel (`{prefix}:bus`), the messages its
 //! store committed (in commit order, so per room in `seq` order), the room events its hub
 //! relays (typing, read receipts, streamed AI deltas, hand-off changes), its presence
-//! changes and the agents' feed ([`bus`]). Every node subscribes to the channel and hands
+//! changes and the agents' feed (`bus.rs`). Every node subscribes to the channel and hands
 //! what other nodes published to its registered [`Handler`]; its own publications it has
 //! already delivered locally, without the round trip.
 //!
@@ -33,19 +33,19 @@
 //! announced while Redis was away (by this node or another) is not missed for long.
 //!
 //! **Bounded queues.** Publications wait for the publisher task in a queue of
-//! [`bus::OUTBOX_CAPACITY`], presence changes for the presence task in one of
+//! `OUTBOX_CAPACITY` (`bus.rs`), presence changes for the presence task in one of
 //! [`presence::PRESENCE_QUEUE`]. While Redis is away they fill up; what does not fit is
 //! dropped and counted, with a warning at most every ten seconds.
 //!
-//! Reconnection is fred's ([`connection`]): exponential back-off, and the subscriber
+//! Reconnection is fred's (`connection.rs`): exponential back-off, and the subscriber
 //! re-subscribes by itself after Redis comes back.
 //!
-//! The parts: this file (the broker, its tasks, start and close), [`bus`] (the publication
+//! The parts: this file (the broker, its tasks, start and close), `bus.rs` (the publication
 //! format, the outbox and the publisher, delivery to the handler), [`presence`] and
-//! [`connection`] (the clients, TLS, their health).
+//! `connection.rs` (the clients, TLS, their health).
 
-pub mod bus;
-pub mod connection;
+mod bus;
+pub(crate) mod connection;
 pub mod presence;
 
 use std::pin::Pin;
