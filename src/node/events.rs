@@ -88,6 +88,7 @@ impl Handler for Events {
 
     fn room_event(&self, event: Event) {
         match event {
+            // Brokers hand stored messages to `message`; the same if one comes this way.
             Event::Message(message) => self.hub.deliver(message),
             Event::Presence {
                 room,

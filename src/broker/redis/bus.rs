@@ -66,10 +66,12 @@ impl Bus {
     }
 }
 
-/// Hands a room event from another node to this node's handler: the agents' feed to
-/// [`Handler::agent_event`], everything else to [`Handler::room_event`].
+/// Hands a room event from another node to this node's handler: a stored message to
+/// [`Handler::message`], the agents' feed to [`Handler::agent_event`], everything else to
+/// [`Handler::room_event`].
 pub(super) fn deliver(event: Event, handler: &dyn Handler) {
     match event {
+        Event::Message(message) => handler.message(message),
         Event::InboxUpdate(_) | Event::NoteAdded(_) => {
             if let Some(domain) = event.room().map(|r| Arc::clone(&r.domain_id)) {
                 handler.agent_event(&domain, event);
@@ -320,5 +322,67 @@ mod tests {
             assert_eq!(back.room(), Some(&room));
         }
         assert!(Bus::of(&Event::Frame(bytes::Bytes::from_static(b"{}"))).is_none());
+    }
+
+    /// Records which handler method each delivery reached.
+    #[derive(Debug, Default)]
+    struct Calls(parking_lot::Mutex<Vec<String>>);
+
+    impl Handler for Calls {
+        fn message(&self, message: Arc<Message>) {
+            self.0.lock().push(format!("message {}", message.seq));
+        }
+        fn room_event(&self, event: Event) {
+            let room = event.room().map(ToString::to_string).unwrap_or_default();
+            self.0.lock().push(format!("room {room}"));
+        }
+        fn agent_event(&self, domain: &str, _event: Event) {
+            self.0.lock().push(format!("agents {domain}"));
+        }
+        fn domains_changed(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+            Box::pin(async {})
+        }
+        fn resync(&self) {}
+        fn local_presence(&self) -> Vec<(RoomKey, Vec<PresentUser>)> {
+            Vec::new()
+        }
+        fn is_present(&self, _room: &RoomKey, _user_id: &str) -> bool {
+            false
+        }
+        fn leave_settled(&self, _room: &RoomKey, _user: PresentUser, _gone: bool) {}
+    }
+
+    /// What another node published reaches the handler method it is for.
+    #[test]
+    fn deliveries_reach_the_handler_method_they_are_for() {
+        let room = RoomKey::new("shop", "r1");
+        let calls = Calls::default();
+        deliver(Event::Message(message(&room)), &calls);
+        deliver(
+            Event::ReadReceipt {
+                room: room.clone(),
+                user_id: "ann".to_owned(),
+                seq: 7,
+            },
+            &calls,
+        );
+        deliver(
+            Event::NoteAdded(Arc::new(Note {
+                id: "n1".to_owned(),
+                room,
+                author: Agent {
+                    user_id: "alice".to_owned(),
+                    name: "Alice".to_owned(),
+                },
+                text: "VIP".to_owned(),
+                created_at: chrono::Utc::now(),
+            })),
+            &calls,
+        );
+        deliver(Event::Frame(Bytes::from_static(b"{}")), &calls);
+        assert_eq!(
+            *calls.0.lock(),
+            ["message 7", "room shop/r1", "agents shop"]
+        );
     }
 }
