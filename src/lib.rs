@@ -13,12 +13,15 @@
 //!   ([`auth::policy`]).
 //! - [`hub`] — active rooms, their members and presence; fans stored messages out to every
 //!   member's bounded queue in `seq` order.
-//! - [`broker`] — carries stored messages to every node's hub (in-process by default).
+//! - [`broker`] — carries stored messages, room events and presence to every node
+//!   (in-process by default); it delivers to one registered handler and never sees the hub.
 //! - [`node`] — the node's supervisor (every task and thread it runs; a worker's panic fails
-//!   the node), the commit pipeline from the store to the broker and the hand-off observer,
-//!   and whether the node is alone or one of several.
+//!   the node), its broker handler (`node::Events`: what the broker delivers, to the hub or
+//!   the service it is for), the commit pipeline from the store to the broker and the
+//!   hand-off observer, and whether the node is alone or one of several.
 //! - [`store`] — durable storage behind a trait; SQLite with group commit.
-//! - [`model`], [`config`], [`metrics`] — shared vocabulary, typed configuration, counters;
+//! - [`model`], [`event`], [`config`], [`metrics`] — shared vocabulary, the room-event type
+//!   (made by the hub, carried by the broker), typed configuration, counters;
 //!   [`failpoint`] — faults injected by tests (debug builds only).
 //!
 //! [`run`] is the entry point: it takes a validated [`Config`], a bound listener and a
@@ -31,6 +34,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod error_code;
+pub mod event;
 pub mod failpoint;
 pub mod hub;
 pub mod metrics;
@@ -180,32 +184,21 @@ impl App {
         let auth =
             Authenticator::new(&config, Arc::clone(&domains), signing_secret).map_err(invalid)?;
 
-        let hub = Hub::new(
-            Arc::clone(&store),
-            Arc::clone(&metrics),
-            config.store.room_cache,
-            config.limits.presence_max_members,
-            &supervisor,
-        );
-        // One process: everything in memory. Several nodes: the broker and the cluster-wide
-        // state share the Redis.
+        // The broker first: it knows nothing of the hub or the services, and delivers to
+        // the handler registered once they exist. One process: everything in memory.
+        // Several nodes: the broker and the cluster-wide state share the Redis.
         let (broker, shared): (Arc<dyn Broker>, Shared) = match config.broker_url() {
             None => (
-                Arc::new(MemoryBroker::new(Arc::clone(&hub))),
+                Arc::new(MemoryBroker::new()),
                 Shared::local(Arc::clone(&metrics)),
             ),
             Some(url) => {
                 let config_error = |e: &dyn std::fmt::Display| RunError::Config(e.to_string());
                 let ttl = std::time::Duration::from_secs(config.broker_presence_ttl_secs);
-                let broker = RedisBroker::connect(
-                    url,
-                    &config.broker_prefix,
-                    ttl,
-                    Arc::clone(&hub),
-                    &supervisor,
-                )
-                .await
-                .map_err(|e| config_error(&e))?;
+                let broker =
+                    RedisBroker::connect(url, &config.broker_prefix, ttl, &metrics, &supervisor)
+                        .await
+                        .map_err(|e| config_error(&e))?;
                 let shared = Shared::connect(
                     url,
                     &config.broker_prefix,
@@ -218,6 +211,15 @@ impl App {
                 (broker, shared)
             }
         };
+        // The hub sends its room events and presence changes through the broker.
+        let hub = Hub::new(
+            Arc::clone(&store),
+            Arc::clone(&metrics),
+            config.store.room_cache,
+            config.limits.presence_max_members,
+            &*broker,
+            &supervisor,
+        );
         // A publication lost between nodes is found by the next message of its room; the
         // last one of a room, only by comparing the room with the store.
         if broker.may_lose() {
@@ -229,7 +231,7 @@ impl App {
         }
         let chat = Arc::new(ChatService::new(
             Arc::clone(&store),
-            hub,
+            Arc::clone(&hub),
             Arc::clone(&metrics),
             config.limits.clone(),
             Arc::clone(&domains),
@@ -255,9 +257,16 @@ impl App {
             Arc::clone(&broker),
             shared.clone(),
         ));
-        broker.set_remote(Arc::clone(&handoff) as Arc<dyn crate::broker::Remote>);
-        // Domain changes travel to the other nodes, and theirs rebuild this node's table.
+        // Domain changes travel to the other nodes.
         domain_admin.attach(&broker);
+        // Last, what the broker delivers finds the node's parts: messages and room events
+        // the hub, state changes and the agents' feed the hand-off service, the other
+        // nodes' domain changes the domain service.
+        broker.register(Arc::new(
+            node::Events::new(hub)
+                .with_remote(&handoff)
+                .with_domains(&domain_admin),
+        ));
         // A change announced while this node was cut off from Redis is caught up when it
         // reconnects; the periodic rebuild also bounds how long a node that never noticed the
         // outage (a lost publication) uses a revoked key.
@@ -275,7 +284,7 @@ impl App {
                     let Some(service) = watched.upgrade() else {
                         return;
                     };
-                    crate::broker::DomainListener::domains_changed(&*service).await;
+                    node::events::DomainListener::domains_changed(&*service).await;
                 }
             });
         }

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use parlor::broker::memory::MemoryBroker;
 use parlor::config::StoreConfig;
 use parlor::hub::{Check, ConnHandle, Cursor, Envelope, Event, Hub, Kick, Replay};
 use parlor::metrics::Metrics;
@@ -41,6 +42,7 @@ impl Fixture {
             Arc::clone(&metrics),
             128,
             100,
+            &MemoryBroker::new(),
             &supervisor,
         );
         Self {

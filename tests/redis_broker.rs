@@ -20,7 +20,7 @@ use parlor::config::StoreConfig;
 use parlor::hub::{ConnHandle, Envelope, Event, Hub, PresentUser, Replay};
 use parlor::metrics::Metrics;
 use parlor::model::{Author, Identity, Message, NewMessage, Role, RoomKey};
-use parlor::node::Supervisor;
+use parlor::node::{Events, Supervisor};
 use parlor::store::Store;
 use parlor::store::sqlite::SqliteStore;
 use tokio::sync::mpsc;
@@ -48,23 +48,15 @@ async fn cluster(url: &str, nodes: usize) -> Cluster {
     let prefix = common::redis::prefix();
     let mut list = Vec::new();
     for _ in 0..nodes {
-        let supervisor = Supervisor::new(CancellationToken::new(), Arc::new(Metrics::new()));
-        let hub = Hub::new(
-            Arc::clone(&store),
-            Arc::new(Metrics::new()),
-            100,
-            100,
-            &supervisor,
-        );
-        let broker = RedisBroker::connect(
-            url,
-            &prefix,
-            Duration::from_secs(30),
-            Arc::clone(&hub),
-            &supervisor,
-        )
-        .await
-        .expect("broker connects");
+        let metrics = Arc::new(Metrics::new());
+        let supervisor = Supervisor::new(CancellationToken::new(), Arc::clone(&metrics));
+        // As a node starts: the broker, the hub with it, then the node's handler.
+        let broker =
+            RedisBroker::connect(url, &prefix, Duration::from_secs(30), &metrics, &supervisor)
+                .await
+                .expect("broker connects");
+        let hub = Hub::new(Arc::clone(&store), metrics, 100, 100, &*broker, &supervisor);
+        broker.register(Arc::new(Events::new(Arc::clone(&hub))));
         list.push((hub, broker));
     }
     Cluster {

@@ -1,27 +1,45 @@
-//! In-process broker: one node, no network. Publishing is delivering to the local hub.
+//! In-process broker: one node, no network. Publishing is handing the message to this
+//! node's handler, on the publishing thread; there is nobody to relay room events to, and
+//! presence is the hub's own.
 
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 
-use super::Broker;
-use crate::hub::Hub;
-use crate::model::Message;
+use super::{Broker, Handler, Presence, Relay};
+use crate::event::{Event, PresentUser};
+use crate::model::{Message, RoomKey};
 
-/// Delivers published messages to this process's hub.
-#[derive(Debug)]
+/// Delivers published messages to this process's handler (and so to its hub).
+#[derive(Debug, Default)]
 pub struct MemoryBroker {
-    hub: Arc<Hub>,
+    /// Set once by [`Broker::register`]; read on every publication (one atomic load).
+    handler: OnceLock<Arc<dyn Handler>>,
 }
 
 impl MemoryBroker {
-    /// A broker feeding `hub`.
-    pub fn new(hub: Arc<Hub>) -> Self {
-        Self { hub }
+    /// A broker delivering to whichever handler is registered.
+    pub fn new() -> Self {
+        Self::default()
     }
 }
 
 impl Broker for MemoryBroker {
+    fn register(&self, handler: Arc<dyn Handler>) {
+        let _ = self.handler.set(handler);
+    }
+
     fn publish(&self, message: Arc<Message>) {
-        self.hub.deliver(message);
+        if let Some(handler) = self.handler.get() {
+            handler.message(message);
+        }
+    }
+
+    fn relay(&self) -> Arc<dyn Relay> {
+        Arc::new(Alone)
+    }
+
+    fn presence(&self) -> Arc<dyn Presence> {
+        Arc::new(MemoryPresence)
     }
 
     fn kind(&self) -> &'static str {
@@ -30,5 +48,33 @@ impl Broker for MemoryBroker {
 
     fn topology(&self) -> crate::node::Topology {
         crate::node::Topology::Single
+    }
+}
+
+/// The relay of a single node: there is no other node.
+#[derive(Debug)]
+struct Alone;
+
+impl Relay for Alone {
+    fn relay(&self, _event: &Event) {}
+}
+
+/// Presence on a single node: the hub's local users are all there is; nothing to record,
+/// nobody to ask, and a leave is announced at once.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoryPresence;
+
+impl Presence for MemoryPresence {
+    fn joined(&self, _room: &RoomKey, _user: &PresentUser) {}
+
+    fn left(&self, _room: &RoomKey, _user: &PresentUser) -> bool {
+        false
+    }
+
+    fn elsewhere<'a>(
+        &'a self,
+        _room: &'a RoomKey,
+    ) -> Pin<Box<dyn Future<Output = Vec<PresentUser>> + Send + 'a>> {
+        Box::pin(std::future::ready(Vec::new()))
     }
 }

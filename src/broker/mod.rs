@@ -1,4 +1,5 @@
-//! The broker carries stored messages from the node that stored them to every node's hub.
+//! The broker carries stored messages and room events from the node where they happen to
+//! every node; [`Presence`] says who is in a room on the other nodes.
 //!
 //! **Delivery guarantee:** live delivery is *at most once* and, per room, in the order
 //! published. A lost or reordered message is never lost to clients: the hub checks every
@@ -8,42 +9,96 @@
 //! intervals; and a reconnecting client recovers from its last `seq`. The store, not the
 //! broker, is the source of truth.
 //!
-//! [`memory::MemoryBroker`] (the default) hands messages straight to this process's hub.
-//! [`redis::RedisBroker`] carries them, and the hub's room events, between several nodes.
+//! **What the broker knows of the node.** Nothing but one [`Handler`], registered once at
+//! start-up ([`Broker::register`]): everything the broker delivers to this node goes through
+//! it (committed messages, the other nodes' room events, the agents' feed, "the domains
+//! changed", "you may have missed something"), and the node (`crate::node::Events`) hands
+//! each to the hub or the service it is for. The broker never sees the hub: it is built
+//! first, the hub is built with the broker's [`Relay`] and [`Presence`], and the handler that
+//! leads to the hub is registered last.
+//!
+//! [`memory::MemoryBroker`] (the default) hands messages straight to the handler on the
+//! publishing thread; it relays nothing and its presence is the hub's own. [`redis::RedisBroker`]
+//! carries messages, room events and presence between several nodes.
+//!
+//! Depends on the model, the metrics, the node's supervisor and the room-event type
+//! ([`crate::event`]); never on the hub or a service.
 
 pub mod memory;
+pub mod presence;
 pub mod redis;
 pub mod shared;
 
+use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::hub::Event;
-use crate::model::{Conversation, Message};
+pub use presence::Presence;
 
-/// What other nodes publish that is not for a room's members: changes of hand-off state
-/// (so that caches of room states stay right) and the agents' inbox feed. Implemented by
-/// the hand-off service.
-pub trait Remote: Send + Sync + std::fmt::Debug {
-    /// A room's hand-off state changed on another node.
-    fn conversation_changed(&self, conversation: Arc<Conversation>);
+use crate::event::{Event, PresentUser};
+use crate::model::{Message, RoomKey};
 
-    /// An inbox event (`Event::InboxUpdate`, `Event::NoteAdded`) for the domain's agents
-    /// on this node.
-    fn to_agents(&self, domain: &str, event: Event);
+/// What the broker delivers to this node, and what a networked [`Presence`] asks of it.
+/// Implemented by the node (`crate::node::Events`), which passes each call on to the hub, the
+/// hand-off service or the domain service; registered once with [`Broker::register`].
+pub trait Handler: Send + Sync + std::fmt::Debug {
+    /// A committed message, this node's or another's, for this node's members. Called in
+    /// the order published, per room in `seq` order, on the caller's thread: keep it quick.
+    fn message(&self, message: Arc<Message>);
+
+    /// A room event another node published (typing, a delta, a read receipt, a room-status
+    /// change, an agent joining or leaving, a presence change) for this node's members.
+    fn room_event(&self, event: Event);
+
+    /// An event of `domain`'s agents' feed (`Event::InboxUpdate`, `Event::NoteAdded`)
+    /// another node published, for the agents connected here.
+    fn agent_event(&self, domain: &str, event: Event);
+
+    /// Another node changed the stored domains, or the broker reconnected and a change may
+    /// have been missed: rebuild the domain table from the store. The broker calls it one
+    /// call at a time, and once more after a call for every change announced while that call
+    /// ran.
+    fn domains_changed(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+
+    /// Deliveries may have been lost (the broker reconnected, or its reader fell behind):
+    /// catch every active room up from the store.
+    fn resync(&self);
+
+    /// Every active room's users present on this node (for a networked presence's renewal).
+    fn local_presence(&self) -> Vec<(RoomKey, Vec<PresentUser>)>;
+
+    /// Whether `user_id` is present in `room` on this node now.
+    fn is_present(&self, room: &RoomKey, user_id: &str) -> bool;
+
+    /// A leave that [`Presence::left`] held back is settled: `gone` when the user is on no
+    /// other node. Called exactly once for each leave held back.
+    fn leave_settled(&self, room: &RoomKey, user: PresentUser, gone: bool);
 }
 
-/// Rebuilds this node's live domain table when another node changed the domains in the
-/// store (implemented by the domain service). The broker calls it one call at a time, and
-/// once more after a call for every change announced while that call ran.
-pub trait DomainListener: Send + Sync + std::fmt::Debug {
-    /// The stored domains may have changed: rebuild the table from the store.
-    fn domains_changed<'a>(&'a self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+/// Carries this node's room events (those of `Hub::broadcast`: typing, read receipts,
+/// streamed deltas, hand-off changes) to the other nodes, whose brokers hand them to their
+/// [`Handler::room_event`]. Stored messages travel with [`Broker::publish`] instead, in `seq`
+/// order; presence changes with [`Presence`]. A single node relays nothing.
+pub trait Relay: Send + Sync + std::fmt::Debug {
+    /// Sends `event` to the other nodes. Never blocks.
+    fn relay(&self, event: &Event);
 }
 
 /// Publishes stored messages to every node.
 pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
-    /// Publishes a message that the store has committed. Never blocks.
+    /// Where everything this broker delivers to this node goes. Called once, at start-up,
+    /// before the first message is published; later calls are ignored.
+    fn register(&self, handler: Arc<dyn Handler>);
+
+    /// Publishes a message that the store has committed, to this node's handler first and
+    /// then to the other nodes. Never blocks.
     fn publish(&self, message: Arc<Message>);
+
+    /// Where the hub sends its room events for the other nodes.
+    fn relay(&self) -> Arc<dyn Relay>;
+
+    /// Who is present in a room on the other nodes, and how this node's joins and leaves
+    /// reach them.
+    fn presence(&self) -> Arc<dyn Presence>;
 
     /// Short name for health output (`memory`, `redis`).
     fn kind(&self) -> &'static str;
@@ -54,13 +109,13 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     /// Stops the broker once the node has published its last message: what is queued for
     /// the other nodes is sent (within a second), then its connections are closed. Called
     /// once, at shutdown, after the store has flushed and the commit pipeline drained.
-    fn close(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    fn close(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(async {})
     }
 
     /// Whether a publication can be lost on its way to another node. The hub then compares
     /// its active rooms with the store now and then, since a lost *last* message leaves no
-    /// later one to reveal the gap ([`crate::hub::Hub::check_positions`]). The in-process
+    /// later one to reveal the gap (`Hub::check_positions`). The in-process
     /// broker hands every message to the hub directly: nothing to check.
     fn may_lose(&self) -> bool {
         false
@@ -75,15 +130,7 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     /// in-process broker).
     fn to_agents(&self, _domain: &str, _event: &Event) {}
 
-    /// Where events for [`Remote`] from other nodes go (once, at start-up).
-    fn set_remote(&self, _remote: Arc<dyn Remote>) {}
-
     /// Tells the other nodes that this node committed a change of the stored domains or
     /// their keys (nothing for the in-process broker). Never blocks.
     fn domains_changed(&self) {}
-
-    /// Who rebuilds this node's domain table when another node changed the domains, and
-    /// after the broker reconnects (a change announced meanwhile may have been lost). Once,
-    /// at start-up; the broker keeps only a weak reference.
-    fn set_domain_listener(&self, _listener: std::sync::Weak<dyn DomainListener>) {}
 }

@@ -346,7 +346,7 @@ impl Shared {
             let (high, low) = uuid::Uuid::new_v4().as_u64_pair();
             high ^ low
         };
-        let (client, subscriber) = super::redis::open_clients(url, None)
+        let (client, subscriber) = super::redis::connection::open_clients(url, None)
             .await
             .map_err(SharedError)?;
         let (online_tx, mut online_rx) = mpsc::channel(ONLINE_QUEUE);

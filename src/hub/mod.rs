@@ -17,7 +17,12 @@
 //! added to the room and from the cache *while* it is added, under the room lock that every
 //! delivery also takes, so nothing published during the join can be missed or doubled.
 //!
-//! Depends on the model and the store; never on a transport or a wire format.
+//! Room events travel to the other nodes through the broker's [`Relay`], and this node's
+//! joins and leaves through its [`Presence`], both given to [`Hub::new`]; the broker delivers
+//! to the hub through the node's handler (`crate::node::Events`), never directly.
+//!
+//! Depends on the model, the store, the event type ([`crate::event`]) and the broker's
+//! traits; never on a transport or a wire format.
 
 pub mod conn;
 pub mod cursor;
@@ -33,144 +38,13 @@ use tokio::sync::OnceCell;
 pub use conn::{CLOSE_RESYNC, CLOSE_SLOW_CONSUMER, ConnHandle, Envelope, Kick};
 pub use cursor::{Cursor, Cursors, Step};
 
+pub use crate::event::{Event, LeftReason, PresentUser};
+
+use crate::broker::{Broker, Presence, Relay};
 use crate::metrics::{AT_NODE, Metrics};
-use crate::model::{Agent, Conversation, Message, Note, Role, RoomKey};
+use crate::model::{Message, RoomKey};
 use crate::node::Supervisor;
-use crate::store::{InboxEntry, Store, StoreError};
-
-/// Something that happened in a room, on its way to the room's members — on this node, and
-/// (serialized as it is) to the other nodes' hubs through a networked broker. The one type
-/// for room events: the transports encode it for their clients, the broker carries it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "kind", content = "data", rename_all = "camelCase")]
-pub enum Event {
-    /// A stored message (`message-received`).
-    Message(Arc<Message>),
-    /// A member came or went (first connection of a user in, last one out).
-    Presence {
-        /// The room.
-        room: RoomKey,
-        /// Who.
-        user: PresentUser,
-        /// True when joined, false when left.
-        joined: bool,
-    },
-    /// A member started or stopped typing.
-    Typing {
-        /// The room.
-        room: RoomKey,
-        /// Who.
-        user: PresentUser,
-        /// Typing or not.
-        typing: bool,
-    },
-    /// More text of a reply the assistant is streaming into the room (`message-delta`).
-    Delta {
-        /// The room.
-        room: RoomKey,
-        /// The reply's id: the stored message's `clientMessageId` once it is complete.
-        message_id: Arc<str>,
-        /// The new text.
-        delta: String,
-        /// 0, 1, 2… per reply, so a client can put deltas in order and spot a gap.
-        index: u64,
-    },
-    /// A frame already encoded for one connection: a reply produced after the request
-    /// that asked for it (the deltas of an `ai-stream`). It never leaves its node.
-    #[serde(skip)]
-    Frame(bytes::Bytes),
-    /// A support room's hand-off state changed (`room-status`); `seq` is that of the stored
-    /// system message recording it.
-    RoomStatus {
-        /// The new state.
-        conversation: Arc<Conversation>,
-        /// The system message's `seq`.
-        seq: u64,
-    },
-    /// An agent took the room (`agent-joined`).
-    AgentJoined {
-        /// The room.
-        room: RoomKey,
-        /// Who.
-        agent: Agent,
-    },
-    /// An agent gave the room up (`agent-left`): `unassigned`, `transferred` or `resolved`.
-    AgentLeft {
-        /// The room.
-        room: RoomKey,
-        /// Who.
-        agent: Agent,
-        /// Why.
-        reason: LeftReason,
-    },
-    /// A room's entry in the agents' inbox changed (`inbox-update`).
-    InboxUpdate(Arc<InboxEntry>),
-    /// An agent wrote an internal note (`note-added`), for agents only.
-    NoteAdded(Arc<Note>),
-    /// A member read the room up to `seq`.
-    ReadReceipt {
-        /// The room.
-        room: RoomKey,
-        /// Reader's user id.
-        user_id: String,
-        /// Highest read `seq`.
-        seq: u64,
-    },
-}
-
-/// Why an agent left a room (`agent-left`'s `reason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LeftReason {
-    /// The agent gave the room back to the queue.
-    Unassigned,
-    /// Another agent took it.
-    Transferred,
-    /// The conversation was resolved.
-    Resolved,
-}
-
-impl LeftReason {
-    /// The reason as clients read it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Unassigned => "unassigned",
-            Self::Transferred => "transferred",
-            Self::Resolved => "resolved",
-        }
-    }
-}
-
-impl Event {
-    /// The room the event belongs to (for the agents' feed and notes: the room the entry
-    /// is about); `None` for a connection's own frame.
-    pub fn room(&self) -> Option<&RoomKey> {
-        match self {
-            Event::Message(m) => Some(&m.room),
-            Event::Presence { room, .. }
-            | Event::Typing { room, .. }
-            | Event::Delta { room, .. }
-            | Event::AgentJoined { room, .. }
-            | Event::AgentLeft { room, .. }
-            | Event::ReadReceipt { room, .. } => Some(room),
-            Event::RoomStatus { conversation, .. } => Some(&conversation.room),
-            Event::InboxUpdate(entry) => Some(&entry.conversation.room),
-            Event::NoteAdded(note) => Some(&note.room),
-            Event::Frame(_) => None,
-        }
-    }
-}
-
-/// A user present in a room.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PresentUser {
-    /// User id.
-    pub user_id: String,
-    /// Display name.
-    pub name: String,
-    /// Role.
-    pub role: Role,
-}
+use crate::store::{Store, StoreError};
 
 /// What a joiner receives: where the room stands and the messages it missed.
 #[derive(Debug)]
@@ -254,8 +128,11 @@ pub struct Hub {
     /// member list cut to this size: presence in a room of N costs O(N) per join, so O(N²)
     /// to fill it, which only small rooms can afford.
     presence_max_members: usize,
-    /// Carries room events to the other nodes (set by a networked broker).
-    relay: std::sync::OnceLock<Arc<dyn Relay>>,
+    /// Carries room events to the other nodes (nothing on a single node); the broker's.
+    relay: Arc<dyn Relay>,
+    /// Who is present on the other nodes, and where this node's joins and leaves go; the
+    /// broker's.
+    presence: Arc<dyn Presence>,
     /// A [`Hub::resync`] is running, and whether another was asked for meanwhile: however
     /// often the broker reconnects, one catch-up runs at a time (and one more after it).
     resyncing: std::sync::atomic::AtomicBool,
@@ -263,36 +140,6 @@ pub struct Hub {
     /// Runs the gap fills and catch-ups: a panic in one would leave a room holding its
     /// messages back for good, so it fails the node instead.
     supervisor: Supervisor,
-}
-
-/// Carries the events of [`Hub::broadcast`] (typing, read receipts, streamed deltas,
-/// hand-off changes) to the other nodes, whose hubs hand them to their members with
-/// [`Hub::broadcast_local`]. Stored messages travel through the broker instead, in `seq`
-/// order. Implemented by a networked broker; a single node has none.
-pub trait Relay: Send + Sync + std::fmt::Debug {
-    /// Sends `event` of `room` to the other nodes. Never blocks.
-    fn relay(&self, room: &RoomKey, event: &Event);
-
-    /// The users present in `room` on the other nodes.
-    fn members<'a>(
-        &'a self,
-        room: &'a RoomKey,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Vec<PresentUser>> + Send + 'a>>;
-
-    /// The last connection of `user` on this node left `room`. Returns true when the relay
-    /// takes the announcement to this node's members over: it must then call
-    /// [`Hub::settle_leave`] exactly once, later, saying whether the user is on no other
-    /// node. The default relays the leave and returns false: the hub announces it here at
-    /// once.
-    fn leave(&self, room: &RoomKey, user: &PresentUser) -> bool {
-        let event = Event::Presence {
-            room: room.clone(),
-            user: user.clone(),
-            joined: false,
-        };
-        self.relay(room, &event);
-        false
-    }
 }
 
 /// One active room: its state behind a lock, plus a once-cell for the initial load.
@@ -322,7 +169,7 @@ struct RoomState {
     fill_to: u64,
     /// The store's last `seq` at the previous position check.
     checked: u64,
-    /// Users whose leave the relay holds back (see [`Relay::leave`]), with how many of
+    /// Users whose leave the presence holds back (see [`Presence::left`]), with how many of
     /// their leaves are still to be settled. Their members never saw them go, so a rejoin
     /// meanwhile is not announced, and only the last of the leaves is.
     leaving: HashMap<String, u32>,
@@ -346,12 +193,15 @@ fn hold_locked(st: &mut RoomState, message: Arc<Message>) {
 }
 
 impl Hub {
-    /// Creates an empty hub reading catch-up from `store`.
+    /// Creates an empty hub reading catch-up from `store`, sending its room events and
+    /// presence changes to the other nodes through `broker` (which it otherwise does not
+    /// keep: the broker delivers to the hub through the node's [`crate::broker::Handler`]).
     pub fn new(
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
         cache_size: usize,
         presence_max_members: usize,
+        broker: &dyn Broker,
         supervisor: &Supervisor,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -360,16 +210,12 @@ impl Hub {
             metrics,
             cache_size,
             presence_max_members,
-            relay: std::sync::OnceLock::new(),
+            relay: broker.relay(),
+            presence: broker.presence(),
             resyncing: std::sync::atomic::AtomicBool::new(false),
             resync_again: std::sync::atomic::AtomicBool::new(false),
             supervisor: supervisor.clone(),
         })
-    }
-
-    /// Sets where room events go for the other nodes (once, at start-up).
-    pub fn set_relay(&self, relay: Arc<dyn Relay>) {
-        let _ = self.relay.set(relay);
     }
 
     /// Catches every active room up from the store (after the broker lost its connection,
@@ -568,15 +414,13 @@ impl Hub {
                         let (members, member_count) = self.members_locked(&st);
                         if joined && member_count <= self.presence_max_members {
                             let user = present_user(conn);
+                            // Members on other nodes hear of it too.
+                            self.presence.joined(key, &user);
                             let event = Event::Presence {
                                 room: key.clone(),
                                 user,
                                 joined: true,
                             };
-                            // Members on other nodes hear of it too.
-                            if let Some(relay) = self.relay.get() {
-                                relay.relay(key, &event);
-                            }
                             // Back before the members here were told of the leave: they
                             // never saw the user go.
                             if !st.leaving.contains_key(&conn.identity().user_id) {
@@ -676,9 +520,9 @@ impl Hub {
             if let Some(user) = gone {
                 let announce = st.users.len() <= self.presence_max_members;
                 st.users.remove(&user.user_id);
-                // A relay that knows the other nodes may hold the announcement back until
-                // it knows the user is on none of them (see `Relay::leave`).
-                let deferred = announce && self.relay.get().is_some_and(|r| r.leave(key, &user));
+                // A presence that knows the other nodes may hold the announcement back
+                // until it knows the user is on none of them (see `Presence::left`).
+                let deferred = announce && self.presence.left(key, &user);
                 if deferred {
                     *st.leaving.entry(user.user_id).or_insert(0) += 1;
                 } else if announce {
@@ -699,12 +543,7 @@ impl Hub {
         was_member
     }
 
-    /// The node's metrics (for the broker's counters).
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
-    /// The relay settled a leave it held back ([`Relay::leave`]): `gone` when the user is
+    /// The presence settled a leave it held back ([`Presence::left`]): `gone` when the user is
     /// on no other node. The last outstanding leave of the user is announced to this node's
     /// members, if the user is gone and has not come back here. Under the room lock, so a
     /// leave announced late never follows the announcement of a rejoin.
@@ -773,26 +612,31 @@ impl Hub {
             .unwrap_or_default()
     }
 
-    /// The users present in the room on every node: this node's, plus what the relay knows
-    /// of the others (each user once).
+    /// The users present in the room on every node: this node's, plus what the presence
+    /// knows of the others (each user once).
     pub async fn presence_all(&self, key: &RoomKey) -> Vec<PresentUser> {
         let mut users = self.presence(key);
         self.add_remote_members(key, &mut users).await;
         users
     }
 
-    /// Adds to `users` those present in the room on other nodes (none without a relay).
+    /// Adds to `users` those present in the room on other nodes (none on a single node).
     pub async fn add_remote_members(&self, key: &RoomKey, users: &mut Vec<PresentUser>) {
-        if let Some(relay) = self.relay.get() {
-            for u in relay.members(key).await {
-                if !users.iter().any(|x| x.user_id == u.user_id) {
-                    users.push(u);
-                }
+        for u in self.presence.elsewhere(key).await {
+            if !users.iter().any(|x| x.user_id == u.user_id) {
+                users.push(u);
             }
         }
     }
 
-    /// Every active room's present users on this node (for the relay's heartbeat).
+    /// Whether `user_id` is present in the room on this node.
+    pub fn is_present(&self, key: &RoomKey, user_id: &str) -> bool {
+        self.rooms
+            .get(key)
+            .is_some_and(|s| s.state.lock().users.contains_key(user_id))
+    }
+
+    /// Every active room's present users on this node (for the presence's renewal).
     pub fn local_presence(&self) -> Vec<(RoomKey, Vec<PresentUser>)> {
         self.rooms
             .iter()
@@ -813,9 +657,7 @@ impl Hub {
     /// Sends an ephemeral event (typing, read receipt…) to the room's members on every node,
     /// except the connection `skip`.
     pub fn broadcast(&self, key: &RoomKey, event: Event, skip: Option<u64>) {
-        if let Some(relay) = self.relay.get() {
-            relay.relay(key, &event);
-        }
+        self.relay.relay(&event);
         self.broadcast_local(key, event, skip);
     }
 

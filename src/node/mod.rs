@@ -2,6 +2,9 @@
 //!
 //! - [`Supervisor`] — every task and thread the node starts, its shutdown token, and the
 //!   rule that a worker's panic fails the node instead of stopping part of it silently.
+//! - [`Events`] — the node's broker handler: what the broker delivers (messages, the other
+//!   nodes' room events, the agents' feed, domain changes, "catch up") goes from it to the
+//!   hub or the service it is for.
 //! - [`pipeline`] — the way a committed message leaves the store: in commit order to the
 //!   broker (and so to every node's hub) and to the observers of committed messages (the
 //!   hand-off service).
@@ -9,11 +12,15 @@
 //!   check against the store and what it hears from the others.
 //!
 //! The hub (`crate::hub`), the broker (`crate::broker`) and the store (`crate::store`) are
-//! the node's parts; `App::build` (in `lib.rs`) puts them together.
+//! the node's parts; `App::build` (in `lib.rs`) puts them together, in this order: the
+//! broker (knowing nothing of the rest), the hub with the broker's relay and presence, the
+//! services, and last the [`Events`] handler registered with the broker.
 
+pub mod events;
 pub mod pipeline;
 pub mod supervisor;
 
+pub use events::Events;
 pub use supervisor::Supervisor;
 
 /// Whether this node serves alone or as one of several sharing a broker and a database.

@@ -12,8 +12,8 @@
 //!
 //! **Several nodes.** After a committed change the node tells the others through the broker
 //! ([`Broker::domains_changed`]); each of them rebuilds its table from the shared store
-//! ([`DomainListener`], under the same lock as local changes, so a rebuild never overwrites
-//! a newer table with an older read). The broker's delivery is at most once, so every node
+//! ([`DomainListener`], called by the node's broker handler, under the same lock as local
+//! changes, so a rebuild never overwrites a newer table with an older read). The broker's delivery is at most once, so every node
 //! also rebuilds after its broker reconnects, and a reconnecting node announces a change to
 //! the others in case its own announcement was lost. A node therefore uses a change within
 //! a broker round trip, or once the broker is back. With the in-process broker there is
@@ -28,10 +28,11 @@ use tokio::sync::Mutex;
 use super::ServiceError;
 use crate::auth::domains::{DomainTable, Source};
 use crate::auth::{Domains, keys, policy};
-use crate::broker::{Broker, DomainListener};
+use crate::broker::Broker;
 use crate::config::{DomainConfig, Secret};
 use crate::error_code::ErrorCode;
 use crate::model::Identity;
+use crate::node::events::DomainListener;
 use crate::store::{DomainChange, DomainKey, KeyKind, Store};
 
 /// A key just made: the only time its secret is shown.
@@ -67,11 +68,9 @@ impl DomainService {
         }
     }
 
-    /// Connects the service to the broker (once, at start-up): committed changes are
-    /// announced to the other nodes, and their announcements rebuild this node's table.
-    pub fn attach(self: &Arc<Self>, broker: &Arc<dyn Broker>) {
-        let weak: std::sync::Weak<Self> = Arc::downgrade(self);
-        broker.set_domain_listener(weak);
+    /// Announces committed changes to the other nodes through `broker` (once, at start-up;
+    /// their announcements reach this service through the node's broker handler).
+    pub fn attach(&self, broker: &Arc<dyn Broker>) {
         let _ = self.broker.set(Arc::clone(broker));
     }
 
@@ -277,7 +276,7 @@ impl DomainService {
 }
 
 impl DomainListener for DomainService {
-    fn domains_changed<'a>(&'a self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+    fn domains_changed(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(self.reload_announced())
     }
 }

@@ -41,8 +41,8 @@ use super::ai::{AiService, CONVERSATION_PREFIX, assistant_identity, escalate_act
 use super::chat::{ChatService, Outgoing};
 use crate::auth::Domains;
 use crate::auth::policy;
+use crate::broker::Broker;
 use crate::broker::shared::{Online, Shared};
-use crate::broker::{Broker, Remote};
 use crate::config::HandoffConfig;
 use crate::error_code::ErrorCode;
 use crate::hub::{ConnHandle, Envelope, Event, LeftReason};
@@ -51,6 +51,7 @@ use crate::model::{
     Agent, Author, Conversation, Identity, Message, NewMessage, Note, Role, RoomKey, RoomStatus,
     now_ms,
 };
+use crate::node::events::Remote;
 use crate::store::{Customer, Decide, InboxEntry, InboxQuery, NewNote, Store, Transitioned};
 
 pub use decide::{STATUS_KIND, asks_for_human};
