@@ -264,6 +264,31 @@ impl Claim {
     pub fn is_displaced(&self) -> bool {
         self.displaced.is_cancelled()
     }
+
+    /// Whether this connection still holds the key, asked of Redis: a newer claim made on
+    /// another node shows there before its notice reaches this node. True without Redis,
+    /// and when Redis does not answer in time (the notice then decides).
+    pub async fn confirmed(&self) -> bool {
+        if self.is_displaced() {
+            return false;
+        }
+        let Some(redis) = &self.shared.0.redis else {
+            return true;
+        };
+        let key = redis.key(&format!("claim:{}", self.key));
+        let read = redis.client.get::<Option<String>, _>(key);
+        match tokio::time::timeout(CALL_TIMEOUT, read).await {
+            Ok(Ok(Some(holder_now))) if holder_now != holder(redis.node, self.conn) => {
+                self.displaced.cancel();
+                false
+            }
+            Ok(Ok(_)) => true,
+            _ => {
+                self.shared.fallback("claim");
+                true
+            }
+        }
+    }
 }
 
 impl Drop for Claim {

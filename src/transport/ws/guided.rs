@@ -325,30 +325,30 @@ async fn serve(
         };
         let replies = match replies {
             Ok(replies) => replies,
+            // Changed by the connection that took the session over (its claim may not have
+            // been announced here yet: Redis says), or by one that opened it at the same
+            // moment and lost the claim to this one (or by a write whose answer was lost):
+            // then this connection still holds the session, so it reads it again and shows
+            // where it stands; the answer was not taken.
             Err(ServiceError::Conflict {
                 code: ErrorCode::Replaced,
                 ..
-            }) if claim.is_displaced() => {
-                let _ = send(socket, &[replaced_reply()]).await;
-                return End::Replaced;
+            }) => {
+                if !claim.confirmed().await {
+                    let _ = send(socket, &[replaced_reply()]).await;
+                    return End::Replaced;
+                }
+                match app.sessions.open(identity, Arc::clone(&template)).await {
+                    Ok((reopened, replies)) => {
+                        live = reopened;
+                        replies
+                    }
+                    Err(e) => {
+                        let _ = send(socket, &[error_reply(&e)]).await;
+                        return End::Unavailable;
+                    }
+                }
             }
-            // Changed by a connection that opened it at the same moment and lost the claim
-            // to this one (or by a write whose answer was lost): this connection still holds
-            // the session, so it reads it again and shows where it stands; the answer was
-            // not taken.
-            Err(ServiceError::Conflict {
-                code: ErrorCode::Replaced,
-                ..
-            }) => match app.sessions.open(identity, Arc::clone(&template)).await {
-                Ok((reopened, replies)) => {
-                    live = reopened;
-                    replies
-                }
-                Err(e) => {
-                    let _ = send(socket, &[error_reply(&e)]).await;
-                    return End::Unavailable;
-                }
-            },
             Err(e) => vec![error_reply(&e)],
         };
         match send(socket, &replies).await {
