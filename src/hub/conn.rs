@@ -216,8 +216,7 @@ impl ConnHandle {
             .compare_exchange(NOT_KICKED, reason, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            // Every waiter: the connection's loop and a write it may be stalled in.
-            self.0.kick.notify_waiters();
+            self.0.kick.notify_one();
         }
     }
 
@@ -235,21 +234,12 @@ impl ConnHandle {
         }
     }
 
-    /// Resolves when the connection has been kicked ([`Self::kick`] says why). The waiter
-    /// is registered before the flag is read, so a kick between the two is not missed.
+    /// Resolves when the connection has been kicked ([`Self::kick`] says why).
     pub async fn kicked(&self) {
-        let notified = self.0.kick.notified();
-        let mut notified = std::pin::pin!(notified);
-        notified.as_mut().enable();
         if self.is_kicked() {
             return;
         }
-        notified.await;
-    }
-
-    /// Whether `other` is a handle to the same connection and queue.
-    pub fn same(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        self.0.kick.notified().await;
     }
 }
 

@@ -398,69 +398,62 @@ impl Connection {
 
     /// The connection's main loop. Everything but the wait itself is boxed so that the state
     /// an idle connection keeps is only this loop's few hundred bytes; the request paths
-    /// (join, store calls) are large and short-lived. The waits for shutdown and for a kick
-    /// are registered once, not on every turn: a delivery costs the queue's wake-up alone.
+    /// (join, store calls) are large and short-lived.
     async fn serve(&mut self, socket: &mut WsSocket) -> End {
         let shutdown = self.app.supervisor.shutdown().clone();
-        let shutdown = shutdown.cancelled();
-        let mut shutdown = std::pin::pin!(shutdown);
         let config = Arc::clone(&self.app.config);
         let limits = &config.limits;
         let mut live = Liveness::new();
         let check = tokio::time::sleep_until(live.next_check(limits).into());
         let mut check = std::pin::pin!(check);
-        // An `auth` frame replaces the handle: the kick is then awaited on the new one.
         loop {
-            let watched = self.handle.clone();
-            let kicked = watched.kicked();
-            let mut kicked = std::pin::pin!(kicked);
-            while self.handle.same(&watched) {
-                let step = tokio::select! {
-                    biased;
-                    () = &mut shutdown => return End::Shutdown,
-                    () = &mut kicked => return kicked_end(&watched),
-                    () = &mut check => {
-                        let now = Instant::now();
-                        let step = match live.check(now, limits) {
-                            Check::Fine => Ok(()),
-                            Check::Ping => {
-                                socket.queue_ping();
-                                Box::pin(self.bounded(socket.flush())).await
-                            }
-                            Check::Dead(end) => return end,
-                        };
-                        check.as_mut().reset(live.next_check(limits).into());
-                        step
-                    }
-                    event = self.rx.recv() => match event {
-                        Some(envelope) => Box::pin(self.write_events(socket, envelope)).await,
-                        None => return End::TransportError,
-                    },
-                    incoming = socket.recv() => match live.heard(incoming) {
-                        Ok(Incoming::Text(text)) => Box::pin(self.on_text(socket, text)).await,
-                        Ok(Incoming::Pong) => Ok(()),
-                        Ok(Incoming::Binary(_)) => {
-                            Box::pin(self.error(socket, None, ErrorCode::UnsupportedFrame, "binary frames are not supported; send JSON text")).await
-                        }
-                        Ok(Incoming::Ping(payload)) => {
-                            socket.queue_pong(&payload);
+            // Re-read each turn: an `auth` frame replaces the handle.
+            let kicked = self.handle.clone();
+            let step = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return End::Shutdown,
+                () = kicked.kicked() => return kicked_end(&kicked),
+                () = &mut check => {
+                    let now = Instant::now();
+                    let step = match live.check(now, limits) {
+                        Check::Fine => Ok(()),
+                        Check::Ping => {
+                            socket.queue_ping();
                             Box::pin(self.bounded(socket.flush())).await
                         }
-                        Ok(Incoming::Close) => return End::ClientClosed,
-                        Err(RecvError::TooLarge) => {
-                            let limit = self.app.config.limits.max_frame_bytes;
-                            let message = format!("frames are limited to {limit} bytes");
-                            let _ = Box::pin(self.error(socket, None, ErrorCode::FrameTooLarge, &message)).await;
-                            return End::FrameTooLarge;
-                        }
-                        Err(RecvError::Protocol(_)) => return End::ProtocolError,
-                        Err(RecvError::InvalidUtf8) => return End::InvalidUtf8,
-                        Err(RecvError::Gone) => return End::TransportError,
-                    },
-                };
-                if let Err(Gone(end)) = step {
-                    return end;
+                        Check::Dead(end) => return end,
+                    };
+                    check.as_mut().reset(live.next_check(limits).into());
+                    step
                 }
+                event = self.rx.recv() => match event {
+                    Some(envelope) => Box::pin(self.write_events(socket, envelope)).await,
+                    None => return End::TransportError,
+                },
+                incoming = socket.recv() => match live.heard(incoming) {
+                    Ok(Incoming::Text(text)) => Box::pin(self.on_text(socket, text)).await,
+                    Ok(Incoming::Pong) => Ok(()),
+                    Ok(Incoming::Binary(_)) => {
+                        Box::pin(self.error(socket, None, ErrorCode::UnsupportedFrame, "binary frames are not supported; send JSON text")).await
+                    }
+                    Ok(Incoming::Ping(payload)) => {
+                        socket.queue_pong(&payload);
+                        Box::pin(self.bounded(socket.flush())).await
+                    }
+                    Ok(Incoming::Close) => return End::ClientClosed,
+                    Err(RecvError::TooLarge) => {
+                        let limit = self.app.config.limits.max_frame_bytes;
+                        let message = format!("frames are limited to {limit} bytes");
+                        let _ = Box::pin(self.error(socket, None, ErrorCode::FrameTooLarge, &message)).await;
+                        return End::FrameTooLarge;
+                    }
+                    Err(RecvError::Protocol(_)) => return End::ProtocolError,
+                    Err(RecvError::InvalidUtf8) => return End::InvalidUtf8,
+                    Err(RecvError::Gone) => return End::TransportError,
+                },
+            };
+            if let Err(Gone(end)) = step {
+                return end;
             }
         }
     }
@@ -566,11 +559,9 @@ impl Connection {
         Ok(())
     }
 
-    /// Runs a socket write unless the client is kicked or stalls for [`WRITE_TIMEOUT`]. The
-    /// write is tried first: one that completes at once never registers a wait for the kick.
+    /// Runs a socket write unless the client is kicked or stalls for [`WRITE_TIMEOUT`].
     async fn bounded(&self, write: impl Future<Output = std::io::Result<()>>) -> Sent {
         tokio::select! {
-            biased;
             result = tokio::time::timeout(WRITE_TIMEOUT, write) => match result {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(_)) => Err(Gone(End::TransportError)),
