@@ -115,6 +115,21 @@ impl Database {
         .collect()
     }
 
+    /// The room's messages as (`seq`, text), in `seq` order.
+    pub async fn contents(&self, room: &str) -> Vec<(u64, String)> {
+        let mut conn = sqlx::PgConnection::connect(&self.url()).await.unwrap();
+        sqlx::query_as::<_, (i64, String)>(
+            "SELECT m.seq, m.content FROM messages m JOIN rooms r ON r.rid = m.room WHERE r.id = $1 ORDER BY m.seq",
+        )
+        .bind(room)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(seq, text)| (u64::try_from(seq).unwrap(), text))
+        .collect()
+    }
+
     pub async fn drop_it(self) {
         if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin_url).await {
             let _ = sqlx::raw_sql(&format!(
