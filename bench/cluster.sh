@@ -57,6 +57,10 @@ visitor_rooms = "open"
 allowed_origins = ["*"]
 [domains.bot]
 enabled = false
+# As in run.sh: with hand-off on, each persist sender (a visitor alone in its room of a
+# domain without an assistant) would also get the "waiting for a person" notice stored.
+[domains.handoff]
+enabled = false
 TOML
 
 start_node() { # port → pid in PIDS
