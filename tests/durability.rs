@@ -175,6 +175,84 @@ async fn assert_stored(db: &std::path::Path, acked: &Acked) {
     server.kill9();
 }
 
+/// The server's `/health`.
+async fn health(http: &reqwest::Client, base: &str) -> Value {
+    http.get(format!("{base}/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Polls `/health` every few milliseconds and keeps the highest value seen at `pointer` (a
+/// JSON pointer), until the task is aborted.
+fn watch_most(
+    http: &reqwest::Client,
+    base: &str,
+    pointer: &'static str,
+) -> (tokio::task::JoinHandle<()>, Arc<AtomicUsize>) {
+    let most = Arc::new(AtomicUsize::new(0));
+    let (http, base, seen) = (http.clone(), base.to_owned(), Arc::clone(&most));
+    let watching = tokio::spawn(async move {
+        loop {
+            let value = health(&http, &base)
+                .await
+                .pointer(pointer)
+                .and_then(Value::as_u64)
+                .unwrap();
+            seen.fetch_max(usize::try_from(value).unwrap(), Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    (watching, most)
+}
+
+/// `n` posts to `room-0` at once, with client ids `{prefix}{i}`; each must be stored (201).
+async fn post_at_once(http: &reqwest::Client, base: &str, n: usize, prefix: &str) -> Acked {
+    let posts: Vec<_> = (0..n)
+        .map(|i| {
+            let (http, base) = (http.clone(), base.to_owned());
+            let cmid = format!("{prefix}{i}");
+            tokio::spawn(async move {
+                let response = http
+                    .post(format!("{base}/api/messages"))
+                    .json(&json!({
+                        "message": format!("m{i}"),
+                        "chatRoomId": "room-0",
+                        "clientMessageId": cmid,
+                    }))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status().as_u16();
+                let body: Value = response.json().await.unwrap();
+                (cmid, status, body)
+            })
+        })
+        .collect();
+    let mut acked = Acked::new();
+    for post in posts {
+        let (cmid, status, body) = tokio::time::timeout(Duration::from_secs(60), post)
+            .await
+            .expect("every post is answered")
+            .unwrap();
+        assert_eq!(
+            status, 201,
+            "a held-back post is stored, not refused: {body}"
+        );
+        acked.insert(
+            ("room-0".to_owned(), cmid),
+            (
+                body["id"].as_str().unwrap().to_owned(),
+                body["seq"].as_u64().unwrap(),
+            ),
+        );
+    }
+    acked
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_messages_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
@@ -270,63 +348,8 @@ async fn a_stalled_store_holds_senders_back_instead_of_queueing_without_limit() 
     let base = format!("http://{}", server.addr);
 
     // Watch the writer's queue while 100 posts arrive at once.
-    let most = Arc::new(AtomicUsize::new(0));
-    let watching = {
-        let (http, base, most) = (http.clone(), base.clone(), Arc::clone(&most));
-        tokio::spawn(async move {
-            loop {
-                let health: Value = http
-                    .get(format!("{base}/health"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                let queued = health["store"]["queued"].as_u64().unwrap();
-                most.fetch_max(usize::try_from(queued).unwrap(), Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    };
-    let posts: Vec<_> = (0..100)
-        .map(|i| {
-            let (http, base) = (http.clone(), base.clone());
-            tokio::spawn(async move {
-                let response = http
-                    .post(format!("{base}/api/messages"))
-                    .json(&json!({
-                        "message": format!("m{i}"),
-                        "chatRoomId": "room-0",
-                        "clientMessageId": format!("p{i}"),
-                    }))
-                    .send()
-                    .await
-                    .unwrap();
-                let status = response.status().as_u16();
-                let body: Value = response.json().await.unwrap();
-                (format!("p{i}"), status, body)
-            })
-        })
-        .collect();
-    let mut acked = Acked::new();
-    for post in posts {
-        let (cmid, status, body) = tokio::time::timeout(Duration::from_secs(60), post)
-            .await
-            .expect("every post is answered")
-            .unwrap();
-        assert_eq!(
-            status, 201,
-            "a held-back post is stored, not refused: {body}"
-        );
-        acked.insert(
-            ("room-0".to_owned(), cmid),
-            (
-                body["id"].as_str().unwrap().to_owned(),
-                body["seq"].as_u64().unwrap(),
-            ),
-        );
-    }
+    let (watching, most) = watch_most(&http, &base, "/store/queued");
+    let acked = post_at_once(&http, &base, 100, "p").await;
     watching.abort();
     let most = most.load(Ordering::SeqCst);
     assert!(
@@ -361,75 +384,12 @@ async fn a_stalled_pipeline_holds_clients_sends_at_the_door_and_loses_nothing() 
     let base = format!("http://{}", server.addr);
 
     // Watch the backlog while 100 posts arrive at once.
-    let most = Arc::new(AtomicUsize::new(0));
-    let watching = {
-        let (http, base, most) = (http.clone(), base.clone(), Arc::clone(&most));
-        tokio::spawn(async move {
-            loop {
-                let health: Value = http
-                    .get(format!("{base}/health"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                let backlog = health["pipeline"]["backlog"].as_u64().unwrap();
-                most.fetch_max(usize::try_from(backlog).unwrap(), Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
-    let posts: Vec<_> = (0..100)
-        .map(|i| {
-            let (http, base) = (http.clone(), base.clone());
-            tokio::spawn(async move {
-                let response = http
-                    .post(format!("{base}/api/messages"))
-                    .json(&json!({
-                        "message": format!("m{i}"),
-                        "chatRoomId": "room-0",
-                        "clientMessageId": format!("b{i}"),
-                    }))
-                    .send()
-                    .await
-                    .unwrap();
-                let status = response.status().as_u16();
-                let body: Value = response.json().await.unwrap();
-                (format!("b{i}"), status, body)
-            })
-        })
-        .collect();
-    let mut acked = Acked::new();
-    for post in posts {
-        let (cmid, status, body) = tokio::time::timeout(Duration::from_secs(60), post)
-            .await
-            .expect("every post is answered")
-            .unwrap();
-        assert_eq!(
-            status, 201,
-            "a held-back post is stored, not refused: {body}"
-        );
-        acked.insert(
-            ("room-0".to_owned(), cmid),
-            (
-                body["id"].as_str().unwrap().to_owned(),
-                body["seq"].as_u64().unwrap(),
-            ),
-        );
-    }
+    let (watching, most) = watch_most(&http, &base, "/pipeline/backlog");
+    let acked = post_at_once(&http, &base, 100, "b").await;
     // Everything committed is observed in the end.
     let drained = async {
         loop {
-            let health: Value = http
-                .get(format!("{base}/health"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if health["pipeline"]["backlog"] == 0 {
+            if health(&http, &base).await["pipeline"]["backlog"] == 0 {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
