@@ -1,14 +1,16 @@
 //! The writer task: runs the batches [`batch`](crate::store::batch) gives it, each in one
-//! transaction on one pooled connection, its operations sorted into the lock order.
+//! transaction on the writer's own connection, its operations sorted into the lock order; a
+//! batch of appends only as one statement ([`append_all`]).
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
 
 use super::rows::Locks;
 use super::writes::{
-    add_note, append, change_domains, first_response, lock_room, mark_read, transition,
+    add_note, append, append_all, change_domains, first_response, lock_room, mark_read, transition,
 };
-use super::{DEADLINE, deadline_passed, int, store_error, to_ms};
+use super::{ACQUIRE_TIMEOUT, DEADLINE, deadline_passed, int, store_error, to_ms};
 use crate::model::{NewMessage, RoomKey, now_ms};
 use crate::store::batch::{Commit, Failure, Intake, Output};
 use crate::store::{
@@ -78,12 +80,23 @@ impl From<sqlx::Error> for Failure {
 
 /// The writer task's state.
 pub(super) struct Writer {
-    pub(super) pool: PgPool,
+    /// How to connect (the pool's settings: statement and idle-transaction timeouts).
+    options: PgConnectOptions,
+    /// The writer's own connection, outside the pool, kept between transactions; closed
+    /// when the database fails, so the next transaction starts on a fresh one.
+    conn: Option<PgConnection>,
 }
 
 impl Writer {
+    pub(super) fn new(options: PgConnectOptions) -> Self {
+        Self {
+            options,
+            conn: None,
+        }
+    }
+
     /// Commits batch after batch until the queue is closed and empty.
-    pub(super) async fn run(self, mut intake: Intake<Op>, sink: CommitSink) {
+    pub(super) async fn run(mut self, mut intake: Intake<Op>, sink: CommitSink) {
         while let Some(mut commit) = intake.next().await {
             // Deterministic lock order (stable: each room keeps its arrival order).
             commit.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
@@ -93,40 +106,90 @@ impl Writer {
     }
 
     /// Runs the transactions `commit` asks for until every caller is answered.
-    async fn commit(&self, commit: &mut Commit<Op>, sink: &CommitSink) {
+    async fn commit(&mut self, commit: &mut Commit<Op>, sink: &CommitSink) {
         while let Some(ops) = commit.ops() {
             let result = self.transaction(&ops).await;
             commit.record(result, sink);
         }
     }
 
-    /// Runs `ops` in one transaction and commits, within [`DEADLINE`].
-    async fn transaction(&self, ops: &[&Op]) -> Result<Vec<Output>, Failure> {
+    /// Runs `ops` as one transaction and commits, within [`DEADLINE`]: a batch of two or
+    /// more appends and nothing else as one statement ([`append_all`]), or, when that cannot
+    /// take it, each operation in turn between `BEGIN` and `COMMIT`.
+    async fn transaction(&mut self, ops: &[&Op]) -> Result<Vec<Output>, Failure> {
         let work = async {
-            let mut tx = self.pool.begin().await?;
-            let mut locks = Locks::new();
-            let mut outputs = Vec::with_capacity(ops.len());
-            for op in ops {
-                match apply(&mut tx, &mut locks, op).await {
-                    Ok(output) => outputs.push(output),
-                    Err(failure) => {
-                        let _ = tx.rollback().await;
-                        return Err(failure);
+            let appends: Option<Vec<&NewMessage>> = ops
+                .iter()
+                .map(|op| match op {
+                    Op::Append(m) => Some(m),
+                    _ => None,
+                })
+                .collect();
+            if let Some(messages) = appends.filter(|m| m.len() >= 2) {
+                match append_all(self.connection().await?, &messages).await {
+                    Ok(appended) => {
+                        return Ok(appended.into_iter().map(Output::Appended).collect());
                     }
+                    Err(failure) if failure.per_op => {
+                        tracing::debug!(error = %failure.error, "batch append taken the long way");
+                    }
+                    Err(failure) => return Err(failure),
                 }
             }
-            tx.commit().await.map_err(|e| match e {
-                e @ sqlx::Error::Database(_) => Failure::from(e),
-                e => Failure::database(StoreError::Unavailable(format!(
-                    "PostgreSQL connection lost during COMMIT ({e}); the write may not be stored"
-                ))),
-            })?;
-            Ok(outputs)
+            self.each_in_transaction(ops).await
         };
-        match tokio::time::timeout(DEADLINE, work).await {
+        let result = match tokio::time::timeout(DEADLINE, work).await {
             Ok(result) => result,
             Err(_) => Err(Failure::database(deadline_passed("a write"))),
+        };
+        if result.as_ref().is_err_and(|f| !f.per_op) {
+            // Possibly broken, or left inside a transaction by the deadline.
+            self.conn = None;
         }
+        result
+    }
+
+    /// The writer's connection, connected first if it has none.
+    async fn connection(&mut self) -> Result<&mut PgConnection, Failure> {
+        let conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => {
+                let connect = PgConnection::connect_with(&self.options);
+                tokio::time::timeout(ACQUIRE_TIMEOUT, connect)
+                    .await
+                    .map_err(|_| Failure::database(deadline_passed("a connection")))??
+            }
+        };
+        Ok(self.conn.insert(conn))
+    }
+
+    /// Runs `ops` one after the other in one transaction and commits.
+    async fn each_in_transaction(&mut self, ops: &[&Op]) -> Result<Vec<Output>, Failure> {
+        let mut tx = self.connection().await?.begin().await?;
+        let mut locks = Locks::new();
+        let mut outputs = Vec::with_capacity(ops.len());
+        for op in ops {
+            match apply(&mut tx, &mut locks, op).await {
+                Ok(output) => outputs.push(output),
+                Err(failure) => {
+                    let _ = tx.rollback().await;
+                    return Err(failure);
+                }
+            }
+        }
+        tx.commit().await.map_err(lost_during_commit)?;
+        Ok(outputs)
+    }
+}
+
+/// The failure of a statement that commits (`COMMIT`, or a batch append, which commits by
+/// itself): a connection lost meanwhile leaves the outcome unknown.
+pub(super) fn lost_during_commit(e: sqlx::Error) -> Failure {
+    match e {
+        e @ sqlx::Error::Database(_) => Failure::from(e),
+        e => Failure::database(StoreError::Unavailable(format!(
+            "PostgreSQL connection lost during a commit ({e}); the write may not be stored"
+        ))),
     }
 }
 
@@ -194,5 +257,249 @@ async fn apply(conn: &mut PgConnection, locks: &mut Locks, op: &Op) -> Result<Ou
             .await
             .map(Output::Conversation),
         Op::AddNote(note) => add_note(conn, locks, note).await.map(Output::Note),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The writer's bulk append, run directly (no retry one by one could hide its failure),
+    //! against the PostgreSQL server `PARLOR_TEST_DATABASE_URL` names, in a database of its
+    //! own. The store's behaviour as a whole is tested by `tests/store.rs` on both backends.
+
+    use std::sync::Arc;
+
+    use sqlx::{Connection, Executor};
+
+    use super::{Op, Writer, append_all};
+    use crate::config::StoreConfig;
+    use crate::model::{Author, Message, NewMessage, RoomKey};
+    use crate::store::batch::Output;
+    use crate::store::postgres::PostgresStore;
+    use crate::store::{Appended, CommitSink, Store};
+
+    /// A database of its own on the test server, dropped at the end.
+    struct Database {
+        server: String,
+        name: String,
+    }
+
+    impl Database {
+        async fn create() -> Option<Self> {
+            let Some(server) = std::env::var("PARLOR_TEST_DATABASE_URL")
+                .ok()
+                .filter(|u| !u.is_empty())
+            else {
+                eprintln!(
+                    "skipped: set PARLOR_TEST_DATABASE_URL to run the PostgreSQL writer tests"
+                );
+                return None;
+            };
+            let name = format!("parlor_u_{}", uuid::Uuid::new_v4().simple());
+            let mut admin = sqlx::PgConnection::connect(&server).await.expect("connect");
+            admin
+                .execute(&*format!("CREATE DATABASE {name}"))
+                .await
+                .expect("create the test database");
+            admin.close().await.ok();
+            Some(Self { server, name })
+        }
+
+        fn url(&self) -> String {
+            let (base, query) = self
+                .server
+                .split_once('?')
+                .map_or((self.server.as_str(), None), |(b, q)| (b, Some(q)));
+            let authority = base.find("://").map_or(0, |i| i + 3);
+            let path = base[authority..]
+                .find('/')
+                .map_or(base.len(), |i| authority + i);
+            let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+            format!("{}/{}{query}", &base[..path], self.name)
+        }
+
+        async fn drop_it(self) {
+            let mut admin = sqlx::PgConnection::connect(&self.server)
+                .await
+                .expect("connect");
+            admin
+                .execute(&*format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    self.name
+                ))
+                .await
+                .expect("drop the test database");
+            admin.close().await.ok();
+        }
+    }
+
+    fn message(room: &RoomKey, user: &str, content: &str, client_message_id: Option<&str>) -> Op {
+        Op::Append(NewMessage {
+            room: room.clone(),
+            author: Author {
+                user_id: user.into(),
+                name: format!("Name of {user}"),
+                role: "visitor".into(),
+            },
+            kind: "text".into(),
+            content: content.into(),
+            data: (user == "bob").then(|| serde_json::json!({ "from": user })),
+            client_message_id: client_message_id.map(str::to_owned),
+        })
+    }
+
+    fn appended(output: Output) -> Appended {
+        match output {
+            Output::Appended(a) => a,
+            other => panic!("expected an append, got {other:?}"),
+        }
+    }
+
+    fn new_message(op: &Op) -> &NewMessage {
+        match op {
+            Op::Append(m) => m,
+            _ => unreachable!("appends only"),
+        }
+    }
+
+    /// The batch append, one statement over a room with history and a room without
+    /// messages, with ids repeated from the store and from the batch itself: the seqs and
+    /// duplicates `append` one by one would give, stored as acknowledged. A room that does
+    /// not exist yet, or a value PostgreSQL refuses, fails the statement as one operation's
+    /// failure with nothing changed, and the writer then takes the batch the long way.
+    #[tokio::test]
+    async fn a_batch_of_appends_is_one_statement_with_the_outcome_of_one_by_one() {
+        let Some(db) = Database::create().await else {
+            return;
+        };
+        let (tx, _committed) = tokio::sync::mpsc::unbounded_channel::<Arc<Message>>();
+        let store = PostgresStore::open(&db.url(), &StoreConfig::default(), CommitSink::new(tx))
+            .await
+            .expect("open");
+        let a = RoomKey::new("acme", "a");
+        let b = RoomKey::new("acme", "b");
+        let c = RoomKey::new("acme", "c");
+        let original = store
+            .append(new_message(&message(&a, "alice", "first", Some("k1"))).clone())
+            .await
+            .expect("append")
+            .message;
+        for text in ["second", "third"] {
+            let m = new_message(&message(&a, "alice", text, None)).clone();
+            store.append(m).await.expect("append");
+        }
+        store.ensure_room(&b, Some("alice")).await.expect("room b");
+        let mut conn = sqlx::PgConnection::connect(&db.url())
+            .await
+            .expect("connect");
+
+        let ops = [
+            message(&a, "alice", "fourth", None),
+            message(&a, "alice", "first again", Some("k1")),
+            message(&a, "alice", "fifth", Some("k2")),
+            message(&a, "alice", "fifth again", Some("k2")),
+            message(&a, "bob", "bob's own k2", Some("k2")),
+            message(&b, "alice", "b one", None),
+            message(&b, "alice", "b's own k1", Some("k1")),
+        ];
+        let messages: Vec<&NewMessage> = ops.iter().map(new_message).collect();
+        let got = append_all(&mut conn, &messages)
+            .await
+            .map_err(|f| f.error)
+            .expect("one statement");
+        let summary: Vec<(&str, u64, bool)> = got
+            .iter()
+            .map(|a| (&*a.message.room.room_id, a.message.seq, a.duplicate))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("a", 4, false),
+                ("a", 1, true),
+                ("a", 5, false),
+                ("a", 5, true),
+                ("a", 6, false),
+                ("b", 1, false),
+                ("b", 2, false),
+            ]
+        );
+        assert_eq!(
+            *got[1].message, *original,
+            "a stored id returns the stored message"
+        );
+        assert_eq!(
+            got[3].message, got[2].message,
+            "an id repeated in the batch"
+        );
+        for (m, appended) in messages.iter().zip(&got).filter(|(_, a)| !a.duplicate) {
+            assert_eq!(
+                (
+                    &appended.message.content,
+                    &appended.message.author,
+                    &appended.message.data
+                ),
+                (&m.content, &m.author, &m.data)
+            );
+        }
+        for (room, last) in [(&a, 6), (&b, 2)] {
+            let stored = store.messages_after(room, 0, 100).await.expect("history");
+            let seqs: Vec<u64> = stored.iter().map(|m| m.seq).collect();
+            assert_eq!(seqs, (1..=last).collect::<Vec<_>>(), "{room} is gapless");
+            for a in got
+                .iter()
+                .filter(|a| a.message.room == *room && !a.duplicate)
+            {
+                let at = usize::try_from(a.message.seq).expect("seq") - 1;
+                assert_eq!(stored[at], *a.message, "stored as acknowledged");
+            }
+            let room_row = store.room(room).await.expect("room").expect("exists");
+            assert_eq!(room_row.last_seq, last, "{room}'s counter");
+        }
+
+        // A room that does not exist yet: the statement changes nothing…
+        let with_new_room = [
+            message(&a, "alice", "sixth", None),
+            message(&c, "carol", "c one", Some("k1")),
+            message(&c, "carol", "c two", None),
+        ];
+        let messages: Vec<&NewMessage> = with_new_room.iter().map(new_message).collect();
+        let failure = append_all(&mut conn, &messages)
+            .await
+            .expect_err("no room c yet");
+        assert!(failure.per_op, "{:?}", failure.error);
+        let room_row = store.room(&a).await.expect("room").expect("exists");
+        assert_eq!(room_row.last_seq, 6, "the failed statement changed nothing");
+        assert!(store.room(&c).await.expect("room").is_none());
+        // …and the writer takes the batch the long way, which creates the room.
+        let mut writer = Writer::new(db.url().parse().expect("options"));
+        let outputs = writer
+            .transaction(&with_new_room.iter().collect::<Vec<_>>())
+            .await
+            .map_err(|f| f.error)
+            .expect("the long way");
+        let seqs: Vec<(String, u64)> = outputs
+            .into_iter()
+            .map(appended)
+            .map(|a| (a.message.room.room_id.to_string(), a.message.seq))
+            .collect();
+        assert_eq!(seqs, [("a".into(), 7), ("c".into(), 1), ("c".into(), 2)]);
+        let c_room = store.room(&c).await.expect("room").expect("exists");
+        assert_eq!(c_room.created_by.as_deref(), Some("carol"));
+
+        // A value PostgreSQL refuses: one operation's failure, nothing stored.
+        let bad = [
+            message(&a, "alice", "fine", None),
+            message(&b, "alice", "nul \0 byte", None),
+        ];
+        let messages: Vec<&NewMessage> = bad.iter().map(new_message).collect();
+        let failure = append_all(&mut conn, &messages)
+            .await
+            .expect_err("PostgreSQL refuses a NUL byte");
+        assert!(failure.per_op, "{:?}", failure.error);
+        let room_row = store.room(&a).await.expect("room").expect("exists");
+        assert_eq!(room_row.last_seq, 7, "the failed statement changed nothing");
+
+        conn.close().await.ok();
+        store.close().await;
+        db.drop_it().await;
     }
 }

@@ -1,6 +1,7 @@
 //! The SQL of each write, run by the writer inside its open transaction. Every write to a
 //! room first locks the room's row ([`lock_room`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -8,6 +9,7 @@ use sqlx::Row;
 use sqlx::postgres::PgConnection;
 
 use super::rows::{LockedRoom, Locks, conversation_at, message_at};
+use super::writer::lost_during_commit;
 use super::{count, int, refuse_nul, to_ms};
 use crate::model::{Conversation, Message, NewMessage, Note, RoomKey, now_ms};
 use crate::store::batch::Failure;
@@ -438,4 +440,194 @@ pub(super) async fn change_domains(
         }
     };
     Ok(done.rows_affected())
+}
+
+/// Appends `messages` (a batch of appends only) with one statement, outside any explicit
+/// transaction: one round trip instead of the five a transaction of them takes (`BEGIN`,
+/// the rooms' locks, the stored ids, the inserts, `COMMIT`). The statement locks the rooms in
+/// the batch's lock order, finds the client message ids already stored, numbers the new
+/// messages from each room's `last_seq`, inserts them and raises the counters; it commits
+/// as a whole or not at all. An id repeated within the batch is resolved here, before: its
+/// first occurrence is sent, the others get its outcome as duplicates.
+///
+/// Fails as one operation's failure ([`Failure::op`]), having changed nothing, when a room
+/// does not exist yet (its messages would have no room: the `NOT NULL` on `messages.room`
+/// refuses them) or when a duplicate was committed by another node between the statement's
+/// snapshot and its lock (the unique index refuses it); the caller then runs the batch the
+/// long way, whose [`append`] creates rooms and reads duplicates under the lock.
+pub(super) async fn append_all(
+    conn: &mut PgConnection,
+    messages: &[&NewMessage],
+) -> Result<Vec<Appended>, Failure> {
+    // Index of the first message of the batch with the same (room, author, id), if any.
+    let mut first_with: HashMap<(&RoomKey, &str, &str), usize> = HashMap::new();
+    let mut repeats: Vec<Option<usize>> = Vec::with_capacity(messages.len());
+    let mut sent: Vec<usize> = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let key = m
+            .client_message_id
+            .as_deref()
+            .map(|cmid| (&m.room, m.author.user_id.as_str(), cmid));
+        match key.map(|k| *first_with.entry(k).or_insert(i)) {
+            Some(first) if first != i => repeats.push(Some(first)),
+            _ => {
+                repeats.push(None);
+                sent.push(i);
+            }
+        }
+    }
+    let created_at = now_ms();
+    let ids: Vec<String> = sent
+        .iter()
+        .map(|_| uuid::Uuid::now_v7().to_string())
+        .collect();
+    let column = |f: fn(&NewMessage) -> &str| -> Vec<&str> {
+        sent.iter().map(|&i| f(messages[i])).collect()
+    };
+    let data: Vec<Option<String>> = sent
+        .iter()
+        .map(|&i| messages[i].data.as_ref().map(serde_json::Value::to_string))
+        .collect();
+    let cmids: Vec<Option<&str>> = sent
+        .iter()
+        .map(|&i| messages[i].client_message_id.as_deref())
+        .collect();
+    let rows = sqlx::query(concat!(
+        "WITH k AS MATERIALIZED (
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                  $6::text[], $7::text[], $8::text[], $9::text[], $10::text[])
+                  WITH ORDINALITY AS k (domain_id, room_id, id, author_id, author_name,
+                                        author_role, kind, content, data, cmid, ord)
+         ),
+         locked AS MATERIALIZED (
+             SELECT r.rid, r.domain_id, r.id, r.last_seq FROM rooms r
+             WHERE (r.domain_id, r.id) IN (SELECT domain_id, room_id FROM k)
+             ORDER BY r.domain_id COLLATE \"C\", r.id COLLATE \"C\"
+             FOR NO KEY UPDATE OF r
+         ),
+         keyed AS MATERIALIZED (
+             SELECT k.*, l.rid, l.last_seq FROM k
+             LEFT JOIN locked l ON l.domain_id = k.domain_id AND l.id = k.room_id
+         ),
+         found AS MATERIALIZED (
+             SELECT k.ord, ",
+        message_columns!(),
+        " FROM keyed k
+             JOIN messages m ON m.room = k.rid AND m.author_id = k.author_id
+                            AND m.client_message_id = k.cmid
+             JOIN rooms r ON r.rid = m.room
+         ),
+         fresh AS MATERIALIZED (
+             SELECT k.*, k.last_seq + row_number() OVER (PARTITION BY k.rid ORDER BY k.ord) AS seq
+             FROM keyed k WHERE k.ord NOT IN (SELECT ord FROM found)
+         ),
+         inserted AS (
+             INSERT INTO messages (room, seq, id, author_id, author_name, author_role, kind,
+                                   content, data, client_message_id, created_at)
+             SELECT rid, seq, id, author_id, author_name, author_role, kind, content, data,
+                    cmid, $11::bigint
+             FROM fresh
+             RETURNING room, seq
+         ),
+         raised AS (
+             UPDATE rooms SET last_seq = t.seq
+             FROM (SELECT room, max(seq) AS seq FROM inserted GROUP BY room) t
+             WHERE rooms.rid = t.room
+         )
+         SELECT ord, NULL::text, NULL::text, seq, NULL::text, NULL::text, NULL::text,
+                NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bigint
+         FROM fresh
+         UNION ALL
+         SELECT * FROM found"
+    ))
+    .bind(column(|m| &m.room.domain_id))
+    .bind(column(|m| &m.room.room_id))
+    .bind(&ids)
+    .bind(column(|m| &m.author.user_id))
+    .bind(column(|m| &m.author.name))
+    .bind(column(|m| &m.author.role))
+    .bind(column(|m| &m.kind))
+    .bind(column(|m| &m.content))
+    .bind(&data)
+    .bind(&cmids)
+    .bind(to_ms(created_at))
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(lost_during_commit)?;
+
+    // What the statement said of each message sent, by its position among them.
+    let mut outcome: Vec<Option<Appended>> = (0..sent.len()).map(|_| None).collect();
+    for row in &rows {
+        let ord: i64 = row.try_get(0)?;
+        let slot = usize::try_from(ord - 1)
+            .ok()
+            .and_then(|at| outcome.get_mut(at))
+            .filter(|slot| slot.is_none())
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "a batch append answered for message {ord} twice or out of range"
+                ))
+            })?;
+        let stored_room: Option<String> = row.try_get(1)?;
+        *slot = Some(match stored_room {
+            // A stored original: the found columns, after `ord`.
+            Some(_) => Appended {
+                message: Arc::new(message_at(row, 1)?),
+                duplicate: true,
+            },
+            None => {
+                let at = usize::try_from(ord - 1).unwrap_or_default();
+                let m = messages[sent[at]];
+                let seq: i64 = row.try_get(3)?;
+                Appended {
+                    message: Arc::new(Message {
+                        id: ids[at].clone(),
+                        room: m.room.clone(),
+                        seq: count(seq),
+                        author: m.author.clone(),
+                        kind: m.kind.clone(),
+                        content: m.content.clone(),
+                        data: m.data.clone(),
+                        client_message_id: m.client_message_id.clone(),
+                        created_at,
+                    }),
+                    duplicate: false,
+                }
+            }
+        });
+    }
+    let mut by_message: Vec<Option<Appended>> = (0..messages.len()).map(|_| None).collect();
+    for (at, appended) in outcome.into_iter().enumerate() {
+        by_message[sent[at]] = Some(appended.ok_or_else(|| {
+            corrupt(format!("a batch append left message {} unanswered", at + 1))
+        })?);
+    }
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, repeat) in repeats.iter().enumerate() {
+        let appended = match repeat {
+            Some(first) => {
+                let original = by_message[*first]
+                    .as_ref()
+                    .map(|a| Arc::clone(&a.message))
+                    .ok_or_else(|| corrupt("a repeated id without its first".into()))?;
+                Appended {
+                    message: original,
+                    duplicate: true,
+                }
+            }
+            None => by_message[i]
+                .as_ref()
+                .map(|a| Appended {
+                    message: Arc::clone(&a.message),
+                    duplicate: a.duplicate,
+                })
+                .ok_or_else(|| corrupt("a batch append lost a message".into()))?,
+        };
+        out.push(appended);
+    }
+    Ok(out)
+}
+
+fn corrupt(what: String) -> Failure {
+    Failure::op(StoreError::Corrupt(what))
 }
