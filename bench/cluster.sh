@@ -3,11 +3,14 @@
 #
 #   fanout  1 room, N subscribers spread over three nodes (worker i on node i mod 3), the
 #           sender on node 0, burst → deliveries/s and latency across nodes
+#   senders 1 room, N subscribers, SENDERS senders sending MESSAGES between them, burst:
+#           once with everyone on node 0 (one node), once with subscribers and senders
+#           spread over the three nodes → deliveries/s of three nodes ÷ one node
 #   persist 100 senders on one node with PostgreSQL → acknowledged messages/s
 #
 # Usage: DATABASE_URL=postgres://postgres@127.0.0.1:5432/test REDIS_URL=redis://127.0.0.1:6379 \
 #          bash bench/cluster.sh
-# Tunables: SUBS (999) MESSAGES (1000) PERSIST_SENDERS (100) PERSIST_MSGS (200)
+# Tunables: SUBS (999) MESSAGES (1000) SENDERS (10) PERSIST_SENDERS (100) PERSIST_MSGS (200)
 #           SKIP_BUILD=1 BENCH_OUT=DIR CARGO_TARGET_DIR
 # The nodes run on CPU 0 and the load generator on CPU 1; PostgreSQL and Redis run where
 # the system puts them (they are part of what a cluster costs).
@@ -21,6 +24,7 @@ BENCH_BIN=$TARGET_DIR/release/parlor-bench
 : "${REDIS_URL:?set REDIS_URL to a Redis server}"
 SUBS=${SUBS:-999}
 MESSAGES=${MESSAGES:-1000}
+SENDERS=${SENDERS:-10}
 PERSIST_SENDERS=${PERSIST_SENDERS:-100}
 PERSIST_MSGS=${PERSIST_MSGS:-200}
 OUT=${BENCH_OUT:-/tmp/parlor-cluster-$(date -u +%Y%m%dT%H%M%SZ)}
@@ -86,6 +90,17 @@ echo "== fanout across three nodes" >&2
 taskset -c 1 "$BENCH_BIN" fanout --url "ws://127.0.0.1:${PORTS[0]}/ws" --sub-urls "$URLS" \
   --procs 3 --subs "$SUBS" --messages "$MESSAGES" --mode burst --label parlor-3-nodes --json \
   | tee -a "$OUT/results.jsonl"
+
+NODE0="ws://127.0.0.1:${PORTS[0]}/ws"
+echo "== $SENDERS senders in one room, one node" >&2
+taskset -c 1 "$BENCH_BIN" fanout --url "$NODE0" --sub-urls "$NODE0" --sender-urls "$NODE0" \
+  --pid "${PIDS[0]}" --procs 3 --subs "$SUBS" --messages "$MESSAGES" --senders "$SENDERS" \
+  --mode burst --label parlor-1-node-senders --json | tee -a "$OUT/results.jsonl"
+
+echo "== $SENDERS senders in one room, three nodes" >&2
+taskset -c 1 "$BENCH_BIN" fanout --url "$NODE0" --sub-urls "$URLS" --sender-urls "$URLS" \
+  --procs 3 --subs "$SUBS" --messages "$MESSAGES" --senders "$SENDERS" \
+  --mode burst --label parlor-3-nodes-senders --json | tee -a "$OUT/results.jsonl"
 
 echo "== persist on PostgreSQL (one node)" >&2
 taskset -c 1 "$BENCH_BIN" persist --url "ws://127.0.0.1:${PORTS[1]}/ws" --pid "${PIDS[1]}" \

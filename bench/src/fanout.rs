@@ -1,8 +1,9 @@
 //! `fanout`: broadcast throughput and latency in one room.
 //!
-//! `--subs` subscriber connections join one fresh room; one more connection
-//! (the sender) joins it too and sends `--messages` messages, either as fast
-//! as it can (`burst`) or at `--rate` messages per second (`paced`). Each
+//! `--subs` subscriber connections join one fresh room; `--senders` more
+//! connections (one by default) join it too and send `--messages` messages
+//! between them (sender k the indices k, k + senders, …), either as fast as
+//! each can (`burst`) or at `--rate` messages per second in all (`paced`). Each
 //! message's text is `t:<send time, ns since the Unix epoch>:<index>:<pad>`,
 //! so every subscriber can time each delivery against the shared wall clock
 //! (which also works across worker processes) and check that it sees every
@@ -63,9 +64,16 @@ pub struct FanoutArgs {
     /// Number of subscriber connections in the room.
     #[arg(long, default_value_t = 1000)]
     pub subs: usize,
-    /// Number of messages the sender sends.
+    /// Number of messages sent (by all senders together).
     #[arg(long, default_value_t = 1000)]
     pub messages: usize,
+    /// Sender connections, each in the room, sending their share of the messages at once.
+    #[arg(long, default_value_t = 1)]
+    pub senders: usize,
+    /// The senders connect to these WebSocket URLs in turn (sender k to URL k mod n);
+    /// by default to `--url`.
+    #[arg(long, value_delimiter = ',')]
+    pub sender_urls: Vec<String>,
     #[arg(long, value_enum, default_value_t = Mode::Burst)]
     pub mode: Mode,
     /// Messages per second in paced mode.
@@ -525,7 +533,7 @@ async fn close_all(sockets: Vec<Ws>) {
     let _ = timeout(Duration::from_secs(15), closing).await;
 }
 
-/// What the sender saw.
+/// What the senders saw, together.
 #[derive(Debug, Default, Serialize)]
 pub struct SenderOutcome {
     pub sent: u64,
@@ -534,6 +542,23 @@ pub struct SenderOutcome {
     pub first_send_nanos: u64,
     pub last_send_nanos: u64,
     pub send_seconds: f64,
+}
+
+impl SenderOutcome {
+    /// Adds another sender's outcome: counts add up, the first send is the earliest, the
+    /// last the latest.
+    fn merge(&mut self, other: &SenderOutcome) {
+        if other.sent > 0 {
+            if self.sent == 0 || other.first_send_nanos < self.first_send_nanos {
+                self.first_send_nanos = other.first_send_nanos;
+            }
+            self.last_send_nanos = self.last_send_nanos.max(other.last_send_nanos);
+        }
+        self.sent += other.sent;
+        self.acks += other.acks;
+        self.errors.merge(&other.errors);
+        self.send_seconds = self.send_seconds.max(other.send_seconds);
+    }
 }
 
 /// Subscribers, either here or in worker processes.
@@ -551,6 +576,7 @@ pub struct FanoutReport {
     pub rate: Option<f64>,
     pub subs: usize,
     pub messages: usize,
+    pub senders: usize,
     pub payload_bytes: usize,
     pub procs: usize,
     pub room: String,
@@ -593,8 +619,11 @@ pub struct FanoutReport {
 }
 
 pub async fn run(args: FanoutArgs) -> Result<()> {
-    if args.subs == 0 || args.messages == 0 {
-        bail!("--subs and --messages must be at least 1");
+    if args.subs == 0 || args.messages == 0 || args.senders == 0 {
+        bail!("--subs, --messages and --senders must be at least 1");
+    }
+    if args.senders > args.messages {
+        bail!("--senders must not exceed --messages");
     }
     if args.mode == Mode::Paced && !(args.rate.is_finite() && args.rate > 0.0) {
         bail!("--rate must be a positive number of messages per second");
@@ -606,6 +635,15 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
     let mut sub_urls = Vec::new();
     for url in &args.sub_urls {
         sub_urls.push(Target::resolve(url, args.common.source_addrs).await?.url);
+    }
+    let mut sender_targets = Vec::new();
+    for url in &args.sender_urls {
+        sender_targets.push(Arc::new(
+            Target::resolve(url, args.common.source_addrs).await?,
+        ));
+    }
+    if sender_targets.is_empty() {
+        sender_targets.push(Arc::clone(&target));
     }
     let server = args.pid.map(Proc::Pid);
     if let Some(server) = server {
@@ -711,15 +749,20 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
         bail!("no subscriber could join: {join_failures}");
     }
 
-    // 2. The sender joins too (it receives its own broadcasts, which it
+    // 2. The senders join too (each receives the room's broadcasts, which it
     // drains but does not count).
-    let mut sender_ws = target
-        .connect(target.source_for(args.subs), connect_timeout)
-        .await
-        .context("sender connection failed")?;
-    net::join_room(&mut sender_ws, &room, "sender-join", connect_timeout)
-        .await
-        .context("sender could not join")?;
+    let mut sender_sockets = Vec::with_capacity(args.senders);
+    for k in 0..args.senders {
+        let target = &sender_targets[k % sender_targets.len()];
+        let mut ws = target
+            .connect(target.source_for(args.subs + k), connect_timeout)
+            .await
+            .with_context(|| format!("sender {k}: connection failed"))?;
+        net::join_room(&mut ws, &room, "sender-join", connect_timeout)
+            .await
+            .with_context(|| format!("sender {k} could not join"))?;
+        sender_sockets.push(ws);
+    }
     tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
 
     // 3. Send, with the CPU clocks read around it.
@@ -731,14 +774,40 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
     let cpu_before = cpu_watch.sample()?;
     let cpu_started = Instant::now();
     let rss_before = server.map(|s| s.rss_kib()).transpose()?;
-    let (sink, stream) = sender_ws.split();
-    let expected_acks = args.messages as u64;
     let (stop_acks_tx, stop_acks_rx) = watch::channel(false);
-    let ack_reader = tokio::spawn(count_acks(stream, expected_acks, stop_acks_rx));
-    let (sink, mut sender) = send_messages(sink, &room, &args).await;
+    let started = Instant::now();
+    let mut sending = Vec::with_capacity(args.senders);
+    for (k, ws) in sender_sockets.into_iter().enumerate() {
+        let (sink, stream) = ws.split();
+        let share = Share {
+            first: k,
+            step: args.senders,
+        };
+        let expected_acks = share.count(args.messages) as u64;
+        let ack_reader = tokio::spawn(count_acks(stream, expected_acks, stop_acks_rx.clone()));
+        let plan = SendPlan {
+            room: Arc::clone(&room),
+            messages: args.messages,
+            pad: "x".repeat(args.payload_bytes),
+            interval: match args.mode {
+                Mode::Burst => None,
+                Mode::Paced => Some(Duration::from_secs_f64(1.0 / args.rate)),
+            },
+            started,
+        };
+        let send = tokio::spawn(send_messages(sink, plan, share));
+        sending.push((send, ack_reader));
+    }
+    let mut sender = SenderOutcome::default();
+    let mut senders = Vec::with_capacity(sending.len());
+    for (send, ack_reader) in sending {
+        let (sink, outcome) = send.await.context("a sender task failed")?;
+        sender.merge(&outcome);
+        senders.push((sink, ack_reader));
+    }
     // If sending broke off, the missing messages will never arrive: do not
     // wait the full drain time for them.
-    let drain = if sender.sent < expected_acks {
+    let drain = if sender.sent < args.messages as u64 {
         Duration::from_secs(args.drain_timeout_secs.min(5))
     } else {
         Duration::from_secs(args.drain_timeout_secs)
@@ -760,38 +829,39 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
     let cpu_interval = cpu_started.elapsed().as_secs_f64();
     let rss_after = server.map(|s| s.rss_kib()).transpose()?;
 
-    // 5. Collect the sender's acks (bounded), then close everything.
+    // 5. Collect the senders' acks (bounded), then close everything.
     let ack_wait = drain_deadline.max(Instant::now() + Duration::from_secs(2));
-    let mut ack_reader = ack_reader;
-    let ack_outcome = match timeout_at(ack_wait, &mut ack_reader).await {
-        Ok(outcome) => Some(outcome),
-        Err(_) => {
-            let _ = stop_acks_tx.send(true);
-            timeout(Duration::from_secs(5), &mut ack_reader).await.ok()
+    for (sink, mut ack_reader) in senders {
+        let ack_outcome = match timeout_at(ack_wait, &mut ack_reader).await {
+            Ok(outcome) => Some(outcome),
+            Err(_) => {
+                let _ = stop_acks_tx.send(true);
+                timeout(Duration::from_secs(5), &mut ack_reader).await.ok()
+            }
+        };
+        let (acks, ack_errors, stream) = match ack_outcome {
+            Some(Ok(outcome)) => outcome,
+            Some(Err(e)) => {
+                let mut errors = ErrorTally::default();
+                errors.add(format!("ack reader failed: {e}"));
+                (0, errors, None)
+            }
+            None => {
+                ack_reader.abort();
+                let mut errors = ErrorTally::default();
+                errors.add("ack reader did not stop".to_owned());
+                (0, errors, None)
+            }
+        };
+        sender.acks += acks;
+        sender.errors.merge(&ack_errors);
+        if let Some(stream) = stream
+            && let Ok(ws) = sink.reunite(stream)
+        {
+            net::close_quietly(ws).await;
         }
-    };
-    let (acks, ack_errors, stream) = match ack_outcome {
-        Some(Ok(outcome)) => outcome,
-        Some(Err(e)) => {
-            let mut errors = ErrorTally::default();
-            errors.add(format!("ack reader failed: {e}"));
-            (0, errors, None)
-        }
-        None => {
-            ack_reader.abort();
-            let mut errors = ErrorTally::default();
-            errors.add("ack reader did not stop".to_owned());
-            (0, errors, None)
-        }
-    };
-    let _ = stop_acks_tx.send(true);
-    sender.acks = acks;
-    sender.errors.merge(&ack_errors);
-    if let Some(stream) = stream
-        && let Ok(ws) = sink.reunite(stream)
-    {
-        net::close_quietly(ws).await;
     }
+    let _ = stop_acks_tx.send(true);
     close_all(local_sockets).await;
     for w in workers {
         w.finish(Duration::from_secs(20)).await;
@@ -819,10 +889,17 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
         }
     };
 
+    let from = match args.senders {
+        1 => String::new(),
+        n => format!(" from {n} senders"),
+    };
     let variant = match args.mode {
-        Mode::Burst => format!("fanout burst, {} subs × {} msgs", args.subs, args.messages),
+        Mode::Burst => format!(
+            "fanout burst, {} subs × {} msgs{from}",
+            args.subs, args.messages
+        ),
         Mode::Paced => format!(
-            "fanout paced {}/s, {} subs × {} msgs",
+            "fanout paced {}/s, {} subs × {} msgs{from}",
             args.rate, args.subs, args.messages
         ),
     };
@@ -843,6 +920,7 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
         rate: (args.mode == Mode::Paced).then_some(args.rate),
         subs: args.subs,
         messages: args.messages,
+        senders: args.senders,
         payload_bytes: args.payload_bytes,
         procs: args.procs,
         room: room.to_string(),
@@ -887,8 +965,8 @@ fn human_summary(r: &FanoutReport) -> String {
         r.messages
     );
     out += &format!(
-        "  sender: {} sent in {:.3} s, {} acked, errors: {}\n",
-        r.sender.sent, r.sender.send_seconds, r.sender.acks, r.sender.errors
+        "  senders ({}): {} sent in {:.3} s, {} acked, errors: {}\n",
+        r.senders, r.sender.sent, r.sender.send_seconds, r.sender.acks, r.sender.errors
     );
     out += &format!(
         "  deliveries: {}/{} (missing {}, duplicate {}, out of order {}, malformed {}); \
@@ -938,28 +1016,51 @@ fn human_summary(r: &FanoutReport) -> String {
     out
 }
 
-/// Sends the messages; returns the sink (to close later) and what was sent.
+/// Which message indices one sender sends: `first`, `first + step`, …
+#[derive(Debug, Clone, Copy)]
+struct Share {
+    first: usize,
+    step: usize,
+}
+
+impl Share {
+    fn indices(self, messages: usize) -> impl Iterator<Item = usize> {
+        (self.first..messages).step_by(self.step)
+    }
+
+    fn count(self, messages: usize) -> usize {
+        self.indices(messages).count()
+    }
+}
+
+/// What every sender sends, and when.
+struct SendPlan {
+    room: Arc<str>,
+    messages: usize,
+    pad: String,
+    /// Paced: message `i` is due at `started + i × interval`.
+    interval: Option<Duration>,
+    started: Instant,
+}
+
+/// Sends one sender's share of the messages; returns the sink (to close later) and what
+/// was sent.
 async fn send_messages(
     mut sink: futures_util::stream::SplitSink<Ws, Message>,
-    room: &str,
-    args: &FanoutArgs,
+    plan: SendPlan,
+    share: Share,
 ) -> (futures_util::stream::SplitSink<Ws, Message>, SenderOutcome) {
-    let pad = "x".repeat(args.payload_bytes);
     let mut outcome = SenderOutcome::default();
-    let started = Instant::now();
-    let interval = match args.mode {
-        Mode::Burst => None,
-        Mode::Paced => Some(Duration::from_secs_f64(1.0 / args.rate)),
-    };
-    for index in 0..args.messages {
-        if let Some(interval) = interval {
-            sleep_until(started + interval.mul_f64(index as f64)).await;
+    let room = &*plan.room;
+    for index in share.indices(plan.messages) {
+        if let Some(interval) = plan.interval {
+            sleep_until(plan.started + interval.mul_f64(index as f64)).await;
         }
         let now = epoch_nanos();
         let frame = net::send_request(
             &format!("s{index}"),
             room,
-            &payload(now, index, &pad),
+            &payload(now, index, &plan.pad),
             &format!("{room}-c{index}"),
         );
         match timeout(Duration::from_secs(10), sink.send(Message::text(frame))).await {
@@ -973,13 +1074,13 @@ async fn send_messages(
                 break;
             }
         }
-        if index == 0 {
+        if outcome.sent == 0 {
             outcome.first_send_nanos = now;
         }
         outcome.last_send_nanos = now;
         outcome.sent += 1;
     }
-    outcome.send_seconds = started.elapsed().as_secs_f64();
+    outcome.send_seconds = plan.started.elapsed().as_secs_f64();
     (sink, outcome)
 }
 
@@ -1115,6 +1216,30 @@ mod tests {
             scan_message(r#"{"type":"message-received","roomId":"a","seq":1,"message":"a\"b"}"#)
                 .is_none()
         );
+    }
+
+    #[test]
+    fn senders_share_the_messages_once_each() {
+        let mut all: Vec<usize> = (0..3)
+            .flat_map(|first| Share { first, step: 3 }.indices(10))
+            .collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+        assert_eq!(Share { first: 0, step: 3 }.count(10), 4);
+        assert_eq!(Share { first: 2, step: 3 }.count(10), 3);
+
+        let mut total = SenderOutcome::default();
+        for (sent, first, last) in [(4, 300, 900), (3, 200, 800), (0, 0, 0)] {
+            total.merge(&SenderOutcome {
+                sent,
+                acks: sent,
+                first_send_nanos: first,
+                last_send_nanos: last,
+                ..SenderOutcome::default()
+            });
+        }
+        assert_eq!((total.sent, total.acks), (7, 7));
+        assert_eq!((total.first_send_nanos, total.last_send_nanos), (200, 900));
     }
 
     #[test]
