@@ -120,6 +120,7 @@ impl HandoffService {
                     visitor_name: e.visitor_name.as_deref().map(Arc::from),
                     created_at: e.created_at,
                     observed: 0,
+                    warned_unanswered: false,
                 },
             );
         }

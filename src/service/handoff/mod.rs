@@ -138,6 +138,9 @@ struct RoomState {
     /// nothing in between, so no other node can have changed the room: every change stores
     /// a status message in the room's stream.
     observed: u64,
+    /// Whether this node has logged that nobody answers the room (once per room, however
+    /// many messages go unanswered).
+    warned_unanswered: bool,
 }
 
 /// The longest inbox search, in characters.
@@ -252,6 +255,7 @@ impl HandoffService {
             visitor_name: None,
             created_at: room.map_or_else(now_ms, |r| r.created_at),
             observed: 0,
+            warned_unanswered: false,
         };
         Ok(self.remember(key, state))
     }
@@ -457,6 +461,7 @@ impl HandoffService {
             visitor_name: None,
             created_at: message.message.created_at,
             observed: 0,
+            warned_unanswered: false,
         });
         self.announce(&before, &conversation, message.message.seq, &action);
         Ok(Outcome {

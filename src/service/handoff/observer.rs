@@ -172,11 +172,19 @@ impl HandoffService {
             if settings.enabled {
                 self.wait_for_a_person(key, state, &settings).await;
             } else {
+                // Counted every time, logged once per room: a domain set up this way would
+                // otherwise write a warning per message.
                 self.metrics.unanswered("no_assistant_no_handoff");
-                tracing::warn!(
-                    room = %key,
-                    "a visitor wrote in a domain with neither an assistant nor hand-off: nobody will answer"
-                );
+                let first = self
+                    .rooms
+                    .get_mut(key)
+                    .is_none_or(|mut entry| !std::mem::replace(&mut entry.warned_unanswered, true));
+                if first {
+                    tracing::warn!(
+                        room = %key,
+                        "a visitor wrote in a domain with neither an assistant nor hand-off: nobody will answer"
+                    );
+                }
             }
             return;
         }
