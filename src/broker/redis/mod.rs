@@ -160,6 +160,7 @@ impl RedisBroker {
             .await
             .map_err(|e| BrokerError(format!("cannot subscribe to {channel}: {e}")))?;
         let me = outbox.node();
+        let own = bus::own_prefix(me);
         let handler = Arc::clone(&context.handler);
         let dirty = Arc::clone(&broker.domains_dirty);
         let stop = context.closed.clone();
@@ -170,6 +171,9 @@ impl RedisBroker {
                         let Some(bytes) = message.value.as_bytes() else {
                             continue;
                         };
+                        if bytes.starts_with(&own) {
+                            continue;
+                        }
                         match serde_json::from_slice::<Publication>(bytes) {
                             Ok(p) if p.node == me => {}
                             Ok(Publication {
