@@ -263,8 +263,8 @@ pub struct StoreConfig {
     pub room_cache: usize,
     /// Read connections kept open to the database.
     pub read_pool: usize,
-    /// Most connections each node opens to PostgreSQL (the writer uses one at a time, reads
-    /// the others). Ignored with SQLite.
+    /// Most connections each node opens to PostgreSQL for reads (the writer keeps one more
+    /// of its own). Ignored with SQLite.
     pub postgres_pool: usize,
 }
 
