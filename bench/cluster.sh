@@ -107,4 +107,7 @@ taskset -c 1 "$BENCH_BIN" persist --url "ws://127.0.0.1:${PORTS[1]}/ws" --pid "$
   --senders "$PERSIST_SENDERS" --messages "$PERSIST_MSGS" --window 1 --label parlor-postgres --json \
   | tee -a "$OUT/results.jsonl"
 
+echo "== ten senders: three nodes ÷ one node (target: at least 0.5)" >&2
+"$BENCH_BIN" summarize --primary parlor-3-nodes-senders --baseline "parlor-1-node-senders=one node" \
+  --date "$(date -u +%Y-%m-%d)" "$OUT/results.jsonl" | tee "$OUT/summary.md"
 echo "raw lines in $OUT/results.jsonl" >&2

@@ -371,8 +371,8 @@ WS_PATH=/ws
 
 # --- summary ---------------------------------------------------------------
 log "summary ($(date -u '+%Y-%m-%d %H:%M UTC'), $MACHINE); raw lines in $RESULTS"
-"$BENCH_BIN" summarize --date "$(date -u +%Y-%m-%d)" --machine "$MACHINE" "$RESULTS" \
-  | tee "$OUT/summary.md"
+"$BENCH_BIN" summarize --targets --date "$(date -u +%Y-%m-%d)" --machine "$MACHINE" \
+  "$RESULTS" | tee "$OUT/summary.md"
 if ((${#FAILED[@]})); then
   printf '\nfailed runs:\n' >&2
   printf '  %s\n' "${FAILED[@]}" >&2

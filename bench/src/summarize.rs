@@ -2,7 +2,9 @@
 //! table comparing the primary label (`parlor`) with baselines (by default
 //! `uws`, `node` and `jetstream`): a column of values for each, then the
 //! ratio primary ÷ baseline for each. A baseline none of whose runs is in the
-//! input gets no columns.
+//! input gets no columns. With `--targets`, a list after the table says which of
+//! the core's targets (paced, burst, idle and persist, against uWS and JetStream
+//! where a target is relative) the run meets.
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -29,7 +31,84 @@ pub struct SummarizeArgs {
     /// Text for the "machine" column.
     #[arg(long, default_value = "")]
     pub machine: String,
+    /// After the table, check the figures against the targets ([`TARGETS`]).
+    #[arg(long)]
+    pub targets: bool,
 }
+
+/// What a target asks of Parlor's figure.
+#[derive(Debug, Clone, Copy)]
+enum Rule {
+    /// At most this value.
+    Max(f64),
+    /// At least this value.
+    Min(f64),
+    /// At most this share of the baseline's figure (label, share).
+    MaxShareOf(&'static str, f64),
+    /// At least this share of the baseline's figure (label, share).
+    MinShareOf(&'static str, f64),
+}
+
+/// One target: the figures it applies to (names starting with `scenario` and ending with
+/// `figure`), and the rule.
+struct Target {
+    text: &'static str,
+    scenario: &'static str,
+    figure: &'static str,
+    rule: Rule,
+}
+
+/// The core's targets, as `bench/run.sh` measures them (BENCHMARKS.md).
+const TARGETS: &[Target] = &[
+    Target {
+        text: "paced: latency p99 at most 15 ms",
+        scenario: "fanout paced",
+        figure: ": latency p99 (ms)",
+        rule: Rule::Max(15.0),
+    },
+    Target {
+        text: "paced: server CPU per delivery at most uWS's",
+        scenario: "fanout paced",
+        figure: ": server CPU-s per 1M deliveries",
+        rule: Rule::MaxShareOf("uws", 1.0),
+    },
+    Target {
+        text: "burst: deliveries/s at least uWS's",
+        scenario: "fanout burst",
+        figure: ": deliveries/s",
+        rule: Rule::MinShareOf("uws", 1.0),
+    },
+    Target {
+        text: "burst: server CPU per delivery at most uWS's",
+        scenario: "fanout burst",
+        figure: ": server CPU-s per 1M deliveries",
+        rule: Rule::MaxShareOf("uws", 1.0),
+    },
+    Target {
+        text: "idle: RSS per joined connection at most 2 KiB",
+        scenario: "idle",
+        figure: ": server RSS per connection (KiB)",
+        rule: Rule::Max(2.0),
+    },
+    Target {
+        text: "persist: at least 40,000 acked msgs/s",
+        scenario: "persist",
+        figure: ": acked msgs/s",
+        rule: Rule::Min(40_000.0),
+    },
+    Target {
+        text: "persist: at least half of JetStream's acked msgs/s",
+        scenario: "persist",
+        figure: ": acked msgs/s",
+        rule: Rule::MinShareOf("jetstream", 0.5),
+    },
+    Target {
+        text: "persist: ack p99 at most 10 ms",
+        scenario: "persist",
+        figure: ": ack latency p99 (ms)",
+        rule: Rule::Max(10.0),
+    },
+];
 
 #[derive(Debug, Deserialize)]
 struct Line {
@@ -171,6 +250,75 @@ fn table(text: &str, args: &SummarizeArgs) -> String {
             out.push('\n');
         }
     }
+    if args.targets {
+        out += &targets(&values, &baselines);
+    }
+    out
+}
+
+/// The value of baseline `label` in `row`, and the baseline's column name.
+fn baseline_of<'a>(
+    row: &[Option<f64>],
+    baselines: &'a [(String, String)],
+    label: &str,
+) -> Option<(f64, &'a str)> {
+    let i = baselines.iter().position(|(l, _)| l == label)?;
+    Some((row.get(i + 1).copied().flatten()?, baselines[i].1.as_str()))
+}
+
+/// The targets' lines: each figure a target applies to, its value, what it is held
+/// against, and whether it is met.
+fn targets(values: &BTreeMap<String, Vec<Option<f64>>>, baselines: &[(String, String)]) -> String {
+    let mut out = String::from("\ntargets:\n");
+    for target in TARGETS {
+        let figures = values
+            .iter()
+            .filter(|(name, _)| name.starts_with(target.scenario) && name.ends_with(target.figure));
+        let mut any = false;
+        for (_, row) in figures {
+            let Some(value) = row.first().copied().flatten() else {
+                continue;
+            };
+            any = true;
+            let (met, against) = match target.rule {
+                Rule::Max(limit) => (value <= limit, String::new()),
+                Rule::Min(limit) => (value >= limit, String::new()),
+                Rule::MaxShareOf(label, share) | Rule::MinShareOf(label, share) => {
+                    match baseline_of(row, baselines, label) {
+                        Some((b, name)) => {
+                            let at_most = matches!(target.rule, Rule::MaxShareOf(..));
+                            let met = if at_most {
+                                value <= b * share
+                            } else {
+                                value >= b * share
+                            };
+                            (
+                                met,
+                                format!(" against {name}'s {} ({:.2}×)", fmt(Some(b)), value / b),
+                            )
+                        }
+                        None => {
+                            out += &format!(
+                                "- {}: {} (no {label} run to compare)\n",
+                                target.text,
+                                fmt(Some(value))
+                            );
+                            continue;
+                        }
+                    }
+                }
+            };
+            out += &format!(
+                "- {}: {}{against}: {}\n",
+                target.text,
+                fmt(Some(value)),
+                if met { "met" } else { "NOT met" }
+            );
+        }
+        if !any {
+            out += &format!("- {}: not measured\n", target.text);
+        }
+    }
     out
 }
 
@@ -194,7 +342,37 @@ mod tests {
             baselines: baselines.iter().map(|&b| b.to_owned()).collect(),
             date: "d".into(),
             machine: "m".into(),
+            targets: false,
         }
+    }
+
+    #[test]
+    fn targets_say_what_is_met() {
+        let text = r#"
+{"scenario":"fanout","label":"parlor","figures":{"fanout paced 30/s, 10 subs × 5 msgs: latency p99 (ms)":11.4,"fanout paced 30/s, 10 subs × 5 msgs: server CPU-s per 1M deliveries":7.7,"idle, 10 conns in 1 rooms: server RSS per connection (KiB)":4.6}}
+{"scenario":"fanout","label":"uws","figures":{"fanout paced 30/s, 10 subs × 5 msgs: server CPU-s per 1M deliveries":7.7}}
+{"scenario":"persist","label":"parlor","figures":{"persist 10 senders × 5 msgs, window 1: acked msgs/s":30000.0}}
+{"scenario":"jetstream","label":"jetstream","figures":{"persist 10 senders × 5 msgs, window 1: acked msgs/s":50000.0}}
+"#;
+        let t = table(
+            text,
+            &SummarizeArgs {
+                targets: true,
+                ..args(&[])
+            },
+        );
+        for line in [
+            "- paced: latency p99 at most 15 ms: 11.4: met",
+            "- paced: server CPU per delivery at most uWS's: 7.70 against uWS's 7.70 (1.00×): met",
+            "- idle: RSS per joined connection at most 2 KiB: 4.60: NOT met",
+            "- persist: at least 40,000 acked msgs/s: 30000: NOT met",
+            "- persist: at least half of JetStream's acked msgs/s: 30000 against JetStream's 50000 (0.60×): met",
+            "- burst: deliveries/s at least uWS's: not measured",
+            "- persist: ack p99 at most 10 ms: not measured",
+        ] {
+            assert!(t.contains(line), "{line}\n{t}");
+        }
+        assert!(!table(text, &args(&[])).contains("targets:"));
     }
 
     #[test]
