@@ -1,5 +1,6 @@
 //! The SQL of each write, run by the writer inside its open transaction. Every write to a
-//! room first locks the room's row ([`lock_room`]).
+//! room first locks the room's row ([`lock_room`]). A batch of appends only is one
+//! statement of its own, [`append_all`], which locks the rooms itself.
 
 use std::collections::HashMap;
 use std::sync::Arc;
