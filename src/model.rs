@@ -172,6 +172,23 @@ pub struct NewMessage {
     pub client_message_id: Option<String>,
 }
 
+impl NewMessage {
+    /// The message as stored with `id`, `seq` and `created_at`.
+    pub fn stored(&self, id: String, seq: u64, created_at: DateTime<Utc>) -> Message {
+        Message {
+            id,
+            room: self.room.clone(),
+            seq,
+            author: self.author.clone(),
+            kind: self.kind.clone(),
+            content: self.content.clone(),
+            data: self.data.clone(),
+            client_message_id: self.client_message_id.clone(),
+            created_at,
+        }
+    }
+}
+
 /// A room's stored description.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Room {

@@ -268,7 +268,8 @@ mod tests {
 
     use std::sync::Arc;
 
-    use sqlx::{Connection, Executor};
+    use sqlx::postgres::PgConnectOptions;
+    use sqlx::{ConnectOptions, Connection, Executor};
 
     use super::{Op, Writer, append_all};
     use crate::config::StoreConfig;
@@ -304,17 +305,10 @@ mod tests {
             Some(Self { server, name })
         }
 
+        /// The server's URL with this database in place of its own.
         fn url(&self) -> String {
-            let (base, query) = self
-                .server
-                .split_once('?')
-                .map_or((self.server.as_str(), None), |(b, q)| (b, Some(q)));
-            let authority = base.find("://").map_or(0, |i| i + 3);
-            let path = base[authority..]
-                .find('/')
-                .map_or(base.len(), |i| authority + i);
-            let query = query.map(|q| format!("?{q}")).unwrap_or_default();
-            format!("{}/{}{query}", &base[..path], self.name)
+            let server: PgConnectOptions = self.server.parse().expect("PARLOR_TEST_DATABASE_URL");
+            server.database(&self.name).to_url_lossy().to_string()
         }
 
         async fn drop_it(self) {

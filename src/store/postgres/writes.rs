@@ -12,7 +12,7 @@ use sqlx::postgres::PgConnection;
 use super::rows::{LockedRoom, Locks, conversation_at, message_at};
 use super::writer::lost_during_commit;
 use super::{count, int, refuse_nul, to_ms};
-use crate::model::{Conversation, Message, NewMessage, Note, RoomKey, now_ms};
+use crate::model::{Conversation, NewMessage, Note, RoomKey, now_ms};
 use crate::store::batch::Failure;
 use crate::store::{Appended, Decide, DomainChange, NewNote, StoreError, Transitioned};
 
@@ -112,17 +112,7 @@ pub(super) async fn append(
         let seq: i64 = row.try_get(0)?;
         room.last_seq = seq;
         return Ok(Appended {
-            message: Arc::new(Message {
-                id,
-                room: m.room.clone(),
-                seq: count(seq),
-                author: m.author.clone(),
-                kind: m.kind.clone(),
-                content: m.content.clone(),
-                data: m.data.clone(),
-                client_message_id: m.client_message_id.clone(),
-                created_at,
-            }),
+            message: Arc::new(m.stored(id, count(seq), created_at)),
             duplicate: false,
         });
     }
@@ -478,7 +468,7 @@ pub(super) async fn append_all(
         }
     }
     let created_at = now_ms();
-    let ids: Vec<String> = sent
+    let mut ids: Vec<String> = sent
         .iter()
         .map(|_| uuid::Uuid::now_v7().to_string())
         .collect();
@@ -581,17 +571,11 @@ pub(super) async fn append_all(
                 let m = messages[sent[at]];
                 let seq: i64 = row.try_get(3)?;
                 Appended {
-                    message: Arc::new(Message {
-                        id: ids[at].clone(),
-                        room: m.room.clone(),
-                        seq: count(seq),
-                        author: m.author.clone(),
-                        kind: m.kind.clone(),
-                        content: m.content.clone(),
-                        data: m.data.clone(),
-                        client_message_id: m.client_message_id.clone(),
+                    message: Arc::new(m.stored(
+                        std::mem::take(&mut ids[at]),
+                        count(seq),
                         created_at,
-                    }),
+                    )),
                     duplicate: false,
                 }
             }

@@ -8,7 +8,7 @@ use rusqlite::params;
 use super::rows::{row_to_message, select_conversation, select_room};
 use super::writer::{RoomSlot, Writer};
 use super::{seq_param, to_ms, unavailable};
-use crate::model::{Conversation, Message, NewMessage, Note, Room, RoomKey, now_ms};
+use crate::model::{Conversation, NewMessage, Note, Room, RoomKey, now_ms};
 use crate::store::{Appended, Decide, DomainChange, NewNote, StoreError, Transitioned};
 
 impl Writer {
@@ -149,17 +149,7 @@ impl Writer {
     pub(super) fn append(&mut self, m: &NewMessage) -> Result<Appended, StoreError> {
         let slot = self.room_slot(&m.room, &m.author.user_id)?;
         let seq = slot.last_seq + 1;
-        let message = Message {
-            id: uuid::Uuid::now_v7().to_string(),
-            room: m.room.clone(),
-            seq,
-            author: m.author.clone(),
-            kind: m.kind.clone(),
-            content: m.content.clone(),
-            data: m.data.clone(),
-            client_message_id: m.client_message_id.clone(),
-            created_at: now_ms(),
-        };
+        let message = m.stored(uuid::Uuid::now_v7().to_string(), seq, now_ms());
         let data = message.data.as_ref().map(serde_json::Value::to_string);
         // A repeated client_message_id inserts nothing; only then is the original looked up,
         // so the usual append is a single statement.
