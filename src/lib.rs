@@ -313,7 +313,13 @@ impl App {
             .map_err(|e| invalid(e.to_string()))?,
         );
         spawn_session_cleanup(Arc::clone(&sessions), &supervisor);
+        let sockets = transport::ws::SocketWatch::new(supervisor.shutdown().clone());
+        supervisor.spawn(
+            "socket-watch",
+            Arc::clone(&sockets).run(config.limits.clone()),
+        );
         let state = AppState::new(AppInner {
+            sockets,
             accounts,
             sessions,
             ai,

@@ -17,7 +17,7 @@ use std::time::Duration;
 use parlor::broker::Broker;
 use parlor::broker::redis::RedisBroker;
 use parlor::config::StoreConfig;
-use parlor::hub::{ConnHandle, Envelope, Event, Hub, PresentUser, Replay};
+use parlor::hub::{ConnHandle, Event, Hub, PresentUser, Receiver, Replay};
 use parlor::metrics::Metrics;
 use parlor::model::{Author, Identity, Message, NewMessage, Role, RoomKey};
 use parlor::node::{Events, Supervisor};
@@ -67,7 +67,7 @@ async fn cluster(url: &str, nodes: usize) -> Cluster {
     }
 }
 
-fn member(id: u64) -> (ConnHandle, mpsc::Receiver<Arc<Envelope>>) {
+fn member(id: u64) -> (ConnHandle, Receiver) {
     let identity = Identity {
         user_id: format!("user-{id}"),
         name: format!("User {id}"),
@@ -104,7 +104,7 @@ async fn send(c: &mut Cluster, node: usize, room: &RoomKey, content: &str) -> Ar
 }
 
 /// The next stored message a member receives (skipping presence and other events).
-async fn next_message(rx: &mut mpsc::Receiver<Arc<Envelope>>) -> Arc<Message> {
+async fn next_message(rx: &mut Receiver) -> Arc<Message> {
     loop {
         let envelope = tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await

@@ -1,21 +1,30 @@
-//! A connection as the hub sees it: an identity and a bounded outbound queue.
+//! A connection as the hub sees it: an identity, a bounded outbound queue, and the signals
+//! its transport task waits for.
 //!
-//! The hub never writes to a socket. It pushes [`Envelope`]s into each member's queue with
-//! `try_send`; a full queue means the client is not reading fast enough, and the connection is
+//! The hub never writes to a socket. It pushes [`Envelope`]s into each member's queue without
+//! waiting; a full queue means the client is not reading fast enough, and the connection is
 //! *kicked*: its transport task closes it with [`CLOSE_SLOW_CONSUMER`] and the client recovers
 //! from its last `seq`. Nobody else ever waits for a slow client. The hub also kicks the
 //! members of a room whose stream it cannot continue in order ([`Kick::Resync`], closed with
-//! [`CLOSE_RESYNC`]).
+//! [`CLOSE_RESYNC`]); the node kicks every connection at shutdown, and its liveness sweep
+//! kicks the ones that stopped answering or asks them to ping.
 //!
 //! A queue is bounded twice: in events, and in bytes (each envelope's [`Envelope::size`],
 //! roughly its encoded length), so that a slow client of a room of large messages is let go
 //! before its backlog holds megabytes.
+//!
+//! What an idle connection keeps here is most of what it costs, so the queue is a
+//! `VecDeque` behind a lock (nothing allocated while empty) with a single waker: the
+//! connection's task is the only one that waits, for events, a kick or a ping alike.
 
+use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
 
-use tokio::sync::{Notify, mpsc};
+use parking_lot::Mutex;
 
 use super::Event;
 use crate::model::Identity;
@@ -31,16 +40,34 @@ pub const CLOSE_RESYNC: u16 = 4009;
 
 /// Why a connection was kicked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Kick {
     /// Its outbound queue overflowed.
-    SlowConsumer,
+    SlowConsumer = 1,
     /// A room's stream could not be continued in order for it.
-    Resync,
+    Resync = 2,
+    /// The node is shutting down.
+    Shutdown = 3,
+    /// It did not answer a ping in time.
+    NoPong = 4,
+    /// Its client sent no message for too long.
+    Idle = 5,
+}
+
+impl Kick {
+    fn from_u8(value: u8) -> Option<Self> {
+        Some(match value {
+            1 => Kick::SlowConsumer,
+            2 => Kick::Resync,
+            3 => Kick::Shutdown,
+            4 => Kick::NoPong,
+            5 => Kick::Idle,
+            _ => return None,
+        })
+    }
 }
 
 const NOT_KICKED: u8 = 0;
-const KICKED_SLOW: u8 = 1;
-const KICKED_RESYNC: u8 = 2;
 
 /// An event on its way to clients, with a slot for its encoded bytes so that a frame is
 /// serialised once and the bytes shared by every recipient using that transport's format.
@@ -104,58 +131,80 @@ struct ConnInner {
     id: u64,
     /// Who is connected.
     identity: Arc<Identity>,
-    /// Bounded outbound queue, drained by the transport task.
-    tx: mpsc::Sender<Arc<Envelope>>,
-    /// Set once (to a `KICKED_…` value) when the queue overflowed or the hub asked for a
-    /// resync; the transport then closes the connection.
+    /// The queue and the waiting task.
+    outbound: Mutex<Outbound>,
+    /// Set once (to a [`Kick`]) when the queue overflowed, the hub asked for a resync, the
+    /// node shuts down or the liveness sweep gave up on the client; the transport then
+    /// closes the connection. The first reason stays.
     kicked: AtomicU8,
-    /// Wakes the transport task when kicked.
-    kick: Notify,
-    /// Bytes of the events queued ([`Envelope::size`]), and the most allowed.
-    queued_bytes: AtomicUsize,
+    /// Most events queued.
+    capacity: usize,
+    /// Most bytes queued ([`Envelope::size`]); `usize::MAX` when not counted.
     max_bytes: usize,
+    /// When the client was last heard from (any frame) and last spoke (a message), and when
+    /// the ping now awaiting an answer was asked for (0: none), in the node clock's
+    /// milliseconds; kept by the transport, read by the liveness sweep.
+    heard: AtomicU64,
+    spoke: AtomicU64,
+    ping_sent: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Outbound {
+    queue: VecDeque<Arc<Envelope>>,
+    /// Bytes of the events queued.
+    bytes: usize,
+    /// The connection's task, waiting for an event, a kick or a ping.
+    waker: Option<Waker>,
+    /// A ping is asked for and not yet taken.
+    ping: bool,
+    /// The receiving end is gone: the connection's task ended.
+    closed: bool,
+}
+
+/// Queues that grew past this many slots give their memory back once they are empty.
+const KEEP_SLOTS: usize = 16;
+
+/// What the connection's task is woken for, most urgent first.
+#[derive(Debug)]
+pub enum Signal {
+    /// The connection must close.
+    Kicked(Kick),
+    /// The liveness sweep asks for a ping.
+    Ping,
+    /// The next queued event.
+    Event(Arc<Envelope>),
 }
 
 impl ConnHandle {
     /// Creates the handle and the receiving end of its queue of `capacity` events (not
     /// bounded in bytes).
-    pub fn new(
-        id: u64,
-        identity: Arc<Identity>,
-        capacity: usize,
-    ) -> (Self, mpsc::Receiver<Arc<Envelope>>) {
+    pub fn new(id: u64, identity: Arc<Identity>, capacity: usize) -> (Self, Receiver) {
         Self::bounded(id, identity, capacity, usize::MAX)
     }
 
     /// Creates the handle and the receiving end of its queue of `capacity` events and
-    /// `max_bytes` bytes. Whoever reads the queue gives each event's bytes back with
-    /// [`Self::taken`].
+    /// `max_bytes` bytes.
     pub fn bounded(
         id: u64,
         identity: Arc<Identity>,
         capacity: usize,
         max_bytes: usize,
-    ) -> (Self, mpsc::Receiver<Arc<Envelope>>) {
-        let (tx, rx) = mpsc::channel(capacity);
+    ) -> (Self, Receiver) {
         let inner = ConnInner {
             id,
             identity,
-            tx,
+            outbound: Mutex::new(Outbound::default()),
             kicked: AtomicU8::new(NOT_KICKED),
-            kick: Notify::new(),
-            queued_bytes: AtomicUsize::new(0),
+            capacity: capacity.max(1),
             max_bytes,
+            heard: AtomicU64::new(0),
+            spoke: AtomicU64::new(0),
+            ping_sent: AtomicU64::new(0),
         };
-        (Self(Arc::new(inner)), rx)
-    }
-
-    /// An event was taken off the queue: its bytes are free again.
-    pub fn taken(&self, envelope: &Envelope) {
-        if self.0.max_bytes != usize::MAX {
-            self.0
-                .queued_bytes
-                .fetch_sub(envelope.size, Ordering::AcqRel);
-        }
+        let handle = Self(Arc::new(inner));
+        let rx = Receiver(handle.clone());
+        (handle, rx)
     }
 
     /// Connection id.
@@ -171,52 +220,78 @@ impl ConnHandle {
     /// Queues an event without waiting. Returns false when the queue was full: the
     /// connection is then kicked and the event dropped (the client recovers by `seq`).
     pub fn push(&self, envelope: Arc<Envelope>) -> bool {
-        let size = envelope.size;
-        let counted = self.0.max_bytes != usize::MAX;
-        if counted {
-            let before = self.0.queued_bytes.fetch_add(size, Ordering::AcqRel);
+        let waker = {
+            let mut out = self.0.outbound.lock();
+            if out.closed || self.is_kicked() {
+                // The transport task has ended or is closing: nothing more goes out.
+                return true;
+            }
             // The first event always fits, however large: a queue only ever holds what the
             // client has not read yet.
-            if before > 0 && before + size > self.0.max_bytes {
-                self.0.queued_bytes.fetch_sub(size, Ordering::AcqRel);
-                self.kick_for(KICKED_SLOW);
+            let full = !out.queue.is_empty()
+                && (out.queue.len() >= self.0.capacity
+                    || (self.0.max_bytes != usize::MAX
+                        && out.bytes + envelope.size > self.0.max_bytes));
+            if full {
+                drop(out);
+                self.kick(Kick::SlowConsumer);
                 return false;
             }
+            out.bytes += envelope.size;
+            out.queue.push_back(envelope);
+            out.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
         }
-        match self.0.tx.try_send(envelope) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if counted {
-                    self.0.queued_bytes.fetch_sub(size, Ordering::AcqRel);
-                }
-                self.kick_for(KICKED_SLOW);
-                false
-            }
-            // The transport task has ended; the connection is leaving its rooms.
-            Err(mpsc::error::TrySendError::Closed(_)) => true,
-        }
+        true
     }
 
     /// True once the connection's task has ended (nobody reads its queue any more).
     pub fn is_closed(&self) -> bool {
-        self.0.tx.is_closed()
+        self.0.outbound.lock().closed
     }
 
     /// Asks the transport to close the connection so that the client reconnects and
     /// recovers from its last `seq` ([`CLOSE_RESYNC`]).
     pub fn resync(&self) {
-        self.kick_for(KICKED_RESYNC);
+        self.kick(Kick::Resync);
     }
 
     /// Kicks the connection, unless it already was (the first reason stays).
-    fn kick_for(&self, reason: u8) {
+    pub fn kick(&self, reason: Kick) {
         if self
             .0
             .kicked
-            .compare_exchange(NOT_KICKED, reason, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(
+                NOT_KICKED,
+                reason as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
             .is_ok()
         {
-            self.0.kick.notify_one();
+            self.wake();
+        }
+    }
+
+    /// Asks the connection's task to ping its client, noting when (`now`, on the node clock).
+    pub fn ask_ping(&self, now: u64) {
+        self.0.ping_sent.store(now.max(1), Ordering::Release);
+        let waker = {
+            let mut out = self.0.outbound.lock();
+            out.ping = true;
+            out.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    fn wake(&self) {
+        let waker = self.0.outbound.lock().waker.take();
+        if let Some(waker) = waker {
+            waker.wake();
         }
     }
 
@@ -226,20 +301,116 @@ impl ConnHandle {
     }
 
     /// Why the connection was kicked, if it was.
-    pub fn kick(&self) -> Option<Kick> {
-        match self.0.kicked.load(Ordering::Acquire) {
-            KICKED_SLOW => Some(Kick::SlowConsumer),
-            KICKED_RESYNC => Some(Kick::Resync),
-            _ => None,
+    pub fn kicked_for(&self) -> Option<Kick> {
+        Kick::from_u8(self.0.kicked.load(Ordering::Acquire))
+    }
+
+    /// Resolves when the connection has been kicked ([`Self::kicked_for`] says why). Only
+    /// the connection's own task may wait: it shares the one waker with [`Receiver`].
+    pub async fn kicked(&self) -> Kick {
+        poll_fn(|cx| {
+            if let Some(kick) = self.kicked_for() {
+                return Poll::Ready(kick);
+            }
+            self.0.outbound.lock().waker = Some(cx.waker().clone());
+            match self.kicked_for() {
+                Some(kick) => Poll::Ready(kick),
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Notes a frame from the client at `now` (the node clock); `message` when it was more
+    /// than a pong.
+    pub fn heard(&self, now: u64, message: bool) {
+        self.0.heard.store(now, Ordering::Relaxed);
+        if message {
+            self.0.spoke.store(now, Ordering::Relaxed);
         }
     }
 
-    /// Resolves when the connection has been kicked ([`Self::kick`] says why).
-    pub async fn kicked(&self) {
-        if self.is_kicked() {
-            return;
+    /// When the client was last heard from, last spoke, and was asked for a ping (0: never).
+    pub fn times(&self) -> (u64, u64, u64) {
+        (
+            self.0.heard.load(Ordering::Relaxed),
+            self.0.spoke.load(Ordering::Relaxed),
+            self.0.ping_sent.load(Ordering::Acquire),
+        )
+    }
+}
+
+/// The receiving end of a connection's queue, held by its transport task.
+#[derive(Debug)]
+pub struct Receiver(ConnHandle);
+
+impl Receiver {
+    /// The most urgent of a kick, a ping asked for and the next event, or `Pending` with
+    /// the task's waker kept.
+    pub fn poll_signal(&mut self, cx: &mut Context<'_>) -> Poll<Signal> {
+        let conn = &self.0;
+        if let Some(kick) = conn.kicked_for() {
+            return Poll::Ready(Signal::Kicked(kick));
         }
-        self.0.kick.notified().await;
+        let mut out = conn.0.outbound.lock();
+        if out.ping {
+            out.ping = false;
+            return Poll::Ready(Signal::Ping);
+        }
+        if let Some(envelope) = Self::pop(conn, &mut out) {
+            return Poll::Ready(Signal::Event(envelope));
+        }
+        if out.waker.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+            out.waker = Some(cx.waker().clone());
+        }
+        drop(out);
+        // A kick sets its flag before taking the lock: seen now, or its wake-up is ours.
+        match conn.kicked_for() {
+            Some(kick) => Poll::Ready(Signal::Kicked(kick)),
+            None => Poll::Pending,
+        }
+    }
+
+    /// The next queued event, if one is waiting.
+    pub fn try_recv(&mut self) -> Option<Arc<Envelope>> {
+        let mut out = self.0.0.outbound.lock();
+        Self::pop(&self.0, &mut out)
+    }
+
+    /// The next event; `None` once the connection is kicked and its queue empty (nothing
+    /// more will come).
+    pub async fn recv(&mut self) -> Option<Arc<Envelope>> {
+        poll_fn(|cx| {
+            if let Some(envelope) = self.try_recv() {
+                return Poll::Ready(Some(envelope));
+            }
+            match self.poll_signal(cx) {
+                Poll::Ready(Signal::Event(envelope)) => Poll::Ready(Some(envelope)),
+                Poll::Ready(Signal::Kicked(_)) => Poll::Ready(None),
+                Poll::Ready(Signal::Ping) | Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    fn pop(conn: &ConnHandle, out: &mut Outbound) -> Option<Arc<Envelope>> {
+        let envelope = out.queue.pop_front()?;
+        if conn.0.max_bytes != usize::MAX {
+            out.bytes -= envelope.size;
+        }
+        if out.queue.is_empty() && out.queue.capacity() > KEEP_SLOTS {
+            out.queue = VecDeque::new();
+        }
+        Some(envelope)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let mut out = self.0.0.outbound.lock();
+        out.closed = true;
+        out.queue = VecDeque::new();
+        out.waker = None;
     }
 }
 
@@ -273,14 +444,13 @@ mod tests {
         assert!(!conn.is_kicked());
         // 3 × 3,256 bytes queued; one more would pass 10,000.
         assert!(!conn.push(frame(3_000)));
-        assert_eq!(conn.kick(), Some(Kick::SlowConsumer));
+        assert_eq!(conn.kicked_for(), Some(Kick::SlowConsumer));
 
         // What is read is given back.
         let (conn, mut rx2) = ConnHandle::bounded(2, identity(), 1000, 10_000);
         for _ in 0..20 {
             assert!(conn.push(frame(3_000)));
-            let envelope = rx2.try_recv().unwrap();
-            conn.taken(&envelope);
+            rx2.try_recv().unwrap();
         }
         assert!(!conn.is_kicked());
         // A single event larger than the bound still goes to a client that is not behind.
@@ -295,6 +465,72 @@ mod tests {
             assert!(conn.push(frame(1_000_000)));
         }
         assert!(!conn.push(frame(1)));
-        assert_eq!(conn.kick(), Some(Kick::SlowConsumer));
+        assert_eq!(conn.kicked_for(), Some(Kick::SlowConsumer));
+    }
+
+    /// A waker that counts its wake-ups.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn the_waiting_task_is_woken_by_an_event_a_ping_and_a_kick_and_a_kick_comes_first() {
+        let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        let woken = || count.0.load(Ordering::SeqCst);
+        let (conn, mut rx) = ConnHandle::new(1, identity(), 8);
+
+        assert!(rx.poll_signal(&mut cx).is_pending());
+        assert!(conn.push(frame(10)));
+        assert_eq!(woken(), 1);
+        assert!(matches!(
+            rx.poll_signal(&mut cx),
+            Poll::Ready(Signal::Event(_))
+        ));
+
+        assert!(rx.poll_signal(&mut cx).is_pending());
+        conn.ask_ping(42);
+        assert_eq!(woken(), 2);
+        assert_eq!(conn.times().2, 42);
+        assert!(matches!(rx.poll_signal(&mut cx), Poll::Ready(Signal::Ping)));
+        assert!(rx.poll_signal(&mut cx).is_pending());
+
+        // Queued events wait behind a kick: the connection closes.
+        assert!(conn.push(frame(10)));
+        conn.kick(Kick::Shutdown);
+        conn.kick(Kick::SlowConsumer);
+        assert_eq!(
+            conn.kicked_for(),
+            Some(Kick::Shutdown),
+            "the first reason stays"
+        );
+        assert!(matches!(
+            rx.poll_signal(&mut cx),
+            Poll::Ready(Signal::Kicked(Kick::Shutdown))
+        ));
+        // Nothing more is queued for a kicked connection.
+        assert!(conn.push(frame(10)));
+        assert!(rx.try_recv().is_some(), "what was queued before");
+        assert!(rx.try_recv().is_none());
+    }
+
+    #[test]
+    fn a_closed_queue_takes_nothing_and_an_emptied_one_gives_its_memory_back() {
+        let (conn, mut rx) = ConnHandle::new(1, identity(), 1000);
+        for _ in 0..100 {
+            assert!(conn.push(frame(1)));
+        }
+        while rx.try_recv().is_some() {}
+        assert_eq!(conn.0.outbound.lock().queue.capacity(), 0);
+        assert!(!conn.is_closed());
+        drop(rx);
+        assert!(conn.is_closed());
+        assert!(conn.push(frame(1)));
+        assert!(conn.0.outbound.lock().queue.is_empty());
     }
 }

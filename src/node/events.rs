@@ -167,7 +167,7 @@ mod tests {
 
     use super::*;
     use crate::broker::memory::MemoryBroker;
-    use crate::hub::{ConnHandle, Envelope, Replay};
+    use crate::hub::{ConnHandle, Receiver, Replay};
     use crate::metrics::Metrics;
     use crate::model::{Agent, Author, Identity, NewMessage, Note, Role};
     use crate::node::Supervisor;
@@ -268,7 +268,7 @@ mod tests {
         room: &RoomKey,
         id: u64,
         user_id: &str,
-    ) -> (ConnHandle, mpsc::Receiver<Arc<Envelope>>) {
+    ) -> (ConnHandle, Receiver) {
         let identity = Identity {
             user_id: user_id.to_owned(),
             name: user_id.to_uppercase(),
@@ -283,9 +283,9 @@ mod tests {
         (conn, rx)
     }
 
-    fn kinds(rx: &mut mpsc::Receiver<Arc<Envelope>>) -> Vec<String> {
+    fn kinds(rx: &mut Receiver) -> Vec<String> {
         let mut out = Vec::new();
-        while let Ok(envelope) = rx.try_recv() {
+        while let Some(envelope) = rx.try_recv() {
             out.push(match &envelope.event {
                 Event::Message(m) => format!("message {}", m.seq),
                 Event::Presence { user, joined, .. } => {

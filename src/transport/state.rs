@@ -62,6 +62,8 @@ pub struct AppInner {
     /// when the server starts shutting down); shutdown waits for the tasks, and a worker's
     /// panic fails the node.
     pub supervisor: node::Supervisor,
+    /// Every open `/ws` connection: their liveness sweep and their close at shutdown.
+    pub sockets: Arc<super::ws::SocketWatch>,
     /// One permit per open WebSocket (`limits.max_connections`).
     pub connection_permits: Arc<Semaphore>,
     /// Start time, for uptime.

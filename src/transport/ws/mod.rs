@@ -17,6 +17,7 @@ mod agents;
 pub mod frame;
 pub mod guided;
 mod incoming;
+mod liveness;
 mod requests;
 pub mod socket;
 mod upgrade;
@@ -24,6 +25,7 @@ mod upgrade;
 use std::borrow::Cow;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use axum::extract::{Query, Request, State};
@@ -33,7 +35,7 @@ use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::OwnedSemaphorePermit;
 
 use self::socket::{Incoming, RecvError, WsSocket};
 use super::ai::AskBody;
@@ -52,7 +54,7 @@ use crate::config::{AnonymousIdentity, Dialect};
 use crate::error_code::ErrorCode;
 use crate::hub::{
     CLOSE_RESYNC, CLOSE_SLOW_CONSUMER, ConnHandle, Cursor, Cursors, Envelope, Event, Joined, Kick,
-    Replay, Step,
+    Receiver, Replay, Signal, Step,
 };
 use crate::metrics::AT_CONNECTION;
 use crate::model::Message;
@@ -92,6 +94,8 @@ const LINGER: Duration = Duration::from_secs(1);
 
 pub use agents::parse_statuses;
 use incoming::*;
+pub use liveness::SocketWatch;
+use liveness::{Check, Liveness, Watched};
 use upgrade::*;
 pub use upgrade::{SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX, WsQuery, upgrade};
 
@@ -158,16 +162,19 @@ async fn close(socket: &mut WsSocket, end: End) {
     }
 }
 
-/// How a connection kicked by the hub ends.
-fn kicked_end(handle: &ConnHandle) -> End {
-    match handle.kick() {
-        Some(Kick::Resync) => End::Resync,
-        _ => End::SlowConsumer,
+/// How a kicked connection ends.
+fn kicked_end(kick: Kick) -> End {
+    match kick {
+        Kick::SlowConsumer => End::SlowConsumer,
+        Kick::Resync => End::Resync,
+        Kick::Shutdown => End::Shutdown,
+        Kick::NoPong => End::NoPong,
+        Kick::Idle => End::Idle,
     }
 }
 
 /// Why the connection loop ended.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
     ClientClosed,
     Shutdown,
@@ -213,99 +220,14 @@ impl End {
     }
 }
 
-/// A connection's liveness: when the client was last heard from (any frame) and last
-/// spoke (a message or a ping), and the ping awaiting an answer; the intervals are the
-/// `ws_*` limits. Checked lazily: the timer fires at the earliest deadline and the check
-/// decides from the times, so a frame costs a clock read, not a timer reset.
-#[derive(Debug)]
-struct Liveness {
-    heard: Instant,
-    spoke: Instant,
-    ping_sent: Option<Instant>,
-}
-
-/// What a liveness check asks of the connection.
-enum Check {
-    Fine,
-    Ping,
-    Dead(End),
-}
-
-/// Far enough ahead to mean "no check" for a timer.
-const NEVER: Duration = Duration::from_secs(86_400 * 365);
-
-impl Liveness {
-    fn new() -> Self {
-        let now = Instant::now();
-        Self {
-            heard: now,
-            spoke: now,
-            ping_sent: None,
-        }
-    }
-
-    /// Notes a frame from the client (errors pass through).
-    fn heard<E>(&mut self, incoming: Result<Incoming, E>) -> Result<Incoming, E> {
-        if let Ok(frame) = &incoming {
-            let now = Instant::now();
-            self.heard = now;
-            if !matches!(frame, Incoming::Pong) {
-                self.spoke = now;
-            }
-        }
-        incoming
-    }
-
-    /// The ping still waiting for an answer, if any.
-    fn unanswered(&self) -> Option<Instant> {
-        self.ping_sent.filter(|sent| self.heard < *sent)
-    }
-
-    /// When the next check is due.
-    fn next_check(&self, limits: &crate::config::Limits) -> Instant {
-        let liveness = match self.unanswered() {
-            Some(sent) => Some(sent + limits.ws_pong_timeout_ms),
-            None if !limits.ws_ping_interval_ms.is_zero() => {
-                Some(self.heard + limits.ws_ping_interval_ms)
-            }
-            None => None,
-        };
-        let idle = limits.ws_idle_timeout_ms;
-        let idle = (!idle.is_zero()).then(|| self.spoke + idle);
-        match (liveness, idle) {
-            (Some(a), Some(b)) => a.min(b),
-            (Some(a), None) | (None, Some(a)) => a,
-            (None, None) => self.heard + NEVER,
-        }
-    }
-
-    fn check(&mut self, now: Instant, limits: &crate::config::Limits) -> Check {
-        let idle = limits.ws_idle_timeout_ms;
-        if !idle.is_zero() && now >= self.spoke + idle {
-            return Check::Dead(End::Idle);
-        }
-        if let Some(sent) = self.unanswered() {
-            return if now >= sent + limits.ws_pong_timeout_ms {
-                Check::Dead(End::NoPong)
-            } else {
-                Check::Fine
-            };
-        }
-        self.ping_sent = None;
-        let every = limits.ws_ping_interval_ms;
-        if !every.is_zero() && now >= self.heard + every {
-            self.ping_sent = Some(now);
-            return Check::Ping;
-        }
-        Check::Fine
-    }
-}
-
 /// State of one connection, owned by its task.
 struct Connection {
     app: AppState,
     handle: ConnHandle,
-    rx: mpsc::Receiver<Arc<Envelope>>,
+    /// Its queue, kicks and pings.
+    rx: Receiver,
+    /// Its place in the node's [`SocketWatch`].
+    watched: Watched,
     /// Rooms joined, each with what the client was sent there: a message it was sent is
     /// never written again, and one ahead of its position is written only after the gap.
     rooms: Cursors,
@@ -350,8 +272,17 @@ type Sent = Result<(), Gone>;
 /// `id` of a request, echoed as `replyTo`.
 type ReplyTo = Option<Value>;
 
+/// What woke an idle connection.
+enum Wake {
+    Signal(Signal),
+    Frame(Result<Incoming, RecvError>),
+}
+
 impl Connection {
-    async fn run(mut self, mut socket: WsSocket, auto_join: Option<String>) {
+    /// Serves the connection until it ends, then closes it. The connection and its socket
+    /// are boxed, so that the task an idle connection keeps is small: its state lives in
+    /// the boxes, and the futures of requests exist only while one runs.
+    async fn run(mut self: Box<Self>, mut socket: Box<WsSocket>, auto_join: Option<String>) {
         let metrics = Arc::clone(&self.app.metrics);
         metrics.connections.inc();
         metrics.connections_total.inc();
@@ -396,61 +327,66 @@ impl Connection {
         );
     }
 
-    /// The connection's main loop. Everything but the wait itself is boxed so that the state
-    /// an idle connection keeps is only this loop's few hundred bytes; the request paths
-    /// (join, store calls) are large and short-lived.
+    /// The connection's main loop. While idle it waits on one poll of its queue (events,
+    /// kicks, the watch's pings) and its socket, with no future of its own; everything
+    /// else is boxed, as the request paths (join, store calls) are large and short-lived.
     async fn serve(&mut self, socket: &mut WsSocket) -> End {
-        let shutdown = self.app.supervisor.shutdown().clone();
-        let config = Arc::clone(&self.app.config);
-        let limits = &config.limits;
-        let mut live = Liveness::new();
-        let check = tokio::time::sleep_until(live.next_check(limits).into());
-        let mut check = std::pin::pin!(check);
         loop {
-            // Re-read each turn: an `auth` frame replaces the handle.
-            let kicked = self.handle.clone();
-            let step = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => return End::Shutdown,
-                () = kicked.kicked() => return kicked_end(&kicked),
-                () = &mut check => {
-                    let now = Instant::now();
-                    let step = match live.check(now, limits) {
-                        Check::Fine => Ok(()),
-                        Check::Ping => {
-                            socket.queue_ping();
+            let wake = std::future::poll_fn(|cx| {
+                if let Poll::Ready(signal) = self.rx.poll_signal(cx) {
+                    return Poll::Ready(Wake::Signal(signal));
+                }
+                socket.poll_recv(cx).map(Wake::Frame)
+            })
+            .await;
+            let step = match wake {
+                Wake::Signal(Signal::Kicked(kick)) => return kicked_end(kick),
+                Wake::Signal(Signal::Ping) => {
+                    socket.queue_ping();
+                    Box::pin(self.bounded(socket.flush())).await
+                }
+                Wake::Signal(Signal::Event(envelope)) => {
+                    Box::pin(self.write_events(socket, envelope)).await
+                }
+                Wake::Frame(incoming) => {
+                    if let Ok(frame) = &incoming {
+                        let message = !matches!(frame, Incoming::Pong);
+                        self.handle.heard(self.watched.now(), message);
+                    }
+                    match incoming {
+                        Ok(Incoming::Text(text)) => Box::pin(self.on_text(socket, text)).await,
+                        Ok(Incoming::Pong) => Ok(()),
+                        Ok(Incoming::Binary(_)) => {
+                            Box::pin(self.error(
+                                socket,
+                                None,
+                                ErrorCode::UnsupportedFrame,
+                                "binary frames are not supported; send JSON text",
+                            ))
+                            .await
+                        }
+                        Ok(Incoming::Ping(payload)) => {
+                            socket.queue_pong(&payload);
                             Box::pin(self.bounded(socket.flush())).await
                         }
-                        Check::Dead(end) => return end,
-                    };
-                    check.as_mut().reset(live.next_check(limits).into());
-                    step
+                        Ok(Incoming::Close) => return End::ClientClosed,
+                        Err(RecvError::TooLarge) => {
+                            let limit = self.app.config.limits.max_frame_bytes;
+                            let message = format!("frames are limited to {limit} bytes");
+                            let _ = Box::pin(self.error(
+                                socket,
+                                None,
+                                ErrorCode::FrameTooLarge,
+                                &message,
+                            ))
+                            .await;
+                            return End::FrameTooLarge;
+                        }
+                        Err(RecvError::Protocol(_)) => return End::ProtocolError,
+                        Err(RecvError::InvalidUtf8) => return End::InvalidUtf8,
+                        Err(RecvError::Gone) => return End::TransportError,
+                    }
                 }
-                event = self.rx.recv() => match event {
-                    Some(envelope) => Box::pin(self.write_events(socket, envelope)).await,
-                    None => return End::TransportError,
-                },
-                incoming = socket.recv() => match live.heard(incoming) {
-                    Ok(Incoming::Text(text)) => Box::pin(self.on_text(socket, text)).await,
-                    Ok(Incoming::Pong) => Ok(()),
-                    Ok(Incoming::Binary(_)) => {
-                        Box::pin(self.error(socket, None, ErrorCode::UnsupportedFrame, "binary frames are not supported; send JSON text")).await
-                    }
-                    Ok(Incoming::Ping(payload)) => {
-                        socket.queue_pong(&payload);
-                        Box::pin(self.bounded(socket.flush())).await
-                    }
-                    Ok(Incoming::Close) => return End::ClientClosed,
-                    Err(RecvError::TooLarge) => {
-                        let limit = self.app.config.limits.max_frame_bytes;
-                        let message = format!("frames are limited to {limit} bytes");
-                        let _ = Box::pin(self.error(socket, None, ErrorCode::FrameTooLarge, &message)).await;
-                        return End::FrameTooLarge;
-                    }
-                    Err(RecvError::Protocol(_)) => return End::ProtocolError,
-                    Err(RecvError::InvalidUtf8) => return End::InvalidUtf8,
-                    Err(RecvError::Gone) => return End::TransportError,
-                },
             };
             if let Err(Gone(end)) = step {
                 return end;
@@ -463,7 +399,6 @@ impl Connection {
         let mut next = Some(first);
         let mut written = 0u64;
         while let Some(envelope) = next.take() {
-            self.handle.taken(&envelope);
             match self.advance(&envelope) {
                 Step::Sent => {}
                 Step::Next => {
@@ -480,7 +415,7 @@ impl Connection {
                 }
             }
             if written < WRITE_BATCH as u64 && socket.pending() < WRITE_BATCH_BYTES {
-                next = self.rx.try_recv().ok();
+                next = self.rx.try_recv();
             }
         }
         self.bounded(socket.flush()).await?;
@@ -567,7 +502,7 @@ impl Connection {
                 Ok(Err(_)) => Err(Gone(End::TransportError)),
                 Err(_) => Err(Gone(End::SlowConsumer)),
             },
-            () = self.handle.kicked() => Err(Gone(kicked_end(&self.handle))),
+            kick = self.handle.kicked() => Err(Gone(kicked_end(kick))),
         }
     }
 

@@ -97,6 +97,7 @@ impl Connection {
             self.app.config.limits.outbound_queue,
             self.app.config.limits.outbound_queue_bytes,
         );
+        self.watched.replace(&self.handle, &handle);
         self.handle = handle;
         self.rx = rx;
         let who = self.handle.identity();
@@ -147,7 +148,7 @@ impl Connection {
         }
         // What the old queue holds still goes out, in order, before the queue is replaced;
         // the positions it moves are the ones kept.
-        while let Ok(envelope) = self.rx.try_recv() {
+        while let Some(envelope) = self.rx.try_recv() {
             if let Err(gone) = Box::pin(self.write_events(socket, envelope)).await {
                 return Ok(Err(gone));
             }
@@ -481,8 +482,8 @@ impl Connection {
                 // sender that waits lets every subscriber write each message on its own, and
                 // measured, that tripled the CPU per fan-out delivery.
                 match self.rx.try_recv() {
-                    Ok(envelope) => self.write_events(socket, envelope).await,
-                    Err(_) => self.bounded(socket.flush()).await,
+                    Some(envelope) => self.write_events(socket, envelope).await,
+                    None => self.bounded(socket.flush()).await,
                 }
             }
             Err(e) => self.service_error(socket, reply_to, &e).await,

@@ -103,7 +103,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSocket<S> {
         poll_fn(|cx| self.poll_recv(cx)).await
     }
 
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Incoming, RecvError>> {
+    /// Polls for the next message or control frame (what [`Self::recv`] awaits).
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Incoming, RecvError>> {
         loop {
             if let Some(incoming) = self.take_message()? {
                 return Poll::Ready(Ok(incoming));

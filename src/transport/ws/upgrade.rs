@@ -93,12 +93,14 @@ pub async fn upgrade(
     let online = app
         .shared
         .online(handle.identity(), handle.identity().role.as_str());
-    let connection = Connection {
+    let watched = app.sockets.watch(&handle);
+    let connection = Box::new(Connection {
         limiter: admitted.limiter,
         frame_rate: admitted.frame_rate,
         app: app.clone(),
         handle,
         rx,
+        watched,
         rooms: Cursors::default(),
         current_room: None,
         display_name: None,
@@ -111,15 +113,14 @@ pub async fn upgrade(
         address,
         online,
         browser,
-    };
+    });
     let max_message = limits.max_frame_bytes;
     let on_upgrade = hyper::upgrade::on(&mut req);
     app.supervisor.spawn_isolated("connection", async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                connection
-                    .run(WsSocket::new(upgraded, max_message), auto_join)
-                    .await;
+                let socket = Box::new(WsSocket::new(upgraded, max_message));
+                connection.run(socket, auto_join).await;
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
