@@ -154,8 +154,9 @@ struct RoomSlot {
 struct RoomState {
     /// Connections in the room.
     members: HashMap<u64, ConnHandle>,
-    /// Connections per present user, for presence (tabs of one user count once).
-    users: HashMap<String, (PresentUser, usize)>,
+    /// Connections per present user, for presence (tabs of one user count once). A user
+    /// is shown as the identity of their first connection in the room.
+    users: HashMap<UserOf, usize>,
     /// Highest `seq` delivered to members (and in the cache).
     last_seq: u64,
     /// The most recent messages, ascending and contiguous, ending at `last_seq`.
@@ -413,7 +414,7 @@ impl Hub {
                         let joined = self.add_member(&mut st, conn);
                         let (members, member_count) = self.members_locked(&st);
                         if joined && member_count <= self.presence_max_members {
-                            let user = present_user(conn);
+                            let user = present(conn.identity());
                             // Members on other nodes hear of it too.
                             self.presence.joined(key, &user);
                             let event = Event::Presence {
@@ -492,9 +493,9 @@ impl Hub {
     fn members_locked(&self, st: &RoomState) -> (Vec<PresentUser>, usize) {
         let members = st
             .users
-            .values()
+            .keys()
             .take(self.presence_max_members)
-            .map(|(u, _)| u.clone())
+            .map(UserOf::present)
             .collect();
         (members, st.users.len())
     }
@@ -509,17 +510,19 @@ impl Hub {
             let Some(member) = st.members.remove(&conn.id()) else {
                 return false;
             };
-            let user_id = &member.identity().user_id;
+            let user_id = member.identity().user_id.as_str();
             let mut gone = None;
-            if let Some((user, count)) = st.users.get_mut(user_id) {
+            if let Some(count) = st.users.get_mut(user_id) {
                 *count -= 1;
                 if *count == 0 {
-                    gone = Some(user.clone());
+                    gone = st
+                        .users
+                        .remove_entry(user_id)
+                        .map(|(user, _)| user.present());
                 }
             }
             if let Some(user) = gone {
-                let announce = st.users.len() <= self.presence_max_members;
-                st.users.remove(&user.user_id);
+                let announce = st.users.len() < self.presence_max_members;
                 // A presence that knows the other nodes may hold the announcement back
                 // until it knows the user is on none of them (see `Presence::left`).
                 let deferred = announce && self.presence.left(key, &user);
@@ -560,7 +563,7 @@ impl Hub {
             return;
         }
         st.leaving.remove(&user.user_id);
-        if !gone || st.users.contains_key(&user.user_id) {
+        if !gone || st.users.contains_key(user.user_id.as_str()) {
             return;
         }
         self.announce_gone_locked(&st, key, user);
@@ -574,7 +577,7 @@ impl Hub {
             return;
         };
         let st = slot.state.lock();
-        if st.users.contains_key(&user.user_id) || st.leaving.contains_key(&user.user_id) {
+        if st.users.contains_key(user.user_id.as_str()) || st.leaving.contains_key(&user.user_id) {
             return;
         }
         self.announce_gone_locked(&st, key, user);
@@ -601,14 +604,7 @@ impl Hub {
     pub fn presence(&self, key: &RoomKey) -> Vec<PresentUser> {
         self.rooms
             .get(key)
-            .map(|s| {
-                s.state
-                    .lock()
-                    .users
-                    .values()
-                    .map(|(u, _)| u.clone())
-                    .collect()
-            })
+            .map(|s| s.state.lock().users.keys().map(UserOf::present).collect())
             .unwrap_or_default()
     }
 
@@ -646,8 +642,8 @@ impl Hub {
                     .state
                     .lock()
                     .users
-                    .values()
-                    .map(|(u, _)| u.clone())
+                    .keys()
+                    .map(UserOf::present)
                     .collect();
                 (e.key().clone(), users)
             })
@@ -888,15 +884,49 @@ impl Hub {
         if st.members.insert(conn.id(), conn.clone()).is_some() {
             return false;
         }
-        let user = present_user(conn);
-        let entry = st.users.entry(user.user_id.clone()).or_insert((user, 0));
-        entry.1 += 1;
-        entry.1 == 1
+        let count = st
+            .users
+            .entry(UserOf(Arc::clone(conn.identity())))
+            .or_insert(0);
+        *count += 1;
+        *count == 1
     }
 }
 
-fn present_user(conn: &ConnHandle) -> PresentUser {
-    let id = conn.identity();
+/// A present user, as the identity of one of their connections: a key of a room's users
+/// by user id, which costs the room a pointer rather than copies of the user's fields.
+#[derive(Debug)]
+struct UserOf(Arc<crate::model::Identity>);
+
+impl UserOf {
+    fn present(&self) -> PresentUser {
+        present(&self.0)
+    }
+}
+
+impl PartialEq for UserOf {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.user_id == other.0.user_id
+    }
+}
+
+impl Eq for UserOf {}
+
+impl std::hash::Hash for UserOf {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `str` hashes, so that a lookup by `&str` (through `Borrow`) finds it.
+        self.0.user_id.as_str().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<str> for UserOf {
+    fn borrow(&self) -> &str {
+        &self.0.user_id
+    }
+}
+
+/// How `id` is shown in a room's presence.
+fn present(id: &crate::model::Identity) -> PresentUser {
     PresentUser {
         user_id: id.user_id.clone(),
         name: id.name.clone(),

@@ -245,8 +245,8 @@ struct Connection {
     auth_until: Instant,
     /// How the connection's domain speaks.
     dialect: Dialect,
-    /// The `?roomId=` room of a token-less connection in a domain where clients name
-    /// themselves, until the client's first frame joins it.
+    /// The `?roomId=` room (or the token's), until the connection starts and joins it; in a
+    /// domain where clients name themselves, a token-less connection's until its first frame.
     pending_join: Option<Box<str>>,
     /// Whether the identity is final: a token's at once; a token-less connection's at its
     /// first `join-room`, which may name its domain and (where the domain allows) itself.
@@ -282,15 +282,16 @@ impl Connection {
     /// Serves the connection until it ends, then closes it. The connection and its socket
     /// are boxed, so that the task an idle connection keeps is small: its state lives in
     /// the boxes, and the futures of requests exist only while one runs.
-    async fn run(mut self: Box<Self>, mut socket: Box<WsSocket>, auto_join: Option<String>) {
+    async fn run(mut self: Box<Self>, mut socket: Box<WsSocket>) {
         let metrics = Arc::clone(&self.app.metrics);
         metrics.connections.inc();
         metrics.connections_total.inc();
         tracing::debug!(conn = self.handle.id(), user = %self.handle.identity().user_id, "connected");
 
         let mut end = None;
-        // Where a token-less client names itself, its `?roomId=` room waits for it to say
-        // who it is: its first frame (a `join-room`, normally) joins it.
+        // The connection's `?roomId=` room (or its token's) is joined now, except where a
+        // token-less client names itself: the room waits for it to say who it is, and its
+        // first frame (a `join-room`, normally) joins it.
         let names_itself = !self.settled
             && self
                 .app
@@ -299,14 +300,11 @@ impl Connection {
                 .load()
                 .get(&self.handle.identity().domain_id)
                 .is_some_and(|d| d.settings.anonymous_identity == AnonymousIdentity::Client);
-        match auto_join {
-            Some(room) if names_itself => self.pending_join = Some(room.into()),
-            Some(room) => {
-                if let Err(Gone(e)) = Box::pin(self.auto_join(&mut socket, room)).await {
-                    end = Some(e);
-                }
-            }
-            None => {}
+        if !names_itself
+            && let Some(room) = self.pending_join.take()
+            && let Err(Gone(e)) = Box::pin(self.auto_join(&mut socket, room.into())).await
+        {
+            end = Some(e);
         }
         let end = match end {
             Some(e) => e,

@@ -107,7 +107,7 @@ pub async fn upgrade(
         origin,
         auth_until: Instant::now() + AUTH_FRAME_WINDOW,
         settled: !identity_anonymous,
-        pending_join: None,
+        pending_join: auto_join.map(Into::into),
         dialect,
         permits,
         address,
@@ -120,7 +120,7 @@ pub async fn upgrade(
         match on_upgrade.await {
             Ok(upgraded) => {
                 let socket = Box::new(WsSocket::new(upgraded, max_message));
-                connection.run(socket, auto_join).await;
+                connection.run(socket).await;
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
