@@ -13,9 +13,10 @@
 //! roughly its encoded length), so that a slow client of a room of large messages is let go
 //! before its backlog holds megabytes.
 //!
-//! What an idle connection keeps here is most of what it costs, so the queue is a
-//! `VecDeque` behind a lock (nothing allocated while empty) with a single waker: the
-//! connection's task is the only one that waits, for events, a kick or a ping alike.
+//! What an idle connection keeps here is much of what it costs, so the queue is a
+//! `VecDeque` behind a lock that holds no memory while empty (its buffer is freed whenever
+//! it is drained) with a single waker: the connection's task is the only one that waits,
+//! for events, a kick or a ping alike.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -161,9 +162,6 @@ struct Outbound {
     /// The receiving end is gone: the connection's task ended.
     closed: bool,
 }
-
-/// Queues that grew past this many slots give their memory back once they are empty.
-const KEEP_SLOTS: usize = 16;
 
 /// What the connection's task is woken for, most urgent first.
 #[derive(Debug)]
@@ -398,7 +396,7 @@ impl Receiver {
         if conn.0.max_bytes != usize::MAX {
             out.bytes -= envelope.size;
         }
-        if out.queue.is_empty() && out.queue.capacity() > KEEP_SLOTS {
+        if out.queue.is_empty() && out.queue.capacity() > 0 {
             out.queue = VecDeque::new();
         }
         Some(envelope)

@@ -116,14 +116,19 @@ pub async fn upgrade(
     });
     let max_message = limits.max_frame_bytes;
     let on_upgrade = hyper::upgrade::on(&mut req);
+    // Nothing but the boxes is kept across the connection's life: the task of an idle
+    // connection is its smallest (`Connection::run`).
     app.supervisor.spawn_isolated("connection", async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let socket = Box::new(WsSocket::new(upgraded, max_message));
-                connection.run(socket).await;
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "websocket upgrade failed");
+                return;
             }
-            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
-        }
+        };
+        connection
+            .run(Box::new(WsSocket::new(upgraded, max_message)))
+            .await;
     });
     switching_protocols(&key, &offered)
 }
