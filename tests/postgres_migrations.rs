@@ -8,7 +8,7 @@
 
 use parlor::config::StoreConfig;
 use parlor::model::{Author, NewMessage, RoomKey};
-use parlor::store::postgres::PostgresStore;
+use parlor::store::postgres::{PostgresStore, ScratchDatabase};
 use parlor::store::{CustomerProfile, Store};
 use sqlx::{Connection, Executor, PgConnection};
 use tokio::sync::mpsc;
@@ -22,81 +22,23 @@ const OLD_MIGRATIONS: [&str; 4] = [
 ];
 
 /// A database of the test's own, dropped (with any connection left to it) at the end.
-struct Database {
-    server: String,
-    name: String,
-}
+struct Database(ScratchDatabase);
 
 impl Database {
     async fn create() -> Option<Self> {
-        let Some(server) = std::env::var("PARLOR_TEST_DATABASE_URL")
-            .ok()
-            .filter(|v| !v.is_empty())
-        else {
-            eprintln!(
-                "skipped: set PARLOR_TEST_DATABASE_URL to run the PostgreSQL migration tests"
-            );
-            return None;
-        };
-        let name = format!("parlor_m_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&server).await.expect("connect");
-        admin
-            .execute(&*format!("CREATE DATABASE {name}"))
+        ScratchDatabase::from_env("parlor_m", "the PostgreSQL migration tests")
             .await
-            .expect("create database");
-        admin.close().await.ok();
-        Some(Self { server, name })
-    }
-
-    /// The URL of this database: the server's, its path replaced.
-    fn url(&self) -> String {
-        let (base, query) = self
-            .server
-            .split_once('?')
-            .map_or((self.server.as_str(), None), |(b, q)| (b, Some(q)));
-        let authority = base.find("://").map_or(0, |i| i + 3);
-        let path = base[authority..]
-            .find('/')
-            .map_or(base.len(), |i| authority + i);
-        let mut out = format!("{}/{}", &base[..path], self.name);
-        if let Some(query) = query {
-            out.push('?');
-            out.push_str(query);
-        }
-        out
+            .expect("create the test database")
+            .map(Self)
     }
 
     async fn connect(&self) -> PgConnection {
-        PgConnection::connect(&self.url()).await.expect("connect")
+        PgConnection::connect(&self.0.url()).await.expect("connect")
     }
 
     async fn open(&self) -> Result<PostgresStore, parlor::store::StoreError> {
         let (sink, _committed) = mpsc::unbounded_channel();
-        PostgresStore::open(&self.url(), &StoreConfig::default(), sink).await
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let (server, name) = (self.server.clone(), self.name.clone());
-        // Drop runs inside the test's runtime; the clean-up gets a runtime of its own.
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                let mut admin = PgConnection::connect(&server).await?;
-                admin
-                    .execute(&*format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await?;
-                admin.close().await
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("could not drop test database {}: {dropped:?}", self.name);
-        }
+        PostgresStore::open(&self.0.url(), &StoreConfig::default(), sink).await
     }
 }
 

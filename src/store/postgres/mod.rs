@@ -62,8 +62,12 @@ mod accounts;
 mod guided;
 mod migrate;
 mod reads;
+mod scratch;
 mod writer;
 mod writes;
+
+#[doc(hidden)]
+pub use scratch::ScratchDatabase;
 
 use std::future::Future;
 use std::str::FromStr;

@@ -268,63 +268,14 @@ mod tests {
 
     use std::sync::Arc;
 
-    use sqlx::postgres::PgConnectOptions;
-    use sqlx::{ConnectOptions, Connection, Executor};
+    use sqlx::Connection;
 
     use super::{Op, Writer, append_all};
     use crate::config::StoreConfig;
     use crate::model::{Author, Message, NewMessage, RoomKey};
     use crate::store::batch::Output;
-    use crate::store::postgres::PostgresStore;
+    use crate::store::postgres::{PostgresStore, ScratchDatabase};
     use crate::store::{Appended, CommitSink, Store};
-
-    /// A database of its own on the test server, dropped at the end.
-    struct Database {
-        server: String,
-        name: String,
-    }
-
-    impl Database {
-        async fn create() -> Option<Self> {
-            let Some(server) = std::env::var("PARLOR_TEST_DATABASE_URL")
-                .ok()
-                .filter(|u| !u.is_empty())
-            else {
-                eprintln!(
-                    "skipped: set PARLOR_TEST_DATABASE_URL to run the PostgreSQL writer tests"
-                );
-                return None;
-            };
-            let name = format!("parlor_u_{}", uuid::Uuid::new_v4().simple());
-            let mut admin = sqlx::PgConnection::connect(&server).await.expect("connect");
-            admin
-                .execute(&*format!("CREATE DATABASE {name}"))
-                .await
-                .expect("create the test database");
-            admin.close().await.ok();
-            Some(Self { server, name })
-        }
-
-        /// The server's URL with this database in place of its own.
-        fn url(&self) -> String {
-            let server: PgConnectOptions = self.server.parse().expect("PARLOR_TEST_DATABASE_URL");
-            server.database(&self.name).to_url_lossy().to_string()
-        }
-
-        async fn drop_it(self) {
-            let mut admin = sqlx::PgConnection::connect(&self.server)
-                .await
-                .expect("connect");
-            admin
-                .execute(&*format!(
-                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                    self.name
-                ))
-                .await
-                .expect("drop the test database");
-            admin.close().await.ok();
-        }
-    }
 
     fn message(room: &RoomKey, user: &str, content: &str, client_message_id: Option<&str>) -> Op {
         Op::Append(NewMessage {
@@ -362,7 +313,10 @@ mod tests {
     /// failure with nothing changed, and the writer then takes the batch the long way.
     #[tokio::test]
     async fn a_batch_of_appends_is_one_statement_with_the_outcome_of_one_by_one() {
-        let Some(db) = Database::create().await else {
+        let Some(db) = ScratchDatabase::from_env("parlor_u", "the PostgreSQL writer tests")
+            .await
+            .expect("create the test database")
+        else {
             return;
         };
         let (tx, _committed) = tokio::sync::mpsc::unbounded_channel::<Arc<Message>>();
@@ -494,6 +448,5 @@ mod tests {
 
         conn.close().await.ok();
         store.close().await;
-        db.drop_it().await;
     }
 }
