@@ -6,11 +6,13 @@
 //!
 //! - `panic` — panic at every hit; `panic@N` — at the Nth hit only (counted from 1);
 //! - `sleep:MS` — block the calling thread for MS milliseconds at every hit (at a place in
-//!   a task, [`pause`]: the task waits, its thread goes on).
+//!   a task, [`pause`]: the task waits, its thread goes on);
+//! - `skip@N` — at a place asked with [`skip`], leave out what it does at the Nth hit.
 //!
 //! Places: `sqlite-writer` and `postgres-writer` (before each group commit), `dispatcher`
 //! (before each committed message is published), `observer` (a task: before each committed
-//! message is observed).
+//! message is observed), `hub-push` ([`skip`]: a stored message queued for one connection,
+//! so that the connection receives the next one ahead of its position).
 
 /// Runs the fault configured for `name`, if any.
 #[cfg(not(debug_assertions))]
@@ -23,6 +25,19 @@ pub fn hit(name: &str) {
     imp::hit(name);
 }
 
+/// Whether a `skip@N` fault leaves out this hit of `name` (always false in a release build).
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn skip(_name: &str) -> bool {
+    false
+}
+
+/// Whether a `skip@N` fault leaves out this hit of `name` (always false in a release build).
+#[cfg(debug_assertions)]
+pub fn skip(name: &str) -> bool {
+    imp::fire(name).skip
+}
+
 /// [`hit`] for a place in an async task: a `sleep:MS` fault makes the task wait instead of
 /// blocking its thread.
 #[cfg(not(debug_assertions))]
@@ -33,7 +48,7 @@ pub async fn pause(_name: &str) {}
 /// blocking its thread.
 #[cfg(debug_assertions)]
 pub async fn pause(name: &str) {
-    if let Some(d) = imp::fire(name) {
+    if let Some(d) = imp::fire(name).sleep {
         tokio::time::sleep(d).await;
     }
 }
@@ -48,6 +63,14 @@ mod imp {
     enum Action {
         Panic(Option<u64>),
         Sleep(Duration),
+        Skip(u64),
+    }
+
+    /// What the faults at one hit of a place ask for.
+    #[derive(Debug, Default)]
+    pub(super) struct Fault {
+        pub(super) sleep: Option<Duration>,
+        pub(super) skip: bool,
     }
 
     #[derive(Debug)]
@@ -83,6 +106,10 @@ mod imp {
                     Action::Panic(Some(n.parse().unwrap_or_else(|_| {
                         panic!("PARLOR_FAILPOINTS: `{action}`: a hit number expected")
                     })))
+                } else if let Some(n) = action.strip_prefix("skip@") {
+                    Action::Skip(n.parse().unwrap_or_else(|_| {
+                        panic!("PARLOR_FAILPOINTS: `{action}`: a hit number expected")
+                    }))
                 } else {
                     panic!("PARLOR_FAILPOINTS: unknown action `{action}`")
                 };
@@ -96,24 +123,26 @@ mod imp {
     }
 
     pub(super) fn hit(name: &str) {
-        if let Some(d) = fire(name) {
+        if let Some(d) = fire(name).sleep {
             std::thread::sleep(d);
         }
     }
 
-    /// Counts a hit of `name`, panics when a fault says so, and returns how long to sleep.
-    pub(super) fn fire(name: &str) -> Option<Duration> {
-        let mut sleep = None;
+    /// Counts a hit of `name`, panics when a fault says so, and returns what else the
+    /// faults ask for.
+    pub(super) fn fire(name: &str) -> Fault {
+        let mut fault = Fault::default();
         for point in points().iter().filter(|p| p.name == name) {
             let n = point.hits.fetch_add(1, Ordering::Relaxed) + 1;
             match point.action {
                 Action::Panic(None) => panic!("failpoint {name}"),
                 Action::Panic(Some(at)) if at == n => panic!("failpoint {name} at hit {n}"),
                 Action::Panic(Some(_)) => {}
-                Action::Sleep(d) => sleep = Some(d),
+                Action::Sleep(d) => fault.sleep = Some(d),
+                Action::Skip(at) => fault.skip |= at == n,
             }
         }
-        sleep
+        fault
     }
 
     #[cfg(test)]
@@ -122,11 +151,12 @@ mod imp {
 
         #[test]
         fn specs_parse() {
-            let points = parse("a=panic@3; b=sleep:25;c=panic");
+            let points = parse("a=panic@3; b=sleep:25;c=panic;d=skip@2");
             assert!(matches!(points[0].action, Action::Panic(Some(3))));
             assert!(matches!(points[1].action, Action::Sleep(d) if d == Duration::from_millis(25)));
             assert_eq!(points[1].name, "b");
             assert!(matches!(points[2].action, Action::Panic(None)));
+            assert!(matches!(points[3].action, Action::Skip(2)));
         }
     }
 }
