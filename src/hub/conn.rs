@@ -375,6 +375,24 @@ impl Receiver {
         Self::pop(&self.0, &mut out)
     }
 
+    /// Hands queued events to `take` in order, up to `max` of them and under one lock,
+    /// while it accepts them; the event it refuses stays first in the queue. Returns how
+    /// many it took.
+    pub fn drain_while(
+        &mut self,
+        max: usize,
+        mut take: impl FnMut(&Arc<Envelope>) -> bool,
+    ) -> usize {
+        let conn = &self.0;
+        let mut out = conn.0.outbound.lock();
+        let mut taken = 0;
+        while taken < max && out.queue.front().is_some_and(&mut take) {
+            Self::pop(conn, &mut out);
+            taken += 1;
+        }
+        taken
+    }
+
     /// The next event; `None` once the connection is kicked and its queue empty (nothing
     /// more will come).
     pub async fn recv(&mut self) -> Option<Arc<Envelope>> {
@@ -453,6 +471,46 @@ mod tests {
         assert!(!conn.is_kicked());
         // A single event larger than the bound still goes to a client that is not behind.
         assert!(conn.push(frame(50_000)));
+        assert!(!conn.is_kicked());
+    }
+
+    #[test]
+    fn draining_takes_in_order_up_to_a_limit_and_leaves_a_refused_event_first() {
+        let (conn, mut rx) = ConnHandle::bounded(1, identity(), 1000, 4_000);
+        for len in 1..=5 {
+            assert!(conn.push(frame(len)));
+        }
+        let len = |e: &Arc<Envelope>| e.size - FRAME_OVERHEAD;
+        let mut seen = Vec::new();
+        assert_eq!(
+            rx.drain_while(2, |e| {
+                seen.push(len(e));
+                true
+            }),
+            2
+        );
+        assert_eq!(seen, [1, 2]);
+        assert_eq!(rx.drain_while(10, |e| len(e) != 4), 1, "3 taken, 4 refused");
+        assert_eq!(
+            rx.try_recv().map(|e| len(&e)),
+            Some(4),
+            "the refused one is next"
+        );
+        assert_eq!(rx.drain_while(10, |_| true), 1);
+        assert_eq!(rx.drain_while(10, |_| true), 0);
+        let out = conn.0.outbound.lock();
+        assert_eq!(
+            (out.bytes, out.queue.capacity()),
+            (0, 0),
+            "counts given back, buffer freed"
+        );
+        drop(out);
+        // What was drained is given back to the byte bound.
+        for _ in 0..10 {
+            assert!(conn.push(frame(3_000)));
+            assert!(conn.push(frame(10)));
+            assert_eq!(rx.drain_while(10, |_| true), 2);
+        }
         assert!(!conn.is_kicked());
     }
 

@@ -15,7 +15,7 @@
 //! catch-up from the store), the client gets the room in `seq` order with no gap and no
 //! duplicate (invariant 2 of the design).
 
-use super::Joined;
+use super::{Event, Joined};
 use crate::model::RoomKey;
 
 /// The part of a room's stream a connection has been sent: every message with
@@ -106,6 +106,24 @@ impl Cursors {
     /// The cursor in `room`, to move it.
     pub fn get_mut(&mut self, room: &RoomKey) -> Option<&mut Cursor> {
         self.0.iter_mut().find(|(k, _)| k == room).map(|(_, c)| c)
+    }
+
+    /// Where `event` stands against the connection's position in its room, moving the
+    /// position past it when it is the next message. Events other than stored messages
+    /// are always `Next`; a message of a room the connection is not in is `Sent` (nothing
+    /// more to get there).
+    pub fn advance(&mut self, event: &Event) -> Step {
+        let Event::Message(message) = event else {
+            return Step::Next;
+        };
+        let Some(cursor) = self.get_mut(&message.room) else {
+            return Step::Sent;
+        };
+        let step = cursor.step(message.seq);
+        if step == Step::Next {
+            cursor.sent(message.seq);
+        }
+        step
     }
 
     /// Whether the connection joined `room`.
@@ -199,6 +217,50 @@ mod tests {
         assert!(!all.contains(&a) && all.contains(&b));
         assert_eq!(all.take_rooms(), [b]);
         assert!(all.is_empty());
+    }
+
+    #[test]
+    fn advancing_moves_only_on_the_next_message_of_a_joined_room() {
+        use crate::model::{Author, Message};
+        let message = |room: &RoomKey, seq: u64| {
+            Event::Message(std::sync::Arc::new(Message {
+                id: format!("m{seq}"),
+                room: room.clone(),
+                seq,
+                author: Author {
+                    user_id: "u".into(),
+                    name: "U".into(),
+                    role: "visitor".into(),
+                },
+                kind: "text".into(),
+                content: String::new(),
+                data: None,
+                client_message_id: None,
+                created_at: chrono::Utc::now(),
+            }))
+        };
+        let (a, left) = (RoomKey::new("d", "a"), RoomKey::new("d", "left"));
+        let mut all = Cursors::default();
+        all.insert(a.clone(), Cursor { from: 0, upto: 4 });
+        assert_eq!(all.advance(&message(&a, 5)), Step::Next);
+        assert_eq!(all.advance(&message(&a, 5)), Step::Sent);
+        assert_eq!(all.advance(&message(&a, 3)), Step::Sent);
+        assert_eq!(
+            all.advance(&message(&a, 8)),
+            Step::Gap {
+                after: 5,
+                before: 8
+            }
+        );
+        assert_eq!(
+            all.get(&a).map(|c| c.upto),
+            Some(5),
+            "a gap does not move it"
+        );
+        assert_eq!(all.advance(&message(&left, 1)), Step::Sent);
+        let typing = Event::Frame(bytes::Bytes::from_static(b"{}"));
+        assert_eq!(all.advance(&typing), Step::Next);
+        assert_eq!(all.get(&a).map(|c| c.upto), Some(5));
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! The native WebSocket transport at `/ws` (the WeeziQ protocol; see `docs/protocol.md`).
 //!
-//! One task per connection owns the socket. It waits on five things at once: shutdown, being
-//! kicked as a slow consumer, its liveness timer (pings to a quiet client, close 4011 when
-//! none is answered, 4012 after `ws_idle_timeout_ms` of silence when set), events in its
-//! bounded queue (written in batches with one flush), and frames from the client (parsed,
-//! rate-limited, handed to the chat service, answered).
+//! One task per connection owns the socket. While idle it waits in one poll on two things:
+//! its queue (events from the hub, a kick, a ping asked for by the node's liveness sweep)
+//! and frames from the client (parsed, rate-limited, handed to the chat service,
+//! answered). Events are delivered inside that poll: each passes the connection's cursor in
+//! its room, the ready ones go into one write, and the write is flushed at once, with no
+//! timer and no future of their own. Only a message ahead of the cursor (a gap to read
+//! first) or a socket that does not take the whole write leaves the poll for the slower
+//! path, which waits with a deadline (`WRITE_TIMEOUT`) and gives up on a stalled client.
 //! A client frame never makes the server wait for anyone else; an invalid one gets an `error`
 //! frame and nothing else happens.
 //!
@@ -272,9 +275,19 @@ type Sent = Result<(), Gone>;
 /// `id` of a request, echoed as `replyTo`.
 type ReplyTo = Option<Value>;
 
-/// What woke an idle connection.
+/// What woke an idle connection, once the events it could write at once are written.
 enum Wake {
-    Signal(Signal),
+    /// It must close.
+    Kicked(Kick),
+    /// The liveness sweep asks for a ping.
+    Ping,
+    /// Events are written but the socket has not taken them all yet.
+    Flush,
+    /// A stored message ahead of the connection's position: the gap comes first.
+    Gap(Arc<Envelope>),
+    /// The socket failed while writing.
+    Broken,
+    /// A frame from the client.
     Frame(Result<Incoming, RecvError>),
 }
 
@@ -330,22 +343,46 @@ impl Connection {
     /// else is boxed, as the request paths (join, store calls) are large and short-lived.
     async fn serve(&mut self, socket: &mut WsSocket) -> End {
         loop {
+            // Events are delivered inside this poll while they can be: written in order
+            // and flushed at once, as the socket usually takes them whole. Only a gap to
+            // fill from the store or a socket that does not take everything leaves it.
             let wake = std::future::poll_fn(|cx| {
-                if let Poll::Ready(signal) = self.rx.poll_signal(cx) {
-                    return Poll::Ready(Wake::Signal(signal));
+                loop {
+                    match self.rx.poll_signal(cx) {
+                        Poll::Ready(Signal::Kicked(kick)) => {
+                            return Poll::Ready(Wake::Kicked(kick));
+                        }
+                        Poll::Ready(Signal::Ping) => return Poll::Ready(Wake::Ping),
+                        Poll::Ready(Signal::Event(envelope)) => {
+                            if let Some(ahead) = self.queue_ready(socket, envelope) {
+                                return Poll::Ready(Wake::Gap(ahead));
+                            }
+                            match socket.poll_flush(cx) {
+                                Poll::Ready(Ok(())) => continue,
+                                Poll::Ready(Err(_)) => return Poll::Ready(Wake::Broken),
+                                Poll::Pending => return Poll::Ready(Wake::Flush),
+                            }
+                        }
+                        Poll::Pending => {
+                            let frame = socket.poll_recv(cx);
+                            if frame.is_pending() {
+                                socket.release();
+                            }
+                            return frame.map(Wake::Frame);
+                        }
+                    }
                 }
-                socket.poll_recv(cx).map(Wake::Frame)
             })
             .await;
             let step = match wake {
-                Wake::Signal(Signal::Kicked(kick)) => return kicked_end(kick),
-                Wake::Signal(Signal::Ping) => {
+                Wake::Kicked(kick) => return kicked_end(kick),
+                Wake::Broken => return End::TransportError,
+                Wake::Ping => {
                     socket.queue_ping();
                     Box::pin(self.bounded(socket.flush())).await
                 }
-                Wake::Signal(Signal::Event(envelope)) => {
-                    Box::pin(self.write_events(socket, envelope)).await
-                }
+                Wake::Flush => Box::pin(self.bounded(socket.flush())).await,
+                Wake::Gap(envelope) => Box::pin(self.write_events(socket, envelope)).await,
                 Wake::Frame(incoming) => {
                     if let Ok(frame) = &incoming {
                         let message = !matches!(frame, Incoming::Pong);
@@ -392,51 +429,66 @@ impl Connection {
         }
     }
 
-    /// Writes `first` and whatever else is queued, then flushes once.
+    /// Adds `first` and whatever else is queued to the socket's write buffer, up to a batch,
+    /// without waiting. Stops at a stored message ahead of the connection's position and
+    /// returns it unwritten: the gap before it must be read first ([`Self::write_events`]).
+    fn queue_ready(
+        &mut self,
+        socket: &mut WsSocket,
+        first: Arc<Envelope>,
+    ) -> Option<Arc<Envelope>> {
+        let dialect = self.dialect;
+        let mut written = 0u64;
+        let mut put = |rooms: &mut Cursors, socket: &mut WsSocket, envelope: &Envelope| match rooms
+            .advance(&envelope.event)
+        {
+            Step::Sent => true,
+            Step::Next => {
+                write(socket, envelope, dialect);
+                written += 1;
+                true
+            }
+            Step::Gap { .. } => false,
+        };
+        if !put(&mut self.rooms, socket, &first) {
+            return Some(first);
+        }
+        let rooms = &mut self.rooms;
+        let mut blocked = false;
+        self.rx.drain_while(WRITE_BATCH - 1, |envelope| {
+            if socket.pending() >= WRITE_BATCH_BYTES {
+                return false;
+            }
+            blocked = !put(rooms, socket, envelope);
+            !blocked
+        });
+        self.app.metrics.frames_out.inc_by(written);
+        // The message ahead is first in the queue (only this task takes from it).
+        if blocked { self.rx.try_recv() } else { None }
+    }
+
+    /// Writes `first` (a message ahead of the connection's position, or any event) after
+    /// the gap before it, then whatever else is queued, and flushes.
     async fn write_events(&mut self, socket: &mut WsSocket, first: Arc<Envelope>) -> Sent {
         let mut next = Some(first);
-        let mut written = 0u64;
         while let Some(envelope) = next.take() {
-            match self.advance(&envelope) {
-                Step::Sent => {}
-                Step::Next => {
-                    write(socket, &envelope, self.dialect);
-                    written += 1;
-                }
-                Step::Gap { after, before } => {
-                    if let Event::Message(message) = &envelope.event {
-                        written += Box::pin(self.fill(socket, message, after, before)).await?;
-                        self.advance(&envelope);
-                    }
-                    write(socket, &envelope, self.dialect);
-                    written += 1;
-                }
+            let Some(ahead) = self.queue_ready(socket, envelope) else {
+                break;
+            };
+            if let (Step::Gap { after, before }, Event::Message(message)) =
+                (self.rooms.advance(&ahead.event), &ahead.event)
+            {
+                let filled = Box::pin(self.fill(socket, message, after, before)).await?;
+                self.app.metrics.frames_out.inc_by(filled);
+                self.rooms.advance(&ahead.event);
             }
-            if written < WRITE_BATCH as u64 && socket.pending() < WRITE_BATCH_BYTES {
+            write(socket, &ahead, self.dialect);
+            self.app.metrics.frames_out.inc();
+            if socket.pending() < WRITE_BATCH_BYTES {
                 next = self.rx.try_recv();
             }
         }
-        self.bounded(socket.flush()).await?;
-        self.app.metrics.frames_out.inc_by(written);
-        Ok(())
-    }
-
-    /// Where `envelope` stands against this connection's position in its room, moving the
-    /// position past it when it is the next message. Events other than stored messages are
-    /// always `Next`; a message of a room the connection left is `Sent` (nothing more to
-    /// get there).
-    fn advance(&mut self, envelope: &Envelope) -> Step {
-        let Event::Message(message) = &envelope.event else {
-            return Step::Next;
-        };
-        let Some(cursor) = self.rooms.get_mut(&message.room) else {
-            return Step::Sent;
-        };
-        let step = cursor.step(message.seq);
-        if step == Step::Next {
-            cursor.sent(message.seq);
-        }
-        step
+        self.bounded(socket.flush()).await
     }
 
     /// Writes the messages of `message`'s room after `after` and before `before` (the
@@ -478,7 +530,7 @@ impl Connection {
             .inc_by(missing);
         for m in page {
             let envelope = Envelope::new(Event::Message(m));
-            self.advance(&envelope);
+            self.rooms.advance(&envelope.event);
             write(socket, &envelope, self.dialect);
         }
         Ok(missing)

@@ -170,7 +170,7 @@ impl Connection {
             self.rooms.insert(key, cursor);
             for m in rejoined.history {
                 let envelope = Envelope::new(Event::Message(m));
-                if self.advance(&envelope) == Step::Next {
+                if self.rooms.advance(&envelope.event) == Step::Next {
                     write(socket, &envelope, self.dialect);
                 }
             }

@@ -3,14 +3,16 @@
 //! An idle connection is most connections, so what it keeps decides the server's memory per
 //! connection. [`WsSocket`] reads by polling into a stack buffer: bytes are copied to the
 //! heap only when a frame is incomplete, and the read buffer is freed as soon as it is empty.
-//! Writes are collected in a buffer that is freed after each flush. Nothing keeps its
-//! largest size after a burst, unlike a general-purpose WebSocket stream.
+//! Writes are collected in a buffer that the connection frees whenever it goes idle
+//! ([`WsSocket::release`]). Nothing keeps its largest size after a burst, unlike a
+//! general-purpose WebSocket stream.
 //!
 //! All methods are cancel-safe: every byte read or written is accounted for in `self` before
 //! a poll returns, so the connection task can race them against shutdown and kicks.
 
 use std::future::poll_fn;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -109,8 +111,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSocket<S> {
             if let Some(incoming) = self.take_message()? {
                 return Poll::Ready(Ok(incoming));
             }
-            let mut stack = [0u8; READ_CHUNK];
-            let mut buf = ReadBuf::new(&mut stack);
+            // Not zeroed: the reader only exposes what it filled.
+            let mut stack = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut buf = ReadBuf::uninit(&mut stack);
             match ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf)) {
                 Ok(()) if buf.filled().is_empty() => return Poll::Ready(Err(RecvError::Gone)),
                 Ok(()) => self.rbuf.extend_from_slice(buf.filled()),
@@ -223,12 +226,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSocket<S> {
         self.wbuf.len() - self.wpos
     }
 
-    /// Writes everything queued, then frees the write buffer.
+    /// Writes everything queued.
     pub async fn flush(&mut self) -> io::Result<()> {
         poll_fn(|cx| self.poll_flush(cx)).await
     }
 
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Polls [`Self::flush`]: writes what the socket takes now.
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.wpos < self.wbuf.len() {
             match ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..])) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
@@ -236,9 +240,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSocket<S> {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
-        self.wbuf = Vec::new();
+        self.wbuf.clear();
         self.wpos = 0;
         Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    /// Frees the write buffer if nothing waits in it: for a connection about to idle. A
+    /// busy one keeps it from flush to flush.
+    pub fn release(&mut self) {
+        if self.wpos == self.wbuf.len() && self.wbuf.capacity() > 0 {
+            self.wbuf = Vec::new();
+            self.wpos = 0;
+        }
     }
 
     /// Half-closes the TCP stream after the close frame, so the client sees the end.
