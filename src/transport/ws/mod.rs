@@ -379,9 +379,9 @@ impl Connection {
                 Wake::Broken => return End::TransportError,
                 Wake::Ping => {
                     socket.queue_ping();
-                    Box::pin(self.bounded(socket.flush())).await
+                    Box::pin(self.flush(socket)).await
                 }
-                Wake::Flush => Box::pin(self.bounded(socket.flush())).await,
+                Wake::Flush => Box::pin(self.flush(socket)).await,
                 Wake::Gap(envelope) => Box::pin(self.write_events(socket, envelope)).await,
                 Wake::Frame(incoming) => {
                     if let Ok(frame) = &incoming {
@@ -402,7 +402,7 @@ impl Connection {
                         }
                         Ok(Incoming::Ping(payload)) => {
                             socket.queue_pong(&payload);
-                            Box::pin(self.bounded(socket.flush())).await
+                            Box::pin(self.flush(socket)).await
                         }
                         Ok(Incoming::Close) => return End::ClientClosed,
                         Err(RecvError::TooLarge) => {
@@ -488,7 +488,7 @@ impl Connection {
                 next = self.rx.try_recv();
             }
         }
-        self.bounded(socket.flush()).await
+        self.flush(socket).await
     }
 
     /// Writes the messages of `message`'s room after `after` and before `before` (the
@@ -539,15 +539,22 @@ impl Connection {
     /// Sends one frame now.
     async fn send(&self, socket: &mut WsSocket, bytes: Bytes) -> Sent {
         socket.queue_text(&bytes);
-        self.bounded(socket.flush()).await?;
+        self.flush(socket).await?;
         self.app.metrics.frames_out.inc();
         Ok(())
     }
 
-    /// Runs a socket write unless the client is kicked or stalls for [`WRITE_TIMEOUT`].
-    async fn bounded(&self, write: impl Future<Output = std::io::Result<()>>) -> Sent {
+    /// Writes what the socket's buffer holds. A write the socket takes whole (the usual
+    /// case) sets no timer; one it does not is finished unless the client is kicked or
+    /// stalls for [`WRITE_TIMEOUT`].
+    async fn flush(&self, socket: &mut WsSocket) -> Sent {
+        match std::future::poll_fn(|cx| Poll::Ready(socket.poll_flush(cx))).await {
+            Poll::Ready(Ok(())) => return Ok(()),
+            Poll::Ready(Err(_)) => return Err(Gone(End::TransportError)),
+            Poll::Pending => {}
+        }
         tokio::select! {
-            result = tokio::time::timeout(WRITE_TIMEOUT, write) => match result {
+            result = tokio::time::timeout(WRITE_TIMEOUT, socket.flush()) => match result {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(_)) => Err(Gone(End::TransportError)),
                 Err(_) => Err(Gone(End::SlowConsumer)),

@@ -174,7 +174,7 @@ impl Connection {
                     write(socket, &envelope, self.dialect);
                 }
             }
-            if let Err(gone) = self.bounded(socket.flush()).await {
+            if let Err(gone) = self.flush(socket).await {
                 return Ok(Err(gone));
             }
         }
@@ -428,7 +428,7 @@ impl Connection {
             });
             socket.queue_text(&to_bytes(&frame));
         }
-        self.bounded(socket.flush()).await
+        self.flush(socket).await
     }
 
     pub(super) async fn send_message(
@@ -475,7 +475,7 @@ impl Connection {
                 socket.queue_text(&to_bytes(&frame));
                 self.app.metrics.frames_out.inc();
                 if appended.duplicate {
-                    return self.bounded(socket.flush()).await;
+                    return self.flush(socket).await;
                 }
                 // If events are already queued (the sender's own `message-received`, say),
                 // write them with the ack in one syscall. Do not yield to wait for them: a
@@ -483,7 +483,7 @@ impl Connection {
                 // measured, that tripled the CPU per fan-out delivery.
                 match self.rx.try_recv() {
                     Some(envelope) => self.write_events(socket, envelope).await,
-                    None => self.bounded(socket.flush()).await,
+                    None => self.flush(socket).await,
                 }
             }
             Err(e) => self.service_error(socket, reply_to, &e).await,
