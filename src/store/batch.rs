@@ -220,24 +220,6 @@ impl<Op> Queue<Op> {
     }
 }
 
-/// Asks the OS to schedule the calling thread, a store writer, as a batch thread (Linux's
-/// `SCHED_BATCH`, at the same priority). Woken by a new write, it then does not preempt the
-/// thread that queued it: that thread goes on queueing the writes it has ready, and they
-/// join the same commit. On one busy core a writer that preempted at every write would
-/// commit them nearly one by one. Elsewhere this does nothing; where the call is refused
-/// (a sandbox) the default policy stays.
-pub(crate) fn schedule_as_batch(writer: &str) {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let param = uapi::c::sched_param { sched_priority: 0 };
-        if let Err(e) = uapi::sched_setscheduler(0, uapi::c::SCHED_BATCH, &param) {
-            tracing::debug!(writer, error = %e, "the store writer keeps the default scheduling policy");
-        }
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    let _ = writer;
-}
-
 /// The writer's end of the queue.
 #[derive(Debug)]
 pub(crate) struct Intake<Op> {

@@ -120,7 +120,6 @@ impl SqliteStore {
         let thread = std::thread::Builder::new()
             .name("parlor-sqlite-writer".into())
             .spawn(move || {
-                crate::store::batch::schedule_as_batch(writer::NAME);
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     Writer::new(conn, restart_wal).run(intake, &sink);
                 }));
