@@ -475,15 +475,18 @@ impl Connection {
             let Some(ahead) = self.queue_ready(socket, envelope) else {
                 break;
             };
-            if let (Step::Gap { after, before }, Event::Message(message)) =
-                (self.rooms.advance(&ahead.event), &ahead.event)
-            {
-                let filled = Box::pin(self.fill(socket, message, after, before)).await?;
-                self.app.metrics.frames_out.inc_by(filled);
-                self.rooms.advance(&ahead.event);
+            let step = match (self.rooms.advance(&ahead.event), &ahead.event) {
+                (Step::Gap { after, before }, Event::Message(message)) => {
+                    let filled = Box::pin(self.fill(socket, message, after, before)).await?;
+                    self.app.metrics.frames_out.inc_by(filled);
+                    self.rooms.advance(&ahead.event)
+                }
+                (step, _) => step,
+            };
+            if step == Step::Next {
+                write(socket, &ahead, self.dialect);
+                self.app.metrics.frames_out.inc();
             }
-            write(socket, &ahead, self.dialect);
-            self.app.metrics.frames_out.inc();
             if socket.pending() < WRITE_BATCH_BYTES {
                 next = self.rx.try_recv();
             }
