@@ -155,6 +155,28 @@ pub struct Message {
     pub created_at: DateTime<Utc>,
 }
 
+#[cfg(test)]
+impl Message {
+    /// A stored text message of `room` at `seq`, for unit tests.
+    pub(crate) fn sample(room: RoomKey, seq: u64) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            id: format!("m{seq}"),
+            room,
+            seq,
+            author: Author {
+                user_id: "u".into(),
+                name: "U".into(),
+                role: "visitor".into(),
+            },
+            kind: "text".into(),
+            content: String::new(),
+            data: None,
+            client_message_id: None,
+            created_at: now_ms(),
+        })
+    }
+}
+
 /// A message about to be stored (no id, `seq` or time yet).
 #[derive(Debug, Clone)]
 pub struct NewMessage {

@@ -221,23 +221,8 @@ mod tests {
 
     #[test]
     fn advancing_moves_only_on_the_next_message_of_a_joined_room() {
-        use crate::model::{Author, Message};
         let message = |room: &RoomKey, seq: u64| {
-            Event::Message(std::sync::Arc::new(Message {
-                id: format!("m{seq}"),
-                room: room.clone(),
-                seq,
-                author: Author {
-                    user_id: "u".into(),
-                    name: "U".into(),
-                    role: "visitor".into(),
-                },
-                kind: "text".into(),
-                content: String::new(),
-                data: None,
-                client_message_id: None,
-                created_at: chrono::Utc::now(),
-            }))
+            Event::Message(crate::model::Message::sample(room.clone(), seq))
         };
         let (a, left) = (RoomKey::new("d", "a"), RoomKey::new("d", "left"));
         let mut all = Cursors::default();

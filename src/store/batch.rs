@@ -338,24 +338,10 @@ impl<Op> Commit<Op> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Author, RoomKey};
+    use crate::model::RoomKey;
 
     fn message(seq: u64) -> Arc<Message> {
-        Arc::new(Message {
-            id: format!("m{seq}"),
-            room: RoomKey::new("d", "r"),
-            seq,
-            author: Author {
-                user_id: "u".into(),
-                name: "U".into(),
-                role: "visitor".into(),
-            },
-            kind: "text".into(),
-            content: String::new(),
-            data: None,
-            client_message_id: None,
-            created_at: crate::model::now_ms(),
-        })
+        Message::sample(RoomKey::new("d", "r"), seq)
     }
 
     fn appended(seq: u64) -> Output {
