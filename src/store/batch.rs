@@ -2,7 +2,8 @@
 //! writer, the batches the writer takes from it, and what happens to a batch's callers.
 //!
 //! - [`Queue`] is the store's end: [`Queue::submit`] queues an operation and waits for its
-//!   committed result. The queue is bounded (`store.write_queue`): when it is full the caller
+//!   committed result; [`Queue::enqueue`] returns once it is queued, with the [`Answer`] to
+//!   wait on, so a caller can queue its next operation behind it before the first commits. The queue is bounded (`store.write_queue`): when it is full the caller
 //!   waits for room, so a database that cannot keep up slows its senders down instead of
 //!   growing without limit.
 //! - [`Intake`] is the writer's end: it waits for one operation, takes every other one
@@ -31,10 +32,13 @@
 use std::any::Any;
 use std::cmp::Ordering;
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Appended, CommitSink, StoreError, Transitioned};
@@ -142,6 +146,8 @@ pub(crate) struct Queue<Op> {
     /// Longest wait for room in a full queue, and the error given after it; `None`: wait as
     /// long as it takes.
     full_wait: Option<(Duration, fn() -> StoreError)>,
+    /// Wakes a writer thread that sleeps.
+    bell: Arc<Bell>,
 }
 
 impl<Op> std::fmt::Debug for Queue<Op> {
@@ -160,14 +166,17 @@ impl<Op> Queue<Op> {
         failpoint: &'static str,
     ) -> (Self, Intake<Op>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
+        let bell = Arc::new(Bell::default());
         let queue = Self {
             sender: Mutex::new(Some(tx)),
             full_wait: None,
+            bell: Arc::clone(&bell),
         };
         let intake = Intake {
             rx,
             max_batch: max_batch.max(1),
             failpoint,
+            bell,
         };
         (queue, intake)
     }
@@ -185,7 +194,20 @@ impl<Op> Queue<Op> {
         op: Op,
         pick: fn(Output) -> Option<T>,
     ) -> Result<T, StoreError> {
+        self.enqueue(op, pick).await?.await
+    }
+
+    /// Queues `op` behind every operation queued before it and returns once it is queued
+    /// (waiting for room in a full queue); the [`Answer`] resolves when it is committed.
+    pub(crate) async fn enqueue<T>(
+        &self,
+        op: Op,
+        pick: fn(Output) -> Option<T>,
+    ) -> Result<Answer<T>, StoreError> {
         let (reply, answer) = oneshot::channel();
+        // Rings for the writer once this returns, with the queue's sender dropped: a writer
+        // asleep on its bell then finds the operation, or finds the queue closed.
+        let _ring = Ring(&self.bell);
         let sender = self.sender.lock().clone().ok_or(StoreError::Closed)?;
         let send = sender.send(Pending { op, reply });
         let sent = match self.full_wait {
@@ -196,9 +218,7 @@ impl<Op> Queue<Op> {
             },
         };
         sent.map_err(|_| StoreError::Closed)?;
-        drop(sender);
-        let output = answer.await.map_err(|_| StoreError::Closed)??;
-        pick(output).ok_or_else(|| StoreError::Corrupt("internal result mismatch".into()))
+        Ok(Answer { answer, pick })
     }
 
     /// Writes queued and not yet taken by the writer.
@@ -217,6 +237,106 @@ impl<Op> Queue<Op> {
     /// Accepts no more writes; the writer commits what is queued, then stops.
     pub(crate) fn close(&self) {
         drop(self.sender.lock().take());
+        self.bell.ring();
+    }
+}
+
+/// How a writer on a thread of its own ([`Intake::blocking_next`]) is woken: not by each
+/// operation queued, but once the runtime has run the tasks that are ready.
+///
+/// On a busy core, a writer thread woken at every queued operation preempts the runtime
+/// there and then, and commits that one operation alone: the group commit never groups.
+/// Instead, the first operation queued while the writer sleeps spawns a task that yields
+/// once (Tokio runs a yielded task after the other ready ones and a look at the sockets)
+/// and then rings. By then the connections that had frames to read have queued theirs,
+/// and they share one commit. A writer that is busy is never rung: it takes what was queued
+/// meanwhile when it is done.
+#[derive(Debug, Default)]
+struct Bell {
+    state: Mutex<BellState>,
+    woken: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct BellState {
+    /// The writer found the queue empty and waits on the bell.
+    asleep: bool,
+    /// A ring is on its way.
+    ringing: bool,
+}
+
+impl Bell {
+    /// An operation was queued (or the queue closed): wakes the writer if it sleeps, after
+    /// the runtime's ready tasks when called on a runtime, at once otherwise.
+    fn queued(self: &Arc<Self>) {
+        let mut state = self.state.lock();
+        if !state.asleep || state.ringing {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            drop(state);
+            return self.ring();
+        };
+        state.ringing = true;
+        drop(state);
+        // Rings when the task ends, or when it is dropped unrun (its runtime shutting down).
+        let ringer = Ringer(Arc::clone(self));
+        runtime.spawn(async move {
+            tokio::task::yield_now().await;
+            drop(ringer);
+        });
+    }
+
+    /// Wakes the writer now.
+    fn ring(&self) {
+        self.state.lock().ringing = false;
+        self.woken.notify_one();
+    }
+}
+
+/// Tells the [`Bell`] an operation was queued, when dropped.
+struct Ring<'a>(&'a Arc<Bell>);
+
+impl Drop for Ring<'_> {
+    fn drop(&mut self) {
+        self.0.queued();
+    }
+}
+
+/// Rings the [`Bell`] when dropped.
+struct Ringer(Arc<Bell>);
+
+impl Drop for Ringer {
+    fn drop(&mut self) {
+        self.0.ring();
+    }
+}
+
+/// A queued operation's result, once it is committed (see [`Queue::enqueue`]).
+#[must_use = "the operation is queued either way; the answer says whether it was committed"]
+pub struct Answer<T> {
+    answer: oneshot::Receiver<Result<Output, StoreError>>,
+    pick: fn(Output) -> Option<T>,
+}
+
+impl<T> std::fmt::Debug for Answer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answer").finish_non_exhaustive()
+    }
+}
+
+impl<T> Future for Answer<T> {
+    type Output = Result<T, StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let output = match Pin::new(&mut self.answer).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(_)) => Err(StoreError::Closed),
+            Poll::Ready(Ok(result)) => result,
+        };
+        Poll::Ready(output.and_then(|o| {
+            (self.pick)(o).ok_or_else(|| StoreError::Corrupt("internal result mismatch".into()))
+        }))
     }
 }
 
@@ -228,14 +348,34 @@ pub(crate) struct Intake<Op> {
     max_batch: usize,
     /// The failpoint run before each batch (`sqlite-writer`, `postgres-writer`).
     failpoint: &'static str,
+    /// What [`Self::blocking_next`] sleeps on.
+    bell: Arc<Bell>,
 }
 
 impl<Op> Intake<Op> {
-    /// The next batch, waiting on this thread for its first operation; `None` once the
-    /// queue is closed and empty. For a writer on a thread of its own.
+    /// The next batch, waiting on this thread for its first operation and for the
+    /// [`Bell`]; `None` once the queue is closed and empty. For a writer on a thread of its
+    /// own.
     pub(crate) fn blocking_next(&mut self) -> Option<Commit<Op>> {
-        let first = self.rx.blocking_recv()?;
-        Some(self.gather(first))
+        if let Ok(first) = self.rx.try_recv() {
+            return Some(self.gather(first));
+        }
+        let bell = Arc::clone(&self.bell);
+        let mut state = bell.state.lock();
+        state.asleep = true;
+        // Looked at under the lock: an operation queued after this look finds the writer
+        // asleep and rings.
+        loop {
+            match self.rx.try_recv() {
+                Ok(first) => {
+                    state.asleep = false;
+                    drop(state);
+                    return Some(self.gather(first));
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => bell.woken.wait(&mut state),
+            }
+        }
     }
 
     /// The next batch; `None` once the queue is closed and empty.
@@ -461,6 +601,100 @@ mod tests {
         let (mut commit, _answers) = batch(&[31, 10, 22, 11, 30]);
         commit.sort_by(|a, b| (a / 10).cmp(&(b / 10)));
         assert_eq!(commit.ops(), Some(vec![&10, &11, &22, &31, &30]));
+    }
+
+    /// A writer thread like SQLite's: reports the size of each batch, answers every
+    /// operation with `Unit`, and ends when the queue is closed.
+    fn writer_thread(
+        mut intake: Intake<u32>,
+    ) -> (
+        std::thread::JoinHandle<()>,
+        std::sync::mpsc::Receiver<usize>,
+    ) {
+        let (sizes, batches) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let (sink, _committed) = sink();
+            while let Some(mut commit) = intake.blocking_next() {
+                let _ = sizes.send(commit.len());
+                while let Some(ops) = commit.ops() {
+                    let outputs = ops.iter().map(|_| Output::Unit).collect();
+                    commit.record(Ok(outputs), &sink);
+                }
+            }
+        });
+        (thread, batches)
+    }
+
+    fn asleep(queue: &Queue<u32>) -> bool {
+        queue.bell.state.lock().asleep
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_sleeping_writer_is_rung_once_the_ready_tasks_have_queued_theirs() {
+        let (queue, intake) = Queue::<u32>::new(64, 64, "test-writer");
+        let queue = Arc::new(queue);
+        let (writer, batches) = writer_thread(intake);
+        while !asleep(&queue) {
+            tokio::task::yield_now().await;
+        }
+        // Ten tasks, ready together, each queue one operation: one commit takes them all.
+        let callers: Vec<_> = (0..10)
+            .map(|op| {
+                let queue = Arc::clone(&queue);
+                tokio::spawn(async move { queue.submit(op, |o| Some(format!("{o:?}"))).await })
+            })
+            .collect();
+        for caller in callers {
+            assert_eq!(caller.await.expect("caller").expect("answer"), "Unit");
+        }
+        assert_eq!(batches.recv().expect("a batch"), 10);
+
+        // One task queueing one after another without waiting (a connection with several
+        // messages in flight): also one commit.
+        while !asleep(&queue) {
+            tokio::task::yield_now().await;
+        }
+        let mut answers = Vec::new();
+        for op in 0..5 {
+            answers.push(queue.enqueue(op, Some).await.expect("queued"));
+        }
+        for answer in answers {
+            assert!(matches!(answer.await, Ok(Output::Unit)));
+        }
+        assert_eq!(batches.recv().expect("a batch"), 5);
+
+        // Closing the queue wakes the sleeping writer, which ends.
+        while !asleep(&queue) {
+            tokio::task::yield_now().await;
+        }
+        queue.close();
+        tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .expect("join")
+            .expect("the writer ends");
+        assert!(batches.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_ring_whose_runtime_shuts_down_before_it_runs_still_wakes_the_writer() {
+        let (queue, intake) = Queue::<u32>::new(4, 4, "test-writer");
+        let (writer, batches) = writer_thread(intake);
+        while !asleep(&queue) {
+            std::thread::yield_now();
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        // Queued on a runtime that ends before its ring task runs.
+        let answer = runtime.block_on(queue.enqueue(3, Some)).expect("queued");
+        drop(runtime);
+        assert_eq!(batches.recv().expect("a batch"), 1);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        assert!(matches!(runtime.block_on(answer), Ok(Output::Unit)));
+        queue.close();
+        writer.join().expect("the writer ends");
     }
 
     #[tokio::test]

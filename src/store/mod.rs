@@ -20,6 +20,7 @@
 
 pub mod accounts;
 mod batch;
+pub use batch::Answer;
 pub mod guided;
 pub mod postgres;
 pub mod sqlite;
@@ -484,7 +485,15 @@ pub trait Store:
     /// nested deeper than [`MAX_DATA_DEPTH`] is refused with [`StoreError::Invalid`]. If the
     /// message carries a `client_message_id` its author already used in that room, returns the
     /// stored message with `duplicate: true` and writes nothing. Returns only once durable.
-    async fn append(&self, message: NewMessage) -> Result<Appended, StoreError>;
+    async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
+        self.queue_append(message).await?.await
+    }
+
+    /// [`Self::append`] in two steps: returns once the message is queued for the writer,
+    /// behind every write queued before it, with the [`Answer`] that resolves once it is
+    /// durable. A caller that queues its messages one after another gets them committed (and
+    /// numbered) in that order without waiting for each commit.
+    async fn queue_append(&self, message: NewMessage) -> Result<Answer<Appended>, StoreError>;
 
     /// Returns the room, creating it (kind `support`) if it does not exist.
     async fn ensure_room(

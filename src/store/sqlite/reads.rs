@@ -12,14 +12,14 @@ use super::{SqliteStore, from_ms, limit_param, seq_param, to_ms};
 use crate::model::{Agent, Conversation, Message, NewMessage, Note, Room, RoomKey, json_depth};
 use crate::store::batch::Output;
 use crate::store::{
-    Appended, Customer, CustomerProfile, Decide, DomainChange, DomainKey, InboxEntry, InboxQuery,
-    KeyKind, MAX_DATA_DEPTH, NewNote, Store, StoreError, StoredDomain, Transitioned, UsageGroup,
-    UsageGrouping, UsageRecord,
+    Answer, Appended, Customer, CustomerProfile, Decide, DomainChange, DomainKey, InboxEntry,
+    InboxQuery, KeyKind, MAX_DATA_DEPTH, NewNote, Store, StoreError, StoredDomain, Transitioned,
+    UsageGroup, UsageGrouping, UsageRecord,
 };
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn append(&self, message: NewMessage) -> Result<Appended, StoreError> {
+    async fn queue_append(&self, message: NewMessage) -> Result<Answer<Appended>, StoreError> {
         if message
             .data
             .as_ref()
@@ -29,11 +29,12 @@ impl Store for SqliteStore {
                 "data is nested deeper than {MAX_DATA_DEPTH} levels"
             )));
         }
-        self.write(Op::Append(message), |o| match o {
-            Output::Appended(a) => Some(a),
-            _ => None,
-        })
-        .await
+        self.writer
+            .enqueue(Op::Append(message), |o| match o {
+                Output::Appended(a) => Some(a),
+                _ => None,
+            })
+            .await
     }
 
     async fn ensure_room(
