@@ -331,6 +331,105 @@ async fn same_client_message_id_is_stored_once_even_after_reconnect() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sent_back_to_back_are_acknowledged_in_order_and_before_the_next_request() {
+    let server = TestServer::start_with(|c| {
+        c.limits.messages_per_second = 1000;
+        c.limits.messages_burst = 1000;
+    })
+    .await;
+    let mut a = server.connect_as("ann").await;
+    let mut watcher = server.connect_as("watcher").await;
+    a.join("pipe", None).await;
+    watcher.join("pipe", None).await;
+
+    // More messages than a connection keeps in flight, sent without waiting for any ack; one
+    // empty (refused) and one repeating an earlier clientMessageId in the middle, then a
+    // request of another kind.
+    let mut expected = Vec::new();
+    for i in 0..40 {
+        let (text, cmid) = match i {
+            20 => ("  ".to_owned(), "c20".to_owned()),
+            25 => ("again".to_owned(), "c24".to_owned()),
+            _ => (format!("t{i}"), format!("c{i}")),
+        };
+        a.send(
+            json!({ "type": "send-message", "roomId": "pipe", "message": text,
+                       "clientMessageId": cmid, "id": format!("m{i}") }),
+        )
+        .await;
+        expected.push(format!("m{i}"));
+    }
+    a.send(json!({ "type": "history", "roomId": "pipe", "limit": 100, "id": "h" }))
+        .await;
+    expected.push("h".to_owned());
+
+    // The sender gets each message's ack before the message itself.
+    let mut replies = Vec::new();
+    let mut acked = std::collections::HashSet::new();
+    while replies.last().is_none_or(|f: &Value| f["replyTo"] != "h") {
+        let f = a.recv().await;
+        if f["type"] == "message-ack" {
+            acked.insert(f["seq"].as_u64().unwrap());
+        }
+        if f["type"] == "message-received" {
+            let seq = f["seq"].as_u64().unwrap();
+            assert!(acked.contains(&seq), "message {seq} arrived before its ack");
+        }
+        if f.get("replyTo").is_some_and(|r| !r.is_null()) {
+            replies.push(f);
+        }
+    }
+    let order: Vec<&str> = replies
+        .iter()
+        .map(|f| f["replyTo"].as_str().unwrap())
+        .collect();
+    assert_eq!(order, expected, "one reply per frame, in the order sent");
+    assert_eq!(replies[20]["type"], "error");
+    assert_eq!(replies[20]["code"], "empty_message");
+    assert_eq!(replies[25]["type"], "message-ack");
+    assert_eq!(replies[25]["duplicate"], true);
+    assert_eq!(replies[25]["seq"], replies[24]["seq"]);
+    let stored: Vec<u64> = replies[..40]
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| ![20, 25].contains(i))
+        .map(|(_, f)| {
+            assert_eq!(f["type"], "message-ack");
+            assert_eq!(f["duplicate"], false);
+            f["seq"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        stored,
+        (1..=38).collect::<Vec<u64>>(),
+        "numbered in the order sent"
+    );
+
+    // The request after them sees every one of them.
+    let history = replies.last().unwrap();
+    assert_eq!(history["type"], "history");
+    let texts: Vec<&str> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["message"].as_str().unwrap())
+        .collect();
+    let sent: Vec<String> = (0..40)
+        .filter(|i| ![20, 25].contains(i))
+        .map(|i| format!("t{i}"))
+        .collect();
+    assert_eq!(texts, sent);
+
+    // Everyone in the room gets them once, in order.
+    let mut seen = Vec::new();
+    while seen.len() < 38 {
+        seen.push(watcher.recv_type("message-received").await);
+    }
+    assert_eq!(seqs(&seen), (1..=38).collect::<Vec<u64>>());
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn presence_typing_read_receipts_and_leave() {
     let server = TestServer::start_with(|c| {

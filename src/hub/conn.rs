@@ -346,6 +346,16 @@ impl Receiver {
     /// The most urgent of a kick, a ping asked for and the next event, or `Pending` with
     /// the task's waker kept.
     pub fn poll_signal(&mut self, cx: &mut Context<'_>) -> Poll<Signal> {
+        self.poll(cx, true)
+    }
+
+    /// [`Self::poll_signal`] for a task that takes no event now: a kick or a ping asked
+    /// for, or `Pending` with the waker kept. Queued events stay queued.
+    pub fn poll_control(&mut self, cx: &mut Context<'_>) -> Poll<Signal> {
+        self.poll(cx, false)
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>, events: bool) -> Poll<Signal> {
         let conn = &self.0;
         if let Some(kick) = conn.kicked_for() {
             return Poll::Ready(Signal::Kicked(kick));
@@ -355,7 +365,7 @@ impl Receiver {
             out.ping = false;
             return Poll::Ready(Signal::Ping);
         }
-        if let Some(envelope) = Self::pop(conn, &mut out) {
+        if events && let Some(envelope) = Self::pop(conn, &mut out) {
             return Poll::Ready(Signal::Event(envelope));
         }
         if out.waker.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
@@ -367,6 +377,11 @@ impl Receiver {
             Some(kick) => Poll::Ready(Signal::Kicked(kick)),
             None => Poll::Pending,
         }
+    }
+
+    /// Whether an event is queued.
+    pub fn has_events(&self) -> bool {
+        !self.0.0.outbound.lock().queue.is_empty()
     }
 
     /// The next queued event, if one is waiting.
@@ -572,6 +587,33 @@ mod tests {
         // Nothing more is queued for a kicked connection.
         assert!(conn.push(frame(10)));
         assert!(rx.try_recv().is_some(), "what was queued before");
+        assert!(rx.try_recv().is_none());
+    }
+
+    #[test]
+    fn a_task_taking_no_events_still_hears_pings_and_kicks_and_the_events_stay_queued() {
+        let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        let (conn, mut rx) = ConnHandle::new(1, identity(), 8);
+
+        assert!(conn.push(frame(10)));
+        assert!(rx.poll_control(&mut cx).is_pending());
+        assert!(rx.has_events());
+        conn.ask_ping(42);
+        assert!(matches!(
+            rx.poll_control(&mut cx),
+            Poll::Ready(Signal::Ping)
+        ));
+        assert!(rx.poll_control(&mut cx).is_pending());
+        assert!(conn.push(frame(10)));
+        conn.kick(Kick::Shutdown);
+        assert!(matches!(
+            rx.poll_control(&mut cx),
+            Poll::Ready(Signal::Kicked(Kick::Shutdown))
+        ));
+        assert!(rx.try_recv().is_some());
+        assert!(rx.try_recv().is_some());
         assert!(rx.try_recv().is_none());
     }
 

@@ -67,9 +67,9 @@ pub struct Backlog {
 /// A client's send let into the pipeline; dropped once its write has returned (by then
 /// the commit sink counts the message).
 #[derive(Debug)]
-pub struct Admitted<'a>(&'a Backlog);
+pub struct Admitted(Arc<Backlog>);
 
-impl Drop for Admitted<'_> {
+impl Drop for Admitted {
     fn drop(&mut self) {
         self.0.admitted.fetch_sub(1, Ordering::SeqCst);
         self.0.wake();
@@ -122,7 +122,7 @@ impl Backlog {
 
     /// Takes a place for a send if the backlog, with the sends already let in, is below the
     /// limit.
-    fn try_admit(&self) -> Option<Admitted<'_>> {
+    fn try_admit(self: &Arc<Self>) -> Option<Admitted> {
         let mut admitted = self.admitted.load(Ordering::SeqCst);
         loop {
             if self.len() + admitted >= self.limit {
@@ -134,7 +134,7 @@ impl Backlog {
                 Ordering::SeqCst,
                 Ordering::SeqCst,
             ) {
-                Ok(_) => return Some(Admitted(self)),
+                Ok(_) => return Some(Admitted(Arc::clone(self))),
                 Err(now) => admitted = now,
             }
         }
@@ -143,7 +143,7 @@ impl Backlog {
     /// Waits until the send has a place, for at most `within`; `None` when the backlog
     /// stayed full (the caller refuses the send: nothing was written). Keep the place
     /// until the write has returned.
-    pub async fn admit(&self, within: Duration) -> Option<Admitted<'_>> {
+    pub async fn admit(self: &Arc<Self>, within: Duration) -> Option<Admitted> {
         if let Some(place) = self.try_admit() {
             return Some(place);
         }

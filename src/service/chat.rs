@@ -1,13 +1,17 @@
 //! Chat: joining rooms, sending, history, read state, typing.
 //!
-//! The path of one message: a transport calls [`ChatService::send`]; the message is checked
-//! against the limits and the policy, stored (the store assigns `seq` and commits, grouped
-//! with concurrent writes), and the caller gets the stored message back to acknowledge. The
+//! The path of one message: a transport calls [`ChatService::send`] (or [`ChatService::submit`],
+//! to queue several without waiting for each commit); the message is checked against the
+//! limits and the policy, stored (the store assigns `seq` and commits, grouped with
+//! concurrent writes), and the caller gets the stored message back to acknowledge. The
 //! store hands each committed message, in commit order, to the node's commit pipeline
 //! ([`crate::node::pipeline`]), which publishes it to the broker; the broker delivers it to
 //! every node's hub, and the hub to every member's queue.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use super::ServiceError;
@@ -18,8 +22,8 @@ use crate::error_code::ErrorCode;
 use crate::hub::{ConnHandle, Event, Hub, Joined, PresentUser, Replay};
 use crate::metrics::Metrics;
 use crate::model::{Author, Identity, Message, NewMessage, Room, RoomKey, json_depth, valid_id};
-use crate::node::pipeline::Backlog;
-use crate::store::{Appended, CustomerProfile, Store, StoreError};
+use crate::node::pipeline::{Admitted, Backlog};
+use crate::store::{Answer, Appended, CustomerProfile, Store, StoreError};
 
 /// Longest display name kept, in characters.
 pub const MAX_NAME_CHARS: usize = 100;
@@ -228,12 +232,33 @@ impl ChatService {
         identity: &Identity,
         out: Outgoing<'_>,
     ) -> Result<Appended, ServiceError> {
-        let Some(_admitted) = self.backlog.admit(ADMIT_WITHIN).await else {
+        self.submit(identity, out).await?.await
+    }
+
+    /// [`Self::send`] in two steps: returns once the message is checked and queued for the
+    /// store, behind every message queued before it, with the [`Committing`] that resolves to
+    /// the stored message. A connection queues its client's messages one after another and
+    /// acknowledges them as they commit, so they are numbered in the order sent and several
+    /// can share a commit.
+    pub async fn submit(
+        &self,
+        identity: &Identity,
+        out: Outgoing<'_>,
+    ) -> Result<Committing, ServiceError> {
+        let message = self.checked(identity, out)?;
+        let Some(admitted) = self.backlog.admit(ADMIT_WITHIN).await else {
             return Err(ServiceError::Unavailable(StoreError::Unavailable(
                 "committed messages are still being delivered; try again".into(),
             )));
         };
-        self.send_internal(identity, out).await
+        let started = Instant::now();
+        let answer = self.store.queue_append(message).await?;
+        Ok(Committing {
+            answer,
+            started,
+            metrics: Arc::clone(&self.metrics),
+            _admitted: admitted,
+        })
     }
 
     /// [`Self::send`] for the node's own writers (the assistant, hand-off): never held back
@@ -243,6 +268,16 @@ impl ChatService {
         identity: &Identity,
         out: Outgoing<'_>,
     ) -> Result<Appended, ServiceError> {
+        let message = self.checked(identity, out)?;
+        let appended = self.timed("append", self.store.append(message)).await?;
+        if !appended.duplicate {
+            self.metrics.messages_stored.inc();
+        }
+        Ok(appended)
+    }
+
+    /// The message `identity` may store from `out`, or why not.
+    fn checked(&self, identity: &Identity, out: Outgoing<'_>) -> Result<NewMessage, ServiceError> {
         let key = self.room_key(identity, out.room_id)?;
         if out.text.trim().is_empty() {
             return Err(ServiceError::invalid(
@@ -294,7 +329,7 @@ impl ChatService {
                 .collect(),
             _ => identity.name.replace('\0', ""),
         };
-        let message = NewMessage {
+        Ok(NewMessage {
             // The hub's own key when the room is active: its members' cursors hold the same.
             room: self.hub.canonical(key),
             author: Author {
@@ -306,12 +341,7 @@ impl ChatService {
             content: out.text,
             data: out.data,
             client_message_id: out.client_message_id,
-        };
-        let appended = self.timed("append", self.store.append(message)).await?;
-        if !appended.duplicate {
-            self.metrics.messages_stored.inc();
-        }
-        Ok(appended)
+        })
     }
 
     /// Up to `limit` messages before `before` (all the latest when `None`), ascending, and
@@ -463,6 +493,30 @@ impl ChatService {
         let result = f.await;
         self.metrics.observe_store(op, started.elapsed());
         result
+    }
+}
+
+/// A message queued by [`ChatService::submit`]: resolves to the stored message once it is
+/// committed. It holds the send's place in the commit pipeline's [`Backlog`] until then.
+#[derive(Debug)]
+#[must_use = "the message is queued either way; this says whether it was stored"]
+pub struct Committing {
+    answer: Answer<Appended>,
+    started: Instant,
+    metrics: Arc<Metrics>,
+    _admitted: Admitted,
+}
+
+impl Future for Committing {
+    type Output = Result<Appended, ServiceError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let result = std::task::ready!(Pin::new(&mut self.answer).poll(cx));
+        self.metrics.observe_store("append", self.started.elapsed());
+        if result.as_ref().is_ok_and(|a| !a.duplicate) {
+            self.metrics.messages_stored.inc();
+        }
+        Poll::Ready(result.map_err(ServiceError::from))
     }
 }
 

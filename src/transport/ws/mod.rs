@@ -9,7 +9,10 @@
 //! first) or a socket that does not take the whole write leaves the poll for the slower
 //! path, which waits with a deadline (`WRITE_TIMEOUT`) and gives up on a stalled client.
 //! A client frame never makes the server wait for anyone else; an invalid one gets an `error`
-//! frame and nothing else happens.
+//! frame and nothing else happens. A `send-message` is queued for the store and the next
+//! frame read at once: up to [`MAX_IN_FLIGHT`] messages are committed meanwhile and
+//! acknowledged in order as their commits end; any other frame waits for them, and no event
+//! is taken while one is unanswered, so a sender's own message never overtakes its ack.
 //!
 //! Files: `upgrade` (handshake, token, admission), `incoming` (client frames' fields),
 //! `requests` (what each frame does), `agents` (hand-off frames and the inbox), `frame` and
@@ -26,7 +29,10 @@ pub mod socket;
 mod upgrade;
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::future::Future;
 use std::num::NonZeroU32;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -59,11 +65,11 @@ use crate::hub::{
     CLOSE_RESYNC, CLOSE_SLOW_CONSUMER, ConnHandle, Cursor, Cursors, Envelope, Event, Joined, Kick,
     Receiver, Replay, Signal, Step,
 };
-use crate::metrics::AT_CONNECTION;
+use crate::metrics::{AT_CONNECTION, Metrics};
 use crate::model::Message;
 use crate::model::{Conversation, Identity, Role, RoomKey, RoomStatus, iso, now_ms};
 use crate::service::ServiceError;
-use crate::service::chat::{MAX_NAME_CHARS, Outgoing, not_joined};
+use crate::service::chat::{Committing, MAX_NAME_CHARS, Outgoing, not_joined};
 use crate::service::handoff::{Action, AgentRef, Service};
 use crate::store::CustomerProfile;
 use crate::transport::AppState;
@@ -84,6 +90,9 @@ pub const CLOSE_IDLE: u16 = 4012;
 pub const CLOSE_REPLACED: u16 = 4013;
 /// Most queued events written per flush.
 const WRITE_BATCH: usize = 64;
+/// Most of a client's messages queued for the store and not yet acknowledged; at this many
+/// the connection reads no further frame until one is.
+const MAX_IN_FLIGHT: usize = 128;
 /// Stop adding events to a write once this many bytes are pending.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
 /// A client that accepts no data for this long is disconnected as a slow consumer.
@@ -165,6 +174,74 @@ async fn close(socket: &mut WsSocket, end: End) {
     }
 }
 
+/// Adds the acknowledgement (or the error) of each of the client's messages in `sends` whose
+/// commit has ended to the socket's write buffer, oldest first, stopping at the first still
+/// being committed (answers come in the order the messages were queued). Returns whether it
+/// wrote anything.
+///
+fn queue_acks(
+    sends: &mut VecDeque<InFlight>,
+    metrics: &Metrics,
+    cx: &mut std::task::Context<'_>,
+    socket: &mut WsSocket,
+) -> bool {
+    let mut wrote = false;
+    while let Some(front) = sends.front_mut() {
+        let Poll::Ready(result) = Pin::new(&mut front.committing).poll(cx) else {
+            break;
+        };
+        let reply_to = sends.pop_front().map(|f| f.reply_to).unwrap_or_default();
+        match result {
+            Ok(appended) => {
+                let m = &appended.message;
+                let frame = Ack {
+                    kind: "message-ack",
+                    reply_to: reply_to.as_ref(),
+                    id: &m.id,
+                    room_id: &m.room.room_id,
+                    seq: m.seq,
+                    client_message_id: m.client_message_id.as_deref(),
+                    duplicate: appended.duplicate,
+                    timestamp: iso(m.created_at),
+                };
+                socket.queue_text(&to_bytes(&frame));
+                metrics.frames_out.inc();
+            }
+            Err(e) => queue_service_error(metrics, socket, reply_to, &e),
+        }
+        wrote = true;
+    }
+    wrote
+}
+
+/// Adds an `error` frame to the socket's write buffer.
+fn queue_error(
+    metrics: &Metrics,
+    socket: &mut WsSocket,
+    reply_to: ReplyTo,
+    code: ErrorCode,
+    message: &str,
+) {
+    metrics.client_error(code.as_str());
+    metrics.frames_out.inc();
+    let reply_to = reply_to.unwrap_or_default();
+    let frame = json!({ "type": "error", "code": code, "message": message, "replyTo": reply_to });
+    socket.queue_text(&to_bytes(&frame));
+}
+
+/// [`queue_error`] for a service's error.
+fn queue_service_error(
+    metrics: &Metrics,
+    socket: &mut WsSocket,
+    reply_to: ReplyTo,
+    e: &ServiceError,
+) {
+    if let ServiceError::Unavailable(cause) = e {
+        tracing::warn!(error = %cause, "store unavailable");
+    }
+    queue_error(metrics, socket, reply_to, e.code(), &e.to_string());
+}
+
 /// How a kicked connection ends.
 fn kicked_end(kick: Kick) -> End {
     match kick {
@@ -236,6 +313,9 @@ struct Connection {
     rooms: Cursors,
     /// The room `send-message` without `roomId` goes to (last joined).
     current_room: Option<Arc<str>>,
+    /// The client's messages queued for the store, oldest first, each acknowledged once it
+    /// is committed ([`Self::queue_acks`]). Any other frame waits until they all are.
+    sends: VecDeque<InFlight>,
     /// Name an anonymous visitor gave in `join-room`.
     display_name: Option<String>,
     limiter: DefaultDirectRateLimiter,
@@ -265,6 +345,12 @@ struct Connection {
     /// The client's address (behind a trusted proxy, the forwarded one), which visitors'
     /// AI questions are charged to.
     address: Option<std::net::IpAddr>,
+}
+
+/// A client's message queued for the store, waiting to be acknowledged.
+struct InFlight {
+    reply_to: ReplyTo,
+    committing: Committing,
 }
 
 /// The socket failed or the client is too slow; the loop must end.
@@ -323,6 +409,11 @@ impl Connection {
             Some(e) => e,
             None => self.serve(&mut socket).await,
         };
+        // Messages still being committed are acknowledged before the close frame, unless
+        // the client is gone.
+        if !self.sends.is_empty() && !matches!(end, End::ClientClosed | End::TransportError) {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.settle_sends(&mut socket)).await;
+        }
 
         for key in self.rooms.take_rooms() {
             self.app.chat.leave(&self.handle, &key);
@@ -348,7 +439,16 @@ impl Connection {
             // fill from the store or a socket that does not take everything leaves it.
             let wake = std::future::poll_fn(|cx| {
                 loop {
-                    match self.rx.poll_signal(cx) {
+                    let acked = self.queue_acks(cx, socket);
+                    // While one of the client's messages is being committed, no event is
+                    // taken: its own message must not reach it before its ack. (The store
+                    // hands a commit's messages on just before it answers their senders.)
+                    let signal = if self.sends.is_empty() {
+                        self.rx.poll_signal(cx)
+                    } else {
+                        self.rx.poll_control(cx)
+                    };
+                    match signal {
                         Poll::Ready(Signal::Kicked(kick)) => {
                             return Poll::Ready(Wake::Kicked(kick));
                         }
@@ -364,9 +464,26 @@ impl Connection {
                             }
                         }
                         Poll::Pending => {
+                            if acked {
+                                match socket.poll_flush(cx) {
+                                    Poll::Ready(Ok(())) => {}
+                                    Poll::Ready(Err(_)) => return Poll::Ready(Wake::Broken),
+                                    Poll::Pending => return Poll::Ready(Wake::Flush),
+                                }
+                            }
+                            // A client with many messages in flight, or with events
+                            // waiting for its acks, is read again once they are
+                            // acknowledged (their answers wake this poll): the events it
+                            // holds back meanwhile stay few.
+                            if self.sends.len() >= MAX_IN_FLIGHT
+                                || (!self.sends.is_empty() && self.rx.has_events())
+                            {
+                                return Poll::Pending;
+                            }
                             let frame = socket.poll_recv(cx);
-                            if frame.is_pending() {
+                            if frame.is_pending() && self.sends.is_empty() {
                                 socket.release();
+                                self.sends = VecDeque::new();
                             }
                             return frame.map(Wake::Frame);
                         }
@@ -427,6 +544,29 @@ impl Connection {
                 return end;
             }
         }
+    }
+
+    /// [`queue_acks`] for this connection.
+    fn queue_acks(&mut self, cx: &mut std::task::Context<'_>, socket: &mut WsSocket) -> bool {
+        queue_acks(&mut self.sends, &self.app.metrics, cx, socket)
+    }
+
+    /// Waits until every message of the client's in flight is acknowledged, and writes the
+    /// acknowledgements: a reply to any later frame comes after them.
+    async fn settle_sends(&mut self, socket: &mut WsSocket) -> Sent {
+        if self.sends.is_empty() {
+            return Ok(());
+        }
+        std::future::poll_fn(|cx| {
+            self.queue_acks(cx, socket);
+            if self.sends.is_empty() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        self.flush(socket).await
     }
 
     /// Adds `first` and whatever else is queued to the socket's write buffer, up to a batch,
@@ -573,10 +713,8 @@ impl Connection {
         code: ErrorCode,
         message: &str,
     ) -> Sent {
-        self.app.metrics.client_error(code.as_str());
-        let frame =
-            json!({ "type": "error", "code": code, "message": message, "replyTo": reply_to });
-        self.send(socket, to_bytes(&frame)).await
+        queue_error(&self.app.metrics, socket, reply_to, code, message);
+        self.flush(socket).await
     }
 
     async fn service_error(
@@ -585,17 +723,25 @@ impl Connection {
         reply_to: ReplyTo,
         e: &ServiceError,
     ) -> Sent {
-        if let ServiceError::Unavailable(cause) = e {
-            tracing::warn!(error = %cause, "store unavailable");
-        }
-        self.error(socket, reply_to, e.code(), &e.to_string()).await
+        queue_service_error(&self.app.metrics, socket, reply_to, e);
+        self.flush(socket).await
     }
 
     async fn on_text(&mut self, socket: &mut WsSocket, raw: String) -> Sent {
         self.app.metrics.frames_in.inc();
         let raw = raw.as_str();
         // Every frame counts against the rate, garbage included.
-        if self.limiter.check().is_err() {
+        let limited = self.limiter.check().is_err();
+        // The client's messages in flight are acknowledged before any other frame is
+        // answered; a further `send-message` is queued behind them.
+        if !self.sends.is_empty()
+            && (limited
+                || !serde_json::from_str::<Head<'_>>(raw)
+                    .is_ok_and(|h| h.kind.as_deref() == Some("send-message")))
+        {
+            self.settle_sends(socket).await?;
+        }
+        if limited {
             let rate = self.frame_rate;
             let reply_to = serde_json::from_str::<Head<'_>>(raw)
                 .ok()

@@ -431,6 +431,9 @@ impl Connection {
         self.flush(socket).await
     }
 
+    /// Queues the message for the store and returns without waiting for its commit: its
+    /// `message-ack` is written when the commit ends ([`Connection::queue_acks`]), while the
+    /// client's next frames are read.
     pub(super) async fn send_message(
         &mut self,
         socket: &mut WsSocket,
@@ -439,7 +442,10 @@ impl Connection {
     ) -> Sent {
         let key = match self.joined_room(f.room_id.as_deref()) {
             Ok(k) => k,
-            Err(e) => return self.service_error(socket, reply_to, &e).await,
+            Err(e) => {
+                self.settle_sends(socket).await?;
+                return self.service_error(socket, reply_to, &e).await;
+            }
         };
         let identity = Arc::clone(self.handle.identity());
         self.app
@@ -459,34 +465,18 @@ impl Connection {
             display_name: self.display_name.as_deref(),
             data: f.data,
         };
-        match self.app.chat.send(&identity, out).await {
-            Ok(appended) => {
-                let m = &appended.message;
-                let frame = Ack {
-                    kind: "message-ack",
-                    reply_to: reply_to.as_ref(),
-                    id: &m.id,
-                    room_id: &m.room.room_id,
-                    seq: m.seq,
-                    client_message_id: m.client_message_id.as_deref(),
-                    duplicate: appended.duplicate,
-                    timestamp: iso(m.created_at),
-                };
-                socket.queue_text(&to_bytes(&frame));
-                self.app.metrics.frames_out.inc();
-                if appended.duplicate {
-                    return self.flush(socket).await;
-                }
-                // If events are already queued (the sender's own `message-received`, say),
-                // write them with the ack in one syscall. Do not yield to wait for them: a
-                // sender that waits lets every subscriber write each message on its own, and
-                // measured, that tripled the CPU per fan-out delivery.
-                match self.rx.try_recv() {
-                    Some(envelope) => self.write_events(socket, envelope).await,
-                    None => self.flush(socket).await,
-                }
+        match self.app.chat.submit(&identity, out).await {
+            Ok(committing) => {
+                self.sends.push_back(InFlight {
+                    reply_to,
+                    committing,
+                });
+                Ok(())
             }
-            Err(e) => self.service_error(socket, reply_to, &e).await,
+            Err(e) => {
+                self.settle_sends(socket).await?;
+                self.service_error(socket, reply_to, &e).await
+            }
         }
     }
 
