@@ -180,7 +180,7 @@ async fn close(socket: &mut WsSocket, end: End) {
 /// wrote anything.
 ///
 fn queue_acks(
-    sends: &mut VecDeque<InFlight>,
+    sends: &mut Sends,
     metrics: &Metrics,
     cx: &mut std::task::Context<'_>,
     socket: &mut WsSocket,
@@ -315,7 +315,7 @@ struct Connection {
     current_room: Option<Arc<str>>,
     /// The client's messages queued for the store, oldest first, each acknowledged once it
     /// is committed ([`Self::queue_acks`]). Any other frame waits until they all are.
-    sends: VecDeque<InFlight>,
+    sends: Sends,
     /// Name an anonymous visitor gave in `join-room`.
     display_name: Option<String>,
     limiter: DefaultDirectRateLimiter,
@@ -351,6 +351,42 @@ struct Connection {
 struct InFlight {
     reply_to: ReplyTo,
     committing: Committing,
+}
+
+/// A connection's messages in flight, oldest first: no memory (one word in the connection)
+/// while it has none.
+// Boxed so that the connection, which every idle socket keeps, grows by a word, not four.
+#[allow(clippy::box_collection)]
+#[derive(Default)]
+struct Sends(Option<Box<VecDeque<InFlight>>>);
+
+impl Sends {
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |q| q.len())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push_back(&mut self, sent: InFlight) {
+        self.0.get_or_insert_default().push_back(sent);
+    }
+
+    fn front_mut(&mut self) -> Option<&mut InFlight> {
+        self.0.as_mut()?.front_mut()
+    }
+
+    fn pop_front(&mut self) -> Option<InFlight> {
+        self.0.as_mut()?.pop_front()
+    }
+
+    /// Frees the queue's memory if it is empty.
+    fn release(&mut self) {
+        if self.is_empty() {
+            self.0 = None;
+        }
+    }
 }
 
 /// The socket failed or the client is too slow; the loop must end.
@@ -412,7 +448,8 @@ impl Connection {
         // Messages still being committed are acknowledged before the close frame, unless
         // the client is gone.
         if !self.sends.is_empty() && !matches!(end, End::ClientClosed | End::TransportError) {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.settle_sends(&mut socket)).await;
+            let settle = tokio::time::timeout(CLOSE_TIMEOUT, self.settle_sends(&mut socket));
+            let _ = Box::pin(settle).await;
         }
 
         for key in self.rooms.take_rooms() {
@@ -483,7 +520,7 @@ impl Connection {
                             let frame = socket.poll_recv(cx);
                             if frame.is_pending() && self.sends.is_empty() {
                                 socket.release();
-                                self.sends = VecDeque::new();
+                                self.sends.release();
                             }
                             return frame.map(Wake::Frame);
                         }

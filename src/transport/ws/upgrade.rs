@@ -103,7 +103,7 @@ pub async fn upgrade(
         watched,
         rooms: Cursors::default(),
         current_room: None,
-        sends: VecDeque::new(),
+        sends: Sends::default(),
         display_name: None,
         origin,
         auth_until: Instant::now() + AUTH_FRAME_WINDOW,
