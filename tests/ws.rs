@@ -343,11 +343,13 @@ async fn messages_sent_back_to_back_are_acknowledged_in_order_and_before_the_nex
     a.join("pipe", None).await;
     watcher.join("pipe", None).await;
 
-    // More messages than a connection keeps in flight, sent without waiting for any ack; one
-    // empty (refused) and one repeating an earlier clientMessageId in the middle, then a
-    // request of another kind.
+    // More messages than a connection keeps in flight (128), sent without waiting for any
+    // ack; one empty (refused) and one repeating an earlier clientMessageId in the middle,
+    // then a request of another kind.
+    const SENT: usize = 140;
+    const STORED: u64 = SENT as u64 - 2;
     let mut expected = Vec::new();
-    for i in 0..40 {
+    for i in 0..SENT {
         let (text, cmid) = match i {
             20 => ("  ".to_owned(), "c20".to_owned()),
             25 => ("again".to_owned(), "c24".to_owned()),
@@ -360,7 +362,7 @@ async fn messages_sent_back_to_back_are_acknowledged_in_order_and_before_the_nex
         .await;
         expected.push(format!("m{i}"));
     }
-    a.send(json!({ "type": "history", "roomId": "pipe", "limit": 100, "id": "h" }))
+    a.send(json!({ "type": "history", "roomId": "pipe", "limit": 200, "id": "h" }))
         .await;
     expected.push("h".to_owned());
 
@@ -390,7 +392,7 @@ async fn messages_sent_back_to_back_are_acknowledged_in_order_and_before_the_nex
     assert_eq!(replies[25]["type"], "message-ack");
     assert_eq!(replies[25]["duplicate"], true);
     assert_eq!(replies[25]["seq"], replies[24]["seq"]);
-    let stored: Vec<u64> = replies[..40]
+    let stored: Vec<u64> = replies[..SENT]
         .iter()
         .enumerate()
         .filter(|(i, _)| ![20, 25].contains(i))
@@ -402,20 +404,21 @@ async fn messages_sent_back_to_back_are_acknowledged_in_order_and_before_the_nex
         .collect();
     assert_eq!(
         stored,
-        (1..=38).collect::<Vec<u64>>(),
+        (1..=STORED).collect::<Vec<u64>>(),
         "numbered in the order sent"
     );
 
     // The request after them sees every one of them.
     let history = replies.last().unwrap();
     assert_eq!(history["type"], "history");
+    assert_eq!(history["hasMore"], false);
     let texts: Vec<&str> = history["messages"]
         .as_array()
         .unwrap()
         .iter()
         .map(|m| m["message"].as_str().unwrap())
         .collect();
-    let sent: Vec<String> = (0..40)
+    let sent: Vec<String> = (0..SENT)
         .filter(|i| ![20, 25].contains(i))
         .map(|i| format!("t{i}"))
         .collect();
@@ -423,10 +426,10 @@ async fn messages_sent_back_to_back_are_acknowledged_in_order_and_before_the_nex
 
     // Everyone in the room gets them once, in order.
     let mut seen = Vec::new();
-    while seen.len() < 38 {
+    while seen.len() < STORED as usize {
         seen.push(watcher.recv_type("message-received").await);
     }
-    assert_eq!(seqs(&seen), (1..=38).collect::<Vec<u64>>());
+    assert_eq!(seqs(&seen), (1..=STORED).collect::<Vec<u64>>());
     server.stop().await;
 }
 
