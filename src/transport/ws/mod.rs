@@ -178,7 +178,6 @@ async fn close(socket: &mut WsSocket, end: End) {
 /// commit has ended to the socket's write buffer, oldest first, stopping at the first still
 /// being committed (answers come in the order the messages were queued). Returns whether it
 /// wrote anything.
-///
 fn queue_acks(
     sends: &mut Sends,
     metrics: &Metrics,
