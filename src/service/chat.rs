@@ -251,6 +251,16 @@ impl ChatService {
                 "committed messages are still being delivered; try again".into(),
             )));
         };
+        self.queue(message, Some(admitted)).await
+    }
+
+    /// Queues a checked message for the store, holding `admitted` (the send's place in the
+    /// pipeline, if it took one) until it is committed.
+    async fn queue(
+        &self,
+        message: NewMessage,
+        admitted: Option<Admitted>,
+    ) -> Result<Committing, ServiceError> {
         let started = Instant::now();
         let answer = self.store.queue_append(message).await?;
         Ok(Committing {
@@ -269,11 +279,7 @@ impl ChatService {
         out: Outgoing<'_>,
     ) -> Result<Appended, ServiceError> {
         let message = self.checked(identity, out)?;
-        let appended = self.timed("append", self.store.append(message)).await?;
-        if !appended.duplicate {
-            self.metrics.messages_stored.inc();
-        }
-        Ok(appended)
+        self.queue(message, None).await?.await
     }
 
     /// The message `identity` may store from `out`, or why not.
@@ -497,14 +503,15 @@ impl ChatService {
 }
 
 /// A message queued by [`ChatService::submit`]: resolves to the stored message once it is
-/// committed. It holds the send's place in the commit pipeline's [`Backlog`] until then.
+/// committed. It holds a client's send's place in the commit pipeline's [`Backlog`] until
+/// then.
 #[derive(Debug)]
 #[must_use = "the message is queued either way; this says whether it was stored"]
 pub struct Committing {
     answer: Answer<Appended>,
     started: Instant,
     metrics: Arc<Metrics>,
-    _admitted: Admitted,
+    _admitted: Option<Admitted>,
 }
 
 impl Future for Committing {
