@@ -78,7 +78,7 @@ use parking_lot::Mutex;
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
-use super::batch::{Output, Queue};
+use super::batch::{Handover, Output, Queue};
 use super::{CommitSink, StoreError};
 use crate::config::StoreConfig;
 use writer::{Op, Writer};
@@ -264,7 +264,7 @@ impl PostgresStore {
         // arrays: a generic plan, made once per connection, spares PostgreSQL planning the
         // batch append (a dozen CTEs) at every commit.
         let writer_options = options.options([("plan_cache_mode", "force_generic_plan")]);
-        let run = Writer::new(writer_options).run(intake, sink);
+        let run = Writer::new(writer_options).run(intake, Handover::inline(sink));
         let task = tokio::spawn(async move {
             if let Err(panic) =
                 futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(run)).await

@@ -12,10 +12,8 @@ use super::writes::{
 };
 use super::{ACQUIRE_TIMEOUT, DEADLINE, deadline_passed, int, store_error, to_ms};
 use crate::model::{NewMessage, RoomKey, now_ms};
-use crate::store::batch::{Commit, Failure, Intake, Output};
-use crate::store::{
-    CommitSink, CustomerProfile, Decide, DomainChange, NewNote, StoreError, UsageRecord,
-};
+use crate::store::batch::{Commit, Failure, Handover, Intake, Output};
+use crate::store::{CustomerProfile, Decide, DomainChange, NewNote, StoreError, UsageRecord};
 
 /// Name of the writer: its failpoint, and the task the supervisor reports if it panics.
 pub(super) const NAME: &str = "postgres-writer";
@@ -96,20 +94,20 @@ impl Writer {
     }
 
     /// Commits batch after batch until the queue is closed and empty.
-    pub(super) async fn run(mut self, mut intake: Intake<Op>, sink: CommitSink) {
+    pub(super) async fn run(mut self, mut intake: Intake<Op>, handover: Handover) {
         while let Some(mut commit) = intake.next().await {
             // Deterministic lock order (stable: each room keeps its arrival order).
             commit.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
-            self.commit(&mut commit, &sink).await;
+            self.commit(&mut commit, &handover).await;
         }
         tracing::debug!("postgres writer stopped");
     }
 
     /// Runs the transactions `commit` asks for until every caller is answered.
-    async fn commit(&mut self, commit: &mut Commit<Op>, sink: &CommitSink) {
+    async fn commit(&mut self, commit: &mut Commit<Op>, handover: &Handover) {
         while let Some(ops) = commit.ops() {
             let result = self.transaction(&ops).await;
-            commit.record(result, sink);
+            commit.record(result, handover);
         }
     }
 

@@ -41,7 +41,7 @@ use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags};
 
-use super::batch::{Output, Queue};
+use super::batch::{Handover, Output, Queue};
 use super::{CommitSink, StoreError};
 use crate::config::{SqliteSync, StoreConfig};
 use writer::{Op, Writer};
@@ -117,17 +117,18 @@ impl SqliteStore {
             .map_err(|e| StoreError::Unavailable(format!("cannot start checkpoint thread: {e}")))?;
 
         let (queue, intake) = Queue::new(config.write_queue, config.max_batch, writer::NAME);
+        let handover = Handover::through_runtime(sink);
         let thread = std::thread::Builder::new()
             .name("parlor-sqlite-writer".into())
             .spawn(move || {
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    Writer::new(conn, restart_wal).run(intake, &sink);
+                    Writer::new(conn, restart_wal).run(intake, &handover);
                 }));
                 // Writes are finished: stop the checkpointer, which truncates the WAL.
                 drop(stop_checkpoints);
                 let _ = checkpointer.join();
                 if let Err(panic) = ran {
-                    sink.panicked(writer::NAME, &*panic);
+                    handover.panicked(writer::NAME, &*panic);
                 }
             })
             .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;

@@ -12,8 +12,8 @@ use rusqlite::{Connection, params};
 use super::{to_ms, unavailable, wal};
 use crate::model::{NewMessage, RoomKey, now_ms};
 use crate::store::StoreError;
-use crate::store::batch::{Commit, Failure, Intake, Output};
-use crate::store::{CommitSink, CustomerProfile, Decide, DomainChange, NewNote, UsageRecord};
+use crate::store::batch::{Commit, Failure, Handover, Intake, Output};
+use crate::store::{CustomerProfile, Decide, DomainChange, NewNote, UsageRecord};
 
 /// Name of the writer: its failpoint, and the task the supervisor reports if it panics.
 pub(super) const NAME: &str = "sqlite-writer";
@@ -72,12 +72,12 @@ impl Writer {
     }
 
     /// Commits batch after batch until the queue is closed and empty.
-    pub(super) fn run(mut self, mut intake: Intake<Op>, sink: &CommitSink) {
+    pub(super) fn run(mut self, mut intake: Intake<Op>, handover: &Handover) {
         while let Some(mut commit) = intake.blocking_next() {
             if self.rooms.len() > ROOM_CACHE_MAX {
                 self.rooms.clear();
             }
-            self.commit(&mut commit, sink);
+            self.commit(&mut commit, handover);
             if self.restart_wal.load(Ordering::Relaxed) {
                 self.finish_checkpoint();
             }
@@ -86,10 +86,10 @@ impl Writer {
     }
 
     /// Runs the transactions `commit` asks for until every caller is answered.
-    fn commit(&mut self, commit: &mut Commit<Op>, sink: &CommitSink) {
+    fn commit(&mut self, commit: &mut Commit<Op>, handover: &Handover) {
         while let Some(ops) = commit.ops() {
             let result = self.transaction(&ops).map_err(Failure::op);
-            commit.record(result, sink);
+            commit.record(result, handover);
         }
     }
 
