@@ -447,4 +447,64 @@ mod tests {
         conn.close().await.ok();
         store.close().await;
     }
+
+    /// The generic plan of the batch append, made on an empty, never-analysed schema (as the
+    /// writer's first batch after a fresh start makes it): rooms are locked and stored ids
+    /// looked up through their unique indexes, never by scanning `messages` or `rooms`
+    /// (the one scan of `rooms` left is the counters' update, over a table that grows by
+    /// conversations, not by messages).
+    #[tokio::test]
+    async fn the_batch_append_plans_index_lookups_without_statistics() {
+        let Some(db) = ScratchDatabase::from_env("parlor_p", "the PostgreSQL writer tests")
+            .await
+            .expect("create the test database")
+        else {
+            return;
+        };
+        let (tx, _committed) = tokio::sync::mpsc::unbounded_channel::<Arc<Message>>();
+        let store = PostgresStore::open(&db.url(), &StoreConfig::default(), CommitSink::new(tx))
+            .await
+            .expect("open (migrates)");
+        store.close().await;
+        let mut conn = sqlx::PgConnection::connect(&db.url())
+            .await
+            .expect("connect");
+        sqlx::raw_sql(&format!(
+            "SET plan_cache_mode = force_generic_plan;
+             PREPARE append_all (text[], text[], text[], text[], text[], text[], text[],
+                                 text[], text[], text[], bigint) AS {}",
+            super::super::writes::APPEND_ALL
+        ))
+        .execute(&mut conn)
+        .await
+        .expect("prepare");
+        let row = sqlx::query(
+            "EXPLAIN (FORMAT JSON) EXECUTE append_all ('{d}', '{r}', '{i}', '{a}', '{n}',
+                 '{visitor}', '{text}', '{c}', '{NULL}', '{k}', 0)",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .expect("explain");
+        // A `json` column: its text, without sqlx's type check (no `json` feature here).
+        let plan: serde_json::Value =
+            serde_json::from_str(sqlx::Row::try_get_unchecked::<&str, _>(&row, 0).expect("plan"))
+                .expect("a JSON plan");
+        // (relation, under the UPDATE of the counters) of every sequential scan.
+        fn scans(node: &serde_json::Value, in_update: bool, out: &mut Vec<(String, bool)>) {
+            let in_update = in_update || node["Operation"] == "Update";
+            if node["Node Type"] == "Seq Scan" {
+                out.push((
+                    node["Relation Name"].as_str().unwrap_or("?").into(),
+                    in_update,
+                ));
+            }
+            for child in node["Plans"].as_array().into_iter().flatten() {
+                scans(child, in_update, out);
+            }
+        }
+        let mut found = Vec::new();
+        scans(&plan[0]["Plan"], false, &mut found);
+        assert_eq!(found, [("rooms".to_owned(), true)], "plan: {plan:#}");
+        conn.close().await.ok();
+    }
 }
