@@ -510,12 +510,11 @@ impl Finished {
 /// A writer task ([`Handover::inline`]) does it itself. A writer thread
 /// ([`Handover::through_runtime`]) passes each transaction's results to one task on the
 /// runtime, which does it there. Every message handed over and every answer wakes a task;
-/// woken from another thread, a parked runtime thread is woken with a system call, and on a
-/// busy core it then preempts the writer at once. Handing a transaction over message by
-/// message, a writer thread woke the runtime about once every three messages (18,000
-/// wake-ups for 60,000 messages under the persist benchmark) and the two threads took turns
-/// on the core at each. Through the task, a transaction costs the writer one wake-up at
-/// most, and the tasks it wakes are woken on the runtime's own thread.
+/// a task woken from another thread wakes a parked runtime thread with a system call, which
+/// on a busy core preempts the writer at once, so a writer thread handing over message by
+/// message would take turns with the runtime on the core every few messages. Through the
+/// task, a transaction costs the writer one wake-up at most, and the tasks it wakes are
+/// woken on the runtime's own thread.
 #[derive(Debug)]
 pub(crate) struct Handover {
     sink: CommitSink,
