@@ -14,7 +14,8 @@
 //!   operation alone, so one bad write cannot fail its neighbours; if the database itself
 //!   failed (a [`Failure`] not caused by one operation), every caller left gets that error at
 //!   once. After each commit it hands the new messages to the [`CommitSink`] in commit
-//!   order, then answers their callers.
+//!   order, then answers their callers, through the writer's [`Handover`] (on the runtime,
+//!   for a writer thread).
 //!
 //! The backend owns the transaction: it runs the operations [`Commit::ops`] names, in order,
 //! in one transaction and reports the outputs or the failure to [`Commit::record`]. SQLite's
