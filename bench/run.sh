@@ -13,6 +13,9 @@
 #   jetstream the same workload published to a NATS JetStream stream with file
 #            storage on the machine's NATS server (NATS_URL), pinned to CPU 0
 #            meanwhile (its previous CPU mask is restored afterwards)
+#   persist  on PostgreSQL, when DATABASE_URL is set: the same workload, one node
+#            storing in a fresh database created on that server (dropped after);
+#            PostgreSQL runs where the system puts it
 #   ai-stream 1,000 concurrent streamed AI replies from a fake vendor, direct and
 #            through Parlor → time to first token added, server CPU per stream
 #   sessions 5,000 guided sessions (/chat) answering every 2 s, with the built-in guide
@@ -30,7 +33,7 @@
 #   SERVER_PORT NODE_PORT UWS_PORT NATS_URL (nats://127.0.0.1:4222) NATS_PID (default:
 #   pgrep -x nats-server) NATS_PIN=0 (leave the NATS server's CPU mask alone) SERVER_BIN
 #   SKIP_BUILD=1 SKIP_NODE=1 (both Node baselines) SKIP_UWS=1 (uWS only)
-#   SKIP_JETSTREAM=1 BENCH_OUT=DIR MACHINE="..."
+#   SKIP_JETSTREAM=1 BENCH_OUT=DIR MACHINE="..." DATABASE_URL (postgres://…, optional)
 #   CARGO_TARGET_DIR (where the binaries are built and looked up).
 # None of these starts with PARLOR_, which is the server's configuration prefix.
 set -euo pipefail
@@ -177,9 +180,18 @@ restore_nats() {
     NATS_MASK=
   fi
 }
+# The PostgreSQL persist run's database, created fresh on DATABASE_URL's server.
+PG_DB=
+drop_pg_db() {
+  if [[ -n "$PG_DB" ]]; then
+    psql -q "$DATABASE_URL" -c "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" >/dev/null || true
+    PG_DB=
+  fi
+}
 cleanup() {
   stop_server
   restore_nats
+  drop_pg_db
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -187,6 +199,10 @@ trap 'exit 130' INT TERM
 start_parlor() {
   stop_server
   rm -f "$DB_FILE" "$DB_FILE-wal" "$DB_FILE-shm"
+  local database=sqlite://$DB_FILE
+  if [[ -n "${STORE_URL:-}" ]]; then
+    database=$STORE_URL
+  fi
   PARLOR_LIMITS__MESSAGES_PER_SECOND=1000000 \
   PARLOR_LIMITS__MESSAGES_BURST=1000000 \
   PARLOR_LIMITS__MAX_CONNECTIONS=50000 \
@@ -199,7 +215,7 @@ start_parlor() {
   PARLOR_LIMITS__AI_CALLS_PER_DOMAIN=100000 \
   PARLOR_AUTH__JWT_SECRET=$BENCH_JWT_SECRET \
     taskset -c 0 "$SERVER_BIN" serve --listen "127.0.0.1:$SERVER_PORT" \
-      --config "$SERVER_CONFIG" --database "sqlite://$DB_FILE" >>"$OUT/parlor.log" 2>&1 &
+      --config "$SERVER_CONFIG" --database "$database" >>"$OUT/parlor.log" 2>&1 &
   SERVER_PID=$!
   wait_for_port "$SERVER_PORT" "$SERVER_PID" parlor
   URL=ws://127.0.0.1:$SERVER_PORT$WS_PATH
@@ -349,6 +365,16 @@ for server in "${SERVERS[@]}"; do
 done
 scenario parlor 600 persist --senders "$PERSIST_SENDERS" --messages "$PERSIST_MSGS" \
   --window "$PERSIST_WINDOW"
+if [[ -n "${DATABASE_URL:-}" ]]; then
+  # A fresh database, so that the run measures an empty store as the SQLite one does.
+  PG_DB=parlor_bench_$(date -u +%s)
+  psql -q "$DATABASE_URL" -c "CREATE DATABASE $PG_DB" >/dev/null
+  STORE_URL="${DATABASE_URL%/*}/$PG_DB"
+  scenario parlor 600 persist --senders "$PERSIST_SENDERS" --messages "$PERSIST_MSGS" \
+    --window "$PERSIST_WINDOW" --database PostgreSQL
+  STORE_URL=
+  drop_pg_db
+fi
 if [[ -z "${SKIP_JETSTREAM:-}" ]]; then
   scenario nats 600 jetstream --senders "$PERSIST_SENDERS" --messages "$PERSIST_MSGS" \
     --window "$PERSIST_WINDOW"

@@ -293,9 +293,10 @@ async fn measure(
         server_cpu_ms_per_message,
         client_cpu_seconds: cpu.clients,
         other_cpu_seconds: cpu.other,
-        machine_quiet: cpu
-            .other
-            .is_none_or(|o| cpu_interval <= 0.0 || o / cpu_interval <= 0.1),
+        machine_quiet: Some(
+            cpu.other
+                .is_none_or(|o| cpu_interval <= 0.0 || o / cpu_interval <= 0.1),
+        ),
         verification,
         figures,
     })
