@@ -11,7 +11,7 @@
 # Usage: DATABASE_URL=postgres://postgres@127.0.0.1:5432/test REDIS_URL=redis://127.0.0.1:6379 \
 #          bash bench/cluster.sh
 # Tunables: SUBS (999) MESSAGES (1000) SENDERS (10) PERSIST_SENDERS (100) PERSIST_MSGS (200)
-#           SKIP_BUILD=1 BENCH_OUT=DIR CARGO_TARGET_DIR
+#           SKIP_BUILD=1 BENCH_OUT=DIR CARGO_TARGET_DIR MACHINE="..."
 # The nodes run on CPU 0 and the load generator on CPU 1; PostgreSQL and Redis run where
 # the system puts them (they are part of what a cluster costs).
 set -euo pipefail
@@ -27,6 +27,7 @@ MESSAGES=${MESSAGES:-1000}
 SENDERS=${SENDERS:-10}
 PERSIST_SENDERS=${PERSIST_SENDERS:-100}
 PERSIST_MSGS=${PERSIST_MSGS:-200}
+MACHINE=${MACHINE:-2-core rust-svc VM}
 OUT=${BENCH_OUT:-/tmp/parlor-cluster-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
 
@@ -109,5 +110,5 @@ taskset -c 1 "$BENCH_BIN" persist --url "ws://127.0.0.1:${PORTS[1]}/ws" --pid "$
 
 echo "== ten senders: three nodes ÷ one node (target: at least 0.5)" >&2
 "$BENCH_BIN" summarize --primary parlor-3-nodes-senders --baseline "parlor-1-node-senders=one node" \
-  --date "$(date -u +%Y-%m-%d)" "$OUT/results.jsonl" | tee "$OUT/summary.md"
+  --date "$(date -u +%Y-%m-%d)" --machine "$MACHINE" "$OUT/results.jsonl" | tee "$OUT/summary.md"
 echo "raw lines in $OUT/results.jsonl" >&2
