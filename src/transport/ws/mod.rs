@@ -41,7 +41,10 @@ use axum::extract::{Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::clock::MonotonicClock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
@@ -316,15 +319,16 @@ struct Connection {
     /// is committed ([`Self::queue_acks`]). Any other frame waits until they all are.
     sends: Sends,
     /// Name an anonymous visitor gave in `join-room`.
-    display_name: Option<String>,
-    limiter: DefaultDirectRateLimiter,
+    display_name: Option<Box<str>>,
+    limiter: FrameLimiter,
     /// Sustained frames per second `limiter` allows (for its error message).
     frame_rate: u32,
     /// The upgrade's `Origin`, for checking the domain an `auth` frame moves to (`None` for
     /// Parlor's own pages and non-browser clients, which every domain accepts).
     origin: Option<Box<str>>,
-    /// Until when an anonymous connection may still authenticate with an `auth` frame.
-    auth_until: Instant,
+    /// Until when an anonymous connection may still authenticate with an `auth` frame, in
+    /// [`Watched::elapsed_ms`].
+    auth_until: u64,
     /// How the connection's domain speaks.
     dialect: Dialect,
     /// The `?roomId=` room (or the token's), until the connection starts and joins it; in a
@@ -345,6 +349,11 @@ struct Connection {
     /// AI questions are charged to.
     address: Option<std::net::IpAddr>,
 }
+
+/// A connection's frame limiter. On the standard library's monotonic clock, which takes no
+/// room in the limiter (governor's default clock keeps a calibrated TSC clock, 40 bytes, in
+/// every limiter, and calibrates it at each connection).
+type FrameLimiter = RateLimiter<NotKeyed, InMemoryState, MonotonicClock, NoOpMiddleware<Instant>>;
 
 /// A client's message queued for the store, waiting to be acknowledged.
 struct InFlight {
@@ -888,5 +897,22 @@ impl Connection {
                     .await
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What every idle connection keeps, against the allocator's size classes: jemalloc
+    /// rounds an allocation up to its class (… 128, 160, 192, 224, 256, 320, 384 …), so a
+    /// field that pushes the boxed connection or its socket past a class boundary costs every
+    /// connection the whole step (BENCHMARKS.md, "idle").
+    #[test]
+    fn an_idle_connection_fits_its_allocation_classes() {
+        let connection = std::mem::size_of::<Connection>();
+        let socket = std::mem::size_of::<WsSocket>();
+        assert!(connection <= 320, "Connection is {connection} bytes");
+        assert!(socket <= 128, "WsSocket is {socket} bytes");
     }
 }

@@ -10,7 +10,7 @@ impl Connection {
     pub(super) async fn auth(&mut self, socket: &mut WsSocket, f: Auth, reply_to: ReplyTo) -> Sent {
         if !self.handle.identity().anonymous
             || !self.rooms.is_empty()
-            || Instant::now() > self.auth_until
+            || self.watched.elapsed_ms() > self.auth_until
         {
             return self
                 .error(
@@ -317,7 +317,7 @@ impl Connection {
         if identity.anonymous
             && let Some(name) = f.user_name.as_deref().filter(|n| !n.trim().is_empty())
         {
-            self.display_name = Some(name.chars().take(MAX_NAME_CHARS).collect());
+            self.display_name = Some(name.chars().take(MAX_NAME_CHARS).collect::<String>().into());
         }
         // The browser is kept only until the first join (the widget sends its context
         // then), not for the connection's whole life.

@@ -62,8 +62,9 @@ pub struct WsSocket<S = TokioIo<Upgraded>> {
     /// Encoded frames waiting to be written, and how much of them is written.
     wbuf: Vec<u8>,
     wpos: usize,
-    /// A fragmented message being reassembled: (is text, bytes so far).
-    partial: Option<(bool, Vec<u8>)>,
+    /// A fragmented message being reassembled: (is text, bytes so far). Boxed: rare, and
+    /// every idle connection keeps the field.
+    partial: Option<Box<(bool, Vec<u8>)>>,
     /// Largest frame or reassembled message accepted.
     max_message: usize,
     /// A close frame has been queued; nothing may follow it.
@@ -173,10 +174,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSocket<S> {
                     if header.fin {
                         return finish(text, payload).map(Some);
                     }
-                    self.partial = Some((text, payload));
+                    self.partial = Some(Box::new((text, payload)));
                 }
                 Opcode::Continuation => {
-                    let Some((text, mut message)) = self.partial.take() else {
+                    let Some((text, mut message)) = self.partial.take().map(|p| *p) else {
                         return Err(RecvError::Protocol("continuation frame without a message"));
                     };
                     if message.len() + payload.len() > self.max_message {
@@ -186,7 +187,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSocket<S> {
                     if header.fin {
                         return finish(text, message).map(Some);
                     }
-                    self.partial = Some((text, message));
+                    self.partial = Some(Box::new((text, message)));
                 }
             }
         }

@@ -94,6 +94,9 @@ pub async fn upgrade(
         .shared
         .online(handle.identity(), handle.identity().role.as_str());
     let watched = app.sockets.watch(&handle);
+    let auth_until = watched
+        .elapsed_ms()
+        .saturating_add(u64::try_from(AUTH_FRAME_WINDOW.as_millis()).unwrap_or(u64::MAX));
     let connection = Box::new(Connection {
         limiter: admitted.limiter,
         frame_rate: admitted.frame_rate,
@@ -106,7 +109,7 @@ pub async fn upgrade(
         sends: Sends::default(),
         display_name: None,
         origin,
-        auth_until: Instant::now() + AUTH_FRAME_WINDOW,
+        auth_until,
         settled: !identity_anonymous,
         pending_join: auto_join.map(Into::into),
         dialect,
@@ -309,7 +312,7 @@ pub(super) const DOMAIN_FULL: &str = "this domain's connection limit is reached"
 
 /// A connection's frame limiter, set by its domain.
 pub(super) struct Admitted {
-    pub(super) limiter: DefaultDirectRateLimiter,
+    pub(super) limiter: FrameLimiter,
     pub(super) frame_rate: u32,
 }
 
@@ -341,7 +344,10 @@ pub(super) fn admit_to_domain(
     Some((
         permit,
         Admitted {
-            limiter: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
+            limiter: RateLimiter::direct_with_clock(
+                Quota::per_second(per_second).allow_burst(burst),
+                MonotonicClock,
+            ),
             frame_rate,
         },
     ))
