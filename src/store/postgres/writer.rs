@@ -304,6 +304,19 @@ mod tests {
         }
     }
 
+    /// A store on a new database named after `prefix` (`None`, the tests skipped, when
+    /// `PARLOR_TEST_DATABASE_URL` is unset); the database is dropped with the first value.
+    async fn scratch_store(prefix: &str) -> Option<(ScratchDatabase, PostgresStore)> {
+        let db = ScratchDatabase::from_env(prefix, "the PostgreSQL writer tests")
+            .await
+            .expect("create the test database")?;
+        let (tx, _committed) = tokio::sync::mpsc::unbounded_channel::<Arc<Message>>();
+        let store = PostgresStore::open(&db.url(), &StoreConfig::default(), CommitSink::new(tx))
+            .await
+            .expect("open");
+        Some((db, store))
+    }
+
     /// The batch append, one statement over a room with history and a room without
     /// messages, with ids repeated from the store and from the batch itself: the seqs and
     /// duplicates `append` one by one would give, stored as acknowledged. A room that does
@@ -311,16 +324,9 @@ mod tests {
     /// failure with nothing changed, and the writer then takes the batch the long way.
     #[tokio::test]
     async fn a_batch_of_appends_is_one_statement_with_the_outcome_of_one_by_one() {
-        let Some(db) = ScratchDatabase::from_env("parlor_u", "the PostgreSQL writer tests")
-            .await
-            .expect("create the test database")
-        else {
+        let Some((db, store)) = scratch_store("parlor_u").await else {
             return;
         };
-        let (tx, _committed) = tokio::sync::mpsc::unbounded_channel::<Arc<Message>>();
-        let store = PostgresStore::open(&db.url(), &StoreConfig::default(), CommitSink::new(tx))
-            .await
-            .expect("open");
         let a = RoomKey::new("acme", "a");
         let b = RoomKey::new("acme", "b");
         let c = RoomKey::new("acme", "c");
@@ -455,16 +461,10 @@ mod tests {
     /// conversations, not by messages).
     #[tokio::test]
     async fn the_batch_append_plans_index_lookups_without_statistics() {
-        let Some(db) = ScratchDatabase::from_env("parlor_p", "the PostgreSQL writer tests")
-            .await
-            .expect("create the test database")
-        else {
+        // Opening the store migrates the new database; nothing is written.
+        let Some((db, store)) = scratch_store("parlor_p").await else {
             return;
         };
-        let (tx, _committed) = tokio::sync::mpsc::unbounded_channel::<Arc<Message>>();
-        let store = PostgresStore::open(&db.url(), &StoreConfig::default(), CommitSink::new(tx))
-            .await
-            .expect("open (migrates)");
         store.close().await;
         let mut conn = sqlx::PgConnection::connect(&db.url())
             .await
