@@ -30,7 +30,8 @@
 //! (a room to create, a value refused, a duplicate another node committed meanwhile) it
 //! fails whole, having changed nothing, and the batch runs operation by operation in a
 //! transaction as above. The writer keeps a connection of its own, outside the pool, with
-//! generic plans (`plan_cache_mode`), so the statement is planned once per connection.
+//! generic plans (`plan_cache_mode`), so the statement is planned once per connection, and
+//! without sequential scans where an index serves ([`writer::SETTINGS`]).
 //!
 //! **Lock order**: before a batch runs, its operations are put in a fixed order: room
 //! operations by `(domain_id, room_id)`, then customer profiles by `(domain_id, user_id)`,
@@ -260,10 +261,7 @@ impl PostgresStore {
         let queue =
             queue.with_full_wait(DEADLINE, || deadline_passed("a place in the write queue"));
         let alarm = sink.clone();
-        // The writer's statements are the same few, run again and again with different
-        // arrays: a generic plan, made once per connection, spares PostgreSQL planning the
-        // batch append (a dozen CTEs) at every commit.
-        let writer_options = options.options([("plan_cache_mode", "force_generic_plan")]);
+        let writer_options = options.options(writer::SETTINGS);
         let run = Writer::new(writer_options).run(intake, Handover::inline(sink));
         let task = tokio::spawn(async move {
             if let Err(panic) =

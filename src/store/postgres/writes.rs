@@ -506,7 +506,9 @@ pub(super) const APPEND_ALL: &str = concat!(
 /// (measured: 12k acks/s falling to 6.5k/s within nine seconds of a fresh database, while a
 /// plan made on the same table grown and analysed took 22k/s). So the statement reaches
 /// `rooms` and `messages` only through lookups of one row per key (`LATERAL … LIMIT 1`),
-/// whose plan is the unique index whatever the statistics say.
+/// whose plan is the unique index whatever the statistics say; the counters' update, a join
+/// the planner could make a scan of `rooms`, is kept to the index by the writer's
+/// `enable_seqscan = off` ([`super::writer::SETTINGS`]).
 ///
 /// Fails as one operation's failure ([`Failure::op`]), having changed nothing, when a room
 /// does not exist yet (its messages would have no room: the `NOT NULL` on `messages.room`
