@@ -538,6 +538,9 @@ impl Handover {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return Self::inline(sink);
         };
+        // Unbounded, yet never longer than the callers waiting for an answer: each entry is
+        // a transaction whose callers are all still waiting, and a client's sends wait for
+        // a place in the pipeline's backlog (`store.pipeline_backlog`) before they queue.
         let (task, mut finished) = mpsc::unbounded_channel::<Finished>();
         let task_sink = sink.clone();
         runtime.spawn(async move {
