@@ -109,14 +109,20 @@ impl Writer {
     fn transaction(&mut self, ops: &[&Op]) -> Result<Vec<Output>, StoreError> {
         self.dirty = false;
         let result = (|| {
+            // Prepared once, like every statement of the writer: a quiet room commits one
+            // message at a time, and parsing these two would cost as much as the insert.
             self.conn
-                .execute_batch("BEGIN IMMEDIATE")
+                .prepare_cached("BEGIN IMMEDIATE")
+                .and_then(|mut begin| begin.execute([]))
                 .map_err(unavailable)?;
             let mut outputs = Vec::with_capacity(ops.len());
             for op in ops {
                 outputs.push(self.apply(op)?);
             }
-            self.conn.execute_batch("COMMIT").map_err(unavailable)?;
+            self.conn
+                .prepare_cached("COMMIT")
+                .and_then(|mut commit| commit.execute([]))
+                .map_err(unavailable)?;
             Ok(outputs)
         })();
         if result.is_err() {
