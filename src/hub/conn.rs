@@ -1,8 +1,9 @@
 //! A connection as the hub sees it: an identity, a bounded outbound queue, and the signals
 //! its transport task waits for.
 //!
-//! The hub never writes to a socket. It pushes [`Envelope`]s into each member's queue without
-//! waiting; a full queue means the client is not reading fast enough, and the connection is
+//! The hub never waits on a socket. It pushes [`Envelope`]s into each member's queue without
+//! waiting (or, for a parked connection, writes what the socket takes now: see below); a
+//! full queue means the client is not reading fast enough, and the connection is
 //! *kicked*: its transport task closes it with [`CLOSE_SLOW_CONSUMER`] and the client recovers
 //! from its last `seq`. Nobody else ever waits for a slow client. The hub also kicks the
 //! members of a room whose stream it cannot continue in order ([`Kick::Resync`], closed with
@@ -17,7 +18,34 @@
 //! `VecDeque` behind a lock that holds no memory while empty (its buffer is freed whenever
 //! it is drained) with a single waker: the connection's task is the only one that waits,
 //! for events, a kick or a ping alike.
+//!
+//! ## Parked connections: the hub writes, the task sleeps
+//!
+//! Waking a connection's task to write one frame costs more than the write: the task is
+//! scheduled, polls its queue, its cursors and its socket, and goes back to sleep. So a
+//! task that has been getting events and has nothing left to do *parks* its writing end
+//! here ([`Parked`]: its cursors, its socket and how its dialect frames an event) and
+//! sleeps on its socket and queue as before. While it is parked and its queue is empty,
+//! [`ConnHandle::push`] passes an event through the parked cursors and keeps it, without
+//! waking the task; it is framed and sent (one `send`, the task's `write` would be the
+//! same) when the delivery round ends ([`corked`]: the commit pipeline and the broker
+//! deliver all they have, then write every parked socket that got an event), or at once
+//! outside a round.
+//!
+//! Everything else goes the way it always did, and the task takes the parked end back
+//! ([`Receiver::reclaim`]) before it reads, writes or moves a cursor:
+//! - an event the cursors cannot take (a gap to fill from the store), or any event while
+//!   the queue holds one, is queued and wakes the task;
+//! - a second event before the first is written (a burst) is queued too and wakes the
+//!   task, which writes both with whatever else is queued in one write;
+//! - a socket that does not take a whole frame leaves the rest to the task (woken), which
+//!   writes it, with its timeout for slow clients, before anything else.
+//!
+//! The task parks again only when it has written events since it last parked and has
+//! nothing to write. So each connection still gets its rooms in `seq` order with no gap
+//! and no duplicate, whoever writes.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::Arc;
@@ -26,8 +54,11 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
+use tokio::net::TcpStream;
 
 use super::Event;
+use super::cursor::{Cursors, Step};
 use crate::model::Identity;
 
 /// WebSocket close code for a connection whose outbound queue overflowed. Private-use range;
@@ -161,6 +192,184 @@ struct Outbound {
     ping: bool,
     /// The receiving end is gone: the connection's task ended.
     closed: bool,
+    /// The task's writing end, while the task is parked ([`Parked`]).
+    parked: Option<Box<Parked>>,
+}
+
+/// A parked connection's writing end: what [`ConnHandle::push`] needs to write its events
+/// to its socket without waking its task (see the module's header).
+pub struct Parked {
+    /// The connection's position in each room it joined, lent by its task.
+    pub cursors: Cursors,
+    /// Its socket.
+    stream: Arc<TcpStream>,
+    /// Appends an event as a WebSocket frame in the connection's dialect.
+    frame: fn(&mut Vec<u8>, &Envelope),
+    /// The event taken and not written whole yet (a round writes it at its end).
+    next: Option<Arc<Envelope>>,
+    /// How much of `next`'s frame the socket took (short of all of it: `over` is set).
+    /// Its frame is made again for the task rather than kept: an offset costs every
+    /// parked connection less than a buffer.
+    sent: u32,
+    /// The task takes over: the socket did not take a whole write, or a second event came
+    /// before the first was written (a burst, which the task writes in one go with its
+    /// queue). Nothing more is taken here; the task is woken and reclaims the end.
+    over: bool,
+    /// Frames written to clients (the node's `frames_out`).
+    frames_out: Counter,
+}
+
+impl std::fmt::Debug for Parked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parked")
+            .field("next", &self.next.is_some())
+            .field("sent", &self.sent)
+            .field("over", &self.over)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Parked::take`] did with an event.
+enum Taken {
+    /// Taken, to be written.
+    Next,
+    /// The connection was sent it already.
+    Dropped,
+    /// Not for the parked end: the task must handle it (a gap, a second event before the
+    /// first was written, or the socket is full).
+    Refused,
+}
+
+impl Parked {
+    /// A parked end over `stream`, with the task's `cursors`.
+    pub fn new(
+        cursors: Cursors,
+        stream: Arc<TcpStream>,
+        frame: fn(&mut Vec<u8>, &Envelope),
+        frames_out: Counter,
+    ) -> Box<Self> {
+        Box::new(Self {
+            cursors,
+            stream,
+            frame,
+            next: None,
+            sent: 0,
+            over: false,
+            frames_out,
+        })
+    }
+
+    /// The frames taken and not written, which the task writes first when it takes the
+    /// parked end back.
+    pub fn unwritten(&mut self) -> Vec<u8> {
+        let mut frame = Vec::new();
+        if let Some(next) = self.next.take() {
+            (self.frame)(&mut frame, &next);
+            frame.drain(..(self.sent as usize).min(frame.len()));
+        }
+        frame
+    }
+
+    fn take(&mut self, envelope: &Arc<Envelope>) -> Taken {
+        if self.over {
+            return Taken::Refused;
+        }
+        if self.next.is_some() {
+            self.over = true;
+            return Taken::Refused;
+        }
+        match self.cursors.advance(&envelope.event) {
+            Step::Next => {
+                self.frames_out.inc();
+                self.next = Some(Arc::clone(envelope));
+                Taken::Next
+            }
+            Step::Sent => Taken::Dropped,
+            Step::Gap { .. } => Taken::Refused,
+        }
+    }
+
+    /// Writes the event taken, without waiting (`scratch`: a buffer to frame it in). False
+    /// when the socket did not take all of it (or failed): the rest stays, and the task
+    /// must be woken to finish.
+    fn write(&mut self, scratch: &mut Vec<u8>) -> bool {
+        let Some(next) = self.next.as_ref() else {
+            return true;
+        };
+        scratch.clear();
+        (self.frame)(scratch, next);
+        let socket = socket2::SockRef::from(self.stream.as_ref());
+        // Straight to the socket, past the runtime's readiness bookkeeping: a short count
+        // leaves the rest to the task, whose write learns readiness afresh.
+        let mut written = 0;
+        while written < scratch.len() {
+            match socket.send(&scratch[written..]) {
+                Ok(n) if n > 0 => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                _ => {
+                    // Frames are far below 4 GiB (`limits.max_frame_bytes`).
+                    self.sent = u32::try_from(written).unwrap_or(u32::MAX);
+                    self.over = true;
+                    return false;
+                }
+            }
+        }
+        self.next = None;
+        true
+    }
+}
+
+thread_local! {
+    /// The connections framed into during this thread's delivery round, if one is open.
+    static ROUND: RefCell<Option<Vec<ConnHandle>>> = const { RefCell::new(None) };
+}
+
+/// Runs `deliver` as one delivery round: events it pushes to parked connections are
+/// framed, and each of those sockets is written once when it returns (instead of once per
+/// event). Rounds on one thread nest into the outermost. `deliver` must not wait.
+pub fn corked<T>(deliver: impl FnOnce() -> T) -> T {
+    let opened = ROUND.with(|round| {
+        let mut round = round.borrow_mut();
+        if round.is_some() {
+            false
+        } else {
+            *round = Some(Vec::new());
+            true
+        }
+    });
+    if !opened {
+        return deliver();
+    }
+    // Written even if `deliver` panics, so that nothing framed is left behind.
+    struct Close;
+    impl Drop for Close {
+        fn drop(&mut self) {
+            let framed = ROUND
+                .with(|round| round.borrow_mut().take())
+                .unwrap_or_default();
+            let mut scratch = Vec::new();
+            for conn in framed {
+                conn.write_parked(&mut scratch);
+            }
+        }
+    }
+    let _close = Close;
+    deliver()
+}
+
+/// Most events a delivery loop hands to the hub in one round ([`corked`]) before it writes
+/// the parked sockets: a bound on how long a round keeps the first event's frames waiting.
+pub const DELIVERY_ROUND: usize = 256;
+
+/// Adds `conn` to the open delivery round; false when no round is open.
+fn join_round(conn: &ConnHandle) -> bool {
+    ROUND.with(|round| match round.borrow_mut().as_mut() {
+        Some(framed) => {
+            framed.push(conn.clone());
+            true
+        }
+        None => false,
+    })
 }
 
 /// What the connection's task is woken for, most urgent first.
@@ -235,14 +444,54 @@ impl ConnHandle {
                 self.kick(Kick::SlowConsumer);
                 return false;
             }
-            out.bytes += envelope.size;
-            out.queue.push_back(envelope);
-            out.waker.take()
+            if out.queue.is_empty()
+                && let Some(parked) = out.parked.as_mut()
+            {
+                match parked.take(&envelope) {
+                    Taken::Dropped => return true,
+                    Taken::Next => {
+                        if join_round(self) || parked.write(&mut Vec::new()) {
+                            return true;
+                        }
+                        // The socket is full: the task writes the rest, and waits for it.
+                        out.waker.take()
+                    }
+                    Taken::Refused => {
+                        out.bytes += envelope.size;
+                        out.queue.push_back(envelope);
+                        out.waker.take()
+                    }
+                }
+            } else {
+                out.bytes += envelope.size;
+                out.queue.push_back(envelope);
+                out.waker.take()
+            }
         };
         if let Some(waker) = waker {
             waker.wake();
         }
         true
+    }
+
+    /// Writes what this round framed into the parked end, waking the task if the socket
+    /// did not take it all.
+    fn write_parked(&self, scratch: &mut Vec<u8>) {
+        let waker = {
+            let mut out = self.0.outbound.lock();
+            match out.parked.as_mut() {
+                Some(parked) if !parked.over => {
+                    if parked.write(scratch) {
+                        return;
+                    }
+                    out.waker.take()
+                }
+                _ => return,
+            }
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 
     /// True once the connection's task has ended (nobody reads its queue any more).
@@ -379,6 +628,23 @@ impl Receiver {
         }
     }
 
+    /// Parks the task's writing end (see the module's header), unless an event is queued
+    /// or the connection is kicked (the task has work: it is, or will be, woken). Gives
+    /// `parked` back when it does not park it.
+    pub fn park(&mut self, parked: Box<Parked>) -> Result<(), Box<Parked>> {
+        let mut out = self.0.0.outbound.lock();
+        if !out.queue.is_empty() || out.closed || self.0.is_kicked() {
+            return Err(parked);
+        }
+        out.parked = Some(parked);
+        Ok(())
+    }
+
+    /// Takes the parked writing end back, with whatever it framed and did not write.
+    pub fn reclaim(&mut self) -> Option<Box<Parked>> {
+        self.0.0.outbound.lock().parked.take()
+    }
+
     /// Whether an event is queued.
     pub fn has_events(&self) -> bool {
         !self.0.0.outbound.lock().queue.is_empty()
@@ -442,6 +708,7 @@ impl Drop for Receiver {
         out.closed = true;
         out.queue = VecDeque::new();
         out.waker = None;
+        out.parked = None;
     }
 }
 
@@ -630,5 +897,191 @@ mod tests {
         assert!(conn.is_closed());
         assert!(conn.push(frame(1)));
         assert!(conn.0.outbound.lock().queue.is_empty());
+    }
+
+    /// A parked end's framing in these tests: a message as `seq;`, a frame as its bytes.
+    fn seq_frame(out: &mut Vec<u8>, envelope: &Envelope) {
+        match &envelope.event {
+            Event::Message(m) => out.extend_from_slice(format!("{};", m.seq).as_bytes()),
+            Event::Frame(bytes) => out.extend_from_slice(bytes),
+            _ => {}
+        }
+    }
+
+    fn message(seq: u64) -> Arc<Envelope> {
+        Envelope::new(Event::Message(crate::model::Message::sample(room(), seq)))
+    }
+
+    fn room() -> crate::model::RoomKey {
+        crate::model::RoomKey::new("demo", "r")
+    }
+
+    /// The server and client ends of a loopback TCP connection.
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (accepted.unwrap().0, client.unwrap())
+    }
+
+    /// A parked end over `server`, in `room()` at `seq` 0, counting into `frames`.
+    fn parked(server: TcpStream, frames: &Counter) -> Box<Parked> {
+        let mut cursors = Cursors::default();
+        cursors.insert(room(), super::super::Cursor { from: 0, upto: 0 });
+        Parked::new(cursors, Arc::new(server), seq_frame, frames.clone())
+    }
+
+    /// What the client has been sent, waiting up to `wait` for `len` bytes.
+    async fn read(client: &mut TcpStream, len: usize, wait: std::time::Duration) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while got.len() < len {
+            match tokio::time::timeout(wait, client.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn a_parked_connection_is_written_by_the_hub_in_order_and_its_task_sleeps() {
+        let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        let woken = || count.0.load(Ordering::SeqCst);
+        let (conn, mut rx) = ConnHandle::new(1, identity(), 64);
+        let (server, mut client) = tcp_pair().await;
+        let frames = Counter::default();
+        assert!(rx.poll_signal(&mut cx).is_pending());
+        rx.park(parked(server, &frames)).unwrap();
+        let second = std::time::Duration::from_secs(5);
+        let none = std::time::Duration::from_millis(100);
+
+        // Outside a round, at once; in a round, when it ends.
+        assert!(conn.push(message(1)));
+        assert_eq!(read(&mut client, 2, second).await, b"1;");
+        corked(|| {
+            assert!(conn.push(message(2)));
+            assert!(
+                conn.0
+                    .outbound
+                    .lock()
+                    .parked
+                    .as_ref()
+                    .unwrap()
+                    .next
+                    .is_some()
+            );
+        });
+        assert_eq!(read(&mut client, 2, second).await, b"2;");
+        // Non-message events go as they come; messages the connection was sent do not.
+        assert!(
+            conn.push(Envelope::new(Event::Frame(bytes::Bytes::from_static(
+                b"t;"
+            ))))
+        );
+        assert!(conn.push(message(2)));
+        assert!(conn.push(message(1)));
+        assert_eq!(read(&mut client, 3, none).await, b"t;");
+        assert_eq!((woken(), frames.get()), (0, 3), "the task slept throughout");
+
+        // A gap is the task's to fill: queued, and the task woken.
+        assert!(conn.push(message(5)));
+        assert!(conn.push(message(6)));
+        assert_eq!(woken(), 1);
+        let mut back = rx
+            .reclaim()
+            .expect("still parked until the task reclaims it");
+        assert!(back.unwritten().is_empty());
+        assert_eq!(back.cursors.get(&room()).map(|c| c.upto), Some(2));
+        let queued: Vec<u64> = std::iter::from_fn(|| rx.try_recv())
+            .map(|e| match &e.event {
+                Event::Message(m) => m.seq,
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(queued, [5, 6]);
+        assert!(
+            read(&mut client, 1, none).await.is_empty(),
+            "nothing else was sent"
+        );
+
+        // A connection with an event queued does not park; a closed one lets go of it.
+        assert!(conn.push(message(7)));
+        let back = rx.park(back).expect_err("an event waits in the queue");
+        rx.try_recv().unwrap();
+        rx.park(back).unwrap();
+        drop(rx);
+        assert!(conn.0.outbound.lock().parked.is_none());
+        assert!(conn.push(message(3)));
+        assert!(read(&mut client, 1, none).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_burst_or_a_full_socket_goes_back_to_the_task_with_nothing_lost() {
+        let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        let woken = || count.0.load(Ordering::SeqCst);
+        let none = std::time::Duration::from_millis(100);
+
+        // A second event before the first is written: both are the task's, in order.
+        let (conn, mut rx) = ConnHandle::new(1, identity(), 64);
+        let (server, mut client) = tcp_pair().await;
+        assert!(rx.poll_signal(&mut cx).is_pending());
+        rx.park(parked(server, &Counter::default())).unwrap();
+        corked(|| {
+            for seq in 1..=3 {
+                assert!(conn.push(message(seq)));
+            }
+        });
+        assert_eq!(woken(), 1);
+        assert!(read(&mut client, 1, none).await.is_empty());
+        let mut back = rx.reclaim().unwrap();
+        assert_eq!(back.unwritten(), b"1;");
+        assert_eq!(back.cursors.get(&room()).map(|c| c.upto), Some(1));
+        assert!(
+            matches!(rx.try_recv().map(|e| e.event.clone()), Some(Event::Message(m)) if m.seq == 2)
+        );
+        assert!(
+            matches!(rx.try_recv().map(|e| e.event.clone()), Some(Event::Message(m)) if m.seq == 3)
+        );
+
+        // A frame larger than the socket takes: the task gets what is left of it.
+        let (conn, mut rx) = ConnHandle::new(2, identity(), 64);
+        let (server, mut client) = tcp_pair().await;
+        let server = Arc::new(server);
+        assert!(rx.poll_signal(&mut cx).is_pending());
+        let mut cursors = Cursors::default();
+        cursors.insert(room(), super::super::Cursor { from: 0, upto: 0 });
+        rx.park(Parked::new(
+            cursors,
+            Arc::clone(&server),
+            seq_frame,
+            Counter::default(),
+        ))
+        .unwrap();
+        let big: Vec<u8> = (0..32 << 20).map(|i: u32| (i % 251) as u8).collect();
+        assert!(conn.push(Envelope::new(Event::Frame(bytes::Bytes::from(big.clone())))));
+        assert_eq!(woken(), 2, "the task is woken to finish");
+        assert!(conn.push(message(1)), "and later events wait for it");
+        let rest = rx.reclaim().unwrap().unwritten();
+        assert!(!rest.is_empty() && rest.len() < big.len());
+        let reader = tokio::spawn(async move { read(&mut client, 32 << 20, none * 20).await });
+        let mut written = 0;
+        while written < rest.len() {
+            server.writable().await.unwrap();
+            match server.try_write(&rest[written..]) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let got = reader.await.unwrap();
+        assert_eq!(got.len(), big.len());
+        assert!(got == big, "every byte once, in order");
+        assert!(rx.try_recv().is_some());
     }
 }

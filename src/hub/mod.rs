@@ -35,7 +35,10 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use tokio::sync::OnceCell;
 
-pub use conn::{CLOSE_RESYNC, CLOSE_SLOW_CONSUMER, ConnHandle, Envelope, Kick, Receiver, Signal};
+pub use conn::{
+    CLOSE_RESYNC, CLOSE_SLOW_CONSUMER, ConnHandle, DELIVERY_ROUND, Envelope, Kick, Parked,
+    Receiver, Signal, corked,
+};
 pub use cursor::{Cursor, Cursors, Step};
 
 pub use crate::event::{Event, LeftReason, PresentUser};

@@ -197,12 +197,25 @@ pub fn start(
             })
             .collect();
     supervisor.spawn("dispatcher", async move {
-        while let Some(message) = committed.recv().await {
+        let dispatch = |message: Arc<Message>| {
             crate::failpoint::hit("dispatcher");
             if let Some(worker) = workers.get(worker_of(&message.room, workers.len())) {
                 let _ = worker.send(Arc::clone(&message));
             }
             broker.publish(message);
+        };
+        while let Some(message) = committed.recv().await {
+            // What was committed meanwhile goes out in the same round, so that a parked
+            // connection's socket is written once for all of it (`hub::corked`).
+            crate::hub::corked(|| {
+                dispatch(message);
+                for _ in 1..crate::hub::DELIVERY_ROUND {
+                    match committed.try_recv() {
+                        Ok(message) => dispatch(message),
+                        Err(_) => break,
+                    }
+                }
+            });
         }
     })
 }

@@ -165,14 +165,16 @@ impl RedisBroker {
         let dirty = Arc::clone(&broker.domains_dirty);
         let stop = context.closed.clone();
         supervisor.spawn("redis-deliveries", async move {
-            while let Some(received) = stop.run_until_cancelled(messages.recv()).await {
+            use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+            // One publication from the bus; false once the subscription is closed.
+            let take = |received: Result<fred::types::Message, RecvError>| -> bool {
                 match received {
                     Ok(message) => {
                         let Some(bytes) = message.value.as_bytes() else {
-                            continue;
+                            return true;
                         };
                         if bytes.starts_with(&own) {
-                            continue;
+                            return true;
                         }
                         match serde_json::from_slice::<Publication>(bytes) {
                             Ok(p) if p.node == me => {}
@@ -192,14 +194,38 @@ impl RedisBroker {
                                 tracing::warn!(error = %e, "unreadable publication on the bus");
                             }
                         }
+                        true
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    Err(RecvError::Lagged(n)) => {
                         tracing::warn!(lost = n, "fell behind the bus; catching up from the store");
                         if let Some(handler) = handler.get() {
                             handler.resync();
                         }
+                        true
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    Err(RecvError::Closed) => false,
+                }
+            };
+            while let Some(received) = stop.run_until_cancelled(messages.recv()).await {
+                // What has arrived meanwhile is delivered in the same round, so that a
+                // parked connection's socket is written once for all of it.
+                let open = crate::hub::corked(|| {
+                    let mut open = take(received);
+                    for _ in 1..crate::hub::DELIVERY_ROUND {
+                        if !open {
+                            break;
+                        }
+                        match messages.try_recv() {
+                            Ok(message) => open = take(Ok(message)),
+                            Err(TryRecvError::Lagged(n)) => open = take(Err(RecvError::Lagged(n))),
+                            Err(TryRecvError::Closed) => open = false,
+                            Err(TryRecvError::Empty) => break,
+                        }
+                    }
+                    open
+                });
+                if !open {
+                    break;
                 }
             }
         });

@@ -49,6 +49,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
 
+use self::frame::Opcode;
 use self::socket::{Incoming, RecvError, WsSocket};
 use super::ai::AskBody;
 use super::edge::AddressSlot;
@@ -66,7 +67,7 @@ use crate::config::{AnonymousIdentity, Dialect};
 use crate::error_code::ErrorCode;
 use crate::hub::{
     CLOSE_RESYNC, CLOSE_SLOW_CONSUMER, ConnHandle, Cursor, Cursors, Envelope, Event, Joined, Kick,
-    Receiver, Replay, Signal, Step,
+    Parked, Receiver, Replay, Signal, Step,
 };
 use crate::metrics::{AT_CONNECTION, Metrics};
 use crate::model::Message;
@@ -114,17 +115,31 @@ use liveness::{Check, Liveness, Watched};
 use upgrade::*;
 pub use upgrade::{SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX, WsQuery, upgrade};
 
-/// Adds `envelope` to the socket's write buffer in the connection's dialect, encoded once
-/// per dialect for every connection that writes it.
+/// Adds `envelope` to the socket's write buffer in the connection's dialect.
 fn write(socket: &mut WsSocket, envelope: &Envelope, dialect: Dialect) {
+    socket.queue_text(encoded(envelope, dialect));
+}
+
+/// `envelope` in `dialect`, encoded once per dialect for every connection that writes it.
+fn encoded(envelope: &Envelope, dialect: Dialect) -> &[u8] {
     let native = envelope
         .native
         .get_or_init(|| encode_event(&envelope.event));
     match dialect {
-        Dialect::Native => socket.queue_text(native),
-        Dialect::Eclipse => {
-            socket.queue_text(envelope.eclipse.get_or_init(|| eclipse_frame(native)));
-        }
+        Dialect::Native => native,
+        Dialect::Eclipse => envelope.eclipse.get_or_init(|| eclipse_frame(native)),
+    }
+}
+
+/// How a parked connection of `dialect` frames an event ([`Parked`]).
+fn framing(dialect: Dialect) -> fn(&mut Vec<u8>, &Envelope) {
+    match dialect {
+        Dialect::Native => |out, envelope| {
+            frame::encode(out, Opcode::Text, encoded(envelope, Dialect::Native));
+        },
+        Dialect::Eclipse => |out, envelope| {
+            frame::encode(out, Opcode::Text, encoded(envelope, Dialect::Eclipse));
+        },
     }
 }
 
@@ -331,6 +346,9 @@ struct Connection {
     auth_until: u64,
     /// How the connection's domain speaks.
     dialect: Dialect,
+    /// Whether its writing end is parked in its queue, for the hub to write its events
+    /// ([`Self::park`], [`Self::reclaim`]).
+    park: Park,
     /// The `?roomId=` room (or the token's), until the connection starts and joins it; in a
     /// domain where clients name themselves, a token-less connection's until its first frame.
     pending_join: Option<Box<str>>,
@@ -348,6 +366,18 @@ struct Connection {
     /// The client's address (behind a trusted proxy, the forwarded one), which visitors'
     /// AI questions are charged to.
     address: Option<std::net::IpAddr>,
+}
+
+/// Where a connection's writing end is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Park {
+    /// With its task, which has written no event since it last parked: it stays there
+    /// while the task sleeps (a connection that never gets an event keeps no parked end).
+    Held,
+    /// With its task, which wrote events lately: it is parked when the task goes idle.
+    Parks,
+    /// Parked in the connection's queue: the hub writes its events.
+    Parked,
 }
 
 /// A connection's frame limiter. On the standard library's monotonic clock, which takes no
@@ -483,6 +513,18 @@ impl Connection {
             // and flushed at once, as the socket usually takes them whole. Only a gap to
             // fill from the store or a socket that does not take everything leaves it.
             let wake = std::future::poll_fn(|cx| {
+                // Whatever woke the task, it takes its writing end back first, and writes
+                // what the hub framed there and the socket did not take.
+                if self.park == Park::Parked {
+                    self.reclaim(socket);
+                    if socket.pending() > 0 {
+                        match socket.poll_flush(cx) {
+                            Poll::Ready(Ok(())) => {}
+                            Poll::Ready(Err(_)) => return Poll::Ready(Wake::Broken),
+                            Poll::Pending => return Poll::Ready(Wake::Flush),
+                        }
+                    }
+                }
                 loop {
                     let acked = self.queue_acks(cx, socket);
                     // While one of the client's messages is being committed, no event is
@@ -529,6 +571,7 @@ impl Connection {
                             if frame.is_pending() && self.sends.is_empty() {
                                 socket.release();
                                 self.sends.release();
+                                self.park(socket);
                             }
                             return frame.map(Wake::Frame);
                         }
@@ -591,6 +634,38 @@ impl Connection {
         }
     }
 
+    /// Parks the connection's writing end in its queue, so that the hub writes its events
+    /// while the task sleeps ([`Parked`]): when it got events lately and has nothing left
+    /// to write, over a TCP stream.
+    fn park(&mut self, socket: &WsSocket) {
+        if self.park != Park::Parks || socket.pending() > 0 {
+            return;
+        }
+        let Some(stream) = socket.tcp() else {
+            return;
+        };
+        let parked = Parked::new(
+            std::mem::take(&mut self.rooms),
+            Arc::clone(stream),
+            framing(self.dialect),
+            self.app.metrics.frames_out.clone(),
+        );
+        match self.rx.park(parked) {
+            Ok(()) => self.park = Park::Parked,
+            Err(mut parked) => self.rooms = std::mem::take(&mut parked.cursors),
+        }
+    }
+
+    /// Takes the writing end back from the queue, with the frames the hub wrote into it
+    /// that the socket has not taken yet.
+    fn reclaim(&mut self, socket: &mut WsSocket) {
+        self.park = Park::Held;
+        if let Some(mut parked) = self.rx.reclaim() {
+            self.rooms = std::mem::take(&mut parked.cursors);
+            socket.queue_framed(&parked.unwritten());
+        }
+    }
+
     /// [`queue_acks`] for this connection.
     fn queue_acks(&mut self, cx: &mut std::task::Context<'_>, socket: &mut WsSocket) -> bool {
         queue_acks(&mut self.sends, &self.app.metrics, cx, socket)
@@ -648,6 +723,9 @@ impl Connection {
             !blocked
         });
         self.app.metrics.frames_out.inc_by(written);
+        if written > 0 {
+            self.park = Park::Parks;
+        }
         // The message ahead is first in the queue (only this task takes from it).
         if blocked { self.rx.try_recv() } else { None }
     }

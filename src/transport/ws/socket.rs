@@ -16,9 +16,12 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use std::sync::Arc;
+
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use super::frame::{self, FrameError, Opcode};
 
@@ -53,9 +56,88 @@ pub enum RecvError {
     Gone,
 }
 
+/// An upgraded connection's byte stream: the TCP stream itself, shared, so that the hub can
+/// write to a parked connection ([`crate::hub::Parked`]); any other stream hyper upgraded
+/// (none, as the server listens on TCP) as hyper hands it over.
+#[derive(Debug)]
+pub enum ServerIo {
+    /// The accepted TCP stream.
+    Tcp(Arc<TcpStream>),
+    /// Another stream, boxed: every idle connection keeps this enum.
+    Other(Box<TokioIo<Upgraded>>),
+}
+
+impl ServerIo {
+    /// The TCP stream, which a parked connection shares with the hub.
+    pub fn tcp(&self) -> Option<&Arc<TcpStream>> {
+        match self {
+            Self::Tcp(stream) => Some(stream),
+            Self::Other(_) => None,
+        }
+    }
+}
+
+impl AsyncRead for ServerIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(stream) => loop {
+                ready!(stream.poll_read_ready(cx))?;
+                match stream.try_read(buf.initialize_unfilled()) {
+                    Ok(n) => {
+                        buf.advance(n);
+                        return Poll::Ready(Ok(()));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            },
+            Self::Other(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(stream) => loop {
+                ready!(stream.poll_write_ready(cx))?;
+                match stream.try_write(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    written => return Poll::Ready(written),
+                }
+            },
+            Self::Other(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(_) => Poll::Ready(Ok(())),
+            Self::Other(io) => Pin::new(io.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(stream) => Poll::Ready(
+                socket2::SockRef::from(stream.as_ref()).shutdown(std::net::Shutdown::Write),
+            ),
+            Self::Other(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// The server end of an upgraded WebSocket connection (over any byte stream `S`; the
-/// server's is a hyper upgrade, tests use in-memory pipes).
-pub struct WsSocket<S = TokioIo<Upgraded>> {
+/// server's is its TCP stream, tests use in-memory pipes).
+pub struct WsSocket<S = ServerIo> {
     io: S,
     /// Received bytes not yet forming a whole frame. Unallocated when empty.
     rbuf: Vec<u8>,
@@ -80,9 +162,23 @@ impl<S> std::fmt::Debug for WsSocket<S> {
 }
 
 impl WsSocket {
-    /// Wraps an upgraded connection.
+    /// Wraps an upgraded connection: its TCP stream, with the bytes hyper read past the
+    /// upgrade request (frames a client sent at once) first.
     pub fn new(io: Upgraded, max_message: usize) -> Self {
-        Self::over(TokioIo::new(io), max_message)
+        match io.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                let mut socket =
+                    Self::over(ServerIo::Tcp(Arc::new(parts.io.into_inner())), max_message);
+                socket.rbuf.extend_from_slice(&parts.read_buf);
+                socket
+            }
+            Err(io) => Self::over(ServerIo::Other(Box::new(TokioIo::new(io))), max_message),
+        }
+    }
+
+    /// The TCP stream, for a parked connection ([`crate::hub::Parked`]).
+    pub fn tcp(&self) -> Option<&Arc<TcpStream>> {
+        self.io.tcp()
     }
 }
 
@@ -197,6 +293,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsSocket<S> {
     pub fn queue_text(&mut self, payload: &[u8]) {
         if !self.close_queued {
             frame::encode(&mut self.wbuf, Opcode::Text, payload);
+        }
+    }
+
+    /// Queues bytes already framed (what a parked connection framed and did not write).
+    pub fn queue_framed(&mut self, frames: &[u8]) {
+        if !self.close_queued {
+            self.wbuf.extend_from_slice(frames);
         }
     }
 

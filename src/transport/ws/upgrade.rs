@@ -113,6 +113,7 @@ pub async fn upgrade(
         settled: !identity_anonymous,
         pending_join: auto_join.map(Into::into),
         dialect,
+        park: Park::Held,
         permits,
         address,
         online,
