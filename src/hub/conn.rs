@@ -25,20 +25,21 @@
 //! scheduled, polls its queue, its cursors and its socket, and goes back to sleep. So a
 //! task that has been getting events and has nothing left to do *parks* its writing end
 //! here ([`Parked`]: its cursors, its socket and how its dialect frames an event) and
-//! sleeps on its socket and queue as before. While it is parked and its queue is empty,
-//! [`ConnHandle::push`] passes an event through the parked cursors and keeps it, without
-//! waking the task; it is framed and sent (one `send`, the task's `write` would be the
-//! same) when the delivery round ends ([`corked`]: the commit pipeline and the broker
-//! deliver all they have, then write every parked socket that got an event), or at once
+//! sleeps on its socket and queue as before. While it is parked and its queue holds
+//! nothing else, [`ConnHandle::push`] passes an event through the parked cursors and
+//! queues it as *taken*, without waking the task; the taken events are framed and sent in
+//! one `send` when the delivery round ends ([`corked`]: the commit pipeline and the broker
+//! deliver all they have, then write every parked socket that took events), or at once
 //! outside a round.
 //!
 //! Everything else goes the way it always did, and the task takes the parked end back
-//! ([`Receiver::reclaim`]) before it reads, writes or moves a cursor:
-//! - an event the cursors cannot take (a gap to fill from the store), or any event while
-//!   the queue holds one, is queued and wakes the task;
-//! - a second event before the first is written (a burst) is queued too and wakes the
-//!   task, which writes both with whatever else is queued in one write;
-//! - a socket that does not take a whole frame leaves the rest to the task (woken), which
+//! ([`Receiver::reclaim`], with the taken events not yet written) before it reads, writes
+//! or moves a cursor:
+//! - an event the cursors cannot take (a gap to fill from the store), or any event queued
+//!   behind one that was not taken, is queued and wakes the task;
+//! - a round that brings more than [`MAX_TAKEN`] events (a burst) leaves the rest to the
+//!   task, which writes them all in batches;
+//! - a socket that does not take a whole write leaves the rest to the task (woken), which
 //!   writes it, with its timeout for slow clients, before anything else.
 //!
 //! The task parks again only when it has written events since it last parked and has
@@ -205,24 +206,29 @@ pub struct Parked {
     stream: Arc<TcpStream>,
     /// Appends an event as a WebSocket frame in the connection's dialect.
     frame: fn(&mut Vec<u8>, &Envelope),
-    /// The event taken and not written whole yet (a round writes it at its end).
-    next: Option<Arc<Envelope>>,
-    /// How much of `next`'s frame the socket took (short of all of it: `over` is set).
-    /// Its frame is made again for the task rather than kept: an offset costs every
-    /// parked connection less than a buffer.
+    /// How many events at the front of the queue the parked end took (past its cursors),
+    /// to be written when the round ends.
+    taken: u32,
+    /// How much of the taken events' frames the socket took (short of all of them: `over`
+    /// is set). The frames are made again for the task rather than kept: an offset costs
+    /// every parked connection less than a buffer.
     sent: u32,
-    /// The task takes over: the socket did not take a whole write, or a second event came
-    /// before the first was written (a burst, which the task writes in one go with its
-    /// queue). Nothing more is taken here; the task is woken and reclaims the end.
+    /// The task takes over: the socket did not take a whole write, or a round brought
+    /// more than [`MAX_TAKEN`] events. Nothing more is taken here; the task is woken and
+    /// writes the taken events with the rest of its queue.
     over: bool,
     /// Frames written to clients (the node's `frames_out`).
     frames_out: Counter,
 }
 
+/// Most events a parked end takes in one round; a burst beyond goes to the task, which
+/// writes in larger batches.
+const MAX_TAKEN: u32 = 64;
+
 impl std::fmt::Debug for Parked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Parked")
-            .field("next", &self.next.is_some())
+            .field("taken", &self.taken)
             .field("sent", &self.sent)
             .field("over", &self.over)
             .finish_non_exhaustive()
@@ -231,12 +237,12 @@ impl std::fmt::Debug for Parked {
 
 /// What [`Parked::take`] did with an event.
 enum Taken {
-    /// Taken, to be written.
+    /// Taken, to be written at the round's end.
     Next,
     /// The connection was sent it already.
     Dropped,
-    /// Not for the parked end: the task must handle it (a gap, a second event before the
-    /// first was written, or the socket is full).
+    /// Not for the parked end: the task must handle it (a gap, a full round, or the
+    /// socket is full).
     Refused,
 }
 
@@ -252,36 +258,25 @@ impl Parked {
             cursors,
             stream,
             frame,
-            next: None,
+            taken: 0,
             sent: 0,
             over: false,
             frames_out,
         })
     }
 
-    /// The frames taken and not written, which the task writes first when it takes the
-    /// parked end back.
-    pub fn unwritten(&mut self) -> Vec<u8> {
-        let mut frame = Vec::new();
-        if let Some(next) = self.next.take() {
-            (self.frame)(&mut frame, &next);
-            frame.drain(..(self.sent as usize).min(frame.len()));
-        }
-        frame
-    }
-
-    fn take(&mut self, envelope: &Arc<Envelope>) -> Taken {
+    fn take(&mut self, envelope: &Envelope) -> Taken {
         if self.over {
             return Taken::Refused;
         }
-        if self.next.is_some() {
+        if self.taken >= MAX_TAKEN {
             self.over = true;
             return Taken::Refused;
         }
         match self.cursors.advance(&envelope.event) {
             Step::Next => {
                 self.frames_out.inc();
-                self.next = Some(Arc::clone(envelope));
+                self.taken += 1;
                 Taken::Next
             }
             Step::Sent => Taken::Dropped,
@@ -289,33 +284,27 @@ impl Parked {
         }
     }
 
-    /// Writes the event taken, without waiting (`scratch`: a buffer to frame it in). False
-    /// when the socket did not take all of it (or failed): the rest stays, and the task
-    /// must be woken to finish.
-    fn write(&mut self, scratch: &mut Vec<u8>) -> bool {
-        let Some(next) = self.next.as_ref() else {
-            return true;
-        };
-        scratch.clear();
-        (self.frame)(scratch, next);
+    /// Frames the taken events (the first `taken` of `queue`) into `out`.
+    fn frame_taken(&self, queue: &VecDeque<Arc<Envelope>>, out: &mut Vec<u8>) {
+        for envelope in queue.iter().take(self.taken as usize) {
+            (self.frame)(out, envelope);
+        }
+    }
+
+    /// Sends `bytes` as far as the socket takes them now; how many it took. Straight to
+    /// the socket, past the runtime's readiness bookkeeping: a short count leaves the rest
+    /// to the task, whose write learns readiness afresh.
+    fn send(&self, bytes: &[u8]) -> usize {
         let socket = socket2::SockRef::from(self.stream.as_ref());
-        // Straight to the socket, past the runtime's readiness bookkeeping: a short count
-        // leaves the rest to the task, whose write learns readiness afresh.
         let mut written = 0;
-        while written < scratch.len() {
-            match socket.send(&scratch[written..]) {
+        while written < bytes.len() {
+            match socket.send(&bytes[written..]) {
                 Ok(n) if n > 0 => written += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                _ => {
-                    // Frames are far below 4 GiB (`limits.max_frame_bytes`).
-                    self.sent = u32::try_from(written).unwrap_or(u32::MAX);
-                    self.over = true;
-                    return false;
-                }
+                _ => break,
             }
         }
-        self.next = None;
-        true
+        written
     }
 }
 
@@ -444,28 +433,34 @@ impl ConnHandle {
                 self.kick(Kick::SlowConsumer);
                 return false;
             }
-            if out.queue.is_empty()
-                && let Some(parked) = out.parked.as_mut()
-            {
-                match parked.take(&envelope) {
-                    Taken::Dropped => return true,
-                    Taken::Next => {
-                        if join_round(self) || parked.write(&mut Vec::new()) {
-                            return true;
-                        }
-                        // The socket is full: the task writes the rest, and waits for it.
-                        out.waker.take()
+            let taking = out
+                .parked
+                .as_ref()
+                .is_some_and(|p| p.taken as usize == out.queue.len());
+            let taken = match out.parked.as_mut() {
+                Some(parked) if taking => parked.take(&envelope),
+                _ => Taken::Refused,
+            };
+            match taken {
+                Taken::Dropped => return true,
+                Taken::Next => {
+                    out.bytes += envelope.size;
+                    out.queue.push_back(envelope);
+                    // The first event taken: written when the round ends, or now.
+                    if out.queue.len() > 1
+                        || join_round(self)
+                        || Self::write_taken(&self.0, &mut out, &mut Vec::new())
+                    {
+                        return true;
                     }
-                    Taken::Refused => {
-                        out.bytes += envelope.size;
-                        out.queue.push_back(envelope);
-                        out.waker.take()
-                    }
+                    // The socket is full: the task writes the rest, and waits for it.
+                    out.waker.take()
                 }
-            } else {
-                out.bytes += envelope.size;
-                out.queue.push_back(envelope);
-                out.waker.take()
+                Taken::Refused => {
+                    out.bytes += envelope.size;
+                    out.queue.push_back(envelope);
+                    out.waker.take()
+                }
             }
         };
         if let Some(waker) = waker {
@@ -474,24 +469,45 @@ impl ConnHandle {
         true
     }
 
-    /// Writes what this round framed into the parked end, waking the task if the socket
-    /// did not take it all.
+    /// Writes the events the parked end took, waking the task if the socket did not take
+    /// them all.
     fn write_parked(&self, scratch: &mut Vec<u8>) {
         let waker = {
             let mut out = self.0.outbound.lock();
-            match out.parked.as_mut() {
-                Some(parked) if !parked.over => {
-                    if parked.write(scratch) {
-                        return;
-                    }
-                    out.waker.take()
-                }
-                _ => return,
+            if Self::write_taken(&self.0, &mut out, scratch) {
+                return;
             }
+            out.waker.take()
         };
         if let Some(waker) = waker {
             waker.wake();
         }
+    }
+
+    /// Sends the events the parked end took (framed in `scratch`) and takes them off the
+    /// queue. False when the socket did not take them all (or failed): the parked end is
+    /// then over, and the task must be woken to write the rest.
+    fn write_taken(conn: &ConnInner, out: &mut Outbound, scratch: &mut Vec<u8>) -> bool {
+        let Some(parked) = out.parked.as_mut() else {
+            return true;
+        };
+        if parked.over || parked.taken == 0 {
+            // Nothing taken, or the task (woken) writes it.
+            return true;
+        }
+        scratch.clear();
+        parked.frame_taken(&out.queue, scratch);
+        let written = parked.send(scratch);
+        if written < scratch.len() {
+            // Frames are far below 4 GiB (`limits.max_frame_bytes`).
+            parked.sent = u32::try_from(written).unwrap_or(u32::MAX);
+            parked.over = true;
+            return false;
+        }
+        for _ in 0..std::mem::take(&mut parked.taken) {
+            pop(conn, out);
+        }
+        true
     }
 
     /// True once the connection's task has ended (nobody reads its queue any more).
@@ -640,9 +656,21 @@ impl Receiver {
         Ok(())
     }
 
-    /// Takes the parked writing end back, with whatever it framed and did not write.
-    pub fn reclaim(&mut self) -> Option<Box<Parked>> {
-        self.0.0.outbound.lock().parked.take()
+    /// Takes the parked writing end back, with the frames of the events it took and did
+    /// not write whole (what the socket has not taken of them), which the task writes
+    /// before anything else.
+    pub fn reclaim(&mut self) -> Option<(Box<Parked>, Vec<u8>)> {
+        let mut out = self.0.0.outbound.lock();
+        let parked = out.parked.take()?;
+        let mut unwritten = Vec::new();
+        if parked.taken > 0 {
+            parked.frame_taken(&out.queue, &mut unwritten);
+            unwritten.drain(..(parked.sent as usize).min(unwritten.len()));
+            for _ in 0..parked.taken {
+                pop(&self.0.0, &mut out);
+            }
+        }
+        Some((parked, unwritten))
     }
 
     /// Whether an event is queued.
@@ -691,15 +719,20 @@ impl Receiver {
     }
 
     fn pop(conn: &ConnHandle, out: &mut Outbound) -> Option<Arc<Envelope>> {
-        let envelope = out.queue.pop_front()?;
-        if conn.0.max_bytes != usize::MAX {
-            out.bytes -= envelope.size;
-        }
-        if out.queue.is_empty() && out.queue.capacity() > 0 {
-            out.queue = VecDeque::new();
-        }
-        Some(envelope)
+        pop(&conn.0, out)
     }
+}
+
+/// Takes the next event off `out`'s queue, giving back what it counted.
+fn pop(conn: &ConnInner, out: &mut Outbound) -> Option<Arc<Envelope>> {
+    let envelope = out.queue.pop_front()?;
+    if conn.max_bytes != usize::MAX {
+        out.bytes -= envelope.size;
+    }
+    if out.queue.is_empty() && out.queue.capacity() > 0 {
+        out.queue = VecDeque::new();
+    }
+    Some(envelope)
 }
 
 impl Drop for Receiver {
@@ -964,16 +997,7 @@ mod tests {
         assert_eq!(read(&mut client, 2, second).await, b"1;");
         corked(|| {
             assert!(conn.push(message(2)));
-            assert!(
-                conn.0
-                    .outbound
-                    .lock()
-                    .parked
-                    .as_ref()
-                    .unwrap()
-                    .next
-                    .is_some()
-            );
+            assert_eq!(conn.0.outbound.lock().parked.as_ref().unwrap().taken, 1);
         });
         assert_eq!(read(&mut client, 2, second).await, b"2;");
         // Non-message events go as they come; messages the connection was sent do not.
@@ -991,10 +1015,10 @@ mod tests {
         assert!(conn.push(message(5)));
         assert!(conn.push(message(6)));
         assert_eq!(woken(), 1);
-        let mut back = rx
+        let (back, unwritten) = rx
             .reclaim()
             .expect("still parked until the task reclaims it");
-        assert!(back.unwritten().is_empty());
+        assert!(unwritten.is_empty());
         assert_eq!(back.cursors.get(&room()).map(|c| c.upto), Some(2));
         let queued: Vec<u64> = std::iter::from_fn(|| rx.try_recv())
             .map(|e| match &e.event {
@@ -1027,8 +1051,8 @@ mod tests {
         let woken = || count.0.load(Ordering::SeqCst);
         let none = std::time::Duration::from_millis(100);
 
-        // A second event before the first is written: both are the task's, in order.
-        let (conn, mut rx) = ConnHandle::new(1, identity(), 64);
+        // A round's events go in one write; past `MAX_TAKEN`, the rest is the task's.
+        let (conn, mut rx) = ConnHandle::new(1, identity(), 1000);
         let (server, mut client) = tcp_pair().await;
         assert!(rx.poll_signal(&mut cx).is_pending());
         rx.park(parked(server, &Counter::default())).unwrap();
@@ -1037,16 +1061,34 @@ mod tests {
                 assert!(conn.push(message(seq)));
             }
         });
+        assert_eq!(read(&mut client, 6, none).await, b"1;2;3;");
+        assert_eq!(woken(), 0);
+        let last = u64::from(MAX_TAKEN) + 10;
+        corked(|| {
+            for seq in 4..=last {
+                assert!(conn.push(message(seq)));
+            }
+        });
         assert_eq!(woken(), 1);
         assert!(read(&mut client, 1, none).await.is_empty());
-        let mut back = rx.reclaim().unwrap();
-        assert_eq!(back.unwritten(), b"1;");
-        assert_eq!(back.cursors.get(&room()).map(|c| c.upto), Some(1));
-        assert!(
-            matches!(rx.try_recv().map(|e| e.event.clone()), Some(Event::Message(m)) if m.seq == 2)
+        let (back, unwritten) = rx.reclaim().unwrap();
+        let expected: String = (4..4 + u64::from(MAX_TAKEN))
+            .map(|seq| format!("{seq};"))
+            .collect();
+        assert_eq!(String::from_utf8(unwritten).unwrap(), expected);
+        assert_eq!(
+            back.cursors.get(&room()).map(|c| c.upto),
+            Some(3 + u64::from(MAX_TAKEN))
         );
-        assert!(
-            matches!(rx.try_recv().map(|e| e.event.clone()), Some(Event::Message(m)) if m.seq == 3)
+        let queued: Vec<u64> = std::iter::from_fn(|| rx.try_recv())
+            .map(|e| match &e.event {
+                Event::Message(m) => m.seq,
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(
+            queued,
+            (4 + u64::from(MAX_TAKEN)..=last).collect::<Vec<_>>()
         );
 
         // A frame larger than the socket takes: the task gets what is left of it.
@@ -1067,7 +1109,7 @@ mod tests {
         assert!(conn.push(Envelope::new(Event::Frame(bytes::Bytes::from(big.clone())))));
         assert_eq!(woken(), 2, "the task is woken to finish");
         assert!(conn.push(message(1)), "and later events wait for it");
-        let rest = rx.reclaim().unwrap().unwritten();
+        let rest = rx.reclaim().unwrap().1;
         assert!(!rest.is_empty() && rest.len() < big.len());
         let reader = tokio::spawn(async move { read(&mut client, 32 << 20, none * 20).await });
         let mut written = 0;

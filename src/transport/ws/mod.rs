@@ -660,9 +660,9 @@ impl Connection {
     /// that the socket has not taken yet.
     fn reclaim(&mut self, socket: &mut WsSocket) {
         self.park = Park::Held;
-        if let Some(mut parked) = self.rx.reclaim() {
+        if let Some((mut parked, unwritten)) = self.rx.reclaim() {
             self.rooms = std::mem::take(&mut parked.cursors);
-            socket.queue_framed(&parked.unwritten());
+            socket.queue_framed(&unwritten);
         }
     }
 
