@@ -19,15 +19,13 @@
 'use strict';
 
 const { WebSocketServer } = require('ws');
-const { handleFrame, now } = require('./protocol');
+const { handleFrame, messageReceived, now, visitorId } = require('./protocol');
 
 const PORT = Number.parseInt(process.env.PORT || '18081', 10);
 const HOST = process.env.HOST || '127.0.0.1';
 
 /** roomId -> { seq: number, members: Set<WebSocket> } */
 const rooms = new Map();
-let nextConnection = 1;
-let nextMessage = 1;
 
 function room(roomId) {
   let r = rooms.get(roomId);
@@ -79,20 +77,8 @@ function sendMessage(ws, frame) {
   }
   const r = room(roomId);
   r.seq += 1;
-  const messageId = `m${nextMessage++}`;
-  const received = {
-    type: 'message-received',
-    id: messageId,
-    roomId,
-    chatRoomId: roomId,
-    seq: r.seq,
-    message,
-    userId: ws.userId,
-    userName: ws.userId,
-    role: 'visitor',
-    timestamp: now(),
-  };
-  if (clientMessageId !== undefined) received.clientMessageId = clientMessageId;
+  const received = messageReceived(roomId, r.seq, message, ws.userId, clientMessageId);
+  const messageId = received.id;
   // Serialise once and hand the same buffer to every member.
   const bytes = Buffer.from(JSON.stringify(received));
   for (const member of r.members) {
@@ -125,7 +111,7 @@ const wss = new WebSocketServer({
 });
 
 wss.on('connection', (ws, req) => {
-  ws.userId = `anon-${nextConnection++}`;
+  ws.userId = visitorId();
   ws.rooms = new Set();
   ws.on('message', (data, isBinary) => onMessage(ws, data, isBinary));
   ws.on('close', () => {

@@ -3,9 +3,43 @@
 // uWebSockets.js) accept, decoded and dispatched in one place so the two speak
 // exactly the same protocol subset. Each server supplies what the frames do.
 
+const crypto = require('crypto');
+
 /** The time as Parlor writes it (ISO 8601, UTC). */
 function now() {
   return new Date().toISOString();
+}
+
+/**
+ * A user id as Parlor gives an anonymous visitor: `v_` and 16 hex digits. The
+ * baselines' frames carry ids as long as Parlor's, so that every server writes
+ * the same bytes per delivery and the figures compare servers, not formats.
+ */
+function visitorId() {
+  return `v_${crypto.randomBytes(8).toString('hex')}`;
+}
+
+/**
+ * `message-received` for a visitor's text message, with the fields Parlor's has,
+ * in its order: a message id as long as Parlor's (a UUID), `messageType`, the
+ * visitor's name as Parlor defaults it.
+ */
+function messageReceived(roomId, seq, message, userId, clientMessageId) {
+  const frame = {
+    type: 'message-received',
+    id: crypto.randomUUID(),
+    roomId,
+    chatRoomId: roomId,
+    seq,
+    message,
+    messageType: 'text',
+    userId,
+    userName: 'Visitor',
+    role: 'visitor',
+    timestamp: now(),
+  };
+  if (clientMessageId !== undefined) frame.clientMessageId = clientMessageId;
+  return frame;
 }
 
 /**
@@ -48,4 +82,4 @@ function handleFrame(ws, text, h) {
   }
 }
 
-module.exports = { handleFrame, now };
+module.exports = { handleFrame, messageReceived, now, visitorId };

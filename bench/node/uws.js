@@ -28,7 +28,7 @@
 'use strict';
 
 const path = require('node:path');
-const { handleFrame, now } = require('./protocol');
+const { handleFrame, messageReceived, now, visitorId } = require('./protocol');
 
 const PORT = Number.parseInt(process.env.PORT || '18082', 10);
 const HOST = process.env.HOST || '127.0.0.1';
@@ -56,8 +56,6 @@ const uWS = loadNative();
 
 /** roomId -> { seq: number, members: number } */
 const rooms = new Map();
-let nextConnection = 1;
-let nextMessage = 1;
 let listenSocket = null;
 
 function topic(roomId) {
@@ -123,20 +121,8 @@ function sendMessage(ws, frame) {
   }
   const r = room(roomId);
   r.seq += 1;
-  const messageId = `m${nextMessage++}`;
-  const received = {
-    type: 'message-received',
-    id: messageId,
-    roomId,
-    chatRoomId: roomId,
-    seq: r.seq,
-    message,
-    userId: user.userId,
-    userName: user.userId,
-    role: 'visitor',
-    timestamp: now(),
-  };
-  if (clientMessageId !== undefined) received.clientMessageId = clientMessageId;
+  const received = messageReceived(roomId, r.seq, message, user.userId, clientMessageId);
+  const messageId = received.id;
   // The app's publish reaches every subscriber, the sender included (the
   // socket's own publish would skip the sender).
   app.publish(topic(roomId), JSON.stringify(received), false);
@@ -171,7 +157,7 @@ app.ws('/ws', {
     // Everything from `req` must be read before returning or upgrading.
     const autoJoin = req.getQuery('roomId') || '';
     res.upgrade(
-      { userId: `anon-${nextConnection++}`, rooms: new Set(), autoJoin },
+      { userId: visitorId(), rooms: new Set(), autoJoin },
       req.getHeader('sec-websocket-key'),
       req.getHeader('sec-websocket-protocol'),
       req.getHeader('sec-websocket-extensions'),
