@@ -217,13 +217,13 @@ pub struct Parked {
     /// more than [`MAX_TAKEN`] events. Nothing more is taken here; the task is woken and
     /// writes the taken events with the rest of its queue.
     over: bool,
-    /// Frames written to clients (the node's `frames_out`).
+    /// Frames written to clients (the node's `frames_out`), counted once per write.
     frames_out: Counter,
 }
 
-/// Most events a parked end takes in one round; a burst beyond goes to the task, which
-/// writes in larger batches.
-const MAX_TAKEN: u32 = 64;
+/// Most events a parked end takes in one round (a whole round, [`DELIVERY_ROUND`]); what
+/// comes beyond goes to the task.
+const MAX_TAKEN: u32 = 256;
 
 impl std::fmt::Debug for Parked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -275,7 +275,6 @@ impl Parked {
         }
         match self.cursors.advance(&envelope.event) {
             Step::Next => {
-                self.frames_out.inc();
                 self.taken += 1;
                 Taken::Next
             }
@@ -504,7 +503,9 @@ impl ConnHandle {
             parked.over = true;
             return false;
         }
-        for _ in 0..std::mem::take(&mut parked.taken) {
+        let taken = std::mem::take(&mut parked.taken);
+        parked.frames_out.inc_by(u64::from(taken));
+        for _ in 0..taken {
             pop(conn, out);
         }
         true
@@ -664,6 +665,8 @@ impl Receiver {
         let parked = out.parked.take()?;
         let mut unwritten = Vec::new();
         if parked.taken > 0 {
+            // Counted here: the task writes them.
+            parked.frames_out.inc_by(u64::from(parked.taken));
             parked.frame_taken(&out.queue, &mut unwritten);
             unwritten.drain(..(parked.sent as usize).min(unwritten.len()));
             for _ in 0..parked.taken {
