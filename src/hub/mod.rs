@@ -767,7 +767,9 @@ impl Hub {
         let mut stalled_since = tokio::time::Instant::now();
         let mut wait = FILL_RETRY_FIRST;
         loop {
-            let (after, want) = {
+            // Each delivery here is a round of its own (`conn::corked`): the members that
+            // take its messages parked are written once for all of them, after the lock.
+            let next = conn::corked(|| {
                 let mut st = slot.state.lock();
                 self.drain_pending_locked(&mut st);
                 let target = match st.pending.first_key_value() {
@@ -776,23 +778,29 @@ impl Hub {
                 };
                 if target <= st.last_seq {
                     st.filling = false;
-                    return;
+                    return None;
                 }
                 let want = usize::try_from(target - st.last_seq)
                     .unwrap_or(usize::MAX)
                     .min(FILL_PAGE);
-                (st.last_seq, want)
+                Some((st.last_seq, want))
+            });
+            let Some((after, want)) = next else {
+                return;
             };
             match self.store.messages_after(&slot.key, after, want).await {
                 Ok(page) if !page.is_empty() => {
-                    let mut st = slot.state.lock();
-                    let mut filled = 0;
-                    for m in page {
-                        if m.seq == st.last_seq + 1 {
-                            self.apply_locked(&mut st, Arc::new(m));
-                            filled += 1;
+                    let filled = conn::corked(|| {
+                        let mut st = slot.state.lock();
+                        let mut filled = 0;
+                        for m in page {
+                            if m.seq == st.last_seq + 1 {
+                                self.apply_locked(&mut st, Arc::new(m));
+                                filled += 1;
+                            }
                         }
-                    }
+                        filled
+                    });
                     self.metrics
                         .stream_filled
                         .get_or_create(&AT_NODE)
