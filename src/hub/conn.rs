@@ -845,6 +845,19 @@ mod tests {
     /// A waker that counts its wake-ups.
     struct Count(std::sync::atomic::AtomicUsize);
 
+    impl Count {
+        /// A waker counting into the returned `Count`.
+        fn waker() -> (Arc<Self>, Waker) {
+            let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+            let waker = Waker::from(Arc::clone(&count));
+            (count, waker)
+        }
+
+        fn woken(&self) -> usize {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
     impl std::task::Wake for Count {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::SeqCst);
@@ -853,10 +866,9 @@ mod tests {
 
     #[test]
     fn the_waiting_task_is_woken_by_an_event_a_ping_and_a_kick_and_a_kick_comes_first() {
-        let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
-        let waker = Waker::from(Arc::clone(&count));
+        let (count, waker) = Count::waker();
         let mut cx = Context::from_waker(&waker);
-        let woken = || count.0.load(Ordering::SeqCst);
+        let woken = || count.woken();
         let (conn, mut rx) = ConnHandle::new(1, identity(), 8);
 
         assert!(rx.poll_signal(&mut cx).is_pending());
@@ -895,8 +907,7 @@ mod tests {
 
     #[test]
     fn a_task_taking_no_events_still_hears_pings_and_kicks_and_the_events_stay_queued() {
-        let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
-        let waker = Waker::from(Arc::clone(&count));
+        let (_, waker) = Count::waker();
         let mut cx = Context::from_waker(&waker);
         let (conn, mut rx) = ConnHandle::new(1, identity(), 8);
 
@@ -983,10 +994,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_parked_connection_is_written_by_the_hub_in_order_and_its_task_sleeps() {
-        let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
-        let waker = Waker::from(Arc::clone(&count));
+        let (count, waker) = Count::waker();
         let mut cx = Context::from_waker(&waker);
-        let woken = || count.0.load(Ordering::SeqCst);
+        let woken = || count.woken();
         let (conn, mut rx) = ConnHandle::new(1, identity(), 64);
         let (server, mut client) = tcp_pair().await;
         let frames = Counter::default();
@@ -1048,10 +1058,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_burst_or_a_full_socket_goes_back_to_the_task_with_nothing_lost() {
-        let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
-        let waker = Waker::from(Arc::clone(&count));
+        let (count, waker) = Count::waker();
         let mut cx = Context::from_waker(&waker);
-        let woken = || count.0.load(Ordering::SeqCst);
+        let woken = || count.woken();
         let none = std::time::Duration::from_millis(100);
 
         // A round's events go in one write; past `MAX_TAKEN`, the rest is the task's.
