@@ -1088,3 +1088,38 @@ async fn close_frames_with_invalid_codes_are_protocol_errors() {
     }
     server.stop().await;
 }
+
+/// A client may send its first frame in the same write as the upgrade request: the bytes
+/// the HTTP layer read past the request are the start of the WebSocket stream.
+#[tokio::test]
+async fn a_frame_sent_with_the_upgrade_request_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start().await;
+    let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let mut bytes = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        server.addr
+    )
+    .into_bytes();
+    let join = br#"{"type":"join-room","id":"j","roomId":"at-once"}"#;
+    let mask = [9u8, 8, 7, 6];
+    bytes.extend_from_slice(&[0x81, 0x80 | join.len() as u8]);
+    bytes.extend_from_slice(&mask);
+    bytes.extend(join.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    wr.write_all(&bytes).await.unwrap();
+
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(rd.read_u8().await.unwrap());
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    let (opcode, payload) = tokio::time::timeout(common::WAIT, read_frame(&mut rd))
+        .await
+        .expect("an answer in time");
+    assert_eq!(opcode, 0x1);
+    let joined: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(joined["type"], "room-joined", "{joined}");
+    assert_eq!(joined["replyTo"], "j");
+}

@@ -514,7 +514,7 @@ impl Connection {
             // fill from the store or a socket that does not take everything leaves it.
             let wake = std::future::poll_fn(|cx| {
                 // Whatever woke the task, it takes its writing end back first, and writes
-                // what the hub framed there and the socket did not take.
+                // the events the hub took there and did not write whole.
                 if self.park == Park::Parked {
                     self.reclaim(socket);
                     if socket.pending() > 0 {
@@ -656,8 +656,8 @@ impl Connection {
         }
     }
 
-    /// Takes the writing end back from the queue, with the frames the hub wrote into it
-    /// that the socket has not taken yet.
+    /// Takes the writing end back from the queue, with the frames of the events the hub
+    /// took there and did not write whole, which go first.
     fn reclaim(&mut self, socket: &mut WsSocket) {
         self.park = Park::Held;
         if let Some((mut parked, unwritten)) = self.rx.reclaim() {
