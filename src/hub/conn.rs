@@ -221,9 +221,9 @@ pub struct Parked {
     frames_out: Counter,
 }
 
-/// Most events a parked end takes in one round (a whole round, [`DELIVERY_ROUND`]); what
-/// comes beyond goes to the task.
-const MAX_TAKEN: u32 = 256;
+/// Most events a parked end takes in one round (a whole round); what comes beyond goes to
+/// the task.
+const MAX_TAKEN: u32 = DELIVERY_ROUND as u32;
 
 impl std::fmt::Debug for Parked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -281,6 +281,14 @@ impl Parked {
             Step::Sent => Taken::Dropped,
             Step::Gap { .. } => Taken::Refused,
         }
+    }
+
+    /// How many events were taken, counted as written frames, and forgotten (the caller
+    /// takes them off the queue).
+    fn settle(&mut self) -> u32 {
+        let taken = std::mem::take(&mut self.taken);
+        self.frames_out.inc_by(u64::from(taken));
+        taken
     }
 
     /// Frames the taken events (the first `taken` of `queue`) into `out`.
@@ -432,35 +440,27 @@ impl ConnHandle {
                 self.kick(Kick::SlowConsumer);
                 return false;
             }
-            let taking = out
-                .parked
-                .as_ref()
-                .is_some_and(|p| p.taken as usize == out.queue.len());
+            // A parked end takes an event only if nothing it did not take is queued.
+            let queued = out.queue.len();
             let taken = match out.parked.as_mut() {
-                Some(parked) if taking => parked.take(&envelope),
+                Some(parked) if parked.taken as usize == queued => parked.take(&envelope),
                 _ => Taken::Refused,
             };
-            match taken {
-                Taken::Dropped => return true,
-                Taken::Next => {
-                    out.bytes += envelope.size;
-                    out.queue.push_back(envelope);
-                    // The first event taken: written when the round ends, or now.
-                    if out.queue.len() > 1
-                        || join_round(self)
-                        || Self::write_taken(&self.0, &mut out, &mut Vec::new())
-                    {
-                        return true;
-                    }
-                    // The socket is full: the task writes the rest, and waits for it.
-                    out.waker.take()
-                }
-                Taken::Refused => {
-                    out.bytes += envelope.size;
-                    out.queue.push_back(envelope);
-                    out.waker.take()
-                }
+            if matches!(taken, Taken::Dropped) {
+                return true;
             }
+            out.bytes += envelope.size;
+            out.queue.push_back(envelope);
+            // The first event taken is written when the round ends, or now; a socket that
+            // does not take it leaves the rest to the task, woken below.
+            if matches!(taken, Taken::Next)
+                && (queued > 0
+                    || join_round(self)
+                    || Self::write_taken(&self.0, &mut out, &mut Vec::new()))
+            {
+                return true;
+            }
+            out.waker.take()
         };
         if let Some(waker) = waker {
             waker.wake();
@@ -503,8 +503,7 @@ impl ConnHandle {
             parked.over = true;
             return false;
         }
-        let taken = std::mem::take(&mut parked.taken);
-        parked.frames_out.inc_by(u64::from(taken));
+        let taken = parked.settle();
         for _ in 0..taken {
             pop(conn, out);
         }
@@ -662,16 +661,13 @@ impl Receiver {
     /// before anything else.
     pub fn reclaim(&mut self) -> Option<(Box<Parked>, Vec<u8>)> {
         let mut out = self.0.0.outbound.lock();
-        let parked = out.parked.take()?;
+        let mut parked = out.parked.take()?;
         let mut unwritten = Vec::new();
-        if parked.taken > 0 {
-            // Counted here: the task writes them.
-            parked.frames_out.inc_by(u64::from(parked.taken));
-            parked.frame_taken(&out.queue, &mut unwritten);
-            unwritten.drain(..(parked.sent as usize).min(unwritten.len()));
-            for _ in 0..parked.taken {
-                pop(&self.0.0, &mut out);
-            }
+        parked.frame_taken(&out.queue, &mut unwritten);
+        unwritten.drain(..(parked.sent as usize).min(unwritten.len()));
+        // Counted as written here: the task writes them.
+        for _ in 0..parked.settle() {
+            pop(&self.0.0, &mut out);
         }
         Some((parked, unwritten))
     }
