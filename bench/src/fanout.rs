@@ -507,23 +507,31 @@ async fn receive_loop(
 /// these fields) without a JSON parser: (room, seq, message). `None` for anything else,
 /// which the caller then parses in full.
 fn scan_message(text: &str) -> Option<(&str, u64, std::borrow::Cow<'_, str>)> {
+    use memchr::memmem::Finder;
+    use std::sync::LazyLock;
+    // Searchers built once: building one per search cost the load generator more than
+    // the rest of its work on a frame.
+    static ROOM: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(r#""roomId":""#));
+    static MESSAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(r#""message":""#));
+    static SEQ: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(r#""seq":"#));
     let rest = text.strip_prefix(r#"{"type":"message-received","#)?;
-    let string_after = |key: &str| -> Option<&str> {
-        let start = rest.find(key)? + key.len();
-        let value = &rest[start..];
-        let end = value.find('"')?;
-        let v = &value[..end];
+    let bytes = rest.as_bytes();
+    let string_after = |key: &Finder<'_>| -> Option<&str> {
+        let start = key.find(bytes)? + key.needle().len();
+        let end = start + memchr::memchr(b'"', &bytes[start..])?;
+        let v = rest.get(start..end)?;
         // An escape would need the full parser.
-        (!v.contains('\\')).then_some(v)
+        memchr::memchr(b'\\', v.as_bytes()).is_none().then_some(v)
     };
-    let room = string_after(r#""roomId":""#)?;
-    let body = string_after(r#""message":""#)?;
-    let seq_at = rest.find(r#""seq":"#)? + 6;
-    let digits = &rest[seq_at..];
+    let room = string_after(&ROOM)?;
+    let body = string_after(&MESSAGE)?;
+    let seq_at = SEQ.find(bytes)? + SEQ.needle().len();
+    let digits = &bytes[seq_at..];
     let end = digits
-        .find(|c: char| !c.is_ascii_digit())
+        .iter()
+        .position(|c| !c.is_ascii_digit())
         .unwrap_or(digits.len());
-    let seq = digits[..end].parse().ok()?;
+    let seq = std::str::from_utf8(&digits[..end]).ok()?.parse().ok()?;
     Some((room, seq, std::borrow::Cow::Borrowed(body)))
 }
 
