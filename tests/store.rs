@@ -37,6 +37,7 @@ use parlor::store::guided::{
     GeneratedDocument, GuidedSession, NewDocument, NewSession, NewTurn, Pending, SessionQuery,
     SessionStatus, Speaker, Step, StoredTemplate,
 };
+use parlor::store::notifications::{NewNotification, NotificationType, UnreadCount};
 use parlor::store::postgres::PostgresStore;
 use parlor::store::sqlite::SqliteStore;
 use parlor::store::{
@@ -289,6 +290,10 @@ macro_rules! conformance_suite {
             current guided_expiry_removes_only_what_is_due,
             current guided_templates_round_trip,
             current leases_go_to_one_holder_until_they_expire,
+            current notifications_are_numbered_per_user_and_read_back,
+            current marking_notifications_read_touches_only_the_users_own,
+            multi concurrent_notifications_to_one_user_get_gapless_seqs,
+            current notification_expiry_removes_only_what_is_due,
         );
     };
     (@stories $backend:ident; $($flavor:ident $(#[$attr:meta])* $story:ident),* $(,)?) => {
@@ -1508,6 +1513,264 @@ mod stories {
         );
         assert_eq!(store.stored_templates("blog").await.unwrap().len(), 1);
         assert!(store.stored_templates("none").await.unwrap().is_empty());
+    }
+
+    /// A notification as the service makes one.
+    fn notice(domain: &str, user: &str, task: Option<&str>, content: &str) -> NewNotification {
+        NewNotification {
+            id: uuid::Uuid::now_v7().to_string(),
+            domain_id: domain.into(),
+            user_id: user.into(),
+            org_id: None,
+            task_id: task.map(str::to_owned),
+            kind: NotificationType::Info,
+            content: content.into(),
+            data: None,
+        }
+    }
+
+    /// Each user's notifications count from 1 in the order stored, per domain; they read
+    /// back whole, unread newest first (paged with `before`), after a `seq`, and per task.
+    pub async fn notifications_are_numbered_per_user_and_read_back(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let mut first = notice(SHOP, "ann", Some("t1"), "Processing your request…");
+        first.kind = NotificationType::SchedulingUpdate;
+        first.org_id = Some("org_abc".into());
+        first.data = Some(json!({ "eventId": "event_789", "n": [1, 2] }).to_string());
+        let stored = store
+            .add_notifications(vec![
+                first.clone(),
+                notice(SHOP, "bob", None, "hello bob"),
+                notice(SHOP, "ann", Some("t2"), "other task"),
+                notice("blog", "ann", Some("t1"), "another domain"),
+                notice(SHOP, "ann", Some("t1"), "Meeting scheduled!"),
+            ])
+            .await
+            .unwrap();
+        let seqs: Vec<(&str, &str, u64)> = stored
+            .iter()
+            .map(|n| (n.domain_id.as_str(), n.user_id.as_str(), n.seq))
+            .collect();
+        assert_eq!(
+            seqs,
+            [
+                (SHOP, "ann", 1),
+                (SHOP, "bob", 1),
+                (SHOP, "ann", 2),
+                ("blog", "ann", 1),
+                (SHOP, "ann", 3)
+            ]
+        );
+        let more = store
+            .add_notifications(vec![notice(SHOP, "ann", None, "fourth")])
+            .await
+            .unwrap();
+        assert_eq!(more[0].seq, 4, "the counter goes on across transactions");
+
+        let unread = store
+            .unread_notifications(SHOP, "ann", None, 10)
+            .await
+            .unwrap();
+        let contents: Vec<&str> = unread.iter().map(|n| n.content.as_str()).collect();
+        assert_eq!(
+            contents,
+            [
+                "fourth",
+                "Meeting scheduled!",
+                "other task",
+                "Processing your request…"
+            ]
+        );
+        assert_eq!(unread[3], stored[0], "every field reads back as stored");
+        assert_eq!(unread[3].org_id.as_deref(), Some("org_abc"));
+        assert_eq!(
+            serde_json::from_str::<Value>(unread[3].data.as_deref().unwrap()).unwrap(),
+            json!({ "eventId": "event_789", "n": [1, 2] })
+        );
+        assert_eq!(unread[3].kind, NotificationType::SchedulingUpdate);
+        assert!(!unread[3].read);
+        let page = store
+            .unread_notifications(SHOP, "ann", Some(3), 1)
+            .await
+            .unwrap();
+        assert_eq!(page.iter().map(|n| n.seq).collect::<Vec<_>>(), [2]);
+        assert_eq!(
+            store.unread_count(SHOP, "ann").await.unwrap(),
+            UnreadCount {
+                unread: 4,
+                last_seq: 4
+            }
+        );
+        assert_eq!(
+            store.unread_count(SHOP, "nobody").await.unwrap(),
+            UnreadCount::default()
+        );
+        let after = store.notifications_after(SHOP, "ann", 2, 10).await.unwrap();
+        assert_eq!(after.iter().map(|n| n.seq).collect::<Vec<_>>(), [3, 4]);
+        let task = store
+            .task_notifications(SHOP, "ann", "t1", 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            task.iter().map(|n| n.content.as_str()).collect::<Vec<_>>(),
+            ["Processing your request…", "Meeting scheduled!"],
+            "a task's notifications, oldest first, of this domain only"
+        );
+        let latest = store
+            .task_notifications(SHOP, "ann", "t1", 1)
+            .await
+            .unwrap();
+        assert_eq!(latest[0].content, "Meeting scheduled!", "the latest ones");
+        assert!(
+            store
+                .task_notifications(SHOP, "bob", "t1", 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "another user's task is not bob's"
+        );
+    }
+
+    /// Marking read touches only the user's own unread notifications, and counts only them.
+    pub async fn marking_notifications_read_touches_only_the_users_own(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let stored = store
+            .add_notifications(vec![
+                notice(SHOP, "ann", Some("t1"), "a1"),
+                notice(SHOP, "ann", Some("t1"), "a2"),
+                notice(SHOP, "bob", None, "b1"),
+                notice("blog", "ann", None, "other domain"),
+                notice(SHOP, "ann", None, "a3"),
+            ])
+            .await
+            .unwrap();
+        let ids: Vec<String> = stored.iter().map(|n| n.id.clone()).collect();
+        let marked = store
+            .mark_notifications_read(
+                SHOP,
+                "ann",
+                vec![
+                    ids[0].clone(),
+                    ids[2].clone(),
+                    ids[3].clone(),
+                    "no-such-id".into(),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(marked, 1, "bob's and the other domain's are not counted");
+        let again = store
+            .mark_notifications_read(SHOP, "ann", vec![ids[0].clone()])
+            .await
+            .unwrap();
+        assert_eq!(again, 0, "an already read one is not counted twice");
+        assert_eq!(store.unread_count(SHOP, "bob").await.unwrap().unread, 1);
+        assert_eq!(store.unread_count("blog", "ann").await.unwrap().unread, 1);
+        assert_eq!(store.unread_count(SHOP, "ann").await.unwrap().unread, 2);
+        let task = store
+            .task_notifications(SHOP, "ann", "t1", 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            task.iter().map(|n| n.read).collect::<Vec<_>>(),
+            [true, false]
+        );
+        assert_eq!(
+            store
+                .mark_all_notifications_read(SHOP, "ann")
+                .await
+                .unwrap(),
+            2
+        );
+        assert!(
+            store
+                .unread_notifications(SHOP, "ann", None, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(store.unread_count(SHOP, "bob").await.unwrap().unread, 1);
+        assert_eq!(
+            store
+                .mark_notifications_read(SHOP, "ann", Vec::new())
+                .await
+                .unwrap(),
+            0
+        );
+    }
+
+    /// Sends to one user from many tasks at once get every `seq` once, without gaps.
+    pub async fn concurrent_notifications_to_one_user_get_gapless_seqs(ctx: &mut Ctx) {
+        let store = Arc::clone(&ctx.store);
+        let sends = (0..16).map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .add_notifications(vec![
+                        notice(SHOP, "ann", None, &format!("{i}a")),
+                        notice(SHOP, "ann", None, &format!("{i}b")),
+                    ])
+                    .await
+                    .unwrap()
+            })
+        });
+        let mut seqs: Vec<u64> = Vec::new();
+        for send in futures_util::future::join_all(sends).await {
+            let batch = send.unwrap();
+            assert_eq!(
+                batch[1].seq,
+                batch[0].seq + 1,
+                "a batch is numbered together"
+            );
+            seqs.extend(batch.iter().map(|n| n.seq));
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, range(1, 32));
+        let read: Vec<u64> = store
+            .notifications_after(SHOP, "ann", 0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|n| n.seq)
+            .collect();
+        assert_eq!(read, range(1, 32));
+    }
+
+    /// Expiry removes notifications older than the limit, read or not, and the user's
+    /// numbers go on after it.
+    pub async fn notification_expiry_removes_only_what_is_due(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        store
+            .add_notifications(vec![
+                notice(SHOP, "ann", None, "old"),
+                notice(SHOP, "bob", None, "old too"),
+            ])
+            .await
+            .unwrap();
+        store
+            .mark_all_notifications_read(SHOP, "bob")
+            .await
+            .unwrap();
+        let cut = chrono::Utc::now() + chrono::Duration::milliseconds(5);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        store
+            .add_notifications(vec![notice(SHOP, "ann", None, "new")])
+            .await
+            .unwrap();
+        assert_eq!(store.expire_notifications(cut).await.unwrap(), 2);
+        let left = store.notifications_after(SHOP, "ann", 0, 10).await.unwrap();
+        assert_eq!(
+            left.iter()
+                .map(|n| (n.seq, n.content.as_str()))
+                .collect::<Vec<_>>(),
+            [(2, "new")]
+        );
+        let next = store
+            .add_notifications(vec![notice(SHOP, "ann", None, "newer")])
+            .await
+            .unwrap();
+        assert_eq!(next[0].seq, 3);
+        assert_eq!(store.expire_notifications(cut).await.unwrap(), 0);
     }
 
     /// A lease goes to one holder, who may renew it; another gets it once it expires.

@@ -22,6 +22,7 @@ pub mod accounts;
 mod batch;
 pub use batch::Answer;
 pub mod guided;
+pub mod notifications;
 pub mod postgres;
 pub mod sqlite;
 
@@ -479,7 +480,13 @@ pub enum StoreError {
 /// Durable storage of domains, customers, rooms, messages and read states.
 #[async_trait]
 pub trait Store:
-    accounts::Accounts + guided::Guided + Send + Sync + std::fmt::Debug + 'static
+    accounts::Accounts
+    + guided::Guided
+    + notifications::Notifications
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + 'static
 {
     /// Stores a message, creating its room if needed, and returns it with its `seq`. `data`
     /// nested deeper than [`MAX_DATA_DEPTH`] is refused with [`StoreError::Invalid`]. If the

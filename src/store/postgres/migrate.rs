@@ -42,6 +42,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0004_guided.sql",
         include_str!("../migrations/postgres/0004_guided.sql"),
     ),
+    (
+        "0005_notifications.sql",
+        include_str!("../migrations/postgres/0005_notifications.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating, so nodes starting together migrate one

@@ -62,6 +62,7 @@ mod rows;
 mod accounts;
 mod guided;
 mod migrate;
+mod notifications;
 mod reads;
 mod scratch;
 mod writer;

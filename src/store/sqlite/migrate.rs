@@ -26,6 +26,7 @@ const MIGRATIONS: &[M<'static>] = &[
         "../migrations/sqlite/0007_customer_context.sql"
     )),
     M::up(include_str!("../migrations/sqlite/0008_guided.sql")),
+    M::up(include_str!("../migrations/sqlite/0009_notifications.sql")),
 ];
 
 /// Brings the database to the latest version, in one transaction.

@@ -27,6 +27,7 @@ mod rows;
 mod accounts;
 mod guided;
 mod migrate;
+mod notifications;
 mod reads;
 mod wal;
 mod writer;
