@@ -114,6 +114,12 @@ error_codes! {
     AiServiceRejected = "ai_service_rejected",
     DocumentExternal = "document_external",
     InvalidGrace = "invalid_grace",
+    InvalidNotificationType = "invalid_notification_type",
+    InvalidTaskId = "invalid_task_id",
+    InvalidOrgId = "invalid_org_id",
+    InvalidTimestamp = "invalid_timestamp",
+    TooManyNotifications = "too_many_notifications",
+    InvalidMessageIds = "invalid_message_ids",
     ///
     /// A configured AI provider that cannot be built (`ai.providers`): the server does not
     /// start, so no client receives it.

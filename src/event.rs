@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::model::{Agent, Conversation, Message, Note, Role, RoomKey};
 use crate::store::InboxEntry;
+use crate::store::notifications::Notification;
 
 /// Something that happened in a room, on its way to the room's members — on this node, and
 /// (serialized as it is) to the other nodes' hubs through a networked broker. The one type
@@ -79,6 +80,9 @@ pub enum Event {
     InboxUpdate(Arc<InboxEntry>),
     /// An agent wrote an internal note (`note-added`), for agents only.
     NoteAdded(Arc<Note>),
+    /// A notification stored for one user (`notification`; docs/notifications.md): for
+    /// that user's live subscribers on every node, not for a room.
+    Notification(Arc<Notification>),
     /// A member read the room up to `seq`.
     ReadReceipt {
         /// The room.
@@ -115,7 +119,7 @@ impl LeftReason {
 
 impl Event {
     /// The room the event belongs to (for the agents' feed and notes: the room the entry
-    /// is about); `None` for a connection's own frame.
+    /// is about); `None` for a connection's own frame and a user's notification.
     pub fn room(&self) -> Option<&RoomKey> {
         match self {
             Event::Message(m) => Some(&m.room),
@@ -128,7 +132,7 @@ impl Event {
             Event::RoomStatus { conversation, .. } => Some(&conversation.room),
             Event::InboxUpdate(entry) => Some(&entry.conversation.room),
             Event::NoteAdded(note) => Some(&note.room),
-            Event::Frame(_) => None,
+            Event::Frame(_) | Event::Notification(_) => None,
         }
     }
 }

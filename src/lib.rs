@@ -119,29 +119,70 @@ pub enum RunError {
     Failed(String),
 }
 
-/// Deletes stale guided sessions every `sessions.cleanup_every`, on one node at a time
-/// (the store's lease decides which).
-fn spawn_session_cleanup(sessions: Arc<SessionService>, supervisor: &node::Supervisor) {
+/// Runs `round` every `every` (at least 100 ms) until shutdown, one round at a time: the
+/// periodic clean-ups, which the store's leases give to one node at a time.
+fn spawn_every<F, R>(
+    supervisor: &node::Supervisor,
+    name: &'static str,
+    every: std::time::Duration,
+    round: F,
+) where
+    F: Fn() -> R + Send + 'static,
+    R: Future<Output = ()> + Send,
+{
     let shutdown = supervisor.shutdown().clone();
-    let node = uuid::Uuid::now_v7().to_string();
-    let every = sessions
-        .config()
-        .cleanup_every
-        .max(std::time::Duration::from_millis(100));
-    supervisor.spawn("session-cleanup", async move {
+    let every = every.max(std::time::Duration::from_millis(100));
+    supervisor.spawn(name, async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                _ = tick.tick() => {
-                    if let Err(e) = sessions.clean_up(&node).await {
-                        tracing::warn!(error = %e, "cannot delete stale guided sessions; the next round retries");
-                    }
-                }
+                _ = tick.tick() => round().await,
             }
         }
     });
+}
+
+/// Deletes stale guided sessions every `sessions.cleanup_every`, and notifications past
+/// `notifications.retain_days` every `notifications.cleanup_every`, on one node at a time.
+fn spawn_cleanups(
+    sessions: &Arc<SessionService>,
+    notifications: &Arc<crate::service::notifications::NotificationService>,
+    supervisor: &node::Supervisor,
+) {
+    let node: Arc<str> = uuid::Uuid::now_v7().to_string().into();
+    let (service, holder) = (Arc::clone(sessions), Arc::clone(&node));
+    spawn_every(
+        supervisor,
+        "session-cleanup",
+        sessions.config().cleanup_every,
+        move || {
+            let (service, holder) = (Arc::clone(&service), Arc::clone(&holder));
+            async move {
+                if let Err(e) = service.clean_up(&holder).await {
+                    tracing::warn!(error = %e, "cannot delete stale guided sessions; the next round retries");
+                }
+            }
+        },
+    );
+    if notifications.config().retain_days == 0 {
+        return;
+    }
+    let service = Arc::clone(notifications);
+    spawn_every(
+        supervisor,
+        "notification-cleanup",
+        notifications.config().cleanup_every,
+        move || {
+            let (service, holder) = (Arc::clone(&service), Arc::clone(&node));
+            async move {
+                if let Err(e) = service.clean_up(&holder).await {
+                    tracing::warn!(error = %e, "cannot delete old notifications; the next round retries");
+                }
+            }
+        },
+    );
 }
 
 /// A built server: state, router and the background pieces shutdown must stop.
@@ -261,11 +302,21 @@ impl App {
         domain_admin.attach(&broker);
         // Last, what the broker delivers finds the node's parts: messages and room events
         // the hub, state changes and the agents' feed the hand-off service, the other
-        // nodes' domain changes the domain service.
+        // nodes' domain changes the domain service, their notifications the notifications
+        // service.
+        let notifications = crate::service::notifications::NotificationService::new(
+            Arc::clone(&store),
+            Arc::clone(&broker),
+            shared.clone(),
+            Arc::clone(&metrics),
+            config.notifications.clone(),
+            &supervisor,
+        );
         broker.register(Arc::new(
             node::Events::new(hub)
                 .with_remote(&handoff)
-                .with_domains(&domain_admin),
+                .with_domains(&domain_admin)
+                .with_notifications(&notifications),
         ));
         // A change announced while this node was cut off from Redis is caught up when it
         // reconnects; the periodic rebuild also bounds how long a node that never noticed the
@@ -312,7 +363,7 @@ impl App {
             )
             .map_err(|e| invalid(e.to_string()))?,
         );
-        spawn_session_cleanup(Arc::clone(&sessions), &supervisor);
+        spawn_cleanups(&sessions, &notifications, &supervisor);
         let sockets = transport::ws::SocketWatch::new(supervisor.shutdown().clone());
         supervisor.spawn(
             "socket-watch",
@@ -322,6 +373,7 @@ impl App {
             sockets,
             accounts,
             sessions,
+            notifications,
             ai,
             handoff,
             auth,

@@ -156,6 +156,9 @@ pub struct Metrics {
     pub guided_ai_service: Family<ReasonLabel, Counter>,
     /// Supervised tasks that panicked, by task (a worker's panic also fails the node).
     pub task_panics: Family<TaskLabel, Counter>,
+    /// Notifications, by what happened to them: `stored`, `pushed` (to a live subscriber
+    /// here), `read` (marked), `expired`.
+    pub notifications: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -319,8 +322,15 @@ impl Metrics {
             "Calls to domains' AI services for guided sessions, by outcome",
             guided_ai_service.clone(),
         );
+        let notifications = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "notifications",
+            "Notifications, by what happened to them (stored, pushed, read, expired)",
+            notifications.clone(),
+        );
         Self {
             registry,
+            notifications,
             guided,
             guided_ai_service,
             task_panics,
@@ -366,6 +376,16 @@ impl Metrics {
     /// Counts a visitor message left without an answer.
     pub fn unanswered(&self, reason: &'static str) {
         self.unanswered.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Counts `n` notifications that `what` happened to (`stored`, `pushed`, `read`,
+    /// `expired`).
+    pub fn notification(&self, what: &'static str, n: u64) {
+        if n > 0 {
+            self.notifications
+                .get_or_create(&ReasonLabel { reason: what })
+                .inc_by(n);
+        }
     }
 
     /// Counts a guided-session event.

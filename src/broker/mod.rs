@@ -11,7 +11,8 @@
 //!
 //! **What the broker knows of the node.** Nothing but one [`Handler`], registered once at
 //! start-up ([`Broker::register`]): everything the broker delivers to this node goes through
-//! it (committed messages, the other nodes' room events, the agents' feed, "the domains
+//! it (committed messages, the other nodes' room events, the agents' feed, users'
+//! notifications, "the domains
 //! changed", "you may have missed something"), and the node (`crate::node::Events`) hands
 //! each to the hub or the service it is for. The broker never sees the hub: it is built
 //! first, the hub is built with the broker's [`Relay`] and [`Presence`], and the handler that
@@ -36,6 +37,7 @@ pub use presence::Presence;
 
 use crate::event::{Event, PresentUser};
 use crate::model::{Message, RoomKey};
+use crate::store::notifications::Notification;
 
 /// What the broker delivers to this node, and what a networked [`Presence`] asks of it.
 /// Implemented by the node (`crate::node::Events`), which passes each call on to the hub, the
@@ -52,6 +54,9 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
     /// An event of `domain`'s agents' feed (`Event::InboxUpdate`, `Event::NoteAdded`)
     /// another node published, for the agents connected here.
     fn agent_event(&self, domain: &str, event: Event);
+
+    /// A notification another node stored, for its user's subscribers here.
+    fn notification(&self, notification: Arc<Notification>);
 
     /// Another node changed the stored domains, or the broker reconnected and a change may
     /// have been missed: rebuild the domain table from the store. The broker calls it one
@@ -129,6 +134,10 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     /// Sends an inbox event of `domain` to the agents on the other nodes (none for the
     /// in-process broker).
     fn to_agents(&self, _domain: &str, _event: &Event) {}
+
+    /// Sends a notification this node stored (`Event::Notification`) to its user's
+    /// subscribers on the other nodes (none for the in-process broker). Never blocks.
+    fn to_user(&self, _event: &Event) {}
 
     /// Tells the other nodes that this node committed a change of the stored domains or
     /// their keys (nothing for the in-process broker). Never blocks.

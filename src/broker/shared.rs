@@ -621,6 +621,15 @@ impl Shared {
         users
     }
 
+    /// Whether `user_id` is online in `domain` as `kind` on any node (one read of the
+    /// domain's entries in Redis; without it, this node's).
+    pub async fn is_online(&self, domain: &str, kind: &str, user_id: &str) -> bool {
+        self.online_entries(domain)
+            .await
+            .iter()
+            .any(|(k, user, _)| k == kind && user == user_id)
+    }
+
     /// Distinct visitors and agents connected to `domain`, on every node.
     pub async fn online_counts(&self, domain: &str) -> OnlineCounts {
         let mut counts = OnlineCounts::default();

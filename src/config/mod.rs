@@ -86,6 +86,8 @@ pub struct Config {
     pub web: WebConfig,
     /// Guided sessions (`/chat`, see `docs/sessions.md`).
     pub sessions: SessionsConfig,
+    /// Notifications (see `docs/notifications.md`).
+    pub notifications: NotificationsConfig,
     /// Tenants. A `demo` domain is always present (see [`Config::validate`]).
     pub domains: Vec<DomainConfig>,
 }
@@ -125,6 +127,26 @@ impl Default for SessionsConfig {
             ai_service_timeout: Duration::from_secs(30),
             ai_service_retries: 5,
             follow_ups: 1,
+        }
+    }
+}
+
+/// Notifications: how long they are kept.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotificationsConfig {
+    /// Notifications older than this many days are deleted, read or not; `0` keeps them.
+    pub retain_days: u32,
+    /// How often one node looks for notifications to delete.
+    #[serde(with = "duration_text")]
+    pub cleanup_every: Duration,
+}
+
+impl Default for NotificationsConfig {
+    fn default() -> Self {
+        Self {
+            retain_days: 90,
+            cleanup_every: Duration::from_secs(3600),
         }
     }
 }
@@ -170,6 +192,7 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             web: WebConfig::default(),
             sessions: SessionsConfig::default(),
+            notifications: NotificationsConfig::default(),
             domains: vec![DomainConfig::demo()],
         }
     }

@@ -127,6 +127,7 @@ impl Envelope {
                 Event::Message(m) => m.content.len() + m.data.as_ref().map_or(0, json_size),
                 Event::Delta { delta, .. } => delta.len(),
                 Event::Frame(bytes) => bytes.len(),
+                Event::Notification(n) => n.content.len() + n.data.as_ref().map_or(0, String::len),
                 _ => 0,
             };
         Arc::new(Self {

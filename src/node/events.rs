@@ -3,7 +3,8 @@
 //! The broker knows one [`Handler`], registered at start-up; this is
 //! it. [`Events`] passes each call on to the part of the node it is for: stored messages,
 //! room events and presence questions to the hub; state changes and the agents' feed to
-//! the hand-off service ([`Remote`]); "the domains changed" to the domain service
+//! the hand-off service ([`Remote`]); users' notifications to the notifications service
+//! ([`NotificationListener`]); "the domains changed" to the domain service
 //! ([`DomainListener`]). So the broker depends on no part of the node, and the parts depend
 //! on no broker.
 //!
@@ -16,6 +17,7 @@ use std::sync::{Arc, Weak};
 use crate::broker::Handler;
 use crate::hub::{Event, Hub, PresentUser};
 use crate::model::{Conversation, Message, RoomKey};
+use crate::store::notifications::Notification;
 
 /// What other nodes publish that is not for a room's members: changes of hand-off state
 /// (so that caches of room states stay right) and the agents' inbox feed. Implemented by
@@ -27,6 +29,13 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
     /// An inbox event (`Event::InboxUpdate`, `Event::NoteAdded`) for the domain's agents
     /// on this node.
     fn to_agents(&self, domain: &str, event: Event);
+}
+
+/// Takes notifications other nodes stored to their users' subscribers here (implemented by
+/// the notifications service).
+pub trait NotificationListener: Send + Sync + std::fmt::Debug {
+    /// A notification another node stored.
+    fn notification(&self, notification: Arc<Notification>);
 }
 
 /// Rebuilds this node's live domain table when another node changed the domains in the
@@ -47,6 +56,8 @@ pub struct Events {
     remote: Option<Weak<dyn Remote>>,
     /// The domain service, for changes of the stored domains made on other nodes.
     domains: Option<Weak<dyn DomainListener>>,
+    /// The notifications service, for notifications stored on other nodes.
+    notifications: Option<Weak<dyn NotificationListener>>,
 }
 
 impl Events {
@@ -57,7 +68,20 @@ impl Events {
             hub,
             remote: None,
             domains: None,
+            notifications: None,
         }
+    }
+
+    /// Hands notifications stored on other nodes to `notifications`.
+    #[must_use]
+    pub fn with_notifications(
+        mut self,
+        notifications: &Arc<impl NotificationListener + 'static>,
+    ) -> Self {
+        let listener: Arc<dyn NotificationListener> =
+            Arc::clone(notifications) as Arc<dyn NotificationListener>;
+        self.notifications = Some(Arc::downgrade(&listener));
+        self
     }
 
     /// Hands state changes and the agents' feed from other nodes to `remote`.
@@ -115,6 +139,7 @@ impl Handler for Events {
                     self.agent_event(&domain, event);
                 }
             }
+            Event::Notification(notification) => self.notification(notification),
             Event::Frame(_) => {}
             event => {
                 if let Some(room) = event.room().cloned() {
@@ -127,6 +152,12 @@ impl Handler for Events {
     fn agent_event(&self, domain: &str, event: Event) {
         if let Some(remote) = self.remote() {
             remote.to_agents(domain, event);
+        }
+    }
+
+    fn notification(&self, notification: Arc<Notification>) {
+        if let Some(listener) = self.notifications.as_ref().and_then(Weak::upgrade) {
+            listener.notification(notification);
         }
     }
 

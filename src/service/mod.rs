@@ -9,6 +9,7 @@ pub mod ai;
 pub mod chat;
 pub mod domains;
 pub mod handoff;
+pub mod notifications;
 pub mod sessions;
 
 use crate::error_code::ErrorCode;

@@ -62,6 +62,20 @@ impl NotificationType {
     }
 }
 
+impl serde::Serialize for NotificationType {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for NotificationType {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Self::parse(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown notification type {name:?}")))
+    }
+}
+
 /// A notification to store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewNotification {
@@ -83,8 +97,8 @@ pub struct NewNotification {
     pub data: Option<String>,
 }
 
-/// A stored notification.
-#[derive(Debug, Clone, PartialEq)]
+/// A stored notification (its serde form is how it travels between nodes).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Notification {
     /// Identifier.
     pub id: String,

@@ -25,6 +25,7 @@ pub mod error;
 pub mod handoff;
 pub mod http;
 pub mod listen;
+pub mod notifications;
 pub mod sessions;
 pub mod state;
 pub mod visitor;
@@ -108,6 +109,22 @@ pub fn router(state: AppState) -> Router {
         .route("/api/agents", get(handoff::agents))
         .route("/api/online", get(http::online))
         .route("/api/publish", post(http::publish))
+        .route("/api/notifications", post(notifications::send))
+        .route("/api/chat-messages", get(notifications::unread))
+        .route(
+            "/api/chat-messages/unread-count",
+            get(notifications::unread_count),
+        )
+        .route(
+            "/api/chat-messages/mark-read",
+            post(notifications::mark_read),
+        )
+        .route(
+            "/api/chat-messages/mark-all-read",
+            post(notifications::mark_all_read),
+        )
+        .route("/api/chat-messages/stream", get(notifications::stream))
+        .route("/api/chat-messages/{task_id}", get(notifications::task))
         .route("/api/ws/token", post(http::ws_token))
         .route("/api/visitor-token", post(http::visitor_token))
         .route("/ai/chat", post(ai::chat))

@@ -49,6 +49,8 @@ pub struct AppInner {
     pub domain_admin: Arc<DomainService>,
     /// Guided sessions that end in a document (`/chat`, `docs/sessions.md`).
     pub sessions: Arc<SessionService>,
+    /// Typed notifications to users (`docs/notifications.md`).
+    pub notifications: Arc<crate::service::notifications::NotificationService>,
     /// Agent accounts and their sign-in (`docs/accounts.md`).
     pub accounts: Arc<crate::service::accounts::AccountService>,
     /// Message distribution between nodes.

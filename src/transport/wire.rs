@@ -11,6 +11,7 @@ use serde_json::Value;
 use crate::error_code::ErrorCode;
 use crate::hub::{Event, PresentUser};
 use crate::model::{Agent, Conversation, Message, Note, iso};
+use crate::store::notifications::Notification;
 use crate::store::{Customer, InboxEntry};
 
 /// A stored message on the wire. With `frame` set it is a complete `message-received` frame.
@@ -184,7 +185,34 @@ pub fn encode_event(event: &Event) -> Bytes {
             "userId": user_id,
             "seq": seq,
         })),
+        Event::Notification(n) => to_bytes(&serde_json::json!({
+            "type": "notification",
+            "notification": notification_json(n),
+        })),
     }
+}
+
+/// A notification as every transport shows it (`docs/notifications.md`): seed 004's message
+/// object, with `seq`.
+pub fn notification_json(n: &Notification) -> Value {
+    // Stored as the JSON text the sender gave; a value that no longer parses shows as null.
+    let data = n
+        .data
+        .as_deref()
+        .and_then(|d| serde_json::from_str::<Value>(d).ok())
+        .unwrap_or(Value::Null);
+    serde_json::json!({
+        "id": n.id,
+        "userId": n.user_id,
+        "orgId": n.org_id,
+        "taskId": n.task_id,
+        "type": n.kind.as_str(),
+        "content": n.content,
+        "data": data,
+        "read": n.read,
+        "createdAt": iso(n.created_at),
+        "seq": n.seq,
+    })
 }
 
 /// `{userId, name}`.

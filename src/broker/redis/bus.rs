@@ -75,8 +75,8 @@ impl Bus {
 }
 
 /// Hands a room event from another node to this node's handler: a stored message to
-/// [`Handler::message`], the agents' feed to [`Handler::agent_event`], everything else to
-/// [`Handler::room_event`].
+/// [`Handler::message`], the agents' feed to [`Handler::agent_event`], a notification to
+/// [`Handler::notification`], everything else to [`Handler::room_event`].
 pub(super) fn deliver(event: Event, handler: &dyn Handler) {
     match event {
         Event::Message(message) => handler.message(message),
@@ -85,6 +85,7 @@ pub(super) fn deliver(event: Event, handler: &dyn Handler) {
                 handler.agent_event(&domain, event);
             }
         }
+        Event::Notification(notification) => handler.notification(notification),
         Event::Frame(_) => {}
         event => handler.room_event(event),
     }
@@ -370,6 +371,11 @@ mod tests {
         fn agent_event(&self, domain: &str, _event: Event) {
             self.0.lock().push(format!("agents {domain}"));
         }
+        fn notification(&self, n: Arc<crate::store::notifications::Notification>) {
+            self.0
+                .lock()
+                .push(format!("user {}/{}", n.domain_id, n.user_id));
+        }
         fn domains_changed(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
             Box::pin(async {})
         }
@@ -410,10 +416,31 @@ mod tests {
             })),
             &calls,
         );
+        let notification = crate::store::notifications::Notification {
+            id: "x".to_owned(),
+            domain_id: "shop".to_owned(),
+            user_id: "ann".to_owned(),
+            org_id: None,
+            task_id: None,
+            kind: crate::store::notifications::NotificationType::Info,
+            content: "hi".to_owned(),
+            data: None,
+            read: false,
+            created_at: chrono::Utc::now(),
+            seq: 1,
+        };
+        // As it travels: serialized and read back.
+        let bus = Bus::of(&Event::Notification(Arc::new(notification))).unwrap();
+        let Bus::Room { event } =
+            serde_json::from_slice(&serde_json::to_vec(&bus).unwrap()).unwrap()
+        else {
+            panic!("a room event");
+        };
+        deliver(event, &calls);
         deliver(Event::Frame(Bytes::from_static(b"{}")), &calls);
         assert_eq!(
             *calls.0.lock(),
-            ["message 7", "room shop/r1", "agents shop"]
+            ["message 7", "room shop/r1", "agents shop", "user shop/ann"]
         );
     }
 }

@@ -332,6 +332,10 @@ impl Broker for RedisBroker {
         self.outbox.relay(event);
     }
 
+    fn to_user(&self, event: &Event) {
+        self.outbox.relay(event);
+    }
+
     fn domains_changed(&self) {
         self.outbox.send(Bus::DomainsChanged);
     }

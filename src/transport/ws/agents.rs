@@ -1,4 +1,5 @@
-//! The agents' frames: hand-off actions on a room, notes, and the live inbox.
+//! The agents' frames: hand-off actions on a room, notes, and the live inbox; and a
+//! user's subscription to their notifications.
 
 use super::*;
 
@@ -187,5 +188,36 @@ pub fn parse_statuses(filter: Option<&str>) -> Result<Vec<RoomStatus>, ServiceEr
                 "status must be open, all, bot, waiting, assigned or resolved",
             )
         }),
+    }
+}
+
+impl Connection {
+    /// `subscribe-notifications`: the user's notifications stored after `since` (at most
+    /// the latest 256), then each new one, as `notification` frames
+    /// (`docs/notifications.md`).
+    pub(super) async fn subscribe_notifications(
+        &mut self,
+        socket: &mut WsSocket,
+        f: SubscribeNotifications,
+        reply_to: ReplyTo,
+    ) -> Sent {
+        // The stored ones are queued before this answer is written, and written after it.
+        match self
+            .app
+            .notifications
+            .subscribe(&self.handle, f.since)
+            .await
+        {
+            Ok(count) => {
+                let frame = json!({
+                    "type": "notifications-subscribed",
+                    "replyTo": reply_to,
+                    "unread": count.unread,
+                    "lastSeq": count.last_seq,
+                });
+                self.send(socket, to_bytes(&frame)).await
+            }
+            Err(e) => self.service_error(socket, reply_to, &e).await,
+        }
     }
 }

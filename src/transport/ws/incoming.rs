@@ -140,6 +140,12 @@ pub(super) struct SubscribeInbox {
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
+pub(super) struct SubscribeNotifications {
+    pub(super) since: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub(super) struct History {
     pub(super) room_id: Option<String>,
     pub(super) before: Option<u64>,
@@ -177,6 +183,7 @@ mod tests {
         let _ = parse::<AgentFrame>(raw);
         let _ = parse::<NoteFrame>(raw);
         let _ = parse::<SubscribeInbox>(raw);
+        let _ = parse::<SubscribeNotifications>(raw);
         let _ = parse::<History>(raw);
         let _ = parse::<Typing>(raw);
         let _ = parse::<Read>(raw);

@@ -494,6 +494,7 @@ impl Connection {
             self.app.chat.leave(&self.handle, &key);
         }
         self.app.handoff.unsubscribe(&self.handle);
+        self.app.notifications.unsubscribe(&self.handle);
         Box::pin(close(&mut socket, end)).await;
         metrics.connections.dec();
         metrics.disconnect(end.label());
@@ -962,6 +963,18 @@ impl Connection {
                 let was = self.app.handoff.unsubscribe(&self.handle);
                 let frame =
                     json!({ "type": "inbox-unsubscribed", "replyTo": reply_to, "subscribed": was });
+                self.send(socket, to_bytes(&frame)).await
+            }
+            "subscribe-notifications" => {
+                handle!(SubscribeNotifications, subscribe_notifications)
+            }
+            "unsubscribe-notifications" => {
+                let was = self.app.notifications.unsubscribe(&self.handle);
+                let frame = json!({
+                    "type": "notifications-unsubscribed",
+                    "replyTo": reply_to,
+                    "subscribed": was,
+                });
                 self.send(socket, to_bytes(&frame)).await
             }
             "ping" => {
