@@ -696,3 +696,104 @@ async fn a_notification_sent_to_one_node_reaches_the_user_on_another() {
     assert_eq!(seqs, (1..=last).collect::<Vec<_>>());
     cluster.finish().await;
 }
+
+#[tokio::test]
+async fn a_configured_cookie_carries_the_users_token() {
+    let (key, entry) = parlor::auth::keys::generate_with(parlor::auth::keys::KEY_PREFIX);
+    let s = TestServer::start_with(move |c| {
+        let demo = c.domains.iter_mut().find(|d| d.id == "demo").unwrap();
+        demo.server_keys = vec![entry];
+        c.notifications.token_cookie = Some("session".to_owned());
+    })
+    .await;
+    let (_, sent) = s
+        .post_with("/api/notifications", &key, &confirmation("ann", "t", "hi"))
+        .await;
+    let id = sent["messageId"].clone();
+    let client = reqwest::Client::new();
+    let cookie = format!("theme=dark; session={}", s.token("ann"));
+    let res = client
+        .get(s.http("/api/chat-messages"))
+        .header("Cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    let (status, list) = common::status_and_body(res).await;
+    assert_eq!((status, list["total"].clone()), (200, json!(1)), "{list}");
+
+    // A change another site's page would make with the user's cookie is refused…
+    let res = client
+        .post(s.http("/api/chat-messages/mark-read"))
+        .header("Cookie", &cookie)
+        .header("Origin", "https://elsewhere.example")
+        .json(&json!({ "messageIds": [id] }))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = common::status_and_body(res).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (403, json!("cross_site"))
+    );
+    let res = client
+        .post(s.http("/api/chat-messages/mark-all-read"))
+        .header("Cookie", &cookie)
+        .header("Sec-Fetch-Site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    let (_, count) = s
+        .get_with("/api/chat-messages/unread-count", &s.token("ann"))
+        .await;
+    assert_eq!(count["count"], 1, "nothing was marked");
+
+    // …and one from the site's own page is not.
+    let res = client
+        .post(s.http("/api/chat-messages/mark-read"))
+        .header("Cookie", &cookie)
+        .header("Sec-Fetch-Site", "same-origin")
+        .json(&json!({ "messageIds": [id] }))
+        .send()
+        .await
+        .unwrap();
+    let (status, marked) = common::status_and_body(res).await;
+    assert_eq!(
+        (status, marked["markedCount"].clone()),
+        (200, json!(1)),
+        "{marked}"
+    );
+
+    // A bad token in the cookie is refused as one in the header; a header wins.
+    let res = client
+        .get(s.http("/api/chat-messages/unread-count"))
+        .header("Cookie", "session=not-a-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    let res = client
+        .get(s.http("/api/chat-messages/unread-count"))
+        .header("Cookie", "session=not-a-token")
+        .bearer_auth(s.token("bob"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    s.stop().await;
+
+    // Without the setting, the cookie means nothing.
+    let (plain, _) = server().await;
+    let res = client
+        .get(plain.http("/api/chat-messages"))
+        .header("Cookie", format!("session={}", plain.token("ann")))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = common::status_and_body(res).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (401, json!("missing_token"))
+    );
+    plain.stop().await;
+}

@@ -140,6 +140,10 @@ pub struct NotificationsConfig {
     /// How often one node looks for notifications to delete.
     #[serde(with = "duration_text")]
     pub cleanup_every: Duration,
+    /// A cookie that carries the user's JWT (the app's own session cookie, when it is a
+    /// JWT Parlor can verify): the notification endpoints read the user from it when a
+    /// request has no `Authorization` header. Unset: the header only.
+    pub token_cookie: Option<String>,
 }
 
 impl Default for NotificationsConfig {
@@ -147,6 +151,7 @@ impl Default for NotificationsConfig {
         Self {
             retain_days: 90,
             cleanup_every: Duration::from_secs(3600),
+            token_cookie: None,
         }
     }
 }

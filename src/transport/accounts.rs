@@ -43,6 +43,20 @@ pub const COOKIE: &str = "parlor_session";
 /// browser says it is cross-site. Requests of Parlor's own pages and of non-browser clients
 /// (no `Origin`) pass.
 fn own_page(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    same_site_only(
+        app,
+        headers,
+        "sign-in requests are accepted from this server's own pages only",
+    )
+}
+
+/// Refuses, with `cross_site` and `message`, a request a page of another site sent (see
+/// [`own_page`]): what a request authenticated by a cookie must pass to change anything.
+pub(super) fn same_site_only(
+    app: &AppState,
+    headers: &HeaderMap,
+    message: &str,
+) -> Result<(), ApiError> {
     let cross_site = headers
         .get("sec-fetch-site")
         .and_then(|v| v.to_str().ok())
@@ -52,7 +66,7 @@ fn own_page(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             ErrorCode::CrossSite,
-            "sign-in requests are accepted from this server's own pages only",
+            message,
         ));
     }
     Ok(())

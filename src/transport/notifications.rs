@@ -6,8 +6,9 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -17,6 +18,7 @@ use super::error::ApiError;
 use super::http::{ApiJson, ApiQuery, Caller, bearer_token};
 use super::wire::notification_json;
 use crate::error_code::ErrorCode;
+use crate::model::Identity;
 use crate::service::ServiceError;
 use crate::service::notifications::{Draft, Sent};
 use crate::transport::AppState;
@@ -123,6 +125,55 @@ fn refused(app: &AppState, e: ServiceError) -> ApiError {
     ApiError::from(e)
 }
 
+/// The user of a notification request: from `Authorization: Bearer`, else from the JWT in
+/// the cookie `notifications.token_cookie` names (when it names one). A request that the
+/// cookie authenticates and that changes something must come from a page of this site
+/// (`cross_site` otherwise): another site's page would send the cookie too.
+#[derive(Debug)]
+pub struct Reader(Identity);
+
+impl FromRequestParts<AppState> for Reader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
+        if let Some(token) = cookie_token(app, &parts.headers) {
+            if parts.method != Method::GET {
+                super::accounts::same_site_only(
+                    app,
+                    &parts.headers,
+                    "a request signed in by cookie is accepted from this site's pages only",
+                )?;
+            }
+            let identity = identify(app, token).await?;
+            if let Err(wait) = app.edge.check_identity(&identity).await {
+                app.metrics.client_error("rate_limited");
+                return Err(ApiError::rate_limited(wait, "requests by this identity"));
+            }
+            return Ok(Reader(identity));
+        }
+        let Caller(identity) = Caller::from_request_parts(parts, app).await?;
+        Ok(Reader(identity))
+    }
+}
+
+/// The JWT of the `notifications.token_cookie` cookie, for a request without an
+/// `Authorization` header.
+fn cookie_token<'a>(app: &AppState, headers: &'a HeaderMap) -> Option<&'a str> {
+    if headers.contains_key(axum::http::header::AUTHORIZATION) {
+        return None;
+    }
+    let name = app.config.notifications.token_cookie.as_deref()?;
+    super::accounts::named_cookie(headers, name).filter(|t| !t.is_empty())
+}
+
+/// The identity `token` stands for, or the API's refusal.
+async fn identify(app: &AppState, token: &str) -> Result<Identity, ApiError> {
+    app.auth.identify(Some(token)).await.map_err(|e| {
+        app.metrics.client_error(e.code().as_str());
+        ApiError::unauthorized(e.code(), e.to_string())
+    })
+}
+
 /// Query of `GET /api/chat-messages`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -134,7 +185,7 @@ pub struct ListQuery {
 /// `GET /api/chat-messages?limit=&before=`: the caller's unread notifications, newest first.
 pub async fn unread(
     State(app): State<AppState>,
-    Caller(caller): Caller,
+    Reader(caller): Reader,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Response, ApiError> {
     let (page, more, count) = app
@@ -159,7 +210,7 @@ pub async fn unread(
 /// `GET /api/chat-messages/unread-count`.
 pub async fn unread_count(
     State(app): State<AppState>,
-    Caller(caller): Caller,
+    Reader(caller): Reader,
 ) -> Result<Response, ApiError> {
     let count = app
         .notifications
@@ -179,7 +230,7 @@ pub struct MarkRead {
 /// `POST /api/chat-messages/mark-read {messageIds}`.
 pub async fn mark_read(
     State(app): State<AppState>,
-    Caller(caller): Caller,
+    Reader(caller): Reader,
     ApiJson(body): ApiJson<MarkRead>,
 ) -> Result<Response, ApiError> {
     let marked = app
@@ -193,7 +244,7 @@ pub async fn mark_read(
 /// `POST /api/chat-messages/mark-all-read`.
 pub async fn mark_all_read(
     State(app): State<AppState>,
-    Caller(caller): Caller,
+    Reader(caller): Reader,
 ) -> Result<Response, ApiError> {
     let marked = app
         .notifications
@@ -206,7 +257,7 @@ pub async fn mark_all_read(
 /// `GET /api/chat-messages/{taskId}`: the caller's notifications of a task, oldest first.
 pub async fn task(
     State(app): State<AppState>,
-    Caller(caller): Caller,
+    Reader(caller): Reader,
     Path(task_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let list = app
@@ -244,7 +295,8 @@ pub async fn stream(
 ) -> Result<Response, ApiError> {
     let token = bearer_token(&headers)
         .filter(|t| !t.is_empty())
-        .or(q.token.as_deref().filter(|t| !t.is_empty()));
+        .or(q.token.as_deref().filter(|t| !t.is_empty()))
+        .or_else(|| cookie_token(&app, &headers));
     let Some(token) = token else {
         app.metrics.client_error("missing_token");
         return Err(ApiError::unauthorized(
@@ -252,10 +304,7 @@ pub async fn stream(
             "send the user's token as Authorization: Bearer or ?token=",
         ));
     };
-    let caller = app.auth.identify(Some(token)).await.map_err(|e| {
-        app.metrics.client_error(e.code().as_str());
-        ApiError::unauthorized(e.code(), e.to_string())
-    })?;
+    let caller = identify(&app, token).await?;
     let last_event = match headers.get("last-event-id") {
         None => None,
         Some(v) => Some(
