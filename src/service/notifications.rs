@@ -408,6 +408,33 @@ impl NotificationService {
         self.remove(&identity.domain_id, &identity.user_id, conn.id())
     }
 
+    /// Subscribes `conn` to the notifications of `user`, a user of the connection's domain
+    /// another credential vouched for (a Pusher connection's signed `private-user-{id}`
+    /// channel), from the next one on. Ended by [`Self::unsubscribe_from`].
+    pub async fn subscribe_for(
+        self: &Arc<Self>,
+        conn: &ConnHandle,
+        user: &str,
+    ) -> Result<UnreadCount, ServiceError> {
+        let identity = Arc::new(Identity {
+            user_id: user.to_owned(),
+            name: user.to_owned(),
+            role: Role::Visitor,
+            domain_id: Arc::clone(&conn.identity().domain_id),
+            anonymous: false,
+            room: None,
+            label: None,
+        });
+        self.remove(&identity.domain_id, user, conn.id());
+        self.start(identity, conn.id(), Target::Conn(conn.clone()), None)
+            .await
+    }
+
+    /// Ends `conn`'s subscription to `user`'s notifications; true if it had one.
+    pub fn unsubscribe_from(&self, conn: &ConnHandle, user: &str) -> bool {
+        self.remove(&conn.identity().domain_id, user, conn.id())
+    }
+
     /// An SSE stream of the caller's notifications after `since` (see [`Self::subscribe`]);
     /// it ends when the client cannot keep up, and unsubscribes when dropped.
     pub async fn stream(

@@ -69,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(http::metrics))
         .route("/ws", get(ws::upgrade))
         .route("/chat", get(ws::guided::upgrade))
+        .route("/app/{key}", get(ws::pusher::upgrade))
         .route("/api/templates", get(sessions::templates))
         .route("/api/sessions", get(sessions::list_sessions))
         .route(

@@ -24,6 +24,7 @@ pub mod frame;
 pub mod guided;
 mod incoming;
 mod liveness;
+pub mod pusher;
 mod requests;
 pub mod socket;
 mod upgrade;
