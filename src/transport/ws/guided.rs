@@ -24,8 +24,8 @@ use tokio::time::Instant;
 
 use super::socket::{Incoming, RecvError, WsSocket};
 use super::{
-    Admitted, End, Gate, Liveness, WRITE_TIMEOUT, close, handshake_key, subprotocols,
-    switching_protocols, upgrade_required, upgrade_token,
+    Admitted, End, Gate, Liveness, WRITE_TIMEOUT, close, handshake, switching_protocols,
+    upgrade_token,
 };
 use crate::error_code::ErrorCode;
 use crate::model::{Identity, Role};
@@ -54,11 +54,10 @@ pub async fn upgrade(
     Query(query): Query<ChatQuery>,
     mut req: Request,
 ) -> Response {
-    let key = match handshake_key(req.headers()) {
-        Ok(key) => key,
-        Err(message) => return upgrade_required(&app, message),
+    let (key, offered) = match handshake(&app, req.headers()) {
+        Ok(handshake) => handshake,
+        Err(refused) => return *refused,
     };
-    let offered = subprotocols(req.headers());
     let Some(token) = upgrade_token(query.token.as_deref(), req.headers(), &offered) else {
         app.metrics.client_error("missing_token");
         return ApiError::unauthorized(

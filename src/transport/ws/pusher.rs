@@ -27,10 +27,7 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 
 use super::socket::{Incoming, RecvError, WsSocket};
-use super::{
-    End, Gate, Liveness, WRITE_TIMEOUT, close, handshake_key, subprotocols, switching_protocols,
-    upgrade_required,
-};
+use super::{End, Gate, Liveness, WRITE_TIMEOUT, close, handshake, switching_protocols};
 use crate::config::Secret;
 use crate::hub::{ConnHandle, Event, Receiver};
 use crate::model::{Identity, Role};
@@ -56,11 +53,10 @@ pub async fn upgrade(
     Path(app_key): Path<String>,
     mut req: Request,
 ) -> Response {
-    let key = match handshake_key(req.headers()) {
-        Ok(key) => key,
-        Err(message) => return upgrade_required(&app, message),
+    let (key, offered) = match handshake(&app, req.headers()) {
+        Ok(handshake) => handshake,
+        Err(refused) => return *refused,
     };
-    let offered = subprotocols(req.headers());
     let found = app
         .auth
         .domains()

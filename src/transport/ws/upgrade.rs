@@ -21,11 +21,10 @@ pub async fn upgrade(
     Query(query): Query<WsQuery>,
     mut req: Request,
 ) -> Response {
-    let key = match handshake_key(req.headers()) {
-        Ok(key) => key,
-        Err(message) => return upgrade_required(&app, message),
+    let (key, offered) = match handshake(&app, req.headers()) {
+        Ok(handshake) => handshake,
+        Err(refused) => return *refused,
     };
-    let offered = subprotocols(req.headers());
     let token = upgrade_token(query.token.as_deref(), req.headers(), &offered);
     let identified = match token.as_deref() {
         None => Ok(crate::transport::visitor::anonymous(req.extensions())),
@@ -155,6 +154,18 @@ pub(super) fn upgrade_token(
                 .find_map(|p| p.strip_prefix(TOKEN_SUBPROTOCOL_PREFIX))
         })
         .map(str::to_owned)
+}
+
+/// A WebSocket opening handshake's key and offered subprotocols, or the 426 answer to a
+/// request that is not one: how every WebSocket endpoint starts.
+pub(super) fn handshake(
+    app: &AppState,
+    headers: &HeaderMap,
+) -> Result<(String, Vec<String>), Box<Response>> {
+    match handshake_key(headers) {
+        Ok(key) => Ok((key, subprotocols(headers))),
+        Err(message) => Err(Box::new(upgrade_required(app, message))),
+    }
 }
 
 /// The answer to a request that is not a WebSocket handshake.
