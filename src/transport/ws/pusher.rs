@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 
 use super::socket::{Incoming, RecvError, WsSocket};
-use super::{End, Gate, Liveness, WRITE_TIMEOUT, close, handshake, switching_protocols};
+use super::{End, Gate, Liveness, WRITE_TIMEOUT, handshake, switching_protocols};
 use crate::config::Secret;
 use crate::hub::{ConnHandle, Event, Receiver};
 use crate::model::{Identity, Role};
@@ -127,9 +127,37 @@ fn truncate(s: &str) -> &str {
 /// Sends `pusher:error` with `code` and closes with the same code.
 async fn refuse(socket: &mut WsSocket, code: u16, message: &str) {
     socket.queue_text(error_frame(code, message).as_bytes());
-    socket.queue_close(code, "");
-    let _ = tokio::time::timeout(WRITE_TIMEOUT, socket.flush()).await;
-    socket.shutdown().await;
+    finish(socket, code, "").await;
+}
+
+/// Closes with `code`, within [`WRITE_TIMEOUT`].
+async fn finish(socket: &mut WsSocket, code: u16, reason: &str) {
+    socket.queue_close(code, reason);
+    if tokio::time::timeout(WRITE_TIMEOUT, socket.flush())
+        .await
+        .is_ok_and(|r| r.is_ok())
+    {
+        socket.shutdown().await;
+    }
+}
+
+/// The close code and reason of `end` in Pusher's terms, which decide what `pusher-js`
+/// does next: 4100–4199 reconnect after a pause, 4200–4299 at once, while 4000–4099 and
+/// 4300 and up are final; so `/ws`'s 4008 for a slow client would stop `pusher-js` for good.
+/// `None`: the transport is gone.
+fn close_code(end: End) -> Option<(u16, &'static str)> {
+    Some(match end {
+        End::Shutdown => (4200, "Server is closing. Please reconnect shortly."),
+        End::SlowConsumer => (4100, "Over capacity: the client does not read fast enough"),
+        End::NoPong => (4201, "Pong reply not received"),
+        End::Idle => (4202, "Closed after inactivity"),
+        End::FrameTooLarge => (1009, "frame too large"),
+        End::ProtocolError => (1002, "protocol error"),
+        End::InvalidUtf8 => (1007, "text frame is not UTF-8"),
+        End::ClientClosed => (1000, ""),
+        End::TransportError => return None,
+        _ => (1011, "server error: try again"),
+    })
 }
 
 /// `pusher:error` (its `data` an object, as Pusher sends it).
@@ -187,15 +215,10 @@ impl Client {
             }
         }
         drop(rx);
-        if let End::Shutdown = end {
-            refuse(
-                &mut socket,
-                4200,
-                "Server is closing. Please reconnect shortly.",
-            )
-            .await;
-        } else {
-            Box::pin(close(&mut socket, end)).await;
+        match close_code(end) {
+            Some((code, reason)) if code >= 4000 => refuse(&mut socket, code, reason).await,
+            Some((code, reason)) => finish(&mut socket, code, reason).await,
+            None => {}
         }
         drop(gate);
         metrics.connections.dec();
