@@ -77,7 +77,13 @@ pub async fn upgrade(
         return switching_protocols(&key, &offered);
     };
     let id = app.next_connection_id();
-    let socket_id = format!("{}.{}", std::process::id(), id);
+    // Digits, a dot, digits, as the `pusher` SDK checks; the first part random, so that a
+    // signature made for one socket cannot be replayed on a socket of another node that
+    // happens to have the same connection number.
+    let socket_id = format!(
+        "{}.{id}",
+        uuid::Uuid::new_v4().as_u64_pair().0 % 1_000_000_000
+    );
     let identity = Identity {
         user_id: format!("pusher:{socket_id}"),
         name: "Pusher client".to_owned(),
