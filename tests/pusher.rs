@@ -5,7 +5,8 @@
 //! someone else's socket, and an unknown app key are refused with Pusher's answers.
 //!
 //! Runs when `PARLOR_TEST_CHROMIUM` is set (the signal that `npm ci --prefix tests/browser`
-//! installed the Node packages, as CI does) and says it is skipped otherwise.
+//! installed the Node packages, as CI does) and says it is skipped otherwise; the two-node
+//! test also needs `PARLOR_TEST_DATABASE_URL` and `PARLOR_TEST_REDIS_URL`.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod common;
@@ -68,10 +69,15 @@ struct Script {
 
 impl Script {
     fn start(suite: &Path, s: &TestServer, key: &str, secret: &str, channels: &[&str]) -> Self {
+        Self::start_at(suite, s.addr.port(), key, secret, channels)
+    }
+
+    /// The script against the server listening on 127.0.0.1:`port`.
+    fn start_at(suite: &Path, port: u16, key: &str, secret: &str, channels: &[&str]) -> Self {
         let mut child = Command::new("node")
             .arg(suite.join("pusher_client.mjs"))
             .current_dir(suite)
-            .env("PARLOR_PORT", s.addr.port().to_string())
+            .env("PARLOR_PORT", port.to_string())
             .env("APP_KEY", key)
             .env("APP_SECRET", secret)
             .env("CHANNELS", channels.join(","))
@@ -239,4 +245,67 @@ async fn a_wrong_signature_and_an_unknown_key_are_refused_as_pusher_refuses_them
     }
     unknown.finish().await;
     s.stop().await;
+}
+
+#[tokio::test]
+async fn a_notification_sent_to_one_node_reaches_pusher_js_on_another() {
+    let Some(suite) = suite() else {
+        return;
+    };
+    let Some((db_url, redis)) = common::cluster::servers() else {
+        return;
+    };
+    let config = common::cluster::NODE_CONFIG.replace(
+        "[domains.bot]",
+        &format!(
+            "pusher_keys = [{{ key = \"{APP_KEY}\", secret = \"{APP_SECRET}\" }}]\n[domains.bot]"
+        ),
+    );
+    let db = common::cluster::Database::create(&db_url).await;
+    let cluster = common::cluster::cluster_with_config(2, &redis, db, &config).await;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let mut ann = Script::start_at(&suite, b.port, APP_KEY, APP_SECRET, &["private-user-ann"]);
+    ann.next("subscribed").await;
+    // The domain's admin sends through node A, once node A sees ann listening on node B.
+    let back_end = parlor::auth::issue_token(
+        &parlor::config::Secret::new(common::TEST_SECRET),
+        "backend",
+        None,
+        "admin",
+        "demo",
+        600,
+    )
+    .unwrap();
+    let mut sent = Value::Null;
+    for i in 0..40 {
+        let (status, answer) = common::call(
+            reqwest::Method::POST,
+            &a.http("/api/notifications"),
+            &back_end,
+            Some(&json!({ "type": "info", "userId": "ann", "content": format!("n{i}") })),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        sent = answer;
+        if sent["pusherSent"] == true {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        sent["pusherSent"], true,
+        "node A sees ann listening on node B"
+    );
+    // Every one sent reaches pusher-js on node B, in order, the last one included.
+    let mut last = Value::Null;
+    let mut seqs = Vec::new();
+    while last["id"] != sent["messageId"] {
+        last = ann.next("chat-message").await["message"].clone();
+        seqs.push(last["seq"].as_u64().unwrap());
+    }
+    let all: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(seqs, all, "every notification once, in order");
+    assert_eq!(last["type"], "INFO");
+    ann.finish().await;
+    cluster.finish().await;
 }
