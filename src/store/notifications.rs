@@ -97,6 +97,26 @@ pub struct NewNotification {
     pub data: Option<String>,
 }
 
+impl NewNotification {
+    /// The notification as stored with `seq` at `created_at`, unread: what a store returns
+    /// for it.
+    pub fn stored(&self, seq: u64, created_at: DateTime<Utc>) -> Notification {
+        Notification {
+            id: self.id.clone(),
+            domain_id: self.domain_id.clone(),
+            user_id: self.user_id.clone(),
+            org_id: self.org_id.clone(),
+            task_id: self.task_id.clone(),
+            kind: self.kind,
+            content: self.content.clone(),
+            data: self.data.clone(),
+            read: false,
+            created_at,
+            seq,
+        }
+    }
+}
+
 /// A stored notification (its serde form is how it travels between nodes).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Notification {

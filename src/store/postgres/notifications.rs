@@ -102,19 +102,7 @@ impl Notifications for PostgresStore {
                 .bind(to_ms(now))
                 .execute(&mut *tx)
                 .await?;
-                stored.push(Notification {
-                    id: n.id.clone(),
-                    domain_id: n.domain_id.clone(),
-                    user_id: n.user_id.clone(),
-                    org_id: n.org_id.clone(),
-                    task_id: n.task_id.clone(),
-                    kind: n.kind,
-                    content: n.content.clone(),
-                    data: n.data.clone(),
-                    read: false,
-                    created_at: now,
-                    seq: count(seq),
-                });
+                stored.push(n.stored(count(seq), now));
             }
             tx.commit().await?;
             Ok(stored)

@@ -69,20 +69,8 @@ fn insert(conn: &Connection, batch: &[NewNotification]) -> rusqlite::Result<Vec<
             n.data,
             to_ms(now)
         ])?;
-        stored.push(Notification {
-            id: n.id.clone(),
-            domain_id: n.domain_id.clone(),
-            user_id: n.user_id.clone(),
-            org_id: n.org_id.clone(),
-            task_id: n.task_id.clone(),
-            kind: n.kind,
-            content: n.content.clone(),
-            data: n.data.clone(),
-            read: false,
-            // What reads give back: milliseconds.
-            created_at: from_ms(to_ms(now)),
-            seq: u64::try_from(seq).unwrap_or(0),
-        });
+        // What reads give back: milliseconds.
+        stored.push(n.stored(u64::try_from(seq).unwrap_or(0), from_ms(to_ms(now))));
     }
     Ok(stored)
 }
