@@ -3,7 +3,7 @@
 //!
 //! Its own module so that the hub that produces and fans events out and the broker that
 //! carries them between nodes both depend on it, and not on each other. Depends on the
-//! model (and the store's inbox entry) only.
+//! model, the store's inbox entry and the hub's channel-event type only.
 
 use std::sync::Arc;
 
@@ -83,6 +83,9 @@ pub enum Event {
     /// A notification stored for one user (`notification`; docs/notifications.md): for
     /// that user's live subscribers on every node, not for a room.
     Notification(Arc<Notification>),
+    /// An event published on a Pusher channel (`crate::hub::channels`): for the
+    /// channel's subscribers on every node; nothing is stored.
+    Channel(Arc<crate::hub::ChannelEvent>),
     /// A member read the room up to `seq`.
     ReadReceipt {
         /// The room.
@@ -132,6 +135,7 @@ impl Event {
             Event::RoomStatus { conversation, .. } => Some(&conversation.room),
             Event::InboxUpdate(entry) => Some(&entry.conversation.room),
             Event::NoteAdded(note) => Some(&note.room),
+            Event::Channel(event) => Some(&event.key),
             Event::Frame(_) | Event::Notification(_) => None,
         }
     }
@@ -146,4 +150,7 @@ pub struct PresentUser {
     pub name: String,
     /// Role.
     pub role: Role,
+    /// What a presence channel's member is shown with (Pusher's `user_info`, JSON text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<Arc<str>>,
 }

@@ -155,6 +155,7 @@ async fn two_nodes_see_each_others_messages_in_order_and_room_events() {
                 user_id: "user-1".into(),
                 name: "User 1".into(),
                 role: Role::Visitor,
+                info: None,
             },
             typing: true,
         },

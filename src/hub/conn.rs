@@ -128,6 +128,7 @@ impl Envelope {
                 Event::Delta { delta, .. } => delta.len(),
                 Event::Frame(bytes) => bytes.len(),
                 Event::Notification(n) => n.content.len() + n.data.as_ref().map_or(0, String::len),
+                Event::Channel(c) => c.event.len() + c.data.len(),
                 _ => 0,
             };
         Arc::new(Self {

@@ -24,8 +24,10 @@
 //! Depends on the model, the store, the event type ([`crate::event`]) and the broker's
 //! traits; never on a transport or a wire format.
 
+pub mod channels;
 pub mod conn;
 pub mod cursor;
+pub mod roster;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -35,6 +37,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use tokio::sync::OnceCell;
 
+pub use channels::{ChannelEvent, Occupancy, Subscribed};
 pub use conn::{
     CLOSE_RESYNC, CLOSE_SLOW_CONSUMER, ConnHandle, DELIVERY_ROUND, Envelope, Kick, Parked,
     Receiver, Signal, corked,
@@ -45,9 +48,11 @@ pub use crate::event::{Event, LeftReason, PresentUser};
 
 use crate::broker::{Broker, Presence, Relay};
 use crate::metrics::{AT_NODE, Metrics};
-use crate::model::{Message, RoomKey};
+use crate::model::{Identity, Message, RoomKey};
 use crate::node::Supervisor;
 use crate::store::{Store, StoreError};
+use channels::{Channels, is_channel};
+use roster::{Named, Roster};
 
 /// What a joiner receives: where the room stands and the messages it missed.
 #[derive(Debug)]
@@ -123,6 +128,8 @@ pub enum HubError {
 #[derive(Debug)]
 pub struct Hub {
     rooms: DashMap<RoomKey, Arc<RoomSlot>>,
+    /// Pusher channels with subscribers here ([`channels`]).
+    channels: Channels,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     /// Recent messages kept per active room.
@@ -157,9 +164,9 @@ struct RoomSlot {
 struct RoomState {
     /// Connections in the room.
     members: HashMap<u64, ConnHandle>,
-    /// Connections per present user, for presence (tabs of one user count once). A user
-    /// is shown as the identity of their first connection in the room.
-    users: HashMap<UserOf, usize>,
+    /// Who is present, for presence (tabs of one user count once; a user is shown as the
+    /// identity of their first connection in the room), and whose leave is held back.
+    roster: Roster<Identity>,
     /// Highest `seq` delivered to members (and in the cache).
     last_seq: u64,
     /// The most recent messages, ascending and contiguous, ending at `last_seq`.
@@ -173,10 +180,6 @@ struct RoomState {
     fill_to: u64,
     /// The store's last `seq` at the previous position check.
     checked: u64,
-    /// Users whose leave the presence holds back (see [`Presence::left`]), with how many of
-    /// their leaves are still to be settled. Their members never saw them go, so a rejoin
-    /// meanwhile is not announced, and only the last of the leaves is.
-    leaving: HashMap<String, u32>,
     /// The initial load has completed.
     ready: bool,
 }
@@ -210,6 +213,7 @@ impl Hub {
     ) -> Arc<Self> {
         Arc::new(Self {
             rooms: DashMap::new(),
+            channels: Channels::default(),
             store,
             metrics,
             cache_size,
@@ -417,7 +421,7 @@ impl Hub {
                         let joined = self.add_member(&mut st, conn);
                         let (members, member_count) = self.members_locked(&st);
                         if joined && member_count <= self.presence_max_members {
-                            let user = present(conn.identity());
+                            let user = conn.identity().present();
                             // Members on other nodes hear of it too.
                             self.presence.joined(key, &user);
                             let event = Event::Presence {
@@ -427,7 +431,7 @@ impl Hub {
                             };
                             // Back before the members here were told of the leave: they
                             // never saw the user go.
-                            if !st.leaving.contains_key(&conn.identity().user_id) {
+                            if !st.roster.is_leaving(&conn.identity().user_id) {
                                 self.broadcast_locked(&st, &Envelope::new(event), Some(conn.id()));
                             }
                         }
@@ -494,13 +498,8 @@ impl Hub {
 
     /// The room's present users (at most `presence_max_members`) and how many there are.
     fn members_locked(&self, st: &RoomState) -> (Vec<PresentUser>, usize) {
-        let members = st
-            .users
-            .keys()
-            .take(self.presence_max_members)
-            .map(UserOf::present)
-            .collect();
-        (members, st.users.len())
+        let members = st.roster.present(self.presence_max_members);
+        (members, st.roster.len())
     }
 
     /// Removes `conn` from the room. Returns false if it was not a member.
@@ -513,29 +512,13 @@ impl Hub {
             let Some(member) = st.members.remove(&conn.id()) else {
                 return false;
             };
-            let user_id = member.identity().user_id.as_str();
-            let mut gone = None;
-            if let Some(count) = st.users.get_mut(user_id) {
-                *count -= 1;
-                if *count == 0 {
-                    gone = st
-                        .users
-                        .remove_entry(user_id)
-                        .map(|(user, _)| user.present());
-                }
-            }
-            if let Some(user) = gone {
-                let announce = st.users.len() < self.presence_max_members;
+            if let Some(user) = st.roster.depart(&member.identity().user_id)
+                && st.roster.len() < self.presence_max_members
                 // A presence that knows the other nodes may hold the announcement back
                 // until it knows the user is on none of them (see `Presence::left`).
-                let deferred = announce && self.presence.left(key, &user);
-                if deferred {
-                    *st.leaving.entry(user.user_id).or_insert(0) += 1;
-                } else if announce {
-                    // Announced now: a leave still held back has nothing left to say.
-                    st.leaving.remove(&user.user_id);
-                    self.announce_gone_locked(&st, key, user);
-                }
+                && let Some(user) = st.roster.left(key, user, &*self.presence)
+            {
+                self.announce_gone_locked(&st, key, user);
             }
             (true, st.members.is_empty())
         };
@@ -554,36 +537,32 @@ impl Hub {
     /// members, if the user is gone and has not come back here. Under the room lock, so a
     /// leave announced late never follows the announcement of a rejoin.
     pub fn settle_leave(&self, key: &RoomKey, user: PresentUser, gone: bool) {
+        if is_channel(key) {
+            return self.channel_settle(key, user, gone);
+        }
         let Some(slot) = self.rooms.get(key).map(|s| Arc::clone(s.value())) else {
             return;
         };
         let mut st = slot.state.lock();
-        let Some(outstanding) = st.leaving.get_mut(&user.user_id) else {
-            return;
-        };
-        *outstanding = outstanding.saturating_sub(1);
-        if *outstanding > 0 {
-            return;
+        if st.roster.settle(&user.user_id, gone) {
+            self.announce_gone_locked(&st, key, user);
         }
-        st.leaving.remove(&user.user_id);
-        if !gone || st.users.contains_key(user.user_id.as_str()) {
-            return;
-        }
-        self.announce_gone_locked(&st, key, user);
     }
 
     /// Tells this node's members that `user`, last seen on another node, left the room,
     /// unless the user is present here or a leave of the user here is still to be settled
     /// (that one tells). Under the room lock, like [`Self::settle_leave`].
     pub fn announce_leave(&self, key: &RoomKey, user: PresentUser) {
+        if is_channel(key) {
+            return self.channel_leave(key, user);
+        }
         let Some(slot) = self.rooms.get(key).map(|s| Arc::clone(s.value())) else {
             return;
         };
         let st = slot.state.lock();
-        if st.users.contains_key(user.user_id.as_str()) || st.leaving.contains_key(&user.user_id) {
-            return;
+        if st.roster.remote_leave_is_news(&user.user_id) {
+            self.announce_gone_locked(&st, key, user);
         }
-        self.announce_gone_locked(&st, key, user);
     }
 
     /// Broadcasts `user`'s leave to this node's members (room lock held).
@@ -605,9 +584,12 @@ impl Hub {
 
     /// Users present in the room (empty if the room is not active).
     pub fn presence(&self, key: &RoomKey) -> Vec<PresentUser> {
+        if is_channel(key) {
+            return self.channel_presence(key);
+        }
         self.rooms
             .get(key)
-            .map(|s| s.state.lock().users.keys().map(UserOf::present).collect())
+            .map(|s| s.state.lock().roster.present(usize::MAX))
             .unwrap_or_default()
     }
 
@@ -630,9 +612,12 @@ impl Hub {
 
     /// Whether `user_id` is present in the room on this node.
     pub fn is_present(&self, key: &RoomKey, user_id: &str) -> bool {
+        if is_channel(key) {
+            return self.channel_has(key, user_id);
+        }
         self.rooms
             .get(key)
-            .is_some_and(|s| s.state.lock().users.contains_key(user_id))
+            .is_some_and(|s| s.state.lock().roster.contains(user_id))
     }
 
     /// Every active room's present users on this node (for the presence's renewal).
@@ -640,16 +625,10 @@ impl Hub {
         self.rooms
             .iter()
             .map(|e| {
-                let users = e
-                    .value()
-                    .state
-                    .lock()
-                    .users
-                    .keys()
-                    .map(UserOf::present)
-                    .collect();
+                let users = e.value().state.lock().roster.present(usize::MAX);
                 (e.key().clone(), users)
             })
+            .chain(self.channels_presence())
             .collect()
     }
 
@@ -662,6 +641,9 @@ impl Hub {
 
     /// [`Self::broadcast`] to this node's members only (an event relayed from another node).
     pub fn broadcast_local(&self, key: &RoomKey, event: Event, skip: Option<u64>) {
+        if is_channel(key) {
+            return self.channel_broadcast(key, event, skip);
+        }
         if let Some(slot) = self.rooms.get(key) {
             let st = slot.state.lock();
             self.broadcast_locked(&st, &Envelope::new(event), skip);
@@ -898,52 +880,6 @@ impl Hub {
         if st.members.insert(conn.id(), conn.clone()).is_some() {
             return false;
         }
-        let count = st
-            .users
-            .entry(UserOf(Arc::clone(conn.identity())))
-            .or_insert(0);
-        *count += 1;
-        *count == 1
-    }
-}
-
-/// A present user, as the identity of one of their connections: a key of a room's users
-/// by user id, which costs the room a pointer rather than copies of the user's fields.
-#[derive(Debug)]
-struct UserOf(Arc<crate::model::Identity>);
-
-impl UserOf {
-    fn present(&self) -> PresentUser {
-        present(&self.0)
-    }
-}
-
-impl PartialEq for UserOf {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.user_id == other.0.user_id
-    }
-}
-
-impl Eq for UserOf {}
-
-impl std::hash::Hash for UserOf {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        // As `str` hashes, so that a lookup by `&str` (through `Borrow`) finds it.
-        self.0.user_id.as_str().hash(state);
-    }
-}
-
-impl std::borrow::Borrow<str> for UserOf {
-    fn borrow(&self) -> &str {
-        &self.0.user_id
-    }
-}
-
-/// How `id` is shown in a room's presence.
-fn present(id: &crate::model::Identity) -> PresentUser {
-    PresentUser {
-        user_id: id.user_id.clone(),
-        name: id.name.clone(),
-        role: id.role,
+        st.roster.arrive(Arc::clone(conn.identity()))
     }
 }

@@ -290,6 +290,7 @@ mod tests {
             user_id: id.to_owned(),
             name: id.to_uppercase(),
             role: Role::Visitor,
+            info: None,
         }
     }
 

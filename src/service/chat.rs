@@ -19,7 +19,8 @@ use crate::auth::Domains;
 use crate::auth::policy;
 use crate::config::Limits;
 use crate::error_code::ErrorCode;
-use crate::hub::{ConnHandle, Event, Hub, Joined, PresentUser, Replay};
+use crate::hub::roster::Named as _;
+use crate::hub::{ConnHandle, Event, Hub, Joined, Replay};
 use crate::metrics::Metrics;
 use crate::model::{Author, Identity, Message, NewMessage, Room, RoomKey, json_depth, valid_id};
 use crate::node::pipeline::{Admitted, Backlog};
@@ -473,11 +474,7 @@ impl ChatService {
             return Err(not_joined());
         }
         let id = conn.identity();
-        let user = PresentUser {
-            user_id: id.user_id.clone(),
-            name: id.name.clone(),
-            role: id.role,
-        };
+        let user = id.present();
         self.hub.broadcast(
             key,
             Event::Typing {

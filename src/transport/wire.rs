@@ -189,6 +189,14 @@ pub fn encode_event(event: &Event) -> Bytes {
             "type": "notification",
             "notification": notification_json(n),
         })),
+        // A Pusher channel's event: only Pusher sockets subscribe to channels, and they
+        // write their own frame; this form is for completeness.
+        Event::Channel(c) => to_bytes(&serde_json::json!({
+            "type": "channel-event",
+            "channel": c.channel(),
+            "event": c.event,
+            "data": serde_json::from_str::<Value>(&c.data).unwrap_or(Value::Null),
+        })),
     }
 }
 

@@ -279,6 +279,7 @@ mod tests {
             user_id: "ann".to_owned(),
             name: "Ann".to_owned(),
             role: Role::Visitor,
+            info: None,
         };
         let agent = Agent {
             user_id: "alice".to_owned(),

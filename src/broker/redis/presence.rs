@@ -68,6 +68,9 @@ struct PresenceEntry {
     user_id: String,
     name: String,
     role: Role,
+    /// A presence channel member's `user_info`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    info: Option<Arc<str>>,
     node: u64,
 }
 
@@ -177,6 +180,7 @@ impl RedisPresence {
             user_id: user.user_id.clone(),
             name: user.name.clone(),
             role: user.role,
+            info: user.info.clone(),
             node: self.outbox.node(),
         };
         serde_json::to_string(&entry).unwrap_or_default()
@@ -337,6 +341,7 @@ impl RedisPresence {
                     user_id: gone.user_id,
                     name: gone.name,
                     role: gone.role,
+                    info: gone.info,
                 },
                 joined: false,
             };
@@ -450,6 +455,7 @@ impl Presence for RedisPresence {
                         user_id: e.user_id,
                         name: e.name,
                         role: e.role,
+                        info: e.info,
                     });
                 }
             }
