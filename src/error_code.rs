@@ -120,6 +120,9 @@ error_codes! {
     InvalidTimestamp = "invalid_timestamp",
     TooManyNotifications = "too_many_notifications",
     InvalidMessageIds = "invalid_message_ids",
+    InvalidSocketId = "invalid_socket_id",
+    InvalidChannel = "invalid_channel",
+    NoPusherApp = "no_pusher_app",
     ///
     /// A configured AI provider that cannot be built (`ai.providers`): the server does not
     /// start, so no client receives it.

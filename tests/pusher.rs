@@ -51,6 +51,7 @@ async fn server() -> (TestServer, String) {
         let demo = c.domains.iter_mut().find(|d| d.id == "demo").unwrap();
         demo.server_keys = vec![entry];
         demo.pusher_keys = vec![parlor::config::PusherKeyConfig {
+            app_id: None,
             key: APP_KEY.to_owned(),
             secret: parlor::config::Secret::new(APP_SECRET),
         }];

@@ -82,6 +82,8 @@ struct ServerKey {
 pub struct PusherKey {
     /// The domain it belongs to.
     pub domain: Arc<str>,
+    /// The app it opens (`app_id`, by default the domain id).
+    pub app_id: Arc<str>,
     /// Its secret.
     pub secret: Secret,
     expires_at: Option<DateTime<Utc>>,
@@ -261,7 +263,11 @@ impl DomainTable {
         }
         let mut pusher = Vec::new();
         for p in &settings.pusher_keys {
-            pusher.push((p.key.clone(), p.secret.clone(), None, None));
+            let app_id = p
+                .app_id
+                .as_deref()
+                .map_or_else(|| Arc::clone(&owner), Arc::from);
+            pusher.push((p.key.clone(), app_id, p.secret.clone(), None, None));
         }
         // A bad run-time key is left out with an error in the log: it must not take its
         // domain (or, for a config-file domain, the server's start) down with it.
@@ -277,14 +283,21 @@ impl DomainTable {
                 }
                 KeyKind::Pusher => {
                     if let Some(public) = &k.public_id {
-                        pusher.push((public.clone(), k.secret.clone(), k.expires_at, Some(&k.id)));
+                        pusher.push((
+                            public.clone(),
+                            Arc::clone(&owner),
+                            k.secret.clone(),
+                            k.expires_at,
+                            Some(&k.id),
+                        ));
                     }
                 }
             }
         }
-        for (key, secret, expires_at, run_time) in pusher {
+        for (key, app_id, secret, expires_at, run_time) in pusher {
             let entry = PusherKey {
                 domain: Arc::clone(&owner),
+                app_id,
                 secret,
                 expires_at,
             };
@@ -391,6 +404,25 @@ impl DomainTable {
             .filter(|k| k.expires_at.is_none_or(|at| at > now))
     }
 
+    /// `domain`'s Pusher key named `key`, or its first working one by name, if it works at
+    /// `now`: the key and its pair.
+    pub fn pusher_key_of(
+        &self,
+        domain: &str,
+        key: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Option<(&str, &PusherKey)> {
+        self.pusher_keys
+            .iter()
+            .filter(|(name, k)| {
+                &*k.domain == domain
+                    && key.is_none_or(|wanted| wanted == name.as_str())
+                    && k.expires_at.is_none_or(|at| at > now)
+            })
+            .min_by(|a, b| a.0.cmp(b.0))
+            .map(|(name, k)| (name.as_str(), k))
+    }
+
     /// Which rooms visitors of `domain` may use; `owned` (the strictest) for a domain that
     /// no longer exists.
     pub fn visitor_rooms(&self, domain: &str) -> VisitorRooms {
@@ -491,6 +523,14 @@ fn check(d: &DomainConfig) -> Result<(), DomainError> {
             return Err(DomainError::new(
                 &d.id,
                 "a Pusher key needs a key and a secret of at least 16 bytes",
+            ));
+        }
+        if let Some(app_id) = &p.app_id
+            && !crate::model::valid_id(app_id)
+        {
+            return Err(DomainError::new(
+                &d.id,
+                format!("Pusher app_id {app_id:?}: 1–128 characters of A-Z a-z 0-9 - _ . : @"),
             ));
         }
     }

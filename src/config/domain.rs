@@ -246,6 +246,10 @@ fn parse_hours_rule(rule: &str) -> Option<([bool; 7], u32, u32)> {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PusherKeyConfig {
+    /// The app id of the HTTP API's `/apps/{id}` (default: the domain id). Keys of one id
+    /// share its channels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_id: Option<String>,
     /// The public app key (what `pusher-js` is given).
     pub key: String,
     /// The secret that signs channel authorisations and HTTP API calls.

@@ -13,6 +13,8 @@
 //! - [`web`]: the pages compiled into the binary (widget, agent inbox, demo page).
 //! - [`listen`]: the TCP listener: per-address connection cap, header and body timeouts.
 //! - [`visitor`]: the cookie that keeps a token-less browser one visitor.
+//! - [`pusher`]: Pusher compatibility: the HTTP API (`/apps/{id}/…`) and `/pusher/auth`;
+//!   the socket endpoint `/app/{key}` is [`ws::pusher`].
 //!
 //! [`router`] assembles them into one axum app, apart from serving it ([`listen::serve`]),
 //! so tests can drive it with `oneshot` or a real listener.
@@ -26,6 +28,7 @@ pub mod handoff;
 pub mod http;
 pub mod listen;
 pub mod notifications;
+pub mod pusher;
 pub mod sessions;
 pub mod state;
 pub mod visitor;
@@ -70,6 +73,25 @@ pub fn router(state: AppState) -> Router {
         .route("/ws", get(ws::upgrade))
         .route("/chat", get(ws::guided::upgrade))
         .route("/app/{key}", get(ws::pusher::upgrade))
+        .route("/pusher/auth", post(pusher::auth::authorise))
+        .route("/apps/{app_id}/events", post(pusher::api::events))
+        .route(
+            "/apps/{app_id}/batch_events",
+            post(pusher::api::batch_events),
+        )
+        .route("/apps/{app_id}/channels", get(pusher::api::channels))
+        .route(
+            "/apps/{app_id}/channels/{channel}",
+            get(pusher::api::channel),
+        )
+        .route(
+            "/apps/{app_id}/channels/{channel}/users",
+            get(pusher::api::users),
+        )
+        .route(
+            "/apps/{app_id}/users/{user_id}/terminate_connections",
+            post(pusher::api::terminate),
+        )
         .route("/api/templates", get(sessions::templates))
         .route("/api/sessions", get(sessions::list_sessions))
         .route(

@@ -130,7 +130,7 @@ fn refused(app: &AppState, e: ServiceError) -> ApiError {
 /// cookie authenticates and that changes something must come from a page of this site
 /// (`cross_site` otherwise): another site's page would send the cookie too.
 #[derive(Debug)]
-pub struct Reader(Identity);
+pub struct Reader(pub Identity);
 
 impl FromRequestParts<AppState> for Reader {
     type Rejection = ApiError;

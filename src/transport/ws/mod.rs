@@ -173,6 +173,7 @@ async fn close(socket: &mut WsSocket, end: End) {
         End::Complete => (1000, "session complete"),
         End::Unavailable => (1011, "server error: try again"),
         End::Unusable => (1008, "only frames the server ignores"),
+        End::Unauthorized => (4001, "unauthorized"),
         End::ClientClosed => (1000, ""),
         End::TransportError => return,
     };
@@ -295,6 +296,8 @@ enum End {
     Unavailable,
     /// A guided session's client sent nothing but frames it ignores.
     Unusable,
+    /// A Pusher client's sign-in was refused, or its user's connections were terminated.
+    Unauthorized,
 }
 
 impl End {
@@ -314,6 +317,7 @@ impl End {
             End::Complete => "session_complete",
             End::Unavailable => "unavailable",
             End::Unusable => "unusable_frames",
+            End::Unauthorized => "unauthorized",
         }
     }
 }

@@ -1,50 +1,62 @@
 //! `GET /app/{key}`: Pusher Channels protocol 7 over a WebSocket (`docs/pusher.md`), so an
-//! app's unchanged `pusher-js` can listen to its users' notifications on
-//! `private-user-{id}` (seed 004) with Parlor in Pusher's place.
+//! app's unchanged `pusher-js` (and Laravel Echo over it) works with Parlor in Pusher's
+//! place.
 //!
-//! The app key names one of a domain's `pusher_keys`; its secret checks every private
-//! channel's authorisation exactly as Pusher does (HMAC-SHA256 of `socket_id:channel`, hex,
-//! after `key:`), so an app's own auth endpoint signing with the `pusher` SDK works as it
-//! is. An unknown key gets `pusher:error` 4001 and close 4001, which `pusher-js` does not
-//! retry. After `pusher:connection_established` the client may `pusher:ping` and
-//! `pusher:subscribe` / `pusher:unsubscribe`:
-//! - a public channel, or a `private-` one with a valid signature, is subscribed
-//!   (`pusher_internal:subscription_succeeded`);
-//! - `private-user-{id}` also carries that user's notifications, each as the event
-//!   `chat-message` with seed 004's message object as its data;
-//! - a wrong signature is refused with `pusher:subscription_error` (status 401), as soketi
-//!   and Laravel Echo expect; presence and encrypted channels and client events are refused
-//!   with a `pusher:error` that says so.
+//! The app key names one of a domain's `pusher_keys` ([`App`]); its secret checks every
+//! signed subscription and sign-in exactly as Pusher does, so an app's own auth endpoint
+//! signing with the `pusher` SDK works as it is. An unknown key gets `pusher:error` 4001
+//! and close 4001, which `pusher-js` does not retry. After `pusher:connection_established`
+//! the client may:
+//! - `pusher:ping`; `pusher:subscribe` / `pusher:unsubscribe` to public, `private-`,
+//!   `private-encrypted-` and `presence-` channels, which live in the hub
+//!   ([`crate::hub::channels`]) and so reach every node; a presence channel's members come
+//!   and go with `pusher_internal:member_added` / `member_removed`, cluster-wide;
+//! - send client events (`client-*`) on the private and presence channels it is in, to the
+//!   other subscribers (not back to itself), at most [`CLIENT_EVENTS_PER_SECOND`];
+//! - `pusher:signin`, after which the HTTP API's events for the user (`#server-to-user-{id}`)
+//!   reach it, and `terminate_connections` closes it;
+//! - hear its user's notifications on `private-user-{id}`, each as the event `chat-message`
+//!   with seed 004's message object as its data.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use axum::extract::{Path, Request, State};
 use axum::response::Response;
-use hmac::{Hmac, Mac};
+use governor::{Quota, RateLimiter};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sha2::Sha256;
 
 use super::socket::{Incoming, RecvError, WsSocket};
 use super::{End, Gate, Liveness, WRITE_TIMEOUT, handshake, switching_protocols};
-use crate::config::Secret;
-use crate::hub::{ConnHandle, Event, Receiver};
-use crate::model::{Identity, Role};
+use crate::hub::channels::{ChannelEvent, channel_name, is_channel};
+use crate::hub::{ConnHandle, Envelope, Event, PresentUser, Receiver};
+use crate::model::{Identity, Role, RoomKey};
 use crate::transport::AppState;
+use crate::transport::pusher::{
+    App, Kind, MAX_EVENT_BYTES, MAX_EVENT_NAME_LEN, SERVER_TO_USER, invalid_channel, truncate,
+};
 use crate::transport::wire::notification_json;
 
 /// What `pusher:connection_established` announces: the client pings after this many
 /// seconds without a frame.
 const ACTIVITY_TIMEOUT_SECS: u64 = 120;
-/// Longest channel name Pusher accepts.
-const MAX_CHANNEL_LEN: usize = 164;
 /// Most channels one connection may subscribe to.
 const MAX_CHANNELS: usize = 100;
 /// The channel prefix of a user's notifications.
 const USER_CHANNEL: &str = "private-user-";
 /// The event a notification is on `private-user-{id}` (seed 004).
 const NOTIFICATION_EVENT: &str = "chat-message";
+/// Client events one connection may send per second, as Pusher allows.
+pub const CLIENT_EVENTS_PER_SECOND: u32 = 10;
+/// Longest presence `user_id` accepted.
+const MAX_USER_ID_LEN: usize = 128;
+/// Largest presence `user_info`, in bytes of JSON (Pusher's limit is 1 KB).
+const MAX_USER_INFO_BYTES: usize = 1024;
+/// The event, on a signed-in user's channel, that closes the user's connections (the HTTP
+/// API's `terminate_connections`); never sent to a client.
+pub const TERMINATE: &str = "#terminate";
 
 /// `GET /app/{key}`: upgrades, then speaks the Pusher protocol (an unknown key is told so
 /// over the socket, as `pusher-js` expects).
@@ -57,15 +69,10 @@ pub async fn upgrade(
         Ok(handshake) => handshake,
         Err(refused) => return *refused,
     };
-    let found = app
-        .auth
-        .domains()
-        .load()
-        .pusher_key(&app_key, chrono::Utc::now())
-        .map(|k| (Arc::clone(&k.domain), k.secret.clone()));
+    let found = App::by_key(&app, &app_key);
     let max_message = app.config.limits.max_frame_bytes;
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let Some((domain, secret)) = found else {
+    let Some(pusher) = found else {
         app.metrics.client_error("unknown_app_key");
         app.supervisor.spawn_isolated("connection", async move {
             if let Ok(upgraded) = on_upgrade.await {
@@ -88,7 +95,7 @@ pub async fn upgrade(
         user_id: format!("pusher:{socket_id}"),
         name: "Pusher client".to_owned(),
         role: Role::Visitor,
-        domain_id: domain,
+        domain_id: Arc::clone(&pusher.domain),
         anonymous: true,
         room: None,
         label: None,
@@ -111,11 +118,14 @@ pub async fn upgrade(
                 let socket = WsSocket::new(upgraded, max_message);
                 let client = Client {
                     app: task_app,
-                    app_key,
-                    secret,
+                    pusher,
                     socket_id,
                     handle,
-                    channels: HashSet::new(),
+                    channels: HashMap::new(),
+                    user: None,
+                    client_events: RateLimiter::direct(Quota::per_second(
+                        NonZeroU32::new(CLIENT_EVENTS_PER_SECOND).unwrap_or(NonZeroU32::MIN),
+                    )),
                 };
                 client.run(gate, rx, socket).await;
             }
@@ -125,14 +135,9 @@ pub async fn upgrade(
     switching_protocols(&key, &offered)
 }
 
-/// At most 64 characters of `s`, for messages that quote the client.
-fn truncate(s: &str) -> &str {
-    s.char_indices().nth(64).map_or(s, |(at, _)| &s[..at])
-}
-
 /// Sends `pusher:error` with `code` and closes with the same code.
 async fn refuse(socket: &mut WsSocket, code: u16, message: &str) {
-    socket.queue_text(error_frame(code, message).as_bytes());
+    socket.queue_text(error_frame(Some(code), message).as_bytes());
     finish(socket, code, "").await;
 }
 
@@ -157,6 +162,7 @@ fn close_code(end: End) -> Option<(u16, &'static str)> {
         End::SlowConsumer => (4100, "Over capacity: the client does not read fast enough"),
         End::NoPong => (4201, "Pong reply not received"),
         End::Idle => (4202, "Closed after inactivity"),
+        End::Unauthorized => (4009, "Connection is unauthorized"),
         End::FrameTooLarge => (1009, "frame too large"),
         End::ProtocolError => (1002, "protocol error"),
         End::InvalidUtf8 => (1007, "text frame is not UTF-8"),
@@ -166,12 +172,23 @@ fn close_code(end: End) -> Option<(u16, &'static str)> {
     })
 }
 
-/// `pusher:error` (its `data` an object, as Pusher sends it).
-fn error_frame(code: u16, message: &str) -> String {
+/// `pusher:error` (its `data` an object, as Pusher sends it; `code` null for an error
+/// that is not one of Pusher's numbered ones).
+fn error_frame(code: Option<u16>, message: &str) -> String {
     json!({ "event": "pusher:error", "data": { "code": code, "message": message } }).to_string()
 }
 
-/// A client frame: `data` is an object for `pusher:*` events.
+/// `pusher:subscription_error` for `channel` (soketi's shape, which Laravel Echo reads).
+fn subscription_error(channel: &str, kind: &str, message: &str, status: u16) -> String {
+    json!({
+        "event": "pusher:subscription_error",
+        "channel": channel,
+        "data": { "type": kind, "error": message, "status": status },
+    })
+    .to_string()
+}
+
+/// A client frame: `data` is an object for `pusher:*` events, anything for client events.
 #[derive(Debug, Deserialize)]
 struct Frame {
     event: String,
@@ -186,16 +203,41 @@ struct Subscribe {
     channel: String,
     #[serde(default)]
     auth: Option<String>,
+    #[serde(default)]
+    channel_data: Option<String>,
 }
+
+/// `pusher:signin`'s data.
+#[derive(Debug, Deserialize)]
+struct Signin {
+    auth: String,
+    user_data: String,
+}
+
+/// One subscription of a connection.
+#[derive(Debug)]
+struct Sub {
+    /// The channel's key in the hub.
+    key: RoomKey,
+    kind: Kind,
+    /// The member's user id, in a presence channel.
+    member: Option<String>,
+}
+
+/// A connection's limiter of client events (governor's own clock: a Pusher connection is
+/// not one of the many idle `/ws` sockets whose size counts).
+type ClientEvents = governor::DefaultDirectRateLimiter;
 
 /// One Pusher connection.
 struct Client {
     app: AppState,
-    app_key: String,
-    secret: Secret,
+    pusher: App,
     socket_id: String,
     handle: ConnHandle,
-    channels: HashSet<String>,
+    channels: HashMap<String, Sub>,
+    /// The signed-in user and the hub key of their server-to-user channel.
+    user: Option<(String, RoomKey)>,
+    client_events: ClientEvents,
 }
 
 impl Client {
@@ -215,10 +257,11 @@ impl Client {
             Ok(Ok(())) => Box::pin(self.serve(&gate, &mut rx, &mut socket)).await,
             _ => End::TransportError,
         };
-        for channel in std::mem::take(&mut self.channels) {
-            if let Some(user) = channel.strip_prefix(USER_CHANNEL) {
-                self.app.notifications.unsubscribe_from(&self.handle, user);
-            }
+        for (name, sub) in std::mem::take(&mut self.channels) {
+            self.leave(&name, &sub);
+        }
+        if let Some((_, key)) = self.user.take() {
+            self.app.chat.hub().unsubscribe(&key, &self.handle);
         }
         drop(rx);
         match close_code(end) {
@@ -250,7 +293,11 @@ impl Client {
                     check.as_mut().reset(live.next_check(&limits).into());
                 }
                 envelope = rx.recv() => match envelope {
-                    Some(envelope) => self.deliver(&envelope.event, socket),
+                    Some(envelope) => {
+                        if let Err(end) = self.deliver(&envelope, socket) {
+                            return end;
+                        }
+                    }
                     None => return match self.handle.kicked_for() {
                         Some(crate::hub::Kick::Shutdown) => End::Shutdown,
                         _ => End::SlowConsumer,
@@ -261,10 +308,11 @@ impl Client {
                         self.app.metrics.frames_in.inc();
                         if gate.admitted.limiter.check().is_err() {
                             socket.queue_text(
-                                error_frame(4301, "Client event rejected due to rate limit").as_bytes(),
+                                error_frame(Some(4301), "Client event rejected due to rate limit")
+                                    .as_bytes(),
                             );
-                        } else {
-                            Box::pin(self.frame(&text, socket)).await;
+                        } else if let Err(end) = Box::pin(self.frame(&text, socket)).await {
+                            return end;
                         }
                     }
                     Ok(Incoming::Binary(_) | Incoming::Pong) => {}
@@ -286,170 +334,413 @@ impl Client {
         }
     }
 
-    /// Writes an event for the connection: a notification on its user's channel.
-    fn deliver(&self, event: &Event, socket: &mut WsSocket) {
-        let Event::Notification(n) = event else {
-            return;
+    /// Writes an event for the connection: a notification on its user's channel, a
+    /// channel's event, a presence member coming or going. `Err` ends the connection (the
+    /// signed-in user's connections were terminated).
+    fn deliver(&self, envelope: &Envelope, socket: &mut WsSocket) -> Result<(), End> {
+        let frame = match &envelope.event {
+            Event::Notification(n) => {
+                let channel = format!("{USER_CHANNEL}{}", n.user_id);
+                if !self.channels.contains_key(&channel) {
+                    return Ok(());
+                }
+                let frame = json!({
+                    "event": NOTIFICATION_EVENT,
+                    "channel": channel,
+                    "data": notification_json(n).to_string(),
+                });
+                bytes::Bytes::from(frame.to_string())
+            }
+            Event::Channel(event) => {
+                let name = event.channel();
+                let to_user = self.user.as_ref().is_some_and(|(_, key)| *key == event.key);
+                if !to_user && !self.channels.contains_key(name)
+                    || event.except.as_deref() == Some(self.socket_id.as_str())
+                {
+                    return Ok(());
+                }
+                if to_user && event.event == TERMINATE {
+                    return Err(End::Unauthorized);
+                }
+                // Every subscriber writes the same bytes: encoded once.
+                envelope.native.get_or_init(|| channel_frame(event)).clone()
+            }
+            Event::Presence { room, user, joined } if is_channel(room) => {
+                let Some(name) = channel_name(room) else {
+                    return Ok(());
+                };
+                if !self
+                    .channels
+                    .get(name)
+                    .is_some_and(|s| s.kind == Kind::Presence)
+                {
+                    return Ok(());
+                }
+                envelope
+                    .native
+                    .get_or_init(|| member_frame(name, user, *joined))
+                    .clone()
+            }
+            _ => return Ok(()),
         };
-        let channel = format!("{USER_CHANNEL}{}", n.user_id);
-        if !self.channels.contains(&channel) {
-            return;
-        }
-        let frame = json!({
-            "event": NOTIFICATION_EVENT,
-            "channel": channel,
-            "data": notification_json(n).to_string(),
-        });
-        socket.queue_text(frame.to_string().as_bytes());
+        socket.queue_text(&frame);
         self.app.metrics.frames_out.inc();
+        Ok(())
     }
 
-    /// Handles one client frame.
-    async fn frame(&mut self, text: &str, socket: &mut WsSocket) {
+    /// Handles one client frame. `Err` ends the connection.
+    async fn frame(&mut self, text: &str, socket: &mut WsSocket) -> Result<(), End> {
         let Ok(frame) = serde_json::from_str::<Frame>(text) else {
-            socket
-                .queue_text(error_frame(4000, "a frame is a JSON object with an event").as_bytes());
-            return;
+            self.app.metrics.client_error("bad_frame");
+            let message = "a frame is a JSON object with a string \"event\"";
+            socket.queue_text(error_frame(None, message).as_bytes());
+            return Ok(());
         };
         match frame.event.as_str() {
             "pusher:ping" => {
-                socket.queue_text(
-                    json!({ "event": "pusher:pong", "data": {} })
-                        .to_string()
-                        .as_bytes(),
-                );
+                socket.queue_text(br#"{"event":"pusher:pong","data":"{}"}"#);
             }
             "pusher:pong" => {}
             "pusher:subscribe" => match serde_json::from_value::<Subscribe>(frame.data) {
                 Ok(s) => self.subscribe(s, socket).await,
-                Err(_) => socket.queue_text(
-                    error_frame(4000, "pusher:subscribe needs data.channel").as_bytes(),
-                ),
+                Err(_) => {
+                    let message = "pusher:subscribe needs data.channel (and strings for \
+                                   data.auth and data.channel_data)";
+                    socket.queue_text(error_frame(None, message).as_bytes());
+                }
             },
             "pusher:unsubscribe" => {
                 let channel = frame.data.get("channel").and_then(Value::as_str);
                 if let Some(channel) = channel
-                    && self.channels.remove(channel)
-                    && let Some(user) = channel.strip_prefix(USER_CHANNEL)
+                    && let Some(sub) = self.channels.remove(channel)
                 {
-                    self.app.notifications.unsubscribe_from(&self.handle, user);
+                    self.leave(channel, &sub);
                 }
             }
+            "pusher:signin" => match serde_json::from_value::<Signin>(frame.data) {
+                Ok(signin) => return self.signin(&signin, socket),
+                Err(_) => {
+                    let message = "pusher:signin needs data.auth and data.user_data";
+                    socket.queue_text(error_frame(None, message).as_bytes());
+                }
+            },
             event if event.starts_with("client-") => {
-                let message = format!(
-                    "client events are not available on this server (channel {})",
-                    truncate(frame.channel.as_deref().unwrap_or_default())
-                );
-                socket.queue_text(error_frame(4301, &message).as_bytes());
+                self.client_event(frame, socket);
             }
             // Unknown events are ignored, as the protocol asks.
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// Ends the subscription `sub` to `name` (already taken out of `channels`).
+    fn leave(&self, name: &str, sub: &Sub) {
+        self.app.chat.hub().unsubscribe(&sub.key, &self.handle);
+        if let Some(user) = name.strip_prefix(USER_CHANNEL) {
+            self.app.notifications.unsubscribe_from(&self.handle, user);
         }
     }
 
     async fn subscribe(&mut self, s: Subscribe, socket: &mut WsSocket) {
         let channel = s.channel;
-        if channel.is_empty()
-            || channel.len() > MAX_CHANNEL_LEN
-            || !channel
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_-=@,.;".contains(&b))
-        {
-            let message = format!(
-                "invalid channel name {:?}: 1–{MAX_CHANNEL_LEN} characters of A-Z a-z 0-9 _ - = @ , . ;",
-                truncate(&channel)
-            );
-            socket.queue_text(error_frame(4009, &message).as_bytes());
+        if let Some(message) = invalid_channel(&channel) {
+            socket.queue_text(error_frame(Some(4009), &message).as_bytes());
             return;
         }
-        if self.channels.len() >= MAX_CHANNELS && !self.channels.contains(&channel) {
+        if self.channels.len() >= MAX_CHANNELS && !self.channels.contains_key(&channel) {
+            self.app.metrics.client_error("too_many_channels");
             let message = format!("at most {MAX_CHANNELS} channels per connection");
-            socket.queue_text(error_frame(4009, &message).as_bytes());
+            socket.queue_text(error_frame(Some(4009), &message).as_bytes());
             return;
         }
-        if channel.starts_with("presence-") || channel.starts_with("private-encrypted-") {
-            let message = format!(
-                "{} channels are not available on this server",
-                if channel.starts_with("presence-") {
-                    "presence"
-                } else {
-                    "encrypted"
+        let kind = Kind::of(&channel);
+        let auth = s.auth.as_deref().unwrap_or_default();
+        let mut member = None;
+        match kind {
+            Kind::Public => {}
+            Kind::Private | Kind::Encrypted => {
+                let parts: [&[u8]; 3] = [self.socket_id.as_bytes(), b":", channel.as_bytes()];
+                if !self.pusher.verify_auth(auth, &parts) {
+                    return self.unauthorised(&channel, socket);
                 }
+            }
+            Kind::Presence => {
+                let data = s.channel_data.as_deref().unwrap_or_default();
+                let parts: [&[u8]; 5] = [
+                    self.socket_id.as_bytes(),
+                    b":",
+                    channel.as_bytes(),
+                    b":",
+                    data.as_bytes(),
+                ];
+                if !self.pusher.verify_auth(auth, &parts) {
+                    return self.unauthorised(&channel, socket);
+                }
+                match presence_member(data) {
+                    Ok(user) => member = Some(user),
+                    Err(message) => {
+                        self.app.metrics.client_error("bad_channel_data");
+                        socket.queue_text(
+                            subscription_error(&channel, "InvalidChannelData", &message, 400)
+                                .as_bytes(),
+                        );
+                        return;
+                    }
+                }
+            }
+        }
+        if let Some(user) = channel.strip_prefix(USER_CHANNEL)
+            && kind == Kind::Private
+            && crate::model::valid_id(user)
+            && let Err(e) = self
+                .app
+                .notifications
+                .subscribe_for(&self.handle, user)
+                .await
+        {
+            socket.queue_text(
+                subscription_error(&channel, "ServerError", &e.to_string(), 503).as_bytes(),
             );
-            socket.queue_text(subscription_error(&channel, &message, 400).as_bytes());
             return;
         }
-        if channel.starts_with("private-") {
-            if !self.authorised(&channel, s.auth.as_deref().unwrap_or_default()) {
-                self.app.metrics.client_error("invalid_signature");
+        let key = self.pusher.channel(&channel);
+        let hub = &self.app.chat.hub();
+        let data = if let Some(user) = member {
+            let limit = self.app.config.limits.presence_max_members;
+            let mut present = hub.presence_all(&key).await;
+            if present.len() >= limit && !present.iter().any(|u| u.user_id == user.user_id) {
+                self.app.metrics.client_error("presence_full");
+                let message = format!("a presence channel has at most {limit} members");
                 socket.queue_text(
-                    subscription_error(&channel, "The connection is unauthorized.", 401).as_bytes(),
+                    subscription_error(&channel, "LimitReached", &message, 4100).as_bytes(),
                 );
                 return;
             }
-            if let Some(user) = channel.strip_prefix(USER_CHANNEL)
-                && crate::model::valid_id(user)
-                && let Err(e) = self
-                    .app
-                    .notifications
-                    .subscribe_for(&self.handle, user)
-                    .await
-            {
-                socket.queue_text(subscription_error(&channel, &e.to_string(), 503).as_bytes());
-                return;
+            let user_id = user.user_id.clone();
+            let subscribed = hub.subscribe(&key, &self.handle, Some(user.clone()));
+            for u in subscribed.members {
+                if !present.iter().any(|p| p.user_id == u.user_id) {
+                    present.push(u);
+                }
             }
-        }
+            if !present.iter().any(|p| p.user_id == user_id) {
+                present.push(user);
+            }
+            self.channels.insert(
+                channel.clone(),
+                Sub {
+                    key,
+                    kind,
+                    member: Some(user_id),
+                },
+            );
+            presence_data(&present)
+        } else {
+            hub.subscribe(&key, &self.handle, None);
+            self.channels.insert(
+                channel.clone(),
+                Sub {
+                    key,
+                    kind,
+                    member: None,
+                },
+            );
+            "{}".to_owned()
+        };
         socket.queue_text(
             json!({
                 "event": "pusher_internal:subscription_succeeded",
                 "channel": channel,
-                "data": "{}",
+                "data": data,
             })
             .to_string()
             .as_bytes(),
         );
-        self.channels.insert(channel);
     }
 
-    /// Whether `auth` is the app's signature of this socket's subscription to `channel`:
-    /// `key:hex(HMAC-SHA256(secret, "socket_id:channel"))`, compared in constant time.
-    fn authorised(&self, channel: &str, auth: &str) -> bool {
-        let Some((key, signature)) = auth.split_once(':') else {
-            return false;
+    fn unauthorised(&self, channel: &str, socket: &mut WsSocket) {
+        self.app.metrics.client_error("invalid_signature");
+        socket.queue_text(
+            subscription_error(channel, "AuthError", "The connection is unauthorized.", 401)
+                .as_bytes(),
+        );
+    }
+
+    /// `pusher:signin`: `auth` is the app's signature of `socket_id::user::user_data`.
+    fn signin(&mut self, signin: &Signin, socket: &mut WsSocket) -> Result<(), End> {
+        let parts: [&[u8]; 3] = [
+            self.socket_id.as_bytes(),
+            b"::user::",
+            signin.user_data.as_bytes(),
+        ];
+        let id = serde_json::from_str::<Value>(&signin.user_data)
+            .ok()
+            .and_then(|data| user_id(data.get("id")?));
+        let Some(id) = id.filter(|_| self.pusher.verify_auth(&signin.auth, &parts)) else {
+            self.app.metrics.client_error("invalid_signin");
+            socket.queue_text(error_frame(Some(4009), "Connection is unauthorized").as_bytes());
+            return Err(End::Unauthorized);
         };
-        let Some(signature) = hex_decode(signature) else {
-            return false;
+        let key = self.pusher.channel(&format!("{SERVER_TO_USER}{id}"));
+        if let Some((_, old)) = self.user.replace((id, key.clone())) {
+            self.app.chat.hub().unsubscribe(&old, &self.handle);
+        }
+        self.app.chat.hub().subscribe(&key, &self.handle, None);
+        socket.queue_text(
+            json!({
+                "event": "pusher:signin_success",
+                "data": json!({ "user_data": signin.user_data }).to_string(),
+            })
+            .to_string()
+            .as_bytes(),
+        );
+        Ok(())
+    }
+
+    /// A client event: to the other subscribers of a private or presence channel the
+    /// connection is in.
+    fn client_event(&self, frame: Frame, socket: &mut WsSocket) {
+        let channel = frame.channel.unwrap_or_default();
+        let refused = match self.channels.get(&channel) {
+            None => Some(format!(
+                "client event on {:?}, which this connection is not subscribed to",
+                truncate(&channel)
+            )),
+            Some(sub) if !matches!(sub.kind, Kind::Private | Kind::Presence) => Some(format!(
+                "client events go on private and presence channels only, not {:?}",
+                truncate(&channel)
+            )),
+            Some(_) if frame.event.len() > MAX_EVENT_NAME_LEN => Some(format!(
+                "an event name has at most {MAX_EVENT_NAME_LEN} characters"
+            )),
+            Some(_) => None,
         };
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(self.secret.expose().as_bytes()) else {
-            return false;
+        if let Some(message) = refused {
+            self.app.metrics.client_error("client_event_refused");
+            socket.queue_text(error_frame(None, &message).as_bytes());
+            return;
+        }
+        let data = frame.data.to_string();
+        if data.len() > MAX_EVENT_BYTES {
+            self.app.metrics.client_error("event_too_large");
+            let message = format!("client event data is over {MAX_EVENT_BYTES} bytes");
+            socket.queue_text(error_frame(None, &message).as_bytes());
+            return;
+        }
+        if self.client_events.check().is_err() {
+            socket.queue_text(
+                error_frame(Some(4301), "Client event rejected due to rate limit").as_bytes(),
+            );
+            return;
+        }
+        let Some(sub) = self.channels.get(&channel) else {
+            return;
         };
-        mac.update(self.socket_id.as_bytes());
-        mac.update(b":");
-        mac.update(channel.as_bytes());
-        key == self.app_key && mac.verify_slice(&signature).is_ok()
+        self.app.chat.hub().publish(ChannelEvent {
+            key: sub.key.clone(),
+            event: frame.event,
+            data,
+            user_id: sub.member.clone(),
+            except: Some(self.socket_id.clone()),
+        });
     }
 }
 
-/// `pusher:subscription_error` for `channel` (soketi's shape, which Laravel Echo reads).
-fn subscription_error(channel: &str, message: &str, status: u16) -> String {
-    json!({
-        "event": "pusher:subscription_error",
-        "channel": channel,
-        "data": { "type": "AuthError", "error": message, "status": status },
+/// A presence subscription's `channel_data`: `{"user_id": string or number, "user_info"?}`.
+fn presence_member(data: &str) -> Result<PresentUser, String> {
+    let value: Value =
+        serde_json::from_str(data).map_err(|_| "channel_data is not a JSON object".to_owned())?;
+    let user_id = value
+        .get("user_id")
+        .and_then(user_id)
+        .ok_or("channel_data.user_id must be a non-empty string or a number")?;
+    if user_id.len() > MAX_USER_ID_LEN {
+        return Err(format!(
+            "channel_data.user_id has at most {MAX_USER_ID_LEN} characters"
+        ));
+    }
+    let info = match value.get("user_info") {
+        None | Some(Value::Null) => None,
+        Some(info) => {
+            let text = info.to_string();
+            if text.len() > MAX_USER_INFO_BYTES {
+                return Err(format!(
+                    "channel_data.user_info is over {MAX_USER_INFO_BYTES} bytes"
+                ));
+            }
+            Some(Arc::from(text))
+        }
+    };
+    Ok(PresentUser {
+        name: user_id.clone(),
+        user_id,
+        role: Role::Visitor,
+        info,
     })
-    .to_string()
 }
 
-/// Lower- or upper-case hex to bytes; `None` for anything else.
-fn hex_decode(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
+/// A user id as Pusher has it: a non-empty string, or a number written as one.
+fn user_id(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
     }
-    let digit = |c: u8| (c as char).to_digit(16).and_then(|d| u8::try_from(d).ok());
-    text.as_bytes()
-        .chunks(2)
-        .map(|pair| Some(digit(pair[0])? * 16 + digit(pair[1])?))
-        .collect()
+}
+
+/// The `presence` data of `pusher_internal:subscription_succeeded`.
+fn presence_data(members: &[PresentUser]) -> String {
+    let ids: Vec<&str> = members.iter().map(|m| m.user_id.as_str()).collect();
+    let hash: serde_json::Map<String, Value> = members
+        .iter()
+        .map(|m| (m.user_id.clone(), info_value(m)))
+        .collect();
+    json!({ "presence": { "ids": ids, "hash": hash, "count": members.len() } }).to_string()
+}
+
+/// A member's `user_info` (null when it has none).
+fn info_value(user: &PresentUser) -> Value {
+    user.info
+        .as_deref()
+        .and_then(|text| serde_json::from_str(text).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// `pusher_internal:member_added` / `member_removed` on the presence channel `name`.
+fn member_frame(name: &str, user: &PresentUser, joined: bool) -> bytes::Bytes {
+    let frame = if joined {
+        json!({
+            "event": "pusher_internal:member_added",
+            "channel": name,
+            "data": json!({ "user_id": user.user_id, "user_info": info_value(user) }).to_string(),
+        })
+    } else {
+        json!({
+            "event": "pusher_internal:member_removed",
+            "channel": name,
+            "data": json!({ "user_id": user.user_id }).to_string(),
+        })
+    };
+    bytes::Bytes::from(frame.to_string())
+}
+
+/// A channel event as its subscribers get it. `data` is JSON text already (a string, for
+/// the HTTP API's events; any value for client events), written as it is; `user_id` is set
+/// for client events on presence channels.
+fn channel_frame(event: &ChannelEvent) -> bytes::Bytes {
+    let quoted = |text: &str| Value::String(text.to_owned()).to_string();
+    let mut frame = format!(
+        r#"{{"event":{},"channel":{},"data":{}"#,
+        quoted(&event.event),
+        quoted(event.channel()),
+        event.data
+    );
+    if let Some(user_id) = &event.user_id {
+        frame.push_str(r#","user_id":"#);
+        frame.push_str(&quoted(user_id));
+    }
+    frame.push('}');
+    bytes::Bytes::from(frame)
 }
 
 #[cfg(test)]
@@ -457,10 +748,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hex_decodes_both_cases_and_refuses_the_rest() {
-        assert_eq!(hex_decode("00ff7A"), Some(vec![0, 255, 122]));
-        assert_eq!(hex_decode("abc"), None);
-        assert_eq!(hex_decode("zz"), None);
-        assert_eq!(hex_decode(""), Some(Vec::new()));
+    fn presence_channel_data_is_checked() {
+        let member = presence_member(r#"{"user_id":7,"user_info":{"name":"Ann"}}"#).unwrap();
+        assert_eq!(member.user_id, "7");
+        assert_eq!(member.info.as_deref(), Some(r#"{"name":"Ann"}"#));
+        assert!(presence_member(r#"{"user_id":""}"#).is_err());
+        assert!(presence_member(r#"{"user_info":{}}"#).is_err());
+        assert!(presence_member("nope").is_err());
+        let big = format!(r#"{{"user_id":"a","user_info":"{}"}}"#, "x".repeat(1100));
+        assert!(presence_member(&big).is_err());
     }
 }
