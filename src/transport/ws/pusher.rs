@@ -443,6 +443,28 @@ impl Client {
 
     async fn subscribe(&mut self, s: Subscribe, socket: &mut WsSocket) {
         let channel = s.channel;
+        if let Some(user) = channel.strip_prefix(SERVER_TO_USER) {
+            // `pusher-js` subscribes to its user's channel once signed in: the sign-in
+            // already did; anyone else's is not this connection's.
+            let frame = if self.user.as_ref().is_some_and(|(id, _)| id == user) {
+                json!({
+                    "event": "pusher_internal:subscription_succeeded",
+                    "channel": channel,
+                    "data": "{}",
+                })
+                .to_string()
+            } else {
+                self.app.metrics.client_error("invalid_signature");
+                subscription_error(
+                    &channel,
+                    "AuthError",
+                    "a user's channel is the signed-in user's only",
+                    401,
+                )
+            };
+            socket.queue_text(frame.as_bytes());
+            return;
+        }
         if let Some(message) = invalid_channel(&channel) {
             socket.queue_text(error_frame(Some(4009), &message).as_bytes());
             return;
