@@ -111,41 +111,38 @@ impl Hub {
         member: Option<PresentUser>,
     ) -> Subscribed {
         let member = member.map(Arc::new);
-        let slot = loop {
+        loop {
             let slot = Arc::clone(self.channels.entry(key.clone()).or_default().value());
-            // A slot an unsubscribe emptied and removed meanwhile is not used.
-            if self
-                .channels
-                .get(key)
-                .is_some_and(|live| Arc::ptr_eq(live.value(), &slot))
-            {
-                break slot;
+            // A slot an unsubscribe emptied and removed meanwhile is not used: checked under
+            // the map's shard lock, held while the slot is locked (the order `remove_if`
+            // takes them in), so the slot cannot be removed while this subscriber goes in.
+            let Some(live) = self.channels.get(key) else {
+                continue;
+            };
+            if !Arc::ptr_eq(live.value(), &slot) {
+                continue;
             }
-        };
-        let mut st = slot.lock();
-        if st.members.contains_key(&conn.id()) {
+            let mut st = slot.lock();
+            if let std::collections::hash_map::Entry::Vacant(entry) = st.members.entry(conn.id()) {
+                entry.insert((conn.clone(), member.as_ref().map(Arc::clone)));
+                if let Some(member) = &member
+                    && st.roster.arrive(Arc::clone(member))
+                {
+                    let user = PresentUser::clone(member);
+                    self.presence.joined(key, &user);
+                    if !st.roster.is_leaving(&user.user_id) {
+                        let event = Event::Presence {
+                            room: key.clone(),
+                            user,
+                            joined: true,
+                        };
+                        channel_broadcast_locked(&st, &Envelope::new(event), Some(conn.id()));
+                    }
+                }
+            }
             return Subscribed {
                 members: st.roster.present(self.presence_max_members),
             };
-        }
-        st.members
-            .insert(conn.id(), (conn.clone(), member.as_ref().map(Arc::clone)));
-        if let Some(member) = member
-            && st.roster.arrive(Arc::clone(&member))
-        {
-            let user = PresentUser::clone(&member);
-            self.presence.joined(key, &user);
-            if !st.roster.is_leaving(&user.user_id) {
-                let event = Event::Presence {
-                    room: key.clone(),
-                    user,
-                    joined: true,
-                };
-                channel_broadcast_locked(&st, &Envelope::new(event), Some(conn.id()));
-            }
-        }
-        Subscribed {
-            members: st.roster.present(self.presence_max_members),
         }
     }
 
