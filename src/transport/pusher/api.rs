@@ -233,7 +233,6 @@ fn publish(state: &AppState, app: &App, event: &Checked) {
             except: event.except.clone(),
         });
     }
-    state.metrics.frames_in.inc();
 }
 
 /// The attributes `info` asks for, of `channel` (`subscription_count`, `user_count`).
