@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use md5::{Digest, Md5};
@@ -74,16 +74,42 @@ fn query_params(raw: Option<&str>) -> Result<BTreeMap<String, String>, Refused> 
     Ok(params)
 }
 
-/// Checks a request's signature (see the module's header) and returns its app and query.
+/// A request signed by one of the app's keys (see the module's header): its app, its query
+/// (decoded, by lower-case key) and its body. Every handler of the API takes one, last.
+#[derive(Debug)]
+pub struct Signed {
+    app: App,
+    params: BTreeMap<String, String>,
+    body: Bytes,
+}
+
+impl FromRequest<AppState> for Signed {
+    type Rejection = Refused;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Refused> {
+        let (mut parts, body) = req.into_parts();
+        let Path(path) = Path::<HashMap<String, String>>::from_request_parts(&mut parts, state)
+            .await
+            .map_err(|e| Refused::bad(e.body_text()))?;
+        let app_id = path.get("app_id").cloned().unwrap_or_default();
+        let (method, uri) = (parts.method.clone(), parts.uri.clone());
+        let body = Bytes::from_request(Request::from_parts(parts, body), state)
+            .await
+            .map_err(|e| Refused(e.status(), e.body_text()))?;
+        let (app, params) = authenticate(state, &app_id, &method, &uri, &body)?;
+        Ok(Self { app, params, body })
+    }
+}
+
+/// Checks a request's signature and returns its app and query.
 fn authenticate(
     state: &AppState,
     app_id: &str,
     method: &Method,
     uri: &Uri,
-    raw_query: Option<&str>,
     body: &[u8],
 ) -> Result<(App, BTreeMap<String, String>), Refused> {
-    let mut params = query_params(raw_query)?;
+    let mut params = query_params(uri.query())?;
     let key = params
         .get("auth_key")
         .ok_or_else(|| Refused::unauthorised("auth_key is missing from the query"))?;
@@ -276,13 +302,8 @@ async fn channel_info(
 /// `POST /apps/{app_id}/events`: one event to 1–100 channels.
 pub async fn events(
     State(state): State<AppState>,
-    Path(app_id): Path<String>,
-    method: Method,
-    uri: Uri,
-    RawQuery(query): RawQuery,
-    body: Bytes,
+    Signed { app, body, .. }: Signed,
 ) -> Result<Json<Value>, Refused> {
-    let (app, _) = authenticate(&state, &app_id, &method, &uri, query.as_deref(), &body)?;
     let event = check_event(parse_body(&body)?)?;
     publish(&state, &app, &event);
     if event.info.is_none() {
@@ -306,13 +327,8 @@ struct Batch {
 /// before any is published.
 pub async fn batch_events(
     State(state): State<AppState>,
-    Path(app_id): Path<String>,
-    method: Method,
-    uri: Uri,
-    RawQuery(query): RawQuery,
-    body: Bytes,
+    Signed { app, body, .. }: Signed,
 ) -> Result<Json<Value>, Refused> {
-    let (app, _) = authenticate(&state, &app_id, &method, &uri, query.as_deref(), &body)?;
     let batch: Batch = parse_body(&body)?;
     if batch.batch.len() > MAX_BATCH {
         return Err(Refused::bad(format!(
@@ -347,12 +363,8 @@ pub async fn batch_events(
 /// `filter_by_prefix`, with `info=user_count` for presence channels.
 pub async fn channels(
     State(state): State<AppState>,
-    Path(app_id): Path<String>,
-    method: Method,
-    uri: Uri,
-    RawQuery(query): RawQuery,
+    Signed { app, params, .. }: Signed,
 ) -> Result<Json<Value>, Refused> {
-    let (app, params) = authenticate(&state, &app_id, &method, &uri, query.as_deref(), &[])?;
     let prefix = params
         .get("filter_by_prefix")
         .map(String::as_str)
@@ -378,12 +390,9 @@ pub async fn channels(
 /// asks for.
 pub async fn channel(
     State(state): State<AppState>,
-    Path((app_id, channel)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    RawQuery(query): RawQuery,
+    Path((_, channel)): Path<(String, String)>,
+    Signed { app, params, .. }: Signed,
 ) -> Result<Json<Value>, Refused> {
-    let (app, params) = authenticate(&state, &app_id, &method, &uri, query.as_deref(), &[])?;
     if let Some(message) = invalid_channel(&channel) {
         return Err(Refused::bad(message));
     }
@@ -406,12 +415,9 @@ pub async fn channel(
 /// node.
 pub async fn users(
     State(state): State<AppState>,
-    Path((app_id, channel)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    RawQuery(query): RawQuery,
+    Path((_, channel)): Path<(String, String)>,
+    Signed { app, .. }: Signed,
 ) -> Result<Json<Value>, Refused> {
-    let (app, _) = authenticate(&state, &app_id, &method, &uri, query.as_deref(), &[])?;
     if let Some(message) = invalid_channel(&channel) {
         return Err(Refused::bad(message));
     }
@@ -433,13 +439,9 @@ pub async fn users(
 /// signed in as the user, on every node.
 pub async fn terminate(
     State(state): State<AppState>,
-    Path((app_id, user_id)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    RawQuery(query): RawQuery,
-    body: Bytes,
+    Path((_, user_id)): Path<(String, String)>,
+    Signed { app, .. }: Signed,
 ) -> Result<Json<Value>, Refused> {
-    let (app, _) = authenticate(&state, &app_id, &method, &uri, query.as_deref(), &body)?;
     if user_id.is_empty() || invalid_channel(&user_id).is_some() {
         return Err(Refused::bad(
             "a user id is 1–164 characters of A-Z a-z 0-9 _ - = @ , . ;",
