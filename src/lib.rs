@@ -261,6 +261,12 @@ impl App {
             &*broker,
             &supervisor,
         );
+        // Pusher apps' webhooks hear of their channels' changes on the cluster.
+        hub.watch_channels(crate::transport::pusher::webhooks::PusherWebhooks::start(
+            Arc::clone(&domains),
+            Arc::clone(&metrics),
+            &supervisor,
+        ));
         // A publication lost between nodes is found by the next message of its room; the
         // last one of a room, only by comparing the room with the store.
         if broker.may_lose() {

@@ -159,6 +159,9 @@ pub struct Metrics {
     /// Notifications, by what happened to them: `stored`, `pushed` (to a live subscriber
     /// here), `read` (marked), `expired`.
     pub notifications: Family<ReasonLabel, Counter>,
+    /// Pusher webhook events, by outcome: `delivered`, `failed` (given up after
+    /// retrying), `dropped` (a queue was full).
+    pub pusher_webhooks: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -328,9 +331,16 @@ impl Metrics {
             "Notifications, by what happened to them (stored, pushed, read, expired)",
             notifications.clone(),
         );
+        let pusher_webhooks = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "pusher_webhooks",
+            "Pusher webhook events, by outcome (delivered, failed, dropped)",
+            pusher_webhooks.clone(),
+        );
         Self {
             registry,
             notifications,
+            pusher_webhooks,
             guided,
             guided_ai_service,
             task_panics,
@@ -386,6 +396,13 @@ impl Metrics {
                 .get_or_create(&ReasonLabel { reason: what })
                 .inc_by(n);
         }
+    }
+
+    /// Counts `n` Pusher webhook events that ended as `outcome`.
+    pub fn pusher_webhook(&self, outcome: &'static str, n: u64) {
+        self.pusher_webhooks
+            .get_or_create(&ReasonLabel { reason: outcome })
+            .inc_by(n);
     }
 
     /// Counts a guided-session event.

@@ -97,6 +97,12 @@ impl RoomKey {
             room_id: room_id.into(),
         }
     }
+
+    /// Whether it is a Pusher channel's key rather than a room's: `#{app_id}#{channel}`
+    /// (`crate::hub::channels`; `#` is in no room id).
+    pub fn is_channel(&self) -> bool {
+        self.room_id.starts_with('#')
+    }
 }
 
 impl fmt::Display for RoomKey {

@@ -20,8 +20,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
-const APP_KEY: &str = "app-key";
-const APP_SECRET: &str = "app-secret-0123456789";
+use common::pusher::{APP_KEY, APP_SECRET, signed_query};
 
 /// The Node packages, or `None` (skipped) when the suite is not installed.
 fn suite() -> Option<PathBuf> {
@@ -54,6 +53,7 @@ async fn server() -> (TestServer, String) {
             app_id: None,
             key: APP_KEY.to_owned(),
             secret: parlor::config::Secret::new(APP_SECRET),
+            webhooks: Vec::new(),
         }];
     })
     .await;
@@ -608,36 +608,6 @@ async fn pusher_js_the_sdk_and_laravel_echo_use_public_private_and_presence_chan
     s.stop().await;
 }
 
-/// `query` of a request to `path` signed as the `pusher` SDK signs it, `timestamp` seconds
-/// from now, with `secret`.
-fn signed_query(method: &str, path: &str, body: &str, secret: &str, timestamp: i64) -> String {
-    use hmac::Mac;
-    use md5::Digest;
-    let mut params = vec![
-        ("auth_key".to_owned(), APP_KEY.to_owned()),
-        (
-            "auth_timestamp".to_owned(),
-            (chrono::Utc::now().timestamp() + timestamp).to_string(),
-        ),
-        ("auth_version".to_owned(), "1.0".to_owned()),
-    ];
-    if !body.is_empty() {
-        params.push((
-            "body_md5".to_owned(),
-            hex::encode(md5::Md5::digest(body.as_bytes())),
-        ));
-    }
-    params.sort();
-    let query: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let query = query.join("&");
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(format!("{method}\n{path}\n{query}").as_bytes());
-    format!(
-        "{query}&auth_signature={}",
-        hex::encode(mac.finalize().into_bytes())
-    )
-}
-
 #[tokio::test]
 async fn the_http_api_refuses_bad_requests_with_pushers_statuses() {
     let (s, _) = server().await;
@@ -924,10 +894,10 @@ async fn malformed_frames_oversize_events_and_a_thousand_channels_get_clear_erro
     let socket_id: Value = serde_json::from_str(hello["data"].as_str().unwrap()).unwrap();
     let socket_id = socket_id["socket_id"].as_str().unwrap().to_owned();
     let sign = |text: &str| {
-        use hmac::Mac;
-        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(APP_SECRET.as_bytes()).unwrap();
-        mac.update(text.as_bytes());
-        format!("{APP_KEY}:{}", hex::encode(mac.finalize().into_bytes()))
+        format!(
+            "{APP_KEY}:{}",
+            common::pusher::hmac_hex(APP_SECRET, text.as_bytes())
+        )
     };
     let auth = sign(&format!("{socket_id}:private-big"));
     ws.send(

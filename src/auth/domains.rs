@@ -86,6 +86,8 @@ pub struct PusherKey {
     pub app_id: Arc<str>,
     /// Its secret.
     pub secret: Secret,
+    /// Where its app's channel changes are posted, signed with it.
+    pub webhooks: Arc<[crate::config::PusherWebhookConfig]>,
     expires_at: Option<DateTime<Utc>>,
 }
 
@@ -267,7 +269,8 @@ impl DomainTable {
                 .app_id
                 .as_deref()
                 .map_or_else(|| Arc::clone(&owner), Arc::from);
-            pusher.push((p.key.clone(), app_id, p.secret.clone(), None, None));
+            let hooks: Arc<[_]> = Arc::from(p.webhooks.as_slice());
+            pusher.push((p.key.clone(), app_id, p.secret.clone(), hooks, None, None));
         }
         // A bad run-time key is left out with an error in the log: it must not take its
         // domain (or, for a config-file domain, the server's start) down with it.
@@ -287,6 +290,7 @@ impl DomainTable {
                             public.clone(),
                             Arc::clone(&owner),
                             k.secret.clone(),
+                            Arc::from([]),
                             k.expires_at,
                             Some(&k.id),
                         ));
@@ -294,11 +298,12 @@ impl DomainTable {
                 }
             }
         }
-        for (key, app_id, secret, expires_at, run_time) in pusher {
+        for (key, app_id, secret, webhooks, expires_at, run_time) in pusher {
             let entry = PusherKey {
                 domain: Arc::clone(&owner),
                 app_id,
                 secret,
+                webhooks,
                 expires_at,
             };
             if self.pusher_keys.contains_key(&key) {
@@ -423,6 +428,15 @@ impl DomainTable {
             .map(|(name, k)| (name.as_str(), k))
     }
 
+    /// The webhooks of app `app_id` of `domain`, each with the key that signs it.
+    pub fn pusher_webhooks(&self, domain: &str, app_id: &str) -> Vec<(&str, &PusherKey)> {
+        self.pusher_keys
+            .iter()
+            .filter(|(_, k)| &*k.domain == domain && &*k.app_id == app_id && !k.webhooks.is_empty())
+            .map(|(name, k)| (name.as_str(), k))
+            .collect()
+    }
+
     /// Which rooms visitors of `domain` may use; `owned` (the strictest) for a domain that
     /// no longer exists.
     pub fn visitor_rooms(&self, domain: &str) -> VisitorRooms {
@@ -532,6 +546,24 @@ fn check(d: &DomainConfig) -> Result<(), DomainError> {
                 &d.id,
                 format!("Pusher app_id {app_id:?}: 1–128 characters of A-Z a-z 0-9 - _ . : @"),
             ));
+        }
+        for hook in &p.webhooks {
+            let url = reqwest::Url::parse(&hook.url).ok();
+            if !url.is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host()) {
+                return Err(DomainError::new(
+                    &d.id,
+                    format!(
+                        "Pusher webhook url {:?} must be an http:// or https:// URL",
+                        hook.url
+                    ),
+                ));
+            }
+            if hook.events.is_empty() {
+                return Err(DomainError::new(
+                    &d.id,
+                    "a Pusher webhook needs at least one event (or none given: all four)",
+                ));
+            }
         }
     }
     Ok(())

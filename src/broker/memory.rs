@@ -5,7 +5,8 @@
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
-use super::{Broker, Handler, Presence, Relay};
+use super::occupancy::Counts;
+use super::{Broker, Handler, Occupancy, Presence, Relay};
 use crate::event::{Event, PresentUser};
 use crate::model::{Message, RoomKey};
 
@@ -42,6 +43,10 @@ impl Broker for MemoryBroker {
         Arc::new(MemoryPresence)
     }
 
+    fn occupancy(&self) -> Arc<dyn Occupancy> {
+        Arc::new(Alone)
+    }
+
     fn kind(&self) -> &'static str {
         "memory"
     }
@@ -51,12 +56,24 @@ impl Broker for MemoryBroker {
     }
 }
 
-/// The relay of a single node: there is no other node.
+/// The relay and occupancy of a single node: there is no other node.
 #[derive(Debug)]
 struct Alone;
 
 impl Relay for Alone {
     fn relay(&self, _event: &Event) {}
+}
+
+impl Occupancy for Alone {
+    fn shared(&self) -> bool {
+        false
+    }
+
+    fn changed(&self, _key: &RoomKey, _count: usize) {}
+
+    fn elsewhere<'a>(&'a self, _domain: &'a str, _prefix: &'a str) -> Counts<'a> {
+        Box::pin(std::future::ready(Vec::new()))
+    }
 }
 
 /// Presence on a single node: the hub's local users are all there is; nothing to record,

@@ -26,6 +26,7 @@
 //! ([`crate::event`]); never on the hub or a service.
 
 pub mod memory;
+pub mod occupancy;
 pub mod presence;
 pub mod redis;
 pub mod shared;
@@ -33,6 +34,7 @@ pub mod shared;
 use std::pin::Pin;
 use std::sync::Arc;
 
+pub use occupancy::{ChannelChange, Occupancy};
 pub use presence::Presence;
 
 use crate::event::{Event, PresentUser};
@@ -77,6 +79,11 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
     /// A leave that [`Presence::left`] held back is settled: `gone` when the user is on no
     /// other node. Called exactly once for each leave held back.
     fn leave_settled(&self, room: &RoomKey, user: PresentUser, gone: bool);
+
+    /// A channel changed on the cluster as a whole ([`Occupancy`]): its first subscriber
+    /// on any node, its last one gone, a presence member's first connection anywhere or
+    /// last one gone. Called on one node only, for a shared broker.
+    fn channel_change(&self, change: ChannelChange);
 }
 
 /// Carries this node's room events (those of `Hub::broadcast`: typing, read receipts,
@@ -104,6 +111,10 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
     /// Who is present in a room on the other nodes, and how this node's joins and leaves
     /// reach them.
     fn presence(&self) -> Arc<dyn Presence>;
+
+    /// How many subscribers the channels have on the other nodes, and how this node's
+    /// counts reach them.
+    fn occupancy(&self) -> Arc<dyn Occupancy>;
 
     /// Short name for health output (`memory`, `redis`).
     fn kind(&self) -> &'static str;

@@ -254,6 +254,58 @@ pub struct PusherKeyConfig {
     pub key: String,
     /// The secret that signs channel authorisations and HTTP API calls.
     pub secret: Secret,
+    /// Where the app's channel changes are posted, signed with this key
+    /// (`docs/pusher.md`, "Webhooks").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<PusherWebhookConfig>,
+}
+
+/// One webhook of a Pusher app: Pusher's `channel_occupied`, `channel_vacated`,
+/// `member_added` and `member_removed`, posted to `url`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PusherWebhookConfig {
+    /// An `http://` or `https://` URL.
+    pub url: String,
+    /// The events it wants (default: all four).
+    #[serde(default = "PusherWebhookEvent::all")]
+    pub events: Vec<PusherWebhookEvent>,
+}
+
+/// The events of Pusher's webhooks.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum PusherWebhookEvent {
+    /// A channel's first subscriber, on any node.
+    ChannelOccupied,
+    /// A channel's last subscriber gone, from every node.
+    ChannelVacated,
+    /// A presence channel's member's first connection.
+    MemberAdded,
+    /// A presence channel's member's last connection gone.
+    MemberRemoved,
+}
+
+impl PusherWebhookEvent {
+    /// Every event.
+    pub fn all() -> Vec<Self> {
+        vec![
+            Self::ChannelOccupied,
+            Self::ChannelVacated,
+            Self::MemberAdded,
+            Self::MemberRemoved,
+        ]
+    }
+
+    /// Its name on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ChannelOccupied => "channel_occupied",
+            Self::ChannelVacated => "channel_vacated",
+            Self::MemberAdded => "member_added",
+            Self::MemberRemoved => "member_removed",
+        }
+    }
 }
 
 /// Per-domain limits; unset values fall back to `[limits]`.

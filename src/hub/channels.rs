@@ -9,6 +9,11 @@
 //! under the channel's key, so they are cluster-wide, with the same arrive-once, leave-once
 //! rules as a room's users ([`Roster`]).
 //!
+//! Each channel's subscriber count here goes to the broker's
+//! [`Occupancy`](crate::broker::Occupancy), which answers for the other nodes' counts and,
+//! on a cluster, decides when a channel becomes occupied or vacated; on a single node the
+//! hub decides. Either way the [`Watcher`] hears of it (Pusher's webhooks).
+//!
 //! A channel's key is a [`RoomKey`] of its app's domain whose room id is
 //! `#{app_id}#{channel}` ([`channel_key`]): `#` is in no room id and no channel name, so
 //! a channel never meets a room, and the node's broker handler reaches the channel through
@@ -21,6 +26,7 @@ use parking_lot::Mutex;
 
 use super::roster::Roster;
 use super::{ConnHandle, Envelope, Event, Hub, PresentUser};
+use crate::broker::ChannelChange;
 use crate::model::RoomKey;
 
 /// One event published on a channel.
@@ -55,7 +61,7 @@ pub fn channel_key(domain: &Arc<str>, app_id: &str, channel: &str) -> RoomKey {
 
 /// Whether `key` is a channel's rather than a room's.
 pub fn is_channel(key: &RoomKey) -> bool {
-    key.room_id.starts_with('#')
+    key.is_channel()
 }
 
 /// The channel name of a channel's key.
@@ -90,13 +96,10 @@ pub struct Subscribed {
 /// The channels of this node: each with subscribers here, and nothing else kept.
 pub(super) type Channels = dashmap::DashMap<RoomKey, Arc<Mutex<ChannelState>>>;
 
-/// How many subscribers a channel has here, and how many users for a presence channel.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Occupancy {
-    /// Subscribed connections.
-    pub subscriptions: usize,
-    /// Distinct users (presence channels).
-    pub users: usize,
+/// Told of each [`ChannelChange`] of the cluster (Pusher's webhooks).
+pub trait Watcher: Send + Sync + std::fmt::Debug {
+    /// `change` happened. Called under a channel's lock: never blocks.
+    fn change(&self, change: ChannelChange);
 }
 
 impl Hub {
@@ -125,11 +128,18 @@ impl Hub {
             let mut st = slot.lock();
             if let std::collections::hash_map::Entry::Vacant(entry) = st.members.entry(conn.id()) {
                 entry.insert((conn.clone(), member.as_ref().map(Arc::clone)));
+                self.occupancy.changed(key, st.members.len());
+                if st.members.len() == 1 {
+                    self.local_change(|| ChannelChange::Occupied(key.clone()));
+                }
                 if let Some(member) = &member
                     && st.roster.arrive(Arc::clone(member))
                 {
                     let user = PresentUser::clone(member);
                     self.presence.joined(key, &user);
+                    self.local_change(|| {
+                        ChannelChange::MemberAdded(key.clone(), user.user_id.clone())
+                    });
                     if !st.roster.is_leaving(&user.user_id) {
                         let event = Event::Presence {
                             room: key.clone(),
@@ -158,11 +168,18 @@ impl Hub {
             let Some((_, member)) = st.members.remove(&conn.id()) else {
                 return false;
             };
+            self.occupancy.changed(key, st.members.len());
             if let Some(member) = member
                 && let Some(user) = st.roster.depart(&member.user_id)
                 && let Some(user) = st.roster.left(key, user, &*self.presence)
             {
+                self.local_change(|| {
+                    ChannelChange::MemberRemoved(key.clone(), user.user_id.clone())
+                });
                 announce_gone_locked(&st, key, user);
+            }
+            if st.members.is_empty() {
+                self.local_change(|| ChannelChange::Vacated(key.clone()));
             }
             st.members.is_empty() && st.roster.is_empty()
         };
@@ -183,36 +200,63 @@ impl Hub {
         self.broadcast(&key, Event::Channel(Arc::new(event)), None);
     }
 
-    /// This node's subscribers and users of the channels of `app_id` of `domain`, by
-    /// channel name (occupied ones only).
-    pub fn occupied(&self, domain: &str, app_id: &str) -> Vec<(String, Occupancy)> {
-        self.channels
+    /// The channels of `app_id` of `domain` with subscribers on any node, with how many
+    /// each has.
+    pub async fn occupied(&self, domain: &str, app_id: &str) -> Vec<(String, usize)> {
+        let prefix = format!("#{app_id}#");
+        let mut counts: HashMap<String, usize> = self
+            .channels
             .iter()
-            .filter(|e| &*e.key().domain_id == domain && channel_app(e.key()) == Some(app_id))
-            .filter_map(|e| {
-                let st = e.value().lock();
-                let name = channel_name(e.key())?.to_owned();
-                let occupancy = Occupancy {
-                    subscriptions: st.members.len(),
-                    users: st.roster.len(),
-                };
-                (occupancy.subscriptions > 0).then_some((name, occupancy))
-            })
+            .filter(|e| &*e.key().domain_id == domain && e.key().room_id.starts_with(&prefix))
+            .map(|e| (e.key().room_id.to_string(), e.value().lock().members.len()))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        for (room_id, n) in self.occupancy.elsewhere(domain, &prefix).await {
+            *counts.entry(room_id).or_default() += n;
+        }
+        counts
+            .into_iter()
+            .filter_map(|(room_id, n)| Some((room_id.strip_prefix(&prefix)?.to_owned(), n)))
             .collect()
     }
 
-    /// This node's subscribers of the channel `key`.
-    pub fn occupancy(&self, key: &RoomKey) -> Occupancy {
-        self.channels
+    /// The channel `key`'s subscribers on every node.
+    pub async fn subscriptions(&self, key: &RoomKey) -> usize {
+        let here = self
+            .channels
             .get(key)
-            .map(|slot| {
-                let st = slot.lock();
-                Occupancy {
-                    subscriptions: st.members.len(),
-                    users: st.roster.len(),
-                }
-            })
-            .unwrap_or_default()
+            .map_or(0, |slot| slot.lock().members.len());
+        let elsewhere: usize = self
+            .occupancy
+            .elsewhere(&key.domain_id, &key.room_id)
+            .await
+            .into_iter()
+            .filter(|(room_id, _)| *room_id == *key.room_id)
+            .map(|(_, n)| n)
+            .sum();
+        here + elsewhere
+    }
+
+    /// Has `watcher` told of the channels' cluster-wide changes from now on (once; later
+    /// calls are ignored).
+    pub fn watch_channels(&self, watcher: Arc<dyn Watcher>) {
+        let _ = self.watcher.set(watcher);
+    }
+
+    /// A cluster-wide change of a channel, from this node's hub (a single node) or the
+    /// broker (a shared one).
+    pub fn channel_change(&self, change: ChannelChange) {
+        if let Some(watcher) = self.watcher.get() {
+            watcher.change(change);
+        }
+    }
+
+    /// A change this node decides itself, for a broker that does not
+    /// ([`Occupancy::shared`](crate::broker::Occupancy::shared)).
+    fn local_change(&self, change: impl FnOnce() -> ChannelChange) {
+        if !self.occupancy.shared() && self.watcher.get().is_some() {
+            self.channel_change(change());
+        }
     }
 
     /// A presence channel's members on this node.

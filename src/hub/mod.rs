@@ -37,7 +37,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use tokio::sync::OnceCell;
 
-pub use channels::{ChannelEvent, Occupancy, Subscribed};
+pub use channels::{ChannelEvent, Subscribed, Watcher};
 pub use conn::{
     CLOSE_RESYNC, CLOSE_SLOW_CONSUMER, ConnHandle, DELIVERY_ROUND, Envelope, Kick, Parked,
     Receiver, Signal, corked,
@@ -46,7 +46,7 @@ pub use cursor::{Cursor, Cursors, Step};
 
 pub use crate::event::{Event, LeftReason, PresentUser};
 
-use crate::broker::{Broker, Presence, Relay};
+use crate::broker::{Broker, Occupancy, Presence, Relay};
 use crate::metrics::{AT_NODE, Metrics};
 use crate::model::{Identity, Message, RoomKey};
 use crate::node::Supervisor;
@@ -143,6 +143,11 @@ pub struct Hub {
     /// Who is present on the other nodes, and where this node's joins and leaves go; the
     /// broker's.
     presence: Arc<dyn Presence>,
+    /// The channels' subscribers on the other nodes, and where this node's counts go; the
+    /// broker's.
+    occupancy: Arc<dyn Occupancy>,
+    /// Told of the channels' cluster-wide changes (Pusher's webhooks), once set.
+    watcher: std::sync::OnceLock<Arc<dyn Watcher>>,
     /// A [`Hub::resync`] is running, and whether another was asked for meanwhile: however
     /// often the broker reconnects, one catch-up runs at a time (and one more after it).
     resyncing: std::sync::atomic::AtomicBool,
@@ -220,6 +225,8 @@ impl Hub {
             presence_max_members,
             relay: broker.relay(),
             presence: broker.presence(),
+            occupancy: broker.occupancy(),
+            watcher: std::sync::OnceLock::new(),
             resyncing: std::sync::atomic::AtomicBool::new(false),
             resync_again: std::sync::atomic::AtomicBool::new(false),
             supervisor: supervisor.clone(),

@@ -185,6 +185,10 @@ impl Handler for Events {
     fn leave_settled(&self, room: &RoomKey, user: PresentUser, gone: bool) {
         self.hub.settle_leave(room, user, gone);
     }
+
+    fn channel_change(&self, change: crate::broker::ChannelChange) {
+        self.hub.channel_change(change);
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod fake_service;
 pub mod process;
+pub mod pusher;
 pub mod redis;
 
 use std::net::SocketAddr;

@@ -388,6 +388,7 @@ mod tests {
             false
         }
         fn leave_settled(&self, _room: &RoomKey, _user: PresentUser, _gone: bool) {}
+        fn channel_change(&self, _change: crate::broker::ChannelChange) {}
     }
 
     /// What another node published reaches the handler method it is for.

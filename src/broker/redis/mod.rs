@@ -24,7 +24,9 @@
 //! nodes; sharded pub/sub (`SSUBSCRIBE`) only spreads the load on a Redis Cluster, which a
 //! single channel cannot use anyway. The channel prefix lets several clusters share a Redis.
 //!
-//! **Presence across nodes** is kept in Redis sorted sets with a TTL ([`presence`]).
+//! **Presence across nodes** is kept in Redis sorted sets with a TTL ([`presence`]), and
+//! the subscriber counts of Pusher channels in a hash per node with a lease
+//! ([`occupancy`]).
 //!
 //! **Domains.** A change of the stored domains made through the admin API on one node is
 //! announced on the bus (`domainsChanged`); the other nodes rebuild their tables from the
@@ -46,6 +48,7 @@
 
 mod bus;
 pub(crate) mod connection;
+pub mod occupancy;
 pub mod presence;
 
 use std::pin::Pin;
@@ -56,13 +59,14 @@ use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{Broker, Handler, Presence, Relay};
+use super::{Broker, Handler, Occupancy, Presence, Relay};
 use crate::event::Event;
 use crate::metrics::Metrics;
 use crate::model::Message;
 use crate::node::Supervisor;
 use bus::{Bus, Outbox, Publication};
 use connection::Link;
+use occupancy::RedisOccupancy;
 use presence::RedisPresence;
 
 /// How long closing waits for the outbox to empty, and for each connection to close.
@@ -102,6 +106,8 @@ pub struct RedisBroker {
     link: Arc<Link>,
     /// This node's presence in Redis (held by the hub too).
     presence: Arc<RedisPresence>,
+    /// This node's channel counts in Redis (held by the hub too).
+    occupancy: Arc<RedisOccupancy>,
     /// Woken when the domain table should be rebuilt from the store.
     domains_dirty: Arc<Notify>,
     /// Cancelled by [`Broker::close`]: the broker's tasks end.
@@ -144,11 +150,20 @@ impl RedisBroker {
             metrics,
             &context,
         );
+        let occupancy = RedisOccupancy::start(
+            Arc::clone(&link),
+            Arc::clone(&presence),
+            prefix,
+            outbox.node(),
+            presence_ttl,
+            &context,
+        );
         let broker = Arc::new(Self {
             handler: Arc::clone(&context.handler),
             outbox: Arc::clone(&outbox),
             link,
             presence,
+            occupancy,
             domains_dirty: Arc::new(Notify::new()),
             closed: context.closed.clone(),
         });
@@ -301,6 +316,10 @@ impl Broker for RedisBroker {
         Arc::clone(&self.presence) as Arc<dyn Presence>
     }
 
+    fn occupancy(&self) -> Arc<dyn Occupancy> {
+        Arc::clone(&self.occupancy) as Arc<dyn Occupancy>
+    }
+
     fn kind(&self) -> &'static str {
         "redis"
     }
@@ -314,6 +333,11 @@ impl Broker for RedisBroker {
             // What the commit pipeline handed over goes out first (the publisher empties
             // the outbox many at a time), then the connections close.
             self.outbox.drain(Instant::now() + CLOSE_FLUSH).await;
+            // The channels this node's connections left are written, so the cluster does
+            // not wait for the lease to run out to know them vacated.
+            let handler = self.handler.get().map(Arc::clone);
+            let _ =
+                tokio::time::timeout(CLOSE_FLUSH, self.occupancy.flush(handler.as_deref())).await;
             self.closed.cancel();
             let _ = tokio::time::timeout(CLOSE_FLUSH, self.link.subscriber.quit()).await;
             let _ = tokio::time::timeout(CLOSE_FLUSH, self.link.publisher.quit()).await;

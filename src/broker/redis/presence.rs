@@ -8,6 +8,11 @@
 //! of a node that died disappear within the TTL: the first node to remove an expired entry
 //! (`ZREM` answers 1 to one caller only) announces the leave.
 //!
+//! Adding or removing an entry and looking for the user's other entries are one Lua
+//! script, so whether a user is new to the cluster, or gone from it, is decided in one
+//! place: a presence channel's `member_added` and `member_removed` webhooks
+//! ([`Handler::channel_change`]) come from the node whose change it was.
+//!
 //! A leave on this node is announced to this node's members, too, only once Redis says the
 //! user is on no other node ([`Handler::leave_settled`], from the presence task, in order
 //! with the user's joins). While Redis does not answer, a leave is announced here at once,
@@ -28,13 +33,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fred::prelude::{KeysInterface, SortedSetsInterface};
+use fred::types::scripts::Script;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::Context;
 use super::bus::{Bus, Dropped, Outbox};
 use super::connection::Link;
-use crate::broker::{Handler, Presence};
+use crate::broker::{ChannelChange, Handler, Presence};
 use crate::event::{Event, PresentUser};
 use crate::model::{Role, RoomKey};
 
@@ -43,6 +49,30 @@ pub const PRESENCE_QUEUE: usize = 16_384;
 
 /// Rooms renewed per pipelined round trip.
 const RENEW_BATCH: usize = 4_096;
+
+/// Adds or removes (`ARGV[1]` `1` or `0`) one entry (`ARGV[2]`, scored `ARGV[3]`, the set
+/// living `ARGV[4]` seconds), then answers 1 when the user (`ARGV[5]`) has another live
+/// entry (`ARGV[6]`: now): in one step, so of two nodes adding a user's first entries at
+/// once only the first is told the user is new, and of two removing the last ones only the
+/// second that the user is gone.
+const CHANGE: &str = r"
+local set, join, entry = KEYS[1], ARGV[1] == '1', ARGV[2]
+if join then
+  redis.call('ZADD', set, ARGV[3], entry)
+  redis.call('EXPIRE', set, ARGV[4])
+else
+  redis.call('ZREM', set, entry)
+end
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', set, ARGV[6], '+inf')) do
+  if m ~= entry then
+    local ok, e = pcall(cjson.decode, m)
+    if ok and e.user_id == ARGV[5] then
+      return 1
+    end
+  end
+end
+return 0
+";
 
 /// Work for the presence task, done in the order it was asked for, so that a renewal
 /// never puts back an entry a leave just removed.
@@ -74,6 +104,37 @@ struct PresenceEntry {
     node: u64,
 }
 
+/// Removes a dead node's entries (those ending with `ARGV[1]`, `"node":{id}}`) of a
+/// presence set, and answers the users who have no live entry left (`ARGV[2]`: now).
+const FORGET: &str = r"
+local set, suffix, now = KEYS[1], ARGV[1], ARGV[2]
+local removed = {}
+for _, m in ipairs(redis.call('ZRANGE', set, 0, -1)) do
+  if string.sub(m, -#suffix) == suffix then
+    redis.call('ZREM', set, m)
+    local ok, e = pcall(cjson.decode, m)
+    if ok then
+      removed[#removed + 1] = e.user_id
+    end
+  end
+end
+local live = {}
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', set, now, '+inf')) do
+  local ok, e = pcall(cjson.decode, m)
+  if ok then
+    live[e.user_id] = true
+  end
+end
+local gone = {}
+for _, u in ipairs(removed) do
+  if not live[u] then
+    gone[#gone + 1] = u
+    live[u] = true
+  end
+end
+return gone
+";
+
 /// This node's presence in Redis.
 #[derive(Debug)]
 pub struct RedisPresence {
@@ -90,6 +151,10 @@ pub struct RedisPresence {
     dropped: Dropped,
     /// A renewal is waiting in the queue (renewals are coalesced).
     renew_queued: AtomicBool,
+    /// [`CHANGE`].
+    change: Script,
+    /// [`FORGET`].
+    forget: Script,
 }
 
 impl RedisPresence {
@@ -118,6 +183,8 @@ impl RedisPresence {
             changes,
             dropped: Dropped::new("presence change", metrics, "presence"),
             renew_queued: AtomicBool::new(false),
+            change: Script::from_lua(CHANGE),
+            forget: Script::from_lua(FORGET),
         });
         let watched = Arc::downgrade(&presence);
         let until = stop.clone();
@@ -212,27 +279,44 @@ impl RedisPresence {
         i64::try_from(self.ttl.as_secs().max(1) * 2).unwrap_or(60)
     }
 
-    /// Adds or renews users' entries of one room.
-    async fn add(&self, room: &RoomKey, users: &[PresentUser]) {
-        if users.is_empty() {
-            return;
-        }
-        let score = self.expiry_score();
-        let values: Vec<(f64, String)> = users.iter().map(|u| (score, self.entry(u))).collect();
-        let key = self.key(room);
-        let added: Result<(), _> = self
-            .link
-            .publisher
-            .zadd(key.as_str(), None, None, false, false, values)
+    /// Adds (`joined`) or removes `user`'s entry of `room`; answers whether the user has
+    /// an entry of another node. An error answers false.
+    async fn change(&self, room: &RoomKey, user: &PresentUser, joined: bool) -> bool {
+        let args = vec![
+            if joined { "1" } else { "0" }.to_owned(),
+            self.entry(user),
+            self.expiry_score().to_string(),
+            self.set_ttl().to_string(),
+            user.user_id.clone(),
+            chrono::Utc::now().timestamp_millis().to_string(),
+        ];
+        let answer: Result<i64, _> = self
+            .change
+            .evalsha_with_reload(&self.link.publisher, self.key(room), args)
             .await;
-        let expired: Result<(), _> = self
-            .link
-            .publisher
-            .expire(key.as_str(), self.set_ttl(), None)
-            .await;
-        if let Err(e) = added.and(expired) {
+        answer.unwrap_or_else(|e| {
             tracing::debug!(room = %room, error = %e, "cannot record presence in Redis");
-        }
+            0
+        }) == 1
+    }
+
+    /// Removes the entries of the dead node `node` from `room`'s set; answers the users
+    /// that left with them. For a channel no live node holds, which no node's renewal
+    /// sweeps (`super::occupancy`); whoever removes an entry first reports it, this or a
+    /// renewal's sweep.
+    pub(super) async fn forget_node(&self, room: &RoomKey, node: &str) -> Vec<String> {
+        let args = vec![
+            format!("\"node\":{node}}}"),
+            chrono::Utc::now().timestamp_millis().to_string(),
+        ];
+        let answer: Result<Vec<String>, _> = self
+            .forget
+            .evalsha_with_reload(&self.link.publisher, self.key(room), args)
+            .await;
+        answer.unwrap_or_else(|e| {
+            tracing::debug!(room = %room, error = %e, "cannot sweep presence in Redis");
+            Vec::new()
+        })
     }
 
     /// Every third of the TTL: renew this node's entries, and announce the users whose
@@ -335,6 +419,12 @@ impl RedisPresence {
             if elsewhere || node.is_present(room, &gone.user_id) {
                 continue;
             }
+            if room.is_channel() {
+                node.channel_change(ChannelChange::MemberRemoved(
+                    room.clone(),
+                    gone.user_id.clone(),
+                ));
+            }
             let event = Event::Presence {
                 room: room.clone(),
                 user: PresentUser {
@@ -365,28 +455,22 @@ impl RedisPresence {
         joined: bool,
         announce: bool,
     ) {
-        if joined {
-            self.add(&room, std::slice::from_ref(&user)).await;
-        } else {
-            let removed: Result<i64, _> = self
-                .link
-                .publisher
-                .zrem(self.key(&room), self.entry(&user))
-                .await;
-            if let Err(e) = removed {
-                tracing::debug!(room = %room, error = %e, "cannot remove presence in Redis");
+        let elsewhere = self.change(&room, &user, joined).await;
+        if !joined && elsewhere {
+            if announce {
+                node.leave_settled(&room, user, false);
             }
-            if self
-                .live_entries(&room)
-                .await
-                .iter()
-                .any(|e| e.user_id == user.user_id)
-            {
-                if announce {
-                    node.leave_settled(&room, user, false);
-                }
-                return;
-            }
+            return;
+        }
+        // A presence channel's webhooks: the member's first connection on the cluster, or
+        // its last one gone.
+        if room.is_channel() && !elsewhere {
+            let id = user.user_id.clone();
+            node.channel_change(if joined {
+                ChannelChange::MemberAdded(room.clone(), id)
+            } else {
+                ChannelChange::MemberRemoved(room.clone(), id)
+            });
         }
         let event = Event::Presence {
             room: room.clone(),

@@ -13,8 +13,8 @@
 //! `{"error": message, "code": status}`.
 //!
 //! Events go to the hub's channels ([`crate::hub::Hub::publish`]), so to every node.
-//! Occupancy is this node's view: the channels with subscribers here and, for presence
-//! channels, the members on every node.
+//! Occupancy covers every node: the subscribers of each channel on any node (the broker's
+//! [`Occupancy`](crate::broker::Occupancy)) and, for presence channels, the members.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -261,12 +261,14 @@ fn publish(state: &AppState, app: &App, event: &Checked) {
     }
 }
 
-/// The attributes `info` asks for, of `channel` (`subscription_count`, `user_count`).
+/// The attributes `info` asks for, of `channel` (`subscription_count`, `user_count`);
+/// `subscriptions` is its subscriber count where the caller knows it.
 async fn channel_info(
     state: &AppState,
     app: &App,
     channel: &str,
     info: Option<&str>,
+    subscriptions: Option<usize>,
 ) -> Result<serde_json::Map<String, Value>, Refused> {
     let mut out = serde_json::Map::new();
     let key = app.channel(channel);
@@ -274,10 +276,11 @@ async fn channel_info(
         match attribute {
             "" => {}
             "subscription_count" => {
-                out.insert(
-                    attribute.to_owned(),
-                    state.chat.hub().occupancy(&key).subscriptions.into(),
-                );
+                let count = match subscriptions {
+                    Some(count) => count,
+                    None => state.chat.hub().subscriptions(&key).await,
+                };
+                out.insert(attribute.to_owned(), count.into());
             }
             "user_count" => {
                 if Kind::of(channel) != Kind::Presence {
@@ -311,7 +314,7 @@ pub async fn events(
     }
     let mut channels = serde_json::Map::new();
     for channel in &event.channels {
-        let info = channel_info(&state, &app, channel, event.info.as_deref()).await?;
+        let info = channel_info(&state, &app, channel, event.info.as_deref(), None).await?;
         channels.insert(channel.clone(), Value::Object(info));
     }
     Ok(Json(json!({ "channels": channels })))
@@ -353,7 +356,8 @@ pub async fn batch_events(
     }
     let mut infos = Vec::with_capacity(events.len());
     for event in &events {
-        let info = channel_info(&state, &app, &event.channels[0], event.info.as_deref()).await?;
+        let channel = &event.channels[0];
+        let info = channel_info(&state, &app, channel, event.info.as_deref(), None).await?;
         infos.push(Value::Object(info));
     }
     Ok(Json(json!({ "batch": infos })))
@@ -377,9 +381,9 @@ pub async fn channels(
         ));
     }
     let mut occupied: HashMap<String, serde_json::Map<String, Value>> = HashMap::new();
-    for (name, _) in state.chat.hub().occupied(&app.domain, &app.id) {
+    for (name, count) in state.chat.hub().occupied(&app.domain, &app.id).await {
         if name.starts_with(prefix) && !name.starts_with('#') {
-            let attributes = channel_info(&state, &app, &name, info).await?;
+            let attributes = channel_info(&state, &app, &name, info, Some(count)).await?;
             occupied.insert(name, attributes);
         }
     }
@@ -397,16 +401,12 @@ pub async fn channel(
         return Err(Refused::bad(message));
     }
     let key = app.channel(&channel);
-    let occupied = state.chat.hub().occupancy(&key).subscriptions > 0
+    let subscriptions = state.chat.hub().subscriptions(&key).await;
+    let occupied = subscriptions > 0
         || (Kind::of(&channel) == Kind::Presence
             && !state.chat.hub().presence_all(&key).await.is_empty());
-    let mut body = channel_info(
-        &state,
-        &app,
-        &channel,
-        params.get("info").map(String::as_str),
-    )
-    .await?;
+    let info = params.get("info").map(String::as_str);
+    let mut body = channel_info(&state, &app, &channel, info, Some(subscriptions)).await?;
     body.insert("occupied".to_owned(), occupied.into());
     Ok(Json(Value::Object(body)))
 }

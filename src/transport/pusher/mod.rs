@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod webhooks;
 
 use std::sync::Arc;
 
