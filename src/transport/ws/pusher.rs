@@ -28,10 +28,12 @@ use governor::{Quota, RateLimiter};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use std::task::Poll;
+
 use super::socket::{Incoming, RecvError, WsSocket};
-use super::{End, Gate, Liveness, WRITE_TIMEOUT, handshake, switching_protocols};
+use super::{End, Gate, WRITE_TIMEOUT, handshake, switching_protocols};
 use crate::hub::channels::{ChannelEvent, channel_name, is_channel};
-use crate::hub::{ConnHandle, Envelope, Event, PresentUser, Receiver};
+use crate::hub::{ConnHandle, Envelope, Event, PresentUser, Receiver, Signal};
 use crate::model::{Identity, Role, RoomKey};
 use crate::transport::AppState;
 use crate::transport::pusher::{
@@ -111,28 +113,40 @@ pub async fn upgrade(
         limits.outbound_queue,
         limits.outbound_queue_bytes,
     );
-    let task_app = app.clone();
+    let watched = app.sockets.watch(&handle);
+    let client = Box::new(Client {
+        app: app.clone(),
+        pusher,
+        socket_id,
+        handle,
+        rx,
+        watched,
+        channels: HashMap::new(),
+        user: None,
+        client_events: RateLimiter::direct_with_clock(
+            Quota::per_second(NonZeroU32::new(CLIENT_EVENTS_PER_SECOND).unwrap_or(NonZeroU32::MIN)),
+            governor::clock::MonotonicClock,
+        ),
+    });
     app.supervisor.spawn_isolated("connection", async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let socket = WsSocket::new(upgraded, max_message);
-                let client = Client {
-                    app: task_app,
-                    pusher,
-                    socket_id,
-                    handle,
-                    channels: HashMap::new(),
-                    user: None,
-                    client_events: RateLimiter::direct(Quota::per_second(
-                        NonZeroU32::new(CLIENT_EVENTS_PER_SECOND).unwrap_or(NonZeroU32::MIN),
-                    )),
-                };
-                client.run(gate, rx, socket).await;
+                let socket = Box::new(WsSocket::new(upgraded, max_message));
+                client.run(gate, socket).await;
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
     });
     switching_protocols(&key, &offered)
+}
+
+/// Writes what waits in `socket`, within [`WRITE_TIMEOUT`].
+async fn flushed(socket: &mut WsSocket) -> Result<(), End> {
+    match tokio::time::timeout(WRITE_TIMEOUT, socket.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::TransportError),
+        Err(_) => Err(End::SlowConsumer),
+    }
 }
 
 /// Sends `pusher:error` with `code` and closes with the same code.
@@ -224,24 +238,42 @@ struct Sub {
     member: Option<String>,
 }
 
-/// A connection's limiter of client events (governor's own clock: a Pusher connection is
-/// not one of the many idle `/ws` sockets whose size counts).
-type ClientEvents = governor::DefaultDirectRateLimiter;
-
 /// One Pusher connection.
 struct Client {
     app: AppState,
     pusher: App,
     socket_id: String,
     handle: ConnHandle,
+    /// Its queue of events.
+    rx: Receiver,
+    /// Its place in the node's [`super::SocketWatch`], which pings it and closes it when
+    /// it stops answering.
+    watched: super::liveness::Watched,
     channels: HashMap<String, Sub>,
     /// The signed-in user and the hub key of their server-to-user channel.
     user: Option<(String, RoomKey)>,
-    client_events: ClientEvents,
+    /// Its client events' limiter (on the standard clock, which takes no room in it).
+    client_events: super::FrameLimiter,
+}
+
+/// What woke a connection, once the events it could write at once are written.
+enum Wake {
+    /// It must close.
+    Kicked(crate::hub::Kick),
+    /// The node's liveness sweep asks for a ping.
+    Ping,
+    /// Events are written but the socket has not taken them all yet.
+    Flush,
+    /// The loop ends (the socket failed, or an event ended the connection).
+    End(End),
+    /// A frame from the client.
+    Frame(Result<Incoming, RecvError>),
 }
 
 impl Client {
-    async fn run(mut self, gate: Gate, mut rx: Receiver, mut socket: WsSocket) {
+    /// Serves the connection until it ends, then closes it. The client and its socket are
+    /// boxed, so that the task an idle connection keeps is small.
+    async fn run(mut self: Box<Self>, gate: Gate, mut socket: Box<WsSocket>) {
         let metrics = Arc::clone(&self.app.metrics);
         metrics.connections.inc();
         metrics.connections_total.inc();
@@ -253,9 +285,9 @@ impl Client {
             }).to_string(),
         });
         socket.queue_text(established.to_string().as_bytes());
-        let end = match tokio::time::timeout(WRITE_TIMEOUT, socket.flush()).await {
-            Ok(Ok(())) => Box::pin(self.serve(&gate, &mut rx, &mut socket)).await,
-            _ => End::TransportError,
+        let end = match Box::pin(flushed(&mut socket)).await {
+            Ok(()) => self.serve(&gate, &mut socket).await,
+            Err(end) => end,
         };
         for (name, sub) in std::mem::take(&mut self.channels) {
             self.leave(&name, &sub);
@@ -263,10 +295,13 @@ impl Client {
         if let Some((_, key)) = self.user.take() {
             self.app.chat.hub().unsubscribe(&key, &self.handle);
         }
-        drop(rx);
+        let Self { rx, watched, .. } = *self;
+        drop((rx, watched));
         match close_code(end) {
-            Some((code, reason)) if code >= 4000 => refuse(&mut socket, code, reason).await,
-            Some((code, reason)) => finish(&mut socket, code, reason).await,
+            Some((code, reason)) if code >= 4000 => {
+                Box::pin(refuse(&mut socket, code, reason)).await;
+            }
+            Some((code, reason)) => Box::pin(finish(&mut socket, code, reason)).await,
             None => {}
         }
         drop(gate);
@@ -274,62 +309,93 @@ impl Client {
         metrics.disconnect(end.label());
     }
 
-    async fn serve(&mut self, gate: &Gate, rx: &mut Receiver, socket: &mut WsSocket) -> End {
-        let shutdown = self.app.supervisor.shutdown().clone();
-        let limits = self.app.config.limits.clone();
-        let mut live = Liveness::new();
-        let check = tokio::time::sleep_until(live.next_check(&limits).into());
-        let mut check = std::pin::pin!(check);
+    /// The connection's loop. While idle it waits on one poll of its queue (events, kicks,
+    /// the node's liveness sweep asking for a ping) and its socket, with no timer or
+    /// future of its own. Events are written inside that poll, every one queued into one
+    /// write, flushed at once; only a socket that does not take the whole write leaves it
+    /// for the slower path, which waits with a deadline.
+    async fn serve(&mut self, gate: &Gate, socket: &mut WsSocket) -> End {
         loop {
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => return End::Shutdown,
-                () = &mut check => {
-                    match live.check(std::time::Instant::now(), &limits) {
-                        super::Check::Fine => {}
-                        super::Check::Ping => socket.queue_ping(),
-                        super::Check::Dead(end) => return end,
-                    }
-                    check.as_mut().reset(live.next_check(&limits).into());
-                }
-                envelope = rx.recv() => match envelope {
-                    Some(envelope) => {
-                        if let Err(end) = self.deliver(&envelope, socket) {
-                            return end;
+            let wake = std::future::poll_fn(|cx| {
+                // Every queued event into the write buffer, a round at a time, each round
+                // flushed at once.
+                loop {
+                    let mut taken = 0;
+                    while taken < crate::hub::DELIVERY_ROUND {
+                        match self.rx.poll_signal(cx) {
+                            Poll::Ready(Signal::Kicked(kick)) => {
+                                return Poll::Ready(Wake::Kicked(kick));
+                            }
+                            Poll::Ready(Signal::Ping) => return Poll::Ready(Wake::Ping),
+                            Poll::Ready(Signal::Event(envelope)) => {
+                                if let Err(end) = self.deliver(&envelope, socket) {
+                                    return Poll::Ready(Wake::End(end));
+                                }
+                                taken += 1;
+                            }
+                            Poll::Pending => break,
                         }
                     }
-                    None => return match self.handle.kicked_for() {
-                        Some(crate::hub::Kick::Shutdown) => End::Shutdown,
-                        _ => End::SlowConsumer,
-                    },
-                },
-                incoming = socket.recv() => match live.heard(incoming) {
-                    Ok(Incoming::Text(text)) => {
-                        self.app.metrics.frames_in.inc();
-                        if gate.admitted.limiter.check().is_err() {
-                            socket.queue_text(
-                                error_frame(Some(4301), "Client event rejected due to rate limit")
+                    if socket.pending() > 0 {
+                        match socket.poll_flush(cx) {
+                            Poll::Ready(Ok(())) => {}
+                            Poll::Ready(Err(_)) => {
+                                return Poll::Ready(Wake::End(End::TransportError));
+                            }
+                            Poll::Pending => return Poll::Ready(Wake::Flush),
+                        }
+                    }
+                    // A full round may have left events queued: take them too.
+                    if taken < crate::hub::DELIVERY_ROUND {
+                        break;
+                    }
+                }
+                let frame = socket.poll_recv(cx);
+                if frame.is_pending() {
+                    socket.release();
+                }
+                frame.map(Wake::Frame)
+            })
+            .await;
+            match wake {
+                Wake::Kicked(kick) => return super::kicked_end(kick),
+                Wake::End(end) => return end,
+                Wake::Ping => socket.queue_ping(),
+                Wake::Flush => {}
+                Wake::Frame(incoming) => {
+                    if let Ok(frame) = &incoming {
+                        let message = !matches!(frame, Incoming::Pong);
+                        self.handle.heard(self.watched.now(), message);
+                    }
+                    match incoming {
+                        Ok(Incoming::Text(text)) => {
+                            self.app.metrics.frames_in.inc();
+                            if gate.admitted.limiter.check().is_err() {
+                                socket.queue_text(
+                                    error_frame(
+                                        Some(4301),
+                                        "Client event rejected due to rate limit",
+                                    )
                                     .as_bytes(),
-                            );
-                        } else if let Err(end) = Box::pin(self.frame(&text, socket)).await {
-                            return end;
+                                );
+                            } else if let Err(end) = Box::pin(self.frame(&text, socket)).await {
+                                return end;
+                            }
                         }
+                        Ok(Incoming::Binary(_) | Incoming::Pong) => {}
+                        Ok(Incoming::Ping(payload)) => socket.queue_pong(&payload),
+                        Ok(Incoming::Close) => return End::ClientClosed,
+                        Err(RecvError::TooLarge) => return End::FrameTooLarge,
+                        Err(RecvError::Protocol(_)) => return End::ProtocolError,
+                        Err(RecvError::InvalidUtf8) => return End::InvalidUtf8,
+                        Err(RecvError::Gone) => return End::TransportError,
                     }
-                    Ok(Incoming::Binary(_) | Incoming::Pong) => {}
-                    Ok(Incoming::Ping(payload)) => socket.queue_pong(&payload),
-                    Ok(Incoming::Close) => return End::ClientClosed,
-                    Err(RecvError::TooLarge) => return End::FrameTooLarge,
-                    Err(RecvError::Protocol(_)) => return End::ProtocolError,
-                    Err(RecvError::InvalidUtf8) => return End::InvalidUtf8,
-                    Err(RecvError::Gone) => return End::TransportError,
-                },
-            }
-            if socket.pending() > 0 {
-                match tokio::time::timeout(WRITE_TIMEOUT, socket.flush()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return End::TransportError,
-                    Err(_) => return End::SlowConsumer,
                 }
+            }
+            if socket.pending() > 0
+                && let Err(end) = Box::pin(flushed(socket)).await
+            {
+                return end;
             }
         }
     }
