@@ -9,6 +9,9 @@
 //! (which also works across worker processes) and check that it sees every
 //! index exactly once, with `seq` strictly increasing.
 //!
+//! The subscribers ([`Subscribers`]) also serve `pusher fanout` (`crate::pusher`), where
+//! they speak Pusher protocol 7 instead ([`Protocol`]) and have no `seq` to check.
+//!
 //! Figures: deliveries/s = deliveries ÷ (last receipt − first send); latency
 //! percentiles over all deliveries; server CPU-seconds (utime + stime) spent
 //! between just before the first send and the last receipt, per million
@@ -29,7 +32,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::net::{self, ServerFrame, Target, Ws};
+use crate::net::{self, Delivery, Protocol, ServerFrame, Target, Ws};
 use crate::procfs::{CpuWatch, Proc};
 use crate::stats::{Latencies, LatencySummary, epoch_nanos, rate};
 use crate::worker::{self, ErrorTally, Worker};
@@ -45,7 +48,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Mode::Burst => "burst",
             Mode::Paced => "paced",
@@ -130,6 +133,9 @@ pub struct FanoutWorkerArgs {
     pub connect_timeout_secs: u64,
     #[arg(long)]
     pub index: usize,
+    /// What the subscribers speak (`room` is a Pusher channel's name for `pusher`).
+    #[arg(long, value_enum, default_value_t = Protocol::Parlor)]
+    pub protocol: Protocol,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -154,6 +160,9 @@ pub struct SubsSummary {
     /// `message-received` frames (or other text frames) that could not be
     /// decoded.
     pub malformed: u64,
+    /// Errors the server reported on a subscriber's connection (Pusher's `pusher:error`).
+    #[serde(default)]
+    pub server_errors: ErrorTally,
     /// Subscribers whose connection ended early, by reason.
     pub disconnected: ErrorTally,
     /// Epoch nanoseconds of the first and last receipt (0 = none).
@@ -173,6 +182,7 @@ impl SubsSummary {
         self.duplicates += other.duplicates;
         self.out_of_order += other.out_of_order;
         self.malformed += other.malformed;
+        self.server_errors.merge(&other.server_errors);
         self.disconnected.merge(&other.disconnected);
         if other.first_recv_nanos != 0
             && (self.first_recv_nanos == 0 || other.first_recv_nanos < self.first_recv_nanos)
@@ -197,6 +207,7 @@ struct SubResult {
     duplicates: u64,
     out_of_order: u64,
     malformed: u64,
+    server_errors: ErrorTally,
     disconnect: Option<String>,
     first_recv: u64,
     last_recv: u64,
@@ -204,19 +215,21 @@ struct SubResult {
 
 /// Where and how to run a group of subscribers.
 #[derive(Debug, Clone)]
-struct GroupSpec {
-    target: Arc<Target>,
-    room: Arc<str>,
-    messages: usize,
-    offset: usize,
-    count: usize,
-    concurrency: usize,
-    connect_timeout: Duration,
+pub(crate) struct GroupSpec {
+    pub(crate) target: Arc<Target>,
+    /// The room, or Pusher channel, every subscriber joins.
+    pub(crate) room: Arc<str>,
+    pub(crate) messages: usize,
+    pub(crate) offset: usize,
+    pub(crate) count: usize,
+    pub(crate) concurrency: usize,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) protocol: Protocol,
 }
 
 /// A group of subscribers that have finished joining (or failing to).
 #[derive(Debug)]
-struct Group {
+pub(crate) struct Group {
     subscribers: u64,
     joined: u64,
     failed: ErrorTally,
@@ -247,13 +260,14 @@ impl Group {
                         .target
                         .connect(spec.target.source_for(global), spec.connect_timeout)
                         .await?;
-                    net::join_room(
-                        &mut ws,
-                        &spec.room,
-                        &format!("j{global}"),
-                        spec.connect_timeout,
-                    )
-                    .await?;
+                    spec.protocol
+                        .join(
+                            &mut ws,
+                            &spec.room,
+                            &format!("j{global}"),
+                            spec.connect_timeout,
+                        )
+                        .await?;
                     Ok::<_, anyhow::Error>(ws)
                 }
                 .await;
@@ -261,7 +275,15 @@ impl Group {
                     Ok(ws) => {
                         let _ = joined_tx.send(Ok(()));
                         drop(joined_tx);
-                        subscribe(ws, &spec.room, spec.messages, &latency, stop_rx).await
+                        subscribe(
+                            ws,
+                            spec.protocol,
+                            &spec.room,
+                            spec.messages,
+                            &latency,
+                            stop_rx,
+                        )
+                        .await
                     }
                     Err(e) => {
                         let _ = joined_tx.send(Err(format!("{e:#}")));
@@ -325,6 +347,7 @@ impl Group {
             summary.duplicates += r.duplicates;
             summary.out_of_order += r.out_of_order;
             summary.malformed += r.malformed;
+            summary.server_errors.merge(&r.server_errors);
             summary.complete += u64::from(r.complete);
             if let Some(reason) = r.disconnect {
                 summary.disconnected.add(reason);
@@ -357,6 +380,7 @@ impl SubResult {
             duplicates: 0,
             out_of_order: 0,
             malformed: 0,
+            server_errors: ErrorTally::default(),
             disconnect: None,
             first_recv: 0,
             last_recv: 0,
@@ -365,12 +389,12 @@ impl SubResult {
 }
 
 /// Encodes a message text: send time, index, filler.
-fn payload(sent_nanos: u64, index: usize, pad: &str) -> String {
+pub(crate) fn payload(sent_nanos: u64, index: usize, pad: &str) -> String {
     format!("t:{sent_nanos}:{index}:{pad}")
 }
 
 /// Decodes `payload`'s output into (send time, index).
-fn parse_payload(text: &str) -> Option<(u64, usize)> {
+pub(crate) fn parse_payload(text: &str) -> Option<(u64, usize)> {
     let mut parts = text.strip_prefix("t:")?.splitn(3, ':');
     let sent = parts.next()?.parse().ok()?;
     let index = parts.next()?.parse().ok()?;
@@ -382,6 +406,7 @@ fn parse_payload(text: &str) -> Option<(u64, usize)> {
 /// histogram (one per process keeps memory flat however many subscribers).
 async fn subscribe(
     mut ws: Ws,
+    protocol: Protocol,
     room: &str,
     messages: usize,
     latency: &Mutex<Latencies>,
@@ -393,7 +418,7 @@ async fn subscribe(
     let ended = tokio::select! {
         biased;
         _ = stop.changed() => None,
-        ended = receive(&mut ws, room, messages, latency, &mut r) => Some(ended),
+        ended = receive(&mut ws, protocol, room, messages, latency, &mut r) => Some(ended),
     };
     match ended {
         Some(Err(reason)) => r.disconnect = Some(reason),
@@ -408,6 +433,7 @@ async fn subscribe(
 /// The body of `subscribe`; returns `Err(reason)` if the connection ends.
 async fn receive(
     ws: &mut Ws,
+    protocol: Protocol,
     room: &str,
     messages: usize,
     latency: &Mutex<Latencies>,
@@ -418,7 +444,17 @@ async fn receive(
     // Latencies are kept here and added to the shared histogram once at the end: a lock
     // per delivery would cost the load generator more than the delivery costs the server.
     let mut local: Vec<u64> = Vec::with_capacity(messages);
-    let result = receive_loop(ws, room, messages, r, &mut seen, &mut last_seq, &mut local).await;
+    let result = receive_loop(
+        ws,
+        protocol,
+        room,
+        messages,
+        r,
+        &mut seen,
+        &mut last_seq,
+        &mut local,
+    )
+    .await;
     if let Ok(mut hist) = latency.lock() {
         for nanos in local {
             hist.record_nanos(nanos);
@@ -428,8 +464,10 @@ async fn receive(
 }
 
 /// The receive loop of `receive`, recording latencies into `local`.
+#[allow(clippy::too_many_arguments)]
 async fn receive_loop(
     ws: &mut Ws,
+    protocol: Protocol,
     room: &str,
     messages: usize,
     r: &mut SubResult,
@@ -449,28 +487,28 @@ async fn receive_loop(
             _ => continue,
         };
         let now = epoch_nanos();
-        // The common case is read without a JSON parser (see `scan_message`); anything
-        // else goes through the full parse.
-        let (seq, body) = match scan_message(text) {
-            Some((frame_room, seq, body)) => {
-                if frame_room != room {
-                    continue;
+        let delivery = match protocol {
+            Protocol::Parlor => decode_parlor(text, room),
+            Protocol::Pusher => crate::pusher::socket::decode(text, room),
+        };
+        let (seq, body) = match delivery {
+            Delivery::Message { seq, body } => (seq, body),
+            Delivery::Ping => {
+                // Pusher's keep-alive: a server that gets no pong closes the connection.
+                let pong = Message::text(crate::pusher::socket::PONG);
+                if let Err(e) = ws.send(pong).await {
+                    return Err(format!("connection error: {e}"));
                 }
-                (Some(seq), body)
+                continue;
             }
-            None => {
-                let Some(frame) = ServerFrame::parse(text) else {
-                    r.malformed += 1;
-                    continue;
-                };
-                if frame.kind != "message-received" || frame.room_id.as_deref() != Some(room) {
-                    continue;
-                }
-                let Some(body) = frame.message.map(std::borrow::Cow::into_owned) else {
-                    r.malformed += 1;
-                    continue;
-                };
-                (frame.seq, std::borrow::Cow::Owned(body))
+            Delivery::ServerError(error) => {
+                r.server_errors.add(error);
+                continue;
+            }
+            Delivery::Ignored => continue,
+            Delivery::Malformed => {
+                r.malformed += 1;
+                continue;
             }
         };
         let Some((sent, index)) = parse_payload(&body) else {
@@ -500,6 +538,34 @@ async fn receive_loop(
         r.last_recv = now;
     }
     Ok(())
+}
+
+/// Reads a Parlor frame: a `message-received` for `room`, or something to ignore.
+fn decode_parlor<'a>(text: &'a str, room: &str) -> Delivery<'a> {
+    // The common case is read without a JSON parser (see `scan_message`); anything
+    // else goes through the full parse.
+    if let Some((frame_room, seq, body)) = scan_message(text) {
+        if frame_room != room {
+            return Delivery::Ignored;
+        }
+        return Delivery::Message {
+            seq: Some(seq),
+            body,
+        };
+    }
+    let Some(frame) = ServerFrame::parse(text) else {
+        return Delivery::Malformed;
+    };
+    if frame.kind != "message-received" || frame.room_id.as_deref() != Some(room) {
+        return Delivery::Ignored;
+    }
+    match frame.message {
+        Some(body) => Delivery::Message {
+            seq: frame.seq,
+            body: std::borrow::Cow::Owned(body.into_owned()),
+        },
+        None => Delivery::Malformed,
+    }
 }
 
 /// Reads a `message-received` frame as both servers write it (`{"type":
@@ -536,7 +602,7 @@ fn scan_message(text: &str) -> Option<(&str, u64, std::borrow::Cow<'_, str>)> {
 }
 
 /// Closes connections concurrently, bounded in time.
-async fn close_all(sockets: Vec<Ws>) {
+pub(crate) async fn close_all(sockets: Vec<Ws>) {
     let closing = futures_util::future::join_all(sockets.into_iter().map(net::close_quietly));
     let _ = timeout(Duration::from_secs(15), closing).await;
 }
@@ -570,9 +636,107 @@ impl SenderOutcome {
 }
 
 /// Subscribers, either here or in worker processes.
-enum Subscribers {
+#[derive(Debug)]
+pub(crate) enum Subscribers {
     Local(Group),
     Workers(Vec<Worker<FanoutEvent>>),
+}
+
+impl Subscribers {
+    /// Starts `spec.count` subscribers, here when `procs` ≤ 1, else split over `procs`
+    /// worker processes (worker i connecting to `urls[i mod n]`, or to `spec.target`
+    /// without `urls`), and waits until each has joined or failed, until `join_deadline`.
+    /// Returns them with the number joined and the failures.
+    pub(crate) async fn start(
+        spec: GroupSpec,
+        procs: usize,
+        urls: &[String],
+        source_addrs: u8,
+        join_deadline: Instant,
+    ) -> Result<(Self, u64, ErrorTally)> {
+        if procs <= 1 {
+            let group = timeout_at(join_deadline, Group::start(spec))
+                .await
+                .context("subscribers did not finish joining within --join-timeout-secs")?;
+            let (joined, failed) = (group.joined, group.failed.clone());
+            return Ok((Subscribers::Local(group), joined, failed));
+        }
+        let mut workers = Vec::new();
+        let mut offset = 0;
+        let per_worker_concurrency = spec.concurrency.div_ceil(procs).max(1);
+        for (index, count) in worker::split_evenly(spec.count, procs)
+            .into_iter()
+            .enumerate()
+        {
+            if count == 0 {
+                continue;
+            }
+            let url = match urls.len() {
+                0 => spec.target.url.clone(),
+                n => urls[index % n].clone(),
+            };
+            let worker_args = vec![
+                "fanout-subs".to_owned(),
+                format!("--url={url}"),
+                format!("--room={}", spec.room),
+                format!("--count={count}"),
+                format!("--offset={offset}"),
+                format!("--messages={}", spec.messages),
+                format!("--source-addrs={source_addrs}"),
+                format!("--concurrency={per_worker_concurrency}"),
+                format!("--connect-timeout-secs={}", spec.connect_timeout.as_secs()),
+                format!("--index={index}"),
+                format!("--protocol={}", spec.protocol.arg()),
+            ];
+            workers.push(Worker::spawn(index, &worker_args)?);
+            offset += count;
+        }
+        let mut joined = 0;
+        let mut failed = ErrorTally::default();
+        for w in &mut workers {
+            match w
+                .next_event(join_deadline, "its joined subscribers")
+                .await?
+            {
+                FanoutEvent::Ready {
+                    joined: j,
+                    failed: f,
+                } => {
+                    joined += j;
+                    failed.merge(&f);
+                }
+                FanoutEvent::Result(_) => bail!("worker {} reported results before ready", w.index),
+            }
+        }
+        Ok((Subscribers::Workers(workers), joined, failed))
+    }
+
+    /// The worker processes' ids, for their CPU time.
+    pub(crate) fn worker_pids(&self) -> Vec<u32> {
+        match self {
+            Subscribers::Local(_) => Vec::new(),
+            Subscribers::Workers(workers) => workers.iter().filter_map(Worker::pid).collect(),
+        }
+    }
+
+    /// Waits until every subscriber has every message or `drain_deadline` passes, and sums
+    /// up: the summary, the connections held here (still open, so that closing them is not
+    /// measured) and the workers (holding theirs until they are finished).
+    pub(crate) async fn finish(
+        self,
+        drain_deadline: Instant,
+    ) -> Result<(SubsSummary, Vec<Ws>, Vec<Worker<FanoutEvent>>)> {
+        match self {
+            Subscribers::Local(group) => {
+                let (summary, sockets) = group.finish(sleep_until(drain_deadline)).await?;
+                Ok((summary, sockets, Vec::new()))
+            }
+            Subscribers::Workers(mut workers) => {
+                let summary = collect_worker_results(&mut workers, drain_deadline).await?;
+                Ok((summary, Vec::new(), workers))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -681,73 +845,24 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
     // 1. Subscribers connect and join.
     let join_started = Instant::now();
     let join_deadline = join_started + Duration::from_secs(args.join_timeout_secs);
-    let (subscribers, joined, join_failures) = if args.procs <= 1 {
-        let spec = GroupSpec {
-            target: Arc::clone(&target),
-            room: Arc::clone(&room),
-            messages: args.messages,
-            offset: 0,
-            count: args.subs,
-            concurrency: args.concurrency,
-            connect_timeout,
-        };
-        let group = timeout_at(join_deadline, Group::start(spec))
-            .await
-            .context("subscribers did not finish joining within --join-timeout-secs")?;
-        let (joined, failed) = (group.joined, group.failed.clone());
-        (Subscribers::Local(group), joined, failed)
-    } else {
-        let mut workers = Vec::new();
-        let mut offset = 0;
-        let per_worker_concurrency = args.concurrency.div_ceil(args.procs).max(1);
-        for (index, count) in worker::split_evenly(args.subs, args.procs)
-            .into_iter()
-            .enumerate()
-        {
-            if count == 0 {
-                continue;
-            }
-            let url = match sub_urls.len() {
-                0 => target.url.clone(),
-                n => sub_urls[index % n].clone(),
-            };
-            let worker_args = vec![
-                "fanout-subs".to_owned(),
-                format!("--url={url}"),
-                format!("--room={room}"),
-                format!("--count={count}"),
-                format!("--offset={offset}"),
-                format!("--messages={}", args.messages),
-                format!("--source-addrs={}", args.common.source_addrs),
-                format!("--concurrency={per_worker_concurrency}"),
-                format!(
-                    "--connect-timeout-secs={}",
-                    args.common.connect_timeout_secs
-                ),
-                format!("--index={index}"),
-            ];
-            workers.push(Worker::spawn(index, &worker_args)?);
-            offset += count;
-        }
-        let mut joined = 0;
-        let mut failed = ErrorTally::default();
-        for w in &mut workers {
-            match w
-                .next_event(join_deadline, "its joined subscribers")
-                .await?
-            {
-                FanoutEvent::Ready {
-                    joined: j,
-                    failed: f,
-                } => {
-                    joined += j;
-                    failed.merge(&f);
-                }
-                FanoutEvent::Result(_) => bail!("worker {} reported results before ready", w.index),
-            }
-        }
-        (Subscribers::Workers(workers), joined, failed)
+    let spec = GroupSpec {
+        target: Arc::clone(&target),
+        room: Arc::clone(&room),
+        messages: args.messages,
+        offset: 0,
+        count: args.subs,
+        concurrency: args.concurrency,
+        connect_timeout,
+        protocol: Protocol::Parlor,
     };
+    let (subscribers, joined, join_failures) = Subscribers::start(
+        spec,
+        args.procs,
+        &sub_urls,
+        args.common.source_addrs,
+        join_deadline,
+    )
+    .await?;
     eprintln!(
         "fanout: {joined}/{} subscribers joined in {:.1} s; failures: {join_failures}",
         args.subs,
@@ -775,9 +890,7 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
 
     // 3. Send, with the CPU clocks read around it.
     let mut clients = vec![Proc::SelfProc];
-    if let Subscribers::Workers(workers) = &subscribers {
-        clients.extend(workers.iter().filter_map(|w| w.pid()).map(Proc::Pid));
-    }
+    clients.extend(subscribers.worker_pids().into_iter().map(Proc::Pid));
     let cpu_watch = CpuWatch::new(server, clients);
     let cpu_before = cpu_watch.sample()?;
     let cpu_started = Instant::now();
@@ -823,16 +936,7 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
     let drain_deadline = Instant::now() + drain;
 
     // 4. Wait for the deliveries.
-    let (summary, local_sockets, workers) = match subscribers {
-        Subscribers::Local(group) => {
-            let (summary, sockets) = group.finish(sleep_until(drain_deadline)).await?;
-            (summary, sockets, Vec::new())
-        }
-        Subscribers::Workers(mut workers) => {
-            let summary = collect_worker_results(&mut workers, drain_deadline).await?;
-            (summary, Vec::new(), workers)
-        }
-    };
+    let (summary, local_sockets, workers) = subscribers.finish(drain_deadline).await?;
     let cpu_after = cpu_watch.sample()?;
     let cpu_interval = cpu_started.elapsed().as_secs_f64();
     let rss_after = server.map(|s| s.rss_kib()).transpose()?;
@@ -1185,6 +1289,7 @@ pub async fn worker_main(args: FanoutWorkerArgs) -> Result<()> {
         count: args.count,
         concurrency: args.concurrency,
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+        protocol: args.protocol,
     };
     let group = Group::start(spec).await;
     worker::emit(&FanoutEvent::Ready {

@@ -5,6 +5,9 @@
 //! addresses and `--rooms` rooms, each joined), waits for all of them plus a
 //! settle period, samples the RSS again, then tells the workers to release
 //! their connections. RSS per connection = (after − before) / joined.
+//!
+//! The same measurement serves Pusher servers (`pusher idle`): the connections then
+//! subscribe to public channels instead of joining rooms, and answer `pusher:ping`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,14 +16,14 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use clap::Args;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::net::{self, Target};
+use crate::net::{self, Delivery, Protocol, Target};
 use crate::procfs::Proc;
 use crate::worker::{self, ErrorTally, Worker};
 use crate::{CommonArgs, Report};
@@ -76,6 +79,9 @@ pub struct IdleWorkerArgs {
     pub connect_timeout_secs: u64,
     #[arg(long)]
     pub index: usize,
+    /// What the connections speak; for `pusher` the rooms are public channels.
+    #[arg(long, value_enum, default_value_t = Protocol::Parlor)]
+    pub protocol: Protocol,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -125,6 +131,16 @@ pub struct IdleReport {
 }
 
 pub async fn run(args: IdleArgs) -> Result<()> {
+    measure(args, Protocol::Parlor).await
+}
+
+/// The measurement, with connections that speak `protocol` (for Pusher, `--url` is the
+/// app's socket URL, `/app/{key}?protocol=7`).
+pub(crate) async fn measure(args: IdleArgs, protocol: Protocol) -> Result<()> {
+    let (scenario, rooms_are) = match protocol {
+        Protocol::Parlor => ("idle", "rooms"),
+        Protocol::Pusher => ("pusher-idle", "channels"),
+    };
     if args.conns == 0 || args.rooms == 0 || args.procs == 0 {
         bail!("--conns, --rooms and --procs must all be at least 1");
     }
@@ -165,6 +181,7 @@ pub async fn run(args: IdleArgs) -> Result<()> {
                 args.common.connect_timeout_secs
             ),
             format!("--index={index}"),
+            format!("--protocol={}", protocol.arg()),
         ];
         workers.push(Worker::spawn(index, &worker_args)?);
         offset += count;
@@ -238,8 +255,10 @@ pub async fn run(args: IdleArgs) -> Result<()> {
     let mut figures = BTreeMap::new();
     figures.insert(
         format!(
-            "idle, {} conns in {} rooms: server RSS per connection (KiB)",
-            args.conns, args.rooms
+            "{}, {} conns in {} {rooms_are}: server RSS per connection (KiB)",
+            scenario.replace('-', " "),
+            args.conns,
+            args.rooms
         ),
         rss_per_conn,
     );
@@ -247,7 +266,7 @@ pub async fn run(args: IdleArgs) -> Result<()> {
     // depends on what each server sends per join (Parlor: member list and
     // presence to the room; the Node baseline: neither).
     let report = IdleReport {
-        scenario: "idle",
+        scenario,
         label,
         url: target.url.clone(),
         conns: args.conns,
@@ -271,7 +290,7 @@ pub async fn run(args: IdleArgs) -> Result<()> {
         figures,
     };
     let human = format!(
-        "idle [{label}] {url}\n  connections: {joined}/{conns} joined over {rooms} rooms in {secs:.1} s \
+        "{scenario} [{label}] {url}\n  connections: {joined}/{conns} joined over {rooms} {rooms_are} in {secs:.1} s \
          ({rate:.0}/s); failures: {failed}\n  server RSS: {before} KiB before, {after} KiB after \
          → {per:.1} KiB per connection\n  while idle ({settle} s): server CPU {idle_cpu:.3} s, \
          other processes {idle_other}\n  server fds: {fdb} before, {fda} after; RSS after release: {rel}\n  \
@@ -317,6 +336,7 @@ pub async fn worker_main(args: IdleWorkerArgs) -> Result<()> {
     let (joined_tx, mut joined_rx) = mpsc::unbounded_channel::<Result<(), String>>();
     let dropped = Arc::new(AtomicU64::new(0));
     let close_counts = Arc::new(codes::Codes::default());
+    let protocol = args.protocol;
 
     let mut tasks = Vec::with_capacity(args.conns);
     for i in 0..args.conns {
@@ -332,7 +352,9 @@ pub async fn worker_main(args: IdleWorkerArgs) -> Result<()> {
             let connected = async {
                 let _permit = permits.acquire().await?;
                 let mut ws = target.connect(target.source_for(global), limit).await?;
-                net::join_room(&mut ws, &room, &format!("j{global}"), limit).await?;
+                protocol
+                    .join(&mut ws, &room, &format!("j{global}"), limit)
+                    .await?;
                 Ok::<_, anyhow::Error>(ws)
             }
             .await;
@@ -357,6 +379,17 @@ pub async fn worker_main(args: IdleWorkerArgs) -> Result<()> {
                             dropped.fetch_add(1, Ordering::Relaxed);
                             close_counts.add(net::close_code(&Message::Close(frame)).map_or_else(|| "none".to_owned(), |c| c.to_string()));
                             return;
+                        }
+                        Some(Ok(Message::Text(text))) if protocol == Protocol::Pusher => {
+                            // Pusher's keep-alive: a server that gets no pong closes the
+                            // connection.
+                            if matches!(crate::pusher::socket::decode(text.as_str(), &room), Delivery::Ping)
+                                && ws.send(Message::text(crate::pusher::socket::PONG)).await.is_err()
+                            {
+                                dropped.fetch_add(1, Ordering::Relaxed);
+                                close_counts.add("error: sending pusher:pong failed".to_owned());
+                                return;
+                            }
                         }
                         Some(Ok(_)) => {}
                         Some(Err(e)) => {

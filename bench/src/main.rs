@@ -34,6 +34,12 @@
 //!   `--pace-ms`, with the built-in guide (`--mode guide`) or a fake AI service the
 //!   scenario runs (`--mode service`); reports answer → next question latency, the
 //!   server's CPU per 1,000 answers and its RSS per session.
+//! * `pusher fanout` / `pusher idle` — the fan-out and idle scenarios in Pusher Channels
+//!   protocol 7, for Parlor and the Pusher-compatible servers (Soketi, Sockudo):
+//!   `--subs` subscribers on one public channel get `--messages` events published through
+//!   the signed HTTP API (`burst` with `--window` requests in flight, or `paced` at
+//!   `--rate`); or `--conns` idle subscribed connections for the server's RSS per
+//!   connection.
 //! * `summarize` — turns the `--json` lines of runs into a Markdown table: one
 //!   column for `parlor`, one for each baseline (`uws`, `node`, `jetstream`),
 //!   and the ratio Parlor ÷ baseline for each.
@@ -50,6 +56,7 @@ mod jetstream;
 mod net;
 mod persist;
 mod procfs;
+mod pusher;
 mod sessions;
 mod stats;
 mod summarize;
@@ -87,9 +94,11 @@ enum Cmd {
     AiStream(aistream::AiStreamArgs),
     /// Guided sessions at a human pace: answer latency, server CPU and RSS per session.
     Sessions(sessions::SessionsArgs),
+    /// Fan-out and idle connections in Pusher Channels protocol 7 (Parlor, Soketi, Sockudo).
+    Pusher(pusher::PusherArgs),
     /// Markdown table (with ratios) from `--json` output lines.
     Summarize(summarize::SummarizeArgs),
-    /// Internal: a worker process started by `idle` or `fanout`.
+    /// Internal: a worker process started by `idle` or `fanout` (or `pusher`).
     #[command(hide = true, subcommand)]
     Worker(WorkerCmd),
 }
@@ -166,6 +175,7 @@ async fn main() -> ExitCode {
         Cmd::JetStream(args) => jetstream::run(args).await,
         Cmd::AiStream(args) => aistream::run(args).await,
         Cmd::Sessions(args) => sessions::run(args).await,
+        Cmd::Pusher(args) => pusher::run(args).await,
         Cmd::Summarize(args) => summarize::run(&args),
         Cmd::Worker(WorkerCmd::Idle(args)) => idle::worker_main(args).await,
         Cmd::Worker(WorkerCmd::FanoutSubs(args)) => fanout::worker_main(args).await,

@@ -1,6 +1,7 @@
 //! WebSocket plumbing shared by the scenarios: resolving the target, opening a
-//! connection from a chosen loopback source address, joining a room, and
-//! decoding the few server frames the benchmark cares about.
+//! connection from a chosen loopback source address, joining a room (or, in Pusher
+//! protocol, subscribing to a channel: [`Protocol`]), and decoding the few server frames
+//! the benchmark cares about.
 
 use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -240,6 +241,60 @@ pub async fn join_room(
             _ => continue,
         }
     }
+}
+
+/// The protocol a subscriber speaks: Parlor's own (`/ws`) or Pusher Channels protocol 7
+/// (`/app/{key}`, see `crate::pusher`). The fan-out and idle subscribers are the same for
+/// both but for joining and reading frames.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    #[default]
+    Parlor,
+    Pusher,
+}
+
+impl Protocol {
+    /// The value of a worker's `--protocol` argument.
+    pub fn arg(self) -> &'static str {
+        match self {
+            Protocol::Parlor => "parlor",
+            Protocol::Pusher => "pusher",
+        }
+    }
+
+    /// Joins `room` (Parlor: `join-room` with `request_id`; Pusher: waits for the
+    /// connection to be established and subscribes to the public channel `room`), within
+    /// `limit`.
+    pub async fn join(
+        self,
+        ws: &mut Ws,
+        room: &str,
+        request_id: &str,
+        limit: Duration,
+    ) -> Result<()> {
+        match self {
+            Protocol::Parlor => join_room(ws, room, request_id, limit).await.map(drop),
+            Protocol::Pusher => crate::pusher::socket::subscribe(ws, room, limit).await,
+        }
+    }
+}
+
+/// A subscriber's reading of one text frame.
+#[derive(Debug)]
+pub enum Delivery<'a> {
+    /// A message for the subscriber's room: its `seq` (if the protocol has one) and text.
+    Message {
+        seq: Option<u64>,
+        body: Cow<'a, str>,
+    },
+    /// A protocol-level ping to answer (Pusher's `pusher:ping`).
+    Ping,
+    /// An error the server reported.
+    ServerError(String),
+    /// Anything else: other rooms, presence, acks.
+    Ignored,
+    /// Not a frame of the protocol.
+    Malformed,
 }
 
 /// Sends a close frame and waits briefly for the close handshake; errors are

@@ -4,7 +4,8 @@
 //! ratio primary ÷ baseline for each. A baseline none of whose runs is in the
 //! input gets no columns. With `--targets`, a list after the table says which of
 //! the core's targets (paced, burst, idle, persist on SQLite and on PostgreSQL, against
-//! uWS and JetStream where a target is relative) the run meets.
+//! uWS and JetStream where a target is relative) the run meets. With `--median`, a figure
+//! that several runs of one label report is their median (the suite's repeated runs).
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -34,6 +35,10 @@ pub struct SummarizeArgs {
     /// After the table, check the figures against the targets ([`TARGETS`]).
     #[arg(long)]
     pub targets: bool,
+    /// A figure reported by several runs of one label is their median (the mean of the
+    /// middle two for an even count); without it, the last run's.
+    #[arg(long)]
+    pub median: bool,
 }
 
 /// What a target asks of Parlor's figure.
@@ -168,13 +173,26 @@ fn baselines(args: &SummarizeArgs) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    }
+}
+
 /// Builds the Markdown table. Lines that are not summaries are skipped; a
-/// later figure of the same label and name replaces an earlier one.
+/// later figure of the same label and name replaces an earlier one, or with
+/// `--median` all of them give their median.
 fn table(text: &str, args: &SummarizeArgs) -> String {
     let baselines = baselines(args);
-    // figure -> [primary, baseline 1, baseline 2, …], in first-seen order.
+    // figure -> [primary, baseline 1, baseline 2, …] runs' values, in first-seen order.
     let mut order: Vec<String> = Vec::new();
-    let mut values: BTreeMap<String, Vec<Option<f64>>> = BTreeMap::new();
+    let mut runs: BTreeMap<String, Vec<Vec<f64>>> = BTreeMap::new();
     let mut notes = Vec::new();
     for line in text.lines() {
         let Ok(line) = serde_json::from_str::<Line>(line.trim()) else {
@@ -203,13 +221,20 @@ fn table(text: &str, args: &SummarizeArgs) -> String {
             continue;
         };
         for (name, value) in line.figures {
-            let entry = values.entry(name.clone()).or_insert_with(|| {
+            let entry = runs.entry(name.clone()).or_insert_with(|| {
                 order.push(name.clone());
-                vec![None; baselines.len() + 1]
+                vec![Vec::new(); baselines.len() + 1]
             });
-            entry[column] = Some(value);
+            if !args.median {
+                entry[column].clear();
+            }
+            entry[column].push(value);
         }
     }
+    let values: BTreeMap<String, Vec<Option<f64>>> = runs
+        .into_iter()
+        .map(|(name, columns)| (name, columns.iter().map(|v| median(v)).collect()))
+        .collect();
     // Baselines with at least one figure, as (column index, name).
     let shown: Vec<(usize, &str)> = baselines
         .iter()
@@ -349,7 +374,31 @@ mod tests {
             date: "d".into(),
             machine: "m".into(),
             targets: false,
+            median: false,
         }
+    }
+
+    #[test]
+    fn median_of_repeated_runs() {
+        let text = r#"
+{"scenario":"pusher-fanout","label":"parlor","figures":{"f":3.0}}
+{"scenario":"pusher-fanout","label":"parlor","figures":{"f":1.0}}
+{"scenario":"pusher-fanout","label":"parlor","figures":{"f":2.0}}
+{"scenario":"pusher-fanout","label":"soketi","figures":{"f":4.0}}
+{"scenario":"pusher-fanout","label":"soketi","figures":{"f":8.0}}
+"#;
+        let t = table(
+            text,
+            &SummarizeArgs {
+                median: true,
+                ..args(&["soketi=Soketi"])
+            },
+        );
+        assert!(t.contains("| d | m | f | 2.00 | 6.00 | 0.33 |"), "{t}");
+        // Without --median, the last run counts.
+        let t = table(text, &args(&["soketi=Soketi"]));
+        assert!(t.contains("| d | m | f | 2.00 | 8.00 | 0.25 |"), "{t}");
+        assert_eq!(median(&[]), None);
     }
 
     #[test]
