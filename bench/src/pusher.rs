@@ -242,9 +242,13 @@ struct PublishPlan {
     event: String,
     messages: usize,
     pad: String,
-    /// Paced: event `i` is due at `started + i × interval`.
+    /// Paced: event `i` is due at `started + i × interval`, and carries that time, not
+    /// the time it was sent: a server that holds the publisher back is charged for the
+    /// wait (no coordinated omission).
     interval: Option<Duration>,
     started: Instant,
+    /// `started` in nanoseconds since the epoch.
+    started_epoch_nanos: u64,
     api_timeout: Duration,
     /// The next event index to send, shared by the connections.
     next: AtomicUsize,
@@ -271,10 +275,14 @@ async fn publish(plan: Arc<PublishPlan>) -> Published {
         if index >= plan.messages {
             break;
         }
-        if let Some(interval) = plan.interval {
-            sleep_until(plan.started + interval.mul_f64(index as f64)).await;
-        }
-        let now = epoch_nanos();
+        let now = match plan.interval {
+            Some(interval) => {
+                let due = interval.mul_f64(index as f64);
+                sleep_until(plan.started + due).await;
+                plan.started_epoch_nanos + u64::try_from(due.as_nanos()).unwrap_or(u64::MAX)
+            }
+            None => epoch_nanos(),
+        };
         let body = api::event_body(
             &plan.event,
             &plan.channel,
@@ -452,6 +460,7 @@ async fn run_fanout(args: PusherFanoutArgs) -> Result<()> {
             Mode::Paced => Some(Duration::from_secs_f64(1.0 / args.rate)),
         },
         started: Instant::now(),
+        started_epoch_nanos: epoch_nanos(),
         api_timeout: Duration::from_secs(args.api_timeout_secs),
         next: AtomicUsize::new(0),
     };
@@ -705,6 +714,7 @@ mod tests {
             pad: "xx".into(),
             interval: None,
             started: Instant::now(),
+            started_epoch_nanos: epoch_nanos(),
             api_timeout: Duration::from_secs(5),
             next: AtomicUsize::new(0),
         };

@@ -18,7 +18,6 @@
 //! - hear its user's notifications on `private-user-{id}`, each as the event `chat-message`
 //!   with seed 004's message object as its data.
 
-use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
@@ -121,7 +120,7 @@ pub async fn upgrade(
         handle,
         rx,
         watched,
-        channels: HashMap::new(),
+        channels: Subs::default(),
         user: None,
         client_events: RateLimiter::direct_with_clock(
             Quota::per_second(NonZeroU32::new(CLIENT_EVENTS_PER_SECOND).unwrap_or(NonZeroU32::MIN)),
@@ -238,6 +237,45 @@ struct Sub {
     member: Option<String>,
 }
 
+/// A connection's subscriptions by channel name: a list with room for exactly what it
+/// holds (most connections hold one or two channels; a map would keep room for more).
+#[derive(Debug, Default)]
+struct Subs(Vec<(Box<str>, Sub)>);
+
+impl Subs {
+    fn get(&self, name: &str) -> Option<&Sub> {
+        self.0.iter().find(|(n, _)| &**n == name).map(|(_, s)| s)
+    }
+
+    fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Adds or replaces the subscription to `name`.
+    fn insert(&mut self, name: &str, sub: Sub) {
+        match self.0.iter_mut().find(|(n, _)| &**n == name) {
+            Some((_, old)) => *old = sub,
+            None => {
+                self.0.reserve_exact(1);
+                self.0.push((name.into(), sub));
+            }
+        }
+    }
+
+    fn remove(&mut self, name: &str) -> Option<Sub> {
+        let at = self.0.iter().position(|(n, _)| &**n == name)?;
+        Some(self.0.swap_remove(at).1)
+    }
+
+    fn take(&mut self) -> Vec<(Box<str>, Sub)> {
+        std::mem::take(&mut self.0)
+    }
+}
+
 /// One Pusher connection.
 struct Client {
     app: AppState,
@@ -249,7 +287,7 @@ struct Client {
     /// Its place in the node's [`super::SocketWatch`], which pings it and closes it when
     /// it stops answering.
     watched: super::liveness::Watched,
-    channels: HashMap<String, Sub>,
+    channels: Subs,
     /// The signed-in user and the hub key of their server-to-user channel.
     user: Option<(String, RoomKey)>,
     /// Its client events' limiter (on the standard clock, which takes no room in it).
@@ -289,7 +327,7 @@ impl Client {
             Ok(()) => self.serve(&gate, &mut socket).await,
             Err(end) => end,
         };
-        for (name, sub) in std::mem::take(&mut self.channels) {
+        for (name, sub) in self.channels.take() {
             self.leave(&name, &sub);
         }
         if let Some((_, key)) = self.user.take() {
@@ -615,7 +653,7 @@ impl Client {
                 present.push(user);
             }
             self.channels.insert(
-                channel.clone(),
+                &channel,
                 Sub {
                     key,
                     kind,
@@ -626,7 +664,7 @@ impl Client {
         } else {
             hub.subscribe(&key, &self.handle, None);
             self.channels.insert(
-                channel.clone(),
+                &channel,
                 Sub {
                     key,
                     kind,
