@@ -17,17 +17,21 @@
 //!   reach it, and `terminate_connections` closes it;
 //! - hear its user's notifications on `private-user-{id}`, each as the event `chat-message`
 //!   with seed 004's message object as its data.
+//!
+//! A connection is served as a `/ws` one is (`super`): one task, idle in one poll of its
+//! queue and its socket, writing every event queued into one write; the node's
+//! [`super::SocketWatch`] pings it and closes it when it stops answering, so it keeps no
+//! timer; its state and socket are boxed and its write buffer freed when idle.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::task::Poll;
 
 use axum::extract::{Path, Request, State};
 use axum::response::Response;
 use governor::{Quota, RateLimiter};
 use serde::Deserialize;
 use serde_json::{Value, json};
-
-use std::task::Poll;
 
 use super::socket::{Incoming, RecvError, WsSocket};
 use super::{End, Gate, WRITE_TIMEOUT, handshake, switching_protocols};
