@@ -40,6 +40,7 @@ use parlor::store::guided::{
 use parlor::store::notifications::{NewNotification, NotificationType, UnreadCount};
 use parlor::store::postgres::PostgresStore;
 use parlor::store::sqlite::SqliteStore;
+use parlor::store::visitors::{Interval, Sighting};
 use parlor::store::{
     Appended, CommitSink, CustomerProfile, Decide, InboxQuery, NewNote, Store, StoreError,
 };
@@ -294,6 +295,9 @@ macro_rules! conformance_suite {
             current marking_notifications_read_touches_only_the_users_own,
             multi concurrent_notifications_to_one_user_get_gapless_seqs,
             current notification_expiry_removes_only_what_is_due,
+            current visitors_are_recorded_with_their_visits_and_last_page,
+            current visitor_counts_and_series_match_the_sightings,
+            multi concurrent_sightings_of_one_visitor_count_once,
         );
     };
     (@stories $backend:ident; $($flavor:ident $(#[$attr:meta])* $story:ident),* $(,)?) => {
@@ -1771,6 +1775,161 @@ mod stories {
             .unwrap();
         assert_eq!(next[0].seq, 3);
         assert_eq!(store.expire_notifications(cut).await.unwrap(), 0);
+    }
+
+    /// A sighting of `visitor` of `domain` at `ms` (unix milliseconds) on `page`.
+    fn sighting(domain: &str, visitor: &str, ms: i64, page: Option<&str>) -> Sighting {
+        Sighting {
+            domain_id: domain.into(),
+            visitor_id: visitor.into(),
+            at: chrono::DateTime::from_timestamp_millis(ms).unwrap(),
+            page: page.map(str::to_owned),
+            referrer: None,
+            user_agent: None,
+            data: None,
+        }
+    }
+
+    /// A visitor's row keeps the first and last sighting, counts visits (sightings more
+    /// than 30 minutes apart), and keeps what the latest sighting said; an older sighting
+    /// arriving late changes only `first_seen`; domains are apart.
+    pub async fn visitors_are_recorded_with_their_visits_and_last_page(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let t0 = 1_765_022_400_000; // 2025-12-06T12:00:00Z
+        let minute = 60_000;
+        let mut first = sighting(SHOP, "v1", t0, Some("/"));
+        first.referrer = Some("https://search.example/".into());
+        first.user_agent = Some("Mozilla/5.0".into());
+        first.data = Some(json!({ "plan": "pro" }).to_string());
+        let after = store
+            .record_sightings(vec![
+                first,
+                sighting(SHOP, "v1", t0 + 5 * minute, Some("/pricing")),
+                sighting("blog", "v1", t0, Some("/post")),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(after.len(), 3);
+        assert_eq!(
+            (after[1].visits, after[1].page.as_deref()),
+            (1, Some("/pricing"))
+        );
+        // A new visit an hour later; then one from before the first, late.
+        store
+            .record_sightings(vec![sighting(SHOP, "v1", t0 + 65 * minute, None)])
+            .await
+            .unwrap();
+        store
+            .record_sightings(vec![sighting(SHOP, "v1", t0 - minute, Some("/old"))])
+            .await
+            .unwrap();
+        let v = store.visitor(SHOP, "v1").await.unwrap().unwrap();
+        assert_eq!(v.first_seen.timestamp_millis(), t0 - minute);
+        assert_eq!(v.last_seen.timestamp_millis(), t0 + 65 * minute);
+        assert_eq!(v.visits, 2);
+        assert_eq!(
+            v.page.as_deref(),
+            Some("/pricing"),
+            "a sighting without a page keeps it"
+        );
+        assert_eq!(v.referrer.as_deref(), Some("https://search.example/"));
+        assert_eq!(v.user_agent.as_deref(), Some("Mozilla/5.0"));
+        assert_eq!(v.data.as_deref(), Some(r#"{"plan":"pro"}"#));
+        let other = store.visitor("blog", "v1").await.unwrap().unwrap();
+        assert_eq!((other.visits, other.page.as_deref()), (1, Some("/post")));
+        assert!(store.visitor(SHOP, "nobody").await.unwrap().is_none());
+        let recent = store.recent_visitors(SHOP, 10).await.unwrap();
+        assert_eq!(recent.len(), 1);
+    }
+
+    /// Counts over windows and series per hour and per day match what was recorded: a
+    /// day's distinct visitors are not the sum of its hours'.
+    pub async fn visitor_counts_and_series_match_the_sightings(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let day = 1_765_008_000_000; // 2025-12-06T08:00:00Z
+        let hour = 3_600_000;
+        let at = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).unwrap();
+        // a: 08:00 and 10:00 (two visits, two hours); b: 08:10 and 08:20 (one visit);
+        // c: the day before at 23:00 and this day at 08:30 (two days).
+        store
+            .record_sightings(vec![
+                sighting(SHOP, "c", day - 9 * hour, None),
+                sighting(SHOP, "a", day, None),
+                sighting(SHOP, "b", day + hour / 6, None),
+                sighting(SHOP, "b", day + hour / 3, None),
+                sighting(SHOP, "c", day + hour / 2, None),
+                sighting(SHOP, "a", day + 2 * hour, None),
+            ])
+            .await
+            .unwrap();
+        let hours = store
+            .visitor_series(
+                SHOP,
+                at(day - 10 * hour),
+                at(day + 3 * hour),
+                Interval::Hour,
+            )
+            .await
+            .unwrap();
+        let hours: Vec<(i64, u64, u64)> = hours
+            .iter()
+            .map(|b| ((b.at.timestamp_millis() - day) / hour, b.visitors, b.visits))
+            .collect();
+        assert_eq!(hours, [(-9, 1, 1), (0, 3, 3), (2, 1, 1)]);
+        let days = store
+            .visitor_series(SHOP, at(day - 10 * hour), at(day + 3 * hour), Interval::Day)
+            .await
+            .unwrap();
+        let days: Vec<(u64, u64)> = days.iter().map(|b| (b.visitors, b.visits)).collect();
+        assert_eq!(
+            days,
+            [(1, 1), (3, 4)],
+            "a second visit of a is a visit, not a visitor"
+        );
+        let since = store
+            .visitors_since(SHOP, &[at(day + hour), at(day), at(day - 24 * hour)])
+            .await
+            .unwrap();
+        assert_eq!(since, [1, 3, 3]);
+        assert_eq!(
+            store.visitors_since("blog", &[at(0)]).await.unwrap(),
+            [0],
+            "another domain"
+        );
+    }
+
+    /// Two nodes recording the same new visitor at once count it once.
+    pub async fn concurrent_sightings_of_one_visitor_count_once(ctx: &mut Ctx) {
+        let store = Arc::clone(&ctx.store);
+        let t0 = 1_765_022_400_000;
+        let writes = (0..8).map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .record_sightings(vec![sighting(SHOP, "same", t0 + i * 1000, None)])
+                    .await
+                    .unwrap();
+            })
+        });
+        for w in writes.collect::<Vec<_>>() {
+            w.await.unwrap();
+        }
+        let at = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).unwrap();
+        let days = store
+            .visitor_series(
+                SHOP,
+                at(t0 - 86_400_000),
+                at(t0 + 86_400_000),
+                Interval::Day,
+            )
+            .await
+            .unwrap();
+        assert_eq!(days.len(), 1);
+        assert_eq!((days[0].visitors, days[0].visits), (1, 1));
+        assert_eq!(
+            store.visitor(SHOP, "same").await.unwrap().unwrap().visits,
+            1
+        );
     }
 
     /// A lease goes to one holder, who may renew it; another gets it once it expires.

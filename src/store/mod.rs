@@ -25,6 +25,7 @@ pub mod guided;
 pub mod notifications;
 pub mod postgres;
 pub mod sqlite;
+pub mod visitors;
 
 use std::sync::Arc;
 
@@ -483,6 +484,7 @@ pub trait Store:
     accounts::Accounts
     + guided::Guided
     + notifications::Notifications
+    + visitors::Visitors
     + Send
     + Sync
     + std::fmt::Debug

@@ -46,6 +46,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0005_notifications.sql",
         include_str!("../migrations/postgres/0005_notifications.sql"),
     ),
+    (
+        "0006_visitors.sql",
+        include_str!("../migrations/postgres/0006_visitors.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating, so nodes starting together migrate one
