@@ -22,6 +22,11 @@
 //!   can close. A displacement published while a node is cut off from Redis is lost (pub/sub
 //!   is at most once); the next claim of the key corrects it.
 //!
+//! - **Marks with a lifetime** ([`Shared::mark`], [`Shared::marked`]): members of a named
+//!   set that count until their time runs out or they are unmarked, such as a site's
+//!   visitors seen in the last minutes; in Redis a sorted set `{prefix}:marks:{set}` scored
+//!   by expiry.
+//!
 //! Without Redis everything lives in this process and is exact for one node.
 
 use std::collections::{HashMap, HashSet};
@@ -146,6 +151,9 @@ struct Inner {
     online: DashMap<OnlineKey, usize>,
     /// Claims held on this node: `scope/key` → (connection, its displacement signal).
     claims: DashMap<String, (u64, CancellationToken)>,
+    /// Marks made on this node: set → member → expiry (unix milliseconds). What counts
+    /// without Redis, or when it does not answer.
+    marks: DashMap<String, HashMap<String, i64>>,
 }
 
 #[derive(Debug)]
@@ -355,6 +363,7 @@ impl Shared {
             metrics,
             online: DashMap::new(),
             claims: DashMap::new(),
+            marks: DashMap::new(),
         }))
     }
 
@@ -393,6 +402,7 @@ impl Shared {
             metrics,
             online: DashMap::new(),
             claims: DashMap::new(),
+            marks: DashMap::new(),
         }));
         let closed = shared
             .0
@@ -654,6 +664,86 @@ impl Shared {
             .collect();
         users.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
         users
+    }
+
+    /// Marks `member` of `set` until `ttl` from now, on every node (a later mark extends
+    /// it). Expired members are swept from the set meanwhile.
+    pub async fn mark(&self, set: &str, member: &str, ttl: Duration) {
+        let now = chrono::Utc::now().timestamp_millis();
+        let until = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2));
+        {
+            let mut members = self.0.marks.entry(set.to_owned()).or_default();
+            members.retain(|_, expiry| *expiry > now);
+            members.insert(member.to_owned(), until);
+        }
+        if let Some(redis) = &self.0.redis {
+            let key = redis.key(&format!("marks:{set}"));
+            let pipeline = redis.client.pipeline();
+            let _: Result<(), _> = pipeline
+                .zadd(
+                    key.as_str(),
+                    None,
+                    None,
+                    false,
+                    false,
+                    (until as f64, member),
+                )
+                .await;
+            let _: Result<(), _> = pipeline
+                .zremrangebyscore(key.as_str(), "-inf", now as f64)
+                .await;
+            let seconds = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2).max(1) * 2;
+            let _: Result<(), _> = pipeline.expire(key.as_str(), seconds, None).await;
+            let call = pipeline.all::<fred::types::Value>();
+            if !matches!(tokio::time::timeout(CALL_TIMEOUT, call).await, Ok(Ok(_))) {
+                self.fallback("marks");
+            }
+        }
+    }
+
+    /// Removes `member` from `set`, on every node.
+    pub async fn unmark(&self, set: &str, member: &str) {
+        if let Some(mut members) = self.0.marks.get_mut(set) {
+            members.remove(member);
+        }
+        if let Some(redis) = &self.0.redis {
+            let call = redis
+                .client
+                .zrem::<i64, _, _>(redis.key(&format!("marks:{set}")), member);
+            if !matches!(tokio::time::timeout(CALL_TIMEOUT, call).await, Ok(Ok(_))) {
+                self.fallback("marks");
+            }
+        }
+    }
+
+    /// The live members of `set`, on every node. Without Redis (or when it does not answer
+    /// in time), this node's.
+    pub async fn marked(&self, set: &str) -> Vec<String> {
+        let now = chrono::Utc::now().timestamp_millis();
+        if let Some(redis) = &self.0.redis {
+            let call = redis.client.zrangebyscore::<Vec<String>, _, _, _>(
+                redis.key(&format!("marks:{set}")),
+                now as f64,
+                "+inf",
+                false,
+                None,
+            );
+            if let Ok(Ok(members)) = tokio::time::timeout(CALL_TIMEOUT * 4, call).await {
+                return members;
+            }
+            self.fallback("marks");
+        }
+        self.0
+            .marks
+            .get(set)
+            .map(|members| {
+                members
+                    .iter()
+                    .filter(|(_, expiry)| **expiry > now)
+                    .map(|(member, _)| member.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Applies queued online changes in order, in one pipelined round trip.
