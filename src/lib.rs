@@ -375,9 +375,14 @@ impl App {
             "socket-watch",
             Arc::clone(&sockets).run(config.limits.clone()),
         );
+        let visitors = Arc::new(crate::service::visitors::VisitorService::new(
+            Arc::clone(&store),
+            shared.clone(),
+        ));
         let state = AppState::new(AppInner {
             sockets,
             accounts,
+            visitors,
             sessions,
             notifications,
             ai,

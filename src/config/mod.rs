@@ -349,6 +349,10 @@ impl Config {
                 l.ip_visitor_tokens_per_minute as usize,
             ),
             (
+                "limits.ip_visitor_reports_per_minute",
+                l.ip_visitor_reports_per_minute as usize,
+            ),
+            (
                 "limits.header_timeout_ms",
                 usize::from(!l.header_timeout_ms.is_zero()),
             ),

@@ -160,6 +160,9 @@ pub struct Limits {
     pub ip_requests_burst: u32,
     /// Visitor tokens (`POST /api/visitor-token`) one IP address may get per minute.
     pub ip_visitor_tokens_per_minute: u32,
+    /// Visitor reports (`POST /visitors/add`, `/visitors/remove`) one IP address may send
+    /// per minute.
+    pub ip_visitor_reports_per_minute: u32,
     /// WebSocket connections plus HTTP API requests per second by one authenticated
     /// identity (a token's user, or a server key), from any address, and the burst above
     /// it. Anonymous callers are limited by address only.
@@ -226,6 +229,7 @@ impl Default for Limits {
             ip_requests_per_second: 100,
             ip_requests_burst: 500,
             ip_visitor_tokens_per_minute: 10,
+            ip_visitor_reports_per_minute: 120,
             identity_requests_per_second: 50,
             identity_requests_burst: 200,
             ip_max_connections: 1000,

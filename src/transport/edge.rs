@@ -47,6 +47,8 @@ pub enum Budget {
     Request,
     /// A visitor token.
     VisitorToken,
+    /// A page reporting its visitor (`/visitors/add`, `/visitors/remove`).
+    VisitorReport,
 }
 
 /// Per-IP limiters and each domain's origins.
@@ -55,6 +57,7 @@ pub struct Edge {
     connects: DefaultKeyedRateLimiter<IpAddr>,
     requests: DefaultKeyedRateLimiter<IpAddr>,
     visitor_tokens: DefaultKeyedRateLimiter<IpAddr>,
+    visitor_reports: DefaultKeyedRateLimiter<IpAddr>,
     /// Connects plus requests per authenticated identity, keyed `domain/user`.
     identities: DefaultKeyedRateLimiter<String>,
     /// The live domain table: each domain's origins.
@@ -77,6 +80,7 @@ struct Rates {
     connect: Rate,
     request: Rate,
     visitor_token: Rate,
+    visitor_report: Rate,
     identity: Rate,
 }
 
@@ -89,7 +93,7 @@ impl Edge {
     /// Builds the limiters and origin rules from configuration.
     pub fn new(config: &Config, domains: Arc<Domains>, shared: Shared) -> Self {
         let l: &Limits = &config.limits;
-        let per_minute = NonZeroU32::new(l.ip_visitor_tokens_per_minute).unwrap_or(NonZeroU32::MIN);
+        let per_minute = |n: u32| Quota::per_minute(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN));
         Self {
             connects: RateLimiter::keyed(quota_per_second(
                 l.ip_connects_per_second,
@@ -99,7 +103,8 @@ impl Edge {
                 l.ip_requests_per_second,
                 l.ip_requests_burst,
             )),
-            visitor_tokens: RateLimiter::keyed(Quota::per_minute(per_minute)),
+            visitor_tokens: RateLimiter::keyed(per_minute(l.ip_visitor_tokens_per_minute)),
+            visitor_reports: RateLimiter::keyed(per_minute(l.ip_visitor_reports_per_minute)),
             identities: RateLimiter::keyed(quota_per_second(
                 l.identity_requests_per_second,
                 l.identity_requests_burst,
@@ -112,6 +117,7 @@ impl Edge {
                 connect: Rate::per_second(l.ip_connects_per_second, l.ip_connects_burst),
                 request: Rate::per_second(l.ip_requests_per_second, l.ip_requests_burst),
                 visitor_token: Rate::per_minute(l.ip_visitor_tokens_per_minute),
+                visitor_report: Rate::per_minute(l.ip_visitor_reports_per_minute),
                 identity: Rate::per_second(
                     l.identity_requests_per_second,
                     l.identity_requests_burst,
@@ -162,6 +168,11 @@ impl Edge {
                 &self.visitor_tokens,
                 "visitor-token",
                 self.rates.visitor_token,
+            ),
+            Budget::VisitorReport => (
+                &self.visitor_reports,
+                "visitor-report",
+                self.rates.visitor_report,
             ),
         };
         let ip = ip_key(ip);
@@ -216,7 +227,12 @@ impl Edge {
 
     /// Forgets addresses that have not been limited recently.
     pub fn forget_idle(&self) {
-        for limiter in [&self.connects, &self.requests, &self.visitor_tokens] {
+        for limiter in [
+            &self.connects,
+            &self.requests,
+            &self.visitor_tokens,
+            &self.visitor_reports,
+        ] {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }

@@ -505,39 +505,17 @@ pub async fn visitor_token(
     headers: HeaderMap,
     ApiJson(body): ApiJson<VisitorTokenRequest>,
 ) -> Result<Response, ApiError> {
-    // Every attempt counts, refused ones too, so the endpoint cannot be used to probe.
-    if let Some(ip) = ip
-        && let Err(wait) = app.edge.check(edge::Budget::VisitorToken, ip).await
-    {
-        app.metrics.client_error("rate_limited");
-        return Err(ApiError::rate_limited(
-            wait,
+    admit_page(
+        &app,
+        ip,
+        &headers,
+        &body.domain_id,
+        (
+            edge::Budget::VisitorToken,
             "visitor tokens from this address",
-        ));
-    }
-    if app.auth.domains().load().get(&body.domain_id).is_none() {
-        app.metrics.client_error("unknown_domain");
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::UnknownDomain,
-            format!("unknown domain {:?}", body.domain_id),
-        ));
-    }
-    // A page must come from an allowed origin; a caller without `Origin` (not a browser)
-    // only where the domain accepts any origin.
-    let origin = edge::origin(&headers);
-    let allowed = match origin {
-        Some(_) => app.edge.origin_allowed(&body.domain_id, origin),
-        None => app.edge.any_origin(&body.domain_id),
-    };
-    if !allowed {
-        app.metrics.client_error("origin_not_allowed");
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            ErrorCode::OriginNotAllowed,
-            "this origin may not use the domain (allowed_origins)",
-        ));
-    }
+        ),
+    )
+    .await?;
     let visitor = crate::auth::anonymous();
     issue_token(
         &app,
@@ -547,6 +525,48 @@ pub async fn visitor_token(
         &body.domain_id,
         app.config.auth.visitor_token_ttl_secs,
     )
+}
+
+/// Admits a request of a browser page of `domain` (a visitor token, a visitor reporting
+/// itself): within the address's `budget` (every attempt counts, refused ones too, so the
+/// endpoints cannot be used to probe; `what` names it in the refusal), for a domain that
+/// exists, from one of its allowed origins; a caller without `Origin` (not a browser) only
+/// where the domain accepts any origin.
+pub(super) async fn admit_page(
+    app: &AppState,
+    ip: Option<std::net::IpAddr>,
+    headers: &HeaderMap,
+    domain: &str,
+    (budget, what): (edge::Budget, &str),
+) -> Result<(), ApiError> {
+    if let Some(ip) = ip
+        && let Err(wait) = app.edge.check(budget, ip).await
+    {
+        app.metrics.client_error("rate_limited");
+        return Err(ApiError::rate_limited(wait, what));
+    }
+    if app.auth.domains().load().get(domain).is_none() {
+        app.metrics.client_error("unknown_domain");
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::UnknownDomain,
+            format!("unknown domain {domain:?}"),
+        ));
+    }
+    let origin = edge::origin(headers);
+    let allowed = match origin {
+        Some(_) => app.edge.origin_allowed(domain, origin),
+        None => app.edge.any_origin(domain),
+    };
+    if !allowed {
+        app.metrics.client_error("origin_not_allowed");
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::OriginNotAllowed,
+            "this origin may not use the domain (allowed_origins)",
+        ));
+    }
+    Ok(())
 }
 
 /// Query of `GET /api/messages`.

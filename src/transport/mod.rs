@@ -32,6 +32,7 @@ pub mod pusher;
 pub mod sessions;
 pub mod state;
 pub mod visitor;
+pub mod visitors;
 pub mod web;
 pub mod wire;
 pub mod ws;
@@ -150,6 +151,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/chat-messages/{task_id}", get(notifications::task))
         .route("/api/ws/token", post(http::ws_token))
         .route("/api/visitor-token", post(http::visitor_token))
+        .route("/visitors/add", post(visitors::add))
+        .route("/visitors/remove", post(visitors::remove))
         .route("/ai/chat", post(ai::chat))
         .route("/ai/stream", post(ai::stream))
         .route("/api/usage", get(ai::usage))

@@ -53,6 +53,8 @@ pub struct AppInner {
     pub notifications: Arc<crate::service::notifications::NotificationService>,
     /// Agent accounts and their sign-in (`docs/accounts.md`).
     pub accounts: Arc<crate::service::accounts::AccountService>,
+    /// A domain's visitors (`docs/visitors.md`).
+    pub visitors: Arc<crate::service::visitors::VisitorService>,
     /// Message distribution between nodes.
     pub broker: Arc<dyn Broker>,
     /// Cluster-wide rate limits, counters, online users and claims (Redis with the Redis
