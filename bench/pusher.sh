@@ -232,22 +232,9 @@ if awk -v l="$load1" 'BEGIN { exit !(l > 0.5) }'; then
 fi
 
 # --- server lifecycle ------------------------------------------------------
-SERVER_PID=
 BENCH_PID=
 
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-wait_for_port() { # port pid name
-  local port=$1 pid=$2 name=$3
-  for _ in $(seq 1 300); do
-    kill -0 "$pid" 2>/dev/null || die "$name exited during start-up (see $OUT/$name.log)"
-    if ! port_free "$port"; then
-      return 0
-    fi
-    sleep 0.1
-  done
-  die "$name did not listen on 127.0.0.1:$port within 30 s (see $OUT/$name.log)"
-}
 
 # The process that does the work: the started one, or, while that is a wrapper (a shell,
 # npm, env) with a single child, that child. For Soketi this is the node process.
@@ -266,24 +253,13 @@ worker_pid() {
   echo "$pid"
 }
 
-stop_server() {
-  [[ -n "$SERVER_PID" ]] || return 0
-  if kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-    for _ in $(seq 1 100); do
-      kill -0 "$SERVER_PID" 2>/dev/null || break
-      sleep 0.1
-    done
-    if kill -0 "$SERVER_PID" 2>/dev/null; then
-      echo "server $SERVER_PID ignored SIGTERM for 10 s; killing it" >&2
-      kill -KILL "$SERVER_PID" 2>/dev/null || true
-    fi
-  fi
-  wait "$SERVER_PID" 2>/dev/null || true
-  SERVER_PID=
+# wait_for_port, stop_server
+source "$ROOT/bench/lib.sh"
+stop_bench() {
+  stop_server
   BENCH_PID=
 }
-trap stop_server EXIT
+trap stop_bench EXIT
 trap 'exit 130' INT TERM
 
 # The high limits bench/run.sh gives Parlor, and the HTTP API's own (this scenario's
@@ -350,10 +326,10 @@ scenario() {
         echo "pusher.sh: the $server server died during '$1'" >&2
       fi
       FAILED+=("$server $* (run $attempt)")
-      stop_server
+      stop_bench
       continue
     fi
-    stop_server
+    stop_bench
     printf '%s\n' "$line" >>"$RESULTS"
   done
 }

@@ -33,7 +33,7 @@ use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::net::{self, Delivery, Protocol, ServerFrame, Target, Ws};
-use crate::procfs::{CpuWatch, Proc};
+use crate::procfs::{CpuUse, CpuWatch, Proc};
 use crate::stats::{Latencies, LatencySummary, epoch_nanos, rate};
 use crate::worker::{self, ErrorTally, Worker};
 use crate::{CommonArgs, Report};
@@ -766,27 +766,9 @@ pub struct FanoutReport {
     pub duration_seconds: f64,
     pub deliveries_per_second: f64,
     pub latency: LatencySummary,
-    /// Wall time between the two CPU readings (just before the first send,
-    /// and once every subscriber is done).
-    pub cpu_interval_seconds: f64,
-    pub server_cpu_seconds: Option<f64>,
-    pub server_cpu_seconds_per_million: Option<f64>,
-    /// Server CPU ÷ interval, in cores.
-    pub server_cpu_utilisation: Option<f64>,
-    pub server_rss_before_kib: Option<u64>,
-    pub server_rss_after_kib: Option<u64>,
-    /// CPU of the load generator: this process and its workers.
-    pub client_cpu_seconds: f64,
-    /// True when the load generator was busy for ≥ 90 % of the interval
-    /// (it is pinned to one core): the figures then bound the client, not
-    /// the server.
-    pub client_saturated: bool,
-    /// Machine CPU time (user + system) used by neither the server nor the
-    /// load generator during the interval.
-    pub other_cpu_seconds: Option<f64>,
-    /// False when other processes used more than 10 % of a core during the
-    /// interval: the figures are then skewed by them.
-    pub machine_quiet: bool,
+    /// CPU and memory over the run (flattened: the same keys as ever).
+    #[serde(flatten)]
+    pub cpu: DeliveryCpu,
     pub figures: BTreeMap<String, f64>,
 }
 
@@ -988,18 +970,12 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
     let deliveries = summary.received;
     let deliveries_per_second = rate(deliveries, duration_seconds);
     let latency = Latencies::from_pairs(&summary.latency)?.summary();
-    let cpu = cpu_before.until(&cpu_after);
-    let per_million = cpu
-        .server
-        .filter(|_| deliveries > 0)
-        .map(|c| c / deliveries as f64 * 1e6);
-    let share = |c: f64| {
-        if cpu_interval > 0.0 {
-            c / cpu_interval
-        } else {
-            0.0
-        }
-    };
+    let cpu = DeliveryCpu::new(
+        cpu_before.until(&cpu_after),
+        cpu_interval,
+        deliveries,
+        (rss_before, rss_after),
+    );
 
     let from = match args.senders {
         1 => String::new(),
@@ -1020,7 +996,7 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
     figures.insert(format!("{variant}: latency p50 (ms)"), latency.p50_ms);
     figures.insert(format!("{variant}: latency p99 (ms)"), latency.p99_ms);
     figures.insert(format!("{variant}: latency max (ms)"), latency.max_ms);
-    if let Some(v) = per_million {
+    if let Some(v) = cpu.server_cpu_seconds_per_million {
         figures.insert(format!("{variant}: server CPU-s per 1M deliveries"), v);
     }
 
@@ -1050,16 +1026,7 @@ pub async fn run(args: FanoutArgs) -> Result<()> {
         duration_seconds,
         deliveries_per_second,
         latency,
-        cpu_interval_seconds: cpu_interval,
-        server_cpu_seconds: cpu.server,
-        server_cpu_seconds_per_million: per_million,
-        server_cpu_utilisation: cpu.server.map(share),
-        server_rss_before_kib: rss_before,
-        server_rss_after_kib: rss_after,
-        client_cpu_seconds: cpu.clients,
-        client_saturated: share(cpu.clients) >= 0.9,
-        other_cpu_seconds: cpu.other,
-        machine_quiet: cpu.other.is_none_or(|o| share(o) <= 0.1),
+        cpu,
         figures,
     };
     let human = human_summary(&report);
@@ -1098,34 +1065,94 @@ fn human_summary(r: &FanoutReport) -> String {
         r.deliveries_per_second, r.duration_seconds
     );
     out += &format!("  latency: {}\n", r.latency);
-    match (r.server_cpu_seconds, r.server_cpu_seconds_per_million) {
-        (Some(cpu), Some(per)) => {
-            out += &format!(
-                "  server CPU: {cpu:.2} s ({:.0}% of one core) → {per:.2} CPU-s per million deliveries; \
-                 RSS {} → {} KiB\n",
-                r.server_cpu_utilisation.unwrap_or(0.0) * 100.0,
-                r.server_rss_before_kib.unwrap_or(0),
-                r.server_rss_after_kib.unwrap_or(0),
-            );
-        }
-        _ => out += "  server CPU: not measured (no --pid)\n",
-    }
-    out += &format!(
-        "  load generator CPU: {:.2} s; other processes: {} (over {:.2} s)",
-        r.client_cpu_seconds,
-        r.other_cpu_seconds
-            .map_or_else(|| "n/a".to_owned(), |o| format!("{o:.2} s")),
-        r.cpu_interval_seconds
-    );
-    if r.client_saturated {
-        out += "\n  WARNING: the load generator was CPU-bound; throughput is a lower bound \
-                for the server";
-    }
-    if !r.machine_quiet {
-        out += "\n  WARNING: other processes used more than 10% of a core meanwhile; \
-                figures are skewed";
-    }
+    r.cpu.describe(&mut out);
     out
+}
+
+/// The server's and the machine's CPU over a fan-out run, and the server's memory before
+/// and after: what `fanout` and `pusher fanout` both report.
+#[derive(Debug, Serialize)]
+pub struct DeliveryCpu {
+    /// Wall time between the two CPU readings (just before the first send,
+    /// and once every subscriber is done).
+    pub cpu_interval_seconds: f64,
+    pub server_cpu_seconds: Option<f64>,
+    pub server_cpu_seconds_per_million: Option<f64>,
+    /// Server CPU ÷ interval, in cores.
+    pub server_cpu_utilisation: Option<f64>,
+    pub server_rss_before_kib: Option<u64>,
+    pub server_rss_after_kib: Option<u64>,
+    /// CPU of the load generator: this process and its workers.
+    pub client_cpu_seconds: f64,
+    /// True when the load generator was busy for ≥ 90 % of the interval
+    /// (it is pinned to one core): the figures then bound the client, not
+    /// the server.
+    pub client_saturated: bool,
+    /// Machine CPU time (user + system) used by neither the server nor the
+    /// load generator during the interval.
+    pub other_cpu_seconds: Option<f64>,
+    /// False when other processes used more than 10 % of a core during the
+    /// interval: the figures are then skewed by them.
+    pub machine_quiet: bool,
+}
+
+impl DeliveryCpu {
+    /// The figures of `cpu`, used over `interval` seconds for `deliveries`, with the
+    /// server's RSS before and after.
+    pub fn new(
+        cpu: CpuUse,
+        interval: f64,
+        deliveries: u64,
+        (rss_before, rss_after): (Option<u64>, Option<u64>),
+    ) -> Self {
+        let share = |c: f64| if interval > 0.0 { c / interval } else { 0.0 };
+        Self {
+            cpu_interval_seconds: interval,
+            server_cpu_seconds: cpu.server,
+            server_cpu_seconds_per_million: cpu
+                .server
+                .filter(|_| deliveries > 0)
+                .map(|c| c / deliveries as f64 * 1e6),
+            server_cpu_utilisation: cpu.server.map(share),
+            server_rss_before_kib: rss_before,
+            server_rss_after_kib: rss_after,
+            client_cpu_seconds: cpu.clients,
+            client_saturated: share(cpu.clients) >= 0.9,
+            other_cpu_seconds: cpu.other,
+            machine_quiet: cpu.other.is_none_or(|o| share(o) <= 0.1),
+        }
+    }
+
+    /// The human summary's lines about CPU and memory, with their warnings.
+    pub fn describe(&self, out: &mut String) {
+        match (self.server_cpu_seconds, self.server_cpu_seconds_per_million) {
+            (Some(cpu), Some(per)) => {
+                *out += &format!(
+                    "  server CPU: {cpu:.2} s ({:.0}% of one core) → {per:.2} CPU-s per million \
+                     deliveries; RSS {} → {} KiB\n",
+                    self.server_cpu_utilisation.unwrap_or(0.0) * 100.0,
+                    self.server_rss_before_kib.unwrap_or(0),
+                    self.server_rss_after_kib.unwrap_or(0),
+                );
+            }
+            _ => *out += "  server CPU: not measured (no --pid)\n",
+        }
+        *out += &format!(
+            "  load generator CPU: {:.2} s; other processes: {} (over {:.2} s)",
+            self.client_cpu_seconds,
+            self.other_cpu_seconds
+                .map_or_else(|| "n/a".to_owned(), |o| format!("{o:.2} s")),
+            self.cpu_interval_seconds
+        );
+        if self.client_saturated {
+            *out += "\n  WARNING: the load generator was CPU-bound; throughput is a lower bound \
+                     for the server";
+        }
+        if !self.machine_quiet {
+            *out += "\n  WARNING: other processes used more than 10% of a core meanwhile; \
+                     figures are skewed";
+        }
+    }
 }
 
 /// Which message indices one sender sends: `first`, `first + step`, …

@@ -37,7 +37,7 @@ use serde::Serialize;
 use tokio::time::{Instant, sleep_until};
 use tokio_tungstenite::tungstenite::http::Uri;
 
-use crate::fanout::{self, GroupSpec, Mode, Subscribers};
+use crate::fanout::{self, DeliveryCpu, GroupSpec, Mode, Subscribers};
 use crate::idle::{self, IdleArgs};
 use crate::net::{Protocol, Target};
 use crate::procfs::{CpuWatch, Proc};
@@ -364,23 +364,10 @@ pub struct PusherFanoutReport {
     pub duration_seconds: f64,
     pub deliveries_per_second: f64,
     pub latency: LatencySummary,
-    /// Wall time between the two CPU readings (just before the first publish, and once
-    /// every subscriber is done).
-    pub cpu_interval_seconds: f64,
-    pub server_cpu_seconds: Option<f64>,
-    pub server_cpu_seconds_per_million: Option<f64>,
-    /// Server CPU ÷ interval, in cores.
-    pub server_cpu_utilisation: Option<f64>,
-    pub server_rss_before_kib: Option<u64>,
-    pub server_rss_after_kib: Option<u64>,
-    /// CPU of the load generator: this process and its workers.
-    pub client_cpu_seconds: f64,
-    /// True when the load generator was busy for ≥ 90 % of the interval.
-    pub client_saturated: bool,
-    /// Machine CPU time used by neither the server nor the load generator.
-    pub other_cpu_seconds: Option<f64>,
-    /// False when other processes used more than 10 % of a core during the interval.
-    pub machine_quiet: bool,
+    /// CPU and memory over the run, from just before the first publish until every
+    /// subscriber is done (flattened: the same keys as `fanout`'s).
+    #[serde(flatten)]
+    pub cpu: DeliveryCpu,
     pub figures: BTreeMap<String, f64>,
 }
 
@@ -491,18 +478,12 @@ async fn run_fanout(args: PusherFanoutArgs) -> Result<()> {
     let deliveries = summary.received;
     let deliveries_per_second = rate(deliveries, duration_seconds);
     let latency = Latencies::from_pairs(&summary.latency)?.summary();
-    let cpu = cpu_before.until(&cpu_after);
-    let per_million = cpu
-        .server
-        .filter(|_| deliveries > 0)
-        .map(|c| c / deliveries as f64 * 1e6);
-    let share = |c: f64| {
-        if cpu_interval > 0.0 {
-            c / cpu_interval
-        } else {
-            0.0
-        }
-    };
+    let cpu = DeliveryCpu::new(
+        cpu_before.until(&cpu_after),
+        cpu_interval,
+        deliveries,
+        (rss_before, rss_after),
+    );
     let variant = match args.mode {
         Mode::Burst => format!(
             "pusher burst (window {}), {} subs × {} events",
@@ -518,7 +499,7 @@ async fn run_fanout(args: PusherFanoutArgs) -> Result<()> {
         figures.insert(format!("{variant}: deliveries/s"), deliveries_per_second);
     }
     figures.insert(format!("{variant}: latency p99 (ms)"), latency.p99_ms);
-    if let Some(v) = per_million {
+    if let Some(v) = cpu.server_cpu_seconds_per_million {
         figures.insert(format!("{variant}: server CPU-s per 1M deliveries"), v);
     }
 
@@ -548,16 +529,7 @@ async fn run_fanout(args: PusherFanoutArgs) -> Result<()> {
         duration_seconds,
         deliveries_per_second,
         latency,
-        cpu_interval_seconds: cpu_interval,
-        server_cpu_seconds: cpu.server,
-        server_cpu_seconds_per_million: per_million,
-        server_cpu_utilisation: cpu.server.map(share),
-        server_rss_before_kib: rss_before,
-        server_rss_after_kib: rss_after,
-        client_cpu_seconds: cpu.clients,
-        client_saturated: share(cpu.clients) >= 0.9,
-        other_cpu_seconds: cpu.other,
-        machine_quiet: cpu.other.is_none_or(|o| share(o) <= 0.1),
+        cpu,
         figures,
     };
     let human = human_summary(&report);
@@ -599,33 +571,7 @@ fn human_summary(r: &PusherFanoutReport) -> String {
         r.deliveries_per_second, r.duration_seconds
     );
     out += &format!("  latency (publish call → receipt): {}\n", r.latency);
-    match (r.server_cpu_seconds, r.server_cpu_seconds_per_million) {
-        (Some(cpu), Some(per)) => {
-            out += &format!(
-                "  server CPU: {cpu:.2} s ({:.0}% of one core) → {per:.2} CPU-s per million \
-                 deliveries; RSS {} → {} KiB\n",
-                r.server_cpu_utilisation.unwrap_or(0.0) * 100.0,
-                r.server_rss_before_kib.unwrap_or(0),
-                r.server_rss_after_kib.unwrap_or(0),
-            );
-        }
-        _ => out += "  server CPU: not measured (no --pid)\n",
-    }
-    out += &format!(
-        "  load generator CPU: {:.2} s; other processes: {} (over {:.2} s)",
-        r.client_cpu_seconds,
-        r.other_cpu_seconds
-            .map_or_else(|| "n/a".to_owned(), |o| format!("{o:.2} s")),
-        r.cpu_interval_seconds
-    );
-    if r.client_saturated {
-        out += "\n  WARNING: the load generator was CPU-bound; throughput is a lower bound \
-                for the server";
-    }
-    if !r.machine_quiet {
-        out += "\n  WARNING: other processes used more than 10% of a core meanwhile; \
-                figures are skewed";
-    }
+    r.cpu.describe(&mut out);
     out
 }
 
