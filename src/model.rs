@@ -327,8 +327,13 @@ impl Conversation {
 
     /// Seconds from the start of the wait (or the assignment) to the first agent message.
     pub fn first_response_secs(&self) -> Option<i64> {
+        self.first_response_ms().map(|ms| ms / 1000)
+    }
+
+    /// [`Self::first_response_secs`] in milliseconds.
+    pub fn first_response_ms(&self) -> Option<i64> {
         let start = self.waiting_since.or(self.assigned_at)?;
-        Some((self.first_response_at? - start).num_seconds().max(0))
+        Some((self.first_response_at? - start).num_milliseconds().max(0))
     }
 }
 

@@ -8,6 +8,7 @@ use parlor::config::StoreConfig;
 use parlor::model::{Author, NewMessage, RoomKey};
 use parlor::store::Store;
 use parlor::store::sqlite::SqliteStore;
+use parlor::store::stats::Stats;
 use rusqlite::{Connection, params};
 use tokio::sync::mpsc;
 
@@ -150,7 +151,7 @@ async fn version_1_database_upgrades_without_losing_anything() {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .expect("version");
-    assert_eq!(version, 10);
+    assert_eq!(version, 11);
 }
 
 /// The first five migrations, as the runner of earlier Parlor releases applied them: each in
@@ -245,10 +246,36 @@ async fn a_version_5_database_of_the_earlier_runner_upgrades_to_the_latest() {
         .await
         .expect("append");
     assert!(again.duplicate, "an old key still deduplicates");
+    // The statistics count the history stored before them once (`0011_stats.sql`), and
+    // what is written after it as it is written.
+    let counted: Vec<(i64, String, i64)> = store
+        .activity(
+            "demo",
+            chrono::DateTime::from_timestamp_millis(0).unwrap(),
+            chrono::Utc::now() + chrono::Duration::hours(1),
+        )
+        .await
+        .expect("activity")
+        .into_iter()
+        .map(|a| (a.at.timestamp_millis(), a.metric, a.n))
+        .collect();
+    assert_eq!(
+        counted[..2],
+        [
+            (0, "conversations".to_owned(), 1),
+            (0, "messages.visitor".to_owned(), 2)
+        ],
+        "{counted:?}"
+    );
+    assert_eq!(counted.len(), 3, "{counted:?}");
+    assert_eq!(
+        (counted[2].1.as_str(), counted[2].2),
+        ("messages.visitor", 1)
+    );
     store.close().await;
 
-    // Migrations 6 to 10 ran: their tables exist, and the count is the latest.
-    assert_eq!(user_version(&path), 10);
+    // Migrations 6 to 11 ran: their tables exist, and the count is the latest.
+    assert_eq!(user_version(&path), 11);
     let conn = Connection::open(&path).expect("open");
     for table in [
         "accounts",
@@ -257,6 +284,8 @@ async fn a_version_5_database_of_the_earlier_runner_upgrades_to_the_latest() {
         "leases",
         "notifications",
         "visitors",
+        "activity_hours",
+        "first_responses",
     ] {
         let found: i64 = conn
             .query_row(
@@ -280,20 +309,20 @@ async fn a_database_of_a_newer_parlor_is_refused_untouched() {
         .await
         .expect("append");
     store.close().await;
-    // A later release added an eleventh migration.
+    // A later release added a twelfth migration.
     Connection::open(&path)
         .expect("open")
-        .pragma_update(None, "user_version", 11)
+        .pragma_update(None, "user_version", 12)
         .expect("version");
 
     let (sink, _committed) = mpsc::unbounded_channel();
     let refused = SqliteStore::open(&path, &StoreConfig::default(), sink).expect_err("refused");
     let message = refused.to_string();
     assert!(
-        message.contains("database schema version 11 is newer than this Parlor (10)"),
+        message.contains("database schema version 12 is newer than this Parlor (11)"),
         "{message}"
     );
-    assert_eq!(user_version(&path), 11);
+    assert_eq!(user_version(&path), 12);
     let kept: String = Connection::open(&path)
         .expect("open")
         .query_row("SELECT content FROM messages", [], |r| r.get(0))

@@ -298,6 +298,7 @@ macro_rules! conformance_suite {
             current visitors_are_recorded_with_their_visits_and_last_page,
             current visitor_counts_and_series_match_the_sightings,
             multi concurrent_sightings_of_one_visitor_count_once,
+            multi activity_counts_what_was_stored,
         );
     };
     (@stories $backend:ident; $($flavor:ident $(#[$attr:meta])* $story:ident),* $(,)?) => {
@@ -3256,6 +3257,118 @@ mod stories {
             matches!(missing, Err(StoreError::Invalid(_))),
             "{missing:?}"
         );
+    }
+
+    /// The activity counters are exactly what was stored: messages per role (a duplicate
+    /// once, a Pusher channel's never), rooms created, escalations, each room's first AI
+    /// reply and whether it reached a human, first responses; per domain, whatever the
+    /// batches were, and after a reopen.
+    pub async fn activity_counts_what_was_stored(ctx: &mut Ctx) {
+        use parlor::store::stats::Activity;
+        let store = Arc::clone(&ctx.store);
+        let started = chrono::Utc::now() - chrono::Duration::seconds(1);
+        let r1 = RoomKey::new(SHOP, "r1"); // AI replies only
+        let r2 = RoomKey::new(SHOP, "r2"); // AI replies, then a human
+        let r3 = RoomKey::new(SHOP, "r3"); // a human first, then an AI reply
+        let channel = RoomKey::new(SHOP, "#app#news");
+        let blog = RoomKey::new("blog", "r1");
+        let as_role = |key: &RoomKey, role: &str, i: usize| NewMessage {
+            author: Author {
+                role: role.to_owned(),
+                ..author(if role == "assistant" { "bot" } else { "alice" })
+            },
+            ..keyed(key, format!("{role} {i}"), &format!("{role}-{i}"))
+        };
+        // Visitors' messages and the assistant's replies at once, so they are batched.
+        let mut writes = Vec::new();
+        for i in 0..12 {
+            for (key, role) in [
+                (&r1, "visitor"),
+                (&r1, "assistant"),
+                (&r2, "visitor"),
+                (&r2, "assistant"),
+                (&channel, "visitor"),
+                (&blog, "visitor"),
+            ] {
+                let store = Arc::clone(&store);
+                let message = as_role(key, role, i);
+                writes.push(tokio::spawn(async move { store.append(message).await }));
+            }
+        }
+        // The same client message id again: stored, and counted, once.
+        store.append(as_role(&r1, "visitor", 0)).await.unwrap();
+        for w in writes {
+            w.await.unwrap().unwrap();
+        }
+
+        let escalated = store
+            .transition(&r2, Some("alice"), waiting_decision())
+            .await
+            .unwrap();
+        assert!(escalated.message.is_some());
+        let responded = store
+            .first_response(&r2, parlor::model::now_ms())
+            .await
+            .unwrap()
+            .expect("the first response of a waiting room");
+        store
+            .transition(&r3, Some("carol"), waiting_decision())
+            .await
+            .unwrap();
+        append(&*store, as_role(&r3, "assistant", 99)).await;
+
+        let expect = |metric: &str, n: i64| (metric.to_owned(), n);
+        let mut wanted: Vec<(String, i64)> = vec![
+            expect("conversations", 3),
+            expect("conversations.ai", 3),
+            expect("conversations.ai_only", 1),
+            expect("escalated", 2),
+            expect("messages.assistant", 25),
+            expect("messages.system", 2),
+            expect("messages.visitor", 24),
+        ];
+        wanted.sort();
+        let totals = |rows: Vec<Activity>| {
+            let mut sums: HashMap<String, i64> = HashMap::new();
+            for row in rows {
+                assert_eq!(
+                    row.at.timestamp_millis() % 3_600_000,
+                    0,
+                    "hours: {}",
+                    row.at
+                );
+                *sums.entry(row.metric).or_default() += row.n;
+            }
+            let mut sums: Vec<(String, i64)> = sums.into_iter().collect();
+            sums.sort();
+            sums
+        };
+        let to = chrono::Utc::now() + chrono::Duration::hours(1);
+        let rows = store.activity(SHOP, started, to).await.unwrap();
+        assert_eq!(totals(rows), wanted);
+        let times = store.first_response_times(SHOP, started, to).await.unwrap();
+        assert_eq!(times.len(), 1);
+        let expected_ms = u64::try_from(responded.first_response_ms().unwrap()).unwrap();
+        assert_eq!(times[0], expected_ms);
+        assert_eq!(
+            totals(store.activity("blog", started, to).await.unwrap()),
+            [expect("conversations", 1), expect("messages.visitor", 12)],
+            "another domain"
+        );
+        // A range that ends before the writes holds none of them.
+        let early = store
+            .activity(
+                SHOP,
+                started - chrono::Duration::hours(5),
+                started - chrono::Duration::hours(2),
+            )
+            .await
+            .unwrap();
+        assert!(early.is_empty(), "{early:?}");
+
+        ctx.reopen().await;
+        let rows = ctx.store.activity(SHOP, started, to).await.unwrap();
+        assert_eq!(totals(rows), wanted, "after a reopen");
     }
 }
 

@@ -25,6 +25,7 @@ pub mod guided;
 pub mod notifications;
 pub mod postgres;
 pub mod sqlite;
+pub mod stats;
 pub mod visitors;
 
 use std::sync::Arc;
@@ -485,6 +486,7 @@ pub trait Store:
     + guided::Guided
     + notifications::Notifications
     + visitors::Visitors
+    + stats::Stats
     + Send
     + Sync
     + std::fmt::Debug

@@ -65,6 +65,7 @@ mod migrate;
 mod notifications;
 mod reads;
 mod scratch;
+mod stats;
 mod visitors;
 mod writer;
 mod writes;

@@ -8,6 +8,7 @@ use sqlx::postgres::PgRow;
 use super::{count, from_ms};
 use crate::model::{Author, Conversation, Message, Room, RoomKey};
 use crate::store::ConversationColumns;
+use crate::store::stats::Tally;
 
 /// Column list matching [`message_at`], for `FROM messages m JOIN rooms r`.
 macro_rules! message_columns {
@@ -35,7 +36,7 @@ macro_rules! conversation_columns {
 /// The columns of a room row as [`LockedRoom::from_row`] reads them.
 macro_rules! room_columns {
     () => {
-        "rid, kind, created_by, created_at, last_seq"
+        "rid, kind, created_by, created_at, last_seq, ai_replied_at, handed_over_at"
     };
 }
 
@@ -104,6 +105,10 @@ pub(super) struct LockedRoom {
     pub(super) created_at: i64,
     /// As of the open transaction: raised by each append it makes.
     pub(super) last_seq: i64,
+    /// Its first `assistant` message, as of the open transaction (`docs/stats.md`).
+    pub(super) ai_replied_at: Option<i64>,
+    /// Its first hand-over to people, as of the open transaction.
+    pub(super) handed_over_at: Option<i64>,
 }
 
 impl LockedRoom {
@@ -114,6 +119,8 @@ impl LockedRoom {
             created_by: row.try_get(2)?,
             created_at: row.try_get(3)?,
             last_seq: row.try_get(4)?,
+            ai_replied_at: row.try_get(5)?,
+            handed_over_at: row.try_get(6)?,
         })
     }
 
@@ -128,5 +135,30 @@ impl LockedRoom {
     }
 }
 
-/// Rooms locked by the open transaction.
-pub(super) type Locks = HashMap<RoomKey, LockedRoom>;
+/// What the open transaction holds: the rooms it locked, and the statistics' counters it
+/// moved (written before its `COMMIT`).
+#[derive(Debug, Default)]
+pub(super) struct Locks {
+    rooms: HashMap<RoomKey, LockedRoom>,
+    pub(super) tally: Tally,
+}
+
+impl Locks {
+    pub(super) fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl std::ops::Deref for Locks {
+    type Target = HashMap<RoomKey, LockedRoom>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.rooms
+    }
+}
+
+impl std::ops::DerefMut for Locks {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.rooms
+    }
+}

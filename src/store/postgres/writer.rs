@@ -9,6 +9,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use super::rows::Locks;
 use super::writes::{
     add_note, append, append_all, change_domains, first_response, lock_room, mark_read, transition,
+    write_tally,
 };
 use super::{ACQUIRE_TIMEOUT, DEADLINE, deadline_passed, int, store_error, to_ms};
 use crate::model::{NewMessage, RoomKey, now_ms};
@@ -97,6 +98,9 @@ pub(super) struct Writer {
     /// The writer's own connection, outside the pool, kept between transactions; closed
     /// when the database fails, so the next transaction starts on a fresh one.
     conn: Option<PgConnection>,
+    /// Whose the statistics' counters this writer moves are (`activity_hours.writer`):
+    /// its own rows, so the writers of several nodes never wait on each other's.
+    id: std::sync::Arc<str>,
 }
 
 impl Writer {
@@ -104,6 +108,7 @@ impl Writer {
         Self {
             options,
             conn: None,
+            id: uuid::Uuid::now_v7().to_string().into(),
         }
     }
 
@@ -138,7 +143,8 @@ impl Writer {
                 })
                 .collect();
             if let Some(messages) = appends.filter(|m| m.len() >= 2) {
-                match append_all(self.connection().await?, &messages).await {
+                let writer = std::sync::Arc::clone(&self.id);
+                match append_all(self.connection().await?, &messages, &writer).await {
                     Ok(appended) => {
                         return Ok(appended.into_iter().map(Output::Appended).collect());
                     }
@@ -177,6 +183,7 @@ impl Writer {
 
     /// Runs `ops` one after the other in one transaction and commits.
     async fn each_in_transaction(&mut self, ops: &[&Op]) -> Result<Vec<Output>, Failure> {
+        let writer = std::sync::Arc::clone(&self.id);
         let mut tx = self.connection().await?.begin().await?;
         let mut locks = Locks::new();
         let mut outputs = Vec::with_capacity(ops.len());
@@ -188,6 +195,10 @@ impl Writer {
                     return Err(failure);
                 }
             }
+        }
+        if let Err(failure) = write_tally(&mut tx, &mut locks.tally, &writer).await {
+            let _ = tx.rollback().await;
+            return Err(failure);
         }
         tx.commit().await.map_err(lost_during_commit)?;
         Ok(outputs)
@@ -368,7 +379,7 @@ mod tests {
             message(&b, "alice", "b's own k1", Some("k1")),
         ];
         let messages: Vec<&NewMessage> = ops.iter().map(new_message).collect();
-        let got = append_all(&mut conn, &messages)
+        let got = append_all(&mut conn, &messages, "test")
             .await
             .map_err(|f| f.error)
             .expect("one statement");
@@ -428,7 +439,7 @@ mod tests {
             message(&c, "carol", "c two", None),
         ];
         let messages: Vec<&NewMessage> = with_new_room.iter().map(new_message).collect();
-        let failure = append_all(&mut conn, &messages)
+        let failure = append_all(&mut conn, &messages, "test")
             .await
             .expect_err("no room c yet");
         assert!(failure.per_op, "{:?}", failure.error);
@@ -457,7 +468,7 @@ mod tests {
             message(&b, "alice", "nul \0 byte", None),
         ];
         let messages: Vec<&NewMessage> = bad.iter().map(new_message).collect();
-        let failure = append_all(&mut conn, &messages)
+        let failure = append_all(&mut conn, &messages, "test")
             .await
             .expect_err("PostgreSQL refuses a NUL byte");
         assert!(failure.per_op, "{:?}", failure.error);
@@ -470,8 +481,8 @@ mod tests {
 
     /// The generic plan of the batch append under the writer's settings, made on an empty,
     /// never-analysed schema (as the writer's first batch after a fresh start makes it):
-    /// rooms are locked, stored ids looked up and counters raised through the unique
-    /// indexes, never by scanning `messages` or `rooms`.
+    /// rooms are locked, stored ids looked up, counters raised and the statistics counted
+    /// through the unique indexes, never by scanning a table.
     #[tokio::test]
     async fn the_batch_append_plans_index_lookups_without_statistics() {
         // Opening the store migrates the new database; nothing is written.
@@ -489,7 +500,7 @@ mod tests {
         sqlx::raw_sql(&format!(
             "{settings}
              PREPARE append_all (text[], text[], text[], text[], text[], text[], text[],
-                                 text[], text[], text[], bigint) AS {}",
+                                 text[], text[], text[], bigint, text) AS {}",
             super::super::writes::APPEND_ALL
         ))
         .execute(&mut conn)
@@ -497,7 +508,7 @@ mod tests {
         .expect("prepare");
         let row = sqlx::query(
             "EXPLAIN (FORMAT JSON) EXECUTE append_all ('{d}', '{r}', '{i}', '{a}', '{n}',
-                 '{visitor}', '{text}', '{c}', '{NULL}', '{k}', 0)",
+                 '{visitor}', '{text}', '{c}', '{NULL}', '{k}', 0, 'w')",
         )
         .fetch_one(&mut conn)
         .await

@@ -14,6 +14,7 @@ use super::writer::lost_during_commit;
 use super::{count, int, refuse_nul, to_ms};
 use crate::model::{Conversation, NewMessage, Note, RoomKey, now_ms};
 use crate::store::batch::Failure;
+use crate::store::stats::{self, AI_CONVERSATIONS, AI_ONLY, CONVERSATIONS, Tally};
 use crate::store::{Appended, Decide, DomainChange, NewNote, StoreError, Transitioned};
 
 /// Locks the room's row for the rest of the transaction and returns it; creates the room
@@ -57,6 +58,10 @@ pub(super) async fn lock_room<'a>(
         .await?;
         if row.is_none() {
             row = select().fetch_optional(&mut *conn).await?;
+        } else if stats::counted(&key.room_id) {
+            locks
+                .tally
+                .add(&key.domain_id, to_ms(now_ms()), CONVERSATIONS, 1);
         }
     }
     let Some(row) = row else {
@@ -111,6 +116,7 @@ pub(super) async fn append(
     if let Some(row) = inserted {
         let seq: i64 = row.try_get(0)?;
         room.last_seq = seq;
+        count_message(conn, locks, m, to_ms(created_at)).await?;
         return Ok(Appended {
             message: Arc::new(m.stored(id, count(seq), created_at)),
             duplicate: false,
@@ -137,6 +143,105 @@ pub(super) async fn append(
         message: Arc::new(message_at(&existing, 0)?),
         duplicate: true,
     })
+}
+
+/// Counts a stored message of a locked room for the statistics: its role's counter and,
+/// for the room's first AI reply, the room's AI conversation counters.
+async fn count_message(
+    conn: &mut PgConnection,
+    locks: &mut Locks,
+    m: &NewMessage,
+    at: i64,
+) -> Result<(), Failure> {
+    let key = &m.room;
+    if !stats::counted(&key.room_id) {
+        return Ok(());
+    }
+    let metric = stats::message_metric(&m.author.role);
+    locks.tally.add(&key.domain_id, at, &metric, 1);
+    if m.author.role != stats::ASSISTANT_ROLE {
+        return Ok(());
+    }
+    let Some(room) = locks.get_mut(key).filter(|r| r.ai_replied_at.is_none()) else {
+        return Ok(());
+    };
+    // The room is locked: what the lock read is the latest.
+    room.ai_replied_at = Some(at);
+    let (rid, created, handed_over) = (room.rid, room.created_at, room.handed_over_at);
+    sqlx::query("UPDATE rooms SET ai_replied_at = $2 WHERE rid = $1")
+        .bind(rid)
+        .bind(at)
+        .execute(&mut *conn)
+        .await?;
+    locks
+        .tally
+        .add(&key.domain_id, created, AI_CONVERSATIONS, 1);
+    if handed_over.is_none() {
+        locks.tally.add(&key.domain_id, created, AI_ONLY, 1);
+    }
+    Ok(())
+}
+
+/// Counts a hand-off transition of a locked room for the statistics; the room's first
+/// hand-over to people takes back its AI-only count.
+async fn count_transition(
+    conn: &mut PgConnection,
+    locks: &mut Locks,
+    current: &Conversation,
+    next: &Conversation,
+) -> Result<(), Failure> {
+    let key = &next.room;
+    let at = to_ms(next.updated_at);
+    for metric in stats::transition_metrics(current, next) {
+        locks.tally.add(&key.domain_id, at, metric, 1);
+    }
+    if !stats::hands_over(current, next) {
+        return Ok(());
+    }
+    let Some(room) = locks.get_mut(key).filter(|r| r.handed_over_at.is_none()) else {
+        return Ok(());
+    };
+    room.handed_over_at = Some(at);
+    let (rid, created, ai_replied) = (room.rid, room.created_at, room.ai_replied_at);
+    sqlx::query("UPDATE rooms SET handed_over_at = $2 WHERE rid = $1")
+        .bind(rid)
+        .bind(at)
+        .execute(&mut *conn)
+        .await?;
+    if ai_replied.is_some() {
+        locks.tally.add(&key.domain_id, created, AI_ONLY, -1);
+    }
+    Ok(())
+}
+
+/// Writes the counters `tally` holds as `writer`'s, inside the open transaction.
+pub(super) async fn write_tally(
+    conn: &mut PgConnection,
+    tally: &mut Tally,
+    writer: &str,
+) -> Result<(), Failure> {
+    if tally.is_empty() {
+        return Ok(());
+    }
+    let rows = tally.take();
+    let domains: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    let hours: Vec<i64> = rows.iter().map(|r| r.1).collect();
+    let metrics: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
+    let counts: Vec<i64> = rows.iter().map(|r| r.3).collect();
+    sqlx::query(
+        "INSERT INTO activity_hours (domain_id, at, metric, writer, n)
+         SELECT d, a, m, $5, n FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[])
+              AS t (d, a, m, n)
+         ON CONFLICT (domain_id, at, metric, writer) DO UPDATE SET n = activity_hours.n + EXCLUDED.n",
+    )
+    .bind(&domains)
+    .bind(&hours)
+    .bind(&metrics)
+    .bind(&counts)
+    .bind(writer)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 pub(super) async fn mark_read(
@@ -234,6 +339,7 @@ pub(super) async fn transition(
         &message.author.role,
     ])
     .map_err(Failure::op)?;
+    count_transition(conn, locks, &current, &next).await?;
     let appended = append(conn, locks, &message).await?;
     next.status_seq = appended.message.seq;
     sqlx::query("UPDATE conversations SET status_seq = $2 WHERE room = $1")
@@ -269,9 +375,24 @@ pub(super) async fn first_response(
     .bind(to_ms(at))
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(row
+    let conversation = row
         .map(|row| conversation_at(&row, 0, key.clone()))
-        .transpose()?)
+        .transpose()?;
+    if let Some(ms) = conversation
+        .as_ref()
+        .and_then(Conversation::first_response_ms)
+    {
+        sqlx::query(
+            "INSERT INTO first_responses (domain_id, at, ms, room) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&*key.domain_id)
+        .bind(to_ms(at))
+        .bind(ms)
+        .bind(rid)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(conversation)
 }
 
 pub(super) async fn add_note(
@@ -434,7 +555,7 @@ pub(super) async fn change_domains(
 }
 
 /// The statement of [`append_all`]; its parameters are the batch's columns as arrays, then
-/// `created_at`.
+/// `created_at` and the writer's id (its statistics' counters, `docs/stats.md`).
 pub(super) const APPEND_ALL: &str = concat!(
     "WITH k AS MATERIALIZED (
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
@@ -443,11 +564,13 @@ pub(super) const APPEND_ALL: &str = concat!(
                                     author_role, kind, content, data, cmid, ord)
      ),
      locked AS MATERIALIZED (
-         SELECT r.rid, r.domain_id, r.id, r.last_seq
+         SELECT r.rid, r.domain_id, r.id, r.last_seq, r.created_at, r.ai_replied_at,
+                r.handed_over_at
          FROM (SELECT domain_id, room_id FROM k GROUP BY domain_id, room_id
                ORDER BY domain_id COLLATE \"C\", room_id COLLATE \"C\") q
          CROSS JOIN LATERAL (
-             SELECT rid, domain_id, id, last_seq FROM rooms
+             SELECT rid, domain_id, id, last_seq, created_at, ai_replied_at, handed_over_at
+             FROM rooms
              WHERE domain_id = q.domain_id AND id = q.room_id
              LIMIT 1 FOR NO KEY UPDATE
          ) r
@@ -478,12 +601,35 @@ pub(super) const APPEND_ALL: &str = concat!(
          SELECT rid, seq, id, author_id, author_name, author_role, kind, content, data,
                 cmid, $11::bigint
          FROM fresh
-         RETURNING room, seq
+         RETURNING room, seq, author_role
      ),
      raised AS (
-         UPDATE rooms SET last_seq = t.seq
-         FROM (SELECT room, max(seq) AS seq FROM inserted GROUP BY room) t
+         UPDATE rooms SET last_seq = t.seq,
+                ai_replied_at = COALESCE(rooms.ai_replied_at, t.ai_at)
+         FROM (SELECT room, max(seq) AS seq,
+                      CASE WHEN bool_or(author_role = 'assistant') THEN $11::bigint END AS ai_at
+               FROM inserted GROUP BY room) t
          WHERE rooms.rid = t.room
+     ),
+     tallied AS (
+         INSERT INTO activity_hours (domain_id, at, metric, writer, n)
+         SELECT domain_id, at, metric, $12::text, sum(n) FROM (
+             SELECT domain_id, $11::bigint - mod($11::bigint, 3600000) AS at,
+                    'messages.' || author_role AS metric, count(*) AS n
+             FROM fresh WHERE room_id NOT LIKE '#%'
+             GROUP BY domain_id, author_role
+             UNION ALL
+             SELECT l.domain_id, l.created_at - mod(l.created_at, 3600000), c.metric, 1
+             FROM locked l
+             CROSS JOIN (VALUES ('conversations.ai', false),
+                                ('conversations.ai_only', true)) c (metric, only_ai)
+             WHERE l.ai_replied_at IS NULL AND l.id NOT LIKE '#%'
+               AND (NOT c.only_ai OR l.handed_over_at IS NULL)
+               AND l.rid IN (SELECT rid FROM fresh WHERE author_role = 'assistant')
+         ) s
+         GROUP BY domain_id, at, metric
+         ON CONFLICT (domain_id, at, metric, writer)
+         DO UPDATE SET n = activity_hours.n + EXCLUDED.n
      )
      SELECT ord, NULL::text, NULL::text, seq, NULL::text, NULL::text, NULL::text,
             NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bigint
@@ -496,7 +642,8 @@ pub(super) const APPEND_ALL: &str = concat!(
 /// transaction: one round trip instead of the five a transaction of them takes (`BEGIN`,
 /// the rooms' locks, the stored ids, the inserts, `COMMIT`). The statement locks the rooms in
 /// the batch's lock order, finds the client message ids already stored, numbers the new
-/// messages from each room's `last_seq`, inserts them and raises the counters; it commits
+/// messages from each room's `last_seq`, inserts them, raises the counters and counts them
+/// for the statistics (as this node's `writer`, `docs/stats.md`); it commits
 /// as a whole or not at all. An id repeated within the batch is resolved here, before: its
 /// first occurrence is sent, the others get its outcome as duplicates.
 ///
@@ -518,6 +665,7 @@ pub(super) const APPEND_ALL: &str = concat!(
 pub(super) async fn append_all(
     conn: &mut PgConnection,
     messages: &[&NewMessage],
+    writer: &str,
 ) -> Result<Vec<Appended>, Failure> {
     // Index of the first message of the batch with the same (room, author, id), if any.
     let mut first_with: HashMap<(&RoomKey, &str, &str), usize> = HashMap::new();
@@ -564,6 +712,7 @@ pub(super) async fn append_all(
         .bind(&data)
         .bind(&cmids)
         .bind(to_ms(created_at))
+        .bind(writer)
         .fetch_all(&mut *conn)
         .await
         .map_err(lost_during_commit)?;

@@ -29,6 +29,7 @@ mod guided;
 mod migrate;
 mod notifications;
 mod reads;
+mod stats;
 mod visitors;
 mod wal;
 mod writer;

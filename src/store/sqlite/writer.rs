@@ -13,6 +13,7 @@ use super::{to_ms, unavailable, wal};
 use crate::model::{NewMessage, RoomKey, now_ms};
 use crate::store::StoreError;
 use crate::store::batch::{Commit, Failure, Handover, Intake, Output};
+use crate::store::stats::Tally;
 use crate::store::{CustomerProfile, Decide, DomainChange, NewNote, UsageRecord};
 
 /// Name of the writer: its failpoint, and the task the supervisor reports if it panics.
@@ -49,6 +50,8 @@ pub(super) struct Writer {
     pub(super) dirty: bool,
     /// Raised by the checkpoint thread when the WAL should start over.
     restart_wal: Arc<AtomicBool>,
+    /// The statistics' counters the open batch moved, written before its `COMMIT`.
+    pub(super) tally: Tally,
 }
 
 /// What the writer remembers of a room.
@@ -68,6 +71,7 @@ impl Writer {
             rooms: HashMap::new(),
             dirty: false,
             restart_wal,
+            tally: Tally::default(),
         }
     }
 
@@ -108,6 +112,7 @@ impl Writer {
     /// is a local file, so there is no connection to lose.
     fn transaction(&mut self, ops: &[&Op]) -> Result<Vec<Output>, StoreError> {
         self.dirty = false;
+        self.tally.clear();
         let result = (|| {
             // Prepared once, like every statement of the writer: a quiet room commits one
             // message at a time, and parsing these two would cost as much as the insert.
@@ -119,6 +124,7 @@ impl Writer {
             for op in ops {
                 outputs.push(self.apply(op)?);
             }
+            self.write_tally()?;
             self.conn
                 .prepare_cached("COMMIT")
                 .and_then(|mut commit| commit.execute([]))

@@ -3,12 +3,13 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use rusqlite::params;
+use rusqlite::{OptionalExtension, params};
 
 use super::rows::{row_to_message, select_conversation, select_room};
 use super::writer::{RoomSlot, Writer};
 use super::{seq_param, to_ms, unavailable};
-use crate::model::{Conversation, NewMessage, Note, Room, RoomKey, now_ms};
+use crate::model::{Conversation, Message, NewMessage, Note, Room, RoomKey, now_ms};
+use crate::store::stats::{self, AI_CONVERSATIONS, AI_ONLY, CONVERSATIONS};
 use crate::store::{Appended, Decide, DomainChange, NewNote, StoreError, Transitioned};
 
 impl Writer {
@@ -122,6 +123,9 @@ impl Writer {
         let slot = RoomSlot { rid, last_seq: 0 };
         self.rooms.insert(key.clone(), slot);
         self.dirty = true;
+        if stats::counted(&key.room_id) {
+            self.tally.add(&key.domain_id, to_ms(now), CONVERSATIONS, 1);
+        }
         let room = Room {
             key: key.clone(),
             kind: "support".to_owned(),
@@ -204,10 +208,98 @@ impl Writer {
             entry.last_seq = seq;
         }
         self.dirty = true;
+        self.count_message(&message, slot.rid)?;
         Ok(Appended {
             message: Arc::new(message),
             duplicate: false,
         })
+    }
+
+    /// Counts a stored message for the statistics: its role's counter and, for the room's
+    /// first AI reply, the room's AI conversation counters.
+    fn count_message(&mut self, message: &Message, rid: i64) -> Result<(), StoreError> {
+        let room = &message.room;
+        if !stats::counted(&room.room_id) {
+            return Ok(());
+        }
+        let at = to_ms(message.created_at);
+        let metric = stats::message_metric(&message.author.role);
+        self.tally.add(&room.domain_id, at, &metric, 1);
+        if message.author.role != stats::ASSISTANT_ROLE {
+            return Ok(());
+        }
+        let first: Option<(i64, Option<i64>)> = self
+            .conn
+            .prepare_cached(
+                "UPDATE rooms SET ai_replied_at = ?2 WHERE rid = ?1 AND ai_replied_at IS NULL
+                 RETURNING created_at, handed_over_at",
+            )
+            .and_then(|mut st| {
+                st.query_row(params![rid, at], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(unavailable)?;
+        if let Some((created, handed_over)) = first {
+            self.tally
+                .add(&room.domain_id, created, AI_CONVERSATIONS, 1);
+            if handed_over.is_none() {
+                self.tally.add(&room.domain_id, created, AI_ONLY, 1);
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts a hand-off transition of the room `rid` for the statistics; the room's first
+    /// hand-over to people takes back its AI-only count.
+    fn count_transition(
+        &mut self,
+        rid: i64,
+        current: &Conversation,
+        next: &Conversation,
+    ) -> Result<(), StoreError> {
+        let key = &next.room;
+        let at = to_ms(next.updated_at);
+        for metric in stats::transition_metrics(current, next) {
+            self.tally.add(&key.domain_id, at, metric, 1);
+        }
+        if !stats::hands_over(current, next) {
+            return Ok(());
+        }
+        let first: Option<(i64, Option<i64>)> = self
+            .conn
+            .prepare_cached(
+                "UPDATE rooms SET handed_over_at = ?2 WHERE rid = ?1 AND handed_over_at IS NULL
+                 RETURNING created_at, ai_replied_at",
+            )
+            .and_then(|mut st| {
+                st.query_row(params![rid, at], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(unavailable)?;
+        if let Some((created, Some(_))) = first {
+            self.tally.add(&key.domain_id, created, AI_ONLY, -1);
+        }
+        Ok(())
+    }
+
+    /// Writes the counters the open transaction moved.
+    pub(super) fn write_tally(&mut self) -> Result<(), StoreError> {
+        if self.tally.is_empty() {
+            return Ok(());
+        }
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO activity_hours (domain_id, at, metric, writer, n)
+                 VALUES (?1, ?2, ?3, '', ?4)
+                 ON CONFLICT (domain_id, at, metric, writer) DO UPDATE SET n = n + excluded.n",
+            )
+            .map_err(unavailable)?;
+        for (domain, at, metric, n) in self.tally.take() {
+            st.execute(params![domain, at, metric, n])
+                .map_err(unavailable)?;
+        }
+        Ok(())
     }
 
     pub(super) fn mark_read(
@@ -293,6 +385,7 @@ impl Writer {
                 ])
             })
             .map_err(unavailable)?;
+        self.count_transition(slot.rid, &current, &next)?;
         let appended = self.append(&message)?;
         next.status_seq = appended.message.seq;
         self.conn
@@ -326,7 +419,19 @@ impl Writer {
         if changed == 0 {
             return Ok(None);
         }
-        select_conversation(&self.conn, rid, key).map_err(unavailable)
+        let conversation = select_conversation(&self.conn, rid, key).map_err(unavailable)?;
+        if let Some(ms) = conversation
+            .as_ref()
+            .and_then(Conversation::first_response_ms)
+        {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO first_responses (domain_id, at, ms, room) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .and_then(|mut st| st.execute(params![&*key.domain_id, to_ms(at), ms, rid]))
+                .map_err(unavailable)?;
+        }
+        Ok(conversation)
     }
 
     pub(super) fn add_note(&mut self, note: &NewNote) -> Result<Note, StoreError> {
