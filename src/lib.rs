@@ -379,10 +379,16 @@ impl App {
             Arc::clone(&store),
             shared.clone(),
         ));
+        let stats = Arc::new(crate::service::stats::StatsService::new(
+            Arc::clone(&store),
+            Arc::clone(&visitors),
+            Arc::clone(&ai),
+        ));
         let state = AppState::new(AppInner {
             sockets,
             accounts,
             visitors,
+            stats,
             sessions,
             notifications,
             ai,

@@ -80,6 +80,12 @@ pub fn may_read_usage(identity: &Identity) -> bool {
     matches!(identity.role, Role::Admin | Role::Service)
 }
 
+/// Whether `identity` may read its domain's statistics page and endpoint (visitors,
+/// conversations, response times): its agents as well as its admins and back end.
+pub fn may_read_stats(identity: &Identity) -> bool {
+    matches!(identity.role, Role::Agent | Role::Admin | Role::Service)
+}
+
 /// The role label a message written by `identity` carries. Only a service or an admin may
 /// store a message under another label (the server API's `role` field, e.g. `assistant`);
 /// anyone else writes as themselves, whatever the request says.

@@ -11,6 +11,7 @@ pub mod domains;
 pub mod handoff;
 pub mod notifications;
 pub mod sessions;
+pub mod stats;
 pub mod visitors;
 
 use crate::error_code::ErrorCode;

@@ -226,6 +226,30 @@ fn parse_time(value: &str, end_of_day: bool) -> Option<chrono::DateTime<chrono::
     Some(day.and_hms_opt(0, 0, 0)?.and_utc())
 }
 
+/// The range a query's `from` and `to` give (RFC 3339 or `YYYY-MM-DD`, UTC; a date as `to`
+/// means the end of that day), by default the 30 days up to `now` (and a second past it).
+pub(super) fn time_range(
+    from: Option<&str>,
+    to: Option<&str>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>), ApiError> {
+    let bad = |what: &str| {
+        ApiError::bad_request(
+            ErrorCode::InvalidQuery,
+            format!("`{what}` must be RFC 3339 or YYYY-MM-DD"),
+        )
+    };
+    let from = match from {
+        Some(v) => parse_time(v, false).ok_or_else(|| bad("from"))?,
+        None => now - chrono::Duration::days(30),
+    };
+    let to = match to {
+        Some(v) => parse_time(v, true).ok_or_else(|| bad("to"))?,
+        None => now + chrono::Duration::seconds(1),
+    };
+    Ok((from, to))
+}
+
 /// `GET /api/usage?domainId=&from=&to=&groupBy=model|day`: AI calls, tokens, failures
 /// and mean latency, for the domain's admins and back end.
 pub async fn usage(
@@ -233,21 +257,7 @@ pub async fn usage(
     Caller(me): Caller,
     ApiQuery(q): ApiQuery<UsageQuery>,
 ) -> Result<Response, ApiError> {
-    let now = chrono::Utc::now();
-    let bad = |what: &str| {
-        ApiError::bad_request(
-            ErrorCode::InvalidQuery,
-            format!("`{what}` must be RFC 3339 or YYYY-MM-DD"),
-        )
-    };
-    let from = match q.from.as_deref() {
-        Some(v) => parse_time(v, false).ok_or_else(|| bad("from"))?,
-        None => now - chrono::Duration::days(30),
-    };
-    let to = match q.to.as_deref() {
-        Some(v) => parse_time(v, true).ok_or_else(|| bad("to"))?,
-        None => now + chrono::Duration::seconds(1),
-    };
+    let (from, to) = time_range(q.from.as_deref(), q.to.as_deref(), chrono::Utc::now())?;
     let group = match q.group_by.as_deref() {
         None | Some("model") => crate::store::UsageGrouping::Model,
         Some("day") => crate::store::UsageGrouping::Day,

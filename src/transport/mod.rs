@@ -31,6 +31,7 @@ pub mod notifications;
 pub mod pusher;
 pub mod sessions;
 pub mod state;
+pub mod stats;
 pub mod visitor;
 pub mod visitors;
 pub mod web;
@@ -153,6 +154,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/visitor-token", post(http::visitor_token))
         .route("/visitors/add", post(visitors::add))
         .route("/visitors/remove", post(visitors::remove))
+        .route("/stats/domain/{domain_id}", get(stats::domain))
+        .route("/stats/domain/{domain_id}/visitors", get(stats::visitors))
+        .route("/stats", get(web::stats))
         .route("/ai/chat", post(ai::chat))
         .route("/ai/stream", post(ai::stream))
         .route("/api/usage", get(ai::usage))

@@ -55,6 +55,8 @@ pub struct AppInner {
     pub accounts: Arc<crate::service::accounts::AccountService>,
     /// A domain's visitors (`docs/visitors.md`).
     pub visitors: Arc<crate::service::visitors::VisitorService>,
+    /// A domain's statistics (`docs/stats.md`).
+    pub stats: Arc<crate::service::stats::StatsService>,
     /// Message distribution between nodes.
     pub broker: Arc<dyn Broker>,
     /// Cluster-wide rate limits, counters, online users and claims (Redis with the Redis

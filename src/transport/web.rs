@@ -1,10 +1,11 @@
 //! The web pages compiled into the binary (`web/`): the embeddable widget (`/widget.js`),
-//! the agent inbox (`/inbox`) and the demo page (`/` for a browser), plus the development
+//! the agent inbox (`/inbox`), the statistics page (`/stats`) and the demo page (`/` for a
+//! browser), plus the development
 //! agent login the demo uses (`POST /api/dev/agent-token`, when `web.dev_login`).
 //!
 //! The pages are plain files embedded with `include_str!`; nothing is built with Node.js
-//! and no page loads anything from another host. The helpers the widget and the inbox share
-//! are one file, `web/common.js`, spliced into each of the two at its marker line
+//! and no page loads anything from another host. The helpers the widget, the inbox and the
+//! stats page share are one file, `web/common.js`, spliced into each at its marker line
 //! (`/* @include common.js */`) so that the widget stays one script: for the compiled-in
 //! pages once, at first use. With `web.dir` set, the same files (and `common.js`) are read
 //! from that folder on every request instead, for working on them without a rebuild.
@@ -32,7 +33,7 @@ use crate::error_code::ErrorCode;
 use crate::model::Role;
 use crate::transport::AppState;
 
-/// The code the widget and the inbox share, and its file name under `web/`.
+/// The code the widget, the inbox and the stats page share, and its file name under `web/`.
 const COMMON: &str = include_str!("../../web/common.js");
 const COMMON_FILE: &str = "common.js";
 /// Where a page wants [`COMMON`]: it stands on a line of its own, in a script.
@@ -41,6 +42,7 @@ const MARKER: &str = "/* @include common.js */";
 const WIDGET_TEXT: &str = include_str!("../../web/widget.js");
 const INBOX_TEXT: &str = include_str!("../../web/inbox.html");
 const DEMO_TEXT: &str = include_str!("../../web/index.html");
+const STATS_TEXT: &str = include_str!("../../web/stats.html");
 
 /// A page: its file name under `web/`, its media type, and what is sent for it, made from
 /// its compiled-in text the first time it is asked for (see [`Page::served`]).
@@ -63,6 +65,12 @@ static INBOX: Page = Page {
     file: "inbox.html",
     media_type: "text/html; charset=utf-8",
     text: || with_common(INBOX_TEXT, COMMON),
+    served: OnceLock::new(),
+};
+static STATS: Page = Page {
+    file: "stats.html",
+    media_type: "text/html; charset=utf-8",
+    text: || with_common(STATS_TEXT, COMMON),
     served: OnceLock::new(),
 };
 static DEMO: Page = Page {
@@ -482,6 +490,11 @@ pub async fn inbox(State(app): State<AppState>, headers: HeaderMap) -> Response 
     serve(&app, &INBOX, &headers, REVALIDATE).await
 }
 
+/// `GET /stats`: the statistics page (`docs/stats.md`).
+pub async fn stats(State(app): State<AppState>, headers: HeaderMap) -> Response {
+    serve(&app, &STATS, &headers, REVALIDATE).await
+}
+
 /// `GET /`: the demo page for a browser (which asks for `text/html`); the JSON status, as
 /// the seeds answer there, for everyone else.
 pub async fn root(State(app): State<AppState>, req: axum::extract::Request) -> Response {
@@ -618,10 +631,11 @@ mod tests {
     }
 
     #[test]
-    fn the_widget_and_the_inbox_are_served_with_common_js_at_their_marker() {
+    fn the_widget_the_inbox_and_the_stats_page_are_served_with_common_js_at_their_marker() {
         for (file, source, page) in [
             ("widget.js", WIDGET_TEXT, &WIDGET),
             ("inbox.html", INBOX_TEXT, &INBOX),
+            ("stats.html", STATS_TEXT, &STATS),
         ] {
             assert_eq!(source.matches(MARKER).count(), 1, "{file}: one marker");
             let served = page.served_now().text.as_str();

@@ -11,11 +11,11 @@
 // alerts the agent; a second tab of the first visitor stays in sync; the server restarts
 // mid-conversation (nothing lost, nothing twice); the agent resolves and the visitor
 // reopens; a phone-sized screen; notes, transfer and unassign with a second agent; paging
-// back through a long conversation; the widget against a scripted socket (catch-up delta,
-// repeated and late frames, rejoin with `since`); and a server whose development login is
-// off. Screenshots go to PARLOR_TEST_OUT (default target/browser): widget.png, inbox.png,
-// widget-phone.png, and failure-N.png of every page when a step fails. Nothing here talks to
-// any host but 127.0.0.1. Set PARLOR_TEST_VERBOSE=1 to see the pages' console.
+// back through a long conversation; the statistics page; the widget against a scripted
+// socket (catch-up delta, repeated and late frames, rejoin with `since`); and a server
+// whose development login is off. Screenshots go to PARLOR_TEST_OUT (default
+// target/browser): widget.png, inbox.png, widget-phone.png, stats.png, and failure-N.png
+// of every page when a step fails. Nothing here talks to any host but 127.0.0.1. Set PARLOR_TEST_VERBOSE=1 to see the pages' console.
 //
 // `cargo test --test browser` runs this script (tests/browser.rs).
 
@@ -642,6 +642,37 @@ async function main() {
       await eventually('the widget header to say it waits again', async () => (await visitorB.title.innerText()) === 'Waiting for an agent…');
       await eventually('Alice\'s inbox to show it waiting', async () => /Waiting/.test(await ib.status.innerText()));
       await bobContext.close();
+    });
+
+    await step('the stats page: the endpoint\'s figures as cards, both charts drawn, the widget\'s visitor on the site now', async () => {
+      const statsPage = watch(await agentContext.newPage(), 'stats');
+      pages.push(statsPage);
+      await statsPage.goto(`${server.base}/stats`);
+      await eventually('the figures to load', async () => Boolean(await statsPage.evaluate(() => document.body.dataset.loaded)));
+      const token = await statsPage.evaluate(() => JSON.parse(localStorage.getItem('parlor:inbox:agent')).token);
+      const api = await json(await fetch(`${server.base}/stats/domain/demo`, { headers: { Authorization: `Bearer ${token}` } }));
+      check(api.conversations.escalated >= 2 && api.messages.byRole.agent >= 1 && api.aiReplies >= 1, `the story so far is counted: ${JSON.stringify(api.conversations)}`);
+      const card = async (id) => (await statsPage.locator(`#card-${id} .value`).innerText()).replace(/[^0-9]/g, '');
+      for (const [id, want] of [['conversations', api.conversations.started], ['escalated', api.conversations.escalated], ['messages', api.messages.total]]) {
+        const got = await card(id);
+        check(got === String(want), `card ${id}: ${got}, the endpoint says ${want}`);
+      }
+      // The bars are the series: one per day and figure, their values summing to the totals.
+      const bars = statsPage.locator('#chart-traffic rect.bar-conversations');
+      check((await bars.count()) === api.series.length, `one conversations bar per day (${await bars.count()} of ${api.series.length})`);
+      const drawn = (await bars.evaluateAll((rects) => rects.map((r) => Number(r.dataset.value)))).reduce((a, b) => a + b, 0);
+      check(drawn === api.conversations.started, `the conversations bars sum to ${drawn}, not ${api.conversations.started}`);
+      const tallest = await statsPage.locator('#chart-messages rect.bar-messages').evaluateAll((rects) => Math.max(...rects.map((r) => r.getBBox().height)));
+      check(tallest > 20, `the messages chart has visible bars (${tallest}px)`);
+      // The widget reported its visitor; the list shows it with its page.
+      const visitorId = await vPage.evaluate(() => JSON.parse(localStorage.getItem('parlor:visitor:demo')).userId);
+      const row = statsPage.locator(`#now-list tr[data-visitor="${visitorId}"]`);
+      await visible(row, 'the widget\'s visitor among those on the site now');
+      check((await row.innerText()).includes(server.base), 'the visitor\'s page is listed');
+      await statsPage.getByRole('button', { name: '24 hours' }).click();
+      await eventually('hourly bars for the last 24 hours', async () => (await statsPage.locator('#chart-traffic rect.bar-visitors').count()) >= 24);
+      await statsPage.screenshot({ path: path.join(OUT, 'stats.png'), fullPage: true });
+      await statsPage.close();
     });
 
     await step('a long conversation: the latest 50 on load, earlier ones on request', async () => {

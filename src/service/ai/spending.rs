@@ -103,6 +103,11 @@ impl AiService {
         })
     }
 
+    /// The daily token budget of `domain`'s assistant, if it has an assistant and a budget.
+    pub async fn daily_token_budget(&self, domain: &str) -> Option<u64> {
+        self.bot(domain).await?.config.daily_token_budget
+    }
+
     /// Whether `domain` has tokens left of its daily budget (if it has one).
     pub(super) async fn within_daily_budget(
         &self,
