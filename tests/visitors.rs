@@ -2,8 +2,9 @@
 //! sighting and counts the visitor on the site, `POST /visitors/remove` takes it off; every
 //! field wrong is refused with nothing stored or counted; the count is the cluster's.
 //!
-//! The two-node test needs `PARLOR_TEST_DATABASE_URL` and `PARLOR_TEST_REDIS_URL` and says
-//! it is skipped without them.
+//! The two-node test (one node is killed at the end: its connected visitor stops counting)
+//! needs `PARLOR_TEST_DATABASE_URL` and `PARLOR_TEST_REDIS_URL` and says it is skipped
+//! without them.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod common;
@@ -227,12 +228,13 @@ async fn who_is_on_the_site_is_the_same_on_every_node() {
     let Some((db_url, redis)) = common::cluster::servers() else {
         return;
     };
+    // A dead node's connections stop counting within the presence lifetime.
     let config = format!(
-        "{}[[domains]]\nid = \"shop\"\nname = \"Shop\"\nallowed_origins = [\"{ORIGIN}\"]\n",
+        "broker_presence_ttl_secs = 2\n{}[[domains]]\nid = \"shop\"\nname = \"Shop\"\nallowed_origins = [\"{ORIGIN}\"]\n",
         common::cluster::NODE_CONFIG
     );
     let db = common::cluster::Database::create(&db_url).await;
-    let cluster = common::cluster::cluster_with_config(2, &redis, db, &config).await;
+    let mut cluster = common::cluster::cluster_with_config(2, &redis, db, &config).await;
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     let (status, body) = post(
         &a.http("/visitors/add"),
@@ -266,5 +268,80 @@ async fn who_is_on_the_site_is_the_same_on_every_node() {
         (json!(1), json!(1)),
         "one store"
     );
+
+    // A visitor's page joining node B over /ws: on the site (on node A too) and stored.
+    let token = |user: &str, role: &str| {
+        parlor::auth::issue_token(
+            &parlor::config::Secret::new(common::TEST_SECRET),
+            user,
+            Some(user),
+            role,
+            "shop",
+            600,
+        )
+        .unwrap()
+    };
+    let mut vc = common::Client::connect(&format!(
+        "ws://127.0.0.1:{}/ws?token={}",
+        b.port,
+        token("vc", "visitor")
+    ))
+    .await;
+    let id = vc
+        .request(json!({ "type": "join-room", "roomId": "support-vc",
+            "context": { "page": "https://shop.example/cart" } }))
+        .await;
+    assert_eq!(vc.reply(&id).await["type"], "room-joined");
+    let agent = token("ann", "agent");
+    let stats = |url: String| {
+        let agent = agent.clone();
+        async move {
+            let res = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(agent)
+                .send()
+                .await
+                .unwrap();
+            res.json::<Value>().await.unwrap()
+        }
+    };
+    let seen = stats(a.http("/stats/domain/shop")).await;
+    assert_eq!(
+        (
+            seen["activeVisitors"].clone(),
+            seen["visitorsToday"].clone()
+        ),
+        (json!(2), json!(3)),
+        "vb reported, vc connected to node B; va, vb and vc seen today: {seen}"
+    );
+    let listed = stats(a.http("/stats/domain/shop/visitors")).await;
+    let vc_row = listed["visitors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["visitorId"] == "vc")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        vc_row["visitor"]["page"], "https://shop.example/cart",
+        "{listed}"
+    );
+
+    // Node B dies: its visitor stops counting on node A once its presence runs out; what
+    // was stored stays.
+    cluster.nodes[1].kill9();
+    let a_stats = cluster.nodes[0].http("/stats/domain/shop");
+    let gone = common::cluster::eventually(std::time::Duration::from_secs(15), || {
+        let url = a_stats.clone();
+        let stats = &stats;
+        async move { stats(url).await["activeVisitors"] == 1 }
+    })
+    .await;
+    assert!(
+        gone,
+        "node B's visitor still counted: {}",
+        stats(a_stats.clone()).await
+    );
+    assert_eq!(stats(a_stats).await["visitorsToday"], 3);
     cluster.finish().await;
 }

@@ -6,7 +6,8 @@
  *   <script src="https://chat.example/widget.js" data-domain="shop" async></script>
  *
  * The server is the script's own origin; `data-domain` names the Parlor domain (default
- * "demo"); `data-color` (optional) sets the accent colour. The widget draws a bubble in the
+ * "demo"); `data-color` (optional) sets the accent colour; `data-track="off"` stops the
+ * visitor reports (docs/visitors.md). The widget draws a bubble in the
  * bottom-right corner that opens the conversation with the domain's assistant and, after a
  * hand-off, with a human agent (docs/handoff.md).
  *
@@ -36,6 +37,10 @@
   const ACCENT = script.dataset.color && CSS.supports('color', script.dataset.color) ? script.dataset.color : '#4f46e5';
   const STORAGE_KEY = `parlor:visitor:${DOMAIN}`;
   const OPEN_KEY = `parlor:open:${DOMAIN}`;
+  // Visitor tracking (see "Visitor tracking" below); `data-track="off"` turns it off.
+  const TRACK = script.dataset.track !== 'off';
+  const SEEN_KEY = `parlor:seen:${DOMAIN}`;
+  const REPORT_EVERY_MS = 4 * 60 * 1000; // the server counts a report for 5 minutes
 
   const TOKEN_MARGIN_MS = 60000; // fetch a new token this long before the old one expires
   // The largest message the server takes, in UTF-8 bytes, until room-joined says
@@ -403,6 +408,7 @@
     if (changed) {
       state.roomId = `support-${identity.userId}`;
       resetConversation();
+      if (reportedId && reportedId !== identity.userId) reportVisit();
     }
   }
 
@@ -1132,6 +1138,65 @@
   }
 
   // ---------------------------------------------------------------------------------------
+  // Visitor tracking (docs/visitors.md): the page reports its visitor when it loads and
+  // every few minutes while it is shown, and says when it goes away, so the site's owner
+  // sees who is on the site now. The visitor is the chat's visitor id once the browser has
+  // one (so page and chat count as one visitor), a random id kept per domain before.
+
+  let lastReport = 0;
+  let reportedId = null;
+
+  function trackingId() {
+    const identity = state.identity || savedIdentity();
+    if (identity && identity.userId) return identity.userId;
+    let id = store.get(SEEN_KEY);
+    if (!id || !/^[A-Za-z0-9_.:@-]{1,128}$/.test(id)) {
+      const bytes = crypto.getRandomValues(new Uint8Array(12));
+      id = `v_${Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('')}`;
+      store.set(SEEN_KEY, id);
+    }
+    return id;
+  }
+
+  function reportVisit() {
+    if (!TRACK || document.hidden) return;
+    lastReport = Date.now();
+    const id = trackingId();
+    // The browser got its chat identity: the id it was counted under before leaves.
+    if (reportedId && reportedId !== id) reportLeft(reportedId);
+    reportedId = id;
+    const visitorData = {
+      page: location.href.slice(0, 2048),
+      referrer: document.referrer.slice(0, 2048),
+      title: document.title.slice(0, 200),
+    };
+    fetch(`${SERVER}/visitors/add`, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ domainId: DOMAIN, visitorId: id, visitorData }),
+      keepalive: true,
+    }).catch(() => {}); // counting is best effort: the chat never waits on it
+  }
+
+  function reportLeft(id = reportedId) {
+    if (!TRACK || !id || !navigator.sendBeacon) return;
+    // A beacon outlives the page; as text/plain it needs no preflight.
+    navigator.sendBeacon(`${SERVER}/visitors/remove`, JSON.stringify({ domainId: DOMAIN, visitorId: id }));
+  }
+
+  function startTracking() {
+    if (!TRACK) return;
+    reportVisit();
+    setInterval(reportVisit, REPORT_EVERY_MS);
+    document.addEventListener('visibilitychange', () => {
+      if (!document.hidden && Date.now() - lastReport > REPORT_EVERY_MS) reportVisit();
+    });
+    window.addEventListener('pagehide', () => reportLeft());
+    // Back from the back-forward cache: the page is shown again.
+    window.addEventListener('pageshow', (event) => event.persisted && reportVisit());
+  }
+
+  // ---------------------------------------------------------------------------------------
   // Start
 
   function mount() {
@@ -1149,6 +1214,7 @@
     });
     window.addEventListener('online', reconnectNow);
 
+    startTracking();
     // A returning visitor connects at once (to see replies that came while away); a new
     // one only when they open the chat, so a page view costs no token and no socket.
     if (savedIdentity()) start();

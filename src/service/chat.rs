@@ -22,8 +22,11 @@ use crate::error_code::ErrorCode;
 use crate::hub::roster::Named as _;
 use crate::hub::{ConnHandle, Event, Hub, Joined, Replay};
 use crate::metrics::Metrics;
-use crate::model::{Author, Identity, Message, NewMessage, Room, RoomKey, json_depth, valid_id};
+use crate::model::{
+    Author, Identity, Message, NewMessage, Role, Room, RoomKey, json_depth, now_ms, valid_id,
+};
 use crate::node::pipeline::{Admitted, Backlog};
+use crate::store::visitors::Sighting;
 use crate::store::{Answer, Appended, CustomerProfile, Store, StoreError};
 
 /// Longest display name kept, in characters.
@@ -178,11 +181,21 @@ impl ChatService {
             profile.name = profile
                 .name
                 .map(|n| n.chars().take(MAX_NAME_CHARS).collect());
-            self.timed(
-                "upsert_customer",
+            // A visitor's page joining with its context is a sighting of the visitor
+            // (`docs/visitors.md`), stored in the same group commit as the profile.
+            let sighting = sighting(identity, &profile);
+            let record = async {
+                match sighting {
+                    Some(s) => self.store.record_sightings(vec![s]).await.map(drop),
+                    None => Ok(()),
+                }
+            };
+            let upsert =
                 self.store
-                    .upsert_customer(&identity.domain_id, &identity.user_id, profile),
-            )
+                    .upsert_customer(&identity.domain_id, &identity.user_id, profile);
+            self.timed("upsert_customer", async {
+                tokio::try_join!(upsert, record).map(drop)
+            })
             .await?;
         }
         // A room active on this node exists already: skip the write.
@@ -497,6 +510,31 @@ impl ChatService {
         self.metrics.observe_store(op, started.elapsed());
         result
     }
+}
+
+/// The sighting a visitor's join with `profile` makes, if it is one: a visitor's page
+/// (its `context`) joining, with the page, referrer and browser from the context and the
+/// data from `customerData`.
+fn sighting(identity: &Identity, profile: &CustomerProfile) -> Option<Sighting> {
+    if identity.role != Role::Visitor {
+        return None;
+    }
+    let context = profile.context.as_ref()?.as_object()?;
+    let text = |field: &str| {
+        context
+            .get(field)
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    Some(Sighting {
+        domain_id: identity.domain_id.to_string(),
+        visitor_id: identity.user_id.clone(),
+        at: now_ms(),
+        page: text("page"),
+        referrer: text("referrer"),
+        user_agent: text("browser"),
+        data: profile.data.as_ref().map(ToString::to_string),
+    })
 }
 
 /// A message queued by [`ChatService::submit`]: resolves to the stored message once it is
