@@ -1841,6 +1841,16 @@ mod stories {
         assert!(store.visitor(SHOP, "nobody").await.unwrap().is_none());
         let recent = store.recent_visitors(SHOP, 10).await.unwrap();
         assert_eq!(recent.len(), 1);
+        let named = store
+            .visitors_named(SHOP, &["nobody".into(), "v1".into()])
+            .await
+            .unwrap();
+        assert_eq!(
+            named,
+            std::slice::from_ref(&v),
+            "only the stored one, of this domain"
+        );
+        assert!(store.visitors_named(SHOP, &[]).await.unwrap().is_empty());
     }
 
     /// Counts over windows and series per hour and per day match what was recorded: a

@@ -313,39 +313,32 @@ impl StatsService {
         range.check()?;
         let midnight =
             DateTime::from_timestamp_millis(day_of(now.timestamp_millis())).unwrap_or(now);
-        let active = self.visitors.active(domain).await.len() as u64;
-        let windows = self
-            .store
-            .visitors_since(
-                domain,
-                &[midnight, now - Duration::days(7), now - Duration::days(30)],
-            )
-            .await?;
+        // Independent reads, at once.
+        let windows = [midnight, now - Duration::days(7), now - Duration::days(30)];
+        let store = &*self.store;
+        let (active, budget, read) = tokio::join!(
+            self.visitors.active(domain),
+            self.ai.daily_token_budget(domain),
+            async {
+                tokio::try_join!(
+                    store.visitors_since(domain, &windows),
+                    store.visitor_series(domain, range.from, range.to, range.interval),
+                    store.activity(domain, range.from, range.to),
+                    store.first_response_times(domain, range.from, range.to),
+                    store.usage(domain, range.from, range.to, UsageGrouping::Model),
+                    store.usage(
+                        domain,
+                        midnight,
+                        now + Duration::days(1),
+                        UsageGrouping::Day
+                    ),
+                )
+            }
+        );
+        let (windows, visitor_buckets, activity, mut times, usage, today) = read?;
+        let active = active.len() as u64;
         let window = |i: usize| windows.get(i).copied().unwrap_or(0);
-        let visitor_buckets = self
-            .store
-            .visitor_series(domain, range.from, range.to, range.interval)
-            .await?;
-        let activity = self.store.activity(domain, range.from, range.to).await?;
-        let mut times = self
-            .store
-            .first_response_times(domain, range.from, range.to)
-            .await?;
         times.sort_unstable();
-        let usage = self
-            .store
-            .usage(domain, range.from, range.to, UsageGrouping::Model)
-            .await?;
-        let today = self
-            .store
-            .usage(
-                domain,
-                midnight,
-                now + Duration::days(1),
-                UsageGrouping::Day,
-            )
-            .await?;
-        let budget = self.ai.daily_token_budget(domain).await;
 
         // The series: every bucket, zeros included.
         let buckets = range.buckets();
@@ -484,15 +477,22 @@ impl StatsService {
         domain: &str,
     ) -> Result<Vec<ActiveVisitor>, ServiceError> {
         Self::admit(caller, domain)?;
-        let ids = self.visitors.active(domain).await;
-        let mut listed = Vec::with_capacity(ids.len().min(MAX_LISTED));
-        for id in ids.into_iter().take(MAX_LISTED) {
-            let stored = self.store.visitor(domain, &id).await?;
-            listed.push(ActiveVisitor {
+        let mut ids = self.visitors.active(domain).await;
+        ids.truncate(MAX_LISTED);
+        let mut stored: std::collections::HashMap<String, Visitor> = self
+            .store
+            .visitors_named(domain, &ids)
+            .await?
+            .into_iter()
+            .map(|v| (v.visitor_id.clone(), v))
+            .collect();
+        let mut listed: Vec<ActiveVisitor> = ids
+            .into_iter()
+            .map(|id| ActiveVisitor {
+                visitor: stored.remove(&id),
                 visitor_id: id,
-                visitor: stored,
-            });
-        }
+            })
+            .collect();
         listed.sort_by(|a, b| {
             let seen = |v: &ActiveVisitor| v.visitor.as_ref().map(|s| s.last_seen);
             seen(b)

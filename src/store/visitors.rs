@@ -167,6 +167,13 @@ pub trait Visitors: Send + Sync {
         interval: Interval,
     ) -> Result<Vec<Bucket>, StoreError>;
 
+    /// Those of `visitor_ids` the domain has stored, in no order.
+    async fn visitors_named(
+        &self,
+        domain_id: &str,
+        visitor_ids: &[String],
+    ) -> Result<Vec<Visitor>, StoreError>;
+
     /// The domain's visitors seen most recently, latest first, at most `limit`.
     async fn recent_visitors(
         &self,

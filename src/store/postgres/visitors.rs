@@ -221,6 +221,28 @@ impl Visitors for PostgresStore {
             .collect()
     }
 
+    async fn visitors_named(
+        &self,
+        domain_id: &str,
+        visitor_ids: &[String],
+    ) -> Result<Vec<Visitor>, StoreError> {
+        if visitor_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .read(
+                "visitors by id",
+                sqlx::query(&format!(
+                    "SELECT {COLUMNS} FROM visitors WHERE domain_id = $1 AND visitor_id = ANY($2)"
+                ))
+                .bind(domain_id)
+                .bind(visitor_ids)
+                .fetch_all(&self.pool),
+            )
+            .await?;
+        rows.iter().map(visitor_at).collect()
+    }
+
     async fn recent_visitors(
         &self,
         domain_id: &str,

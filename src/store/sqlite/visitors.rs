@@ -172,6 +172,28 @@ impl Visitors for SqliteStore {
         .await
     }
 
+    async fn visitors_named(
+        &self,
+        domain_id: &str,
+        visitor_ids: &[String],
+    ) -> Result<Vec<Visitor>, StoreError> {
+        let domain = domain_id.to_owned();
+        let ids = visitor_ids.to_vec();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM visitors WHERE domain_id = ?1 AND visitor_id = ?2"
+            ))?;
+            let mut found = Vec::with_capacity(ids.len());
+            for id in &ids {
+                if let Some(v) = stmt.query_row(params![domain, id], visitor_at).optional()? {
+                    found.push(v);
+                }
+            }
+            Ok(found)
+        })
+        .await
+    }
+
     async fn recent_visitors(
         &self,
         domain_id: &str,
