@@ -50,6 +50,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0006_visitors.sql",
         include_str!("../migrations/postgres/0006_visitors.sql"),
     ),
+    (
+        "0008_files.sql",
+        include_str!("../migrations/postgres/0008_files.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating, so nodes starting together migrate one
@@ -98,9 +102,14 @@ fn migrations() -> Result<Vec<Migration>, String> {
         .collect()
 }
 
-/// The newest version this Parlor knows.
+/// The newest version this Parlor knows: the last migration's number (numbers need not be
+/// contiguous).
 fn latest() -> i64 {
-    i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX)
+    MIGRATIONS
+        .last()
+        .and_then(|(file, _)| file.split_once('_'))
+        .and_then(|(version, _)| version.parse().ok())
+        .unwrap_or(i64::MAX)
 }
 
 fn newer(version: i64) -> StoreError {
