@@ -379,10 +379,21 @@ impl App {
             Arc::clone(&store),
             shared.clone(),
         ));
+        let files = Arc::new(
+            crate::service::files::FileService::new(
+                &config.files,
+                Arc::clone(&store),
+                Arc::clone(&domains),
+                Arc::clone(&metrics),
+            )
+            .map_err(invalid)?,
+        );
+        tracing::info!(store = files.location(), "files are kept in the file store");
         let state = AppState::new(AppInner {
             sockets,
             accounts,
             visitors,
+            files,
             sessions,
             notifications,
             ai,

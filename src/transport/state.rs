@@ -55,6 +55,8 @@ pub struct AppInner {
     pub accounts: Arc<crate::service::accounts::AccountService>,
     /// A domain's visitors (`docs/visitors.md`).
     pub visitors: Arc<crate::service::visitors::VisitorService>,
+    /// Uploaded files (`docs/files.md`).
+    pub files: Arc<crate::service::files::FileService>,
     /// Message distribution between nodes.
     pub broker: Arc<dyn Broker>,
     /// Cluster-wide rate limits, counters, online users and claims (Redis with the Redis
