@@ -123,6 +123,13 @@ error_codes! {
     InvalidSocketId = "invalid_socket_id",
     InvalidChannel = "invalid_channel",
     NoPusherApp = "no_pusher_app",
+    InvalidUpload = "invalid_upload",
+    FileTooLarge = "file_too_large",
+    FileTypeNotAllowed = "file_type_not_allowed",
+    FileNotFound = "file_not_found",
+    TooManyFiles = "too_many_files",
+    InvalidAttachments = "invalid_attachments",
+    FilesUnavailable = "files_unavailable",
     ///
     /// A configured AI provider that cannot be built (`ai.providers`): the server does not
     /// start, so no client receives it.

@@ -384,11 +384,22 @@ impl App {
             Arc::clone(&visitors),
             Arc::clone(&ai),
         ));
+        let files = Arc::new(
+            crate::service::files::FileService::new(
+                &config.files,
+                Arc::clone(&store),
+                Arc::clone(&domains),
+                Arc::clone(&metrics),
+            )
+            .map_err(invalid)?,
+        );
+        tracing::info!(store = files.location(), "files are kept in the file store");
         let state = AppState::new(AppInner {
             sockets,
             accounts,
             visitors,
             stats,
+            files,
             sessions,
             notifications,
             ai,

@@ -162,6 +162,14 @@ pub struct Metrics {
     /// Pusher webhook events, by outcome: `delivered`, `failed` (given up after
     /// retrying), `dropped` (a queue was full).
     pub pusher_webhooks: Family<ReasonLabel, Counter>,
+    /// Files stored (`POST /api/files`).
+    pub files_uploaded: Counter,
+    /// Bytes of the files stored.
+    pub files_uploaded_bytes: Counter,
+    /// Files sent to a reader (`GET /api/files/{id}`).
+    pub files_served: Counter,
+    /// Files deleted, one by one or with their room.
+    pub files_deleted: Counter,
 }
 
 impl Metrics {
@@ -337,8 +345,32 @@ impl Metrics {
             "Pusher webhook events, by outcome (delivered, failed, dropped)",
             pusher_webhooks.clone(),
         );
+        let files_uploaded = Counter::default();
+        registry.register("files_uploaded", "Files stored", files_uploaded.clone());
+        let files_uploaded_bytes = Counter::default();
+        registry.register(
+            "files_uploaded_bytes",
+            "Bytes of the files stored",
+            files_uploaded_bytes.clone(),
+        );
+        let files_served = Counter::default();
+        registry.register(
+            "files_served",
+            "Files sent to a reader",
+            files_served.clone(),
+        );
+        let files_deleted = Counter::default();
+        registry.register(
+            "files_deleted",
+            "Files deleted, one by one or with their room",
+            files_deleted.clone(),
+        );
         Self {
             registry,
+            files_uploaded,
+            files_uploaded_bytes,
+            files_served,
+            files_deleted,
             notifications,
             pusher_webhooks,
             guided,

@@ -33,6 +33,7 @@ use std::time::Duration;
 use parlor::config::StoreConfig;
 use parlor::model::{Author, Conversation, Message, NewMessage, RoomKey, RoomStatus, now_ms};
 use parlor::store::accounts::{AccountRole, NewAccount};
+use parlor::store::files::StoredFile;
 use parlor::store::guided::{
     GeneratedDocument, GuidedSession, NewDocument, NewSession, NewTurn, Pending, SessionQuery,
     SessionStatus, Speaker, Step, StoredTemplate,
@@ -299,6 +300,7 @@ macro_rules! conformance_suite {
             current visitor_counts_and_series_match_the_sightings,
             multi concurrent_sightings_of_one_visitor_count_once,
             multi activity_counts_what_was_stored,
+            current files_are_described_per_domain_and_room,
         );
     };
     (@stories $backend:ident; $($flavor:ident $(#[$attr:meta])* $story:ident),* $(,)?) => {
@@ -1941,6 +1943,83 @@ mod stories {
             store.visitor(SHOP, "same").await.unwrap().unwrap().visits,
             1
         );
+    }
+
+    /// A file's description reads back as stored, only in its own domain; lookups by ids
+    /// leave unknown ones and other domains' out; a room lists and counts its files; an id
+    /// is stored once; removal removes one file once.
+    pub async fn files_are_described_per_domain_and_room(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let file = |domain: &str, id: &str, room: &str, at: i64| StoredFile {
+            id: id.into(),
+            domain_id: domain.into(),
+            room_id: room.into(),
+            uploader_id: "v1".into(),
+            name: "ré sumé.pdf".into(),
+            size: 12_345,
+            content_type: "application/pdf".into(),
+            sha256: "ab".repeat(32),
+            created_at: chrono::DateTime::from_timestamp_millis(at).unwrap(),
+        };
+        let t0 = 1_765_022_400_123;
+        let first = file(SHOP, "f1", "r1", t0);
+        store.add_file(first.clone()).await.unwrap();
+        store
+            .add_file(file(SHOP, "f2", "r1", t0 + 1))
+            .await
+            .unwrap();
+        store
+            .add_file(file(SHOP, "f3", "r2", t0 + 2))
+            .await
+            .unwrap();
+        store.add_file(file("blog", "f4", "r1", t0)).await.unwrap();
+        assert_eq!(store.file(SHOP, "f1").await.unwrap(), Some(first.clone()));
+        assert_eq!(
+            store.file("blog", "f1").await.unwrap(),
+            None,
+            "domains are apart"
+        );
+        assert_eq!(store.file(SHOP, "f4").await.unwrap(), None);
+        // The same id again is refused and changes nothing.
+        let mut again = file(SHOP, "f1", "r2", t0 + 9);
+        again.name = "other".into();
+        assert!(matches!(
+            store.add_file(again).await,
+            Err(StoreError::Invalid(_))
+        ));
+        assert_eq!(store.file(SHOP, "f1").await.unwrap(), Some(first));
+
+        let ids = ["f1", "f3", "f4", "nope"].map(String::from);
+        let mut found: Vec<String> = store
+            .files(SHOP, &ids)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|f| f.id)
+            .collect();
+        found.sort();
+        assert_eq!(found, ["f1", "f3"]);
+        assert!(store.files(SHOP, &[]).await.unwrap().is_empty());
+
+        let listed: Vec<String> = store
+            .room_files(SHOP, "r1", 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|f| f.id)
+            .collect();
+        assert_eq!(listed, ["f1", "f2"], "oldest first, this domain only");
+        assert_eq!(store.room_files(SHOP, "r1", 1).await.unwrap().len(), 1);
+        assert_eq!(store.count_room_files(SHOP, "r1").await.unwrap(), 2);
+        assert_eq!(store.count_room_files("blog", "r1").await.unwrap(), 1);
+        assert_eq!(store.count_room_files(SHOP, "none").await.unwrap(), 0);
+
+        assert!(!store.remove_file("blog", "f1").await.unwrap());
+        assert!(store.remove_file(SHOP, "f1").await.unwrap());
+        assert!(!store.remove_file(SHOP, "f1").await.unwrap(), "once");
+        assert_eq!(store.file(SHOP, "f1").await.unwrap(), None);
+        assert_eq!(store.count_room_files(SHOP, "r1").await.unwrap(), 1);
+        assert!(store.file("blog", "f4").await.unwrap().is_some());
     }
 
     /// A lease goes to one holder, who may renew it; another gets it once it expires.

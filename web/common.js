@@ -123,6 +123,41 @@ function richText(text, markdown = false) {
   });
 }
 
+// -----------------------------------------------------------------------------------------
+// Files
+
+/** Raster images a browser may show in place; any other file is a download link. */
+const INLINE_IMAGES = ['image/png', 'image/jpeg', 'image/gif', 'image/webp'];
+
+/** A size for people: "532 B", "48 KB", "2.1 MB". */
+function formatSize(bytes) {
+  const n = Number(bytes) || 0;
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${Math.round(n / 1024)} KB`;
+  return `${(n / (1024 * 1024)).toFixed(1)} MB`;
+}
+
+/**
+ * The files a message carries (`data.attachments`, described by the server): images shown
+ * in place, other files as download links. `server` is Parlor's origin; `token` goes in the
+ * query, since an image cannot send a header. Null when there are none.
+ */
+function attachmentNodes(message, server, token) {
+  const list = Array.isArray(message.data?.attachments) ? message.data.attachments : [];
+  const query = token ? `?token=${encodeURIComponent(token)}` : '';
+  const items = list
+    .filter((a) => a && typeof a.url === 'string' && a.url.startsWith('/api/files/'))
+    .map((a) => {
+      const href = `${server}${a.url}${query}`;
+      const name = typeof a.name === 'string' ? a.name : 'file';
+      return INLINE_IMAGES.includes(a.contentType)
+        ? h('a', { class: 'file image', href, target: '_blank', rel: 'noopener noreferrer', title: name },
+          h('img', { src: href, alt: name, loading: 'lazy' }))
+        : h('a', { class: 'file', href, rel: 'noopener noreferrer', title: name }, `${name} · ${formatSize(a.size)}`);
+    });
+  return items.length ? h('div', { class: 'files' }, ...items) : null;
+}
+
 /** "14:05" in the reader's locale; '' for a missing or unreadable time. */
 function formatTime(iso) {
   const date = new Date(iso);

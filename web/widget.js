@@ -164,6 +164,9 @@
     .notice[data-event="escalate"] .icon, .notice[data-event="unassign"] .icon { color: #b42318; }
     .streaming .text > :last-child::after { content: "▍"; animation: pulse .6s infinite alternate; margin-left: 1px; }
     .meta { font-size: 11px; color: var(--muted); margin: 2px 4px 0; display: flex; gap: 6px; }
+    .files { display: flex; flex-wrap: wrap; gap: 6px; margin: 4px 0 0; max-width: 100%; }
+    .file { font-size: 13px; color: inherit; text-decoration: underline; word-break: break-all; }
+    .file.image img { display: block; max-width: 220px; max-height: 220px; border-radius: 10px; border: 1px solid var(--line); }
     .pending .text { opacity: .65; }
     .failed .text { background: #fee4e2; color: #912018; }
     .retry { border: none; background: none; color: #b42318; text-decoration: underline; cursor: pointer; padding: 0; font-size: 11px; }
@@ -198,6 +201,12 @@
       background: var(--accent); color: var(--accent-text); display: grid; place-items: center;
     }
     .send:disabled { opacity: .4; cursor: default; }
+    .attach {
+      flex: none; width: 36px; height: 42px; border: none; background: none; cursor: pointer;
+      color: var(--muted); display: grid; place-items: center;
+    }
+    .attach:focus-visible { outline: 2px solid var(--fg); outline-offset: 2px; }
+    .attach svg { width: 20px; height: 20px; fill: currentColor; }
     .send:focus-visible { outline: 2px solid var(--fg); outline-offset: 2px; }
     .send svg { width: 20px; height: 20px; fill: currentColor; }
     .counter { margin: -6px 16px 6px; text-align: right; font-size: 12px; color: var(--muted); font-variant-numeric: tabular-nums; }
@@ -222,6 +231,8 @@
     '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M12 3C6.5 3 2 6.9 2 11.7c0 2.4 1.1 4.6 3 6.2L4 22l4.5-2.3c1.1.3 2.3.5 3.5.5 5.5 0 10-3.9 10-8.7S17.5 3 12 3z"/></svg>';
   const ICON_CLOSE =
     '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M18.3 5.7a1 1 0 0 0-1.4 0L12 10.6 7.1 5.7a1 1 0 0 0-1.4 1.4l4.9 4.9-4.9 4.9a1 1 0 1 0 1.4 1.4l4.9-4.9 4.9 4.9a1 1 0 0 0 1.4-1.4L13.4 12l4.9-4.9a1 1 0 0 0 0-1.4z"/></svg>';
+  const ICON_ATTACH =
+    '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M16.5 6.5v10a4.5 4.5 0 0 1-9 0V5a3 3 0 0 1 6 0v10.5a1.5 1.5 0 0 1-3 0V6.5H9v9a3 3 0 0 0 6 0V5a4.5 4.5 0 0 0-9 0v11.5a6 6 0 0 0 12 0v-10z"/></svg>';
   const ICON_SEND =
     '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M3.4 20.4 21 12 3.4 3.6 3.4 10l12.6 2-12.6 2z"/></svg>';
 
@@ -283,6 +294,19 @@
     // Near the limit: how much of it the draft uses. No maxlength: it would cut a pasted text.
     ui.counter = h('div', { class: 'counter', id: 'parlor-counter', hidden: true });
     ui.send.innerHTML = ICON_SEND;
+    // A file goes to the room first, then as a message of its own (docs/files.md).
+    ui.fileInput = h('input', {
+      type: 'file',
+      hidden: true,
+      accept: 'image/png,image/jpeg,image/gif,image/webp,application/pdf,text/plain',
+      onchange: () => {
+        const file = ui.fileInput.files[0];
+        ui.fileInput.value = '';
+        attachFile(file);
+      },
+    });
+    ui.attach = h('button', { class: 'attach', type: 'button', 'aria-label': 'Attach a file', onclick: () => ui.fileInput.click() });
+    ui.attach.innerHTML = ICON_ATTACH;
     const form = h(
       'form',
       {
@@ -292,6 +316,8 @@
         },
       },
       h('label', { class: 'sr-only', for: 'parlor-input' }, 'Message'),
+      ui.attach,
+      ui.fileInput,
       ui.input,
       ui.send,
     );
@@ -732,7 +758,10 @@
       ? h('div', { class: 'text' }, ...noticeNodes(message))
       : h('div', { class: 'text' }, ...richText(String(message.message ?? ''), message.role === 'assistant'));
     if (message.timestamp) text.title = new Date(message.timestamp).toLocaleString();
-    li.append(text);
+    const files = attachmentNodes(message, SERVER, state.identity?.token);
+    // A message of files alone shows no empty bubble.
+    if (!files || String(message.message ?? '').trim()) li.append(text);
+    if (files) li.append(files);
     const sources = renderSources(message);
     if (sources) li.append(sources);
 
@@ -843,6 +872,44 @@
     pending.set(clientMessageId, { li, text, state: 'queued' });
     if (!started) start();
     else sendPending(clientMessageId);
+  }
+
+  /** Why the server refused a file, for the visitor. */
+  const FILE_REFUSED = {
+    file_too_large: 'That file is too large to send.',
+    file_type_not_allowed: 'That kind of file cannot be sent here.',
+    too_many_files: 'This conversation cannot take more files.',
+  };
+
+  /** Uploads `file` into the room and sends it as a message; a banner says why not. */
+  async function attachFile(file) {
+    if (!file) return;
+    if (!started) start();
+    if (!joined || !state.identity) {
+      showBanner('Connecting… attach the file again in a moment.', 4000);
+      return;
+    }
+    const form = new FormData();
+    form.append('roomId', state.roomId);
+    form.append('file', file);
+    try {
+      const response = await fetch(`${SERVER}/api/files`, {
+        method: 'POST',
+        headers: { Authorization: `Bearer ${state.identity.token}` },
+        body: form,
+      });
+      const body = await response.json().catch(() => ({}));
+      if (!response.ok) {
+        showBanner(FILE_REFUSED[body.error?.code] || 'The file could not be sent.', 6000);
+        return;
+      }
+      const frame = { type: 'send-message', roomId: state.roomId, message: '', clientMessageId: newClientId(), attachments: [{ fileId: body.fileId }] };
+      request(frame, (reply) => {
+        if (reply.type === 'error') showBanner('The file could not be sent.', 6000);
+      });
+    } catch {
+      showBanner('The file could not be sent.', 6000);
+    }
   }
 
   function sendPending(clientMessageId) {

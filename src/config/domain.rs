@@ -34,6 +34,9 @@ pub struct DomainConfig {
     /// Limits of this domain, tighter than the server's.
     #[serde(default, skip_serializing_if = "DomainLimits::is_unset")]
     pub limits: DomainLimits,
+    /// File limits of this domain, tighter than `[files]`'s (see `docs/files.md`).
+    #[serde(default, skip_serializing_if = "DomainFiles::is_unset")]
+    pub files: DomainFiles,
     /// The AI assistant answering visitors in this domain's support rooms; none when
     /// absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -354,6 +357,7 @@ impl DomainConfig {
             pusher_keys: Vec::new(),
             jwt: None,
             limits: DomainLimits::default(),
+            files: DomainFiles::default(),
             bot: None,
             handoff: HandoffConfig::default(),
             public: false,

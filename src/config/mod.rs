@@ -18,6 +18,7 @@ mod ai;
 mod domain;
 mod durations;
 mod explain;
+mod files;
 mod server;
 #[cfg(test)]
 mod tests;
@@ -26,6 +27,7 @@ mod urls;
 pub use ai::*;
 pub use domain::*;
 use durations::{duration_ms, duration_text};
+pub use files::*;
 pub use server::*;
 pub use urls::*;
 
@@ -88,6 +90,8 @@ pub struct Config {
     pub sessions: SessionsConfig,
     /// Notifications (see `docs/notifications.md`).
     pub notifications: NotificationsConfig,
+    /// Uploaded files: where they are kept and their limits (see `docs/files.md`).
+    pub files: FilesConfig,
     /// Tenants. A `demo` domain is always present (see [`Config::validate`]).
     pub domains: Vec<DomainConfig>,
 }
@@ -198,6 +202,7 @@ impl Default for Config {
             web: WebConfig::default(),
             sessions: SessionsConfig::default(),
             notifications: NotificationsConfig::default(),
+            files: FilesConfig::default(),
             domains: vec![DomainConfig::demo()],
         }
     }
@@ -460,6 +465,7 @@ impl Config {
                 .map_err(|e| ConfigError::Invalid(format!("domains.{}.handoff: {e}", d.id)))?;
         }
         self.trusted_proxy_ranges()?;
+        self.files.validate(&self.domains)?;
         for (name, p) in &self.ai.providers {
             if p.model.trim().is_empty() {
                 return Err(ConfigError::Invalid(format!(

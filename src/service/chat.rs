@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use super::ServiceError;
+use super::files::Attachments;
 use crate::auth::Domains;
 use crate::auth::policy;
 use crate::config::Limits;
@@ -65,6 +66,8 @@ pub struct Outgoing<'a> {
     pub display_name: Option<&'a str>,
     /// Structured extras.
     pub data: Option<serde_json::Value>,
+    /// Files attached, checked by the file service; kept in `data.attachments`.
+    pub attachments: Attachments,
 }
 
 impl ChatService {
@@ -299,7 +302,8 @@ impl ChatService {
     /// The message `identity` may store from `out`, or why not.
     fn checked(&self, identity: &Identity, out: Outgoing<'_>) -> Result<NewMessage, ServiceError> {
         let key = self.room_key(identity, out.room_id)?;
-        if out.text.trim().is_empty() {
+        // A message may be its attachments alone.
+        if out.text.trim().is_empty() && out.attachments.is_empty() {
             return Err(ServiceError::invalid(
                 ErrorCode::EmptyMessage,
                 "message must not be empty",
@@ -339,6 +343,17 @@ impl ChatService {
                 format!("data must be a JSON object nested at most {MAX_CLIENT_DATA_DEPTH} levels"),
             ));
         }
+        // `data.attachments` is the server's: only files it checked go there.
+        if out
+            .data
+            .as_ref()
+            .is_some_and(|d| d.get(ATTACHMENTS).is_some())
+        {
+            return Err(ServiceError::invalid(
+                ErrorCode::InvalidData,
+                "data.attachments is reserved: send files as `attachments` (their fileIds)",
+            ));
+        }
         let role = policy::message_role(identity, out.role)
             .map_err(|m| ServiceError::Forbidden(m.to_owned()))?;
         let name = match out.display_name {
@@ -359,7 +374,7 @@ impl ChatService {
             },
             kind: "text".to_owned(),
             content: out.text,
-            data: out.data,
+            data: with_attachments(out.data, out.attachments),
             client_message_id: out.client_message_id,
         })
     }
@@ -560,6 +575,26 @@ impl Future for Committing {
         }
         Poll::Ready(result.map_err(ServiceError::from))
     }
+}
+
+/// The key of a message's `data` that holds its attachments.
+pub const ATTACHMENTS: &str = "attachments";
+
+/// `data` with `attachments` added under [`ATTACHMENTS`] (an object made when there was
+/// none).
+fn with_attachments(
+    data: Option<serde_json::Value>,
+    attachments: Attachments,
+) -> Option<serde_json::Value> {
+    if attachments.is_empty() {
+        return data;
+    }
+    let mut data = match data {
+        Some(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    data.insert(ATTACHMENTS.to_owned(), attachments.into_value());
+    Some(serde_json::Value::Object(data))
 }
 
 /// The error for acting in a room one has not joined.

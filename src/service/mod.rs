@@ -8,6 +8,7 @@ pub mod accounts;
 pub mod ai;
 pub mod chat;
 pub mod domains;
+pub mod files;
 pub mod handoff;
 pub mod notifications;
 pub mod sessions;

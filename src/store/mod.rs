@@ -21,6 +21,7 @@
 pub mod accounts;
 mod batch;
 pub use batch::Answer;
+pub mod files;
 pub mod guided;
 pub mod notifications;
 pub mod postgres;
@@ -483,6 +484,7 @@ pub enum StoreError {
 #[async_trait]
 pub trait Store:
     accounts::Accounts
+    + files::Files
     + guided::Guided
     + notifications::Notifications
     + visitors::Visitors

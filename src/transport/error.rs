@@ -66,6 +66,11 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
     }
 
+    /// The stable code.
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+
     /// 400.
     pub fn bad_request(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)

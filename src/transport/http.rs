@@ -22,6 +22,7 @@ use crate::error_code::ErrorCode;
 use crate::model::{Identity, Role, iso, now_ms, valid_id};
 use crate::service::ServiceError;
 use crate::service::chat::Outgoing;
+use crate::service::files::Attachments;
 use crate::transport::AppState;
 
 /// The bearer token of a request, if any.
@@ -260,6 +261,8 @@ pub struct PostMessage {
     role: Option<String>,
     client_message_id: Option<String>,
     data: Option<Value>,
+    /// Files of the room to attach (`[{"fileId"}]`).
+    attachments: Option<Vec<super::files::AttachmentRef>>,
 }
 
 /// `POST /api/messages`: stores a message and broadcasts it to the room.
@@ -276,6 +279,24 @@ pub async fn post_message(
         role: body.role.as_deref(),
     };
     let identity = settled(&app, &identity, claimed, &headers)?;
+    let ids = super::files::attachment_ids(body.attachments.as_deref().unwrap_or_default());
+    let attachments = if ids.is_empty() {
+        Attachments::default()
+    } else {
+        // The room first: only someone who may post in it learns what files it holds.
+        let key = app
+            .chat
+            .room_key(&identity, &body.chat_room_id)
+            .map_err(|e| error(&app, e))?;
+        app.chat
+            .authorize(&identity, &key, true)
+            .await
+            .map_err(|e| error(&app, e))?;
+        app.files
+            .attachments(&identity, &body.chat_room_id, &ids)
+            .await
+            .map_err(|e| error(&app, e))?
+    };
     app.handoff
         .take_on_reply(&identity, &body.chat_room_id)
         .await;
@@ -286,6 +307,7 @@ pub async fn post_message(
         role: body.role.as_deref(),
         display_name: None,
         data: body.data,
+        attachments,
     };
     store_message(&app, &identity, out).await
 }
@@ -387,6 +409,7 @@ pub async fn publish(
         role: body.role.as_deref(),
         display_name: None,
         data: body.data,
+        attachments: Attachments::default(),
     };
     store_message(&app, &identity, out).await
 }

@@ -10,6 +10,7 @@
 //!   `ai-chat` / `ai-stream` frames share.
 //! - [`edge`]: per-IP rate limits, CORS and each domain's allowed origins.
 //! - [`handoff`]: the hand-off HTTP API (inbox, assign, resolve, notes).
+//! - [`files`]: file uploads, reads and deletions (`/api/files`).
 //! - [`web`]: the pages compiled into the binary (widget, agent inbox, demo page).
 //! - [`listen`]: the TCP listener: per-address connection cap, header and body timeouts.
 //! - [`visitor`]: the cookie that keeps a token-less browser one visitor.
@@ -24,6 +25,7 @@ pub mod admin;
 pub mod ai;
 pub mod edge;
 pub mod error;
+pub mod files;
 pub mod handoff;
 pub mod http;
 pub mod listen;
@@ -49,6 +51,10 @@ pub use state::{AppInner, AppState};
 /// The whole HTTP and WebSocket surface.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.limits.max_body_bytes;
+    // An upload's request holds the largest file and the form around it.
+    let upload_limit = usize::try_from(state.files.max_bytes())
+        .unwrap_or(usize::MAX)
+        .saturating_add(files::FORM_OVERHEAD_BYTES);
     let trace = TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
         let id = req
             .headers()
@@ -117,6 +123,18 @@ pub fn router(state: AppState) -> Router {
             get(http::list_messages).post(http::post_message),
         )
         .route("/api/rooms/{id}/messages", get(http::room_messages))
+        .route(
+            "/api/files",
+            post(files::upload).layer(DefaultBodyLimit::max(upload_limit)),
+        )
+        .route(
+            "/api/files/{id}",
+            get(files::download).delete(files::delete),
+        )
+        .route(
+            "/api/rooms/{id}/files",
+            get(files::room_files).delete(files::delete_room_files),
+        )
         .route("/api/rooms/{id}/conversation", get(handoff::conversation))
         .route("/api/rooms/{id}/escalate", post(handoff::escalate))
         .route("/api/rooms/{id}/assign", post(handoff::assign))

@@ -57,6 +57,8 @@ pub struct AppInner {
     pub visitors: Arc<crate::service::visitors::VisitorService>,
     /// A domain's statistics (`docs/stats.md`).
     pub stats: Arc<crate::service::stats::StatsService>,
+    /// Uploaded files (`docs/files.md`).
+    pub files: Arc<crate::service::files::FileService>,
     /// Message distribution between nodes.
     pub broker: Arc<dyn Broker>,
     /// Cluster-wide rate limits, counters, online users and claims (Redis with the Redis

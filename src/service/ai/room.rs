@@ -391,6 +391,7 @@ impl AiService {
             role: Some(role),
             display_name: None,
             data: Some(data),
+            ..Outgoing::default()
         };
         if let Err(e) = self.chat.send_internal(&assistant, out).await {
             tracing::warn!(room = %room, error = %e, "cannot store the assistant's message");

@@ -54,6 +54,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0007_stats.sql",
         include_str!("../migrations/postgres/0007_stats.sql"),
     ),
+    (
+        "0008_files.sql",
+        include_str!("../migrations/postgres/0008_files.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating, so nodes starting together migrate one
@@ -102,9 +106,14 @@ fn migrations() -> Result<Vec<Migration>, String> {
         .collect()
 }
 
-/// The newest version this Parlor knows.
+/// The newest version this Parlor knows: the last migration's number (numbers need not be
+/// contiguous).
 fn latest() -> i64 {
-    i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX)
+    MIGRATIONS
+        .last()
+        .and_then(|(file, _)| file.split_once('_'))
+        .and_then(|(version, _)| version.parse().ok())
+        .unwrap_or(i64::MAX)
 }
 
 fn newer(version: i64) -> StoreError {

@@ -60,6 +60,7 @@
 mod rows;
 
 mod accounts;
+mod files;
 mod guided;
 mod migrate;
 mod notifications;

@@ -25,6 +25,7 @@
 mod rows;
 
 mod accounts;
+mod files;
 mod guided;
 mod migrate;
 mod notifications;

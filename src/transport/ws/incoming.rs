@@ -102,6 +102,8 @@ pub(super) struct SendMessage {
     pub(super) client_message_id: Option<String>,
     pub(super) role: Option<String>,
     pub(super) data: Option<Value>,
+    /// Files of the room to attach (`[{"fileId"}]`).
+    pub(super) attachments: Option<Vec<crate::transport::files::AttachmentRef>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -2,6 +2,7 @@
 //! typing, read state, presence and questions to the assistant.
 
 use super::*;
+use crate::transport::files::attachment_ids;
 
 impl Connection {
     /// `auth`: an anonymous connection becomes the token's identity. Allowed once, within
@@ -457,6 +458,19 @@ impl Connection {
         if let Some(ip) = self.address {
             self.app.ai.note_visitor_address(&identity, ip);
         }
+        let ids = attachment_ids(f.attachments.as_deref().unwrap_or_default());
+        let attachments = match self
+            .app
+            .files
+            .attachments(&identity, &key.room_id, &ids)
+            .await
+        {
+            Ok(attachments) => attachments,
+            Err(e) => {
+                self.settle_sends(socket).await?;
+                return self.service_error(socket, reply_to, &e).await;
+            }
+        };
         let out = Outgoing {
             room_id: &key.room_id,
             text: f.message,
@@ -464,6 +478,7 @@ impl Connection {
             role: f.role.as_deref(),
             display_name: self.display_name.as_deref(),
             data: f.data,
+            attachments,
         };
         match self.app.chat.submit(&identity, out).await {
             Ok(committing) => {
