@@ -7,8 +7,8 @@
 // one story, checking at every step what a person would see in the page, and stops the
 // server at the end, also on failure. The story: a visitor chats with the bot (a streamed
 // answer) and asks for a person; an agent signs in to the inbox, takes the waiting room and
-// talks with the visitor (typing indicators, read receipts); a second visitor's escalation
-// alerts the agent; a second tab of the first visitor stays in sync; the server restarts
+// talks with the visitor (typing indicators, read receipts), who sends an image and a file;
+// a second visitor's escalation alerts the agent; a second tab of the first visitor stays in sync; the server restarts
 // mid-conversation (nothing lost, nothing twice); the agent resolves and the visitor
 // reopens; a phone-sized screen; notes, transfer and unassign with a second agent; paging
 // back through a long conversation; the statistics page; the widget against a scripted
@@ -399,6 +399,29 @@ async function main() {
     });
 
     let visitorB = null;
+    await step('files: the visitor attaches an image and a text file; the image is shown in place, the text file is a download, in the widget and the inbox', async () => {
+      const png = Buffer.from('iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==', 'base64');
+      const input = vPage.locator('#parlor-widget input[type="file"]');
+      await input.setInputFiles({ name: 'dot.png', mimeType: 'image/png', buffer: png });
+      const loaded = (img) => img.evaluate((el) => el.complete && el.naturalWidth === 1);
+      const widgetImage = vPage.locator('#parlor-widget .msg.mine[data-seq] img[alt="dot.png"]');
+      await visible(widgetImage, 'the image in the widget');
+      await eventually('the image to load in the widget', () => loaded(widgetImage));
+      const inboxImage = aPage.locator('#log .msg[data-seq] img[alt="dot.png"]');
+      await visible(inboxImage, 'the image in the inbox');
+      await eventually('the image to load in the inbox', () => loaded(inboxImage));
+      await input.setInputFiles({ name: 'notes.txt', mimeType: 'text/plain', buffer: Buffer.from('order 1234\n') });
+      const widgetLink = vPage.locator('#parlor-widget .msg.mine[data-seq] a.file', { hasText: 'notes.txt' });
+      await visible(widgetLink, 'the text file as a link in the widget');
+      const inboxLink = aPage.locator('#log .msg[data-seq] a.file', { hasText: 'notes.txt' });
+      await visible(inboxLink, 'the text file as a link in the inbox');
+      // The link downloads the bytes, as an attachment.
+      const href = await inboxLink.getAttribute('href');
+      const response = await fetch(new URL(href, server.base));
+      check(response.status === 200 && (await response.text()) === 'order 1234\n', `the inbox's link reads the file (HTTP ${response.status})`);
+      check(/attachment/.test(response.headers.get('content-disposition') || ''), 'the text file is served as a download');
+    });
+
     await step('a newly waiting conversation alerts the agent (title, badge, sound)', async () => {
       await aPage.evaluate(() => {
         window.__alerts = [];
