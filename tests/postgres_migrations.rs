@@ -162,7 +162,7 @@ async fn a_version_2_database_of_the_earlier_runner_is_adopted_and_upgraded() {
     );
     store.close().await;
 
-    // The versions moved to sqlx's table (1 and 2 adopted, 3 to 6 applied); the old table
+    // The versions moved to sqlx's table (1 and 2 adopted, 3 to 7 applied); the old table
     // is gone.
     assert_eq!(
         sqlx_versions(&mut conn).await,
@@ -172,7 +172,8 @@ async fn a_version_2_database_of_the_earlier_runner_is_adopted_and_upgraded() {
             (3, true),
             (4, true),
             (5, true),
-            (6, true)
+            (6, true),
+            (7, true)
         ]
     );
     let untimed: Vec<i64> = sqlx::query_scalar(
@@ -228,16 +229,16 @@ async fn a_database_of_a_newer_parlor_is_refused_untouched() {
     db.open().await.expect("create").close().await;
     conn.execute(
         "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
-         VALUES (7, 'later', TRUE, '\\x00', 1)",
+         VALUES (8, 'later', TRUE, '\\x00', 1)",
     )
     .await
     .expect("a later version");
     let refused = db.open().await.expect_err("refused").to_string();
     assert!(
-        refused.contains("database schema version 7 is newer than this Parlor (6)"),
+        refused.contains("database schema version 8 is newer than this Parlor (7)"),
         "{refused}"
     );
-    assert_eq!(sqlx_versions(&mut conn).await.len(), 7);
+    assert_eq!(sqlx_versions(&mut conn).await.len(), 8);
     conn.close().await.ok();
 }
 
@@ -248,12 +249,12 @@ async fn a_database_of_a_newer_earlier_runner_is_refused_untouched() {
     };
     let mut conn = db.connect().await;
     migrate_the_old_way(&mut conn, 4).await;
-    conn.execute("INSERT INTO parlor_schema_migrations (version, applied_at) VALUES (7, 0)")
+    conn.execute("INSERT INTO parlor_schema_migrations (version, applied_at) VALUES (8, 0)")
         .await
         .expect("a later version");
     let refused = db.open().await.expect_err("refused").to_string();
     assert!(
-        refused.contains("database schema version 7 is newer than this Parlor (6)"),
+        refused.contains("database schema version 8 is newer than this Parlor (7)"),
         "{refused}"
     );
     assert!(has_table(&mut conn, "parlor_schema_migrations").await);

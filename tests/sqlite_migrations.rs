@@ -150,7 +150,7 @@ async fn version_1_database_upgrades_without_losing_anything() {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .expect("version");
-    assert_eq!(version, 10);
+    assert_eq!(version, 11);
 }
 
 /// The first five migrations, as the runner of earlier Parlor releases applied them: each in
@@ -247,8 +247,8 @@ async fn a_version_5_database_of_the_earlier_runner_upgrades_to_the_latest() {
     assert!(again.duplicate, "an old key still deduplicates");
     store.close().await;
 
-    // Migrations 6 to 10 ran: their tables exist, and the count is the latest.
-    assert_eq!(user_version(&path), 10);
+    // Migrations 6 to 11 ran: their tables exist, and the count is the latest.
+    assert_eq!(user_version(&path), 11);
     let conn = Connection::open(&path).expect("open");
     for table in [
         "accounts",
@@ -257,6 +257,7 @@ async fn a_version_5_database_of_the_earlier_runner_upgrades_to_the_latest() {
         "leases",
         "notifications",
         "visitors",
+        "webhook_outbox",
     ] {
         let found: i64 = conn
             .query_row(
@@ -280,20 +281,20 @@ async fn a_database_of_a_newer_parlor_is_refused_untouched() {
         .await
         .expect("append");
     store.close().await;
-    // A later release added an eleventh migration.
+    // A later release added a twelfth migration.
     Connection::open(&path)
         .expect("open")
-        .pragma_update(None, "user_version", 11)
+        .pragma_update(None, "user_version", 12)
         .expect("version");
 
     let (sink, _committed) = mpsc::unbounded_channel();
     let refused = SqliteStore::open(&path, &StoreConfig::default(), sink).expect_err("refused");
     let message = refused.to_string();
     assert!(
-        message.contains("database schema version 11 is newer than this Parlor (10)"),
+        message.contains("database schema version 12 is newer than this Parlor (11)"),
         "{message}"
     );
-    assert_eq!(user_version(&path), 11);
+    assert_eq!(user_version(&path), 12);
     let kept: String = Connection::open(&path)
         .expect("open")
         .query_row("SELECT content FROM messages", [], |r| r.get(0))

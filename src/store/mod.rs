@@ -26,6 +26,7 @@ pub mod notifications;
 pub mod postgres;
 pub mod sqlite;
 pub mod visitors;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -485,6 +486,7 @@ pub trait Store:
     + guided::Guided
     + notifications::Notifications
     + visitors::Visitors
+    + webhooks::Outbox
     + Send
     + Sync
     + std::fmt::Debug

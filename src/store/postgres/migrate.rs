@@ -50,6 +50,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0006_visitors.sql",
         include_str!("../migrations/postgres/0006_visitors.sql"),
     ),
+    (
+        "0007_webhooks.sql",
+        include_str!("../migrations/postgres/0007_webhooks.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating, so nodes starting together migrate one

@@ -2,17 +2,22 @@
 //! transaction on the writer's own connection, its operations sorted into the lock order; a
 //! batch of appends only as one statement ([`append_all`]).
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 
 use super::rows::Locks;
+use super::webhooks::append_all_with_events;
 use super::writes::{
     add_note, append, append_all, change_domains, first_response, lock_room, mark_read, transition,
 };
 use super::{ACQUIRE_TIMEOUT, DEADLINE, deadline_passed, int, store_error, to_ms};
+use crate::config::WebhookEvent;
 use crate::model::{NewMessage, RoomKey, now_ms};
 use crate::store::batch::{Commit, Failure, Handover, Intake, Output};
+use crate::store::webhooks::Subscriptions;
 use crate::store::{CustomerProfile, Decide, DomainChange, NewNote, StoreError, UsageRecord};
 
 /// Name of the writer: its failpoint, and the task the supervisor reports if it panics.
@@ -97,13 +102,16 @@ pub(super) struct Writer {
     /// The writer's own connection, outside the pool, kept between transactions; closed
     /// when the database fails, so the next transaction starts on a fresh one.
     conn: Option<PgConnection>,
+    /// Which domains' messages and transitions add webhook outbox rows.
+    subscriptions: Arc<Subscriptions>,
 }
 
 impl Writer {
-    pub(super) fn new(options: PgConnectOptions) -> Self {
+    pub(super) fn new(options: PgConnectOptions, subscriptions: Arc<Subscriptions>) -> Self {
         Self {
             options,
             conn: None,
+            subscriptions,
         }
     }
 
@@ -138,7 +146,20 @@ impl Writer {
                 })
                 .collect();
             if let Some(messages) = appends.filter(|m| m.len() >= 2) {
-                match append_all(self.connection().await?, &messages).await {
+                let subscribed = messages.iter().any(|m| {
+                    !self
+                        .subscriptions
+                        .urls(&m.room.domain_id, WebhookEvent::MessageCreated)
+                        .is_empty()
+                });
+                let appended = if subscribed {
+                    let subscriptions = Arc::clone(&self.subscriptions);
+                    append_all_with_events(self.connection().await?, &messages, &subscriptions)
+                        .await
+                } else {
+                    append_all(self.connection().await?, &messages).await
+                };
+                match appended {
                     Ok(appended) => {
                         return Ok(appended.into_iter().map(Output::Appended).collect());
                     }
@@ -177,11 +198,12 @@ impl Writer {
 
     /// Runs `ops` one after the other in one transaction and commits.
     async fn each_in_transaction(&mut self, ops: &[&Op]) -> Result<Vec<Output>, Failure> {
+        let subscriptions = Arc::clone(&self.subscriptions);
         let mut tx = self.connection().await?.begin().await?;
         let mut locks = Locks::new();
         let mut outputs = Vec::with_capacity(ops.len());
         for op in ops {
-            match apply(&mut tx, &mut locks, op).await {
+            match apply(&mut tx, &mut locks, &subscriptions, op).await {
                 Ok(output) => outputs.push(output),
                 Err(failure) => {
                     let _ = tx.rollback().await;
@@ -206,9 +228,16 @@ pub(super) fn lost_during_commit(e: sqlx::Error) -> Failure {
 }
 
 /// Applies one operation inside the open transaction.
-async fn apply(conn: &mut PgConnection, locks: &mut Locks, op: &Op) -> Result<Output, Failure> {
+async fn apply(
+    conn: &mut PgConnection,
+    locks: &mut Locks,
+    subscriptions: &Subscriptions,
+    op: &Op,
+) -> Result<Output, Failure> {
     match op {
-        Op::Append(m) => append(conn, locks, m).await.map(Output::Appended),
+        Op::Append(m) => append(conn, locks, subscriptions, m)
+            .await
+            .map(Output::Appended),
         Op::EnsureRoom(key, by) => {
             let room = lock_room(conn, locks, key, Some(by.as_deref()))
                 .await?
@@ -262,9 +291,11 @@ async fn apply(conn: &mut PgConnection, locks: &mut Locks, op: &Op) -> Result<Ou
             .await?;
             Ok(Output::Unit)
         }
-        Op::Transition(key, by, decide) => transition(conn, locks, key, by.as_deref(), decide)
-            .await
-            .map(Output::Transitioned),
+        Op::Transition(key, by, decide) => {
+            transition(conn, locks, subscriptions, key, by.as_deref(), decide)
+                .await
+                .map(Output::Transitioned)
+        }
         Op::FirstResponse(key, at) => first_response(conn, locks, key, *at)
             .await
             .map(Output::Conversation),

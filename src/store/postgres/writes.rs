@@ -10,10 +10,15 @@ use sqlx::Row;
 use sqlx::postgres::PgConnection;
 
 use super::rows::{LockedRoom, Locks, conversation_at, message_at};
+use super::webhooks::insert_outbox;
 use super::writer::lost_during_commit;
 use super::{count, int, refuse_nul, to_ms};
+use crate::config::WebhookEvent;
 use crate::model::{Conversation, NewMessage, Note, RoomKey, now_ms};
 use crate::store::batch::Failure;
+use crate::store::webhooks::{
+    Subscriptions, conversation_event, conversation_payload, message_payload, room_partition,
+};
 use crate::store::{Appended, Decide, DomainChange, NewNote, StoreError, Transitioned};
 
 /// Locks the room's row for the rest of the transaction and returns it; creates the room
@@ -69,6 +74,7 @@ pub(super) async fn lock_room<'a>(
 pub(super) async fn append(
     conn: &mut PgConnection,
     locks: &mut Locks,
+    subscriptions: &Subscriptions,
     m: &NewMessage,
 ) -> Result<Appended, Failure> {
     let room = lock_room(conn, locks, &m.room, Some(Some(&m.author.user_id)))
@@ -111,8 +117,16 @@ pub(super) async fn append(
     if let Some(row) = inserted {
         let seq: i64 = row.try_get(0)?;
         room.last_seq = seq;
+        let message = Arc::new(m.stored(id, count(seq), created_at));
+        let events = subscriptions.rows(
+            &m.room.domain_id,
+            WebhookEvent::MessageCreated,
+            &room_partition(&m.room),
+            || message_payload(&message),
+        );
+        insert_outbox(conn, &events).await?;
         return Ok(Appended {
-            message: Arc::new(m.stored(id, count(seq), created_at)),
+            message,
             duplicate: false,
         });
     }
@@ -171,6 +185,7 @@ pub(super) async fn mark_read(
 pub(super) async fn transition(
     conn: &mut PgConnection,
     locks: &mut Locks,
+    subscriptions: &Subscriptions,
     key: &RoomKey,
     created_by: Option<&str>,
     decide: &Decide,
@@ -234,13 +249,19 @@ pub(super) async fn transition(
         &message.author.role,
     ])
     .map_err(Failure::op)?;
-    let appended = append(conn, locks, &message).await?;
+    let appended = append(conn, locks, subscriptions, &message).await?;
     next.status_seq = appended.message.seq;
     sqlx::query("UPDATE conversations SET status_seq = $2 WHERE room = $1")
         .bind(rid)
         .bind(int(next.status_seq))
         .execute(&mut *conn)
         .await?;
+    if let Some(event) = conversation_event(&current, &next) {
+        let events = subscriptions.rows(&key.domain_id, event, &room_partition(key), || {
+            conversation_payload(&current, &next)
+        });
+        insert_outbox(conn, &events).await?;
+    }
     Ok(Transitioned {
         conversation: next,
         message: Some(appended),

@@ -28,6 +28,7 @@ const MIGRATIONS: &[M<'static>] = &[
     M::up(include_str!("../migrations/sqlite/0008_guided.sql")),
     M::up(include_str!("../migrations/sqlite/0009_notifications.sql")),
     M::up(include_str!("../migrations/sqlite/0010_visitors.sql")),
+    M::up(include_str!("../migrations/sqlite/0011_webhooks.sql")),
 ];
 
 /// Brings the database to the latest version, in one transaction.

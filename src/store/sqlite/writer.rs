@@ -13,6 +13,7 @@ use super::{to_ms, unavailable, wal};
 use crate::model::{NewMessage, RoomKey, now_ms};
 use crate::store::StoreError;
 use crate::store::batch::{Commit, Failure, Handover, Intake, Output};
+use crate::store::webhooks::Subscriptions;
 use crate::store::{CustomerProfile, Decide, DomainChange, NewNote, UsageRecord};
 
 /// Name of the writer: its failpoint, and the task the supervisor reports if it panics.
@@ -49,6 +50,8 @@ pub(super) struct Writer {
     pub(super) dirty: bool,
     /// Raised by the checkpoint thread when the WAL should start over.
     restart_wal: Arc<AtomicBool>,
+    /// Which domains' messages and transitions add webhook outbox rows.
+    pub(super) subscriptions: Arc<Subscriptions>,
 }
 
 /// What the writer remembers of a room.
@@ -62,12 +65,17 @@ pub(super) struct RoomSlot {
 const ROOM_CACHE_MAX: usize = 100_000;
 
 impl Writer {
-    pub(super) fn new(conn: Connection, restart_wal: Arc<AtomicBool>) -> Self {
+    pub(super) fn new(
+        conn: Connection,
+        restart_wal: Arc<AtomicBool>,
+        subscriptions: Arc<Subscriptions>,
+    ) -> Self {
         Self {
             conn,
             rooms: HashMap::new(),
             dirty: false,
             restart_wal,
+            subscriptions,
         }
     }
 

@@ -6,9 +6,14 @@ use chrono::{DateTime, Utc};
 use rusqlite::params;
 
 use super::rows::{row_to_message, select_conversation, select_room};
+use super::webhooks::insert_outbox;
 use super::writer::{RoomSlot, Writer};
 use super::{seq_param, to_ms, unavailable};
+use crate::config::WebhookEvent;
 use crate::model::{Conversation, NewMessage, Note, Room, RoomKey, now_ms};
+use crate::store::webhooks::{
+    conversation_event, conversation_payload, message_payload, room_partition,
+};
 use crate::store::{Appended, Decide, DomainChange, NewNote, StoreError, Transitioned};
 
 impl Writer {
@@ -204,6 +209,13 @@ impl Writer {
             entry.last_seq = seq;
         }
         self.dirty = true;
+        let events = self.subscriptions.rows(
+            &m.room.domain_id,
+            WebhookEvent::MessageCreated,
+            &room_partition(&m.room),
+            || message_payload(&message),
+        );
+        insert_outbox(&self.conn, &events).map_err(unavailable)?;
         Ok(Appended {
             message: Arc::new(message),
             duplicate: false,
@@ -299,6 +311,14 @@ impl Writer {
             .prepare_cached("UPDATE conversations SET status_seq = ?2 WHERE room = ?1")
             .and_then(|mut st| st.execute(params![slot.rid, seq_param(next.status_seq)]))
             .map_err(unavailable)?;
+        if let Some(event) = conversation_event(&current, &next) {
+            let events =
+                self.subscriptions
+                    .rows(&key.domain_id, event, &room_partition(key), || {
+                        conversation_payload(&current, &next)
+                    });
+            insert_outbox(&self.conn, &events).map_err(unavailable)?;
+        }
         Ok(Transitioned {
             conversation: next,
             message: Some(appended),
