@@ -379,10 +379,19 @@ impl App {
             Arc::clone(&store),
             shared.clone(),
         ));
+        // The domains' webhooks, delivered from the store's outbox by every node.
+        let webhooks = crate::service::webhooks::WebhookService::start(
+            Arc::clone(&store),
+            Arc::clone(&domains),
+            Arc::clone(&metrics),
+            config.webhooks.clone(),
+            &supervisor,
+        );
         let state = AppState::new(AppInner {
             sockets,
             accounts,
             visitors,
+            webhooks,
             sessions,
             notifications,
             ai,

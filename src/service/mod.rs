@@ -12,6 +12,7 @@ pub mod handoff;
 pub mod notifications;
 pub mod sessions;
 pub mod visitors;
+pub mod webhooks;
 
 use crate::error_code::ErrorCode;
 use crate::store::StoreError;

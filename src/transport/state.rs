@@ -55,6 +55,8 @@ pub struct AppInner {
     pub accounts: Arc<crate::service::accounts::AccountService>,
     /// A domain's visitors (`docs/visitors.md`).
     pub visitors: Arc<crate::service::visitors::VisitorService>,
+    /// The domains' webhooks: their delivery log (`docs/webhooks.md`).
+    pub webhooks: Arc<crate::service::webhooks::WebhookService>,
     /// Message distribution between nodes.
     pub broker: Arc<dyn Broker>,
     /// Cluster-wide rate limits, counters, online users and claims (Redis with the Redis
