@@ -186,6 +186,66 @@ pub fn conversation_payload(before: &Conversation, after: &Conversation) -> Valu
     })
 }
 
+/// The `data` of `notification.created` (partition `user:ID`).
+pub fn notification_payload(n: &super::notifications::Notification) -> Value {
+    json!({
+        "id": n.id,
+        "userId": n.user_id,
+        "orgId": n.org_id,
+        "taskId": n.task_id,
+        "type": n.kind.as_str(),
+        "content": n.content,
+        "data": n.data.as_deref().map(|d| serde_json::from_str::<Value>(d)
+            .unwrap_or_else(|_| Value::String(d.to_owned()))),
+        "seq": n.seq,
+        "createdAt": n.created_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    })
+}
+
+/// The `data` of `visitor.added` (partition `visitor:ID`): a sighting that starts a visit.
+pub fn visitor_added_payload(s: &super::visitors::Sighting, first_visit: bool) -> Value {
+    json!({
+        "visitorId": s.visitor_id,
+        "at": s.at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "firstVisit": first_visit,
+        "page": s.page,
+        "referrer": s.referrer,
+        "userAgent": s.user_agent,
+        "data": s.data.as_deref().map(|d| serde_json::from_str::<Value>(d)
+            .unwrap_or_else(|_| Value::String(d.to_owned()))),
+    })
+}
+
+/// The `data` of `visitor.removed` (partition `visitor:ID`).
+pub fn visitor_removed_payload(visitor_id: &str, at: DateTime<Utc>) -> Value {
+    json!({
+        "visitorId": visitor_id,
+        "at": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    })
+}
+
+/// The `data` of `session.completed` (partition `session:ID`).
+pub fn session_payload(
+    session_id: &str,
+    user_id: &str,
+    template_id: &str,
+    document: &super::guided::NewDocument,
+    at: DateTime<Utc>,
+) -> Value {
+    json!({
+        "sessionId": session_id,
+        "userId": user_id,
+        "templateId": template_id,
+        "document": {
+            "id": document.id,
+            "title": document.title,
+            "format": document.format,
+            "bytes": document.content.as_ref().map(String::len),
+        },
+        "completedAt": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    })
+}
+
 /// Where an outbox row stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeliveryStatus {
@@ -318,6 +378,10 @@ pub struct DeliveryQuery {
 pub trait Outbox {
     /// The subscriptions this store's writes consult.
     fn webhook_subscriptions(&self) -> &Subscriptions;
+
+    /// Writes `rows` in a transaction of their own: for an event whose change is not
+    /// stored anywhere else (a visitor's page saying it left).
+    async fn enqueue_webhooks(&self, rows: Vec<NewOutboxRow>) -> Result<(), StoreError>;
 
     /// Claims up to `limit` due partition heads for `holder` until `now + lease`, oldest
     /// first. A row whose lease passed is due again.

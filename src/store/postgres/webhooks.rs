@@ -142,6 +142,17 @@ impl Outbox for PostgresStore {
         &self.subscriptions
     }
 
+    async fn enqueue_webhooks(&self, rows: Vec<NewOutboxRow>) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.read("a webhook event", async {
+            let mut conn = self.pool.acquire().await?;
+            insert_outbox(&mut conn, &rows).await
+        })
+        .await
+    }
+
     async fn claim_webhooks(
         &self,
         holder: &str,

@@ -133,6 +133,14 @@ impl Outbox for SqliteStore {
         &self.subscriptions
     }
 
+    async fn enqueue_webhooks(&self, rows: Vec<NewOutboxRow>) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.run(move |conn| insert_outbox(conn, &rows).map_err(unavailable))
+            .await
+    }
+
     async fn claim_webhooks(
         &self,
         holder: &str,
