@@ -55,7 +55,7 @@ impl VisitorService {
         let events = self.store.webhook_subscriptions().rows(
             domain,
             crate::config::WebhookEvent::VisitorRemoved,
-            &format!("visitor:{visitor_id}"),
+            crate::store::webhooks::Partition::Visitor(visitor_id),
             || crate::store::webhooks::visitor_removed_payload(visitor_id, at),
         );
         self.store.enqueue_webhooks(events).await?;

@@ -136,11 +136,17 @@ impl WebhookService {
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
             destinations: Mutex::new(HashMap::new()),
             finished: Notify::new(),
-            node: format!("node-{}", uuid::Uuid::now_v7().simple()),
+            // The process id first: an operator reading `claimed_by` finds the process.
+            node: format!(
+                "pid{}-{}",
+                std::process::id(),
+                uuid::Uuid::now_v7().simple()
+            ),
             client,
             supervisor: supervisor.clone(),
             config,
         });
+        tracing::info!(node = %deliverer.node, "webhook delivery started");
         supervisor.spawn("webhook-delivery", Arc::clone(&deliverer).run());
         supervisor.spawn("webhook-cleanup", deliverer.prune_loop());
         Arc::new(Self { store, domains })
@@ -226,7 +232,7 @@ struct Deliverer {
     destinations: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Rung when a delivery ends: room for another claim.
     finished: Notify,
-    /// This node's name on its leases.
+    /// This node's name on its leases: `pid<process id>-<random>`.
     node: String,
     client: reqwest::Client,
     supervisor: Supervisor,

@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 
 use super::StoreError;
 use crate::config::{DomainConfig, WebhookEvent};
-use crate::model::{Conversation, Message, RoomKey, RoomStatus};
+use crate::model::{Conversation, Message, RoomStatus};
 
 /// Which domains have webhooks for which events, swapped whole when the domains change.
 #[derive(Debug, Default)]
@@ -88,7 +88,7 @@ impl Subscriptions {
         &self,
         domain: &str,
         event: WebhookEvent,
-        partition: &str,
+        partition: Partition<'_>,
         payload: impl FnOnce() -> Value,
     ) -> Vec<NewOutboxRow> {
         let urls = self.urls(domain, event);
@@ -96,12 +96,13 @@ impl Subscriptions {
             return Vec::new();
         }
         let payload = payload().to_string();
+        let partition = partition.to_string();
         urls.into_iter()
             .map(|url| NewOutboxRow {
                 id: format!("wh_{}", uuid::Uuid::now_v7().simple()),
                 domain_id: domain.to_owned(),
                 endpoint: url.to_string(),
-                partition: partition.to_owned(),
+                partition: partition.clone(),
                 event,
                 payload: payload.clone(),
             })
@@ -126,9 +127,30 @@ pub struct NewOutboxRow {
     pub payload: String,
 }
 
-/// The partition of a room's events.
-pub fn room_partition(room: &RoomKey) -> String {
-    format!("room:{}", room.room_id)
+/// What orders an event: its room, user, visitor or session. Rows of one partition (and
+/// webhook) are delivered one at a time, in the order they were written. Borrowed, so that
+/// naming it costs nothing when no webhook wants the event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Partition<'a> {
+    /// A room's messages and hand-off (`room:ID`).
+    Room(&'a str),
+    /// A user's notifications (`user:ID`).
+    User(&'a str),
+    /// A visitor's comings and goings (`visitor:ID`).
+    Visitor(&'a str),
+    /// A guided session (`session:ID`).
+    Session(&'a str),
+}
+
+impl std::fmt::Display for Partition<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Room(id) => write!(f, "room:{id}"),
+            Self::User(id) => write!(f, "user:{id}"),
+            Self::Visitor(id) => write!(f, "visitor:{id}"),
+            Self::Session(id) => write!(f, "session:{id}"),
+        }
+    }
 }
 
 /// The `data` of `message.created`.
@@ -417,7 +439,7 @@ pub trait Outbox {
 mod tests {
     use super::*;
     use crate::config::{Secret, WebhookConfig};
-    use crate::model::Agent;
+    use crate::model::{Agent, RoomKey};
 
     #[test]
     fn only_subscribed_domains_and_events_get_rows() {
@@ -443,17 +465,22 @@ mod tests {
         let rows = subs.rows(
             "shop",
             WebhookEvent::ConversationResolved,
-            "room:r",
+            Partition::Room("r"),
             || json!({"x": 1}),
         );
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].endpoint, "http://b.example/hook");
         assert_eq!(rows[0].payload, r#"{"x":1}"#);
         let mut called = false;
-        let none = subs.rows("quiet", WebhookEvent::MessageCreated, "room:r", || {
-            called = true;
-            Value::Null
-        });
+        let none = subs.rows(
+            "quiet",
+            WebhookEvent::MessageCreated,
+            Partition::Room("r"),
+            || {
+                called = true;
+                Value::Null
+            },
+        );
         assert!(none.is_empty() && !called, "no payload is built for nobody");
     }
 

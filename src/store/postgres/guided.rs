@@ -21,6 +21,7 @@ use crate::store::guided::{
     GeneratedDocument, Guided, GuidedSession, NewDocument, NewSession, Pending, SessionQuery,
     SessionStatus, Speaker, Step, StoredTemplate, Turn,
 };
+use crate::store::webhooks::Partition;
 use crate::store::webhooks::session_payload;
 
 /// Columns matching [`session_at`].
@@ -265,7 +266,7 @@ impl PostgresStore {
                 let events = self.subscriptions.rows(
                     &domain,
                     WebhookEvent::SessionCompleted,
-                    &format!("session:{id}"),
+                    Partition::Session(id),
                     || session_payload(id, &user, &template, document, from_ms(now)),
                 );
                 super::webhooks::insert_outbox(&mut tx, &events).await?;

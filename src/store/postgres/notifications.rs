@@ -13,6 +13,7 @@ use crate::store::StoreError;
 use crate::store::notifications::{
     NewNotification, Notification, NotificationType, Notifications, UnreadCount,
 };
+use crate::store::webhooks::Partition;
 use crate::store::webhooks::notification_payload;
 
 /// Columns matching [`notification_at`].
@@ -108,7 +109,7 @@ impl Notifications for PostgresStore {
                 let events = self.subscriptions.rows(
                     &n.domain_id,
                     WebhookEvent::NotificationCreated,
-                    &format!("user:{}", n.user_id),
+                    Partition::User(&n.user_id),
                     || notification_payload(&notification),
                 );
                 super::webhooks::insert_outbox(&mut tx, &events).await?;

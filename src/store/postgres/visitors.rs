@@ -11,6 +11,7 @@ use super::{PostgresStore, count, from_ms, limit_param, refuse_nul, store_error,
 use crate::config::WebhookEvent;
 use crate::store::StoreError;
 use crate::store::visitors::{Bucket, Interval, Sighting, Visitor, Visitors, day_of, hour_of};
+use crate::store::webhooks::Partition;
 use crate::store::webhooks::{Subscriptions, visitor_added_payload};
 
 /// Columns matching [`visitor_at`].
@@ -116,7 +117,7 @@ async fn record(
         let events = subscriptions.rows(
             &s.domain_id,
             WebhookEvent::VisitorAdded,
-            &format!("visitor:{}", s.visitor_id),
+            Partition::Visitor(&s.visitor_id),
             || visitor_added_payload(s, created),
         );
         super::webhooks::insert_outbox(&mut *tx, &events).await?;

@@ -17,7 +17,7 @@ use crate::model::NewMessage;
 use crate::store::batch::Failure;
 use crate::store::webhooks::{
     Attempt, ClaimedRow, Delivery, DeliveryQuery, DeliveryStatus, NewOutboxRow, Outbox, Outcome,
-    Subscriptions, message_payload, room_partition,
+    Partition, Subscriptions, message_payload,
 };
 use crate::store::{Appended, StoreError};
 
@@ -72,7 +72,7 @@ pub(super) async fn append_all_with_events(
         events.extend(subscriptions.rows(
             &m.room.domain_id,
             crate::config::WebhookEvent::MessageCreated,
-            &room_partition(&m.room),
+            Partition::Room(&m.room.room_id),
             || message_payload(m),
         ));
     }

@@ -467,7 +467,7 @@ mod tests {
         assert_eq!(room_row.last_seq, 6, "the failed statement changed nothing");
         assert!(store.room(&c).await.expect("room").is_none());
         // …and the writer takes the batch the long way, which creates the room.
-        let mut writer = Writer::new(db.url().parse().expect("options"));
+        let mut writer = Writer::new(db.url().parse().expect("options"), Arc::default());
         let outputs = writer
             .transaction(&with_new_room.iter().collect::<Vec<_>>())
             .await

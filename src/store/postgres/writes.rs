@@ -17,7 +17,7 @@ use crate::config::WebhookEvent;
 use crate::model::{Conversation, NewMessage, Note, RoomKey, now_ms};
 use crate::store::batch::Failure;
 use crate::store::webhooks::{
-    Subscriptions, conversation_event, conversation_payload, message_payload, room_partition,
+    Partition, Subscriptions, conversation_event, conversation_payload, message_payload,
 };
 use crate::store::{Appended, Decide, DomainChange, NewNote, StoreError, Transitioned};
 
@@ -121,7 +121,7 @@ pub(super) async fn append(
         let events = subscriptions.rows(
             &m.room.domain_id,
             WebhookEvent::MessageCreated,
-            &room_partition(&m.room),
+            Partition::Room(&m.room.room_id),
             || message_payload(&message),
         );
         insert_outbox(conn, &events).await?;
@@ -257,9 +257,10 @@ pub(super) async fn transition(
         .execute(&mut *conn)
         .await?;
     if let Some(event) = conversation_event(&current, &next) {
-        let events = subscriptions.rows(&key.domain_id, event, &room_partition(key), || {
-            conversation_payload(&current, &next)
-        });
+        let events =
+            subscriptions.rows(&key.domain_id, event, Partition::Room(&key.room_id), || {
+                conversation_payload(&current, &next)
+            });
         insert_outbox(conn, &events).await?;
     }
     Ok(Transitioned {

@@ -16,6 +16,7 @@ use crate::store::guided::{
     GeneratedDocument, Guided, GuidedSession, NewDocument, NewSession, Pending, SessionQuery,
     SessionStatus, Speaker, Step, StoredTemplate, Turn,
 };
+use crate::store::webhooks::Partition;
 use crate::store::webhooks::{Subscriptions, session_payload};
 
 /// Columns matching [`session_at`] (unqualified: an `INSERT … RETURNING` reads them too).
@@ -211,7 +212,7 @@ fn apply_step(
         let events = subscriptions.rows(
             &domain,
             WebhookEvent::SessionCompleted,
-            &format!("session:{id}"),
+            Partition::Session(id),
             || session_payload(id, &user, &template, document, from_ms(now)),
         );
         super::webhooks::insert_outbox(conn, &events)?;

@@ -12,6 +12,7 @@ use crate::store::StoreError;
 use crate::store::notifications::{
     NewNotification, Notification, NotificationType, Notifications, UnreadCount,
 };
+use crate::store::webhooks::Partition;
 use crate::store::webhooks::{Subscriptions, notification_payload};
 
 /// Columns matching [`notification_at`].
@@ -80,7 +81,7 @@ fn insert(
         let events = subscriptions.rows(
             &n.domain_id,
             WebhookEvent::NotificationCreated,
-            &format!("user:{}", n.user_id),
+            Partition::User(&n.user_id),
             || notification_payload(&notification),
         );
         super::webhooks::insert_outbox(conn, &events)?;

@@ -10,6 +10,7 @@ use super::{SqliteStore, from_ms, limit_param, to_ms, unavailable};
 use crate::config::WebhookEvent;
 use crate::store::StoreError;
 use crate::store::visitors::{Bucket, Interval, Sighting, Visitor, Visitors, day_of, hour_of};
+use crate::store::webhooks::Partition;
 use crate::store::webhooks::{Subscriptions, visitor_added_payload};
 
 /// Columns matching [`visitor_at`].
@@ -91,7 +92,7 @@ fn record(
         let events = subscriptions.rows(
             &s.domain_id,
             WebhookEvent::VisitorAdded,
-            &format!("visitor:{}", s.visitor_id),
+            Partition::Visitor(&s.visitor_id),
             || visitor_added_payload(s, previous.is_none()),
         );
         super::webhooks::insert_outbox(conn, &events)?;

@@ -12,7 +12,7 @@ use super::{seq_param, to_ms, unavailable};
 use crate::config::WebhookEvent;
 use crate::model::{Conversation, NewMessage, Note, Room, RoomKey, now_ms};
 use crate::store::webhooks::{
-    conversation_event, conversation_payload, message_payload, room_partition,
+    Partition, conversation_event, conversation_payload, message_payload,
 };
 use crate::store::{Appended, Decide, DomainChange, NewNote, StoreError, Transitioned};
 
@@ -212,7 +212,7 @@ impl Writer {
         let events = self.subscriptions.rows(
             &m.room.domain_id,
             WebhookEvent::MessageCreated,
-            &room_partition(&m.room),
+            Partition::Room(&m.room.room_id),
             || message_payload(&message),
         );
         insert_outbox(&self.conn, &events).map_err(unavailable)?;
@@ -312,11 +312,12 @@ impl Writer {
             .and_then(|mut st| st.execute(params![slot.rid, seq_param(next.status_seq)]))
             .map_err(unavailable)?;
         if let Some(event) = conversation_event(&current, &next) {
-            let events =
-                self.subscriptions
-                    .rows(&key.domain_id, event, &room_partition(key), || {
-                        conversation_payload(&current, &next)
-                    });
+            let events = self.subscriptions.rows(
+                &key.domain_id,
+                event,
+                Partition::Room(&key.room_id),
+                || conversation_payload(&current, &next),
+            );
             insert_outbox(&self.conn, &events).map_err(unavailable)?;
         }
         Ok(Transitioned {
