@@ -595,6 +595,153 @@ async fn the_delivery_log_pages_and_refuses_bad_requests() {
 }
 
 #[tokio::test]
+async fn notifications_and_visitors_raise_their_events() {
+    let receiver = Receiver::start().await;
+    let (key, entry) = keys::generate_with(keys::KEY_PREFIX);
+    let url = receiver.url.clone();
+    let s = TestServer::start_with(move |c| {
+        fast(c);
+        let demo = c.domains.iter_mut().find(|d| d.id == "demo").unwrap();
+        demo.server_keys = vec![entry];
+        demo.webhooks = vec![hook(
+            &url,
+            &[
+                WebhookEvent::NotificationCreated,
+                WebhookEvent::VisitorAdded,
+                WebhookEvent::VisitorRemoved,
+            ],
+        )];
+    })
+    .await;
+    let (code, answer) = s
+        .post_with(
+            "/api/notifications",
+            &key,
+            &json!({ "type": "confirmation", "taskId": "t1", "userId": "ann",
+                     "content": "Meeting scheduled!", "data": { "eventId": "e1" } }),
+        )
+        .await;
+    assert_eq!(code, 200, "{answer}");
+    let page = |path: &str, body: Value| {
+        let url = s.http(path);
+        async move {
+            let res = reqwest::Client::new()
+                .post(url)
+                .header("origin", "https://shop.example")
+                .header("user-agent", "Mozilla/5.0 (test)")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            res.status().as_u16()
+        }
+    };
+    let visitor = json!({ "domainId": "demo", "visitorId": "v1",
+                          "visitorData": { "page": "https://shop.example/pricing" } });
+    assert_eq!(page("/visitors/add", visitor.clone()).await, 200);
+    // The same visit: no second `visitor.added`.
+    assert_eq!(page("/visitors/add", visitor).await, 200);
+    assert_eq!(
+        page(
+            "/visitors/remove",
+            json!({ "domainId": "demo", "visitorId": "v1" })
+        )
+        .await,
+        200
+    );
+    let got = receiver.wait_for(3, Duration::from_secs(20)).await;
+    let notification = got
+        .iter()
+        .find(|p| p.event == "notification.created")
+        .unwrap();
+    assert_eq!(notification.body["data"]["userId"], "ann");
+    assert_eq!(notification.body["data"]["type"], "CONFIRMATION");
+    assert_eq!(notification.body["data"]["data"]["eventId"], "e1");
+    assert_eq!(notification.body["data"]["seq"], 1);
+    let visits: Vec<&str> = got
+        .iter()
+        .filter(|p| p.body["data"]["visitorId"] == "v1")
+        .map(|p| p.event.as_str())
+        .collect();
+    assert_eq!(
+        visits,
+        ["visitor.added", "visitor.removed"],
+        "in order per visitor"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.first_deliveries().len(), 3);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_event_never_taken_is_given_up_and_its_room_moves_on() {
+    let receiver = Receiver::start().await;
+    receiver.state.fail_all.store(true, Ordering::SeqCst);
+    let (admin, entry) = keys::generate_with(keys::ADMIN_KEY_PREFIX);
+    let url = receiver.url.clone();
+    let s = TestServer::start_with(move |c| {
+        fast(c);
+        c.webhooks.retry_for = Duration::from_secs(1);
+        c.auth.admin_keys = vec![entry];
+        let demo = c.domains.iter_mut().find(|d| d.id == "demo").unwrap();
+        demo.webhooks = vec![hook(&url, &[WebhookEvent::MessageCreated])];
+    })
+    .await;
+    let mut ann = s.connect_as("ann").await;
+    ann.join("r", None).await;
+    ann.say("r", "one", None).await;
+    ann.say("r", "two", None).await;
+    let path = "/api/admin/domains/demo/webhooks/deliveries";
+    let both_dead = eventually(Duration::from_secs(15), || async {
+        let (_, log) = s.get_with(&format!("{path}?status=dead"), &admin).await;
+        log["deliveries"].as_array().is_some_and(|d| d.len() == 2)
+    })
+    .await;
+    assert!(both_dead, "{:?}", s.get_with(path, &admin).await);
+    let (_, dead) = s.get_with(&format!("{path}?status=dead"), &admin).await;
+    for row in dead["deliveries"].as_array().unwrap() {
+        assert!(row["attempts"].as_u64() >= Some(1), "{row}");
+        assert_eq!(row["lastError"], "the receiver answered 500");
+        assert!(row["finishedAt"].is_string() && row["nextAttemptAt"].is_null());
+    }
+    assert!(s.metric("parlor_webhooks_total", "result=\"dead\"").await >= 2.0);
+    // The receiver is back: the room's next event is delivered, the dead ones are not.
+    receiver.state.fail_all.store(false, Ordering::SeqCst);
+    ann.say("r", "three", None).await;
+    let got = receiver.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].body["data"]["content"], "three");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.first_deliveries().len(), 1);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn posts_to_one_url_are_bounded_per_node_and_rooms_go_in_parallel() {
+    let receiver = Receiver::start().await;
+    receiver.state.delay_ms.store(300, Ordering::SeqCst);
+    let url = receiver.url.clone();
+    let s = TestServer::start_with(move |c| {
+        fast(c);
+        c.webhooks.per_destination = 2;
+        let demo = c.domains.iter_mut().find(|d| d.id == "demo").unwrap();
+        demo.webhooks = vec![hook(&url, &[WebhookEvent::MessageCreated])];
+    })
+    .await;
+    let mut ann = s.connect_as("ann").await;
+    for room in ["p1", "p2", "p3", "p4", "p5", "p6"] {
+        ann.join(room, None).await;
+        ann.say(room, "hi", None).await;
+    }
+    receiver.wait_for(6, Duration::from_secs(20)).await;
+    assert_eq!(
+        receiver.state.most_in_flight.load(Ordering::SeqCst),
+        2,
+        "two rooms at once, never more than per_destination"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn a_node_killed_while_it_holds_a_delivery_loses_nothing() {
     let Some((db_url, redis)) = common::cluster::servers() else {
         return;

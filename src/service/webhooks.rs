@@ -52,6 +52,9 @@ pub const DEFAULT_PAGE: usize = 50;
 const PRUNE_BATCH: usize = 500;
 /// How often the backlog gauges are refreshed.
 const BACKLOG_EVERY: Duration = Duration::from_secs(5);
+/// How often a node claims when no domain has webhooks and its last claim found nothing
+/// (events left by a webhook since removed are then given up).
+const IDLE_CLAIM_EVERY: Duration = Duration::from_secs(60);
 /// Longest an error text kept in the log.
 const MAX_ERROR: usize = 300;
 
@@ -251,6 +254,9 @@ impl Deliverer {
     async fn run(self: Arc<Self>) {
         let stop = self.supervisor.shutdown().clone();
         let mut backlog_at = Instant::now();
+        // Without webhooks anywhere, and nothing found last time, a node claims seldom: a
+        // server without webhooks puts no claim on its store every second.
+        let mut idle_since: Option<Instant> = None;
         loop {
             if stop.is_cancelled() {
                 return;
@@ -259,7 +265,13 @@ impl Deliverer {
                 backlog_at = Instant::now();
                 self.measure_backlog().await;
             }
-            let room = self.in_flight.available_permits();
+            let idle = self.store.webhook_subscriptions().is_empty()
+                && idle_since.is_some_and(|at| at.elapsed() < IDLE_CLAIM_EVERY);
+            let room = if idle {
+                0
+            } else {
+                self.in_flight.available_permits()
+            };
             let mut claimed = 0;
             if room > 0 {
                 match self
@@ -269,6 +281,7 @@ impl Deliverer {
                 {
                     Ok(rows) => {
                         claimed = rows.len();
+                        idle_since = rows.is_empty().then(Instant::now);
                         for row in rows {
                             self.post_later(row);
                         }
@@ -284,7 +297,7 @@ impl Deliverer {
             }
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = self.finished.notified(), if room == 0 => {}
+                () = self.finished.notified(), if room == 0 && !idle => {}
                 () = tokio::time::sleep(self.config.poll_every) => {}
             }
         }

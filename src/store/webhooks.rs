@@ -67,6 +67,11 @@ impl Subscriptions {
         self.table.store(Arc::new(table));
     }
 
+    /// True when no domain has a webhook.
+    pub fn is_empty(&self) -> bool {
+        self.table.load().is_empty()
+    }
+
     /// The URLs of `domain`'s webhooks that want `event` (none, for most domains, after one
     /// hash lookup).
     pub fn urls(&self, domain: &str, event: WebhookEvent) -> Vec<Arc<str>> {
