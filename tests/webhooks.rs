@@ -528,6 +528,12 @@ async fn the_delivery_log_pages_and_refuses_bad_requests() {
     })
     .await;
     assert!(failing, "{:?}", s.get_with(path, &admin).await);
+    let backlog = eventually(Duration::from_secs(10), || async {
+        s.metric("parlor_webhooks_backlog", "").await == 5.0
+            && s.metric("parlor_webhooks_oldest_pending_seconds", "").await > 0.0
+    })
+    .await;
+    assert!(backlog, "the backlog gauges count the pending events");
 
     let (code, first) = s.get_with(&format!("{path}?limit=2"), &admin).await;
     assert_eq!(code, 200);

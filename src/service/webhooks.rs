@@ -253,7 +253,10 @@ impl Deliverer {
     /// Claims and posts until shutdown.
     async fn run(self: Arc<Self>) {
         let stop = self.supervisor.shutdown().clone();
-        let mut backlog_at = Instant::now();
+        // Measured at once, then every BACKLOG_EVERY.
+        let mut backlog_at = Instant::now()
+            .checked_sub(BACKLOG_EVERY)
+            .unwrap_or_else(Instant::now);
         // Without webhooks anywhere, and nothing found last time, a node claims seldom: a
         // server without webhooks puts no claim on its store every second.
         let mut idle_since: Option<Instant> = None;
