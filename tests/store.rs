@@ -42,7 +42,7 @@ use parlor::store::postgres::PostgresStore;
 use parlor::store::sqlite::SqliteStore;
 use parlor::store::visitors::{Interval, Sighting};
 use parlor::store::webhooks::{
-    Attempt, ClaimedRow, DeliveryQuery, DeliveryStatus, Outcome, Partition,
+    Attempt, Claim, ClaimedRow, DeliveryQuery, DeliveryStatus, Outcome, Partition,
 };
 use parlor::store::{
     Appended, CommitSink, CustomerProfile, Decide, InboxQuery, NewNote, Store, StoreError,
@@ -302,6 +302,7 @@ macro_rules! conformance_suite {
             current visitor_counts_and_series_match_the_sightings,
             multi concurrent_sightings_of_one_visitor_count_once,
             current webhook_outbox_claims_in_order_with_leases,
+            current webhook_claims_are_capped_per_url,
             current webhook_events_of_notifications_visitors_and_sessions,
         );
     };
@@ -3288,7 +3289,14 @@ mod stories {
         at: chrono::DateTime<chrono::Utc>,
     ) -> Vec<ClaimedRow> {
         store
-            .claim_webhooks(holder, at, Duration::from_secs(30), 100)
+            .claim_webhooks(&Claim {
+                holder: holder.into(),
+                now: at,
+                lease: Duration::from_secs(30),
+                limit: 100,
+                per_endpoint: 100,
+                skip: Vec::new(),
+            })
             .await
             .expect("claim")
     }
@@ -3539,6 +3547,59 @@ mod stories {
         assert_eq!(store.prune_webhooks(cut, 3).await.unwrap(), 1);
         assert_eq!(store.prune_webhooks(cut, 3).await.unwrap(), 0);
         assert_eq!(store.webhook_backlog().await.unwrap().0, 4);
+    }
+
+    /// A claim takes at most `per_endpoint` rows of one URL and none of the URLs it skips,
+    /// so one busy receiver cannot take every place of a node.
+    pub async fn webhook_claims_are_capped_per_url(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let mut hooked = DomainConfig::new("hooked", "Hooked");
+        let other = "http://other.example/hook";
+        hooked.webhooks = vec![
+            WebhookConfig {
+                url: HOOK.into(),
+                secret: parlor::config::Secret::new("0123456789abcdef"),
+                events: vec![WebhookEvent::MessageCreated],
+            },
+            WebhookConfig {
+                url: other.into(),
+                secret: parlor::config::Secret::new("0123456789abcdef"),
+                events: vec![WebhookEvent::MessageCreated],
+            },
+        ];
+        store.webhook_subscriptions().replace([&hooked]);
+        for room in ["r1", "r2", "r3", "r4", "r5"] {
+            append(store, text(&RoomKey::new("hooked", room), "hi")).await;
+        }
+        let claim = |per_endpoint, skip: Vec<String>| Claim {
+            holder: "n1".into(),
+            now: chrono::Utc::now(),
+            lease: Duration::from_secs(30),
+            limit: 100,
+            per_endpoint,
+            skip,
+        };
+        let capped = store.claim_webhooks(&claim(2, Vec::new())).await.unwrap();
+        let count =
+            |rows: &[ClaimedRow], url: &str| rows.iter().filter(|r| r.endpoint == url).count();
+        assert_eq!(
+            (count(&capped, HOOK), count(&capped, other)),
+            (2, 2),
+            "{capped:?}"
+        );
+        let rooms: Vec<&str> = capped
+            .iter()
+            .filter(|r| r.endpoint == HOOK)
+            .map(|r| r.partition.as_str())
+            .collect();
+        assert_eq!(rooms, ["room:r1", "room:r2"], "the oldest first");
+        let skipping = store
+            .claim_webhooks(&claim(100, vec![HOOK.to_owned()]))
+            .await
+            .unwrap();
+        assert_eq!((count(&skipping, HOOK), count(&skipping, other)), (0, 3));
+        let rest = store.claim_webhooks(&claim(100, Vec::new())).await.unwrap();
+        assert_eq!((count(&rest, HOOK), count(&rest, other)), (3, 0));
     }
 
     /// Notifications, visitors' visits and completed sessions write their events with them;

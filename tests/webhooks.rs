@@ -748,6 +748,41 @@ async fn posts_to_one_url_are_bounded_per_node_and_rooms_go_in_parallel() {
 }
 
 #[tokio::test]
+async fn a_slow_receiver_does_not_hold_up_another_url() {
+    let slow = Receiver::start().await;
+    slow.state.delay_ms.store(1500, Ordering::SeqCst);
+    let quick = Receiver::start().await;
+    let urls = (slow.url.clone(), quick.url.clone());
+    let s = TestServer::start_with(move |c| {
+        fast(c);
+        c.webhooks.per_destination = 2;
+        c.webhooks.max_in_flight = 4;
+        let demo = c.domains.iter_mut().find(|d| d.id == "demo").unwrap();
+        demo.webhooks = vec![
+            hook(&urls.0, &[WebhookEvent::MessageCreated]),
+            hook(&urls.1, &[WebhookEvent::MessageCreated]),
+        ];
+    })
+    .await;
+    let mut ann = s.connect_as("ann").await;
+    for i in 0..10 {
+        let room = format!("q{i}");
+        ann.join(&room, None).await;
+        ann.say(&room, "hi", None).await;
+    }
+    // The slow URL holds two places at most; the quick one gets the others at once (were
+    // the slow one's events to take every place, the quick ones would wait 1.5 s a round).
+    quick.wait_for(10, Duration::from_millis(1500)).await;
+    assert!(
+        slow.first_deliveries().len() < 10,
+        "the quick URL was served while the slow one still had events waiting"
+    );
+    assert!(slow.state.most_in_flight.load(Ordering::SeqCst) <= 2);
+    slow.wait_for(10, Duration::from_secs(30)).await;
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn a_node_killed_while_it_holds_a_delivery_loses_nothing() {
     let Some((db_url, redis)) = common::cluster::servers() else {
         return;

@@ -41,7 +41,7 @@ use crate::model::Identity;
 use crate::node::Supervisor;
 use crate::store::Store;
 use crate::store::webhooks::{
-    Attempt, ClaimedRow, Delivery, DeliveryQuery, DeliveryStatus, Outcome,
+    Attempt, Claim, ClaimedRow, Delivery, DeliveryQuery, DeliveryStatus, Outcome,
 };
 
 /// Most rows one page of the delivery log holds.
@@ -231,8 +231,8 @@ struct Deliverer {
     config: WebhooksConfig,
     /// Rows this node holds at most (`webhooks.max_in_flight`).
     in_flight: Arc<Semaphore>,
-    /// Posts in flight per URL (`webhooks.per_destination`).
-    destinations: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Per URL: the posts in flight (`webhooks.per_destination`) and the rows held.
+    destinations: Mutex<HashMap<String, Destination>>,
     /// Rung when a delivery ends: room for another claim.
     finished: Notify,
     /// This node's name on its leases: `pid<process id>-<random>`.
@@ -277,11 +277,15 @@ impl Deliverer {
             };
             let mut claimed = 0;
             if room > 0 {
-                match self
-                    .store
-                    .claim_webhooks(&self.node, Utc::now(), self.config.lease, room)
-                    .await
-                {
+                let claim = Claim {
+                    holder: self.node.clone(),
+                    now: Utc::now(),
+                    lease: self.config.lease,
+                    limit: room,
+                    per_endpoint: self.config.per_destination,
+                    skip: self.saturated(),
+                };
+                match self.store.claim_webhooks(&claim).await {
                     Ok(rows) => {
                         claimed = rows.len();
                         idle_since = rows.is_empty().then(Instant::now);
@@ -306,6 +310,16 @@ impl Deliverer {
         }
     }
 
+    /// The URLs this node holds `per_destination` rows of or more.
+    fn saturated(&self) -> Vec<String> {
+        self.destinations
+            .lock()
+            .iter()
+            .filter(|(_, d)| d.held >= self.config.per_destination)
+            .map(|(url, _)| url.clone())
+            .collect()
+    }
+
     /// Posts `row` in a task of its own, holding one of the node's places.
     fn post_later(self: &Arc<Self>, row: ClaimedRow) {
         let Ok(place) = Arc::clone(&self.in_flight).try_acquire_owned() else {
@@ -316,24 +330,54 @@ impl Deliverer {
             });
             return;
         };
+        // Counted before the next claim looks at which URLs are saturated.
+        let destination = {
+            let mut all = self.destinations.lock();
+            let d = all
+                .entry(row.endpoint.clone())
+                .or_insert_with(|| Destination {
+                    posts: Arc::new(Semaphore::new(self.config.per_destination)),
+                    held: 0,
+                });
+            d.held += 1;
+            Arc::clone(&d.posts)
+        };
         let this = Arc::clone(self);
         let claimed_at = Instant::now();
         self.supervisor.spawn("webhook-post", async move {
-            this.deliver(row, claimed_at, place).await;
+            this.deliver(row, claimed_at, destination, place).await;
             this.finished.notify_one();
         });
     }
 
-    /// One attempt at `row`, and its outcome recorded.
-    async fn deliver(&self, row: ClaimedRow, claimed_at: Instant, _place: OwnedSemaphorePermit) {
+    /// One attempt at `row`, its outcome recorded, and its URL's count of held rows
+    /// lowered.
+    async fn deliver(
+        &self,
+        row: ClaimedRow,
+        claimed_at: Instant,
+        destination: Arc<Semaphore>,
+        _place: OwnedSemaphorePermit,
+    ) {
         let stop = self.supervisor.shutdown().clone();
-        let destination = {
-            let mut all = self.destinations.lock();
-            Arc::clone(
-                all.entry(row.endpoint.clone())
-                    .or_insert_with(|| Arc::new(Semaphore::new(self.config.per_destination))),
-            )
-        };
+        self.attempt(&row, claimed_at, destination, &stop).await;
+        let mut all = self.destinations.lock();
+        if let Some(d) = all.get_mut(&row.endpoint) {
+            d.held = d.held.saturating_sub(1);
+            if d.held == 0 {
+                all.remove(&row.endpoint);
+            }
+        }
+    }
+
+    /// Waits for a place to post to `row`'s URL, posts once, and records the outcome.
+    async fn attempt(
+        &self,
+        row: &ClaimedRow,
+        claimed_at: Instant,
+        destination: Arc<Semaphore>,
+        stop: &tokio_util::sync::CancellationToken,
+    ) {
         // The lease must outlast the attempt: a row that waited too long for its URL goes
         // back, unattempted, and is claimed again.
         let latest_start = self
@@ -347,15 +391,15 @@ impl Deliverer {
             p = tokio::time::timeout(wait, destination.acquire_owned()) => p.ok().and_then(Result::ok),
         };
         let Some(_permit) = permit else {
-            self.record(&row, Outcome::Released, None, None).await;
+            self.record(row, Outcome::Released, None, None).await;
             return;
         };
         let attempt = tokio::select! {
             () = stop.cancelled() => None,
-            a = self.post(&row) => Some(a),
+            a = self.post(row) => Some(a),
         };
         let Some(result) = attempt else {
-            self.record(&row, Outcome::Released, None, None).await;
+            self.record(row, Outcome::Released, None, None).await;
             return;
         };
         let attempts = row.attempts.saturating_add(1);
@@ -364,7 +408,7 @@ impl Deliverer {
                 self.metrics.webhook("delivered");
                 let latency = (Utc::now() - row.created_at).to_std().unwrap_or_default();
                 self.metrics.webhook_latency(latency);
-                self.record(&row, Outcome::Delivered, Some(status), None)
+                self.record(row, Outcome::Delivered, Some(status), None)
                     .await;
             }
             Posted::Refused(status, error) => {
@@ -385,13 +429,13 @@ impl Deliverer {
                     self.metrics.webhook("failed");
                     Outcome::Retry(next)
                 };
-                self.record(&row, outcome, status, Some(error)).await;
+                self.record(row, outcome, status, Some(error)).await;
             }
             Posted::Unsendable(error) => {
                 tracing::warn!(id = %row.id, url = %row.endpoint, error = %error,
                     "webhook event cannot be sent; given up");
                 self.metrics.webhook("dead");
-                self.record(&row, Outcome::Dead, None, Some(error)).await;
+                self.record(row, Outcome::Dead, None, Some(error)).await;
             }
         }
     }
@@ -537,6 +581,17 @@ impl Deliverer {
             }
         }
     }
+}
+
+/// One webhook URL as one node sees it.
+#[derive(Debug)]
+struct Destination {
+    /// Places for posts in flight (`webhooks.per_destination`).
+    posts: Arc<Semaphore>,
+    /// Rows this node holds for it, posting or waiting for a place. At
+    /// `per_destination` or more the node claims none of its rows: a slow receiver keeps
+    /// its own rows waiting, not every other URL's.
+    held: usize,
 }
 
 /// What one post came to.

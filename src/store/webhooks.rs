@@ -326,6 +326,24 @@ pub struct ClaimedRow {
     pub attempts: u32,
 }
 
+/// What [`Outbox::claim_webhooks`] takes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    /// Who takes the rows (`claimed_by`).
+    pub holder: String,
+    /// The time of the claim.
+    pub now: DateTime<Utc>,
+    /// The rows are held until `now + lease`.
+    pub lease: Duration,
+    /// At most this many rows.
+    pub limit: usize,
+    /// At most this many rows of one webhook URL, so that one busy receiver cannot take
+    /// every place of the claimer.
+    pub per_endpoint: usize,
+    /// URLs whose rows are not wanted now (the claimer holds enough of theirs).
+    pub skip: Vec<String>,
+}
+
 /// What one attempt came to.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -410,15 +428,9 @@ pub trait Outbox {
     /// stored anywhere else (a visitor's page saying it left).
     async fn enqueue_webhooks(&self, rows: Vec<NewOutboxRow>) -> Result<(), StoreError>;
 
-    /// Claims up to `limit` due partition heads for `holder` until `now + lease`, oldest
-    /// first. A row whose lease passed is due again.
-    async fn claim_webhooks(
-        &self,
-        holder: &str,
-        now: DateTime<Utc>,
-        lease: Duration,
-        limit: usize,
-    ) -> Result<Vec<ClaimedRow>, StoreError>;
+    /// Claims due partition heads as `claim` says, oldest first. A row whose lease passed
+    /// is due again.
+    async fn claim_webhooks(&self, claim: &Claim) -> Result<Vec<ClaimedRow>, StoreError>;
 
     /// Records `attempt` of row `id` by `holder`. Delivered is recorded whoever holds the
     /// row (it was delivered); the others only by the holder, so a node whose lease passed

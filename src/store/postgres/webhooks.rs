@@ -3,8 +3,6 @@
 //! heads with a lease, `FOR UPDATE SKIP LOCKED`, so two nodes never take the same row and a
 //! partition is never in two nodes' hands while a lease runs.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
@@ -16,8 +14,8 @@ use super::{PostgresStore, from_ms, limit_param, to_ms};
 use crate::model::NewMessage;
 use crate::store::batch::Failure;
 use crate::store::webhooks::{
-    Attempt, ClaimedRow, Delivery, DeliveryQuery, DeliveryStatus, NewOutboxRow, Outbox, Outcome,
-    Partition, Subscriptions, message_payload,
+    Attempt, Claim, ClaimedRow, Delivery, DeliveryQuery, DeliveryStatus, NewOutboxRow, Outbox,
+    Outcome, Partition, Subscriptions, message_payload,
 };
 use crate::store::{Appended, StoreError};
 
@@ -153,38 +151,50 @@ impl Outbox for PostgresStore {
         .await
     }
 
-    async fn claim_webhooks(
-        &self,
-        holder: &str,
-        now: DateTime<Utc>,
-        lease: Duration,
-        limit: usize,
-    ) -> Result<Vec<ClaimedRow>, StoreError> {
-        let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+    async fn claim_webhooks(&self, claim: &Claim) -> Result<Vec<ClaimedRow>, StoreError> {
+        let until =
+            claim.now + chrono::Duration::from_std(claim.lease).unwrap_or(chrono::Duration::MAX);
+        // The candidates are locked (SKIP LOCKED: another node's are passed over) before the
+        // cap per URL is applied: PostgreSQL locks no rows in a query with a window function.
+        // Candidates beyond the cap are unlocked when the statement ends.
         let sql = format!(
             "UPDATE webhook_outbox o SET claimed_by = $1, claimed_until = $3
              FROM (
-               SELECT h.seq FROM webhook_outbox h
-               WHERE h.status = 'pending' AND h.next_attempt_at <= $2
-                 AND (h.claimed_until IS NULL OR h.claimed_until <= $2)
-                 AND NOT EXISTS (
-                   SELECT 1 FROM webhook_outbox p
-                   WHERE p.status = 'pending' AND p.domain_id = h.domain_id
-                     AND p.endpoint = h.endpoint AND p.partition_key = h.partition_key
-                     AND p.seq < h.seq)
-               ORDER BY h.seq LIMIT $4
-               FOR UPDATE SKIP LOCKED
-             ) c
-             WHERE o.seq = c.seq
+               SELECT seq FROM (
+                 SELECT c.seq,
+                   ROW_NUMBER() OVER (PARTITION BY c.endpoint ORDER BY c.seq) AS n
+                 FROM (
+                   SELECT h.seq, h.endpoint FROM webhook_outbox h
+                   WHERE h.status = 'pending' AND h.next_attempt_at <= $2
+                     AND (h.claimed_until IS NULL OR h.claimed_until <= $2)
+                     AND NOT (h.endpoint = ANY($6::text[]))
+                     AND NOT EXISTS (
+                       SELECT 1 FROM webhook_outbox p
+                       WHERE p.status = 'pending' AND p.domain_id = h.domain_id
+                         AND p.endpoint = h.endpoint AND p.partition_key = h.partition_key
+                         AND p.seq < h.seq)
+                   ORDER BY h.seq LIMIT $7
+                   FOR UPDATE SKIP LOCKED
+                 ) c
+               ) r
+               WHERE r.n <= $5
+               ORDER BY r.seq LIMIT $4
+             ) pick
+             WHERE o.seq = pick.seq
              RETURNING {CLAIMED_COLUMNS}"
         );
+        // Candidates looked at: enough for the cap to leave `limit` in most cases.
+        let scan = claim.limit.saturating_mul(4).max(claim.per_endpoint);
         let rows = self
             .read("a webhook claim", async {
                 sqlx::query(&sql)
-                    .bind(holder)
-                    .bind(to_ms(now))
+                    .bind(&claim.holder)
+                    .bind(to_ms(claim.now))
                     .bind(to_ms(until))
-                    .bind(limit_param(limit))
+                    .bind(limit_param(claim.limit))
+                    .bind(limit_param(claim.per_endpoint))
+                    .bind(&claim.skip)
+                    .bind(limit_param(scan))
                     .fetch_all(&self.pool)
                     .await
             })

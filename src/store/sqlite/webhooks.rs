@@ -2,8 +2,6 @@
 //! writer's transaction ([`insert_outbox`]); claims and outcomes are jobs of the writer
 //! too, so one node (the only one SQLite has) takes each partition head once.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, params};
@@ -11,8 +9,8 @@ use rusqlite::{Connection, params};
 use super::{SqliteStore, from_ms, limit_param, to_ms, unavailable};
 use crate::store::StoreError;
 use crate::store::webhooks::{
-    Attempt, ClaimedRow, Delivery, DeliveryQuery, DeliveryStatus, NewOutboxRow, Outbox, Outcome,
-    Subscriptions,
+    Attempt, Claim, ClaimedRow, Delivery, DeliveryQuery, DeliveryStatus, NewOutboxRow, Outbox,
+    Outcome, Subscriptions,
 };
 
 /// Writes `rows` in the open transaction.
@@ -40,18 +38,24 @@ pub(super) fn insert_outbox(conn: &Connection, rows: &[NewOutboxRow]) -> rusqlit
     Ok(())
 }
 
-/// The heads of the partitions, due and not held, oldest first.
+/// The heads of the partitions, due and not held, oldest first, at most `?5` per URL and
+/// none of the URLs of the JSON array `?6`.
 const CLAIM: &str = "UPDATE webhook_outbox SET claimed_by = ?1, claimed_until = ?3
      WHERE seq IN (
-       SELECT h.seq FROM webhook_outbox h
-       WHERE h.status = 'pending' AND h.next_attempt_at <= ?2
-         AND (h.claimed_until IS NULL OR h.claimed_until <= ?2)
-         AND NOT EXISTS (
-           SELECT 1 FROM webhook_outbox p
-           WHERE p.status = 'pending' AND p.domain_id = h.domain_id
-             AND p.endpoint = h.endpoint AND p.partition_key = h.partition_key
-             AND p.seq < h.seq)
-       ORDER BY h.seq LIMIT ?4)
+       SELECT seq FROM (
+         SELECT h.seq,
+           ROW_NUMBER() OVER (PARTITION BY h.endpoint ORDER BY h.seq) AS n
+         FROM webhook_outbox h
+         WHERE h.status = 'pending' AND h.next_attempt_at <= ?2
+           AND (h.claimed_until IS NULL OR h.claimed_until <= ?2)
+           AND h.endpoint NOT IN (SELECT value FROM json_each(?6))
+           AND NOT EXISTS (
+             SELECT 1 FROM webhook_outbox p
+             WHERE p.status = 'pending' AND p.domain_id = h.domain_id
+               AND p.endpoint = h.endpoint AND p.partition_key = h.partition_key
+               AND p.seq < h.seq))
+       WHERE n <= ?5
+       ORDER BY seq LIMIT ?4)
      RETURNING id, domain_id, endpoint, partition_key, event, payload, created_at, attempts,
        seq";
 
@@ -141,36 +145,35 @@ impl Outbox for SqliteStore {
             .await
     }
 
-    async fn claim_webhooks(
-        &self,
-        holder: &str,
-        now: DateTime<Utc>,
-        lease: Duration,
-        limit: usize,
-    ) -> Result<Vec<ClaimedRow>, StoreError> {
-        let holder = holder.to_owned();
-        let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
-        let (now, until) = (to_ms(now), to_ms(until));
-        let limit = limit_param(limit);
+    async fn claim_webhooks(&self, claim: &Claim) -> Result<Vec<ClaimedRow>, StoreError> {
+        let holder = claim.holder.clone();
+        let until =
+            claim.now + chrono::Duration::from_std(claim.lease).unwrap_or(chrono::Duration::MAX);
+        let (now, until) = (to_ms(claim.now), to_ms(until));
+        let (limit, per_endpoint) = (limit_param(claim.limit), limit_param(claim.per_endpoint));
+        let skip = serde_json::Value::from(claim.skip.clone()).to_string();
         self.run(move |conn| {
             let mut rows = conn
                 .prepare_cached(CLAIM)
                 .and_then(|mut st| {
-                    st.query_map(params![holder, now, until, limit], |row| {
-                        Ok((
-                            row.get::<_, i64>(8)?,
-                            ClaimedRow {
-                                id: row.get(0)?,
-                                domain_id: row.get(1)?,
-                                endpoint: row.get(2)?,
-                                partition: row.get(3)?,
-                                event: row.get(4)?,
-                                payload: row.get(5)?,
-                                created_at: from_ms(row.get(6)?),
-                                attempts: row.get::<_, i64>(7)?.try_into().unwrap_or(u32::MAX),
-                            },
-                        ))
-                    })?
+                    st.query_map(
+                        params![holder, now, until, limit, per_endpoint, skip],
+                        |row| {
+                            Ok((
+                                row.get::<_, i64>(8)?,
+                                ClaimedRow {
+                                    id: row.get(0)?,
+                                    domain_id: row.get(1)?,
+                                    endpoint: row.get(2)?,
+                                    partition: row.get(3)?,
+                                    event: row.get(4)?,
+                                    payload: row.get(5)?,
+                                    created_at: from_ms(row.get(6)?),
+                                    attempts: row.get::<_, i64>(7)?.try_into().unwrap_or(u32::MAX),
+                                },
+                            ))
+                        },
+                    )?
                     .collect::<rusqlite::Result<Vec<_>>>()
                 })
                 .map_err(unavailable)?;
