@@ -680,6 +680,44 @@ async fn notifications_and_visitors_raise_their_events() {
 }
 
 #[tokio::test]
+async fn a_completed_guided_session_raises_its_event() {
+    let receiver = Receiver::start().await;
+    let (s, _admin) = server_with(&receiver.url, &[WebhookEvent::SessionCompleted], false).await;
+    // The demo's built-in NDA template, answered through `/chat` (docs/sessions.md).
+    let url = s.ws(&format!(
+        "/chat?token={}&templateId=mutual-nda",
+        s.token("ann")
+    ));
+    let mut chat = common::Client::connect(&url).await;
+    let first = chat.recv().await;
+    let session = first["sessionId"].as_str().unwrap().to_owned();
+    let mut last = Value::Null;
+    for answer in [
+        "Acme Ltd",
+        "Globex GmbH",
+        "To evaluate a possible partnership.",
+        "2027-01-31",
+        "3",
+        "ireland",
+        "legal@acme.example",
+    ] {
+        chat.send(json!({ "type": "user_message", "content": answer }))
+            .await;
+        last = chat.recv().await;
+    }
+    assert_eq!(last["type"], "session_complete", "{last}");
+    let got = receiver.wait_for(1, Duration::from_secs(10)).await;
+    let data = &got[0].body["data"];
+    assert_eq!(got[0].event, "session.completed");
+    assert_eq!(data["sessionId"], session);
+    assert_eq!(data["userId"], "ann");
+    assert_eq!(data["templateId"], "mutual-nda");
+    assert_eq!(data["document"]["id"], last["documentId"]);
+    assert!(data["document"]["bytes"].as_u64() > Some(0), "{data}");
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn an_event_never_taken_is_given_up_and_its_room_moves_on() {
     let receiver = Receiver::start().await;
     receiver.state.fail_all.store(true, Ordering::SeqCst);
