@@ -36,6 +36,9 @@ use crate::model::{Conversation, Message, RoomStatus};
 #[derive(Debug, Default)]
 pub struct Subscriptions {
     table: ArcSwap<HashMap<String, Vec<Endpoint>>>,
+    /// Whether the table has a domain: with none (most servers), a write reads this flag
+    /// and nothing else.
+    any: std::sync::atomic::AtomicBool,
 }
 
 /// One webhook as the outbox sees it: its URL and the events it wants.
@@ -64,21 +67,23 @@ impl Subscriptions {
                 table.insert(d.id.clone(), endpoints);
             }
         }
+        let any = !table.is_empty();
         self.table.store(Arc::new(table));
+        self.any.store(any, std::sync::atomic::Ordering::Release);
     }
 
     /// True when no domain has a webhook.
     pub fn is_empty(&self) -> bool {
-        self.table.load().is_empty()
+        !self.any.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The URLs of `domain`'s webhooks that want `event` (none, for most domains, after one
     /// hash lookup).
     pub fn urls(&self, domain: &str, event: WebhookEvent) -> Vec<Arc<str>> {
-        let table = self.table.load();
-        if table.is_empty() {
+        if self.is_empty() {
             return Vec::new();
         }
+        let table = self.table.load();
         table.get(domain).map_or_else(Vec::new, |endpoints| {
             endpoints
                 .iter()
