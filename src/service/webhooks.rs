@@ -258,8 +258,9 @@ impl Deliverer {
             .checked_sub(BACKLOG_EVERY)
             .unwrap_or_else(Instant::now);
         // Without webhooks anywhere, and nothing found last time, a node claims seldom: a
-        // server without webhooks puts no claim on its store every second.
-        let mut idle_since: Option<Instant> = None;
+        // server without webhooks puts no claim on its store every second, nor one at start
+        // (events a removed webhook left are given up within IDLE_CLAIM_EVERY).
+        let mut idle_since: Option<Instant> = Some(Instant::now());
         loop {
             if stop.is_cancelled() {
                 return;

@@ -152,6 +152,20 @@ impl Outbox for SqliteStore {
         let (now, until) = (to_ms(claim.now), to_ms(until));
         let (limit, per_endpoint) = (limit_param(claim.limit), limit_param(claim.per_endpoint));
         let skip = serde_json::Value::from(claim.skip.clone()).to_string();
+        // Looked for on a reader first: an idle outbox costs the writer nothing.
+        let due = self
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM webhook_outbox
+                     WHERE status = 'pending' AND next_attempt_at <= ?1
+                       AND (claimed_until IS NULL OR claimed_until <= ?1))",
+                )?
+                .query_row(params![now], |row| row.get::<_, bool>(0))
+            })
+            .await?;
+        if !due {
+            return Ok(Vec::new());
+        }
         self.run(move |conn| {
             let mut rows = conn
                 .prepare_cached(CLAIM)
