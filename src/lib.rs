@@ -394,12 +394,21 @@ impl App {
             .map_err(invalid)?,
         );
         tracing::info!(store = files.location(), "files are kept in the file store");
+        // The domains' webhooks, delivered from the store's outbox by every node.
+        let webhooks = crate::service::webhooks::WebhookService::start(
+            Arc::clone(&store),
+            Arc::clone(&domains),
+            Arc::clone(&metrics),
+            config.webhooks.clone(),
+            &supervisor,
+        );
         let state = AppState::new(AppInner {
             sockets,
             accounts,
             visitors,
             stats,
             files,
+            webhooks,
             sessions,
             notifications,
             ai,

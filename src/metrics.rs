@@ -20,6 +20,13 @@ pub struct OpLabel {
     pub op: &'static str,
 }
 
+/// Label set for the domains' webhook attempts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `delivered`, `failed` (to be retried) or `dead` (given up).
+    pub result: &'static str,
+}
+
 /// Label set for hand-off transitions.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActionLabel {
@@ -170,6 +177,15 @@ pub struct Metrics {
     pub files_served: Counter,
     /// Files deleted, one by one or with their room.
     pub files_deleted: Counter,
+    /// Attempts at the domains' webhook events, by result: `delivered`, `failed` (retried
+    /// later), `dead` (given up).
+    pub webhooks: Family<ResultLabel, Counter>,
+    /// Events in the webhook outbox not delivered yet (all nodes; refreshed every 5 s).
+    pub webhooks_backlog: Gauge,
+    /// Age of the oldest undelivered webhook event, in seconds (0: none).
+    pub webhooks_oldest_seconds: Gauge<f64, AtomicU64>,
+    /// From an event to its delivery, in seconds.
+    pub webhook_latency: Histogram,
 }
 
 impl Metrics {
@@ -365,12 +381,40 @@ impl Metrics {
             "Files deleted, one by one or with their room",
             files_deleted.clone(),
         );
+        let webhooks = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "webhooks",
+            "Attempts at the domains' webhook events, by result (delivered, failed, dead)",
+            webhooks.clone(),
+        );
+        let webhooks_backlog = Gauge::default();
+        registry.register(
+            "webhooks_backlog",
+            "Webhook events in the outbox not delivered yet",
+            webhooks_backlog.clone(),
+        );
+        let webhooks_oldest_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "webhooks_oldest_pending_seconds",
+            "Age of the oldest undelivered webhook event (0: none)",
+            webhooks_oldest_seconds.clone(),
+        );
+        let webhook_latency = Histogram::new(exponential_buckets(0.01, 2.0, 20));
+        registry.register(
+            "webhook_delivery_seconds",
+            "From a webhook event to its delivery",
+            webhook_latency.clone(),
+        );
         Self {
             registry,
             files_uploaded,
             files_uploaded_bytes,
             files_served,
             files_deleted,
+            webhooks,
+            webhooks_backlog,
+            webhooks_oldest_seconds,
+            webhook_latency,
             notifications,
             pusher_webhooks,
             guided,
@@ -435,6 +479,23 @@ impl Metrics {
         self.pusher_webhooks
             .get_or_create(&ReasonLabel { reason: outcome })
             .inc_by(n);
+    }
+
+    /// Counts one attempt at a webhook event that ended as `result`.
+    pub fn webhook(&self, result: &'static str) {
+        self.webhooks.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Records the time from a webhook event to its delivery.
+    pub fn webhook_latency(&self, took: Duration) {
+        self.webhook_latency.observe(took.as_secs_f64());
+    }
+
+    /// Sets the webhook outbox's backlog: rows pending, age of the oldest in seconds.
+    pub fn webhook_backlog(&self, pending: u64, oldest_seconds: f64) {
+        self.webhooks_backlog
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        self.webhooks_oldest_seconds.set(oldest_seconds);
     }
 
     /// Counts a guided-session event.

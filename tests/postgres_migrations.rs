@@ -174,7 +174,8 @@ async fn a_version_2_database_of_the_earlier_runner_is_adopted_and_upgraded() {
             (5, true),
             (6, true),
             (7, true),
-            (8, true)
+            (8, true),
+            (9, true)
         ]
     );
     let untimed: Vec<i64> = sqlx::query_scalar(
@@ -230,16 +231,16 @@ async fn a_database_of_a_newer_parlor_is_refused_untouched() {
     db.open().await.expect("create").close().await;
     conn.execute(
         "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
-         VALUES (9, 'later', TRUE, '\\x00', 1)",
+         VALUES (10, 'later', TRUE, '\\x00', 1)",
     )
     .await
     .expect("a later version");
     let refused = db.open().await.expect_err("refused").to_string();
     assert!(
-        refused.contains("database schema version 9 is newer than this Parlor (8)"),
+        refused.contains("database schema version 10 is newer than this Parlor (9)"),
         "{refused}"
     );
-    assert_eq!(sqlx_versions(&mut conn).await.len(), 9);
+    assert_eq!(sqlx_versions(&mut conn).await.len(), 10);
     conn.close().await.ok();
 }
 
@@ -250,12 +251,12 @@ async fn a_database_of_a_newer_earlier_runner_is_refused_untouched() {
     };
     let mut conn = db.connect().await;
     migrate_the_old_way(&mut conn, 4).await;
-    conn.execute("INSERT INTO parlor_schema_migrations (version, applied_at) VALUES (9, 0)")
+    conn.execute("INSERT INTO parlor_schema_migrations (version, applied_at) VALUES (10, 0)")
         .await
         .expect("a later version");
     let refused = db.open().await.expect_err("refused").to_string();
     assert!(
-        refused.contains("database schema version 9 is newer than this Parlor (8)"),
+        refused.contains("database schema version 10 is newer than this Parlor (9)"),
         "{refused}"
     );
     assert!(has_table(&mut conn, "parlor_schema_migrations").await);

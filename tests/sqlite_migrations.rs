@@ -151,7 +151,7 @@ async fn version_1_database_upgrades_without_losing_anything() {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .expect("version");
-    assert_eq!(version, 12);
+    assert_eq!(version, 13);
 }
 
 /// The first five migrations, as the runner of earlier Parlor releases applied them: each in
@@ -274,8 +274,8 @@ async fn a_version_5_database_of_the_earlier_runner_upgrades_to_the_latest() {
     );
     store.close().await;
 
-    // Migrations 6 to 12 ran: their tables exist, and the count is the latest.
-    assert_eq!(user_version(&path), 12);
+    // Migrations 6 to 13 ran: their tables exist, and the count is the latest.
+    assert_eq!(user_version(&path), 13);
     let conn = Connection::open(&path).expect("open");
     for table in [
         "accounts",
@@ -287,6 +287,7 @@ async fn a_version_5_database_of_the_earlier_runner_upgrades_to_the_latest() {
         "activity_hours",
         "first_responses",
         "files",
+        "webhook_outbox",
     ] {
         let found: i64 = conn
             .query_row(
@@ -310,20 +311,20 @@ async fn a_database_of_a_newer_parlor_is_refused_untouched() {
         .await
         .expect("append");
     store.close().await;
-    // A later release added a thirteenth migration.
+    // A later release added a fourteenth migration.
     Connection::open(&path)
         .expect("open")
-        .pragma_update(None, "user_version", 13)
+        .pragma_update(None, "user_version", 14)
         .expect("version");
 
     let (sink, _committed) = mpsc::unbounded_channel();
     let refused = SqliteStore::open(&path, &StoreConfig::default(), sink).expect_err("refused");
     let message = refused.to_string();
     assert!(
-        message.contains("database schema version 13 is newer than this Parlor (12)"),
+        message.contains("database schema version 14 is newer than this Parlor (13)"),
         "{message}"
     );
-    assert_eq!(user_version(&path), 13);
+    assert_eq!(user_version(&path), 14);
     let kept: String = Connection::open(&path)
         .expect("open")
         .query_row("SELECT content FROM messages", [], |r| r.get(0))

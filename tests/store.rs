@@ -30,7 +30,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parlor::config::StoreConfig;
+use parlor::config::{DomainConfig, StoreConfig, WebhookConfig, WebhookEvent};
 use parlor::model::{Author, Conversation, Message, NewMessage, RoomKey, RoomStatus, now_ms};
 use parlor::store::accounts::{AccountRole, NewAccount};
 use parlor::store::files::StoredFile;
@@ -42,6 +42,9 @@ use parlor::store::notifications::{NewNotification, NotificationType, UnreadCoun
 use parlor::store::postgres::PostgresStore;
 use parlor::store::sqlite::SqliteStore;
 use parlor::store::visitors::{Interval, Sighting};
+use parlor::store::webhooks::{
+    Attempt, Claim, ClaimedRow, DeliveryQuery, DeliveryStatus, Outcome, Partition,
+};
 use parlor::store::{
     Appended, CommitSink, CustomerProfile, Decide, InboxQuery, NewNote, Store, StoreError,
 };
@@ -301,6 +304,9 @@ macro_rules! conformance_suite {
             multi concurrent_sightings_of_one_visitor_count_once,
             multi activity_counts_what_was_stored,
             current files_are_described_per_domain_and_room,
+            current webhook_outbox_claims_in_order_with_leases,
+            current webhook_claims_are_capped_per_url,
+            current webhook_events_of_notifications_visitors_and_sessions,
         );
     };
     (@stories $backend:ident; $($flavor:ident $(#[$attr:meta])* $story:ident),* $(,)?) => {
@@ -3458,6 +3464,455 @@ mod stories {
         ctx.reopen().await;
         let rows = ctx.store.activity(SHOP, started, to).await.unwrap();
         assert_eq!(totals(rows), wanted, "after a reopen");
+    }
+
+    // --------------------------------------------------------------------------------------
+    // Webhook outbox
+    // --------------------------------------------------------------------------------------
+
+    const HOOK: &str = "http://receiver.example/hook";
+
+    /// Subscribes domain `hooked` to `events` at [`HOOK`].
+    fn subscribe(store: &dyn Store, events: &[WebhookEvent]) {
+        let mut hooked = DomainConfig::new("hooked", "Hooked");
+        hooked.webhooks = vec![WebhookConfig {
+            url: HOOK.into(),
+            secret: parlor::config::Secret::new("0123456789abcdef"),
+            events: events.to_vec(),
+        }];
+        store
+            .webhook_subscriptions()
+            .replace([&hooked, &DomainConfig::new("quiet", "Quiet")]);
+    }
+
+    async fn claim(
+        store: &dyn Store,
+        holder: &str,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Vec<ClaimedRow> {
+        store
+            .claim_webhooks(&Claim {
+                holder: holder.into(),
+                now: at,
+                lease: Duration::from_secs(30),
+                limit: 100,
+                per_endpoint: 100,
+                skip: Vec::new(),
+            })
+            .await
+            .expect("claim")
+    }
+
+    fn attempt(outcome: Outcome) -> Attempt {
+        Attempt {
+            at: chrono::Utc::now(),
+            outcome,
+            http_status: Some(500),
+            error: Some("the receiver answered 500".into()),
+        }
+    }
+
+    fn seq_of(row: &ClaimedRow) -> u64 {
+        serde_json::from_str::<Value>(&row.payload).unwrap()["seq"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// Messages and transitions of a subscribed domain write outbox rows with them, a quiet
+    /// domain's none; a partition gives out its rows one at a time, in order, to one holder
+    /// per lease; a retry holds the partition back until it is due; a lease that passed
+    /// hands the row to another holder; outcomes are recorded by the holder only (delivery
+    /// by anyone); the log lists, filters and pages; pruning removes ended rows only.
+    pub async fn webhook_outbox_claims_in_order_with_leases(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        subscribe(
+            store,
+            &[
+                WebhookEvent::MessageCreated,
+                WebhookEvent::ConversationEscalated,
+            ],
+        );
+        let (a, b) = (RoomKey::new("hooked", "a"), RoomKey::new("hooked", "b"));
+        let quiet = RoomKey::new("quiet", "a");
+        // Queued together: on PostgreSQL one batch append, with its outbox rows.
+        let mut answers = Vec::new();
+        for (key, text_of) in [
+            (&a, "a1"),
+            (&b, "b1"),
+            (&quiet, "q1"),
+            (&a, "a2"),
+            (&a, "a3"),
+        ] {
+            answers.push(
+                store
+                    .queue_append(text(key, text_of))
+                    .await
+                    .expect("queued"),
+            );
+        }
+        for answer in answers {
+            answer.await.expect("appended");
+        }
+        append(store, text(&b, "b2")).await;
+        append(store, text(&quiet, "q2")).await;
+        // A duplicate writes no event.
+        append(store, keyed(&a, "a-keyed", "k1")).await;
+        assert!(append(store, keyed(&a, "a-keyed", "k1")).await.duplicate);
+        let moved = store
+            .transition(&a, Some("ann"), waiting_decision())
+            .await
+            .expect("transition");
+        assert!(moved.message.is_some());
+        let (pending, oldest) = store.webhook_backlog().await.unwrap();
+        assert_eq!(
+            pending, 8,
+            "a: 4 messages, status message, escalation; b: 2"
+        );
+        assert!(oldest.is_some());
+
+        let now = chrono::Utc::now();
+        let first = claim(store, "n1", now).await;
+        let heads: Vec<(&str, &str, u64)> = first
+            .iter()
+            .map(|r| (r.partition.as_str(), r.event.as_str(), seq_of(r)))
+            .collect();
+        assert_eq!(
+            heads,
+            [
+                ("room:a", "message.created", 1),
+                ("room:b", "message.created", 1)
+            ]
+        );
+        assert!(
+            first
+                .iter()
+                .all(|r| r.domain_id == "hooked" && r.endpoint == HOOK)
+        );
+        assert!(claim(store, "n2", now).await.is_empty(), "heads are held");
+
+        // a's head delivered: its next row comes out, to anyone.
+        let (a1, b1) = (&first[0], &first[1]);
+        assert!(
+            store
+                .finish_webhook(&a1.id, "n1", attempt(Outcome::Delivered))
+                .await
+                .unwrap()
+        );
+        let next = claim(store, "n2", now).await;
+        assert_eq!(next.len(), 1);
+        assert_eq!(
+            (next[0].partition.as_str(), seq_of(&next[0])),
+            ("room:a", 2)
+        );
+
+        // b's head fails: retried in an hour, and b waits for it.
+        let later = now + chrono::Duration::hours(1);
+        assert!(
+            !store
+                .finish_webhook(&b1.id, "n2", attempt(Outcome::Retry(later)))
+                .await
+                .unwrap(),
+            "only the holder records a failure"
+        );
+        assert!(
+            store
+                .finish_webhook(&b1.id, "n1", attempt(Outcome::Retry(later)))
+                .await
+                .unwrap()
+        );
+        assert!(claim(store, "n3", now).await.is_empty());
+        // n2's lease on a2 passes: a2 goes to n3, with b's retry when due.
+        let after_lease = now + chrono::Duration::seconds(31);
+        let taken = claim(store, "n3", after_lease).await;
+        assert_eq!(taken.len(), 1);
+        assert_eq!(
+            (taken[0].id.as_str(), taken[0].attempts),
+            (next[0].id.as_str(), 0)
+        );
+        // The late holder's delivery still counts.
+        assert!(
+            store
+                .finish_webhook(&taken[0].id, "n2", attempt(Outcome::Delivered))
+                .await
+                .unwrap()
+        );
+        let due = claim(store, "n3", later).await;
+        let by_room = |rows: &[ClaimedRow], room: &str| -> ClaimedRow {
+            rows.iter()
+                .find(|r| r.partition == room)
+                .cloned()
+                .unwrap_or_else(|| panic!("no row of {room} in {rows:?}"))
+        };
+        assert_eq!(due.len(), 2, "{due:?}");
+        let (a3, b1_again) = (by_room(&due, "room:a"), by_room(&due, "room:b"));
+        assert_eq!(seq_of(&a3), 3);
+        assert_eq!(
+            (b1_again.id.as_str(), b1_again.attempts),
+            (b1.id.as_str(), 1)
+        );
+        // A dead row lets its partition go on.
+        assert!(
+            store
+                .finish_webhook(&b1.id, "n3", attempt(Outcome::Dead))
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .finish_webhook(&a3.id, "n3", attempt(Outcome::Delivered))
+                .await
+                .unwrap()
+        );
+        let rest = claim(store, "n1", later).await;
+        assert_eq!(rest.len(), 2, "{rest:?}");
+        let (a4, b2) = (by_room(&rest, "room:a"), by_room(&rest, "room:b"));
+        assert_eq!((seq_of(&a4), seq_of(&b2)), (4, 2));
+        assert!(
+            claim(store, "n2", later + chrono::Duration::seconds(10))
+                .await
+                .is_empty(),
+            "n1 holds them"
+        );
+        // A row given back unattempted is claimed again at once, unchanged.
+        assert!(
+            store
+                .finish_webhook(&a4.id, "n1", attempt(Outcome::Released))
+                .await
+                .unwrap()
+        );
+        let again = claim(store, "n2", later).await;
+        assert_eq!(again.len(), 1);
+        assert_eq!(
+            (again[0].id.as_str(), again[0].attempts),
+            (a4.id.as_str(), 0)
+        );
+
+        // The log: newest first, filtered, paged.
+        let query = |status, before, limit| DeliveryQuery {
+            domain_id: "hooked".into(),
+            status,
+            before,
+            limit,
+        };
+        let all = store
+            .webhook_deliveries(query(None, None, 100))
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 8);
+        assert!(all.windows(2).all(|w| w[0].position > w[1].position));
+        assert_eq!(all.last().unwrap().id, a1.id);
+        assert_eq!(all[0].event, "conversation.escalated");
+        let dead = store
+            .webhook_deliveries(query(Some(DeliveryStatus::Dead), None, 100))
+            .await
+            .unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            (dead[0].id.as_str(), dead[0].attempts, dead[0].last_status),
+            (b1.id.as_str(), 2, Some(500))
+        );
+        assert_eq!(
+            dead[0].last_error.as_deref(),
+            Some("the receiver answered 500")
+        );
+        assert!(dead[0].finished_at.is_some() && dead[0].next_attempt_at.is_none());
+        let delivered = store
+            .webhook_deliveries(query(Some(DeliveryStatus::Delivered), None, 100))
+            .await
+            .unwrap();
+        assert_eq!(delivered.len(), 3);
+        let page1 = store
+            .webhook_deliveries(query(None, None, 5))
+            .await
+            .unwrap();
+        let page2 = store
+            .webhook_deliveries(query(None, Some(page1[4].position), 5))
+            .await
+            .unwrap();
+        assert_eq!(page2.len(), 3);
+        let ids: HashSet<&str> = page1.iter().chain(&page2).map(|d| d.id.as_str()).collect();
+        assert_eq!(ids.len(), 8, "pages do not overlap");
+        assert!(
+            store
+                .webhook_deliveries(DeliveryQuery {
+                    domain_id: "quiet".into(),
+                    ..query(None, None, 100)
+                })
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        // Pruning removes what ended before the cut, a few at a time, never pending rows.
+        let cut = chrono::Utc::now() + chrono::Duration::days(1);
+        assert_eq!(store.prune_webhooks(cut, 3).await.unwrap(), 3);
+        assert_eq!(store.prune_webhooks(cut, 3).await.unwrap(), 1);
+        assert_eq!(store.prune_webhooks(cut, 3).await.unwrap(), 0);
+        assert_eq!(store.webhook_backlog().await.unwrap().0, 4);
+    }
+
+    /// A claim takes at most `per_endpoint` rows of one URL and none of the URLs it skips,
+    /// so one busy receiver cannot take every place of a node.
+    pub async fn webhook_claims_are_capped_per_url(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        let mut hooked = DomainConfig::new("hooked", "Hooked");
+        let other = "http://other.example/hook";
+        hooked.webhooks = vec![
+            WebhookConfig {
+                url: HOOK.into(),
+                secret: parlor::config::Secret::new("0123456789abcdef"),
+                events: vec![WebhookEvent::MessageCreated],
+            },
+            WebhookConfig {
+                url: other.into(),
+                secret: parlor::config::Secret::new("0123456789abcdef"),
+                events: vec![WebhookEvent::MessageCreated],
+            },
+        ];
+        store.webhook_subscriptions().replace([&hooked]);
+        for room in ["r1", "r2", "r3", "r4", "r5"] {
+            append(store, text(&RoomKey::new("hooked", room), "hi")).await;
+        }
+        let claim = |per_endpoint, skip: Vec<String>| Claim {
+            holder: "n1".into(),
+            now: chrono::Utc::now(),
+            lease: Duration::from_secs(30),
+            limit: 100,
+            per_endpoint,
+            skip,
+        };
+        let capped = store.claim_webhooks(&claim(2, Vec::new())).await.unwrap();
+        let count =
+            |rows: &[ClaimedRow], url: &str| rows.iter().filter(|r| r.endpoint == url).count();
+        assert_eq!(
+            (count(&capped, HOOK), count(&capped, other)),
+            (2, 2),
+            "{capped:?}"
+        );
+        let rooms: Vec<&str> = capped
+            .iter()
+            .filter(|r| r.endpoint == HOOK)
+            .map(|r| r.partition.as_str())
+            .collect();
+        assert_eq!(rooms, ["room:r1", "room:r2"], "the oldest first");
+        let skipping = store
+            .claim_webhooks(&claim(100, vec![HOOK.to_owned()]))
+            .await
+            .unwrap();
+        assert_eq!((count(&skipping, HOOK), count(&skipping, other)), (0, 3));
+        let rest = store.claim_webhooks(&claim(100, Vec::new())).await.unwrap();
+        assert_eq!((count(&rest, HOOK), count(&rest, other)), (3, 0));
+    }
+
+    /// Notifications, visitors' visits and completed sessions write their events with them;
+    /// a departure is written on its own; unsubscribed events write nothing.
+    pub async fn webhook_events_of_notifications_visitors_and_sessions(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        subscribe(
+            store,
+            &[
+                WebhookEvent::NotificationCreated,
+                WebhookEvent::VisitorAdded,
+                WebhookEvent::SessionCompleted,
+            ],
+        );
+        store
+            .add_notifications(vec![
+                notice("hooked", "ann", None, "one"),
+                notice("quiet", "ann", None, "two"),
+                notice("hooked", "ann", None, "three"),
+            ])
+            .await
+            .unwrap();
+        let t0 = 1_765_022_400_000;
+        let minute = 60_000;
+        store
+            .record_sightings(vec![
+                sighting("hooked", "v1", t0, Some("/")),
+                sighting("hooked", "v1", t0 + minute, Some("/a")),
+                sighting("hooked", "v1", t0 + 40 * minute, Some("/b")),
+                sighting("quiet", "v1", t0, Some("/")),
+            ])
+            .await
+            .unwrap();
+        let mut new = new_session("s1", "ann", "intake");
+        new.domain_id = "hooked".into();
+        let (opened, _) = store.open_session(new).await.unwrap();
+        store
+            .complete_session(
+                "s1",
+                opened.version,
+                step(vec![], None, &json!({})),
+                document("d1", Some("# Ann")),
+            )
+            .await
+            .unwrap()
+            .expect("completed");
+        let removed = store.webhook_subscriptions().rows(
+            "hooked",
+            WebhookEvent::VisitorRemoved,
+            Partition::Visitor("v1"),
+            || json!({}),
+        );
+        assert!(removed.is_empty(), "visitor.removed is not subscribed");
+        store.enqueue_webhooks(removed).await.unwrap();
+
+        let rows = claim(store, "n1", chrono::Utc::now()).await;
+        let mut got: Vec<(String, String)> = rows
+            .iter()
+            .map(|r| (r.partition.clone(), r.event.clone()))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("session:s1".to_owned(), "session.completed".to_owned()),
+                ("user:ann".to_owned(), "notification.created".to_owned()),
+                ("visitor:v1".to_owned(), "visitor.added".to_owned()),
+            ]
+        );
+        for row in &rows {
+            let data: Value = serde_json::from_str(&row.payload).unwrap();
+            match row.event.as_str() {
+                "notification.created" => {
+                    assert_eq!(
+                        (data["content"].as_str(), data["seq"].as_u64()),
+                        (Some("one"), Some(1))
+                    );
+                }
+                "visitor.added" => {
+                    assert_eq!(
+                        (data["page"].as_str(), data["firstVisit"].as_bool()),
+                        (Some("/"), Some(true))
+                    );
+                }
+                _ => assert_eq!(data["document"]["id"], "d1"),
+            }
+            store
+                .finish_webhook(&row.id, "n1", attempt(Outcome::Delivered))
+                .await
+                .unwrap();
+        }
+        let rows = claim(store, "n1", chrono::Utc::now()).await;
+        let seconds: Vec<(String, Value)> = rows
+            .iter()
+            .map(|r| {
+                let data: Value = serde_json::from_str(&r.payload).unwrap();
+                (r.event.clone(), data)
+            })
+            .collect();
+        assert_eq!(seconds.len(), 2, "{seconds:?}");
+        assert!(
+            seconds
+                .iter()
+                .any(|(e, d)| e == "notification.created" && d["content"] == "three")
+        );
+        assert!(
+            seconds.iter().any(|(e, d)| e == "visitor.added"
+                && d["page"] == "/b"
+                && d["firstVisit"] == false)
+        );
+        assert_eq!(store.webhook_backlog().await.unwrap().0, 2);
     }
 }
 

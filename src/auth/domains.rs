@@ -532,6 +532,7 @@ fn check(d: &DomainConfig) -> Result<(), DomainError> {
             "ai_service_url must be an http:// or https:// URL",
         ));
     }
+    check_webhooks(d)?;
     for p in &d.pusher_keys {
         if p.key.is_empty() || p.secret.expose().len() < 16 {
             return Err(DomainError::new(
@@ -564,6 +565,47 @@ fn check(d: &DomainConfig) -> Result<(), DomainError> {
                     "a Pusher webhook needs at least one event (or none given: all four)",
                 ));
             }
+        }
+    }
+    Ok(())
+}
+
+/// Checks a domain's webhooks: http(s) URLs with a host, each once, secrets of 16 bytes or
+/// more, at least one event.
+fn check_webhooks(d: &DomainConfig) -> Result<(), DomainError> {
+    for (i, hook) in d.webhooks.iter().enumerate() {
+        let url = reqwest::Url::parse(&hook.url).ok();
+        if !url.is_some_and(|u| {
+            matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty())
+        }) {
+            return Err(DomainError::new(
+                &d.id,
+                format!(
+                    "webhooks[{i}].url {:?} must be an http:// or https:// URL with a host",
+                    hook.url
+                ),
+            ));
+        }
+        if d.webhooks[..i].iter().any(|h| h.url == hook.url) {
+            return Err(DomainError::new(
+                &d.id,
+                format!("webhooks[{i}].url {:?} is listed twice", hook.url),
+            ));
+        }
+        if hook.secret.expose().len() < 16 {
+            return Err(DomainError::new(
+                &d.id,
+                format!("webhooks[{i}].secret must be at least 16 bytes"),
+            ));
+        }
+        if hook.events.is_empty() {
+            return Err(DomainError::new(
+                &d.id,
+                format!(
+                    "webhooks[{i}].events is empty; name at least one event (message.created, \
+                     conversation.escalated, …)"
+                ),
+            ));
         }
     }
     Ok(())

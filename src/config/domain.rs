@@ -74,6 +74,104 @@ pub struct DomainConfig {
     /// Sent to the AI service as `Authorization: Bearer`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ai_service_api_key: Option<Secret>,
+    /// Where the domain's events are posted, signed, from a durable outbox
+    /// (`docs/webhooks.md`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// One webhook of a domain: the events it wants, posted to `url` and signed with `secret`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// An `http://` or `https://` URL with a host; one webhook per URL in a domain.
+    pub url: String,
+    /// Signs every post (`X-Parlor-Signature`); at least 16 bytes.
+    pub secret: Secret,
+    /// The events it wants; at least one (a new kind of event is never sent unasked).
+    pub events: Vec<WebhookEvent>,
+}
+
+/// The events a domain's webhooks can ask for (`docs/webhooks.md`, "Events").
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub enum WebhookEvent {
+    /// A message was stored in a room (status messages of hand-offs included).
+    #[serde(rename = "message.created")]
+    MessageCreated,
+    /// A room asked for a human (bot → waiting).
+    #[serde(rename = "conversation.escalated")]
+    ConversationEscalated,
+    /// An agent took a room.
+    #[serde(rename = "conversation.assigned")]
+    ConversationAssigned,
+    /// A room went from one agent to another.
+    #[serde(rename = "conversation.transferred")]
+    ConversationTransferred,
+    /// Its agent left a room, which waits for another.
+    #[serde(rename = "conversation.unassigned")]
+    ConversationUnassigned,
+    /// A room was resolved.
+    #[serde(rename = "conversation.resolved")]
+    ConversationResolved,
+    /// A resolved room came back (escalated or assigned again).
+    #[serde(rename = "conversation.reopened")]
+    ConversationReopened,
+    /// A guided session completed with its document.
+    #[serde(rename = "session.completed")]
+    SessionCompleted,
+    /// A notification was stored for a user.
+    #[serde(rename = "notification.created")]
+    NotificationCreated,
+    /// A visitor was seen for the first time.
+    #[serde(rename = "visitor.added")]
+    VisitorAdded,
+    /// A visitor left the site (reported by `/visitors/remove`).
+    #[serde(rename = "visitor.removed")]
+    VisitorRemoved,
+}
+
+impl WebhookEvent {
+    /// Every event, in the order of the documentation.
+    pub const ALL: [WebhookEvent; 11] = [
+        Self::MessageCreated,
+        Self::ConversationEscalated,
+        Self::ConversationAssigned,
+        Self::ConversationTransferred,
+        Self::ConversationUnassigned,
+        Self::ConversationResolved,
+        Self::ConversationReopened,
+        Self::SessionCompleted,
+        Self::NotificationCreated,
+        Self::VisitorAdded,
+        Self::VisitorRemoved,
+    ];
+
+    /// Its name on the wire (`type` of the body, `X-Parlor-Event`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MessageCreated => "message.created",
+            Self::ConversationEscalated => "conversation.escalated",
+            Self::ConversationAssigned => "conversation.assigned",
+            Self::ConversationTransferred => "conversation.transferred",
+            Self::ConversationUnassigned => "conversation.unassigned",
+            Self::ConversationResolved => "conversation.resolved",
+            Self::ConversationReopened => "conversation.reopened",
+            Self::SessionCompleted => "session.completed",
+            Self::NotificationCreated => "notification.created",
+            Self::VisitorAdded => "visitor.added",
+            Self::VisitorRemoved => "visitor.removed",
+        }
+    }
+
+    /// The event named `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.name() == name)
+    }
+
+    /// Its bit in a set of events.
+    pub fn bit(self) -> u16 {
+        1 << (self as u16)
+    }
 }
 
 fn is_false(b: &bool) -> bool {
@@ -367,6 +465,7 @@ impl DomainConfig {
             templates: Vec::new(),
             ai_service_url: None,
             ai_service_api_key: None,
+            webhooks: Vec::new(),
         }
     }
 

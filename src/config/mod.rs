@@ -92,6 +92,8 @@ pub struct Config {
     pub notifications: NotificationsConfig,
     /// Uploaded files: where they are kept and their limits (see `docs/files.md`).
     pub files: FilesConfig,
+    /// Delivery of the domains' webhooks (see `docs/webhooks.md`).
+    pub webhooks: WebhooksConfig,
     /// Tenants. A `demo` domain is always present (see [`Config::validate`]).
     pub domains: Vec<DomainConfig>,
 }
@@ -160,6 +162,59 @@ impl Default for NotificationsConfig {
     }
 }
 
+/// How the domains' webhooks are delivered from the outbox: every node takes part, each
+/// event partition (a room, a user, a visitor, a session) by one node at a time.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// How long a node holds the events it took; once it passes (the node died), another
+    /// node takes them over. Longer than `attempt_timeout`.
+    #[serde(with = "duration_text")]
+    pub lease: Duration,
+    /// How often a node looks for events to send when it has nothing to do.
+    #[serde(with = "duration_text")]
+    pub poll_every: Duration,
+    /// Longest one POST may take, connecting included.
+    #[serde(with = "duration_text")]
+    pub attempt_timeout: Duration,
+    /// Wait after the first failed attempt; it doubles after each failure.
+    #[serde(with = "duration_text")]
+    pub min_backoff: Duration,
+    /// Longest wait between two attempts.
+    #[serde(with = "duration_text")]
+    pub max_backoff: Duration,
+    /// An event not delivered this long after it happened is given up (`dead`).
+    #[serde(with = "duration_text")]
+    pub retry_for: Duration,
+    /// Posts in flight to one URL at once, per node.
+    pub per_destination: usize,
+    /// Events one node has in flight at most.
+    pub max_in_flight: usize,
+    /// Delivered and dead events are deleted this long after they ended (`0s`: kept).
+    #[serde(with = "duration_text")]
+    pub keep_finished: Duration,
+    /// How often one node deletes them (in small batches).
+    #[serde(with = "duration_text")]
+    pub cleanup_every: Duration,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(60),
+            poll_every: Duration::from_secs(1),
+            attempt_timeout: Duration::from_secs(10),
+            min_backoff: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(3600),
+            retry_for: Duration::from_secs(24 * 3600),
+            per_destination: 4,
+            max_in_flight: 64,
+            keep_finished: Duration::from_secs(7 * 24 * 3600),
+            cleanup_every: Duration::from_secs(600),
+        }
+    }
+}
+
 /// The pages compiled into the binary.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -203,6 +258,7 @@ impl Default for Config {
             sessions: SessionsConfig::default(),
             notifications: NotificationsConfig::default(),
             files: FilesConfig::default(),
+            webhooks: WebhooksConfig::default(),
             domains: vec![DomainConfig::demo()],
         }
     }
@@ -407,6 +463,40 @@ impl Config {
                     "{name} must be longer than 0s"
                 )));
             }
+        }
+        let w = &self.webhooks;
+        for (name, value) in [
+            ("webhooks.lease", w.lease),
+            ("webhooks.poll_every", w.poll_every),
+            ("webhooks.attempt_timeout", w.attempt_timeout),
+            ("webhooks.min_backoff", w.min_backoff),
+            ("webhooks.max_backoff", w.max_backoff),
+            ("webhooks.retry_for", w.retry_for),
+            ("webhooks.cleanup_every", w.cleanup_every),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be longer than 0s"
+                )));
+            }
+        }
+        if w.per_destination == 0 || w.max_in_flight == 0 {
+            return Err(ConfigError::Invalid(
+                "webhooks.per_destination and webhooks.max_in_flight must be greater than 0"
+                    .to_owned(),
+            ));
+        }
+        if w.lease <= w.attempt_timeout {
+            return Err(ConfigError::Invalid(
+                "webhooks.lease must be longer than webhooks.attempt_timeout (a node holds an \
+                 event for the whole attempt)"
+                    .to_owned(),
+            ));
+        }
+        if w.min_backoff > w.max_backoff {
+            return Err(ConfigError::Invalid(
+                "webhooks.min_backoff cannot exceed webhooks.max_backoff".to_owned(),
+            ));
         }
         if self.database_path().is_none() && self.postgres_url().is_none() {
             return Err(ConfigError::Invalid(format!(

@@ -280,3 +280,28 @@ fn unknown_keys_are_refused() {
     let r: Result<Config, _> = Figment::from(Toml::string("[limits]\nnope = 1\n")).extract();
     assert!(r.is_err());
 }
+
+#[test]
+fn webhook_delivery_settings_that_cannot_work_are_refused() {
+    let refused = |text: &str| {
+        let mut config = toml_from(text);
+        config.validate().err().map(|e| e.to_string())
+    };
+    assert_eq!(
+        refused("[webhooks]\nlease = \"2s\"\nattempt_timeout = \"1s\"\n"),
+        None
+    );
+    let error = refused("[webhooks]\nlease = \"5s\"\nattempt_timeout = \"10s\"\n").unwrap();
+    assert!(error.contains("webhooks.lease must be longer"), "{error}");
+    let error = refused("[webhooks]\nmin_backoff = \"2h\"\n").unwrap();
+    assert!(error.contains("min_backoff cannot exceed"), "{error}");
+    let error = refused("[webhooks]\nretry_for = \"0s\"\n").unwrap();
+    assert!(
+        error.contains("webhooks.retry_for must be longer than 0s"),
+        "{error}"
+    );
+    let error = refused("[webhooks]\nper_destination = 0\n").unwrap();
+    assert!(error.contains("per_destination"), "{error}");
+    let unknown = Figment::from(Toml::string("[webhooks]\nlease_secs = 3\n")).extract::<Config>();
+    assert!(unknown.is_err());
+}

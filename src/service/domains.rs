@@ -115,7 +115,13 @@ impl DomainService {
         let keys = self.store.domain_keys().await?;
         self.domains
             .replace(&stored, &keys)
-            .map_err(|e| ServiceError::invalid(ErrorCode::InvalidDomain, e.to_string()))
+            .map_err(|e| ServiceError::invalid(ErrorCode::InvalidDomain, e.to_string()))?;
+        // The store's writes add webhook events for the domains of the new table.
+        let table = self.domains.load();
+        self.store
+            .webhook_subscriptions()
+            .replace(table.iter().map(|d| &d.settings));
+        Ok(())
     }
 
     /// The current table, for listing.

@@ -14,6 +14,7 @@ pub mod notifications;
 pub mod sessions;
 pub mod stats;
 pub mod visitors;
+pub mod webhooks;
 
 use crate::error_code::ErrorCode;
 use crate::store::StoreError;

@@ -48,9 +48,19 @@ impl VisitorService {
         })
     }
 
-    /// The page of `visitor_id` says it left: no longer on the site (unless connected).
-    pub async fn remove(&self, domain: &str, visitor_id: &str) {
+    /// The page of `visitor_id` says it left: no longer on the site (unless connected),
+    /// and `visitor.removed` for the domain's webhooks that want it, stored first.
+    pub async fn remove(&self, domain: &str, visitor_id: &str) -> Result<(), ServiceError> {
+        let at = chrono::Utc::now();
+        let events = self.store.webhook_subscriptions().rows(
+            domain,
+            crate::config::WebhookEvent::VisitorRemoved,
+            crate::store::webhooks::Partition::Visitor(visitor_id),
+            || crate::store::webhooks::visitor_removed_payload(visitor_id, at),
+        );
+        self.store.enqueue_webhooks(events).await?;
         self.shared.unmark(&Self::set(domain), visitor_id).await;
+        Ok(())
     }
 
     /// The visitors on `domain`'s site now, on every node, by id.

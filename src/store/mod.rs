@@ -28,6 +28,7 @@ pub mod postgres;
 pub mod sqlite;
 pub mod stats;
 pub mod visitors;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -489,6 +490,7 @@ pub trait Store:
     + notifications::Notifications
     + visitors::Visitors
     + stats::Stats
+    + webhooks::Outbox
     + Send
     + Sync
     + std::fmt::Debug

@@ -13,6 +13,9 @@
 //! - `GET /api/admin/domains/{id}/knowledge`, `PUT` / `DELETE …/knowledge/{name}` — the
 //!   domain's uploaded knowledge-base documents (the body of a `PUT` is the text).
 //!
+//! - `GET /api/admin/domains/{id}/webhooks/deliveries?status=&limit=&before=` — the
+//!   domain's webhook delivery log, newest first (`docs/webhooks.md`).
+//!
 //! Answers never contain a secret that was stored: JWT secrets and Pusher secrets are
 //! replaced by `"hasSecret": true`, server keys appear as their hashes.
 
@@ -231,6 +234,45 @@ pub async fn delete_document(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// `GET /api/admin/domains/{id}/webhooks/deliveries?status=&limit=&before=`: the webhook
+/// delivery log, newest first, and `next`, the `before` of the following page.
+pub async fn webhook_deliveries(
+    State(app): State<AppState>,
+    Admin(me): Admin,
+    Path(id): Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<Response, ApiError> {
+    let mut params: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if !matches!(&*name, "status" | "limit" | "before") {
+            return Err(ApiError::bad_request(
+                ErrorCode::InvalidQuery,
+                format!("unknown parameter {name:?} (known: status, limit, before)"),
+            ));
+        }
+        if params.insert(name.to_string(), value.to_string()).is_some() {
+            return Err(ApiError::bad_request(
+                ErrorCode::InvalidQuery,
+                format!("parameter {name:?} given twice"),
+            ));
+        }
+    }
+    let param = |name: &str| params.get(name).map(String::as_str);
+    let (rows, next) = app
+        .webhooks
+        .deliveries(&me, &id, param("status"), param("limit"), param("before"))
+        .await?;
+    let deliveries: Vec<Value> = rows
+        .iter()
+        .map(|d| serde_json::to_value(d).unwrap_or(Value::Null))
+        .collect();
+    Ok(Json(json!({
+        "deliveries": deliveries,
+        "next": next.map(|n| n.to_string()),
+    }))
+    .into_response())
+}
+
 fn not_found(id: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -256,6 +298,12 @@ fn view(domain: &Domain) -> Value {
             if obj.remove(secret).is_some() {
                 obj.insert(flag.to_owned(), Value::Bool(true));
             }
+        }
+    }
+    if let Some(hooks) = settings.get_mut("webhooks").and_then(Value::as_array_mut) {
+        for hook in hooks.iter_mut().filter_map(Value::as_object_mut) {
+            hook.remove("secret");
+            hook.insert("has_secret".to_owned(), Value::Bool(true));
         }
     }
     if let Some(pairs) = settings

@@ -187,6 +187,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/admin/domains/{id}/keys", post(admin::add_key))
         .route(
+            "/api/admin/domains/{id}/webhooks/deliveries",
+            get(admin::webhook_deliveries),
+        )
+        .route(
             "/api/admin/domains/{id}/keys/{key_id}",
             axum::routing::delete(admin::delete_key),
         )

@@ -59,6 +59,8 @@ pub struct AppInner {
     pub stats: Arc<crate::service::stats::StatsService>,
     /// Uploaded files (`docs/files.md`).
     pub files: Arc<crate::service::files::FileService>,
+    /// The domains' webhooks: their delivery log (`docs/webhooks.md`).
+    pub webhooks: Arc<crate::service::webhooks::WebhookService>,
     /// Message distribution between nodes.
     pub broker: Arc<dyn Broker>,
     /// Cluster-wide rate limits, counters, online users and claims (Redis with the Redis

@@ -148,7 +148,9 @@ pub async fn remove(
 ) -> Result<Json<Value>, ApiError> {
     admit_page(&app, ip, &headers, &body.domain_id, REPORTS).await?;
     check_visitor_id(&body.visitor_id)?;
-    app.visitors.remove(&body.domain_id, &body.visitor_id).await;
+    app.visitors
+        .remove(&body.domain_id, &body.visitor_id)
+        .await?;
     let active = app.visitors.active(&body.domain_id).await.len();
     Ok(Json(json!({
         "success": true,

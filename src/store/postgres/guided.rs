@@ -15,11 +15,14 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 
 use super::{PostgresStore, count, from_ms, limit_param, refuse_nul, store_error, to_ms};
+use crate::config::WebhookEvent;
 use crate::store::StoreError;
 use crate::store::guided::{
     GeneratedDocument, Guided, GuidedSession, NewDocument, NewSession, Pending, SessionQuery,
     SessionStatus, Speaker, Step, StoredTemplate, Turn,
 };
+use crate::store::webhooks::Partition;
+use crate::store::webhooks::session_payload;
 
 /// Columns matching [`session_at`].
 const SESSION_COLUMNS: &str = "id, domain_id, user_id, template_id, status, template, \
@@ -260,6 +263,13 @@ impl PostgresStore {
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
+                let events = self.subscriptions.rows(
+                    &domain,
+                    WebhookEvent::SessionCompleted,
+                    Partition::Session(id),
+                    || session_payload(id, &user, &template, document, from_ms(now)),
+                );
+                super::webhooks::insert_outbox(&mut tx, &events).await?;
             }
             tx.commit().await?;
             Ok(Some(version + 1))

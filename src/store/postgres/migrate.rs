@@ -58,6 +58,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0008_files.sql",
         include_str!("../migrations/postgres/0008_files.sql"),
     ),
+    (
+        "0009_webhooks.sql",
+        include_str!("../migrations/postgres/0009_webhooks.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating, so nodes starting together migrate one

@@ -68,6 +68,7 @@ mod reads;
 mod scratch;
 mod stats;
 mod visitors;
+mod webhooks;
 mod writer;
 mod writes;
 
@@ -115,6 +116,8 @@ pub struct PostgresStore {
     pool: PgPool,
     /// `host:port/database`, for logs (never the password).
     target: String,
+    /// Which domains' writes add webhook outbox rows (shared with the writer).
+    subscriptions: std::sync::Arc<super::webhooks::Subscriptions>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -266,7 +269,9 @@ impl PostgresStore {
             queue.with_full_wait(DEADLINE, || deadline_passed("a place in the write queue"));
         let alarm = sink.clone();
         let writer_options = options.options(writer::SETTINGS);
-        let run = Writer::new(writer_options).run(intake, Handover::inline(sink));
+        let subscriptions = std::sync::Arc::new(super::webhooks::Subscriptions::default());
+        let run = Writer::new(writer_options, std::sync::Arc::clone(&subscriptions))
+            .run(intake, Handover::inline(sink));
         let task = tokio::spawn(async move {
             if let Err(panic) =
                 futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(run)).await
@@ -279,6 +284,7 @@ impl PostgresStore {
             writer_task: Mutex::new(Some(task)),
             pool,
             target,
+            subscriptions,
         })
     }
 

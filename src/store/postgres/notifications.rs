@@ -8,10 +8,13 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 
 use super::{PostgresStore, count, from_ms, limit_param, refuse_nul, store_error, to_ms};
+use crate::config::WebhookEvent;
 use crate::store::StoreError;
 use crate::store::notifications::{
     NewNotification, Notification, NotificationType, Notifications, UnreadCount,
 };
+use crate::store::webhooks::Partition;
+use crate::store::webhooks::notification_payload;
 
 /// Columns matching [`notification_at`].
 const COLUMNS: &str =
@@ -102,7 +105,15 @@ impl Notifications for PostgresStore {
                 .bind(to_ms(now))
                 .execute(&mut *tx)
                 .await?;
-                stored.push(n.stored(count(seq), now));
+                let notification = n.stored(count(seq), now);
+                let events = self.subscriptions.rows(
+                    &n.domain_id,
+                    WebhookEvent::NotificationCreated,
+                    Partition::User(&n.user_id),
+                    || notification_payload(&notification),
+                );
+                super::webhooks::insert_outbox(&mut tx, &events).await?;
+                stored.push(notification);
             }
             tx.commit().await?;
             Ok(stored)

@@ -8,8 +8,11 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 
 use super::{PostgresStore, count, from_ms, limit_param, refuse_nul, store_error, to_ms};
+use crate::config::WebhookEvent;
 use crate::store::StoreError;
 use crate::store::visitors::{Bucket, Interval, Sighting, Visitor, Visitors, day_of, hour_of};
+use crate::store::webhooks::Partition;
+use crate::store::webhooks::{Subscriptions, visitor_added_payload};
 
 /// Columns matching [`visitor_at`].
 const COLUMNS: &str =
@@ -32,7 +35,11 @@ fn visitor_at(row: &PgRow) -> Result<Visitor, StoreError> {
 }
 
 /// Records one sighting and its rollups in `tx`; returns the visitor's row after it.
-async fn record(tx: &mut sqlx::PgConnection, s: &Sighting) -> Result<PgRow, sqlx::Error> {
+async fn record(
+    tx: &mut sqlx::PgConnection,
+    s: &Sighting,
+    subscriptions: &Subscriptions,
+) -> Result<PgRow, sqlx::Error> {
     let at = to_ms(s.at);
     let created = sqlx::query(
         "INSERT INTO visitors (domain_id, visitor_id, first_seen, last_seen, visits, page,
@@ -106,6 +113,15 @@ async fn record(tx: &mut sqlx::PgConnection, s: &Sighting) -> Result<PgRow, sqlx
             .await?;
         }
     }
+    if counts.visit {
+        let events = subscriptions.rows(
+            &s.domain_id,
+            WebhookEvent::VisitorAdded,
+            Partition::Visitor(&s.visitor_id),
+            || visitor_added_payload(s, created),
+        );
+        super::webhooks::insert_outbox(&mut *tx, &events).await?;
+    }
     sqlx::query(&format!(
         "SELECT {COLUMNS} FROM visitors WHERE domain_id = $1 AND visitor_id = $2"
     ))
@@ -134,7 +150,7 @@ impl Visitors for PostgresStore {
                 let mut tx = self.pool.begin().await?;
                 let mut rows = Vec::with_capacity(batch.len());
                 for s in &batch {
-                    rows.push(record(&mut tx, s).await?);
+                    rows.push(record(&mut tx, s, &self.subscriptions).await?);
                 }
                 tx.commit().await?;
                 Ok(rows)

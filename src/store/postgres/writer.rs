@@ -2,18 +2,23 @@
 //! transaction on the writer's own connection, its operations sorted into the lock order; a
 //! batch of appends only as one statement ([`append_all`]).
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 
 use super::rows::Locks;
+use super::webhooks::append_all_with_events;
 use super::writes::{
     add_note, append, append_all, change_domains, first_response, lock_room, mark_read, transition,
     write_tally,
 };
 use super::{ACQUIRE_TIMEOUT, DEADLINE, deadline_passed, int, store_error, to_ms};
+use crate::config::WebhookEvent;
 use crate::model::{NewMessage, RoomKey, now_ms};
 use crate::store::batch::{Commit, Failure, Handover, Intake, Output};
+use crate::store::webhooks::Subscriptions;
 use crate::store::{CustomerProfile, Decide, DomainChange, NewNote, StoreError, UsageRecord};
 
 /// Name of the writer: its failpoint, and the task the supervisor reports if it panics.
@@ -100,15 +105,18 @@ pub(super) struct Writer {
     conn: Option<PgConnection>,
     /// Whose the statistics' counters this writer moves are (`activity_hours.writer`):
     /// its own rows, so the writers of several nodes never wait on each other's.
-    id: std::sync::Arc<str>,
+    id: Arc<str>,
+    /// Which domains' messages and transitions add webhook outbox rows.
+    subscriptions: Arc<Subscriptions>,
 }
 
 impl Writer {
-    pub(super) fn new(options: PgConnectOptions) -> Self {
+    pub(super) fn new(options: PgConnectOptions, subscriptions: Arc<Subscriptions>) -> Self {
         Self {
             options,
             conn: None,
             id: uuid::Uuid::now_v7().to_string().into(),
+            subscriptions,
         }
     }
 
@@ -143,8 +151,26 @@ impl Writer {
                 })
                 .collect();
             if let Some(messages) = appends.filter(|m| m.len() >= 2) {
-                let writer = std::sync::Arc::clone(&self.id);
-                match append_all(self.connection().await?, &messages, &writer).await {
+                let writer = Arc::clone(&self.id);
+                let subscribed = messages.iter().any(|m| {
+                    !self
+                        .subscriptions
+                        .urls(&m.room.domain_id, WebhookEvent::MessageCreated)
+                        .is_empty()
+                });
+                let appended = if subscribed {
+                    let subscriptions = Arc::clone(&self.subscriptions);
+                    append_all_with_events(
+                        self.connection().await?,
+                        &messages,
+                        &subscriptions,
+                        &writer,
+                    )
+                    .await
+                } else {
+                    append_all(self.connection().await?, &messages, &writer).await
+                };
+                match appended {
                     Ok(appended) => {
                         return Ok(appended.into_iter().map(Output::Appended).collect());
                     }
@@ -183,12 +209,13 @@ impl Writer {
 
     /// Runs `ops` one after the other in one transaction and commits.
     async fn each_in_transaction(&mut self, ops: &[&Op]) -> Result<Vec<Output>, Failure> {
-        let writer = std::sync::Arc::clone(&self.id);
+        let writer = Arc::clone(&self.id);
+        let subscriptions = Arc::clone(&self.subscriptions);
         let mut tx = self.connection().await?.begin().await?;
         let mut locks = Locks::new();
         let mut outputs = Vec::with_capacity(ops.len());
         for op in ops {
-            match apply(&mut tx, &mut locks, op).await {
+            match apply(&mut tx, &mut locks, &subscriptions, op).await {
                 Ok(output) => outputs.push(output),
                 Err(failure) => {
                     let _ = tx.rollback().await;
@@ -217,9 +244,16 @@ pub(super) fn lost_during_commit(e: sqlx::Error) -> Failure {
 }
 
 /// Applies one operation inside the open transaction.
-async fn apply(conn: &mut PgConnection, locks: &mut Locks, op: &Op) -> Result<Output, Failure> {
+async fn apply(
+    conn: &mut PgConnection,
+    locks: &mut Locks,
+    subscriptions: &Subscriptions,
+    op: &Op,
+) -> Result<Output, Failure> {
     match op {
-        Op::Append(m) => append(conn, locks, m).await.map(Output::Appended),
+        Op::Append(m) => append(conn, locks, subscriptions, m)
+            .await
+            .map(Output::Appended),
         Op::EnsureRoom(key, by) => {
             let room = lock_room(conn, locks, key, Some(by.as_deref()))
                 .await?
@@ -273,9 +307,11 @@ async fn apply(conn: &mut PgConnection, locks: &mut Locks, op: &Op) -> Result<Ou
             .await?;
             Ok(Output::Unit)
         }
-        Op::Transition(key, by, decide) => transition(conn, locks, key, by.as_deref(), decide)
-            .await
-            .map(Output::Transitioned),
+        Op::Transition(key, by, decide) => {
+            transition(conn, locks, subscriptions, key, by.as_deref(), decide)
+                .await
+                .map(Output::Transitioned)
+        }
         Op::FirstResponse(key, at) => first_response(conn, locks, key, *at)
             .await
             .map(Output::Conversation),
@@ -447,7 +483,7 @@ mod tests {
         assert_eq!(room_row.last_seq, 6, "the failed statement changed nothing");
         assert!(store.room(&c).await.expect("room").is_none());
         // …and the writer takes the batch the long way, which creates the room.
-        let mut writer = Writer::new(db.url().parse().expect("options"));
+        let mut writer = Writer::new(db.url().parse().expect("options"), Arc::default());
         let outputs = writer
             .transaction(&with_new_room.iter().collect::<Vec<_>>())
             .await

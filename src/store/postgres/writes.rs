@@ -10,11 +10,16 @@ use sqlx::Row;
 use sqlx::postgres::PgConnection;
 
 use super::rows::{LockedRoom, Locks, conversation_at, message_at};
+use super::webhooks::insert_outbox;
 use super::writer::lost_during_commit;
 use super::{count, int, refuse_nul, to_ms};
+use crate::config::WebhookEvent;
 use crate::model::{Conversation, NewMessage, Note, RoomKey, now_ms};
 use crate::store::batch::Failure;
 use crate::store::stats::{self, AI_CONVERSATIONS, AI_ONLY, CONVERSATIONS, Tally};
+use crate::store::webhooks::{
+    Partition, Subscriptions, conversation_event, conversation_payload, message_payload,
+};
 use crate::store::{Appended, Decide, DomainChange, NewNote, StoreError, Transitioned};
 
 /// Locks the room's row for the rest of the transaction and returns it; creates the room
@@ -74,6 +79,7 @@ pub(super) async fn lock_room<'a>(
 pub(super) async fn append(
     conn: &mut PgConnection,
     locks: &mut Locks,
+    subscriptions: &Subscriptions,
     m: &NewMessage,
 ) -> Result<Appended, Failure> {
     let room = lock_room(conn, locks, &m.room, Some(Some(&m.author.user_id)))
@@ -117,8 +123,16 @@ pub(super) async fn append(
         let seq: i64 = row.try_get(0)?;
         room.last_seq = seq;
         count_message(conn, locks, m, to_ms(created_at)).await?;
+        let message = Arc::new(m.stored(id, count(seq), created_at));
+        let events = subscriptions.rows(
+            &m.room.domain_id,
+            WebhookEvent::MessageCreated,
+            Partition::Room(&m.room.room_id),
+            || message_payload(&message),
+        );
+        insert_outbox(conn, &events).await?;
         return Ok(Appended {
-            message: Arc::new(m.stored(id, count(seq), created_at)),
+            message,
             duplicate: false,
         });
     }
@@ -276,6 +290,7 @@ pub(super) async fn mark_read(
 pub(super) async fn transition(
     conn: &mut PgConnection,
     locks: &mut Locks,
+    subscriptions: &Subscriptions,
     key: &RoomKey,
     created_by: Option<&str>,
     decide: &Decide,
@@ -340,13 +355,20 @@ pub(super) async fn transition(
     ])
     .map_err(Failure::op)?;
     count_transition(conn, locks, &current, &next).await?;
-    let appended = append(conn, locks, &message).await?;
+    let appended = append(conn, locks, subscriptions, &message).await?;
     next.status_seq = appended.message.seq;
     sqlx::query("UPDATE conversations SET status_seq = $2 WHERE room = $1")
         .bind(rid)
         .bind(int(next.status_seq))
         .execute(&mut *conn)
         .await?;
+    if let Some(event) = conversation_event(&current, &next) {
+        let events =
+            subscriptions.rows(&key.domain_id, event, Partition::Room(&key.room_id), || {
+                conversation_payload(&current, &next)
+            });
+        insert_outbox(conn, &events).await?;
+    }
     Ok(Transitioned {
         conversation: next,
         message: Some(appended),

@@ -10,11 +10,14 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{SqliteStore, from_ms, to_ms, unavailable};
+use crate::config::WebhookEvent;
 use crate::store::StoreError;
 use crate::store::guided::{
     GeneratedDocument, Guided, GuidedSession, NewDocument, NewSession, Pending, SessionQuery,
     SessionStatus, Speaker, Step, StoredTemplate, Turn,
 };
+use crate::store::webhooks::Partition;
+use crate::store::webhooks::{Subscriptions, session_payload};
 
 /// Columns matching [`session_at`] (unqualified: an `INSERT … RETURNING` reads them too).
 const SESSION_COLUMNS: &str = "id, domain_id, user_id, template_id, status, template, \
@@ -119,7 +122,7 @@ fn apply_step(
     id: &str,
     version: u64,
     step: &Step,
-    document: Option<&NewDocument>,
+    document: Option<(&NewDocument, &Subscriptions)>,
 ) -> rusqlite::Result<Option<u64>> {
     let Ok(version) = i64::try_from(version) else {
         return Ok(None);
@@ -133,7 +136,7 @@ fn apply_step(
     let returning = |row: &rusqlite::Row<'_>| -> rusqlite::Result<(i64, String, String, String)> {
         Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
     };
-    let changed = match document {
+    let changed = match document.map(|(d, _)| d) {
         None => conn
             .prepare_cached(
                 "UPDATE guided_sessions SET version = version + 1,
@@ -187,7 +190,7 @@ fn apply_step(
             now
         ])?;
     }
-    if let Some(document) = document {
+    if let Some((document, subscriptions)) = document {
         let bytes = document.content.as_ref().map_or(0, String::len);
         conn.prepare_cached(
             "INSERT INTO generated_documents (id, domain_id, user_id, session_id, template_id,
@@ -206,6 +209,13 @@ fn apply_step(
             i64::try_from(bytes).unwrap_or(i64::MAX),
             now
         ])?;
+        let events = subscriptions.rows(
+            &domain,
+            WebhookEvent::SessionCompleted,
+            Partition::Session(id),
+            || session_payload(id, &user, &template, document, from_ms(now)),
+        );
+        super::webhooks::insert_outbox(conn, &events)?;
     }
     Ok(Some(u64::try_from(version).unwrap_or(0) + 1))
 }
@@ -333,8 +343,10 @@ impl Guided for SqliteStore {
         document: NewDocument,
     ) -> Result<Option<u64>, StoreError> {
         let id = id.to_owned();
+        let subscriptions = std::sync::Arc::clone(&self.subscriptions);
         self.run(move |conn| {
-            apply_step(conn, &id, version, &step, Some(&document)).map_err(unavailable)
+            apply_step(conn, &id, version, &step, Some((&document, &subscriptions)))
+                .map_err(unavailable)
         })
         .await
     }

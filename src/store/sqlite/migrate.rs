@@ -30,6 +30,7 @@ const MIGRATIONS: &[M<'static>] = &[
     M::up(include_str!("../migrations/sqlite/0010_visitors.sql")),
     M::up(include_str!("../migrations/sqlite/0011_stats.sql")),
     M::up(include_str!("../migrations/sqlite/0012_files.sql")),
+    M::up(include_str!("../migrations/sqlite/0013_webhooks.sql")),
 ];
 
 /// Brings the database to the latest version, in one transaction.

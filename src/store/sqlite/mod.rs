@@ -33,6 +33,7 @@ mod reads;
 mod stats;
 mod visitors;
 mod wal;
+mod webhooks;
 mod writer;
 mod writes;
 
@@ -66,6 +67,8 @@ pub struct SqliteStore {
     /// on blocking threads with connections of their own (a flood of history requests
     /// would otherwise open a database connection and a file descriptor per request).
     read_slots: Arc<tokio::sync::Semaphore>,
+    /// Which domains' writes add webhook outbox rows (shared with the writer).
+    subscriptions: Arc<super::webhooks::Subscriptions>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -122,11 +125,13 @@ impl SqliteStore {
 
         let (queue, intake) = Queue::new(config.write_queue, config.max_batch, writer::NAME);
         let handover = Handover::through_runtime(sink);
+        let subscriptions = Arc::new(super::webhooks::Subscriptions::default());
+        let writer_subscriptions = Arc::clone(&subscriptions);
         let thread = std::thread::Builder::new()
             .name("parlor-sqlite-writer".into())
             .spawn(move || {
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    Writer::new(conn, restart_wal).run(intake, &handover);
+                    Writer::new(conn, restart_wal, writer_subscriptions).run(intake, &handover);
                 }));
                 // Writes are finished: stop the checkpointer, which truncates the WAL.
                 drop(stop_checkpoints);
@@ -144,6 +149,7 @@ impl SqliteStore {
             path: path.to_owned(),
             read_pool: config.read_pool,
             read_slots: Arc::new(tokio::sync::Semaphore::new(config.read_pool.max(1))),
+            subscriptions,
         })
     }
 

@@ -7,10 +7,13 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, params};
 
 use super::{SqliteStore, from_ms, limit_param, seq_param, to_ms, unavailable};
+use crate::config::WebhookEvent;
 use crate::store::StoreError;
 use crate::store::notifications::{
     NewNotification, Notification, NotificationType, Notifications, UnreadCount,
 };
+use crate::store::webhooks::Partition;
+use crate::store::webhooks::{Subscriptions, notification_payload};
 
 /// Columns matching [`notification_at`].
 const COLUMNS: &str =
@@ -42,7 +45,11 @@ fn notification_at(row: &rusqlite::Row<'_>) -> rusqlite::Result<Notification> {
 }
 
 /// Stores `batch`, numbering each notification from its user's counter.
-fn insert(conn: &Connection, batch: &[NewNotification]) -> rusqlite::Result<Vec<Notification>> {
+fn insert(
+    conn: &Connection,
+    batch: &[NewNotification],
+    subscriptions: &Subscriptions,
+) -> rusqlite::Result<Vec<Notification>> {
     let now = Utc::now();
     let mut next = conn.prepare_cached(
         "INSERT INTO notification_users (domain_id, user_id, last_seq) VALUES (?1, ?2, 1)
@@ -70,7 +77,15 @@ fn insert(conn: &Connection, batch: &[NewNotification]) -> rusqlite::Result<Vec<
             to_ms(now)
         ])?;
         // What reads give back: milliseconds.
-        stored.push(n.stored(u64::try_from(seq).unwrap_or(0), from_ms(to_ms(now))));
+        let notification = n.stored(u64::try_from(seq).unwrap_or(0), from_ms(to_ms(now)));
+        let events = subscriptions.rows(
+            &n.domain_id,
+            WebhookEvent::NotificationCreated,
+            Partition::User(&n.user_id),
+            || notification_payload(&notification),
+        );
+        super::webhooks::insert_outbox(conn, &events)?;
+        stored.push(notification);
     }
     Ok(stored)
 }
@@ -95,7 +110,8 @@ impl Notifications for SqliteStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        self.run(move |conn| insert(conn, &batch).map_err(unavailable))
+        let subscriptions = std::sync::Arc::clone(&self.subscriptions);
+        self.run(move |conn| insert(conn, &batch, &subscriptions).map_err(unavailable))
             .await
     }
 

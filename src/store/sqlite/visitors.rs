@@ -7,8 +7,11 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{SqliteStore, from_ms, limit_param, to_ms, unavailable};
+use crate::config::WebhookEvent;
 use crate::store::StoreError;
 use crate::store::visitors::{Bucket, Interval, Sighting, Visitor, Visitors, day_of, hour_of};
+use crate::store::webhooks::Partition;
+use crate::store::webhooks::{Subscriptions, visitor_added_payload};
 
 /// Columns matching [`visitor_at`].
 const COLUMNS: &str =
@@ -31,7 +34,11 @@ fn visitor_at(row: &rusqlite::Row<'_>) -> rusqlite::Result<Visitor> {
 }
 
 /// Records one sighting and its rollups; returns the visitor after it.
-fn record(conn: &Connection, s: &Sighting) -> rusqlite::Result<Visitor> {
+fn record(
+    conn: &Connection,
+    s: &Sighting,
+    subscriptions: &Subscriptions,
+) -> rusqlite::Result<Visitor> {
     let at = to_ms(s.at);
     let previous: Option<i64> = conn
         .prepare_cached("SELECT last_seen FROM visitors WHERE domain_id = ?1 AND visitor_id = ?2")?
@@ -81,6 +88,15 @@ fn record(conn: &Connection, s: &Sighting) -> rusqlite::Result<Visitor> {
             ])?;
         }
     }
+    if counts.visit {
+        let events = subscriptions.rows(
+            &s.domain_id,
+            WebhookEvent::VisitorAdded,
+            Partition::Visitor(&s.visitor_id),
+            || visitor_added_payload(s, previous.is_none()),
+        );
+        super::webhooks::insert_outbox(conn, &events)?;
+    }
     conn.prepare_cached(&format!(
         "SELECT {COLUMNS} FROM visitors WHERE domain_id = ?1 AND visitor_id = ?2"
     ))?
@@ -93,10 +109,11 @@ impl Visitors for SqliteStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
+        let subscriptions = std::sync::Arc::clone(&self.subscriptions);
         self.run(move |conn| {
             batch
                 .iter()
-                .map(|s| record(conn, s))
+                .map(|s| record(conn, s, &subscriptions))
                 .collect::<rusqlite::Result<Vec<_>>>()
                 .map_err(unavailable)
         })

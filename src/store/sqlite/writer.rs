@@ -14,6 +14,7 @@ use crate::model::{NewMessage, RoomKey, now_ms};
 use crate::store::StoreError;
 use crate::store::batch::{Commit, Failure, Handover, Intake, Output};
 use crate::store::stats::Tally;
+use crate::store::webhooks::Subscriptions;
 use crate::store::{CustomerProfile, Decide, DomainChange, NewNote, UsageRecord};
 
 /// Name of the writer: its failpoint, and the task the supervisor reports if it panics.
@@ -52,6 +53,8 @@ pub(super) struct Writer {
     restart_wal: Arc<AtomicBool>,
     /// The statistics' counters the open batch moved, written before its `COMMIT`.
     pub(super) tally: Tally,
+    /// Which domains' messages and transitions add webhook outbox rows.
+    pub(super) subscriptions: Arc<Subscriptions>,
 }
 
 /// What the writer remembers of a room.
@@ -65,13 +68,18 @@ pub(super) struct RoomSlot {
 const ROOM_CACHE_MAX: usize = 100_000;
 
 impl Writer {
-    pub(super) fn new(conn: Connection, restart_wal: Arc<AtomicBool>) -> Self {
+    pub(super) fn new(
+        conn: Connection,
+        restart_wal: Arc<AtomicBool>,
+        subscriptions: Arc<Subscriptions>,
+    ) -> Self {
         Self {
             conn,
             rooms: HashMap::new(),
             dirty: false,
             restart_wal,
             tally: Tally::default(),
+            subscriptions,
         }
     }
 

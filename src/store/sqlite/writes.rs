@@ -6,10 +6,15 @@ use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 
 use super::rows::{row_to_message, select_conversation, select_room};
+use super::webhooks::insert_outbox;
 use super::writer::{RoomSlot, Writer};
 use super::{seq_param, to_ms, unavailable};
+use crate::config::WebhookEvent;
 use crate::model::{Conversation, Message, NewMessage, Note, Room, RoomKey, now_ms};
 use crate::store::stats::{self, AI_CONVERSATIONS, AI_ONLY, CONVERSATIONS};
+use crate::store::webhooks::{
+    Partition, conversation_event, conversation_payload, message_payload,
+};
 use crate::store::{Appended, Decide, DomainChange, NewNote, StoreError, Transitioned};
 
 impl Writer {
@@ -209,6 +214,13 @@ impl Writer {
         }
         self.dirty = true;
         self.count_message(&message, slot.rid)?;
+        let events = self.subscriptions.rows(
+            &m.room.domain_id,
+            WebhookEvent::MessageCreated,
+            Partition::Room(&m.room.room_id),
+            || message_payload(&message),
+        );
+        insert_outbox(&self.conn, &events).map_err(unavailable)?;
         Ok(Appended {
             message: Arc::new(message),
             duplicate: false,
@@ -392,6 +404,15 @@ impl Writer {
             .prepare_cached("UPDATE conversations SET status_seq = ?2 WHERE room = ?1")
             .and_then(|mut st| st.execute(params![slot.rid, seq_param(next.status_seq)]))
             .map_err(unavailable)?;
+        if let Some(event) = conversation_event(&current, &next) {
+            let events = self.subscriptions.rows(
+                &key.domain_id,
+                event,
+                Partition::Room(&key.room_id),
+                || conversation_payload(&current, &next),
+            );
+            insert_outbox(&self.conn, &events).map_err(unavailable)?;
+        }
         Ok(Transitioned {
             conversation: next,
             message: Some(appended),

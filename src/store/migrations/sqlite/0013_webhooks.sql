@@ -1,0 +1,32 @@
+-- Parlor schema, version 13 (SQLite): the outbox of the domains' webhooks
+-- (src/store/webhooks.rs). A row is written in the transaction of the change it reports
+-- and delivered in `seq` order within its partition (domain, endpoint, partition_key).
+
+CREATE TABLE webhook_outbox (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,  -- write order; never reused
+    id              TEXT NOT NULL UNIQUE,               -- the event id (X-Parlor-Webhook-Id)
+    domain_id       TEXT NOT NULL,
+    endpoint        TEXT NOT NULL,                      -- the webhook's URL
+    partition_key   TEXT NOT NULL,                      -- room:ID, user:ID, visitor:ID, session:ID
+    event           TEXT NOT NULL,                      -- message.created, …
+    payload         TEXT NOT NULL,                      -- the body's data, JSON text
+    created_at      INTEGER NOT NULL,                   -- unix milliseconds
+    status          TEXT NOT NULL DEFAULT 'pending',    -- pending, delivered, dead
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    claimed_by      TEXT,
+    claimed_until   INTEGER,
+    last_attempt_at INTEGER,
+    last_status     INTEGER,
+    last_error      TEXT,
+    finished_at     INTEGER
+);
+-- A partition's head: its oldest pending row.
+CREATE INDEX webhook_outbox_partitions ON webhook_outbox (domain_id, endpoint, partition_key, seq)
+    WHERE status = 'pending';
+-- Due rows, oldest first.
+CREATE INDEX webhook_outbox_due ON webhook_outbox (next_attempt_at) WHERE status = 'pending';
+-- A domain's delivery log, newest first.
+CREATE INDEX webhook_outbox_log ON webhook_outbox (domain_id, seq);
+-- Rows that ended, for pruning.
+CREATE INDEX webhook_outbox_finished ON webhook_outbox (finished_at) WHERE status <> 'pending';
