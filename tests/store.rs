@@ -306,6 +306,7 @@ macro_rules! conformance_suite {
             current files_are_described_per_domain_and_room,
             current webhook_outbox_claims_in_order_with_leases,
             current webhook_claims_are_capped_per_url,
+            current webhook_rows_behind_a_head_wait_until_it_ends,
             current webhook_events_of_notifications_visitors_and_sessions,
         );
     };
@@ -3749,6 +3750,78 @@ mod stories {
         assert_eq!(store.prune_webhooks(cut, 3).await.unwrap(), 1);
         assert_eq!(store.prune_webhooks(cut, 3).await.unwrap(), 0);
         assert_eq!(store.webhook_backlog().await.unwrap().0, 4);
+    }
+
+    /// Whether each pending row of domain `hooked` is due (has a next attempt), oldest first.
+    async fn pending_due(store: &dyn Store) -> Vec<bool> {
+        let mut log = store
+            .webhook_deliveries(DeliveryQuery {
+                domain_id: "hooked".into(),
+                status: Some(DeliveryStatus::Pending),
+                before: None,
+                limit: 100,
+            })
+            .await
+            .unwrap();
+        log.sort_by_key(|d| d.position);
+        log.iter().map(|d| d.next_attempt_at.is_some()).collect()
+    }
+
+    /// Only a partition's head is due: the rows behind it wait with no time of their own
+    /// (so a claim reads heads, never a backlog), and the next becomes due as the head ends,
+    /// whether delivered or given up; a retried head keeps the rest waiting.
+    pub async fn webhook_rows_behind_a_head_wait_until_it_ends(ctx: &mut Ctx) {
+        let store = &*ctx.store;
+        subscribe(store, &[WebhookEvent::MessageCreated]);
+        let a = RoomKey::new("hooked", "a");
+        for i in 1..=4 {
+            append(store, text(&a, format!("a{i}"))).await;
+        }
+        assert_eq!(pending_due(store).await, [true, false, false, false]);
+        let now = chrono::Utc::now();
+        let head = claim(store, "n1", now).await;
+        assert_eq!(head.len(), 1);
+        assert_eq!(seq_of(&head[0]), 1);
+        // Retried: the rest still waits.
+        let later = now + chrono::Duration::minutes(5);
+        store
+            .finish_webhook(&head[0].id, "n1", attempt(Outcome::Retry(later)))
+            .await
+            .unwrap();
+        assert_eq!(pending_due(store).await, [true, false, false, false]);
+        assert!(claim(store, "n1", now).await.is_empty());
+        // Given up: the next is due.
+        let again = claim(store, "n1", later).await;
+        assert_eq!(again.len(), 1);
+        store
+            .finish_webhook(&again[0].id, "n1", attempt(Outcome::Dead))
+            .await
+            .unwrap();
+        assert_eq!(pending_due(store).await, [true, false, false]);
+        let second = claim(store, "n1", later).await;
+        assert_eq!(seq_of(&second[0]), 2);
+        store
+            .finish_webhook(&second[0].id, "n1", attempt(Outcome::Delivered))
+            .await
+            .unwrap();
+        // Written after the head ended: due at once when it is the head.
+        let third = claim(store, "n1", later).await;
+        assert_eq!(seq_of(&third[0]), 3);
+        store
+            .finish_webhook(&third[0].id, "n1", attempt(Outcome::Delivered))
+            .await
+            .unwrap();
+        let fourth = claim(store, "n1", later).await;
+        store
+            .finish_webhook(&fourth[0].id, "n1", attempt(Outcome::Delivered))
+            .await
+            .unwrap();
+        append(store, text(&a, "a5")).await;
+        assert_eq!(
+            pending_due(store).await,
+            [true],
+            "a new head is due at once"
+        );
     }
 
     /// A claim takes at most `per_endpoint` rows of one URL and none of the URLs it skips,

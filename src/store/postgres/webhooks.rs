@@ -19,7 +19,29 @@ use crate::store::webhooks::{
 };
 use crate::store::{Appended, StoreError};
 
-/// Writes `rows` in the open transaction, in their order, with one statement.
+/// The advisory lock of a partition (`domain`, `endpoint`, `partition_key` columns), held
+/// by a transaction that adds to it or ends its head, to the end of the transaction: the
+/// one decides whether its row is the head while the other hands the head on, never both
+/// at once.
+macro_rules! partition_lock {
+    ($domain:expr, $endpoint:expr, $partition:expr) => {
+        concat!(
+            "pg_advisory_xact_lock(hashtextextended(",
+            $domain,
+            " || chr(31) || ",
+            $endpoint,
+            " || chr(31) || ",
+            $partition,
+            ", 7))"
+        )
+    };
+}
+
+/// Writes `rows` in the open transaction (which must be one: the partitions' locks last
+/// to its end), in their order, with one statement. A row is due at once only when it is
+/// its partition's head (no earlier row of the partition pending, in the table or in
+/// `rows`); the others wait, with no `next_attempt_at`, until the row before them ends
+/// ([`promote`]).
 pub(super) async fn insert_outbox(
     conn: &mut PgConnection,
     rows: &[NewOutboxRow],
@@ -28,12 +50,35 @@ pub(super) async fn insert_outbox(
         return Ok(());
     }
     let column = |f: fn(&NewOutboxRow) -> &str| -> Vec<&str> { rows.iter().map(f).collect() };
+    // The partitions' locks, in one order for every writer.
+    sqlx::query(concat!(
+        "SELECT ",
+        partition_lock!("d", "e", "p"),
+        " FROM (SELECT DISTINCT d, e, p
+               FROM UNNEST($1::text[], $2::text[], $3::text[]) AS t(d, e, p)
+               ORDER BY d, e, p) s"
+    ))
+    .bind(column(|r| &r.domain_id))
+    .bind(column(|r| &r.endpoint))
+    .bind(column(|r| &r.partition))
+    .execute(&mut *conn)
+    .await?;
     sqlx::query(
         "INSERT INTO webhook_outbox (id, domain_id, endpoint, partition_key, event, payload,
            created_at, next_attempt_at)
-         SELECT id, domain_id, endpoint, partition_key, event, payload, $7, $7
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
-           WITH ORDINALITY AS t(id, domain_id, endpoint, partition_key, event, payload, n)
+         SELECT id, domain_id, endpoint, partition_key, event, payload, $7,
+           CASE WHEN t.first AND NOT EXISTS (
+                  SELECT 1 FROM webhook_outbox p
+                  WHERE p.status = 'pending' AND p.domain_id = t.domain_id
+                    AND p.endpoint = t.endpoint AND p.partition_key = t.partition_key)
+                THEN $7 END
+         FROM (
+           SELECT u.*, row_number() OVER (
+                    PARTITION BY u.domain_id, u.endpoint, u.partition_key ORDER BY u.n) = 1
+                  AS first
+           FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+             WITH ORDINALITY AS u(id, domain_id, endpoint, partition_key, event, payload, n)
+         ) t
          ORDER BY n",
     )
     .bind(column(|r| &r.id))
@@ -43,6 +88,24 @@ pub(super) async fn insert_outbox(
     .bind(column(|r| r.event.name()))
     .bind(column(|r| &r.payload))
     .bind(to_ms(Utc::now()))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Makes the next pending row of the partition of the row `id` (which just ended) due
+/// (since it was written), in the open transaction that holds the partition's lock.
+async fn promote(conn: &mut PgConnection, id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE webhook_outbox SET next_attempt_at = created_at
+         WHERE next_attempt_at IS NULL AND seq = (
+           SELECT p.seq FROM webhook_outbox p JOIN webhook_outbox f
+             ON p.domain_id = f.domain_id AND p.endpoint = f.endpoint
+            AND p.partition_key = f.partition_key
+           WHERE f.id = $1 AND p.status = 'pending'
+           ORDER BY p.seq LIMIT 1)",
+    )
+    .bind(id)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -146,8 +209,9 @@ impl Outbox for PostgresStore {
             return Ok(());
         }
         self.read("a webhook event", async {
-            let mut conn = self.pool.acquire().await?;
-            insert_outbox(&mut conn, &rows).await
+            let mut tx = self.pool.begin().await?;
+            insert_outbox(&mut tx, &rows).await?;
+            tx.commit().await
         })
         .await
     }
@@ -250,10 +314,32 @@ impl Outbox for PostgresStore {
                 .bind(a.error.clone().map(|e| e.replace('\0', ""))),
             Outcome::Released => query,
         };
+        let ends = matches!(a.outcome, Outcome::Delivered | Outcome::Dead);
         let done = self
-            .read("a webhook outcome", query.execute(&self.pool))
+            .read("a webhook outcome", async {
+                if !ends {
+                    return query.execute(&self.pool).await.map(|d| d.rows_affected());
+                }
+                // The row ends: the next of its partition becomes due, under the
+                // partition's lock (see `insert_outbox`).
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(concat!(
+                    "SELECT ",
+                    partition_lock!("domain_id", "endpoint", "partition_key"),
+                    " FROM webhook_outbox WHERE id = $1"
+                ))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+                let changed = query.execute(&mut *tx).await?.rows_affected();
+                if changed > 0 {
+                    promote(&mut tx, id).await?;
+                }
+                tx.commit().await?;
+                Ok(changed)
+            })
             .await?;
-        Ok(done.rows_affected() > 0)
+        Ok(done > 0)
     }
 
     async fn webhook_deliveries(&self, q: DeliveryQuery) -> Result<Vec<Delivery>, StoreError> {

@@ -13,7 +13,9 @@ use crate::store::webhooks::{
     Outcome, Subscriptions,
 };
 
-/// Writes `rows` in the open transaction.
+/// Writes `rows` in the open transaction. A row is due at once only when it is its
+/// partition's head (no earlier row of the partition pending); the others wait, with no
+/// `next_attempt_at`, until the row before them ends ([`promote`]).
 pub(super) fn insert_outbox(conn: &Connection, rows: &[NewOutboxRow]) -> rusqlite::Result<()> {
     if rows.is_empty() {
         return Ok(());
@@ -22,7 +24,11 @@ pub(super) fn insert_outbox(conn: &Connection, rows: &[NewOutboxRow]) -> rusqlit
     let mut insert = conn.prepare_cached(
         "INSERT INTO webhook_outbox (id, domain_id, endpoint, partition_key, event, payload,
            created_at, next_attempt_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7,
+           CASE WHEN EXISTS (SELECT 1 FROM webhook_outbox p
+                             WHERE p.status = 'pending' AND p.domain_id = ?2
+                               AND p.endpoint = ?3 AND p.partition_key = ?4)
+                THEN NULL ELSE ?7 END)",
     )?;
     for r in rows {
         insert.execute(params![
@@ -93,8 +99,33 @@ pub(super) fn delivery_at(row: &rusqlite::Row<'_>) -> rusqlite::Result<Delivery>
     })
 }
 
-/// Records `attempt` (see [`Outbox::finish_webhook`]).
+/// Makes the next pending row of the partition of the row `id` (which just ended) due:
+/// since it was written.
+fn promote(conn: &Connection, id: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "UPDATE webhook_outbox SET next_attempt_at = created_at
+         WHERE next_attempt_at IS NULL AND seq = (
+           SELECT p.seq FROM webhook_outbox p JOIN webhook_outbox f
+             ON p.domain_id = f.domain_id AND p.endpoint = f.endpoint
+            AND p.partition_key = f.partition_key
+           WHERE f.id = ?1 AND p.status = 'pending'
+           ORDER BY p.seq LIMIT 1)",
+    )?
+    .execute(params![id])?;
+    Ok(())
+}
+
+/// Records `attempt` (see [`Outbox::finish_webhook`]); a row that ended hands its
+/// partition to the next row.
 fn finish(conn: &Connection, id: &str, holder: &str, a: &Attempt) -> rusqlite::Result<usize> {
+    let changed = record(conn, id, holder, a)?;
+    if changed > 0 && matches!(a.outcome, Outcome::Delivered | Outcome::Dead) {
+        promote(conn, id)?;
+    }
+    Ok(changed)
+}
+
+fn record(conn: &Connection, id: &str, holder: &str, a: &Attempt) -> rusqlite::Result<usize> {
     let at = to_ms(a.at);
     let status = a.http_status.map(i64::from);
     match &a.outcome {

@@ -13,7 +13,7 @@ CREATE TABLE webhook_outbox (
     created_at      BIGINT NOT NULL,                   -- unix milliseconds
     status          TEXT NOT NULL DEFAULT 'pending',    -- pending, delivered, dead
     attempts        BIGINT NOT NULL DEFAULT 0,
-    next_attempt_at BIGINT NOT NULL,
+    next_attempt_at BIGINT,                             -- NULL: waiting behind its partition's head
     claimed_by      TEXT,
     claimed_until   BIGINT,
     last_attempt_at BIGINT,
@@ -24,7 +24,8 @@ CREATE TABLE webhook_outbox (
 -- A partition's head: its oldest pending row.
 CREATE INDEX webhook_outbox_partitions ON webhook_outbox (domain_id, endpoint, partition_key, seq)
     WHERE status = 'pending';
--- Due rows, oldest first.
+-- Due rows, oldest first: only a partition's head is ever due (the others wait with a
+-- NULL next_attempt_at until the head ends), so a claim never reads a backlog.
 CREATE INDEX webhook_outbox_due ON webhook_outbox (next_attempt_at) WHERE status = 'pending';
 -- A domain's delivery log, newest first.
 CREATE INDEX webhook_outbox_log ON webhook_outbox (domain_id, seq);
