@@ -99,6 +99,10 @@ pub fn body(row: &ClaimedRow) -> Result<String, String> {
     .map_err(|e| format!("the event cannot be encoded: {e}"))
 }
 
+/// How long an event whose URL this node does not know is retried before it is given up:
+/// longer than a settings change takes to reach every node.
+const UNKNOWN_URL_GRACE: chrono::Duration = chrono::Duration::minutes(2);
+
 /// The wait after attempt number `attempts` (1: the first) failed.
 pub fn backoff(config: &WebhooksConfig, attempts: u32) -> Duration {
     let doublings = attempts.saturating_sub(1).min(30);
@@ -432,7 +436,17 @@ impl Deliverer {
                 };
                 self.record(row, outcome, status, Some(error)).await;
             }
-            Posted::Unsendable(error) => {
+            // This node may not know a webhook another node has just added (the domain
+            // table reloads on every node when told): a young event waits for it.
+            Posted::UnknownUrl(error) if Utc::now() - row.created_at < UNKNOWN_URL_GRACE => {
+                tracing::debug!(id = %row.id, url = %row.endpoint,
+                    "webhook event of a URL this node does not know yet; retried");
+                self.metrics.webhook("failed");
+                let next = Utc::now() + chrono::Duration::seconds(5);
+                self.record(row, Outcome::Retry(next), None, Some(error))
+                    .await;
+            }
+            Posted::Unsendable(error) | Posted::UnknownUrl(error) => {
                 tracing::warn!(id = %row.id, url = %row.endpoint, error = %error,
                     "webhook event cannot be sent; given up");
                 self.metrics.webhook("dead");
@@ -451,7 +465,7 @@ impl Deliverer {
                 .find(|h| h.url == row.endpoint)
                 .cloned()
         }) else {
-            return Posted::Unsendable(
+            return Posted::UnknownUrl(
                 "the domain has no webhook with this URL any more".to_owned(),
             );
         };
@@ -601,8 +615,10 @@ enum Posted {
     Taken(u16),
     /// Another answer, or none: try again later.
     Refused(Option<u16>, String),
-    /// It cannot be sent at all (its webhook is gone, its payload unreadable).
+    /// It cannot be sent at all (its payload is unreadable).
     Unsendable(String),
+    /// The domain has no webhook with its URL (removed, or not known to this node yet).
+    UnknownUrl(String),
 }
 
 #[cfg(test)]
