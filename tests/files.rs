@@ -226,8 +226,8 @@ async fn members_attach_and_read_files_and_nobody_else_finds_them() {
         &s,
         &ann,
         &[
-            file_field("notes.txt", "text/html", b"notes: <b>not html</b>\n"),
             room_field("ann-room"),
+            file_field("notes.txt", "text/html", b"notes: <b>not html</b>\n"),
         ],
     )
     .await;
@@ -494,11 +494,11 @@ async fn malformed_forms_get_clear_codes_and_store_nothing() {
             "room_not_found",
         ),
         (
-            "an unknown room, named last",
+            "the file before the room",
             "ann",
-            vec![file_field("a.png", "image/png", PNG), room_field("nowhere")],
-            404,
-            "room_not_found",
+            vec![file_field("a.png", "image/png", PNG), room_field("r1")],
+            400,
+            "invalid_upload",
         ),
         (
             "a malformed room id",

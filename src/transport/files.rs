@@ -205,17 +205,24 @@ async fn read_form(
                     .ok_or_else(|| invalid_upload(app, "`roomId` is too long"))?;
                 let room_id = String::from_utf8(bytes.to_vec())
                     .map_err(|_| invalid_upload(app, "`roomId` is not UTF-8 text"))?;
-                if read.file.is_none() {
-                    read.room = Some(
-                        app.files
-                            .upload_room(identity, room_id.trim())
-                            .await
-                            .map_err(|e| service(app, e))?,
-                    );
-                }
+                read.room = Some(
+                    app.files
+                        .upload_room(identity, room_id.trim())
+                        .await
+                        .map_err(|e| service(app, e))?,
+                );
                 read.room_id = Some(room_id.trim().to_owned());
             }
             Some("file") => {
+                // The room (and the caller's right to post in it) is checked before a byte
+                // of the file is read: nobody gets megabytes held in memory for a room
+                // they may not use.
+                if read.room.is_none() {
+                    return Err(invalid_upload(
+                        app,
+                        "the form must give `roomId` before `file`",
+                    ));
+                }
                 if read.file.is_some() {
                     return Err(invalid_upload(
                         app,
