@@ -27,7 +27,7 @@ use crate::model::{
     Author, Identity, Message, NewMessage, Role, Room, RoomKey, json_depth, now_ms, valid_id,
 };
 use crate::node::pipeline::{Admitted, Backlog};
-use crate::store::visitors::Sighting;
+use crate::store::visitors::{MAX_DATA_BYTES, Sighting};
 use crate::store::{Answer, Appended, CustomerProfile, Store, StoreError};
 
 /// Longest display name kept, in characters.
@@ -187,11 +187,14 @@ impl ChatService {
             // A visitor's page joining with its context is a sighting of the visitor
             // (`docs/visitors.md`), stored in the same group commit as the profile.
             let sighting = sighting(identity, &profile);
+            // Counting the visitor never costs them the join.
             let record = async {
-                match sighting {
-                    Some(s) => self.store.record_sightings(vec![s]).await.map(drop),
-                    None => Ok(()),
+                if let Some(s) = sighting
+                    && let Err(e) = self.store.record_sightings(vec![s]).await
+                {
+                    tracing::warn!(error = %e, "a visitor's sighting was not stored");
                 }
+                Ok::<(), StoreError>(())
             };
             let upsert =
                 self.store
@@ -535,10 +538,13 @@ fn sighting(identity: &Identity, profile: &CustomerProfile) -> Option<Sighting> 
         return None;
     }
     let context = profile.context.as_ref()?.as_object()?;
+    // The context's fields are cut to a few hundred characters by the transport; a NUL,
+    // which no store keeps, drops the field.
     let text = |field: &str| {
         context
             .get(field)
             .and_then(|v| v.as_str())
+            .filter(|t| !t.contains('\0'))
             .map(str::to_owned)
     };
     Some(Sighting {
@@ -548,7 +554,12 @@ fn sighting(identity: &Identity, profile: &CustomerProfile) -> Option<Sighting> 
         page: text("page"),
         referrer: text("referrer"),
         user_agent: text("browser"),
-        data: profile.data.as_ref().map(ToString::to_string),
+        // At most what a page may report of its visitor (`POST /visitors/add`).
+        data: profile
+            .data
+            .as_ref()
+            .map(ToString::to_string)
+            .filter(|d| d.len() <= MAX_DATA_BYTES && !d.contains("\\u0000")),
     })
 }
 

@@ -477,28 +477,49 @@ impl StatsService {
         domain: &str,
     ) -> Result<Vec<ActiveVisitor>, ServiceError> {
         Self::admit(caller, domain)?;
-        let mut ids = self.visitors.active(domain).await;
-        ids.truncate(MAX_LISTED);
+        let active: std::collections::BTreeSet<String> =
+            self.visitors.active(domain).await.into_iter().collect();
+        // Those seen most recently are the store's latest visitors that are on the site;
+        // a connected visitor not seen lately (or never reported) fills what is left.
+        let mut listed: Vec<ActiveVisitor> = self
+            .store
+            .recent_visitors(domain, MAX_LISTED)
+            .await?
+            .into_iter()
+            .filter(|v| active.contains(&v.visitor_id))
+            .map(|v| ActiveVisitor {
+                visitor_id: v.visitor_id.clone(),
+                visitor: Some(v),
+            })
+            .collect();
+        let listed_ids: std::collections::HashSet<String> =
+            listed.iter().map(|v| v.visitor_id.clone()).collect();
+        let rest: Vec<String> = active
+            .into_iter()
+            .filter(|id| !listed_ids.contains(id))
+            .take(MAX_LISTED - listed.len())
+            .collect();
         let mut stored: std::collections::HashMap<String, Visitor> = self
             .store
-            .visitors_named(domain, &ids)
+            .visitors_named(domain, &rest)
             .await?
             .into_iter()
             .map(|v| (v.visitor_id.clone(), v))
             .collect();
-        let mut listed: Vec<ActiveVisitor> = ids
+        let mut others: Vec<ActiveVisitor> = rest
             .into_iter()
             .map(|id| ActiveVisitor {
                 visitor: stored.remove(&id),
                 visitor_id: id,
             })
             .collect();
-        listed.sort_by(|a, b| {
+        others.sort_by(|a, b| {
             let seen = |v: &ActiveVisitor| v.visitor.as_ref().map(|s| s.last_seen);
             seen(b)
                 .cmp(&seen(a))
                 .then_with(|| a.visitor_id.cmp(&b.visitor_id))
         });
+        listed.extend(others);
         Ok(listed)
     }
 }

@@ -28,6 +28,9 @@ pub const VISIT_GAP_MS: i64 = 30 * 60 * 1000;
 /// [`VISIT_GAP_MS`] as a duration.
 pub const VISIT_GAP: std::time::Duration = std::time::Duration::from_millis(30 * 60 * 1000);
 
+/// Largest data kept of a visitor, in bytes of JSON text.
+pub const MAX_DATA_BYTES: usize = 4096;
+
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 24 * HOUR_MS;
 

@@ -22,7 +22,7 @@ use crate::transport::AppState;
 const REPORTS: (Budget, &str) = (Budget::VisitorReport, "visitor reports from this address");
 
 /// Largest `visitorData`, in bytes of JSON.
-pub const MAX_VISITOR_DATA_BYTES: usize = 4096;
+pub const MAX_VISITOR_DATA_BYTES: usize = crate::store::visitors::MAX_DATA_BYTES;
 /// Longest page URL or referrer kept.
 pub const MAX_URL_CHARS: usize = 2048;
 /// Longest user agent kept (longer ones are cut).
