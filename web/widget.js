@@ -1206,8 +1206,9 @@
 
   // ---------------------------------------------------------------------------------------
   // Visitor tracking (docs/visitors.md): the page reports its visitor when it loads and
-  // every few minutes while it is shown, and says when it goes away, so the site's owner
-  // sees who is on the site now. The visitor is the chat's visitor id once the browser has
+  // every few minutes while it is shown, so the site's owner sees who is on the site now
+  // (a report counts for 5 minutes; leaving is not reported, since every link followed on
+  // the site would report it). The visitor is the chat's visitor id once the browser has
   // one (so page and chat count as one visitor), a random id kept per domain before.
 
   let lastReport = 0;
@@ -1245,7 +1246,7 @@
     }).catch(() => {}); // counting is best effort: the chat never waits on it
   }
 
-  function reportLeft(id = reportedId) {
+  function reportLeft(id) {
     if (!TRACK || !id || !navigator.sendBeacon) return;
     // A beacon outlives the page; as text/plain it needs no preflight.
     navigator.sendBeacon(`${SERVER}/visitors/remove`, JSON.stringify({ domainId: DOMAIN, visitorId: id }));
@@ -1258,7 +1259,6 @@
     document.addEventListener('visibilitychange', () => {
       if (!document.hidden && Date.now() - lastReport > REPORT_EVERY_MS) reportVisit();
     });
-    window.addEventListener('pagehide', () => reportLeft());
     // Back from the back-forward cache: the page is shown again.
     window.addEventListener('pageshow', (event) => event.persisted && reportVisit());
   }
