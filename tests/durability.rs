@@ -299,10 +299,16 @@ async fn an_ordered_shutdown_loses_no_acknowledged_message() {
 async fn a_store_writer_panic_fails_the_node_which_exits_non_zero_losing_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("parlor.db");
-    // The writer's 40th group commit panics, with sends in flight: far enough in that the
-    // node's own start-up writes (clean-ups, leases) cannot use every commit before the
-    // senders' first on a loaded machine, and far from the ~400 commits the senders need.
-    let mut server = spawn(&db, &[("PARLOR_FAILPOINTS", "sqlite-writer=panic@40")]);
+    // The writer's 40th group commit panics, with sends in flight. Batches of at most 16
+    // make the senders' 3,200 messages some 200 commits, so the 40th lands mid-stream
+    // whatever the node's own start-up writes (clean-ups, leases) took on a loaded machine.
+    let mut server = spawn(
+        &db,
+        &[
+            ("PARLOR_FAILPOINTS", "sqlite-writer=panic@40"),
+            ("PARLOR_STORE__MAX_BATCH", "16"),
+        ],
+    );
     let mut acks = start_senders(&server.addr);
 
     let mut acked = Acked::new();
