@@ -240,17 +240,12 @@ impl Writer {
         if message.author.role != stats::ASSISTANT_ROLE {
             return Ok(());
         }
-        let first: Option<(i64, Option<i64>)> = self
-            .conn
-            .prepare_cached(
-                "UPDATE rooms SET ai_replied_at = ?2 WHERE rid = ?1 AND ai_replied_at IS NULL
-                 RETURNING created_at, handed_over_at",
-            )
-            .and_then(|mut st| {
-                st.query_row(params![rid, at], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()
-            })
-            .map_err(unavailable)?;
+        let first = self.first_time(
+            "UPDATE rooms SET ai_replied_at = ?2 WHERE rid = ?1 AND ai_replied_at IS NULL
+             RETURNING created_at, handed_over_at",
+            rid,
+            at,
+        )?;
         if let Some((created, handed_over)) = first {
             self.tally
                 .add(&room.domain_id, created, AI_CONVERSATIONS, 1);
@@ -277,21 +272,34 @@ impl Writer {
         if !stats::hands_over(current, next) {
             return Ok(());
         }
-        let first: Option<(i64, Option<i64>)> = self
-            .conn
-            .prepare_cached(
-                "UPDATE rooms SET handed_over_at = ?2 WHERE rid = ?1 AND handed_over_at IS NULL
-                 RETURNING created_at, ai_replied_at",
-            )
-            .and_then(|mut st| {
-                st.query_row(params![rid, at], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()
-            })
-            .map_err(unavailable)?;
+        let first = self.first_time(
+            "UPDATE rooms SET handed_over_at = ?2 WHERE rid = ?1 AND handed_over_at IS NULL
+             RETURNING created_at, ai_replied_at",
+            rid,
+            at,
+        )?;
         if let Some((created, Some(_))) = first {
             self.tally.add(&key.domain_id, created, AI_ONLY, -1);
         }
         Ok(())
+    }
+
+    /// Runs `sql`, which sets one of the room `rid`'s "first time" columns to `at` if it
+    /// is unset, returning the room's creation time and its other such column; `None`
+    /// when the column was set already.
+    fn first_time(
+        &self,
+        sql: &str,
+        rid: i64,
+        at: i64,
+    ) -> Result<Option<(i64, Option<i64>)>, StoreError> {
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut st| {
+                st.query_row(params![rid, at], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(unavailable)
     }
 
     /// Writes the counters the open transaction moved.
